@@ -1,0 +1,19 @@
+"""The format drivers: one module per format, each with pure parse/pack functions, a reader and a
+writer. This registry maps format names to them."""
+
+from __future__ import annotations
+
+from ..detection import FORMAT_ALIASES
+from ..errors import UsageError
+from ..reader import DiskReader
+from .raw import RawReader
+
+READERS: dict[str, type[DiskReader]] = {"raw": RawReader}
+
+
+def canonical_format(name: str) -> str:
+    """The canonical name of a format diskimg reads (``vpc`` is ``vhd``), or a UsageError."""
+    try:
+        return FORMAT_ALIASES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown format {name!r}; diskimg reads and writes raw, vhd (alias vpc) and qcow2") from None

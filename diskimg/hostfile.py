@@ -1,0 +1,124 @@
+"""Positional reads from the file that holds an image, with portable fallbacks.
+
+Readers never share a file position: they read at offsets. Where the OS has ``os.pread`` (Linux,
+macOS) it is used directly, which also lets several threads read at once; elsewhere (Windows, or a
+Python file object given by a caller) a lock serialises seek + readinto.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import threading
+from typing import BinaryIO
+
+from .errors import ImageNotFound
+
+_HAVE_PREAD = hasattr(os, "pread")
+SEEK_DATA = getattr(os, "SEEK_DATA", None)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", None)
+
+
+class HostFile:
+    """An image file opened read-only: a path we own, or a caller's binary file object."""
+
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO) -> None:
+        self._lock = threading.Lock()
+        if isinstance(source, (str, os.PathLike)):
+            self.name = os.fspath(source)
+            try:
+                self._file: BinaryIO = open(self.name, "rb", buffering=0)  # noqa: SIM115
+            except FileNotFoundError:
+                raise ImageNotFound("no such file", path=self.name) from None
+            except IsADirectoryError:
+                raise ImageNotFound("is a directory, not an image file", path=self.name) from None
+            except OSError as exc:
+                raise ImageNotFound(f"cannot open: {exc.strerror}", path=self.name) from None
+            self._owned = True
+        else:
+            self._file = source
+            self.name = str(getattr(source, "name", "<file object>"))
+            self._owned = False
+        self.fd: int | None
+        try:
+            self.fd = self._file.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self.fd = None
+        self.is_block_device = self.fd is not None and stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        self.size = self._measure_size()
+
+    def _measure_size(self) -> int:
+        if self.fd is not None and not self.is_block_device:
+            return os.fstat(self.fd).st_size
+        with self._lock:
+            return self._file.seek(0, os.SEEK_END)
+
+    @property
+    def allocated_bytes(self) -> int | None:
+        """Bytes the file occupies on its file system (None where the OS does not say)."""
+        if self.fd is None or self.is_block_device:
+            return None
+        blocks = getattr(os.fstat(self.fd), "st_blocks", None)
+        return None if blocks is None else blocks * 512
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; short only at end of file."""
+        if self.fd is not None and _HAVE_PREAD:
+            data = os.pread(self.fd, length, offset)
+            if len(data) < length and data:
+                # A short read is allowed by POSIX before EOF; finish it.
+                parts = [data]
+                got = len(data)
+                while got < length:
+                    more = os.pread(self.fd, length - got, offset + got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+            return data
+        with self._lock:
+            self._file.seek(offset)
+            return self._file.read(length) or b""
+
+    def pread_into(self, buffer: memoryview, offset: int) -> int:
+        """Fill ``buffer`` from ``offset``; returns the bytes read (short only at end of file)."""
+        if self.fd is not None and hasattr(os, "preadv"):
+            total = 0
+            while total < len(buffer):
+                got = os.preadv(self.fd, [buffer[total:]], offset + total)
+                if got == 0:
+                    break
+                total += got
+            return total
+        data = self.pread(len(buffer), offset)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def data_regions(self, start: int, end: int) -> list[tuple[int, int]] | None:
+        """Allocated (start, end) ranges within [start, end) by SEEK_DATA/SEEK_HOLE, or None if unknown."""
+        if self.fd is None or SEEK_DATA is None or SEEK_HOLE is None or self.is_block_device:
+            return None
+        regions = []
+        position = start
+        try:
+            while position < end:
+                try:
+                    data = os.lseek(self.fd, position, SEEK_DATA)
+                except OSError as exc:  # ENXIO: no data after position
+                    if exc.errno == 6:
+                        break
+                    raise
+                if data >= end:
+                    break
+                hole = min(os.lseek(self.fd, data, SEEK_HOLE), end)
+                regions.append((data, hole))
+                position = hole
+        except OSError:
+            return None  # the file system does not support it: treat as fully allocated
+        return regions
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()
