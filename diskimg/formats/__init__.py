@@ -6,9 +6,11 @@ from __future__ import annotations
 from ..detection import FORMAT_ALIASES
 from ..errors import UsageError
 from ..reader import DiskReader
-from .raw import RawReader
+from ..writer import DiskWriter
+from .raw import RawReader, RawWriter
 
 READERS: dict[str, type[DiskReader]] = {"raw": RawReader}
+WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter}
 
 
 def canonical_format(name: str) -> str:

@@ -6,11 +6,12 @@ only allocation information; elsewhere the whole file counts as data. Block devi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from ..detection import OpenOptions, ParentOpener
 from ..hostfile import HostFile
 from ..reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
+from ..writer import DiskWriter
 
 NAME = "raw"
 
@@ -47,3 +48,24 @@ class RawReader(DiskReader):
             allocated_bytes=self.host.allocated_bytes,
             details={"block_device": self.host.is_block_device},
         )
+
+
+class RawWriter(DiskWriter):
+    """A sparse file (holes where nothing is written), or every byte, zeros included, on a pipe."""
+
+    format = NAME
+
+    def plan(self, extents: Iterable[Extent]) -> None:
+        if self.target.seekable:
+            self.target.truncate(self.virtual_size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.target.seekable:
+            self.target.pwrite(data, offset)
+        else:
+            self.target.write_zeros(offset - self.target.position)
+            self.target.write(data)
+
+    def finish(self) -> None:
+        if not self.target.seekable:
+            self.target.write_zeros(self.virtual_size - self.target.position)

@@ -1,0 +1,204 @@
+"""The ``diskimg`` command: parses arguments, calls the public API, renders text or JSON.
+
+Exit codes: 0 ok; 1 a "no" answer; 2 usage error; 3 the input image cannot be read (missing,
+unsupported, corrupt); 4 the output cannot be written; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .convert import ProgressCallback, convert
+from .detect import detect
+from .errors import EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UsageError
+from .image import image_info, open_image
+from .units import format_size, parse_size
+
+FORMAT_CHOICE = click.Choice(["raw", "vhd", "vpc", "qcow2"], case_sensitive=False)
+VHD_SIZE_CHOICE = click.Choice(["auto", "chs", "current_size"])
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="diskimg")
+def cli() -> None:
+    """Detect, read and convert VHD, qcow2 and RAW disk images."""
+
+
+@cli.command()
+@click.argument("image")
+@click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the image's format.")
+@click.option("--vhd-size", type=VHD_SIZE_CHOICE, default="auto", show_default=True,
+              help="Which VHD size to use: by creator application, the CHS geometry, or the footer's current_size.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
+    """What IMAGE is: format, sizes, allocation, creator, features, backing file, snapshots."""
+    detection = detect(image)
+    if fmt is None and not detection.readable:
+        # A format diskimg does not read: say what it is and how to convert it.
+        result: dict[str, Any] = {"filename": image, **detection.to_dict()}
+        if as_json:
+            _print_json(result)
+        else:
+            click.echo(f"image: {image}")
+            click.echo(f"format: {detection.format} ({detection.description})")
+            if detection.hint:
+                click.echo(f"diskimg does not read this format: {detection.hint}")
+        return
+    facts = image_info(image, fmt, vhd_size=vhd_size)  # type: ignore[arg-type]
+    result = {"filename": image, **facts.to_dict(), "description": detection.description}
+    if detection.starts_with:
+        result["starts_with"] = detection.starts_with
+    if as_json:
+        _print_json(result)
+        return
+    click.echo(f"image: {image}")
+    click.echo(f"format: {facts.format} ({detection.description})")
+    click.echo(f"virtual size: {format_size(facts.virtual_size)} ({facts.virtual_size} bytes)")
+    click.echo(f"file size: {format_size(facts.file_size)} ({facts.file_size} bytes)")
+    if facts.allocated_bytes is not None:
+        click.echo(f"allocated on disk: {format_size(facts.allocated_bytes)}")
+    for label, value in (("subformat", facts.subformat), ("version", facts.version),
+                         ("cluster size", facts.cluster_size), ("creator", facts.creator),
+                         ("backing file", facts.backing_file), ("backing format", facts.backing_format)):
+        if value is not None:
+            click.echo(f"{label}: {value}")
+    if facts.features:
+        click.echo(f"features: {', '.join(facts.features)}")
+    if facts.snapshots:
+        click.echo("snapshots:")
+        for snap in facts.snapshots:
+            click.echo(f"  {snap.id:>4}  {snap.name:<20} {format_size(snap.virtual_size):>10}  {snap.date}")
+    for key, value in facts.details.items():
+        click.echo(f"{key.replace('_', ' ')}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
+@cli.command("map")
+@click.argument("image")
+@click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the image's format.")
+@click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the image's directory).")
+@click.option("-l", "--snapshot", help="Map an internal qcow2 snapshot (id or name).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of extents.")
+def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str | None, as_json: bool) -> None:
+    """The allocation map of IMAGE: DATA and ZERO extents, from metadata only."""
+    with open_image(image, fmt, allow_backing=allow_backing, snapshot=snapshot) as reader:
+        if as_json:
+            # streamed: a map may have millions of extents
+            click.echo("[", nl=False)
+            for index, extent in enumerate(reader.extents()):
+                click.echo(("," if index else "") + "\n  " + json.dumps(extent.to_dict()), nl=False)
+            click.echo("\n]")
+            return
+        click.echo(f"{'Offset':>20}  {'Length':>20}  {'Kind':<5}  Host offset")
+        for extent in reader.extents():
+            host = "" if extent.host_offset is None else f"0x{extent.host_offset:x}"
+            click.echo(f"0x{extent.start:<18x}  0x{extent.length:<18x}  {extent.kind.value:<5}  {host}")
+
+
+@cli.command("convert")
+@click.argument("source")
+@click.argument("target")
+@click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the source's format.")
+@click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE, default="raw", show_default=True,
+              help="Format of TARGET.")
+@click.option("--backend", type=click.Choice(["native"]), default="native", show_default=True,
+              help="Conversion engine.")
+@click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
+@click.option("-l", "--snapshot", help="Convert an internal qcow2 snapshot (id or name) instead of the active layer.")
+@click.option("-S", "--sparse-size", default="4k", show_default=True,
+              help="Zero ranges of at least this size are left unwritten (holes); 0 writes every byte.")
+@click.option("--force", is_flag=True, help="Replace TARGET if it exists.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]), default="auto",
+              show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
+@click.option("--no-progress", is_flag=True, help="Same as --progress none.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
+def convert_command(source: str, target: str, fmt: str | None, output_format: str, backend: str,
+                    allow_backing: bool, snapshot: str | None, sparse_size: str, force: bool,
+                    progress_mode: str, no_progress: bool, as_json: bool) -> None:
+    """Convert SOURCE to TARGET (``-`` for standard output)."""
+    if target == "-" and as_json:
+        raise UsageError("--json prints on stdout, which is taken by the image when TARGET is '-'")
+    granularity = parse_size(sparse_size)
+    if granularity and (granularity % 512 or granularity > 1 << 30):
+        raise UsageError("-S must be 0 or a multiple of 512 up to 1G")
+    progress, close_progress = _progress("none" if no_progress else progress_mode)
+    try:
+        result = convert(source, target, output_format, source_format=fmt, allow_backing=allow_backing,
+                         snapshot=snapshot, force=force, zero_granularity=granularity, progress=progress)
+    finally:
+        close_progress()
+    if as_json:
+        _print_json(result.to_dict())
+    elif target != "-":
+        click.echo(f"{source} ({result.source_format}) -> {target} ({result.target_format}): "
+                   f"{format_size(result.virtual_size)} in {result.seconds:.2f} s", err=True)
+
+
+def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
+    """A progress callback for the mode and a function that closes it."""
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "none"
+    if mode == "none":
+        return None, lambda: None
+    started = time.monotonic()
+    if mode == "json":
+        last = [0.0]
+
+        def emit(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done == total or now - last[0] >= 0.5:
+                last[0] = now
+                line = {"phase": "convert", "done": done, "total": total, "elapsed": round(now - started, 3)}
+                sys.stderr.write(json.dumps(line) + "\n")
+                sys.stderr.flush()
+
+        return emit, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="convert")
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one error line and a documented exit code, never a traceback."""
+    try:
+        code = cli.main(args=argv, prog_name="diskimg", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("diskimg: interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except DiskImageError as exc:
+        click.echo(f"diskimg: error: {exc}", err=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("diskimg: interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of our standard output went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OUTPUT
+    except Exception as exc:  # a bug: still one line, with a way to see more
+        if os.environ.get("DISKIMG_DEBUG"):
+            raise
+        click.echo(f"diskimg: internal error: {type(exc).__name__}: {exc} (set DISKIMG_DEBUG=1 for a traceback)",
+                   err=True)
+        code = 70
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Benchmarks diskimg side by side with qemu-img, in one run, as ratios.
+
+    python scripts/bench.py read [--size 4G] [--pairs 7] [--dir DIR]
+
+`read` builds a RAW disk of SIZE holding half random data in 1-4 MiB runs (half zeros), converts it
+with qemu-img to qcow2 and to a dynamic VHD, then times ``diskimg convert IMG out.raw`` against
+``qemu-img convert -f FMT -O raw IMG out.raw`` alternately (median of PAIRS pairs: these machines
+are noisy) and prints the median time ratio and each tool's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].lower()]) if text[-1].lower() in units else int(text)
+
+
+def make_half_random_raw(path: str, size: int, seed: int = 1234) -> int:
+    """A fully written file (no holes): runs of 1-4 MiB at MiB offsets, half random, half zeros."""
+    rng = random.Random(seed)
+    data_bytes = 0
+    with open(path, "wb") as f:
+        position = 0
+        while position < size:
+            run = min(rng.randint(1, 4) * MiB, size - position)
+            if rng.random() < 0.5:
+                f.write(rng.randbytes(run))
+                data_bytes += run
+            else:
+                f.write(bytes(run))
+            position += run
+    return data_bytes
+
+
+def timed(argv: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one run of a command."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(argv)}: {proc.stderr.read().decode()}")
+    return elapsed, usage.ru_maxrss
+
+
+def pair(name: str, ours: list[str], theirs: list[str], pairs: int, cleanup: list[str]) -> None:
+    ratios, our_times, their_times, our_rss, their_rss = [], [], [], [], []
+    for _ in range(pairs):
+        for path in cleanup:
+            if os.path.exists(path):
+                os.unlink(path)
+        a, a_rss = timed(ours)
+        for path in cleanup:
+            os.unlink(path)
+        b, b_rss = timed(theirs)
+        ratios.append(a / b)
+        our_times.append(a)
+        their_times.append(b)
+        our_rss.append(a_rss)
+        their_rss.append(b_rss)
+    for path in cleanup:
+        if os.path.exists(path):
+            os.unlink(path)
+    print(
+        f"{name:<28} diskimg {statistics.median(our_times):6.2f} s  qemu-img {statistics.median(their_times):6.2f} s  "
+        f"ratio {statistics.median(ratios):4.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})  "
+        f"peak RSS diskimg {max(our_rss) / 1024:5.1f} MiB, qemu-img {max(their_rss) / 1024:5.1f} MiB",
+        flush=True,
+    )
+
+
+def bench_read(args: argparse.Namespace) -> None:
+    diskimg = [sys.executable, "-m", "diskimg"]
+    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+        raw = os.path.join(work, "disk.raw")
+        data = make_half_random_raw(raw, args.size)
+        print(f"source: {args.size / (1 << 30):.1f} GiB RAW, {data / (1 << 30):.2f} GiB random data; "
+              f"{args.pairs} alternating pairs, median ratio diskimg/qemu-img (below 1: diskimg faster)")
+        images = {"qcow2": os.path.join(work, "disk.qcow2"), "vpc": os.path.join(work, "disk.vhd")}
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, images["qcow2"]], check=True)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, images["vpc"]],
+                       check=True)
+        os.unlink(raw)
+        out = os.path.join(work, "out.raw")
+        for fmt, image in images.items():
+            pair(f"{fmt} -> raw", diskimg + ["convert", "-f", fmt, "-O", "raw", image, out],
+                 ["qemu-img", "convert", "-f", fmt, "-O", "raw", image, out], args.pairs, [out])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    read = sub.add_parser("read", help="read qcow2 and dynamic VHD (convert to raw) vs qemu-img")
+    read.add_argument("--size", type=parse_size, default=4 << 30)
+    read.add_argument("--pairs", type=int, default=7)
+    read.add_argument("--dir", default=None, help="work directory (needs about 3x SIZE free)")
+    read.set_defaults(run=bench_read)
+    args = parser.parse_args()
+    if shutil.which("qemu-img") is None:
+        sys.exit("qemu-img is needed (apt-get install qemu-utils)")
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

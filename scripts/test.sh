@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs the whole suite.
+# System tools (the test oracle and image producers) come from Debian/Ubuntu packages when missing;
+# the Python package and its test extras from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v sfdisk >/dev/null || need+=(fdisk)
+command -v sgdisk >/dev/null || need+=(gdisk)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v mkfs.fat >/dev/null || need+=(dosfstools)
+command -v mcopy >/dev/null || need+=(mtools)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v zstd >/dev/null || need+=(zstd)
+command -v xz >/dev/null || need+=(xz-utils)
+command -v bzip2 >/dev/null || need+=(bzip2)
+if [ ${#need[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing tools (${need[*]}): install them with your package manager; tests needing them are skipped" >&2
+  fi
+fi
+
+python3 -m pip install -q -e '.[test]'
+python3 -m pytest -q "$@"
