@@ -11,6 +11,7 @@ The public API::
 Every error is a :class:`DiskImageError`.
 """
 
+from .compare import CompareResult, compare
 from .convert import ConvertResult, ProgressCallback, convert
 from .detect import detect
 from .detection import Detection, OpenOptions
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchiveError",
     "BackingFileError",
+    "CompareResult",
     "ConvertResult",
     "CorruptImage",
     "Detection",
@@ -52,6 +54,7 @@ __all__ = [
     "UnsupportedFormat",
     "UsageError",
     "__version__",
+    "compare",
     "convert",
     "detect",
     "image_info",

@@ -16,9 +16,10 @@ from typing import Any
 import click
 
 from . import __version__
+from .compare import compare
 from .convert import ProgressCallback, convert
 from .detect import detect
-from .errors import EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UsageError
+from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UsageError
 from .image import image_info, open_image
 from .units import format_size, parse_size
 
@@ -109,23 +110,30 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
 @cli.command("convert")
 @click.argument("source")
 @click.argument("target")
-@click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the source's format.")
+@click.option("-f", "--format", "fmt", help="Skip probing: the source's format (raw, vhd/vpc, qcow2; with the "
+              "qemu-img backend any format qemu-img reads).")
 @click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE, default="raw", show_default=True,
               help="Format of TARGET.")
-@click.option("--backend", type=click.Choice(["native"]), default="native", show_default=True,
-              help="Conversion engine.")
+@click.option("-o", "--options", "options", help="Target format options, k=v,k2=v2 (as qemu-img -o).")
+@click.option("-c", "--compress", is_flag=True, help="Compress data clusters (qcow2).")
+@click.option("--align", help="Round the virtual size up to a multiple of this size (1M for Azure, 1G for GCE).")
+@click.option("--backend", type=click.Choice(["auto", "native", "qemu-img"]), default="auto", show_default=True,
+              help="native reads raw, vhd and qcow2; qemu-img converts what diskimg detects but does not read; "
+              "auto picks native where it can.")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
 @click.option("-l", "--snapshot", help="Convert an internal qcow2 snapshot (id or name) instead of the active layer.")
 @click.option("-S", "--sparse-size", default="4k", show_default=True,
               help="Zero ranges of at least this size are left unwritten (holes); 0 writes every byte.")
+@click.option("--checksum", is_flag=True, help="Compute the output's SHA-256 and the guest content hash.")
 @click.option("--force", is_flag=True, help="Replace TARGET if it exists.")
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]), default="auto",
               show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
 @click.option("--no-progress", is_flag=True, help="Same as --progress none.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
-def convert_command(source: str, target: str, fmt: str | None, output_format: str, backend: str,
-                    allow_backing: bool, snapshot: str | None, sparse_size: str, force: bool,
-                    progress_mode: str, no_progress: bool, as_json: bool) -> None:
+def convert_command(source: str, target: str, fmt: str | None, output_format: str, options: str | None,
+                    compress: bool, align: str | None, backend: str, allow_backing: bool, snapshot: str | None,
+                    sparse_size: str, checksum: bool, force: bool, progress_mode: str, no_progress: bool,
+                    as_json: bool) -> None:
     """Convert SOURCE to TARGET (``-`` for standard output)."""
     if target == "-" and as_json:
         raise UsageError("--json prints on stdout, which is taken by the image when TARGET is '-'")
@@ -134,15 +142,41 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: st
         raise UsageError("-S must be 0 or a multiple of 512 up to 1G")
     progress, close_progress = _progress("none" if no_progress else progress_mode)
     try:
-        result = convert(source, target, output_format, source_format=fmt, allow_backing=allow_backing,
-                         snapshot=snapshot, force=force, zero_granularity=granularity, progress=progress)
+        result = convert(source, target, output_format, options=options, compress=compress,
+                         align=parse_size(align) if align else None, zero_granularity=granularity,
+                         checksum=checksum, backend=backend, source_format=fmt, allow_backing=allow_backing,
+                         snapshot=snapshot, force=force, progress=progress)
     finally:
         close_progress()
     if as_json:
         _print_json(result.to_dict())
-    elif target != "-":
-        click.echo(f"{source} ({result.source_format}) -> {target} ({result.target_format}): "
-                   f"{format_size(result.virtual_size)} in {result.seconds:.2f} s", err=True)
+        return
+    summary = (f"{source} ({result.source_format}) -> {target} ({result.target_format}, {result.backend}): "
+               f"{format_size(result.virtual_size)} in {result.seconds:.2f} s")
+    click.echo(summary, err=True)
+    if result.sha256:
+        click.echo(f"sha256: {result.sha256}\ncontent hash: {result.content_hash}", err=target == "-")
+
+
+@cli.command("compare")
+@click.argument("first")
+@click.argument("second")
+@click.option("-f", "format_a", type=FORMAT_CHOICE, help="Skip probing: FIRST's format.")
+@click.option("-F", "format_b", type=FORMAT_CHOICE, help="Skip probing: SECOND's format.")
+@click.option("--strict", "-s", is_flag=True, help="Images of different virtual sizes differ.")
+@click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside each image's directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON result object.")
+@click.pass_context
+def compare_command(ctx: click.Context, first: str, second: str, format_a: str | None, format_b: str | None,
+                    strict: bool, allow_backing: bool, as_json: bool) -> None:
+    """Whether FIRST and SECOND hold the same guest content (exit 0 same, 1 different)."""
+    result = compare(first, second, format_a=format_a, format_b=format_b, strict=strict,
+                     allow_backing=allow_backing)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        click.echo(result.message[0].upper() + result.message[1:] + ".")
+    ctx.exit(0 if result.identical else EXIT_NO)
 
 
 def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
@@ -155,11 +189,11 @@ def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
     if mode == "json":
         last = [0.0]
 
-        def emit(done: int, total: int) -> None:
+        def emit(phase: str, done: int, total: int) -> None:
             now = time.monotonic()
             if done == total or now - last[0] >= 0.5:
                 last[0] = now
-                line = {"phase": "convert", "done": done, "total": total, "elapsed": round(now - started, 3)}
+                line = {"phase": phase, "done": done, "total": total, "elapsed": round(now - started, 3)}
                 sys.stderr.write(json.dumps(line) + "\n")
                 sys.stderr.flush()
 
@@ -168,7 +202,10 @@ def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
 
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="convert")
 
-    def update(done: int, total: int) -> None:
+    def update(phase: str, done: int, total: int) -> None:
+        if bar.desc != phase or done < bar.n:
+            bar.reset()
+            bar.set_description(phase)
         bar.total = total
         bar.update(done - bar.n)
 

@@ -2,36 +2,44 @@
 
 Data is read in 4 MiB chunks by a background thread (preads release the GIL, so reading overlaps
 zero detection and writing), checked for zeros at the requested granularity, and only non-zero
-ranges reach the writer. Output goes to a temporary file beside the target, renamed into place
-when complete; on any failure or interrupt nothing is left at the target.
+ranges reach the writer. A writer that must know its exact allocation before the first byte (qcow2
+or dynamic VHD on a pipe) gets a plan refined by a pre-scan of the source's DATA extents: that
+costs one extra read of the allocated data, never of the zero regions.
+
+Output goes to a temporary file beside the target, renamed into place when complete; on any failure
+or interrupt nothing is left at the target.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .detection import VhdSizeRule
-from .errors import OutputError, UnsupportedFormat
+from .detect import detect
+from .detection import FORMAT_ALIASES, VhdSizeRule
+from .errors import DiskImageError, OutputError, UnsupportedFormat, UsageError
 from .formats import WRITERS, canonical_format
+from .hashing import ContentHasher
 from .image import Source, open_image
-from .reader import DiskReader, ExtentKind
-from .writer import OutputTarget
+from .reader import DiskReader, Extent, ExtentKind
+from .writer import OutputTarget, parse_options
 from .zeroes import nonzero_runs
 
 CHUNK = 4 * 1024 * 1024
 PREFETCH = 3  # chunks read ahead: bounds memory to a few chunks whatever the disk size
 
-#: called with (bytes of the virtual disk done, virtual size)
-ProgressCallback = Callable[[int, int], None]
+#: called with (phase, bytes done, bytes in total)
+ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -41,10 +49,17 @@ class ConvertResult:
     source_format: str
     target_format: str
     virtual_size: int
+    #: guest bytes read from the source (allocated data; zero regions are not read)
     bytes_read: int
+    #: bytes written to the output (holes excluded)
     bytes_written: int
+    #: the source's allocated bytes according to its map
+    allocated_bytes: int
     seconds: float
-    backend: str = "native"
+    backend: str
+    #: with checksum=True: SHA-256 of the output file and the guest content hash (diskimg.hashing)
+    sha256: str | None = None
+    content_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,95 +70,176 @@ def convert(
     target: str | os.PathLike[str],
     format: str = "raw",
     *,
+    options: Mapping[str, str] | str | None = None,
+    compress: bool = False,
+    align: int | None = None,
+    zero_granularity: int = 4096,
+    checksum: bool = False,
+    backend: str = "auto",
     source_format: str | None = None,
     allow_backing: bool = False,
     snapshot: str | None = None,
     vhd_size: VhdSizeRule = "auto",
     force: bool = False,
-    zero_granularity: int = 4096,
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
     """Convert ``source`` to ``target`` (a path, or ``"-"`` for standard output) in ``format``.
 
-    ``zero_granularity`` is the size of the zero ranges left unwritten (holes, unallocated
-    clusters), like ``qemu-img convert -S``; 0 writes every byte of the allocated data.
+    ``options`` are the target format's ``-o`` options; ``align`` rounds the virtual size up to a
+    multiple of it (the added tail reads as zeros); ``zero_granularity`` is the size of the zero
+    ranges left unwritten, like ``qemu-img convert -S`` (0 writes every allocated byte);
+    ``checksum`` computes the output's SHA-256 and the guest content hash in the same pass.
+    ``backend``: ``native``, ``qemu-img`` (for formats diskimg detects but does not read), or
+    ``auto`` (native when it can).
     """
     target_format = canonical_format(format)
+    writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
+    if align is not None and align <= 0:
+        raise UsageError("--align must be a positive size")
+    if backend not in ("auto", "native", "qemu-img"):
+        raise UsageError(f"unknown backend {backend!r}: auto, native or qemu-img")
+    if backend != "native" and (backend == "qemu-img" or _needs_qemu_img(source, source_format)):
+        return _convert_with_qemu_img(
+            source, target, target_format, writer_options, compress, zero_granularity, checksum,
+            source_format, snapshot, force, progress, explicit=backend == "qemu-img",
+        )
     writer_class = WRITERS.get(target_format)
     if writer_class is None:
         raise UnsupportedFormat(f"writing {target_format} is not implemented yet", format=target_format)
     started = time.monotonic()
-    reader = open_image(
-        source, source_format, allow_backing=allow_backing, snapshot=snapshot, vhd_size=vhd_size
-    )
-    with reader, _output(target, force, reader) as output:
-        writer = writer_class(output, reader.virtual_size)
-        writer.plan(reader.extents())
+    reader = open_image(source, source_format, allow_backing=allow_backing, snapshot=snapshot, vhd_size=vhd_size)
+    with reader, _output(target, force, reader.path, hash_output=checksum) as output:
+        virtual_size = _aligned(reader.virtual_size, align)
+        writer = writer_class(output, virtual_size, writer_options, compress)
+        if writer.requires_exact_plan and zero_granularity:
+            plan = list(_scan(reader, zero_granularity, progress))
+        else:
+            plan = list(reader.extents()) if progress is not None else None
+        extents: Iterable[Extent] = plan if plan is not None else reader.extents()
+        allocated = 0
+        hasher = ContentHasher(virtual_size) if checksum else None
+
+        def planned() -> Iterator[Extent]:
+            nonlocal allocated
+            for extent in plan if plan is not None else reader.extents():
+                if extent.kind is ExtentKind.DATA:
+                    allocated += extent.length
+                yield extent
+            if virtual_size > reader.virtual_size:
+                yield Extent(reader.virtual_size, virtual_size - reader.virtual_size, ExtentKind.ZERO)
+
+        writer.plan(planned())
         bytes_read = 0
-        for offset, data, done in _nonzero_data(reader, zero_granularity):
+        hashed = 0
+        for offset, data, done in _nonzero_data(reader, extents, zero_granularity):
             if data is not None:
                 writer.write(offset, data)
                 bytes_read += len(data)
+            if hasher is not None:
+                if data is not None:
+                    hasher.skip_zeros(offset - hashed)
+                    hasher.update(data)
+                hashed = offset + (len(data) if data is not None else 0)
             if progress is not None:
-                progress(done, reader.virtual_size)
+                progress("convert", done, reader.virtual_size)
+        if hasher is not None:
+            hasher.skip_zeros(virtual_size - hashed)
         writer.finish()
         return ConvertResult(
             source=reader.path,
             target=os.fspath(target),
             source_format=reader.format,
             target_format=target_format,
-            virtual_size=reader.virtual_size,
+            virtual_size=virtual_size,
             bytes_read=bytes_read,
             bytes_written=output.bytes_written,
+            allocated_bytes=allocated,
             seconds=round(time.monotonic() - started, 3),
+            backend="native",
+            sha256=output.sha256,
+            content_hash=hasher.hexdigest() if hasher is not None else None,
         )
 
 
-def _nonzero_data(reader: DiskReader, granularity: int) -> Iterator[tuple[int, memoryview | None, int]]:
-    """(offset, non-zero data or None, bytes of the disk done) in offset order."""
+def _aligned(size: int, align: int | None) -> int:
+    return size if not align else -(-size // align) * align
+
+
+def _data_chunks(extents: Iterable[Extent]) -> Iterator[tuple[int, int]]:
+    """(offset, length) pieces of the DATA extents, cut at 4 MiB boundaries."""
+    for extent in extents:
+        if extent.kind is ExtentKind.DATA:
+            position = extent.start
+            while position < extent.end:
+                step = min(CHUNK - position % CHUNK, extent.end - position)
+                yield position, step
+                position += step
+
+
+def _read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[int, bytes]]:
+    """The DATA extents' bytes in order, read by a background thread a few chunks ahead."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: deque = deque()
-
-        def chunks() -> Iterator[tuple[int, int]]:
-            for extent in reader.extents():
-                if extent.kind is ExtentKind.DATA:
-                    position = extent.start
-                    while position < extent.end:
-                        step = min(CHUNK - position % CHUNK, extent.end - position)
-                        yield position, step
-                        position += step
-
-        for offset, length in chunks():
+        for offset, length in _data_chunks(extents):
             pending.append((offset, pool.submit(reader.read, offset, length)))
             if len(pending) > PREFETCH:
-                yield from _split(*_take(pending), granularity)
+                offset, future = pending.popleft()
+                yield offset, future.result()
         while pending:
-            yield from _split(*_take(pending), granularity)
+            offset, future = pending.popleft()
+            yield offset, future.result()
+
+
+def _nonzero_data(
+    reader: DiskReader, extents: Iterable[Extent], granularity: int
+) -> Iterator[tuple[int, memoryview | None, int]]:
+    """(offset, non-zero data or None, bytes of the disk done) in offset order."""
+    for offset, data in _read_ahead(reader, extents):
+        view = memoryview(data)
+        for start, end in nonzero_runs(data, granularity):
+            yield offset + start, view[start:end], offset + end
+        yield offset + len(data), None, offset + len(data)
     yield reader.virtual_size, None, reader.virtual_size
 
 
-def _take(pending: deque) -> tuple[int, bytes]:
-    offset, future = pending.popleft()
-    return offset, future.result()
-
-
-def _split(offset: int, data: bytes, granularity: int) -> Iterator[tuple[int, memoryview | None, int]]:
-    view = memoryview(data)
-    for start, end in nonzero_runs(data, granularity):
-        yield offset + start, view[start:end], offset + end
-    yield offset + len(data), None, offset + len(data)
+def _scan(reader: DiskReader, granularity: int, progress: ProgressCallback | None) -> Iterator[Extent]:
+    """The reader's extents with the zero ranges inside its DATA extents turned into ZERO extents."""
+    position = 0
+    for offset, data in _read_ahead(reader, reader.extents()):
+        for start, end in nonzero_runs(data, granularity):
+            if offset + start > position:
+                yield Extent(position, offset + start - position, ExtentKind.ZERO)
+            yield Extent(offset + start, end - start, ExtentKind.DATA)
+            position = offset + end
+        if progress is not None:
+            progress("scan", offset + len(data), reader.virtual_size)
+    if position < reader.virtual_size:
+        yield Extent(position, reader.virtual_size - position, ExtentKind.ZERO)
 
 
 @contextlib.contextmanager
-def _output(target: str | os.PathLike[str], force: bool, source: DiskReader) -> Iterator[OutputTarget]:
+def _output(
+    target: str | os.PathLike[str], force: bool, source_path: str, hash_output: bool = False
+) -> Iterator[OutputTarget]:
     """An OutputTarget on standard output, or on a temporary file renamed to ``target`` on success."""
     if os.fspath(target) == "-":
         sys.stdout.flush()
-        yield OutputTarget(sys.stdout.fileno(), "<stdout>")
+        yield OutputTarget(sys.stdout.fileno(), "<stdout>", hash_output=hash_output)
         return
+    with _temporary_beside(target, force, source_path) as temporary:
+        fd = os.open(temporary, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        try:
+            yield OutputTarget(fd, os.fspath(target), hash_output=hash_output)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _temporary_beside(target: str | os.PathLike[str], force: bool, source_path: str) -> Iterator[str]:
+    """A temporary file name beside ``target``, renamed to it when the block completes."""
     path = os.path.abspath(os.fspath(target))
     if os.path.exists(path):
-        if os.path.realpath(path) == os.path.realpath(source.path):
+        if os.path.realpath(path) == os.path.realpath(source_path):
             raise OutputError("is the source image; refusing to overwrite it", path=path)
         if not force:
             raise OutputError("already exists (pass --force to replace it)", path=path)
@@ -152,18 +248,128 @@ def _output(target: str | os.PathLike[str], force: bool, source: DiskReader) -> 
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".part")
     except OSError as exc:
         raise OutputError(f"cannot create a file in {directory}: {exc.strerror}", path=path) from None
+    os.close(fd)
     try:
-        yield OutputTarget(fd, path)
+        yield temporary
         umask = os.umask(0)
         os.umask(umask)
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~umask)
-        os.close(fd)
-        fd = -1
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+# -- the qemu-img backend --------------------------------------------------------------------------
+
+_QEMU_FORMAT = {"vhd": "vpc"}
+
+
+def _needs_qemu_img(source: Source, source_format: str | None) -> bool:
+    """True for a source diskimg recognises but does not read (VMDK, VHDX, VDI, ...)."""
+    if source_format is not None:
+        return source_format.lower() not in FORMAT_ALIASES
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    detection = detect(source)
+    return not detection.readable and detection.inner_format is None and detection.hint is not None and \
+        detection.format not in ("iso9660", "luks")
+
+
+def _convert_with_qemu_img(
+    source: Source,
+    target: str | os.PathLike[str],
+    target_format: str,
+    options: dict[str, str],
+    compress: bool,
+    zero_granularity: int,
+    checksum: bool,
+    source_format: str | None,
+    snapshot: str | None,
+    force: bool,
+    progress: ProgressCallback | None,
+    explicit: bool,
+) -> ConvertResult:
+    """Convert with qemu-img (argument lists, never a shell), mapping its errors and progress to ours."""
+    qemu_img = shutil.which("qemu-img")
+    if not isinstance(source, (str, os.PathLike)):
+        raise UsageError("the qemu-img backend needs a source path, not a file object")
+    detection = detect(source)
+    if qemu_img is None:
+        raise UnsupportedFormat(
+            f"{detection.description}: diskimg reads VHD, qcow2 and RAW, and qemu-img (the backend for "
+            "other formats) is not installed (apt-get install qemu-utils)",
+            path=os.fspath(source), format=detection.format,
+        )
+    if os.fspath(target) == "-":
+        raise UsageError("the qemu-img backend cannot write to a pipe (qemu-img needs a seekable file)")
+    started = time.monotonic()
+    input_format = _QEMU_FORMAT.get(source_format or detection.format, source_format or detection.format)
+    argv = [qemu_img, "convert", "-p", "-f", input_format, "-O", _QEMU_FORMAT.get(target_format, target_format),
+            "-S", str(zero_granularity)]
+    if options:
+        argv += ["-o", ",".join(f"{k}={v.replace(',', ',,')}" for k, v in options.items())]
+    if compress:
+        argv.append("-c")
+    if snapshot is not None:
+        argv += ["-l", snapshot]
+    with _temporary_beside(target, force, os.fspath(source)) as temporary:
+        argv += [os.fspath(source), temporary]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        for percent in _qemu_progress(proc.stdout):
+            if progress is not None:
+                progress("convert", int(percent * 100), 10000)
+        error = proc.stderr.read().decode(errors="replace").strip()
+        if proc.wait() != 0:
+            message = error.splitlines()[-1] if error else f"exit status {proc.returncode}"
+            raise DiskImageError(f"qemu-img convert failed: {message.removeprefix('qemu-img: ')}", path=os.fspath(source))
+        result = ConvertResult(
+            source=os.fspath(source), target=os.fspath(target), source_format=detection.format,
+            target_format=target_format, virtual_size=0, bytes_read=0,
+            bytes_written=os.stat(temporary).st_size, allocated_bytes=0,
+            seconds=0.0, backend="qemu-img",
+        )
+        with open_image(temporary, target_format) as written:
+            result.virtual_size = written.virtual_size
+            result.allocated_bytes = sum(e.length for e in written.extents() if e.kind is ExtentKind.DATA)
+            if checksum:
+                # qemu-img wrote the file: hashing it takes a second read of the output
+                result.sha256, result.content_hash = _file_sha256(temporary), _content_hash(written)
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _qemu_progress(stream: Any) -> Iterator[float]:
+    """Percentages from qemu-img's ``-p`` output: ``    (12.34/100%)`` separated by carriage returns."""
+    buffer = b""
+    while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
+        buffer += chunk
+        *records, buffer = buffer.replace(b"\n", b"\r").split(b"\r")
+        for record in records:
+            text = record.strip().strip(b"()")
+            if text.endswith(b"/100%"):
+                with contextlib.suppress(ValueError):
+                    yield float(text[: -len(b"/100%")])
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _content_hash(reader: DiskReader) -> str:
+    hasher = ContentHasher(reader.virtual_size)
+    position = 0
+    for offset, data in _read_ahead(reader, reader.extents()):
+        hasher.skip_zeros(offset - position)
+        hasher.update(data)
+        position = offset + len(data)
+    hasher.skip_zeros(reader.virtual_size - position)
+    return hasher.hexdigest()

@@ -2,36 +2,56 @@
 
 A writer is told the virtual size and the planned allocation (the source's extents) first, then
 receives data in increasing offset order, then ``finish()``. Knowing the layout up front lets every
-format write its output in one forward pass, so the target may be a pipe; on a seekable file a
-writer may still seek (to leave holes, or write metadata last).
+format write its output in one forward pass, so the target may be a pipe.
+
+On a *streaming* target (a pipe, or any output whose SHA-256 is computed as it is written) a
+writer must emit bytes strictly in file order, so its metadata comes first and the plan must be
+exact: every planned data cluster or block is written, with zeros where no data arrives. On a
+seekable file the plan is an upper bound: writers allocate only what receives data and write their
+metadata last into space laid out from the plan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from .errors import OutputError
+from .errors import OutputError, UsageError
 from .reader import Extent
 
 ZERO_CHUNK = bytes(4 << 20)
 
 
 class OutputTarget:
-    """The file descriptor a writer writes to: a regular file (seekable) or a pipe."""
+    """Where a writer's bytes go: a regular file or block device (seekable), or a pipe."""
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, *, hash_output: bool = False) -> None:
         self.fd = fd
         self.name = name
         mode = os.fstat(fd).st_mode
         self.seekable = stat.S_ISREG(mode) or stat.S_ISBLK(mode)
-        self.position = 0  # for sequential writes
-        self.bytes_written = 0
+        self.is_regular_file = stat.S_ISREG(mode)
+        self._sha256 = hashlib.sha256() if hash_output else None
+        #: writers must write in file order (and plan exactly) on a streaming target
+        self.streaming = not self.seekable or hash_output
+        self.position = 0  # where the next sequential write goes
+        self.bytes_written = 0  # bytes actually written (holes excluded)
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Append at the stream position (the only operation a pipe allows)."""
-        view = memoryview(data)
+    @property
+    def sha256(self) -> str | None:
+        return None if self._sha256 is None else self._sha256.hexdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append at the current position."""
+        view = memoryview(data).cast("B")
+        if self._sha256 is not None:
+            self._sha256.update(view)
+        if self.seekable:
+            self._pwrite_all(view, self.position)
+            self.position += len(view)
+            return
         try:
             while view:
                 written = os.write(self.fd, view)
@@ -41,49 +61,102 @@ class OutputTarget:
         except OSError as exc:
             raise OutputError(f"cannot write: {exc.strerror}", path=self.name) from None
 
-    def write_zeros(self, length: int) -> None:
+    def skip(self, length: int) -> None:
+        """Advance over ``length`` zero bytes: a hole in a regular file, zeros on a pipe or device."""
+        if length <= 0:
+            return
+        if self.is_regular_file:
+            if self._sha256 is not None:
+                for _ in range(length // len(ZERO_CHUNK)):
+                    self._sha256.update(ZERO_CHUNK)
+                self._sha256.update(memoryview(ZERO_CHUNK)[: length % len(ZERO_CHUNK)])
+            self.position += length
+            return
         while length > 0:
             step = min(length, len(ZERO_CHUNK))
             self.write(memoryview(ZERO_CHUNK)[:step])
             length -= step
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write at an offset, outside the sequential stream (seekable, non-streaming targets only)."""
+        if self.streaming:
+            raise AssertionError("positional write on a streaming target")
+        self._pwrite_all(memoryview(data).cast("B"), offset)
+
+    def _pwrite_all(self, view: memoryview, offset: int) -> None:
         try:
             while view:
-                written = os.pwrite(self.fd, view, offset) if hasattr(os, "pwrite") else self._seek_write(view, offset)
+                if hasattr(os, "pwrite"):
+                    written = os.pwrite(self.fd, view, offset)
+                else:  # Windows
+                    os.lseek(self.fd, offset, os.SEEK_SET)
+                    written = os.write(self.fd, view)
                 view = view[written:]
                 offset += written
                 self.bytes_written += written
         except OSError as exc:
             raise OutputError(f"cannot write: {exc.strerror}", path=self.name) from None
 
-    def _seek_write(self, view: memoryview, offset: int) -> int:
-        os.lseek(self.fd, offset, os.SEEK_SET)
-        return os.write(self.fd, view)
-
-    def truncate(self, size: int) -> None:
-        try:
-            os.ftruncate(self.fd, size)
-        except OSError as exc:
-            raise OutputError(f"cannot set the file size: {exc.strerror}", path=self.name) from None
+    def finish(self) -> None:
+        """Give a regular file its full length (a trailing hole included)."""
+        if self.is_regular_file:
+            try:
+                if os.fstat(self.fd).st_size < self.position:
+                    os.ftruncate(self.fd, self.position)
+            except OSError as exc:
+                raise OutputError(f"cannot set the file size: {exc.strerror}", path=self.name) from None
 
 
 class DiskWriter:
-    """Base of the format writers."""
+    """Base of the format writers.
+
+    ``OPTIONS`` maps each ``-o`` key a format takes to a short description; ``create`` checks them.
+    """
 
     format: str = ""
+    OPTIONS: Mapping[str, str] = {}
 
-    def __init__(self, target: OutputTarget, virtual_size: int) -> None:
+    def __init__(self, target: OutputTarget, virtual_size: int, options: Mapping[str, str], compress: bool) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            known = ", ".join(sorted(self.OPTIONS)) or "none"
+            raise UsageError(f"{self.format} does not take option(s) {', '.join(unknown)} (it takes: {known})")
+        if compress and not self.supports_compression:
+            raise UsageError(f"{self.format} output cannot be compressed (-c is for qcow2)")
         self.target = target
         self.virtual_size = virtual_size
+        self.options = dict(options)
+        self.compress = compress
+
+    supports_compression = False
+
+    @property
+    def requires_exact_plan(self) -> bool:
+        """True when the writer must know exactly which ranges hold data before the first byte."""
+        return False
 
     def plan(self, extents: Iterable[Extent]) -> None:
         """Take the planned allocation, covering [0, virtual_size) in order, before any data."""
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         """Guest bytes at ``offset``; offsets only increase between calls."""
         raise NotImplementedError
 
     def finish(self) -> None:
         """Complete the output (trailing metadata, padding)."""
+        self.target.finish()
+
+
+def parse_options(text: str | None) -> dict[str, str]:
+    """``-o`` options as qemu-img takes them: ``k=v,k2=v2``; ``,,`` is a literal comma."""
+    options: dict[str, str] = {}
+    if not text:
+        return options
+    for item in text.replace(",,", "\0").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            value = "on"  # qemu-img accepts a bare flag such as "force_size"
+        options[key.strip().replace("-", "_")] = value.replace("\0", ",")
+    return options

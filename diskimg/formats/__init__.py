@@ -8,8 +8,10 @@ from ..errors import UsageError
 from ..reader import DiskReader
 from ..writer import DiskWriter
 from .raw import RawReader, RawWriter
+from .qcow2 import Qcow2Reader
+from .vhd import VhdReader
 
-READERS: dict[str, type[DiskReader]] = {"raw": RawReader}
+READERS: dict[str, type[DiskReader]] = {"raw": RawReader, "vhd": VhdReader, "qcow2": Qcow2Reader}
 WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter}
 
 

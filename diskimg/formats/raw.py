@@ -2,11 +2,13 @@
 
 Holes in a sparse file (found with SEEK_DATA/SEEK_HOLE where the file system supports it) are the
 only allocation information; elsewhere the whole file counts as data. Block devices read as RAW.
+Like qemu, a file whose size is not a multiple of 512 is a disk rounded up to whole sectors, the
+tail reading as zeros (disks have sectors; VHD needs them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from ..detection import OpenOptions, ParentOpener
 from ..hostfile import HostFile
@@ -14,6 +16,7 @@ from ..reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from ..writer import DiskWriter
 
 NAME = "raw"
+SECTOR = 512
 
 
 class RawReader(DiskReader):
@@ -21,16 +24,20 @@ class RawReader(DiskReader):
 
     @classmethod
     def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> RawReader:
-        return cls(host, host.size)
+        return cls(host, -(-host.size // SECTOR) * SECTOR)
 
     def _runs(self, start: int, end: int) -> Iterator[Run]:
-        yield Run(start, end - start, RunKind.HOST, start)
+        stored_end = min(end, self.host.size)
+        if start < stored_end:
+            yield Run(start, stored_end - start, RunKind.HOST, start)
+        if max(start, stored_end) < end:
+            yield Run(max(start, stored_end), end - max(start, stored_end), RunKind.ZERO)
 
     def _unmerged_extents(self, start: int, end: int) -> Iterator[Extent]:
-        regions = self.host.data_regions(start, end)
+        stored_end = min(end, self.host.size)
+        regions = self.host.data_regions(start, stored_end)
         if regions is None:
-            yield Extent(start, end - start, ExtentKind.DATA, start)
-            return
+            regions = [(start, stored_end)] if start < stored_end else []
         position = start
         for data_start, data_end in regions:
             if data_start > position:
@@ -55,17 +62,10 @@ class RawWriter(DiskWriter):
 
     format = NAME
 
-    def plan(self, extents: Iterable[Extent]) -> None:
-        if self.target.seekable:
-            self.target.truncate(self.virtual_size)
-
-    def write(self, offset: int, data: bytes) -> None:
-        if self.target.seekable:
-            self.target.pwrite(data, offset)
-        else:
-            self.target.write_zeros(offset - self.target.position)
-            self.target.write(data)
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.target.skip(offset - self.target.position)
+        self.target.write(data)
 
     def finish(self) -> None:
-        if not self.target.seekable:
-            self.target.write_zeros(self.virtual_size - self.target.position)
+        self.target.skip(self.virtual_size - self.target.position)
+        self.target.finish()

@@ -1,0 +1,324 @@
+"""The shared context checks read from: one :class:`DiskContext` per image, computed lazily and
+cached, so that each structure is read once however many checks look at it.
+
+Later checks (guest inspection: the OS inside, drivers, fstab, boot loader configuration) plug in
+here as more lazily computed facts (e.g. a root file system reader) and more check functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from .. import filesystems as fsmod
+from ..check import CheckResult, check
+from ..detect import detect
+from ..detection import Detection
+from ..errors import BackingFileError, DiskImageError, UnsupportedFormat
+from ..filesystems import FileSystem
+from ..hostfile import HostFile
+from ..image import image_info, open_image
+from ..partitions import Partition, PartitionTable, read_partition_table
+from ..reader import DiskReader, ExtentKind, ImageInfo
+from .report import Finding
+from .rules import RULES_BY_CODE, GiB, Profile
+
+WRAPPERS = frozenset({"gzip", "xz", "bzip2", "zstd", "zip", "tar", "7z", "lz4"})
+READABLE = frozenset({"raw", "vhd", "qcow2"})
+#: VHD geometry 65535/16/255 means "too big for CHS": its size says nothing
+_SATURATED_CHS = 65535 * 16 * 255 * 512
+
+
+class NotAvailable(Exception):
+    """A check's prerequisite is missing (the image could not be opened, has no partition table...).
+    The engine records the reason in ``Report.not_checked``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Volume:
+    """A partition (or the whole disk when ``partition`` is None) and what it holds."""
+
+    partition: Partition | None
+    offset: int
+    length: int
+    fs: FileSystem | None
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"partition {self.partition.number}" if self.partition else "the whole disk"
+
+    @property
+    def number(self) -> int | None:
+        return self.partition.number if self.partition else None
+
+
+@dataclass
+class BootAnalysis:
+    """Which boot modes the disk supports, and why."""
+
+    bios: bool = False
+    uefi: bool = False
+    bios_evidence: dict[str, Any] = field(default_factory=dict)
+    uefi_evidence: dict[str, Any] = field(default_factory=dict)
+    esps: list[Volume] = field(default_factory=list)
+    loaders: list[str] = field(default_factory=list)
+    #: ESP numbers whose FAT could not be walked, with the reason
+    unreadable_esps: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def modes(self) -> list[str]:
+        return [mode for mode, ok in (("BIOS", self.bios), ("UEFI", self.uefi)) if ok]
+
+    @property
+    def recommended(self) -> str | None:
+        if self.uefi:
+            return "UEFI"
+        return "BIOS" if self.bios else None
+
+
+class DiskContext:
+    """Everything the checks of one disk share. Properties compute on first use."""
+
+    def __init__(self, path: str, role: str, device: int, profile: Profile, boot_mode: str | None,
+                 allow_backing: bool = False) -> None:
+        self.path = path
+        self.role = role
+        self.device = device
+        self.profile = profile
+        self.boot_mode = boot_mode
+        self.allow_backing = allow_backing
+        self.findings: list[Finding] = []
+        self.not_checked: list[dict[str, Any]] = []
+        # ImageNotFound (missing, unreadable) escapes from here: the only error validate raises
+        self.detection: Detection = detect(path)
+        host = HostFile(path)
+        try:
+            self.file_size = host.size
+        finally:
+            host.close()
+
+    # -- findings ------------------------------------------------------------------------------------
+
+    def emit(self, code: str, message: str, evidence: dict[str, Any] | None = None, hint: str | None = None) -> None:
+        rule = RULES_BY_CODE[code]  # KeyError: a check emitting a code missing from the catalogue is a bug
+        if self.role not in rule.roles or self.profile.name not in rule.targets:
+            return
+        self.findings.append(
+            Finding(code=code, severity=rule.severity, message=message, evidence=dict(evidence or {}), hint=hint,
+                    category=rule.category, disk=self.path, role=self.role)
+        )
+
+    def emitted(self, code: str) -> bool:
+        return any(f.code == code for f in self.findings)
+
+    # -- the container ---------------------------------------------------------------------------------
+
+    @property
+    def format(self) -> str:
+        return self.detection.format
+
+    @property
+    def supported_container(self) -> bool:
+        return self.format in READABLE
+
+    @cached_property
+    def _opened(self) -> tuple[DiskReader | None, DiskImageError | None]:
+        if not self.supported_container:
+            return None, None
+        try:
+            return open_image(self.path, self.format, allow_backing=self.allow_backing), None
+        except DiskImageError as exc:
+            return None, exc
+
+    @property
+    def open_error(self) -> DiskImageError | None:
+        return self._opened[1]
+
+    @property
+    def reader(self) -> DiskReader:
+        reader, error = self._opened
+        if reader is not None:
+            return reader
+        if not self.supported_container:
+            raise NotAvailable(f"{self.detection.description} is not read")
+        if isinstance(error, BackingFileError):
+            raise NotAvailable("the image needs its backing file, which is not opened")
+        if isinstance(error, UnsupportedFormat):
+            raise NotAvailable(f"the image cannot be read: {error.message}")
+        raise NotAvailable(f"the image cannot be read: {error.message if error else 'unknown error'}")
+
+    @cached_property
+    def info(self) -> ImageInfo | None:
+        """Header facts (works for images with a backing file, where the reader is refused)."""
+        if not self.supported_container:
+            return None
+        reader = self._opened[0]
+        if reader is not None:
+            return reader.info()
+        try:
+            return image_info(self.path, self.format)
+        except DiskImageError:
+            return None
+
+    @cached_property
+    def qcow2_header(self) -> Any:
+        """(Qcow2Header, HeaderExtensions) parsed straight from the file, for qcow2 images the reader
+        refuses (encryption, external data file); None if not qcow2 or unparseable."""
+        if self.format != "qcow2":
+            return None
+        from ..formats import qcow2 as q
+
+        host = HostFile(self.path)
+        try:
+            first = host.pread(min(host.size, 1 << 21), 0)
+            header = q.Qcow2Header.parse(first)
+            if not q.MIN_CLUSTER_BITS <= header.cluster_bits <= q.MAX_CLUSTER_BITS:
+                return header, q.HeaderExtensions()
+            cluster = first[: header.cluster_size]
+            end = len(cluster)
+            if header.backing_file_offset and header.backing_file_offset < end:
+                end = int(header.backing_file_offset)
+            try:
+                extensions = q.parse_header_extensions(cluster[header.header_length : max(end, header.header_length)],
+                                                       header.header_length)
+            except DiskImageError:
+                extensions = q.HeaderExtensions()
+            return header, extensions
+        except DiskImageError:
+            return None
+        finally:
+            host.close()
+
+    @property
+    def virtual_size(self) -> int:
+        reader = self._opened[0]
+        if reader is not None:
+            return reader.virtual_size
+        if self.info is not None:
+            return self.info.virtual_size
+        parsed = self.qcow2_header
+        if parsed is not None:
+            return int(parsed[0].virtual_size)
+        raise NotAvailable("the virtual size is unknown: the image cannot be read")
+
+    @cached_property
+    def size_for_import(self) -> tuple[int, str]:
+        """(bytes, how chosen): the size DiskImageSize must cover."""
+        size = self.virtual_size
+        how = "virtual size"
+        details = self.info.details if self.info is not None else {}
+        if self.format == "vhd":
+            current = int(details.get("current_size") or 0)
+            chs = int(details.get("chs_size") or 0)
+            candidates = {"footer current_size": current}
+            if chs and chs != _SATURATED_CHS:
+                candidates["CHS geometry"] = chs
+            if candidates and max(candidates.values()) > size:
+                how, size = max(candidates.items(), key=lambda item: item[1])
+            elif len(set(v for v in candidates.values() if v)) > 1:
+                how = "the larger of footer current_size and CHS geometry"
+        elif self.format == "qcow2":
+            header_size = int(details.get("header_virtual_size") or 0)
+            if header_size > size:
+                size, how = header_size, "qcow2 header size"
+        return size, how
+
+    @property
+    def disk_image_size(self) -> int:
+        size, _ = self.size_for_import
+        return -(-size // GiB)
+
+    @cached_property
+    def integrity(self) -> CheckResult:
+        if self.format not in ("vhd", "qcow2"):
+            raise NotAvailable("only VHD and qcow2 images have metadata to check")
+        return check(self.path, self.format)
+
+    @cached_property
+    def compressed(self) -> tuple[int, int | None]:
+        """(bytes of guest data in compressed clusters, first such guest offset) from the
+        allocation map: compressed clusters are DATA extents with no host offset."""
+        reader = self.reader
+        if reader.format != "qcow2":
+            return 0, None
+        total = 0
+        first = None
+        for extent in reader.extents():
+            if extent.kind is ExtentKind.DATA and extent.host_offset is None:
+                total += extent.length
+                if first is None:
+                    first = extent.start
+        return total, first
+
+    # -- content ------------------------------------------------------------------------------------------
+
+    @cached_property
+    def table(self) -> PartitionTable:
+        reader = self.reader
+        return read_partition_table(reader, reader.virtual_size)
+
+    @cached_property
+    def volumes(self) -> list[Volume]:
+        reader = self.reader
+        size = reader.virtual_size
+        table = self.table
+        if table.scheme is None:
+            return [Volume(None, 0, size, fsmod.probe(reader, 0, size))] if size else []
+        volumes = []
+        for part in table.partitions:
+            length = max(0, min(part.size, size - part.start))
+            if length <= 0:
+                volumes.append(Volume(part, part.start, 0, None, "lies past the end of the disk"))
+                continue
+            volumes.append(Volume(part, part.start, length, fsmod.probe(reader, part.start, length)))
+        return volumes
+
+    @property
+    def whole_disk_fs(self) -> FileSystem | None:
+        if self.table.scheme is not None:
+            return None
+        volumes = self.volumes
+        return volumes[0].fs if volumes else None
+
+    @cached_property
+    def boot(self) -> BootAnalysis:
+        table = self.table
+        if table.scheme is None:
+            raise NotAvailable("the disk has no partition table")
+        analysis = BootAnalysis()
+        mbr = table.mbr
+        code = bool(mbr and mbr.signature_ok and mbr.has_boot_code)
+        loader = mbr.boot_loader if mbr else None
+        bios_boot = table.by_kind("bios_boot")
+        analysis.bios_evidence = {"mbr_boot_code": code, "boot_code": loader,
+                                  "bios_boot_partition": [p.number for p in bios_boot] or None}
+        analysis.bios = (code or bool(bios_boot)) if table.scheme == "gpt" else code
+        reader = self.reader
+        for volume in self.volumes:
+            if volume.partition is None or volume.partition.kind != "esp":
+                continue
+            analysis.esps.append(volume)
+            if volume.fs is None or not volume.fs.is_fat:
+                continue
+            analysis.uefi = True
+            try:
+                analysis.loaders += fsmod.find_efi_loaders(reader, volume.offset, volume.length)
+            except DiskImageError as exc:
+                analysis.unreadable_esps[volume.partition.number] = exc.message
+        analysis.uefi_evidence = {
+            "esp": [v.partition.number for v in analysis.esps if v.partition] or None,
+            "esp_file_system": [v.fs.type if v.fs else None for v in analysis.esps] or None,
+            "efi_loaders": analysis.loaders or None,
+        }
+        return analysis
+
+    def close(self) -> None:
+        reader = self._opened[0] if "_opened" in self.__dict__ else None
+        if reader is not None:
+            reader.close()

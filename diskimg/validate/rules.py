@@ -1,0 +1,329 @@
+"""The rule catalogue and the per-target profiles, as data.
+
+Every finding the validator can emit has one :class:`Rule` here: a stable ``code``, its severity,
+the category it belongs to, the roles (system / data disk) and targets it applies to, and a short
+rationale naming its source in ``shared/reference/cloud-requirements.md`` (the section number and
+the reference's source tags, e.g. ``F1 (A-IMPORT, A-API-IMP)``). Checks (``checks.py``) decide
+*whether* a rule is broken; this table decides *how bad* that is and *why*.
+
+A target is a :class:`Profile`: which formats it takes, its size limits, its sizing advice. Adding
+a cloud means adding a profile (and listing it in the ``targets`` of the rules that apply to it).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+GiB = 1 << 30
+
+
+class Severity(str, enum.Enum):
+    ERROR = "error"  # the import fails or the instance will not boot
+    WARNING = "warning"  # boots, but degraded, or the cloud's documentation says "do not"
+    INFO = "info"  # facts to know (sizes to declare, boot mode to choose)
+
+    @property
+    def rank(self) -> int:
+        return {"error": 0, "warning": 1, "info": 2}[self.value]
+
+
+ERROR, WARNING, INFO = Severity.ERROR, Severity.WARNING, Severity.INFO
+SYSTEM, DATA = "system", "data"
+BOTH = (SYSTEM, DATA)
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    severity: Severity
+    category: str  # container, integrity, size, partitions, filesystems, boot, set
+    title: str
+    rationale: str
+    source: str
+    roles: tuple[str, ...] = BOTH
+    targets: tuple[str, ...] = ("ecs",)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "severity": self.severity.value,
+            "category": self.category,
+            "title": self.title,
+            "rationale": self.rationale,
+            "source": self.source,
+            "roles": list(self.roles),
+            "targets": list(self.targets),
+        }
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one target cloud accepts, as numbers and names."""
+
+    name: str
+    title: str
+    #: diskimg format -> the name the import API uses
+    formats: dict[str, str]
+    #: formats taken only in a restricted preview (still refused here, with that said)
+    preview_formats: dict[str, str] = field(default_factory=dict)
+    min_disk_gib: int = 1
+    max_disk_gib: int = 2048
+    #: limits of earlier API versions, still met in older regions, consoles and SDKs (warnings)
+    legacy_max_gib: dict[str, int] = field(default_factory=dict)
+    recommended_system_gib: int = 20
+    multipart_upload_above: int = 5 * GiB
+    max_data_disks: int = 16
+    boot_modes: tuple[str, ...] = ("BIOS", "UEFI")
+    default_boot_mode: str = "BIOS"
+    #: file systems the target documents for a system disk
+    system_file_systems: frozenset[str] = frozenset()
+    #: below this share of free space a system disk's file system is reported
+    min_free_fraction: float = 0.10
+    api: str = ""
+
+
+PROFILES: dict[str, Profile] = {
+    "ecs": Profile(
+        name="ecs",
+        title="Alibaba Cloud ECS (ImportImage)",
+        formats={"raw": "RAW", "vhd": "VHD", "qcow2": "QCOW2"},
+        preview_formats={"vmdk": "VMDK"},
+        min_disk_gib=1,
+        max_disk_gib=2048,
+        legacy_max_gib={SYSTEM: 500, DATA: 1000},
+        recommended_system_gib=20,
+        multipart_upload_above=5 * GiB,
+        max_data_disks=16,
+        system_file_systems=frozenset({"ext2", "ext3", "ext4", "xfs", "ntfs", "fat12", "fat16", "fat32"}),
+        api="ImportImage",
+    ),
+}
+
+TARGETS = tuple(PROFILES)
+
+
+def _r(code: str, severity: Severity, category: str, title: str, rationale: str, source: str,
+       roles: tuple[str, ...] = BOTH) -> Rule:
+    return Rule(code, severity, category, title, rationale, source, roles)
+
+
+RULES: tuple[Rule, ...] = (
+    # -- container ------------------------------------------------------------------------------
+    _r("format-refused", ERROR, "container", "Image format not accepted",
+       "ECS imports RAW, VHD and QCOW2 files; other container formats must be converted first.",
+       "§1.1 F1 (A-IMPORT, A-API-IMP)"),
+    _r("format-vmdk", ERROR, "container", "VMDK is an invitation-only preview",
+       "ImportImage lists VMDK only as an invitational preview (API, 2025-07); convert to QCOW2, VHD or RAW.",
+       "§1.1 F1/F2 (A-API-IMP, Go SDK 2025-07)"),
+    _r("format-iso", ERROR, "container", "ISO images are not disk images",
+       "ECS does not import ISO 9660 images; install the OS into a VM disk and import that disk.",
+       "§1.1 F1 (A-INSTR: 'ISO images not supported')"),
+    _r("format-wrapped", ERROR, "container", "Compressed or archived image",
+       "ECS reads the image file from OSS as is; a gzip/xz/bzip2/zstd stream or a tar/zip archive must be "
+       "unpacked first.", "§1.1 F1 (A-IMPORT) [inference: format detected from the file header]"),
+    _r("image-unreadable", ERROR, "container", "Image cannot be read",
+       "The file claims a supported format but its metadata is damaged or truncated, so the importer cannot "
+       "read it.", "§1.1 F1/F3 (A-API-IMP error InvalidImageFormat.Malformed)"),
+    _r("backing-file", ERROR, "container", "qcow2 image depends on a backing file",
+       "Only the one uploaded file is imported; data in a backing file would be missing (self-contained image).",
+       "§1.1 F3 [inference] (qcow2 spec: backing_file_offset)"),
+    _r("vhd-differencing", ERROR, "container", "Differencing VHD",
+       "A differencing VHD holds only changes against a parent that is not uploaded (AWS rejects them too).",
+       "§1.1 F3 [inference], §3.1 (AWS: 'Footers not identical')"),
+    _r("encrypted", ERROR, "container", "Encrypted qcow2",
+       "The importer has no key for qcow2 encryption (AES or LUKS); the image must be decrypted first.",
+       "§1.1 F3 [inference] (qcow2 spec: crypt_method)"),
+    _r("external-data-file", ERROR, "container", "qcow2 with an external data file",
+       "The guest data lives in a separate file that is not uploaded with the image.",
+       "§1.1 F3 [inference] (qcow2 spec: incompatible feature bit 2)"),
+    _r("qcow2-dirty", ERROR, "container", "qcow2 dirty bit set",
+       "The image was not closed cleanly (lazy refcounts, VM still running or crashed): its refcounts are stale "
+       "and the guest data may be a crash-consistent copy.", "§1.1 F3 [inference] (qcow2 spec: bit 0)"),
+    _r("qcow2-corrupt", ERROR, "container", "qcow2 corrupt bit set",
+       "QEMU found the image's metadata corrupt and marked it so; it must be repaired and checked first.",
+       "§1.1 F3 [inference] (qcow2 spec: bit 1)"),
+    _r("qcow2-compressed", WARNING, "container", "Compressed qcow2 clusters",
+       "Alibaba does not document compressed qcow2 input; compressed clusters are a risk worth removing "
+       "(and slow the import).", "§1.1 F3 ('Compressed clusters -> WARN only')"),
+    _r("qcow2-newer-features", WARNING, "container", "qcow2 features older readers lack",
+       "zstd compression (QEMU 5.1+) or extended L2 entries (QEMU 5.2+) make the image unreadable to older "
+       "qemu-img versions an importer may use.", "§1.1 F3 [inference] (qcow2 spec: bits 3-4)"),
+    _r("qcow2-snapshots", INFO, "container", "qcow2 internal snapshots",
+       "Only the active layer is imported; internal snapshots just make the upload larger.",
+       "§1.1 F3 [inference] (qcow2 spec: nb_snapshots)"),
+    # -- integrity ------------------------------------------------------------------------------
+    _r("integrity-corruption", ERROR, "integrity", "Image metadata is corrupt",
+       "Tables point outside the file, clusters or blocks are used twice, or refcounts are too low: the import "
+       "may fail or the guest data be wrong (what `qemu-img check` calls corruptions).",
+       "§1.1 F3 (A-API-IMP error InvalidImageFormat.Malformed)"),
+    _r("integrity-leaks", WARNING, "integrity", "Leaked clusters",
+       "Clusters are allocated but unused: harmless for the guest, but the file is larger than needed.",
+       "§1.1 F3 [inference] (qemu-img check 'leaks')"),
+    _r("image-truncated", ERROR, "integrity", "Image file is truncated",
+       "The file ends before data its metadata references (an interrupted copy or download).",
+       "§1.1 F3/F4 (A-API-IMP error InvalidImageFormat.Malformed)"),
+    # -- size -----------------------------------------------------------------------------------
+    _r("size-empty", ERROR, "size", "Disk has no size",
+       "DiskImageSize must be at least 1 GiB; a disk of 0 bytes has nothing to import.",
+       "§1.1 F4/F5 (A-API-IMP)"),
+    _r("size-too-large", ERROR, "size", "Disk larger than the target allows",
+       "DiskImageSize is limited to 1-2048 GiB per disk (ImportImage, 2025+).", "§1.1 F5 (A-API-IMP, Go SDK)"),
+    _r("size-legacy-limit", WARNING, "size", "Disk above the older size limit",
+       "Before 2025 the limits were 500 GiB (system) and 1000 GiB (data); older regions, consoles and SDKs "
+       "may still apply them.", "§1.1 F5, §5 item 1 (A-API-IMP mirror history)"),
+    _r("size-system-small", WARNING, "size", "System disk below the recommended size",
+       "The image specification recommends a system disk of at least 20 GiB (the import may declare a larger "
+       "DiskImageSize than the image).", "§1.1 F6 (A-SPEC)", (SYSTEM,)),
+    _r("size-unaligned", WARNING, "size", "Virtual size is not a whole number of sectors",
+       "A partial last sector is ignored by hypervisors; the disk is effectively smaller than the file.",
+       "§1.1 F4 [inference]"),
+    _r("disk-image-size", INFO, "size", "DiskImageSize to declare",
+       "DiskImageSize (GiB) must be at least the virtual size, rounded up; for a VHD the larger of its two "
+       "sizes (footer current_size and CHS geometry) is used.", "§1.1 F4 (A-INSTR, A-API-IMP)"),
+    _r("upload-multipart", INFO, "size", "Multipart upload to OSS",
+       "Files over 5 GiB must be uploaded to OSS with multipart upload (ossutil does it by itself).",
+       "§1.1 F8 (A-IMPORT)"),
+    # -- partitions -----------------------------------------------------------------------------
+    _r("no-partition-table", ERROR, "partitions", "System disk without a partition table",
+       "A system disk needs an MBR or GPT (and a boot loader); a bare file system or an empty disk cannot boot.",
+       "§1.3 P1 (A-INSTR; 'ERR if no valid PT')", (SYSTEM,)),
+    _r("data-disk-unpartitioned", INFO, "partitions", "Data disk without a partition table",
+       "A data disk may hold a bare file system; noted so that it is not a surprise.", "§1.3 P1 [inference]",
+       (DATA,)),
+    _r("gpt-header-invalid", ERROR, "partitions", "GPT header damaged",
+       "The primary GPT header fails its CRC32 or describes impossible bounds; firmware and Linux may not find "
+       "the partitions.", "§1.3 P1, §6 (UEFI spec 5.3)"),
+    _r("gpt-entries-crc", ERROR, "partitions", "GPT partition entries damaged",
+       "The partition entry array does not match the CRC32 in its header.", "§1.3 P1, §6 (UEFI spec 5.3)"),
+    _r("gpt-backup-missing", WARNING, "partitions", "Backup GPT missing",
+       "The backup GPT header at the last LBA is missing or damaged: the disk still boots, but a damaged "
+       "primary could not be recovered and partitioning tools complain.", "§1.3 P1 (UEFI spec 5.3.2)"),
+    _r("gpt-backup-not-at-end", WARNING, "partitions", "Backup GPT not at the end of the disk",
+       "The disk was resized after partitioning; growpart and sgdisk -e fix this, the kernel only warns.",
+       "§1.3 P1 (UEFI spec 5.3.2) [inference]"),
+    _r("gpt-protective-mbr-missing", ERROR, "partitions", "GPT without a protective MBR",
+       "Linux ignores a GPT whose sector 0 has no 0xEE protective entry starting at LBA 1.",
+       "§1.3 P1, §6 (Linux block/partitions/efi.c is_pmbr_valid) [inference]"),
+    _r("gpt-stale", WARNING, "partitions", "Stale GPT beside an MBR",
+       "A GPT header remains on an MBR disk; the guest uses the MBR, but tools may pick the stale GPT.",
+       "§1.3 P1 [inference]"),
+    _r("gpt-4k-sectors", ERROR, "partitions", "GPT made for 4096-byte sectors",
+       "Cloud disks present 512-byte logical sectors; a 4Kn layout shows no partition table there.",
+       "§1.3 P1 [inference]"),
+    _r("partition-out-of-bounds", ERROR, "partitions", "Partition outside the disk",
+       "A partition ends past the disk (a truncated copy) or lies over the GPT's own structures.",
+       "§1.3 P1 [inference]"),
+    _r("partition-overlap", ERROR, "partitions", "Overlapping partitions",
+       "Two partitions share sectors; writing one corrupts the other.", "§1.3 P1 [inference]"),
+    _r("partition-invalid", WARNING, "partitions", "Meaningless partition entry",
+       "An entry with no sectors, starting over the partition table, or ending before it starts, is ignored "
+       "or misread by tools.", "§1.3 P1 [inference]"),
+    _r("mbr-ebr-loop", ERROR, "partitions", "Logical partition chain loops",
+       "The chain of extended boot records points back on itself.", "§1.3 P1 [inference]"),
+    _r("mbr-ebr-invalid", ERROR, "partitions", "Extended boot record damaged",
+       "An extended boot record lacks its signature: logical partitions after it are lost.",
+       "§1.3 P1 [inference]"),
+    # -- file systems ---------------------------------------------------------------------------
+    _r("fs-needs-recovery", ERROR, "filesystems", "File system not cleanly unmounted",
+       "The journal needs replaying or the file system was not unmounted: the disk was copied from a running "
+       "or crashed VM; verify the file system's integrity first.", "§1.3 P9 (A-INSTR, A-TOOL)"),
+    _r("fs-errors", ERROR, "filesystems", "File system has recorded errors",
+       "The kernel recorded errors in the superblock (or XFS needs repair): run fsck before importing.",
+       "§1.3 P9 (A-INSTR, A-TOOL)"),
+    _r("fs-larger-than-partition", ERROR, "filesystems", "File system larger than its partition",
+       "The partition was shrunk below its file system or the image is truncated: data at the end is lost.",
+       "§1.3 P9 [inference]"),
+    _r("fs-lvm", WARNING, "filesystems", "LVM on the system disk",
+       "Alibaba's image specification says not to manage system-disk partitions with LVM (the 2018 compliance "
+       "tool failed it).", "§1.3 P7 (A-SPEC, A-TOOL 2018)", (SYSTEM,)),
+    _r("fs-swap-partition", WARNING, "filesystems", "Swap partition on the system disk",
+       "The image specification asks for no swap partition.", "§1.3 P8 (A-SPEC)", (SYSTEM,)),
+    _r("fs-encrypted", ERROR, "filesystems", "Encrypted volume on the system disk",
+       "An instance cannot unlock a LUKS or BitLocker volume unattended at first boot, and ECS cannot inspect "
+       "or repair it.", "§1.3 P4 [inference], §3.3 (GCE: no software-encrypted disks)", (SYSTEM,)),
+    _r("fs-ext4-64bit", WARNING, "filesystems", "ext4 '64bit' feature (old rule)",
+       "2019-2020 ECS docs forbid the ext4 64bit feature; modern mke2fs enables it by default and newer pages "
+       "no longer say so: likely outdated.", "§1.3 P4, §5 item 5 (A-INSTR, A-INSTR-CN, A-TOOL)"),
+    _r("fs-ext4-project-quota", WARNING, "filesystems", "ext4 'project' and 'quota' together (old rule)",
+       "2019-2020 ECS docs forbid enabling the ext4 features project and quota together.",
+       "§1.3 P4 (A-INSTR, A-INSTR-CN)"),
+    _r("fs-not-listed", WARNING, "filesystems", "File system not documented for a system disk",
+       "ECS documents ext3/ext4/xfs (Linux) and NTFS (Windows) for system disks; Btrfs, ZFS and others may "
+       "boot but are not covered.", "§1.3 P4/P5 (A-INSTR) [inference: btrfs not listed]", (SYSTEM,)),
+    _r("fs-full", WARNING, "filesystems", "Little free space",
+       "The system disk must not be full: ECS and cloud-init install drivers and agents at first boot.",
+       "§1.3 P9 (A-INSTR, A-TOOL) [threshold 10% is an inference]", (SYSTEM,)),
+    _r("fs-unknown", INFO, "filesystems", "Partition without a recognised file system",
+       "Nothing known was found at the start of the partition (empty, or a format not recognised).",
+       "§1.3 P4 [inference]"),
+    # -- boot -----------------------------------------------------------------------------------
+    _r("boot-mode-unsupported", ERROR, "boot", "Disk cannot boot in the chosen mode",
+       "UEFI needs an EFI system partition with a FAT file system; BIOS needs boot code in the MBR (and on GPT "
+       "a BIOS boot partition). ECS cannot fix the boot loader.", "§1.3 P2 (A-BOOT)", (SYSTEM,)),
+    _r("boot-none", ERROR, "boot", "No boot loader found",
+       "Neither BIOS boot code nor an EFI system partition was found: the instance would not find its system "
+       "disk.", "§1.3 P2 (A-BOOT)", (SYSTEM,)),
+    _r("boot-mode", INFO, "boot", "Boot mode to declare",
+       "BootMode must match what the image can boot (default BIOS); an image that boots both ways can be "
+       "marked UEFI-Preferred after import.", "§1.2 BootMode, §1.3 P2 (A-BOOT, A-API-IMP)", (SYSTEM,)),
+    _r("esp-not-fat", WARNING, "boot", "EFI system partition without FAT",
+       "UEFI firmware reads the ESP only as FAT12/16/32.", "§1.3 P2 (A-BOOT; UEFI spec 13.3)", (SYSTEM,)),
+    _r("esp-unreadable", WARNING, "boot", "EFI system partition cannot be read",
+       "The FAT file system on the ESP is damaged; the firmware may not find a boot loader.",
+       "§1.3 P2 [inference]", (SYSTEM,)),
+    _r("esp-no-loader", WARNING, "boot", "No fallback UEFI boot loader",
+       "A new instance has no UEFI boot entries, so firmware boots \\EFI\\BOOT\\BOOTX64.EFI (BOOTAA64.EFI on "
+       "Arm); without it UEFI boot depends on NVRAM entries the cloud does not have.",
+       "§1.3 P2 (A-BOOT), §3.1 (AWS: UEFI Linux needs the fallback loader)", (SYSTEM,)),
+    _r("gpt-bios-no-bios-boot-partition", WARNING, "boot", "GPT disk booting BIOS without a BIOS boot partition",
+       "GRUB needs a BIOS boot partition (type 21686148-...) to boot a GPT disk in BIOS mode.",
+       "§1.3 P1 ('WARN on GPT+BIOS only if no BIOS boot partition')", (SYSTEM,)),
+    _r("bios-boot-code-missing", WARNING, "boot", "BIOS boot partition but no MBR boot code",
+       "A BIOS boot partition holds GRUB's core image, but without boot code in sector 0 the BIOS never "
+       "reaches it.", "§1.3 P2 [inference]", (SYSTEM,)),
+    _r("mbr-no-active-partition", WARNING, "boot", "No active partition for the MBR boot code",
+       "Windows and syslinux MBR code boot the partition marked active; none is.", "§1.3 P2 [inference]",
+       (SYSTEM,)),
+    # -- disk set -------------------------------------------------------------------------------
+    _r("too-many-data-disks", ERROR, "set", "Too many data disks",
+       "ImportImage takes one system disk and at most 16 data disks (DiskDeviceMapping.1-17).",
+       "§1.1 F7 (A-API-IMP)"),
+    _r("duplicate-disk", WARNING, "set", "Same image given twice",
+       "The same file is listed as two disks of one machine.", "§1.1 F7 [inference]"),
+)
+
+RULES_BY_CODE: dict[str, Rule] = {rule.code: rule for rule in RULES}
+assert len(RULES_BY_CODE) == len(RULES), "duplicate rule code"
+
+CATEGORIES = ("container", "integrity", "size", "partitions", "filesystems", "boot", "set")
+
+
+def profile(target: str) -> Profile:
+    from ..errors import UsageError
+
+    try:
+        return PROFILES[target.lower()]
+    except KeyError:
+        raise UsageError(f"unknown target {target!r}; known targets: {', '.join(TARGETS)}") from None
+
+
+def list_rules(target: str = "ecs") -> list[Rule]:
+    """The rules checked for ``target``, in catalogue order."""
+    name = profile(target).name
+    return [rule for rule in RULES if name in rule.targets]
+
+
+def render_rules_text(rules: list[Rule]) -> str:
+    lines = []
+    category = None
+    for rule in rules:
+        if rule.category != category:
+            category = rule.category
+            lines.append(f"{'' if not lines else chr(10)}[{category}]")
+        roles = "" if rule.roles == BOTH else f" ({', '.join(rule.roles)} disk)"
+        lines.append(f"  {rule.code:<34} {rule.severity.value:<7} {rule.title}{roles}")
+        lines.append(f"      {rule.rationale}")
+        lines.append(f"      source: {rule.source}")
+    return "\n".join(lines)
