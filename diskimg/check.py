@@ -211,7 +211,9 @@ class _Qcow2Check:
         self.file_size = host.size
 
     def read(self, offset: int, length: int) -> bytes:
-        return self.host.pread(length, offset)
+        """``length`` bytes at ``offset``; past the end of the file reads zeros (as qemu's check does)."""
+        data = self.host.pread(length, offset) if offset < self.file_size else b""
+        return data + bytes(length - len(data)) if len(data) < length else data
 
     def run(self) -> None:
         result = self.result
@@ -250,8 +252,8 @@ class _Qcow2Check:
         if self.nb_clusters > MAX_CHECK_CLUSTERS:
             result.add("error", f"the file has {self.nb_clusters} clusters, more than this check counts", None, "file")
             return
-        # computed references, one counter per host cluster (+1 for a last, semi-allocated cluster)
-        self.refs = array("H", bytes(2 * (self.nb_clusters + 1)))
+        # computed references, one counter per host cluster (grown for a last, semi-allocated cluster)
+        self.refs = array("H", bytes(2 * self.nb_clusters))
         result.total_clusters = -(-header.virtual_size // cs)
         result.allocated_clusters = 0
         result.fragmented_clusters = 0
@@ -310,10 +312,7 @@ class _Qcow2Check:
             self.result.add("corruption", f"{what} offset {l1_offset:#x} is not cluster aligned", l1_offset, what)
             return
         self.inc(l1_offset, l1_size * 8, what)
-        data = self.read(l1_offset, l1_size * 8)
-        if len(data) < l1_size * 8:
-            return  # past the end of the file: counted by inc
-        l1 = _u64_table(data)
+        l1 = _u64_table(self.read(l1_offset, l1_size * 8))
         for index, entry in enumerate(l1):
             l2_offset = entry & q.L1E_OFFSET_MASK
             if not l2_offset:
@@ -326,10 +325,7 @@ class _Qcow2Check:
                 )
                 continue
             self.inc(l2_offset, cs, "L2 table")
-            table = self.read(l2_offset, cs)
-            if len(table) < cs:
-                continue
-            self.check_l2(_u64_table(table), l2_offset, active)
+            self.check_l2(_u64_table(self.read(l2_offset, cs)), l2_offset, active)
 
     def check_l2(self, table: array, l2_offset: int, active: bool) -> None:
         cs = self.cs
@@ -524,8 +520,6 @@ class _Qcow2Check:
         if not header.l1_size or header.l1_table_offset % cs:
             return
         data = self.read(header.l1_table_offset, header.l1_size * 8)
-        if len(data) < header.l1_size * 8:
-            return
         width = 2 if self.extended else 1
 
         def stored(offset: int) -> int | None:
@@ -543,10 +537,7 @@ class _Qcow2Check:
                 self.result.add("corruption", f"OFLAG_COPIED of L2 table {l2_offset:#x} (L1 index {index}) "
                                 f"disagrees with its refcount {refcount}", header.l1_table_offset + 8 * index,
                                 "L1 table")
-            table = self.read(l2_offset, cs)
-            if len(table) < cs:
-                continue
-            entries = _u64_table(table)[0::width]
+            entries = _u64_table(self.read(l2_offset, cs))[0::width]
             for number, l2_entry in enumerate(entries):
                 if not l2_entry or l2_entry & q.OFLAG_COMPRESSED:
                     continue

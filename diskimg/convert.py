@@ -176,18 +176,24 @@ def _data_chunks(extents: Iterable[Extent]) -> Iterator[tuple[int, int]]:
                 position += step
 
 
-def _read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[int, bytes]]:
+def _read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[int, bytearray]]:
     """The DATA extents' bytes in order, read by a background thread a few chunks ahead."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: deque = deque()
         for offset, length in _data_chunks(extents):
-            pending.append((offset, pool.submit(reader.read, offset, length)))
+            pending.append((offset, pool.submit(_read_chunk, reader, offset, length)))
             if len(pending) > PREFETCH:
                 offset, future = pending.popleft()
                 yield offset, future.result()
         while pending:
             offset, future = pending.popleft()
             yield offset, future.result()
+
+
+def _read_chunk(reader: DiskReader, offset: int, length: int) -> bytearray:
+    buffer = bytearray(length)
+    reader.read_into(offset, buffer)
+    return buffer
 
 
 def _nonzero_data(

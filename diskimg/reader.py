@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, overload
 
@@ -160,10 +160,22 @@ class DiskReader(io.RawIOBase):
         if first.kind is RunKind.HOST and first.length == end - offset:
             return self._read_host(first)
         buffer = bytearray(end - offset)
-        view = memoryview(buffer)
-        for run in (first, *runs):
-            self._fill(view[run.start - offset : run.start - offset + run.length], run)
+        self._fill_runs(memoryview(buffer), offset, (first, *runs))
         return bytes(buffer)
+
+    def read_into(self, offset: int, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer`` with guest bytes at ``offset`` without an intermediate copy; returns the
+        byte count (short only at the end of the disk)."""
+        view = memoryview(buffer).cast("B")
+        end = min(offset + len(view), self.virtual_size)
+        if end <= offset:
+            return 0
+        self._fill_runs(view, offset, self._runs(offset, end))
+        return end - offset
+
+    def _fill_runs(self, view: memoryview, offset: int, runs: Iterable[Run]) -> None:
+        for run in runs:
+            self._fill(view[run.start - offset : run.start - offset + run.length], run)
 
     def _read_host(self, run: Run) -> bytes:
         data = self.host.pread(run.length, run.host_offset)
@@ -268,11 +280,9 @@ class DiskReader(io.RawIOBase):
         return position
 
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(self._position, min(len(view), self.MAX_READ))
-        view[: len(data)] = data
-        self._position += len(data)
-        return len(data)
+        count = self.read_into(self._position, memoryview(buffer).cast("B")[: self.MAX_READ])
+        self._position += count
+        return count
 
     def readall(self) -> bytes:
         return self.read(-1)

@@ -16,6 +16,8 @@ command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v bzip2 >/dev/null || need+=(bzip2)
+command -v xorriso >/dev/null || need+=(xorriso)
+command -v mkswap >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""

@@ -9,10 +9,10 @@ from ..reader import DiskReader
 from ..writer import DiskWriter
 from .raw import RawReader, RawWriter
 from .qcow2 import Qcow2Reader
-from .vhd import VhdReader
+from .vhd import VhdReader, VhdWriter
 
 READERS: dict[str, type[DiskReader]] = {"raw": RawReader, "vhd": VhdReader, "qcow2": Qcow2Reader}
-WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter}
+WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter}
 
 
 def canonical_format(name: str) -> str:

@@ -1052,12 +1052,7 @@ class Qcow2Reader(DiskReader):
                         structure="L2 table",
                     )
                 if host + cluster_size > file_size:
-                    if run_kind >= 0:
-                        pieces.append((run_start, run_length, run_kind, run_host, 0))
-                        run_kind = -1
-                    self._host_tail(pieces, guest, host, cluster_size, l2_offset + 8 * width * (first + number))
-                    guest += cluster_size
-                    continue
+                    raise self._past_eof(guest, host, cluster_size, l2_offset + 8 * width * (first + number))
                 if run_kind == _HOST and run_host + run_length == host:
                     run_length += cluster_size
                 else:
@@ -1075,23 +1070,16 @@ class Qcow2Reader(DiskReader):
             pieces.append((run_start, run_length, run_kind, run_host, 0))
         return pieces
 
-    def _host_tail(self, pieces: list, guest: int, host: int, length: int, entry_offset: int) -> None:
-        """Host data that reaches past the end of the file: the part inside reads from the file,
-        the rest as zeros (as qemu does); data starting past the end is an error."""
-        if host >= self._file_size:
-            raise CorruptImage(
-                f"guest offset {guest} maps to host offset {host}, past the end of the file "
-                f"({self._file_size} bytes)",
-                path=self.path,
-                offset=entry_offset,
-                structure="L2 table",
-            )
-        inside = self._file_size - host
-        if inside >= length:
-            pieces.append((guest, length, _HOST, host, 0))
-            return
-        pieces.append((guest, inside, _HOST, host, 0))
-        pieces.append((guest + inside, length - inside, _ZERO, 0, 0))
+    def _past_eof(self, guest: int, host: int, length: int, entry_offset: int) -> CorruptImage:
+        """The error for guest data whose host range does not lie wholly inside the file. (qemu
+        would read zeros past the end; a cut data cluster means a truncated image, so say so.)"""
+        return CorruptImage(
+            f"image is truncated: guest offset {guest} maps to host offset {host} "
+            f"({length} bytes), past the end of the file ({self._file_size} bytes)",
+            path=self.path,
+            offset=entry_offset,
+            structure="L2 table",
+        )
 
     def _subcluster_pieces(
         self, pieces: list, guest: int, host: int, allocated: int, zero: int, unallocated: RunKind, entry_offset: int
@@ -1118,7 +1106,9 @@ class Qcow2Reader(DiskReader):
             start = guest + index * size
             length = (run_end - index) * size
             if kind is _HOST:
-                self._host_tail(pieces, start, host + index * size, length, entry_offset)
+                if host + (run_end * size) > self._file_size:
+                    raise self._past_eof(start, host + index * size, length, entry_offset)
+                pieces.append((start, length, kind, host + index * size, 0))
             else:
                 pieces.append((start, length, kind, 0, 0))
             index = run_end

@@ -1,0 +1,358 @@
+"""diskimg.check: structural checks of qcow2 (compared with ``qemu-img check``), VHD and RAW."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diskimg.check import check, decode_refcount_block
+from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
+from diskimg.formats.qcow2 import Qcow2Header
+
+from .conftest import qemu_img, qemu_io, requires_qemu, run
+
+MiB = 1 << 20
+
+
+def qemu_check(path: Path) -> dict:
+    proc = subprocess.run(["qemu-img", "check", "--output=json", str(path)], capture_output=True)
+    assert proc.returncode in (0, 2, 3), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def assert_agrees_with_qemu(path: Path) -> tuple[dict, object]:
+    theirs = qemu_check(path)
+    ours = check(path)
+    assert ours.corruptions == theirs.get("corruptions", 0), ours.render_text()
+    assert ours.leaks == theirs.get("leaks", 0), ours.render_text()
+    assert ours.check_errors == theirs.get("check-errors", 0)
+    assert ours.image_end_offset == theirs["image-end-offset"]
+    assert ours.allocated_clusters == theirs["allocated-clusters"]
+    assert ours.total_clusters == theirs["total-clusters"]
+    assert (ours.compressed_clusters or 0) == theirs.get("compressed-clusters", 0)
+    assert (ours.fragmented_clusters or 0) == theirs.get("fragmented-clusters", 0)
+    return theirs, ours
+
+
+def header(path: Path) -> Qcow2Header:
+    with open(path, "rb") as f:
+        return Qcow2Header.parse(f.read(4096))
+
+
+def u64(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def poke(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def refblock0(path: Path) -> int:
+    return u64(path, header(path).refcount_table_offset) & ~0x1FF
+
+
+def first_l2(path: Path) -> int:
+    return u64(path, header(path).l1_table_offset) & 0x00FFFFFFFFFFFE00
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    """A 64 MiB qcow2 with data in two L2 ranges, an internal snapshot and a persistent bitmap."""
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not installed")
+    path = tmp_path_factory.mktemp("q") / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "64M")
+    qemu_io(path, "qcow2", "write -P 1 0 256k", "write -P 2 40M 64k")
+    qemu_img("snapshot", "-c", "snap1", path)
+    qemu_io(path, "qcow2", "write -P 3 0 64k")
+    qemu_img("bitmap", "--add", path, "bm0")
+    qemu_io(path, "qcow2", "write -P 4 1M 64k")
+    return path
+
+
+def copy(source: Path, target: Path) -> Path:
+    shutil.copyfile(source, target)
+    return target
+
+
+# -- clean images ----------------------------------------------------------------------------------
+
+
+@requires_qemu
+@pytest.mark.parametrize(
+    "options,writes",
+    [
+        ("cluster_size=65536", ["write -P 1 0 1M", "write -P 2 100M 64k"]),
+        ("compat=0.10", ["write 0 300k"]),
+        ("refcount_bits=1,cluster_size=4096", ["write 0 1M"]),
+        ("refcount_bits=64", ["write 0 1M"]),
+        ("refcount_bits=8", ["write 0 1M"]),
+        ("refcount_bits=32,lazy_refcounts=on", ["write 0 1M"]),
+        ("extended_l2=on,compression_type=zstd", ["write 0 5k", "write -c 1M 64k", "write -z 2M 64k"]),
+        ("preallocation=metadata", []),
+    ],
+    ids=["plain", "v2", "refcount1", "refcount64", "refcount8", "refcount32", "extl2-zstd", "prealloc"],
+)
+def test_clean_images_agree_with_qemu_img(tmp_path, options, writes):
+    path = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, path, "256M")
+    if writes:
+        qemu_io(path, "qcow2", *writes)
+    theirs, ours = assert_agrees_with_qemu(path)
+    assert ours.clean and not ours.problems
+
+
+@requires_qemu
+def test_snapshots_bitmaps_and_compressed_clusters(written, tmp_path):
+    _, ours = assert_agrees_with_qemu(written)
+    assert ours.clean
+    compressed = tmp_path / "c.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", written, compressed)
+    _, ours = assert_agrees_with_qemu(compressed)
+    assert ours.clean and ours.compressed_clusters > 0
+
+
+# -- damaged images --------------------------------------------------------------------------------
+
+
+@requires_qemu
+def test_leak_from_an_extra_refcount_on_an_unused_cluster(written, tmp_path):
+    path = copy(written, tmp_path / "leak.qcow2")
+    cs = header(path).cluster_size
+    size = path.stat().st_size
+    spare = -(-size // cs)  # the cluster after the last one in use
+    with open(path, "r+b") as f:
+        f.truncate((spare + 1) * cs)
+    poke(path, refblock0(path) + 2 * spare, struct.pack(">H", 1))
+    _, ours = assert_agrees_with_qemu(path)
+    assert ours.leaks == 1 and ours.corruptions == 0 and ours.leaked_clusters == [spare]
+    assert not ours.clean
+
+
+@requires_qemu
+def test_leak_from_a_refcount_raised_on_a_used_cluster(written, tmp_path):
+    path = copy(written, tmp_path / "leak2.qcow2")
+    h = header(path)
+    cluster = h.refcount_table_offset // h.cluster_size
+    poke(path, refblock0(path) + 2 * cluster, struct.pack(">H", 2))
+    theirs, ours = assert_agrees_with_qemu(path)
+    assert ours.leaks == 1 and ours.corruptions == 0
+
+
+@requires_qemu
+def test_corruption_two_l2_entries_point_at_one_cluster(tmp_path):
+    path = tmp_path / "dup.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_io(path, "qcow2", "write -P 7 0 128k")
+    l2 = first_l2(path)
+    poke(path, l2 + 8, struct.pack(">Q", u64(path, l2)))
+    theirs, ours = assert_agrees_with_qemu(path)
+    assert ours.corruptions == 1 and ours.leaks == 1
+    assert any("2 references" in p.message for p in ours.problems)
+
+
+@requires_qemu
+def test_corruption_refcount_lowered_under_a_data_cluster(tmp_path):
+    path = tmp_path / "low.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_io(path, "qcow2", "write -P 7 0 128k")
+    h = header(path)
+    data = u64(path, first_l2(path)) & 0x00FFFFFFFFFFFE00
+    poke(path, refblock0(path) + 2 * (data // h.cluster_size), struct.pack(">H", 0))
+    theirs, ours = assert_agrees_with_qemu(path)
+    assert ours.corruptions == 2  # refcount 0 < 1 reference, and OFLAG_COPIED disagrees
+
+
+@requires_qemu
+def test_corrupt_bit_is_reported_as_a_flag(written, tmp_path):
+    path = copy(written, tmp_path / "flag.qcow2")
+    h = header(path)
+    poke(path, 72, struct.pack(">Q", h.incompatible_features | 0x2))
+    theirs, ours = assert_agrees_with_qemu(path)
+    assert ours.flags == ["corrupt"] and not ours.clean and ours.corruptions == 0
+
+
+@requires_qemu
+def test_truncated_qcow2(tmp_path):
+    path = tmp_path / "cut.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "1G")
+    qemu_io(path, "qcow2", "write -P 1 0 1M", "write -P 2 500M 64k")
+    qemu_img("snapshot", "-c", "s1", path)
+    qemu_io(path, "qcow2", "write -P 3 0 128k")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    theirs, ours = assert_agrees_with_qemu(path)
+    assert ours.truncated and ours.corruptions > 0
+    assert any(p.kind == "truncated" for p in ours.problems)
+
+
+@requires_qemu
+def test_unaligned_l2_table_offset(tmp_path):
+    path = tmp_path / "l1.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_io(path, "qcow2", "write 0 64k")
+    h = header(path)
+    poke(path, h.l1_table_offset, struct.pack(">Q", u64(path, h.l1_table_offset) + 512))
+    theirs = qemu_check(path)
+    ours = check(path)
+    assert ours.corruptions == theirs["corruptions"] > 0
+    assert any("not cluster aligned" in p.message for p in ours.problems)
+
+
+def test_refcount_block_widths():
+    assert list(decode_refcount_block(bytes([0b11100100]), 1)) == [0, 0, 1, 0, 0, 1, 1, 1]
+    assert list(decode_refcount_block(bytes([0b11100100]), 2)) == [0, 1, 2, 3]
+    assert list(decode_refcount_block(bytes([0x21]), 3 - 1)) == [1, 0, 2, 0]
+    assert list(decode_refcount_block(bytes([0x21]), 2 + 0)) == [1, 0, 2, 0]
+    assert list(decode_refcount_block(bytes([0x21]), 3)) == [0x21]
+    assert list(decode_refcount_block(struct.pack(">HH", 1, 513), 4)) == [1, 513]
+    assert list(decode_refcount_block(struct.pack(">II", 1, 1 << 20), 5)) == [1, 1 << 20]
+    assert list(decode_refcount_block(struct.pack(">Q", 1 << 40), 6)) == [1 << 40]
+
+
+@requires_qemu
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 6 * 4096 - 8), st.binary(min_size=1, max_size=8)), min_size=1, max_size=6))
+def test_damaged_metadata_never_raises_anything_else(written, tmp_path, edits):
+    """Random writes over the header, L1, refcount table and first tables: a result, not a crash."""
+    path = tmp_path / "fuzz.qcow2"
+    shutil.copyfile(written, path)
+    for offset, data in edits:
+        poke(path, offset, data)
+    try:
+        result = check(path)
+    except DiskImageError:
+        return
+    assert result.to_dict()["format"] == "qcow2"
+
+
+# -- VHD -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dynamic_vhd(tmp_path_factory) -> Path:
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not installed")
+    path = tmp_path_factory.mktemp("vhd") / "dyn.vhd"
+    qemu_img("create", "-q", "-f", "vpc", path, "64M")
+    qemu_io(path, "vpc", "write -P 1 0 3M", "write -P 2 40M 64k")
+    return path
+
+
+def bat_offset(path: Path) -> int:
+    with open(path, "rb") as f:
+        f.seek(512 + 16)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+@requires_qemu
+def test_vhd_dynamic_and_fixed_clean(dynamic_vhd, tmp_path):
+    result = check(dynamic_vhd)
+    assert result.format == "vhd" and result.clean, result.render_text()
+    assert result.allocated_clusters == 3 and result.total_clusters == 32
+    assert result.image_end_offset == dynamic_vhd.stat().st_size
+    fixed = tmp_path / "fixed.vhd"
+    qemu_img("convert", "-O", "vpc", "-o", "subformat=fixed", dynamic_vhd, fixed)
+    assert check(fixed).clean
+
+
+@requires_qemu
+def test_vhd_truncated(dynamic_vhd, tmp_path):
+    path = copy(dynamic_vhd, tmp_path / "cut.vhd")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 3 * MiB)
+    result = check(path)
+    assert result.truncated and not result.clean
+    kinds = [p.kind for p in result.problems]
+    assert kinds.count("truncated") >= 2  # the footer is gone and blocks lie past the end
+    assert any("copy at offset 0" in p.message for p in result.problems)
+
+
+@requires_qemu
+def test_vhd_block_used_twice(dynamic_vhd, tmp_path):
+    path = copy(dynamic_vhd, tmp_path / "dup.vhd")
+    table = bat_offset(path)
+    with open(path, "rb") as f:
+        f.seek(table)
+        first = f.read(4)
+    poke(path, table + 4, first)
+    result = check(path)
+    assert result.corruptions >= 1
+    assert any("point at the same sector" in p.message for p in result.problems)
+
+
+@requires_qemu
+def test_vhd_header_checksum(dynamic_vhd, tmp_path):
+    path = copy(dynamic_vhd, tmp_path / "sum.vhd")
+    poke(path, 512 + 36, b"\0\0\0\0")
+    result = check(path)
+    assert result.corruptions == 1 and "checksum" in result.problems[0].message
+    assert result.problems[0].offset == 512 + 36
+
+
+@requires_qemu
+def test_vhd_footer_copy_damaged(dynamic_vhd, tmp_path):
+    path = copy(dynamic_vhd, tmp_path / "copy.vhd")
+    poke(path, 20, b"\x01")
+    result = check(path)
+    assert result.corruptions == 1 and result.problems[0].structure == "footer copy"
+
+
+def test_raw_is_clean(tmp_path):
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(4096))
+    result = check(path)
+    assert result.clean and result.format == "raw" and result.image_end_offset == 4096
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(ImageNotFound):
+        check(tmp_path / "nope.qcow2")
+    vmdk = tmp_path / "x.vmdk"
+    vmdk.write_bytes(b"KDMV" + struct.pack("<I", 1) + bytes(504))
+    with pytest.raises(UnsupportedFormat):
+        check(vmdk)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def diskimg(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+
+
+@requires_qemu
+def test_check_command_exit_codes_and_json(written, tmp_path):
+    proc = diskimg("check", written, "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["clean"] is True and data["format"] == "qcow2"
+    for key in ("corruptions", "leaks", "check_errors", "truncated", "flags", "image_end_offset", "total_clusters",
+                "allocated_clusters", "fragmented_clusters", "compressed_clusters", "problems"):
+        assert key in data
+    damaged = copy(written, tmp_path / "d.qcow2")
+    with open(damaged, "r+b") as f:
+        f.truncate(damaged.stat().st_size // 2)
+    proc = diskimg("check", damaged)
+    assert proc.returncode == 1 and b"truncated" in proc.stdout
+    proc = diskimg("check", tmp_path / "missing.qcow2")
+    assert proc.returncode == 3 and len(proc.stderr.decode().strip().splitlines()) == 1
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(1024))
+    assert diskimg("check", "-f", "raw", raw).returncode == 0
+    run("true")

@@ -1,0 +1,531 @@
+"""Partition tables (diskimg.partitions) and file-system superblocks (diskimg.filesystems).
+
+Disks are made the way users make them: sfdisk / sgdisk / fdisk on files, mkfs.* on partition-sized
+sparse files copied in with ``dd conv=notrunc,sparse``, ESPs populated with mtools. LVM PV labels
+and LUKS headers are written from their published on-disk descriptions. The builders here are
+shared with test_validate.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import uuid
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diskimg.errors import DiskImageError
+from diskimg.filesystems import find_efi_loaders, probe, probe_boot_sector, probe_bytes
+from diskimg.partitions import (
+    GUID_BIOS_BOOT,
+    GUID_ESP,
+    GUID_LINUX_FS,
+    parse_gpt_header,
+    parse_mbr,
+    read_partition_table,
+)
+
+from .conftest import run
+
+MiB = 1 << 20
+
+needs = {tool: shutil.which(tool) is not None for tool in
+         ("sfdisk", "sgdisk", "fdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.fat", "mcopy", "mkswap", "mkfs.btrfs",
+          "mkntfs", "mkfs.exfat", "blkid")}
+
+
+def requires(*tools: str):
+    missing = [t for t in tools if not needs.get(t, shutil.which(t) is not None)]
+    return pytest.mark.skipif(bool(missing), reason=f"missing {', '.join(missing)}")
+
+
+# -- builders (also used by test_validate.py) ------------------------------------------------------
+
+
+class BytesDisk:
+    """A disk in memory with the DiskReader read(offset, length) contract."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data)
+        self.virtual_size = len(self.data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+
+class FileDisk:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.virtual_size = self.path.stat().st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+def blank(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def sparse_copy(source: Path, target: Path) -> Path:
+    run("cp", "--sparse=always", source, target)
+    return target
+
+
+def sfdisk(path: Path, script: str) -> None:
+    run("sfdisk", "-q", "--no-reread", "--no-tell-kernel", path, input=script.encode())
+
+
+def sgdisk(path: Path, *args: str) -> None:
+    run("sgdisk", *args, path)
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def copy_in(disk: Path, part_file: Path, offset: int) -> None:
+    """dd a partition image into the disk at ``offset``, keeping holes (conv=notrunc,sparse)."""
+    run("dd", f"if={part_file}", f"of={disk}", "bs=64K", "oflag=seek_bytes", f"seek={offset}", "conv=notrunc,sparse",
+        "status=none")
+
+
+def mkfs_into(disk: Path, offset: int, size: int, *command: str, tmp: Path | None = None) -> Path:
+    """Run ``command`` (mkfs...) on a sparse partition-sized file, then copy it into the disk."""
+    part = (tmp or disk.parent) / f"part-{offset}.img"
+    blank(part, size)
+    run(*command, part)
+    copy_in(disk, part, offset)
+    return part
+
+
+def make_esp(path: Path, size: int, files: dict[str, bytes]) -> Path:
+    """A FAT32 ESP image populated with mtools."""
+    blank(path, size)
+    run("mkfs.fat", "-F", "32", "-n", "ESP", path)
+    made: set[str] = set()
+    for name in files:
+        parts = name.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            directory = "/".join(parts[:depth])
+            if directory not in made:
+                run("mmd", "-i", path, f"::/{directory}")
+                made.add(directory)
+    for name, content in files.items():
+        source = path.parent / f"src-{uuid.uuid4().hex}"
+        source.write_bytes(content)
+        run("mcopy", "-i", path, source, f"::/{name}")
+        source.unlink()
+    return path
+
+
+GRUB_BOOT_CODE = b"\xebc\x90" + bytes(0x5D) + b"\xfa\x90\x90" + b"GRUB \0Geom\0Hard Disk\0Read\0 Error\r\n\0"
+WINDOWS_BOOT_CODE = b"\x33\xc0\x8e\xd0\xbc\x00\x7c" + bytes(0x100) + b"Invalid partition table\0Missing operating system"
+
+
+def write_boot_code(disk: Path, code: bytes = GRUB_BOOT_CODE) -> None:
+    assert len(code) <= 440
+    write_at(disk, 0, code)
+
+
+def lvm_label_crc(data: bytes) -> int:
+    """LVM2's calc_crc (lib/misc/crc.c): reflected CRC-32, seed 0xf597a6cf, no final inversion."""
+    crc = 0xF597A6CF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
+    return crc
+
+
+def lvm_pv_label(pv_uuid: str = "abcdef0123456789ABCDEF0123456789", device_size: int = 64 * MiB) -> bytes:
+    """Sector 1 of an LVM2 PV: label_header then pv_header (lib/format_text/layout.h)."""
+    sector = bytearray(512)
+    pv = struct.pack("<32sQ", pv_uuid.encode(), device_size)
+    pv += struct.pack("<QQQQ", 1 * MiB, 0, 0, 0)  # one data area, terminated
+    pv += struct.pack("<QQQQ", 4096, MiB - 4096, 0, 0)  # one metadata area, terminated
+    sector[32 : 32 + len(pv)] = pv
+    sector[0:8] = b"LABELONE"
+    struct.pack_into("<Q", sector, 8, 1)  # sector_xl: this label's sector
+    struct.pack_into("<I", sector, 20, 32)  # offset_xl: the pv_header
+    sector[24:32] = b"LVM2 001"
+    struct.pack_into("<I", sector, 16, lvm_label_crc(bytes(sector[20:512])))
+    return bytes(sector)
+
+
+def luks1_header(uid: str) -> bytes:
+    """The LUKS1 phdr (LUKS On-Disk Format Specification 1.2.3, section 2.4)."""
+    header = bytearray(592)
+    header[0:6] = b"LUKS\xba\xbe"
+    struct.pack_into(">H", header, 6, 1)
+    header[8:11] = b"aes"
+    header[40:51] = b"xts-plain64"
+    header[72:78] = b"sha256"
+    struct.pack_into(">II", header, 104, 4096, 64)
+    header[168 : 168 + len(uid)] = uid.encode()
+    return bytes(header)
+
+
+def luks2_header(uid: str, label: str) -> bytes:
+    """The LUKS2 binary header (LUKS2 On-Disk Format Specification, section 3.1)."""
+    header = bytearray(4096)
+    header[0:6] = b"LUKS\xba\xbe"
+    struct.pack_into(">HQQ", header, 6, 2, 16384, 1)
+    header[24 : 24 + len(label)] = label.encode()
+    header[72:78] = b"sha256"
+    header[168 : 168 + len(uid)] = uid.encode()
+    return bytes(header)
+
+
+def gpt_4k(path: Path, size: int) -> None:
+    """A GPT for 4096-byte logical sectors, made by fdisk -b 4096."""
+    blank(path, size)
+    subprocess.run(["fdisk", "-b", "4096", str(path)], input=b"g\nn\n\n\n\nw\n", capture_output=True, check=True)
+
+
+# -- MBR ------------------------------------------------------------------------------------------
+
+
+@requires("sfdisk")
+def test_mbr_primary_and_logical_partitions(tmp_path):
+    disk = blank(tmp_path / "mbr.raw", 64 * MiB)
+    sfdisk(disk, "label: dos\n2048,8192,83,*\n,16384,82\n,,5\n,4096,83\n,,8e\n")
+    table = read_partition_table(FileDisk(disk))
+    assert table.scheme == "mbr"
+    assert not table.issues
+    assert [(p.number, p.type, p.kind, p.logical) for p in table.partitions] == [
+        (1, "0x83", "linux", False), (2, "0x82", "swap", False), (5, "0x83", "linux", True), (6, "0x8e", "lvm", True)]
+    assert table.partitions[0].bootable and table.partitions[0].start == 2048 * 512
+    assert table.extended is not None and table.extended.number == 3
+    # the logical partitions lie inside the extended one
+    for part in table.partitions[2:]:
+        assert table.extended.first_lba < part.first_lba and part.last_lba <= table.extended.last_lba
+
+
+@requires("sfdisk")
+def test_mbr_partition_past_the_end_of_a_truncated_disk(tmp_path):
+    disk = blank(tmp_path / "cut.raw", 64 * MiB)
+    sfdisk(disk, "label: dos\n2048,,83\n")
+    with open(disk, "r+b") as f:
+        f.truncate(40 * MiB)
+    table = read_partition_table(FileDisk(disk))
+    issue = next(i for i in table.issues if i.code == "partition-out-of-bounds")
+    assert issue.evidence["partition"] == 1 and issue.evidence["end"] == 64 * MiB
+    assert issue.evidence["disk_size"] == 40 * MiB
+
+
+@requires("sfdisk")
+def test_mbr_overlapping_partitions(tmp_path):
+    disk = blank(tmp_path / "overlap.raw", 64 * MiB)
+    sfdisk(disk, "label: dos\n2048,40960,83\n43008,20480,83\n")
+    # move partition 2 back so that it starts inside partition 1 (sfdisk itself refuses overlaps)
+    write_at(disk, 446 + 16 + 8, struct.pack("<I", 30000))
+    table = read_partition_table(FileDisk(disk))
+    issue = next(i for i in table.issues if i.code == "partition-overlap")
+    assert issue.evidence["partition"] == [1, 2]
+    assert issue.evidence["overlap_bytes"] == (2048 + 40960 - 30000) * 512
+
+
+@requires("sfdisk")
+def test_ebr_chain_loop_is_stopped(tmp_path):
+    disk = blank(tmp_path / "loop.raw", 64 * MiB)
+    sfdisk(disk, "label: dos\n2048,,5\n,8192,83\n,8192,83\n")
+    table = read_partition_table(FileDisk(disk))
+    assert [p.number for p in table.partitions] == [5, 6]
+    first_ebr = table.extended.first_lba * 512
+    second_ebr = first_ebr + parse_mbr(read_at(disk, first_ebr, 512)).entries[1].start_lba * 512
+    # the second EBR's link (entry 2, relative to the extended partition) now points at itself
+    link = bytearray(16)
+    link[4] = 0x05
+    struct.pack_into("<II", link, 8, (second_ebr - first_ebr) // 512, 8192)
+    write_at(disk, second_ebr + 446 + 16, bytes(link))
+    table = read_partition_table(FileDisk(disk))
+    issue = next(i for i in table.issues if i.code == "mbr-ebr-loop")
+    assert issue.evidence["lba"] == second_ebr // 512
+    assert [p.number for p in table.partitions] == [5, 6]
+
+
+def test_bare_file_system_boot_sector_is_not_an_mbr(tmp_path):
+    if not needs["mkfs.fat"]:
+        pytest.skip("mkfs.fat missing")
+    image = blank(tmp_path / "fat.img", 32 * MiB)
+    run("mkfs.fat", "-F", "16", image)
+    assert read_at(image, 510, 2) == b"\x55\xaa"
+    table = read_partition_table(FileDisk(image))
+    assert table.scheme is None and not table.partitions
+    assert probe_boot_sector(read_at(image, 0, 4096)).type == "fat16"
+
+
+def test_parse_mbr_needs_a_sector():
+    with pytest.raises(DiskImageError):
+        parse_mbr(b"\0" * 100)
+
+
+# -- GPT --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt_template(tmp_path_factory):
+    if not needs["sgdisk"]:
+        pytest.skip("sgdisk missing")
+    disk = blank(tmp_path_factory.mktemp("gpt") / "gpt.raw", 64 * MiB)
+    sgdisk(disk, "-n1:2048:+1M", "-t1:ef02", "-n2:0:+20M", "-t2:ef00", "-c2:EFI system", "-n3:0:0", "-t3:8300",
+           "-A3:set:2")
+    return disk
+
+
+@pytest.fixture()
+def gpt_disk(gpt_template, tmp_path):
+    return sparse_copy(gpt_template, tmp_path / "gpt.raw")
+
+
+def test_gpt_partitions_and_crcs(gpt_disk):
+    table = read_partition_table(FileDisk(gpt_disk))
+    assert table.scheme == "gpt" and table.gpt_source == "primary" and not table.issues
+    assert [p.type for p in table.partitions] == [GUID_BIOS_BOOT, GUID_ESP, GUID_LINUX_FS]
+    assert [p.kind for p in table.partitions] == ["bios_boot", "esp", "linux"]
+    assert table.partitions[1].name == "EFI system"
+    assert table.partitions[2].bootable  # attribute bit 2, legacy BIOS bootable
+    assert table.partitions[2].last_lba == table.gpt.last_usable_lba
+    assert table.mbr.protective_entry is not None and not table.hybrid_mbr
+    sgdisk_guid = run("sgdisk", "-p", gpt_disk).stdout.decode().split("Disk identifier (GUID): ")[1].split()[0]
+    assert table.disk_guid == sgdisk_guid
+
+
+def test_gpt_bad_header_crc_falls_back_to_the_backup(gpt_disk):
+    write_at(gpt_disk, 512 + 40, struct.pack("<Q", 40))  # first usable LBA changed without fixing the CRC
+    table = read_partition_table(FileDisk(gpt_disk))
+    issue = next(i for i in table.issues if i.code == "gpt-header-invalid")
+    assert issue.evidence["offset"] == 512 and issue.evidence["backup_usable"] is True
+    assert table.gpt_source == "backup" and len(table.partitions) == 3
+
+
+def test_gpt_bad_entry_array_crc(gpt_disk):
+    write_at(gpt_disk, 1024 + 128 * 2 + 56, "tampered".encode("utf-16-le"))
+    table = read_partition_table(FileDisk(gpt_disk))
+    issue = next(i for i in table.issues if i.code == "gpt-entries-crc")
+    assert issue.evidence["offset"] == 1024
+    assert issue.evidence["value"] != issue.evidence["expected"]
+
+
+def test_gpt_missing_backup(gpt_disk):
+    size = gpt_disk.stat().st_size
+    write_at(gpt_disk, size - 512, bytes(512))
+    table = read_partition_table(FileDisk(gpt_disk))
+    assert [i.code for i in table.issues] == ["gpt-backup-missing"]
+    assert table.issues[0].evidence["lba"] == size // 512 - 1
+
+
+def test_gpt_disk_enlarged_after_partitioning(gpt_disk):
+    with open(gpt_disk, "r+b") as f:
+        f.truncate(80 * MiB)
+    table = read_partition_table(FileDisk(gpt_disk))
+    codes = [i.code for i in table.issues]
+    assert "gpt-backup-not-at-end" in codes
+    issue = table.issues[codes.index("gpt-backup-not-at-end")]
+    assert issue.evidence["value"] == 64 * MiB // 512 - 1 and issue.evidence["expected"] == 80 * MiB // 512 - 1
+    assert "gpt-backup-missing" not in codes  # the backup is still where the header says
+
+
+def test_gpt_truncated_disk(gpt_disk):
+    with open(gpt_disk, "r+b") as f:
+        f.truncate(48 * MiB)
+    table = read_partition_table(FileDisk(gpt_disk))
+    codes = {i.code for i in table.issues}
+    assert {"partition-out-of-bounds", "gpt-backup-missing", "gpt-backup-not-at-end"} <= codes
+
+
+def test_gpt_without_protective_mbr(gpt_disk):
+    write_at(gpt_disk, 0, bytes(512))
+    table = read_partition_table(FileDisk(gpt_disk))
+    assert table.scheme == "gpt"
+    issue = next(i for i in table.issues if i.code == "gpt-protective-mbr-missing")
+    assert issue.evidence["offset"] == 0
+
+
+def test_gpt_partition_over_the_gpt_structures(gpt_disk):
+    header = parse_gpt_header(read_at(gpt_disk, 512, 512))
+    entries = bytearray(read_at(gpt_disk, 1024, header.num_entries * header.entry_size))
+    struct.pack_into("<Q", entries, 32, 10)  # partition 1 now starts at LBA 10, inside the entry array
+    write_at(gpt_disk, 1024, bytes(entries))
+    block = bytearray(read_at(gpt_disk, 512, 92))
+    struct.pack_into("<I", block, 88, zlib.crc32(bytes(entries)))
+    struct.pack_into("<I", block, 16, 0)
+    struct.pack_into("<I", block, 16, zlib.crc32(bytes(block)))
+    write_at(gpt_disk, 512, bytes(block))
+    table = read_partition_table(FileDisk(gpt_disk))
+    issue = next(i for i in table.issues if i.code == "partition-out-of-bounds")
+    assert issue.evidence["partition"] == 1 and issue.evidence["first_lba"] == 10
+
+
+@requires("fdisk")
+def test_gpt_for_4096_byte_sectors(tmp_path):
+    disk = tmp_path / "4kn.raw"
+    gpt_4k(disk, 64 * MiB)
+    table = read_partition_table(FileDisk(disk))
+    assert table.scheme == "gpt" and table.sector_size == 4096
+    assert [i.code for i in table.issues] == ["gpt-4k-sectors"]
+    assert table.partitions[0].start == table.partitions[0].first_lba * 4096
+
+
+@requires("sfdisk", "sgdisk")
+def test_stale_gpt_under_an_mbr(tmp_path):
+    disk = blank(tmp_path / "stale.raw", 64 * MiB)
+    sgdisk(disk, "-n1:2048:+8M")
+    sfdisk(disk, "label: dos\n2048,,83\n")  # sfdisk wipes the GPT signature by default...
+    write_at(disk, 512, b"EFI PART")  # ...so leave a stale header behind, as old tools did
+    table = read_partition_table(FileDisk(disk))
+    assert table.scheme == "mbr"
+    assert [i.code for i in table.issues] == ["gpt-stale"]
+
+
+def test_empty_and_tiny_disks():
+    assert read_partition_table(BytesDisk(b"")).scheme is None
+    assert read_partition_table(BytesDisk(bytes(100))).scheme is None
+    assert read_partition_table(BytesDisk(bytes(1 << 20))).scheme is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=0, max_size=4096), st.integers(0, 5), st.binary(min_size=16, max_size=16))
+def test_partition_table_parsing_never_raises_on_garbage(noise, where, sig):
+    """Random bytes around MBR and GPT signatures: a table with issues, never an exception."""
+    base = bytearray(64 * 1024)
+    base[510:512] = b"\x55\xaa"
+    base[446 + 4] = 0xEE
+    struct.pack_into("<II", base, 446 + 8, 1, 127)
+    base[512:520] = b"EFI PART"
+    offset = [0, 446, 512, 1024, 4096, 8192][where]
+    base[offset : offset + len(noise)] = noise
+    base[600:616] = sig
+    table = read_partition_table(BytesDisk(bytes(base)))
+    assert table.scheme in (None, "mbr", "gpt")
+    for part in table.partitions:
+        assert part.size >= 0
+
+
+# -- file systems ---------------------------------------------------------------------------------
+
+
+def blkid_value(path: Path, key: str) -> str | None:
+    proc = subprocess.run(["blkid", "-p", "-o", "value", "-s", key, str(path)], capture_output=True)
+    return proc.stdout.decode().strip() or None
+
+
+FS_CASES = [
+    ("ext4", ["mkfs.ext4", "-q", "-F", "-L", "rootfs"], 64, "ext4", "rootfs"),
+    ("ext3", ["mkfs.ext4", "-q", "-F", "-t", "ext3"], 64, "ext3", None),
+    ("ext2", ["mkfs.ext4", "-q", "-F", "-t", "ext2"], 64, "ext2", None),
+    ("xfs", ["mkfs.xfs", "-q", "-f", "-L", "data"], 300, "xfs", "data"),
+    ("fat32", ["mkfs.fat", "-F", "32", "-n", "BOOT"], 64, "fat32", "BOOT"),
+    ("fat16", ["mkfs.fat", "-F", "16"], 32, "fat16", None),
+    ("fat12", ["mkfs.fat", "-F", "12"], 4, "fat12", None),
+    ("swap", ["mkswap", "-L", "swp"], 16, "swap", "swp"),
+    ("btrfs", ["mkfs.btrfs", "-q", "-f", "-L", "bt"], 128, "btrfs", "bt"),
+    ("ntfs", ["mkntfs", "-Q", "-F", "-q"], 16, "ntfs", None),
+    ("exfat", ["mkfs.exfat"], 16, "exfat", None),
+]
+
+
+@pytest.mark.parametrize("name,command,size_mib,expected,label", FS_CASES, ids=[c[0] for c in FS_CASES])
+def test_file_system_identified_like_blkid(tmp_path, name, command, size_mib, expected, label):
+    if not needs.get(command[0], False) or not needs["blkid"]:
+        pytest.skip(f"{command[0]} or blkid missing")
+    image = blank(tmp_path / f"{name}.img", size_mib * MiB)
+    run(*command, image)
+    found = probe(FileDisk(image), 0, image.stat().st_size)
+    assert found is not None and found.type == expected
+    expected_uuid = blkid_value(image, "UUID")
+    if found.uuid is not None or expected_uuid is not None:
+        assert (found.uuid or "").lower() == (expected_uuid or "").lower()
+    if label:
+        assert found.label == label == blkid_value(image, "LABEL")
+    if found.size is not None and expected != "ntfs":
+        assert 0 < found.size <= size_mib * MiB
+
+
+@requires("mkfs.ext4")
+def test_ext4_features_and_state(tmp_path):
+    image = blank(tmp_path / "e.img", 64 * MiB)
+    run("mkfs.ext4", "-q", "-F", "-O", "quota,project,64bit", "-I", "256", image)
+    fs = probe(FileDisk(image), 0, 64 * MiB)
+    assert {"64bit", "quota", "project", "has_journal", "extent"} <= set(fs.features)
+    assert fs.state == "clean" and fs.block_size in (1024, 4096) and fs.size == 64 * MiB
+    assert 0 < fs.free < fs.size
+    # needs_recovery (incompat 0x4), as a crashed or running system leaves it
+    sb = bytearray(read_at(image, 1024, 1024))
+    struct.pack_into("<I", sb, 0x60, struct.unpack_from("<I", sb, 0x60)[0] | 0x4)
+    write_at(image, 1024, bytes(sb))
+    assert probe(FileDisk(image), 0, 64 * MiB).state == "needs_recovery"
+    struct.pack_into("<I", sb, 0x60, struct.unpack_from("<I", sb, 0x60)[0] & ~0x4)
+    struct.pack_into("<H", sb, 0x3A, 0x3)  # valid + errors
+    write_at(image, 1024, bytes(sb))
+    assert probe(FileDisk(image), 0, 64 * MiB).state == "errors"
+
+
+def test_lvm2_label_from_the_on_disk_format():
+    data = bytearray(64 * 1024)
+    data[512:1024] = lvm_pv_label()
+    fs = probe_bytes(bytes(data))
+    assert fs.type == "lvm2"
+    assert fs.uuid == "abcdef-0123-4567-89AB-CDEF-0123-456789"
+    assert fs.details == {"label_sector": 1, "label_crc_ok": True} and fs.size == 64 * MiB
+    data[600] ^= 0xFF
+    assert probe_bytes(bytes(data)).details["label_crc_ok"] is False
+
+
+def test_luks_headers_from_the_on_disk_format():
+    uid = str(uuid.uuid4())
+    one = probe_bytes(luks1_header(uid) + bytes(4096))
+    assert (one.type, one.version, one.uuid) == ("luks", "1", uid)
+    assert one.details["cipher"] == "aes-xts-plain64"
+    two = probe_bytes(luks2_header(uid, "cryptroot") + bytes(4096))
+    assert (two.type, two.version, two.uuid, two.label) == ("luks", "2", uid, "cryptroot")
+
+
+@requires("mkfs.fat", "mcopy")
+def test_efi_loaders_listed_from_the_fat(tmp_path):
+    esp = make_esp(tmp_path / "esp.img", 64 * MiB, {
+        "EFI/BOOT/BOOTX64.EFI": b"MZ" + bytes(100),
+        "EFI/debian/shimx64.efi": b"MZ",
+        "EFI/Microsoft/Boot/bootmgfw.efi": b"MZ",
+        "EFI/debian/grub.cfg": b"set root",
+    })
+    loaders = find_efi_loaders(FileDisk(esp), 0, esp.stat().st_size)
+    assert sorted(loaders) == ["EFI/BOOT/BOOTX64.EFI", "EFI/debian/shimx64.efi"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=70000))
+def test_superblock_probing_never_raises(data):
+    probe_bytes(data)
+    probe_boot_sector(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=512, max_size=512), st.binary(min_size=0, max_size=8192))
+def test_fat_walk_raises_only_disk_image_errors(boot, rest):
+    sector = bytearray(boot)
+    sector[11:17] = struct.pack("<HBHB", 512, 1, 1, 2)
+    sector[82:90] = b"FAT32   "
+    disk = BytesDisk(bytes(sector) + rest + bytes(64 * 1024))
+    try:
+        find_efi_loaders(disk, 0, disk.virtual_size)
+    except DiskImageError:
+        pass
+
