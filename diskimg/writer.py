@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from collections.abc import Iterable, Mapping
 
 from .errors import OutputError, UsageError
@@ -38,6 +39,7 @@ class OutputTarget:
         self.streaming = not self.seekable or hash_output
         self.position = 0  # where the next sequential write goes
         self.bytes_written = 0  # bytes actually written (holes excluded)
+        self._count_lock = threading.Lock()  # positional writes may come from several threads
 
     @property
     def sha256(self) -> str | None:
@@ -93,16 +95,18 @@ class OutputTarget:
                     written = os.write(self.fd, view)
                 view = view[written:]
                 offset += written
-                self.bytes_written += written
+                with self._count_lock:
+                    self.bytes_written += written
         except OSError as exc:
             raise OutputError(f"cannot write: {exc.strerror}", path=self.name) from None
 
-    def finish(self) -> None:
-        """Give a regular file its full length (a trailing hole included)."""
+    def finish(self, size: int | None = None) -> None:
+        """Give a regular file its full length (``size``, or the stream position), a trailing hole included."""
+        size = self.position if size is None else size
         if self.is_regular_file:
             try:
-                if os.fstat(self.fd).st_size < self.position:
-                    os.ftruncate(self.fd, self.position)
+                if os.fstat(self.fd).st_size < size:
+                    os.ftruncate(self.fd, size)
             except OSError as exc:
                 raise OutputError(f"cannot set the file size: {exc.strerror}", path=self.name) from None
 
@@ -131,6 +135,12 @@ class DiskWriter:
     supports_compression = False
 
     @property
+    def concurrent_writes(self) -> bool:
+        """True when ``write`` may be called from several threads at once, for disjoint ranges in
+        any order (a positional file format on a seekable, non-streaming target)."""
+        return False
+
+    @property
     def requires_exact_plan(self) -> bool:
         """True when the writer must know exactly which ranges hold data before the first byte."""
         return False
@@ -139,7 +149,8 @@ class DiskWriter:
         """Take the planned allocation, covering [0, virtual_size) in order, before any data."""
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Guest bytes at ``offset``; offsets only increase between calls."""
+        """Guest bytes at ``offset``; offsets only increase between calls (unless
+        ``concurrent_writes``). ``data`` is valid only during the call: keep a copy if needed."""
         raise NotImplementedError
 
     def finish(self) -> None:

@@ -1,8 +1,9 @@
 """Finding zero ranges in data at memcmp speed.
 
 Comparing a ``bytes`` slice with a preallocated zero ``bytes`` of the same length runs at memory
-speed; comparing memoryviews or counting bytes is 10-30x slower. So data is checked in 64 KiB
-blocks against one zero block, and only blocks that differ are split to the requested granularity.
+speed; comparing memoryviews or counting bytes is 10-30x slower (a memoryview is therefore copied
+out with ``tobytes`` first, which is a memcpy). So data is checked in 64 KiB blocks against one zero
+block, and only blocks that differ are split to the requested granularity.
 """
 
 from __future__ import annotations
@@ -23,38 +24,52 @@ def zero_block(size: int) -> bytes:
     return block
 
 
-def is_zero(data: bytes | bytearray) -> bool:
-    return data == zero_block(len(data))
+Buffer = bytes | bytearray | memoryview
 
 
-def nonzero_runs(data: bytes | bytearray, granularity: int) -> Iterator[tuple[int, int]]:
-    """(start, end) ranges of ``data`` holding non-zero bytes, at ``granularity`` (0: the whole of it)."""
+def _comparable(data: Buffer) -> bytes | bytearray:
+    return data.tobytes() if isinstance(data, memoryview) else data
+
+
+def is_zero(data: Buffer) -> bool:
+    return _comparable(data) == zero_block(len(data))
+
+
+def nonzero_runs(data: Buffer, granularity: int) -> Iterator[tuple[int, int]]:
+    """(start, end) ranges of ``data`` holding non-zero bytes: every ``granularity``-aligned piece
+    of zeros is left out (0: the whole of ``data`` is one range).
+
+    Zero pieces are found with ``bytes.find`` of a zero needle (a C search), so data without zero
+    runs costs one call per buffer whatever its size.
+    """
     size = len(data)
     if granularity <= 0:
         if size:
             yield 0, size
         return
-    if is_zero(data):
+    data = _comparable(data)
+    if data == zero_block(size):
         return
+    zero_piece = zero_block(granularity)
     coarse = max(_COARSE, granularity)
-    coarse -= coarse % granularity
     zero_coarse = zero_block(coarse)
-    zero_fine = zero_block(granularity)
-    run_start = -1
-    for block in range(0, size, coarse):
-        block_end = min(block + coarse, size)
-        if block_end - block == coarse and data[block:block_end] == zero_coarse:
-            pieces: list[tuple[int, bool]] = [(block, False)]
-        else:
-            pieces = [
-                (piece, data[piece : min(piece + granularity, block_end)] != zero_fine[: min(granularity, block_end - piece)])
-                for piece in range(block, block_end, granularity)
-            ]
-        for piece, nonzero in pieces:
-            if nonzero and run_start < 0:
-                run_start = piece
-            elif not nonzero and run_start >= 0:
-                yield run_start, piece
-                run_start = -1
-    if run_start >= 0:
-        yield run_start, size
+    run_start = search = 0
+    while (found := data.find(zero_piece, search)) >= 0:
+        piece = -(-found // granularity) * granularity  # the first aligned piece that may be zero
+        if piece + granularity > size:
+            break
+        if data[piece : piece + granularity] != zero_piece:
+            search = piece + 1  # the zero run found ends before this piece ends
+            continue
+        end = piece + granularity
+        while end + coarse <= size and data[end : end + coarse] == zero_coarse:
+            end += coarse
+        while end + granularity <= size and data[end : end + granularity] == zero_piece:
+            end += granularity
+        if piece > run_start:
+            yield run_start, piece
+        run_start = search = end
+    tail = size - size % granularity
+    stop = tail if run_start <= tail < size and data[tail:] == zero_block(size - tail) else size
+    if stop > run_start:
+        yield run_start, stop

@@ -71,6 +71,11 @@ def test_nonzero_runs_against_a_byte_model(granularity):
         if granularity:
             assert start % granularity == 0 and (end % granularity == 0 or end == len(data))
     assert covered == data  # every non-zero byte lies in a run
+    for start, end in runs:  # and no aligned piece of zeros does
+        for piece in range(start, end, granularity or len(data) + 1):
+            piece_data = data[piece : min(piece + granularity, end)]
+            if granularity and piece % granularity == 0 and len(piece_data) in (granularity, len(data) - piece):
+                assert any(piece_data), f"zero piece at {piece} inside run {start}-{end}"
 
 
 @requires_qemu

@@ -62,10 +62,18 @@ class RawWriter(DiskWriter):
 
     format = NAME
 
+    @property
+    def concurrent_writes(self) -> bool:
+        return not self.target.streaming
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        self.target.skip(offset - self.target.position)
-        self.target.write(data)
+        if self.target.streaming:
+            self.target.skip(offset - self.target.position)
+            self.target.write(data)
+        else:
+            self.target.pwrite(data, offset)
 
     def finish(self) -> None:
-        self.target.skip(self.virtual_size - self.target.position)
-        self.target.finish()
+        if self.target.streaming:
+            self.target.skip(self.virtual_size - self.target.position)
+        self.target.finish(self.virtual_size)
