@@ -254,6 +254,22 @@ class DiskReader(io.RawIOBase):
                 if inside < run.start + run.length:
                     yield Extent(inside, run.start + run.length - inside, ExtentKind.ZERO)
 
+    def _identity_extents(self, start: int, end: int, stored_end: int) -> Iterator[Extent]:
+        """Extents of a disk stored at host offset == guest offset up to ``stored_end`` (RAW, fixed
+        VHD): holes of a sparse host file, found with SEEK_DATA/SEEK_HOLE, are ZERO."""
+        stored_end = min(end, stored_end)
+        regions = self.host.data_regions(start, stored_end)
+        if regions is None:
+            regions = [(start, stored_end)] if start < stored_end else []
+        position = start
+        for data_start, data_end in regions:
+            if data_start > position:
+                yield Extent(position, data_start - position, ExtentKind.ZERO)
+            yield Extent(data_start, data_end - data_start, ExtentKind.DATA, data_start)
+            position = data_end
+        if position < end:
+            yield Extent(position, end - position, ExtentKind.ZERO)
+
     # -- io.RawIOBase ----------------------------------------------------------------------------
 
     def readable(self) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from ..detection import OpenOptions, ParentOpener
 from ..hostfile import HostFile
-from ..reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
+from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind
 from ..writer import DiskWriter
 
 NAME = "raw"
@@ -34,18 +34,7 @@ class RawReader(DiskReader):
             yield Run(max(start, stored_end), end - max(start, stored_end), RunKind.ZERO)
 
     def _unmerged_extents(self, start: int, end: int) -> Iterator[Extent]:
-        stored_end = min(end, self.host.size)
-        regions = self.host.data_regions(start, stored_end)
-        if regions is None:
-            regions = [(start, stored_end)] if start < stored_end else []
-        position = start
-        for data_start, data_end in regions:
-            if data_start > position:
-                yield Extent(position, data_start - position, ExtentKind.ZERO)
-            yield Extent(data_start, data_end - data_start, ExtentKind.DATA, data_start)
-            position = data_end
-        if position < end:
-            yield Extent(position, end - position, ExtentKind.ZERO)
+        return self._identity_extents(start, end, self.host.size)
 
     def info(self) -> ImageInfo:
         return ImageInfo(

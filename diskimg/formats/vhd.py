@@ -83,7 +83,7 @@ import time
 import urllib.parse
 import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -617,6 +617,11 @@ class VhdReader(DiskReader):
 
     # -- runs ------------------------------------------------------------------------------------
 
+    def _unmerged_extents(self, start: int, end: int) -> Iterator[Extent]:
+        if self.header is None:  # fixed: a sparse file's holes are zeros known without reading
+            return self._identity_extents(start, end, self._data_area)
+        return super()._unmerged_extents(start, end)
+
     def _runs(self, start: int, end: int) -> Iterator[Run]:
         if self.header is None:
             split = min(max(start, self._data_area), end)
@@ -1125,7 +1130,7 @@ def writer_geometry(total_sectors: int) -> tuple[int, int, int]:
     return MAX_GEOMETRY
 
 
-def _writer_settings(options: dict[str, str] | Any) -> tuple[str, int]:
+def _writer_settings(options: Mapping[str, str]) -> tuple[str, int]:
     """(subformat, block_size) from the ``-o`` options, or a UsageError naming the bad value."""
     subformat = str(options.get("subformat", "dynamic")).lower()
     if subformat not in ("dynamic", "fixed"):
@@ -1169,7 +1174,7 @@ def _writer_disk_size(virtual_size: int, subformat: str) -> int:
     return size
 
 
-def _planned_blocks(extents: Any, block_size: int, entries: int) -> bytearray:
+def _planned_blocks(extents: Iterable[Extent], block_size: int, entries: int) -> bytearray:
     """One byte per block, 1 where a DATA extent overlaps the block."""
     planned = bytearray(entries)
     disk_end = entries * block_size
@@ -1202,7 +1207,7 @@ class VhdWriter(DiskWriter):
         "force_size": "accepted for qemu-img command lines (on): diskimg always stores the exact size",
     }
 
-    def __init__(self, target: OutputTarget, virtual_size: int, options: Any, compress: bool) -> None:
+    def __init__(self, target: OutputTarget, virtual_size: int, options: Mapping[str, str], compress: bool) -> None:
         super().__init__(target, virtual_size, options, compress)
         self.subformat, self.block_size = _writer_settings(self.options)
         self.disk_size = _writer_disk_size(virtual_size, self.subformat)
@@ -1242,10 +1247,15 @@ class VhdWriter(DiskWriter):
     # -- sizes -----------------------------------------------------------------------------------
 
     @classmethod
-    def measure(cls, virtual_size: int, extents: Any, options: Any) -> int:
+    def measure(cls, virtual_size: int, extents: Iterable[Extent], options: Mapping[str, str] | None) -> int:
         """The exact size of the output file for this plan (on a seekable file, where only blocks
         that receive non-zero data are allocated, an upper bound)."""
-        subformat, block_size = _writer_settings(dict(options or {}))
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            raise UsageError(f"{cls.format} does not take option(s) {', '.join(unknown)} (it takes: "
+                             f"{', '.join(sorted(cls.OPTIONS))})")
+        subformat, block_size = _writer_settings(options)
         size = _writer_disk_size(virtual_size, subformat)
         if subformat == "fixed":
             return size + FOOTER_SIZE
@@ -1260,7 +1270,7 @@ class VhdWriter(DiskWriter):
 
     # -- the stream ------------------------------------------------------------------------------
 
-    def plan(self, extents: Any) -> None:
+    def plan(self, extents: Iterable[Extent]) -> None:
         if self.dynamic and self.target.streaming:
             planned = _planned_blocks(extents, self.block_size, self.entries)
             span_sectors = self._span // SECTOR
@@ -1282,6 +1292,8 @@ class VhdWriter(DiskWriter):
         if not self.dynamic:
             return
         target = self.target
+        if target.streaming and self._planned is None:
+            self._planned = bytearray(self.entries)  # no plan given: nothing may be allocated
         target.write(self._footer)
         target.write(self.header.pack())
         if target.streaming:
