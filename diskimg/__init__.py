@@ -60,3 +60,8 @@ __all__ = [
     "image_info",
     "open_image",
 ]
+
+from .check import CheckResult, check  # noqa: E402  (after the names above: it uses them)
+from .validate import Finding, Report, validate  # noqa: E402
+
+__all__ += ["CheckResult", "Finding", "Report", "check", "validate"]

@@ -41,6 +41,8 @@ from .hostfile import HostFile
 MAX_PROBLEMS = 200
 #: host clusters a qcow2 check will count (2 bytes each in memory)
 MAX_CHECK_CLUSTERS = 1 << 28
+#: table entries (L1 of every snapshot, bitmap tables) one check walks before giving up
+MAX_TABLE_ENTRIES = 1 << 26
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
@@ -86,6 +88,8 @@ class CheckResult:
     allocated_clusters: int | None = None
     fragmented_clusters: int | None = None
     compressed_clusters: int | None = None
+    #: guest offset of the first compressed cluster (qcow2, active layer)
+    first_compressed_offset: int | None = None
     leaked_clusters: list[int] = field(default_factory=list)
 
     @property
@@ -124,6 +128,7 @@ class CheckResult:
             "allocated_clusters": self.allocated_clusters,
             "fragmented_clusters": self.fragmented_clusters,
             "compressed_clusters": self.compressed_clusters,
+            "first_compressed_offset": self.first_compressed_offset,
             "problems": [p.to_dict() for p in self.problems],
             "problems_omitted": self.problems_omitted,
         }
@@ -248,6 +253,8 @@ class _Qcow2Check:
         if incompat & q.INCOMPAT_CORRUPT:
             result.flags.append("corrupt")
         self.extended = header.extended_l2
+        # with an external data file, guest data clusters live there and are not refcounted here
+        self.data_file = bool(incompat & q.INCOMPAT_DATA_FILE)
         self.nb_clusters = -(-self.file_size // cs)
         if self.nb_clusters > MAX_CHECK_CLUSTERS:
             result.add("error", f"the file has {self.nb_clusters} clusters, more than this check counts", None, "file")
@@ -301,9 +308,17 @@ class _Qcow2Check:
                 continue
             refs[cluster] += 1
 
+    def budget(self, entries: int, what: str) -> bool:
+        """Charge ``entries`` table entries to this check; False (and an error) once too many."""
+        self.walked = getattr(self, "walked", 0) + entries
+        if self.walked > MAX_TABLE_ENTRIES:
+            self.result.add("error", f"{what}: more tables than this check walks ({MAX_TABLE_ENTRIES} entries)")
+            return False
+        return True
+
     def check_l1(self, l1_offset: int, l1_size: int, *, active: bool, what: str) -> None:
         cs = self.cs
-        if l1_size == 0:
+        if l1_size == 0 or not self.budget(l1_size, what):
             return
         if l1_size > q.MAX_L1_ENTRIES:
             self.result.add("corruption", f"{what} of {l1_size} entries is larger than 32 MiB", None, what)
@@ -318,16 +333,16 @@ class _Qcow2Check:
             if not l2_offset:
                 continue
             if l2_offset % cs:
+                # as qemu: reported, then still counted and read where the entry points
                 self.result.add(
                     "corruption",
                     f"L2 table offset {l2_offset:#x} (L1 index {index}) is not cluster aligned; L1 entry corrupted",
                     l1_offset + 8 * index, what,
                 )
-                continue
             self.inc(l2_offset, cs, "L2 table")
-            self.check_l2(_u64_table(self.read(l2_offset, cs)), l2_offset, active)
+            self.check_l2(_u64_table(self.read(l2_offset, cs)), l2_offset, active, index)
 
-    def check_l2(self, table: array, l2_offset: int, active: bool) -> None:
+    def check_l2(self, table: array, l2_offset: int, active: bool, l1_index: int) -> None:
         cs = self.cs
         bits = self.bits
         result = self.result
@@ -347,14 +362,20 @@ class _Qcow2Check:
                     result.add("corruption", f"compressed cluster entry {entry:#x} has the COPIED flag set", where,
                                "L2 table")
                 if bitmaps is not None and bitmap:
-                    result.add("corruption", f"compressed cluster entry has a non-zero subcluster bitmap", where,
+                    result.add("corruption", "compressed cluster entry has a non-zero subcluster bitmap", where,
                                "L2 table")
+                if self.data_file:
+                    result.add("corruption", "compressed cluster in an image with an external data file", where,
+                               "L2 table")
+                    continue
                 decoded = q.decode_l2_entry(entry, bits, self.extended)
                 self.inc(decoded.host_offset, decoded.compressed_length, "compressed cluster")
                 if active:
                     result.allocated_clusters += 1  # type: ignore[operator]
                     result.compressed_clusters += 1  # type: ignore[operator]
                     result.fragmented_clusters += 1  # type: ignore[operator]
+                    if result.first_compressed_offset is None:
+                        result.first_compressed_offset = (l1_index * len(entries) + index) * cs
                 continue
             host = entry & q.L2E_OFFSET_MASK
             if bitmaps is not None:
@@ -362,18 +383,18 @@ class _Qcow2Check:
                 if allocated & zero or (allocated and not host):
                     result.add("corruption", f"invalid subcluster bitmap {bitmap:#018x}", where, "L2 table")
                     continue
-            if not host:
-                continue  # unallocated or zero without a cluster
-            if host % cs:
+            if not host and not (self.data_file and entry & q.OFLAG_COPIED):
+                continue  # unallocated or zero without a cluster (offset 0 is valid in a data file)
+            if host % cs:  # as qemu: reported, then still counted
                 result.add("corruption",
                            f"cluster offset {host:#x} is not cluster aligned; L2 entry corrupted", where, "L2 table")
-                continue
             if active:
                 result.allocated_clusters += 1  # type: ignore[operator]
                 if self.next_contiguous and host != self.next_contiguous:
                     result.fragmented_clusters += 1  # type: ignore[operator]
                 self.next_contiguous = host + cs
-            self.inc(host, cs, "data cluster")
+            if not self.data_file:
+                self.inc(host, cs, "data cluster")
 
     def snapshots(self) -> list[q.Qcow2Snapshot]:
         header = self.header
@@ -386,13 +407,23 @@ class _Qcow2Check:
                             "unaligned or too large", 64, "header")
             return []
         data = self.read(offset, min(q.MAX_SNAPSHOT_TABLE_BYTES, max(0, self.file_size - offset)))
-        try:
-            snapshots = q.parse_snapshot_table(data, header.nb_snapshots, offset)
-        except CorruptImage as exc:
-            self.result.add("corruption", exc.message, exc.offset, "snapshot table")
-            return []
-        size = sum(len(s.pack()) for s in snapshots)
-        self.inc(offset, size, "snapshot table")
+        snapshots: list[q.Qcow2Snapshot] = []
+        position = 0
+        for index in range(header.nb_snapshots):
+            try:
+                entry = q.parse_snapshot_table(data[position:], 1, offset + position)[0]
+            except q.SnapshotTableTruncated:
+                # as qemu: the entries before stay, the table counts up to this entry's fixed part
+                self.result.add("corruption", f"snapshot table entry {index} is incomplete", offset + position,
+                                "snapshot table")
+                position += 40
+                break
+            except CorruptImage as exc:
+                self.result.add("corruption", exc.message, exc.offset, "snapshot table")
+                break
+            snapshots.append(entry)
+            position += len(entry.pack())
+        self.inc(offset, position, "snapshot table")
         return snapshots
 
     def check_bitmaps(self, ext: q.BitmapsExtension) -> None:
@@ -413,6 +444,8 @@ class _Qcow2Check:
                 self.result.add("corruption", f"bitmap table at {table_offset:#x} is unaligned or too large",
                                 table_offset, "bitmap table")
                 continue
+            if not self.budget(table_size, "bitmap table"):
+                return
             self.inc(table_offset, table_size * 8, "bitmap table")
             raw = self.read(table_offset, table_size * 8)
             for entry in _u64_table(raw[: len(raw) - len(raw) % 8]):
@@ -530,7 +563,7 @@ class _Qcow2Check:
 
         for index, entry in enumerate(_u64_table(data)):
             l2_offset = entry & q.L1E_OFFSET_MASK
-            if not l2_offset or l2_offset % cs:
+            if not l2_offset:
                 continue
             refcount = stored(l2_offset)
             if refcount is not None and (refcount == 1) != bool(entry & q.OFLAG_COPIED):
@@ -542,9 +575,9 @@ class _Qcow2Check:
                 if not l2_entry or l2_entry & q.OFLAG_COMPRESSED:
                     continue
                 host = l2_entry & q.L2E_OFFSET_MASK
-                if not host or host % cs:
+                if not host:
                     continue
-                refcount = stored(host)
+                refcount = 1 if self.data_file else stored(host)
                 if refcount is not None and (refcount == 1) != bool(l2_entry & q.OFLAG_COPIED):
                     self.result.add("corruption", f"OFLAG_COPIED of data cluster {host:#x} disagrees with its "
                                     f"refcount {refcount}", l2_offset + 8 * width * number, "L2 table")
@@ -621,7 +654,7 @@ class _VhdCheck:
         raw = self.host.pread(v.DYNAMIC_HEADER_SIZE, offset)
         header = v.parse_dynamic_header(raw)
         if header.cookie != v.DYNAMIC_COOKIE:
-            result.add("corruption", f"the dynamic header has no 'cxsparse' cookie", offset, "dynamic header")
+            result.add("corruption", "the dynamic header has no 'cxsparse' cookie", offset, "dynamic header")
             return
         computed = v.vhd_checksum(raw, 36)
         if computed != header.checksum:

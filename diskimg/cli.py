@@ -179,6 +179,53 @@ def compare_command(ctx: click.Context, first: str, second: str, format_a: str |
     ctx.exit(0 if result.identical else EXIT_NO)
 
 
+@cli.command("validate")
+@click.argument("image", required=False)
+@click.option("--target", default="ecs", show_default=True, help="The cloud whose import rules apply.")
+@click.option("--role", type=click.Choice(["system", "data"]), default="system", show_default=True,
+              help="What IMAGE will be: the system disk or a data disk.")
+@click.option("--boot-mode", type=click.Choice(["BIOS", "UEFI"], case_sensitive=False),
+              help="The boot mode the image will be declared with (default: report what the disk supports).")
+@click.option("--system", "system_image", help="Disk set form: the system disk.")
+@click.option("--data", "data_images", multiple=True, help="Disk set form: a data disk (repeatable, up to 16).")
+@click.option("--allow-backing", is_flag=True, help="Inspect through a backing chain (inside the image's directory).")
+@click.option("--strict", is_flag=True, help="Warnings also make the image not importable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object.")
+@click.option("--list-rules", is_flag=True, help="List the rules checked for --target and exit.")
+@click.pass_context
+def validate_command(ctx: click.Context, image: str | None, target: str, role: str, boot_mode: str | None,
+                     system_image: str | None, data_images: tuple[str, ...], allow_backing: bool, strict: bool,
+                     as_json: bool, list_rules: bool) -> None:
+    """Check IMAGE (or --system IMG [--data IMG]...) against a cloud's import rules
+    (exit 0 importable, 1 not importable, 3 a file cannot be opened)."""
+    from .validate import list_rules as rules_of, render_rules_text, validate
+
+    if list_rules:
+        rules = rules_of(target)
+        click.echo(json.dumps([r.to_dict() for r in rules], indent=2) if as_json else render_rules_text(rules))
+        return
+    if image is None and system_image is None:
+        raise UsageError("give an IMAGE, or --system IMAGE [--data IMAGE]...")
+    report = validate(image, role=role, target=target, boot_mode=boot_mode, strict=strict, system=system_image,
+                      data=data_images, allow_backing=allow_backing)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render_text())
+    ctx.exit(0 if report.importable else EXIT_NO)
+
+
+@cli.command("check")
+@click.argument("image")
+@click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the image's format.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON result object.")
+@click.pass_context
+def check_command(ctx: click.Context, image: str, fmt: str | None, as_json: bool) -> None:
+    """Check the structure of IMAGE like qemu-img check (exit 0 clean, 1 problems found, 3 unreadable)."""
+    from .check import check
+
+    result = check(image, fmt)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render_text())
+    ctx.exit(0 if result.clean else EXIT_NO)
+
+
 def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
     """A progress callback for the mode and a function that closes it."""
     if mode == "auto":

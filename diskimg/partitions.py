@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import CorruptImage
+from .filesystems import probe_boot_sector
 
 SECTOR_SIZE = 512
 GPT_SIGNATURE = b"EFI PART"
@@ -485,8 +486,6 @@ def _mbr_describes_partitions(mbr: Mbr | None) -> bool:
 
 def _boot_sector_file_system(head: bytes) -> bool:
     """Sector 0 is the boot sector of a whole-disk file system (its 55 AA is not an MBR's)."""
-    from .filesystems import probe_boot_sector
-
     return probe_boot_sector(head) is not None
 
 

@@ -102,7 +102,7 @@ def read_at(path: Path, offset: int, length: int) -> bytes:
 
 def copy_in(disk: Path, part_file: Path, offset: int) -> None:
     """dd a partition image into the disk at ``offset``, keeping holes (conv=notrunc,sparse)."""
-    run("dd", f"if={part_file}", f"of={disk}", "bs=64K", "oflag=seek_bytes", f"seek={offset}", "conv=notrunc,sparse",
+    run("dd", f"if={part_file}", f"of={disk}", "bs=1M", "oflag=seek_bytes", f"seek={offset}", "conv=notrunc,sparse",
         "status=none")
 
 
@@ -115,10 +115,10 @@ def mkfs_into(disk: Path, offset: int, size: int, *command: str, tmp: Path | Non
     return part
 
 
-def make_esp(path: Path, size: int, files: dict[str, bytes]) -> Path:
-    """A FAT32 ESP image populated with mtools."""
+def make_esp(path: Path, size: int, files: dict[str, bytes], fat: int = 32) -> Path:
+    """An ESP image (FAT32 from 64 MiB up, else FAT16) populated with mtools."""
     blank(path, size)
-    run("mkfs.fat", "-F", "32", "-n", "ESP", path)
+    run("mkfs.fat", "-F", str(fat if size >= 64 << 20 else 16), "-n", "ESP", path)
     made: set[str] = set()
     for name in files:
         parts = name.split("/")[:-1]
@@ -432,6 +432,7 @@ FS_CASES = [
     ("ext3", ["mkfs.ext4", "-q", "-F", "-t", "ext3"], 64, "ext3", None),
     ("ext2", ["mkfs.ext4", "-q", "-F", "-t", "ext2"], 64, "ext2", None),
     ("xfs", ["mkfs.xfs", "-q", "-f", "-L", "data"], 300, "xfs", "data"),
+    ("xfs-v4", ["mkfs.xfs", "-q", "-f", "-m", "crc=0"], 300, "xfs", None),
     ("fat32", ["mkfs.fat", "-F", "32", "-n", "BOOT"], 64, "fat32", "BOOT"),
     ("fat16", ["mkfs.fat", "-F", "16"], 32, "fat16", None),
     ("fat12", ["mkfs.fat", "-F", "12"], 4, "fat12", None),
@@ -457,6 +458,12 @@ def test_file_system_identified_like_blkid(tmp_path, name, command, size_mib, ex
         assert found.label == label == blkid_value(image, "LABEL")
     if found.size is not None and expected != "ntfs":
         assert 0 < found.size <= size_mib * MiB
+    if expected == "xfs":
+        assert found.version == ("V4" if name == "xfs-v4" else "V5")
+    # diskimg.content (what detect says a RAW disk starts with) names file systems the same way
+    from diskimg.content import identify_start
+
+    assert identify_start(read_at(image, 0, 128 * 1024)) == found.type
 
 
 @requires("mkfs.ext4")

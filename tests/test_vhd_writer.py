@@ -123,9 +123,11 @@ def allocated_blocks(path) -> set[int]:
     return {index for index, entry in enumerate(bat) if entry != 0xFFFFFFFF}
 
 
-def check_output(out, source, source_format: str, size: int, subformat: str) -> None:
+def check_output(out, source, source_format: str, size: int, subformat: str, *,
+                 ranges: list[tuple[int, int]] | None = None) -> None:
     """What every output must satisfy: qemu reads it as a VHD of exactly ``size`` bytes, holding the
-    source's content; our reader agrees; the footer is as documented."""
+    source's content; our reader agrees (over the whole disk, or only over ``ranges`` for big
+    sparse disks); the footer is as documented."""
     info = qemu_info(out, "vpc" if subformat == "fixed" else None)  # qemu probes fixed VHDs as raw
     assert info["format"] == "vpc" and info["virtual-size"] == size
     qemu_compare(source, source_format, out)
@@ -137,7 +139,11 @@ def check_output(out, source, source_format: str, size: int, subformat: str) -> 
         assert disk.footer.saved_state == 0 and disk.footer.unique_id.version == 4
         assert abs(disk.footer.timestamp + 946684800 - time.time()) < 600
         with diskimg.open_image(source, source_format) as original:
-            assert reader_sha256(disk) == reader_sha256(original)
+            if ranges is None:
+                assert reader_sha256(disk) == reader_sha256(original)
+            else:
+                for offset, length in ranges:
+                    assert disk.read(offset, length) == original.read(offset, length)
     if subformat == "fixed":
         assert os.path.getsize(out) == size + 512
     else:
@@ -252,7 +258,8 @@ def test_sparse_4g_source(tmp_path):
     for subformat in ("dynamic", "fixed"):
         out = tmp_path / f"{subformat}.vhd"
         diskimg.convert(source, out, "vhd", options={"subformat": subformat})
-        check_output(out, source, "raw", size, subformat)
+        # reading 4 GiB of zeros through the readers takes long: qemu-img compare covers the whole disk
+        check_output(out, source, "raw", size, subformat, ranges=[(0, 8192), (GiB - 4096, 4 * MiB), (size - MiB, MiB)])
         assert os.stat(out).st_blocks * 512 < 32 * MiB  # holes where there is no data
     assert allocated_blocks(tmp_path / "dynamic.vhd") == {0, 512, 513, 2047}
 
@@ -521,8 +528,8 @@ def test_streaming_writes_planned_blocks_that_get_no_data(tmp_path):
             assert disk.read(5 * MiB, 200) == bytes(7) + b"\x01" * 100 + bytes(93)
 
 
-def test_streaming_refuses_data_outside_the_plan(tmp_path):
-    plan = [Extent(0, 2 * MiB, DATA), Extent(2 * MiB, 2 * MiB, ZERO)]
+@pytest.mark.parametrize("plan", [[Extent(0, 2 * MiB, DATA), Extent(2 * MiB, 2 * MiB, ZERO)], []])
+def test_streaming_refuses_data_outside_the_plan(tmp_path, plan):
     with pytest.raises(OutputError, match="plan"):
         _drive(tmp_path / "out.vhd", 4 * MiB, plan, [(3 * MiB, b"\x01")], {}, streaming=True)
 
@@ -534,7 +541,7 @@ def test_measure_for_several_plans():
     assert VhdWriter.measure(ODD_SIZE, [Extent(0, ODD_SIZE, DATA)], {}) == 1536 + 512 + 51 * span + 512
     plan = [Extent(0, 2 * MiB - 512, ZERO), Extent(2 * MiB - 512, 1024, DATA), Extent(2 * MiB + 512, 8 * MiB, ZERO)]
     assert VhdWriter.measure(10 * MiB + 512, plan, {}) == 1536 + 512 + 2 * span + 512
-    assert VhdWriter.measure(ODD_SIZE - 1000, [], {"subformat": "fixed"}) == ODD_SIZE + 512
+    assert VhdWriter.measure(ODD_SIZE - 1000, [], {"subformat": "fixed"}) == (ODD_SIZE - 512) + 512  # whole sectors
     assert VhdWriter.measure(2000 * GiB, [Extent(0, 2000 * GiB, ZERO)], {}) == 1536 + 4096000 + 512
     with pytest.raises(UsageError, match="2040 GiB"):
         VhdWriter.measure(2041 * GiB, [], {})

@@ -8,11 +8,11 @@ from ..errors import UsageError
 from ..reader import DiskReader
 from ..writer import DiskWriter
 from .raw import RawReader, RawWriter
-from .qcow2 import Qcow2Reader
+from .qcow2 import Qcow2Reader, Qcow2Writer
 from .vhd import VhdReader, VhdWriter
 
 READERS: dict[str, type[DiskReader]] = {"raw": RawReader, "vhd": VhdReader, "qcow2": Qcow2Reader}
-WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter}
+WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter, "qcow2": Qcow2Writer}
 
 
 def canonical_format(name: str) -> str:

@@ -15,7 +15,7 @@ from .. import filesystems as fsmod
 from ..check import CheckResult, check
 from ..detect import detect
 from ..detection import Detection
-from ..errors import BackingFileError, DiskImageError, UnsupportedFormat
+from ..errors import BackingFileError, DiskImageError, ImageNotFound, UnsupportedFormat
 from ..filesystems import FileSystem
 from ..hostfile import HostFile
 from ..image import image_info, open_image
@@ -96,7 +96,14 @@ class DiskContext:
         self.findings: list[Finding] = []
         self.not_checked: list[dict[str, Any]] = []
         # ImageNotFound (missing, unreadable) escapes from here: the only error validate raises
-        self.detection: Detection = detect(path)
+        self.detect_error: DiskImageError | None = None
+        try:
+            self.detection: Detection = detect(path)
+        except ImageNotFound:
+            raise
+        except DiskImageError as exc:
+            self.detect_error = exc
+            self.detection = Detection(format="unknown", description=f"unrecognised file ({exc.message})")
         host = HostFile(path)
         try:
             self.file_size = host.size
@@ -127,6 +134,10 @@ class DiskContext:
     def supported_container(self) -> bool:
         return self.format in READABLE
 
+    def require_container(self) -> None:
+        if not self.supported_container:
+            raise NotAvailable(f"a {self.format} file is not opened; only its container was checked")
+
     @cached_property
     def _opened(self) -> tuple[DiskReader | None, DiskImageError | None]:
         if not self.supported_container:
@@ -145,8 +156,7 @@ class DiskContext:
         reader, error = self._opened
         if reader is not None:
             return reader
-        if not self.supported_container:
-            raise NotAvailable(f"{self.detection.description} is not read")
+        self.require_container()
         if isinstance(error, BackingFileError):
             raise NotAvailable("the image needs its backing file, which is not opened")
         if isinstance(error, UnsupportedFormat):
@@ -197,6 +207,7 @@ class DiskContext:
 
     @property
     def virtual_size(self) -> int:
+        self.require_container()
         reader = self._opened[0]
         if reader is not None:
             return reader.virtual_size
@@ -236,20 +247,27 @@ class DiskContext:
 
     @cached_property
     def integrity(self) -> CheckResult:
+        self.require_container()
         if self.format not in ("vhd", "qcow2"):
             raise NotAvailable("only VHD and qcow2 images have metadata to check")
         return check(self.path, self.format)
 
     @cached_property
     def compressed(self) -> tuple[int, int | None]:
-        """(bytes of guest data in compressed clusters, first such guest offset) from the
-        allocation map: compressed clusters are DATA extents with no host offset."""
-        reader = self.reader
-        if reader.format != "qcow2":
+        """(guest bytes in compressed clusters, first such guest offset): from the integrity check's
+        table walk when it ran, else from the allocation map, where compressed clusters are DATA
+        extents without a host offset."""
+        if self.format != "qcow2":
             return 0, None
+        try:
+            result = self.integrity
+        except NotAvailable:
+            result = None
+        if result is not None and not result.check_errors and self.info is not None and self.info.cluster_size:
+            return (result.compressed_clusters or 0) * self.info.cluster_size, result.first_compressed_offset
         total = 0
         first = None
-        for extent in reader.extents():
+        for extent in self.reader.extents():
             if extent.kind is ExtentKind.DATA and extent.host_offset is None:
                 total += extent.length
                 if first is None:
@@ -289,8 +307,8 @@ class DiskContext:
     @cached_property
     def boot(self) -> BootAnalysis:
         table = self.table
-        if table.scheme is None:
-            raise NotAvailable("the disk has no partition table")
+        if table.scheme is None or (not table.partitions and table.extended is None):
+            raise NotAvailable("the disk has no partition table" if table.scheme is None else "the disk has no partitions")
         analysis = BootAnalysis()
         mbr = table.mbr
         code = bool(mbr and mbr.signature_ok and mbr.has_boot_code)

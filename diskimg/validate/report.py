@@ -203,9 +203,12 @@ def render_text(report: Report) -> str:
             lines.append(f"         fix: {finding.hint}")
     if report.not_checked:
         lines.append("")
+        grouped: dict[tuple[str, str], list[str]] = {}
         for item in report.not_checked:
             where = f"{item['disk']}: " if item.get("disk") and len(report.disks) > 1 else ""
-            lines.append(f"not checked: {where}{item['check']} ({item['reason']})")
+            grouped.setdefault((where, item["reason"]), []).append(item.get("category") or item["check"])
+        for (where, reason), checks in grouped.items():
+            lines.append(f"not checked: {where}{', '.join(dict.fromkeys(checks))} ({reason})")
     lines.append("")
     params = []
     for n, mapping in enumerate(report.import_image.get("DiskDeviceMapping", []), start=1):

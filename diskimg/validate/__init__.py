@@ -1,0 +1,194 @@
+"""Validate disk images against a cloud's import rules: ``validate(...) -> Report``.
+
+    import diskimg
+    report = diskimg.validate("disk.qcow2")                       # a system disk for ECS
+    report = diskimg.validate("disk.vhd", role="data")
+    report = diskimg.validate(system="sys.qcow2", data=["d1.raw", "d2.vhd"], boot_mode="UEFI")
+    report.importable, report.findings, report.import_image, report.to_dict(), report.render_text()
+
+Every rule is checked in one run (the catalogue is ``rules.RULES``; ``list_rules(target)`` lists
+those of a target). Only metadata, partition tables and superblocks are read, never guest data.
+A finding is never an exception: ``validate`` raises only :class:`~diskimg.errors.ImageNotFound`
+(a file that cannot be opened at all) and :class:`~diskimg.errors.UsageError` (bad arguments).
+
+Layout of this package: ``rules.py`` (the catalogue and per-target profiles, as data),
+``context.py`` (what checks share, computed lazily), ``checks.py`` (the checks), ``report.py``
+(Report, Finding and their renderings).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import DiskImageError, UsageError
+from .checks import DISK_CHECKS, SET_CHECKS
+from .context import DiskContext, NotAvailable
+from .report import DiskFacts, Finding, Report, render_text
+from .rules import DATA, RULES, SYSTEM, Profile, Rule, Severity, list_rules, profile, render_rules_text
+
+__all__ = [
+    "DiskFacts",
+    "Finding",
+    "Profile",
+    "RULES",
+    "Report",
+    "Rule",
+    "Severity",
+    "list_rules",
+    "render_rules_text",
+    "render_text",
+    "validate",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def validate(
+    image: PathLike | None = None,
+    *,
+    role: str = SYSTEM,
+    target: str = "ecs",
+    boot_mode: str | None = None,
+    strict: bool = False,
+    system: PathLike | None = None,
+    data: Sequence[PathLike] = (),
+    allow_backing: bool = False,
+) -> Report:
+    """Check one image (``image``, as a ``role`` disk) or a machine's disk set (``system`` plus up to
+    16 ``data`` disks) against ``target``'s import rules.
+
+    ``boot_mode`` (BIOS or UEFI) is the mode the system disk will be declared with; without it the
+    report says which modes the disk supports and recommends one. ``strict`` makes warnings count
+    against ``importable``. ``allow_backing`` lets the content of a qcow2 with a backing file (or a
+    differencing VHD) be inspected through its chain, from the image's directory only; such an image
+    is still refused for import.
+    """
+    chosen = profile(target)
+    if boot_mode is not None:
+        boot_mode = boot_mode.upper()
+        if boot_mode not in chosen.boot_modes:
+            raise UsageError(f"boot mode must be one of {', '.join(chosen.boot_modes)}, not {boot_mode!r}")
+    disks: list[tuple[str, str]]
+    if image is not None:
+        if system is not None or data:
+            raise UsageError("give either one image (with its role) or a disk set (system and data disks), not both")
+        if role not in (SYSTEM, DATA):
+            raise UsageError(f"role must be 'system' or 'data', not {role!r}")
+        disks = [(os.fspath(image), role)]
+    elif system is not None:
+        disks = [(os.fspath(system), SYSTEM)] + [(os.fspath(d), DATA) for d in data]
+    elif data:
+        raise UsageError("a disk set needs its system disk (system=...)")
+    else:
+        raise UsageError("no image given")
+
+    contexts: list[DiskContext] = []
+    try:
+        for device, (path, disk_role) in enumerate(disks, start=1):
+            contexts.append(DiskContext(path, disk_role, device, chosen, boot_mode if disk_role == SYSTEM else None,
+                                        allow_backing))
+        for ctx in contexts:
+            _run_disk_checks(ctx)
+        findings = [finding for ctx in contexts for finding in ctx.findings]
+        not_checked = [item for ctx in contexts for item in ctx.not_checked]
+        if len(contexts) > 1 or contexts[0].role == SYSTEM:
+            findings += _run_set_checks(contexts)
+        facts = [_facts(ctx) for ctx in contexts]
+        return Report(
+            target=chosen.name,
+            strict=strict,
+            disks=facts,
+            findings=findings,
+            import_image=_import_image(contexts, facts),
+            not_checked=not_checked,
+            target_title=chosen.title,
+        )
+    finally:
+        for ctx in contexts:
+            ctx.close()
+
+
+def _run_disk_checks(ctx: DiskContext) -> None:
+    for check in DISK_CHECKS:
+        try:
+            check.function(ctx)
+        except NotAvailable as exc:
+            ctx.not_checked.append({"disk": ctx.path, "check": check.name, "category": check.category,
+                                    "reason": exc.reason})
+        except DiskImageError as exc:
+            # reading the image failed half-way (a table pointing past the end, ...): a finding
+            if not ctx.emitted("image-unreadable"):
+                ctx.emit("image-unreadable", f"reading the image failed during the {check.category} checks: "
+                         f"{exc.message}", {"offset": getattr(exc, "offset", None),
+                                            "structure": getattr(exc, "structure", None)},
+                         f"`diskimg check {ctx.path}` reports what is damaged")
+            ctx.not_checked.append({"disk": ctx.path, "check": check.name, "category": check.category,
+                                    "reason": f"reading the image failed: {exc.message}"})
+
+
+def _run_set_checks(contexts: list[DiskContext]) -> list[Finding]:
+    found: list[Finding] = []
+    rules = {rule.code: rule for rule in RULES}
+
+    def emit(code: str, message: str, evidence: dict[str, Any] | None = None, hint: str | None = None) -> None:
+        rule = rules[code]
+        found.append(Finding(code=code, severity=rule.severity, message=message, evidence=dict(evidence or {}),
+                             hint=hint, category=rule.category))
+
+    for check in SET_CHECKS:
+        check.function(contexts, emit)
+    return found
+
+
+def _facts(ctx: DiskContext) -> DiskFacts:
+    detection = ctx.detection
+    facts = DiskFacts(path=ctx.path, role=ctx.role, device=ctx.device, format=detection.format,
+                      description=detection.description, subformat=detection.subformat, file_size=ctx.file_size)
+    facts.api_format = ctx.profile.formats.get(detection.format) or ctx.profile.preview_formats.get(detection.format)
+    try:
+        facts.virtual_size = ctx.virtual_size
+        facts.disk_image_size = ctx.disk_image_size
+    except NotAvailable:
+        pass
+    if "integrity" in ctx.__dict__:
+        result = ctx.integrity
+        facts.integrity = {key: value for key, value in result.to_dict().items() if key not in ("problems", "filename")}
+    try:
+        table = ctx.table
+        volumes = {v.number: v for v in ctx.volumes}
+        described = table.to_dict()
+        for part in described["partitions"]:
+            volume = volumes.get(part["number"])
+            part["file_system"] = volume.fs.to_dict() if volume and volume.fs else None
+        facts.partition_table = described
+        whole = ctx.whole_disk_fs
+        facts.file_system = whole.to_dict() if whole else None
+    except (NotAvailable, DiskImageError):
+        pass
+    if ctx.role == SYSTEM:
+        try:
+            boot = ctx.boot
+            facts.boot_modes = boot.modes
+            facts.recommended_boot_mode = ctx.boot_mode if ctx.boot_mode in boot.modes else boot.recommended
+            facts.efi_loaders = boot.loaders or None
+        except (NotAvailable, DiskImageError):
+            pass
+    return facts
+
+
+def _import_image(contexts: list[DiskContext], facts: list[DiskFacts]) -> dict[str, Any]:
+    """The ImportImage parameters this set needs (Platform, OSType, Architecture: guest inspection, later)."""
+    mappings = [{"Format": f.api_format, "DiskImageSize": f.disk_image_size} for f in facts]
+    system = facts[0] if contexts[0].role == SYSTEM else None
+    boot_mode = None
+    if system is not None:
+        boot_mode = contexts[0].boot_mode or system.recommended_boot_mode
+    return {
+        "DiskDeviceMapping": mappings,
+        "BootMode": boot_mode,
+        "Platform": None,
+        "OSType": None,
+        "Architecture": None,
+    }
