@@ -12,7 +12,7 @@ Every error is a :class:`DiskImageError`.
 """
 
 from .compare import CompareResult, compare
-from .convert import ConvertResult, ProgressCallback, convert
+from .convert import ConvertResult, MeasureResult, ProgressCallback, convert, measure
 from .detect import detect
 from .detection import Detection, OpenOptions
 from .errors import (
@@ -47,6 +47,7 @@ __all__ = [
     "FormatMismatch",
     "ImageInfo",
     "ImageNotFound",
+    "MeasureResult",
     "OpenOptions",
     "OutputError",
     "ProgressCallback",
@@ -58,6 +59,7 @@ __all__ = [
     "convert",
     "detect",
     "image_info",
+    "measure",
     "open_image",
 ]
 

@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .compare import compare
-from .convert import ProgressCallback, convert
+from .convert import ProgressCallback, convert, measure
 from .detect import detect
 from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UsageError
 from .image import image_info, open_image
@@ -156,6 +156,33 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: st
     click.echo(summary, err=True)
     if result.sha256:
         click.echo(f"sha256: {result.sha256}\ncontent hash: {result.content_hash}", err=target == "-")
+
+
+@cli.command("measure")
+@click.argument("source")
+@click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the source's format.")
+@click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE, required=True, help="Target format.")
+@click.option("-o", "--options", "options", help="Target format options, k=v,k2=v2 (as qemu-img -o).")
+@click.option("-c", "--compress", is_flag=True, help="Compressed qcow2 (the figure is then an upper bound).")
+@click.option("--align", help="Round the virtual size up to a multiple of this size.")
+@click.option("-S", "--sparse-size", default="0", show_default=True,
+              help="Also read the data to find zero ranges of this size (0: the allocation map only).")
+@click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
+@click.option("-l", "--snapshot", help="Measure an internal qcow2 snapshot (id or name).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def measure_command(source: str, fmt: str | None, output_format: str, options: str | None, compress: bool,
+                    align: str | None, sparse_size: str, allow_backing: bool, snapshot: str | None,
+                    as_json: bool) -> None:
+    """The size of the file ``convert`` would write, computed without writing it."""
+    result = measure(source, output_format, options=options, compress=compress,
+                     align=parse_size(align) if align else None, zero_granularity=parse_size(sparse_size),
+                     source_format=fmt, allow_backing=allow_backing, snapshot=snapshot)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    click.echo(f"required size: {result.required}")
+    click.echo(f"fully allocated size: {result.fully_allocated}")
+    click.echo(f"data: {result.data_bytes} bytes ({'content scanned' if result.scanned else 'from the allocation map'})")
 
 
 @cli.command("compare")

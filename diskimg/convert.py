@@ -149,6 +149,60 @@ def convert(
     return result
 
 
+@dataclass
+class MeasureResult:
+    """What ``diskimg measure`` answers: the output file's size, without writing it."""
+
+    target_format: str
+    virtual_size: int
+    #: the file size for the source's allocation (its map, refined by a content scan with -S)
+    required: int
+    #: the file size if every byte of the disk were data
+    fully_allocated: int
+    #: bytes the plan counts as data
+    data_bytes: int
+    scanned: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(
+    source: Source,
+    format: str,
+    *,
+    options: Mapping[str, str] | str | None = None,
+    compress: bool = False,
+    align: int | None = None,
+    zero_granularity: int = 0,
+    source_format: str | None = None,
+    allow_backing: bool = False,
+    snapshot: str | None = None,
+    vhd_size: VhdSizeRule = "auto",
+) -> MeasureResult:
+    """The size ``convert`` would write, from the source's extents; with ``zero_granularity`` the
+    DATA extents are also read to find the zero ranges (as a pipe conversion plans). For
+    compressed qcow2 the figure is an upper bound."""
+    target_format = canonical_format(format)
+    writer_class = WRITERS[target_format]
+    writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
+    with open_image(source, source_format, allow_backing=allow_backing, snapshot=snapshot,
+                    vhd_size=vhd_size) as reader:
+        virtual_size = _aligned(reader.virtual_size, align)
+        plan = list(_scan(reader, zero_granularity, None) if zero_granularity else reader.extents())
+        plan = list(_with_tail(plan, reader.virtual_size, virtual_size))
+        data_bytes = sum(e.length for e in plan if e.kind is ExtentKind.DATA)
+        return MeasureResult(
+            target_format=target_format,
+            virtual_size=virtual_size,
+            required=writer_class.measure(virtual_size, plan, writer_options, compress),
+            fully_allocated=writer_class.measure(
+                virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], writer_options, compress),
+            data_bytes=data_bytes,
+            scanned=bool(zero_granularity),
+        )
+
+
 def _aligned(size: int, align: int | None) -> int:
     return size if not align else -(-size // align) * align
 
@@ -248,32 +302,64 @@ def _feed_concurrently(
     (both divide 4 MiB) even when two DATA extents share one.
     """
     local = threading.local()
+    turn = _Turnstile()
 
-    def convert_window(pieces: list[tuple[int, int]]) -> tuple[int, int]:
+    def convert_window(index: int, pieces: list[tuple[int, int]]) -> tuple[int, int]:
         if not hasattr(local, "buffer"):
             local.buffer = bytearray(CHUNK)
-        written = 0
-        for offset, length in pieces:
-            view = memoryview(local.buffer)[:length]
-            reader.read_into(offset, view)
-            data = local.buffer if length == CHUNK else view.tobytes()
-            view = memoryview(data)
-            for start, end in nonzero_runs(data, granularity):
-                writer.write(offset + start, view[start:end])
-                written += end - start
+        window = pieces[0][0] - pieces[0][0] % CHUNK
+        ranges = []  # (offset, view into the buffer) of the window's non-zero data
+        failure: BaseException | None = None
+        try:
+            for offset, length in pieces:
+                view = memoryview(local.buffer)[offset - window : offset - window + length]
+                reader.read_into(offset, view)
+                data = local.buffer if length == CHUNK else view.tobytes()
+                ranges += [(offset + start, view[start:end]) for start, end in nonzero_runs(data, granularity)]
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after keeping the order
+            failure = exc
+        turn.wait(index)  # allocation in offset order, whatever the threads' timing
+        try:
+            if failure is None:
+                for offset, view in ranges:
+                    writer.reserve(offset, len(view))
+        finally:
+            turn.advance(index)
+        if failure is not None:
+            raise failure
+        for offset, view in ranges:
+            writer.write(offset, view)
         offset, length = pieces[-1]
-        return offset + length, written
+        return offset + length, sum(len(view) for _, view in ranges)
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         pending: deque = deque()
-        for pieces in _windows(_data_chunks(extents)):
+        for index, pieces in enumerate(_windows(_data_chunks(extents))):
             tally.allocated += sum(length for _, length in pieces)
-            pending.append(pool.submit(convert_window, pieces))
+            pending.append(pool.submit(convert_window, index, pieces))
             if len(pending) >= 2 * WORKERS:
                 _collect(pending.popleft(), tally)
         while pending:
             _collect(pending.popleft(), tally)
     tally.done(reader.virtual_size)
+
+
+class _Turnstile:
+    """Lets numbered tasks through one at a time, in number order."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._condition = threading.Condition()
+
+    def wait(self, index: int) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: self._next == index)
+
+    def advance(self, index: int) -> None:
+        """Let the next task through (called exactly once per task, even when it failed)."""
+        with self._condition:
+            self._next = index + 1
+            self._condition.notify_all()
 
 
 def _windows(chunks: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:

@@ -90,9 +90,10 @@ class OutputTarget:
             while view:
                 if hasattr(os, "pwrite"):
                     written = os.pwrite(self.fd, view, offset)
-                else:  # Windows
-                    os.lseek(self.fd, offset, os.SEEK_SET)
-                    written = os.write(self.fd, view)
+                else:  # Windows: no positional write, so seek and write under the lock
+                    with self._count_lock:
+                        os.lseek(self.fd, offset, os.SEEK_SET)
+                        written = os.write(self.fd, view)
                 view = view[written:]
                 offset += written
                 with self._count_lock:
@@ -137,13 +138,24 @@ class DiskWriter:
     @property
     def concurrent_writes(self) -> bool:
         """True when ``write`` may be called from several threads at once, for disjoint ranges in
-        any order (a positional file format on a seekable, non-streaming target)."""
+        any order (a positional file format on a seekable, non-streaming target). The converter
+        then calls ``reserve`` for every range first, strictly in offset order, from one thread at
+        a time: writers allocate there, so that their output does not depend on thread timing."""
         return False
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Allocate room for non-zero data at [offset, offset + length) (``concurrent_writes`` only)."""
 
     @property
     def requires_exact_plan(self) -> bool:
         """True when the writer must know exactly which ranges hold data before the first byte."""
         return False
+
+    @classmethod
+    def measure(cls, virtual_size: int, extents: Iterable[Extent], options: Mapping[str, str] | None,
+                compress: bool = False) -> int:
+        """The size of the output file this format writes for the plan ``extents``."""
+        raise NotImplementedError
 
     def plan(self, extents: Iterable[Extent]) -> None:
         """Take the planned allocation, covering [0, virtual_size) in order, before any data."""

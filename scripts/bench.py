@@ -89,6 +89,13 @@ def pair(name: str, ours: list[str], theirs: list[str], pairs: int, cleanup: lis
     )
 
 
+def compile_package() -> None:
+    """Byte-compile diskimg as ``pip install`` does: where PYTHONDONTWRITEBYTECODE is set (as on
+    these machines) every run would otherwise compile its sources again, about 0.15 s."""
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "diskimg")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
+
+
 def bench_read(args: argparse.Namespace) -> None:
     diskimg = [sys.executable, "-m", "diskimg"]
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
@@ -155,6 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("qemu-img") is None:
         sys.exit("qemu-img is needed (apt-get install qemu-utils)")
+    compile_package()
     args.run(args)
 
 

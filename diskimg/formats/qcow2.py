@@ -29,7 +29,7 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -99,6 +99,8 @@ OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
 SUBCLUSTERS = 32
 SUBCLUSTER_MASK = 0xFFFF_FFFF
+REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
 _HEADER_V3 = struct.Struct(">QQQII")  # 32 bytes at offset 72
@@ -107,6 +109,8 @@ _EXT_HEADER = struct.Struct(">II")
 _FEATURE_ENTRY = struct.Struct(">BB46s")  # 48 bytes
 _BITMAPS_EXT = struct.Struct(">IIQQ")  # 24 bytes
 _FDE_EXT = struct.Struct(">QQ")
+
+_NATIVE_LITTLE = sys.byteorder == "little"
 
 #: Python exceptions a malformed file may provoke inside parsing code; turned into CorruptImage
 _MALFORMED = (struct.error, zlib.error, ValueError, IndexError, KeyError, MemoryError, OverflowError)
@@ -326,6 +330,16 @@ def parse_header_extensions(data: bytes, base_offset: int = 0) -> HeaderExtensio
     return result
 
 
+def first_cluster_extensions(header: Qcow2Header, first_cluster: bytes) -> HeaderExtensions:
+    """The extensions of the first cluster: from the end of the header to the backing file name
+    (which qemu writes after them) or the end of the cluster."""
+    end = len(first_cluster)
+    if header.backing_file_offset and header.backing_file_offset < end:
+        end = int(header.backing_file_offset)
+    return parse_header_extensions(first_cluster[header.header_length : max(header.header_length, end)],
+                                   header.header_length)
+
+
 def _decode_extension(result: HeaderExtensions, item: HeaderExtension, offset: int) -> None:
     data = item.data
     if item.type == EXT_BACKING_FORMAT:
@@ -517,6 +531,92 @@ def subcluster_kind(entry: int, bitmap: int, index: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tables: L1, L2, refcount table and blocks, bitmap directory
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_u64_table(data: bytes) -> array:
+    """Big-endian u64 entries (an L1, L2, refcount or bitmap table) as an array; a partial last
+    entry is left out."""
+    table = array("Q")
+    table.frombytes(data[: len(data) - len(data) % 8])
+    if _NATIVE_LITTLE:
+        table.byteswap()
+    return table
+
+
+def parse_refcount_table(data: bytes) -> array:
+    """The refcount table: refcount block offsets in bits 9-63 (``REFT_OFFSET_MASK``; 0 = no block)."""
+    return parse_u64_table(data)
+
+
+def decode_refcount_block(data: bytes, refcount_order: int) -> array:
+    """The refcounts in one refcount block (``refcount_bits = 1 << refcount_order``), as an array
+    ('H' up to 16 bits, 'Q' above). Sub-byte widths are packed least significant bits first."""
+    bits = 1 << refcount_order
+    if bits == 16:
+        values = array("H", bytes(data))
+        if _NATIVE_LITTLE:
+            values.byteswap()
+        return values
+    if bits == 8:
+        return array("H", list(data))
+    if bits > 16:
+        width = bits // 8
+        if width == 8:
+            values = array("Q", bytes(data))
+            if _NATIVE_LITTLE:
+                values.byteswap()
+            return values
+        raw = array("I", bytes(data[: len(data) - len(data) % 4]))
+        if _NATIVE_LITTLE:
+            raw.byteswap()
+        return array("Q", raw)
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    out = array("H", bytes(2 * len(data) * per_byte))
+    for i, byte in enumerate(data):
+        if byte:
+            for k in range(per_byte):
+                out[i * per_byte + k] = (byte >> (k * bits)) & mask
+    return out
+
+
+def pack_refcounts(counts: array, refcount_bits: int) -> bytes:
+    """A refcount block's bytes from its counts (an array whose items are ``refcount_bits`` wide, or
+    bytes for widths below 8): big-endian entries; sub-byte entries from the least significant bit."""
+    if refcount_bits >= 8:
+        if counts.itemsize > 1 and _NATIVE_LITTLE:
+            counts = array(counts.typecode, counts)
+            counts.byteswap()
+        return counts.tobytes()
+    raw = counts.tobytes()
+    per_byte = 8 // refcount_bits
+    packed = 0
+    for index in range(per_byte):
+        shift = index * refcount_bits
+        table = bytes(((value << shift) & 0xFF) for value in range(256))
+        packed |= int.from_bytes(raw[index::per_byte].translate(table), "big")
+    return packed.to_bytes(len(raw) // per_byte, "big")
+
+
+def parse_bitmap_directory(data: bytes, count: int) -> list[tuple[int, int]]:
+    """(bitmap_table_offset, bitmap_table_size) of each entry of a bitmap directory."""
+    entries = []
+    position = 0
+    for index in range(count):
+        if position + 24 > len(data):
+            raise CorruptImage(f"bitmap directory entry {index} runs past the directory", structure="bitmap directory")
+        table_offset, table_size, _flags, _type, _granularity, name_size, extra = struct.unpack_from(
+            ">QIIBBHI", data, position
+        )
+        entries.append((table_offset, table_size))
+        position += 24 + extra + name_size
+        position += -position % 8
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
 # Detection
 # ---------------------------------------------------------------------------------------------
 
@@ -564,16 +664,52 @@ _DATA_FILE_HINT = "make a self-contained copy with qemu-img convert -O qcow2 (ru
 # Reader
 # ---------------------------------------------------------------------------------------------
 
-_NATIVE_LITTLE = sys.byteorder == "little"
 _HOST, _ZERO, _BACKING, _ENCODED = RunKind.HOST, RunKind.ZERO, RunKind.BACKING, RunKind.ENCODED
 
 
-def _load_table(data: bytes) -> array:
-    table = array("Q")
-    table.frombytes(data[: len(data) - len(data) % 8])
-    if _NATIVE_LITTLE:
-        table.byteswap()
-    return table
+class FirstCluster(NamedTuple):
+    """What the first cluster of a qcow2 file holds, as :func:`read_first_cluster` found it."""
+
+    header: Qcow2Header
+    #: the header extensions (empty when ``error`` is set)
+    extensions: HeaderExtensions
+    #: the cluster's bytes (fewer when the file is shorter; only the first 4 KiB when the cluster
+    #: size is out of range): the backing file name lies here too
+    data: bytes
+    #: why the extensions could not be read: cluster_bits outside 9..21, a header longer than its
+    #: cluster, or an extension overflowing the cluster. The reader raises it; ``check`` reports it.
+    error: DiskImageError | None = None
+
+
+def read_first_cluster(host: HostFile) -> FirstCluster:
+    """The header (from the first 4 KiB) and its extensions (from the first cluster), shared by the
+    reader, ``diskimg check`` and the validator, which differ only in what they do with ``error``.
+
+    Raises what :meth:`Qcow2Header.parse` raises: without a header there is nothing to report on.
+    """
+    file_size = host.size
+    head = host.pread(min(file_size, 4096), 0)
+    header = Qcow2Header.parse(head)
+    cluster_bits = header.cluster_bits
+    if cluster_bits < MIN_CLUSTER_BITS:
+        error = _corrupt(f"cluster_bits {cluster_bits} is below the minimum of 9 (512-byte clusters)", "header", 20)
+        return FirstCluster(header, HeaderExtensions(), head, error)
+    if cluster_bits > MAX_CLUSTER_BITS:
+        error = UnsupportedFormat(
+            f"cluster size 2^{cluster_bits} is larger than the 2 MiB limit (cluster_bits {cluster_bits})",
+            format=NAME,
+        )
+        return FirstCluster(header, HeaderExtensions(), head, error)
+    cluster_size = header.cluster_size
+    data = head[:cluster_size] if len(head) >= cluster_size else host.pread(min(file_size, cluster_size), 0)
+    if header.header_length > cluster_size:
+        error = _corrupt(f"header_length {header.header_length} exceeds the cluster size {cluster_size}", "header", 100)
+        return FirstCluster(header, HeaderExtensions(), data, error)
+    try:
+        extensions = first_cluster_extensions(header, data)
+    except CorruptImage as exc:
+        return FirstCluster(header, HeaderExtensions(), data, exc)
+    return FirstCluster(header, extensions, data)
 
 
 class Qcow2Reader(DiskReader):
@@ -635,36 +771,10 @@ class Qcow2Reader(DiskReader):
     @classmethod
     def _open(cls, host: HostFile, options: OpenOptions) -> Qcow2Reader:
         file_size = host.size
-        head = host.pread(min(file_size, 4096), 0)
-        header = Qcow2Header.parse(head)
-        cluster_bits = header.cluster_bits
-        if cluster_bits < MIN_CLUSTER_BITS:
-            raise _corrupt(f"cluster_bits {cluster_bits} is below the minimum of 9 (512-byte clusters)", "header", 20)
-        if cluster_bits > MAX_CLUSTER_BITS:
-            raise UnsupportedFormat(
-                f"cluster size 2^{cluster_bits} is larger than the 2 MiB limit (cluster_bits {cluster_bits})",
-                format=NAME,
-            )
+        header, extensions, first_cluster, error = read_first_cluster(host)
+        if error is not None:
+            raise error
         cluster_size = header.cluster_size
-        if header.header_length > cluster_size:
-            raise _corrupt(
-                f"header_length {header.header_length} exceeds the cluster size {cluster_size}", "header", 100
-            )
-        if header.header_length > len(head):
-            head = host.pread(min(file_size, cluster_size), 0)
-            header = Qcow2Header.parse(head)
-        # the first cluster holds the header, its extensions and the backing file name
-        if len(head) >= cluster_size:
-            first_cluster = head[:cluster_size]
-        else:
-            first_cluster = host.pread(min(file_size, cluster_size), 0)
-
-        extension_end = len(first_cluster)
-        if header.backing_file_offset and header.backing_file_offset < extension_end:
-            extension_end = int(header.backing_file_offset)
-        extensions = parse_header_extensions(
-            first_cluster[header.header_length : max(header.header_length, extension_end)], header.header_length
-        )
 
         cls._check_features(header, extensions)
         cls._check_layout(header, file_size)
@@ -689,7 +799,7 @@ class Qcow2Reader(DiskReader):
             cls._check_l1(l1_offset, l1_size, cluster_size, file_size, f"snapshot {selected.id} L1 table")
         # qemu addresses the guest in 512-byte sectors and ignores a partial last sector
         virtual_size -= virtual_size % 512
-        l1 = _load_table(host.pread(l1_size * 8, l1_offset)) if l1_size else array("Q")
+        l1 = parse_u64_table(host.pread(l1_size * 8, l1_offset)) if l1_size else array("Q")
         if len(l1) != l1_size:
             raise _corrupt("L1 table runs past the end of the file", "L1 table", l1_offset)
         return cls(host, header, extensions, snapshots, l1, l1_offset, virtual_size, backing_file, selected)
@@ -973,7 +1083,7 @@ class Qcow2Reader(DiskReader):
                 offset=self._l1_offset + 8 * l1_index,
                 structure="L1 table",
             )
-        table = _load_table(self.host.pread(cluster_size, offset))
+        table = parse_u64_table(self.host.pread(cluster_size, offset))
         if len(table) * 8 != cluster_size:
             raise CorruptImage("L2 table read came short", path=self.path, offset=offset, structure="L2 table")
         with self._cache_lock:
@@ -1425,24 +1535,6 @@ def plan_clusters(extents, cluster_bits: int, virtual_size: int) -> tuple[array,
     return starts, ends, planned_l1, count
 
 
-def pack_refcounts(counts: array, refcount_bits: int) -> bytes:
-    """A refcount block's bytes from its counts (an array whose items are ``refcount_bits`` wide, or
-    bytes for widths below 8): big-endian entries; sub-byte entries from the least significant bit."""
-    if refcount_bits >= 8:
-        if counts.itemsize > 1 and _NATIVE_LITTLE:
-            counts = array(counts.typecode, counts)
-            counts.byteswap()
-        return counts.tobytes()
-    raw = counts.tobytes()
-    per_byte = 8 // refcount_bits
-    packed = 0
-    for index in range(per_byte):
-        shift = index * refcount_bits
-        table = bytes(((value << shift) & 0xFF) for value in range(256))
-        packed |= int.from_bytes(raw[index::per_byte].translate(table), "big")
-    return packed.to_bytes(len(raw) // per_byte, "big")
-
-
 _REFCOUNT_TYPECODES = {8: "B", 16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}
 
 
@@ -1552,7 +1644,8 @@ class Qcow2Writer(DiskWriter):
     # -- sizes -----------------------------------------------------------------------------------
 
     @classmethod
-    def measure(cls, virtual_size: int, extents: Any, options: Any = None, compress: bool = False) -> int:
+    def measure(cls, virtual_size: int, extents: Iterable[Extent], options: Mapping[str, str] | None,
+                compress: bool = False) -> int:
         """The output file's size for this plan, uncompressed: exact on a streaming target (where the
         plan is exact); on a seekable file, where only clusters receiving data are allocated, an
         upper bound. With ``compress`` an upper bound too (compressed clusters never take more host
@@ -1630,6 +1723,16 @@ class Qcow2Writer(DiskWriter):
             self._write_streaming(offset, view)
         else:
             self._write_positional(offset, view)
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Allocate host clusters for [offset, offset + length) in the order data arrives (which the
+        converter keeps to guest order), so that the file's layout does not depend on thread timing.
+        On a block device new clusters are zero-filled by ``write``, which must allocate them itself."""
+        if not length or self.compress or self.target.streaming or self._zero_fill:
+            return
+        with self._lock:
+            self._ensure_plan()
+            self._allocate(offset >> self._cb, (offset + length - 1) >> self._cb)
 
     def _unplanned(self, offset: int) -> OutputError:
         return OutputError(

@@ -8,7 +8,7 @@ tail reading as zeros (disks have sectors; VHD needs them).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from ..detection import OpenOptions, ParentOpener
 from ..hostfile import HostFile
@@ -50,6 +50,11 @@ class RawWriter(DiskWriter):
     """A sparse file (holes where nothing is written), or every byte, zeros included, on a pipe."""
 
     format = NAME
+
+    @classmethod
+    def measure(cls, virtual_size: int, extents: Iterable[Extent], options: Mapping[str, str] | None,
+                compress: bool = False) -> int:
+        return virtual_size
 
     @property
     def concurrent_writes(self) -> bool:

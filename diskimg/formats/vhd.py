@@ -153,8 +153,9 @@ ABSOLUTE_PLATFORMS = (b"W2ku", b"Wi2k", b"MacX")
 _FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
 _HEADER = struct.Struct(">8sQQIIII16sII512s")  # followed by 8 locators and 256 reserved bytes
 _LOCATOR = struct.Struct(">4sIIIQ")
-_FOOTER_CHECKSUM_AT = 64
-_HEADER_CHECKSUM_AT = 36
+#: where the checksum field of each structure lies (``vhd_checksum`` leaves it out)
+FOOTER_CHECKSUM_OFFSET = 64
+DYNAMIC_HEADER_CHECKSUM_OFFSET = 36
 assert _FOOTER.size == FOOTER_SIZE and _HEADER.size == 576 and _LOCATOR.size == 24
 
 
@@ -285,8 +286,8 @@ def footer_problem(data: bytes) -> str | None:
         return "too short for a footer"
     if data[:8] != FOOTER_COOKIE:
         return "no 'conectix' cookie"
-    stored = int.from_bytes(data[64:68], "big")
-    computed = vhd_checksum(data, _FOOTER_CHECKSUM_AT)
+    stored = int.from_bytes(data[FOOTER_CHECKSUM_OFFSET : FOOTER_CHECKSUM_OFFSET + 4], "big")
+    computed = vhd_checksum(data, FOOTER_CHECKSUM_OFFSET)
     if stored != computed:
         return f"footer checksum mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})"
     return None
@@ -362,6 +363,26 @@ def parse_dynamic_header(data: bytes) -> DynamicHeader:
         cookie, data_offset, table_offset, version, entries, block_size, checksum,
         uuid.UUID(bytes=parent_id), parent_time, reserved1, parent_name, locators, bytes(data[768:]),
     )  # fmt: skip
+
+
+def dynamic_header_problem(data: bytes) -> str | None:
+    """Why these 1024 bytes are not a valid dynamic header (cookie, checksum), or None if they are."""
+    if data[:8] != DYNAMIC_COOKIE:
+        return f"no 'cxsparse' cookie (found {bytes(data[:8])!r})"
+    at = DYNAMIC_HEADER_CHECKSUM_OFFSET
+    stored = int.from_bytes(data[at : at + 4], "big")
+    computed = vhd_checksum(data, at)
+    if stored != computed:
+        return f"dynamic header checksum mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})"
+    return None
+
+
+def parse_bat(data: bytes) -> array:
+    """The block allocation table: big-endian u32 sector offsets of the blocks (``UNALLOCATED``: none)."""
+    bat = array("I", data)
+    if sys.byteorder == "little":
+        bat.byteswap()
+    return bat
 
 
 def encode_parent_name(name: str) -> bytes:
@@ -873,14 +894,10 @@ class _Opener:
                 "footer data_offset",
             )
         data = self.host.pread(DYNAMIC_HEADER_SIZE, offset)
+        problem = dynamic_header_problem(data)
+        if problem is not None:
+            raise self.corrupt(problem, offset)
         header = parse_dynamic_header(data)
-        if header.cookie != DYNAMIC_COOKIE:
-            raise self.corrupt(f"no 'cxsparse' cookie (found {header.cookie!r})", offset)
-        computed = vhd_checksum(data, _HEADER_CHECKSUM_AT)
-        if computed != header.checksum:
-            raise self.corrupt(
-                f"dynamic header checksum mismatch (stored 0x{header.checksum:08x}, computed 0x{computed:08x})", offset
-            )
         block_size = header.block_size
         if block_size < SECTOR or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
             raise self.corrupt(
@@ -923,10 +940,7 @@ class _Opener:
         raw = self.host.pread(used_entries * 4, table)
         if len(raw) != used_entries * 4:
             raise self.corrupt("the table lies past the end of the file", table)
-        bat = array("I", raw)
-        if sys.byteorder == "little":
-            bat.byteswap()
-        self.bat = bat
+        self.bat = parse_bat(raw)
         self.allocated = allocated_indices(raw)
         if self.allocated:
             self._check_blocks(table, claimed)
@@ -1247,7 +1261,8 @@ class VhdWriter(DiskWriter):
     # -- sizes -----------------------------------------------------------------------------------
 
     @classmethod
-    def measure(cls, virtual_size: int, extents: Iterable[Extent], options: Mapping[str, str] | None) -> int:
+    def measure(cls, virtual_size: int, extents: Iterable[Extent], options: Mapping[str, str] | None,
+                compress: bool = False) -> int:
         """The exact size of the output file for this plan (on a seekable file, where only blocks
         that receive non-zero data are allocated, an upper bound)."""
         options = dict(options or {})
@@ -1267,6 +1282,12 @@ class VhdWriter(DiskWriter):
     @property
     def requires_exact_plan(self) -> bool:
         return self.dynamic and self.target.streaming
+
+    @property
+    def concurrent_writes(self) -> bool:
+        """On a file (not streaming) data is written at computed offsets, from several threads: a fixed
+        VHD is the disk at its own offsets; a dynamic VHD's blocks are allocated under a lock."""
+        return not self.target.streaming
 
     # -- the stream ------------------------------------------------------------------------------
 
@@ -1320,9 +1341,12 @@ class VhdWriter(DiskWriter):
             )
         if not view:
             return
+        target = self.target
+        if self.concurrent_writes:
+            self._write_at_offsets(offset, view)
+            return
         self._start()
         self._written_to = end
-        target = self.target
         if not self.dynamic:
             target.skip(offset - target.position)
             target.write(view)
@@ -1336,6 +1360,34 @@ class VhdWriter(DiskWriter):
                 self._enter(block, position)
             target.skip(self.bat[block] * SECTOR + len(self._bitmap) + (position - block * bs) - target.position)
             target.write(view[position - offset : piece_end - offset])
+            position = piece_end
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Allocate the blocks [offset, offset + length) touches, in the order data arrives (which
+        the converter keeps to guest order), each with its bitmap."""
+        if not self.dynamic or not length:
+            return
+        bs = self.block_size
+        for block in range(offset // bs, (offset + length - 1) // bs + 1):
+            if self.bat[block] == UNALLOCATED:
+                self.bat[block] = self._next_free // SECTOR
+                self._next_free += self._span
+                self.target.pwrite(self._bitmap, self.bat[block] * SECTOR)
+
+    def _write_at_offsets(self, offset: int, view: memoryview) -> None:
+        """Positional writes (``concurrent_writes``) into blocks that ``reserve`` allocated."""
+        if not self.dynamic:
+            self.target.pwrite(view, offset)
+            return
+        bs = self.block_size
+        position, end = offset, offset + len(view)
+        while position < end:
+            block = position // bs
+            piece_end = min(end, (block + 1) * bs)
+            if self.bat[block] == UNALLOCATED:
+                self.reserve(position, piece_end - position)
+            host = self.bat[block] * SECTOR + len(self._bitmap) + position - block * bs
+            self.target.pwrite(view[position - offset : piece_end - offset], host)
             position = piece_end
 
     def _enter(self, block: int, position: int) -> None:
@@ -1375,6 +1427,13 @@ class VhdWriter(DiskWriter):
     def finish(self) -> None:
         self._start()
         target = self.target
+        if self.concurrent_writes:
+            end = self._next_free if self.dynamic else self.disk_size
+            if self.dynamic:
+                target.pwrite(self._table(), TABLE_OFFSET)
+            target.pwrite(self._footer, end)
+            target.finish(end + len(self._footer))
+            return
         if not self.dynamic:
             target.skip(self.disk_size - target.position)
         else:
@@ -1398,6 +1457,10 @@ __all__ = [
     "parse_footer",
     "parse_dynamic_header",
     "footer_problem",
+    "dynamic_header_problem",
+    "parse_bat",
+    "FOOTER_CHECKSUM_OFFSET",
+    "DYNAMIC_HEADER_CHECKSUM_OFFSET",
     "vhd_checksum",
     "chs_geometry",
     "bitmap_size",
