@@ -17,15 +17,14 @@ no block used twice, no block overlapping another or the metadata.
 RAW has no metadata: it is always clean.
 
 Only metadata is read (tables, refcount blocks), never guest data. The structures are parsed with
-the pure functions of ``diskimg/formats/qcow2.py`` and ``vhd.py``; the few this module needs that
-those modules lack (refcount table/blocks, the bitmap directory) are at the end of this file.
+the pure functions of ``diskimg/formats/qcow2.py`` (header, tables, refcount blocks, the bitmap
+directory) and ``vhd.py`` (footer, dynamic header); this module only counts and compares.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -36,6 +35,7 @@ from .formats import canonical_format
 from .formats import qcow2 as q
 from .formats import vhd as v
 from .hostfile import HostFile
+from .image import source_name
 
 #: problems kept in a result (the counts go on)
 MAX_PROBLEMS = 200
@@ -44,9 +44,6 @@ MAX_CHECK_CLUSTERS = 1 << 28
 #: table entries (L1 of every snapshot, bitmap tables) one check walks before giving up
 MAX_TABLE_ENTRIES = 1 << 26
 
-_NATIVE_LITTLE = sys.byteorder == "little"
-REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 
 
 @dataclass
@@ -178,7 +175,7 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     if name not in ("raw", "vhd", "qcow2"):
         raise UnsupportedFormat(
             f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",
-            path=_name(source), format=detection.format, hint=detection.hint,
+            path=source_name(source), format=detection.format, hint=detection.hint,
         )
     host = HostFile(source)
     try:
@@ -200,12 +197,6 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
         host.close()
 
 
-def _name(source: object) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return str(getattr(source, "name", "<file object>"))
-
-
 # -- qcow2 -------------------------------------------------------------------------------------------
 
 
@@ -222,8 +213,7 @@ class _Qcow2Check:
 
     def run(self) -> None:
         result = self.result
-        head = self.read(0, min(self.file_size, 4096))
-        header = q.Qcow2Header.parse(head)
+        header, self.extensions, first_cluster, error = q.read_first_cluster(self.host)
         if not q.MIN_CLUSTER_BITS <= header.cluster_bits <= q.MAX_CLUSTER_BITS:
             result.add("error", f"cluster_bits {header.cluster_bits} is outside 9..21", 20, "header")
             return
@@ -231,22 +221,11 @@ class _Qcow2Check:
         self.bits = header.cluster_bits
         self.cs = header.cluster_size
         cs = self.cs
-        first_cluster = self.read(0, min(self.file_size, cs))
         if header.header_length > len(first_cluster):
             result.add("truncated", "the file ends inside its header", 0, "header")
             return
-        header = q.Qcow2Header.parse(first_cluster)
-        self.header = header
-        extension_end = len(first_cluster)
-        if header.backing_file_offset and header.backing_file_offset < extension_end:
-            extension_end = int(header.backing_file_offset)
-        try:
-            self.extensions = q.parse_header_extensions(
-                first_cluster[header.header_length : max(header.header_length, extension_end)], header.header_length
-            )
-        except CorruptImage as exc:
-            result.add("corruption", exc.message, exc.offset, "header extension")
-            self.extensions = q.HeaderExtensions()
+        if error is not None:
+            result.add("corruption", error.message, error.offset, "header extension")
         incompat = header.incompatible_features
         if incompat & q.INCOMPAT_DIRTY:
             result.flags.append("dirty")
@@ -327,7 +306,7 @@ class _Qcow2Check:
             self.result.add("corruption", f"{what} offset {l1_offset:#x} is not cluster aligned", l1_offset, what)
             return
         self.inc(l1_offset, l1_size * 8, what)
-        l1 = _u64_table(self.read(l1_offset, l1_size * 8))
+        l1 = q.parse_u64_table(self.read(l1_offset, l1_size * 8))
         for index, entry in enumerate(l1):
             l2_offset = entry & q.L1E_OFFSET_MASK
             if not l2_offset:
@@ -340,7 +319,7 @@ class _Qcow2Check:
                     l1_offset + 8 * index, what,
                 )
             self.inc(l2_offset, cs, "L2 table")
-            self.check_l2(_u64_table(self.read(l2_offset, cs)), l2_offset, active, index)
+            self.check_l2(q.parse_u64_table(self.read(l2_offset, cs)), l2_offset, active, index)
 
     def check_l2(self, table: array, l2_offset: int, active: bool, l1_index: int) -> None:
         cs = self.cs
@@ -435,7 +414,7 @@ class _Qcow2Check:
         self.inc(ext.directory_offset, ext.directory_size, "bitmap directory")
         data = self.read(ext.directory_offset, ext.directory_size)
         try:
-            tables = parse_bitmap_directory(data, ext.nb_bitmaps)
+            tables = q.parse_bitmap_directory(data, ext.nb_bitmaps)
         except CorruptImage as exc:
             self.result.add("corruption", exc.message, ext.directory_offset, "bitmap directory")
             return
@@ -448,8 +427,8 @@ class _Qcow2Check:
                 return
             self.inc(table_offset, table_size * 8, "bitmap table")
             raw = self.read(table_offset, table_size * 8)
-            for entry in _u64_table(raw[: len(raw) - len(raw) % 8]):
-                offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+            for entry in q.parse_u64_table(raw[: len(raw) - len(raw) % 8]):
+                offset = entry & q.BME_TABLE_ENTRY_OFFSET_MASK
                 if offset:
                     if offset % cs:
                         self.result.add("corruption", f"bitmap data cluster {offset:#x} is unaligned", table_offset,
@@ -474,13 +453,13 @@ class _Qcow2Check:
                        header.refcount_table_offset, "refcount table")
             return None
         raw = self.read(header.refcount_table_offset, table_bytes)
-        table = parse_refcount_table(raw)
+        table = q.parse_refcount_table(raw)
         per_block = cs * 8 >> order
         count = len(self.refs)
         ondisk = array("Q" if order > 4 else "H", bytes((8 if order > 4 else 2) * count))
         self.unknown_blocks: set[int] = set()
         for index, entry in enumerate(table):
-            offset = entry & REFT_OFFSET_MASK
+            offset = entry & q.REFT_OFFSET_MASK
             if not offset:
                 continue
             if offset % cs:
@@ -500,7 +479,7 @@ class _Qcow2Check:
             first = index * per_block
             if first >= count:
                 continue
-            values = decode_refcount_block(self.read(offset, cs), order)
+            values = q.decode_refcount_block(self.read(offset, cs), order)
             take = min(per_block, count - first, len(values))
             ondisk[first : first + take] = values[:take]
         if len(ondisk) < len(self.refs):  # refcount blocks referenced themselves past the old end
@@ -561,7 +540,7 @@ class _Qcow2Check:
                 return None
             return ondisk[cluster]
 
-        for index, entry in enumerate(_u64_table(data)):
+        for index, entry in enumerate(q.parse_u64_table(data)):
             l2_offset = entry & q.L1E_OFFSET_MASK
             if not l2_offset:
                 continue
@@ -570,7 +549,7 @@ class _Qcow2Check:
                 self.result.add("corruption", f"OFLAG_COPIED of L2 table {l2_offset:#x} (L1 index {index}) "
                                 f"disagrees with its refcount {refcount}", header.l1_table_offset + 8 * index,
                                 "L1 table")
-            entries = _u64_table(self.read(l2_offset, cs))[0::width]
+            entries = q.parse_u64_table(self.read(l2_offset, cs))[0::width]
             for number, l2_entry in enumerate(entries):
                 if not l2_entry or l2_entry & q.OFLAG_COMPRESSED:
                     continue
@@ -656,10 +635,9 @@ class _VhdCheck:
         if header.cookie != v.DYNAMIC_COOKIE:
             result.add("corruption", "the dynamic header has no 'cxsparse' cookie", offset, "dynamic header")
             return
-        computed = v.vhd_checksum(raw, 36)
-        if computed != header.checksum:
-            result.add("corruption", f"dynamic header checksum mismatch (stored 0x{header.checksum:08x}, computed "
-                       f"0x{computed:08x})", offset + 36, "dynamic header")
+        problem = v.dynamic_header_problem(raw)
+        if problem is not None:  # the cookie is there: the checksum
+            result.add("corruption", problem, offset + v.DYNAMIC_HEADER_CHECKSUM_OFFSET, "dynamic header")
         block = header.block_size
         if block < v.SECTOR or block > v.MAX_BLOCK_SIZE or block & (block - 1):
             result.add("corruption", f"block size {block} is not a power of two between 512 and 256 MiB",
@@ -680,9 +658,7 @@ class _VhdCheck:
             result.add("truncated", f"the BAT ({table_bytes} bytes at offset {table}) lies past the end of the file",
                        table, "block allocation table")
             return
-        bat = array("I", self.host.pread(table_bytes, table))
-        if _NATIVE_LITTLE:
-            bat.byteswap()
+        bat = v.parse_bat(self.host.pread(table_bytes, table))
         span = v.bitmap_size(block) + block
         result.total_clusters = needed
         allocated = [(bat[i] * v.SECTOR, i) for i in range(len(bat)) if bat[i] != v.UNALLOCATED]
@@ -723,68 +699,3 @@ class _VhdCheck:
             previous = (start, index)
             highest_end = max(highest_end, end)
         result.image_end_offset = highest_end + v.FOOTER_SIZE
-
-
-# -- helpers the format modules lack ------------------------------------------------------------------
-
-
-def _u64_table(data: bytes) -> array:
-    """Big-endian u64 entries (an L1/L2/refcount table) as an array."""
-    table = array("Q")
-    table.frombytes(bytes(data[: len(data) - len(data) % 8]))
-    if _NATIVE_LITTLE:
-        table.byteswap()
-    return table
-
-
-def parse_refcount_table(data: bytes) -> array:
-    """The refcount table: big-endian u64 refcount block offsets (bits 9-63; 0 = no block)."""
-    return _u64_table(data)
-
-
-def decode_refcount_block(data: bytes, refcount_order: int) -> array:
-    """The refcounts in one refcount block (``refcount_bits = 1 << refcount_order``), as an array
-    ('H' up to 16 bits, 'Q' above). Sub-byte widths are packed least significant bits first."""
-    bits = 1 << refcount_order
-    if bits == 16:
-        values = array("H", bytes(data))
-        if _NATIVE_LITTLE:
-            values.byteswap()
-        return values
-    if bits == 8:
-        return array("H", list(data))
-    if bits > 16:
-        width = bits // 8
-        if width == 8:
-            values = array("Q", bytes(data))
-            if _NATIVE_LITTLE:
-                values.byteswap()
-            return values
-        raw = array("I", bytes(data[: len(data) - len(data) % 4]))
-        if _NATIVE_LITTLE:
-            raw.byteswap()
-        return array("Q", raw)
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    out = array("H", bytes(2 * len(data) * per_byte))
-    for i, byte in enumerate(data):
-        if byte:
-            for k in range(per_byte):
-                out[i * per_byte + k] = (byte >> (k * bits)) & mask
-    return out
-
-
-def parse_bitmap_directory(data: bytes, count: int) -> list[tuple[int, int]]:
-    """(bitmap_table_offset, bitmap_table_size) of each entry of a qcow2 bitmap directory."""
-    entries = []
-    position = 0
-    for index in range(count):
-        if position + 24 > len(data):
-            raise CorruptImage(f"bitmap directory entry {index} runs past the directory", structure="bitmap directory")
-        table_offset, table_size, _flags, _type, _granularity, name_size, extra = struct.unpack_from(
-            ">QIIBBHI", data, position
-        )
-        entries.append((table_offset, table_size))
-        position += 24 + extra + name_size
-        position += -position % 8
-    return entries

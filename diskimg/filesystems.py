@@ -56,6 +56,8 @@ FAT_TYPES = ("fat12", "fat16", "fat32")
 
 
 class Disk(Protocol):
+    """What the parsers need from a disk: positional reads (a DiskReader has this)."""
+
     def read(self, offset: int, length: int, /) -> bytes: ...
 
 
@@ -502,16 +504,16 @@ LATER_PROBES: tuple[Callable[[bytes], FileSystem | None], ...] = (
 
 def probe_boot_sector(head: bytes) -> FileSystem | None:
     """A file system or volume header whose signature lies at offset 0 or in the boot sector."""
-    for probe_one in BOOT_SECTOR_PROBES:
-        found = probe_one(head)
-        if found is not None:
-            return found
-    return None
+    return _first_found(BOOT_SECTOR_PROBES, head)
 
 
 def probe_later(head: bytes) -> FileSystem | None:
     """A file system whose superblock lies after sector 0 (ext, btrfs, LVM2, swap, md)."""
-    for probe_one in LATER_PROBES:
+    return _first_found(LATER_PROBES, head)
+
+
+def _first_found(probes: tuple[Callable[[bytes], FileSystem | None], ...], head: bytes) -> FileSystem | None:
+    for probe_one in probes:
         found = probe_one(head)
         if found is not None:
             return found

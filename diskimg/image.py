@@ -74,7 +74,7 @@ def _open(
     else:
         raise UnsupportedFormat(
             f"{detection.description}: diskimg reads VHD, qcow2 and RAW",
-            path=_name(source),
+            path=source_name(source),
             format=detection.format,
             hint=detection.hint,
         )
@@ -84,6 +84,11 @@ def _open(
             top = os.path.realpath(os.fspath(source))
             roots = [os.path.realpath(os.fspath(d)) for d in backing_dirs] if backing_dirs else [os.path.dirname(top)]
             opener = _ParentOpener(top, roots, options, depth=1, seen=frozenset({top}))
+    return _open_reader(source, name, opener, options)
+
+
+def _open_reader(source: Source, name: str, opener: _ParentOpener | None, options: OpenOptions) -> DiskReader:
+    """The reader of format ``name`` over ``source``; the file is closed again if that fails."""
     host = HostFile(source)
     try:
         return READERS[name].open(host, opener, options)  # type: ignore[attr-defined]
@@ -125,12 +130,7 @@ class _ParentOpener:
                 raise UnsupportedFormat(
                     f"backing file {path!r} is {detection.description}", path=self.child, format=detection.format
                 )
-            host = HostFile(path)
-            try:
-                return READERS[fmt].open(host, opener, parent_options)  # type: ignore[attr-defined]
-            except BaseException:
-                host.close()
-                raise
+            return _open_reader(path, fmt, opener, parent_options)
         if refused:
             raise BackingFileError(
                 f"backing file {refused[0]!r} lies outside the allowed directories ({', '.join(self.roots)})",
@@ -139,7 +139,8 @@ class _ParentOpener:
         raise BackingFileError(f"backing file {candidates[0] if candidates else '?'!r} not found", path=self.child)
 
 
-def _name(source: Source) -> str:
+def source_name(source: Source) -> str:
+    """The path, or a file object's name, for messages."""
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     return str(getattr(source, "name", "<file object>"))

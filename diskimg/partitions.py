@@ -22,10 +22,10 @@ import struct
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from .errors import CorruptImage
-from .filesystems import probe_boot_sector
+from .filesystems import Disk, probe_boot_sector
 
 SECTOR_SIZE = 512
 GPT_SIGNATURE = b"EFI PART"
@@ -114,12 +114,6 @@ MBR_TYPES: dict[int, tuple[str, str]] = {
     0xEF: ("esp", "EFI System"),
     0xFD: ("raid", "Linux RAID autodetect"),
 }
-
-
-class Disk(Protocol):
-    """What the parsers need from a disk: positional reads (a DiskReader has this)."""
-
-    def read(self, offset: int, length: int, /) -> bytes: ...
 
 
 # -- values -------------------------------------------------------------------------------------

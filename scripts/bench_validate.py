@@ -30,12 +30,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from diskimg.units import parse_size  # noqa: E402  (the checkout's, after the path is set)
+
 MiB = 1 << 20
-
-
-def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    return int(float(text[:-1]) * units[text[-1].lower()]) if text[-1].lower() in units else int(text)
 
 
 def sh(*argv: str, input: bytes | None = None) -> None:

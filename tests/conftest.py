@@ -1,19 +1,34 @@
-"""Shared test helpers: the qemu-img oracle and the third-party corpus."""
+"""Shared test helpers: the qemu-img oracle, the third-party corpus, the ``diskimg`` command, and
+builders of files and disks that several test files use."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
 import os
+import random
+import shlex
 import shutil
+import struct
 import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
+from diskimg.formats.qcow2 import Qcow2Header
+from diskimg.reader import Extent, ExtentKind
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FIXTURES = ROOT / "fixtures"
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
 
 
 def corpus_dir() -> Path | None:
@@ -34,6 +49,41 @@ def corpus_manifest() -> list[dict]:
     return json.loads((directory / "manifest.json").read_text())["files"]
 
 
+def corpus_entries(formats: tuple[str, ...]) -> list[dict]:
+    """The manifest entries of the corpus files of these formats."""
+    return [entry for entry in corpus_manifest() if entry.get("format") in formats]
+
+
+_DECOMPRESSED: dict[str, Path] = {}
+
+
+def corpus_file(entry: dict, tmp_path: Path) -> Path:
+    """The corpus file, decompressed into tmp_path when stored compressed (the corpus stays read-only);
+    decompressed once per session."""
+    source = corpus_dir() / entry["file"]
+    wrapper = entry.get("compression_wrapper")
+    if not wrapper:
+        return source
+    cached = _DECOMPRESSED.get(entry["file"])
+    if cached is not None and cached.exists():
+        return cached
+    opener = {"gzip": gzip.open, "bzip2": bz2.open}[wrapper]
+    target = tmp_path / "corpus" / entry["file"].rsplit(".", 1)[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with opener(source, "rb") as f, open(target, "wb") as out:
+        while True:  # keep zero runs as holes: some of these images are large and mostly empty
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            if chunk.count(0) == len(chunk):
+                out.seek(len(chunk), os.SEEK_CUR)
+            else:
+                out.write(chunk)
+        out.truncate()
+    _DECOMPRESSED[entry["file"]] = target
+    return target
+
+
 requires_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 
 
@@ -47,6 +97,14 @@ def run(*args: str | os.PathLike, input: bytes | None = None) -> subprocess.Comp
 
 def qemu_img(*args: str | os.PathLike) -> str:
     return run("qemu-img", *args).stdout.decode()
+
+
+def qemu_compare(first: os.PathLike, first_format: str, second: os.PathLike, second_format: str) -> None:
+    """Fail unless ``qemu-img compare`` finds the two images' guest contents identical."""
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-f", first_format, "-F", second_format, first, second], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def qemu_io(image: os.PathLike, fmt: str, *commands: str) -> None:
@@ -93,6 +151,27 @@ def reader_sha256(reader) -> str:
     return sha256_stream(reader.read(offset, chunk) for offset in range(0, reader.virtual_size, chunk))
 
 
+def content_hash_by_definition(data: bytes, virtual_size: int | None = None) -> str:
+    """The guest content hash as diskimg/hashing.py's docstring defines it, written the plainest way
+    (independently of diskimg.hashing); ``data`` is padded with zeros to ``virtual_size``."""
+    size = len(data) if virtual_size is None else virtual_size
+    data = data + bytes(size - len(data))
+    outer = hashlib.sha256(b"diskimg-content-v1\0" + struct.pack(">Q", size))
+    zero_run = 0
+    for start in range(0, size, 65536):
+        block = data[start : start + 65536]
+        if block == bytes(len(block)):
+            zero_run += 1
+            continue
+        if zero_run:
+            outer.update(b"Z" + struct.pack(">Q", zero_run))
+            zero_run = 0
+        outer.update(b"D" + hashlib.sha256(block).digest())
+    if zero_run:
+        outer.update(b"Z" + struct.pack(">Q", zero_run))
+    return "sha256c1:" + outer.hexdigest()
+
+
 def qemu_map(image: os.PathLike, fmt: str) -> list[dict]:
     return json.loads(qemu_img("map", "--output=json", "-f", fmt, image))
 
@@ -114,3 +193,256 @@ def assert_extents_sound(reader, oracle_raw: os.PathLike) -> None:
                     assert chunk and chunk == bytes(len(chunk)), f"ZERO extent {extent} is not zero in qemu's reading"
                     remaining -= len(chunk)
     assert position == reader.virtual_size
+
+
+# -- the diskimg command ------------------------------------------------------------------------------
+
+
+def diskimg_cli(*args: object, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m diskimg ARGS`` with the checkout's package, output captured unless ``stdout`` is
+    given; ``kwargs`` go to subprocess.run (``text``, ``input``, ``timeout``...)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if "stdout" not in kwargs:
+        kwargs["capture_output"] = True
+    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], env=env, **kwargs)
+
+
+def diskimg_to_pipe(out: os.PathLike, *args: object, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """``diskimg ARGS | cat > OUT`` through a shell: standard output is a real pipe. With ``check``,
+    a failure fails the test with diskimg's error output."""
+    command = shlex.join([sys.executable, "-m", "diskimg", *map(str, args)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", f"{command} | cat > {shlex.quote(str(out))}"], env=env,
+                          capture_output=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"diskimg {' '.join(map(str, args))} failed ({proc.returncode}): {proc.stderr!r}")
+    return proc
+
+
+# -- plans and data for driving writers directly ------------------------------------------------------
+
+
+def scan_plan(reader) -> list[Extent]:
+    """The exact plan the converter computes for a streaming target (4 KiB zero granularity)."""
+    from diskimg.convert import _scan
+
+    return list(_scan(reader, 4096, None))
+
+
+def random_plan(rng: random.Random, size: int, compressible: bytes | None = None
+                ) -> tuple[list[Extent], list[tuple[int, bytes]]]:
+    """An exact plan (DATA extents at sector granularity) and the data filling it, cut anywhere into
+    pieces of at most 4 MiB; with ``compressible``, about half the pieces are cut from it."""
+    sectors = size // 512
+    marks = sorted(rng.sample(range(1, sectors), min(sectors - 1, 2 * rng.randint(1, 8))))
+    plan: list[Extent] = []
+    pieces: list[tuple[int, bytes]] = []
+    position = 0
+    for index, mark in enumerate([*marks, sectors]):
+        start, end = position, mark * 512
+        if end > start:
+            kind = ExtentKind.DATA if index % 2 else ExtentKind.ZERO
+            plan.append(Extent(start, end - start, kind))
+            while kind is ExtentKind.DATA and start < end:
+                step = min(end - start, rng.randint(1, 4 * MiB))
+                if compressible is None or rng.random() < 0.5:
+                    data = bytearray(rng.randbytes(step))
+                else:
+                    data = bytearray((compressible * 2)[:step])
+                data[0] = data[-1] = 0x99  # non-zero at both ends: the plan is exact
+                pieces.append((start, bytes(data)))
+                start += step
+        position = end
+    return plan, pieces
+
+
+# -- files ---------------------------------------------------------------------------------------------
+
+
+def blank(path: Path, size: int) -> Path:
+    """A sparse file of ``size`` bytes, all holes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def sparse_file(path: Path, size: int, runs: list[tuple[int, bytes]]) -> Path:
+    """A sparse file of ``size`` bytes holding each (offset, bytes) run."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in runs:
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def sparse_copy(source: Path, target: Path) -> Path:
+    run("cp", "--sparse=always", source, target)
+    return target
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def read_u64(path: Path, offset: int) -> int:
+    """The big-endian u64 at ``offset`` (a qcow2 table entry)."""
+    return struct.unpack(">Q", read_at(path, offset, 8))[0]
+
+
+# -- qcow2 files --------------------------------------------------------------------------------------
+
+
+def qcow2_header(path: Path) -> Qcow2Header:
+    with open(path, "rb") as f:
+        return Qcow2Header.parse(f.read(4096))
+
+
+def first_refcount_block(path: Path) -> int:
+    """The offset of refcount block 0 (from the first refcount table entry)."""
+    return read_u64(path, qcow2_header(path).refcount_table_offset) & ~0x1FF
+
+
+def first_l2_table(path: Path) -> int:
+    """The offset of the L2 table of the first L1 entry."""
+    return read_u64(path, qcow2_header(path).l1_table_offset) & 0x00FFFFFFFFFFFE00
+
+
+# -- disks made the way users make them (partition tables, file systems, boot code) --------------------
+
+
+class BytesDisk:
+    """A disk in memory with the DiskReader read(offset, length) contract."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data)
+        self.virtual_size = len(self.data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+
+class FileDisk:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.virtual_size = self.path.stat().st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+def sfdisk(path: Path, script: str) -> None:
+    run("sfdisk", "-q", "--no-reread", "--no-tell-kernel", path, input=script.encode())
+
+
+def sgdisk(path: Path, *args: str) -> None:
+    run("sgdisk", *args, path)
+
+
+def copy_in(disk: Path, part_file: Path, offset: int) -> None:
+    """dd a partition image into the disk at ``offset``, keeping holes (conv=notrunc,sparse)."""
+    run("dd", f"if={part_file}", f"of={disk}", "bs=1M", "oflag=seek_bytes", f"seek={offset}", "conv=notrunc,sparse",
+        "status=none")
+
+
+def mkfs_into(disk: Path, offset: int, size: int, *command: str, tmp: Path | None = None) -> Path:
+    """Run ``command`` (mkfs...) on a sparse partition-sized file, then copy it into the disk."""
+    part = (tmp or disk.parent) / f"part-{offset}.img"
+    blank(part, size)
+    run(*command, part)
+    copy_in(disk, part, offset)
+    return part
+
+
+def make_esp(path: Path, size: int, files: dict[str, bytes], fat: int = 32) -> Path:
+    """An ESP image (FAT32 from 64 MiB up, else FAT16) populated with mtools."""
+    blank(path, size)
+    run("mkfs.fat", "-F", str(fat if size >= 64 << 20 else 16), "-n", "ESP", path)
+    made: set[str] = set()
+    for name in files:
+        parts = name.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            directory = "/".join(parts[:depth])
+            if directory not in made:
+                run("mmd", "-i", path, f"::/{directory}")
+                made.add(directory)
+    for name, content in files.items():
+        source = path.parent / f"src-{uuid.uuid4().hex}"
+        source.write_bytes(content)
+        run("mcopy", "-i", path, source, f"::/{name}")
+        source.unlink()
+    return path
+
+
+GRUB_BOOT_CODE = b"\xebc\x90" + bytes(0x5D) + b"\xfa\x90\x90" + b"GRUB \0Geom\0Hard Disk\0Read\0 Error\r\n\0"
+WINDOWS_BOOT_CODE = b"\x33\xc0\x8e\xd0\xbc\x00\x7c" + bytes(0x100) + b"Invalid partition table\0Missing operating system"
+
+
+def write_boot_code(disk: Path, code: bytes = GRUB_BOOT_CODE) -> None:
+    assert len(code) <= 440
+    write_at(disk, 0, code)
+
+
+def lvm_label_crc(data: bytes) -> int:
+    """LVM2's calc_crc (lib/misc/crc.c): reflected CRC-32, seed 0xf597a6cf, no final inversion."""
+    crc = 0xF597A6CF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
+    return crc
+
+
+def lvm_pv_label(pv_uuid: str = "abcdef0123456789ABCDEF0123456789", device_size: int = 64 * MiB) -> bytes:
+    """Sector 1 of an LVM2 PV: label_header then pv_header (lib/format_text/layout.h)."""
+    sector = bytearray(512)
+    pv = struct.pack("<32sQ", pv_uuid.encode(), device_size)
+    pv += struct.pack("<QQQQ", 1 * MiB, 0, 0, 0)  # one data area, terminated
+    pv += struct.pack("<QQQQ", 4096, MiB - 4096, 0, 0)  # one metadata area, terminated
+    sector[32 : 32 + len(pv)] = pv
+    sector[0:8] = b"LABELONE"
+    struct.pack_into("<Q", sector, 8, 1)  # sector_xl: this label's sector
+    struct.pack_into("<I", sector, 20, 32)  # offset_xl: the pv_header
+    sector[24:32] = b"LVM2 001"
+    struct.pack_into("<I", sector, 16, lvm_label_crc(bytes(sector[20:512])))
+    return bytes(sector)
+
+
+def luks1_header(uid: str) -> bytes:
+    """The LUKS1 phdr (LUKS On-Disk Format Specification 1.2.3, section 2.4)."""
+    header = bytearray(592)
+    header[0:6] = b"LUKS\xba\xbe"
+    struct.pack_into(">H", header, 6, 1)
+    header[8:11] = b"aes"
+    header[40:51] = b"xts-plain64"
+    header[72:78] = b"sha256"
+    struct.pack_into(">II", header, 104, 4096, 64)
+    header[168 : 168 + len(uid)] = uid.encode()
+    return bytes(header)
+
+
+def luks2_header(uid: str, label: str) -> bytes:
+    """The LUKS2 binary header (LUKS2 On-Disk Format Specification, section 3.1)."""
+    header = bytearray(4096)
+    header[0:6] = b"LUKS\xba\xbe"
+    struct.pack_into(">HQQ", header, 6, 2, 16384, 1)
+    header[24 : 24 + len(label)] = label.encode()
+    header[72:78] = b"sha256"
+    header[168 : 168 + len(uid)] = uid.encode()
+    return bytes(header)
+
+
+def gpt_4k(path: Path, size: int) -> None:
+    """A GPT for 4096-byte logical sectors, made by fdisk -b 4096."""
+    blank(path, size)
+    subprocess.run(["fdisk", "-b", "4096", str(path)], input=b"g\nn\n\n\n\nw\n", capture_output=True, check=True)

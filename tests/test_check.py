@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diskimg.check import check, decode_refcount_block
+from diskimg.check import check
 from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
-from diskimg.formats.qcow2 import Qcow2Header
+from diskimg.formats.qcow2 import decode_refcount_block
 
-from .conftest import qemu_img, qemu_io, requires_qemu, run
-
-MiB = 1 << 20
+from .conftest import (
+    MiB,
+    corpus_entries,
+    corpus_file,
+    diskimg_cli,
+    first_l2_table,
+    first_refcount_block,
+    qcow2_header,
+    qemu_img,
+    qemu_io,
+    read_u64,
+    requires_qemu,
+    run,
+    write_at,
+)
 
 
 def qemu_check(path: Path) -> dict:
@@ -43,31 +53,6 @@ def assert_agrees_with_qemu(path: Path) -> tuple[dict, object]:
     assert (ours.compressed_clusters or 0) == theirs.get("compressed-clusters", 0)
     assert (ours.fragmented_clusters or 0) == theirs.get("fragmented-clusters", 0)
     return theirs, ours
-
-
-def header(path: Path) -> Qcow2Header:
-    with open(path, "rb") as f:
-        return Qcow2Header.parse(f.read(4096))
-
-
-def u64(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return struct.unpack(">Q", f.read(8))[0]
-
-
-def poke(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def refblock0(path: Path) -> int:
-    return u64(path, header(path).refcount_table_offset) & ~0x1FF
-
-
-def first_l2(path: Path) -> int:
-    return u64(path, header(path).l1_table_offset) & 0x00FFFFFFFFFFFE00
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +118,12 @@ def test_snapshots_bitmaps_and_compressed_clusters(written, tmp_path):
 @requires_qemu
 def test_leak_from_an_extra_refcount_on_an_unused_cluster(written, tmp_path):
     path = copy(written, tmp_path / "leak.qcow2")
-    cs = header(path).cluster_size
+    cs = qcow2_header(path).cluster_size
     size = path.stat().st_size
     spare = -(-size // cs)  # the cluster after the last one in use
     with open(path, "r+b") as f:
         f.truncate((spare + 1) * cs)
-    poke(path, refblock0(path) + 2 * spare, struct.pack(">H", 1))
+    write_at(path, first_refcount_block(path) + 2 * spare, struct.pack(">H", 1))
     _, ours = assert_agrees_with_qemu(path)
     assert ours.leaks == 1 and ours.corruptions == 0 and ours.leaked_clusters == [spare]
     assert not ours.clean
@@ -147,9 +132,9 @@ def test_leak_from_an_extra_refcount_on_an_unused_cluster(written, tmp_path):
 @requires_qemu
 def test_leak_from_a_refcount_raised_on_a_used_cluster(written, tmp_path):
     path = copy(written, tmp_path / "leak2.qcow2")
-    h = header(path)
+    h = qcow2_header(path)
     cluster = h.refcount_table_offset // h.cluster_size
-    poke(path, refblock0(path) + 2 * cluster, struct.pack(">H", 2))
+    write_at(path, first_refcount_block(path) + 2 * cluster, struct.pack(">H", 2))
     theirs, ours = assert_agrees_with_qemu(path)
     assert ours.leaks == 1 and ours.corruptions == 0
 
@@ -159,8 +144,8 @@ def test_corruption_two_l2_entries_point_at_one_cluster(tmp_path):
     path = tmp_path / "dup.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", path, "64M")
     qemu_io(path, "qcow2", "write -P 7 0 128k")
-    l2 = first_l2(path)
-    poke(path, l2 + 8, struct.pack(">Q", u64(path, l2)))
+    l2 = first_l2_table(path)
+    write_at(path, l2 + 8, struct.pack(">Q", read_u64(path, l2)))
     theirs, ours = assert_agrees_with_qemu(path)
     assert ours.corruptions == 1 and ours.leaks == 1
     assert any("2 references" in p.message for p in ours.problems)
@@ -171,9 +156,9 @@ def test_corruption_refcount_lowered_under_a_data_cluster(tmp_path):
     path = tmp_path / "low.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", path, "64M")
     qemu_io(path, "qcow2", "write -P 7 0 128k")
-    h = header(path)
-    data = u64(path, first_l2(path)) & 0x00FFFFFFFFFFFE00
-    poke(path, refblock0(path) + 2 * (data // h.cluster_size), struct.pack(">H", 0))
+    h = qcow2_header(path)
+    data = read_u64(path, first_l2_table(path)) & 0x00FFFFFFFFFFFE00
+    write_at(path, first_refcount_block(path) + 2 * (data // h.cluster_size), struct.pack(">H", 0))
     theirs, ours = assert_agrees_with_qemu(path)
     assert ours.corruptions == 2  # refcount 0 < 1 reference, and OFLAG_COPIED disagrees
 
@@ -181,8 +166,8 @@ def test_corruption_refcount_lowered_under_a_data_cluster(tmp_path):
 @requires_qemu
 def test_corrupt_bit_is_reported_as_a_flag(written, tmp_path):
     path = copy(written, tmp_path / "flag.qcow2")
-    h = header(path)
-    poke(path, 72, struct.pack(">Q", h.incompatible_features | 0x2))
+    h = qcow2_header(path)
+    write_at(path, 72, struct.pack(">Q", h.incompatible_features | 0x2))
     theirs, ours = assert_agrees_with_qemu(path)
     assert ours.flags == ["corrupt"] and not ours.clean and ours.corruptions == 0
 
@@ -206,8 +191,8 @@ def test_unaligned_l2_table_offset(tmp_path):
     path = tmp_path / "l1.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", path, "64M")
     qemu_io(path, "qcow2", "write 0 64k")
-    h = header(path)
-    poke(path, h.l1_table_offset, struct.pack(">Q", u64(path, h.l1_table_offset) + 512))
+    h = qcow2_header(path)
+    write_at(path, h.l1_table_offset, struct.pack(">Q", read_u64(path, h.l1_table_offset) + 512))
     theirs = qemu_check(path)
     ours = check(path)
     assert ours.corruptions == theirs["corruptions"] > 0
@@ -234,7 +219,7 @@ def test_damaged_metadata_never_raises_anything_else(written, tmp_path, edits):
     path = tmp_path / "fuzz.qcow2"
     shutil.copyfile(written, path)
     for offset, data in edits:
-        poke(path, offset, data)
+        write_at(path, offset, data)
     try:
         result = check(path, "qcow2")
     except DiskImageError:
@@ -291,7 +276,7 @@ def test_vhd_block_used_twice(dynamic_vhd, tmp_path):
     with open(path, "rb") as f:
         f.seek(table)
         first = f.read(4)
-    poke(path, table + 4, first)
+    write_at(path, table + 4, first)
     result = check(path)
     assert result.corruptions >= 1
     assert any("point at the same sector" in p.message for p in result.problems)
@@ -300,7 +285,7 @@ def test_vhd_block_used_twice(dynamic_vhd, tmp_path):
 @requires_qemu
 def test_vhd_header_checksum(dynamic_vhd, tmp_path):
     path = copy(dynamic_vhd, tmp_path / "sum.vhd")
-    poke(path, 512 + 36, b"\0\0\0\0")
+    write_at(path, 512 + 36, b"\0\0\0\0")
     result = check(path)
     assert result.corruptions == 1 and "checksum" in result.problems[0].message
     assert result.problems[0].offset == 512 + 36
@@ -309,7 +294,7 @@ def test_vhd_header_checksum(dynamic_vhd, tmp_path):
 @requires_qemu
 def test_vhd_footer_copy_damaged(dynamic_vhd, tmp_path):
     path = copy(dynamic_vhd, tmp_path / "copy.vhd")
-    poke(path, 20, b"\x01")
+    write_at(path, 20, b"\x01")
     result = check(path)
     assert result.corruptions == 1 and result.problems[0].structure == "footer copy"
 
@@ -333,14 +318,9 @@ def test_missing_and_foreign_files(tmp_path):
 # -- the command -----------------------------------------------------------------------------------
 
 
-def diskimg(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-
-
 @requires_qemu
 def test_check_command_exit_codes_and_json(written, tmp_path):
-    proc = diskimg("check", written, "--json")
+    proc = diskimg_cli("check", written, "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["clean"] is True and data["format"] == "qcow2"
@@ -350,72 +330,31 @@ def test_check_command_exit_codes_and_json(written, tmp_path):
     damaged = copy(written, tmp_path / "d.qcow2")
     with open(damaged, "r+b") as f:
         f.truncate(damaged.stat().st_size // 2)
-    proc = diskimg("check", damaged)
+    proc = diskimg_cli("check", damaged)
     assert proc.returncode == 1 and b"truncated" in proc.stdout
-    proc = diskimg("check", tmp_path / "missing.qcow2")
+    proc = diskimg_cli("check", tmp_path / "missing.qcow2")
     assert proc.returncode == 3 and len(proc.stderr.decode().strip().splitlines()) == 1
     raw = tmp_path / "r.raw"
     raw.write_bytes(bytes(1024))
-    assert diskimg("check", "-f", "raw", raw).returncode == 0
+    assert diskimg_cli("check", "-f", "raw", raw).returncode == 0
     run("true")
 
 
 # -- the third-party corpus ------------------------------------------------------------------------------
 
 
-def _corpus_files(formats: tuple[str, ...]) -> list[dict]:
-    from .conftest import corpus_manifest
-
-    return [entry for entry in corpus_manifest() if entry.get("format") in formats]
-
-
-_UNWRAPPED: dict[str, Path] = {}
-
-
-def unwrapped(entry: dict, tmp_path: Path) -> Path:
-    """The corpus file, decompressed into tmp_path when stored compressed (the corpus stays read-only);
-    decompressed once per session."""
-    from .conftest import corpus_dir
-
-    source = corpus_dir() / entry["file"]
-    wrapper = entry.get("compression_wrapper")
-    if not wrapper:
-        return source
-    cached = _UNWRAPPED.get(entry["file"])
-    if cached is not None and cached.exists():
-        return cached
-    import bz2
-    import gzip
-
-    opener = {"gzip": gzip.open, "bzip2": bz2.open}[wrapper]
-    target = tmp_path / "corpus" / entry["file"].rsplit(".", 1)[0]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with opener(source, "rb") as f, open(target, "wb") as out:
-        while True:  # keep zero runs as holes: some of these images are large and mostly empty
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            if chunk.count(0) == len(chunk):
-                out.seek(len(chunk), os.SEEK_CUR)
-            else:
-                out.write(chunk)
-        out.truncate()
-    _UNWRAPPED[entry["file"]] = target
-    return target
-
-
 @requires_qemu
-@pytest.mark.parametrize("entry", _corpus_files(("qcow2",)), ids=lambda e: e["file"])
+@pytest.mark.parametrize("entry", corpus_entries(("qcow2",)), ids=lambda e: e["file"])
 def test_corpus_qcow2_agrees_with_qemu_img(entry, tmp_path):
-    path = unwrapped(entry, tmp_path)
+    path = corpus_file(entry, tmp_path)
     if entry["file"].endswith("data-file.qcow2.gz"):
         pytest.skip("its external data file is not stored beside it after decompression")
     assert_agrees_with_qemu(path)
 
 
-@pytest.mark.parametrize("entry", _corpus_files(("vhd",)), ids=lambda e: e["file"])
+@pytest.mark.parametrize("entry", corpus_entries(("vhd",)), ids=lambda e: e["file"])
 def test_corpus_vhd_checks_without_crashing(entry, tmp_path):
-    path = unwrapped(entry, tmp_path)
+    path = corpus_file(entry, tmp_path)
     result = check(path, "vhd")
     if entry.get("qemu_img_ok") and "differencing" not in (entry.get("notes") or ""):
         assert not result.corruptions and not result.truncated, result.render_text()

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from .conftest import FIXTURES, qemu_img, requires_qemu
-
-
-def diskimg(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], capture_output=True, input=input)
+from .conftest import FIXTURES, diskimg_cli, qemu_img, requires_qemu
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:
@@ -25,7 +20,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, fragment
 @requires_qemu
 def test_info_json_agrees_with_qemu_img():
     example = FIXTURES / "example.qcow2"
-    ours = json.loads(diskimg("info", "--json", example).stdout)
+    ours = json.loads(diskimg_cli("info", "--json", example).stdout)
     theirs = json.loads(qemu_img("info", "--output=json", example))
     assert ours["format"] == "qcow2"
     assert ours["virtual_size"] == theirs["virtual-size"]
@@ -36,24 +31,24 @@ def test_info_json_agrees_with_qemu_img():
 @requires_qemu
 def test_map_json_covers_the_disk():
     example = FIXTURES / "example.qcow2"
-    extents = json.loads(diskimg("map", "--json", example).stdout)
+    extents = json.loads(diskimg_cli("map", "--json", example).stdout)
     assert extents[0]["start"] == 0
     assert sum(e["length"] for e in extents) == json.loads(qemu_img("info", "--output=json", example))["virtual-size"]
     assert {e["kind"] for e in extents} == {"data", "zero"}
 
 
 def test_missing_file_is_exit_3(tmp_path):
-    assert_one_error_line(diskimg("info", tmp_path / "nope.qcow2"), 3, "no such file")
+    assert_one_error_line(diskimg_cli("info", tmp_path / "nope.qcow2"), 3, "no such file")
 
 
 def test_usage_errors_are_exit_2(tmp_path):
-    assert diskimg("info").returncode == 2
-    assert diskimg("convert", "a", "b", "-O", "vmdk").returncode == 2
-    assert_one_error_line(diskimg("convert", FIXTURES / "example.qcow2", tmp_path / "x", "-S", "3"), 2, "-S")
+    assert diskimg_cli("info").returncode == 2
+    assert diskimg_cli("convert", "a", "b", "-O", "vmdk").returncode == 2
+    assert_one_error_line(diskimg_cli("convert", FIXTURES / "example.qcow2", tmp_path / "x", "-S", "3"), 2, "-S")
 
 
 def test_unwritable_output_is_exit_4(tmp_path):
-    proc = diskimg("convert", FIXTURES / "example.qcow2", tmp_path / "no" / "dir" / "out.raw")
+    proc = diskimg_cli("convert", FIXTURES / "example.qcow2", tmp_path / "no" / "dir" / "out.raw")
     assert_one_error_line(proc, 4, "cannot create")
 
 
@@ -61,7 +56,7 @@ def test_unwritable_output_is_exit_4(tmp_path):
 def test_corrupt_headers_are_exit_3_without_traceback(tmp_path, garbage):
     image = tmp_path / "bad.img"
     image.write_bytes(garbage)
-    proc = diskimg("convert", image, tmp_path / "out.raw")
+    proc = diskimg_cli("convert", image, tmp_path / "out.raw")
     assert proc.returncode == 3, proc.stderr
     assert len(proc.stderr.decode().strip().splitlines()) == 1
     assert not (tmp_path / "out.raw").exists()

@@ -24,13 +24,10 @@ import diskimg
 
 compare_module = sys.modules["diskimg.compare"]  # the package exports the function under the same name
 
-from .conftest import ROOT, qemu_img, qemu_io, requires_qemu, run
+from .conftest import ROOT, GiB, KiB, MiB, diskimg_cli, qemu_img, qemu_io, requires_qemu, run, sparse_file
 
 pytestmark = requires_qemu
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
 SIZE = 10 * MiB + 1536  # whole sectors, not whole clusters or VHD blocks
 
 #: name -> (qemu format, qemu-img convert options)
@@ -45,8 +42,7 @@ FORMATS = {
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return diskimg_cli(*args, text=True, timeout=120)
 
 
 def qemu_compare(a: Path, fmt_a: str, b: Path, fmt_b: str, *flags: str) -> tuple[int, int | None]:
@@ -77,13 +73,9 @@ def ours(a: Path, b: Path, *, strict: bool = False, through_cli: bool = False) -
 def make_raw(path: Path, size: int = SIZE, seed: int = 3) -> Path:
     """Data at odd offsets, explicitly written zeros, holes."""
     rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in [(0, rng.randbytes(4096)), (12345, rng.randbytes(70000)), (2 * MiB - 7, rng.randbytes(99)),
-                             (4 * MiB, bytes(MiB)), (6 * MiB + 3, b"z" * 300000), (size - 1000, rng.randbytes(1000))]:
-            f.seek(offset)
-            f.write(data)
-    return path
+    return sparse_file(path, size, [(0, rng.randbytes(4096)), (12345, rng.randbytes(70000)),
+                                    (2 * MiB - 7, rng.randbytes(99)), (4 * MiB, bytes(MiB)),
+                                    (6 * MiB + 3, b"z" * 300000), (size - 1000, rng.randbytes(1000))])
 
 
 @pytest.fixture(scope="module")

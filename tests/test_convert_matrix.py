@@ -24,13 +24,23 @@ from diskimg.errors import UsageError
 from diskimg.formats import WRITERS
 from diskimg.writer import parse_options
 
-from .conftest import ROOT, file_sha256, qemu_img, qemu_io, requires_qemu, run
+from .conftest import (
+    ROOT,
+    GiB,
+    KiB,
+    MiB,
+    content_hash_by_definition,
+    diskimg_cli,
+    diskimg_to_pipe,
+    file_sha256,
+    qemu_img,
+    qemu_io,
+    requires_qemu,
+    run,
+    sparse_file,
+)
 
 pytestmark = requires_qemu
-
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
 
 #: the matrix's disk: whole sectors, but neither a multiple of 1 MiB (so --align 1M grows it), nor of
 #: a 64 KiB cluster, nor of a 2 MiB VHD block / qcow2 cluster
@@ -44,15 +54,6 @@ def qfmt(fmt: str) -> str:
 
 def rounded(size: int, step: int = 512) -> int:
     return -(-size // step) * step
-
-
-def write_runs(path: Path, size: int, runs: list[tuple[int, bytes]]) -> None:
-    """A sparse file of ``size`` bytes holding each (offset, bytes) run."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in runs:
-            f.seek(offset)
-            f.write(data)
 
 
 def base_runs(rng: random.Random) -> list[tuple[int, bytes]]:
@@ -116,7 +117,7 @@ def make_source(directory: Path, name: str, base: Path) -> tuple[Path, str]:
 def sources(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     directory = tmp_path_factory.mktemp("sources")
     base = directory / "raw.raw"
-    write_runs(base, SIZE, base_runs(random.Random(1)))
+    sparse_file(base, SIZE, base_runs(random.Random(1)))
     made = {name: make_source(directory, name, base) for name in [*SOURCES, SNAPSHOTS]}
     for path, fmt in made.values():  # every source is what it claims, at the exact size
         info = json.loads(qemu_img("info", "--output=json", "-f", fmt, path))
@@ -320,7 +321,7 @@ def materialize(path: Path, size: int, runs: list[tuple[int, int, str]], seed: i
                 "byte": lambda: bytes([rng.randrange(1, 256)]) * length}[kind]()
         image[offset : offset + length] = data
         pieces.append((offset, data))
-    write_runs(path, size, pieces)
+    sparse_file(path, size, pieces)
     return bytes(image) + bytes(rounded(size) - size)
 
 
@@ -435,37 +436,11 @@ def test_2000_gib_sparse_between_every_pair(big_sources, tmp_path, source, targe
 
 
 def cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, **kwargs)
+    return diskimg_cli(*args, text=True, timeout=120, **kwargs)
 
 
 def pipe_cli(out: Path, *args) -> subprocess.CompletedProcess:
-    """``diskimg ARGS | cat > OUT`` through a shell: standard output is a real pipe."""
-    command = " ".join(f"'{a}'" for a in [sys.executable, "-m", "diskimg", *map(str, args)])
-    return subprocess.run(["bash", "-o", "pipefail", "-c", f"{command} | cat > '{out}'"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
-def content_hash_by_definition(raw: bytes, virtual_size: int) -> str:
-    """The content hash computed from diskimg.hashing's written definition, independently."""
-    import hashlib
-    import struct
-
-    raw = raw + bytes(virtual_size - len(raw))
-    outer = hashlib.sha256(b"diskimg-content-v1\0" + struct.pack(">Q", virtual_size))
-    zeros = 0
-    for start in range(0, virtual_size, 65536):
-        block = raw[start : start + 65536]
-        if block.count(0) == len(block):
-            zeros += 1
-            continue
-        if zeros:
-            outer.update(b"Z" + struct.pack(">Q", zeros))
-            zeros = 0
-        outer.update(b"D" + hashlib.sha256(block).digest())
-    if zeros:
-        outer.update(b"Z" + struct.pack(">Q", zeros))
-    return "sha256c1:" + outer.hexdigest()
+    return diskimg_to_pipe(out, *args, text=True, timeout=120)
 
 
 CHECKSUM_TARGETS = ["raw", "qcow2", "qcow2-v2", "qcow2-zlib", "vhd-dynamic", "vhd-fixed"]
@@ -515,7 +490,7 @@ def test_checksum_matches_the_bytes_and_the_content(sources, tmp_path):
 
 def test_checksum_of_a_raw_disk_that_is_not_whole_sectors(tmp_path):
     source = tmp_path / "odd.raw"
-    write_runs(source, 100000, [(99990, b"0123456789")])
+    sparse_file(source, 100000, [(99990, b"0123456789")])
     result = diskimg.convert(source, tmp_path / "out.vhd", "vhd", checksum=True)
     assert result.virtual_size == 100352
     assert result.content_hash == content_hash_by_definition(source.read_bytes(), 100352)

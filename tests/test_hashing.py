@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
-import struct
 
 import pytest
 
 from diskimg.hashing import ContentHasher
 
-
-def definition(data: bytes) -> str:
-    """The definition in diskimg/hashing.py's docstring, written the plainest way."""
-    outer = hashlib.sha256(b"diskimg-content-v1\0" + struct.pack(">Q", len(data)))
-    zero_run = 0
-    for start in range(0, len(data), 65536):
-        block = data[start : start + 65536]
-        if block == bytes(len(block)):
-            zero_run += 1
-            continue
-        if zero_run:
-            outer.update(b"Z" + struct.pack(">Q", zero_run))
-            zero_run = 0
-        outer.update(b"D" + hashlib.sha256(block).digest())
-    if zero_run:
-        outer.update(b"Z" + struct.pack(">Q", zero_run))
-    return "sha256c1:" + outer.hexdigest()
+from .conftest import content_hash_by_definition
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -47,7 +29,7 @@ def test_any_feeding_gives_the_defined_digest(seed):
         else:
             hasher.update(chunk)
         position += len(chunk)
-    assert hasher.hexdigest() == definition(data)
+    assert hasher.hexdigest() == content_hash_by_definition(data)
 
 
 def test_size_is_part_of_the_hash():

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from .conftest import qemu_img, qemu_io, requires_qemu
+from .conftest import diskimg_cli, qemu_img, qemu_io, requires_qemu
 
 
 def diskimg_json(*args) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "diskimg", *map(str, args), "--json"], capture_output=True, check=True)
+    proc = diskimg_cli(*args, "--json", check=True)
     return json.loads(proc.stdout)
 
 

@@ -38,34 +38,20 @@ from diskimg.formats.qcow2 import (
 from diskimg.formats.raw import RawReader
 from diskimg.hostfile import HostFile
 
-try:
-    from .conftest import (
-        assert_extents_sound,
-        corpus_dir,
-        corpus_manifest,
-        file_sha256,
-        qemu_img,
-        qemu_io,
-        qemu_raw,
-        reader_sha256,
-        requires_qemu,
-    )
-except ImportError:  # tests/ is not a package
-    from conftest import (  # type: ignore[no-redef]
-        assert_extents_sound,
-        corpus_dir,
-        corpus_manifest,
-        file_sha256,
-        qemu_img,
-        qemu_io,
-        qemu_raw,
-        reader_sha256,
-        requires_qemu,
-    )
+from .conftest import (
+    MiB,
+    assert_extents_sound,
+    corpus_dir,
+    corpus_entries,
+    file_sha256,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    reader_sha256,
+    requires_qemu,
+)
 
 pytestmark = requires_qemu
-
-MiB = 1024 * 1024
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -847,7 +833,7 @@ def test_probe(small_image, tmp_path):
 
 # -- third-party corpus ---------------------------------------------------------------------------------------
 
-CORPUS = [entry for entry in corpus_manifest() if entry.get("format") == "qcow2"]
+CORPUS = corpus_entries(("qcow2",))
 
 
 def _materialize(entry: dict, tmp_path: Path) -> Path:

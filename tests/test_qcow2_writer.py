@@ -10,7 +10,6 @@ import os
 import random
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -38,11 +37,21 @@ from diskimg.reader import Extent, ExtentKind
 from diskimg.units import parse_size
 from diskimg.writer import OutputTarget
 
-from .conftest import ROOT, file_sha256, qemu_img, qemu_io, reader_sha256, requires_qemu
-
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+from .conftest import (
+    GiB,
+    KiB,
+    MiB,
+    diskimg_cli,
+    diskimg_to_pipe,
+    file_sha256,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    random_plan,
+    reader_sha256,
+    requires_qemu,
+    scan_plan,
+)
 DATA = ExtentKind.DATA
 ZERO = ExtentKind.ZERO
 
@@ -110,13 +119,6 @@ def qemu_check(path) -> dict:
     return result
 
 
-def qemu_compare(source, source_format: str, out) -> None:
-    proc = subprocess.run(
-        ["qemu-img", "compare", "-f", source_format, "-F", "qcow2", source, out], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def qemu_info(path) -> dict:
     return json.loads(qemu_img("info", "--output=json", "-f", "qcow2", path))
 
@@ -128,7 +130,7 @@ def check_output(out, source, *, source_format: str = "raw", options: dict | Non
     cluster_size = parse_size(options.get("cluster_size", "64k"))
     v2 = options.get("compat") == "0.10"
     result = qemu_check(out)
-    qemu_compare(source, source_format, out)
+    qemu_compare(source, source_format, out, "qcow2")
     info = qemu_info(out)
     data = info["format-specific"]["data"]
     assert info["cluster-size"] == cluster_size
@@ -175,17 +177,6 @@ def check_header(out, options: dict) -> None:
         assert extensions.items == []
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], capture_output=True, cwd=ROOT)
-
-
-def cli_to_pipe(source, out, *args) -> subprocess.CompletedProcess:
-    """``diskimg convert SOURCE - ... | cat > OUT``: standard output is a real pipe."""
-    command = " ".join([f"'{sys.executable}'", "-m", "diskimg", "convert", f"'{source}'", "-", *args])
-    return subprocess.run(["bash", "-o", "pipefail", "-c", f"{command} | cat > '{out}'"], capture_output=True,
-                          cwd=ROOT)
-
-
 def _options_args(options: dict) -> list[str]:
     return ["-o", ",".join(f"{k}={v}" for k, v in options.items())] if options else []
 
@@ -225,13 +216,6 @@ def test_raw_source_through_the_api(tmp_path, options, compress):
             assert os.path.getsize(out) <= bound  # the plan (the source's allocation) is an upper bound
 
 
-def _scan_plan(reader) -> list[Extent]:
-    """The exact plan the converter computes for a streaming target (4 KiB zero granularity)."""
-    from diskimg.convert import _scan
-
-    return list(_scan(reader, 4096, None))
-
-
 @requires_qemu
 @pytest.mark.parametrize("args, options, compress", [
     (["-o", "cluster_size=2M"], {"cluster_size": "2M"}, False),
@@ -243,7 +227,7 @@ def test_cli(tmp_path, args, options, compress):
     source = tmp_path / "src.raw"
     make_source(source)
     out = tmp_path / "out.qcow2"
-    proc = cli("convert", source, out, "-O", "qcow2", *args)
+    proc = diskimg_cli("convert", source, out, "-O", "qcow2", *args)
     assert proc.returncode == 0, proc.stderr
     check_output(out, source, options=options, compressed=compress)
 
@@ -255,11 +239,11 @@ def test_pipe(tmp_path, options):
     source = tmp_path / "src.raw"
     make_source(source)
     out = tmp_path / "out.qcow2"
-    proc = cli_to_pipe(source, out, "-O", "qcow2", *_options_args(options))
+    proc = diskimg_to_pipe(out, "convert", source, "-", "-O", "qcow2", *_options_args(options))
     assert proc.returncode == 0, proc.stderr
     check_output(out, source, options=options)
     with diskimg.open_image(source) as disk:  # the pipe's size is what measure() says for the exact plan
-        assert Qcow2Writer.measure(SIZE, _scan_plan(disk), options) == os.path.getsize(out)
+        assert Qcow2Writer.measure(SIZE, scan_plan(disk), options) == os.path.getsize(out)
 
 
 @requires_qemu
@@ -267,7 +251,7 @@ def test_checksum_streams_to_a_file_and_hashes_the_output(tmp_path):
     source = tmp_path / "src.raw"
     make_source(source)
     out = tmp_path / "out.qcow2"
-    proc = cli("convert", source, out, "-O", "qcow2", "--checksum", "--json")
+    proc = diskimg_cli("convert", source, out, "-O", "qcow2", "--checksum", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["sha256"] == file_sha256(out)
     check_output(out, source)
@@ -294,7 +278,7 @@ def test_sparse_size_zero_writes_every_allocated_cluster(tmp_path):
         if route == "file":
             diskimg.convert(source, out, "qcow2", zero_granularity=0)
         else:
-            assert cli_to_pipe(source, out, "-O", "qcow2", "-S", "0").returncode == 0
+            assert diskimg_to_pipe(out, "convert", source, "-", "-O", "qcow2", "-S", "0").returncode == 0
         result = check_output(out, source, exact_allocation=False)
         assert result["allocated-clusters"] == len(expected)
         assert mapped_clusters(out, 64 * KiB) == expected
@@ -313,7 +297,7 @@ def test_qemu_made_sources(tmp_path, source_format, route):
             "write -z 21M 1M", "write -P 0x01 47M 512")
     out = tmp_path / "out.qcow2"
     if route == "pipe":
-        assert cli_to_pipe(source, out, "-O", "qcow2").returncode == 0
+        assert diskimg_to_pipe(out, "convert", source, "-", "-O", "qcow2").returncode == 0
     else:
         diskimg.convert(source, out, "qcow2", compress=route == "compressed")
     result = check_output(out, source, source_format=source_format, compressed=route == "compressed")
@@ -351,12 +335,12 @@ def test_2000g_nearly_empty_disk_is_quick(tmp_path, route):
     if route == "file":
         diskimg.convert(source, out, "qcow2")
     else:
-        assert cli_to_pipe(source, out, "-O", "qcow2").returncode == 0
+        assert diskimg_to_pipe(out, "convert", source, "-", "-O", "qcow2").returncode == 0
     elapsed = time.monotonic() - started
     assert elapsed < 30, f"{elapsed:.1f} s"  # generous: cost follows the data, not the virtual size
     result = qemu_check(out)
     assert result["allocated-clusters"] == 2 + 1 + 16
-    qemu_compare(source, "qcow2", out)
+    qemu_compare(source, "qcow2", out, "qcow2")
     info = qemu_info(out)
     assert info["virtual-size"] == 2000 * GiB
     with diskimg.open_image(out) as disk:
@@ -375,7 +359,7 @@ def test_2000g_empty_disk(tmp_path):
         if route == "file":
             diskimg.convert(source, out, "qcow2")
         else:
-            assert cli_to_pipe(source, out, "-O", "qcow2").returncode == 0
+            assert diskimg_to_pipe(out, "convert", source, "-", "-O", "qcow2").returncode == 0
         result = qemu_check(out)
         assert result.get("allocated-clusters", 0) == 0 and result["image-end-offset"] == os.path.getsize(out)
         assert qemu_info(out)["virtual-size"] == 2000 * GiB
@@ -394,7 +378,7 @@ def test_empty_and_tiny_disks(tmp_path):
         qemu_check(out)
         assert qemu_info(out)["virtual-size"] == size
         if size:
-            qemu_compare(source, "raw", out)
+            qemu_compare(source, "raw", out, "qcow2")
 
 
 # -- compression -----------------------------------------------------------------------------------
@@ -487,11 +471,11 @@ def test_tiny_compressed_clusters_share_host_clusters_within_the_refcount_width(
 def test_compression_needs_a_file(tmp_path):
     source = tmp_path / "src.raw"
     make_source(source, size=4 * MiB)
-    proc = cli_to_pipe(source, tmp_path / "out.qcow2", "-O", "qcow2", "-c")
+    proc = diskimg_to_pipe(tmp_path / "out.qcow2", "convert", source, "-", "-O", "qcow2", "-c")
     assert proc.returncode == 2 and b"pipe" in proc.stderr and b"Traceback" not in proc.stderr
     # with --checksum to a file, the converter hashes the finished file instead of the stream
     out = tmp_path / "out2.qcow2"
-    proc = cli("convert", source, out, "-O", "qcow2", "-c", "--checksum", "--json")
+    proc = diskimg_cli("convert", source, out, "-O", "qcow2", "-c", "--checksum", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["sha256"] == file_sha256(out)
     check_output(out, source, compressed=True)
@@ -584,29 +568,6 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
     return writer
 
 
-def _random_disk(rng: random.Random, size: int) -> tuple[list[Extent], list[tuple[int, bytes]]]:
-    """An exact plan (DATA extents at sector granularity) and the data filling it, in pieces of at
-    most 4 MiB cut anywhere; some pieces are compressible."""
-    sectors = size // 512
-    marks = sorted(rng.sample(range(1, sectors), min(sectors - 1, 2 * rng.randint(1, 8))))
-    plan: list[Extent] = []
-    pieces: list[tuple[int, bytes]] = []
-    position = 0
-    for index, mark in enumerate([*marks, sectors]):
-        start, end = position, mark * 512
-        if end > start:
-            kind = DATA if index % 2 else ZERO
-            plan.append(Extent(start, end - start, kind))
-            while kind is DATA and start < end:
-                step = min(end - start, rng.randint(1, 4 * MiB))
-                data = bytearray(rng.randbytes(step) if rng.random() < 0.5 else (TEXT * 2)[:step])
-                data[0] = data[-1] = 0x99  # non-zero at both ends: the plan is exact
-                pieces.append((start, bytes(data)))
-                start += step
-        position = end
-    return plan, pieces
-
-
 def _expected(size: int, pieces) -> bytes:
     image = bytearray(size)
     for offset, data in pieces:
@@ -621,7 +582,7 @@ def test_random_plans_streamed_and_positional(tmp_path, seed):
     size = rng.randint(1, 24) * MiB + rng.randint(0, MiB) // 512 * 512
     options = rng.choice([{}, {"cluster_size": "512"}, {"cluster_size": "4k", "refcount_bits": "4"},
                           {"cluster_size": "2M"}, {"compat": "0.10"}])
-    plan, pieces = _random_disk(rng, size)
+    plan, pieces = random_plan(rng, size, TEXT)
     expected = _expected(size, pieces)
     cluster_size = parse_size(options.get("cluster_size", "64k"))
     for mode in ("streaming", "positional", "compressed"):
@@ -691,7 +652,7 @@ def test_concurrent_writes_in_any_order(tmp_path, cut, regular):
     unless written)."""
     rng = random.Random(3)
     size = 24 * MiB
-    plan, pieces = _random_disk(rng, size)
+    plan, pieces = random_plan(rng, size, TEXT)
     step_limit = 4 * MiB if cut == "chunks" else 20000
     units: list[list[tuple[int, bytes]]] = []
     for offset, data in pieces:
@@ -808,4 +769,4 @@ def test_random_sparse_disks_round_trip(tmp_path, disk, cluster_bits, v2, compre
     qemu_check(out)
     with diskimg.open_image(out) as written:
         assert written.read(0, size) == source.read_bytes()
-    qemu_compare(source, "raw", out)
+    qemu_compare(source, "raw", out, "qcow2")

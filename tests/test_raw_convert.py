@@ -12,24 +12,25 @@ import pytest
 import diskimg
 from diskimg.zeroes import nonzero_runs
 
-from .conftest import FIXTURES, assert_extents_sound, file_sha256, qemu_img, qemu_io, qemu_raw, reader_sha256, requires_qemu
-
-MiB = 1 << 20
-
-
-def sparse_raw(path, size: int, runs: list[tuple[int, bytes]]) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in runs:
-            f.seek(offset)
-            f.write(data)
+from .conftest import (
+    FIXTURES,
+    MiB,
+    assert_extents_sound,
+    file_sha256,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    reader_sha256,
+    requires_qemu,
+    sparse_file,
+)
 
 
 @requires_qemu
 def test_raw_reader_matches_qemu_and_maps_holes(tmp_path):
     image = tmp_path / "disk.raw"
     rng = random.Random(7)
-    sparse_raw(image, 32 * MiB + 1234, [(3 * MiB + 17, rng.randbytes(100_000)), (20 * MiB, rng.randbytes(2 * MiB))])
+    sparse_file(image, 32 * MiB + 1234, [(3 * MiB + 17, rng.randbytes(100_000)), (20 * MiB, rng.randbytes(2 * MiB))])
     with diskimg.open_image(image) as disk:
         oracle = qemu_raw(image, "raw", tmp_path)
         # like qemu, a file that is not whole sectors is a disk rounded up to 512 bytes
@@ -43,7 +44,7 @@ def test_raw_reader_matches_qemu_and_maps_holes(tmp_path):
 
 def test_reader_is_a_seekable_file(tmp_path):
     image = tmp_path / "disk.raw"
-    sparse_raw(image, 4 * MiB, [(510, b"\x55\xaa")])
+    sparse_file(image, 4 * MiB, [(510, b"\x55\xaa")])
     with diskimg.open_image(image) as disk:
         disk.seek(508)
         assert disk.read(4) == b"\x00\x00\x55\xaa"
@@ -80,7 +81,7 @@ def test_nonzero_runs_against_a_byte_model(granularity):
 
 @requires_qemu
 @pytest.mark.parametrize("options", ["compat=0.10", "compat=1.1,cluster_size=4096", "cluster_size=2M"])
-def test_convert_qcow2_to_sparse_raw(tmp_path, options):
+def test_convert_qcow2_to_sparse_file(tmp_path, options):
     image = tmp_path / "src.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", options, image, "40M")
     qemu_io(image, "qcow2", "write -P 0x5a 1M 3M", "write -P 0x11 17M 4097", "write -z 30M 2M")
@@ -145,7 +146,7 @@ def test_file_outputs_do_not_depend_on_thread_timing(tmp_path):
     """Two threads convert at once, but clusters are allocated in guest order: the same bytes every run."""
     image = tmp_path / "src.raw"
     rng = random.Random(3)
-    sparse_raw(image, 64 * MiB, [(rng.randrange(64 * MiB - 300_000), rng.randbytes(rng.randint(1, 300_000)))
+    sparse_file(image, 64 * MiB, [(rng.randrange(64 * MiB - 300_000), rng.randbytes(rng.randint(1, 300_000)))
                                  for _ in range(60)])
     outputs = []
     for run_number in range(4):

@@ -8,12 +8,9 @@ with dd, ESPs populated with mtools) and copied for each damaged variant.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,26 +22,35 @@ from diskimg.hostfile import HostFile
 from diskimg.validate import RULES, Report, Severity, list_rules, validate
 from diskimg.validate.rules import RULES_BY_CODE
 
-from .conftest import qemu_img, qemu_io, run
-from .test_partitions import (
+from .conftest import (
+    ROOT,
     WINDOWS_BOOT_CODE,
+    GiB,
+    MiB,
     blank,
     copy_in,
+    corpus_entries,
+    corpus_file,
+    diskimg_cli,
+    first_l2_table,
+    first_refcount_block,
+    gpt_4k,
     luks2_header,
     lvm_pv_label,
     make_esp,
     mkfs_into,
+    qcow2_header,
+    qemu_img,
+    qemu_io,
     read_at,
+    read_u64,
+    run,
     sfdisk,
     sgdisk,
     sparse_copy,
     write_at,
     write_boot_code,
 )
-
-MiB = 1 << 20
-GiB = 1 << 30
-ROOT = Path(__file__).resolve().parent.parent
 
 TOOLS = ("sfdisk", "sgdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.fat", "mcopy", "mkswap", "qemu-img")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
@@ -407,8 +413,6 @@ def test_gpt_damage(hybrid_gpt, tmp_path):
 def test_gpt_for_4k_sectors(tmp_path):
     if shutil.which("fdisk") is None:
         pytest.skip("fdisk missing")
-    from .test_partitions import gpt_4k
-
     disk = tmp_path / "4k.raw"
     gpt_4k(disk, 64 * MiB)
     report = validate(disk, role="data")
@@ -518,12 +522,10 @@ def test_qcow2_features_and_metadata_damage(bios_mbr, tmp_path):
     assert_finding(report, "qcow2-newer-features", "warning", offset=72, compression_type=1)
     assert_finding(report, "qcow2-snapshots", "info", value=1)
 
-    from .test_check import first_l2, header, poke, refblock0, u64
-
     leaky = tmp_path / "leak.qcow2"
     qemu_img("convert", "-O", "qcow2", bios_mbr, leaky)
-    h = header(leaky)
-    poke(leaky, refblock0(leaky) + 2 * (h.refcount_table_offset // h.cluster_size), struct.pack(">H", 2))
+    h = qcow2_header(leaky)
+    write_at(leaky, first_refcount_block(leaky) + 2 * (h.refcount_table_offset // h.cluster_size), struct.pack(">H", 2))
     report = validate(leaky)
     assert report.importable
     assert_finding(report, "integrity-leaks", "warning", leaks=1)
@@ -531,8 +533,8 @@ def test_qcow2_features_and_metadata_damage(bios_mbr, tmp_path):
 
     shared = tmp_path / "shared.qcow2"
     qemu_img("convert", "-O", "qcow2", bios_mbr, shared)
-    l2 = first_l2(shared)
-    poke(shared, l2 + 8, struct.pack(">Q", u64(shared, l2)))
+    l2 = first_l2_table(shared)
+    write_at(shared, l2 + 8, struct.pack(">Q", read_u64(shared, l2)))
     report = validate(shared)
     assert not report.importable
     finding = assert_finding(report, "integrity-corruption", "error", structure="refcount block", corruptions=1)
@@ -540,7 +542,7 @@ def test_qcow2_features_and_metadata_damage(bios_mbr, tmp_path):
 
     broken = tmp_path / "broken.qcow2"
     qemu_img("convert", "-O", "qcow2", bios_mbr, broken)
-    poke(broken, 40, struct.pack(">Q", 1 << 40))  # the L1 table now lies far past the end of the file
+    write_at(broken, 40, struct.pack(">Q", 1 << 40))  # the L1 table now lies far past the end of the file
     report = validate(broken)
     assert not report.importable
     assert_finding(report, "image-unreadable", "error", structure="L1 table")
@@ -715,16 +717,14 @@ def test_validation_reads_metadata_only(tmp_path, monkeypatch):
 
 def test_every_corpus_file_gets_a_report(tmp_path):
     """Third-party images of every kind (up to 64 MiB): a report (findings, never a crash)."""
-    from .test_check import _corpus_files, unwrapped
-
-    entries = _corpus_files(("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi", "qed", "qcow", "parallels", "bochs",
+    entries = corpus_entries(("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi", "qed", "qcow", "parallels", "bochs",
                              "cloop", "dmg", "iso9660", "luks"))
     if not entries:
         pytest.skip("no corpus")
     for entry in entries:
         if (entry.get("decompressed_size") or 0) > 64 * MiB:
             continue  # decompressing those takes longer than the rest together
-        path = unwrapped(entry, tmp_path)
+        path = corpus_file(entry, tmp_path)
         report = validate(path)
         assert report.findings and json.dumps(report.to_dict())
         assert report.render_text()
@@ -733,11 +733,6 @@ def test_every_corpus_file_gets_a_report(tmp_path):
 
 
 # -- the command -------------------------------------------------------------------------------------------------
-
-
-def diskimg_cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_validate_command(bios_mbr, uefi_gpt, tmp_path):

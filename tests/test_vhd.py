@@ -3,9 +3,7 @@ built by hand from the specification, hostile files and the third-party corpus."
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -19,30 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-try:
-    from .conftest import (
-        assert_extents_sound,
-        corpus_dir,
-        corpus_manifest,
-        qemu_img,
-        qemu_io,
-        qemu_raw,
-        qemu_raw_sha256,
-        reader_sha256,
-        requires_qemu,
-    )
-except ImportError:  # tests/ is not a package
-    from conftest import (  # type: ignore[no-redef]
-        assert_extents_sound,
-        corpus_dir,
-        corpus_manifest,
-        qemu_img,
-        qemu_io,
-        qemu_raw,
-        qemu_raw_sha256,
-        reader_sha256,
-        requires_qemu,
-    )
 from diskimg.detection import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UsageError
 from diskimg.formats.vhd import (
@@ -65,7 +39,20 @@ from diskimg.formats.vhd import (
 from diskimg.hostfile import HostFile
 from diskimg.reader import ExtentKind
 
-MiB = 1 << 20
+from .conftest import (
+    MiB,
+    assert_extents_sound,
+    corpus_dir,
+    corpus_entries,
+    corpus_file,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    qemu_raw_sha256,
+    reader_sha256,
+    requires_qemu,
+)
+
 BLOCK = 2 * MiB
 
 
@@ -863,28 +850,16 @@ def test_probe_never_raises(head, tail, size):
 
 # -- the corpus ---------------------------------------------------------------------------------
 
-_CORPUS_VHD = [entry for entry in corpus_manifest() if entry.get("format") == "vhd"]
+_CORPUS_VHD = corpus_entries(("vhd",))
 
 
 @pytest.fixture(scope="session")
 def corpus_files(tmp_path_factory):
-    directory = corpus_dir()
-    if directory is None:
+    """entry -> the corpus file, decompressed once per session where stored compressed."""
+    if corpus_dir() is None:
         pytest.skip("corpus not available")
     cache = tmp_path_factory.mktemp("vhd-corpus")
-
-    def get(entry: dict) -> Path:
-        source = directory / entry["file"]
-        if source.suffix not in (".gz", ".bz2"):
-            return source
-        target = cache / entry["file"].replace("/", "__").rsplit(".", 1)[0]
-        if not target.exists():
-            opener = gzip.open if source.suffix == ".gz" else bz2.open
-            with opener(source, "rb") as packed, open(target, "wb") as out:
-                shutil.copyfileobj(packed, out, 4 * MiB)
-        return target
-
-    return get
+    return lambda entry: corpus_file(entry, cache)
 
 
 @pytest.mark.parametrize("entry", _CORPUS_VHD, ids=[entry["file"] for entry in _CORPUS_VHD])

@@ -8,7 +8,6 @@ import os
 import random
 import struct
 import subprocess
-import sys
 import time
 from array import array
 
@@ -30,11 +29,22 @@ from diskimg.formats.vhd import (
 from diskimg.reader import Extent, ExtentKind
 from diskimg.writer import OutputTarget
 
-from .conftest import ROOT, file_sha256, qemu_img, qemu_io, reader_sha256, requires_qemu
-
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+from .conftest import (
+    GiB,
+    KiB,
+    MiB,
+    diskimg_cli,
+    diskimg_to_pipe,
+    file_sha256,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    random_plan,
+    reader_sha256,
+    requires_qemu,
+    scan_plan,
+    sparse_file,
+)
 #: 100 MiB + 3 sectors: neither a multiple of 2 MiB nor a CHS-representable size
 ODD_SIZE = 100 * MiB + 3 * 512
 #: 1000 cylinders x 4 heads x 17 sectors: a size the specification's CHS describes exactly
@@ -50,11 +60,7 @@ ZERO = ExtentKind.ZERO
 def sparse_raw(path, size: int, runs: list[tuple[int, int]], seed: int = 0) -> None:
     """A sparse raw file of ``size`` bytes with random bytes at each (offset, length)."""
     rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, length in runs:
-            f.seek(offset)
-            f.write(rng.randbytes(length))
+    sparse_file(path, size, [(offset, rng.randbytes(length)) for offset, length in runs])
 
 
 #: random data at unaligned offsets: inside one block, across block boundaries, one byte, the last sector
@@ -77,13 +83,6 @@ def nonzero_blocks(path, block_size: int) -> set[int]:
 def qemu_info(path, fmt: str | None = "vpc") -> dict:
     args = ["info", "--output=json"] + (["-f", fmt] if fmt else []) + [path]
     return json.loads(qemu_img(*args))
-
-
-def qemu_compare(first, first_format: str, second, second_format: str = "vpc") -> None:
-    proc = subprocess.run(
-        ["qemu-img", "compare", "-f", first_format, "-F", second_format, first, second], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def dynamic_layout(path) -> tuple[list[int], int]:
@@ -130,7 +129,7 @@ def check_output(out, source, source_format: str, size: int, subformat: str, *,
     sparse disks); the footer is as documented."""
     info = qemu_info(out, "vpc" if subformat == "fixed" else None)  # qemu probes fixed VHDs as raw
     assert info["format"] == "vpc" and info["virtual-size"] == size
-    qemu_compare(source, source_format, out)
+    qemu_compare(source, source_format, out, "vpc")
     with diskimg.open_image(out) as disk:
         assert disk.format == "vhd" and disk.subformat == subformat and disk.virtual_size == size
         assert disk.footer.current_size == disk.footer.original_size == size
@@ -150,25 +149,14 @@ def check_output(out, source, source_format: str, size: int, subformat: str, *,
         dynamic_layout(out)
 
 
-def cli(*args, stdout=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diskimg", *map(str, args)], capture_output=stdout is None,
-                          stdout=stdout, cwd=ROOT)
-
-
-def cli_to_pipe(source, out, *args) -> None:
-    """``diskimg convert SOURCE - ... | cat > OUT``: standard output is a real pipe."""
-    command = " ".join([f"'{sys.executable}'", "-m", "diskimg", "convert", f"'{source}'", "-", *args])
-    subprocess.run(["bash", "-o", "pipefail", "-c", f"{command} | cat > '{out}'"], check=True, cwd=ROOT)
-
-
 def convert_by(route: str, source, out, subformat: str, *extra: str) -> None:
     if route == "api":
         diskimg.convert(source, out, "vhd", options={"subformat": subformat})
     elif route == "cli":
-        proc = cli("convert", source, out, "-O", "vhd", "-o", f"subformat={subformat}", *extra)
+        proc = diskimg_cli("convert", source, out, "-O", "vhd", "-o", f"subformat={subformat}", *extra)
         assert proc.returncode == 0, proc.stderr
     else:
-        cli_to_pipe(source, out, "-O", "vhd", "-o", f"subformat={subformat}", *extra)
+        diskimg_to_pipe(out, "convert", source, "-", "-O", "vhd", "-o", f"subformat={subformat}", *extra, check=True)
 
 
 # -- round trips against qemu-img --------------------------------------------------------------------
@@ -189,14 +177,7 @@ def test_raw_source_round_trip(tmp_path, subformat, route):
         # only blocks holding data exist, on a file (allocated as data comes) and on a pipe (exact plan)
         assert allocated_blocks(out) == nonzero_blocks(source, 2 * MiB)
     with diskimg.open_image(source) as src:
-        assert VhdWriter.measure(ODD_SIZE, _scan_plan(src), {"subformat": subformat}) == os.path.getsize(out)
-
-
-def _scan_plan(reader) -> list[Extent]:
-    """The exact plan the converter computes for a streaming target (4 KiB zero granularity)."""
-    from diskimg.convert import _scan
-
-    return list(_scan(reader, 4096, None))
+        assert VhdWriter.measure(ODD_SIZE, scan_plan(src), {"subformat": subformat}) == os.path.getsize(out)
 
 
 @requires_qemu
@@ -243,7 +224,7 @@ def test_qcow2_source(tmp_path, target):
     if target == "file":
         diskimg.convert(source, out, "vhd")
     else:
-        cli_to_pipe(source, out, "-O", "vhd")
+        diskimg_to_pipe(out, "convert", source, "-", "-O", "vhd", check=True)
     check_output(out, source, "qcow2", 64 * MiB, "dynamic")
     oracle = tmp_path / "oracle.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", source, oracle)
@@ -274,7 +255,7 @@ def test_align_gives_a_mib_multiple_with_zero_tail(tmp_path, subformat):
     size = 101 * MiB
     info = qemu_info(out)
     assert info["format"] == "vpc" and info["virtual-size"] == size
-    qemu_compare(source, "raw", out)  # the extra tail reads as zeros
+    qemu_compare(source, "raw", out, "vpc")  # the extra tail reads as zeros
     if subformat == "fixed":
         assert os.path.getsize(out) == size + 512  # what Azure wants: N MiB + 512
     with diskimg.open_image(out) as disk:
@@ -301,7 +282,7 @@ def test_other_block_sizes(tmp_path, block_size):
         if target == "file":
             diskimg.convert(source, out, "vhd", options={"block_size": block_size})
         else:
-            cli_to_pipe(source, out, "-O", "vhd", "-o", f"block_size={block_size}")
+            diskimg_to_pipe(out, "convert", source, "-", "-O", "vhd", "-o", f"block_size={block_size}", check=True)
         check_output(out, source, "raw", ODD_SIZE, "dynamic")
         bat, block = dynamic_layout(out)
         assert block == (512 * KiB if block_size == "512K" else 16 * MiB)
@@ -326,7 +307,7 @@ def test_sparse_size_zero_writes_the_source_allocation(tmp_path):
         if target == "file":
             diskimg.convert(source, out, "vhd", zero_granularity=0)
         else:
-            cli_to_pipe(source, out, "-O", "vhd", "-S", "0")
+            diskimg_to_pipe(out, "convert", source, "-", "-O", "vhd", "-S", "0", check=True)
         check_output(out, source, "raw", 32 * MiB, "dynamic")
         assert allocated_blocks(out) == {0, 5}
 
@@ -336,7 +317,7 @@ def test_checksum_on_a_file_streams_and_hashes_the_output(tmp_path):
     source = tmp_path / "src.raw"
     sparse_raw(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vhd"
-    proc = cli("convert", source, out, "-O", "vhd", "--checksum", "--json")
+    proc = diskimg_cli("convert", source, out, "-O", "vhd", "--checksum", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["sha256"] == file_sha256(out)
@@ -357,7 +338,7 @@ def test_empty_2000g_disk_is_quick(tmp_path, target):
     if target == "file":
         diskimg.convert(source, out, "vhd")
     else:
-        cli_to_pipe(source, out, "-O", "vhd")
+        diskimg_to_pipe(out, "convert", source, "-", "-O", "vhd", check=True)
     elapsed = time.monotonic() - started
     assert elapsed < 30, f"{elapsed:.1f} s"  # generous: a few seconds at most on the slowest machine seen
     info = qemu_info(out)
@@ -379,7 +360,7 @@ def test_2040g_is_the_dynamic_limit(tmp_path):
     refused = tmp_path / "over.vhd"
     with pytest.raises(UsageError, match="2040 GiB"):
         diskimg.convert(source, refused, "vhd")
-    proc = cli("convert", source, refused, "-O", "vhd")
+    proc = diskimg_cli("convert", source, refused, "-O", "vhd")
     assert proc.returncode == 2 and b"2040 GiB" in proc.stderr and b"Traceback" not in proc.stderr
     assert not refused.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
 
@@ -443,10 +424,10 @@ def test_cli_options_as_qemu_img_takes_them(tmp_path):
     source = tmp_path / "src.raw"
     sparse_raw(source, 64 * MiB, [(MiB + 3, 1000)])
     out = tmp_path / "out.vhd"
-    proc = cli("convert", source, out, "-O", "vpc", "-o", "subformat=fixed,force_size")
+    proc = diskimg_cli("convert", source, out, "-O", "vpc", "-o", "subformat=fixed,force_size")
     assert proc.returncode == 0, proc.stderr
     check_output(out, source, "raw", 64 * MiB, "fixed")
-    proc = cli("convert", source, tmp_path / "bad.vhd", "-O", "vhd", "-o", "subformat=fixed,block_size=4M")
+    proc = diskimg_cli("convert", source, tmp_path / "bad.vhd", "-O", "vhd", "-o", "subformat=fixed,block_size=4M")
     assert proc.returncode == 2 and b"dynamic only" in proc.stderr
 
 
@@ -469,35 +450,12 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
     return writer
 
 
-def _random_disk(rng: random.Random, size: int) -> tuple[list[Extent], list[tuple[int, bytes]]]:
-    """An exact plan (DATA extents at sector granularity) and the pieces of data filling it, cut at
-    arbitrary places into pieces of at most 4 MiB."""
-    sectors = size // 512
-    marks = sorted(rng.sample(range(1, sectors), min(sectors - 1, 2 * rng.randint(1, 8))))
-    plan: list[Extent] = []
-    pieces: list[tuple[int, bytes]] = []
-    position = 0
-    for index, mark in enumerate([*marks, sectors]):
-        start, end = position, mark * 512
-        if end > start:
-            kind = DATA if index % 2 else ZERO
-            plan.append(Extent(start, end - start, kind))
-            while kind is DATA and start < end:
-                step = min(end - start, rng.randint(1, 4 * MiB))
-                data = bytearray(rng.randbytes(step))
-                data[0] = data[-1] = 0x99  # non-zero at both ends: the plan is exact
-                pieces.append((start, bytes(data)))
-                start += step
-        position = end
-    return plan, pieces
-
-
 @pytest.mark.parametrize("seed", range(8))
 def test_random_plans_round_trip_and_measure(tmp_path, seed):
     rng = random.Random(seed)
     size = rng.choice([rng.randint(1, 40) * MiB + rng.randint(0, 2 * MiB), 3 * MiB, 8 * MiB]) // 512 * 512
     options = rng.choice([{}, {"block_size": "512K"}, {"block_size": "1M"}, {"subformat": "fixed"}])
-    plan, pieces = _random_disk(rng, size)
+    plan, pieces = random_plan(rng, size)
     expected = bytearray(size)
     for offset, data in pieces:
         expected[offset : offset + len(data)] = data

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 from ..detection import Detection, OpenOptions, ParentOpener
 from ..errors import CorruptImage, DiskImageError, OutputError, UnsupportedFormat, UsageError
 from ..hostfile import HostFile
-from ..reader import DiskReader, ImageInfo, Run, RunKind, Snapshot
+from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind, Snapshot
 from ..writer import DiskWriter
 
 try:  # zstd is a declared dependency, but keep zlib images readable without it

@@ -186,20 +186,8 @@ class DiskContext:
 
         host = HostFile(self.path)
         try:
-            first = host.pread(min(host.size, 1 << 21), 0)
-            header = q.Qcow2Header.parse(first)
-            if not q.MIN_CLUSTER_BITS <= header.cluster_bits <= q.MAX_CLUSTER_BITS:
-                return header, q.HeaderExtensions()
-            cluster = first[: header.cluster_size]
-            end = len(cluster)
-            if header.backing_file_offset and header.backing_file_offset < end:
-                end = int(header.backing_file_offset)
-            try:
-                extensions = q.parse_header_extensions(cluster[header.header_length : max(end, header.header_length)],
-                                                       header.header_length)
-            except DiskImageError:
-                extensions = q.HeaderExtensions()
-            return header, extensions
+            first = q.read_first_cluster(host)
+            return first.header, first.extensions  # empty extensions where they could not be read
         except DiskImageError:
             return None
         finally:
