@@ -186,6 +186,7 @@ def measure(
     target_format = canonical_format(format)
     writer_class = WRITERS[target_format]
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
+    writer_class.check_options(writer_options)
     with open_image(source, source_format, allow_backing=allow_backing, snapshot=snapshot,
                     vhd_size=vhd_size) as reader:
         virtual_size = _aligned(reader.virtual_size, align)

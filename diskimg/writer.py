@@ -122,10 +122,7 @@ class DiskWriter:
     OPTIONS: Mapping[str, str] = {}
 
     def __init__(self, target: OutputTarget, virtual_size: int, options: Mapping[str, str], compress: bool) -> None:
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            known = ", ".join(sorted(self.OPTIONS)) or "none"
-            raise UsageError(f"{self.format} does not take option(s) {', '.join(unknown)} (it takes: {known})")
+        self.check_options(options)
         if compress and not self.supports_compression:
             raise UsageError(f"{self.format} output cannot be compressed (-c is for qcow2)")
         self.target = target
@@ -134,6 +131,14 @@ class DiskWriter:
         self.compress = compress
 
     supports_compression = False
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, str]) -> None:
+        """Refuse ``-o`` keys this format does not take (values are checked by each writer)."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            known = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise UsageError(f"{cls.format} does not take option(s) {', '.join(unknown)} (it takes: {known})")
 
     @property
     def concurrent_writes(self) -> bool:

@@ -2,8 +2,9 @@
 
 Comparing a ``bytes`` slice with a preallocated zero ``bytes`` of the same length runs at memory
 speed; comparing memoryviews or counting bytes is 10-30x slower (a memoryview is therefore copied
-out with ``tobytes`` first, which is a memcpy). So data is checked in 64 KiB blocks against one zero
-block, and only blocks that differ are split to the requested granularity.
+out with ``tobytes`` first, which is a memcpy). Candidate zero pieces are located with
+``bytes.find`` of a zero needle, a C search that skips through non-zero data, and zero runs are
+extended by comparing 64 KiB blocks, then pieces of the requested granularity.
 """
 
 from __future__ import annotations

@@ -53,3 +53,12 @@ def test_scan_finds_zeros_inside_allocated_data(tmp_path):
     by_content = diskimg_json("measure", image, "-O", "qcow2", "-S", "4k")
     assert by_map["data_bytes"] == image.stat().st_size and by_content["data_bytes"] == 2 * 65536
     assert by_content["required"] < by_map["required"]
+
+
+def test_unknown_options_are_usage_errors(tmp_path):
+    image = tmp_path / "x.raw"
+    image.write_bytes(bytes(1 << 20))
+    for fmt in ("raw", "qcow2", "vhd"):
+        proc = subprocess.run([sys.executable, "-m", "diskimg", "measure", image, "-O", fmt, "-o", "no_such=1"],
+                              capture_output=True)
+        assert proc.returncode == 2 and b"no_such" in proc.stderr

@@ -1266,10 +1266,7 @@ class VhdWriter(DiskWriter):
         """The exact size of the output file for this plan (on a seekable file, where only blocks
         that receive non-zero data are allocated, an upper bound)."""
         options = dict(options or {})
-        unknown = sorted(set(options) - set(cls.OPTIONS))
-        if unknown:
-            raise UsageError(f"{cls.format} does not take option(s) {', '.join(unknown)} (it takes: "
-                             f"{', '.join(sorted(cls.OPTIONS))})")
+        cls.check_options(options)
         subformat, block_size = _writer_settings(options)
         size = _writer_disk_size(virtual_size, subformat)
         if subformat == "fixed":
