@@ -129,7 +129,7 @@ def test_vmdk_split_extent_and_flat_extent(work):
 def test_luks(work):
     path = work / "disk.luks"
     qemu_img(
-        "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=x", "-o", "key-secret=s0,iter-time=10", path, "16M"
+        "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=x", "-o", "key-secret=s0,iter-time=50", path, "16M"
     )
     found = detect(path)
     assert (found.format, found.subformat, found.readable) == ("luks", "LUKS1", False)

@@ -494,7 +494,7 @@ def test_encrypted_images_are_refused(tmp_path, method):
     image = tmp_path / "enc.qcow2"
     options = f"encrypt.format={method},encrypt.key-secret=sec0"
     if method == "luks":
-        options += ",encrypt.iter-time=10"
+        options += ",encrypt.iter-time=50"
     qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc", "-o", options, image, "1M")
     expected = rf"encrypted \({method.upper()}\) qcow2 images are not supported"
     with pytest.raises(UnsupportedFormat, match=expected) as err:
