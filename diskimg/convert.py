@@ -1,6 +1,6 @@
 """Conversion: a reader's extents and data, fed in order to a writer of the target format.
 
-Data is read in 4 MiB chunks by a background thread (preads release the GIL, so reading overlaps
+Data is read in 2 MiB chunks by a background thread (preads release the GIL, so reading overlaps
 zero detection and writing), checked for zeros at the requested granularity, and only non-zero
 ranges reach the writer. A writer that must know its exact allocation before the first byte (qcow2
 or dynamic VHD on a pipe) gets a plan refined by a pre-scan of the source's DATA extents: that
@@ -36,7 +36,7 @@ from .reader import DiskReader, Extent, ExtentKind
 from .writer import DiskWriter, OutputTarget, parse_options
 from .zeroes import nonzero_runs
 
-CHUNK = 4 * 1024 * 1024
+CHUNK = 2 * 1024 * 1024  # smaller writes are throttled less by the kernel under dirty-page pressure
 PREFETCH = 3  # chunks read ahead: bounds memory to a few chunks whatever the disk size
 WORKERS = 2  # threads converting chunks at once where the writer allows it
 
@@ -209,7 +209,7 @@ def _aligned(size: int, align: int | None) -> int:
 
 
 def _data_chunks(extents: Iterable[Extent]) -> Iterator[tuple[int, int]]:
-    """(offset, length) pieces of the DATA extents, cut at 4 MiB boundaries."""
+    """(offset, length) pieces of the DATA extents, cut at CHUNK boundaries."""
     for extent in extents:
         if extent.kind is ExtentKind.DATA:
             position = extent.start
@@ -222,7 +222,7 @@ def _data_chunks(extents: Iterable[Extent]) -> Iterator[tuple[int, int]]:
 def _read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[int, bytearray | bytes]]:
     """The DATA extents' bytes in order, read by a background thread a few chunks ahead.
 
-    Chunks are read into a small ring of reused buffers (fresh 4 MiB buffers would cost the kernel
+    Chunks are read into a small ring of reused buffers (fresh large buffers would cost the kernel
     a page fault per 4 KiB): a chunk is valid until the next one is taken.
     """
     ring = [bytearray(CHUNK) for _ in range(PREFETCH + 2)]
@@ -293,14 +293,15 @@ def _feed_in_order(
 def _feed_concurrently(
     reader: DiskReader, extents: Iterable[Extent], granularity: int, writer: DiskWriter, tally: _Tally
 ) -> None:
-    """4 MiB windows read, checked and written by WORKERS threads at once, in any order.
+    """CHUNK-sized windows read, checked and written by WORKERS threads at once, in any order.
 
     Page-cache copies are CPU work for the kernel: two threads writing move data about twice as
     fast as one on a 2-core machine (qemu-img does the same with its coroutines).
 
-    All the DATA pieces of one CHUNK-aligned window go to one task, written in offset order: two
-    threads never write into the same window, so never into the same qcow2 cluster or VHD block
-    (both divide 4 MiB) even when two DATA extents share one.
+    All the DATA pieces of one CHUNK-aligned window go to one task: two threads never write into
+    the same window, so never into the same qcow2 cluster (clusters divide CHUNK) even when two
+    DATA extents share one. Allocation happens in ``reserve``, in window order (a VHD block larger
+    than a window is allocated once and then written in disjoint pieces).
     """
     local = threading.local()
     turn = _Turnstile()
