@@ -91,7 +91,7 @@ def _open_reader(source: Source, name: str, opener: _ParentOpener | None, option
     """The reader of format ``name`` over ``source``; the file is closed again if that fails."""
     host = HostFile(source)
     try:
-        return READERS[name].open(host, opener, options)  # type: ignore[attr-defined]
+        return READERS[name].open(host, opener, options)
     except BaseException:
         host.close()
         raise

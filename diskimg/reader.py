@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, overload
 
+from .detection import OpenOptions, ParentOpener
 from .errors import BackingFileError, CorruptImage
 from .hostfile import HostFile
 
@@ -110,6 +111,11 @@ class DiskReader(io.RawIOBase):
         self._position = 0
 
     # -- what drivers provide -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> DiskReader:
+        """Parse and check the image's metadata; a reader, or a DiskImageError."""
+        raise NotImplementedError
 
     def _runs(self, start: int, end: int) -> Iterator[Run]:
         """Runs covering exactly [start, end) in increasing order."""

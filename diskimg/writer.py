@@ -129,6 +129,21 @@ class DiskWriter:
         self.virtual_size = virtual_size
         self.options = dict(options)
         self.compress = compress
+        self._written_to = 0  # guest offset up to which in-order data has been written
+
+    def _accepted(self, offset: int, data: bytes | memoryview, disk_size: int) -> memoryview:
+        """``data`` as a flat byte view; data out of order (unless ``concurrent_writes``) or past
+        the disk is refused: it means the source changed under the conversion."""
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        end = offset + len(view)
+        if offset < 0 or end > disk_size or (offset < self._written_to and not self.concurrent_writes):
+            raise OutputError(
+                f"{self.format} writer: data at {offset}..{end} is out of order or past the disk's {disk_size} bytes",
+                path=self.target.name,
+            )
+        return view
 
     supports_compression = False
 

@@ -1626,7 +1626,6 @@ class Qcow2Writer(DiskWriter):
         plan_layout(self._cb, self.settings.refcount_order, self.disk_size, 0, 0)  # size limits, early
         self._layout: Qcow2Layout | None = None
         self._planned_l1 = bytearray()
-        self._written_to = 0
         # streaming: the planned runs of guest clusters (first, count, first host cluster)
         self._rg, self._rn, self._rh = array("Q"), array("Q"), array("Q")
         self._cursor = 0  # the run the last write went to
@@ -1699,17 +1698,10 @@ class Qcow2Writer(DiskWriter):
     # -- data ------------------------------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view = self._accepted(offset, data, self.disk_size)
         length = len(view)
         end = offset + length
         concurrent = self.concurrent_writes
-        if (offset < self._written_to and not concurrent) or offset < 0 or end > self.disk_size:
-            raise OutputError(
-                f"qcow2 writer: data at {offset}..{end} is out of order or past the disk's {self.disk_size} bytes",
-                path=self.target.name,
-            )
         if not length:
             return
         if self._layout is None:

@@ -1243,7 +1243,6 @@ class VhdWriter(DiskWriter):
         )
         self._footer = self.footer.pack()
         self._started = False
-        self._written_to = 0  # guest offset up to which data has been written
         if self.dynamic:
             bs = self.block_size
             self.entries = -(-self.disk_size // bs)
@@ -1327,15 +1326,8 @@ class VhdWriter(DiskWriter):
         return raw + b"\xff" * (self.table_bytes - len(raw))
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view = self._accepted(offset, data, self.disk_size)
         end = offset + len(view)
-        if offset < self._written_to or end > self.disk_size:
-            raise OutputError(
-                f"vhd writer: data at {offset}..{end} is out of order or past the disk's {self.disk_size} bytes",
-                path=self.target.name,
-            )
         if not view:
             return
         target = self.target
