@@ -18,6 +18,12 @@ command -v xz >/dev/null || need+=(xz-utils)
 command -v bzip2 >/dev/null || need+=(bzip2)
 command -v xorriso >/dev/null || need+=(xorriso)
 command -v mkswap >/dev/null || need+=(util-linux)
+command -v mkntfs >/dev/null || need+=(ntfs-3g)
+command -v hivexregedit >/dev/null || need+=(libhivex-bin)
+command -v bsdtar >/dev/null || need+=(libarchive-tools)
+command -v cpio >/dev/null || need+=(cpio)
+command -v lz4 >/dev/null || need+=(lz4)
+command -v pigz >/dev/null || need+=(pigz)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""
