@@ -1,9 +1,8 @@
 """File systems and other volume signatures, identified from their superblocks.
 
-Pure functions over bytes (``probe_bytes(head)``, ``probe_boot_sector(head)``) plus thin readers
-over a disk (``probe(disk, offset, length)``, ``find_efi_loaders``): each reads a few KiB at known
-offsets, never a file system's data. Nothing but :class:`~diskimg.errors.DiskImageError` escapes,
-whatever the bytes.
+Pure functions over bytes (``probe_bytes(head)``, ``probe_boot_sector(head)``) plus a thin reader
+over a disk (``probe(disk, offset, length)``): it reads a few KiB at known offsets, never a file
+system's data. Nothing but :class:`~diskimg.errors.DiskImageError` escapes, whatever the bytes.
 
 What is recognised (``FileSystem.type``): ``ext2``, ``ext3``, ``ext4``, ``ext-journal``, ``xfs``,
 ``btrfs``, ``ntfs``, ``bitlocker``, ``fat12``, ``fat16``, ``fat32``, ``exfat``, ``swap``,
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import CorruptImage, DiskImageError
+from .errors import CorruptImage
 
 #: bytes ``probe_bytes`` can use: up to the btrfs superblock's label (64 KiB + 0x22b)
 HEAD_SIZE = 0x10000 + 0x1000
@@ -549,182 +548,7 @@ def probe(disk: Disk, offset: int = 0, length: int | None = None) -> FileSystem 
     return None
 
 
-# -- FAT directories (the ESP) -----------------------------------------------------------------------
-
-#: caps on a FAT walk: clusters followed in one chain, entries in one directory
-MAX_CHAIN = 65536
-MAX_DIR_BYTES = 4 << 20
-
-
-@dataclass(frozen=True)
-class FatEntry:
-    name: str
-    is_dir: bool
-    cluster: int
-    size: int
-
-
-class FatVolume:
-    """Enough of FAT12/16/32 to list directories (for the boot loaders on an ESP)."""
-
-    def __init__(self, disk: Disk, offset: int, length: int) -> None:
-        self.disk = disk
-        self.offset = offset
-        self.length = length
-        bpb = parse_fat_bpb(disk.read(offset, 512))
-        if bpb is None:
-            raise CorruptImage("not a FAT file system", offset=offset, structure="FAT boot sector")
-        self.bpb = bpb
-        if bpb.data_offset >= length:
-            raise CorruptImage("FAT layout does not fit its partition", offset=offset, structure="FAT boot sector")
-        self._fat_cache: dict[int, bytes] = {}
-
-    def _fat_bytes(self, position: int, count: int) -> bytes:
-        """``count`` bytes of the first FAT at byte ``position`` within it (cached 64 KiB pages)."""
-        out = b""
-        while count > 0:
-            page, inner = divmod(position, 65536)
-            if page not in self._fat_cache:
-                start = self.bpb.fat_offset + page * 65536
-                end = min(self.bpb.fat_offset + self.bpb.fat_sectors * self.bpb.bytes_per_sector, start + 65536)
-                if start >= end:
-                    raise CorruptImage("FAT chain points past the FAT", offset=self.offset + start, structure="FAT")
-                if len(self._fat_cache) > 64:
-                    self._fat_cache.clear()
-                self._fat_cache[page] = self.disk.read(self.offset + start, end - start)
-            chunk = self._fat_cache[page][inner : inner + count]
-            if not chunk:
-                raise CorruptImage("FAT chain points past the FAT", offset=self.offset, structure="FAT")
-            out += chunk
-            position += len(chunk)
-            count -= len(chunk)
-        return out
-
-    def next_cluster(self, cluster: int) -> int | None:
-        kind = self.bpb.fat_type
-        if kind == "fat12":
-            raw = int.from_bytes(self._fat_bytes(cluster + cluster // 2, 2), "little")
-            value = raw >> 4 if cluster & 1 else raw & 0xFFF
-            end = 0xFF8
-        elif kind == "fat16":
-            value = int.from_bytes(self._fat_bytes(cluster * 2, 2), "little")
-            end = 0xFFF8
-        else:
-            value = int.from_bytes(self._fat_bytes(cluster * 4, 4), "little") & 0x0FFFFFFF
-            end = 0x0FFFFFF8
-        if value < 2 or value >= end - 1 or value >= self.bpb.clusters + 2:
-            return None
-        return value
-
-    def _cluster_offset(self, cluster: int) -> int:
-        if not 2 <= cluster < self.bpb.clusters + 2:
-            raise CorruptImage(f"FAT cluster {cluster} out of range", offset=self.offset, structure="FAT directory")
-        position = self.bpb.data_offset + (cluster - 2) * self.bpb.cluster_size
-        if position + self.bpb.cluster_size > self.length:
-            raise CorruptImage(f"FAT cluster {cluster} lies past the partition", offset=self.offset + position,
-                               structure="FAT directory")
-        return self.offset + position
-
-    def _directory_bytes(self, cluster: int) -> bytes:
-        if cluster == 0 and self.bpb.fat_type != "fat32":
-            start = self.bpb.root_dir_offset
-            size = min(self.bpb.root_dir_size, MAX_DIR_BYTES)
-            if start + size > self.length:
-                raise CorruptImage("FAT root directory lies past the partition", offset=self.offset + start,
-                                   structure="FAT root directory")
-            return self.disk.read(self.offset + start, size)
-        if cluster == 0:
-            cluster = self.bpb.root_cluster
-        parts = []
-        seen: set[int] = set()
-        total = 0
-        current: int | None = cluster
-        while current is not None and current not in seen and len(seen) < MAX_CHAIN and total < MAX_DIR_BYTES:
-            seen.add(current)
-            data = self.disk.read(self._cluster_offset(current), self.bpb.cluster_size)
-            parts.append(data)
-            total += len(data)
-            if b"\0" in data[::32]:  # an entry starting with 0: the end of the directory
-                break
-            current = self.next_cluster(current)
-        return b"".join(parts)
-
-    def list_dir(self, cluster: int = 0) -> list[FatEntry]:
-        """Entries of a directory (cluster 0: the root), long names assembled, '.'/'..' left out."""
-        data = self._directory_bytes(cluster)
-        entries = []
-        long_parts: dict[int, str] = {}
-        for base in range(0, len(data) - 31, 32):
-            record = data[base : base + 32]
-            first = record[0]
-            if first == 0:
-                break
-            if first == 0xE5:
-                long_parts = {}
-                continue
-            attr = record[11]
-            if attr & 0x3F == 0x0F:  # long-name piece
-                piece = (record[1:11] + record[14:26] + record[28:32]).decode("utf-16-le", errors="replace")
-                long_parts[first & 0x1F] = piece.split("\0", 1)[0].replace("\uffff", "")
-                continue
-            if attr & 0x08:  # volume label
-                long_parts = {}
-                continue
-            stem = record[0:8].decode("latin-1").rstrip()
-            ext = record[8:11].decode("latin-1").rstrip()
-            if record[12] & 0x08:  # Windows NT case flags: base name / extension stored in lower case
-                stem = stem.lower()
-            if record[12] & 0x10:
-                ext = ext.lower()
-            short = f"{stem}.{ext}" if ext else stem
-            name = "".join(long_parts[k] for k in sorted(long_parts)) if long_parts else short
-            long_parts = {}
-            if short in (".", ".."):
-                continue
-            cluster_no = _le(record, 26, 2) | (_le(record, 20, 2) << 16 if self.bpb.fat_type == "fat32" else 0)
-            entries.append(FatEntry(name=name, is_dir=bool(attr & 0x10), cluster=cluster_no, size=_le(record, 28, 4)))
-        return entries
-
-    def find(self, path: str) -> FatEntry | None:
-        """The entry at a '/'-separated path (case-insensitive, as FAT is)."""
-        cluster = 0
-        entry: FatEntry | None = None
-        for part in [p for p in path.split("/") if p]:
-            if entry is not None and not entry.is_dir:
-                return None
-            match = [e for e in self.list_dir(cluster) if e.name.upper() == part.upper()]
-            if not match:
-                return None
-            entry = match[0]
-            cluster = entry.cluster
-            if entry.is_dir and cluster == 0:
-                return None  # a subdirectory cannot start at cluster 0
-        return entry
-
-
-def find_efi_loaders(disk: Disk, offset: int, length: int) -> list[str]:
-    """The ``.efi`` files in ``EFI/`` and its subdirectories on a FAT volume (an ESP), as paths.
-
-    Raises DiskImageError when the FAT cannot be walked.
-    """
-    volume = FatVolume(disk, offset, length)
-    efi = volume.find("EFI")
-    if efi is None or not efi.is_dir:
-        return []
-    found = []
-    for sub in volume.list_dir(efi.cluster)[:256]:
-        if sub.is_dir and sub.cluster:
-            try:
-                children = volume.list_dir(sub.cluster)
-            except DiskImageError:
-                continue
-            for child in children[:1024]:
-                if not child.is_dir and child.name.upper().endswith(".EFI"):
-                    found.append(f"EFI/{sub.name}/{child.name}")
-        elif not sub.is_dir and sub.name.upper().endswith(".EFI"):
-            found.append(f"EFI/{sub.name}")
-    return found
-
+# -- the ESP (``fs.fat.find_efi_loaders`` lists its loaders) ---------------------------------------------
 
 #: the removable-media fallback paths UEFI firmware boots when it has no boot entry (UEFI spec 3.5.1)
 FALLBACK_LOADERS = {"BOOTX64.EFI": "x86_64", "BOOTAA64.EFI": "arm64", "BOOTIA32.EFI": "i386"}

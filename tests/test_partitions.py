@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg.errors import DiskImageError
-from diskimg.filesystems import find_efi_loaders, probe, probe_boot_sector, probe_bytes
+from diskimg.filesystems import probe, probe_boot_sector, probe_bytes
+from diskimg.fs.fat import find_efi_loaders
 from diskimg.partitions import (
     GUID_BIOS_BOOT,
     GUID_ESP,

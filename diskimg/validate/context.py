@@ -17,6 +17,7 @@ from ..detect import detect
 from ..detection import Detection
 from ..errors import BackingFileError, DiskImageError, ImageNotFound, UnsupportedFormat
 from ..filesystems import FileSystem
+from ..fs.fat import find_efi_loaders
 from ..hostfile import HostFile
 from ..image import image_info, open_image
 from ..partitions import Partition, PartitionTable, read_partition_table
@@ -314,7 +315,7 @@ class DiskContext:
                 continue
             analysis.uefi = True
             try:
-                analysis.loaders += fsmod.find_efi_loaders(reader, volume.offset, volume.length)
+                analysis.loaders += find_efi_loaders(reader, volume.offset, volume.length)
             except DiskImageError as exc:
                 analysis.unreadable_esps[volume.partition.number] = exc.message
         analysis.uefi_evidence = {
