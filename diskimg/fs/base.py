@@ -25,6 +25,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from ..errors import DiskImageError
 
@@ -78,39 +79,43 @@ class Stat:
         return self.type is FileType.SYMLINK
 
 
+#: what a driver names a file by (an inode number, an MFT record number, a FAT directory entry)
+Node = TypeVar("Node", bound=Hashable)
+
+
 @dataclass(frozen=True)
-class DirEntry:
+class DirEntry(Generic[Node]):
     """One name in a directory; ``type`` is None where the directory does not record it."""
 
     name: str
-    node: Hashable
+    node: Node
     type: FileType | None = None
 
 
-class GuestFileSystem(ABC):
+class GuestFileSystem(ABC, Generic[Node]):
     """A mounted-read-only view of one file system (see the module docstring)."""
 
     #: e.g. "ext4", "xfs", "fat32", "ntfs"
     type: str = ""
     #: FAT and NTFS compare names without case
     case_insensitive: bool = False
-    root: Hashable = None
+    root: Node
 
     # -- what a driver implements ----------------------------------------------------------------
 
     @abstractmethod
-    def _stat(self, node: Hashable) -> Stat: ...
+    def _stat(self, node: Node) -> Stat: ...
 
     @abstractmethod
-    def _entries(self, node: Hashable) -> Iterator[DirEntry]: ...
+    def _entries(self, node: Node) -> Iterator[DirEntry[Node]]: ...
 
     @abstractmethod
-    def _read(self, node: Hashable, offset: int, length: int) -> bytes: ...
+    def _read(self, node: Node, offset: int, length: int) -> bytes: ...
 
     @abstractmethod
-    def _readlink(self, node: Hashable) -> str: ...
+    def _readlink(self, node: Node) -> str: ...
 
-    def _lookup(self, directory: Hashable, name: str) -> Hashable | None:
+    def _lookup(self, directory: Node, name: str) -> Node | None:
         """The node of ``name`` in ``directory``; drivers with indexed directories may do better."""
         if self.case_insensitive:
             folded = name.casefold()
@@ -125,11 +130,11 @@ class GuestFileSystem(ABC):
 
     # -- paths -----------------------------------------------------------------------------------
 
-    def resolve(self, path: str, follow_symlinks: bool = True) -> Hashable:
+    def resolve(self, path: str, follow_symlinks: bool = True) -> Node:
         """The node at ``path`` (absolute inside the guest; a relative path starts at the root)."""
         pending = [part for part in path.split("/") if part not in ("", ".")]
         pending.reverse()
-        stack: list[Hashable] = [self.root]  # the directories from the root to the current one
+        stack: list[Node] = [self.root]  # the directories from the root to the current one
         links = 0
         while pending:
             part = pending.pop()
@@ -174,7 +179,7 @@ class GuestFileSystem(ABC):
     def is_file(self, path: str) -> bool:
         return self.exists(path) and self.stat(path).is_file
 
-    def scandir(self, path: str = "/") -> list[DirEntry]:
+    def scandir(self, path: str = "/") -> list[DirEntry[Node]]:
         node = self.resolve(path)
         if not self._stat(node).is_dir:
             raise GuestPathError(f"{path}: not a directory")
@@ -220,8 +225,8 @@ class GuestFileSystem(ABC):
     def walk(self, path: str = "/") -> Iterator[tuple[str, Stat]]:
         """Every file under ``path`` (depth first, symbolic links not followed) with its Stat."""
         start = self.resolve(path)
-        stack: list[tuple[str, Hashable]] = [(path.rstrip("/") or "/", start)]
-        seen: set[Hashable] = {start}
+        stack: list[tuple[str, Node]] = [(path.rstrip("/") or "/", start)]
+        seen: set[Node] = {start}
         while stack:
             where, node = stack.pop()
             for entry in self._entries(node):

@@ -291,7 +291,7 @@ def _has_superblock_backup(sb: Superblock, group: int) -> bool:
     return False
 
 
-class ExtFileSystem(GuestFileSystem):
+class ExtFileSystem(GuestFileSystem[int]):
     """An ext2/3/4 file system occupying ``length`` bytes at ``offset`` of ``disk``; nodes are inode numbers."""
 
     root = ROOT_INODE

@@ -200,7 +200,7 @@ class _Listing:
     index: dict[str, FatNode]  # case-folded long and short names
 
 
-class FatFileSystem(GuestFileSystem):
+class FatFileSystem(GuestFileSystem["FatNode"]):
     """A FAT12, FAT16 or FAT32 volume at [offset, offset + length) of ``disk``."""
 
     case_insensitive = True

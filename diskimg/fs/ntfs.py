@@ -34,7 +34,7 @@ import re
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import CorruptImage, UnsupportedFormat
@@ -479,7 +479,7 @@ class NtfsFile:
         return sum(len(stream.runs) for stream in (self.data, self.index_allocation) if stream is not None)
 
 
-class NtfsFileSystem(GuestFileSystem):
+class NtfsFileSystem(GuestFileSystem[int]):
     """An NTFS volume read through ``disk`` (see the module docstring)."""
 
     type = "ntfs"
@@ -797,16 +797,11 @@ class NtfsFileSystem(GuestFileSystem):
 
     # -- the contract -------------------------------------------------------------------------------------
 
-    def _stat(self, node: Hashable) -> Stat:
-        return self._file(self._number(node)).stat
+    def _stat(self, node: int) -> Stat:
+        return self._file(node).stat
 
-    def _number(self, node: Hashable) -> int:
-        if not isinstance(node, int) or node < 0:
-            raise GuestPathError(f"{node!r} is not an NTFS file")
-        return node
-
-    def _read(self, node: Hashable, offset: int, length: int) -> bytes:
-        found = self._file(self._number(node))
+    def _read(self, node: int, offset: int, length: int) -> bytes:
+        found = self._file(node)
         what = f"NTFS file {found.name!r} (MFT record {found.number})"
         if found.stat.type is not FileType.FILE:
             raise GuestPathError(f"{what} is not a regular file")
@@ -819,13 +814,13 @@ class NtfsFileSystem(GuestFileSystem):
                                     "WOF or deduplication): its data cannot be read", format="ntfs")
         return self._read_stream(found.data, offset, length, what)
 
-    def _readlink(self, node: Hashable) -> str:
-        found = self._file(self._number(node))
+    def _readlink(self, node: int) -> str:
+        found = self._file(node)
         if found.link is None:
             raise GuestPathError(f"NTFS file {found.name!r} (MFT record {found.number}) is not a symbolic link")
         return found.link
 
-    def _entries(self, node: Hashable) -> Iterator[DirEntry]:
+    def _entries(self, node: int) -> Iterator[DirEntry]:
         seen = 0
         for entry in self._index(self._directory(node)):
             if entry.namespace == NAMESPACE_DOS or entry.record < FIRST_USER_RECORD:
@@ -836,7 +831,7 @@ class NtfsFileSystem(GuestFileSystem):
                                    structure="NTFS index")
             yield DirEntry(entry.name, entry.record, _entry_type(entry.file_flags))
 
-    def _lookup(self, directory: Hashable, name: str) -> Hashable | None:
+    def _lookup(self, directory: int, name: str) -> int | None:
         """A walk down the B+tree, names compared upper-cased by the volume's $UpCase as NTFS sorts them."""
         found = self._directory(directory)
         wanted = self._fold(name.encode("utf-16-le", errors="surrogatepass"))
@@ -859,8 +854,8 @@ class NtfsFileSystem(GuestFileSystem):
 
     # -- directories -------------------------------------------------------------------------------------
 
-    def _directory(self, node: Hashable) -> NtfsFile:
-        found = self._file(self._number(node))
+    def _directory(self, node: int) -> NtfsFile:
+        found = self._file(node)
         if found.index_root is None or found.stat.type is not FileType.DIRECTORY:
             raise GuestPathError(f"NTFS file {found.name!r} (MFT record {found.number}) is not a directory")
         return found

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import CorruptImage, UnsupportedFormat
@@ -112,7 +112,7 @@ def _corrupt(message: str, offset: int | None, structure: str) -> CorruptImage:
     return CorruptImage(message, offset=offset, structure=structure)
 
 
-def _inode_number(node: Hashable) -> int:
+def _inode_number(node: int) -> int:
     """A node of this driver: an inode number."""
     if not isinstance(node, int):
         raise GuestPathError(f"{node!r} is not an XFS inode number")
@@ -355,7 +355,7 @@ def parse_data_block(block: bytes, version: int, has_ftype: bool, single: bool,
     return entries
 
 
-class XfsFileSystem(GuestFileSystem):
+class XfsFileSystem(GuestFileSystem[int]):
     """An XFS file system at ``[offset, offset + length)`` of ``disk``; nodes are inode numbers."""
 
     type = "xfs"
@@ -410,10 +410,10 @@ class XfsFileSystem(GuestFileSystem):
             self._cache.move_to_end(position)
         return data, self._offset + position
 
-    def _inode(self, node: Hashable) -> Inode:
+    def _inode(self, node: int) -> Inode:
         return self._cached_inode(_inode_number(node))[0]
 
-    def _stat(self, node: Hashable) -> Stat:
+    def _stat(self, node: int) -> Stat:
         return self._cached_inode(_inode_number(node))[1]
 
     def _cached_inode(self, number: int) -> tuple[Inode, Stat]:
@@ -583,7 +583,7 @@ class XfsFileSystem(GuestFileSystem):
         if pending:
             raise _corrupt("directory ends inside a directory block", inode.position, where)
 
-    def _entries(self, node: Hashable) -> Iterator[DirEntry]:
+    def _entries(self, node: int) -> Iterator[DirEntry]:
         inode = self._inode(node)
         if inode.file_type is not FileType.DIRECTORY:
             raise GuestPathError(f"inode {node} is not a directory")
@@ -600,7 +600,7 @@ class XfsFileSystem(GuestFileSystem):
             kind = DIRENT_TYPES.get(ftype, FileType.OTHER if ftype else None)
             yield DirEntry(name.decode("utf-8", "surrogateescape"), number, kind)
 
-    def _lookup(self, directory: Hashable, name: str) -> int | None:
+    def _lookup(self, directory: int, name: str) -> int | None:
         """Looks ``name`` up in a cached name -> inode map of the directory (few directories kept)."""
         directory = _inode_number(directory)
         names = self._directories.get(directory)
@@ -618,7 +618,7 @@ class XfsFileSystem(GuestFileSystem):
 
     # -- files and links ---------------------------------------------------------------------------
 
-    def _read(self, node: Hashable, offset: int, length: int) -> bytes:
+    def _read(self, node: int, offset: int, length: int) -> bytes:
         inode = self._inode(node)
         if inode.file_type is not FileType.FILE:
             raise GuestPathError(f"inode {node} is not a regular file")
@@ -641,7 +641,7 @@ class XfsFileSystem(GuestFileSystem):
                 position + start - extent.offset * block_size, stop - start, f"XFS inode {node} data")
         return bytes(out)
 
-    def _readlink(self, node: Hashable) -> str:
+    def _readlink(self, node: int) -> str:
         inode = self._inode(node)
         where = f"XFS inode {node} symbolic link"
         if inode.file_type is not FileType.SYMLINK:
