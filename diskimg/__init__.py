@@ -67,3 +67,11 @@ from .check import CheckResult, check  # noqa: E402  (after the names above: it 
 from .validate import Finding, Report, validate  # noqa: E402
 
 __all__ += ["CheckResult", "Finding", "Report", "check", "validate"]
+
+from .export import ExportResult, VerifyResult, export, verify  # noqa: E402
+
+__all__ += ["ExportResult", "VerifyResult", "export", "verify"]
+
+from .unpack import UnpackResult, unpack  # noqa: E402
+
+__all__ += ["UnpackResult", "unpack"]

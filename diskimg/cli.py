@@ -6,6 +6,7 @@ unsupported, corrupt); 4 the output cannot be written; 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,8 +20,9 @@ from . import __version__
 from .compare import compare
 from .convert import ProgressCallback, convert, measure
 from .detect import detect
-from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UsageError
+from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UnsupportedFormat, UsageError
 from .image import image_info, open_image
+from .sources import opens_through_wrapper
 from .units import format_size, parse_size
 
 FORMAT_CHOICE = click.Choice(["raw", "vhd", "vpc", "qcow2"], case_sensitive=False)
@@ -46,7 +48,11 @@ def cli() -> None:
 def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
     """What IMAGE is: format, sizes, allocation, creator, features, backing file, snapshots."""
     detection = detect(image)
-    if fmt is None and not detection.readable:
+    facts = None
+    if fmt is None and not detection.readable and opens_through_wrapper(detection):
+        with contextlib.suppress(UnsupportedFormat):  # e.g. a qcow2 in a compressed stream: described below
+            facts = image_info(image)  # a disk read through the wrapper: details say how
+    if fmt is None and not detection.readable and facts is None:
         # A format diskimg does not read: say what it is and how to convert it.
         result: dict[str, Any] = {"filename": image, **detection.to_dict()}
         if as_json:
@@ -57,7 +63,7 @@ def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
             if detection.hint:
                 click.echo(f"diskimg does not read this format: {detection.hint}")
         return
-    facts = image_info(image, fmt, vhd_size=vhd_size)  # type: ignore[arg-type]
+    facts = facts or image_info(image, fmt, vhd_size=vhd_size)  # type: ignore[arg-type]
     result = {"filename": image, **facts.to_dict(), "description": detection.description}
     if detection.starts_with:
         result["starts_with"] = detection.starts_with
@@ -153,6 +159,8 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: st
         return
     summary = (f"{source} ({result.source_format}) -> {target} ({result.target_format}, {result.backend}): "
                f"{format_size(result.virtual_size)} in {result.seconds:.2f} s")
+    if result.decompression_passes:
+        summary += f" ({_passes(result.decompression_passes)} of the compressed source)"
     click.echo(summary, err=True)
     if result.sha256:
         click.echo(f"sha256: {result.sha256}\ncontent hash: {result.content_hash}", err=target == "-")
@@ -239,6 +247,101 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
     ctx.exit(0 if report.importable else EXIT_NO)
 
 
+@cli.command("export")
+@click.option("--name", required=True, help="Name of the set: files are NAME_system.<fmt>.tar.gz, NAME_data_xvdb...")
+@click.option("--system", "system_image", required=True, help="The system disk (any image diskimg reads).")
+@click.option("--data", "data_images", multiple=True, help="A data disk (repeatable, in device order).")
+@click.option("--devices", help="The data disks' device names, comma-separated (default xvdb,xvdc,...).")
+@click.option("--out", "out_dir", default=".", show_default=True, help="Folder of the archives and manifest.")
+@click.option("--format", "output_format", type=FORMAT_CHOICE, default="raw", show_default=True,
+              help="Format of the disks inside the archives.")
+@click.option("--archive", type=click.Choice(["tar.gz", "tar.zst", "tar", "none"]), default="tar.gz",
+              show_default=True, help="Archive type; none writes the bare disk files.")
+@click.option("--layout", type=click.Choice(["ecs", "gce"]), default="ecs", show_default=True,
+              help="ecs: ECS export names; gce: disk.raw rounded up to whole GiB (RAW, tar.gz).")
+@click.option("-c", "--compress", is_flag=True, help="Compressed qcow2 clusters (with --archive none only).")
+@click.option("-S", "--sparse-size", default="4k", show_default=True,
+              help="Zero ranges of at least this size are left out (0: the source's allocation map only).")
+@click.option("--threads", type=int, help="Compression threads (default: every core).")
+@click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside each image's directory).")
+@click.option("--force", is_flag=True, help="Replace existing files of the same names.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]), default="auto",
+              show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
+def export_command(name: str, system_image: str, data_images: tuple[str, ...], devices: str | None, out_dir: str,
+                   output_format: str, archive: str, layout: str, compress: bool, sparse_size: str,
+                   threads: int | None, allow_backing: bool, force: bool, progress_mode: str, as_json: bool) -> None:
+    """Pack a machine's disks into one archive each, with NAME.manifest.json and SHA256SUMS."""
+    from .export import export
+
+    progress, close_progress = _progress(progress_mode)
+    try:
+        result = export(name, system_image, data_images, out=out_dir, format=output_format, archive=archive,
+                        layout=layout, devices=devices.split(",") if devices else None, threads=threads,
+                        zero_granularity=parse_size(sparse_size), compress=compress, allow_backing=allow_backing,
+                        force=force, progress=progress)
+    finally:
+        close_progress()
+    for warning in result.warnings:
+        click.echo(f"diskimg: warning: {warning}", err=True)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for disk in result.disks:
+        click.echo(f"{disk.file}: {disk.role} {disk.device}, {disk.format} {format_size(disk.virtual_size)} "
+                   f"from {disk.source} ({disk.source_format}), {format_size(disk.size)}")
+    click.echo(f"manifest: {result.manifest} ({result.seconds:.2f} s)")
+
+
+@cli.command("verify")
+@click.argument("path", metavar="MANIFEST|DIR")
+@click.option("--deep", is_flag=True, help="Also decompress each archive and recompute the guest content hash.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON result object.")
+@click.pass_context
+def verify_command(ctx: click.Context, path: str, deep: bool, as_json: bool) -> None:
+    """Re-hash an export's files against its manifest (exit 0 all intact, 1 naming what differs or is missing)."""
+    from .export import verify
+
+    result = verify(path, deep=deep)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        for checked in result.files:
+            click.echo(f"{checked.file}: {checked.status.upper()}" +
+                       ("" if checked.status == "ok" else f" ({checked.message})"))
+    ctx.exit(0 if result.intact else EXIT_NO)
+
+
+@cli.command("unpack")
+@click.argument("source", metavar="ARCHIVE|MANIFEST")
+@click.option("--out", "out_dir", required=True, help="Directory the disks are restored into (created if missing).")
+@click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE,
+              help="Convert on the fly to this format (default: the disk's own format).")
+@click.option("--force", is_flag=True, help="Replace disks that already exist in the directory.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]), default="auto",
+              show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
+def unpack_command(source: str, out_dir: str, output_format: str | None, force: bool, progress_mode: str,
+                   as_json: bool) -> None:
+    """Restore the disk of ARCHIVE (a tar, tar.gz, tar.zst, tar.xz, or a compressed disk), or every
+    disk of an export's MANIFEST, verifying the manifest's hashes, into --out."""
+    from .unpack import unpack
+
+    progress, close_progress = _progress(progress_mode)
+    try:
+        result = unpack(source, out_dir, output_format, force=force, progress=progress)
+    finally:
+        close_progress()
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for disk in result.disks:
+        member = f" ({disk.member})" if disk.member else ""
+        checked = ", verified against the manifest" if disk.verified else ""
+        click.echo(f"{disk.archive}{member} -> {disk.output} ({disk.format}, "
+                   f"{format_size(disk.virtual_size)}{checked})")
+
+
 @cli.command("check")
 @click.argument("image")
 @click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the image's format.")
@@ -251,6 +354,10 @@ def check_command(ctx: click.Context, image: str, fmt: str | None, as_json: bool
     result = check(image, fmt)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render_text())
     ctx.exit(0 if result.clean else EXIT_NO)
+
+
+def _passes(count: int) -> str:
+    return "one decompression pass" if count == 1 else f"{count} decompression passes"
 
 
 def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:

@@ -62,13 +62,16 @@ class ConvertResult:
     #: with checksum=True: SHA-256 of the output file and the guest content hash (diskimg.hashing)
     sha256: str | None = None
     content_hash: str | None = None
+    #: a source read through a compressed stream (sources.py): the decompression passes made (a
+    #: pre-scan for zeros, or a gzip stream's size counted at open, costs one pass each)
+    decompression_passes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def convert(
-    source: Source,
+    source: Source | DiskReader,
     target: str | os.PathLike[str],
     format: str = "raw",
     *,
@@ -85,7 +88,8 @@ def convert(
     force: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
-    """Convert ``source`` to ``target`` (a path, or ``"-"`` for standard output) in ``format``.
+    """Convert ``source`` (a path, a file object, or an open DiskReader, which is left open) to
+    ``target`` (a path, or ``"-"`` for standard output) in ``format``.
 
     ``options`` are the target format's ``-o`` options; ``align`` rounds the virtual size up to a
     multiple of it (the added tail reads as zeros); ``zero_granularity`` is the size of the zero
@@ -100,7 +104,8 @@ def convert(
         raise UsageError("--align must be a positive size")
     if backend not in ("auto", "native", "qemu-img"):
         raise UsageError(f"unknown backend {backend!r}: auto, native or qemu-img")
-    if backend != "native" and (backend == "qemu-img" or _needs_qemu_img(source, source_format)):
+    if backend != "native" and not isinstance(source, DiskReader) and (
+            backend == "qemu-img" or _needs_qemu_img(source, source_format)):
         return _convert_with_qemu_img(
             source, target, target_format, writer_options, compress, zero_granularity, checksum,
             source_format, snapshot, force, progress, explicit=backend == "qemu-img",
@@ -109,14 +114,17 @@ def convert(
     if writer_class is None:
         raise UnsupportedFormat(f"writing {target_format} is not implemented yet", format=target_format)
     started = time.monotonic()
-    reader = open_image(source, source_format, allow_backing=allow_backing, snapshot=snapshot, vhd_size=vhd_size)
+    # a DiskReader given as the source is used as is and left open (unpack reads on after it)
+    reader = source if isinstance(source, DiskReader) else open_image(
+        source, source_format, allow_backing=allow_backing, snapshot=snapshot, vhd_size=vhd_size)
     # A compressed qcow2 cannot be streamed (hashing the output as it is written needs a stream):
     # to a file, its SHA-256 is taken from the finished file instead, with a second read.
     hash_afterwards = checksum and compress and os.fspath(target) != "-"
-    with reader, _output(target, force, reader.path, hash_output=checksum and not hash_afterwards) as output:
+    with (contextlib.nullcontext() if reader is source else reader), \
+            _output(target, force, reader.path, hash_output=checksum and not hash_afterwards) as output:
         virtual_size = _aligned(reader.virtual_size, align)
         writer = writer_class(output, virtual_size, writer_options, compress)
-        if writer.requires_exact_plan and zero_granularity:
+        if writer.requires_exact_plan and zero_granularity and not _map_is_plan(reader):
             plan: Iterable[Extent] = list(_scan(reader, zero_granularity, progress))
         else:
             plan = reader.extents()
@@ -124,7 +132,7 @@ def convert(
         writer.plan(_with_tail(plan, reader.virtual_size, virtual_size))
         extents = plan if isinstance(plan, list) else reader.extents()
         hasher = ContentHasher(virtual_size) if checksum else None
-        if writer.concurrent_writes and hasher is None:
+        if writer.concurrent_writes and hasher is None and not reader.forward_only:
             _feed_concurrently(reader, extents, zero_granularity, writer, tally)
         else:
             _feed_in_order(reader, extents, zero_granularity, writer, tally, hasher)
@@ -142,6 +150,7 @@ def convert(
             backend="native",
             sha256=output.sha256,
             content_hash=hasher.hexdigest() if hasher is not None else None,
+            decompression_passes=getattr(reader, "decompression_passes", None),
         )
     if hash_afterwards:
         result.sha256 = _file_sha256(os.fspath(target))
@@ -202,6 +211,12 @@ def measure(
             data_bytes=data_bytes,
             scanned=bool(zero_granularity),
         )
+
+
+def _map_is_plan(reader: DiskReader) -> bool:
+    """Whether a forward-only source's allocation map (a sparse tar member's) is taken as the exact
+    plan as it is: a pre-scan for zeros would cost another decompression pass."""
+    return reader.forward_only and any(extent.kind is ExtentKind.ZERO for extent in reader.extents())
 
 
 def _aligned(size: int, align: int | None) -> int:

@@ -18,6 +18,7 @@ from .errors import BackingFileError, CorruptImage, UnsupportedFormat
 from .formats import READERS, canonical_format
 from .hostfile import HostFile
 from .reader import DiskReader, ImageInfo
+from .sources import open_wrapped, opens_through_wrapper
 
 Source = str | os.PathLike[str] | BinaryIO
 MAX_CHAIN_DEPTH = 16
@@ -71,6 +72,8 @@ def _open(
         check_forced(detection, name)
     elif detection.readable:
         name = detection.format
+    elif opens_through_wrapper(detection):
+        return open_wrapped(source, detection)  # a RAW disk in a compressed file, a disk in a tar
     else:
         raise UnsupportedFormat(
             f"{detection.description}: diskimg reads VHD, qcow2 and RAW",

@@ -102,6 +102,9 @@ class DiskReader(io.RawIOBase):
     format: str = ""
     #: maximum bytes one positional read may return, so a caller cannot ask for a huge allocation
     MAX_READ = 64 * 1024 * 1024
+    #: True for a disk read through a forward-only stream (sources.py): reads in increasing offset
+    #: order cost one decompression pass, a read backwards restarts it; read such a disk in order
+    forward_only = False
 
     def __init__(self, host: HostFile, virtual_size: int, parent: DiskReader | None = None) -> None:
         super().__init__()

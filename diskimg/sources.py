@@ -1,0 +1,745 @@
+"""Disks read through a wrapper: a compressed RAW disk (``.raw.xz``, ``.gz``, ``.zst``, ``.bz2``) and a
+tar archive holding one disk (``.tar``, ``.tar.gz``, ``.tar.zst``, ``.tar.xz``, ECS's
+``*_system.raw.tar.gz``), opened as DiskReaders so that ``info``, ``convert``, ``validate`` and
+``unpack`` take them without unpacking first.
+
+A compressed stream can only be read forward. Decisions:
+
+- **Reads in increasing order cost one decompression pass in all.** The stream is decompressed in
+  1 MiB chunks; the last ``CACHE_CHUNKS`` chunks are kept (an LRU), so parsers that re-read a
+  boot sector or hop within a few MiB cost nothing more. A read *behind* the cached chunks
+  restarts decompression from the start of the file (``passes`` counts the passes made).
+  Readers that are read this way say so with ``forward_only``: the converter then reads them
+  from one thread, in order.
+- **The virtual size** (the inner RAW disk's size, rounded up to whole 512-byte sectors as for a
+  RAW file) comes from metadata where the format has it: a tar member's header; xz's index (each
+  stream's index records every block's uncompressed size); zstd frame headers, when every frame
+  carries its content size (``zstd`` does for files; the frames are walked to the end, which also
+  catches a truncated file). gzip's ISIZE is the size modulo 2^32 and per member, so it is not
+  trusted: a gzip or bzip2 stream (or zstd frames without content sizes) is decompressed once at
+  open to count its bytes — one extra decompression pass, said in ``info()``.
+- **The allocation map** of a tar member comes from its sparse map (GNU old, pax 0.0/0.1/1.0):
+  holes are ZERO extents, known before any data is read. A bare compressed disk has no map: it is
+  one DATA extent (zero ranges are still skipped by the converter's zero detection).
+- A qcow2 or VHD inside a compressed stream needs random access to its tables: refused, with the
+  command that decompresses it first. Inside an *uncompressed* tar the member is a plain byte range
+  of the archive, read with the normal format drivers at its offset (any format, random access).
+- Archives are untrusted: a member named with ``..`` or an absolute path, a link, a device, more
+  than one disk, a size beyond ``MAX_MEMBER_SIZE``, a truncated or corrupt stream: ArchiveError.
+  Members up to the disk are checked when it is opened; what follows it (a second disk, a damaged
+  end of the stream) only by ``finish_archive``, which ``unpack`` calls after reading the disk
+  (``info`` and ``convert`` read the first disk and stop there).
+"""
+
+from __future__ import annotations
+
+import bisect
+import bz2
+import collections
+import lzma
+import os
+import shlex
+import struct
+import tempfile
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .detection import Detection, OpenOptions
+from .errors import ArchiveError, DiskImageError, UnsupportedFormat
+from .formats import READERS
+from .hostfile import HostFile
+from .reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
+from .tar import Readable, TarMember, padding, read_member, skip_data
+from .wrappers import COMPRESSORS, INNER_HEAD, unwrap_command
+
+#: decompression works in chunks of this size; the cache holds the last few
+CHUNK = 1 << 20
+CACHE_CHUNKS = 8
+#: compressed input read at once
+INPUT_CHUNK = 1 << 20
+#: no member or disk larger than this is taken (a header claiming more is hostile or broken)
+MAX_MEMBER_SIZE = 64 << 40
+SECTOR = 512
+#: formats a wrapper may hold for sources to read it
+WRAPPED_FORMATS = ("raw",)
+_XZ_MEMLIMIT = 1 << 30  # xz -9 needs 674 MiB; a header asking for more is refused
+_ZSTD_MAX_WINDOW = 1 << 31  # zstd --long=31 is the largest window the CLI makes
+
+
+# --- forward-only decompression ---------------------------------------------------------------------
+
+
+class ForwardStream:
+    """The decompressed bytes of a file (or the file itself, ``kind=None``), read forward.
+
+    ``rewind()`` starts over from the beginning of the file: that is how a backwards read is
+    served. ``digest``, when given, sees every byte of the file exactly once per pass (in order),
+    so an archive's SHA-256 is computed by the same pass that unpacks it.
+    """
+
+    def __init__(self, host: HostFile, kind: str | None, digest: Callable[[], Any] | None = None) -> None:
+        if kind is not None and kind not in COMPRESSORS:
+            raise UnsupportedFormat(f"no decoder for {kind}", path=host.name, format=kind)
+        self.host = host
+        self.kind = kind
+        self._new_digest = digest
+        self.passes = 0
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.passes += 1
+        self.position = 0  # decompressed bytes consumed
+        self.digest = self._new_digest() if self._new_digest is not None else None
+        self._input_position = 0  # compressed bytes taken from the file
+        self._pending = bytearray()  # decompressed, not yet consumed
+        self._ended = False
+        self._decoder: Any = None
+        self._zstd: Any = None
+        if self.kind == "zstd":
+            import zstandard
+
+            decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+            self._zstd = decompressor.stream_reader(_HostReader(self), read_size=INPUT_CHUNK,  # type: ignore[arg-type]
+                                                    read_across_frames=True, closefd=False)
+
+    # -- the compressed input
+
+    def _take_input(self, size: int = INPUT_CHUNK) -> bytes:
+        data = self.host.pread(size, self._input_position)
+        self._input_position += len(data)
+        if self.digest is not None and data:
+            self.digest.update(data)
+        return data
+
+    def drain_input(self) -> None:
+        """Read the rest of the file (bytes after the data used), so that ``digest`` covers it all."""
+        while self._take_input():
+            pass
+
+    # -- decompressed output
+
+    def read(self, size: int) -> bytes:
+        """``size`` bytes, fewer only at the end of the stream."""
+        while len(self._pending) < size and not self._ended:
+            self._produce(max(size - len(self._pending), CHUNK))
+        data = bytes(self._pending[:size])
+        del self._pending[:size]
+        self.position += len(data)
+        return data
+
+    def skip(self, length: int) -> int:
+        """Step over ``length`` bytes; returns how many there were."""
+        if self.kind is None and self.digest is None and not self._pending:  # a plain file: no need to read
+            skipped = max(0, min(length, self.host.size - self._input_position))
+            self._input_position += skipped
+            self.position += skipped
+            return skipped
+        skipped = 0
+        while skipped < length:
+            data = self.read(min(CHUNK, length - skipped))
+            if not data:
+                break
+            skipped += len(data)
+        return skipped
+
+    def _produce(self, wanted: int) -> None:
+        try:
+            if self.kind is None:
+                data = self._take_input(wanted)
+            elif self._zstd is not None:
+                data = self._zstd.read(wanted)
+            else:
+                data = self._decode(wanted)
+        except DiskImageError:
+            raise
+        except Exception as exc:  # zlib.error, LZMAError, OSError, EOFError, zstandard.ZstdError...
+            raise ArchiveError(f"corrupt {self.kind} stream (near compressed offset {self._input_position}): "
+                               f"{str(exc)[:200] or type(exc).__name__}", path=self.host.name) from None
+        if data:
+            self._pending += data
+        else:
+            self._ended = True
+
+    def _decode(self, wanted: int) -> bytes:
+        """Up to ``wanted`` bytes from a zlib/lzma/bz2 decoder, across concatenated members."""
+        while True:
+            if self._decoder is None:
+                self._decoder, leftover = _start_member(self.kind, self._take_input, b"")  # type: ignore[arg-type]
+                if self._decoder is None:
+                    return b""
+                data = leftover
+            elif self._decoder.eof:
+                leftover = self._decoder.unused_data
+                self._decoder, data = _start_member(self.kind, self._take_input, leftover)  # type: ignore[arg-type]
+                if self._decoder is None:
+                    return b""  # the last member ended: trailing zeros or junk are not data
+            else:
+                tail = getattr(self._decoder, "unconsumed_tail", b"")  # zlib: input it had no room to decode
+                data = tail or (self._take_input() if getattr(self._decoder, "needs_input", True) else b"")
+            produced = self._decoder.decompress(data, wanted)
+            if produced:
+                return produced
+            if not data and not self._decoder.eof:
+                raise ArchiveError(f"truncated {self.kind} stream: the file ends inside compressed data "
+                                   f"(after {self.position + len(self._pending)} bytes of output)",
+                                   path=self.host.name)
+
+
+_MAGIC = {"gzip": b"\x1f\x8b", "xz": b"\xfd7zXZ\x00", "bzip2": b"BZh"}
+
+
+def _start_member(kind: str, take: Callable[[], bytes], leftover: bytes) -> tuple[Any, bytes]:
+    """A decoder for the next member/stream (and the input to feed it), or (None, b"") at the end.
+
+    xz allows null padding between streams; gzip and bzip2 files are concatenations of members.
+    """
+    magic = _MAGIC[kind]
+    data = leftover
+    while len(data) < len(magic):
+        more = take()
+        if not more:
+            break
+        data += more
+    if kind == "xz":
+        while data.startswith(b"\0"):  # stream padding
+            data = data.lstrip(b"\0") or take()
+            if not data:
+                return None, b""
+    if not data.startswith(magic):
+        return None, b""
+    if kind == "gzip":
+        return zlib.decompressobj(31), data
+    if kind == "xz":
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT), data
+    return bz2.BZ2Decompressor(), data
+
+
+class _HostReader:
+    """The compressed file as a forward ``read(n)`` for zstandard's stream reader."""
+
+    def __init__(self, stream: ForwardStream) -> None:
+        self.stream = stream
+
+    def read(self, size: int = INPUT_CHUNK) -> bytes:
+        return self.stream._take_input(size if size and size > 0 else INPUT_CHUNK)
+
+
+# --- sizes from metadata ------------------------------------------------------------------------------
+
+
+def xz_uncompressed_size(host: HostFile) -> int:
+    """The uncompressed size of an .xz file from its streams' indexes (read backwards from the end)."""
+    end = host.size
+    total = 0
+    for _ in range(1 << 16):
+        while end >= 4 and host.pread(4, end - 4) == b"\0\0\0\0":  # stream padding
+            end -= 4
+        if end == 0:
+            return total
+        footer = host.pread(12, end - 12) if end >= 12 else b""
+        if len(footer) != 12 or footer[10:12] != b"YZ":
+            raise ArchiveError("truncated or corrupt xz file: no stream footer at its end", path=host.name)
+        index_size = (struct.unpack_from("<I", footer, 4)[0] + 1) * 4
+        index_start = end - 12 - index_size
+        if index_start < 12 or index_size > 1 << 26:
+            raise ArchiveError("corrupt xz stream footer (backward size out of range)", path=host.name)
+        index = host.pread(index_size, index_start)
+        if zlib.crc32(index[:-4]) != struct.unpack_from("<I", index, index_size - 4)[0] or index[0] != 0:
+            raise ArchiveError(f"corrupt xz index at offset {index_start}", path=host.name)
+        blocks, uncompressed = _xz_index_records(index, host.name)
+        start = index_start - blocks - 12
+        if start < 0 or host.pread(6, start) != _MAGIC["xz"]:
+            raise ArchiveError(f"corrupt xz file: the index at offset {index_start} does not match its blocks",
+                               path=host.name)
+        total += uncompressed
+        end = start
+    raise ArchiveError("too many xz streams", path=host.name)
+
+
+def _xz_index_records(index: bytes, name: str) -> tuple[int, int]:
+    """(bytes of the blocks, uncompressed bytes) listed by one xz index."""
+    position = 1
+    count, position = _varint(index, position, name)
+    blocks = uncompressed = 0
+    for _ in range(count):
+        unpadded, position = _varint(index, position, name)
+        size, position = _varint(index, position, name)
+        blocks += -(-unpadded // 4) * 4
+        uncompressed += size
+    return blocks, uncompressed
+
+
+def _varint(data: bytes, position: int, name: str) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 63, 7):
+        if position >= len(data) - 4:
+            break
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+    raise ArchiveError("corrupt xz index (bad number)", path=name)
+
+
+def zstd_content_size(host: HostFile) -> int | None:
+    """The sum of the content sizes of a .zst file's frames, walking every block header to the end
+    (which also proves the file is not cut short); None when a frame does not record its size."""
+    reader = _BufferedAt(host)
+    position = 0
+    total: int | None = 0
+    while position < host.size:
+        head = reader.read(position, 18)
+        magic = struct.unpack_from("<I", head.ljust(4, b"\0"))[0]
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
+            if len(head) < 8:
+                break
+            position += 8 + struct.unpack_from("<I", head, 4)[0]
+            continue
+        if magic != 0xFD2FB528 or len(head) < 6:
+            if position > 0 and not head.strip(b"\0"):
+                break  # zero padding after the last frame
+            raise ArchiveError(f"corrupt zstd file: no frame at offset {position}", path=host.name)
+        descriptor = head[4]
+        single_segment = descriptor >> 5 & 1
+        size_bytes = (0, 2, 4, 8)[descriptor >> 6] or single_segment
+        header = 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3]
+        if size_bytes:
+            content = int.from_bytes(head[header : header + size_bytes], "little") + (256 if size_bytes == 2 else 0)
+            total = None if total is None else total + content
+        else:
+            total = None
+        position += header + size_bytes
+        while True:
+            block = reader.read(position, 3)
+            if len(block) < 3:
+                raise ArchiveError("truncated zstd file: it ends inside a frame", path=host.name)
+            value = int.from_bytes(block, "little")
+            kind, size = value >> 1 & 3, value >> 3
+            if kind == 3:
+                raise ArchiveError(f"corrupt zstd block header at offset {position}", path=host.name)
+            position += 3 + (1 if kind == 1 else size)
+            if value & 1:
+                break
+        position += 4 if descriptor & 4 else 0  # content checksum
+    if position > host.size:
+        raise ArchiveError("truncated zstd file: it ends inside a frame", path=host.name)
+    return total
+
+
+class _BufferedAt:
+    """Small reads at increasing offsets served from 1 MiB windows of the file."""
+
+    def __init__(self, host: HostFile) -> None:
+        self.host = host
+        self.start = 0
+        self.data = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        if not (self.start <= offset and offset + length <= self.start + len(self.data)):
+            self.start, self.data = offset, self.host.pread(max(length, INPUT_CHUNK), offset)
+        return self.data[offset - self.start : offset - self.start + length]
+
+
+# --- the reader ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Guest bytes [start, start + length) are stream bytes from ``stored`` on."""
+
+    start: int
+    length: int
+    stored: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class StreamDiskReader(DiskReader):
+    """A RAW disk whose bytes are segments of a stream (holes between them read as zeros): a bare
+    compressed disk (one segment), or a tar member (one segment per sparse extent). Stream
+    offsets count from ``base`` (where the member's data starts). A compressed stream is read
+    forward through a small cache of recent chunks; an uncompressed archive (unless a digest of it
+    is wanted) is read at random, each segment being a range of the file. Thread-safe."""
+
+    format = "raw"
+
+    def __init__(self, host: HostFile, stream: ForwardStream, size: int, segments: list[Segment],
+                 facts: dict[str, Any], base: int = 0, first_chunk: bytes | None = None) -> None:
+        super().__init__(host, -(-size // SECTOR) * SECTOR)
+        #: the exact byte count of what the wrapper holds (the virtual size is rounded up to sectors)
+        self.content_size = size
+        self.stream = stream
+        self.segments = segments
+        self._starts = [segment.start for segment in segments]
+        self.facts = facts
+        self.base = base
+        self.forward_only = stream.kind is not None or stream.digest is not None
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        if first_chunk is not None:
+            self._cache[0] = first_chunk
+
+    @property
+    def decompression_passes(self) -> int | None:
+        """Passes made over the archive so far (None when it is read in place, at random)."""
+        return self.stream.passes if self.forward_only else None
+
+    def _runs(self, start: int, end: int) -> Iterator[Run]:
+        position = start
+        index = max(0, bisect.bisect_right(self._starts, start) - 1)
+        kind, offset = (RunKind.ENCODED, 0) if self.forward_only else (RunKind.HOST, self.base)
+        while position < end:
+            segment = self.segments[index] if index < len(self.segments) else None
+            if segment is None or segment.start >= end:
+                yield Run(position, end - position, RunKind.ZERO)
+                return
+            if segment.end <= position:
+                index += 1
+                continue
+            if segment.start > position:
+                yield Run(position, segment.start - position, RunKind.ZERO)
+                position = segment.start
+            piece_end = min(end, segment.end)
+            yield Run(position, piece_end - position, kind, offset + segment.stored + position - segment.start)
+            position = piece_end
+            index += 1
+
+    def _read_encoded(self, run: Run) -> bytes:
+        with self._lock:
+            data = self._read_stream(run.host_offset, run.length)
+        if len(data) != run.length:
+            raise ArchiveError(f"truncated: the stream ends {run.length - len(data)} bytes short of the disk's "
+                               f"data at guest offset {run.start + len(data)}", path=self.path)
+        return data
+
+    def _read_stream(self, offset: int, length: int) -> bytes:
+        """Stream bytes [base + offset, ... + length), from the cache or by decompressing forward;
+        short only at the end of the stream."""
+        parts = []
+        position = offset
+        end = offset + length
+        while position < end:
+            index = position // CHUNK
+            piece = self._chunk(index)[position - index * CHUNK : end - index * CHUNK]
+            if not piece:
+                break
+            parts.append(piece)
+            position += len(piece)
+        return b"".join(parts)
+
+    def _chunk(self, index: int) -> bytes:
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        target = self.base + index * CHUNK
+        if target < self.stream.position:
+            self.stream.rewind()
+        self.stream.skip(target - self.stream.position)
+        data = self.stream.read(CHUNK)
+        self._cache[index] = data
+        if len(self._cache) > CACHE_CHUNKS:
+            self._cache.popitem(last=False)
+        return data
+
+    def _unmerged_extents(self, start: int, end: int) -> Iterator[Extent]:
+        for run in self._runs(start, end):
+            kind = ExtentKind.ZERO if run.kind is RunKind.ZERO else ExtentKind.DATA
+            yield Extent(run.start, run.length, kind)
+
+    def info(self) -> ImageInfo:
+        return ImageInfo(
+            format=self.format,
+            virtual_size=self.virtual_size,
+            file_size=self.host.size,
+            allocated_bytes=sum(segment.length for segment in self.segments),
+            details={key: value for key, value in {**self.facts, "decompression_passes": self.decompression_passes}
+                     .items() if value is not None},
+        )
+
+
+# --- opening ------------------------------------------------------------------------------------------
+
+
+def opens_through_wrapper(detection: Detection) -> bool:
+    """Whether ``open_wrapped`` takes a file detected so: a compressed file or a tar archive (what
+    it holds is checked when it is opened)."""
+    return detection.format in COMPRESSORS or detection.format == "tar"
+
+
+def open_wrapped(source: Any, detection: Detection, digest: Callable[[], Any] | None = None,
+                 as_bytes: bool = False) -> DiskReader:
+    """A reader of the disk inside a compressed file or a tar archive (see the module docstring).
+
+    ``digest`` (e.g. ``hashlib.sha256``) makes every read sequential and hashes the archive file
+    in the same pass: ``stream.digest`` after ``finish_archive``. ``as_bytes`` reads what the
+    wrapper holds as plain bytes whatever its format (``facts["inner_format"]`` says which), to
+    extract a qcow2 or VHD file rather than read its guest disk.
+    """
+    host = HostFile(source)
+    try:
+        if detection.format == "tar":
+            return _open_tar(host, None, digest, as_bytes)
+        if detection.inner_format == "tar":
+            return _open_tar(host, detection.format, digest, as_bytes)
+        return _open_compressed(host, detection.format, digest, as_bytes)
+    except ArchiveError as exc:
+        host.close()
+        exc.path = exc.path or host.name
+        raise
+    except BaseException:
+        host.close()
+        raise
+
+
+def open_file_bytes(source: Any, detection: Detection, digest: Callable[[], Any] | None = None) -> StreamDiskReader:
+    """The bytes of an unwrapped disk file (e.g. an export with ``--archive none``) as a reader,
+    so that it is copied (not re-encoded) like a member, hashed with ``digest`` in the same pass."""
+    host = HostFile(source)
+    facts = {"wrapper": None, "compression": None, "member": None, "inner_format": detection.format,
+             "inner_description": detection.description, "virtual_size_from": "the file size",
+             "access": "sequential" if digest else "random access"}
+    return StreamDiskReader(host, ForwardStream(host, None, digest), host.size,
+                            [Segment(0, host.size, 0)] if host.size else [], facts)
+
+
+_ACCESS = ("sequential: reads in increasing order cost one decompression pass; "
+           "reading backwards restarts decompression from the start")
+
+
+def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None, as_bytes: bool) -> DiskReader:
+    stream = ForwardStream(host, kind, digest)
+    first = stream.read(CHUNK)
+    inner = _identify(first[:INNER_HEAD], None)
+    if not as_bytes:
+        _require_raw(inner, host.name, kind, None)
+    if kind == "xz":
+        size, size_from = xz_uncompressed_size(host), "the xz index"
+    elif kind == "zstd" and (recorded := zstd_content_size(host)) is not None:
+        size, size_from = recorded, "the zstd frame headers"
+    else:
+        size = len(first) + stream.skip(MAX_MEMBER_SIZE)
+        size_from = f"counted by decompressing the whole {kind} stream once (it does not record its size)"
+    _check_size(size, host.name)
+    facts = {"wrapper": kind, "compression": kind, "member": None, "inner_format": inner.format,
+             "inner_description": inner.description, "virtual_size_from": size_from, "access": _ACCESS}
+    return StreamDiskReader(host, stream, size, [Segment(0, size, 0)] if size else [], facts, 0, first)
+
+
+def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None, as_bytes: bool) -> DiskReader:
+    stream = ForwardStream(host, kind, digest)
+    member = next_disk_member(stream)
+    if member is None:
+        raise ArchiveError("holds no disk: the archive has no regular file")
+    base = stream.position
+    first = stream.read(CHUNK)  # a whole chunk of the cache (past the member's data if it is small)
+    segments = member_segments(member)
+    facts = {"wrapper": "tar", "compression": kind, "member": member.name,
+             "tar_format": member.header_format, "sparse": member.sparse_map is not None,
+             "virtual_size_from": "the tar header", "access": _ACCESS if kind else "random access (uncompressed tar)"}
+    inner = _identify(_head(first, segments, member.size), member.name)
+    facts.update(inner_format=inner.format, inner_description=inner.description)
+    if kind is None and digest is None:  # a plain tar is read at random: what follows the disk is checked now
+        rest = ForwardStream(host, None)
+        rest.skip(base + member.stored_size + len(padding(member.stored_size)))
+        _refuse_another_disk(rest, member.name)
+    if inner.format in WRAPPED_FORMATS or as_bytes:
+        return StreamDiskReader(host, stream, member.size, segments, facts, base, first)
+    if kind is None and member.sparse_map is None and inner.format in READERS:
+        # an uncompressed member is a plain byte range of the archive: any format, read in place
+        contained = MemberFile(host, base, member.size, f"{host.name}:{member.name}")
+        return READERS[inner.format].open(contained, None, OpenOptions())
+    _require_raw(inner, host.name, kind or "tar", member.name)
+    raise AssertionError("unreachable: _require_raw refuses every other format")
+
+
+def _head(first: bytes, segments: list[Segment], size: int) -> bytes:
+    """The member's first INNER_HEAD bytes, from the first chunk of its stored data."""
+    head = bytearray(min(INNER_HEAD, size))
+    for segment in segments:
+        if segment.start >= len(head):
+            break
+        piece = first[segment.stored : segment.stored + min(segment.length, len(head) - segment.start)]
+        head[segment.start : segment.start + len(piece)] = piece
+    return bytes(head)
+
+
+def next_disk_member(stream: Readable) -> TarMember | None:
+    """The next regular file of an archive, after directories; None at its end. Anything hostile
+    (an unsafe name, a link, a device, a size over the cap) is refused."""
+    while True:
+        member = read_member(stream)
+        if member is None:
+            return None
+        check_member(member)
+        if member.kind == "directory":
+            skip_data(stream, member)
+            continue
+        return member
+
+
+def check_member(member: TarMember) -> None:
+    """Refuse a member a disk archive must not hold (one clear ArchiveError)."""
+    name = member.name
+    parts = name.replace("\\", "/").split("/")
+    if not name or "\0" in name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise ArchiveError(f"member {name!r} has an absolute or empty name: refused")
+    if ".." in parts:
+        raise ArchiveError(f"member {name!r} climbs out of the output directory ('..'): refused")
+    if member.kind not in ("file", "directory"):
+        target = f" -> {member.linkname}" if member.kind in ("symlink", "hardlink") else ""
+        raise ArchiveError(f"member {name!r} is a {member.kind}{target}: an archive of disks holds regular files only")
+    if member.size > MAX_MEMBER_SIZE:
+        raise ArchiveError(f"member {name!r} declares {member.size} bytes, more than the "
+                           f"{MAX_MEMBER_SIZE >> 40} TiB accepted")
+
+
+def member_segments(member: TarMember) -> list[Segment]:
+    """Where the member's bytes are in its stored data: its sparse map, or one segment."""
+    if member.sparse_map is None:
+        return [Segment(0, member.size, 0)] if member.size else []
+    segments = []
+    stored = 0
+    for offset, length in member.sparse_map:
+        segments.append(Segment(offset, length, stored))
+        stored += length
+    return segments
+
+
+def finish_archive(reader: DiskReader) -> None:
+    """After the disk was read: check that nothing but directories follows it in the archive,
+    decompress to the end (so a damaged stream or checksum is caught) and read the file to its
+    end (so ``reader.stream.digest`` covers all of it). Only for readers from ``open_wrapped``."""
+    if not isinstance(reader, StreamDiskReader):
+        return
+    try:
+        with reader._lock:
+            if reader.facts["wrapper"] == "tar":
+                member_end = reader.segments[-1].stored + reader.segments[-1].length if reader.segments else 0
+                rest = _StreamFrom(reader, member_end + len(padding(member_end)))
+                _refuse_another_disk(rest, reader.facts["member"])
+                rest.to_end()
+            else:
+                _StreamFrom(reader, reader.segments[-1].end if reader.segments else 0).to_end()
+            reader.stream.drain_input()
+    except ArchiveError as exc:
+        exc.path = exc.path or reader.path
+        raise
+
+
+def _refuse_another_disk(rest: Readable, first: str) -> None:
+    """After the disk member: only directories may follow it, up to the end of the archive."""
+    extra = next_disk_member(rest)
+    if extra is not None:
+        raise ArchiveError(f"holds more than one disk ({first}, then {extra.name}): an archive must hold exactly one disk")
+
+
+class _StreamFrom:
+    """The reader's stream from a relative offset on, read forward through its chunk cache."""
+
+    def __init__(self, reader: StreamDiskReader, offset: int) -> None:
+        self.reader = reader
+        self.position = offset
+
+    def read(self, size: int) -> bytes:
+        data = self.reader._read_stream(self.position, size)
+        self.position += len(data)
+        return data
+
+    def to_end(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+class MemberFile(HostFile):
+    """A byte range of an archive file, as the HostFile a format driver reads (offsets relative to
+    the member, reads clipped to it). Closing it closes the archive."""
+
+    def __init__(self, archive: HostFile, start: int, size: int, name: str) -> None:  # noqa: D107
+        # no super().__init__: nothing is opened, the archive's file is shared
+        self._archive = archive
+        self._start = start
+        self._lock = archive._lock
+        self.name = name
+        self.size = size
+        self.fd = None
+        self.is_block_device = False
+        self._owned = False
+
+    @property
+    def allocated_bytes(self) -> int | None:
+        return None
+
+    def pread(self, length: int, offset: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        return self._archive.pread(length, self._start + offset) if length else b""
+
+    def pread_into(self, buffer: memoryview, offset: int) -> int:
+        length = max(0, min(len(buffer), self.size - offset))
+        return self._archive.pread_into(buffer[:length], self._start + offset) if length else 0
+
+    def data_regions(self, start: int, end: int) -> list[tuple[int, int]] | None:
+        regions = self._archive.data_regions(self._start + start, self._start + end)
+        return None if regions is None else [(a - self._start, b - self._start) for a, b in regions]
+
+    def close(self) -> None:
+        self._archive.close()
+
+
+def spooled(reader: DiskReader, directory: str | None = None) -> DiskReader:
+    """The disk of a forward-only reader copied in one pass into a temporary sparse RAW file, and
+    read at random from there: for callers that read all over the disk (``validate``), where each
+    read backwards would otherwise cost a decompression pass. The copy takes the disk's allocated
+    bytes of temporary space; its name is removed at once, so it disappears with the reader."""
+    from .convert import convert  # convert -> image -> sources: imported when used
+
+    with tempfile.TemporaryDirectory(prefix="diskimg-", dir=directory) as scratch:
+        path = os.path.join(scratch, "disk.raw")
+        convert(reader, path, "raw")
+        host = HostFile(path)
+    try:
+        return READERS["raw"].open(host, None, OpenOptions())
+    except BaseException:
+        host.close()
+        raise
+
+
+def _identify(head: bytes, name: str | None) -> Detection:
+    from .detect import _identify_inner  # the identification callback detect.py gives wrappers.py
+
+    return _identify_inner(head, b"", None, 1, name)
+
+
+def _require_raw(inner: Detection, path: str, kind: str, member: str | None) -> None:
+    """Refuse a disk that cannot be read where it is: anything but RAW inside a compressed stream
+    (qcow2 and VHD need random access), and in a plain tar a sparse or foreign-format member."""
+    if inner.format in WRAPPED_FORMATS:
+        return
+    where = f"its member {member}" if member else "what it holds"
+    if kind == "tar":
+        what = "an uncompressed tar archive"
+        reason = "from a tar diskimg reads RAW disks, and VHD or qcow2 members that are not sparse"
+        hint = f"unpack it first: `diskimg unpack {shlex.quote(path)} --out DIR`"
+    else:
+        what = f"{kind}-compressed"
+        reason = f"through a compressed stream diskimg reads RAW disks only ({inner.format} needs random access)"
+        command, produced = unwrap_command(kind, path)
+        hint = f"decompress it first: `{command}`"
+        if member and produced and produced.endswith(".tar"):
+            hint += f" (diskimg reads a disk inside an uncompressed tar in place: `diskimg info {shlex.quote(produced)}`)"
+        elif produced:
+            hint += f", then use {produced}"
+    raise UnsupportedFormat(f"{what}, and {where} is {inner.description}: {reason}", path=path, format=inner.format,
+                            hint=hint)
+
+
+def _check_size(size: int, path: str) -> None:
+    if size > MAX_MEMBER_SIZE:
+        raise ArchiveError(f"holds a disk of {size} bytes, more than the {MAX_MEMBER_SIZE >> 40} TiB accepted",
+                           path=path)

@@ -1,0 +1,391 @@
+"""Disks read through a wrapper (diskimg.sources): bare compressed RAW disks made by gzip, pigz, xz,
+zstd and bzip2, and tar archives made by GNU tar (every sparse format) and bsdtar, compressed or
+not. The oracles: the original file's bytes, qemu-img for qcow2 members and converted outputs,
+the compressors' own tools for damaged streams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import diskimg
+from diskimg.errors import ArchiveError, UnsupportedFormat
+from diskimg.reader import ExtentKind
+
+from .conftest import (
+    MiB,
+    diskimg_cli,
+    diskimg_to_pipe,
+    file_sha256,
+    qemu_compare,
+    qemu_img,
+    qemu_raw,
+    reader_sha256,
+    requires_qemu,
+    run,
+    sfdisk,
+    sparse_file,
+)
+
+SIZE = 14 * MiB + 3 * 512  # not a whole MiB: the last chunk is short
+#: (offset, length) of data in the test disk: unaligned, across chunk boundaries, at the very end
+RUNS = [(0, 4096), (MiB - 700, 5000), (5 * MiB + 12345, MiB + 3), (SIZE - 1536, 1536)]
+
+
+def has(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sparse RAW disk with incompressible data in RUNS (an MBR signature at 510)."""
+    import random
+
+    rng = random.Random(5)
+    runs = [(offset, rng.randbytes(length)) for offset, length in RUNS]
+    first = bytearray(runs[0][1])
+    first[510:512] = b"\x55\xaa"
+    runs[0] = (0, bytes(first))
+    return sparse_file(tmp_path_factory.mktemp("sources") / "disk.raw", SIZE, runs)
+
+
+def compressed(disk: Path, tool: list[str], suffix: str) -> Path:
+    out = disk.with_name(f"{disk.name}.{tool[0]}{suffix}")
+    if not out.exists():
+        with open(out, "wb") as dst:
+            subprocess.run([*tool, disk], stdout=dst, check=True)
+    return out
+
+
+def tar_of(disk: Path, *options: str, tool: str = "tar", compress: str = "") -> Path:
+    """An archive of ``disk`` made by GNU tar or bsdtar with ``options``, compressed by a tool."""
+    label = "-".join(o.strip("-").replace("=", "") for o in options) or "plain"
+    out = disk.with_name(f"{tool}-{label}.tar" + (f".{compress}" if compress else ""))
+    if not out.exists():
+        archive = subprocess.run([tool, *options, "-cf", "-", "-C", str(disk.parent), disk.name],
+                                 capture_output=True, check=True).stdout
+        if compress:
+            archive = subprocess.run([compress, "-c"], input=archive, capture_output=True, check=True).stdout
+        out.write_bytes(archive)
+    return out
+
+
+# -- bare compressed disks --------------------------------------------------------------------------
+
+
+BARE = [
+    (["gzip", "-c"], ".gz", "counted"),
+    (["pigz", "-c", "-p", "2"], ".gz", "counted"),
+    (["xz", "-c", "-T2", "--block-size=4MiB"], ".xz", "the xz index"),
+    (["zstd", "-c", "-q"], ".zst", "the zstd frame headers"),
+    (["bzip2", "-c"], ".bz2", "counted"),
+]
+
+
+@pytest.mark.parametrize("tool,suffix,size_from", BARE, ids=[t[0][0] for t in BARE])
+def test_bare_compressed_raw_reads_the_disk(disk: Path, tool: list[str], suffix: str, size_from: str) -> None:
+    if not has(tool[0]):
+        pytest.skip(f"{tool[0]} not installed")
+    wrapped = compressed(disk, tool, suffix)
+    with diskimg.open_image(wrapped) as reader:
+        assert reader.forward_only and reader.format == "raw"
+        assert reader.virtual_size == SIZE
+        details = reader.info().details
+        assert details["wrapper"] == details["compression"] == {".gz": "gzip", ".xz": "xz", ".zst": "zstd",
+                                                                 ".bz2": "bzip2"}[suffix]
+        assert details["virtual_size_from"].startswith(size_from)
+        assert reader_sha256(reader) == file_sha256(disk)
+        # metadata gives the size without decompressing; counting costs one pass before the reads
+        assert reader.decompression_passes == (2 if size_from == "counted" else 1)
+
+
+def test_concatenated_members_and_frames_are_one_disk(disk: Path, tmp_path: Path) -> None:
+    """gzip members, xz streams (with stream padding) and zstd frames concatenated (as pigz
+    --independent, pzstd or a split-and-compress pipeline produce them) read as one disk."""
+    data = disk.read_bytes()
+    half = len(data) // 2 + 1000
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(data[:half])
+    second.write_bytes(data[half:])
+    for tool, suffix, padding in ((["gzip", "-c"], ".gz", b""), (["xz", "-c"], ".xz", bytes(8)),
+                                  (["zstd", "-c", "-q"], ".zst", b"")):
+        parts = [run(*tool, part).stdout for part in (first, second)]
+        joined = tmp_path / f"joined{suffix}"
+        joined.write_bytes(parts[0] + padding + parts[1])
+        with diskimg.open_image(joined) as reader:
+            assert reader.virtual_size == SIZE
+            assert reader_sha256(reader) == file_sha256(disk), suffix
+
+
+def test_zstd_without_content_size_is_counted(disk: Path, tmp_path: Path) -> None:
+    """zstd compressing a pipe does not record the content size: one counting pass is made."""
+    out = tmp_path / "piped.zst"
+    out.write_bytes(run("bash", "-c", f"cat {disk} | zstd -q -c").stdout)
+    with diskimg.open_image(out) as reader:
+        assert reader.info().details["virtual_size_from"].startswith("counted")
+        assert reader.virtual_size == SIZE
+        assert reader_sha256(reader) == file_sha256(disk)
+
+
+def test_backward_reads_restart_and_cached_chunks_do_not(disk: Path) -> None:
+    wrapped = compressed(disk, ["xz", "-c", "-T2", "--block-size=4MiB"], ".xz")
+    expected = disk.read_bytes()
+    with diskimg.open_image(wrapped) as reader:
+        assert reader.read(0, 512) == expected[:512]
+        assert reader.read(SIZE - 4096, 4096) == expected[-4096:]
+        assert reader.decompression_passes == 1  # forward so far
+        assert reader.read(SIZE - 100_000, 512) == expected[SIZE - 100_000 : SIZE - 100_000 + 512]
+        assert reader.decompression_passes == 1  # within the cached chunks
+        assert reader.read(MiB - 700, 5000) == expected[MiB - 700 : MiB + 4300]
+        assert reader.decompression_passes == 2  # behind the cache: decompression started over
+        # the file view (partition and file system parsers) works too
+        reader.seek(510)
+        assert reader.read(2) == b"\x55\xaa"
+
+
+def test_qcow2_inside_a_compressed_file_is_refused_with_the_command(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", image, "16M")
+    run("xz", "-k", image)
+    with pytest.raises(UnsupportedFormat) as caught:
+        diskimg.open_image(tmp_path / "disk.qcow2.xz")
+    assert caught.value.format == "qcow2"
+    assert "random access" in str(caught.value) and f"xz -dk {tmp_path}/disk.qcow2.xz" in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("kind", ["gzip", "xz", "zstd", "bzip2"])
+def test_damaged_streams_raise_archive_error(disk: Path, tmp_path: Path, kind: str, damage: str) -> None:
+    """A truncated or corrupted stream (the tool itself rejects it) is one ArchiveError, at open or
+    at the read that reaches the damage, never a wrong disk."""
+    suffix = {"gzip": ".gz", "xz": ".xz", "zstd": ".zst", "bzip2": ".bz2"}[kind]
+    data = bytearray(compressed(disk, [kind, "-c"] + (["-q"] if kind == "zstd" else []), suffix).read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) * 2 // 3]
+    else:
+        data[len(data) // 2] ^= 0x55
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(bytes(data))
+    assert subprocess.run([kind, "-t", bad], capture_output=True).returncode != 0  # the oracle agrees
+    with pytest.raises(ArchiveError):
+        with diskimg.open_image(bad) as reader:
+            reader_sha256(reader)
+            diskimg.sources.finish_archive(reader)  # checks what follows the data: end CRCs, trailers
+
+
+# -- tar archives -----------------------------------------------------------------------------------
+
+
+TARS = [
+    ("tar", ("-S", "--format=gnu")),
+    ("tar", ("-S", "--format=oldgnu")),
+    ("tar", ("-S", "--format=posix")),
+    ("tar", ("-S", "--format=posix", "--sparse-version=0.0")),
+    ("tar", ("-S", "--format=posix", "--sparse-version=0.1")),
+    ("tar", ("-S", "--format=posix", "--sparse-version=1.0")),
+    ("tar", ("--format=gnu",)),  # not sparse: the map is one DATA extent
+    ("bsdtar", ("--format=pax",)),
+    ("bsdtar", ("--format=gnutar",)),
+]
+
+
+#: every archive flavour uncompressed and gzip'ed (ECS's .tar.gz); zstd and xz on a few
+COMPRESSED_TARS = [(tool, options, compress) for tool, options in TARS for compress in ("", "gzip")] + [
+    (*TARS[0], "zstd"), (*TARS[5], "zstd"), (*TARS[2], "xz"), (*TARS[7], "xz")]
+
+
+@pytest.mark.parametrize("tool,options,compress", COMPRESSED_TARS,
+                         ids=[f"{t}{''.join(o)}-{c or 'none'}" for t, o, c in COMPRESSED_TARS])
+def test_tar_member_reads_with_its_sparse_map(disk: Path, tool: str, options: tuple[str, ...], compress: str) -> None:
+    if not has(tool) or (compress and not has(compress)):
+        pytest.skip(f"{tool} or {compress} not installed")
+    archive = tar_of(disk, *options, tool=tool, compress=compress)
+    with diskimg.open_image(archive) as reader:
+        details = reader.info().details
+        assert details["wrapper"] == "tar" and details["member"] == "disk.raw"
+        assert details.get("compression") == (compress or None)
+        assert reader.forward_only == bool(compress)
+        assert reader.virtual_size == SIZE
+        extents = list(reader.extents())
+        if details["sparse"]:
+            # the map comes from the headers: holes are ZERO before any data is read
+            allocated = sum(e.length for e in extents if e.kind is ExtentKind.DATA)
+            assert allocated < SIZE // 4
+        assert reader_sha256(reader) == file_sha256(disk)
+        position = 0
+        data = disk.read_bytes()
+        for extent in extents:
+            assert extent.start == position
+            position = extent.end
+            if extent.kind is ExtentKind.ZERO:
+                assert data[extent.start : extent.end] == bytes(extent.length)
+        assert position == SIZE
+
+
+@requires_qemu
+def test_qcow2_in_an_uncompressed_tar_is_read_in_place(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", image, "32M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0x11 31M 64k", image)
+    run("tar", "-cf", tmp_path / "disk.qcow2.tar", "-C", tmp_path, "disk.qcow2")
+    with diskimg.open_image(tmp_path / "disk.qcow2.tar") as reader:
+        assert reader.format == "qcow2" and not reader.forward_only
+        assert reader_sha256(reader) == file_sha256(qemu_raw(image, "qcow2", tmp_path))
+    run("gzip", "-k", tmp_path / "disk.qcow2.tar")
+    with pytest.raises(UnsupportedFormat) as caught:
+        diskimg.open_image(tmp_path / "disk.qcow2.tar.gz")
+    assert "gunzip -k" in str(caught.value) and "uncompressed tar" in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo"])
+def test_links_and_devices_in_a_tar_are_refused(tmp_path: Path, kind: str) -> None:
+    (tmp_path / "d").mkdir()
+    target = tmp_path / "d" / "disk.raw"
+    target.write_bytes(bytes(4096))
+    if kind == "symlink":
+        (tmp_path / "d" / "link").symlink_to("/etc/passwd")
+    elif kind == "hardlink":
+        (tmp_path / "d" / "link").hardlink_to(target)
+    else:
+        import os
+
+        os.mkfifo(tmp_path / "d" / "link")
+    names = ["link", "disk.raw"] if kind != "hardlink" else ["disk.raw", "link"]
+    run("tar", "-cf", tmp_path / "x.tar", "-C", tmp_path / "d", *names)
+    with pytest.raises(ArchiveError, match=kind if kind != "fifo" else "fifo"):
+        with diskimg.open_image(tmp_path / "x.tar") as reader:
+            reader.read(0, 4096)
+            diskimg.sources.finish_archive(reader)
+
+
+@requires_qemu
+def test_a_second_disk_is_refused(disk: Path, tmp_path: Path) -> None:
+    """In a plain tar (read at random) when it is opened; in a compressed one (read forward) when
+    the reader has passed the first disk (``finish_archive``, which unpack calls)."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "d.qcow2", "16M")
+    (tmp_path / "disk.raw").write_bytes(bytes(8192))
+    run("tar", "-cf", tmp_path / "two.tar", "-C", tmp_path, "d.qcow2", "disk.raw")
+    with pytest.raises(ArchiveError, match="more than one disk"):
+        diskimg.open_image(tmp_path / "two.tar")
+    run("tar", "-czf", tmp_path / "two.tar.gz", "-C", tmp_path, "disk.raw", "d.qcow2")
+    with diskimg.open_image(tmp_path / "two.tar.gz") as reader:
+        assert reader.read(0, 8192) == bytes(8192)
+        with pytest.raises(ArchiveError, match="more than one disk"):
+            diskimg.sources.finish_archive(reader)
+
+
+# -- the commands ---------------------------------------------------------------------------------
+
+
+def test_info_says_the_disk_is_read_through_the_wrapper(disk: Path) -> None:
+    archive = tar_of(disk, "-S", "--format=gnu", compress="gzip")
+    proc = diskimg_cli("info", "--json", archive)
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert facts["format"] == "raw" and facts["virtual_size"] == SIZE
+    assert facts["details"]["wrapper"] == "tar" and facts["details"]["compression"] == "gzip"
+    assert facts["details"]["member"] == "disk.raw" and facts["details"]["inner_format"] == "raw"
+    assert "sequential" in facts["details"]["access"]
+    text = diskimg_cli("info", archive).stdout.decode()
+    assert "member: disk.raw" in text and "wrapper: tar" in text
+
+
+@requires_qemu
+@pytest.mark.parametrize("target_format", ["qcow2", "vhd", "raw"])
+def test_convert_a_sparse_tar_gz_to_a_pipe_in_one_pass(disk: Path, tmp_path: Path, target_format: str) -> None:
+    """The tar sparse map is the exact plan a streamed qcow2/VHD needs: no pre-scan, one pass."""
+    archive = tar_of(disk, "-S", "--format=posix", compress="gzip")
+    out = tmp_path / f"out.{target_format}"
+    proc = diskimg_to_pipe(out, "convert", archive, "-", "-O", target_format, "--progress", "json", check=True)
+    stderr = proc.stderr.decode()
+    assert '"phase": "scan"' not in stderr and "one decompression pass" in stderr
+    qemu_compare(out, "vpc" if target_format == "vhd" else target_format, disk, "raw")
+    if target_format == "qcow2":
+        assert json.loads(qemu_img("check", "--output=json", out))["check-errors"] == 0
+
+
+@requires_qemu
+def test_convert_a_bare_gz_to_a_pipe_says_the_scan_costs_a_pass(disk: Path, tmp_path: Path) -> None:
+    wrapped = compressed(disk, ["gzip", "-c"], ".gz")
+    out = tmp_path / "out.qcow2"
+    proc = diskimg_to_pipe(out, "convert", wrapped, "-", "-O", "qcow2", "--progress", "json", check=True)
+    stderr = proc.stderr.decode()
+    # the size is counted (one pass), the zero pre-scan (one), the conversion (one)
+    assert '"phase": "scan"' in stderr and "3 decompression passes" in stderr
+    qemu_compare(out, "qcow2", disk, "raw")
+    assert out.stat().st_size < SIZE // 2  # the pre-scan left the zero ranges unallocated
+
+
+@requires_qemu
+def test_convert_to_a_file_is_sparse_and_one_pass(disk: Path, tmp_path: Path) -> None:
+    archive = tar_of(disk, "-S", "--format=oldgnu", compress="zstd")
+    result = diskimg.convert(archive, tmp_path / "out.raw", "raw")
+    assert result.decompression_passes == 1 and result.source_format == "raw"
+    qemu_compare(tmp_path / "out.raw", "raw", disk, "raw")
+    assert (tmp_path / "out.raw").stat().st_blocks * 512 < SIZE // 4
+
+
+def test_validate_inspects_the_disk_inside_in_one_pass(tmp_path: Path) -> None:
+    """The wrapper is still refused (the importer reads the file as is), but the partition table of
+    the disk inside is inspected, and the report says how it was read."""
+    image = tmp_path / "mbr.raw"
+    with open(image, "wb") as f:
+        f.truncate(32 * MiB)
+    sfdisk(image, "label: dos\n,16M,L\n")
+    run("xz", "-k", image)
+    proc = diskimg_cli("validate", "--json", tmp_path / "mbr.raw.xz")
+    assert proc.returncode == 1, proc.stderr  # not importable: the container
+    report = json.loads(proc.stdout)
+    codes = {finding["code"]: finding for finding in report["findings"]}
+    assert codes["format-wrapped"]["severity"] == "error"
+    assert "decompressed once" in codes["wrapped-inspected"]["message"]
+    table = report["disks"][0]["partition_table"]
+    assert table["scheme"] in ("mbr", "dos") and table["partitions"][0]["size"] == 16 * MiB
+
+
+# -- hostile input ------------------------------------------------------------------------------------
+
+
+def _small_archives(tmp: Path) -> dict[str, bytes]:
+    """A sparse GNU tar, its gzip and zstd streams, and a bare xz disk: small, for mutation."""
+    import random
+
+    disk = sparse_file(tmp / "small.raw", 256 * 1024, [(0, random.Random(3).randbytes(3000)), (200_000, b"\x01" * 700)])
+    plain = run("tar", "-S", "--format=gnu", "-cf", "-", "-C", tmp, disk.name).stdout
+    return {"tar": plain, "tar.gz": run("gzip", "-c", input=plain).stdout,
+            "tar.zst": run("zstd", "-q", "-c", input=plain).stdout, "raw.xz": run("xz", "-c", disk).stdout}
+
+
+@pytest.fixture(scope="module")
+def small_archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    return _small_archives(tmp_path_factory.mktemp("small"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["tar", "tar.gz", "tar.zst", "raw.xz"]),
+       edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_mutated_archives_raise_only_diskimg_errors(small_archives: dict[str, bytes], tmp_path: Path, kind: str,
+                                                    edits: list[tuple[float, int]], cut: float | None) -> None:
+    data = bytearray(small_archives[kind])
+    for where, value in edits:
+        data[int(where * len(data))] = value
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    path = tmp_path / f"mutated.{kind}"
+    path.write_bytes(bytes(data))
+    try:
+        with diskimg.open_image(path) as reader:
+            assert reader.virtual_size <= diskimg.sources.MAX_MEMBER_SIZE
+            for extent in reader.extents():  # the DATA extents: a forged size cannot make this long
+                for offset in range(extent.start, extent.end if extent.kind is ExtentKind.DATA else 0, 4 * MiB):
+                    reader.read(offset, 4 * MiB)
+            diskimg.sources.finish_archive(reader)
+    except diskimg.DiskImageError:
+        pass
