@@ -677,8 +677,8 @@ def test_rule_catalogue_is_coherent():
     for rule in rules:
         assert rule.code and rule.title and rule.rationale and rule.source.startswith("§")
     source = "".join((ROOT / "diskimg" / name).read_text()
-                     for name in ("validate/checks.py", "validate/context.py", "validate/__init__.py",
-                                  "partitions.py"))
+                     for name in ("validate/checks.py", "validate/linux_checks.py", "validate/windows_checks.py",
+                                  "validate/context.py", "validate/__init__.py", "partitions.py"))
     emitted = set(re.findall(r'(?:emit|TableIssue)\(\s*"([a-z0-9-]+)"', source))
     emitted |= set(re.findall(r'"((?:gpt|mbr|partition)-[a-z0-9-]+)"', source)) & set(RULES_BY_CODE)
     assert emitted <= set(RULES_BY_CODE), emitted - set(RULES_BY_CODE)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import DiskImageError, UsageError
+from . import linux_checks  # noqa: F401  (registers the guest checks)
+from . import windows_checks  # noqa: F401  (registers the Windows guest checks)
 from .checks import DISK_CHECKS, SET_CHECKS
 from .context import DiskContext, NotAvailable
 from .report import DiskFacts, Finding, Report, render_text
@@ -175,20 +177,27 @@ def _facts(ctx: DiskContext) -> DiskFacts:
             facts.efi_loaders = boot.loaders or None
         except (NotAvailable, DiskImageError):
             pass
+        if "guest" in ctx.__dict__ and ctx.guest is not None:  # inspected by the guest checks
+            facts.guest = ctx.guest.to_dict()
     return facts
 
 
 def _import_image(contexts: list[DiskContext], facts: list[DiskFacts]) -> dict[str, Any]:
-    """The ImportImage parameters this set needs (Platform, OSType, Architecture: guest inspection, later)."""
+    """The ImportImage parameters this set needs (Platform, OSType, Architecture from the system disk's guest)."""
     mappings = [{"Format": f.api_format, "DiskImageSize": f.disk_image_size} for f in facts]
     system = facts[0] if contexts[0].role == SYSTEM else None
     boot_mode = None
+    guest = None
     if system is not None:
         boot_mode = contexts[0].boot_mode or system.recommended_boot_mode
-    return {
+        guest = contexts[0].__dict__.get("guest")
+    parameters: dict[str, Any] = {
         "DiskDeviceMapping": mappings,
         "BootMode": boot_mode,
-        "Platform": None,
-        "OSType": None,
-        "Architecture": None,
+        "Platform": guest.platform if guest else None,
+        "OSType": guest.os_type if guest else None,
+        "Architecture": guest.import_architecture if guest else None,
     }
+    if guest is not None and guest.nvme_support is not None:  # only where the guest's kernel was inspected
+        parameters["Features.NvmeSupport"] = guest.nvme_support
+    return parameters

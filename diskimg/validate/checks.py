@@ -102,6 +102,9 @@ def container_format(ctx: DiskContext) -> None:
         evidence["inner_format"] = detection.inner_format
         ctx.emit("format-wrapped", message + "; the importer reads the image file as is", evidence,
                  f"`{command}`{follow}")
+        if ctx.through_wrapper and ctx.open_error is None:  # opening decompresses it (one full pass)
+            ctx.emit("wrapped-inspected", f"the RAW disk inside the {fmt} file was decompressed once, in full, into "
+                     "a temporary sparse copy: the checks below inspect that disk", {"wrapper": fmt})
         return
     driver = QEMU_DRIVERS.get(fmt)
     hint = convert_hint(ctx, driver) if driver else (detection.hint or "convert it to QCOW2, VHD or RAW")

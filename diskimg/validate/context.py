@@ -18,12 +18,14 @@ from ..detection import Detection
 from ..errors import BackingFileError, DiskImageError, ImageNotFound, UnsupportedFormat
 from ..filesystems import FileSystem
 from ..fs.fat import find_efi_loaders
+from ..guest import GuestDisk, GuestFacts, GuestVolume, inspect_guest
 from ..hostfile import HostFile
 from ..image import image_info, open_image
 from ..partitions import Partition, PartitionTable, read_partition_table
 from ..reader import DiskReader, ExtentKind, ImageInfo
+from ..sources import opens_through_wrapper, spooled
 from .report import Finding
-from .rules import RULES_BY_CODE, GiB, Profile
+from .rules import RULES_BY_CODE, SYSTEM, GiB, Profile
 
 WRAPPERS = frozenset({"gzip", "xz", "bzip2", "zstd", "zip", "tar", "7z", "lz4"})
 READABLE = frozenset({"raw", "vhd", "qcow2"})
@@ -139,11 +141,20 @@ class DiskContext:
         if not self.supported_container:
             raise NotAvailable(f"a {self.format} file is not opened; only its container was checked")
 
+    @property
+    def through_wrapper(self) -> bool:
+        """A compressed file or a tar (sources.py): the container is refused, but the RAW disk
+        inside is still inspected, from a temporary copy made in one decompression pass."""
+        return opens_through_wrapper(self.detection)
+
     @cached_property
     def _opened(self) -> tuple[DiskReader | None, DiskImageError | None]:
-        if not self.supported_container:
+        if not self.supported_container and not self.through_wrapper:
             return None, None
         try:
+            if self.through_wrapper:
+                with open_image(self.path) as wrapped:
+                    return spooled(wrapped), None
             return open_image(self.path, self.format, allow_backing=self.allow_backing), None
         except DiskImageError as exc:
             return None, exc
@@ -324,6 +335,49 @@ class DiskContext:
             "efi_loaders": analysis.loaders or None,
         }
         return analysis
+
+    # -- the guest operating system ------------------------------------------------------------------------
+
+    @cached_property
+    def guest_disk(self) -> GuestDisk:
+        """The volumes as the guest names them (UUID, LABEL, PARTUUID, PARTLABEL), file systems opened lazily."""
+        table = self.table
+        signature = table.mbr.disk_signature if table.scheme == "mbr" and table.mbr else None
+        volumes = []
+        for volume in self.volumes:
+            part = volume.partition
+            partuuid = partlabel = None
+            if part is not None and part.scheme == "gpt":
+                partuuid, partlabel = part.guid, part.name
+            elif part is not None and signature:
+                partuuid = f"{signature:08x}-{part.number:02x}"
+            volumes.append(GuestVolume(volume.name, volume.number, volume.offset, volume.length, volume.fs,
+                                       partuuid, partlabel))
+        return GuestDisk(self.reader, volumes)
+
+    @cached_property
+    def guest(self) -> GuestFacts | None:
+        """The operating system on the disk (its root file system, with the /boot and /usr its fstab
+        mounts), None when no volume holds one."""
+        return inspect_guest(self.guest_disk)
+
+    def guest_inspection(self, os_type: str) -> Any:
+        """The inspector's result when the system disk holds an ``os_type`` guest, else None: the
+        OS-specific checks return at once on other disks (``guest_found`` reports a missing guest)."""
+        if self.role != SYSTEM or self.guest is None or self.guest.os_type != os_type:
+            return None
+        return self.guest.inspection
+
+    def require_guest(self) -> GuestFacts:
+        """The guest, or NotAvailable saying why none was found."""
+        if self.role != SYSTEM:
+            raise NotAvailable("guest inspection runs on the system disk")
+        found = self.guest
+        if found is None:
+            unread = self.guest_disk.unreadable
+            reasons = "; ".join(f"{name}: {why}" for name, why in unread.items())
+            raise NotAvailable(f"no operating system found{f' ({reasons})' if reasons else ''}")
+        return found
 
     def close(self) -> None:
         reader = self._opened[0] if "_opened" in self.__dict__ else None

@@ -64,6 +64,8 @@ class DiskFacts:
     recommended_boot_mode: str | None = None
     efi_loaders: list[str] | None = None
     integrity: dict[str, Any] | None = None
+    #: the operating system found on a system disk (``GuestFacts.to_dict()``)
+    guest: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +85,7 @@ class DiskFacts:
             "recommended_boot_mode": self.recommended_boot_mode,
             "efi_loaders": self.efi_loaders,
             "integrity": self.integrity,
+            "guest": self.guest,
         }
 
 
@@ -164,6 +167,23 @@ def _partition_line(part: dict[str, Any]) -> str:
             f"{fs_text}{flags}")
 
 
+def _guest_lines(guest: dict[str, Any]) -> list[str]:
+    root = guest.get("root") or {}
+    where = f" on partition {root['partition']}" if root.get("partition") else ""
+    lines = [f"  guest:         {guest.get('product') or guest.get('distribution') or guest['os_type']}{where} "
+             f"({guest.get('architecture') or '?'}; Platform {guest.get('platform') or '?'})"]
+    details = guest.get("details") or {}
+    if details.get("default_kernel"):
+        drivers = details.get("boot_drivers") or {}
+        shown = ", ".join(f"{name} {where}" for name, where in drivers.items())
+        lines.append(f"  kernel:        {details['default_kernel']}" + (f" ({shown})" if shown else ""))
+    cloud_init = details.get("cloud_init") or {}
+    if cloud_init.get("installed"):
+        sources = ", ".join(cloud_init.get("datasources") or []) or "default datasources"
+        lines.append(f"  cloud-init:    {cloud_init.get('version') or 'version unknown'} ({sources})")
+    return lines
+
+
 def render_text(report: Report) -> str:
     """A human-readable report: facts per disk, findings with evidence and fixes, the verdict."""
     lines: list[str] = []
@@ -190,6 +210,8 @@ def render_text(report: Report) -> str:
             lines.append(f"  boot modes:    {modes}{rec}")
         if disk.efi_loaders:
             lines.append(f"  EFI loaders:   {', '.join(disk.efi_loaders)}")
+        if disk.guest:
+            lines += _guest_lines(disk.guest)
         lines.append("")
     ordered = sorted(report.findings, key=lambda f: f.severity.rank)
     for finding in ordered:
@@ -218,6 +240,8 @@ def render_text(report: Report) -> str:
     for key in ("BootMode", "Platform", "OSType", "Architecture"):
         value = report.import_image.get(key)
         params.append(f"{key}={value if value is not None else '?'}")
+    if report.import_image.get("Features.NvmeSupport"):
+        params.append(f"Features.NvmeSupport={report.import_image['Features.NvmeSupport']}")
     lines.append("ImportImage: " + " ".join(params))
     errors, warnings = report.count(Severity.ERROR), report.count(Severity.WARNING)
     verdict = "importable" if report.importable else "NOT importable"

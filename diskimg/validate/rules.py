@@ -123,6 +123,10 @@ RULES: tuple[Rule, ...] = (
     _r("format-wrapped", ERROR, "container", "Compressed or archived image",
        "ECS reads the image file from OSS as is; a gzip/xz/bzip2/zstd stream or a tar/zip archive must be "
        "unpacked first.", "§1.1 F1 (A-IMPORT) [inference: format detected from the file header]"),
+    _r("wrapped-inspected", INFO, "container", "Disk inspected through its wrapper",
+       "The checks of partitions, file systems and boot read the RAW disk inside a compressed file or tar "
+       "(decompressed once, in full, into a temporary sparse copy), so its problems are known before it is "
+       "unpacked.", "§1.1 F1 (A-IMPORT) [diskimg: what the unpacked file would hold]"),
     _r("image-unreadable", ERROR, "container", "Image cannot be read",
        "The file claims a supported format but its metadata is damaged or truncated, so the importer cannot "
        "read it.", "§1.1 F1/F3 (A-API-IMP error InvalidImageFormat.Malformed)"),
@@ -286,6 +290,124 @@ RULES: tuple[Rule, ...] = (
     _r("mbr-no-active-partition", WARNING, "boot", "No active partition for the MBR boot code",
        "Windows and syslinux MBR code boot the partition marked active; none is.", "§1.3 P2 [inference]",
        (SYSTEM,)),
+    # -- guest: Linux ----------------------------------------------------------------------------
+    _r("guest-os", INFO, "guest", "Operating system found",
+       "Platform, OSType and Architecture for ImportImage come from the guest: os-release (or the legacy release "
+       "files) and the ELF machine of init.", "§1.2 Platform/OSType/Architecture (A-API-IMP), §1.6 GUESTOS.Platform",
+       (SYSTEM,)),
+    _r("guest-not-found", WARNING, "guest", "No operating system found",
+       "No volume holds a Linux root file system (/etc/os-release or a legacy release file) or a Windows "
+       "system: the image may not be a system disk.", "§1.6 GUESTOS.SystemImage (A-CHECK)", (SYSTEM,)),
+    _r("guest-virtio-missing", ERROR, "guest", "virtio drivers missing for the default kernel",
+       "On KVM the system disk is virtio-blk: virtio_blk and virtio_pci must be built into the default kernel or "
+       "carried by its initramfs, and virtio_net built in or installed as a module, or the instance finds no "
+       "disk or network.", "§1.4 L1 (A-VIRTIO, A-CHECK GUESTOS.Virtio)", (SYSTEM,)),
+    _r("guest-initramfs-unreadable", WARNING, "guest", "Initramfs of the default kernel cannot be read",
+       "Which drivers the default kernel has at boot depends on its initramfs; it could not be read, so its "
+       "virtio/NVMe drivers are not known.", "§1.4 L1 (A-VIRTIO) [inference]", (SYSTEM,)),
+    _r("guest-nvme", INFO, "guest", "NVMe readiness (Features.NvmeSupport)",
+       "NVMe-only instance families need the nvme driver at boot; declare Features.NvmeSupport=supported only "
+       "when the default kernel has it built in or in its initramfs.", "§1.2 Features.NvmeSupport, §1.4 L2 "
+       "(A-NVME, A-CHECK GUESTOS.Nvme)", (SYSTEM,)),
+    _r("guest-fstab-unresolved", ERROR, "guest", "/etc/fstab names a file system that is not there",
+       "A mount that is not 'nofail' and whose UUID, LABEL or device is on no volume of the disk stops the boot "
+       "in emergency mode.", "§1.4 L3 (A-CHECK GUESTOS.Fstab, A-SPEC)", (SYSTEM,)),
+    _r("guest-device-name", WARNING, "guest", "Kernel device names in fstab or on the kernel command line",
+       "/dev/sda1-style names change with the disk bus (virtio: /dev/vda, NVMe: /dev/nvme0n1); use UUID= or "
+       "LABEL=.", "§1.4 L3/L4 (A-SPEC: 'use UUID in fstab and grub')", (SYSTEM,)),
+    _r("guest-boot-entry-broken", ERROR, "guest", "Default boot entry cannot boot",
+       "The boot loader's default entry names a kernel or initrd that is not in the image, or a root= that "
+       "resolves to no file system.", "§1.4 L4 (A-CHECK GUESTOS.Grub)", (SYSTEM,)),
+    _r("guest-boot-config-missing", WARNING, "guest", "No boot loader configuration found",
+       "No grub.cfg, BLS entry or menu.lst was found: the default kernel (and so its drivers) is not known.",
+       "§1.4 L4 (A-CHECK GUESTOS.Grub) [inference]", (SYSTEM,)),
+    _r("guest-static-ip", ERROR, "guest", "Static IP address on the primary interface",
+       "ECS gives addresses by DHCP; a static address leaves the instance unreachable.",
+       "§1.4 L5 (A-CHECK GUESTOS.Dhcp, A-INSTR)", (SYSTEM,)),
+    _r("guest-mac-address", WARNING, "guest", "Network configuration pinned to a MAC address",
+       "The instance's NIC has a new MAC address: a configuration bound to the old one is not applied.",
+       "§1.4 L6 (Huawei IMS, Oracle G03)", (SYSTEM,)),
+    _r("guest-persistent-net-rules", WARNING, "guest", "udev persistent-net rules",
+       "70-persistent-net.rules pins interface names to the old MAC addresses: the new NIC becomes eth1.",
+       "§1.4 L6 (Huawei IMS, Oracle G03)", (SYSTEM,)),
+    _r("guest-cloud-init-missing", WARNING, "guest", "cloud-init not installed",
+       "cloud-init sets the hostname, password, keys and grows the root partition on first boot.",
+       "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit)", (SYSTEM,)),
+    _r("guest-cloud-init-old", WARNING, "guest", "cloud-init older than 0.7.9",
+       "cloud-init versions before 0.7.9 are unsuitable and must be upgraded.", "§1.4 L7 (A-INSTR, A-CINIT)",
+       (SYSTEM,)),
+    _r("guest-qemu-guest-agent", WARNING, "guest", "qemu-guest-agent installed",
+       "Alibaba asks for qemu-ga to be removed: some services ECS needs may be unavailable with it.",
+       "§1.4 L8 (A-INSTR, A-INSTR-CN, A-TOOL)", (SYSTEM,)),
+    _r("guest-selinux-enforcing", WARNING, "guest", "SELinux enforcing",
+       "An enforcing SELinux may stop the first boot (relabelling, ECS agents); the image check recommends it "
+       "disabled.", "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
+    _r("guest-shadow-immutable", ERROR, "guest", "/etc/shadow is immutable",
+       "ECS writes the root password into /etc/shadow; an immutable (chattr +i) or append-only file makes "
+       "that fail.", "§1.4 L12 (A-INSTR, A-TOOL 'shadow file authority')", (SYSTEM,)),
+    _r("guest-root-account", WARNING, "guest", "Root account or passwd command missing",
+       "ECS sets the password of root with passwd: both must exist.", "§1.4 L12 (A-TOOL 'root', 'passwd')",
+       (SYSTEM,)),
+    _r("guest-lib-absolute-symlink", WARNING, "guest", "/lib or /lib64 is an absolute symbolic link",
+       "The compliance tool requires /lib and /lib64 links to be relative (usr/lib), so that the disk works "
+       "mounted elsewhere (repair, image check).", "§1.4 L15 (A-TOOL 'lib')", (SYSTEM,)),
+    _r("guest-root-not-last", WARNING, "guest", "Root partition is not the last partition",
+       "growpart can only extend the last partition: the root file system should be last so that it grows "
+       "into a larger system disk.", "§1.3 P6, §1.4 L10 (A-SPEC)", (SYSTEM,)),
+    _r("guest-arm64-not-uefi", ERROR, "guest", "arm64 image without UEFI boot",
+       "ImportImage takes arm64 images with BootMode=UEFI only.", "§1.2 BootMode, §1.3 P3 (A-API-IMP)",
+       (SYSTEM,)),
+    # -- guest: Windows --------------------------------------------------------------------------
+    _r("windows-client-edition", ERROR, "guest", "Windows client edition",
+       "ECS imports Windows Server only; client editions (XP, 7, 8, 8.1, 10, 11) are refused.",
+       "§1.5 W1 (A-INSTR, A-API-IMP)", (SYSTEM,)),
+    _r("windows-version-unsupported", ERROR, "guest", "Windows Server release not supported",
+       "ECS imports Windows Server 2003 SP1 to 2022; older releases (2003 before SP1, 2000) are refused.",
+       "§1.5 W1 (A-INSTR, A-API-IMP)", (SYSTEM,)),
+    _r("windows-version-unlisted", WARNING, "guest", "Windows Server release not in ECS's list",
+       "The import documentation lists Windows Server 2003 SP1 to 2022; a later or semi-annual release imports as "
+       "Platform 'Other Windows', without the configuration ECS applies to the listed ones.",
+       "§1.2 Platform, §1.5 W1 (A-API-IMP) [inference]", (SYSTEM,)),
+    _r("windows-registry-unreadable", ERROR, "guest", "Registry hive missing or damaged",
+       "Windows cannot boot without readable SYSTEM and SOFTWARE hives; the image check rejects invalid hives.",
+       "§1.6 GUESTOS.Registry (A-CHECK)", (SYSTEM,)),
+    _r("windows-registry-dirty", WARNING, "guest", "Registry hive not cleanly saved",
+       "The hive's sequence numbers or checksum show Windows was writing it when the image was taken: newer data "
+       "lies in its transaction logs, which Windows replays at boot, so what is read here may be stale.",
+       "§1.6 GUESTOS.Registry (A-CHECK) [inference]", (SYSTEM,)),
+    _r("windows-boot-driver-missing", ERROR, "guest", "No storage driver loads at boot",
+       "The system disk is virtio-blk (viostor), virtio-scsi (vioscsi) or NVMe (stornvme): one of them must be a "
+       "boot-start service (Start=0) with its driver file present (before Windows Server 2012 also bound to the "
+       "device in the CriticalDeviceDatabase), or Windows stops with INACCESSIBLE_BOOT_DEVICE.",
+       "§1.5 W3 (A-WIN-NVME, A-VIRTIO; CriticalDeviceDatabase PCI IDs: inference)", (SYSTEM,)),
+    _r("windows-virtio-readonly", ERROR, "guest", "Read-only community virtio driver files",
+       "Community (Fedora/Red Hat) virtio drivers are not supported; ECS replaces them at import, which fails while "
+       "netkvm.sys, balloon.sys, vioser.sys, viostor.sys or pvpanic.sys are read-only.",
+       "§1.5 W2 (A-INSTR, A-VIRTIO)", (SYSTEM,)),
+    _r("windows-boot-files-missing", ERROR, "guest", "Windows boot manager or BCD missing or damaged",
+       "BIOS starts \\bootmgr and \\Boot\\BCD from the active partition (ntldr and boot.ini before Windows Server "
+       "2008); UEFI starts \\EFI\\Microsoft\\Boot\\bootmgfw.efi and its BCD from the EFI system partition. A BCD "
+       "store is a registry hive that must hold the boot manager's object.",
+       "§1.5 W7 (A-CHECK GUESTOS.BCD, GUESTOS.BootMgr)", (SYSTEM,)),
+    _r("windows-upper-filter-missing", ERROR, "guest", "Disk upper filter driver missing",
+       "A driver listed in the disk class's UpperFilters whose file is missing (left by uninstalled backup or "
+       "encryption software) stops the disk stack at boot.", "§1.5 W7 (A-CHECK GUESTOS.Disk)", (SYSTEM,)),
+    _r("windows-xen-leftovers", WARNING, "guest", "Xen paravirtual driver leftovers",
+       "Xen PV drivers that hide the emulated devices (XenPCI hide_devices) or still start at boot get in the way "
+       "of the KVM devices.", "§1.5 W7 (A-CHECK GUESTOS.Xen)", (SYSTEM,)),
+    _r("windows-driver-install-disabled", WARNING, "guest", "Driver installation disabled",
+       "ECS installs its drivers at import and first boot; a switch or policy that disables device installation "
+       "stops that.", "§1.5 W7 (A-CHECK GUESTOS.Server)", (SYSTEM,)),
+    _r("windows-hotfix", WARNING, "guest", "Known-bad or missing Windows updates",
+       "The image check asks to uninstall KB5009624, KB5009595, KB5009546, KB5009557, KB5009555, KB5014738, "
+       "KB5014702, KB5014692 and KB5014678, and Windows Server 2008 R2 needs KB3033929 (SHA-2 driver signatures).",
+       "§1.5 W7 (A-CHECK GUESTOS.Hotfix)", (SYSTEM,)),
+    _r("windows-qemu-ga", WARNING, "guest", "QEMU guest agent installed",
+       "Alibaba asks for qemu-ga to be removed: some services ECS needs may be unavailable with it.",
+       "§1.5 W4 (A-INSTR)", (SYSTEM,)),
+    _r("windows-nvme", INFO, "guest", "NVMe readiness (Features.NvmeSupport)",
+       "NVMe-only instance families need stornvme as a boot-start driver; declare Features.NvmeSupport=supported "
+       "only then.", "§1.2 Features.NvmeSupport, §1.5 W3 (A-WIN-NVME)", (SYSTEM,)),
     # -- disk set -------------------------------------------------------------------------------
     _r("too-many-data-disks", ERROR, "set", "Too many data disks",
        "ImportImage takes one system disk and at most 16 data disks (DiskDeviceMapping.1-17).",
@@ -297,7 +419,7 @@ RULES: tuple[Rule, ...] = (
 RULES_BY_CODE: dict[str, Rule] = {rule.code: rule for rule in RULES}
 assert len(RULES_BY_CODE) == len(RULES), "duplicate rule code"
 
-CATEGORIES = ("container", "integrity", "size", "partitions", "filesystems", "boot", "set")
+CATEGORIES = ("container", "integrity", "size", "partitions", "filesystems", "boot", "guest", "set")
 
 
 def profile(target: str) -> Profile:

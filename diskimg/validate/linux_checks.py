@@ -1,0 +1,256 @@
+"""The guest checks: what the operating system inside the system disk needs to boot on ECS.
+
+``guest_found`` runs for any guest (it names the OS, or says none was found); the others read the
+Linux inspection (``diskimg.guest.linux.LinuxInspection``) and return at once for other systems.
+Facts that could not be established (a file system without a reader, an unreadable initramfs) are
+reported as "not checked" through ``NotAvailable``, never guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..guest import GuestFacts, device_partition, is_device_name, spec_key
+from ..guest.config import kernel_arg, version_tuple
+from ..guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
+from .checks import disk_check
+from .context import DiskContext, NotAvailable
+from .rules import SYSTEM
+
+#: where the default kernel gets a driver at boot (LinuxInspection.boot_drivers), in words
+_WHERE = {"builtin": "built into", "initramfs": "in the initramfs of", "module": "a module outside the initramfs of",
+          "missing": "missing from"}
+#: the oldest cloud-init ECS takes (reference §1.4 L7)
+MIN_CLOUD_INIT = (0, 7, 9)
+_DRACUT_HINT = ("rebuild the initramfs with the drivers, inside the guest: dracut -f --add-drivers "
+                "\"virtio_blk virtio_pci virtio_net virtio_scsi\" /boot/initramfs-{v}.img {v} (RHEL, SUSE), or add "
+                "them to /etc/initramfs-tools/modules and run update-initramfs -u -k {v} (Debian, Ubuntu)")
+
+
+def _linux(ctx: DiskContext) -> LinuxInspection | None:
+    return ctx.guest_inspection("linux")
+
+
+@disk_check("guest")
+def guest_found(ctx: DiskContext) -> None:
+    if ctx.role != SYSTEM:
+        return
+    guest = ctx.guest
+    if guest is None:
+        if ctx.guest_disk.unreadable:
+            ctx.require_guest()  # raises NotAvailable with the volumes that could not be read
+        ctx.emit("guest-not-found", "no operating system found on any volume (no /etc/os-release or release "
+                 "file, no Windows directory)", {"volumes": [v.to_dict() for v in ctx.guest_disk.volumes]},
+                 "check that this is the system disk of the machine (not a data disk or a partition image)")
+        return
+    where = guest.root.name if guest.root else "?"
+    ctx.emit("guest-os", f"{guest.product or guest.distribution or guest.os_type} on {where}: Platform="
+             f"{guest.platform}, OSType={guest.os_type}, Architecture={guest.architecture or '?'}",
+             _guest_evidence(guest))
+    if guest.unreadable:
+        ctx.not_checked.append({"disk": ctx.path, "check": "guest_files", "category": "guest",
+                                "reason": "; ".join(guest.unreadable)})
+
+
+def _guest_evidence(guest: GuestFacts) -> dict[str, Any]:
+    return {"partition": guest.root.number if guest.root else None, "distribution": guest.distribution,
+            "version": guest.version, "platform": guest.platform, "architecture": guest.architecture}
+
+
+@disk_check("guest")
+def linux_drivers(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None:
+        return
+    kernel = linux.default_kernel
+    if kernel is None:
+        if linux.boot.kernel_missing or linux.boot.entries:
+            raise NotAvailable("the default boot entry's kernel is not in the image")
+        raise NotAvailable("no kernel found in /boot or /lib/modules")
+    if linux.initramfs_error:
+        ctx.emit("guest-initramfs-unreadable", f"the initramfs of kernel {kernel.version} could not be read in "
+                 f"full: {linux.initramfs_error}", {"kernel": kernel.version, "value": linux.initramfs_error},
+                 "check the file inside the guest (lsinitrd / lsinitramfs); rebuild it if it is damaged")
+    drivers = linux.boot_drivers
+    missing = [d for d in BOOT_DRIVERS if drivers.get(d) in ("module", "missing")]
+    missing += [d for d in LATE_DRIVERS if drivers.get(d) == "missing"]
+    unknown = [d for d in BOOT_DRIVERS + LATE_DRIVERS if drivers.get(d) == "unknown"]
+    if missing:
+        where = {d: _WHERE[drivers[d]] + " the kernel" for d in missing}
+        ctx.emit("guest-virtio-missing", f"the default kernel {kernel.version} lacks {', '.join(missing)} at boot "
+                 "(neither built in nor in its initramfs)",
+                 {"kernel": kernel.version, "initramfs": linux.boot.initrd_paths[0] if linux.boot.initrd_paths
+                  else kernel.initramfs, "drivers": where, "value": missing},
+                 _DRACUT_HINT.format(v=kernel.version))
+    if unknown:
+        raise NotAvailable(f"whether kernel {kernel.version} has {', '.join(unknown)} is not known: "
+                           + (linux.initramfs_error or "no modules.builtin, kernel config or module files"))
+
+
+@disk_check("guest")
+def linux_nvme(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None or linux.default_kernel is None:
+        return
+    support = linux.nvme_support
+    if support is None:
+        raise NotAvailable("whether the default kernel drives NVMe at boot is not known")
+    timeout = kernel_arg(linux.boot.cmdline, "nvme_core.io_timeout")
+    where = _WHERE.get(linux.boot_drivers.get("nvme") or "", "missing from")
+    ctx.emit("guest-nvme", f"Features.NvmeSupport={support}: nvme is {where} kernel {linux.default_kernel.version}",
+             {"value": support, "nvme_core.io_timeout": timeout},
+             None if support == "supported" else
+             "only needed for NVMe-only instance families: add nvme to the initramfs (dracut --add-drivers nvme)")
+
+
+@disk_check("guest")
+def linux_fstab(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None:
+        return
+    if linux.fstab is None:
+        raise NotAvailable("the root file system has no /etc/fstab")
+    for check in linux.fstab:
+        entry = check.entry
+        evidence = {"line": entry.line, "spec": entry.spec, "mountpoint": entry.mountpoint, "value": entry.spec}
+        if check.status == "unresolved" and not entry.nofail:
+            ctx.emit("guest-fstab-unresolved", f"/etc/fstab line {entry.line} mounts {entry.mountpoint} from "
+                     f"{entry.spec}, which is on no volume of this disk", evidence,
+                     "fix the UUID/LABEL (blkid shows the right ones), add 'nofail' for a data disk imported "
+                     "separately, or remove the line")
+        elif check.status in ("device-name", "unresolved") and spec_key(entry.spec)[0] == "DEVICE":
+            ctx.emit("guest-device-name", f"/etc/fstab line {entry.line} mounts {entry.mountpoint} by the device "
+                     f"name {entry.spec}", evidence, "use UUID=... (blkid) instead of the device name")
+
+
+@disk_check("guest")
+def linux_boot_entry(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None:
+        return
+    boot = linux.boot
+    if boot.default is None:
+        ctx.emit("guest-boot-config-missing", "no boot loader configuration found (grub.cfg, BLS entries, "
+                 "menu.lst)", {"mounts": sorted(linux.mounts)},
+                 "install and configure GRUB inside the guest (grub2-mkconfig -o /boot/grub2/grub.cfg, or "
+                 "update-grub)")
+        return
+    entry = boot.default
+    evidence = {"config": boot.config, "entry": entry.title, "default_from": boot.default_from}
+    if boot.kernel_missing or not entry.linux:
+        ctx.emit("guest-boot-entry-broken", f"the default boot entry '{entry.title}' loads the kernel "
+                 f"{boot.kernel_missing or '(none)'}, which is not in the image", {**evidence,
+                                                                                   "value": boot.kernel_missing},
+                 "regenerate the boot configuration inside the guest (grub2-mkconfig / update-grub) or set the "
+                 "default to an installed kernel (grubby --set-default)")
+    for path in boot.initrd_missing:
+        ctx.emit("guest-boot-entry-broken", f"the default boot entry '{entry.title}' loads the initrd {path}, "
+                 "which is not in the image", {**evidence, "value": path},
+                 "rebuild it inside the guest (dracut -f / update-initramfs -u) or fix the entry")
+    root = kernel_arg(boot.cmdline, "root")
+    if root is None:
+        return
+    key, value = spec_key(root)
+    if key in ("UUID", "LABEL", "PARTUUID", "PARTLABEL") and ctx.guest_disk.find(root) is None:
+        ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} is on no volume of this disk",
+                 {**evidence, "value": root}, "set root=UUID=<the root file system's UUID> (blkid) in the boot "
+                 "configuration and regenerate it")
+    elif key == "DEVICE" and is_device_name(value):
+        number = device_partition(value)
+        if number is None or all(v.number != number for v in ctx.guest_disk.volumes):
+            ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} names no partition of this "
+                     "disk", {**evidence, "value": root}, "set root=UUID=<the root file system's UUID>")
+        ctx.emit("guest-device-name", f"the default boot entry boots root={root}, a kernel device name",
+                 {**evidence, "value": root}, "use root=UUID=... (GRUB_DISABLE_LINUX_UUID must not be true)")
+
+
+@disk_check("guest")
+def linux_network(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None:
+        return
+    primary = linux.primary_interface
+    if primary is not None and primary.ipv4 == "static":
+        ctx.emit("guest-static-ip", f"the primary interface {primary.name} has a static IPv4 address ({primary.source})",
+                 {"interface": primary.name, "file": primary.source, "value": "static"},
+                 "configure DHCP (BOOTPROTO=dhcp, method=auto, dhcp4: true, iface ... inet dhcp, DHCP=yes)")
+    for interface in linux.interfaces:
+        if interface.mac:
+            ctx.emit("guest-mac-address", f"{interface.source} binds {interface.name or 'an interface'} to the MAC "
+                     f"address {interface.mac}", {"file": interface.source, "value": interface.mac},
+                     "remove HWADDR/MACADDR/mac-address/macaddress from the configuration")
+    if linux.persistent_net:
+        path, macs = linux.persistent_net
+        ctx.emit("guest-persistent-net-rules", f"{path} pins interface names to {len(macs)} MAC address(es)",
+                 {"file": path, "value": macs}, f"empty or delete {path}")
+
+
+@disk_check("guest")
+def linux_agents(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None:
+        return
+    cloud_init = linux.cloud_init
+    if not cloud_init.get("installed"):
+        ctx.emit("guest-cloud-init-missing", "cloud-init is not installed", {"value": None},
+                 "install cloud-init (Alibaba's build for the AliYun datasource), or import as Customized Linux")
+    else:
+        version = cloud_init.get("version")
+        if version and version_tuple(version) < MIN_CLOUD_INIT:
+            ctx.emit("guest-cloud-init-old", f"cloud-init {version} is older than 0.7.9",
+                     {"value": version, "datasources": cloud_init.get("datasources")},
+                     "upgrade cloud-init (Alibaba Cloud publishes 19.1.x builds with the AliYun datasource)")
+    if linux.qemu_guest_agent:
+        ctx.emit("guest-qemu-guest-agent", f"qemu-guest-agent is installed ({linux.qemu_guest_agent})",
+                 {"file": linux.qemu_guest_agent}, "remove it (yum remove qemu-guest-agent / apt purge "
+                 "qemu-guest-agent)")
+
+
+@disk_check("guest")
+def linux_security(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None:
+        return
+    if linux.selinux == "enforcing":
+        ctx.emit("guest-selinux-enforcing", f"SELinux is enforcing ({linux.selinux_source})",
+                 {"file": linux.selinux_source, "value": "enforcing"},
+                 "set SELINUX=disabled (or permissive) in /etc/selinux/config")
+    flags = linux.shadow_flags
+    if flags is not None and flags & {"immutable", "append"}:
+        ctx.emit("guest-shadow-immutable", f"/etc/shadow is {' and '.join(sorted(flags & {'immutable', 'append'}))}",
+                 {"file": "/etc/shadow", "value": sorted(flags)}, "chattr -i -a /etc/shadow inside the guest")
+    if linux.root_account is False:
+        ctx.emit("guest-root-account", "/etc/passwd has no root account (uid 0)", {"file": "/etc/passwd"},
+                 "restore the root line in /etc/passwd")
+    if linux.passwd_command is None:
+        ctx.emit("guest-root-account", "the passwd command is missing (/usr/bin/passwd)",
+                 {"file": "/usr/bin/passwd"}, "install the passwd package")
+    for name, target in linux.absolute_lib_links.items():
+        ctx.emit("guest-lib-absolute-symlink", f"{name} is a symbolic link to the absolute path {target}",
+                 {"file": name, "value": target}, f"make it relative: ln -sfn {target.lstrip('/')} {name}")
+
+
+@disk_check("guest")
+def linux_layout(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None:
+        return
+    root = linux.root
+    if root.number is not None:
+        later = [v.number for v in ctx.guest_disk.volumes if v.number is not None and v.offset > root.offset]
+        if later:
+            ctx.emit("guest-root-not-last", f"the root file system ({root.name}) is followed by partition(s) "
+                     f"{', '.join(map(str, later))}", {"partition": root.number, "value": later},
+                     "put the root partition last (move or drop the partitions after it) so growpart can extend "
+                     "it")
+    if ctx.guest is not None and ctx.guest.architecture == "arm64":
+        try:
+            uefi = ctx.boot.uefi
+        except NotAvailable:
+            uefi = False
+        if not uefi or ctx.boot_mode == "BIOS":
+            ctx.emit("guest-arm64-not-uefi", "the guest is arm64 but the disk "
+                     + ("is declared BootMode=BIOS" if uefi else "has no EFI system partition"),
+                     {"architecture": "arm64", "value": ctx.boot_mode or ("UEFI" if uefi else None)},
+                     "arm64 images boot with UEFI only: add an ESP with EFI/BOOT/BOOTAA64.EFI "
+                     "(grub-install --target=arm64-efi --removable) and import with BootMode=UEFI")
