@@ -122,20 +122,20 @@ def convert(
     hash_afterwards = checksum and compress and os.fspath(target) != "-"
     with (contextlib.nullcontext() if reader is source else reader), \
             _output(target, force, reader.path, hash_output=checksum and not hash_afterwards) as output:
-        virtual_size = _aligned(reader.virtual_size, align)
+        virtual_size = aligned_size(reader.virtual_size, align)
         writer = writer_class(output, virtual_size, writer_options, compress)
-        if writer.requires_exact_plan and zero_granularity and not _map_is_plan(reader):
-            plan: Iterable[Extent] = list(_scan(reader, zero_granularity, progress))
+        if writer.requires_exact_plan and zero_granularity and not map_is_plan(reader):
+            plan: Iterable[Extent] = list(scan_for_zeroes(reader, zero_granularity, progress))
         else:
             plan = reader.extents()
-        tally = _Tally(reader.virtual_size, progress)
-        writer.plan(_with_tail(plan, reader.virtual_size, virtual_size))
+        tally = Tally(reader.virtual_size, progress)
+        writer.plan(with_zero_tail(plan, reader.virtual_size, virtual_size))
         extents = plan if isinstance(plan, list) else reader.extents()
         hasher = ContentHasher(virtual_size) if checksum else None
         if writer.concurrent_writes and hasher is None and not reader.forward_only:
             _feed_concurrently(reader, extents, zero_granularity, writer, tally)
         else:
-            _feed_in_order(reader, extents, zero_granularity, writer, tally, hasher)
+            feed_in_order(reader, extents, zero_granularity, writer, tally, hasher)
         writer.finish()
         result = ConvertResult(
             source=reader.path,
@@ -198,9 +198,9 @@ def measure(
     writer_class.check_options(writer_options)
     with open_image(source, source_format, allow_backing=allow_backing, snapshot=snapshot,
                     vhd_size=vhd_size) as reader:
-        virtual_size = _aligned(reader.virtual_size, align)
-        plan = list(_scan(reader, zero_granularity, None) if zero_granularity else reader.extents())
-        plan = list(_with_tail(plan, reader.virtual_size, virtual_size))
+        virtual_size = aligned_size(reader.virtual_size, align)
+        plan = list(scan_for_zeroes(reader, zero_granularity, None) if zero_granularity else reader.extents())
+        plan = list(with_zero_tail(plan, reader.virtual_size, virtual_size))
         data_bytes = sum(e.length for e in plan if e.kind is ExtentKind.DATA)
         return MeasureResult(
             target_format=target_format,
@@ -213,13 +213,13 @@ def measure(
         )
 
 
-def _map_is_plan(reader: DiskReader) -> bool:
+def map_is_plan(reader: DiskReader) -> bool:
     """Whether a forward-only source's allocation map (a sparse tar member's) is taken as the exact
     plan as it is: a pre-scan for zeros would cost another decompression pass."""
     return reader.forward_only and any(extent.kind is ExtentKind.ZERO for extent in reader.extents())
 
 
-def _aligned(size: int, align: int | None) -> int:
+def aligned_size(size: int, align: int | None) -> int:
     return size if not align else -(-size // align) * align
 
 
@@ -234,7 +234,7 @@ def _data_chunks(extents: Iterable[Extent]) -> Iterator[tuple[int, int]]:
                 position += step
 
 
-def _read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[int, bytearray | bytes]]:
+def read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[int, bytearray | bytes]]:
     """The DATA extents' bytes in order, read by a background thread a few chunks ahead.
 
     Chunks are read into a small ring of reused buffers (fresh large buffers would cost the kernel
@@ -258,7 +258,7 @@ def _taken(offset: int, view: memoryview, future: Future) -> tuple[int, bytearra
     return offset, view.obj if len(view) == len(view.obj) else view.tobytes()  # type: ignore[return-value]
 
 
-class _Tally:
+class Tally:
     """Counts what the feed read and reports progress (from one thread at a time)."""
 
     def __init__(self, virtual_size: int, progress: ProgressCallback | None) -> None:
@@ -272,24 +272,24 @@ class _Tally:
             self.progress("convert", position, self.virtual_size)
 
 
-def _with_tail(extents: Iterable[Extent], size: int, virtual_size: int) -> Iterator[Extent]:
+def with_zero_tail(extents: Iterable[Extent], size: int, virtual_size: int) -> Iterator[Extent]:
     """The extents, plus the zero tail that --align added."""
     yield from extents
     if virtual_size > size:
         yield Extent(size, virtual_size - size, ExtentKind.ZERO)
 
 
-def _feed_in_order(
+def feed_in_order(
     reader: DiskReader,
     extents: Iterable[Extent],
     granularity: int,
     writer: DiskWriter,
-    tally: _Tally,
+    tally: Tally,
     hasher: ContentHasher | None,
 ) -> None:
     """Non-zero data to the writer in offset order, hashing it on the way when asked."""
     hashed = 0
-    for offset, data in _read_ahead(reader, extents):
+    for offset, data in read_ahead(reader, extents):
         tally.allocated += len(data)
         view = memoryview(data)
         for start, end in nonzero_runs(data, granularity):
@@ -306,7 +306,7 @@ def _feed_in_order(
 
 
 def _feed_concurrently(
-    reader: DiskReader, extents: Iterable[Extent], granularity: int, writer: DiskWriter, tally: _Tally
+    reader: DiskReader, extents: Iterable[Extent], granularity: int, writer: DiskWriter, tally: Tally
 ) -> None:
     """CHUNK-sized windows read, checked and written by WORKERS threads at once, in any order.
 
@@ -391,16 +391,16 @@ def _windows(chunks: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]
         yield group
 
 
-def _collect(future: Future, tally: _Tally) -> None:
+def _collect(future: Future, tally: Tally) -> None:
     position, written = future.result()
     tally.bytes_read += written
     tally.done(position)
 
 
-def _scan(reader: DiskReader, granularity: int, progress: ProgressCallback | None) -> Iterator[Extent]:
+def scan_for_zeroes(reader: DiskReader, granularity: int, progress: ProgressCallback | None) -> Iterator[Extent]:
     """The reader's extents with the zero ranges inside its DATA extents turned into ZERO extents."""
     data_start = data_end = 0  # the DATA extent being grown
-    for offset, data in _read_ahead(reader, reader.extents()):
+    for offset, data in read_ahead(reader, reader.extents()):
         for start, end in nonzero_runs(data, granularity):
             if offset + start != data_end:
                 if data_end > data_start:
@@ -425,7 +425,7 @@ def _output(
         sys.stdout.flush()
         yield OutputTarget(sys.stdout.fileno(), "<stdout>", hash_output=hash_output)
         return
-    with _temporary_beside(target, force, source_path) as temporary:
+    with temporary_beside(target, force, source_path) as temporary:
         fd = os.open(temporary, os.O_WRONLY | getattr(os, "O_BINARY", 0))
         try:
             yield OutputTarget(fd, os.fspath(target), hash_output=hash_output)
@@ -434,7 +434,7 @@ def _output(
 
 
 @contextlib.contextmanager
-def _temporary_beside(target: str | os.PathLike[str], force: bool, source_path: str) -> Iterator[str]:
+def temporary_beside(target: str | os.PathLike[str], force: bool, source_path: str) -> Iterator[str]:
     """A temporary file name beside ``target``, renamed to it when the block completes."""
     path = os.path.abspath(os.fspath(target))
     if os.path.exists(path):
@@ -513,7 +513,7 @@ def _convert_with_qemu_img(
         argv.append("-c")
     if snapshot is not None:
         argv += ["-l", snapshot]
-    with _temporary_beside(target, force, os.fspath(source)) as temporary:
+    with temporary_beside(target, force, os.fspath(source)) as temporary:
         argv += [os.fspath(source), temporary]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None and proc.stderr is not None
@@ -536,7 +536,7 @@ def _convert_with_qemu_img(
             result.allocated_bytes = sum(e.length for e in written.extents() if e.kind is ExtentKind.DATA)
             if checksum:
                 # qemu-img wrote the file: hashing it takes a second read of the output
-                result.sha256, result.content_hash = _file_sha256(temporary), _content_hash(written)
+                result.sha256, result.content_hash = _file_sha256(temporary), content_hash_of(written)
     result.seconds = round(time.monotonic() - started, 3)
     return result
 
@@ -564,10 +564,10 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _content_hash(reader: DiskReader) -> str:
+def content_hash_of(reader: DiskReader) -> str:
     hasher = ContentHasher(reader.virtual_size)
     position = 0
-    for offset, data in _read_ahead(reader, reader.extents()):
+    for offset, data in read_ahead(reader, reader.extents()):
         hasher.skip_zeros(offset - position)
         hasher.update(data)
         position = offset + len(data)

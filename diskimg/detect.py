@@ -95,7 +95,7 @@ def _name_of(source: object) -> str | None:
     return name if isinstance(name, str) and not name.startswith("<") else None
 
 
-def _identify_inner(data: bytes, tail: bytes, size: int | None, depth: int, name: str | None) -> Detection:
+def identify_inner(data: bytes, tail: bytes, size: int | None, depth: int, name: str | None) -> Detection:
     """What a wrapper holds, from the decompressed prefix ``data`` (the callback of wrappers.py)."""
 
     def read_at(length: int, offset: int) -> bytes:
@@ -129,7 +129,7 @@ def _classify(
 
     flavor = wrappers.recognise_tar(head)
     if flavor is not None:
-        return wrappers.peek_tar(read_at, size, _identify_inner, depth, name, flavor)
+        return wrappers.peek_tar(read_at, size, identify_inner, depth, name, flavor)
 
     found = recognise(probe, Stage.LATE)
     if found is not None:
@@ -178,9 +178,9 @@ def _strong_magic(
         return "qcow2", lambda: _qcow2(probe, version)
     kind = wrappers.recognise_leading(head)
     if kind == "zip":
-        return "zip", lambda: wrappers.peek_zip(read_at, _identify_inner, depth, name)
+        return "zip", lambda: wrappers.peek_zip(read_at, identify_inner, depth, name)
     if kind is not None:
-        return kind, lambda: wrappers.peek_compressed(kind, read_at, _identify_inner, depth, name, size)
+        return kind, lambda: wrappers.peek_compressed(kind, read_at, identify_inner, depth, name, size)
     found = recognise(probe, Stage.MAGIC)
     if found is not None:
         return found[0].name, lambda: _foreign_detection(*found, name)

@@ -51,8 +51,8 @@ from fastcrc import crc64
 from zlib_ng import gzip_ng_threaded
 
 from . import __version__
-from .convert import CHUNK, ProgressCallback, _aligned, _content_hash, _feed_in_order, _map_is_plan, _read_ahead, \
-    _scan, _Tally, _temporary_beside, _with_tail, convert
+from .convert import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order, map_is_plan,
+                      read_ahead, scan_for_zeroes, temporary_beside, with_zero_tail)
 from .errors import ArchiveError, DiskImageError, OutputError, UsageError
 from .formats import WRITERS, canonical_format
 from .hashing import ContentHasher
@@ -172,7 +172,7 @@ def export(
         for disk in disks:
             disk.reader = stack.enter_context(open_image(disk.source, allow_backing=allow_backing))
             size = disk.reader.virtual_size
-            disk.virtual_size = _aligned(size, GIB) if layout == "gce" else size
+            disk.virtual_size = aligned_size(size, GIB) if layout == "gce" else size
         warnings = _ecs_warnings(disks) if layout == "ecs" else []
         set_progress = _SetProgress(progress, [d.virtual_size for d in disks])
         if archive != "none":
@@ -181,9 +181,9 @@ def export(
         # temporaries entered first are renamed last: the manifest appears only when all is done
         sources = [d.reader.path for d in disks]  # type: ignore[union-attr]
         manifest_path = os.path.join(out_dir, name + MANIFEST_SUFFIX)
-        temporary_manifest = stack.enter_context(_temporary_beside(manifest_path, force, sources[0]))
-        temporary_sums = stack.enter_context(_temporary_beside(os.path.join(out_dir, SUMS_FILE), force, sources[0]))
-        temporaries = [stack.enter_context(_temporary_beside(os.path.join(out_dir, d.file), force, source))
+        temporary_manifest = stack.enter_context(temporary_beside(manifest_path, force, sources[0]))
+        temporary_sums = stack.enter_context(temporary_beside(os.path.join(out_dir, SUMS_FILE), force, sources[0]))
+        temporaries = [stack.enter_context(temporary_beside(os.path.join(out_dir, d.file), force, source))
                        for d, source in zip(disks, sources)]
         exported = []
         for index, (disk, temporary) in enumerate(zip(disks, temporaries)):
@@ -264,9 +264,9 @@ def _plan(disk: _Disk, granularity: int, progress: ProgressCallback) -> list[Ext
     GCE size."""
     reader = disk.reader
     assert reader is not None
-    scan = granularity and not _map_is_plan(reader)
-    extents = _scan(reader, granularity, progress) if scan else reader.extents()
-    plan = list(_with_tail(extents, reader.virtual_size, disk.virtual_size))
+    scan = granularity and not map_is_plan(reader)
+    extents = scan_for_zeroes(reader, granularity, progress) if scan else reader.extents()
+    plan = list(with_zero_tail(extents, reader.virtual_size, disk.virtual_size))
     progress("scan", disk.virtual_size, disk.virtual_size)
     return plan
 
@@ -383,7 +383,7 @@ def _write_raw_member(reader: DiskReader, disk: _Disk, member: str, stream: Bina
     segments = [(e.start, e.length) for e in disk.plan if e.kind is ExtentKind.DATA]
     stream.write(pack_member(member, disk.virtual_size, segments, mtime=mtime))
     hashed = stored = 0
-    for offset, data in _read_ahead(reader, disk.plan):
+    for offset, data in read_ahead(reader, disk.plan):
         stream.write(data)
         hasher.skip_zeros(offset - hashed)
         hasher.update(data)
@@ -404,7 +404,7 @@ def _write_image_member(reader: DiskReader, disk: _Disk, member: str, stream: Bi
     output = _MemberOutput(stream, disk.file)
     writer = writer_class(output, disk.virtual_size, {}, False)
     writer.plan(disk.plan)
-    _feed_in_order(reader, disk.plan, granularity, writer, _Tally(disk.virtual_size, progress), hasher)
+    feed_in_order(reader, disk.plan, granularity, writer, Tally(disk.virtual_size, progress), hasher)
     writer.finish()
     if output.position != size:  # the header is written: a wrong size would corrupt the archive
         raise OutputError(f"internal error: the {target_format} writer wrote {output.position} bytes where "
@@ -553,10 +553,10 @@ def _verify_file(path: str, entry: dict[str, Any], deep: bool) -> VerifiedFile:
                 content_hash = _deep_read(hashed, archive, entry)
                 if content_hash is None and archive == "tar":  # a qcow2 or VHD member, read in place
                     with open_image(path) as reader:
-                        content_hash = _content_hash(reader)
+                        content_hash = content_hash_of(reader)
             elif deep:
                 with open_image(path, entry["format"]) as reader:
-                    content_hash = _content_hash(reader)
+                    content_hash = content_hash_of(reader)
         except DiskImageError as exc:
             decode_problem = exc.message
         hashed.drain()

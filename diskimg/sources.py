@@ -711,9 +711,9 @@ def spooled(reader: DiskReader, directory: str | None = None) -> DiskReader:
 
 
 def _identify(head: bytes, name: str | None) -> Detection:
-    from .detect import _identify_inner  # the identification callback detect.py gives wrappers.py
+    from .detect import identify_inner  # the identification callback detect.py gives wrappers.py
 
-    return _identify_inner(head, b"", None, 1, name)
+    return identify_inner(head, b"", None, 1, name)
 
 
 def _require_raw(inner: Detection, path: str, kind: str, member: str | None) -> None:

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .convert import ProgressCallback, _content_hash, convert
+from .convert import ProgressCallback, content_hash_of, convert
 from .detect import detect
 from .detection import READABLE_FORMATS
 from .errors import ArchiveError, OutputError, UnsupportedFormat, UsageError
@@ -248,7 +248,7 @@ def _restore(reader: StreamDiskReader, entry: _Expected, temporary: str, inner_f
     elif inner_format in READABLE_FORMATS:
         with open_image(temporary, inner_format) as extracted:
             virtual_size = extracted.virtual_size
-            content_hash = _content_hash(extracted) if entry.content_hash is not None else None
+            content_hash = content_hash_of(extracted) if entry.content_hash is not None else None
     return UnpackedDisk(entry.file, None, temporary, final_format, virtual_size, written, None, content_hash, None,
                         result.decompression_passes)
 

@@ -228,9 +228,9 @@ def diskimg_to_pipe(out: os.PathLike, *args: object, check: bool = False, **kwar
 
 def scan_plan(reader) -> list[Extent]:
     """The exact plan the converter computes for a streaming target (4 KiB zero granularity)."""
-    from diskimg.convert import _scan
+    from diskimg.convert import scan_for_zeroes
 
-    return list(_scan(reader, 4096, None))
+    return list(scan_for_zeroes(reader, 4096, None))
 
 
 def random_plan(rng: random.Random, size: int, compressible: bytes | None = None

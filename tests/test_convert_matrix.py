@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diskimg
-from diskimg.convert import _scan
+from diskimg.convert import scan_for_zeroes
 from diskimg.errors import UsageError
 from diskimg.formats import WRITERS
 from diskimg.writer import parse_options
@@ -421,7 +421,7 @@ def test_2000_gib_sparse_between_every_pair(big_sources, tmp_path, source, targe
         # of that plan, and holds the same image
         writer = WRITERS[kwargs["format"]]
         with diskimg.open_image(big_sources[source]) as reader:
-            measured = writer.measure(BIG, list(_scan(reader, 4096, None)), parse_options(kwargs.get("options")))
+            measured = writer.measure(BIG, list(scan_for_zeroes(reader, 4096, None)), parse_options(kwargs.get("options")))
         command = " ".join([f"'{sys.executable}'", "-m", "diskimg", "convert", "--progress", "none",
                             f"'{big_sources[source]}'", "-", *cli_flags(kwargs)])
         piped = tmp_path / f"piped-{target}"
