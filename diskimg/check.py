@@ -205,6 +205,8 @@ class _Qcow2Check:
         self.host = host
         self.result = result
         self.file_size = host.size
+        #: the active L1 table as check_l1 walked it (None when it could not be walked)
+        self.active_l1: array | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; past the end of the file reads zeros (as qemu's check does)."""
@@ -307,6 +309,8 @@ class _Qcow2Check:
             return
         self.inc(l1_offset, l1_size * 8, what)
         l1 = q.parse_u64_table(self.read(l1_offset, l1_size * 8))
+        if active:
+            self.active_l1 = l1
         for index, entry in enumerate(l1):
             l2_offset = entry & q.L1E_OFFSET_MASK
             if not l2_offset:
@@ -529,9 +533,8 @@ class _Qcow2Check:
         """OFLAG_COPIED must be set exactly where a cluster's refcount is 1 (active L1/L2 only)."""
         header = self.header
         cs = self.cs
-        if not header.l1_size or header.l1_table_offset % cs:
+        if self.active_l1 is None:  # check_l1 found the table too large or misplaced, and said so
             return
-        data = self.read(header.l1_table_offset, header.l1_size * 8)
         width = 2 if self.extended else 1
 
         def stored(offset: int) -> int | None:
@@ -540,7 +543,7 @@ class _Qcow2Check:
                 return None
             return ondisk[cluster]
 
-        for index, entry in enumerate(q.parse_u64_table(data)):
+        for index, entry in enumerate(self.active_l1):
             l2_offset = entry & q.L1E_OFFSET_MASK
             if not l2_offset:
                 continue

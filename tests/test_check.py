@@ -187,6 +187,20 @@ def test_truncated_qcow2(tmp_path):
 
 
 @requires_qemu
+def test_oversized_l1_is_reported_not_read(tmp_path):
+    """An l1_size of 1.6 billion entries (12 GiB of table): qemu-img refuses the image; we report
+    that the table is not walked and read none of it (this once read the whole claimed table)."""
+    path = tmp_path / "l1size.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_io(path, "qcow2", "write -P 1 0 1M")
+    write_at(path, 36, struct.pack(">I", 0x623498DA))  # header: l1_size
+    assert subprocess.run(["qemu-img", "check", str(path)], capture_output=True).returncode != 0
+    result = check(path, "qcow2")
+    assert not result.clean and result.check_errors >= 1
+    assert any(p.kind == "error" and "L1 table" in p.message for p in result.problems)
+
+
+@requires_qemu
 def test_unaligned_l2_table_offset(tmp_path):
     path = tmp_path / "l1.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", path, "64M")
