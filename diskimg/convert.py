@@ -34,6 +34,7 @@ from .hashing import ContentHasher
 from .image import Source, open_image
 from .reader import DiskReader, Extent, ExtentKind
 from .writer import DiskWriter, OutputTarget, parse_options
+from .hostfile import io_buffer
 from .zeroes import nonzero_runs
 
 CHUNK = 2 * 1024 * 1024  # smaller writes are throttled less by the kernel under dirty-page pressure
@@ -323,16 +324,17 @@ def _feed_concurrently(
 
     def convert_window(index: int, pieces: list[tuple[int, int]]) -> tuple[int, int]:
         if not hasattr(local, "buffer"):
-            local.buffer = bytearray(CHUNK)
+            local.buffer, local.start = io_buffer(CHUNK)
         window = pieces[0][0] - pieces[0][0] % CHUNK
         ranges = []  # (offset, view into the buffer) of the window's non-zero data
         failure: BaseException | None = None
         try:
             for offset, length in pieces:
-                view = memoryview(local.buffer)[offset - window : offset - window + length]
+                first = local.start + offset - window
+                view = memoryview(local.buffer)[first : first + length]
                 reader.read_into(offset, view)
-                data = local.buffer if length == CHUNK else view.tobytes()
-                ranges += [(offset + start, view[start:end]) for start, end in nonzero_runs(data, granularity)]
+                ranges += [(offset + start, view[start:end])
+                           for start, end in nonzero_runs(local.buffer, granularity, first, first + length)]
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after keeping the order
             failure = exc
         turn.wait(index)  # allocation in offset order, whatever the threads' timing

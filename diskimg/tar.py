@@ -232,6 +232,16 @@ def _read_exact(stream: Readable, size: int, what: str) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def is_header(block: bytes) -> bool:
+    """Whether a 512-byte block is a tar header: its checksum and size field are valid."""
+    try:
+        _check_checksum(block)
+        _number(block[124:136], "size")
+    except ArchiveError:
+        return False
+    return len(block) == BLOCK
+
+
 def _check_checksum(block: bytes) -> None:
     stored = _number(block[148:156], "checksum")
     unsigned = sum(block) - sum(block[148:156]) + 8 * 32

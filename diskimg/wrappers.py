@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import tar
 from .detection import Detection
+from .errors import ArchiveError
 
 #: what a peek decompresses at most (the inner head needs 128 KiB; a tar header and an OVF more)
 PEEK_OUTPUT = 384 * 1024
@@ -85,9 +87,7 @@ def recognise_tar(head: bytes) -> str | None:
         flavor = "ustar"
     else:
         flavor = "v7"
-    if not _checksum_ok(head[:512]):
-        return None
-    if flavor == "v7" and (head[0] == 0 or _parse_number(head[124:136]) is None):
+    if not tar.is_header(head[:512]) or (flavor == "v7" and head[0] == 0):
         return None
     return flavor
 
@@ -203,56 +203,55 @@ def _error_text(exc: BaseException) -> str:
     return text[:200]
 
 
-# --- tar --------------------------------------------------------------------------------------
+# --- tar: peeked at through diskimg.tar's parser ---------------------------------------------
 
 
-def _parse_number(field_bytes: bytes) -> int | None:
-    """A tar numeric field: octal text, or GNU base-256 (high bit of the first byte set)."""
-    if field_bytes and field_bytes[0] & 0x80:
-        value = int.from_bytes(field_bytes[1:], "big")
-        return None if field_bytes[0] & 0x40 else value  # negative: nonsense here
-    text = field_bytes.split(b"\0", 1)[0].strip()
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        return None
+class _ReadAtStream:
+    """``read_at`` as the forward stream ``tar.read_member`` reads headers from."""
+
+    def __init__(self, read_at: ReadAt) -> None:
+        self.read_at = read_at
+        self.position = 0
+
+    def read(self, size: int, /) -> bytes:
+        data = self.read_at(size, self.position)
+        self.position += len(data)
+        return data
 
 
-def _checksum_ok(block: bytes) -> bool:
-    stored = _parse_number(block[148:156])
-    if stored is None or not block.strip(b"\0"):
-        return False
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:512])
-    signed = unsigned - 2 * sum(b for b in block[:148] + block[156:512] if b >= 128)
-    return stored in (unsigned, signed)
+@dataclass(frozen=True)
+class PeekedMember:
+    """A member's headers and where its stored data starts in the archive."""
 
-
-@dataclass
-class TarMember:
-    name: str
-    type: str  # the typeflag: "0" regular, "5" directory, "S" GNU sparse, ...
-    stored_size: int  # bytes of data in the archive
-    size: int  # the file's size (larger than stored_size for a sparse member)
+    header: tar.TarMember
     data_offset: int
-    #: (offset, length) data segments of a sparse member, in order; None when not sparse
-    sparse_map: list[tuple[int, int]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.header.name
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def stored_size(self) -> int:
+        return self.header.stored_size
 
     @property
     def is_file(self) -> bool:
-        return self.type in ("0", "\0", "7", "S", "")
+        return self.header.kind == "file"
 
     def read(self, read_at: ReadAt, offset: int, length: int) -> bytes:
         """Bytes of the member's file (holes of a sparse member read as zeros)."""
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        if self.sparse_map is None:
+        if self.header.sparse_map is None:
             return read_at(end - offset, self.data_offset + offset)
         out = bytearray(end - offset)
         stored = self.data_offset
-        for seg_offset, seg_length in self.sparse_map:
+        for seg_offset, seg_length in self.header.sparse_map:
             lo, hi = max(seg_offset, offset), min(seg_offset + seg_length, end)
             if lo < hi:
                 data = read_at(hi - lo, stored + lo - seg_offset)
@@ -263,182 +262,30 @@ class TarMember:
         return bytes(out)
 
 
-_MAX_META = 1 << 20  # PAX headers and GNU long names larger than this are refused
-_MAX_SPARSE_ENTRIES = 4096
+def tar_members(read_at: ReadAt, size: int | None, limit: int = 8) -> tuple[list[PeekedMember], str | None]:
+    """The first ``limit`` members of a tar archive, and the error that stopped the walk (if any).
 
-
-def tar_members(read_at: ReadAt, size: int | None, limit: int = 8) -> tuple[list[TarMember], str | None]:
-    """The first ``limit`` file members of a tar archive (metadata headers consumed), and an error."""
-    members: list[TarMember] = []
-    offset = 0
-    pax: dict[str, str] = {}
-    sparse_pairs: list[int] = []
-    long_name: str | None = None
-    for _ in range(limit * 4 + 8):
-        if len(members) >= limit:
+    Reads past what ``read_at`` holds (a peeked prefix) end the walk without an error."""
+    stream = _ReadAtStream(read_at)
+    members: list[PeekedMember] = []
+    while len(members) < limit:
+        try:
+            header = tar.read_member(stream)
+        except ArchiveError as exc:
+            return members, exc.message
+        if header is None:
             break
-        block = read_at(512, offset)
-        if len(block) < 512:
-            return members, None if members else "the archive ends inside a header"
-        if not block.strip(b"\0"):
-            break  # end of archive
-        if not _checksum_ok(block):
-            return members, f"bad tar header checksum at offset {offset}"
-        typeflag = chr(block[156]) if block[156] else "0"
-        stored = _parse_number(block[124:136])
-        if stored is None:
-            return members, f"bad size field in the tar header at offset {offset}"
-        data_offset = offset + 512
-        header_end = data_offset
-        if typeflag in ("x", "g", "L", "K"):
-            if stored > _MAX_META:
-                return members, f"oversized tar metadata header at offset {offset}"
-            data = read_at(stored, data_offset)
-            if typeflag == "x":
-                pax, sparse_pairs = _parse_pax(data)
-            elif typeflag == "L":
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-            offset = data_offset + _round512(stored)
-            continue
-        name = _header_name(block)
-        file_size = stored
-        data_size = stored
-        sparse_map = None
-        if typeflag == "S":  # old GNU sparse: map in the header (and extension blocks)
-            sparse_map, header_end = _gnu_old_sparse(block, read_at, data_offset)
-            real = _parse_number(block[483:495])
-            file_size = real if real is not None else stored
-        if long_name is not None:
-            name = long_name
-        if "path" in pax:
-            name = pax["path"]
-        if _decimal(pax.get("size")) is not None:
-            stored = data_size = file_size = _decimal(pax["size"])  # type: ignore[assignment]
-        if "GNU.sparse.name" in pax:
-            name = pax["GNU.sparse.name"]
-        if "GNU.sparse.realsize" in pax or "GNU.sparse.size" in pax:
-            real_text = pax.get("GNU.sparse.realsize", pax.get("GNU.sparse.size", ""))
-            major = pax.get("GNU.sparse.major")
-            if _decimal(real_text) is not None:
-                file_size = _decimal(real_text)  # type: ignore[assignment]
-            if major == "1":  # PAX sparse 1.0: the map is at the start of the data
-                sparse_map, map_length = _pax_sparse_1(read_at, data_offset)
-                header_end = data_offset + map_length
-                data_size = max(0, stored - map_length)
-            elif "GNU.sparse.map" in pax:  # 0.1
-                numbers = [n for n in map(_decimal, pax["GNU.sparse.map"].split(",")) if n is not None]
-                sparse_map = _pairs(numbers)
-            elif sparse_pairs:  # 0.0
-                sparse_map = _pairs(sparse_pairs)
-        members.append(TarMember(name, typeflag, data_size, file_size, header_end, sparse_map))
-        # old GNU sparse extension blocks are not counted in the size field; everything else is
-        offset = (header_end if typeflag == "S" else data_offset) + _round512(stored)
-        pax, sparse_pairs, long_name = {}, [], None
-        if size is not None and offset >= size:
+        members.append(PeekedMember(header, stream.position))
+        stream.position += header.stored_size + len(tar.padding(header.stored_size))
+        if size is not None and stream.position >= size:
             break
     return members, None
-
-
-def _decimal(text: str | None) -> int | None:
-    """A non-negative decimal number of at most 20 digits, else None."""
-    if text is None:
-        return None
-    text = text.strip()
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
-
-
-def _round512(n: int) -> int:
-    return (n + 511) // 512 * 512
-
-
-def _header_name(block: bytes) -> str:
-    name = block[:100].split(b"\0", 1)[0]
-    if block[257:263] == b"ustar\0":  # POSIX ustar: a prefix field extends the name
-        prefix = block[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "replace")
-
-
-def _pairs(numbers: list[int]) -> list[tuple[int, int]]:
-    numbers = numbers[: 2 * _MAX_SPARSE_ENTRIES]
-    return [(numbers[i], numbers[i + 1]) for i in range(0, len(numbers) - 1, 2)]
-
-
-def _parse_pax(data: bytes) -> tuple[dict[str, str], list[int]]:
-    """PAX records "LEN key=value\\n"; repeated GNU.sparse.offset/numbytes (sparse 0.0) kept in order."""
-    records: dict[str, str] = {}
-    pairs: list[int] = []
-    position = 0
-    while position < len(data):
-        space = data.find(b" ", position, position + 24)
-        if space < 0:
-            break
-        try:
-            length = int(data[position:space])
-        except ValueError:
-            break
-        if length <= 0:
-            break
-        record = data[space + 1 : position + length].rstrip(b"\n")
-        key, _, value = record.partition(b"=")
-        key_text = key.decode("utf-8", "replace")
-        value_text = value.decode("utf-8", "replace")
-        number = _decimal(value_text)
-        if key_text in ("GNU.sparse.offset", "GNU.sparse.numbytes") and number is not None:
-            pairs.append(number)
-        else:
-            records[key_text] = value_text
-        position += length
-    return records, pairs
-
-
-def _gnu_old_sparse(block: bytes, read_at: ReadAt, data_offset: int) -> tuple[list[tuple[int, int]], int]:
-    """The old GNU sparse map: 4 entries in the header at 386, then 21 per extension block."""
-    numbers: list[int] = []
-
-    def take(area: bytes, count: int) -> None:
-        for i in range(count):
-            entry = area[i * 24 : i * 24 + 24]
-            off, length = _parse_number(entry[:12]), _parse_number(entry[12:24])
-            if off is None or length is None or (off == 0 and length == 0 and not entry.strip(b"\0")):
-                continue
-            numbers.extend((off, length))
-
-    take(block[386:482], 4)
-    extended = block[482]
-    position = data_offset
-    for _ in range(_MAX_SPARSE_ENTRIES // 21 + 1):
-        if not extended:
-            break
-        extension = read_at(512, position)
-        if len(extension) < 512:
-            break
-        take(extension[:504], 21)
-        extended = extension[504]
-        position += 512
-    return _pairs(numbers), position
-
-
-def _pax_sparse_1(read_at: ReadAt, data_offset: int) -> tuple[list[tuple[int, int]] | None, int]:
-    """PAX sparse 1.0: decimal lines "count\\n offset\\n length\\n ..." padded to 512 bytes."""
-    text = read_at(256 * 1024, data_offset)  # room for a map of _MAX_SPARSE_ENTRIES entries
-    lines = text.split(b"\n")
-    first = _decimal(lines[0].decode("ascii", "replace"))
-    if first is None:
-        return None, 0
-    count = min(first, _MAX_SPARSE_ENTRIES)
-    numbers = [_decimal(x.decode("ascii", "replace")) for x in lines[1 : 1 + 2 * count]]
-    if len(numbers) < 2 * count or None in numbers:
-        return None, 0
-    used = sum(len(x) + 1 for x in lines[: 1 + 2 * count])
-    return _pairs(numbers), _round512(used)  # type: ignore[arg-type]
 
 
 _METADATA_SUFFIXES = (".ovf", ".mf", ".cert", ".txt", ".xml", ".json", ".md", ".sha256", ".sha1", ".sig", ".asc")
 
 
-def _pick_member(members: list[TarMember]) -> tuple[TarMember | None, bool]:
+def _pick_member(members: list[PeekedMember]) -> tuple[PeekedMember | None, bool]:
     """The member to look into: the first disk-like file, or else the first file; and is-OVA."""
     files = [m for m in members if m.is_file]
     if not files:
@@ -613,7 +460,7 @@ def peek_tar(read_at: ReadAt, size: int | None, identify: Identify, depth: int, 
     )
 
 
-def _fully_readable(read_at: ReadAt, member: TarMember) -> bool:
+def _fully_readable(read_at: ReadAt, member: PeekedMember) -> bool:
     """Whether the archive holds all of the member's stored data (not cut off by a peek prefix)."""
     if member.stored_size == 0:
         return True

@@ -36,41 +36,44 @@ def is_zero(data: Buffer) -> bool:
     return _comparable(data) == zero_block(len(data))
 
 
-def nonzero_runs(data: Buffer, granularity: int) -> Iterator[tuple[int, int]]:
-    """(start, end) ranges of ``data`` holding non-zero bytes: every ``granularity``-aligned piece
-    of zeros is left out (0: the whole of ``data`` is one range).
+def nonzero_runs(data: Buffer, granularity: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+    """(start, end) ranges of ``data[start:stop]`` holding non-zero bytes, relative to ``start``:
+    every ``granularity``-aligned piece of zeros is left out (0: the whole window is one range).
 
     Zero pieces are found with ``bytes.find`` of a zero needle (a C search), so data without zero
-    runs costs one call per buffer whatever its size.
+    runs costs one call per buffer whatever its size. A window of a larger bytearray is searched in
+    place (no copy); a memoryview is copied out first.
     """
-    size = len(data)
+    stop = len(data) if stop is None else stop
+    size = stop - start
     if granularity <= 0:
-        if size:
+        if size > 0:
             yield 0, size
         return
-    data = _comparable(data)
-    if data == zero_block(size):
+    if isinstance(data, memoryview):
+        data, start, stop = data[start:stop].tobytes(), 0, size
+    if start == 0 and stop == len(data) and data == zero_block(size):
         return
     zero_piece = zero_block(granularity)
     coarse = max(_COARSE, granularity)
     zero_coarse = zero_block(coarse)
-    run_start = search = 0
-    while (found := data.find(zero_piece, search)) >= 0:
-        piece = -(-found // granularity) * granularity  # the first aligned piece that may be zero
-        if piece + granularity > size:
+    run_start = search = start
+    while (found := data.find(zero_piece, search, stop)) >= 0:
+        piece = start + -(-(found - start) // granularity) * granularity  # the first aligned piece that may be zero
+        if piece + granularity > stop:
             break
         if data[piece : piece + granularity] != zero_piece:
             search = piece + 1  # the zero run found ends before this piece ends
             continue
         end = piece + granularity
-        while end + coarse <= size and data[end : end + coarse] == zero_coarse:
+        while end + coarse <= stop and data[end : end + coarse] == zero_coarse:
             end += coarse
-        while end + granularity <= size and data[end : end + granularity] == zero_piece:
+        while end + granularity <= stop and data[end : end + granularity] == zero_piece:
             end += granularity
         if piece > run_start:
-            yield run_start, piece
+            yield run_start - start, piece - start
         run_start = search = end
-    tail = size - size % granularity
-    stop = tail if run_start <= tail < size and data[tail:] == zero_block(size - tail) else size
-    if stop > run_start:
-        yield run_start, stop
+    tail = stop - size % granularity
+    last = tail if run_start <= tail < stop and data[tail:stop] == zero_block(stop - tail) else stop
+    if last > run_start:
+        yield run_start - start, last - start
