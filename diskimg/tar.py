@@ -233,13 +233,14 @@ def _read_exact(stream: Readable, size: int, what: str) -> bytes:
 
 
 def is_header(block: bytes) -> bool:
-    """Whether a 512-byte block is a tar header: its checksum and size field are valid."""
+    """Whether a 512-byte block carries a valid tar header checksum (its fields may still be bad)."""
+    if len(block) != BLOCK:
+        return False
     try:
         _check_checksum(block)
-        _number(block[124:136], "size")
     except ArchiveError:
         return False
-    return len(block) == BLOCK
+    return True
 
 
 def _check_checksum(block: bytes) -> None:
