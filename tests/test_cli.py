@@ -37,6 +37,16 @@ def test_map_json_covers_the_disk():
     assert {e["kind"] for e in extents} == {"data", "zero"}
 
 
+def test_quick_start_example_is_importable():
+    """The README's first command chains `validate` of the shipped example with `&&`: it must pass.
+    The example is an Ubuntu-shaped system made by scripts/make_example.py from the test builders."""
+    proc = diskimg_cli("validate", "--json", FIXTURES / "example.qcow2")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["importable"]
+    assert report["import_image"]["Platform"] == "Ubuntu" and report["import_image"]["BootMode"] == "BIOS"
+
+
 def test_missing_file_is_exit_3(tmp_path):
     assert_one_error_line(diskimg_cli("info", tmp_path / "nope.qcow2"), 3, "no such file")
 
