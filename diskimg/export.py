@@ -40,7 +40,6 @@ import io
 import json
 import os
 import re
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -328,27 +327,6 @@ def _compressor(archive: str, file: _HashedFile, threads: int) -> Any:
     return contextlib.nullcontext(file)
 
 
-class _MemberOutput(OutputTarget):
-    """A format writer's output going into the tar stream: sequential, as on a pipe."""
-
-    def __init__(self, stream: Any, name: str) -> None:
-        # no file descriptor of its own: the attributes OutputTarget has on a pipe, without hashing
-        self.fd = -1
-        self.name = name
-        self.seekable = self.is_regular_file = False
-        self.streaming = True
-        self._sha256 = None
-        self.position = self.bytes_written = 0
-        self._count_lock = threading.Lock()
-        self._stream = stream
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self._stream.write(view)
-        self.position += len(view)
-        self.bytes_written += len(view)
-
-
 def _export_archive(disk: _Disk, temporary: str, target_format: str, archive: str, threads: int, granularity: int,
                     progress: ProgressCallback) -> ExportedDisk:
     reader, member = disk.reader, disk.member
@@ -401,7 +379,7 @@ def _write_image_member(reader: DiskReader, disk: _Disk, member: str, stream: Bi
     writer_class = WRITERS[target_format]
     size = writer_class.measure(disk.virtual_size, disk.plan, {}, False)
     stream.write(pack_member(member, size, mtime=mtime))
-    output = _MemberOutput(stream, disk.file)
+    output = OutputTarget(stream, disk.file)
     writer = writer_class(output, disk.virtual_size, {}, False)
     writer.plan(disk.plan)
     feed_in_order(reader, disk.plan, granularity, writer, Tally(disk.virtual_size, progress), hasher)

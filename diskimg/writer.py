@@ -18,6 +18,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from .errors import OutputError, UsageError
 from .reader import Extent
@@ -25,15 +26,24 @@ from .reader import Extent
 ZERO_CHUNK = bytes(4 << 20)
 
 
-class OutputTarget:
-    """Where a writer's bytes go: a regular file or block device (seekable), or a pipe."""
+class Writable(Protocol):
+    def write(self, data: memoryview, /) -> object: ...
 
-    def __init__(self, fd: int, name: str, *, hash_output: bool = False) -> None:
-        self.fd = fd
+
+class OutputTarget:
+    """Where a writer's bytes go: a regular file or block device (seekable), a pipe, or a file object
+    written in order (a member inside an archive being compressed)."""
+
+    def __init__(self, fd: int | Writable, name: str, *, hash_output: bool = False) -> None:
         self.name = name
-        mode = os.fstat(fd).st_mode
-        self.seekable = stat.S_ISREG(mode) or stat.S_ISBLK(mode)
-        self.is_regular_file = stat.S_ISREG(mode)
+        if isinstance(fd, int):
+            self.fd, self._stream = fd, None
+            mode = os.fstat(fd).st_mode
+            self.seekable = stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+            self.is_regular_file = stat.S_ISREG(mode)
+        else:
+            self.fd, self._stream = -1, fd
+            self.seekable = self.is_regular_file = False
         self._sha256 = hashlib.sha256() if hash_output else None
         #: writers must write in file order (and plan exactly) on a streaming target
         self.streaming = not self.seekable or hash_output
@@ -53,6 +63,11 @@ class OutputTarget:
         if self.seekable:
             self._pwrite_all(view, self.position)
             self.position += len(view)
+            return
+        if self._stream is not None:
+            self._stream.write(view)
+            self.position += len(view)
+            self.bytes_written += len(view)
             return
         try:
             while view:
