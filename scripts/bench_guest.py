@@ -29,7 +29,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from bench_validate import run_once, sh  # noqa: E402  (the helpers of the validate benchmark)
+from bench_validate import sh, time_validate  # noqa: E402  (the helpers of the validate benchmark)
 
 from diskimg.units import parse_size  # noqa: E402
 from tests.conftest import GRUB_BOOT_CODE  # noqa: E402
@@ -106,15 +106,7 @@ def main() -> None:
               f"boot drivers {details.get('boot_drivers')}")
         print(f"verdict: {'importable' if report.importable else 'NOT importable'}; findings: "
               + ", ".join(f"{f.code} ({f.severity.value})" for f in report.findings))
-        env_path = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = ROOT + (os.pathsep + env_path if env_path else "")
-        command = [sys.executable, "-m", "diskimg", "validate", str(image)]
-        cli = [run_once(command) for _ in range(args.runs)]
-        api = []
-        for _ in range(args.runs):
-            t = time.perf_counter()
-            diskimg.validate(image)
-            api.append(time.perf_counter() - t)
+        cli, api = time_validate(str(image), args.runs)
         print(f"diskimg validate with guest inspection (command, median of {args.runs}): "
               f"{statistics.median(cli):.3f} s (min {min(cli):.3f}, max {max(cli):.3f}; target < 10 s)")
         print(f"diskimg.validate() (in-process, median of {args.runs}): {statistics.median(api):.3f} s")

@@ -80,6 +80,22 @@ def run_once(argv: list[str], ok: tuple[int, ...] = (0, 1)) -> float:
     return elapsed
 
 
+def time_validate(image: str, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``runs`` runs of ``diskimg validate IMAGE`` as a command (this checkout's package),
+    then of ``diskimg.validate(image)`` in this process."""
+    import diskimg
+
+    env_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + env_path if env_path else "")
+    cli = [run_once([sys.executable, "-m", "diskimg", "validate", image]) for _ in range(runs)]
+    api = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        diskimg.validate(image)
+        api.append(time.perf_counter() - started)
+    return cli, api
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="40G")
@@ -102,15 +118,7 @@ def main() -> None:
         print(f"verdict: {'importable' if report.importable else 'NOT importable'}; findings: "
               + ", ".join(f"{f.code} ({f.severity.value})" for f in report.findings))
 
-        command = [sys.executable, "-m", "diskimg", "validate", image]
-        env_path = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = ROOT + (os.pathsep + env_path if env_path else "")
-        cli = [run_once(command) for _ in range(args.runs)]
-        api = []
-        for _ in range(args.runs):
-            t = time.perf_counter()
-            diskimg.validate(image)
-            api.append(time.perf_counter() - t)
+        cli, api = time_validate(image, args.runs)
         ours, theirs = [], []
         for _ in range(args.runs):
             ours.append(run_once([sys.executable, "-m", "diskimg", "check", image]))
