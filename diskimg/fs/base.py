@@ -27,7 +27,8 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ..errors import DiskImageError
+from ..errors import CorruptImage, DiskImageError
+from ..filesystems import Disk
 
 #: symbolic links followed in one lookup before giving up (Linux's limit)
 MAX_SYMLINKS = 40
@@ -37,6 +38,20 @@ DEFAULT_MAX_FILE = 512 << 20
 MAX_DIRECTORY_ENTRIES = 1 << 20
 #: bytes per piece when a file is streamed
 CHUNK = 1 << 20
+
+
+def read_volume(disk: Disk, volume_offset: int, volume_length: int, position: int, length: int,
+                structure: str) -> bytes:
+    """``length`` bytes at ``position`` of the volume spanning ``volume_length`` bytes from
+    ``volume_offset`` of ``disk``: CorruptImage when they lie outside it or the disk ends first."""
+    where = volume_offset + position
+    if position < 0 or length < 0 or position + length > volume_length:
+        raise CorruptImage(f"{length} bytes at {position} lie outside the file system of {volume_length} bytes",
+                           offset=where, structure=structure)
+    data = disk.read(where, length)
+    if len(data) != length:
+        raise CorruptImage("the disk ends inside the file system", offset=where, structure=structure)
+    return data
 
 
 class GuestPathError(DiskImageError):

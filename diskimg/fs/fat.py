@@ -29,7 +29,7 @@ from functools import lru_cache
 
 from ..errors import CorruptImage, DiskImageError
 from ..filesystems import Disk, parse_fat_bpb
-from .base import DirEntry, FileType, GuestFileSystem, GuestPathError, Stat
+from .base import DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
 
 #: the FAT specification's limit: 65536 entries of 32 bytes
 MAX_DIRECTORY_BYTES = 65536 * 32
@@ -246,13 +246,7 @@ class FatFileSystem(GuestFileSystem["FatNode"]):
     # -- bytes of the volume -------------------------------------------------------------------------
 
     def _volume_bytes(self, position: int, size: int, structure: str) -> bytes:
-        if position < 0 or size < 0 or position + size > self.length:
-            raise CorruptImage(f"{structure} lies outside the file system", offset=self.offset + position,
-                               structure=structure)
-        data = self.disk.read(self.offset + position, size)
-        if len(data) != size:
-            raise CorruptImage(f"{structure} is cut short", offset=self.offset + position, structure=structure)
-        return data
+        return read_volume(self.disk, self.offset, self.length, position, size, structure)
 
     def _fat_page(self, page: int) -> bytes:
         """64 KiB of the active FAT, through a small LRU cache."""

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CorruptImage, UnsupportedFormat
 from ..filesystems import Disk, probe_ntfs
-from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat
+from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
 
 #: the stride of update sequence fixups, whatever the sector size
 FIXUP_BLOCK = 512
@@ -525,13 +525,7 @@ class NtfsFileSystem(GuestFileSystem[int]):
 
     def _volume(self, position: int, length: int, structure: str) -> bytes:
         """``length`` bytes at ``position`` of the volume, all of them or CorruptImage."""
-        if position < 0 or position + length > self._length:
-            raise CorruptImage(f"{structure} lies past the end of the volume", offset=self._offset + position,
-                               structure=structure)
-        data = self._disk.read(self._offset + position, length)
-        if len(data) != length:
-            raise CorruptImage(f"{structure}: short read", offset=self._offset + position, structure=structure)
-        return data
+        return read_volume(self._disk, self._offset, self._length, position, length, structure)
 
     def _fixed_record(self, raw: bytes, number: int, where: int) -> bytes:
         if raw[:4] == b"BAAD":

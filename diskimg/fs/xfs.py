@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from ..errors import CorruptImage, UnsupportedFormat
 from ..filesystems import Disk
-from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat
+from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
 
 SUPERBLOCK_SIZE = 264
 #: v5 incompatible features this reader understands: ftype, sparse inodes, meta uuid, bigtime,
@@ -380,12 +380,7 @@ class XfsFileSystem(GuestFileSystem[int]):
 
     def _read_raw(self, position: int, length: int, structure: str) -> bytes:
         """``length`` bytes at ``position`` of the file system, which must lie inside it."""
-        if position < 0 or position + length > self._length:
-            raise _corrupt(f"{length} bytes past the end of the volume", self._offset + position, structure)
-        data = self._disk.read(self._offset + position, length)
-        if len(data) != length:
-            raise _corrupt("volume truncated", self._offset + position, structure)
-        return data
+        return read_volume(self._disk, self._offset, self._length, position, length, structure)
 
     def _block_position(self, fsblock: int, count: int, structure: str, referrer: int | None = None) -> int:
         """The byte position (in the file system) of block ``fsblock``, checked for ``count`` blocks;
