@@ -9,12 +9,16 @@ The public API::
     diskimg.convert("disk.vhd", "disk.raw", "raw")
 
 Every error is a :class:`DiskImageError`.
+
+The names are imported on first use (PEP 562): a command that converts does not pay for loading
+the validator, the guest inspectors or the archive compressors.
 """
 
-from .compare import CompareResult, compare
-from .convert import ConvertResult, MeasureResult, ProgressCallback, convert, measure
-from .detect import detect
-from .detection import Detection, OpenOptions
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ArchiveError,
     BackingFileError,
@@ -26,52 +30,52 @@ from .errors import (
     UnsupportedFormat,
     UsageError,
 )
-from .image import image_info, open_image
-from .reader import DiskReader, Extent, ExtentKind, ImageInfo, Snapshot
-from .writer import DiskWriter
+
+if TYPE_CHECKING:
+    from .comparison import CompareResult, compare
+    from .consistency import CheckResult, check
+    from .conversion import ConvertResult, MeasureResult, ProgressCallback, convert, measure
+    from .probe import detect
+    from .detection import Detection, OpenOptions
+    from .exporter import ExportResult, VerifyResult, export, verify
+    from .image import image_info, open_image
+    from .reader import DiskReader, Extent, ExtentKind, ImageInfo, Snapshot
+    from .unpacker import UnpackResult, unpack
+    from .validation import Finding, Report, validate
+    from .writer import DiskWriter
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ArchiveError",
-    "BackingFileError",
-    "CompareResult",
-    "ConvertResult",
-    "CorruptImage",
-    "Detection",
-    "DiskImageError",
-    "DiskReader",
-    "DiskWriter",
-    "Extent",
-    "ExtentKind",
-    "FormatMismatch",
-    "ImageInfo",
-    "ImageNotFound",
-    "MeasureResult",
-    "OpenOptions",
-    "OutputError",
-    "ProgressCallback",
-    "Snapshot",
-    "UnsupportedFormat",
-    "UsageError",
-    "__version__",
-    "compare",
-    "convert",
-    "detect",
-    "image_info",
-    "measure",
-    "open_image",
-]
+#: public name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(("CompareResult", "compare"), "comparison"),
+    **dict.fromkeys(("CheckResult", "check"), "consistency"),
+    **dict.fromkeys(("ConvertResult", "MeasureResult", "ProgressCallback", "convert", "measure"), "conversion"),
+    "detect": "probe",
+    **dict.fromkeys(("Detection", "OpenOptions"), "detection"),
+    **dict.fromkeys(("ExportResult", "VerifyResult", "export", "verify"), "exporter"),
+    **dict.fromkeys(("image_info", "open_image"), "image"),
+    **dict.fromkeys(("DiskReader", "Extent", "ExtentKind", "ImageInfo", "Snapshot"), "reader"),
+    **dict.fromkeys(("UnpackResult", "unpack"), "unpacker"),
+    **dict.fromkeys(("Finding", "Report", "validate"), "validation"),
+    "DiskWriter": "writer",
+}
 
-from .check import CheckResult, check  # noqa: E402  (after the names above: it uses them)
-from .validate import Finding, Report, validate  # noqa: E402
 
-__all__ += ["CheckResult", "Finding", "Report", "check", "validate"]
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diskimg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value
 
-from .export import ExportResult, VerifyResult, export, verify  # noqa: E402
 
-__all__ += ["ExportResult", "VerifyResult", "export", "verify"]
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
-from .unpack import UnpackResult, unpack  # noqa: E402
 
-__all__ += ["UnpackResult", "unpack"]
+__all__ = sorted([
+    "ArchiveError", "BackingFileError", "CorruptImage", "DiskImageError", "FormatMismatch", "ImageNotFound",
+    "OutputError", "UnsupportedFormat", "UsageError", "__version__", *_LAZY,
+])

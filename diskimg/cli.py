@@ -12,18 +12,19 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
-from .compare import compare
-from .convert import ProgressCallback, convert, measure
-from .detect import detect
 from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UnsupportedFormat, UsageError
-from .image import image_info, open_image
-from .sources import opens_through_wrapper
 from .units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from . import ProgressCallback
+
+# Each command imports the part of the API it calls when it runs: a conversion does not pay for
+# loading the validator or the archive compressors (start-up time counts on every invocation).
 
 FORMAT_CHOICE = click.Choice(["raw", "vhd", "vpc", "qcow2"], case_sensitive=False)
 VHD_SIZE_CHOICE = click.Choice(["auto", "chs", "current_size"])
@@ -47,6 +48,9 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
     """What IMAGE is: format, sizes, allocation, creator, features, backing file, snapshots."""
+    from . import detect, image_info
+    from .sources import opens_through_wrapper
+
     detection = detect(image)
     facts = None
     if fmt is None and not detection.readable and opens_through_wrapper(detection):
@@ -99,6 +103,8 @@ def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of extents.")
 def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str | None, as_json: bool) -> None:
     """The allocation map of IMAGE: DATA and ZERO extents, from metadata only."""
+    from . import open_image
+
     with open_image(image, fmt, allow_backing=allow_backing, snapshot=snapshot) as reader:
         if as_json:
             # streamed: a map may have millions of extents
@@ -141,6 +147,8 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: st
                     sparse_size: str, checksum: bool, force: bool, progress_mode: str, no_progress: bool,
                     as_json: bool) -> None:
     """Convert SOURCE to TARGET (``-`` for standard output)."""
+    from . import convert
+
     if target == "-" and as_json:
         raise UsageError("--json prints on stdout, which is taken by the image when TARGET is '-'")
     granularity = parse_size(sparse_size)
@@ -182,6 +190,8 @@ def measure_command(source: str, fmt: str | None, output_format: str, options: s
                     align: str | None, sparse_size: str, allow_backing: bool, snapshot: str | None,
                     as_json: bool) -> None:
     """The size of the file ``convert`` would write, computed without writing it."""
+    from . import measure
+
     result = measure(source, output_format, options=options, compress=compress,
                      align=parse_size(align) if align else None, zero_granularity=parse_size(sparse_size),
                      source_format=fmt, allow_backing=allow_backing, snapshot=snapshot)
@@ -205,6 +215,8 @@ def measure_command(source: str, fmt: str | None, output_format: str, options: s
 def compare_command(ctx: click.Context, first: str, second: str, format_a: str | None, format_b: str | None,
                     strict: bool, allow_backing: bool, as_json: bool) -> None:
     """Whether FIRST and SECOND hold the same guest content (exit 0 same, 1 different)."""
+    from . import compare
+
     result = compare(first, second, format_a=format_a, format_b=format_b, strict=strict,
                      allow_backing=allow_backing)
     if as_json:
@@ -233,7 +245,7 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
                      as_json: bool, list_rules: bool) -> None:
     """Check IMAGE (or --system IMG [--data IMG]...) against a cloud's import rules
     (exit 0 importable, 1 not importable, 3 a file cannot be opened)."""
-    from .validate import list_rules as rules_of, render_rules_text, validate
+    from .validation import list_rules as rules_of, render_rules_text, validate
 
     if list_rules:
         rules = rules_of(target)
@@ -272,7 +284,7 @@ def export_command(name: str, system_image: str, data_images: tuple[str, ...], d
                    output_format: str, archive: str, layout: str, compress: bool, sparse_size: str,
                    threads: int | None, allow_backing: bool, force: bool, progress_mode: str, as_json: bool) -> None:
     """Pack a machine's disks into one archive each, with NAME.manifest.json and SHA256SUMS."""
-    from .export import export
+    from . import export
 
     progress, close_progress = _progress(progress_mode)
     try:
@@ -300,7 +312,7 @@ def export_command(name: str, system_image: str, data_images: tuple[str, ...], d
 @click.pass_context
 def verify_command(ctx: click.Context, path: str, deep: bool, as_json: bool) -> None:
     """Re-hash an export's files against its manifest (exit 0 all intact, 1 naming what differs or is missing)."""
-    from .export import verify
+    from . import verify
 
     result = verify(path, deep=deep)
     if as_json:
@@ -325,7 +337,7 @@ def unpack_command(source: str, out_dir: str, output_format: str | None, force: 
                    as_json: bool) -> None:
     """Restore the disk of ARCHIVE (a tar, tar.gz, tar.zst, tar.xz, or a compressed disk), or every
     disk of an export's MANIFEST, verifying the manifest's hashes, into --out."""
-    from .unpack import unpack
+    from . import unpack
 
     progress, close_progress = _progress(progress_mode)
     try:
@@ -349,7 +361,7 @@ def unpack_command(source: str, out_dir: str, output_format: str | None, force: 
 @click.pass_context
 def check_command(ctx: click.Context, image: str, fmt: str | None, as_json: bool) -> None:
     """Check the structure of IMAGE like qemu-img check (exit 0 clean, 1 problems found, 3 unreadable)."""
-    from .check import check
+    from . import check
 
     result = check(image, fmt)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render_text())

@@ -1,6 +1,6 @@
 """What detection found, and the options that shape how an image is opened.
 
-Kept apart from ``detect.py`` so that format drivers can build these values without importing the
+Kept apart from ``probe.py`` so that format drivers can build these values without importing the
 prober (which imports every driver).
 """
 

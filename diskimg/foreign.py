@@ -2,7 +2,7 @@
 
 ``FOREIGN`` is the table: one entry per format, with how to recognise it (a pure function over the
 file's first bytes, last bytes and size), what it is called, which qemu-img driver converts it, and
-the advice to give. ``detect.py`` walks the table in stages (see ``Stage``) so that weak signals
+the advice to give. ``probe.py`` walks the table in stages (see ``Stage``) so that weak signals
 never beat strong ones.
 
 Every recogniser is pure, total over any bytes (it returns None rather than raising), and looks
@@ -30,7 +30,7 @@ class Probe:
 
 
 class Stage(enum.IntEnum):
-    """When detect.py tries an entry (see the order in detect.py)."""
+    """When probe.py tries an entry (see the order in probe.py)."""
 
     MAGIC = 1  # a strong signature at offset 0 (or VDI's at 0x40)
     TAIL = 2  # a trailer at the end of the file (DMG koly)

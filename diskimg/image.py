@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from .detect import check_forced, detect
+from .probe import check_forced, detect
 from .detection import OpenOptions, VhdSizeRule
 from .errors import BackingFileError, CorruptImage, UnsupportedFormat
 from .formats import READERS, canonical_format

@@ -697,7 +697,7 @@ def spooled(reader: DiskReader, directory: str | None = None) -> DiskReader:
     read at random from there: for callers that read all over the disk (``validate``), where each
     read backwards would otherwise cost a decompression pass. The copy takes the disk's allocated
     bytes of temporary space; its name is removed at once, so it disappears with the reader."""
-    from .convert import convert  # convert -> image -> sources: imported when used
+    from .conversion import convert  # convert -> image -> sources: imported when used
 
     with tempfile.TemporaryDirectory(prefix="diskimg-", dir=directory) as scratch:
         path = os.path.join(scratch, "disk.raw")
@@ -711,7 +711,7 @@ def spooled(reader: DiskReader, directory: str | None = None) -> DiskReader:
 
 
 def _identify(head: bytes, name: str | None) -> Detection:
-    from .detect import identify_inner  # the identification callback detect.py gives wrappers.py
+    from .probe import identify_inner  # the identification callback probe.py gives wrappers.py
 
     return identify_inner(head, b"", None, 1, name)
 

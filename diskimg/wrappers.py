@@ -5,7 +5,7 @@ the command that unwraps it. Peeking is bounded whatever the input: at most ``PE
 the wrapper are read and at most ``PEEK_OUTPUT`` bytes are decompressed (a decompression bomb yields
 no more than that), so it costs milliseconds even on a multi-GiB stream.
 
-What is inside is identified by a callback (``Identify``, provided by detect.py), so a wrapper
+What is inside is identified by a callback (``Identify``, provided by probe.py), so a wrapper
 inside a wrapper (a tar in a gzip stream) is followed up to ``MAX_DEPTH`` levels.
 
 Inside a compressed stream only a prefix of the inner file is seen: when the stream ends within

@@ -228,7 +228,7 @@ def diskimg_to_pipe(out: os.PathLike, *args: object, check: bool = False, **kwar
 
 def scan_plan(reader) -> list[Extent]:
     """The exact plan the converter computes for a streaming target (4 KiB zero granularity)."""
-    from diskimg.convert import scan_for_zeroes
+    from diskimg.conversion import scan_for_zeroes
 
     return list(scan_for_zeroes(reader, 4096, None))
 

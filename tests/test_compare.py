@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 import diskimg
-
-compare_module = sys.modules["diskimg.compare"]  # the package exports the function under the same name
+import diskimg.comparison as compare_module
 
 from .conftest import ROOT, GiB, KiB, MiB, diskimg_cli, qemu_img, qemu_io, requires_qemu, run, sparse_file
 

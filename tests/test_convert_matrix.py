@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diskimg
-from diskimg.convert import scan_for_zeroes
+from diskimg.conversion import scan_for_zeroes
 from diskimg.errors import UsageError
 from diskimg.formats import WRITERS
 from diskimg.writer import parse_options

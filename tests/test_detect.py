@@ -28,7 +28,7 @@ try:  # tests as a package, or as a plain directory on sys.path
 except ImportError:
     from conftest import corpus_dir, corpus_manifest, qemu_img, requires_qemu, run  # type: ignore[no-redef]
 from diskimg.content import identify_start
-from diskimg.detect import check_forced, detect
+from diskimg.probe import check_forced, detect
 from diskimg.detection import Detection
 from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError
 from diskimg.wrappers import PEEK_INPUT

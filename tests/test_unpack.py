@@ -152,7 +152,7 @@ def test_manifest_pointing_outside_its_folder_is_refused(disk: Path, tmp_path: P
 
 @requires_qemu
 def test_unpacks_what_export_wrote(disk: Path, tmp_path: Path) -> None:
-    export = pytest.importorskip("diskimg.export")
+    export = pytest.importorskip("diskimg.exporter")
     qcow2 = tmp_path / "sys.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", disk, qcow2)
     (tmp_path / "e").mkdir()

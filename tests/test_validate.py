@@ -19,8 +19,8 @@ import diskimg
 from diskimg.errors import ImageNotFound, UsageError
 from diskimg.formats import vhd as vhdmod
 from diskimg.hostfile import HostFile
-from diskimg.validate import RULES, Report, Severity, list_rules, validate
-from diskimg.validate.rules import RULES_BY_CODE
+from diskimg.validation import RULES, Report, Severity, list_rules, validate
+from diskimg.validation.rules import RULES_BY_CODE
 
 from .conftest import (
     ROOT,
@@ -677,8 +677,8 @@ def test_rule_catalogue_is_coherent():
     for rule in rules:
         assert rule.code and rule.title and rule.rationale and rule.source.startswith("§")
     source = "".join((ROOT / "diskimg" / name).read_text()
-                     for name in ("validate/checks.py", "validate/linux_checks.py", "validate/windows_checks.py",
-                                  "validate/context.py", "validate/__init__.py", "partitions.py"))
+                     for name in ("validation/checks.py", "validation/linux_checks.py", "validation/windows_checks.py",
+                                  "validation/context.py", "validation/__init__.py", "partitions.py"))
     emitted = set(re.findall(r'(?:emit|TableIssue)\(\s*"([a-z0-9-]+)"', source))
     emitted |= set(re.findall(r'"((?:gpt|mbr|partition)-[a-z0-9-]+)"', source)) & set(RULES_BY_CODE)
     assert emitted <= set(RULES_BY_CODE), emitted - set(RULES_BY_CODE)

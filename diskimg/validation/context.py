@@ -12,8 +12,8 @@ from functools import cached_property
 from typing import Any
 
 from .. import filesystems as fsmod
-from ..check import CheckResult, check
-from ..detect import detect
+from ..consistency import CheckResult, check
+from ..probe import detect
 from ..detection import Detection
 from ..errors import BackingFileError, DiskImageError, ImageNotFound, UnsupportedFormat
 from ..filesystems import FileSystem

@@ -12,7 +12,7 @@ from .rules import RULES_BY_CODE, Severity
 
 @dataclass
 class Finding:
-    """One broken rule. ``code`` names a :class:`~diskimg.validate.rules.Rule`; ``evidence`` holds
+    """One broken rule. ``code`` names a :class:`~diskimg.validation.rules.Rule`; ``evidence`` holds
     what was found where (offset, partition, value...); ``hint`` names the fix."""
 
     code: str

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .detect import detect
+from .probe import detect
 from .detection import FORMAT_ALIASES, VhdSizeRule
 from .errors import DiskImageError, OutputError, UnsupportedFormat, UsageError
 from .formats import WRITERS, canonical_format

@@ -29,7 +29,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from .detect import detect
+from .probe import detect
 from .errors import CorruptImage, DiskImageError, UnsupportedFormat
 from .formats import canonical_format
 from .formats import qcow2 as q

@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .convert import ProgressCallback, content_hash_of, convert
-from .detect import detect
+from .conversion import ProgressCallback, content_hash_of, convert
+from .probe import detect
 from .detection import READABLE_FORMATS
 from .errors import ArchiveError, OutputError, UnsupportedFormat, UsageError
 from .formats import canonical_format
