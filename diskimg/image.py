@@ -18,7 +18,6 @@ from .errors import BackingFileError, CorruptImage, UnsupportedFormat
 from .formats import READERS, canonical_format
 from .hostfile import HostFile
 from .reader import DiskReader, ImageInfo
-from .sources import open_wrapped, opens_through_wrapper
 
 Source = str | os.PathLike[str] | BinaryIO
 MAX_CHAIN_DEPTH = 16
@@ -72,9 +71,11 @@ def _open(
         check_forced(detection, name)
     elif detection.readable:
         name = detection.format
-    elif opens_through_wrapper(detection):
-        return open_wrapped(source, detection)  # a RAW disk in a compressed file, a disk in a tar
     else:
+        from .sources import open_wrapped, opens_through_wrapper  # loaded when a wrapper is met (start-up time)
+
+        if opens_through_wrapper(detection):
+            return open_wrapped(source, detection)  # a RAW disk in a compressed file, a disk in a tar
         raise UnsupportedFormat(
             f"{detection.description}: diskimg reads VHD, qcow2 and RAW",
             path=source_name(source),

@@ -49,7 +49,6 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from . import wrappers
-from .content import describe_start, identify_start
 from .detection import Detection
 from .errors import DiskImageError, FormatMismatch, ImageNotFound
 from .foreign import Foreign, Match, Probe, Stage, describe, hint, recognise
@@ -139,6 +138,8 @@ def _classify(
 
 
 def raw_detection(head: bytes) -> Detection:
+    from .content import describe_start, identify_start  # partition and file system tables: loaded when needed
+
     starts_with = identify_start(head)
     if starts_with == "empty":
         description = f"RAW disk whose first {_kib(len(head))} are all zeros"
