@@ -21,20 +21,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .probe import detect
 from .detection import FORMAT_ALIASES, VhdSizeRule
 from .errors import DiskImageError, OutputError, UnsupportedFormat, UsageError
 from .formats import WRITERS, canonical_format
-from .hashing import ContentHasher
 from .image import Source, open_image
 from .reader import DiskReader, Extent, ExtentKind
 from .writer import DiskWriter, OutputTarget, parse_options
 from .hostfile import io_buffer
 from .zeroes import nonzero_runs
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from .hashing import ContentHasher
 
 CHUNK = 2 * 1024 * 1024  # smaller writes are throttled less by the kernel under dirty-page pressure
 PREFETCH = 3  # chunks read ahead: bounds memory to a few chunks whatever the disk size
@@ -131,7 +134,7 @@ def convert(
         tally = Tally(reader.virtual_size, progress)
         writer.plan(with_zero_tail(plan, reader.virtual_size, virtual_size))
         extents = plan if isinstance(plan, list) else reader.extents()
-        hasher = ContentHasher(virtual_size) if checksum else None
+        hasher = _content_hasher(virtual_size) if checksum else None
         if writer.concurrent_writes and hasher is None and not reader.forward_only:
             _feed_concurrently(reader, extents, zero_granularity, writer, tally)
         else:
@@ -234,28 +237,33 @@ def _data_chunks(extents: Iterable[Extent]) -> Iterator[tuple[int, int]]:
                 position += step
 
 
-def read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[int, bytearray | bytes]]:
-    """The DATA extents' bytes in order, read by a background thread a few chunks ahead.
+def read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[int, bytearray, int]]:
+    """The DATA extents' bytes in order, read by a background thread a few chunks ahead, as
+    (guest offset, buffer, length): the chunk is ``buffer[:length]``.
 
     Chunks are read into a small ring of reused buffers (fresh large buffers would cost the kernel
-    a page fault per 4 KiB): a chunk is valid until the next one is taken.
+    a page fault per 4 KiB), valid until the next chunk is taken. The whole buffer is handed out,
+    not a slice or a view: a bytearray is searched for zeros in place (``nonzero_runs``), a view
+    would have to be copied first.
     """
+    from concurrent.futures import ThreadPoolExecutor  # loaded when used (start-up time)
+
     ring = [bytearray(CHUNK) for _ in range(PREFETCH + 2)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: deque = deque()
         for index, (offset, length) in enumerate(_data_chunks(extents)):
-            view = memoryview(ring[index % len(ring)])[:length]
-            pending.append((offset, view, pool.submit(reader.read_into, offset, view)))
+            buffer = ring[index % len(ring)]
+            read = pool.submit(reader.read_into, offset, memoryview(buffer)[:length])
+            pending.append((offset, buffer, length, read))
             if len(pending) > PREFETCH:
                 yield _taken(*pending.popleft())
         while pending:
             yield _taken(*pending.popleft())
 
 
-def _taken(offset: int, view: memoryview, future: Future) -> tuple[int, bytearray | bytes]:
-    """A finished read, as a whole buffer (slices of a bytearray compare at memcmp speed)."""
-    future.result()
-    return offset, view.obj if len(view) == len(view.obj) else view.tobytes()  # type: ignore[return-value]
+def _taken(offset: int, buffer: bytearray, length: int, read: Future) -> tuple[int, bytearray, int]:
+    read.result()
+    return offset, buffer, length
 
 
 class Tally:
@@ -289,17 +297,17 @@ def feed_in_order(
 ) -> None:
     """Non-zero data to the writer in offset order, hashing it on the way when asked."""
     hashed = 0
-    for offset, data in read_ahead(reader, extents):
-        tally.allocated += len(data)
-        view = memoryview(data)
-        for start, end in nonzero_runs(data, granularity):
+    for offset, buffer, length in read_ahead(reader, extents):
+        tally.allocated += length
+        view = memoryview(buffer)
+        for start, end in nonzero_runs(buffer, granularity, 0, length):
             writer.write(offset + start, view[start:end])
             tally.bytes_read += end - start
             if hasher is not None:
                 hasher.skip_zeros(offset + start - hashed)
                 hasher.update(view[start:end])
                 hashed = offset + end
-        tally.done(offset + len(data))
+        tally.done(offset + length)
     if hasher is not None:
         hasher.skip_zeros(writer.virtual_size - hashed)
     tally.done(reader.virtual_size)
@@ -417,8 +425,8 @@ def _windows(chunks: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]
 def scan_for_zeroes(reader: DiskReader, granularity: int, progress: ProgressCallback | None) -> Iterator[Extent]:
     """The reader's extents with the zero ranges inside its DATA extents turned into ZERO extents."""
     data_start = data_end = 0  # the DATA extent being grown
-    for offset, data in read_ahead(reader, reader.extents()):
-        for start, end in nonzero_runs(data, granularity):
+    for offset, buffer, length in read_ahead(reader, reader.extents()):
+        for start, end in nonzero_runs(buffer, granularity, 0, length):
             if offset + start != data_end:
                 if data_end > data_start:
                     yield Extent(data_start, data_end - data_start, ExtentKind.DATA)
@@ -426,7 +434,7 @@ def scan_for_zeroes(reader: DiskReader, granularity: int, progress: ProgressCall
                 data_start = offset + start
             data_end = offset + end
         if progress is not None:
-            progress("scan", offset + len(data), reader.virtual_size)
+            progress("scan", offset + length, reader.virtual_size)
     if data_end > data_start:
         yield Extent(data_start, data_end - data_start, ExtentKind.DATA)
     if data_end < reader.virtual_size:
@@ -583,12 +591,18 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _content_hasher(virtual_size: int) -> ContentHasher:
+    from .hashing import ContentHasher  # hashlib loads OpenSSL: only when a checksum is asked for
+
+    return ContentHasher(virtual_size)
+
+
 def content_hash_of(reader: DiskReader) -> str:
-    hasher = ContentHasher(reader.virtual_size)
+    hasher = _content_hasher(reader.virtual_size)
     position = 0
-    for offset, data in read_ahead(reader, reader.extents()):
+    for offset, buffer, length in read_ahead(reader, reader.extents()):
         hasher.skip_zeros(offset - position)
-        hasher.update(data)
-        position = offset + len(data)
+        hasher.update(memoryview(buffer)[:length])
+        position = offset + length
     hasher.skip_zeros(reader.virtual_size - position)
     return hasher.hexdigest()

@@ -361,12 +361,13 @@ def _write_raw_member(reader: DiskReader, disk: _Disk, member: str, stream: Bina
     segments = [(e.start, e.length) for e in disk.plan if e.kind is ExtentKind.DATA]
     stream.write(pack_member(member, disk.virtual_size, segments, mtime=mtime))
     hashed = stored = 0
-    for offset, data in read_ahead(reader, disk.plan):
+    for offset, buffer, length in read_ahead(reader, disk.plan):
+        data = memoryview(buffer)[:length]
         stream.write(data)
         hasher.skip_zeros(offset - hashed)
         hasher.update(data)
-        hashed = offset + len(data)
-        stored += len(data)
+        hashed = offset + length
+        stored += length
         progress("export", hashed, disk.virtual_size)
     hasher.skip_zeros(disk.virtual_size - hashed)
     stream.write(padding(stored))

@@ -13,12 +13,11 @@ metadata last into space laid out from the plan.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import OutputError, UsageError
 from .reader import Extent
@@ -44,7 +43,11 @@ class OutputTarget:
         else:
             self.fd, self._stream = -1, fd
             self.seekable = self.is_regular_file = False
-        self._sha256 = hashlib.sha256() if hash_output else None
+        self._sha256: Any = None
+        if hash_output:
+            import hashlib  # loads OpenSSL: only when the output is hashed (start-up time)
+
+            self._sha256 = hashlib.sha256()
         #: writers must write in file order (and plan exactly) on a streaming target
         self.streaming = not self.seekable or hash_output
         self.position = 0  # where the next sequential write goes

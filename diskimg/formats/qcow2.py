@@ -30,17 +30,19 @@ import zlib
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import repeat
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..detection import Detection, OpenOptions, ParentOpener
 from ..errors import CorruptImage, DiskImageError, OutputError, UnsupportedFormat, UsageError
 from ..hostfile import HostFile
 from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind, Snapshot
 from ..writer import DiskWriter
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 try:  # zstd is a declared dependency, but keep zlib images readable without it
     import zstandard
@@ -1853,6 +1855,8 @@ class Qcow2Writer(DiskWriter):
     # are recycled: no fresh memory (page faults) per chunk of data.
 
     def _start_compression(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # only compression uses pools: loaded then
+
         workers = max(1, min(4, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-compress")
         self._max_inflight = 2 * workers
