@@ -1,8 +1,9 @@
 """Conversion: a reader's extents and data, fed in order to a writer of the target format.
 
-Data is read in 2 MiB chunks by a background thread (preads release the GIL, so reading overlaps
-zero detection and writing), checked for zeros at the requested granularity, and only non-zero
-ranges reach the writer. A writer that must know its exact allocation before the first byte (qcow2
+Data is read in 2 MiB chunks (preads release the GIL, so reading overlaps zero detection and
+writing), checked for zeros at the requested granularity, and only non-zero ranges reach the
+writer: from two threads at once where the writer takes writes in any order (a file), otherwise in
+order with one thread reading ahead (a pipe, a hashed output, an archive member). A writer that must know its exact allocation before the first byte (qcow2
 or dynamic VHD on a pipe) gets a plan refined by a pre-scan of the source's DATA extents: that
 costs one extra read of the allocated data, never of the zero regions.
 
@@ -274,10 +275,12 @@ class Tally:
         self.progress = progress
         self.allocated = 0  # bytes of DATA extents
         self.bytes_read = 0  # non-zero bytes passed to the writer
+        self.position = 0  # progress reported so far: never goes back, though windows finish in any order
 
     def done(self, position: int) -> None:
+        self.position = max(self.position, position)
         if self.progress is not None:
-            self.progress("convert", position, self.virtual_size)
+            self.progress("convert", self.position, self.virtual_size)
 
 
 def with_zero_tail(extents: Iterable[Extent], size: int, virtual_size: int) -> Iterator[Extent]:
@@ -331,7 +334,6 @@ def _feed_concurrently(
     taking = threading.Lock()  # guards the window sequence and the tally
     turn = _Turnstile()
     failures: list[BaseException] = []
-    reported = [0]  # progress reported so far (windows finish out of order)
 
     def convert_window(buffer: bytearray, start: int, index: int, pieces: list[tuple[int, int]]) -> None:
         window = pieces[0][0] - pieces[0][0] % CHUNK
@@ -360,8 +362,7 @@ def _feed_concurrently(
         offset, length = pieces[-1]
         with taking:
             tally.bytes_read += sum(len(view) for _, view in ranges)
-            reported[0] = max(reported[0], offset + length)
-            tally.done(reported[0])
+            tally.done(offset + length)
 
     def work() -> None:
         try:
@@ -376,10 +377,11 @@ def _feed_concurrently(
         except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=work, name=f"diskimg-convert-{n}", daemon=True) for n in range(WORKERS)]
-    for thread in threads:
-        thread.start()
+    threads: list[threading.Thread] = []
     try:
+        for number in range(WORKERS):
+            threads.append(threading.Thread(target=work, name=f"diskimg-convert-{number}", daemon=True))
+            threads[-1].start()
         for thread in threads:
             thread.join()
     except BaseException as exc:  # Ctrl-C: the threads finish the window in hand, then stop

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -604,6 +605,24 @@ def test_interrupt_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "diskimg: interrupted" and "Traceback" not in err
     assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_interrupt_while_threads_convert_leaves_nothing(sources, tmp_path):
+    """Ctrl-C reaches the main thread while it waits for the worker threads of a file conversion:
+    the workers stop after the window in hand, then the partial output is removed."""
+    path, _ = sources["qcow2-v3"]
+    out = tmp_path / "out.raw"
+
+    def interrupt(phase, done, total):
+        if done < total:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the worker is still busy when the main thread takes the signal
+
+    with pytest.raises(KeyboardInterrupt):
+        diskimg.convert(path, out, "raw", progress=interrupt)
+    assert not out.exists() and not leftovers(tmp_path)
+    # no worker still writes after the call returned
+    assert not [t for t in threading.enumerate() if t.name.startswith("diskimg-convert") and t.is_alive()]
 
 
 # -- --backend -------------------------------------------------------------------------------------
