@@ -45,7 +45,6 @@ MAX_CHECK_CLUSTERS = 1 << 28
 MAX_TABLE_ENTRIES = 1 << 26
 
 
-
 @dataclass
 class CheckProblem:
     """One thing found wrong. ``kind``: corruption, leak, truncated, warning or error (the check

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class Probe:
     head: bytes

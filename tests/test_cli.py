@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +71,37 @@ def test_corrupt_headers_are_exit_3_without_traceback(tmp_path, garbage):
     assert proc.returncode == 3, proc.stderr
     assert len(proc.stderr.decode().strip().splitlines()) == 1
     assert not (tmp_path / "out.raw").exists()
+
+
+def test_public_names_resolve_after_every_module_is_loaded():
+    """The API is imported lazily: each public name is what it says even once the modules of the
+    same stem (conversion, validation, ...) are loaded, which sets attributes on the package."""
+    code = (
+        "import importlib, pkgutil, diskimg\n"
+        "for m in pkgutil.walk_packages(diskimg.__path__, 'diskimg.'):\n"
+        "    if m.name != 'diskimg.__main__': importlib.import_module(m.name)\n"
+        "import types\n"
+        "bad = [n for n in diskimg.__all__ if isinstance(getattr(diskimg, n), types.ModuleType)]\n"
+        "assert not bad, bad\n"
+        "assert all(callable(getattr(diskimg, n)) for n in ('convert', 'compare', 'check', 'validate', 'export',"
+        " 'verify', 'unpack', 'detect', 'open_image', 'measure'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_convert_does_not_load_the_validator_or_the_archivers(tmp_path):
+    """Start-up time counts on every run: converting loads neither validation, guest inspection,
+    nor the archive and compression modules."""
+    source = tmp_path / "d.raw"
+    source.write_bytes(b"\1" * 4096 + bytes(1 << 20))
+    code = (
+        "import sys\nfrom diskimg.cli import main\n"
+        f"try: main(['convert', '--no-progress', {str(source)!r}, {str(tmp_path / 'o.qcow2')!r}, '-O', 'qcow2'])\n"
+        "except SystemExit as exit: assert exit.code == 0, exit.code\n"
+        "loaded = [m for m in ('diskimg.validation', 'diskimg.guest', 'diskimg.fs', 'diskimg.exporter',"
+        " 'diskimg.unpacker', 'diskimg.sources', 'zlib_ng', 'lz4', 'tqdm') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
