@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import interrupts
 from .probe import detect
 from .detection import FORMAT_ALIASES, VhdSizeRule
 from .errors import DiskImageError, OutputError, UnsupportedFormat, UsageError
@@ -124,23 +125,29 @@ def convert(
     # A compressed qcow2 cannot be streamed (hashing the output as it is written needs a stream):
     # to a file, its SHA-256 is taken from the finished file instead, with a second read.
     hash_afterwards = checksum and compress and os.fspath(target) != "-"
-    with (contextlib.nullcontext() if reader is source else reader), \
-            _output(target, force, reader.path, hash_output=checksum and not hash_afterwards) as output:
+    with contextlib.ExitStack() as stack:
+        if reader is not source:
+            stack.enter_context(reader)
+        output = stack.enter_context(
+            _output(target, force, reader.path, hash_output=checksum and not hash_afterwards))
         virtual_size = aligned_size(reader.virtual_size, align)
-        writer = writer_class(output, virtual_size, writer_options, compress)
-        if writer.requires_exact_plan and zero_granularity and not map_is_plan(reader):
-            plan: Iterable[Extent] = list(scan_for_zeroes(reader, zero_granularity, progress))
-        else:
-            plan = reader.extents()
-        tally = Tally(reader.virtual_size, progress)
-        writer.plan(with_zero_tail(plan, reader.virtual_size, virtual_size))
-        extents = plan if isinstance(plan, list) else reader.extents()
-        hasher = _content_hasher(virtual_size) if checksum else None
-        if writer.concurrent_writes and hasher is None and not reader.forward_only:
-            _feed_concurrently(reader, extents, zero_granularity, writer, tally)
-        else:
-            feed_in_order(reader, extents, zero_granularity, writer, tally, hasher)
-        writer.finish()
+        # closed before the output: no thread of the writer may outlive the file it writes into
+        writer = stack.enter_context(contextlib.closing(
+            writer_class(output, virtual_size, writer_options, compress)))
+        with interrupts.deferred():
+            if writer.requires_exact_plan and zero_granularity and not map_is_plan(reader):
+                plan: Iterable[Extent] = list(scan_for_zeroes(reader, zero_granularity, progress))
+            else:
+                plan = reader.extents()
+            tally = Tally(reader.virtual_size, progress)
+            writer.plan(with_zero_tail(plan, reader.virtual_size, virtual_size))
+            extents = plan if isinstance(plan, list) else reader.extents()
+            hasher = _content_hasher(virtual_size) if checksum else None
+            if writer.concurrent_writes and hasher is None and not reader.forward_only:
+                _feed_concurrently(reader, extents, zero_granularity, writer, tally)
+            else:
+                feed_in_order(reader, extents, zero_granularity, writer, tally, hasher)
+            writer.finish()
         result = ConvertResult(
             source=reader.path,
             target=os.fspath(target),
@@ -263,6 +270,7 @@ def read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[
 
 
 def _taken(offset: int, buffer: bytearray, length: int, read: Future) -> tuple[int, bytearray, int]:
+    interrupts.check()
     read.result()
     return offset, buffer, length
 
@@ -331,9 +339,12 @@ def _feed_concurrently(
     than a window is allocated once and then written in disjoint pieces).
     """
     windows = enumerate(_windows(_data_chunks(extents)))
-    taking = threading.Lock()  # guards the window sequence and the tally
-    turn = _Turnstile()
+    state = threading.Condition(threading.Lock())  # guards the window sequence and the fields below
     failures: list[BaseException] = []
+    exhausted = False  # every window has been taken
+    running = 0  # threads that took, or may take, a window: they may be writing
+    reporting = threading.Lock()  # one progress report at a time
+    turn = _Turnstile()
 
     def convert_window(buffer: bytearray, start: int, index: int, pieces: list[tuple[int, int]]) -> None:
         window = pieces[0][0] - pieces[0][0] % CHUNK
@@ -360,35 +371,51 @@ def _feed_concurrently(
         for offset, view in ranges:
             writer.write(offset, view)
         offset, length = pieces[-1]
-        with taking:
+        with reporting:
             tally.bytes_read += sum(len(view) for _, view in ranges)
             tally.done(offset + length)
 
     def work() -> None:
+        nonlocal exhausted, running
+        with state:
+            if failures or exhausted or interrupts.pending():  # started late: the output may be closed
+                return
+            running += 1
         try:
             buffer, start = io_buffer(CHUNK)
-            while not failures:
-                with taking:
-                    item = next(windows, None)
+            while True:
+                with state:
+                    stopping = bool(failures) or interrupts.pending()
+                    item = None if stopping else next(windows, None)
                     if item is None:
+                        exhausted = exhausted or not stopping
                         return
                     tally.allocated += sum(length for _, length in item[1])
                 convert_window(buffer, start, *item)
         except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
-            failures.append(exc)
+            with state:
+                failures.append(exc)
+        finally:
+            with state:
+                running -= 1
+                state.notify_all()
 
-    threads: list[threading.Thread] = []
+    def wait_until_stopped() -> None:
+        with state:
+            state.wait_for(lambda: running == 0 and (exhausted or bool(failures) or interrupts.pending()))
+
+    # Not Thread.join: on Python 3.11 a join interrupted by Ctrl-C marks the thread as stopped
+    # while it still runs. A first Ctrl-C is held back (``interrupts``): the threads see it, finish
+    # the window in hand and stop; then it is raised here.
     try:
         for number in range(WORKERS):
-            threads.append(threading.Thread(target=work, name=f"diskimg-convert-{number}", daemon=True))
-            threads[-1].start()
-        for thread in threads:
-            thread.join()
-    except BaseException as exc:  # Ctrl-C: the threads finish the window in hand, then stop
+            threading.Thread(target=work, name=f"diskimg-convert-{number}", daemon=True).start()
+        wait_until_stopped()
+    except BaseException as exc:  # a second Ctrl-C: the threads still stop before the output closes
         failures.append(exc)
-        for thread in threads:
-            thread.join()
+        wait_until_stopped()
         raise
+    interrupts.check()
     if failures:
         raise failures[0]
     tally.done(reader.virtual_size)

@@ -49,7 +49,7 @@ import zstandard
 from fastcrc import crc64
 from zlib_ng import gzip_ng_threaded
 
-from . import __version__
+from . import __version__, interrupts
 from .conversion import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order, map_is_plan,
                       read_ahead, scan_for_zeroes, temporary_beside, with_zero_tail)
 from .errors import ArchiveError, DiskImageError, OutputError, UsageError
@@ -174,6 +174,7 @@ def export(
             disk.virtual_size = aligned_size(size, GIB) if layout == "gce" else size
         warnings = _ecs_warnings(disks) if layout == "ecs" else []
         set_progress = _SetProgress(progress, [d.virtual_size for d in disks])
+        stack.enter_context(interrupts.deferred())  # ends after the temporaries are removed
         if archive != "none":
             for index, disk in enumerate(disks):
                 disk.plan = _plan(disk, zero_granularity, set_progress.reporter("scan", index))

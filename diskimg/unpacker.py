@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import interrupts
 from .conversion import ProgressCallback, content_hash_of, convert
 from .probe import detect
 from .detection import READABLE_FORMATS
@@ -115,13 +116,14 @@ def unpack(
     disks: list[UnpackedDisk] = []
     finished: list[tuple[str, str]] = []  # (temporary, final) of the disks done so far
     try:
-        for entry in expected:
-            disk, temporary = _unpack_one(entry, manifest is not None, out_dir, target_format, force, progress)
-            final = disk.output
-            if any(final == done for _, done in finished):
-                raise ArchiveError(f"two disks would be restored to the same file {final}", path=path)
-            finished.append((temporary, final))
-            disks.append(disk)
+        with interrupts.deferred():
+            for entry in expected:
+                disk, temporary = _unpack_one(entry, manifest is not None, out_dir, target_format, force, progress)
+                final = disk.output
+                if any(final == done for _, done in finished):
+                    raise ArchiveError(f"two disks would be restored to the same file {final}", path=path)
+                finished.append((temporary, final))
+                disks.append(disk)
         for temporary, final in finished:
             os.replace(temporary, final)
     except BaseException:

@@ -207,6 +207,10 @@ class DiskWriter:
         """Complete the output (trailing metadata, padding)."""
         self.target.finish()
 
+    def close(self) -> None:
+        """Stop any background work, however the conversion ended: called before the output is
+        closed, so that no thread of the writer still writes into it."""
+
 
 def parse_options(text: str | None) -> dict[str, str]:
     """``-o`` options as qemu-img takes them: ``k=v,k2=v2``; ``,,`` is a literal comma."""

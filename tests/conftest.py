@@ -11,6 +11,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -29,6 +30,20 @@ FIXTURES = ROOT / "fixtures"
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt in this test, as in an interactive Python, even when the suite
+    runs where SIGINT is ignored (a background job of a non-interactive shell)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def default_sigint() -> None:
+    """For subprocess ``preexec_fn``: the child takes SIGINT as a terminal's Ctrl-C, whatever the suite inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def corpus_dir() -> Path | None:

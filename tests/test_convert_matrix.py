@@ -31,6 +31,7 @@ from .conftest import (
     KiB,
     MiB,
     content_hash_by_definition,
+    default_sigint,
     diskimg_cli,
     diskimg_to_pipe,
     file_sha256,
@@ -595,7 +596,8 @@ def test_interrupt_leaves_nothing(tmp_path):
             f.write(block)
     out = tmp_path / "out.qcow2"
     proc = subprocess.Popen([sys.executable, "-m", "diskimg", "convert", "--progress", "json", source, out, "-O",
-                             "qcow2", "-c"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "qcow2", "-c"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     assert proc.stderr is not None
     first = proc.stderr.readline()  # the first progress line: the conversion is under way
     assert json.loads(first)["phase"] == "convert", first
@@ -607,22 +609,59 @@ def test_interrupt_leaves_nothing(tmp_path):
     assert not out.exists() and not leftovers(tmp_path)
 
 
-def test_interrupt_while_threads_convert_leaves_nothing(sources, tmp_path):
+def test_interrupt_while_threads_convert_leaves_nothing(sources, tmp_path, ctrl_c):
     """Ctrl-C reaches the main thread while it waits for the worker threads of a file conversion:
-    the workers stop after the window in hand, then the partial output is removed."""
+    the workers finish the window in hand and stop, the partial output is removed, the call raises
+    KeyboardInterrupt, and no worker runs on after it returned (on Python 3.11 an interrupted
+    Thread.join would let the caller believe it had stopped)."""
     path, _ = sources["qcow2-v3"]
     out = tmp_path / "out.raw"
+    main = threading.main_thread().ident
+    assert main is not None
+    interrupted = threading.Event()
+    returned = threading.Event()
+    reports_after_return = []
 
     def interrupt(phase, done, total):
-        if done < total:
-            os.kill(os.getpid(), signal.SIGINT)
+        if returned.is_set():
+            reports_after_return.append(done)
+        elif not interrupted.is_set():
+            interrupted.set()
+            signal.pthread_kill(main, signal.SIGINT)  # as a terminal's Ctrl-C reaches the main thread
             time.sleep(0.2)  # the worker is still busy when the main thread takes the signal
 
     with pytest.raises(KeyboardInterrupt):
         diskimg.convert(path, out, "raw", progress=interrupt)
+    returned.set()
     assert not out.exists() and not leftovers(tmp_path)
-    # no worker still writes after the call returned
-    assert not [t for t in threading.enumerate() if t.name.startswith("diskimg-convert") and t.is_alive()]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    time.sleep(0.5)  # a worker still running would have finished its window and reported it
+    assert not reports_after_return
+
+
+@pytest.mark.parametrize("stop", ["callback raises", "ctrl-c"])
+def test_stopped_compression_leaves_no_thread(tmp_path, stop, ctrl_c):
+    """A compressed conversion cancelled by its progress callback, or interrupted: the compression
+    and write threads are stopped before the call returns, not when the writer is collected."""
+    source = tmp_path / "random.raw"
+    source.write_bytes(random.Random(7).randbytes(16 * MiB))
+    out = tmp_path / "out.qcow2"
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(phase, done, total):
+        if done >= total // 2:  # the writer's threads run by then
+            if stop == "ctrl-c":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise Cancelled
+
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else Cancelled) as raised:
+        diskimg.convert(source, out, "qcow2", compress=True, progress=cancel)
+    assert raised.value.__traceback__ is not None  # the frames, and the writer in them, are still alive
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("qcow2-")]
+    assert not out.exists() and not leftovers(tmp_path)
 
 
 # -- --backend -------------------------------------------------------------------------------------

@@ -1639,8 +1639,10 @@ class Qcow2Writer(DiskWriter):
         self._lock = threading.Lock()
         #: a block device keeps old bytes where nothing is written: new clusters are zeroed there
         self._zero_fill = not getattr(target, "is_regular_file", True)
-        self._pool: ThreadPoolExecutor | None = None
-        self._io: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None  # compression (-c only)
+        self._io: ThreadPoolExecutor | None = None  # writes of compressed batches
+        self._inflight: deque = deque()  # (guest clusters, buffer, future) of batches in the pool
+        self._pending_io: deque = deque()  # (future, buffer) of writes not yet waited for
 
     # -- sizes -----------------------------------------------------------------------------------
 
@@ -1863,10 +1865,8 @@ class Qcow2Writer(DiskWriter):
         # writes go through one more thread, so that the copies into the page cache overlap the
         # rest; a batch buffer is reused once its writes are done
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcow2-write")
-        self._pending_io: deque = deque()
         self._writes: list = []  # (data, file offset) of the batch being placed
         self._compressor = _ClusterCompressor(self._cs, self.settings.compression_type)
-        self._inflight: deque = deque()
         self._slots = max(1, self.BATCH_BYTES >> self._cb)  # clusters per batch
         self._free_buffers: list[bytearray] = []
         self._buffer = bytearray(self._slots << self._cb)
@@ -2028,18 +2028,17 @@ class Qcow2Writer(DiskWriter):
         self._pending_io.append((self._io.submit(self._write_all, self._writes), None))
         self._reclaim(0)
 
-    def _close_pool(self) -> None:
-        for name in ("_pool", "_io"):
-            pool = getattr(self, name, None)
+    def close(self) -> None:
+        """Cancel the batches not started; wait for the compression and the writes in hand."""
+        for future in [future for _, _, future in self._inflight] + [future for future, _ in self._pending_io]:
+            if not future.cancel():  # running or done
+                future.exception()
+        self._inflight.clear()
+        self._pending_io.clear()
+        for pool in (self._pool, self._io):
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-                setattr(self, name, None)
-
-    def __del__(self) -> None:  # an abandoned conversion: let the threads go
-        for name in ("_pool", "_io"):
-            pool = getattr(self, name, None)
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(wait=True)  # idle threads by now: quick
+        self._pool = self._io = None
 
     # -- metadata --------------------------------------------------------------------------------
 
@@ -2204,10 +2203,8 @@ class Qcow2Writer(DiskWriter):
             target.skip((layout.total_clusters << self._cb) - target.position)
             target.finish()
             return
-        try:
-            if self.compress:
-                self._finish_compression()
-        finally:
-            self._close_pool()
+        if self.compress:
+            self._finish_compression()
+            self.close()
         self._write_file_metadata()
         target.finish(self._next_free << self._cb)
