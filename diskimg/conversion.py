@@ -3,9 +3,10 @@
 Data is read in 2 MiB chunks (preads release the GIL, so reading overlaps zero detection and
 writing), checked for zeros at the requested granularity, and only non-zero ranges reach the
 writer: from two threads at once where the writer takes writes in any order (a file), otherwise in
-order with one thread reading ahead (a pipe, a hashed output, an archive member). A writer that must know its exact allocation before the first byte (qcow2
-or dynamic VHD on a pipe) gets a plan refined by a pre-scan of the source's DATA extents: that
-costs one extra read of the allocated data, never of the zero regions.
+order with one thread reading ahead (a pipe, a hashed output, an archive member). A writer that
+must know its exact allocation before the first byte (qcow2 or dynamic VHD on a pipe) gets a plan
+refined by a pre-scan of the source's DATA extents: that costs one extra read of the allocated
+data, never of the zero regions.
 
 Output goes to a temporary file beside the target, renamed into place when complete; on any failure
 or interrupt nothing is left at the target.
@@ -342,9 +343,13 @@ def _feed_concurrently(
     state = threading.Condition(threading.Lock())  # guards the window sequence and the fields below
     failures: list[BaseException] = []
     exhausted = False  # every window has been taken
-    running = 0  # threads that took, or may take, a window: they may be writing
-    reporting = threading.Lock()  # one progress report at a time
+    running = 0  # threads that may take a window: they may be writing
+    reporting = threading.Lock()  # guards the tally: one progress report at a time
     turn = _Turnstile()
+
+    def over() -> bool:
+        """No window is to be taken any more (``state`` held)."""
+        return exhausted or bool(failures) or interrupts.pending()
 
     def convert_window(buffer: bytearray, start: int, index: int, pieces: list[tuple[int, int]]) -> None:
         window = pieces[0][0] - pieces[0][0] % CHUNK
@@ -372,25 +377,26 @@ def _feed_concurrently(
             writer.write(offset, view)
         offset, length = pieces[-1]
         with reporting:
+            tally.allocated += sum(length for _, length in pieces)
             tally.bytes_read += sum(len(view) for _, view in ranges)
             tally.done(offset + length)
 
     def work() -> None:
         nonlocal exhausted, running
         with state:
-            if failures or exhausted or interrupts.pending():  # started late: the output may be closed
+            if over():  # started late: the output may be closed already
                 return
             running += 1
         try:
             buffer, start = io_buffer(CHUNK)
             while True:
                 with state:
-                    stopping = bool(failures) or interrupts.pending()
-                    item = None if stopping else next(windows, None)
-                    if item is None:
-                        exhausted = exhausted or not stopping
+                    if over():
                         return
-                    tally.allocated += sum(length for _, length in item[1])
+                    item = next(windows, None)
+                    if item is None:
+                        exhausted = True
+                        return
                 convert_window(buffer, start, *item)
         except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
             with state:
@@ -402,7 +408,7 @@ def _feed_concurrently(
 
     def wait_until_stopped() -> None:
         with state:
-            state.wait_for(lambda: running == 0 and (exhausted or bool(failures) or interrupts.pending()))
+            state.wait_for(lambda: running == 0 and over())
 
     # Not Thread.join: on Python 3.11 a join interrupted by Ctrl-C marks the thread as stopped
     # while it still runs. A first Ctrl-C is held back (``interrupts``): the threads see it, finish

@@ -50,8 +50,8 @@ from fastcrc import crc64
 from zlib_ng import gzip_ng_threaded
 
 from . import __version__, interrupts
-from .conversion import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order, map_is_plan,
-                      read_ahead, scan_for_zeroes, temporary_beside, with_zero_tail)
+from .conversion import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order,
+                         map_is_plan, read_ahead, scan_for_zeroes, temporary_beside, with_zero_tail)
 from .errors import ArchiveError, DiskImageError, OutputError, UsageError
 from .formats import WRITERS, canonical_format
 from .hashing import ContentHasher

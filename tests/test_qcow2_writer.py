@@ -5,6 +5,7 @@ reader reads it back identically; zero regions stay unallocated."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -559,10 +560,11 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
         writer = Qcow2Writer(target, size, options, compress)
         assert writer.requires_exact_plan == streaming
         assert writer.concurrent_writes == (not streaming and not compress)
-        writer.plan(iter(plan))
-        for offset, data in pieces:
-            writer.write(offset, memoryview(data))
-        writer.finish()
+        with contextlib.closing(writer):
+            writer.plan(iter(plan))
+            for offset, data in pieces:
+                writer.write(offset, memoryview(data))
+            writer.finish()
     finally:
         os.close(fd)
     return writer

@@ -2205,6 +2205,5 @@ class Qcow2Writer(DiskWriter):
             return
         if self.compress:
             self._finish_compression()
-            self.close()
         self._write_file_metadata()
         target.finish(self._next_free << self._cb)
