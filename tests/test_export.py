@@ -66,10 +66,10 @@ FILES = [f"{NAME}_system.raw.tar.gz", f"{NAME}_data_xvdb.raw.tar.gz", f"{NAME}_d
 
 def test_files_named_like_ecs_and_sums_accepted_by_sha256sum(exported: Path) -> None:
     names = sorted(p.name for p in exported.iterdir() if p.suffix != ".json" and p.suffix != ".txt")
-    assert names == sorted([*FILES, "SHA256SUMS"])
+    assert names == sorted([*FILES, f"{NAME}.SHA256SUMS"])
     assert (exported / f"{NAME}.manifest.json").is_file()
     assert not [p for p in exported.iterdir() if p.name.startswith(".")]  # no temporary left
-    checked = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=exported, capture_output=True, text=True)
+    checked = subprocess.run(["sha256sum", "-c", f"{NAME}.SHA256SUMS"], cwd=exported, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.count(": OK") == 3
 
@@ -240,13 +240,13 @@ def test_a_failing_disk_leaves_none_of_the_outputs(tmp_path: Path, disk_set: dic
 def test_existing_outputs_need_force(tmp_path: Path, disk_set: dict[str, Path]) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "SHA256SUMS").write_text("old\n")
+    (out / "x.SHA256SUMS").write_text("old\n")
     args = ("export", "--name", "x", "--system", disk_set["raw"], "--out", out)
     proc = diskimg_cli(*args, cwd="/tmp", text=True)
     assert proc.returncode == 4 and "--force" in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS"]
+    assert sorted(p.name for p in out.iterdir()) == ["x.SHA256SUMS"]
     assert diskimg_cli(*args, "--force", cwd="/tmp").returncode == 0
-    assert "x_system.raw.tar.gz" in (out / "SHA256SUMS").read_text()
+    assert "x_system.raw.tar.gz" in (out / "x.SHA256SUMS").read_text()
 
 
 def test_ecs_limits_are_warnings(tmp_path: Path) -> None:
@@ -281,7 +281,7 @@ def test_verify_refuses_a_manifest_naming_files_outside_its_folder(tmp_path: Pat
     entry = {"file": "../secret", "size": 1, "sha256": "0" * 64, "format": "raw", "virtual_size": 1}
     (tmp_path / "x.manifest.json").write_text(json.dumps({"disks": [entry]}))
     proc = diskimg_cli("verify", tmp_path, cwd="/tmp", text=True)
-    assert proc.returncode == 3 and "malformed disk entry" in proc.stderr
+    assert proc.returncode == 3 and "file name beside the manifest" in proc.stderr
     (tmp_path / "x.manifest.json").write_text("{not json")
     proc = diskimg_cli("verify", tmp_path / "x.manifest.json", cwd="/tmp", text=True)
     assert proc.returncode == 3 and "cannot read the manifest" in proc.stderr
