@@ -324,7 +324,8 @@ def test_two_exports_share_a_folder(tmp_path: Path, disk_set: dict[str, Path]) -
     result = json.loads(proc.stdout)
     assert result["manifests"] == [str(out / "a.manifest.json"), str(out / "b.manifest.json")]
     assert [(f["manifest"], f["file"], f["status"]) for f in result["files"]] == [
-        (str(out / "a.manifest.json"), "a_system.raw.tar", "ok"), (str(out / "b.manifest.json"), "b_system.raw.tar", "ok")]
+        (str(out / "a.manifest.json"), "a_system.raw.tar", "ok"),
+        (str(out / "b.manifest.json"), "b_system.raw.tar", "ok")]
     with open(out / "b_system.raw.tar", "r+b") as f:  # a byte of the member's data (a's archive is left intact)
         f.seek(1024 + 5)
         byte = f.read(1)
@@ -361,7 +362,8 @@ def test_export_manifests_have_the_same_caps_in_verify_and_unpack(tmp_path: Path
     build, message = HOSTILE_MANIFESTS[case]
     manifest = tmp_path / "m.manifest.json"
     manifest.write_text(build(manifest_entry(archive)))
-    for command in (["verify", manifest], ["verify", "--deep", tmp_path], ["unpack", manifest, "--out", tmp_path / "o"]):
+    commands = (["verify", manifest], ["verify", "--deep", tmp_path], ["unpack", manifest, "--out", tmp_path / "o"])
+    for command in commands:
         proc = diskimg_cli(*command, cwd="/tmp", text=True)
         assert proc.returncode == 3, (command, proc.stderr)
         assert proc.stderr.startswith(f"diskimg: error: {manifest}: ") and message in proc.stderr
