@@ -264,7 +264,8 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
 @click.option("--system", "system_image", required=True, help="The system disk (any image diskimg reads).")
 @click.option("--data", "data_images", multiple=True, help="A data disk (repeatable, in device order).")
 @click.option("--devices", help="The data disks' device names, comma-separated (default xvdb,xvdc,...).")
-@click.option("--out", "out_dir", default=".", show_default=True, help="Folder of the archives and manifest.")
+@click.option("--out", "out_dir", default=".", show_default=True,
+              help="Folder of the archives and manifest (created if missing).")
 @click.option("--format", "output_format", type=FORMAT_CHOICE, default="raw", show_default=True,
               help="Format of the disks inside the archives.")
 @click.option("--archive", type=click.Choice(["tar.gz", "tar.zst", "tar", "none"]), default="tar.gz",
@@ -283,7 +284,7 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
 def export_command(name: str, system_image: str, data_images: tuple[str, ...], devices: str | None, out_dir: str,
                    output_format: str, archive: str, layout: str, compress: bool, sparse_size: str,
                    threads: int | None, allow_backing: bool, force: bool, progress_mode: str, as_json: bool) -> None:
-    """Pack a machine's disks into one archive each, with NAME.manifest.json and SHA256SUMS."""
+    """Pack a machine's disks into one archive each, with NAME.manifest.json and NAME.SHA256SUMS."""
     from . import export
 
     progress, close_progress = _progress(progress_mode)
@@ -311,7 +312,8 @@ def export_command(name: str, system_image: str, data_images: tuple[str, ...], d
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object.")
 @click.pass_context
 def verify_command(ctx: click.Context, path: str, deep: bool, as_json: bool) -> None:
-    """Re-hash an export's files against its manifest (exit 0 all intact, 1 naming what differs or is missing)."""
+    """Re-hash an export's files against its manifest, or every export's in DIR (exit 0 all intact, 1
+    naming what differs or is missing)."""
     from . import verify
 
     result = verify(path, deep=deep)

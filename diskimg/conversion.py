@@ -520,6 +520,43 @@ def temporary_beside(target: str | os.PathLike[str], force: bool, source_path: s
         raise
 
 
+@contextlib.contextmanager
+def output_directory(path: str | os.PathLike[str]) -> Iterator[str]:
+    """The absolute ``path`` of an output folder, made if missing (with its missing parents); if the
+    block fails, the folders made here are removed again (when empty): a failed run leaves nothing."""
+    directory = os.path.abspath(os.fspath(path))
+    made = []  # deepest first
+    missing = directory
+    while not os.path.lexists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
+    try:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the folder: {exc.strerror}", path=directory) from None
+        if not os.path.isdir(directory):
+            raise OutputError("is not a folder", path=directory)
+        yield directory
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+@contextlib.contextmanager
+def reported_as(final: str, temporary: str) -> Iterator[None]:
+    """Errors about ``temporary`` (an output written under a temporary name, to be renamed later)
+    name ``final``, the file the user asked for."""
+    try:
+        yield
+    except DiskImageError as exc:
+        if exc.path is not None and os.path.abspath(exc.path) == os.path.abspath(temporary):
+            exc.path = final
+        raise
+
+
 # -- the qemu-img backend --------------------------------------------------------------------------
 
 _QEMU_FORMAT = {"vhd": "vpc"}

@@ -25,6 +25,7 @@ command -v bsdtar >/dev/null || need+=(libarchive-tools)
 command -v cpio >/dev/null || need+=(cpio)
 command -v lz4 >/dev/null || need+=(lz4)
 command -v pigz >/dev/null || need+=(pigz)
+command -v mount >/dev/null || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""

@@ -41,6 +41,19 @@ def ctrl_c():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A folder on a 1 MiB tmpfs mounted for the test (root only; skipped where mounting is not
+    allowed), where writing more than that fails with ENOSPC; unmounted afterwards."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
 def default_sigint() -> None:
     """For subprocess ``preexec_fn``: the child takes SIGINT as a terminal's Ctrl-C, whatever the suite inherited."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
