@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import posixpath
 import re
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DiskImageError
 from ..fs import GuestFileSystem, GuestPathError, Stat
+from ..fs.base import GuestFile
 from . import GuestDisk, GuestFacts, GuestVolume, device_partition, is_device_name, spec_key
 from .config import (
+    MAX_CONFIG,
     BootEntry,
     FstabEntry,
     Interface,
     choose_default,
     cloud_init_datasources,
     cloud_init_version,
+    config_lines,
     expand_grub_vars,
+    grub_legacy_default,
     kernel_arg,
     parse_bls_entry,
     parse_fstab,
@@ -43,10 +48,8 @@ from .config import (
 )
 from .initramfs import InitramfsListing, list_initramfs, module_name
 
-#: configuration files are small; anything larger is not read
-MAX_CONFIG = 4 << 20
-#: an initramfs larger than this is not read (its driver list is then reported as unknown); it is
-#: held in memory while its parts are decompressed
+#: an initramfs larger than this is not read (its driver list is then reported as unknown); it is read
+#: a chunk at a time, so this bounds the time spent, not memory
 MAX_INITRAMFS = 256 << 20
 #: files of one directory looked at (network configs, BLS entries, cloud.cfg.d)
 MAX_DIR_FILES = 256
@@ -163,6 +166,10 @@ class GuestTree:
     def read(self, path: str, max_size: int) -> bytes:
         fs, rel = self._at(path)
         return fs.read_file(rel, max_size)
+
+    def open(self, path: str) -> GuestFile:
+        fs, rel = self._at(path)
+        return fs.open(rel)
 
     def head(self, path: str, size: int) -> bytes:
         fs, rel = self._at(path)
@@ -445,7 +452,8 @@ def _release(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
 
 def parse_legacy_release(path: str, text: str) -> dict[str, str]:
     """os-release style keys (ID, VERSION_ID, NAME, PRETTY_NAME) from a pre-os-release file."""
-    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    lines = [line.strip() for line in config_lines(text) if line.strip()]
+    first = lines[0] if lines else ""
     name = path.rsplit("/", 1)[-1]
     if name == "lsb-release":
         values = parse_shell_vars(text)
@@ -459,7 +467,7 @@ def parse_legacy_release(path: str, text: str) -> dict[str, str]:
     version_id = (version.group(1) or version.group(2)) if version else ""
     lowered = first.lower()
     if name == "SuSE-release":
-        values = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in text.splitlines()[1:])}
+        values = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in lines[1:])}
         ident = "opensuse" if "opensuse" in lowered else "sles"
         version_id = values.get("VERSION", version_id) + (
             f".{values['PATCHLEVEL']}" if values.get("PATCHLEVEL", "0") not in ("", "0") else "")
@@ -629,8 +637,7 @@ def _boot_config(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> Non
             if text is not None:
                 boot.loader, boot.config = "grub-legacy", path
                 boot.entries = _legacy_grub_entries(text, path)
-                match = re.search(r"^\s*default\s*=?\s*(\d+)", text, re.MULTILINE)
-                default = match.group(1) if match else "0"
+                default = grub_legacy_default(text)
                 break
     if default is None and boot.entries:
         grub_default = parse_shell_vars(read.text("/etc/default/grub") or "").get("GRUB_DEFAULT")
@@ -664,7 +671,7 @@ def _boot_config(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> Non
 
 def _legacy_grub_entries(text: str, source: str) -> list[BootEntry]:
     entries: list[BootEntry] = []
-    for line in text.splitlines():
+    for line in config_lines(text):
         words = line.strip().split(None, 1)
         if not words:
             continue
@@ -724,7 +731,8 @@ def _default_kernel_drivers(read: _Reader, result: LinuxInspection, disk: GuestD
             if size > MAX_INITRAMFS:
                 result.initramfs_error = f"{initrd} is {size} bytes, more than the {MAX_INITRAMFS} read"
             else:
-                result.initramfs = list_initramfs(read.tree.read(initrd, MAX_INITRAMFS))
+                with read.tree.open(initrd) as image:
+                    result.initramfs = list_initramfs(image)
                 if not result.initramfs.complete:
                     result.initramfs_error = f"{initrd}: {result.initramfs.problem}"
         except DiskImageError as exc:
@@ -835,8 +843,8 @@ def _network(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
         interfaces += declared
         for pattern in includes:
             directory, _, glob = posixpath.join(posixpath.dirname(path), pattern).rpartition("/")
-            regex = re.compile(re.escape(glob).replace(r"\*", ".*") + "$")
-            pending += [f"{directory}/{n}" for n in read.listdir(directory) if regex.match(n)]
+            # fnmatch's patterns cannot backtrack exponentially, whatever the number of '*'
+            pending += [f"{directory}/{n}" for n in read.listdir(directory) if fnmatchcase(n, glob)]
     result.interfaces = interfaces
     rules = "/etc/udev/rules.d/70-persistent-net.rules"
     text = read.text(rules)
@@ -867,7 +875,7 @@ def _accounts_and_security(read: _Reader, result: LinuxInspection, disk: GuestDi
     passwd = read.text("/etc/passwd")
     if passwd is not None:
         result.root_account = any(line.split(":")[0] == "root" and line.split(":")[2:3] == ["0"]
-                                  for line in passwd.splitlines())
+                                  for line in config_lines(passwd))
     result.passwd_command = read.first(("/usr/bin/passwd", "/bin/passwd"))
     for name in ("/lib", "/lib64"):
         try:
