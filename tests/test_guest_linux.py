@@ -670,3 +670,36 @@ def test_grub_legacy_default_after_many_blank_lines(tmp_path: Path) -> None:
     found = _validate_in_child(_disk(tmp_path, "legacy", [(tree, uuid, None, 0)]))
     boot = found["details"]["boot"]
     assert boot["loader"] == "grub-legacy" and boot["default"]["title"] == "second"
+
+
+@needs_image_tools
+def test_selinux_config_without_a_policy_is_moot(tmp_path: Path) -> None:
+    """Issue 13 #6: SELINUX=enforcing on a Debian-family system with no SELinux policy installed (its
+    kernel loads AppArmor) boots normally: no finding. The bad CentOS above has a policy, and is reported."""
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree["/etc/selinux/config"] = "SELINUX=enforcing\nSELINUXTYPE=default\n"
+    report = diskimg.validate(_disk(tmp_path, "deb", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    assert not {"guest-selinux-enforcing", "guest-boot-recovery-mode"} & set(_guest_findings(report))
+    details = report.facts.guest["details"]
+    assert (details["selinux"], details["selinux_loaded_by"]) == ("enforcing", None)
+
+
+@needs_image_tools
+@pytest.mark.parametrize("argument", ["single", "systemd.unit=emergency.target"])
+def test_default_entry_in_recovery_mode_and_selinux_from_the_command_line(tmp_path: Path, argument: str) -> None:
+    """Issue 13 #9: a default entry booting rescue or emergency mode (systemd's kernel-command-line(7))
+    stops at a console no one can reach: a warning. Issue 13 #6: security=selinux loads SELinux even
+    without a policy file in the image, so SELINUX=enforcing counts again."""
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree["/etc/selinux/config"] = "SELINUX=enforcing\nSELINUXTYPE=default\n"
+    grub = str(tree["/boot/grub/grub.cfg"])
+    tree["/boot/grub/grub.cfg"] = grub.replace("root=LABEL=cloudimg-rootfs ro console=tty1",
+                                               f"root=LABEL=cloudimg-rootfs ro security=selinux {argument} console=tty1")
+    report = diskimg.validate(_disk(tmp_path, "rescue", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    found = _guest_findings(report)
+    recovery = found["guest-boot-recovery-mode"][0]
+    assert recovery.severity.value == "warning" and recovery.evidence["value"] == [argument]
+    assert recovery.evidence["entry"] == "Ubuntu"
+    assert found["guest-selinux-enforcing"][0].evidence["loaded_by"] == "security=selinux"

@@ -303,6 +303,18 @@ def kernel_arg(cmdline: str, name: str) -> str | None:
     return value
 
 
+#: kernel arguments that boot systemd (or SysV init) into rescue or emergency mode, a console only
+#: (systemd's kernel-command-line(7); the runlevel words come from SysV init)
+RECOVERY_ARGUMENTS = frozenset({"single", "s", "S", "1", "rescue", "rd.rescue", "emergency", "rd.emergency", "-b",
+                                "systemd.unit=rescue.target", "systemd.unit=emergency.target",
+                                "rd.systemd.unit=rescue.target", "rd.systemd.unit=emergency.target"})
+
+
+def recovery_arguments(cmdline: str) -> list[str]:
+    """The arguments of a kernel command line that boot into rescue or emergency mode."""
+    return [word for word in cmdline.split() if word in RECOVERY_ARGUMENTS]
+
+
 def choose_default(entries: list[BootEntry], default: str | None) -> BootEntry | None:
     """The entry GRUB boots: ``default`` is an index, a title (submenus joined by '>'), or an id."""
     if not entries:

@@ -258,6 +258,9 @@ class LinuxInspection:
     qemu_guest_agent: str | None = None
     selinux: str | None = None
     selinux_source: str | None = None
+    #: what makes the kernel load SELinux at all: its policy (/etc/selinux/<SELINUXTYPE>/policy) or a kernel
+    #: argument (security=selinux); None when neither, as on Debian, where the mode set in the config is moot
+    selinux_loaded_by: str | None = None
     shadow_flags: frozenset[str] | None = None
     root_account: bool | None = None
     passwd_command: str | None = None
@@ -859,10 +862,13 @@ def _accounts_and_security(read: _Reader, result: LinuxInspection, disk: GuestDi
                                           "/usr/lib/systemd/system/qemu-guest-agent.service",
                                           "/lib/systemd/system/qemu-guest-agent.service"))
     selinux = read.text("/etc/selinux/config")
-    if selinux is not None:
-        result.selinux = parse_shell_vars(selinux).get("SELINUX", "").lower() or None
-        result.selinux_source = "/etc/selinux/config"
     cmdline = result.boot.cmdline
+    if selinux is not None:
+        values = parse_shell_vars(selinux)
+        result.selinux = values.get("SELINUX", "").lower() or None
+        result.selinux_source = "/etc/selinux/config"
+        policy = f"/etc/selinux/{values.get('SELINUXTYPE') or 'targeted'}/policy"
+        result.selinux_loaded_by = policy if read.exists(policy) else _selinux_kernel_argument(cmdline)
     if kernel_arg(cmdline, "selinux") == "0":
         result.selinux, result.selinux_source = "disabled", "kernel command line selinux=0"
     elif kernel_arg(cmdline, "enforcing") == "0" and result.selinux == "enforcing":
@@ -885,6 +891,16 @@ def _accounts_and_security(read: _Reader, result: LinuxInspection, disk: GuestDi
                     result.absolute_lib_links[name] = target
         except DiskImageError as exc:
             read.note(name, exc)
+
+
+def _selinux_kernel_argument(cmdline: str) -> str | None:
+    """The kernel argument that enables SELinux (security=selinux, selinux=1, lsm=...,selinux), if any."""
+    if kernel_arg(cmdline, "security") == "selinux":
+        return "security=selinux"
+    if kernel_arg(cmdline, "selinux") == "1":
+        return "selinux=1"
+    lsm = kernel_arg(cmdline, "lsm")
+    return f"lsm={lsm}" if lsm and "selinux" in lsm.split(",") else None
 
 
 def _details(result: LinuxInspection) -> dict[str, Any]:
@@ -915,6 +931,7 @@ def _details(result: LinuxInspection) -> dict[str, Any]:
         "persistent_net_rules": result.persistent_net[0] if result.persistent_net else None,
         "qemu_guest_agent": result.qemu_guest_agent,
         "selinux": result.selinux,
+        "selinux_loaded_by": result.selinux_loaded_by,
         "root_account": result.root_account,
         "passwd_command": result.passwd_command,
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..guest import GuestFacts, device_partition, is_device_name, spec_key
-from ..guest.config import kernel_arg, version_tuple
+from ..guest.config import kernel_arg, recovery_arguments, version_tuple
 from ..guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
 from .checks import disk_check
 from .context import DiskContext, NotAvailable
@@ -165,6 +165,21 @@ def linux_boot_entry(ctx: DiskContext) -> None:
 
 
 @disk_check("guest")
+def linux_recovery_entry(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None or linux.boot.default is None:
+        return
+    found = recovery_arguments(linux.boot.cmdline)
+    if found:
+        entry = linux.boot.default
+        ctx.emit("guest-boot-recovery-mode", f"the default boot entry '{entry.title}' boots into rescue or "
+                 f"emergency mode ({' '.join(found)}): a console waiting for the root password",
+                 {"config": linux.boot.config, "entry": entry.title, "value": found},
+                 "make a normal entry the default (GRUB_DEFAULT / grub-set-default / grubby --set-default) or "
+                 "remove the argument, then regenerate the boot configuration")
+
+
+@disk_check("guest")
 def linux_network(ctx: DiskContext) -> None:
     linux = _linux(ctx)
     if linux is None:
@@ -211,9 +226,10 @@ def linux_security(ctx: DiskContext) -> None:
     linux = _linux(ctx)
     if linux is None:
         return
-    if linux.selinux == "enforcing":
-        ctx.emit("guest-selinux-enforcing", f"SELinux is enforcing ({linux.selinux_source})",
-                 {"file": linux.selinux_source, "value": "enforcing"},
+    if linux.selinux == "enforcing" and linux.selinux_loaded_by:
+        ctx.emit("guest-selinux-enforcing", f"SELinux is enforcing ({linux.selinux_source}; loaded by "
+                 f"{linux.selinux_loaded_by})",
+                 {"file": linux.selinux_source, "loaded_by": linux.selinux_loaded_by, "value": "enforcing"},
                  "set SELINUX=disabled (or permissive) in /etc/selinux/config")
     flags = linux.shadow_flags
     if flags is not None and flags & {"immutable", "append"}:

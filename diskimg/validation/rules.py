@@ -319,6 +319,11 @@ RULES: tuple[Rule, ...] = (
     _r("guest-boot-entry-broken", ERROR, "guest", "Default boot entry cannot boot",
        "The boot loader's default entry names a kernel or initrd that is not in the image, or a root= that "
        "resolves to no file system.", "§1.4 L4 (A-CHECK GUESTOS.Grub)", (SYSTEM,)),
+    _r("guest-boot-recovery-mode", WARNING, "guest", "Default boot entry boots into rescue or emergency mode",
+       "Kernel arguments such as single, emergency or systemd.unit=rescue.target stop the boot at a root "
+       "console: no network, no SSH, no cloud-init, and a new instance has no password to enter there.",
+       "systemd kernel-command-line(7), https://www.freedesktop.org/software/systemd/man/latest/"
+       "kernel-command-line.html [inference: unreachable on a new instance]", (SYSTEM,)),
     _r("guest-boot-config-missing", WARNING, "guest", "No boot loader configuration found",
        "No grub.cfg, BLS entry or menu.lst was found: the default kernel (and so its drivers) is not known.",
        "§1.4 L4 (A-CHECK GUESTOS.Grub) [inference]", (SYSTEM,)),
@@ -342,7 +347,8 @@ RULES: tuple[Rule, ...] = (
        "§1.4 L8 (A-INSTR, A-INSTR-CN, A-TOOL)", (SYSTEM,)),
     _r("guest-selinux-enforcing", WARNING, "guest", "SELinux enforcing",
        "An enforcing SELinux may stop the first boot (relabelling, ECS agents); the image check recommends it "
-       "disabled.", "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
+       "disabled. Reported when SELinux is loaded at all: a policy is installed or the kernel command line "
+       "enables it (on Debian, with AppArmor, the config file alone does nothing).", "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
     _r("guest-shadow-immutable", ERROR, "guest", "/etc/shadow is immutable",
        "ECS writes the root password into /etc/shadow; an immutable (chattr +i) or append-only file makes "
        "that fail.", "§1.4 L12 (A-INSTR, A-TOOL 'shadow file authority')", (SYSTEM,)),
