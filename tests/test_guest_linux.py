@@ -695,11 +695,27 @@ def test_default_entry_in_recovery_mode_and_selinux_from_the_command_line(tmp_pa
     tree = ubuntu_tree(tmp_path, uuid)
     tree["/etc/selinux/config"] = "SELINUX=enforcing\nSELINUXTYPE=default\n"
     grub = str(tree["/boot/grub/grub.cfg"])
-    tree["/boot/grub/grub.cfg"] = grub.replace("root=LABEL=cloudimg-rootfs ro console=tty1",
-                                               f"root=LABEL=cloudimg-rootfs ro security=selinux {argument} console=tty1")
+    tree["/boot/grub/grub.cfg"] = grub.replace("ro console=tty1", f"ro security=selinux {argument} console=tty1")
     report = diskimg.validate(_disk(tmp_path, "rescue", [(tree, uuid, "cloudimg-rootfs", 0)]))
     found = _guest_findings(report)
     recovery = found["guest-boot-recovery-mode"][0]
     assert recovery.severity.value == "warning" and recovery.evidence["value"] == [argument]
     assert recovery.evidence["entry"] == "Ubuntu"
     assert found["guest-selinux-enforcing"][0].evidence["loaded_by"] == "security=selinux"
+
+
+@needs_image_tools
+def test_fstab_resolves_across_the_disks_of_the_machine(tmp_path: Path) -> None:
+    """Issue 13 #5: an fstab line naming a file system of the data disk (validate --system A --data B)
+    was an error "on no volume of this disk"; it resolves across every disk of the machine."""
+    uuid, data_uuid = new_uuid(), new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree["/etc/fstab"] = str(tree["/etc/fstab"]) + f"UUID={data_uuid} /srv ext4 defaults 0 2\n"
+    system = _disk(tmp_path, "system", [(tree, uuid, "cloudimg-rootfs", 0)])
+    data = _disk(tmp_path, "data", [({"/readme": "data\n"}, data_uuid, None, 0)], size=GiB)
+    alone = _guest_findings(diskimg.validate(system))["guest-fstab-unresolved"]
+    assert [f.evidence["spec"] for f in alone] == [f"UUID={data_uuid}"]
+    assert "guest-fstab-unresolved" not in _guest_findings(diskimg.validate(system=system, data=[data]))
+    other = _disk(tmp_path, "other", [({"/readme": "other\n"}, new_uuid(), None, 0)], size=GiB)
+    unresolved = _guest_findings(diskimg.validate(system=system, data=[other]))["guest-fstab-unresolved"]
+    assert "any disk of the machine" in unresolved[0].message

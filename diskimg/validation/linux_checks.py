@@ -113,9 +113,12 @@ def linux_fstab(ctx: DiskContext) -> None:
     for check in linux.fstab:
         entry = check.entry
         evidence = {"line": entry.line, "spec": entry.spec, "mountpoint": entry.mountpoint, "value": entry.spec}
+        if check.status == "unresolved" and spec_key(entry.spec)[0] != "DEVICE" and ctx.find_on_other_disk(entry.spec):
+            continue  # on a data disk of the machine
         if check.status == "unresolved" and not entry.nofail:
+            where = "any disk of the machine" if len(ctx.machine) > 1 else "this disk"
             ctx.emit("guest-fstab-unresolved", f"/etc/fstab line {entry.line} mounts {entry.mountpoint} from "
-                     f"{entry.spec}, which is on no volume of this disk", evidence,
+                     f"{entry.spec}, which is on no volume of {where}", evidence,
                      "fix the UUID/LABEL (blkid shows the right ones), add 'nofail' for a data disk imported "
                      "separately, or remove the line")
         elif check.status in ("device-name", "unresolved") and spec_key(entry.spec)[0] == "DEVICE":

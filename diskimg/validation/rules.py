@@ -250,7 +250,8 @@ RULES: tuple[Rule, ...] = (
     _r("fs-ext4-64bit", INFO, "filesystems", "ext4 '64bit' feature (a retired 2019-2020 rule)",
        "Alibaba's 2019-2020 image import instructions and compliance tool forbade the ext4 64bit feature; "
        "mke2fs sets it by default since e2fsprogs 1.43 (2016), ECS's own current images have it and the "
-       "current import pages no longer say so: a fact for the record, not a problem.", "§1.3 P4, §5 item 5 (A-INSTR, A-INSTR-CN, A-TOOL)"),
+       "current import pages no longer say so: a fact for the record, not a problem.",
+       "§1.3 P4, §5 item 5 (A-INSTR, A-INSTR-CN, A-TOOL)"),
     _r("fs-ext4-project-quota", WARNING, "filesystems", "ext4 'project' and 'quota' together (old rule)",
        "2019-2020 ECS docs forbid enabling the ext4 features project and quota together.",
        "§1.3 P4 (A-INSTR, A-INSTR-CN)"),
@@ -311,8 +312,9 @@ RULES: tuple[Rule, ...] = (
        "when the default kernel has it built in or in its initramfs.", "§1.2 Features.NvmeSupport, §1.4 L2 "
        "(A-NVME, A-CHECK GUESTOS.Nvme)", (SYSTEM,)),
     _r("guest-fstab-unresolved", ERROR, "guest", "/etc/fstab names a file system that is not there",
-       "A mount that is not 'nofail' and whose UUID, LABEL or device is on no volume of the disk stops the boot "
-       "in emergency mode.", "§1.4 L3 (A-CHECK GUESTOS.Fstab, A-SPEC)", (SYSTEM,)),
+       "A mount that is not 'nofail' and whose UUID, LABEL or device is on no volume of the disk (nor of a data "
+       "disk validated with it) stops the boot in emergency mode.",
+       "§1.4 L3 (A-CHECK GUESTOS.Fstab, A-SPEC)", (SYSTEM,)),
     _r("guest-device-name", WARNING, "guest", "Kernel device names in fstab or on the kernel command line",
        "/dev/sda1-style names change with the disk bus (virtio: /dev/vda, NVMe: /dev/nvme0n1); use UUID= or "
        "LABEL=.", "§1.4 L3/L4 (A-SPEC: 'use UUID in fstab and grub')", (SYSTEM,)),
@@ -348,7 +350,8 @@ RULES: tuple[Rule, ...] = (
     _r("guest-selinux-enforcing", WARNING, "guest", "SELinux enforcing",
        "An enforcing SELinux may stop the first boot (relabelling, ECS agents); the image check recommends it "
        "disabled. Reported when SELinux is loaded at all: a policy is installed or the kernel command line "
-       "enables it (on Debian, with AppArmor, the config file alone does nothing).", "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
+       "enables it (on Debian, with AppArmor, the config file alone does nothing).",
+       "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
     _r("guest-shadow-immutable", ERROR, "guest", "/etc/shadow is immutable",
        "ECS writes the root password into /etc/shadow; an immutable (chattr +i) or append-only file makes "
        "that fail.", "§1.4 L12 (A-INSTR, A-TOOL 'shadow file authority')", (SYSTEM,)),
