@@ -445,7 +445,7 @@ def test_cli_json_guest_object(good_disks, tmp_path: Path) -> None:
     assert details["boot"]["default"]["title"] == "Ubuntu"
     assert details["cloud_init"]["version"] == "23.3.3"
     assert details["network"] == [{"name": "eth0", "source": "/etc/netplan/50-cloud-init.yaml", "ipv4": "dhcp",
-                                   "ipv6": None, "mac": None, "enabled": True}]
+                                   "ipv6": None, "mac": None, "enabled": True, "generator": "cloud-init"}]
     assert result["import_image"]["Platform"] == "Ubuntu"
     text = diskimg_cli("validate", good_disks["ubuntu"], cwd=tmp_path).stdout.decode()
     assert "guest:" in text and "Platform=Ubuntu" in text and "OSType=linux" in text
@@ -719,3 +719,39 @@ def test_fstab_resolves_across_the_disks_of_the_machine(tmp_path: Path) -> None:
     other = _disk(tmp_path, "other", [({"/readme": "other\n"}, new_uuid(), None, 0)], size=GiB)
     unresolved = _guest_findings(diskimg.validate(system=system, data=[other]))["guest-fstab-unresolved"]
     assert "any disk of the machine" in unresolved[0].message
+
+
+_NETPLAN_STATIC = ("# This file is generated from information provided by the datasource.  Changes\n"
+                   "# to it will not persist across an instance reboot.\n"
+                   "network:\n    version: 2\n    ethernets:\n        eth0:\n"
+                   "            addresses: [192.168.1.10/24]\n            gateway4: 192.168.1.1\n")
+_ENI_STATIC = ("# This file is generated from information provided by the datasource.  Changes\n"
+               "# to it will not persist across an instance reboot.\n"
+               "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet static\n    address 10.0.0.5/24\n")
+
+
+@needs_image_tools
+@pytest.mark.parametrize("layout", ["netplan", "eni", "netplan-network-disabled"])
+def test_static_address_in_a_file_cloud_init_generates(tmp_path: Path, layout: str) -> None:
+    """Issue 13 #7: a static address in a file cloud-init renders (50-cloud-init.yaml, interfaces.d/
+    50-cloud-init, with cloud-init's own header) is replaced on the first boot while cloud-init's network
+    configuration is on: a warning; with network: {config: disabled} it is the error it was."""
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid, netplan=_NETPLAN_STATIC)
+    if layout == "eni":
+        del tree["/etc/netplan/50-cloud-init.yaml"]
+        tree["/etc/network/interfaces"] = "source /etc/network/interfaces.d/*\n"
+        tree["/etc/network/interfaces.d/50-cloud-init"] = _ENI_STATIC
+    disabled = "/etc/cloud/cloud.cfg.d/99-disable-network-config.cfg"
+    if layout == "netplan-network-disabled":
+        tree[disabled] = "network: {config: disabled}\n"
+    found = _guest_findings(diskimg.validate(_disk(tmp_path, layout, [(tree, uuid, "cloudimg-rootfs", 0)])))
+    source = "/etc/network/interfaces.d/50-cloud-init" if layout == "eni" else "/etc/netplan/50-cloud-init.yaml"
+    if layout == "netplan-network-disabled":
+        assert "guest-static-ip-cloud-init" not in found
+        error = found["guest-static-ip"][0]
+        assert error.severity.value == "error" and error.evidence["cloud_init_network_disabled"] == disabled
+    else:
+        assert "guest-static-ip" not in found
+        warning = found["guest-static-ip-cloud-init"][0]
+        assert warning.severity.value == "warning" and warning.evidence["file"] == source

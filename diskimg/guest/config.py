@@ -357,10 +357,25 @@ class Interface:
     ipv6: str | None = None
     mac: str | None = None
     enabled: bool = True
+    #: the program that wrote the file and rewrites it at boot ("cloud-init"), None for a hand-written one
+    generator: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "ipv4": self.ipv4, "ipv6": self.ipv6, "mac": self.mac,
-                "enabled": self.enabled}
+                "enabled": self.enabled, "generator": self.generator}
+
+
+#: what cloud-init writes at the top of the network files it renders (netplan, ENI, sysconfig)
+_CLOUD_INIT_HEADERS = ("generated from information provided by the datasource", "created by cloud-init")
+
+
+def network_file_generator(path: str, text: str) -> str | None:
+    """"cloud-init" for a network file cloud-init renders (50-cloud-init.yaml, interfaces.d/50-cloud-init,
+    cloud-init-eth0.nmconnection, 10-cloud-init-eth0.network, or an ifcfg-* with its header), else None."""
+    if "cloud-init" in path.rsplit("/", 1)[-1]:
+        return "cloud-init"
+    comments = " ".join(line.lstrip("#").strip() for line in config_lines(text)[:10] if line.startswith("#"))
+    return "cloud-init" if any(header in comments.lower() for header in _CLOUD_INIT_HEADERS) else None
 
 
 def parse_ifcfg(text: str, source: str) -> Interface | None:
@@ -664,6 +679,15 @@ def version_tuple(version: str) -> tuple[int, ...]:
         if match.end() != len(piece):
             break
     return tuple(parts)
+
+
+def cloud_init_network_config(text: str) -> str | None:
+    """``network: {config: ...}`` of a cloud.cfg file ("disabled" stops cloud-init writing the network
+    configuration), None when the file does not set it."""
+    document = parse_yaml(text)
+    network = document.get("network") if isinstance(document, dict) else None
+    value = network.get("config") if isinstance(network, dict) else None
+    return str(value) if value is not None else None
 
 
 def cloud_init_datasources(text: str) -> list[str] | None:

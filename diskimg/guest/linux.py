@@ -27,11 +27,13 @@ from .config import (
     Interface,
     choose_default,
     cloud_init_datasources,
+    cloud_init_network_config,
     cloud_init_version,
     config_lines,
     expand_grub_vars,
     grub_legacy_default,
     kernel_arg,
+    network_file_generator,
     parse_bls_entry,
     parse_fstab,
     parse_grub_cfg,
@@ -254,6 +256,9 @@ class LinuxInspection:
     boot_drivers: dict[str, str] = field(default_factory=dict)
     cloud_init: dict[str, Any] = field(default_factory=dict)
     interfaces: list[Interface] = field(default_factory=list)
+    #: where cloud-init's network configuration is turned off, None when cloud-init rewrites the files it
+    #: generates on a new instance's first boot
+    cloud_init_network_disabled: str | None = None
     persistent_net: tuple[str, list[str]] | None = None
     qemu_guest_agent: str | None = None
     selinux: str | None = None
@@ -770,6 +775,12 @@ def _python_dirs(read: _Reader) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _cloud_cfg_paths(read: _Reader) -> list[str]:
+    """cloud-init's configuration files in the order it merges them (a later one wins)."""
+    return ["/etc/cloud/cloud.cfg"] + [f"/etc/cloud/cloud.cfg.d/{name}" for name in
+                                       read.listdir("/etc/cloud/cloud.cfg.d")[:MAX_DIR_FILES] if name.endswith(".cfg")]
+
+
 def _cloud_init(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
     info: dict[str, Any] = {"installed": False, "version": None, "datasources": None, "enabled": None}
     program = read.first(("/usr/bin/cloud-init", "/usr/local/bin/cloud-init", "/bin/cloud-init"))
@@ -792,9 +803,7 @@ def _cloud_init(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None
         info["program"] = program
         info["version"] = version
         datasources = None
-        for path in ["/etc/cloud/cloud.cfg"] + [f"/etc/cloud/cloud.cfg.d/{n}" for n in
-                                                read.listdir("/etc/cloud/cloud.cfg.d")[:MAX_DIR_FILES]
-                                                if n.endswith(".cfg")]:
+        for path in _cloud_cfg_paths(read):
             text = read.text(path)
             if text is not None:
                 found = cloud_init_datasources(text)
@@ -816,6 +825,13 @@ _NETWORK_DIRS = (
 
 def _network(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
     interfaces: list[Interface] = []
+
+    def add(found: list[Interface], path: str, text: str) -> None:
+        generator = network_file_generator(path, text)
+        for interface in found:
+            interface.generator = generator
+        interfaces.extend(found)
+
     for directory, prefix, parse in _NETWORK_DIRS:
         for name in read.listdir(directory)[:MAX_DIR_FILES]:
             if not name.startswith(prefix) or name.endswith((".bak", ".orig", "~")):
@@ -825,13 +841,12 @@ def _network(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
             text = read.text(f"{directory}/{name}")
             if text is not None:
                 found = parse(text, f"{directory}/{name}")
-                if found is not None:
-                    interfaces.append(found)
+                add([found] if found is not None else [], f"{directory}/{name}", text)
     for name in read.listdir("/etc/netplan")[:MAX_DIR_FILES]:
         if name.endswith((".yaml", ".yml")):
             text = read.text(f"/etc/netplan/{name}")
             if text is not None:
-                interfaces += parse_netplan(text, f"/etc/netplan/{name}")
+                add(parse_netplan(text, f"/etc/netplan/{name}"), f"/etc/netplan/{name}", text)
     pending = ["/etc/network/interfaces"]
     seen: set[str] = set()
     while pending and len(seen) < MAX_DIR_FILES:
@@ -843,18 +858,33 @@ def _network(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
         if text is None:
             continue
         declared, includes = parse_interfaces(text, path)
-        interfaces += declared
+        add(declared, path, text)
         for pattern in includes:
             directory, _, glob = posixpath.join(posixpath.dirname(path), pattern).rpartition("/")
             # fnmatch's patterns cannot backtrack exponentially, whatever the number of '*'
             pending += [f"{directory}/{n}" for n in read.listdir(directory) if fnmatchcase(n, glob)]
     result.interfaces = interfaces
+    result.cloud_init_network_disabled = _cloud_init_network_disabled(read, result.boot.cmdline)
     rules = "/etc/udev/rules.d/70-persistent-net.rules"
     text = read.text(rules)
     if text:
         macs = parse_persistent_net_rules(text)
         if macs:
             result.persistent_net = (rules, macs)
+
+
+def _cloud_init_network_disabled(read: _Reader, cmdline: str) -> str | None:
+    """Where cloud-init's network configuration is turned off (``network-config=disabled`` on the kernel
+    command line, or the last cloud.cfg file to set ``network: {config: ...}`` says disabled), None when
+    cloud-init writes the network configuration at boot."""
+    if kernel_arg(cmdline, "network-config") == "disabled":
+        return "kernel command line network-config=disabled"
+    where = None
+    for path in _cloud_cfg_paths(read):
+        value = cloud_init_network_config(read.text(path) or "")
+        if value is not None:
+            where = path if value == "disabled" else None
+    return where
 
 
 def _accounts_and_security(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
@@ -928,6 +958,7 @@ def _details(result: LinuxInspection) -> dict[str, Any]:
         "nvme_support": result.nvme_support,
         "cloud_init": dict(result.cloud_init),
         "network": [interface.to_dict() for interface in result.interfaces],
+        "cloud_init_network_disabled": result.cloud_init_network_disabled,
         "persistent_net_rules": result.persistent_net[0] if result.persistent_net else None,
         "qemu_guest_agent": result.qemu_guest_agent,
         "selinux": result.selinux,

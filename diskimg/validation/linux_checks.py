@@ -189,9 +189,21 @@ def linux_network(ctx: DiskContext) -> None:
         return
     primary = linux.primary_interface
     if primary is not None and primary.ipv4 == "static":
-        ctx.emit("guest-static-ip", f"the primary interface {primary.name} has a static IPv4 address ({primary.source})",
-                 {"interface": primary.name, "file": primary.source, "value": "static"},
-                 "configure DHCP (BOOTPROTO=dhcp, method=auto, dhcp4: true, iface ... inet dhcp, DHCP=yes)")
+        evidence = {"interface": primary.name, "file": primary.source, "value": "static"}
+        if (primary.generator == "cloud-init" and linux.cloud_init.get("installed")
+                and not linux.cloud_init_network_disabled):
+            ctx.emit("guest-static-ip-cloud-init", f"the primary interface {primary.name} has a static IPv4 "
+                     f"address in {primary.source}, which cloud-init rewrites on the first boot",
+                     {**evidence, "generator": "cloud-init"},
+                     "nothing is needed; to be sure, remove the file (cloud-init writes it again from the "
+                     "instance's metadata)")
+        else:
+            disabled = linux.cloud_init_network_disabled
+            ctx.emit("guest-static-ip", f"the primary interface {primary.name} has a static IPv4 address "
+                     f"({primary.source}" + (f"; cloud-init's network configuration is disabled in {disabled})"
+                                             if disabled else ")"),
+                     {**evidence, "cloud_init_network_disabled": disabled},
+                     "configure DHCP (BOOTPROTO=dhcp, method=auto, dhcp4: true, iface ... inet dhcp, DHCP=yes)")
     for interface in linux.interfaces:
         if interface.mac:
             ctx.emit("guest-mac-address", f"{interface.source} binds {interface.name or 'an interface'} to the MAC "

@@ -332,6 +332,12 @@ RULES: tuple[Rule, ...] = (
     _r("guest-static-ip", ERROR, "guest", "Static IP address on the primary interface",
        "ECS gives addresses by DHCP; a static address leaves the instance unreachable.",
        "§1.4 L5 (A-CHECK GUESTOS.Dhcp, A-INSTR)", (SYSTEM,)),
+    _r("guest-static-ip-cloud-init", WARNING, "guest", "Static IP address in a file cloud-init generates",
+       "cloud-init renders the network configuration from the instance's metadata on the first boot, "
+       "replacing the file that holds the static address, unless its network configuration is disabled "
+       "(network: {config: disabled}, then it is guest-static-ip).",
+       "cloud-init docs, Network configuration, https://cloudinit.readthedocs.io/en/latest/reference/"
+       "network-config.html", (SYSTEM,)),
     _r("guest-mac-address", WARNING, "guest", "Network configuration pinned to a MAC address",
        "The instance's NIC has a new MAC address: a configuration bound to the old one is not applied.",
        "§1.4 L6 (Huawei IMS, Oracle G03)", (SYSTEM,)),
