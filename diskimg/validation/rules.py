@@ -324,8 +324,8 @@ RULES: tuple[Rule, ...] = (
     _r("guest-boot-recovery-mode", WARNING, "guest", "Default boot entry boots into rescue or emergency mode",
        "Kernel arguments such as single, emergency or systemd.unit=rescue.target stop the boot at a root "
        "console: no network, no SSH, no cloud-init, and a new instance has no password to enter there.",
-       "systemd kernel-command-line(7), https://www.freedesktop.org/software/systemd/man/latest/"
-       "kernel-command-line.html [inference: unreachable on a new instance]", (SYSTEM,)),
+       "§1.4 L4 (A-CHECK GUESTOS.Grub) [inference: the arguments from systemd's kernel-command-line(7), "
+       "https://www.freedesktop.org/software/systemd/man/latest/kernel-command-line.html]", (SYSTEM,)),
     _r("guest-boot-config-missing", WARNING, "guest", "No boot loader configuration found",
        "No grub.cfg, BLS entry or menu.lst was found: the default kernel (and so its drivers) is not known.",
        "§1.4 L4 (A-CHECK GUESTOS.Grub) [inference]", (SYSTEM,)),
@@ -336,8 +336,8 @@ RULES: tuple[Rule, ...] = (
        "cloud-init renders the network configuration from the instance's metadata on the first boot, "
        "replacing the file that holds the static address, unless its network configuration is disabled "
        "(network: {config: disabled}, then it is guest-static-ip).",
-       "cloud-init docs, Network configuration, https://cloudinit.readthedocs.io/en/latest/reference/"
-       "network-config.html", (SYSTEM,)),
+       "§1.4 L5, L7 (A-CHECK GUESTOS.Dhcp, A-CINIT) [inference: cloud-init's Network configuration, "
+       "https://cloudinit.readthedocs.io/en/latest/reference/network-config.html]", (SYSTEM,)),
     _r("guest-mac-address", WARNING, "guest", "Network configuration pinned to a MAC address",
        "The instance's NIC has a new MAC address: a configuration bound to the old one is not applied.",
        "§1.4 L6 (Huawei IMS, Oracle G03)", (SYSTEM,)),
