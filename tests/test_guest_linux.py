@@ -26,8 +26,11 @@ from diskimg.guest import GuestDisk, GuestVolume, inspect_guest
 from diskimg.guest.config import (
     choose_default,
     cloud_init_datasources,
+    cloud_init_network_config,
     expand_grub_vars,
+    grub_legacy_default,
     kernel_arg,
+    network_file_generator,
     parse_bls_entry,
     parse_fstab,
     parse_grub_cfg,
@@ -181,6 +184,9 @@ def test_config_parsers_take_any_text(text: str) -> None:
     parse_ifcfg(text, "ifcfg-eth0")
     parse_nm_keyfile(text, "k")
     parse_networkd(text, "n.network")
+    grub_legacy_default(text)
+    cloud_init_network_config(text)
+    network_file_generator("ifcfg-eth0", text)
 
 
 # =====================================================================================================
