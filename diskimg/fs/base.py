@@ -287,7 +287,7 @@ class GuestFile(io.RawIOBase):
     def tell(self) -> int:
         return self.position
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: bytearray | memoryview) -> int:
         length = min(len(buffer), self.size - self.position)
         if length <= 0:
             return 0
