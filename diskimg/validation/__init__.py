@@ -92,6 +92,8 @@ def validate(
             contexts.append(DiskContext(path, disk_role, device, chosen, boot_mode if disk_role == SYSTEM else None,
                                         allow_backing))
         for ctx in contexts:
+            ctx.machine = contexts
+        for ctx in contexts:
             _run_disk_checks(ctx)
         findings = [finding for ctx in contexts for finding in ctx.findings]
         not_checked = [item for ctx in contexts for item in ctx.not_checked]

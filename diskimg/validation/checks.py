@@ -418,10 +418,11 @@ def file_systems(ctx: DiskContext) -> None:
                      "grow the partition back to the file system's size (or shrink the file system first, e.g. "
                      "resize2fs, then the partition)")
         if fs.type == "ext4" and "64bit" in fs.features:
-            ctx.emit("fs-ext4-64bit", f"ext4 on {volume.name} has the '64bit' feature, which 2019-2020 ECS docs "
-                     "forbid (modern mke2fs sets it; the rule is likely outdated)",
+            ctx.emit("fs-ext4-64bit", f"ext4 on {volume.name} has the '64bit' feature (mke2fs's default), which "
+                     "only Alibaba's 2019-2020 import instructions forbade",
                      {**evidence, "value": "64bit"},
-                     "usually fine; to follow the old rule: resize2fs -s on the unmounted file system")
+                     "nothing to do; should an old image check still refuse it: resize2fs -s on the unmounted "
+                     "file system")
         if fs.type.startswith("ext") and "project" in fs.features and "quota" in fs.features:
             ctx.emit("fs-ext4-project-quota", f"{fs.type} on {volume.name} enables both 'project' and 'quota'",
                      {**evidence, "value": ["project", "quota"]},

@@ -98,6 +98,9 @@ class DiskContext:
         self.allow_backing = allow_backing
         self.findings: list[Finding] = []
         self.not_checked: list[dict[str, Any]] = []
+        #: every disk of the machine validated with this one, itself included (``validate`` sets it): the
+        #: guest's fstab may mount file systems of its data disks
+        self.machine: list[DiskContext] = [self]
         # ImageNotFound (missing, unreadable) escapes from here: the only error validate raises
         self.detect_error: DiskImageError | None = None
         try:
@@ -367,6 +370,20 @@ class DiskContext:
         if self.role != SYSTEM or self.guest is None or self.guest.os_type != os_type:
             return None
         return self.guest.inspection
+
+    def find_on_other_disk(self, spec: str) -> tuple[DiskContext, GuestVolume] | None:
+        """The other disk of the machine, and its volume, that a UUID=, LABEL=, PARTUUID= or PARTLABEL=
+        spec names (a disk whose volumes cannot be read names none)."""
+        for other in self.machine:
+            if other is self:
+                continue
+            try:
+                volume = other.guest_disk.find(spec)
+            except (NotAvailable, DiskImageError):
+                continue
+            if volume is not None:
+                return other, volume
+        return None
 
     def require_guest(self) -> GuestFacts:
         """The guest, or NotAvailable saying why none was found."""

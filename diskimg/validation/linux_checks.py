@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..guest import GuestFacts, device_partition, is_device_name, spec_key
-from ..guest.config import kernel_arg, version_tuple
+from ..guest.config import kernel_arg, recovery_arguments, version_tuple
 from ..guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
 from .checks import disk_check
 from .context import DiskContext, NotAvailable
@@ -113,9 +113,12 @@ def linux_fstab(ctx: DiskContext) -> None:
     for check in linux.fstab:
         entry = check.entry
         evidence = {"line": entry.line, "spec": entry.spec, "mountpoint": entry.mountpoint, "value": entry.spec}
+        if check.status == "unresolved" and spec_key(entry.spec)[0] != "DEVICE" and ctx.find_on_other_disk(entry.spec):
+            continue  # on a data disk of the machine
         if check.status == "unresolved" and not entry.nofail:
+            where = "any disk of the machine" if len(ctx.machine) > 1 else "this disk"
             ctx.emit("guest-fstab-unresolved", f"/etc/fstab line {entry.line} mounts {entry.mountpoint} from "
-                     f"{entry.spec}, which is on no volume of this disk", evidence,
+                     f"{entry.spec}, which is on no volume of {where}", evidence,
                      "fix the UUID/LABEL (blkid shows the right ones), add 'nofail' for a data disk imported "
                      "separately, or remove the line")
         elif check.status in ("device-name", "unresolved") and spec_key(entry.spec)[0] == "DEVICE":
@@ -165,15 +168,42 @@ def linux_boot_entry(ctx: DiskContext) -> None:
 
 
 @disk_check("guest")
+def linux_recovery_entry(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None or linux.boot.default is None:
+        return
+    found = recovery_arguments(linux.boot.cmdline)
+    if found:
+        entry = linux.boot.default
+        ctx.emit("guest-boot-recovery-mode", f"the default boot entry '{entry.title}' boots into rescue or "
+                 f"emergency mode ({' '.join(found)}): a console waiting for the root password",
+                 {"config": linux.boot.config, "entry": entry.title, "value": found},
+                 "make a normal entry the default (GRUB_DEFAULT / grub-set-default / grubby --set-default) or "
+                 "remove the argument, then regenerate the boot configuration")
+
+
+@disk_check("guest")
 def linux_network(ctx: DiskContext) -> None:
     linux = _linux(ctx)
     if linux is None:
         return
     primary = linux.primary_interface
     if primary is not None and primary.ipv4 == "static":
-        ctx.emit("guest-static-ip", f"the primary interface {primary.name} has a static IPv4 address ({primary.source})",
-                 {"interface": primary.name, "file": primary.source, "value": "static"},
-                 "configure DHCP (BOOTPROTO=dhcp, method=auto, dhcp4: true, iface ... inet dhcp, DHCP=yes)")
+        evidence = {"interface": primary.name, "file": primary.source, "value": "static"}
+        if (primary.generator == "cloud-init" and linux.cloud_init.get("installed")
+                and not linux.cloud_init_network_disabled):
+            ctx.emit("guest-static-ip-cloud-init", f"the primary interface {primary.name} has a static IPv4 "
+                     f"address in {primary.source}, which cloud-init rewrites on the first boot",
+                     {**evidence, "generator": "cloud-init"},
+                     "nothing is needed; to be sure, remove the file (cloud-init writes it again from the "
+                     "instance's metadata)")
+        else:
+            disabled = linux.cloud_init_network_disabled
+            ctx.emit("guest-static-ip", f"the primary interface {primary.name} has a static IPv4 address "
+                     f"({primary.source}" + (f"; cloud-init's network configuration is disabled in {disabled})"
+                                             if disabled else ")"),
+                     {**evidence, "cloud_init_network_disabled": disabled},
+                     "configure DHCP (BOOTPROTO=dhcp, method=auto, dhcp4: true, iface ... inet dhcp, DHCP=yes)")
     for interface in linux.interfaces:
         if interface.mac:
             ctx.emit("guest-mac-address", f"{interface.source} binds {interface.name or 'an interface'} to the MAC "
@@ -211,9 +241,10 @@ def linux_security(ctx: DiskContext) -> None:
     linux = _linux(ctx)
     if linux is None:
         return
-    if linux.selinux == "enforcing":
-        ctx.emit("guest-selinux-enforcing", f"SELinux is enforcing ({linux.selinux_source})",
-                 {"file": linux.selinux_source, "value": "enforcing"},
+    if linux.selinux == "enforcing" and linux.selinux_loaded_by:
+        ctx.emit("guest-selinux-enforcing", f"SELinux is enforcing ({linux.selinux_source}; loaded by "
+                 f"{linux.selinux_loaded_by})",
+                 {"file": linux.selinux_source, "loaded_by": linux.selinux_loaded_by, "value": "enforcing"},
                  "set SELINUX=disabled (or permissive) in /etc/selinux/config")
     flags = linux.shadow_flags
     if flags is not None and flags & {"immutable", "append"}:

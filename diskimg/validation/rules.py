@@ -247,9 +247,11 @@ RULES: tuple[Rule, ...] = (
     _r("fs-encrypted", ERROR, "filesystems", "Encrypted volume on the system disk",
        "An instance cannot unlock a LUKS or BitLocker volume unattended at first boot, and ECS cannot inspect "
        "or repair it.", "§1.3 P4 [inference], §3.3 (GCE: no software-encrypted disks)", (SYSTEM,)),
-    _r("fs-ext4-64bit", WARNING, "filesystems", "ext4 '64bit' feature (old rule)",
-       "2019-2020 ECS docs forbid the ext4 64bit feature; modern mke2fs enables it by default and newer pages "
-       "no longer say so: likely outdated.", "§1.3 P4, §5 item 5 (A-INSTR, A-INSTR-CN, A-TOOL)"),
+    _r("fs-ext4-64bit", INFO, "filesystems", "ext4 '64bit' feature (a retired 2019-2020 rule)",
+       "Alibaba's 2019-2020 image import instructions and compliance tool forbade the ext4 64bit feature; "
+       "mke2fs sets it by default since e2fsprogs 1.43 (2016), ECS's own current images have it and the "
+       "current import pages no longer say so: a fact for the record, not a problem.",
+       "§1.3 P4, §5 item 5 (A-INSTR, A-INSTR-CN, A-TOOL)"),
     _r("fs-ext4-project-quota", WARNING, "filesystems", "ext4 'project' and 'quota' together (old rule)",
        "2019-2020 ECS docs forbid enabling the ext4 features project and quota together.",
        "§1.3 P4 (A-INSTR, A-INSTR-CN)"),
@@ -310,20 +312,32 @@ RULES: tuple[Rule, ...] = (
        "when the default kernel has it built in or in its initramfs.", "§1.2 Features.NvmeSupport, §1.4 L2 "
        "(A-NVME, A-CHECK GUESTOS.Nvme)", (SYSTEM,)),
     _r("guest-fstab-unresolved", ERROR, "guest", "/etc/fstab names a file system that is not there",
-       "A mount that is not 'nofail' and whose UUID, LABEL or device is on no volume of the disk stops the boot "
-       "in emergency mode.", "§1.4 L3 (A-CHECK GUESTOS.Fstab, A-SPEC)", (SYSTEM,)),
+       "A mount that is not 'nofail' and whose UUID, LABEL or device is on no volume of the disk (nor of a data "
+       "disk validated with it) stops the boot in emergency mode.",
+       "§1.4 L3 (A-CHECK GUESTOS.Fstab, A-SPEC)", (SYSTEM,)),
     _r("guest-device-name", WARNING, "guest", "Kernel device names in fstab or on the kernel command line",
        "/dev/sda1-style names change with the disk bus (virtio: /dev/vda, NVMe: /dev/nvme0n1); use UUID= or "
        "LABEL=.", "§1.4 L3/L4 (A-SPEC: 'use UUID in fstab and grub')", (SYSTEM,)),
     _r("guest-boot-entry-broken", ERROR, "guest", "Default boot entry cannot boot",
        "The boot loader's default entry names a kernel or initrd that is not in the image, or a root= that "
        "resolves to no file system.", "§1.4 L4 (A-CHECK GUESTOS.Grub)", (SYSTEM,)),
+    _r("guest-boot-recovery-mode", WARNING, "guest", "Default boot entry boots into rescue or emergency mode",
+       "Kernel arguments such as single, emergency or systemd.unit=rescue.target stop the boot at a root "
+       "console: no network, no SSH, no cloud-init, and a new instance has no password to enter there.",
+       "§1.4 L4 (A-CHECK GUESTOS.Grub) [inference: the arguments from systemd's kernel-command-line(7), "
+       "https://www.freedesktop.org/software/systemd/man/latest/kernel-command-line.html]", (SYSTEM,)),
     _r("guest-boot-config-missing", WARNING, "guest", "No boot loader configuration found",
        "No grub.cfg, BLS entry or menu.lst was found: the default kernel (and so its drivers) is not known.",
        "§1.4 L4 (A-CHECK GUESTOS.Grub) [inference]", (SYSTEM,)),
     _r("guest-static-ip", ERROR, "guest", "Static IP address on the primary interface",
        "ECS gives addresses by DHCP; a static address leaves the instance unreachable.",
        "§1.4 L5 (A-CHECK GUESTOS.Dhcp, A-INSTR)", (SYSTEM,)),
+    _r("guest-static-ip-cloud-init", WARNING, "guest", "Static IP address in a file cloud-init generates",
+       "cloud-init renders the network configuration from the instance's metadata on the first boot, "
+       "replacing the file that holds the static address, unless its network configuration is disabled "
+       "(network: {config: disabled}, then it is guest-static-ip).",
+       "§1.4 L5, L7 (A-CHECK GUESTOS.Dhcp, A-CINIT) [inference: cloud-init's Network configuration, "
+       "https://cloudinit.readthedocs.io/en/latest/reference/network-config.html]", (SYSTEM,)),
     _r("guest-mac-address", WARNING, "guest", "Network configuration pinned to a MAC address",
        "The instance's NIC has a new MAC address: a configuration bound to the old one is not applied.",
        "§1.4 L6 (Huawei IMS, Oracle G03)", (SYSTEM,)),
@@ -341,7 +355,9 @@ RULES: tuple[Rule, ...] = (
        "§1.4 L8 (A-INSTR, A-INSTR-CN, A-TOOL)", (SYSTEM,)),
     _r("guest-selinux-enforcing", WARNING, "guest", "SELinux enforcing",
        "An enforcing SELinux may stop the first boot (relabelling, ECS agents); the image check recommends it "
-       "disabled.", "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
+       "disabled. Reported when SELinux is loaded at all: a policy is installed or the kernel command line "
+       "enables it (on Debian, with AppArmor, the config file alone does nothing).",
+       "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
     _r("guest-shadow-immutable", ERROR, "guest", "/etc/shadow is immutable",
        "ECS writes the root password into /etc/shadow; an immutable (chattr +i) or append-only file makes "
        "that fail.", "§1.4 L12 (A-INSTR, A-TOOL 'shadow file authority')", (SYSTEM,)),
