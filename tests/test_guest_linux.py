@@ -591,3 +591,69 @@ def test_suse_on_xfs(tmp_path: Path) -> None:
     assert [p["compression"] for p in linux_parts] == ["lz4"]
     assert guest["details"]["boot_drivers"]["virtio_blk"] == "initramfs"
     assert set(_guest_findings(report)) <= {"guest-os", "guest-nvme"}
+
+
+# -- root= and fstab resolved as the instance's initramfs and udev will ---------------------------------
+
+#: fixed-size holes in grub.cfg and /etc/fstab, overwritten in the disk for each case (whitespace ends a word)
+ROOT_SLOT, FSTAB_SLOT = "root=" + "#" * 90, "@" * 90
+
+
+@pytest.fixture(scope="module")
+def slot_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A GPT Ubuntu disk whose default entry's root= and one fstab line can be rewritten in place:
+    (disk, the root file system's UUID given to mkfs, partition 1's GUID as sgdisk reports it)."""
+    if any(shutil.which(t) is None for t in IMAGE_TOOLS):
+        pytest.skip("needs " + ", ".join(IMAGE_TOOLS))
+    tmp = tmp_path_factory.mktemp("slots")
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp, uuid)
+    tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace("root=LABEL=cloudimg-rootfs ro console",
+                                                                           f"{ROOT_SLOT} ro console")
+    tree["/etc/fstab"] = str(tree["/etc/fstab"]) + f"{FSTAB_SLOT} /data ext4 defaults 0 2\n"
+    disk = _disk(tmp, "d", [(tree, uuid, "cloudimg-rootfs", 0)], scheme="gpt")
+    subprocess.run(["sgdisk", "-c", "1:rootpart", str(disk)], check=True, capture_output=True)
+    info = subprocess.run(["sgdisk", "-i", "1", str(disk)], check=True, capture_output=True, text=True).stdout
+    guid = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Partition unique GUID"))
+    return disk, uuid, guid
+
+
+def fill_slot(disk: Path, slot: str, value: str) -> None:
+    """Overwrite the slot (in the root file system's data, within the first 128 MiB) with ``value``."""
+    with open(disk, "r+b") as image:
+        data = image.read(128 * MiB)
+        at = data.find(slot.encode())
+        assert at > 0 and data.find(slot.encode(), at + 1) < 0
+        image.seek(at)
+        image.write(value.ljust(len(slot)).encode())
+
+
+@pytest.mark.parametrize("root, names_nothing", [
+    ("LABEL=cloudimg-rootfs", False), ("UUID={uuid}", False), ("UUID=0b7d1c7e-2d4c-4c2e-9a55-000000000000", True),
+    ("PARTUUID={guid}", False), ("PARTUUID=0b7d1c7e-2d4c-4c2e-9a55-000000000000", True),
+    ("PARTLABEL=rootpart", False), ("PARTLABEL=otherpart", True),
+    ("/dev/disk/by-uuid/{uuid}", False), ("/dev/disk/by-partuuid/{guid}", False), ("/dev/disk/by-label/other", True),
+    ("/dev/vda1", False), ("/dev/nvme0n1p1", False), ("/dev/xvda1", False), ("/dev/vda7", True),
+    ("/dev/loop0p1", True), ("/dev/nbd0p1", True), ("/dev/mapper/vg0-root", True), ("/dev/vg0/root", True),
+    ("/dev/md0", True), ("/dev/sda1", True), ("/dev/vdb1", True), ("/dev/rootfs-garbage", True),
+])
+def test_root_resolved_as_the_initramfs_will(slot_disk: tuple[Path, str, str], tmp_path: Path, root: str,
+                                             names_nothing: bool) -> None:
+    """Issue 13: update-grub in a chroot wrote root=/dev/loop0p1 and the boot stopped at 'ALERT! /dev/loop0p1
+    does not exist'. The oracle: the UUID given to mkfs, the GUID and name sgdisk set, the instance's
+    virtio/NVMe/Xen names of partition 1."""
+    source, uuid, guid = slot_disk
+    disk = tmp_path / "d.raw"
+    subprocess.run(["cp", "--sparse=always", str(source), str(disk)], check=True)
+    root = root.format(uuid=uuid, guid=guid.lower())
+    fill_slot(disk, ROOT_SLOT, f"root={root}")
+    fill_slot(disk, FSTAB_SLOT, root.replace("root", "data") if root.startswith("/dev/") else "tmpfs")
+    report = diskimg.validate(disk)
+    broken = [f for f in report.findings if f.code == "guest-boot-entry-broken"]
+    assert [f.evidence["value"] for f in broken] == ([root] if names_nothing else [])
+    if names_nothing:
+        assert not report.importable and broken[0].severity.value == "error"
+    if root.startswith("/dev/") and not root.startswith("/dev/disk/"):
+        # the same name (another volume) in fstab, through the same resolver
+        fstab = [f for f in report.findings if f.code == "guest-fstab-unresolved"]
+        assert bool(fstab) == names_nothing, [f.message for f in report.findings]

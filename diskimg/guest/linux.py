@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import DiskImageError
 from ..fs import GuestFileSystem, GuestPathError, Stat
-from . import GuestDisk, GuestFacts, GuestVolume, device_partition, is_device_name, spec_key
+from . import GuestDisk, GuestFacts, GuestVolume, spec_key
 from .config import (
     BootEntry,
     FstabEntry,
@@ -219,7 +219,8 @@ class MountCheck:
     """One fstab line and what it resolves to on this disk."""
 
     entry: FstabEntry
-    #: "ok", "unresolved", "device-name", "lvm" (not resolvable offline), "skipped" (pseudo/network fs)
+    #: "ok", "unresolved", "device-name", "lvm" (inside LVM, LUKS or md: not resolvable offline), "skipped"
+    #: (pseudo/network fs)
     status: str
     volume: GuestVolume | None = None
 
@@ -400,20 +401,17 @@ def _check_fstab(entries: list[FstabEntry], disk: GuestDisk, tree: GuestTree,
                  result: LinuxInspection) -> list[MountCheck]:
     checks = []
     for entry in entries:
-        key, value = spec_key(entry.spec)
         not_a_disk = entry.fstype in _PSEUDO - {"swap"} or "bind" in entry.options or "_netdev" in entry.options
-        if not_a_disk or key == "OTHER":
+        resolved = disk.resolve(entry.spec)
+        if not_a_disk or resolved.status == "unknown":
             checks.append(MountCheck(entry, "skipped"))
-            continue
-        if key == "DEVICE" and not is_device_name(value):
-            # /dev/mapper/..., /dev/VG/LV, /dev/md0: volumes diskimg does not assemble
-            checks.append(MountCheck(entry, "lvm" if "/mapper/" in value or value.count("/") == 3 else "skipped"))
-            continue
-        volume = disk.find(entry.spec)
-        if key == "DEVICE" and device_partition(value) is None:
-            volume = None  # a whole-disk name (/dev/vdb): another disk
-        status = "unresolved" if volume is None else ("device-name" if key == "DEVICE" else "ok")
-        checks.append(MountCheck(entry, status, volume))
+        elif resolved.status == "unassembled":
+            checks.append(MountCheck(entry, "lvm"))
+        elif resolved.volume is None:
+            checks.append(MountCheck(entry, "unresolved"))
+        else:
+            key = spec_key(entry.spec)[0]
+            checks.append(MountCheck(entry, "device-name" if key == "DEVICE" else "ok", resolved.volume))
     # mount what the checks read beyond the root
     for point in _MOUNTED:
         for check in checks:

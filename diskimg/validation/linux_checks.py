@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..guest import GuestFacts, device_partition, is_device_name, spec_key
+from ..guest import GuestFacts, is_device_name, spec_key
 from ..guest.config import kernel_arg, version_tuple
 from ..guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
 from .checks import disk_check
@@ -150,16 +150,15 @@ def linux_boot_entry(ctx: DiskContext) -> None:
     root = kernel_arg(boot.cmdline, "root")
     if root is None:
         return
+    resolved = ctx.guest_disk.resolve(root)
+    if resolved.status == "missing":
+        ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} {resolved.reason}: the initramfs "
+                 "will not find the root file system", {**evidence, "value": root},
+                 "set root=UUID=<the root file system's UUID> (blkid) in the boot configuration and regenerate it "
+                 "(GRUB_DISABLE_LINUX_UUID must not be true; in a chroot, /dev and /sys must be mounted for "
+                 "update-grub / grub2-mkconfig)")
     key, value = spec_key(root)
-    if key in ("UUID", "LABEL", "PARTUUID", "PARTLABEL") and ctx.guest_disk.find(root) is None:
-        ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} is on no volume of this disk",
-                 {**evidence, "value": root}, "set root=UUID=<the root file system's UUID> (blkid) in the boot "
-                 "configuration and regenerate it")
-    elif key == "DEVICE" and is_device_name(value):
-        number = device_partition(value)
-        if number is None or all(v.number != number for v in ctx.guest_disk.volumes):
-            ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} names no partition of this "
-                     "disk", {**evidence, "value": root}, "set root=UUID=<the root file system's UUID>")
+    if key == "DEVICE" and is_device_name(value):
         ctx.emit("guest-device-name", f"the default boot entry boots root={root}, a kernel device name",
                  {**evidence, "value": root}, "use root=UUID=... (GRUB_DISABLE_LINUX_UUID must not be true)")
 
