@@ -55,10 +55,12 @@ from .conftest import (
 from .guest_builders import (
     ELF_AARCH64,
     ELF_I386,
+    ELF_X86_64,
     RHEL_KERNEL,
     SUSE_KERNEL,
     UBUNTU_KERNEL,
     Link,
+    cloud_init,
     cpio_newc,
     elf_header,
     ext4_image,
@@ -657,3 +659,78 @@ def test_root_resolved_as_the_initramfs_will(slot_disk: tuple[Path, str, str], t
         # the same name (another volume) in fstab, through the same resolver
         fstab = [f for f in report.findings if f.code == "guest-fstab-unresolved"]
         assert bool(fstab) == names_nothing, [f.message for f in report.findings]
+
+
+# -- cloud-init installed but not running; sshd without host keys ------------------------------------------
+
+CLOUD_INIT_WANTS = "/etc/systemd/system/multi-user.target.wants/cloud-init.service"
+
+
+def _no_cloud_init(tree: dict) -> None:
+    for path in cloud_init("/usr/lib/python3/dist-packages", "23.3.3", None):
+        tree.pop(path, None)
+
+
+def _kernel_args(tree: dict, args: str) -> None:
+    tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace("root=LABEL=cloudimg-rootfs ro console",
+                                                                           f"root=LABEL=cloudimg-rootfs ro {args} console")
+
+
+CLOUD_INIT_CASES = {
+    "enabled": (lambda tree: None, None),
+    "disabled-file": (lambda tree: tree.update({"/etc/cloud/cloud-init.disabled": ""}), "cloud-init.disabled"),
+    "masked": (lambda tree: tree.update({"/etc/systemd/system/cloud-init.service": Link("/dev/null")}), "masked"),
+    "not-enabled": (lambda tree: tree.pop(CLOUD_INIT_WANTS), "not enabled"),
+    "enabled-by-preset": (lambda tree: (tree.pop(CLOUD_INIT_WANTS), tree.update(
+        {"/usr/lib/systemd/system-preset/90-default.preset": "enable cloud-init*.service\ndisable *\n"})), None),
+    "disabled-by-preset": (lambda tree: (tree.pop(CLOUD_INIT_WANTS), tree.update(
+        {"/usr/lib/systemd/system-preset/99-default.preset": "disable *\n"})), "not enabled"),
+    "kernel-command-line": (lambda tree: _kernel_args(tree, "cloud-init=disabled"), "cloud-init=disabled"),
+    "nocloud-only": (lambda tree: tree.update({"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ NoCloud, None ]\n"}),
+                     "AliYun"),
+    "aliyun-listed": (lambda tree: tree.update({"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ AliYun, None ]\n"}),
+                      None),
+}
+
+
+@needs_image_tools
+@pytest.mark.parametrize("case", list(CLOUD_INIT_CASES))
+def test_cloud_init_installed_but_not_running(tmp_path: Path, case: str) -> None:
+    change, reason = CLOUD_INIT_CASES[case]
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    change(tree)
+    report = diskimg.validate(_disk(tmp_path, "ci", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    found = _guest_findings(report).get("guest-cloud-init-disabled", [])
+    assert not report.find("guest-cloud-init-missing")
+    if reason is None:
+        assert not found
+    else:
+        assert len(found) == 1 and found[0].severity.value == "warning" and reason in found[0].message
+
+
+SSH_CASES = {  # tree change, whether sshd will lack host keys at boot
+    "no-cloud-init-no-keys": (_no_cloud_init, True),
+    "no-cloud-init-keys": (lambda tree: (_no_cloud_init(tree), tree.update(
+        {"/etc/ssh/ssh_host_ed25519_key": "-----BEGIN OPENSSH PRIVATE KEY-----\n"})), False),
+    "no-cloud-init-rhel-keygen": (lambda tree: (_no_cloud_init(tree), tree.update(
+        {"/usr/lib/systemd/system/sshd-keygen@.service": "[Unit]\n"})), False),
+    "cloud-init-makes-keys": (lambda tree: None, False),
+    "cloud-init-disabled-no-keys": (lambda tree: tree.update({"/etc/cloud/cloud-init.disabled": ""}), True),
+}
+
+
+@needs_image_tools
+@pytest.mark.parametrize("case", list(SSH_CASES))
+def test_sshd_without_host_keys(tmp_path: Path, case: str) -> None:
+    """Debian's ssh.service generates no host keys: without them (and without cloud-init) sshd fails."""
+    change, fails = SSH_CASES[case]
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree.update({"/usr/sbin/sshd": elf_header(ELF_X86_64), "/etc/ssh/sshd_config": "PermitRootLogin yes\n"})
+    change(tree)
+    report = diskimg.validate(_disk(tmp_path, "ssh", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    found = report.find("guest-ssh-host-keys-missing")
+    assert bool(found) == fails
+    if fails:
+        assert found[0].severity.value == "warning" and found[0].evidence["file"] == "/usr/sbin/sshd"

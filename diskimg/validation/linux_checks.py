@@ -199,6 +199,19 @@ def linux_agents(ctx: DiskContext) -> None:
             ctx.emit("guest-cloud-init-old", f"cloud-init {version} is older than 0.7.9",
                      {"value": version, "datasources": cloud_init.get("datasources")},
                      "upgrade cloud-init (Alibaba Cloud publishes 19.1.x builds with the AliYun datasource)")
+        disabled_by = cloud_init.get("disabled_by")
+        if disabled_by:
+            ctx.emit("guest-cloud-init-disabled", "cloud-init is installed but will not configure the instance: "
+                     + "; ".join(disabled_by), {"value": disabled_by, "datasources": cloud_init.get("datasources")},
+                     "inside the guest: rm /etc/cloud/cloud-init.disabled, systemctl unmask and enable cloud-init-local "
+                     "cloud-init cloud-config cloud-final, drop cloud-init=disabled from the kernel command line, and "
+                     "let datasource_list name AliYun (or remove it)")
+    running = cloud_init.get("installed") and not cloud_init.get("disabled_by")
+    if linux.sshd and not linux.ssh_host_keys and not linux.ssh_keygen and not running:
+        ctx.emit("guest-ssh-host-keys-missing", f"{linux.sshd} is installed but /etc/ssh has no host keys "
+                 "(ssh_host_*_key), nothing generates them at boot and cloud-init will not: sshd fails to start",
+                 {"file": linux.sshd, "value": None},
+                 "generate them inside the guest before imaging (ssh-keygen -A), or let cloud-init run")
     if linux.qemu_guest_agent:
         ctx.emit("guest-qemu-guest-agent", f"qemu-guest-agent is installed ({linux.qemu_guest_agent})",
                  {"file": linux.qemu_guest_agent}, "remove it (yum remove qemu-guest-agent / apt purge "

@@ -340,6 +340,16 @@ RULES: tuple[Rule, ...] = (
     _r("guest-cloud-init-missing", WARNING, "guest", "cloud-init not installed",
        "cloud-init sets the hostname, password, keys and grows the root partition on first boot.",
        "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit)", (SYSTEM,)),
+    _r("guest-cloud-init-disabled", WARNING, "guest", "cloud-init installed but not running",
+       "cloud-init that is disabled (/etc/cloud/cloud-init.disabled, cloud-init=disabled on the kernel command "
+       "line), masked or not enabled in systemd, or limited to a datasource_list without AliYun does not set the "
+       "hostname, password, keys or network on first boot: as if it were missing.",
+       "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit); cloud-init docs (boot stages, datasource_list); "
+       "issue 13", (SYSTEM,)),
+    _r("guest-ssh-host-keys-missing", WARNING, "guest", "SSH host keys missing",
+       "Without host keys sshd does not start (Debian's ssh.service generates none; RHEL's sshd-keygen and "
+       "SUSE's sshd-gen-keys-start do); cloud-init would create them, but it is not running: no SSH login.",
+       "§1.4 L7 (A-CINIT) [inference]; issue 13 (a real Debian 12 booted without cloud-init)", (SYSTEM,)),
     _r("guest-cloud-init-old", WARNING, "guest", "cloud-init older than 0.7.9",
        "cloud-init versions before 0.7.9 are unsuitable and must be upgraded.", "§1.4 L7 (A-INSTR, A-CINIT)",
        (SYSTEM,)),
