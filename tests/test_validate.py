@@ -339,6 +339,36 @@ def test_grub_core_image_zeroed(grub_bios_disk, tmp_path):
         assert_finding(validate(disk, boot_mode="BIOS"), "bios-boot-chain-broken", "error")
 
 
+def test_grub_core_image_zeroed_in_the_bios_boot_partition(hybrid_gpt, tmp_path):
+    """On GPT the core image lies in the BIOS boot partition; zeroed, only UEFI is left."""
+    disk = sparse_copy(hybrid_gpt, tmp_path / "d.raw")
+    write_at(disk, MiB, bytes(MiB))
+    report = validate(disk)
+    assert report.importable and report.facts.boot_modes == ["UEFI"]
+    assert "BIOS would not" in assert_finding(report, "boot-mode", value="UEFI").message
+    finding = assert_finding(validate(disk, boot_mode="BIOS"), "bios-boot-chain-broken", "error", offset=MiB)
+    assert "LBA 2048" in finding.message
+
+
+def test_boot_mode_asked_for_that_the_disk_lacks(bios_mbr):
+    finding = assert_finding(validate(bios_mbr, boot_mode="UEFI"), "boot-mode-unsupported", "error", value="UEFI")
+    assert "the disk has no EFI system partition" in finding.message  # issue 12: was "has no an EFI ..."
+
+
+def test_windows_mbr_with_an_ntfs_partition_from_mkntfs(tmp_path):
+    """mkntfs, like mkfs.fat, writes boot code that prints 'This is not a bootable disk'."""
+    if shutil.which("mkntfs") is None:
+        pytest.skip("mkntfs (package ntfs-3g) is not installed")
+    disk = blank(tmp_path / "w.raw", 40 * MiB)
+    sfdisk(disk, "label: dos\n2048,,7,*\n")
+    mkfs_into(disk, MiB, 39 * MiB, "mkntfs", "-q", "-F", "-s", "512", "-p", "2048", "-H", "255", "-S", "63")
+    write_boot_code(disk, WINDOWS_BOOT_CODE)
+    assert b"This is not a bootable disk" in read_at(disk, MiB, 512)
+    report = validate(disk)
+    assert report.disks[0].partition_table["mbr_boot_loader"] == "windows"
+    assert_finding(report, "bios-boot-chain-broken", "error", value="windows", partition=1)
+
+
 def syslinux_mbr_disk(tmp_path: Path, name: str, partition: Path | None, mkfs: tuple[str, ...] = ()) -> Path:
     """syslinux's mbr.bin in sector 0 (as its documentation says: dd bs=440 count=1) and one active partition."""
     if not SYSLINUX_MBR.exists():

@@ -262,7 +262,7 @@ def linux_layout(ctx: DiskContext) -> None:
             uefi = False
         if not uefi or ctx.boot_mode == "BIOS":
             ctx.emit("guest-arm64-not-uefi", "the guest is arm64 but the disk "
-                     + ("is declared BootMode=BIOS" if uefi else "has no EFI system partition"),
+                     + ("is declared BootMode=BIOS" if uefi else "does not boot with UEFI"),
                      {"architecture": "arm64", "value": ctx.boot_mode or ("UEFI" if uefi else None)},
                      "arm64 images boot with UEFI only: add an ESP with EFI/BOOT/BOOTAA64.EFI "
                      "(grub-install --target=arm64-efi --removable) and import with BootMode=UEFI")
