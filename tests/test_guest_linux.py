@@ -734,3 +734,19 @@ def test_sshd_without_host_keys(tmp_path: Path, case: str) -> None:
     assert bool(found) == fails
     if fails:
         assert found[0].severity.value == "warning" and found[0].evidence["file"] == "/usr/sbin/sshd"
+
+
+def test_containers_and_media_in_device_specs() -> None:
+    """LVM, LUKS and md volumes are judged only when the disk holds no such container; optical and floppy
+    drives and the kernel's /dev/root alias are not judged (fstab's noauto media lines)."""
+    plain = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("ext4"))])  # type: ignore[arg-type]
+    lvm = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("lvm2"))])  # type: ignore[arg-type]
+    md = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("md"))])  # type: ignore[arg-type]
+    for spec in ("/dev/mapper/vg0-root", "/dev/vg0/root", "/dev/dm-0"):
+        assert (plain.resolve(spec).status, lvm.resolve(spec).status) == ("missing", "unassembled")
+    for spec in ("/dev/md0", "/dev/md/root", "/dev/md126p1"):
+        assert (plain.resolve(spec).status, md.resolve(spec).status) == ("missing", "unassembled")
+    for spec in ("/dev/sr0", "/dev/cdrom", "/dev/fd0", "/dev/root", "tmpfs", "/dev/disk/by-id/virtio-abc"):
+        assert plain.resolve(spec).status == "unknown"
+    assert plain.resolve("/dev/vda1").volume is plain.volumes[0]
+    assert "data disk" in plain.resolve("/dev/vdb1").reason

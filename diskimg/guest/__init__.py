@@ -85,6 +85,10 @@ def spec_key(spec: str) -> tuple[str, str]:
 _INSTANCE_DISKS = {"/dev/vda": "/dev/vda", "/dev/nvme0n1": "/dev/nvme0n1p", "/dev/xvda": "/dev/xvda"}
 
 
+#: device names not judged: the kernel's alias of the root device, optical and floppy drives (fstab's noauto media)
+_NOT_JUDGED = r"/dev/root|/dev/(sr|scd|fd)\d+|/dev/(cdrom|cdrw|dvd|dvdrw|floppy)\d*"
+
+
 def device_partition(device: str) -> int | None:
     """The partition number an instance's system disk device name refers to (``/dev/vda2``,
     ``/dev/nvme0n1p2``, ``/dev/xvda2``), 0 for the whole disk, None for names the instance will not
@@ -141,23 +145,24 @@ class GuestDisk:
         the instance, resolved the way its initramfs and udev will: by UUID, LABEL, PARTUUID,
         PARTLABEL, their /dev/disk/by-* links, or the device name the cloud gives the system disk."""
         key, value = spec_key(spec)
-        if key == "OTHER" or value.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/")):
-            return Resolution(None, "unknown")  # a network or pseudo file system, or a name made from the hardware
+        if key == "OTHER" or value.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/")) \
+                or re.fullmatch(_NOT_JUDGED, value):
+            return Resolution(None, "unknown")  # a network or pseudo file system, a name from the hardware, media
         volume = self.find(spec)
         if volume is not None:
             return Resolution(volume, "found")
         if key != "DEVICE":
             return Resolution(None, "missing", f"names no file system or partition of this disk ({key}={value})")
         containers = {v.fs.type for v in self.volumes if v.fs is not None}
+        if re.fullmatch(r"/dev/md(\d+(p\d+)?|/.+)", value):
+            if "md" in containers:
+                return Resolution(None, "unassembled")
+            return Resolution(None, "missing", "is an md RAID array, but the disk holds no md member")
         if value.startswith(("/dev/mapper/", "/dev/dm-")) or value.count("/") == 3:  # /dev/VG/LV
             if containers & {"lvm2", "luks"}:
                 return Resolution(None, "unassembled")
             return Resolution(None, "missing", "is a device-mapper volume, but the disk holds no LVM physical volume "
                               "or LUKS container")
-        if re.fullmatch(r"/dev/md[0-9_a-z/]*", value):
-            if "md" in containers:
-                return Resolution(None, "unassembled")
-            return Resolution(None, "missing", "is an md RAID array, but the disk holds no md member")
         if device_partition(value) is not None:
             return Resolution(None, "missing", "names a partition this disk does not have")
         if re.fullmatch(r"/dev/x?vd[b-z][a-z]*\d*|/dev/nvme(0n([2-9]|\d\d+)|[1-9]\d*n\d+)(p\d+)?", value):
