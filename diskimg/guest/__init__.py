@@ -163,7 +163,10 @@ class GuestDisk:
                 return Resolution(None, "unassembled")
             return Resolution(None, "missing", "is a device-mapper volume, but the disk holds no LVM physical volume "
                               "or LUKS container")
-        if device_partition(value) is not None:
+        number = device_partition(value)
+        if number == 0:
+            return Resolution(None, "missing", "names the whole disk, which holds a partition table, not a file system")
+        if number is not None:
             return Resolution(None, "missing", "names a partition this disk does not have")
         if re.fullmatch(r"/dev/x?vd[b-z][a-z]*\d*|/dev/nvme(0n([2-9]|\d\d+)|[1-9]\d*n\d+)(p\d+)?", value):
             return Resolution(None, "missing", "names another disk of the instance (a data disk), not this one")
