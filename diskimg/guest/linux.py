@@ -811,9 +811,8 @@ def _cloud_init_enabled(read: _Reader) -> bool | None:
     if not read.first(("/usr/lib/systemd/systemd", "/lib/systemd/systemd")):
         return None
     for directory in _UNIT_DIRS:
-        for wants in read.listdir(directory)[:MAX_DIR_FILES]:
-            if wants.endswith(".wants") and any(read.exists(f"{directory}/{wants}/{unit}", follow=False)
-                                                for unit in _CLOUD_INIT_UNITS):
+        for wants in [name for name in read.listdir(directory) if name.endswith(".wants")][:MAX_DIR_FILES]:
+            if any(read.exists(f"{directory}/{wants}/{unit}", follow=False) for unit in _CLOUD_INIT_UNITS):
                 return True
     presets: dict[str, str] = {}  # file name -> path: /etc overrides a file of the same name
     for directory in reversed(_PRESET_DIRS):
