@@ -26,6 +26,9 @@ command -v cpio >/dev/null || need+=(cpio)
 command -v lz4 >/dev/null || need+=(lz4)
 command -v pigz >/dev/null || need+=(pigz)
 command -v mount >/dev/null || need+=(mount)
+command -v grub-mkimage >/dev/null && [ -e /usr/lib/grub/i386-pc/boot.img ] || need+=(grub-pc-bin)
+[ -e /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
+command -v syslinux >/dev/null || need+=(syslinux)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""

@@ -4,6 +4,7 @@ builders of files and disks that several test files use."""
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import hashlib
 import json
@@ -15,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -416,13 +418,45 @@ def make_esp(path: Path, size: int, files: dict[str, bytes], fat: int = 32) -> P
     return path
 
 
-GRUB_BOOT_CODE = b"\xebc\x90" + bytes(0x5D) + b"\xfa\x90\x90" + b"GRUB \0Geom\0Hard Disk\0Read\0 Error\r\n\0"
 WINDOWS_BOOT_CODE = b"\x33\xc0\x8e\xd0\xbc\x00\x7c" + bytes(0x100) + b"Invalid partition table\0Missing operating system"
+#: GRUB's i386-pc images (Debian package grub-pc-bin)
+GRUB_PC = Path("/usr/lib/grub/i386-pc")
 
 
-def write_boot_code(disk: Path, code: bytes = GRUB_BOOT_CODE) -> None:
-    assert len(code) <= 440
-    write_at(disk, 0, code)
+@functools.cache
+def grub_core_image() -> bytes:
+    """A GRUB core image for an MBR disk (diskboot.img first), made by grub-mkimage."""
+    if shutil.which("grub-mkimage") is None or not (GRUB_PC / "boot.img").exists():
+        pytest.skip("grub-mkimage and GRUB's i386-pc images (package grub-pc-bin) are needed to write a boot chain")
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "core.img"
+        run("grub-mkimage", "-O", "i386-pc", "-d", GRUB_PC, "-o", out, "-p", "(hd0,msdos1)/boot/grub",
+            "biosdisk", "part_msdos", "part_gpt", "ext2")
+        return out.read_bytes()
+
+
+def write_boot_code(disk: Path, code: bytes | None = None, core_lba: int | None = None) -> None:
+    """Boot code in sector 0; by default GRUB's whole BIOS chain as grub-install lays it out: boot.img
+    with the LBA of the core image at 0x5c, and the core image there (on an MBR disk the gap after the
+    MBR, LBA 1; on GPT a BIOS boot partition, given as ``core_lba``, else the gap after the partition
+    entries, LBA 34), its diskboot.img blocklist (start LBA, sector count, segment) set to the sectors
+    after it."""
+    if code is not None:
+        assert len(code) <= 440
+        write_at(disk, 0, code)
+        return
+    with open(disk, "rb") as image:
+        image.seek(512)
+        gpt = image.read(8) == b"EFI PART"
+    lba = core_lba or (34 if gpt else 1)
+    core = bytearray(grub_core_image())
+    sectors = -(-len(core) // 512)
+    assert struct.unpack_from("<H", core, 510)[0] == 0x820  # diskboot.img's blocklist segment
+    struct.pack_into("<QH", core, 500, lba + 1, sectors - 1)
+    boot = bytearray((GRUB_PC / "boot.img").read_bytes()[:440])
+    struct.pack_into("<Q", boot, 0x5C, lba)
+    write_at(disk, 0, bytes(boot))
+    write_at(disk, lba * 512, bytes(core))
 
 
 def lvm_label_crc(data: bytes) -> int:

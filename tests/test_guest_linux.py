@@ -60,10 +60,12 @@ from .conftest import (
 from .guest_builders import (
     ELF_AARCH64,
     ELF_I386,
+    ELF_X86_64,
     RHEL_KERNEL,
     SUSE_KERNEL,
     UBUNTU_KERNEL,
     Link,
+    cloud_init,
     cpio_newc,
     elf_header,
     ext4_image,
@@ -761,3 +763,160 @@ def test_static_address_in_a_file_cloud_init_generates(tmp_path: Path, layout: s
         assert "guest-static-ip" not in found
         warning = found["guest-static-ip-cloud-init"][0]
         assert warning.severity.value == "warning" and warning.evidence["file"] == source
+
+
+# -- root= and fstab resolved as the instance's initramfs and udev will ---------------------------------
+
+#: fixed-size holes in grub.cfg and /etc/fstab, overwritten in the disk for each case (whitespace ends a word)
+ROOT_SLOT, FSTAB_SLOT = "root=" + "#" * 90, "@" * 90
+
+
+@pytest.fixture(scope="module")
+def slot_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A GPT Ubuntu disk whose default entry's root= and one fstab line can be rewritten in place:
+    (disk, the root file system's UUID given to mkfs, partition 1's GUID as sgdisk reports it)."""
+    if any(shutil.which(t) is None for t in IMAGE_TOOLS):
+        pytest.skip("needs " + ", ".join(IMAGE_TOOLS))
+    tmp = tmp_path_factory.mktemp("slots")
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp, uuid)
+    tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace("root=LABEL=cloudimg-rootfs ro console",
+                                                                           f"{ROOT_SLOT} ro console")
+    tree["/etc/fstab"] = str(tree["/etc/fstab"]) + f"{FSTAB_SLOT} /data ext4 defaults 0 2\n"
+    disk = _disk(tmp, "d", [(tree, uuid, "cloudimg-rootfs", 0)], scheme="gpt")
+    subprocess.run(["sgdisk", "-c", "1:rootpart", str(disk)], check=True, capture_output=True)
+    info = subprocess.run(["sgdisk", "-i", "1", str(disk)], check=True, capture_output=True, text=True).stdout
+    guid = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Partition unique GUID"))
+    return disk, uuid, guid
+
+
+def fill_slot(disk: Path, slot: str, value: str) -> None:
+    """Overwrite the slot (in the root file system's data, within the first 128 MiB) with ``value``."""
+    with open(disk, "r+b") as image:
+        data = image.read(128 * MiB)
+        at = data.find(slot.encode())
+        assert at > 0 and data.find(slot.encode(), at + 1) < 0
+        image.seek(at)
+        image.write(value.ljust(len(slot)).encode())
+
+
+@pytest.mark.parametrize("root, names_nothing", [
+    ("LABEL=cloudimg-rootfs", False), ("UUID={uuid}", False), ("UUID=0b7d1c7e-2d4c-4c2e-9a55-000000000000", True),
+    ("PARTUUID={guid}", False), ("PARTUUID=0b7d1c7e-2d4c-4c2e-9a55-000000000000", True),
+    ("PARTLABEL=rootpart", False), ("PARTLABEL=otherpart", True),
+    ("/dev/disk/by-uuid/{uuid}", False), ("/dev/disk/by-partuuid/{guid}", False), ("/dev/disk/by-label/other", True),
+    ("/dev/vda1", False), ("/dev/nvme0n1p1", False), ("/dev/xvda1", False), ("/dev/vda7", True),
+    ("/dev/loop0p1", True), ("/dev/nbd0p1", True), ("/dev/mapper/vg0-root", True), ("/dev/vg0/root", True),
+    ("/dev/md0", True), ("/dev/sda1", True), ("/dev/vdb1", True), ("/dev/rootfs-garbage", True),
+])
+def test_root_resolved_as_the_initramfs_will(slot_disk: tuple[Path, str, str], tmp_path: Path, root: str,
+                                             names_nothing: bool) -> None:
+    """Issue 13: update-grub in a chroot wrote root=/dev/loop0p1 and the boot stopped at 'ALERT! /dev/loop0p1
+    does not exist'. The oracle: the UUID given to mkfs, the GUID and name sgdisk set, the instance's
+    virtio/NVMe/Xen names of partition 1."""
+    source, uuid, guid = slot_disk
+    disk = tmp_path / "d.raw"
+    subprocess.run(["cp", "--sparse=always", str(source), str(disk)], check=True)
+    root = root.format(uuid=uuid, guid=guid.lower())
+    fill_slot(disk, ROOT_SLOT, f"root={root}")
+    fill_slot(disk, FSTAB_SLOT, root.replace("root", "data") if root.startswith("/dev/") else "tmpfs")
+    report = diskimg.validate(disk)
+    broken = [f for f in report.findings if f.code == "guest-boot-entry-broken"]
+    assert [f.evidence["value"] for f in broken] == ([root] if names_nothing else [])
+    if names_nothing:
+        assert not report.importable and broken[0].severity.value == "error"
+    if root.startswith("/dev/") and not root.startswith("/dev/disk/"):
+        # the same name (another volume) in fstab, through the same resolver
+        fstab = [f for f in report.findings if f.code == "guest-fstab-unresolved"]
+        assert bool(fstab) == names_nothing, [f.message for f in report.findings]
+
+
+# -- cloud-init installed but not running; sshd without host keys ------------------------------------------
+
+CLOUD_INIT_WANTS = "/etc/systemd/system/multi-user.target.wants/cloud-init.service"
+
+
+def _no_cloud_init(tree: dict) -> None:
+    for path in cloud_init("/usr/lib/python3/dist-packages", "23.3.3", None):
+        tree.pop(path, None)
+
+
+def _kernel_args(tree: dict, args: str) -> None:
+    tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace("root=LABEL=cloudimg-rootfs ro console",
+                                                                           f"root=LABEL=cloudimg-rootfs ro {args} console")
+
+
+CLOUD_INIT_CASES = {
+    "enabled": (lambda tree: None, None),
+    "disabled-file": (lambda tree: tree.update({"/etc/cloud/cloud-init.disabled": ""}), "cloud-init.disabled"),
+    "masked": (lambda tree: tree.update({"/etc/systemd/system/cloud-init.service": Link("/dev/null")}), "masked"),
+    "not-enabled": (lambda tree: tree.pop(CLOUD_INIT_WANTS), "not enabled"),
+    "enabled-by-preset": (lambda tree: (tree.pop(CLOUD_INIT_WANTS), tree.update(
+        {"/usr/lib/systemd/system-preset/90-default.preset": "enable cloud-init*.service\ndisable *\n"})), None),
+    "disabled-by-preset": (lambda tree: (tree.pop(CLOUD_INIT_WANTS), tree.update(
+        {"/usr/lib/systemd/system-preset/99-default.preset": "disable *\n"})), "not enabled"),
+    "kernel-command-line": (lambda tree: _kernel_args(tree, "cloud-init=disabled"), "cloud-init=disabled"),
+    "nocloud-only": (lambda tree: tree.update({"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ NoCloud, None ]\n"}),
+                     "AliYun"),
+    "aliyun-listed": (lambda tree: tree.update({"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ AliYun, None ]\n"}),
+                      None),
+}
+
+
+@needs_image_tools
+@pytest.mark.parametrize("case", list(CLOUD_INIT_CASES))
+def test_cloud_init_installed_but_not_running(tmp_path: Path, case: str) -> None:
+    change, reason = CLOUD_INIT_CASES[case]
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    change(tree)
+    report = diskimg.validate(_disk(tmp_path, "ci", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    found = _guest_findings(report).get("guest-cloud-init-disabled", [])
+    assert not report.find("guest-cloud-init-missing")
+    if reason is None:
+        assert not found
+    else:
+        assert len(found) == 1 and found[0].severity.value == "warning" and reason in found[0].message
+
+
+SSH_CASES = {  # tree change, whether sshd will lack host keys at boot
+    "no-cloud-init-no-keys": (_no_cloud_init, True),
+    "no-cloud-init-keys": (lambda tree: (_no_cloud_init(tree), tree.update(
+        {"/etc/ssh/ssh_host_ed25519_key": "-----BEGIN OPENSSH PRIVATE KEY-----\n"})), False),
+    "no-cloud-init-rhel-keygen": (lambda tree: (_no_cloud_init(tree), tree.update(
+        {"/usr/lib/systemd/system/sshd-keygen@.service": "[Unit]\n"})), False),
+    "cloud-init-makes-keys": (lambda tree: None, False),
+    "cloud-init-disabled-no-keys": (lambda tree: tree.update({"/etc/cloud/cloud-init.disabled": ""}), True),
+}
+
+
+@needs_image_tools
+@pytest.mark.parametrize("case", list(SSH_CASES))
+def test_sshd_without_host_keys(tmp_path: Path, case: str) -> None:
+    """Debian's ssh.service generates no host keys: without them (and without cloud-init) sshd fails."""
+    change, fails = SSH_CASES[case]
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree.update({"/usr/sbin/sshd": elf_header(ELF_X86_64), "/etc/ssh/sshd_config": "PermitRootLogin yes\n"})
+    change(tree)
+    report = diskimg.validate(_disk(tmp_path, "ssh", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    found = report.find("guest-ssh-host-keys-missing")
+    assert bool(found) == fails
+    if fails:
+        assert found[0].severity.value == "warning" and found[0].evidence["file"] == "/usr/sbin/sshd"
+
+
+def test_containers_and_media_in_device_specs() -> None:
+    """LVM, LUKS and md volumes are judged only when the disk holds no such container; optical and floppy
+    drives and the kernel's /dev/root alias are not judged (fstab's noauto media lines)."""
+    plain = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("ext4"))])  # type: ignore[arg-type]
+    lvm = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("lvm2"))])  # type: ignore[arg-type]
+    md = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("md"))])  # type: ignore[arg-type]
+    for spec in ("/dev/mapper/vg0-root", "/dev/vg0/root", "/dev/dm-0"):
+        assert (plain.resolve(spec).status, lvm.resolve(spec).status) == ("missing", "unassembled")
+    for spec in ("/dev/md0", "/dev/md/root", "/dev/md126p1"):
+        assert (plain.resolve(spec).status, md.resolve(spec).status) == ("missing", "unassembled")
+    for spec in ("/dev/sr0", "/dev/cdrom", "/dev/fd0", "/dev/root", "tmpfs", "/dev/disk/by-id/virtio-abc"):
+        assert plain.resolve(spec).status == "unknown"
+    assert plain.resolve("/dev/vda1").volume is plain.volumes[0]
+    assert "data disk" in plain.resolve("/dev/vdb1").reason

@@ -37,6 +37,10 @@ pytestmark = pytest.mark.skipif(shutil.which("hivexsh") is None, reason="hivexsh
 
 FILE_ATTRIBUTE_READONLY = 0x1
 VOLUME = 48 * MiB
+#: where an NTFS boot sector's code starts (after its BPB), and a stand-in for the code Windows puts there
+NTFS_BOOT_CODE_OFFSET = 0x54
+WINDOWS_NTFS_BOOT_CODE = (b"\xfa\x33\xc0\x8e\xd0\xbc\x00\x7c" + bytes(16) + b"A disk read error occurred\r\n\0"
+                          b"BOOTMGR is missing\r\n\0BOOTMGR is compressed\r\n\0Press Ctrl+Alt+Del to restart\r\n\0")
 START = 1 * MiB
 
 CURRENT_VERSION = "Microsoft\\Windows NT\\CurrentVersion"
@@ -142,6 +146,11 @@ def ntfs_volume(work: Path, machine: dict[str, Any]) -> Path:
             target.write_bytes(content)
         for path in machine["readonly"]:
             set_readonly(mounted / path)
+    # mkntfs writes boot code that only prints "This is not a bootable disk"; Windows Setup writes one
+    # that loads bootmgr: stand-in code with its messages, so that the BIOS boot chain reaches a loader
+    with open(image, "r+b") as volume:
+        volume.seek(NTFS_BOOT_CODE_OFFSET)
+        volume.write(WINDOWS_NTFS_BOOT_CODE.ljust(510 - NTFS_BOOT_CODE_OFFSET, b"\0"))
     return image
 
 

@@ -10,6 +10,7 @@ and 6); a file that exists but cannot be read becomes a "could not read" note, n
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 import re
 from fnmatch import fnmatchcase
@@ -19,7 +20,7 @@ from typing import Any
 from ..errors import DiskImageError
 from ..fs import GuestFileSystem, GuestPathError, Stat
 from ..fs.base import GuestFile
-from . import GuestDisk, GuestFacts, GuestVolume, device_partition, is_device_name, spec_key
+from . import GuestDisk, GuestFacts, GuestVolume, spec_key
 from .config import (
     MAX_CONFIG,
     BootEntry,
@@ -228,7 +229,8 @@ class MountCheck:
     """One fstab line and what it resolves to on this disk."""
 
     entry: FstabEntry
-    #: "ok", "unresolved", "device-name", "lvm" (not resolvable offline), "skipped" (pseudo/network fs)
+    #: "ok", "unresolved", "device-name", "lvm" (inside LVM, LUKS or md: not resolvable offline), "skipped"
+    #: (pseudo/network fs)
     status: str
     volume: GuestVolume | None = None
 
@@ -255,6 +257,10 @@ class LinuxInspection:
     #: driver -> where the default kernel gets it: "builtin", "initramfs", "module", "missing", "unknown"
     boot_drivers: dict[str, str] = field(default_factory=dict)
     cloud_init: dict[str, Any] = field(default_factory=dict)
+    #: the SSH server's program, its host keys (/etc/ssh/ssh_host_*_key) and what generates missing ones at boot
+    sshd: str | None = None
+    ssh_host_keys: list[str] = field(default_factory=list)
+    ssh_keygen: str | None = None
     interfaces: list[Interface] = field(default_factory=list)
     #: where cloud-init's network configuration is turned off, None when cloud-init rewrites the files it
     #: generates on a new instance's first boot
@@ -351,7 +357,7 @@ def inspect(disk: GuestDisk) -> GuestFacts | None:
         result.fstab = _check_fstab(parse_fstab(fstab_text), disk, tree, result)
     steps = ((_release, "the release files"), (_architecture, "the architecture"), (_kernels, "the kernels"),
              (_boot_config, "the boot configuration"), (_default_kernel_drivers, "the default kernel's drivers"),
-             (_cloud_init, "cloud-init"), (_network, "the network configuration"),
+             (_cloud_init, "cloud-init"), (_ssh_server, "the SSH server"), (_network, "the network configuration"),
              (_accounts_and_security, "accounts and security settings"))
     for step, what in steps:
         try:
@@ -415,20 +421,17 @@ def _check_fstab(entries: list[FstabEntry], disk: GuestDisk, tree: GuestTree,
                  result: LinuxInspection) -> list[MountCheck]:
     checks = []
     for entry in entries:
-        key, value = spec_key(entry.spec)
         not_a_disk = entry.fstype in _PSEUDO - {"swap"} or "bind" in entry.options or "_netdev" in entry.options
-        if not_a_disk or key == "OTHER":
+        resolved = disk.resolve(entry.spec)
+        if not_a_disk or resolved.status == "unknown":
             checks.append(MountCheck(entry, "skipped"))
-            continue
-        if key == "DEVICE" and not is_device_name(value):
-            # /dev/mapper/..., /dev/VG/LV, /dev/md0: volumes diskimg does not assemble
-            checks.append(MountCheck(entry, "lvm" if "/mapper/" in value or value.count("/") == 3 else "skipped"))
-            continue
-        volume = disk.find(entry.spec)
-        if key == "DEVICE" and device_partition(value) is None:
-            volume = None  # a whole-disk name (/dev/vdb): another disk
-        status = "unresolved" if volume is None else ("device-name" if key == "DEVICE" else "ok")
-        checks.append(MountCheck(entry, status, volume))
+        elif resolved.status == "unassembled":
+            checks.append(MountCheck(entry, "lvm"))
+        elif resolved.volume is None:
+            checks.append(MountCheck(entry, "unresolved"))
+        else:
+            key = spec_key(entry.spec)[0]
+            checks.append(MountCheck(entry, "device-name" if key == "DEVICE" else "ok", resolved.volume))
     # mount what the checks read beyond the root
     for point in _MOUNTED:
         for check in checks:
@@ -810,9 +813,76 @@ def _cloud_init(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None
                 if found is not None:
                     datasources = found
         info["datasources"] = datasources
-        info["enabled"] = any(read.exists(f"/etc/systemd/system/{wants}/cloud-init.service", follow=False)
-                              for wants in ("multi-user.target.wants", "cloud-init.target.wants"))
+        info["enabled"] = _cloud_init_enabled(read)
+        info["disabled_by"] = _cloud_init_disabled_by(read, result, info)
     result.cloud_init = info
+
+
+#: the units that run cloud-init's stages up to fetching the metadata (cloud-init-network and -main from 24.3)
+_CLOUD_INIT_UNITS = ("cloud-init-local.service", "cloud-init.service", "cloud-init-network.service",
+                     "cloud-init-main.service")
+_UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
+_PRESET_DIRS = ("/etc/systemd/system-preset", "/usr/lib/systemd/system-preset", "/lib/systemd/system-preset")
+
+
+def _cloud_init_enabled(read: _Reader) -> bool | None:
+    """Whether systemd starts cloud-init: a ``*.wants`` link to one of its units, or the distribution's
+    preset enabling it (applied on first boot); None on a system without systemd."""
+    if not read.first(("/usr/lib/systemd/systemd", "/lib/systemd/systemd")):
+        return None
+    for directory in _UNIT_DIRS:
+        for wants in [name for name in read.listdir(directory) if name.endswith(".wants")][:MAX_DIR_FILES]:
+            if any(read.exists(f"{directory}/{wants}/{unit}", follow=False) for unit in _CLOUD_INIT_UNITS):
+                return True
+    presets: dict[str, str] = {}  # file name -> path: /etc overrides a file of the same name
+    for directory in reversed(_PRESET_DIRS):
+        for name in read.listdir(directory)[:MAX_DIR_FILES]:
+            if name.endswith(".preset"):
+                presets[name] = f"{directory}/{name}"
+    for name in sorted(presets):
+        for line in (read.text(presets[name]) or "").splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] in ("enable", "disable") and fnmatch.fnmatchcase("cloud-init.service",
+                                                                                             words[1]):
+                return words[0] == "enable"  # the first matching line decides
+    return False
+
+
+def _cloud_init_disabled_by(read: _Reader, result: LinuxInspection, info: dict[str, Any]) -> list[str]:
+    """Why an installed cloud-init will not configure the instance from ECS's metadata, in words."""
+    reasons = []
+    if read.exists("/etc/cloud/cloud-init.disabled", follow=False):
+        reasons.append("/etc/cloud/cloud-init.disabled exists")
+    if kernel_arg(result.boot.cmdline, "cloud-init") == "disabled":
+        reasons.append("the kernel command line says cloud-init=disabled")
+    for unit in _CLOUD_INIT_UNITS:
+        path = f"/etc/systemd/system/{unit}"
+        try:
+            if read.exists(path, follow=False) and read.tree.stat(path, follow=False).is_symlink \
+                    and read.tree.readlink(path) == "/dev/null":
+                reasons.append(f"{unit} is masked ({path} -> /dev/null)")
+        except DiskImageError as exc:
+            read.note(path, exc)
+    if info.get("enabled") is False:
+        reasons.append("its services are not enabled (no *.wants link to " + ", ".join(_CLOUD_INIT_UNITS[:2])
+                       + ", no preset enabling them)")
+    datasources = info.get("datasources")
+    if datasources is not None and not any(name.lower() == "aliyun" for name in datasources):
+        reasons.append(f"datasource_list {datasources} does not name AliYun")
+    return reasons
+
+
+def _ssh_server(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
+    """sshd, its host keys, and whether something generates missing keys at boot (RHEL's
+    sshd-keygen, SUSE's sshd-gen-keys-start); Debian's ssh.service does not."""
+    result.sshd = read.first(("/usr/sbin/sshd", "/sbin/sshd"))
+    if result.sshd is None:
+        return
+    result.ssh_host_keys = [name for name in read.listdir("/etc/ssh")
+                            if name.startswith("ssh_host_") and name.endswith("_key")]
+    result.ssh_keygen = read.first([f"{directory}/{unit}" for directory in _UNIT_DIRS
+                                    for unit in ("sshd-keygen@.service", "sshd-keygen.service")]
+                                   + ["/usr/sbin/sshd-gen-keys-start", "/usr/libexec/openssh/sshd-keygen"])
 
 
 _NETWORK_DIRS = (
@@ -957,6 +1027,8 @@ def _details(result: LinuxInspection) -> dict[str, Any]:
         "boot_drivers": dict(result.boot_drivers),
         "nvme_support": result.nvme_support,
         "cloud_init": dict(result.cloud_init),
+        "sshd": None if result.sshd is None else {"program": result.sshd, "host_keys": result.ssh_host_keys,
+                                                  "keygen": result.ssh_keygen},
         "network": [interface.to_dict() for interface in result.interfaces],
         "cloud_init_network_disabled": result.cloud_init_network_disabled,
         "persistent_net_rules": result.persistent_net[0] if result.persistent_net else None,

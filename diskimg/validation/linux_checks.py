@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..guest import GuestFacts, device_partition, is_device_name, spec_key
+from ..guest import GuestFacts, is_device_name, spec_key
 from ..guest.config import kernel_arg, recovery_arguments, version_tuple
 from ..guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
 from .checks import disk_check
@@ -153,16 +153,15 @@ def linux_boot_entry(ctx: DiskContext) -> None:
     root = kernel_arg(boot.cmdline, "root")
     if root is None:
         return
+    resolved = ctx.guest_disk.resolve(root)
+    if resolved.status == "missing":
+        ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} {resolved.reason}: the initramfs "
+                 "will not find the root file system", {**evidence, "value": root},
+                 "set root=UUID=<the root file system's UUID> (blkid) in the boot configuration and regenerate it "
+                 "(GRUB_DISABLE_LINUX_UUID must not be true; in a chroot, /dev and /sys must be mounted for "
+                 "update-grub / grub2-mkconfig)")
     key, value = spec_key(root)
-    if key in ("UUID", "LABEL", "PARTUUID", "PARTLABEL") and ctx.guest_disk.find(root) is None:
-        ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} is on no volume of this disk",
-                 {**evidence, "value": root}, "set root=UUID=<the root file system's UUID> (blkid) in the boot "
-                 "configuration and regenerate it")
-    elif key == "DEVICE" and is_device_name(value):
-        number = device_partition(value)
-        if number is None or all(v.number != number for v in ctx.guest_disk.volumes):
-            ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} names no partition of this "
-                     "disk", {**evidence, "value": root}, "set root=UUID=<the root file system's UUID>")
+    if key == "DEVICE" and is_device_name(value):
         ctx.emit("guest-device-name", f"the default boot entry boots root={root}, a kernel device name",
                  {**evidence, "value": root}, "use root=UUID=... (GRUB_DISABLE_LINUX_UUID must not be true)")
 
@@ -230,6 +229,19 @@ def linux_agents(ctx: DiskContext) -> None:
             ctx.emit("guest-cloud-init-old", f"cloud-init {version} is older than 0.7.9",
                      {"value": version, "datasources": cloud_init.get("datasources")},
                      "upgrade cloud-init (Alibaba Cloud publishes 19.1.x builds with the AliYun datasource)")
+        disabled_by = cloud_init.get("disabled_by")
+        if disabled_by:
+            ctx.emit("guest-cloud-init-disabled", "cloud-init is installed but will not configure the instance: "
+                     + "; ".join(disabled_by), {"value": disabled_by, "datasources": cloud_init.get("datasources")},
+                     "inside the guest: rm /etc/cloud/cloud-init.disabled, systemctl unmask and enable cloud-init-local "
+                     "cloud-init cloud-config cloud-final, drop cloud-init=disabled from the kernel command line, and "
+                     "let datasource_list name AliYun (or remove it)")
+    running = cloud_init.get("installed") and not cloud_init.get("disabled_by")
+    if linux.sshd and not linux.ssh_host_keys and not linux.ssh_keygen and not running:
+        ctx.emit("guest-ssh-host-keys-missing", f"{linux.sshd} is installed but /etc/ssh has no host keys "
+                 "(ssh_host_*_key), nothing generates them at boot and cloud-init will not: sshd fails to start",
+                 {"file": linux.sshd, "value": None},
+                 "generate them inside the guest before imaging (ssh-keygen -A), or let cloud-init run")
     if linux.qemu_guest_agent:
         ctx.emit("guest-qemu-guest-agent", f"qemu-guest-agent is installed ({linux.qemu_guest_agent})",
                  {"file": linux.qemu_guest_agent}, "remove it (yum remove qemu-guest-agent / apt purge "
@@ -281,7 +293,7 @@ def linux_layout(ctx: DiskContext) -> None:
             uefi = False
         if not uefi or ctx.boot_mode == "BIOS":
             ctx.emit("guest-arm64-not-uefi", "the guest is arm64 but the disk "
-                     + ("is declared BootMode=BIOS" if uefi else "has no EFI system partition"),
+                     + ("is declared BootMode=BIOS" if uefi else "does not boot with UEFI"),
                      {"architecture": "arm64", "value": ctx.boot_mode or ("UEFI" if uefi else None)},
                      "arm64 images boot with UEFI only: add an ESP with EFI/BOOT/BOOTAA64.EFI "
                      "(grub-install --target=arm64-efi --removable) and import with BootMode=UEFI")

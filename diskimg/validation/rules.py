@@ -279,18 +279,25 @@ RULES: tuple[Rule, ...] = (
     _r("esp-unreadable", WARNING, "boot", "EFI system partition cannot be read",
        "The FAT file system on the ESP is damaged; the firmware may not find a boot loader.",
        "§1.3 P2 [inference]", (SYSTEM,)),
-    _r("esp-no-loader", WARNING, "boot", "No fallback UEFI boot loader",
-       "A new instance has no UEFI boot entries, so firmware boots \\EFI\\BOOT\\BOOTX64.EFI (BOOTAA64.EFI on "
-       "Arm); without it UEFI boot depends on NVRAM entries the cloud does not have.",
-       "§1.3 P2 (A-BOOT), §3.1 (AWS: UEFI Linux needs the fallback loader)", (SYSTEM,)),
+    _r("esp-no-loader", ERROR, "boot", "No removable-media UEFI boot loader",
+       "A new instance has empty NVRAM (no UEFI boot entries), so its firmware boots only \\EFI\\BOOT\\BOOTX64.EFI "
+       "(BOOTAA64.EFI on Arm) and drops to its shell without it. Reported only when the disk would boot with UEFI.",
+       "§1.3 P2 (A-BOOT), §3.1 (AWS: UEFI Linux needs the fallback loader); UEFI spec 3.5.1; issue 13 (a real "
+       "Debian 12 booted under OVMF)", (SYSTEM,)),
     _r("gpt-bios-no-bios-boot-partition", WARNING, "boot", "GPT disk booting BIOS without a BIOS boot partition",
        "GRUB needs a BIOS boot partition (type 21686148-...) to boot a GPT disk in BIOS mode.",
        "§1.3 P1 ('WARN on GPT+BIOS only if no BIOS boot partition')", (SYSTEM,)),
     _r("bios-boot-code-missing", WARNING, "boot", "BIOS boot partition but no MBR boot code",
        "A BIOS boot partition holds GRUB's core image, but without boot code in sector 0 the BIOS never "
        "reaches it.", "§1.3 P2 [inference]", (SYSTEM,)),
-    _r("mbr-no-active-partition", WARNING, "boot", "No active partition for the MBR boot code",
-       "Windows and syslinux MBR code boot the partition marked active; none is.", "§1.3 P2 [inference]",
+    _r("mbr-no-active-partition", ERROR, "boot", "No active partition for the MBR boot code",
+       "Windows and syslinux MBR code boot the partition marked active; with none, the BIOS finds nothing to "
+       "boot.", "§1.3 P2 [inference]; the Windows and syslinux MBR code", (SYSTEM,)),
+    _r("bios-boot-chain-broken", ERROR, "boot", "BIOS boot chain ends after the MBR",
+       "The MBR code loads a next stage that is not there: GRUB's core image (at the LBA boot.img keeps at 0x5c) "
+       "zeroed or out of the disk, or an active partition whose boot sector has no loader (no 55 AA, or the "
+       "'This is not a bootable disk' stub of mkfs.fat/mkntfs). The machine hangs at 'GRUB' or 'Missing "
+       "operating system'.", "§1.3 P2 (A-BOOT) [inference]; GRUB boot.S/diskboot.S, syslinux mbr.S; issue 13",
        (SYSTEM,)),
     # -- guest: Linux ----------------------------------------------------------------------------
     _r("guest-os", INFO, "guest", "Operating system found",
@@ -347,6 +354,16 @@ RULES: tuple[Rule, ...] = (
     _r("guest-cloud-init-missing", WARNING, "guest", "cloud-init not installed",
        "cloud-init sets the hostname, password, keys and grows the root partition on first boot.",
        "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit)", (SYSTEM,)),
+    _r("guest-cloud-init-disabled", WARNING, "guest", "cloud-init installed but not running",
+       "cloud-init that is disabled (/etc/cloud/cloud-init.disabled, cloud-init=disabled on the kernel command "
+       "line), masked or not enabled in systemd, or limited to a datasource_list without AliYun does not set the "
+       "hostname, password, keys or network on first boot: as if it were missing.",
+       "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit); cloud-init docs (boot stages, datasource_list); "
+       "issue 13", (SYSTEM,)),
+    _r("guest-ssh-host-keys-missing", WARNING, "guest", "SSH host keys missing",
+       "Without host keys sshd does not start (Debian's ssh.service generates none; RHEL's sshd-keygen and "
+       "SUSE's sshd-gen-keys-start do); cloud-init would create them, but it is not running: no SSH login.",
+       "§1.4 L7 (A-CINIT) [inference]; issue 13 (a real Debian 12 booted without cloud-init)", (SYSTEM,)),
     _r("guest-cloud-init-old", WARNING, "guest", "cloud-init older than 0.7.9",
        "cloud-init versions before 0.7.9 are unsuitable and must be upgraded.", "§1.4 L7 (A-INSTR, A-CINIT)",
        (SYSTEM,)),
