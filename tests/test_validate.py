@@ -23,6 +23,7 @@ from diskimg.validation import RULES, Report, Severity, list_rules, validate
 from diskimg.validation.rules import RULES_BY_CODE
 
 from .conftest import (
+    NO_CORPUS,
     ROOT,
     WINDOWS_BOOT_CODE,
     GiB,
@@ -720,7 +721,7 @@ def test_every_corpus_file_gets_a_report(tmp_path):
     entries = corpus_entries(("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi", "qed", "qcow", "parallels", "bochs",
                              "cloop", "dmg", "iso9660", "luks"))
     if not entries:
-        pytest.skip("no corpus")
+        pytest.skip(NO_CORPUS)
     for entry in entries:
         if (entry.get("decompressed_size") or 0) > 64 * MiB:
             continue  # decompressing those takes longer than the rest together
