@@ -23,6 +23,7 @@ from .words import key_words, words
 
 if TYPE_CHECKING:
     from . import ImageInfo, ProgressCallback
+    from .exporter import VerifiedFile
 
 # Each command imports the part of the API it calls when it runs: a conversion does not pay for
 # loading the validator or the archive compressors (start-up time counts on every invocation).
@@ -44,8 +45,8 @@ def _print_json(value: Any) -> None:
 @click.version_option(__version__, prog_name="diskimg")
 def cli() -> None:
     """Get VHD, qcow2 and RAW disk images ready for a cloud: detect, inspect, convert, measure, compare
-    and check them, validate them against the cloud's import rules, and export a machine's disks as
-    archives that can be verified and unpacked again."""
+    and check them, validate them against the cloud's import rules, export a machine's disks as
+    archives, then verify and unpack those."""
 
 
 @cli.command()
@@ -401,9 +402,20 @@ def verify_command(ctx: click.Context, path: str, deep: bool, as_json: bool) -> 
         _print_json(result.to_dict())
     else:
         for checked in result.files:
-            click.echo(f"{checked.file}: {checked.status.upper()}" +
-                       ("" if checked.status == "ok" else f" ({checked.message})"))
+            click.echo(f"{checked.file}: {checked.status.upper()} ({_verified(checked, deep)})")
     ctx.exit(0 if result.intact else EXIT_NO)
+
+
+def _verified(checked: VerifiedFile, deep: bool) -> str:
+    """What the check of one file covered, or what it found wrong."""
+    if checked.status != "ok":
+        return checked.message
+    if not deep:
+        return "its size and hashes match the manifest"
+    if checked.content_checked:
+        return "its size and hashes match the manifest; the disk was decoded and its guest content hash matches too"
+    return ("its size and hashes match the manifest; the archive decodes to its one disk member, whose guest "
+            "content hash was not recomputed (a qcow2 or VHD inside a compressed archive needs random access)")
 
 
 @cli.command("unpack")
