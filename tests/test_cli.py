@@ -302,3 +302,14 @@ def test_validate_text_renders_evidence_in_words(tmp_path):
     for line in evidence:
         assert not re.search(r"[{}\[\]']|=|\bNone\b|\bTrue\b|\bFalse\b", line), line
     assert "MBR boot code: no" in text or "MBR boot code no" in text
+
+
+def test_validate_text_shows_windows_paths_as_written():
+    """A Windows path in evidence keeps its single backslashes (a repr doubled them)."""
+    from diskimg.validation import DiskFacts, Finding, Report, Severity
+
+    evidence = {"missing": ["\\bootmgr", "\\Boot\\BCD"], "uefi": {"loader": "\\EFI\\Microsoft\\Boot\\bootmgfw.efi"}}
+    finding = Finding("windows-boot-files-missing", Severity.ERROR, "the boot manager is missing", evidence)
+    text = Report("ecs", False, [DiskFacts("w.vhd", "system", 1)], [finding], {}).render_text()
+    assert "missing: \\bootmgr, \\Boot\\BCD; UEFI: loader \\EFI\\Microsoft\\Boot\\bootmgfw.efi" in text
+    assert "\\\\" not in text
