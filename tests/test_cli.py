@@ -264,12 +264,13 @@ def _qemu_info_text(image) -> dict[str, str]:
 
 
 @requires_qemu
-@pytest.mark.parametrize("kind", ["qcow2", "vhd-dynamic", "vhd-fixed"])
+@pytest.mark.parametrize("kind", ["qcow2", "vhd-dynamic", "vhd-fixed", "vhd-force-size"])
 def test_info_text_agrees_with_qemu_img_and_shows_no_internals(tmp_path, kind):
     """info's text: qemu-img info's labels and values for the fields both show, the rest in words,
     never a Python value or a raw key (the JSON keeps every fact)."""
     image = tmp_path / ("d.qcow2" if kind == "qcow2" else "d.vhd")
-    options = {"qcow2": [], "vhd-dynamic": ["-o", "subformat=dynamic"], "vhd-fixed": ["-o", "subformat=fixed"]}[kind]
+    options = {"qcow2": [], "vhd-dynamic": ["-o", "subformat=dynamic"], "vhd-fixed": ["-o", "subformat=fixed"],
+               "vhd-force-size": ["-o", "force_size=on"]}[kind]
     qemu_img("create", "-q", "-f", "qcow2" if kind == "qcow2" else "vpc", *options, image, "20G")
     ours = diskimg_cli("info", image).stdout.decode()
     theirs = _qemu_info_text(image)
@@ -290,6 +291,9 @@ def test_info_text_agrees_with_qemu_img_and_shows_no_internals(tmp_path, kind):
     for internal in ("None", "True", "False", "{", "'", "_", "problem", "format version", "sector bitmap"):
         assert internal not in ours.replace(str(image), ""), internal
     assert json.loads(diskimg_cli("info", "--json", image).stdout)["details"]  # the JSON keeps the details
+    if kind == "vhd-force-size":  # qemu writes the largest CHS geometry (127 GiB): said to be unused
+        [line] = [line for line in ours.splitlines() if "127 GiB" in line]
+        assert "CHS geometry (not used)" in line and "65535 cylinders, 16 heads, 255 sectors" in line
 
 
 def test_validate_text_renders_evidence_in_words(tmp_path):
