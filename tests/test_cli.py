@@ -317,3 +317,18 @@ def test_validate_text_shows_windows_paths_as_written():
     text = Report("ecs", False, [DiskFacts("w.vhd", "system", 1)], [finding], {}).render_text()
     assert "missing: \\bootmgr, \\Boot\\BCD; UEFI: loader \\EFI\\Microsoft\\Boot\\bootmgfw.efi" in text
     assert "\\\\" not in text
+
+
+@requires_qemu
+def test_info_says_which_vhd_footer_was_read(tmp_path):
+    """A dynamic VHD whose footer at the end is damaged is read from its copy at the start (as qemu
+    reads it): info says so in words, with the problem found, and no 'None' for the copy."""
+    image = tmp_path / "d.vhd"
+    qemu_img("create", "-q", "-f", "vpc", image, "64M")
+    with open(image, "r+b") as f:
+        f.seek(-512 + 64, os.SEEK_END)  # the footer's checksum field
+        f.write(b"\0\0\0\0")
+    text = diskimg_cli("info", image).stdout.decode()
+    assert "footer: read from its copy at the start of the file; the one at the end is damaged (" in text
+    assert "None" not in text
+    assert f"virtual size: {_qemu_info_text(image)['virtual size']}" in text
