@@ -68,7 +68,7 @@ def _open(
     detection = detect(source)
     if format is not None:
         name = canonical_format(format)
-        check_forced(detection, name)
+        check_forced(detection, name, source_name(source))
     elif detection.readable:
         name = detection.format
     else:
@@ -129,7 +129,7 @@ class _ParentOpener:
             detection = detect(path)
             fmt = canonical_format(format) if format else detection.format
             if format:
-                check_forced(detection, fmt)
+                check_forced(detection, fmt, path)
             elif not detection.readable:
                 raise UnsupportedFormat(
                     f"backing file {path!r} is {detection.description}", path=self.child, format=detection.format

@@ -33,8 +33,10 @@ if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    # another apt process (unattended-upgrades on a fresh machine) may hold the dpkg lock: wait for it
+    wait_lock=(-o DPkg::Lock::Timeout=600)
+    $sudo apt-get "${wait_lock[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get "${wait_lock[@]}" install -y -qq "${need[@]}" >/dev/null
   else
     echo "missing tools (${need[*]}): install them with your package manager; tests needing them are skipped" >&2
   fi

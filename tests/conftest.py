@@ -62,14 +62,22 @@ def default_sigint() -> None:
 
 
 def corpus_dir() -> Path | None:
-    """The shared corpus: $DISKIMG_CORPUS, or ../shared/corpus beside the checkout."""
+    """The shared corpus: $DISKIMG_CORPUS when set (and then only there), else ../shared/corpus
+    beside the checkout."""
     env = os.environ.get("DISKIMG_CORPUS")
-    candidates = [Path(env)] if env else []
-    candidates.append(ROOT.parent / "shared" / "corpus")
-    for candidate in candidates:
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    return None
+    candidate = Path(env) if env else ROOT.parent / "shared" / "corpus"
+    return candidate if (candidate / "manifest.json").is_file() else None
+
+
+NO_CORPUS = "no corpus: set DISKIMG_CORPUS to the folder of its manifest.json, or place it at ../shared/corpus"
+
+
+def corpus_params(entries: list[dict]) -> list:
+    """Parameters for a test over corpus entries: one skipped case naming the missing corpus when
+    there is none (an empty list would skip with pytest's bare "got empty parameter set")."""
+    if entries:
+        return [pytest.param(entry, id=entry["file"]) for entry in entries]
+    return [pytest.param(None, id="no-corpus", marks=pytest.mark.skip(reason=NO_CORPUS))]
 
 
 def corpus_manifest() -> list[dict]:

@@ -25,6 +25,7 @@ from diskimg.validation import RULES, Report, Severity, list_rules, validate
 from diskimg.validation.rules import RULES_BY_CODE
 
 from .conftest import (
+    NO_CORPUS,
     ROOT,
     WINDOWS_BOOT_CODE,
     GiB,
@@ -846,7 +847,7 @@ def test_rule_catalogue_is_coherent():
     rules = list_rules("ecs")
     assert rules == list(RULES)
     for rule in rules:
-        assert rule.code and rule.title and rule.rationale and rule.source.startswith("§")
+        assert rule.code and rule.title and rule.rationale and rule.source.startswith("§") and rule.references
     source = "".join((ROOT / "diskimg" / name).read_text()
                      for name in ("validation/checks.py", "validation/linux_checks.py", "validation/windows_checks.py",
                                   "validation/context.py", "validation/__init__.py", "partitions.py"))
@@ -854,6 +855,41 @@ def test_rule_catalogue_is_coherent():
     emitted |= set(re.findall(r'"((?:gpt|mbr|partition)-[a-z0-9-]+)"', source)) & set(RULES_BY_CODE)
     assert emitted <= set(RULES_BY_CODE), emitted - set(RULES_BY_CODE)
     assert set(RULES_BY_CODE) <= emitted | {"image-unreadable"}, set(RULES_BY_CODE) - emitted
+
+
+REFERENCE_NOTES = ROOT.parent / "shared" / "reference" / "cloud-requirements.md"
+
+
+def test_list_rules_cites_public_documents():
+    """`validate --list-rules` names, for every rule, the public documents it comes from (title and
+    address), never the sections and tags of the project's own reference notes."""
+    text = diskimg_cli("validate", "--list-rules").stdout.decode()
+    assert "§" not in text and not re.search(r"\bA-[A-Z]", text), text[:2000]
+    listed = json.loads(diskimg_cli("validate", "--list-rules", "--json").stdout)
+    for rule in listed:
+        assert rule["references"], rule["code"]
+        for reference in rule["references"]:
+            assert reference["title"] and reference["url"].startswith("https://"), rule["code"]
+            assert f"{reference['title']}, {reference['url']}" in text
+
+
+@pytest.mark.skipif(not REFERENCE_NOTES.is_file(), reason=f"the reference notes are not at {REFERENCE_NOTES}")
+def test_rule_references_are_the_documents_the_notes_cite():
+    """Each tag the rule sources use stands for the document the reference notes give for that tag
+    (their table of key source URLs); other documents are ones the notes cite by address, but for
+    three well-known ones (the UEFI specification, qemu-img's manual, Linux's GPT parser)."""
+    from diskimg.validation.references import DOCUMENTS
+
+    notes = REFERENCE_NOTES.read_text()
+    rows = {match.group(1): match.group(0) for match in re.finditer(r"^\| (A-[A-Z0-9-]+) \|.*$", notes, re.M)}
+    outside_the_notes = {"https://uefi.org/specifications", "https://www.qemu.org/docs/master/tools/qemu-img.html",
+                         "https://github.com/torvalds/linux/blob/master/block/partitions/efi.c"}
+    for tag, document in DOCUMENTS.items():
+        address = document.url.removeprefix("https://")
+        if tag.startswith("A-"):
+            assert address in rows[tag], (tag, document.url)
+        elif document.url not in outside_the_notes:  # the notes shorten some addresses to "…/page"
+            assert address in notes or f"…/{address.rsplit('/', 1)[1]}" in notes, (tag, document.url)
 
 
 def test_validation_reads_metadata_only(tmp_path, monkeypatch):
@@ -891,7 +927,7 @@ def test_every_corpus_file_gets_a_report(tmp_path):
     entries = corpus_entries(("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi", "qed", "qcow", "parallels", "bochs",
                              "cloop", "dmg", "iso9660", "luks"))
     if not entries:
-        pytest.skip("no corpus")
+        pytest.skip(NO_CORPUS)
     for entry in entries:
         if (entry.get("decompressed_size") or 0) > 64 * MiB:
             continue  # decompressing those takes longer than the rest together
