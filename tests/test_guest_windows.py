@@ -587,7 +587,8 @@ def good_hives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 @given(st.data())
 def test_damaged_hives_never_stop_the_inspection(good_hives: dict[str, bytes], tmp_path: Path,
                                                  data: st.DataObject) -> None:
-    """Whatever the hives hold, the facts that can be read are, and the rest is named in problems."""
+    """Whatever the hives and the SYSTEM hive's logs hold, the facts that can be read are, and the rest is
+    named in problems."""
     with tempfile.TemporaryDirectory(dir=tmp_path) as work:
         root = Path(work)
         (root / "Windows/System32/config").mkdir(parents=True)
@@ -600,6 +601,16 @@ def test_damaged_hives_never_stop_the_inspection(good_hives: dict[str, bytes], t
                 offset = data.draw(st.integers(0, len(mutated) - 4), label="offset")
                 mutated[offset:offset + 4] = data.draw(st.binary(min_size=4, max_size=4), label="bytes")
             (root / "Windows/System32/config" / name).write_bytes(bytes(mutated))
+        if data.draw(st.booleans(), label="SYSTEM mid-write, with a log"):
+            system = good_hives["SYSTEM"]
+            _first, second = sequences_of(system)
+            log = bytearray(new_format_log(system, second + 1, [log_entry(second + 1, bins_size_of(system),
+                                                                          [(0, system[4096:8192])])]))
+            for _ in range(data.draw(st.integers(0, 4), label="log changes")):
+                offset = data.draw(st.integers(0, len(log) - 4), label="log offset")
+                log[offset:offset + 4] = data.draw(st.binary(min_size=4, max_size=4), label="log bytes")
+            (root / "Windows/System32/config/SYSTEM.LOG1").write_bytes(bytes(log))
+            (root / "Windows/System32/config/SYSTEM").write_bytes(mid_write(system))
         facts = windows.inspect_windows(HostDirFileSystem(root))
         assert facts is not None and facts.architecture == "x86_64"
         assert set(facts.hives) | set(facts.problems) >= {"SYSTEM", "SOFTWARE"}

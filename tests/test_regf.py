@@ -521,7 +521,7 @@ def assert_replayed_to(replay: regf.Replay, after: Path) -> None:
 
 
 def test_marvin32_published_vectors() -> None:
-    """The Marvin32 test vectors published with Microsoft's SymCrypt (seed 0x004FB61A001BDBCC)."""
+    """The Marvin32 test vectors of .NET's MarvinTests (dotnet/corefx; seed 0x004FB61A001BDBCC)."""
     vectors = {"": 0x30ED35C100CD3C7D, "af": 0x48E73FC77D75DDC1, "e70f": 0xB5F6E1FC485DBFF8,
                "37f495": 0xF0B07C789B8CF7E8, "8642dc59": 0x7008F2E87E9CF556, "153fb79826": 0xE6C08C6DA2AFA997,
                "0932e6246c47": 0x6F04BF1A5EA24060, "ab427ea8d10fc7": 0xE11847E4F0678C41}
