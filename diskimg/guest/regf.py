@@ -395,8 +395,8 @@ class Hive:
 #
 # Both log formats start with a 512-byte copy of the hive's base block, its file type 1 (2 before
 # Windows XP) in the old format and 6 in the new one; a log is valid when that copy's checksum holds
-# and its two sequence numbers are equal. Sizes and offsets count 512-byte sectors whatever the disk
-# (the clustering factor is 1 in every hive that uses these logs).
+# and its two sequence numbers are equal. Sizes and offsets count 512-byte sectors (Windows before 8
+# supports no other sector size, and Windows 8 and later count 512 whatever the disk).
 #
 # Old format (up to Windows 8): at 512 the dirty vector, "DIRT" then a bitmap of one bit per 512-byte
 # page of the hive bins data (least significant bit first); from the next 512-byte boundary on, one
@@ -416,7 +416,7 @@ OLD_LOG_TYPES = (1, 2)
 NEW_LOG_TYPE = 6
 LOG_ENTRY_SIGNATURE = b"HvLE"
 DIRTY_VECTOR_SIGNATURE = b"DIRT"
-#: the Marvin32 seed of log entry hashes
+#: the Marvin32 seed of log entry hashes (the specification lists its bytes most significant first)
 LOG_ENTRY_SEED = 0x82EF4D887A4E55C5
 #: the flag of the base block (KTM has locked the hive) that log entries carry
 LOG_ENTRY_FLAGS = 0x1
