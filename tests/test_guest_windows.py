@@ -576,6 +576,30 @@ def test_dirty_system_hive_replayed_from_its_logs(tmp_path: Path) -> None:
         assert (mounted / "Windows/System32/config/SYSTEM").read_bytes() == files["SYSTEM"]
 
 
+def test_real_dirty_system_hive_and_its_logs(regipy_hives: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The corpus's Windows 10 SYSTEM, saved mid-write, beside the SYSTEM.LOG1 and SYSTEM.LOG2 Windows
+    wrote: replayed, and read as the MANIFEST says (stornvme boot start). Without its logs, or with logs
+    over the size read, it stays dirty, saying why."""
+    config = tmp_path / "Windows/System32/config"
+    config.mkdir(parents=True)
+    for name in ("SYSTEM", "SYSTEM.LOG1", "SYSTEM.LOG2"):
+        shutil.copy(regipy_hives / name.replace("SYSTEM", "SYSTEM_B"), config / name)
+    facts = windows.inspect_windows(HostDirFileSystem(tmp_path))
+    assert facts is not None and facts.hives["SYSTEM"] == "replayed"
+    assert facts.hive_logs["SYSTEM"].startswith("SYSTEM.LOG1, SYSTEM.LOG2 replayed up to sequence")
+    assert facts.drivers["stornvme"].start == 0 and "SYSTEM" not in facts.problems
+    monkeypatch.setattr(windows, "MAX_LOG_BYTES", 1 << 20)
+    facts = windows.inspect_windows(HostDirFileSystem(tmp_path))
+    assert facts is not None and facts.hives["SYSTEM"] == "dirty"
+    assert "SYSTEM.LOG1" in facts.hive_logs["SYSTEM"] and "more than the 1048576 read here" in facts.hive_logs["SYSTEM"]
+    for name in ("SYSTEM.LOG1", "SYSTEM.LOG2"):
+        (config / name).unlink()
+    facts = windows.inspect_windows(HostDirFileSystem(tmp_path))
+    assert facts is not None and facts.hives["SYSTEM"] == "dirty" and facts.hive_logs["SYSTEM"] == "no transaction log"
+    assert facts.drivers["stornvme"].start == 0
+
+
 @pytest.fixture(scope="module")
 def good_hives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     work = tmp_path_factory.mktemp("hives")

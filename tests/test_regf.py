@@ -14,7 +14,6 @@ end in LogsNotUsable only, within bounds.
 from __future__ import annotations
 
 import base64
-import lzma
 import os
 import shutil
 import struct
@@ -32,7 +31,6 @@ from diskimg.guest import regf
 from diskimg.guest.regf import (REG_BINARY, REG_DWORD, REG_DWORD_BIG_ENDIAN, REG_EXPAND_SZ, REG_MULTI_SZ, REG_NONE,
                                 REG_QWORD, REG_SZ, Hive, Key, KeyNotFound, LogsNotUsable)
 
-from .conftest import corpus_dir
 
 pytestmark = pytest.mark.skipif(shutil.which("hivexsh") is None, reason="hivexsh (libhivex-bin) is not installed")
 
@@ -669,18 +667,6 @@ def test_mutated_logs_replay_or_are_not_usable(changed_hive: tuple[bytes, bytes]
 
 
 # -- real hives: the corpus (regipy's test data) ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def regipy_hives(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The corpus hives, decompressed into a temporary folder (the corpus stays read-only)."""
-    corpus = corpus_dir()
-    if corpus is None or not (corpus / "regipy").is_dir():
-        pytest.skip("the shared corpus (regipy/) is not here")
-    target = tmp_path_factory.mktemp("regipy")
-    for name in ("SYSTEM", "SYSTEM_B", "SYSTEM_B.LOG1", "SYSTEM_B.LOG2", "BCD"):
-        (target / name).write_bytes(lzma.decompress((corpus / "regipy" / f"{name}.xz").read_bytes()))
-    return target
 
 
 def computer_name(hive: Hive) -> str | int | list[str] | bytes | None:
