@@ -8,6 +8,7 @@ import functools
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import random
 import shlex
@@ -520,3 +521,16 @@ def gpt_4k(path: Path, size: int) -> None:
     """A GPT for 4096-byte logical sectors, made by fdisk -b 4096."""
     blank(path, size)
     subprocess.run(["fdisk", "-b", "4096", str(path)], input=b"g\nn\n\n\n\nw\n", capture_output=True, check=True)
+
+
+@pytest.fixture(scope="session")
+def regipy_hives(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus's registry hives (regipy/: SYSTEM, SYSTEM_B with its .LOG1/.LOG2, BCD), decompressed
+    into a temporary folder (the corpus stays read-only, and none of it is copied into the repository)."""
+    corpus = corpus_dir()
+    if corpus is None or not (corpus / "regipy").is_dir():
+        pytest.skip("the shared corpus (regipy/) is not here")
+    target = tmp_path_factory.mktemp("regipy")
+    for name in ("SYSTEM", "SYSTEM_B", "SYSTEM_B.LOG1", "SYSTEM_B.LOG2", "BCD"):
+        (target / name).write_bytes(lzma.decompress((corpus / "regipy" / f"{name}.xz").read_bytes()))
+    return target

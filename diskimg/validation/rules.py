@@ -418,8 +418,14 @@ RULES: tuple[Rule, ...] = (
        "§1.6 GUESTOS.Registry (A-CHECK)", (SYSTEM,)),
     _r("windows-registry-dirty", WARNING, "guest", "Registry hive not cleanly saved",
        "The hive's sequence numbers or checksum show Windows was writing it when the image was taken: newer data "
-       "lies in its transaction logs, which Windows replays at boot, so what is read here may be stale.",
+       "lies in its transaction logs (.LOG1, .LOG2), which Windows replays at boot; here they are missing or "
+       "unusable, so what is read may be stale.",
        "§1.6 GUESTOS.Registry (A-CHECK) [inference]", (SYSTEM,)),
+    _r("windows-registry-replayed", INFO, "guest", "Registry hive read with its transaction logs",
+       "The hive was being written when the image was taken; its transaction logs were replayed in memory as "
+       "Windows does when it loads the hive (the log formats of Maxim Suhanov's registry format specification), "
+       "so the facts are the ones Windows will boot with.", "§1.6 GUESTOS.Registry (A-CHECK) [inference]",
+       (SYSTEM,)),
     _r("windows-boot-driver-missing", ERROR, "guest", "No storage driver loads at boot",
        "The system disk is virtio-blk (viostor), virtio-scsi (vioscsi) or NVMe (stornvme): one of them must be a "
        "boot-start service (Start=0) with its driver file present (before Windows Server 2012 also bound to the "
