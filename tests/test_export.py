@@ -334,7 +334,7 @@ def test_two_exports_share_a_folder(tmp_path: Path, disk_set: dict[str, Path]) -
     proc = diskimg_cli("verify", out, cwd="/tmp", text=True)
     assert proc.returncode == 1
     first, second = proc.stdout.splitlines()
-    assert first == "a_system.raw.tar: OK" and second.startswith("b_system.raw.tar: DIFFERS (sha256 differs")
+    assert first.startswith("a_system.raw.tar: OK") and second.startswith("b_system.raw.tar: DIFFERS (sha256 differs")
     assert diskimg_cli("verify", out / "a.manifest.json", cwd="/tmp").returncode == 0
 
 
