@@ -36,6 +36,8 @@ from __future__ import annotations
 import bisect
 import bz2
 import collections
+import dataclasses
+import functools
 import lzma
 import os
 import shlex
@@ -53,7 +55,8 @@ from .formats import READERS
 from .hostfile import HostFile
 from .reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from .tar import Readable, TarMember, padding, read_member, skip_data
-from .wrappers import COMPRESSORS, INNER_HEAD, unwrap_command
+from .wrappers import (COMPRESSORS, INNER_HEAD, INNER_TAIL, PeekedMember, article, unwrap_command, unwrapped_name,
+                       wrapper_hint)
 
 #: decompression works in chunks of this size; the cache holds the last few
 CHUNK = 1 << 20
@@ -145,6 +148,19 @@ class ForwardStream:
             skipped += len(data)
         return skipped
 
+    def skip_to_end(self, keep: int, limit: int) -> tuple[int, bytes]:
+        """Step over the rest of the stream (at most ``limit`` bytes and one chunk): how many bytes
+        there were and the last ``keep`` of them, so that one pass both counts and sees the tail."""
+        skipped = 0
+        tail = b""
+        while skipped <= limit:
+            data = self.read(CHUNK)
+            if not data:
+                break
+            skipped += len(data)
+            tail = (tail + data[-keep:])[-keep:]
+        return skipped, tail
+
     def _produce(self, wanted: int) -> None:
         try:
             if self.kind is None:
@@ -230,15 +246,33 @@ class _HostReader:
 # --- sizes from metadata ------------------------------------------------------------------------------
 
 
-def xz_uncompressed_size(host: HostFile) -> int:
-    """The uncompressed size of an .xz file from its streams' indexes (read backwards from the end)."""
+@dataclass(frozen=True)
+class LastUnit:
+    """The last independently decodable piece of a compressed file (an xz block, a zstd frame):
+    where it starts, and how many bytes it decompresses to. Decoding it alone gives the tail of
+    the stream without a pass over all of it."""
+
+    offset: int
+    length: int  # its compressed bytes
+    content: int  # its decompressed bytes
+    whole_file: bool  # it is the only one: decoding it is a full pass
+    stream_flags: bytes = b""  # xz: the flags of the stream it belongs to
+
+
+def xz_layout(host: HostFile) -> tuple[int, LastUnit | None]:
+    """The uncompressed size of an .xz file from its streams' indexes (read backwards from the end),
+    and its last block (None when the file holds no block)."""
     end = host.size
     total = 0
+    blocks_seen = 0
+    last: LastUnit | None = None
     for _ in range(1 << 16):
         while end >= 4 and host.pread(4, end - 4) == b"\0\0\0\0":  # stream padding
             end -= 4
         if end == 0:
-            return total
+            if last is not None and blocks_seen == 1:
+                last = LastUnit(last.offset, last.length, last.content, True, last.stream_flags)
+            return total, last
         footer = host.pread(12, end - 12) if end >= 12 else b""
         if len(footer) != 12 or footer[10:12] != b"YZ":
             raise ArchiveError("truncated or corrupt xz file: no stream footer at its end", path=host.name)
@@ -249,27 +283,58 @@ def xz_uncompressed_size(host: HostFile) -> int:
         index = host.pread(index_size, index_start)
         if zlib.crc32(index[:-4]) != struct.unpack_from("<I", index, index_size - 4)[0] or index[0] != 0:
             raise ArchiveError(f"corrupt xz index at offset {index_start}", path=host.name)
-        blocks, uncompressed = _xz_index_records(index, host.name)
+        records = _xz_index_records(index, host.name)
+        blocks = sum(_padded4(unpadded) for unpadded, _ in records)
         start = index_start - blocks - 12
         if start < 0 or host.pread(6, start) != _MAGIC["xz"]:
             raise ArchiveError(f"corrupt xz file: the index at offset {index_start} does not match its blocks",
                                path=host.name)
-        total += uncompressed
+        if last is None and records:  # the first stream met from the end holds the file's last block
+            unpadded, content = records[-1]
+            last = LastUnit(index_start - _padded4(unpadded), unpadded, content, False, footer[8:10])
+        blocks_seen += len(records)
+        total += sum(content for _, content in records)
         end = start
     raise ArchiveError("too many xz streams", path=host.name)
 
 
-def _xz_index_records(index: bytes, name: str) -> tuple[int, int]:
-    """(bytes of the blocks, uncompressed bytes) listed by one xz index."""
+def _padded4(length: int) -> int:
+    return -(-length // 4) * 4
+
+
+def _xz_index_records(index: bytes, name: str) -> list[tuple[int, int]]:
+    """(unpadded size, uncompressed size) of each block one xz index lists."""
     position = 1
     count, position = _varint(index, position, name)
-    blocks = uncompressed = 0
+    records = []
     for _ in range(count):
         unpadded, position = _varint(index, position, name)
         size, position = _varint(index, position, name)
-        blocks += -(-unpadded // 4) * 4
-        uncompressed += size
-    return blocks, uncompressed
+        records.append((unpadded, size))
+    return records
+
+
+def _xz_single_block(unit: LastUnit, block: Iterator[bytes]) -> Iterator[bytes]:
+    """An xz stream holding only ``unit`` (its block bytes from ``block``): a stream header, the
+    block, an index of one record and a stream footer, as the xz format lays them out, so that
+    the standard decoder takes one block of a multi-block file alone."""
+    flags = unit.stream_flags
+    yield _MAGIC["xz"] + flags + zlib.crc32(flags).to_bytes(4, "little")
+    yield from block
+    records = b"\0" + _encode_varint(1) + _encode_varint(unit.length) + _encode_varint(unit.content)
+    records += bytes(-len(records) % 4)
+    index = records + zlib.crc32(records).to_bytes(4, "little")
+    backward = (len(index) // 4 - 1).to_bytes(4, "little")
+    yield index + zlib.crc32(backward + flags).to_bytes(4, "little") + backward + flags + b"YZ"
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _varint(data: bytes, position: int, name: str) -> tuple[int, int]:
@@ -285,12 +350,14 @@ def _varint(data: bytes, position: int, name: str) -> tuple[int, int]:
     raise ArchiveError("corrupt xz index (bad number)", path=name)
 
 
-def zstd_content_size(host: HostFile) -> int | None:
+def zstd_layout(host: HostFile) -> tuple[int | None, LastUnit | None]:
     """The sum of the content sizes of a .zst file's frames, walking every block header to the end
-    (which also proves the file is not cut short); None when a frame does not record its size."""
+    (which also proves the file is not cut short; None when a frame does not record its size), and
+    its last frame (None without a size)."""
     reader = _BufferedAt(host)
     position = 0
     total: int | None = 0
+    frames: list[tuple[int, int | None]] = []  # (offset, content size) of the first frame and the last
     while position < host.size:
         head = reader.read(position, 18)
         magic = struct.unpack_from("<I", head.ljust(4, b"\0"))[0]
@@ -303,10 +370,12 @@ def zstd_content_size(host: HostFile) -> int | None:
             if position > 0 and not head.strip(b"\0"):
                 break  # zero padding after the last frame
             raise ArchiveError(f"corrupt zstd file: no frame at offset {position}", path=host.name)
+        frame_start = position
         descriptor = head[4]
         single_segment = descriptor >> 5 & 1
         size_bytes = (0, 2, 4, 8)[descriptor >> 6] or single_segment
         header = 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3]
+        content: int | None = None
         if size_bytes:
             content = int.from_bytes(head[header : header + size_bytes], "little") + (256 if size_bytes == 2 else 0)
             total = None if total is None else total + content
@@ -325,9 +394,75 @@ def zstd_content_size(host: HostFile) -> int | None:
             if value & 1:
                 break
         position += 4 if descriptor & 4 else 0  # content checksum
+        frames[1:] = [(frame_start, content)]
+        last_end = position
     if position > host.size:
         raise ArchiveError("truncated zstd file: it ends inside a frame", path=host.name)
-    return total
+    if total is None or not frames:
+        return total, None
+    offset, content = frames[-1]
+    return total, LastUnit(offset, last_end - offset, content or 0, offset == frames[0][0])
+
+
+def last_unit_tail(host: HostFile, kind: str, unit: LastUnit, keep: int) -> bytes:
+    """The last ``keep`` bytes of a compressed file, decoded from its last xz block or zstd frame
+    alone (the caller makes sure that unit decompresses to ``keep`` bytes or more)."""
+    tail = b""
+    try:
+        for data in _decode_unit(host, kind, unit):
+            tail = (tail + data[-keep:])[-keep:]
+    except DiskImageError:
+        raise
+    except Exception as exc:  # LZMAError, zstandard.ZstdError, EOFError
+        raise ArchiveError(f"corrupt {kind} stream (its last {_unit_noun(kind)}, at offset "
+                           f"{unit.offset}): {str(exc)[:200] or type(exc).__name__}", path=host.name) from None
+    return tail
+
+
+def _decode_unit(host: HostFile, kind: str, unit: LastUnit) -> Iterator[bytes]:
+    """The decompressed bytes of one xz block or zstd frame, a chunk at a time."""
+    if kind == "zstd":
+        import zstandard
+
+        decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+        frame = decompressor.stream_reader(_Pieces(_file_range(host, unit.offset, unit.length)),  # type: ignore[arg-type]
+                                           read_size=INPUT_CHUNK, read_across_frames=False, closefd=False)
+        while data := frame.read(CHUNK):
+            yield data
+        return
+    decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
+    for piece in _xz_single_block(unit, _file_range(host, unit.offset, _padded4(unit.length))):
+        data = decoder.decompress(piece, CHUNK)
+        while data:
+            yield data
+            data = decoder.decompress(b"", CHUNK) if not decoder.needs_input and not decoder.eof else b""
+    if not decoder.eof:
+        raise ArchiveError(f"truncated xz block at offset {unit.offset}", path=host.name)
+
+
+def _file_range(host: HostFile, offset: int, length: int) -> Iterator[bytes]:
+    """``length`` bytes of the file from ``offset``, a chunk at a time (short at its end)."""
+    end = offset + length
+    while offset < end:
+        data = host.pread(min(INPUT_CHUNK, end - offset), offset)
+        if not data:
+            return
+        yield data
+        offset += len(data)
+
+
+class _Pieces:
+    """An iterator of byte strings as the forward ``read(n)`` zstandard reads from."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self.pieces = pieces
+        self.pending = b""
+
+    def read(self, size: int = INPUT_CHUNK) -> bytes:
+        if not self.pending:
+            self.pending = next(self.pieces, b"")
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return data
 
 
 class _BufferedAt:
@@ -361,7 +496,7 @@ class Segment:
 
 
 class StreamDiskReader(DiskReader):
-    """A RAW disk whose bytes are segments of a stream (holes between them read as zeros): a bare
+    """A RAW disk (or a fixed VHD's data area) whose bytes are segments of a stream (holes between them read as zeros): a bare
     compressed disk (one segment), or a tar member (one segment per sparse extent). Stream
     offsets count from ``base`` (where the member's data starts). A compressed stream is read
     forward through a small cache of recent chunks; an uncompressed archive (unless a digest of it
@@ -370,10 +505,21 @@ class StreamDiskReader(DiskReader):
     format = "raw"
 
     def __init__(self, host: HostFile, stream: ForwardStream, size: int, segments: list[Segment],
-                 facts: dict[str, Any], base: int = 0, first_chunk: bytes | None = None) -> None:
-        super().__init__(host, -(-size // SECTOR) * SECTOR)
+                 facts: dict[str, Any], base: int = 0, first_chunk: bytes | None = None,
+                 disk: ImageInfo | None = None) -> None:
+        super().__init__(host, disk.virtual_size if disk else -(-size // SECTOR) * SECTOR)
         #: the exact byte count of what the wrapper holds (the virtual size is rounded up to sectors)
         self.content_size = size
+        #: the facts of a disk format other than RAW read from the stream (a fixed VHD: its data,
+        #: then its footer), or None
+        self.disk = disk
+        if disk is not None:
+            self.format = disk.format
+        #: for a member of a compressed tar, whose end is not seen at open: the check of its last
+        #: INNER_TAIL bytes (raises when they show another format), run when they are read if
+        #: ``guard_tail`` asked for it
+        self.tail_check: Callable[[bytes], None] | None = None
+        self._tail_guarded = False
         self.stream = stream
         self.segments = segments
         self._starts = [segment.start for segment in segments]
@@ -410,13 +556,33 @@ class StreamDiskReader(DiskReader):
             position = piece_end
             index += 1
 
+    def guard_tail(self) -> None:
+        """The bytes are read as a RAW disk: refuse them, once the last of them are read, if their
+        end shows another format (nothing of those last bytes is returned before that check)."""
+        self._tail_guarded = self.tail_check is not None
+
     def _read_encoded(self, run: Run) -> bytes:
         with self._lock:
+            if self._tail_guarded and run.start + run.length > self.content_size - INNER_TAIL:
+                self._check_tail()
             data = self._read_stream(run.host_offset, run.length)
         if len(data) != run.length:
             raise ArchiveError(f"truncated: the stream ends {run.length - len(data)} bytes short of the disk's "
                                f"data at guest offset {run.start + len(data)}", path=self.path)
         return data
+
+    def _check_tail(self) -> None:
+        """Run ``tail_check`` over the disk's last bytes: the few KiB before them are still in the
+        chunk cache (the disk is read forward), the rest is ahead, so this costs no pass."""
+        assert self.tail_check is not None
+        start = max(0, self.content_size - INNER_TAIL)
+        tail = bytearray(self.content_size - start)
+        for run in self._runs(start, self.content_size):
+            if run.kind is not RunKind.ZERO:
+                piece = self._read_stream(run.host_offset, run.length)  # ENCODED: a compressed tar is forward only
+                tail[run.start - start : run.start - start + len(piece)] = piece
+        self.tail_check(bytes(tail))
+        self._tail_guarded = False
 
     def _read_stream(self, offset: int, length: int) -> bytes:
         """Stream bytes [base + offset, ... + length), from the cache or by decompressing forward;
@@ -454,14 +620,14 @@ class StreamDiskReader(DiskReader):
             yield Extent(run.start, run.length, kind)
 
     def info(self) -> ImageInfo:
-        return ImageInfo(
-            format=self.format,
-            virtual_size=self.virtual_size,
-            file_size=self.host.size,
-            allocated_bytes=sum(segment.length for segment in self.segments),
-            details={key: value for key, value in {**self.facts, "decompression_passes": self.decompression_passes}
-                     .items() if value is not None},
-        )
+        details = {key: value for key, value in {**self.facts, "decompression_passes": self.decompression_passes}
+                   .items() if value is not None}
+        facts = ImageInfo(format=self.format, virtual_size=self.virtual_size, file_size=self.host.size,
+                          allocated_bytes=sum(segment.length for segment in self.segments))
+        if self.disk is None:
+            return dataclasses.replace(facts, details=details)
+        return dataclasses.replace(self.disk, virtual_size=facts.virtual_size, file_size=facts.file_size,
+                                   allocated_bytes=facts.allocated_bytes, details={**self.disk.details, **details})
 
 
 # --- opening ------------------------------------------------------------------------------------------
@@ -516,20 +682,52 @@ _ACCESS = ("sequential: reads in increasing order cost one decompression pass; "
 def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None, as_bytes: bool) -> DiskReader:
     stream = ForwardStream(host, kind, digest)
     first = stream.read(CHUNK)
-    inner = _identify(first[:INNER_HEAD], None)
-    if not as_bytes:
-        _require_raw(inner, host.name, kind, None)
-    if kind == "xz":
-        size, size_from = xz_uncompressed_size(host), "the xz index"
-    elif kind == "zstd" and (recorded := zstd_content_size(host)) is not None:
-        size, size_from = recorded, "the zstd frame headers"
-    else:
-        size = len(first) + stream.skip(MAX_MEMBER_SIZE)
-        size_from = f"counted by decompressing the whole {kind} stream once (it does not record its size)"
+    head = first[:INNER_HEAD]
+    if not as_bytes:  # a format known by its head (qcow2, a dynamic VHD...) is refused before any pass
+        _require_raw(_identify(head, b"", None, None), host.name, kind, None)
+    size, size_from, tail, tail_from = _size_and_tail(host, kind, stream, first)
     _check_size(size, host.name)
+    inner = _identify(head, tail, size, unwrapped_name(kind, host.name)[0])
     facts = {"wrapper": kind, "compression": kind, "member": None, "inner_format": inner.format,
-             "inner_description": inner.description, "virtual_size_from": size_from, "access": _ACCESS}
-    return StreamDiskReader(host, stream, size, [Segment(0, size, 0)] if size else [], facts, 0, first)
+             "inner_description": inner.description, "virtual_size_from": size_from, "tail_from": tail_from,
+             "access": _ACCESS}
+    segments = [Segment(0, size, 0)] if size else []
+    disk = None if as_bytes else _wrapped_disk(inner, head, tail, size, host.name, kind, None)
+    return StreamDiskReader(host, stream, size, _clip(segments, disk), facts, 0, first, disk)
+
+
+def _size_and_tail(host: HostFile, kind: str, stream: ForwardStream, first: bytes) -> tuple[int, str, bytes, str]:
+    """(the decompressed size, where it comes from, the last INNER_TAIL bytes, how they were seen):
+    from the first chunk when the stream ends in it; else a gzip or bzip2 stream (or zstd frames
+    without sizes) is counted by one pass that also keeps its tail; an xz or zstd file takes its
+    size from its index or frame headers and its tail from its last block or frame, decoded alone
+    (one pass when that is the whole file)."""
+    if len(first) < CHUNK:
+        return len(first), "the stream, which ends in its first MiB", first[-INNER_TAIL:], "the same read"
+    size: int | None = None
+    unit: LastUnit | None = None
+    if kind == "xz":
+        size, unit = xz_layout(host)
+        size_from = "the xz index"
+    elif kind == "zstd":
+        size, unit = zstd_layout(host)
+        size_from = "the zstd frame headers"
+    if size is not None and unit is not None and not unit.whole_file and unit.content >= INNER_TAIL:
+        return size, size_from, last_unit_tail(host, kind, unit, INNER_TAIL), f"its last {_unit_noun(kind)}, decoded alone"
+    counted, rest = stream.skip_to_end(INNER_TAIL, MAX_MEMBER_SIZE)
+    counted += len(first)
+    tail = (first[-INNER_TAIL:] + rest)[-INNER_TAIL:]
+    if size is None:
+        return (counted, f"counted by decompressing the whole {kind} stream once (it does not record its size)",
+                tail, "the pass that counted the size")
+    if counted != size:
+        raise ArchiveError(f"the {kind} metadata records {size} bytes but the stream holds {counted}: "
+                           "the file is corrupt", path=host.name)
+    return size, size_from, tail, f"one decompression pass at open (a {kind} file of one {_unit_noun(kind)})"
+
+
+def _unit_noun(kind: str) -> str:
+    return "block" if kind == "xz" else "frame"
 
 
 def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None, as_bytes: bool) -> DiskReader:
@@ -540,23 +738,51 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
     base = stream.position
     first = stream.read(CHUNK)  # a whole chunk of the cache (past the member's data if it is small)
     segments = member_segments(member)
+    head = _head(first, segments, member.size)
+    if kind is None:  # the member's end is at hand in an uncompressed tar
+        tail = PeekedMember(member, base).read(host.pread, max(0, member.size - INNER_TAIL), INNER_TAIL)
+        inner = _identify(head, tail, member.size, member.name)
+        tail_from = "the archive, read in place"
+    else:
+        inner = _identify(head, b"", None, member.name)
+        tail_from = "not at open: checked when the disk's last bytes are read (a compressed tar is read forward)"
     facts = {"wrapper": "tar", "compression": kind, "member": member.name,
              "tar_format": member.header_format, "sparse": member.sparse_map is not None,
-             "virtual_size_from": "the tar header", "access": _ACCESS if kind else "random access (uncompressed tar)"}
-    inner = _identify(_head(first, segments, member.size), member.name)
-    facts.update(inner_format=inner.format, inner_description=inner.description)
+             "inner_format": inner.format, "inner_description": inner.description,
+             "virtual_size_from": "the tar header", "tail_from": tail_from,
+             "access": _ACCESS if kind else "random access (uncompressed tar)"}
     if kind is None and digest is None:  # a plain tar is read at random: what follows the disk is checked now
         rest = ForwardStream(host, None)
         rest.skip(base + member.stored_size + len(padding(member.stored_size)))
         _refuse_another_disk(rest, member.name)
-    if inner.format in WRAPPED_FORMATS or as_bytes:
-        return StreamDiskReader(host, stream, member.size, segments, facts, base, first)
-    if kind is None and member.sparse_map is None and inner.format in READERS:
+    if as_bytes:
+        reader = StreamDiskReader(host, stream, member.size, segments, facts, base, first)
+        if kind is not None:
+            reader.tail_check = functools.partial(_refuse_at_end, head, member.size, host.name, kind, member.name)
+        return reader
+    if kind is None and member.sparse_map is None and inner.format in READERS and inner.format not in WRAPPED_FORMATS:
         # an uncompressed member is a plain byte range of the archive: any format, read in place
         contained = MemberFile(host, base, member.size, f"{host.name}:{member.name}")
         return READERS[inner.format].open(contained, None, OpenOptions())
-    _require_raw(inner, host.name, kind or "tar", member.name)
-    raise AssertionError("unreachable: _require_raw refuses every other format")
+    disk = _wrapped_disk(inner, head, tail if kind is None else b"", member.size, host.name, kind or "tar", member.name)
+    reader = StreamDiskReader(host, stream, member.size, _clip(segments, disk), facts, base, first, disk)
+    if kind is not None:
+        reader.tail_check = functools.partial(_refuse_at_end, head, member.size, host.name, kind, member.name)
+        reader.guard_tail()
+    return reader
+
+
+def _refuse_at_end(head: bytes, size: int, path: str, kind: str, member: str, tail: bytes) -> None:
+    """Refuse a compressed tar's member whose end, seen only once read, shows a format other than
+    RAW (a fixed VHD's footer, a DMG trailer): its bytes must not pass as a RAW disk."""
+    inner = _identify(head, tail, size, member)
+    if inner.format in WRAPPED_FORMATS:
+        return
+    command = f"diskimg unpack {shlex.quote(path)} --out DIR"
+    then = f"then use the {inner.format} file it restores" if inner.readable else f"then, for {member}: {inner.hint}"
+    raise UnsupportedFormat(f"{kind}-compressed tar archive, and its member {member} is {article(inner.description)} "
+                            "(found at its end, which a compressed tar shows only once read): it is not a RAW disk",
+                            path=path, format=inner.format, hint=f"restore it as it is first: `{command}`; {then}")
 
 
 def _head(first: bytes, segments: list[Segment], size: int) -> bytes:
@@ -710,33 +936,94 @@ def spooled(reader: DiskReader, directory: str | None = None) -> DiskReader:
         raise
 
 
-def _identify(head: bytes, name: str | None) -> Detection:
+def _wrapped_disk(inner: Detection, head: bytes, tail: bytes, size: int, path: str, kind: str,
+                  member: str | None) -> ImageInfo | None:
+    """How the wrapped bytes are read as a disk: None for a RAW disk; a fixed VHD's facts (its
+    virtual size from the footer, which is never data); anything else is refused."""
+    if inner.format == "vhd" and inner.subformat == "fixed" and inner.readable:
+        name = f"{path}:{member}" if member else path
+        with READERS["vhd"].open(_EdgesFile(head, tail, size, name), None, OpenOptions()) as vhd:
+            return vhd.info()
+    _require_raw(inner, path, kind, member)
+    return None
+
+
+def _clip(segments: list[Segment], disk: ImageInfo | None) -> list[Segment]:
+    """The segments that are disk data: a fixed VHD's footer (after its data area) is not."""
+    if disk is None:
+        return segments
+    end = min(disk.details["data_area"], disk.virtual_size)
+    return [Segment(s.start, min(s.length, end - s.start), s.stored) for s in segments if s.start < end]
+
+
+class _EdgesFile(HostFile):
+    """A file known by its head and its tail only (what a stream showed of it), as the HostFile the
+    VHD driver reads a fixed disk's footer from: the driver's own checks apply, and it reads
+    nothing else of a fixed disk."""
+
+    def __init__(self, head: bytes, tail: bytes, size: int, name: str) -> None:  # noqa: D107
+        # no super().__init__: there is no file to open
+        self._lock = threading.Lock()
+        self._head, self._tail = head, tail
+        self.name = name
+        self.size = size
+        self.fd = None
+        self.is_block_device = False
+        self._owned = False
+
+    @property
+    def allocated_bytes(self) -> int | None:
+        return None
+
+    def pread(self, length: int, offset: int) -> bytes:
+        end = min(offset + length, self.size)
+        if end <= len(self._head):
+            return self._head[offset:end]
+        tail_start = self.size - len(self._tail)
+        if offset >= tail_start:
+            return self._tail[offset - tail_start : end - tail_start]
+        raise ArchiveError(f"bytes {offset} to {end} of the disk inside are not at hand to identify it", path=self.name)
+
+    def close(self) -> None:
+        pass
+
+
+def _identify(head: bytes, tail: bytes, size: int | None, name: str | None) -> Detection:
+    """What a wrapper holds, by the same probes as a bare file: from its head, and from its tail
+    (a VHD footer, a DMG trailer) when ``size`` is known."""
     from .probe import identify_inner  # the identification callback probe.py gives wrappers.py
 
-    return identify_inner(head, b"", None, 1, name)
+    return identify_inner(head, tail, size, 1, name)
 
 
 def _require_raw(inner: Detection, path: str, kind: str, member: str | None) -> None:
-    """Refuse a disk that cannot be read where it is: anything but RAW inside a compressed stream
-    (qcow2 and VHD need random access), and in a plain tar a sparse or foreign-format member."""
+    """Refuse a disk that cannot be read where it is: a format diskimg does not read (with that
+    format's conversion advice), anything but RAW or a fixed VHD inside a compressed stream
+    (qcow2 and the other VHDs need random access), and in a plain tar a sparse member of those."""
     if inner.format in WRAPPED_FORMATS:
         return
     where = f"its member {member}" if member else "what it holds"
+    foreign = not inner.readable
     if kind == "tar":
         what = "an uncompressed tar archive"
-        reason = "from a tar diskimg reads RAW disks, and VHD or qcow2 members that are not sparse"
+        reason = ("diskimg reads VHD, qcow2 and RAW" if foreign else
+                  "from a tar diskimg reads RAW disks and fixed VHDs, and other VHD or qcow2 members that are not sparse")
         hint = f"unpack it first: `diskimg unpack {shlex.quote(path)} --out DIR`"
+        if foreign and inner.hint:
+            hint += f"; then, for {member}: {inner.hint}"
     else:
         what = f"{kind}-compressed"
-        reason = f"through a compressed stream diskimg reads RAW disks only ({inner.format} needs random access)"
+        reason = ("diskimg reads VHD, qcow2 and RAW" if foreign else
+                  f"through a compressed stream diskimg reads RAW disks and fixed VHDs only ({inner.format} "
+                  "needs random access)")
         command, produced = unwrap_command(kind, path)
-        hint = f"decompress it first: `{command}`"
         if member and produced and produced.endswith(".tar"):
-            hint += f" (diskimg reads a disk inside an uncompressed tar in place: `diskimg info {shlex.quote(produced)}`)"
-        elif produced:
-            hint += f", then use {produced}"
-    raise UnsupportedFormat(f"{what}, and {where} is {inner.description}: {reason}", path=path, format=inner.format,
-                            hint=hint)
+            hint = (f"decompress it first: `{command}` (diskimg reads a disk inside an uncompressed tar in place: "
+                    f"`diskimg info {shlex.quote(produced)}`)")
+        else:
+            hint = wrapper_hint(kind, path, inner, None)
+    raise UnsupportedFormat(f"{what}, and {where} is {article(inner.description)}: {reason}", path=path,
+                            format=inner.format, hint=hint)
 
 
 def _check_size(size: int, path: str) -> None:

@@ -231,6 +231,8 @@ def _restore(reader: StreamDiskReader, entry: _Expected, temporary: str, inner_f
              progress: ProgressCallback | None) -> UnpackedDisk:
     """Write the disk to ``temporary`` (converted on the fly when it is RAW) and say what was written."""
     if inner_format == "raw":
+        if final_format != "raw":  # then the bytes are read as a disk: a trailer found at their end refuses them
+            reader.guard_tail()
         result = convert(reader, temporary, final_format, checksum=entry.content_hash is not None, force=True,
                          progress=progress)
         finish_archive(reader)
