@@ -473,6 +473,34 @@ def test_a_fixed_vhd_in_a_wrapper_is_read_as_a_vhd_or_refused(fixed_vhd: tuple[P
     assert facts["virtual_size"] == qemu_facts["virtual-size"]
 
 
+@requires_qemu
+@pytest.mark.parametrize("wrapper", list(WRAPPED_VHDS))
+def test_unpack_of_a_wrapped_fixed_vhd_to_qcow2_keeps_its_virtual_size(fixed_vhd: tuple[Path, Path], tmp_path: Path,
+                                                                      wrapper: str) -> None:
+    """``unpack -O qcow2`` gives the VHD's own virtual size (qemu-img's), never the footer as a
+    512-byte longer disk; without ``-O`` every wrapper gives back the VHD byte for byte."""
+    vhd, expected = fixed_vhd
+    make, readable = WRAPPED_VHDS[wrapper]
+    wrapped = tmp_path / f"disk.vhd.{wrapper}"
+    make(vhd, wrapped)
+    out = tmp_path / "out"
+    proc = diskimg_cli("unpack", wrapped, "--out", out, "-O", "qcow2")
+    if not readable:
+        _one_line_refusal(proc, "vhd")
+        assert not out.exists() or not list(out.iterdir())
+    else:
+        assert proc.returncode == 0, proc.stderr
+        (restored,) = out.iterdir()
+        qemu_facts = json.loads(qemu_img("info", "--output=json", "-f", "vpc", vhd))
+        assert json.loads(qemu_img("info", "--output=json", restored))["virtual-size"] == qemu_facts["virtual-size"]
+        qemu_compare(restored, "qcow2", expected, "raw")
+    plain = tmp_path / "plain"
+    proc = diskimg_cli("unpack", wrapped, "--out", plain)
+    assert proc.returncode == 0, proc.stderr
+    (restored,) = plain.iterdir()
+    assert file_sha256(restored) == file_sha256(vhd)
+
+
 def _koly() -> bytes:
     """A UDIF trailer as Apple's format lays it out: 'koly', version 4, header size 512, at the file's end."""
     return (b"koly" + struct.pack(">II", 4, 512)).ljust(512, b"\0")
@@ -520,6 +548,12 @@ def test_corpus_gzipped_fixed_vhd_is_read_without_its_footer(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr
     assert file_sha256(out) == file_sha256(expected)
     assert not out.read_bytes()[-512:].startswith(b"conectix")
+    unpacked = tmp_path / "unpacked"
+    proc = diskimg_cli("unpack", wrapped, "--out", unpacked, "-O", "qcow2")
+    assert proc.returncode == 0, proc.stderr
+    qemu_facts = json.loads(qemu_img("info", "--output=json", "-f", "vpc", vhd))
+    assert json.loads(qemu_img("info", "--output=json", unpacked / "fixed.qcow2"))["virtual-size"] == \
+        qemu_facts["virtual-size"]
 
 
 def test_corpus_bzipped_dmg_is_named_and_refused(tmp_path: Path) -> None:
