@@ -581,8 +581,8 @@ class StreamDiskReader(DiskReader):
             if run.kind is not RunKind.ZERO:
                 piece = self._read_stream(run.host_offset, run.length)  # ENCODED: a compressed tar is forward only
                 tail[run.start - start : run.start - start + len(piece)] = piece
+        self._tail_guarded = False  # checked once: a caller may then read the bytes as they are
         self.tail_check(bytes(tail))
-        self._tail_guarded = False
 
     def _read_stream(self, offset: int, length: int) -> bytes:
         """Stream bytes [base + offset, ... + length), from the cache or by decompressing forward;
@@ -640,20 +640,22 @@ def opens_through_wrapper(detection: Detection) -> bool:
 
 
 def open_wrapped(source: Any, detection: Detection, digest: Callable[[], Any] | None = None,
-                 as_bytes: bool = False) -> DiskReader:
+                 as_bytes: bool = False, see_tail: bool = False) -> DiskReader:
     """A reader of the disk inside a compressed file or a tar archive (see the module docstring).
 
     ``digest`` (e.g. ``hashlib.sha256``) makes every read sequential and hashes the archive file
     in the same pass: ``stream.digest`` after ``finish_archive``. ``as_bytes`` reads what the
     wrapper holds as plain bytes whatever its format (``facts["inner_format"]`` says which), to
-    extract a qcow2 or VHD file rather than read its guest disk.
+    extract a qcow2 or VHD file rather than read its guest disk. ``see_tail`` reads a compressed
+    tar's member to its end at open (one decompression pass), so that its format is known whole
+    there (``info``) rather than checked when its last bytes are read.
     """
     host = HostFile(source)
     try:
         if detection.format == "tar":
             return _open_tar(host, None, digest, as_bytes)
         if detection.inner_format == "tar":
-            return _open_tar(host, detection.format, digest, as_bytes)
+            return _open_tar(host, detection.format, digest, as_bytes, see_tail)
         return _open_compressed(host, detection.format, digest, as_bytes)
     except ArchiveError as exc:
         host.close()
@@ -730,7 +732,8 @@ def _unit_noun(kind: str) -> str:
     return "block" if kind == "xz" else "frame"
 
 
-def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None, as_bytes: bool) -> DiskReader:
+def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None, as_bytes: bool,
+              see_tail: bool = False) -> DiskReader:
     stream = ForwardStream(host, kind, digest)
     member = next_disk_member(stream)
     if member is None:
@@ -739,10 +742,15 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
     first = stream.read(CHUNK)  # a whole chunk of the cache (past the member's data if it is small)
     segments = member_segments(member)
     head = _head(first, segments, member.size)
+    tail_start = max(0, member.size - INNER_TAIL)
     if kind is None:  # the member's end is at hand in an uncompressed tar
-        tail = PeekedMember(member, base).read(host.pread, max(0, member.size - INNER_TAIL), INNER_TAIL)
+        tail = PeekedMember(member, base).read(host.pread, tail_start, INNER_TAIL)
         inner = _identify(head, tail, member.size, member.name)
         tail_from = "the archive, read in place"
+    elif see_tail:
+        tail = PeekedMember(member, 0).read(_ForwardAt(stream, base, first).read_at, tail_start, INNER_TAIL)
+        inner = _identify(head, tail, member.size, member.name)
+        tail_from = "one decompression pass at open, to the member's end"
     else:
         inner = _identify(head, b"", None, member.name)
         tail_from = "not at open: checked when the disk's last bytes are read (a compressed tar is read forward)"
@@ -751,25 +759,51 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
              "inner_format": inner.format, "inner_description": inner.description,
              "virtual_size_from": "the tar header", "tail_from": tail_from,
              "access": _ACCESS if kind else "random access (uncompressed tar)"}
+    known_tail = kind is None or see_tail
     if kind is None and digest is None:  # a plain tar is read at random: what follows the disk is checked now
         rest = ForwardStream(host, None)
         rest.skip(base + member.stored_size + len(padding(member.stored_size)))
         _refuse_another_disk(rest, member.name)
     if as_bytes:
         reader = StreamDiskReader(host, stream, member.size, segments, facts, base, first)
-        if kind is not None:
+        if not known_tail:
             reader.tail_check = functools.partial(_refuse_at_end, head, member.size, host.name, kind, member.name)
         return reader
     if kind is None and member.sparse_map is None and inner.format in READERS and inner.format not in WRAPPED_FORMATS:
         # an uncompressed member is a plain byte range of the archive: any format, read in place
         contained = MemberFile(host, base, member.size, f"{host.name}:{member.name}")
         return READERS[inner.format].open(contained, None, OpenOptions())
-    disk = _wrapped_disk(inner, head, tail if kind is None else b"", member.size, host.name, kind or "tar", member.name)
+    disk = _wrapped_disk(inner, head, tail if known_tail else b"", member.size, host.name, kind or "tar", member.name)
     reader = StreamDiskReader(host, stream, member.size, _clip(segments, disk), facts, base, first, disk)
-    if kind is not None:
+    if not known_tail:
         reader.tail_check = functools.partial(_refuse_at_end, head, member.size, host.name, kind, member.name)
         reader.guard_tail()
     return reader
+
+
+class EndShowsAnotherFormat(UnsupportedFormat):
+    """The end of a compressed tar's member, seen only once read, shows a format other than RAW."""
+
+
+class _ForwardAt:
+    """A member's stored bytes (offsets from its start) read forward from the stream, its first
+    chunk already in hand: ``read_at`` for reads at increasing offsets."""
+
+    def __init__(self, stream: ForwardStream, base: int, first: bytes) -> None:
+        self.stream = stream
+        self.base = base
+        self.first = first
+
+    def read_at(self, length: int, offset: int) -> bytes:
+        held = self.first[offset : offset + length]
+        if len(held) == length:
+            return held
+        offset, length = offset + len(held), length - len(held)
+        ahead = self.base + offset - self.stream.position
+        if ahead < 0:
+            raise AssertionError("a member's tail is read at increasing offsets")
+        self.stream.skip(ahead)
+        return held + self.stream.read(length)
 
 
 def _refuse_at_end(head: bytes, size: int, path: str, kind: str, member: str, tail: bytes) -> None:
@@ -780,7 +814,7 @@ def _refuse_at_end(head: bytes, size: int, path: str, kind: str, member: str, ta
         return
     command = f"diskimg unpack {shlex.quote(path)} --out DIR"
     then = f"then use the {inner.format} file it restores" if inner.readable else f"then, for {member}: {inner.hint}"
-    raise UnsupportedFormat(f"{kind}-compressed tar archive, and its member {member} is {article(inner.description)} "
+    raise EndShowsAnotherFormat(f"{kind}-compressed tar archive, and its member {member} is {article(inner.description)} "
                             "(found at its end, which a compressed tar shows only once read): it is not a RAW disk",
                             path=path, format=inner.format, hint=f"restore it as it is first: `{command}`; {then}")
 
@@ -1012,7 +1046,7 @@ def _require_raw(inner: Detection, path: str, kind: str, member: str | None) -> 
         if foreign and inner.hint:
             hint += f"; then, for {member}: {inner.hint}"
     else:
-        what = f"{kind}-compressed"
+        what = f"{kind}-compressed tar archive" if member else f"{kind}-compressed"
         reason = ("diskimg reads VHD, qcow2 and RAW" if foreign else
                   f"through a compressed stream diskimg reads RAW disks and fixed VHDs only ({inner.format} "
                   "needs random access)")
@@ -1020,6 +1054,8 @@ def _require_raw(inner: Detection, path: str, kind: str, member: str | None) -> 
         if member and produced and produced.endswith(".tar"):
             hint = (f"decompress it first: `{command}` (diskimg reads a disk inside an uncompressed tar in place: "
                     f"`diskimg info {shlex.quote(produced)}`)")
+            if foreign and inner.hint:
+                hint += f"; then, for {member}: {inner.hint}"
         else:
             hint = wrapper_hint(kind, path, inner, None)
     raise UnsupportedFormat(f"{what}, and {where} is {article(inner.description)}: {reason}", path=path,

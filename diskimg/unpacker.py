@@ -37,7 +37,8 @@ from .detection import READABLE_FORMATS
 from .errors import ArchiveError, OutputError, UnsupportedFormat, UsageError
 from .formats import canonical_format
 from .image import open_image
-from .sources import StreamDiskReader, finish_archive, open_file_bytes, open_wrapped, opens_through_wrapper
+from .sources import (EndShowsAnotherFormat, StreamDiskReader, finish_archive, open_file_bytes, open_wrapped,
+                      opens_through_wrapper)
 from .wrappers import COMPRESSORS, unwrapped_name
 
 #: a manifest larger than this is not a manifest
@@ -231,13 +232,17 @@ def _restore(reader: StreamDiskReader, entry: _Expected, temporary: str, inner_f
              progress: ProgressCallback | None) -> UnpackedDisk:
     """Write the disk to ``temporary`` (converted on the fly when it is RAW) and say what was written."""
     if inner_format == "raw":
-        if final_format != "raw":  # then the bytes are read as a disk: a trailer found at their end refuses them
+        if final_format != "raw":  # the bytes are read as a disk: their end is checked too (a compressed tar)
             reader.guard_tail()
-        result = convert(reader, temporary, final_format, checksum=entry.content_hash is not None, force=True,
-                         progress=progress)
-        finish_archive(reader)
-        return UnpackedDisk(entry.file, None, temporary, final_format, result.virtual_size, result.bytes_written,
-                            None, result.content_hash, None, result.decompression_passes)
+        try:
+            result = convert(reader, temporary, final_format, checksum=entry.content_hash is not None, force=True,
+                             progress=progress)
+        except EndShowsAnotherFormat as found:  # e.g. a fixed VHD's footer: restored as the file it is, below
+            inner_format = str(found.format)
+        else:
+            finish_archive(reader)
+            return UnpackedDisk(entry.file, None, temporary, final_format, result.virtual_size, result.bytes_written,
+                                None, result.content_hash, None, result.decompression_passes)
     # a qcow2, VHD (or another format's) file: extract its bytes exactly, then convert the extracted
     # file if asked (with qemu-img for the formats diskimg does not read)
     result = convert(reader, temporary, "raw", force=True, progress=progress)
