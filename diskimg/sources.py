@@ -21,9 +21,21 @@ A compressed stream can only be read forward. Decisions:
 - **The allocation map** of a tar member comes from its sparse map (GNU old, pax 0.0/0.1/1.0):
   holes are ZERO extents, known before any data is read. A bare compressed disk has no map: it is
   one DATA extent (zero ranges are still skipped by the converter's zero detection).
-- A qcow2 or VHD inside a compressed stream needs random access to its tables: refused, with the
-  command that decompresses it first. Inside an *uncompressed* tar the member is a plain byte range
-  of the archive, read with the normal format drivers at its offset (any format, random access).
+- **What the wrapper holds** is identified from its head and its tail (the last ``INNER_TAIL``
+  bytes) by the probes a bare file goes through, so a format known by its end is never read as
+  RAW: a fixed VHD (data, then a footer) is read as a VHD, its virtual size and checks from the
+  VHD driver's own footer code (over ``_EdgesFile``), the footer never as data; a trailer format
+  diskimg does not read (DMG) is refused with its advice. The tail costs no extra pass where
+  possible: a counted gzip/bzip2 stream keeps it in the counting pass; an xz or zstd file decodes
+  its last block or frame alone (one pass at open when that is the whole file); an uncompressed
+  tar is read in place. A compressed tar's member end is seen only when the disk is read: the
+  reader checks it then (``guard_tail``), before any of those last bytes is returned, and refuses
+  it (``EndShowsAnotherFormat``) if it shows another format; ``see_tail`` (``info``) reads it at
+  open instead.
+- A qcow2, dynamic or differencing VHD inside a compressed stream needs random access to its
+  tables: refused, with the command that decompresses it first (before any pass, from its head).
+  Inside an *uncompressed* tar the member is a plain byte range of the archive, read with the
+  normal format drivers at its offset (any format, random access).
 - Archives are untrusted: a member named with ``..`` or an absolute path, a link, a device, more
   than one disk, a size beyond ``MAX_MEMBER_SIZE``, a truncated or corrupt stream: ArchiveError.
   Members up to the disk are checked when it is opened; what follows it (a second disk, a damaged

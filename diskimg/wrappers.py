@@ -10,7 +10,8 @@ inside a wrapper (a tar in a gzip stream) is followed up to ``MAX_DEPTH`` levels
 
 Inside a compressed stream only a prefix of the inner file is seen: when the stream ends within
 that prefix the inner file is known whole (head, tail and size); otherwise the tail is unknown,
-so a fixed VHD (whose footer is at the end) shows up as the RAW disk it starts with.
+so a fixed VHD (whose footer is at the end) shows up as the RAW disk it starts with (opening
+it, in sources.py, sees the tail).
 """
 
 from __future__ import annotations
