@@ -6,7 +6,6 @@ unsupported, corrupt); 4 the output cannot be written; 130 interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys

@@ -66,8 +66,9 @@ def _open(
     backing_dirs: Sequence[str | os.PathLike[str]] | None,
     see_tail: bool = False,
 ) -> DiskReader:
-    """``see_tail``: a compressed tar's member is read to its end at open (for its facts: a fixed
-    VHD's footer, a DMG trailer) rather than checked when its end is read."""
+    """``see_tail``: a wrapped disk whose end costs a pass to see (a compressed tar's member, an xz
+    or zstd file of one block or frame) is read to its end at open (for its facts: a fixed VHD's
+    footer, a DMG trailer) rather than checked when its end is read."""
     detection = detect(source)
     if format is not None:
         name = canonical_format(format)

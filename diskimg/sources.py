@@ -27,11 +27,11 @@ A compressed stream can only be read forward. Decisions:
   VHD driver's own footer code (over ``_EdgesFile``), the footer never as data; a trailer format
   diskimg does not read (DMG) is refused with its advice. The tail costs no extra pass where
   possible: a counted gzip/bzip2 stream keeps it in the counting pass; an xz or zstd file decodes
-  its last block or frame alone (one pass at open when that is the whole file); an uncompressed
-  tar is read in place. A compressed tar's member end is seen only when the disk is read: the
-  reader checks it then (``guard_tail``), before any of those last bytes is returned, and refuses
-  it (``EndShowsAnotherFormat``) if it shows another format; ``see_tail`` (``info``) reads it at
-  open instead.
+  its last block or frame alone; an uncompressed tar is read in place. Where seeing it would cost
+  a pass of its own (an xz or zstd file of one block or frame, a compressed tar's member), the
+  tail is seen when the disk is read: the reader checks it then (``guard_tail``), before any of
+  those last bytes is returned, and refuses the disk (``EndShowsAnotherFormat``) if it shows
+  another format; ``see_tail`` (``info``) reads it at open instead.
 - A qcow2, dynamic or differencing VHD inside a compressed stream needs random access to its
   tables: refused, with the command that decompresses it first (before any pass, from its head).
   Inside an *uncompressed* tar the member is a plain byte range of the archive, read with the
@@ -259,31 +259,43 @@ class _HostReader:
 
 
 @dataclass(frozen=True)
-class LastUnit:
-    """The last independently decodable piece of a compressed file (an xz block, a zstd frame):
-    where it starts, and how many bytes it decompresses to. Decoding it alone gives the tail of
-    the stream without a pass over all of it."""
+class LastUnits:
+    """The last independently decodable pieces of a compressed file (xz blocks of its last stream,
+    zstd frames) that hold at least its last INNER_TAIL bytes: where they start, their compressed
+    length and how many bytes they decompress to. Decoding them alone gives the tail of the
+    stream without a pass over all of it."""
 
     offset: int
-    length: int  # its compressed bytes
-    content: int  # its decompressed bytes
-    whole_file: bool  # it is the only one: decoding it is a full pass
-    stream_flags: bytes = b""  # xz: the flags of the stream it belongs to
+    length: int  # their compressed bytes, to the end of the last one
+    content: int  # their decompressed bytes
+    whole_file: bool  # they are all the file holds: decoding them is a full pass
+    stream_flags: bytes = b""  # xz: the flags of the stream they belong to
+    records: tuple[tuple[int, int], ...] = ()  # xz: (unpadded size, uncompressed size) of each block
 
 
-def xz_layout(host: HostFile) -> tuple[int, LastUnit | None]:
+def _last_units(units: list[tuple[int, int]], keep: int) -> list[tuple[int, int]]:
+    """The shortest suffix of ``units`` ((size, content) pairs) whose contents add up to ``keep``."""
+    total = 0
+    for index in range(len(units) - 1, -1, -1):
+        total += units[index][1]
+        if total >= keep:
+            return units[index:]
+    return units
+
+
+def xz_layout(host: HostFile) -> tuple[int, LastUnits | None]:
     """The uncompressed size of an .xz file from its streams' indexes (read backwards from the end),
-    and its last block (None when the file holds no block)."""
+    and its last blocks (None when its last stream holds none)."""
     end = host.size
     total = 0
     blocks_seen = 0
-    last: LastUnit | None = None
+    last: LastUnits | None = None
     for _ in range(1 << 16):
         while end >= 4 and host.pread(4, end - 4) == b"\0\0\0\0":  # stream padding
             end -= 4
         if end == 0:
-            if last is not None and blocks_seen == 1:
-                last = LastUnit(last.offset, last.length, last.content, True, last.stream_flags)
+            if last is not None and blocks_seen == len(last.records):
+                last = dataclasses.replace(last, whole_file=True)
             return total, last
         footer = host.pread(12, end - 12) if end >= 12 else b""
         if len(footer) != 12 or footer[10:12] != b"YZ":
@@ -301,9 +313,11 @@ def xz_layout(host: HostFile) -> tuple[int, LastUnit | None]:
         if start < 0 or host.pread(6, start) != _MAGIC["xz"]:
             raise ArchiveError(f"corrupt xz file: the index at offset {index_start} does not match its blocks",
                                path=host.name)
-        if last is None and records:  # the first stream met from the end holds the file's last block
-            unpadded, content = records[-1]
-            last = LastUnit(index_start - _padded4(unpadded), unpadded, content, False, footer[8:10])
+        if blocks_seen == 0 and records:  # the first stream met from the end holds the file's last blocks
+            chosen = _last_units(records, INNER_TAIL)
+            length = sum(_padded4(unpadded) for unpadded, _ in chosen)
+            last = LastUnits(index_start - length, length, sum(content for _, content in chosen), False,
+                             footer[8:10], tuple(chosen))
         blocks_seen += len(records)
         total += sum(content for _, content in records)
         end = start
@@ -326,14 +340,15 @@ def _xz_index_records(index: bytes, name: str) -> list[tuple[int, int]]:
     return records
 
 
-def _xz_single_block(unit: LastUnit, block: Iterator[bytes]) -> Iterator[bytes]:
-    """An xz stream holding only ``unit`` (its block bytes from ``block``): a stream header, the
-    block, an index of one record and a stream footer, as the xz format lays them out, so that
-    the standard decoder takes one block of a multi-block file alone."""
-    flags = unit.stream_flags
+def _xz_blocks_alone(units: LastUnits, blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """An xz stream holding only ``units`` (their bytes from ``blocks``): a stream header, the
+    blocks, an index of their records and a stream footer, as the xz format lays them out, so that
+    the standard decoder takes the last blocks of a multi-block file alone."""
+    flags = units.stream_flags
     yield _MAGIC["xz"] + flags + zlib.crc32(flags).to_bytes(4, "little")
-    yield from block
-    records = b"\0" + _encode_varint(1) + _encode_varint(unit.length) + _encode_varint(unit.content)
+    yield from blocks
+    records = b"\0" + _encode_varint(len(units.records)) + b"".join(
+        _encode_varint(unpadded) + _encode_varint(content) for unpadded, content in units.records)
     records += bytes(-len(records) % 4)
     index = records + zlib.crc32(records).to_bytes(4, "little")
     backward = (len(index) // 4 - 1).to_bytes(4, "little")
@@ -362,14 +377,16 @@ def _varint(data: bytes, position: int, name: str) -> tuple[int, int]:
     raise ArchiveError("corrupt xz index (bad number)", path=name)
 
 
-def zstd_layout(host: HostFile) -> tuple[int | None, LastUnit | None]:
+def zstd_layout(host: HostFile) -> tuple[int | None, LastUnits | None]:
     """The sum of the content sizes of a .zst file's frames, walking every block header to the end
     (which also proves the file is not cut short; None when a frame does not record its size), and
     its last frame (None without a size)."""
     reader = _BufferedAt(host)
     position = 0
     total: int | None = 0
-    frames: list[tuple[int, int | None]] = []  # (offset, content size) of the first frame and the last
+    first_frame: int | None = None
+    frames: collections.deque[tuple[int, int]] = collections.deque()  # the last frames holding INNER_TAIL bytes
+    held = 0  # their content
     while position < host.size:
         head = reader.read(position, 18)
         magic = struct.unpack_from("<I", head.ljust(4, b"\0"))[0]
@@ -406,50 +423,56 @@ def zstd_layout(host: HostFile) -> tuple[int | None, LastUnit | None]:
             if value & 1:
                 break
         position += 4 if descriptor & 4 else 0  # content checksum
-        frames[1:] = [(frame_start, content)]
+        first_frame = frame_start if first_frame is None else first_frame
+        if content:  # (offset, content size); an empty frame decodes to nothing
+            frames.append((frame_start, content))
+            held += content
+            while held - frames[0][1] >= INNER_TAIL:
+                held -= frames.popleft()[1]
         last_end = position
     if position > host.size:
         raise ArchiveError("truncated zstd file: it ends inside a frame", path=host.name)
     if total is None or not frames:
         return total, None
-    offset, content = frames[-1]
-    return total, LastUnit(offset, last_end - offset, content or 0, offset == frames[0][0])
+    offset = frames[0][0]
+    return total, LastUnits(offset, last_end - offset, held, offset == first_frame)
 
 
-def last_unit_tail(host: HostFile, kind: str, unit: LastUnit, keep: int) -> bytes:
-    """The last ``keep`` bytes of a compressed file, decoded from its last xz block or zstd frame
-    alone (the caller makes sure that unit decompresses to ``keep`` bytes or more)."""
+def last_units_tail(host: HostFile, kind: str, units: LastUnits, keep: int) -> bytes:
+    """The last ``keep`` bytes of a compressed file, decoded from its last xz blocks or zstd frames
+    alone (the caller makes sure they decompress to ``keep`` bytes or more)."""
     tail = b""
     try:
-        for data in _decode_unit(host, kind, unit):
+        for data in _decode_units(host, kind, units):
             tail = (tail + data[-keep:])[-keep:]
     except DiskImageError:
         raise
     except Exception as exc:  # LZMAError, zstandard.ZstdError, EOFError
-        raise ArchiveError(f"corrupt {kind} stream (its last {_unit_noun(kind)}, at offset "
-                           f"{unit.offset}): {str(exc)[:200] or type(exc).__name__}", path=host.name) from None
+        raise ArchiveError(f"corrupt {kind} stream (its last {_unit_noun(kind)}s, from offset "
+                           f"{units.offset}): {str(exc)[:200] or type(exc).__name__}", path=host.name) from None
     return tail
 
 
-def _decode_unit(host: HostFile, kind: str, unit: LastUnit) -> Iterator[bytes]:
-    """The decompressed bytes of one xz block or zstd frame, a chunk at a time."""
+def _decode_units(host: HostFile, kind: str, units: LastUnits) -> Iterator[bytes]:
+    """The decompressed bytes of the last xz blocks or zstd frames, a chunk at a time."""
     if kind == "zstd":
         import zstandard
 
         decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-        frame = decompressor.stream_reader(_Pieces(_file_range(host, unit.offset, unit.length)),  # type: ignore[arg-type]
-                                           read_size=INPUT_CHUNK, read_across_frames=False, closefd=False)
-        while data := frame.read(CHUNK):
+        pieces = _Pieces(_file_range(host, units.offset, units.length))
+        frames = decompressor.stream_reader(pieces, read_size=INPUT_CHUNK,  # type: ignore[arg-type]
+                                           read_across_frames=True, closefd=False)
+        while data := frames.read(CHUNK):
             yield data
         return
     decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
-    for piece in _xz_single_block(unit, _file_range(host, unit.offset, _padded4(unit.length))):
+    for piece in _xz_blocks_alone(units, _file_range(host, units.offset, units.length)):
         data = decoder.decompress(piece, CHUNK)
         while data:
             yield data
             data = decoder.decompress(b"", CHUNK) if not decoder.needs_input and not decoder.eof else b""
     if not decoder.eof:
-        raise ArchiveError(f"truncated xz block at offset {unit.offset}", path=host.name)
+        raise ArchiveError(f"truncated xz block after offset {units.offset}", path=host.name)
 
 
 def _file_range(host: HostFile, offset: int, length: int) -> Iterator[bytes]:
@@ -508,11 +531,12 @@ class Segment:
 
 
 class StreamDiskReader(DiskReader):
-    """A RAW disk (or a fixed VHD's data area) whose bytes are segments of a stream (holes between them read as zeros): a bare
-    compressed disk (one segment), or a tar member (one segment per sparse extent). Stream
-    offsets count from ``base`` (where the member's data starts). A compressed stream is read
-    forward through a small cache of recent chunks; an uncompressed archive (unless a digest of it
-    is wanted) is read at random, each segment being a range of the file. Thread-safe."""
+    """A RAW disk (or a fixed VHD's data area) whose bytes are segments of a stream (holes between
+    them read as zeros): a bare compressed disk (one segment), or a tar member (one segment per
+    sparse extent). Stream offsets count from ``base`` (where the member's data starts). A
+    compressed stream is read forward through a small cache of recent chunks; an uncompressed
+    archive (unless a digest of it is wanted) is read at random, each segment being a range of the
+    file. Thread-safe."""
 
     format = "raw"
 
@@ -575,17 +599,19 @@ class StreamDiskReader(DiskReader):
 
     def _read_encoded(self, run: Run) -> bytes:
         with self._lock:
-            if self._tail_guarded and run.start + run.length > self.content_size - INNER_TAIL:
-                self._check_tail()
             data = self._read_stream(run.host_offset, run.length)
+            if self._tail_guarded and run.start + run.length > self.content_size - INNER_TAIL:
+                self._check_tail()  # before the data is returned
         if len(data) != run.length:
             raise ArchiveError(f"truncated: the stream ends {run.length - len(data)} bytes short of the disk's "
                                f"data at guest offset {run.start + len(data)}", path=self.path)
         return data
 
     def _check_tail(self) -> None:
-        """Run ``tail_check`` over the disk's last bytes: the few KiB before them are still in the
-        chunk cache (the disk is read forward), the rest is ahead, so this costs no pass."""
+        """Run ``tail_check`` over the disk's last bytes, once the run reaching into them was read:
+        what of them precedes the run's end is in the chunk cache (the disk is read forward; the run
+        just read, or the one before when this run starts inside them), the rest is ahead, so this
+        costs no pass."""
         assert self.tail_check is not None
         start = max(0, self.content_size - INNER_TAIL)
         tail = bytearray(self.content_size - start)
@@ -659,8 +685,9 @@ def open_wrapped(source: Any, detection: Detection, digest: Callable[[], Any] | 
     in the same pass: ``stream.digest`` after ``finish_archive``. ``as_bytes`` reads what the
     wrapper holds as plain bytes whatever its format (``facts["inner_format"]`` says which), to
     extract a qcow2 or VHD file rather than read its guest disk. ``see_tail`` reads a compressed
-    tar's member to its end at open (one decompression pass), so that its format is known whole
-    there (``info``) rather than checked when its last bytes are read.
+    tar's member, or an xz or zstd file of one block or frame, to its end at open (one
+    decompression pass), so that its format is known whole there (``info``) rather than checked
+    when its last bytes are read.
     """
     host = HostFile(source)
     try:
@@ -668,7 +695,7 @@ def open_wrapped(source: Any, detection: Detection, digest: Callable[[], Any] | 
             return _open_tar(host, None, digest, as_bytes)
         if detection.inner_format == "tar":
             return _open_tar(host, detection.format, digest, as_bytes, see_tail)
-        return _open_compressed(host, detection.format, digest, as_bytes)
+        return _open_compressed(host, detection.format, digest, as_bytes, see_tail)
     except ArchiveError as exc:
         host.close()
         exc.path = exc.path or host.name
@@ -693,51 +720,66 @@ _ACCESS = ("sequential: reads in increasing order cost one decompression pass; "
            "reading backwards restarts decompression from the start")
 
 
-def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None, as_bytes: bool) -> DiskReader:
+def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None, as_bytes: bool,
+                     see_tail: bool) -> DiskReader:
     stream = ForwardStream(host, kind, digest)
     first = stream.read(CHUNK)
     head = first[:INNER_HEAD]
     if not as_bytes:  # a format known by its head (qcow2, a dynamic VHD...) is refused before any pass
         _require_raw(_identify(head, b"", None, None), host.name, kind, None)
-    size, size_from, tail, tail_from = _size_and_tail(host, kind, stream, first)
+    size, size_from, tail, tail_from = _size_and_tail(host, kind, stream, first, see_tail)
     _check_size(size, host.name)
-    inner = _identify(head, tail, size, unwrapped_name(kind, host.name)[0])
+    name = unwrapped_name(kind, host.name)[0]
+    inner = _identify(head, tail or b"", size if tail is not None else None, name)
     facts = {"wrapper": kind, "compression": kind, "member": None, "inner_format": inner.format,
              "inner_description": inner.description, "virtual_size_from": size_from, "tail_from": tail_from,
              "access": _ACCESS}
     segments = [Segment(0, size, 0)] if size else []
-    disk = None if as_bytes else _wrapped_disk(inner, head, tail, size, host.name, kind, None)
-    return StreamDiskReader(host, stream, size, _clip(segments, disk), facts, 0, first, disk)
+    disk = None if as_bytes else _wrapped_disk(inner, head, tail or b"", size, host.name, kind, None)
+    reader = StreamDiskReader(host, stream, size, _clip(segments, disk), facts, 0, first, disk)
+    if tail is None:
+        _check_tail_when_read(reader, head, host.name, kind, None, as_bytes)
+    return reader
 
 
-def _size_and_tail(host: HostFile, kind: str, stream: ForwardStream, first: bytes) -> tuple[int, str, bytes, str]:
-    """(the decompressed size, where it comes from, the last INNER_TAIL bytes, how they were seen):
-    from the first chunk when the stream ends in it; else a gzip or bzip2 stream (or zstd frames
-    without sizes) is counted by one pass that also keeps its tail; an xz or zstd file takes its
-    size from its index or frame headers and its tail from its last block or frame, decoded alone
-    (one pass when that is the whole file)."""
-    if len(first) < CHUNK:
-        return len(first), "the stream, which ends in its first MiB", first[-INNER_TAIL:], "the same read"
+def _size_and_tail(host: HostFile, kind: str, stream: ForwardStream, first: bytes,
+                   see_tail: bool) -> tuple[int, str, bytes | None, str]:
+    """(the decompressed size, where it comes from, the last INNER_TAIL bytes, how they were seen).
+
+    An xz or zstd file takes its size from its index or frame headers, and its tail from its last
+    block or frame decoded alone; a gzip or bzip2 stream (or zstd frames without sizes) is counted
+    by one pass that keeps its tail. An xz or zstd file of one block or frame would need a pass of
+    its own for the tail: unless ``see_tail`` asks for it, the tail is None then (not seen at open),
+    and the reader checks it when it reads it."""
     size: int | None = None
-    unit: LastUnit | None = None
+    units: LastUnits | None = None
     if kind == "xz":
-        size, unit = xz_layout(host)
+        size, units = xz_layout(host)
         size_from = "the xz index"
     elif kind == "zstd":
-        size, unit = zstd_layout(host)
+        size, units = zstd_layout(host)
         size_from = "the zstd frame headers"
-    if size is not None and unit is not None and not unit.whole_file and unit.content >= INNER_TAIL:
-        return size, size_from, last_unit_tail(host, kind, unit, INNER_TAIL), f"its last {_unit_noun(kind)}, decoded alone"
-    counted, rest = stream.skip_to_end(INNER_TAIL, MAX_MEMBER_SIZE)
-    counted += len(first)
-    tail = (first[-INNER_TAIL:] + rest)[-INNER_TAIL:]
+    if len(first) < CHUNK:
+        counted, tail, tail_from = len(first), first[-INNER_TAIL:], "the first read, which reached its end"
+    elif size is not None and units is not None and not units.whole_file and units.content >= INNER_TAIL:
+        tail = last_units_tail(host, kind, units, INNER_TAIL)
+        return size, size_from, tail, f"its last {_unit_noun(kind)}s, decoded alone"
+    elif size is not None and not see_tail:
+        return size, size_from, None, f"{_UNSEEN_TAIL} (a {kind} file of one {_unit_noun(kind)})"
+    else:
+        rest_count, rest = stream.skip_to_end(INNER_TAIL, MAX_MEMBER_SIZE)
+        counted, tail = len(first) + rest_count, (first[-INNER_TAIL:] + rest)[-INNER_TAIL:]
+        tail_from = "the pass that counted the size" if size is None else "one decompression pass at open"
     if size is None:
-        return (counted, f"counted by decompressing the whole {kind} stream once (it does not record its size)",
-                tail, "the pass that counted the size")
+        return counted, f"counted by decompressing the whole {kind} stream once (it does not record its size)", \
+            tail, tail_from
     if counted != size:
         raise ArchiveError(f"the {kind} metadata records {size} bytes but the stream holds {counted}: "
                            "the file is corrupt", path=host.name)
-    return size, size_from, tail, f"one decompression pass at open (a {kind} file of one {_unit_noun(kind)})"
+    return size, size_from, tail, tail_from
+
+
+_UNSEEN_TAIL = "not at open: checked when the disk's last bytes are read"
 
 
 def _unit_noun(kind: str) -> str:
@@ -755,46 +797,50 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
     segments = member_segments(member)
     head = _head(first, segments, member.size)
     tail_start = max(0, member.size - INNER_TAIL)
+    tail: bytes | None = None
     if kind is None:  # the member's end is at hand in an uncompressed tar
         tail = PeekedMember(member, base).read(host.pread, tail_start, INNER_TAIL)
-        inner = _identify(head, tail, member.size, member.name)
         tail_from = "the archive, read in place"
     elif see_tail:
         tail = PeekedMember(member, 0).read(_ForwardAt(stream, base, first).read_at, tail_start, INNER_TAIL)
-        inner = _identify(head, tail, member.size, member.name)
         tail_from = "one decompression pass at open, to the member's end"
     else:
-        inner = _identify(head, b"", None, member.name)
-        tail_from = "not at open: checked when the disk's last bytes are read (a compressed tar is read forward)"
+        tail_from = f"{_UNSEEN_TAIL} (a compressed tar is read forward)"
+    inner = _identify(head, tail or b"", member.size if tail is not None else None, member.name)
     facts = {"wrapper": "tar", "compression": kind, "member": member.name,
              "tar_format": member.header_format, "sparse": member.sparse_map is not None,
              "inner_format": inner.format, "inner_description": inner.description,
              "virtual_size_from": "the tar header", "tail_from": tail_from,
              "access": _ACCESS if kind else "random access (uncompressed tar)"}
-    known_tail = kind is None or see_tail
     if kind is None and digest is None:  # a plain tar is read at random: what follows the disk is checked now
         rest = ForwardStream(host, None)
         rest.skip(base + member.stored_size + len(padding(member.stored_size)))
         _refuse_another_disk(rest, member.name)
     if as_bytes:
         reader = StreamDiskReader(host, stream, member.size, segments, facts, base, first)
-        if not known_tail:
-            reader.tail_check = functools.partial(_refuse_at_end, head, member.size, host.name, kind, member.name)
-        return reader
-    if kind is None and member.sparse_map is None and inner.format in READERS and inner.format not in WRAPPED_FORMATS:
+    elif kind is None and member.sparse_map is None and inner.format in READERS and inner.format not in WRAPPED_FORMATS:
         # an uncompressed member is a plain byte range of the archive: any format, read in place
         contained = MemberFile(host, base, member.size, f"{host.name}:{member.name}")
         return READERS[inner.format].open(contained, None, OpenOptions())
-    disk = _wrapped_disk(inner, head, tail if known_tail else b"", member.size, host.name, kind or "tar", member.name)
-    reader = StreamDiskReader(host, stream, member.size, _clip(segments, disk), facts, base, first, disk)
-    if not known_tail:
-        reader.tail_check = functools.partial(_refuse_at_end, head, member.size, host.name, kind, member.name)
-        reader.guard_tail()
+    else:
+        disk = _wrapped_disk(inner, head, tail or b"", member.size, host.name, kind or "tar", member.name)
+        reader = StreamDiskReader(host, stream, member.size, _clip(segments, disk), facts, base, first, disk)
+    if tail is None:
+        _check_tail_when_read(reader, head, host.name, kind or "tar", member.name, as_bytes)
     return reader
 
 
+def _check_tail_when_read(reader: StreamDiskReader, head: bytes, path: str, kind: str, member: str | None,
+                          as_bytes: bool) -> None:
+    """For a disk whose end was not seen at open: its check, made when the end is read (always
+    when the bytes are read as a disk; when ``guard_tail`` asks, for bytes read as they are)."""
+    reader.tail_check = functools.partial(_refuse_at_end, head, reader.content_size, path, kind, member)
+    if not as_bytes:
+        reader.guard_tail()
+
+
 class EndShowsAnotherFormat(UnsupportedFormat):
-    """The end of a compressed tar's member, seen only once read, shows a format other than RAW."""
+    """The end of a wrapped disk, seen only once read, shows a format other than RAW."""
 
 
 class _ForwardAt:
@@ -818,17 +864,20 @@ class _ForwardAt:
         return held + self.stream.read(length)
 
 
-def _refuse_at_end(head: bytes, size: int, path: str, kind: str, member: str, tail: bytes) -> None:
-    """Refuse a compressed tar's member whose end, seen only once read, shows a format other than
-    RAW (a fixed VHD's footer, a DMG trailer): its bytes must not pass as a RAW disk."""
+def _refuse_at_end(head: bytes, size: int, path: str, kind: str, member: str | None, tail: bytes) -> None:
+    """Refuse a wrapped disk whose end, seen only once read, shows a format other than RAW (a fixed
+    VHD's footer, a DMG trailer): its bytes must not pass as a RAW disk."""
     inner = _identify(head, tail, size, member)
     if inner.format in WRAPPED_FORMATS:
         return
+    what = f"{kind}-compressed tar archive, and its member {member} is" if member else \
+        f"{kind}-compressed, and what it holds is"
     command = f"diskimg unpack {shlex.quote(path)} --out DIR"
-    then = f"then use the {inner.format} file it restores" if inner.readable else f"then, for {member}: {inner.hint}"
-    raise EndShowsAnotherFormat(f"{kind}-compressed tar archive, and its member {member} is {article(inner.description)} "
-                            "(found at its end, which a compressed tar shows only once read): it is not a RAW disk",
-                            path=path, format=inner.format, hint=f"restore it as it is first: `{command}`; {then}")
+    then = (f"then use the {inner.format} file it restores" if inner.readable else
+            f"then, for {member or 'what it restores'}: {inner.hint}")
+    raise EndShowsAnotherFormat(f"{what} {article(inner.description)} (found at its end, which is seen only once "
+                                "read): it is not a RAW disk", path=path, format=inner.format,
+                                hint=f"restore it as it is first: `{command}`; {then}")
 
 
 def _head(first: bytes, segments: list[Segment], size: int) -> bytes:
@@ -929,15 +978,12 @@ class _StreamFrom:
             pass
 
 
-class MemberFile(HostFile):
-    """A byte range of an archive file, as the HostFile a format driver reads (offsets relative to
-    the member, reads clipped to it). Closing it closes the archive."""
+class _UnopenedFile(HostFile):
+    """A HostFile over bytes that are not a file of their own (nothing is opened, so no
+    ``super().__init__``): a member of an archive, or what a stream showed of a file."""
 
-    def __init__(self, archive: HostFile, start: int, size: int, name: str) -> None:  # noqa: D107
-        # no super().__init__: nothing is opened, the archive's file is shared
-        self._archive = archive
-        self._start = start
-        self._lock = archive._lock
+    def __init__(self, name: str, size: int, lock: threading.Lock) -> None:  # noqa: D107
+        self._lock = lock
         self.name = name
         self.size = size
         self.fd = None
@@ -947,6 +993,16 @@ class MemberFile(HostFile):
     @property
     def allocated_bytes(self) -> int | None:
         return None
+
+
+class MemberFile(_UnopenedFile):
+    """A byte range of an archive file, as the HostFile a format driver reads (offsets relative to
+    the member, reads clipped to it). Closing it closes the archive."""
+
+    def __init__(self, archive: HostFile, start: int, size: int, name: str) -> None:  # noqa: D107
+        super().__init__(name, size, archive._lock)  # the archive's file is shared
+        self._archive = archive
+        self._start = start
 
     def pread(self, length: int, offset: int) -> bytes:
         length = max(0, min(length, self.size - offset))
@@ -1002,24 +1058,14 @@ def _clip(segments: list[Segment], disk: ImageInfo | None) -> list[Segment]:
     return [Segment(s.start, min(s.length, end - s.start), s.stored) for s in segments if s.start < end]
 
 
-class _EdgesFile(HostFile):
+class _EdgesFile(_UnopenedFile):
     """A file known by its head and its tail only (what a stream showed of it), as the HostFile the
     VHD driver reads a fixed disk's footer from: the driver's own checks apply, and it reads
     nothing else of a fixed disk."""
 
     def __init__(self, head: bytes, tail: bytes, size: int, name: str) -> None:  # noqa: D107
-        # no super().__init__: there is no file to open
-        self._lock = threading.Lock()
+        super().__init__(name, size, threading.Lock())
         self._head, self._tail = head, tail
-        self.name = name
-        self.size = size
-        self.fd = None
-        self.is_block_device = False
-        self._owned = False
-
-    @property
-    def allocated_bytes(self) -> int | None:
-        return None
 
     def pread(self, length: int, offset: int) -> bytes:
         end = min(offset + length, self.size)
@@ -1052,8 +1098,8 @@ def _require_raw(inner: Detection, path: str, kind: str, member: str | None) -> 
     foreign = not inner.readable
     if kind == "tar":
         what = "an uncompressed tar archive"
-        reason = ("diskimg reads VHD, qcow2 and RAW" if foreign else
-                  "from a tar diskimg reads RAW disks and fixed VHDs, and other VHD or qcow2 members that are not sparse")
+        reason = ("diskimg reads VHD, qcow2 and RAW" if foreign else "from a tar diskimg reads RAW disks and fixed "
+                  "VHDs, and other VHD or qcow2 members that are not sparse")
         hint = f"unpack it first: `diskimg unpack {shlex.quote(path)} --out DIR`"
         if foreign and inner.hint:
             hint += f"; then, for {member}: {inner.hint}"

@@ -438,7 +438,8 @@ def peek_tar(read_at: ReadAt, size: int | None, identify: Identify, depth: int, 
             description = f"{kind_text} holding no regular file among its first members ({members[0].name}, ...)"
         else:
             description = f"empty {kind_text}"
-        return Detection(format="tar", subformat=subformat, description=description, hint=wrapper_hint("tar", name, None, None))
+        return Detection(format="tar", subformat=subformat, description=description,
+                         hint=wrapper_hint("tar", name, None, None))
     which = "first member" if member is members[0] else "first disk-like member"
     if is_ova and member is not members[0]:
         which = "disk"
