@@ -18,15 +18,22 @@ import click
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UnsupportedFormat, UsageError
 from .units import format_size, parse_size
+from .words import key_words, words
 
 if TYPE_CHECKING:
-    from . import ProgressCallback
+    from . import ImageInfo, ProgressCallback
+    from .exporter import VerifiedFile
 
 # Each command imports the part of the API it calls when it runs: a conversion does not pay for
 # loading the validator or the archive compressors (start-up time counts on every invocation).
 
 FORMAT_CHOICE = click.Choice(["raw", "vhd", "vpc", "qcow2"], case_sensitive=False)
-VHD_SIZE_CHOICE = click.Choice(["auto", "chs", "current_size"])
+
+#: one definition for every command that opens a VHD
+vhd_size_option = click.option(
+    "--vhd-size", type=click.Choice(["auto", "chs", "current_size"]), default="auto", show_default=True,
+    help="Which size of a VHD to use: chosen by the creator application (auto), the CHS geometry's, or the "
+    "footer's current_size.")
 
 
 def _print_json(value: Any) -> None:
@@ -36,14 +43,15 @@ def _print_json(value: Any) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="diskimg")
 def cli() -> None:
-    """Detect, read and convert VHD, qcow2 and RAW disk images."""
+    """Get VHD, qcow2 and RAW disk images ready for a cloud: detect, inspect, convert, measure, compare
+    and check them, validate them against the cloud's import rules, export a machine's disks as
+    archives, then verify and unpack those."""
 
 
 @cli.command()
 @click.argument("image")
 @click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the image's format.")
-@click.option("--vhd-size", type=VHD_SIZE_CHOICE, default="auto", show_default=True,
-              help="Which VHD size to use: by creator application, the CHS geometry, or the footer's current_size.")
+@vhd_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
     """What IMAGE is: format, sizes, allocation, creator, features, backing file, snapshots."""
@@ -67,7 +75,7 @@ def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
             _print_json(result)
         else:
             click.echo(f"image: {image}")
-            click.echo(f"format: {detection.format} ({result['description']})")
+            click.echo(f"file format: {detection.format} ({result['description']})")
             if result.get("hint"):
                 click.echo(f"diskimg does not read this format: {result['hint']}")
         return
@@ -83,25 +91,91 @@ def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
     if as_json:
         _print_json(result)
         return
-    click.echo(f"image: {image}")
-    click.echo(f"format: {facts.format} ({description})")
-    click.echo(f"virtual size: {format_size(facts.virtual_size)} ({facts.virtual_size} bytes)")
-    click.echo(f"file size: {format_size(facts.file_size)} ({facts.file_size} bytes)")
-    if facts.allocated_bytes is not None:
-        click.echo(f"allocated on disk: {format_size(facts.allocated_bytes)}")
-    for label, value in (("subformat", facts.subformat), ("version", facts.version),
-                         ("cluster size", facts.cluster_size), ("creator", facts.creator),
-                         ("backing file", facts.backing_file), ("backing format", facts.backing_format)):
-        if value is not None:
-            click.echo(f"{label}: {value}")
-    if facts.features:
-        click.echo(f"features: {', '.join(facts.features)}")
+    click.echo("\n".join(_info_lines(image, facts, description)))
+
+
+def _info_lines(image: str, facts: ImageInfo, description: str) -> list[str]:
+    """What a person needs to know about an image, in qemu-img info's order and words; the
+    format's internals (checksums, offsets, raw flags) are left to --json."""
+    lines = [f"image: {image}", f"file format: {facts.format} ({description})",
+             f"virtual size: {_size(facts.virtual_size)}"]
+    if facts.allocated_bytes is not None:  # through a wrapper: the data the disk holds, not the file's blocks
+        label = "data in the disk" if "wrapper" in facts.details else "disk size"
+        lines.append(f"{label}: {format_size(facts.allocated_bytes)}")
+    lines.append(f"file size: {_size(facts.file_size)}")
+    if facts.cluster_size is not None:
+        lines.append(f"{'block' if facts.format == 'vhd' else 'cluster'} size: {_size(facts.cluster_size)}")
+    if facts.creator:
+        lines.append(f"creator: {facts.creator}")
+    if facts.backing_file is not None:
+        lines.append(f"backing file: {facts.backing_file}")
+    if facts.backing_format is not None:
+        lines.append(f"backing file format: {facts.backing_format}")
     if facts.snapshots:
-        click.echo("snapshots:")
-        for snap in facts.snapshots:
-            click.echo(f"  {snap.id:>4}  {snap.name:<20} {format_size(snap.virtual_size):>10}  {snap.date}")
-    for key, value in facts.details.items():
-        click.echo(f"{key.replace('_', ' ')}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<6}{'TAG':<22}{'SIZE':>10}  DATE")
+        lines += [f"{snap.id:<6}{snap.name:<22}{format_size(snap.virtual_size):>10}  {snap.date}"
+                  for snap in facts.snapshots]
+    specific = {"vhd": _vhd_lines, "qcow2": _qcow2_lines}.get(facts.format, _other_lines)(facts)
+    if specific:
+        lines.append("Format specific information:")
+        lines += [f"    {line}" for line in specific]
+    return lines
+
+
+def _size(size: int) -> str:
+    return f"{format_size(size)} ({size} bytes)"
+
+
+def _vhd_lines(facts: ImageInfo) -> list[str]:
+    details = facts.details
+    lines = [f"disk type: {details['disk_type']}", f"version: {facts.version}"]
+    geometry = details["geometry"]
+    chs = (f"{geometry['cylinders']} cylinders, {geometry['heads']} heads, "
+           f"{geometry['sectors_per_track']} sectors per track")
+    if details["size_source"] == "chs":
+        lines.append(f"virtual size taken from: the CHS geometry ({chs})")
+        if details["current_size"] != facts.virtual_size:
+            lines.append(f"size in the footer (current size, not used): {_size(details['current_size'])}")
+    else:
+        lines.append("virtual size taken from: the size in the footer (current size)")
+        if details["chs_size"] != facts.virtual_size:
+            lines.append(f"CHS geometry (not used): {chs}, which describe {_size(details['chs_size'])}")
+    lines += [f"unique ID: {details['unique_id']}", f"timestamp: {details['timestamp']}"]
+    if details.get("saved_state"):
+        lines.append("saved state: yes (the image was saved with a running machine's state)")
+    if details["footer_source"] != "tail":
+        lines.append(f"footer: read from its copy at the start of the file; the one at the end is damaged "
+                     f"({details['tail_footer_problem']})")
+    if details.get("head_copy_problem"):
+        lines.append(f"footer copy at the start of the file: damaged ({details['head_copy_problem']})")
+    elif details.get("footer_copy_matches") is False:
+        lines.append("footer copy at the start of the file: differs from the footer at the end")
+    if "allocated_blocks" in details:
+        lines.append(f"allocated blocks: {details['allocated_blocks']} of {details['max_table_entries']}")
+    for key in ("parent_name", "parent_unique_id", "parent_timestamp"):
+        if details.get(key):
+            lines.append(f"{key_words(key)}: {details[key]}")
+    if "parent_opened" in details:
+        lines.append(f"parent opened: {words(details['parent_opened'])}")
+    return lines
+
+
+def _qcow2_lines(facts: ImageInfo) -> list[str]:
+    details = facts.details
+    # the fields qemu-img info shows, then what is worth knowing only when it is set
+    lines = [f"{key_words(key)}: {words(details[key])}"
+             for key in ("compat", "compression_type", "lazy_refcounts", "refcount_bits", "corrupt", "extended_l2")]
+    for key in ("dirty", "encrypted", "data_file", "bitmaps", "snapshot"):
+        if details.get(key):
+            lines.append(f"{key_words(key)}: {words(details[key])}")
+    lines += [note for key, note in details.items() if key.startswith("note_")]
+    return lines
+
+
+def _other_lines(facts: ImageInfo) -> list[str]:
+    """RAW, or a disk read through a wrapper: facts worth showing only when set."""
+    return [f"{key_words(key)}: {words(value)}" for key, value in facts.details.items() if value not in (None, False)]
 
 
 @cli.command("map")
@@ -109,12 +183,15 @@ def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
 @click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the image's format.")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the image's directory).")
 @click.option("-l", "--snapshot", help="Map an internal qcow2 snapshot (id or name).")
+@vhd_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of extents.")
-def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str | None, as_json: bool) -> None:
+def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str | None, vhd_size: str,
+                as_json: bool) -> None:
     """The allocation map of IMAGE: DATA and ZERO extents, from metadata only."""
     from . import open_image
 
-    with open_image(image, fmt, allow_backing=allow_backing, snapshot=snapshot) as reader:
+    with open_image(image, fmt, allow_backing=allow_backing, snapshot=snapshot,
+                    vhd_size=vhd_size) as reader:  # type: ignore[arg-type]
         if as_json:
             # streamed: a map may have millions of extents
             click.echo("[", nl=False)
@@ -122,7 +199,7 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
                 click.echo(("," if index else "") + "\n  " + json.dumps(extent.to_dict()), nl=False)
             click.echo("\n]")
             return
-        click.echo(f"{'Offset':>20}  {'Length':>20}  {'Kind':<5}  Host offset")
+        click.echo(f"{'Offset':<20}  {'Length':<20}  {'Kind':<5}  Host offset")
         for extent in reader.extents():
             host = "" if extent.host_offset is None else f"0x{extent.host_offset:x}"
             click.echo(f"0x{extent.start:<18x}  0x{extent.length:<18x}  {extent.kind.value:<5}  {host}")
@@ -133,16 +210,18 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
 @click.argument("target")
 @click.option("-f", "--format", "fmt", help="Skip probing: the source's format (raw, vhd/vpc, qcow2; with the "
               "qemu-img backend any format qemu-img reads).")
-@click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE, default="raw", show_default=True,
-              help="Format of TARGET.")
+@click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE,
+              help="Format of TARGET [default: from its extension (.qcow2; .vhd or .vpc; .raw or .img), else raw].")
 @click.option("-o", "--options", "options", help="Target format options, k=v,k2=v2 (as qemu-img -o).")
 @click.option("-c", "--compress", is_flag=True, help="Compress data clusters (qcow2).")
-@click.option("--align", help="Round the virtual size up to a multiple of this size (1M for Azure, 1G for GCE).")
+@click.option("--align", help="Round the virtual size up to a multiple of this size, itself a multiple of 512 "
+              "(1M for Azure, 1G for GCE).")
 @click.option("--backend", type=click.Choice(["auto", "native", "qemu-img"]), default="auto", show_default=True,
               help="native reads raw, vhd and qcow2; qemu-img converts what diskimg detects but does not read; "
               "auto picks native where it can.")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
 @click.option("-l", "--snapshot", help="Convert an internal qcow2 snapshot (id or name) instead of the active layer.")
+@vhd_size_option
 @click.option("-S", "--sparse-size", default="4k", show_default=True,
               help="Zero ranges of at least this size are left unwritten (holes); 0 writes every byte.")
 @click.option("--checksum", is_flag=True, help="Compute the output's SHA-256 and the guest content hash.")
@@ -151,11 +230,11 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
               show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
 @click.option("--no-progress", is_flag=True, help="Same as --progress none.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
-def convert_command(source: str, target: str, fmt: str | None, output_format: str, options: str | None,
+def convert_command(source: str, target: str, fmt: str | None, output_format: str | None, options: str | None,
                     compress: bool, align: str | None, backend: str, allow_backing: bool, snapshot: str | None,
-                    sparse_size: str, checksum: bool, force: bool, progress_mode: str, no_progress: bool,
-                    as_json: bool) -> None:
-    """Convert SOURCE to TARGET (``-`` for standard output)."""
+                    vhd_size: str, sparse_size: str, checksum: bool, force: bool, progress_mode: str,
+                    no_progress: bool, as_json: bool) -> None:
+    """Convert SOURCE to TARGET ("-" for standard output)."""
     from . import convert
 
     if target == "-" and as_json:
@@ -168,7 +247,8 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: st
         result = convert(source, target, output_format, options=options, compress=compress,
                          align=parse_size(align) if align else None, zero_granularity=granularity,
                          checksum=checksum, backend=backend, source_format=fmt, allow_backing=allow_backing,
-                         snapshot=snapshot, force=force, progress=progress)
+                         snapshot=snapshot, vhd_size=vhd_size, force=force,  # type: ignore[arg-type]
+                         progress=progress)
     finally:
         close_progress()
     if as_json:
@@ -189,21 +269,23 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: st
 @click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE, required=True, help="Target format.")
 @click.option("-o", "--options", "options", help="Target format options, k=v,k2=v2 (as qemu-img -o).")
 @click.option("-c", "--compress", is_flag=True, help="Compressed qcow2 (the figure is then an upper bound).")
-@click.option("--align", help="Round the virtual size up to a multiple of this size.")
+@click.option("--align", help="Round the virtual size up to a multiple of this size, itself a multiple of 512.")
 @click.option("-S", "--sparse-size", default="0", show_default=True,
               help="Also read the data to find zero ranges of this size (0: the allocation map only).")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
 @click.option("-l", "--snapshot", help="Measure an internal qcow2 snapshot (id or name).")
+@vhd_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def measure_command(source: str, fmt: str | None, output_format: str, options: str | None, compress: bool,
                     align: str | None, sparse_size: str, allow_backing: bool, snapshot: str | None,
-                    as_json: bool) -> None:
-    """The size of the file ``convert`` would write, computed without writing it."""
+                    vhd_size: str, as_json: bool) -> None:
+    """The size of the file that convert would write, computed without writing it."""
     from . import measure
 
     result = measure(source, output_format, options=options, compress=compress,
                      align=parse_size(align) if align else None, zero_granularity=parse_size(sparse_size),
-                     source_format=fmt, allow_backing=allow_backing, snapshot=snapshot)
+                     source_format=fmt, allow_backing=allow_backing, snapshot=snapshot,
+                     vhd_size=vhd_size)  # type: ignore[arg-type]
     if as_json:
         _print_json(result.to_dict())
         return
@@ -219,15 +301,16 @@ def measure_command(source: str, fmt: str | None, output_format: str, options: s
 @click.option("-F", "format_b", type=FORMAT_CHOICE, help="Skip probing: SECOND's format.")
 @click.option("--strict", "-s", is_flag=True, help="Images of different virtual sizes differ.")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside each image's directory).")
+@vhd_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object.")
 @click.pass_context
 def compare_command(ctx: click.Context, first: str, second: str, format_a: str | None, format_b: str | None,
-                    strict: bool, allow_backing: bool, as_json: bool) -> None:
+                    strict: bool, allow_backing: bool, vhd_size: str, as_json: bool) -> None:
     """Whether FIRST and SECOND hold the same guest content (exit 0 same, 1 different)."""
     from . import compare
 
     result = compare(first, second, format_a=format_a, format_b=format_b, strict=strict,
-                     allow_backing=allow_backing)
+                     allow_backing=allow_backing, vhd_size=vhd_size)  # type: ignore[arg-type]
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -238,8 +321,8 @@ def compare_command(ctx: click.Context, first: str, second: str, format_a: str |
 @cli.command("validate")
 @click.argument("image", required=False)
 @click.option("--target", default="ecs", show_default=True, help="The cloud whose import rules apply.")
-@click.option("--role", type=click.Choice(["system", "data"]), default="system", show_default=True,
-              help="What IMAGE will be: the system disk or a data disk.")
+@click.option("--role", type=click.Choice(["system", "data"]),
+              help="What IMAGE will be: the system disk (the default) or a data disk; not with --system.")
 @click.option("--boot-mode", type=click.Choice(["BIOS", "UEFI"], case_sensitive=False),
               help="The boot mode the image will be declared with (default: report what the disk supports).")
 @click.option("--system", "system_image", help="Disk set form: the system disk.")
@@ -249,7 +332,7 @@ def compare_command(ctx: click.Context, first: str, second: str, format_a: str |
 @click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object.")
 @click.option("--list-rules", is_flag=True, help="List the rules checked for --target and exit.")
 @click.pass_context
-def validate_command(ctx: click.Context, image: str | None, target: str, role: str, boot_mode: str | None,
+def validate_command(ctx: click.Context, image: str | None, target: str, role: str | None, boot_mode: str | None,
                      system_image: str | None, data_images: tuple[str, ...], allow_backing: bool, strict: bool,
                      as_json: bool, list_rules: bool) -> None:
     """Check IMAGE (or --system IMG [--data IMG]...) against a cloud's import rules
@@ -273,7 +356,8 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
 @click.option("--system", "system_image", required=True, help="The system disk (any image diskimg reads).")
 @click.option("--data", "data_images", multiple=True, help="A data disk (repeatable, in device order).")
 @click.option("--devices", help="The data disks' device names, comma-separated (default xvdb,xvdc,...).")
-@click.option("--out", "out_dir", default=".", show_default=True, help="Folder of the archives and manifest.")
+@click.option("--out", "out_dir", default=".", show_default=True,
+              help="Folder of the archives and manifest (created if missing).")
 @click.option("--format", "output_format", type=FORMAT_CHOICE, default="raw", show_default=True,
               help="Format of the disks inside the archives.")
 @click.option("--archive", type=click.Choice(["tar.gz", "tar.zst", "tar", "none"]), default="tar.gz",
@@ -292,7 +376,7 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
 def export_command(name: str, system_image: str, data_images: tuple[str, ...], devices: str | None, out_dir: str,
                    output_format: str, archive: str, layout: str, compress: bool, sparse_size: str,
                    threads: int | None, allow_backing: bool, force: bool, progress_mode: str, as_json: bool) -> None:
-    """Pack a machine's disks into one archive each, with NAME.manifest.json and SHA256SUMS."""
+    """Pack a machine's disks into one archive each, with NAME.manifest.json and NAME.SHA256SUMS."""
     from . import export
 
     progress, close_progress = _progress(progress_mode)
@@ -320,7 +404,8 @@ def export_command(name: str, system_image: str, data_images: tuple[str, ...], d
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object.")
 @click.pass_context
 def verify_command(ctx: click.Context, path: str, deep: bool, as_json: bool) -> None:
-    """Re-hash an export's files against its manifest (exit 0 all intact, 1 naming what differs or is missing)."""
+    """Re-hash an export's files against its manifest, or every export's in DIR (exit 0 all intact, 1
+    naming what differs or is missing)."""
     from . import verify
 
     result = verify(path, deep=deep)
@@ -328,9 +413,20 @@ def verify_command(ctx: click.Context, path: str, deep: bool, as_json: bool) -> 
         _print_json(result.to_dict())
     else:
         for checked in result.files:
-            click.echo(f"{checked.file}: {checked.status.upper()}" +
-                       ("" if checked.status == "ok" else f" ({checked.message})"))
+            click.echo(f"{checked.file}: {checked.status.upper()} ({_verified(checked, deep)})")
     ctx.exit(0 if result.intact else EXIT_NO)
+
+
+def _verified(checked: VerifiedFile, deep: bool) -> str:
+    """What the check of one file covered, or what it found wrong."""
+    if checked.status != "ok":
+        return checked.message
+    if not deep:
+        return "its size and hashes match the manifest"
+    if checked.content_checked:
+        return "its size and hashes match the manifest; the disk was decoded and its guest content hash matches too"
+    return ("its size and hashes match the manifest; the archive decodes to its one disk member, whose guest "
+            "content hash was not recomputed (a qcow2 or VHD inside a compressed archive needs random access)")
 
 
 @cli.command("unpack")

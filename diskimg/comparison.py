@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .detection import VhdSizeRule
 from .image import Source, open_image
 from .reader import DiskReader, Extent, ExtentKind
 from .zeroes import is_zero, zero_block
@@ -41,10 +42,12 @@ def compare(
     format_b: str | None = None,
     strict: bool = False,
     allow_backing: bool = False,
+    vhd_size: VhdSizeRule = "auto",
 ) -> CompareResult:
-    """Whether ``a`` and ``b`` hold the same guest content."""
-    with open_image(a, format_a, allow_backing=allow_backing) as first, open_image(
-        b, format_b, allow_backing=allow_backing
+    """Whether ``a`` and ``b`` hold the same guest content (``vhd_size``: the size rule for either
+    one that is a VHD)."""
+    with open_image(a, format_a, allow_backing=allow_backing, vhd_size=vhd_size) as first, open_image(
+        b, format_b, allow_backing=allow_backing, vhd_size=vhd_size
     ) as second:
         sizes = first.virtual_size, second.virtual_size
         if strict and sizes[0] != sizes[1]:

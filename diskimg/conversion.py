@@ -79,7 +79,7 @@ class ConvertResult:
 def convert(
     source: Source | DiskReader,
     target: str | os.PathLike[str],
-    format: str = "raw",
+    format: str | None = None,
     *,
     options: Mapping[str, str] | str | None = None,
     compress: bool = False,
@@ -95,7 +95,8 @@ def convert(
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
     """Convert ``source`` (a path, a file object, or an open DiskReader, which is left open) to
-    ``target`` (a path, or ``"-"`` for standard output) in ``format``.
+    ``target`` (a path, or ``"-"`` for standard output) in ``format`` (by default the one the
+    target's extension names, else raw: :func:`format_for_target`).
 
     ``options`` are the target format's ``-o`` options; ``align`` rounds the virtual size up to a
     multiple of it (the added tail reads as zeros); ``zero_granularity`` is the size of the zero
@@ -104,10 +105,9 @@ def convert(
     ``backend``: ``native``, ``qemu-img`` (for formats diskimg detects but does not read), or
     ``auto`` (native when it can).
     """
-    target_format = canonical_format(format)
+    target_format = canonical_format(format or format_for_target(target))
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
-    if align is not None and align <= 0:
-        raise UsageError("--align must be a positive size")
+    check_align(align)
     if backend not in ("auto", "native", "qemu-img"):
         raise UsageError(f"unknown backend {backend!r}: auto, native or qemu-img")
     if backend != "native" and not isinstance(source, DiskReader) and (
@@ -208,18 +208,25 @@ def measure(
     writer_class = WRITERS[target_format]
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
     writer_class.check_options(writer_options)
+    check_align(align)
     with open_image(source, source_format, allow_backing=allow_backing, snapshot=snapshot,
                     vhd_size=vhd_size) as reader:
         virtual_size = aligned_size(reader.virtual_size, align)
         plan = list(scan_for_zeroes(reader, zero_granularity, None) if zero_granularity else reader.extents())
         plan = list(with_zero_tail(plan, reader.virtual_size, virtual_size))
         data_bytes = sum(e.length for e in plan if e.kind is ExtentKind.DATA)
+        try:
+            required = writer_class.measure(virtual_size, plan, writer_options, compress)
+            fully_allocated = writer_class.measure(
+                virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], writer_options, compress)
+        except DiskImageError as exc:  # the options are checked: what is left is this disk (too large...)
+            exc.path = exc.path or reader.path
+            raise
         return MeasureResult(
             target_format=target_format,
             virtual_size=virtual_size,
-            required=writer_class.measure(virtual_size, plan, writer_options, compress),
-            fully_allocated=writer_class.measure(
-                virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], writer_options, compress),
+            required=required,
+            fully_allocated=fully_allocated,
             data_bytes=data_bytes,
             scanned=bool(zero_granularity),
         )
@@ -229,6 +236,24 @@ def map_is_plan(reader: DiskReader) -> bool:
     """Whether a forward-only source's allocation map (a sparse tar member's) is taken as the exact
     plan as it is: a pre-scan for zeros would cost another decompression pass."""
     return reader.forward_only and any(extent.kind is ExtentKind.ZERO for extent in reader.extents())
+
+
+#: target file extensions that name a format, for a conversion not told one
+_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw"}
+
+
+def format_for_target(target: str | os.PathLike[str]) -> str:
+    """The format a target's name promises (.qcow2; .vhd or .vpc; .raw or .img), else raw (also
+    for standard output): a file named out.qcow2 must not silently hold RAW data."""
+    extension = os.path.splitext(os.fspath(target))[1].lower()
+    return _EXTENSION_FORMATS.get(extension, "raw")
+
+
+def check_align(align: int | None) -> None:
+    """Refuse an alignment that is not whole sectors: the rounded-up disk would end in a partial
+    sector, which no format stores and every reader ignores."""
+    if align is not None and (align <= 0 or align % 512):
+        raise UsageError(f"--align must be a positive multiple of 512 bytes (such as 1M), not {align}")
 
 
 def aligned_size(size: int, align: int | None) -> int:
@@ -470,6 +495,8 @@ def scan_for_zeroes(reader: DiskReader, granularity: int, progress: ProgressCall
             data_end = offset + end
         if progress is not None:
             progress("scan", offset + length, reader.virtual_size)
+    if progress is not None:  # the zero regions after the last data are scanned too, from the map
+        progress("scan", reader.virtual_size, reader.virtual_size)
     if data_end > data_start:
         yield Extent(data_start, data_end - data_start, ExtentKind.DATA)
     if data_end < reader.virtual_size:
@@ -517,6 +544,43 @@ def temporary_beside(target: str | os.PathLike[str], force: bool, source_path: s
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def output_directory(path: str | os.PathLike[str]) -> Iterator[str]:
+    """The absolute ``path`` of an output folder, made if missing (with its missing parents); if the
+    block fails, the folders made here are removed again (when empty): a failed run leaves nothing."""
+    directory = os.path.abspath(os.fspath(path))
+    made = []  # deepest first
+    missing = directory
+    while not os.path.lexists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
+    try:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the folder: {exc.strerror}", path=directory) from None
+        if not os.path.isdir(directory):
+            raise OutputError("is not a folder", path=directory)
+        yield directory
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+@contextlib.contextmanager
+def reported_as(final: str, temporary: str) -> Iterator[None]:
+    """Errors about ``temporary`` (an output written under a temporary name, to be renamed later)
+    name ``final``, the file the user asked for."""
+    try:
+        yield
+    except DiskImageError as exc:
+        if exc.path is not None and os.path.abspath(exc.path) == os.path.abspath(temporary):
+            exc.path = final
         raise
 
 

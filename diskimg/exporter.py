@@ -26,9 +26,10 @@ polynomial, reflected, initial value and final XOR all ones) are computed over t
 written, and the member disk's guest content hash (``hashing.py``) over the guest data as it is
 read: one pass for everything.
 
-All outputs of a run (archives, ``NAME.manifest.json``, ``SHA256SUMS``) are written to temporary
-names and renamed into place together at the end: if any disk fails, none of this run's outputs
-remain.
+All outputs of a run (archives, ``NAME.manifest.json``, ``NAME.SHA256SUMS``: see ``manifest.py``)
+are written to temporary names and renamed into place together at the end, in a folder made if
+missing: if any disk fails, none of this run's outputs remain, nor the folders it made. Every
+output is named after the export, so several exports can share a folder; ``verify`` checks each.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import contextlib
 import datetime
 import hashlib
 import io
-import json
 import os
 import re
 import time
@@ -51,11 +51,13 @@ from zlib_ng import gzip_ng_threaded
 
 from . import __version__, interrupts
 from .conversion import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order,
-                         map_is_plan, read_ahead, scan_for_zeroes, temporary_beside, with_zero_tail)
+                         map_is_plan, output_directory, read_ahead, reported_as, scan_for_zeroes, temporary_beside,
+                         with_zero_tail)
 from .errors import ArchiveError, DiskImageError, OutputError, UsageError
 from .formats import WRITERS, canonical_format
 from .hashing import ContentHasher
 from .image import Source, open_image
+from .manifest import SUFFIX as MANIFEST_SUFFIX, SUMS_SUFFIX, ExportedDisk, Manifest, read_manifest
 from .reader import DiskReader, Extent, ExtentKind
 from .tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
 from .writer import OutputTarget
@@ -73,29 +75,8 @@ GIB = 1 << 30
 #: of its time (ISA-L's best level was 11 % larger; zlib-ng -4 4 % larger in half the time)
 GZIP_LEVEL = 3
 ZSTD_LEVEL = 3
-MANIFEST_SUFFIX = ".manifest.json"
-SUMS_FILE = "SHA256SUMS"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _DEVICE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
-
-
-@dataclass
-class ExportedDisk:
-    """One disk of the set, as the manifest records it."""
-
-    role: str  # "system" or "data"
-    device: str
-    file: str  # the archive (or bare disk file), relative to the manifest's folder
-    size: int  # of the file
-    sha256: str
-    #: CRC-64/XZ of the file as OSS reports it (unsigned decimal); None where not computed
-    crc64ecma: str | None
-    member: str | None  # the tar member's name; None for a bare disk file
-    format: str
-    virtual_size: int
-    content_hash: str
-    source: str
-    source_format: str
 
 
 @dataclass
@@ -144,8 +125,8 @@ def export(
     force: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ExportResult:
-    """Export the disk set ``system`` + ``data`` into ``out``: one archive per disk, then
-    ``NAME.manifest.json`` and ``SHA256SUMS``.
+    """Export the disk set ``system`` + ``data`` into the folder ``out`` (made if missing): one archive
+    per disk, then ``NAME.manifest.json`` and ``NAME.SHA256SUMS``.
 
     ``format``: the disks' format inside the archives (raw, qcow2 or vhd); ``archive``: tar.gz,
     tar.zst, tar, or none (the bare disk file); ``devices``: the data disks' device names (default
@@ -163,9 +144,6 @@ def export(
     disks = [_Disk("system", SYSTEM_DEVICE, system, *_names(name, "system", target_format, archive, layout))]
     disks += [_Disk("data", device, source, *_names(name, f"data_{device}", target_format, archive, layout))
               for source, device in zip(data, devices)]
-    out_dir = os.path.abspath(os.fspath(out))
-    if not os.path.isdir(out_dir):
-        raise OutputError("is not a directory", path=out_dir)
     threads = threads or os.cpu_count() or 1
     with contextlib.ExitStack() as stack:
         for disk in disks:
@@ -179,10 +157,12 @@ def export(
             for index, disk in enumerate(disks):
                 disk.plan = _plan(disk, zero_granularity, set_progress.reporter("scan", index))
         # temporaries entered first are renamed last: the manifest appears only when all is done
+        out_dir = stack.enter_context(output_directory(out))
         sources = [d.reader.path for d in disks]  # type: ignore[union-attr]
         manifest_path = os.path.join(out_dir, name + MANIFEST_SUFFIX)
+        sums_path = os.path.join(out_dir, name + SUMS_SUFFIX)
         temporary_manifest = stack.enter_context(temporary_beside(manifest_path, force, sources[0]))
-        temporary_sums = stack.enter_context(temporary_beside(os.path.join(out_dir, SUMS_FILE), force, sources[0]))
+        temporary_sums = stack.enter_context(temporary_beside(sums_path, force, sources[0]))
         temporaries = [stack.enter_context(temporary_beside(os.path.join(out_dir, d.file), force, source))
                        for d, source in zip(disks, sources)]
         exported = []
@@ -194,15 +174,13 @@ def export(
             else:
                 exported.append(_export_archive(disk, temporary, target_format, archive, threads, zero_granularity,
                                                 report))
-        manifest = {
-            "name": name, "layout": layout, "archive": archive, "tool": "diskimg", "version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "disks": [asdict(disk) for disk in exported],
-        }
-        _write_text(temporary_manifest, json.dumps(manifest, indent=2) + "\n")
-        _write_text(temporary_sums, "".join(f"{disk.sha256}  {disk.file}\n" for disk in exported))
+        manifest = Manifest(
+            name=name, layout=layout, archive=archive, tool="diskimg", version=__version__,
+            created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), disks=exported)
+        _write_text(temporary_manifest, manifest_path, manifest.to_json())
+        _write_text(temporary_sums, sums_path, manifest.sums())
     return ExportResult(name=name, layout=layout, archive=archive, manifest=manifest_path,
-                        sums=os.path.join(out_dir, SUMS_FILE), disks=exported, warnings=warnings,
+                        sums=sums_path, disks=exported, warnings=warnings,
                         seconds=round(time.monotonic() - started, 3))
 
 
@@ -402,8 +380,9 @@ def _export_bare(disk: _Disk, temporary: str, target_format: str, compress: bool
         if phase == "convert":  # the converter's own pre-scan is not counted again
             progress("export", done, total)
 
-    result = convert(disk.source, temporary, target_format, compress=compress, zero_granularity=granularity,
-                     checksum=True, allow_backing=allow_backing, force=True, progress=report)
+    with reported_as(os.path.join(os.path.dirname(temporary), disk.file), temporary):
+        result = convert(disk.source, temporary, target_format, compress=compress, zero_granularity=granularity,
+                         checksum=True, allow_backing=allow_backing, force=True, progress=report)
     return ExportedDisk(
         role=disk.role, device=disk.device, file=disk.file, size=os.stat(temporary).st_size,
         sha256=result.sha256 or "", crc64ecma=None, member=None, format=target_format,
@@ -417,6 +396,8 @@ def _export_bare(disk: _Disk, temporary: str, target_format: str, compress: bool
 
 @dataclass
 class VerifiedFile:
+    #: the manifest listing the file
+    manifest: str
     file: str
     #: "ok", "missing", "differs" (size or hashes), "malformed" (--deep: the archive does not decode)
     status: str
@@ -428,7 +409,8 @@ class VerifiedFile:
 
 @dataclass
 class VerifyResult:
-    manifest: str
+    #: the manifests checked: the one named, or every ``*.manifest.json`` of the folder named
+    manifests: list[str]
     deep: bool
     intact: bool
     files: list[VerifiedFile]
@@ -438,55 +420,32 @@ class VerifyResult:
 
 
 def verify(path: str | os.PathLike[str], *, deep: bool = False) -> VerifyResult:
-    """Re-hash every file of an export against its manifest (``path``: the manifest, or the folder
-    holding one). ``deep`` also decompresses each archive, parses its tar and recomputes the
-    member's guest content hash, in the same read as the file's hashes."""
-    manifest_path = _find_manifest(os.fspath(path))
-    entries = _load_manifest(manifest_path)
-    directory = os.path.dirname(manifest_path)
+    """Re-hash every file of an export against its manifest (``path``: the manifest, or a folder:
+    every manifest in it, since several exports may share one). ``deep`` also decompresses each
+    archive, parses its tar and recomputes the member's guest content hash, in the same read as
+    the file's hashes. Every manifest is read and checked before any file is hashed."""
+    manifests = [read_manifest(manifest) for manifest in _find_manifests(os.fspath(path))]
     files = []
-    for entry in entries:
-        file_path = os.path.join(directory, entry["file"])
-        if not os.path.isfile(file_path):
-            files.append(VerifiedFile(entry["file"], "missing", "not found"))
-            continue
-        files.append(_verify_file(file_path, entry, deep))
-    return VerifyResult(manifest=manifest_path, deep=deep, intact=all(f.status == "ok" for f in files), files=files)
+    for manifest in manifests:
+        for entry in manifest.disks:
+            file_path = manifest.locate(entry)
+            if not os.path.isfile(file_path):
+                files.append(VerifiedFile(manifest.path, entry.file, "missing", "not found"))
+                continue
+            files.append(_verify_file(manifest.path, file_path, entry, deep))
+    return VerifyResult(manifests=[m.path for m in manifests], deep=deep,
+                        intact=all(f.status == "ok" for f in files), files=files)
 
 
-def _find_manifest(path: str) -> str:
+def _find_manifests(path: str) -> list[str]:
     if not os.path.isdir(path):
         if not os.path.isfile(path):
             raise ArchiveError("no such manifest or folder", path=path)
-        return os.path.abspath(path)
+        return [os.path.abspath(path)]
     found = sorted(name for name in os.listdir(path) if name.endswith(MANIFEST_SUFFIX))
-    if len(found) != 1:
-        raise UsageError(f"{path}: {'no' if not found else 'more than one'} *{MANIFEST_SUFFIX} in the folder; "
-                         "name the manifest")
-    return os.path.abspath(os.path.join(path, found[0]))
-
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _load_manifest(path: str) -> list[dict[str, Any]]:
-    """The manifest's disk entries, checked: it is untrusted like the files it names (which must
-    lie in its own folder)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.loads(f.read(16 << 20))
-    except (OSError, ValueError) as exc:
-        raise ArchiveError(f"cannot read the manifest: {exc}", path=path) from None
-    disks = manifest.get("disks") if isinstance(manifest, dict) else None
-    if not isinstance(disks, list) or not disks:
-        raise ArchiveError("not an export manifest (no disks)", path=path)
-    for entry in disks:
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and _NAME.match(entry["file"])
-                and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
-                and _HEX64.match(entry["sha256"]) and entry.get("format") in WRITERS
-                and isinstance(entry.get("virtual_size"), int)):
-            raise ArchiveError(f"malformed disk entry in the manifest: {json.dumps(entry)[:200]}", path=path)
-    return disks
+    if not found:
+        raise UsageError(f"{path}: no *{MANIFEST_SUFFIX} in the folder")
+    return [os.path.abspath(os.path.join(path, name)) for name in found]
 
 
 class _HashedReader:
@@ -521,8 +480,8 @@ class _HashedReader:
             pass
 
 
-def _verify_file(path: str, entry: dict[str, Any], deep: bool) -> VerifiedFile:
-    name = entry["file"]
+def _verify_file(manifest: str, path: str, entry: ExportedDisk, deep: bool) -> VerifiedFile:
+    name = entry.file
     archive = next((kind for kind, suffix in ARCHIVES.items() if suffix and name.endswith(suffix)), "none")
     content_hash: str | None = None
     decode_problem: str | None = None
@@ -535,27 +494,27 @@ def _verify_file(path: str, entry: dict[str, Any], deep: bool) -> VerifiedFile:
                     with open_image(path) as reader:
                         content_hash = content_hash_of(reader)
             elif deep:
-                with open_image(path, entry["format"]) as reader:
+                with open_image(path, entry.format) as reader:
                     content_hash = content_hash_of(reader)
         except DiskImageError as exc:
             decode_problem = exc.message
         hashed.drain()
     problems = []
-    if hashed.size != entry["size"]:
-        problems.append(f"size {hashed.size}, the manifest says {entry['size']}")
-    if hashed.sha256.hexdigest() != entry["sha256"]:
+    if hashed.size != entry.size:
+        problems.append(f"size {hashed.size}, the manifest says {entry.size}")
+    if hashed.sha256.hexdigest() != entry.sha256:
         problems.append("sha256 differs")
-    if entry.get("crc64ecma") is not None and str(hashed.crc) != str(entry["crc64ecma"]):
+    if entry.crc64ecma is not None and str(hashed.crc) != entry.crc64ecma:
         problems.append("crc64ecma differs")
-    if content_hash is not None and content_hash != entry.get("content_hash"):
+    if content_hash is not None and entry.content_hash is not None and content_hash != entry.content_hash:
         problems.append("guest content hash differs")
     status = "differs" if problems else "malformed" if decode_problem else "ok"
     if decode_problem:
         problems.append(decode_problem)
-    return VerifiedFile(name, status, "; ".join(problems) or "intact", content_hash is not None)
+    return VerifiedFile(manifest, name, status, "; ".join(problems) or "intact", content_hash is not None)
 
 
-def _deep_read(hashed: _HashedReader, archive: str, entry: dict[str, Any]) -> str | None:
+def _deep_read(hashed: _HashedReader, archive: str, entry: ExportedDisk) -> str | None:
     """Decompress the archive and parse its one member; the guest content hash of a RAW member
     (a qcow2 or VHD member is only checked for its tar structure: None)."""
     decoder: Any
@@ -571,9 +530,9 @@ def _deep_read(hashed: _HashedReader, archive: str, entry: dict[str, Any]) -> st
             member = read_member(stream)
             if member is None or member.kind != "file":
                 raise ArchiveError("the archive holds no disk member")
-            if member.name != entry.get("member"):
-                raise ArchiveError(f"the member is {member.name!r}, the manifest says {entry.get('member')!r}")
-            content_hash = _member_content_hash(stream, member) if entry["format"] == "raw" else None
+            if member.name != entry.member:
+                raise ArchiveError(f"the member is {member.name!r}, the manifest says {entry.member!r}")
+            content_hash = _member_content_hash(stream, member) if entry.format == "raw" else None
             if content_hash is None:
                 for _ in iter_data(stream, member):
                     pass
@@ -597,12 +556,13 @@ def _member_content_hash(stream: Any, member: TarMember) -> str:
     return hasher.hexdigest()
 
 
-def _write_text(path: str, text: str) -> None:
+def _write_text(temporary: str, final: str, text: str) -> None:
+    """``text`` into ``temporary``, flushed; errors name ``final``."""
     try:
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
+        with open(temporary, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        raise OutputError(f"cannot write: {exc.strerror}", path=path) from None
+        raise OutputError(f"cannot write: {exc.strerror}", path=final) from None
 

@@ -72,7 +72,7 @@ def _open(
     detection = detect(source)
     if format is not None:
         name = canonical_format(format)
-        check_forced(detection, name)
+        check_forced(detection, name, source_name(source))
     elif detection.readable:
         name = detection.format
     else:
@@ -121,8 +121,8 @@ class _ParentOpener:
             raise BackingFileError(f"backing chain deeper than {MAX_CHAIN_DEPTH} images", path=self.child)
         refused = []
         for name in candidates:
-            path = os.path.realpath(os.path.join(os.path.dirname(self.child), name))
-            if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots):
+            path = confined_path(os.path.dirname(self.child), name, self.roots)
+            if path is None:
                 refused.append(name)
                 continue
             if not os.path.isfile(path):
@@ -134,7 +134,7 @@ class _ParentOpener:
             detection = detect(path)
             fmt = canonical_format(format) if format else detection.format
             if format:
-                check_forced(detection, fmt)
+                check_forced(detection, fmt, path)
             elif not detection.readable:
                 raise UnsupportedFormat(
                     f"backing file {path!r} is {detection.description}", path=self.child, format=detection.format
@@ -146,6 +146,15 @@ class _ParentOpener:
                 path=self.child,
             )
         raise BackingFileError(f"backing file {candidates[0] if candidates else '?'!r} not found", path=self.child)
+
+
+def confined_path(directory: str, name: str, roots: Sequence[str]) -> str | None:
+    """The real path of ``name`` (relative to ``directory``, symbolic links resolved) when it lies
+    inside one of ``roots`` (real paths), else None: a file an untrusted image or manifest names
+    must not lead out of the trees the caller allowed."""
+    path = os.path.realpath(os.path.join(directory, name))
+    inside = any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+    return path if inside else None
 
 
 def source_name(source: Source) -> str:

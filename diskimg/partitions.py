@@ -386,15 +386,19 @@ def parse_gpt_entries(data: bytes, entry_size: int, count: int) -> list[GptEntry
 
 
 def identify_boot_code(bootstrap: bytes) -> str | None:
-    """Which boot loader wrote an MBR's bootstrap area, from the strings each one leaves there."""
+    """Which boot loader wrote an MBR's bootstrap area, from the strings each one leaves there.
+
+    Each loader is known by a message of its own: "Missing operating system" is in syslinux's
+    mbr.bin as well as Windows', so it names neither."""
     if not any(bootstrap):
         return None
     for marker, name in (
         (b"GRUB", "grub"),
         (b"LILO", "lilo"),
         (b"SYSLINUX", "syslinux"),
-        (b"Missing operating system", "windows"),
+        (b"Multiple active partitions", "syslinux"),  # mbr.bin and gptmbr.bin, which boot the active partition
         (b"Invalid partition table", "windows"),
+        (b"Error loading operating system", "windows"),
         (b"Boot failed", "syslinux"),
         (b"isolinux", "isolinux"),
         (b"EXTLINUX", "extlinux"),

@@ -336,9 +336,10 @@ def _header_phrase(detection: Detection) -> str:
     return f"{words} ({detail})" if detail else words
 
 
-def check_forced(detection: Detection, forced: str) -> None:
-    """Raise FormatMismatch when a format given with ``-f`` (raw, vhd/vpc, qcow2) contradicts the
-    file. Forcing the detected format passes (even for a damaged header: the reader reports that).
+def check_forced(detection: Detection, forced: str, path: str | None = None) -> None:
+    """Raise FormatMismatch, naming the file at ``path``, when a format given with ``-f`` (raw,
+    vhd/vpc, qcow2) contradicts the file. Forcing the detected format passes (even for a damaged
+    header: the reader reports that).
     """
     from .formats import canonical_format
 
@@ -360,9 +361,10 @@ def check_forced(detection: Detection, forced: str) -> None:
             )
         elif detection.description:
             message += f" (it is {detection.description})"
-        raise FormatMismatch(message)
+        raise FormatMismatch(message, path=path)
     expected = "VHD footer" if wanted == "vhd" else "qcow2 header"
-    raise FormatMismatch(f"forced format {wanted}, but the file has no {expected}: it is {_a(detection.description)}")
+    raise FormatMismatch(f"forced format {wanted}, but the file has no {expected}: it is {_a(detection.description)}",
+                         path=path)
 
 
 def _a(text: str) -> str:

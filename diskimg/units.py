@@ -21,10 +21,15 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
 def format_size(size: int) -> str:
-    """``4 GiB`` or ``1.5 MiB``: the largest binary unit, at most one decimal."""
-    for unit, name in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if size >= unit:
-            value = size / unit
-            return f"{value:.0f} {name}" if value == int(value) else f"{value:.1f} {name}"
-    return f"{size} B"
+    """A size as qemu-img prints it: three significant digits in the largest binary unit that keeps
+    the number below 1000 (``20 GiB``, ``42.5 KiB``, ``0.977 MiB``, ``512 B``)."""
+    unit = 0
+    while unit < len(_UNITS) - 1 and size >= 1000 * 1024**unit:
+        unit += 1
+    if unit < len(_UNITS) - 1 and float(f"{size / 1024**unit:.3g}") >= 1000:
+        unit += 1  # 999.7 KiB would print as 1e+03 KiB
+    return f"{size / 1024**unit:.3g} {_UNITS[unit]}"

@@ -6,7 +6,8 @@ with ``format``, as a qcow2 or VHD in the same pass (a tar's sparse map is the a
 qcow2 or VHD member is extracted as the file it is (holes where it has zero blocks) and, when
 another format is asked for, converted from that extracted file (a second, local read).
 
-With a manifest (``NAME.manifest.json``, written by ``diskimg export``), the SHA-256 of every
+With a manifest (``NAME.manifest.json``, written by ``diskimg export``, read by ``manifest.py``
+with the same checks and caps as ``verify``), the SHA-256 of every
 archive is computed in the same pass that unpacks it, and the guest content hash of every restored
 disk (computed while writing it; for an extracted qcow2 or VHD, by reading it back) is compared
 with the manifest's. Any mismatch is an error.
@@ -14,40 +15,35 @@ with the manifest's. Any mismatch is an error.
 Archives are untrusted (see ``sources.py``: unsafe names, links, devices, two disks, huge sizes,
 truncated or corrupt streams are refused). Outputs are named after the member's (or the
 decompressed file's) base name, or for a manifest's disks after their archives, so nothing is
-written outside the output directory whatever the archive says. They are written under temporary names and renamed into place only when every
-disk of the run is complete and verified: after any failure nothing of this run remains.
+written outside the output directory whatever the archive says. They are written under temporary
+names and renamed into place only when every disk of the run is complete and verified: after any
+failure nothing of this run remains, nor the output folder if the run made it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import interrupts
-from .conversion import ProgressCallback, content_hash_of, convert
+from .conversion import ProgressCallback, content_hash_of, convert, output_directory, reported_as
 from .probe import detect
 from .detection import READABLE_FORMATS
-from .errors import ArchiveError, OutputError, UnsupportedFormat, UsageError
+from .errors import ArchiveError, OutputError, UnsupportedFormat
 from .formats import canonical_format
 from .image import open_image
+from .manifest import ExportedDisk, read_manifest
 from .sources import (EndShowsAnotherFormat, StreamDiskReader, finish_archive, open_file_bytes, open_wrapped,
                       opens_through_wrapper)
 from .wrappers import COMPRESSORS, unwrapped_name
 
-#: a manifest larger than this is not a manifest
-MAX_MANIFEST = 16 << 20
-#: disks one manifest may list (a machine has a system disk and at most a few dozen data disks)
-MAX_DISKS = 64
 _DISK_SUFFIXES = (".raw", ".img", ".qcow2", ".vhd", ".vpc", ".vmdk", ".vhdx", ".vdi")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.xz", ".tar.bz2", ".tgz", ".tar", ".gz", ".zst", ".xz", ".bz2")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -81,18 +77,6 @@ class UnpackResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class _Expected:
-    """What a manifest says about one disk (each field optional: read defensively)."""
-
-    file: str
-    size: int | None = None
-    sha256: str | None = None
-    format: str | None = None
-    content_hash: str | None = None
-    virtual_size: int | None = None
-
-
 def unpack(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -107,32 +91,28 @@ def unpack(
     started = time.monotonic()
     path = os.fspath(source)
     target_format = canonical_format(format) if format else None
-    manifest = path if _is_manifest(path) else None
-    expected = read_manifest(path) if manifest else [_Expected(path)]
-    out_dir = os.path.abspath(os.fspath(out))
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output directory: {exc.strerror}", path=out_dir) from None
+    manifest = read_manifest(path) if _is_manifest(path) else None
+    # (the archive, what the manifest says of it)
+    jobs = [(manifest.locate(d), d) for d in manifest.disks] if manifest else [(path, None)]
     disks: list[UnpackedDisk] = []
     finished: list[tuple[str, str]] = []  # (temporary, final) of the disks done so far
-    try:
-        with interrupts.deferred():
-            for entry in expected:
-                disk, temporary = _unpack_one(entry, manifest is not None, out_dir, target_format, force, progress)
-                final = disk.output
-                if any(final == done for _, done in finished):
-                    raise ArchiveError(f"two disks would be restored to the same file {final}", path=path)
-                finished.append((temporary, final))
-                disks.append(disk)
-        for temporary, final in finished:
-            os.replace(temporary, final)
-    except BaseException:
-        for temporary, _ in finished:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-        raise
-    return UnpackResult(source=path, manifest=manifest, out=out_dir, disks=disks,
+    with output_directory(out) as out_dir:
+        try:
+            with interrupts.deferred():
+                for archive, expected in jobs:
+                    disk, temporary = _unpack_one(archive, expected, out_dir, target_format, force, progress)
+                    finished.append((temporary, disk.output))
+                    if any(disk.output == done for _, done in finished[:-1]):
+                        raise ArchiveError(f"two disks would be restored to the same file {disk.output}", path=path)
+                    disks.append(disk)
+            for temporary, final in finished:
+                os.replace(temporary, final)
+        except BaseException:
+            for temporary, _ in finished:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+            raise
+    return UnpackResult(source=path, manifest=manifest.path if manifest else None, out=out_dir, disks=disks,
                         seconds=round(time.monotonic() - started, 3))
 
 
@@ -144,83 +124,44 @@ def _is_manifest(path: str) -> bool:
     return False
 
 
-def read_manifest(path: str) -> list[_Expected]:
-    """The disks a manifest lists, each archive resolved beside the manifest (a name with a
-    directory part is refused: a manifest may not point at other files of the host)."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_MANIFEST + 1)
-    except OSError as exc:
-        raise ArchiveError(f"cannot read the manifest: {exc.strerror}", path=path) from None
-    if len(text) > MAX_MANIFEST:
-        raise ArchiveError(f"a manifest larger than {MAX_MANIFEST >> 20} MiB", path=path)
-    try:
-        document = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArchiveError(f"not a JSON manifest: {exc}", path=path) from None
-    disks = document.get("disks") if isinstance(document, dict) else None
-    if not isinstance(disks, list) or not disks or len(disks) > MAX_DISKS:
-        raise ArchiveError(f"the manifest lists no disks (a 'disks' list of 1 to {MAX_DISKS} entries)", path=path)
-    base = os.path.dirname(os.path.abspath(path))
-    entries = []
-    for number, disk in enumerate(disks):
-        name = disk.get("file") if isinstance(disk, dict) else None
-        if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
-            raise ArchiveError(f"disk {number} of the manifest: 'file' must be a file name beside the manifest, "
-                               f"not {name!r}", path=path)
-        sha256 = disk.get("sha256")
-        if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256.lower())):
-            raise ArchiveError(f"disk {number} of the manifest: 'sha256' is not a SHA-256 digest", path=path)
-        content_hash, fmt = disk.get("content_hash"), disk.get("format")
-        entries.append(_Expected(
-            file=os.path.join(base, name),
-            size=_integer(disk.get("size")),
-            sha256=sha256.lower() if sha256 else None,
-            format=fmt if isinstance(fmt, str) and fmt else None,
-            content_hash=content_hash if isinstance(content_hash, str) and content_hash else None,
-            virtual_size=_integer(disk.get("virtual_size")),
-        ))
-    return entries
-
-
-def _integer(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def _unpack_one(entry: _Expected, verify: bool, out_dir: str, target_format: str | None, force: bool,
+def _unpack_one(archive: str, expected: ExportedDisk | None, out_dir: str, target_format: str | None, force: bool,
                 progress: ProgressCallback | None) -> tuple[UnpackedDisk, str]:
-    """Restore one disk to a temporary file in ``out_dir``: (what was done, the temporary name)."""
-    detection = detect(entry.file)
-    if verify and entry.size is not None and os.path.getsize(entry.file) != entry.size:
-        raise ArchiveError(f"is {os.path.getsize(entry.file)} bytes, the manifest says {entry.size}: the file is "
-                           "damaged or incomplete", path=os.path.basename(entry.file))
-    digest = hashlib.sha256 if verify and entry.sha256 else None
+    """Restore the disk of ``archive`` (checked against what a manifest says of it, ``expected``) to a
+    temporary file in ``out_dir``: (what was done, the temporary name)."""
+    detection = detect(archive)
+    if expected is not None and os.path.getsize(archive) != expected.size:
+        raise ArchiveError(f"is {os.path.getsize(archive)} bytes, the manifest says {expected.size}: the file is "
+                           "damaged or incomplete", path=expected.file)
+    digest = hashlib.sha256 if expected is not None else None
     reader: StreamDiskReader
     if opens_through_wrapper(detection):
-        reader = open_wrapped(entry.file, detection, digest, as_bytes=True)  # type: ignore[assignment]
+        reader = open_wrapped(archive, detection, digest, as_bytes=True)  # type: ignore[assignment]
     else:
         if not detection.readable:
             raise UnsupportedFormat(f"{detection.description}: not an archive or disk diskimg unpacks",
-                                    path=entry.file, format=detection.format, hint=detection.hint)
-        reader = open_file_bytes(entry.file, detection, digest)
+                                    path=archive, format=detection.format, hint=detection.hint)
+        reader = open_file_bytes(archive, detection, digest)
     with reader:
         facts = reader.info().details
         member = facts.get("member")
         inner_format = facts["inner_format"]
-        if verify and entry.format is not None and entry.format != inner_format:
-            raise ArchiveError(f"holds a {inner_format} disk, the manifest says {entry.format}",
-                               path=os.path.basename(entry.file))
+        if expected is not None and expected.format != inner_format:
+            raise ArchiveError(f"holds a {inner_format} disk, the manifest says {expected.format}",
+                               path=expected.file)
         final_format = target_format or inner_format
-        final = os.path.join(out_dir, _output_name(entry.file, detection.format, member, target_format, verify))
+        name = expected.file if expected is not None else archive
+        final = os.path.join(out_dir, _output_name(name, detection.format, member, target_format, expected is not None))
         if os.path.lexists(final) and not force:
             raise OutputError("already exists (pass --force to replace it)", path=final)
         temporary = _temporary_in(out_dir, final)
         try:
-            disk = _restore(reader, entry, temporary, inner_format, final_format, progress)
+            with reported_as(final, temporary):
+                disk = _restore(reader, archive, expected, temporary, inner_format, final_format, progress)
             disk.output, disk.member = final, member
             if digest is not None:
                 disk.archive_sha256 = _archive_sha256(reader)
-            _verify(entry, disk, verify)
+            if expected is not None:
+                _verify(expected, disk)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
@@ -228,20 +169,20 @@ def _unpack_one(entry: _Expected, verify: bool, out_dir: str, target_format: str
     return disk, temporary
 
 
-def _restore(reader: StreamDiskReader, entry: _Expected, temporary: str, inner_format: str, final_format: str,
-             progress: ProgressCallback | None) -> UnpackedDisk:
+def _restore(reader: StreamDiskReader, archive: str, expected: ExportedDisk | None, temporary: str,
+             inner_format: str, final_format: str, progress: ProgressCallback | None) -> UnpackedDisk:
     """Write the disk to ``temporary`` (converted on the fly when it is RAW) and say what was written."""
+    checksum = expected is not None and expected.content_hash is not None
     if inner_format == "raw":
-        if final_format != "raw":  # the bytes are read as a disk: their end is checked too (a compressed tar)
+        if final_format != "raw":  # read as a disk: an end not seen at open is checked when read
             reader.guard_tail()
         try:
-            result = convert(reader, temporary, final_format, checksum=entry.content_hash is not None, force=True,
-                             progress=progress)
+            result = convert(reader, temporary, final_format, checksum=checksum, force=True, progress=progress)
         except EndShowsAnotherFormat as found:  # e.g. a fixed VHD's footer: restored as the file it is, below
             inner_format = str(found.format)
         else:
             finish_archive(reader)
-            return UnpackedDisk(entry.file, None, temporary, final_format, result.virtual_size, result.bytes_written,
+            return UnpackedDisk(archive, None, temporary, final_format, result.virtual_size, result.bytes_written,
                                 None, result.content_hash, None, result.decompression_passes)
     # a qcow2, VHD (or another format's) file: extract its bytes exactly, then convert the extracted
     # file if asked (with qemu-img for the formats diskimg does not read)
@@ -250,15 +191,15 @@ def _restore(reader: StreamDiskReader, entry: _Expected, temporary: str, inner_f
     os.truncate(temporary, reader.content_size)
     virtual_size, written, content_hash = reader.content_size, result.bytes_written, None
     if final_format != inner_format:
-        converted = convert(temporary, temporary + ".convert", final_format, checksum=entry.content_hash is not None,
-                            force=True, progress=progress)
+        converted = convert(temporary, temporary + ".convert", final_format, checksum=checksum, force=True,
+                            progress=progress)
         os.replace(temporary + ".convert", temporary)
         content_hash, virtual_size, written = converted.content_hash, converted.virtual_size, converted.bytes_written
     elif inner_format in READABLE_FORMATS:
         with open_image(temporary, inner_format) as extracted:
             virtual_size = extracted.virtual_size
-            content_hash = content_hash_of(extracted) if entry.content_hash is not None else None
-    return UnpackedDisk(entry.file, None, temporary, final_format, virtual_size, written, None, content_hash, None,
+            content_hash = content_hash_of(extracted) if checksum else None
+    return UnpackedDisk(archive, None, temporary, final_format, virtual_size, written, None, content_hash, None,
                         result.decompression_passes)
 
 
@@ -269,14 +210,12 @@ def _archive_sha256(reader: StreamDiskReader) -> str:
     return str(digest.hexdigest())
 
 
-def _verify(entry: _Expected, disk: UnpackedDisk, verify: bool) -> None:
-    if not verify:
-        return
-    name = os.path.basename(entry.file)
-    if entry.sha256 is not None and disk.archive_sha256 != entry.sha256:
+def _verify(entry: ExportedDisk, disk: UnpackedDisk) -> None:
+    name = entry.file
+    if disk.archive_sha256 != entry.sha256:
         raise ArchiveError(f"SHA-256 {disk.archive_sha256} differs from the manifest's {entry.sha256}: "
                            "the archive is damaged or not the one exported", path=name)
-    if entry.virtual_size is not None and disk.virtual_size != entry.virtual_size:
+    if disk.virtual_size != entry.virtual_size:
         raise ArchiveError(f"holds a disk of {disk.virtual_size} bytes, the manifest says {entry.virtual_size}",
                            path=name)
     if entry.content_hash is not None and disk.content_hash != entry.content_hash:
@@ -301,8 +240,9 @@ def _output_name(archive: str, wrapper: str, member: str | None, target_format: 
         name = unwrapped_name(wrapper, base)[0] or "disk"
     else:
         name = base
-    if name in ("", ".", ".."):
-        raise UsageError(f"cannot name the disk restored from {archive!r}")
+    if name in ("", ".", ".."):  # the input is at fault (a member named '.'): refused as archives are
+        named_by = f"member {member!r}" if member is not None and not from_manifest else f"the name {base!r}"
+        raise ArchiveError(f"{named_by} leaves no file name to restore the disk under: refused", path=archive)
     if target_format is None:
         return name
     stem = name[: -len(suffix)] if (suffix := _disk_suffix(name)) else name

@@ -25,12 +25,18 @@ command -v bsdtar >/dev/null || need+=(libarchive-tools)
 command -v cpio >/dev/null || need+=(cpio)
 command -v lz4 >/dev/null || need+=(lz4)
 command -v pigz >/dev/null || need+=(pigz)
+command -v mount >/dev/null || need+=(mount)
+command -v grub-mkimage >/dev/null && [ -e /usr/lib/grub/i386-pc/boot.img ] || need+=(grub-pc-bin)
+[ -e /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
+command -v syslinux >/dev/null || need+=(syslinux)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    # another apt process (unattended-upgrades on a fresh machine) may hold the dpkg lock: wait for it
+    wait_lock=(-o DPkg::Lock::Timeout=600)
+    $sudo apt-get "${wait_lock[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get "${wait_lock[@]}" install -y -qq "${need[@]}" >/dev/null
   else
     echo "missing tools (${need[*]}): install them with your package manager; tests needing them are skipped" >&2
   fi

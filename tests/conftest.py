@@ -4,9 +4,11 @@ builders of files and disks that several test files use."""
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import random
 import shlex
@@ -15,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -41,20 +44,41 @@ def ctrl_c():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A folder on a 1 MiB tmpfs mounted for the test (root only; skipped where mounting is not
+    allowed), where writing more than that fails with ENOSPC; unmounted afterwards."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
 def default_sigint() -> None:
     """For subprocess ``preexec_fn``: the child takes SIGINT as a terminal's Ctrl-C, whatever the suite inherited."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def corpus_dir() -> Path | None:
-    """The shared corpus: $DISKIMG_CORPUS, or ../shared/corpus beside the checkout."""
+    """The shared corpus: $DISKIMG_CORPUS when set (and then only there), else ../shared/corpus
+    beside the checkout."""
     env = os.environ.get("DISKIMG_CORPUS")
-    candidates = [Path(env)] if env else []
-    candidates.append(ROOT.parent / "shared" / "corpus")
-    for candidate in candidates:
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    return None
+    candidate = Path(env) if env else ROOT.parent / "shared" / "corpus"
+    return candidate if (candidate / "manifest.json").is_file() else None
+
+
+NO_CORPUS = "no corpus: set DISKIMG_CORPUS to the folder of its manifest.json, or place it at ../shared/corpus"
+
+
+def corpus_params(entries: list[dict]) -> list:
+    """Parameters for a test over corpus entries: one skipped case naming the missing corpus when
+    there is none (an empty list would skip with pytest's bare "got empty parameter set")."""
+    if entries:
+        return [pytest.param(entry, id=entry["file"]) for entry in entries]
+    return [pytest.param(None, id="no-corpus", marks=pytest.mark.skip(reason=NO_CORPUS))]
 
 
 def corpus_manifest() -> list[dict]:
@@ -403,13 +427,45 @@ def make_esp(path: Path, size: int, files: dict[str, bytes], fat: int = 32) -> P
     return path
 
 
-GRUB_BOOT_CODE = b"\xebc\x90" + bytes(0x5D) + b"\xfa\x90\x90" + b"GRUB \0Geom\0Hard Disk\0Read\0 Error\r\n\0"
 WINDOWS_BOOT_CODE = b"\x33\xc0\x8e\xd0\xbc\x00\x7c" + bytes(0x100) + b"Invalid partition table\0Missing operating system"
+#: GRUB's i386-pc images (Debian package grub-pc-bin)
+GRUB_PC = Path("/usr/lib/grub/i386-pc")
 
 
-def write_boot_code(disk: Path, code: bytes = GRUB_BOOT_CODE) -> None:
-    assert len(code) <= 440
-    write_at(disk, 0, code)
+@functools.cache
+def grub_core_image() -> bytes:
+    """A GRUB core image for an MBR disk (diskboot.img first), made by grub-mkimage."""
+    if shutil.which("grub-mkimage") is None or not (GRUB_PC / "boot.img").exists():
+        pytest.skip("grub-mkimage and GRUB's i386-pc images (package grub-pc-bin) are needed to write a boot chain")
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "core.img"
+        run("grub-mkimage", "-O", "i386-pc", "-d", GRUB_PC, "-o", out, "-p", "(hd0,msdos1)/boot/grub",
+            "biosdisk", "part_msdos", "part_gpt", "ext2")
+        return out.read_bytes()
+
+
+def write_boot_code(disk: Path, code: bytes | None = None, core_lba: int | None = None) -> None:
+    """Boot code in sector 0; by default GRUB's whole BIOS chain as grub-install lays it out: boot.img
+    with the LBA of the core image at 0x5c, and the core image there (on an MBR disk the gap after the
+    MBR, LBA 1; on GPT a BIOS boot partition, given as ``core_lba``, else the gap after the partition
+    entries, LBA 34), its diskboot.img blocklist (start LBA, sector count, segment) set to the sectors
+    after it."""
+    if code is not None:
+        assert len(code) <= 440
+        write_at(disk, 0, code)
+        return
+    with open(disk, "rb") as image:
+        image.seek(512)
+        gpt = image.read(8) == b"EFI PART"
+    lba = core_lba or (34 if gpt else 1)
+    core = bytearray(grub_core_image())
+    sectors = -(-len(core) // 512)
+    assert struct.unpack_from("<H", core, 510)[0] == 0x820  # diskboot.img's blocklist segment
+    struct.pack_into("<QH", core, 500, lba + 1, sectors - 1)
+    boot = bytearray((GRUB_PC / "boot.img").read_bytes()[:440])
+    struct.pack_into("<Q", boot, 0x5C, lba)
+    write_at(disk, 0, bytes(boot))
+    write_at(disk, lba * 512, bytes(core))
 
 
 def lvm_label_crc(data: bytes) -> int:
@@ -465,3 +521,16 @@ def gpt_4k(path: Path, size: int) -> None:
     """A GPT for 4096-byte logical sectors, made by fdisk -b 4096."""
     blank(path, size)
     subprocess.run(["fdisk", "-b", "4096", str(path)], input=b"g\nn\n\n\n\nw\n", capture_output=True, check=True)
+
+
+@pytest.fixture(scope="session")
+def regipy_hives(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus's registry hives (regipy/: SYSTEM, SYSTEM_B with its .LOG1/.LOG2, BCD), decompressed
+    into a temporary folder (the corpus stays read-only, and none of it is copied into the repository)."""
+    corpus = corpus_dir()
+    if corpus is None or not (corpus / "regipy").is_dir():
+        pytest.skip("the shared corpus (regipy/) is not here")
+    target = tmp_path_factory.mktemp("regipy")
+    for name in ("SYSTEM", "SYSTEM_B", "SYSTEM_B.LOG1", "SYSTEM_B.LOG2", "BCD"):
+        (target / name).write_bytes(lzma.decompress((corpus / "regipy" / f"{name}.xz").read_bytes()))
+    return target

@@ -159,6 +159,7 @@ def rhel_tree(work: Path, root_uuid: str, boot_uuid: str | None = None, *, kerne
                       + (f"UUID={boot_uuid} /boot                   ext4    defaults        1 2\n" if boot_uuid else ""),
         "/etc/sysconfig/network-scripts/ifcfg-eth0": 'DEVICE="eth0"\nBOOTPROTO="dhcp"\nONBOOT="yes"\nTYPE="Ethernet"\n',
         "/etc/selinux/config": "SELINUX=disabled\nSELINUXTYPE=targeted\n",
+        "/etc/selinux/targeted/policy/policy.33": b"\x8c\xff\x7c\xf9SE Linux",  # selinux-policy-targeted's
         "/etc/default/grub": 'GRUB_TIMEOUT=5\nGRUB_DEFAULT=saved\nGRUB_ENABLE_BLSCFG=true\n',
         f"/usr/lib/modules/{kernel}/modules.builtin": "kernel/fs/ext4/ext4.ko\nkernel/drivers/char/mem.ko\n",
         f"/usr/lib/modules/{kernel}/modules.dep": "".join(

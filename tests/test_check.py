@@ -19,6 +19,7 @@ from diskimg.formats.qcow2 import decode_refcount_block
 from .conftest import (
     MiB,
     corpus_entries,
+    corpus_params,
     corpus_file,
     diskimg_cli,
     first_l2_table,
@@ -358,7 +359,7 @@ def test_check_command_exit_codes_and_json(written, tmp_path):
 
 
 @requires_qemu
-@pytest.mark.parametrize("entry", corpus_entries(("qcow2",)), ids=lambda e: e["file"])
+@pytest.mark.parametrize("entry", corpus_params(corpus_entries(("qcow2",))))
 def test_corpus_qcow2_agrees_with_qemu_img(entry, tmp_path):
     path = corpus_file(entry, tmp_path)
     if entry["file"].endswith("data-file.qcow2.gz"):
@@ -366,7 +367,7 @@ def test_corpus_qcow2_agrees_with_qemu_img(entry, tmp_path):
     assert_agrees_with_qemu(path)
 
 
-@pytest.mark.parametrize("entry", corpus_entries(("vhd",)), ids=lambda e: e["file"])
+@pytest.mark.parametrize("entry", corpus_params(corpus_entries(("vhd",))))
 def test_corpus_vhd_checks_without_crashing(entry, tmp_path):
     path = corpus_file(entry, tmp_path)
     result = check(path, "vhd")

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 try:  # tests as a package, or as a plain directory on sys.path
-    from .conftest import corpus_dir, corpus_manifest, qemu_img, requires_qemu, run
+    from .conftest import corpus_dir, corpus_manifest, corpus_params, qemu_img, requires_qemu, run
 except ImportError:
-    from conftest import corpus_dir, corpus_manifest, qemu_img, requires_qemu, run  # type: ignore[no-redef]
+    from conftest import corpus_dir, corpus_manifest, corpus_params, qemu_img, requires_qemu, run  # type: ignore[no-redef]
 from diskimg.content import identify_start
 from diskimg.probe import check_forced, detect
 from diskimg.detection import Detection
@@ -649,8 +649,7 @@ def _decompressed(entry: dict, directory: Path, out_dir: Path) -> Path:
     return out
 
 
-@pytest.mark.skipif(corpus_dir() is None, reason="corpus not available")
-@pytest.mark.parametrize("entry", CORPUS, ids=[e["file"] for e in CORPUS])
+@pytest.mark.parametrize("entry", corpus_params(CORPUS))
 def test_corpus(entry, tmp_path_factory):
     directory = corpus_dir()
     expected = entry["format"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import (GiB, MiB, content_hash_by_definition, diskimg_cli, file_sha256, qemu_compare, qemu_img,
-                       qemu_io, qemu_raw, requires_qemu, run)
+                       qemu_io, qemu_raw, requires_qemu, run, sparse_file)
 
 pytestmark = [requires_qemu, pytest.mark.skipif(
     shutil.which("tar") is None or b"GNU tar" not in subprocess.run(["tar", "--version"], capture_output=True).stdout,
@@ -66,10 +66,10 @@ FILES = [f"{NAME}_system.raw.tar.gz", f"{NAME}_data_xvdb.raw.tar.gz", f"{NAME}_d
 
 def test_files_named_like_ecs_and_sums_accepted_by_sha256sum(exported: Path) -> None:
     names = sorted(p.name for p in exported.iterdir() if p.suffix != ".json" and p.suffix != ".txt")
-    assert names == sorted([*FILES, "SHA256SUMS"])
+    assert names == sorted([*FILES, f"{NAME}.SHA256SUMS"])
     assert (exported / f"{NAME}.manifest.json").is_file()
     assert not [p for p in exported.iterdir() if p.name.startswith(".")]  # no temporary left
-    checked = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=exported, capture_output=True, text=True)
+    checked = subprocess.run(["sha256sum", "-c", f"{NAME}.SHA256SUMS"], cwd=exported, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.count(": OK") == 3
 
@@ -240,13 +240,13 @@ def test_a_failing_disk_leaves_none_of_the_outputs(tmp_path: Path, disk_set: dic
 def test_existing_outputs_need_force(tmp_path: Path, disk_set: dict[str, Path]) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "SHA256SUMS").write_text("old\n")
+    (out / "x.SHA256SUMS").write_text("old\n")
     args = ("export", "--name", "x", "--system", disk_set["raw"], "--out", out)
     proc = diskimg_cli(*args, cwd="/tmp", text=True)
     assert proc.returncode == 4 and "--force" in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS"]
+    assert sorted(p.name for p in out.iterdir()) == ["x.SHA256SUMS"]
     assert diskimg_cli(*args, "--force", cwd="/tmp").returncode == 0
-    assert "x_system.raw.tar.gz" in (out / "SHA256SUMS").read_text()
+    assert "x_system.raw.tar.gz" in (out / "x.SHA256SUMS").read_text()
 
 
 def test_ecs_limits_are_warnings(tmp_path: Path) -> None:
@@ -281,7 +281,127 @@ def test_verify_refuses_a_manifest_naming_files_outside_its_folder(tmp_path: Pat
     entry = {"file": "../secret", "size": 1, "sha256": "0" * 64, "format": "raw", "virtual_size": 1}
     (tmp_path / "x.manifest.json").write_text(json.dumps({"disks": [entry]}))
     proc = diskimg_cli("verify", tmp_path, cwd="/tmp", text=True)
-    assert proc.returncode == 3 and "malformed disk entry" in proc.stderr
+    assert proc.returncode == 3 and "file name beside the manifest" in proc.stderr
     (tmp_path / "x.manifest.json").write_text("{not json")
     proc = diskimg_cli("verify", tmp_path / "x.manifest.json", cwd="/tmp", text=True)
     assert proc.returncode == 3 and "cannot read the manifest" in proc.stderr
+
+
+def truncated_qcow2(path: Path) -> Path:
+    """A qcow2 whose last data clusters are cut off: it opens, and reading it fails midway."""
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_io(path, "qcow2", "write -P 0x44 0 8M")
+    os.truncate(path, path.stat().st_size - 4 * MiB)
+    return path
+
+
+def test_out_folder_is_made_nested_and_removed_after_a_failure(tmp_path: Path, disk_set: dict[str, Path]) -> None:
+    out = tmp_path / "new" / "nested"
+    proc = diskimg_cli("export", "--name", "x", "--system", disk_set["raw"], "--out", out, cwd="/tmp", text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["x.SHA256SUMS", "x.manifest.json", "x_system.raw.tar.gz"]
+    broken = truncated_qcow2(tmp_path / "broken.qcow2")
+    for folder in (tmp_path / "made" / "by" / "run", out / "sub"):
+        proc = diskimg_cli("export", "--name", "y", "--system", broken, "--out", folder, cwd="/tmp", text=True)
+        assert proc.returncode == 3 and "broken.qcow2" in proc.stderr, proc.stderr
+    assert not (tmp_path / "made").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["x.SHA256SUMS", "x.manifest.json", "x_system.raw.tar.gz"]
+
+
+def test_two_exports_share_a_folder(tmp_path: Path, disk_set: dict[str, Path]) -> None:
+    """Each export's sums are its own (sha256sum -c accepts both), and verify DIR checks every
+    manifest of the folder: exit 0, then 1 naming the damaged file of the second export."""
+    out = tmp_path / "out"
+    for name, source in (("a", disk_set["raw"]), ("b", disk_set["vhd"])):
+        proc = diskimg_cli("export", "--name", name, "--system", source, "--out", out, "--archive", "tar",
+                           cwd="/tmp", text=True)
+        assert proc.returncode == 0, proc.stderr
+    for name in ("a", "b"):
+        checked = subprocess.run(["sha256sum", "-c", f"{name}.SHA256SUMS"], cwd=out, capture_output=True, text=True)
+        assert checked.returncode == 0 and checked.stdout == f"{name}_system.raw.tar: OK\n", checked.stderr
+    proc = diskimg_cli("verify", out, "--json", cwd="/tmp", text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["manifests"] == [str(out / "a.manifest.json"), str(out / "b.manifest.json")]
+    assert [(f["manifest"], f["file"], f["status"]) for f in result["files"]] == [
+        (str(out / "a.manifest.json"), "a_system.raw.tar", "ok"),
+        (str(out / "b.manifest.json"), "b_system.raw.tar", "ok")]
+    with open(out / "b_system.raw.tar", "r+b") as f:  # a byte of the member's data (a's archive is left intact)
+        f.seek(1024 + 5)
+        byte = f.read(1)
+        f.seek(1024 + 5)
+        f.write(bytes([byte[0] ^ 1]))
+    proc = diskimg_cli("verify", out, cwd="/tmp", text=True)
+    assert proc.returncode == 1
+    first, second = proc.stdout.splitlines()
+    assert first == "a_system.raw.tar: OK" and second.startswith("b_system.raw.tar: DIFFERS (sha256 differs")
+    assert diskimg_cli("verify", out / "a.manifest.json", cwd="/tmp").returncode == 0
+
+
+def manifest_entry(archive: Path) -> dict:
+    return {"file": archive.name, "size": archive.stat().st_size,
+            "sha256": run("sha256sum", archive).stdout.split()[0].decode(), "format": "raw", "virtual_size": 4096}
+
+
+HOSTILE_MANIFESTS = {
+    # JSON nested 100,000 levels deep (Python's parser recursion ends at about 1,000)
+    "nested": (lambda entry: '{"disks": [' + json.dumps(entry) + '], "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+               "nested deeper than 16"),
+    "65 disks": (lambda entry: json.dumps({"disks": [{**entry, "file": f"d{i}"} for i in range(65)]}),
+                 "1 to 64 entries"),
+    "2 MiB": (lambda entry: json.dumps({"disks": [entry]}) + " " * (2 << 20), "larger than 1 MiB"),
+    "listed twice": (lambda entry: json.dumps({"disks": [entry, entry]}), "more than once"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MANIFESTS))
+def test_export_manifests_have_the_same_caps_in_verify_and_unpack(tmp_path: Path, case: str) -> None:
+    disk = sparse_file(tmp_path / "d.raw", 4096, [(0, b"data")])
+    archive = tmp_path / "d.raw.tar"
+    run("tar", "-cf", archive, "-C", tmp_path, "d.raw")
+    build, message = HOSTILE_MANIFESTS[case]
+    manifest = tmp_path / "m.manifest.json"
+    manifest.write_text(build(manifest_entry(archive)))
+    commands = (["verify", manifest], ["verify", "--deep", tmp_path], ["unpack", manifest, "--out", tmp_path / "o"])
+    for command in commands:
+        proc = diskimg_cli(*command, cwd="/tmp", text=True)
+        assert proc.returncode == 3, (command, proc.stderr)
+        assert proc.stderr.startswith(f"diskimg: error: {manifest}: ") and message in proc.stderr
+        assert proc.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists() and disk.exists()
+
+
+def test_disk_full_names_the_output_not_its_temporary(tmp_path: Path, disk_set: dict[str, Path],
+                                                      full_disk: Path) -> None:
+    out = full_disk / "export"
+    proc = diskimg_cli("export", "--name", "x", "--system", disk_set["raw"], "--out", out, "--archive", "none",
+                       cwd="/tmp", text=True)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr == f"diskimg: error: {out / 'x_system.raw'}: cannot write: No space left on device\n"
+    assert list(full_disk.iterdir()) == []
+
+
+def test_verify_deep_says_what_it_covered_per_file(tmp_path: Path, disk_set: dict[str, Path]) -> None:
+    """`verify --deep` in text names, per file, whether the guest content hash was recomputed; what
+    it says is true: a wrong content hash in the manifest is caught exactly for the files it says
+    were decoded (the RAW member of a tar.gz), not for a qcow2 member of one."""
+    said = {}
+    for name, fmt in (("r", "raw"), ("q", "qcow2")):
+        out = tmp_path / name
+        out.mkdir()
+        proc = diskimg_cli("export", "--name", name, "--system", disk_set["system"], "--format", fmt,
+                           "--out", out, "--progress", "none", cwd="/tmp")
+        assert proc.returncode == 0, proc.stderr
+        proc = diskimg_cli("verify", out / f"{name}.manifest.json", "--deep", cwd="/tmp", text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        [line] = proc.stdout.splitlines()
+        said[name] = "guest content hash matches" in line
+        assert said[name] or "content hash was not recomputed" in line, line
+        manifest = out / f"{name}.manifest.json"
+        document = json.loads(manifest.read_text())
+        for entry in document["disks"]:
+            entry["content_hash"] = "sha256c1:" + "0" * 64
+        manifest.write_text(json.dumps(document))
+        caught = diskimg_cli("verify", manifest, "--deep", cwd="/tmp").returncode == 1
+        assert caught == said[name], (name, said[name])
+    assert said == {"r": True, "q": False}

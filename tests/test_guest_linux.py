@@ -10,8 +10,10 @@ the file the test wrote.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,11 @@ from diskimg.guest import GuestDisk, GuestVolume, inspect_guest
 from diskimg.guest.config import (
     choose_default,
     cloud_init_datasources,
+    cloud_init_network_config,
     expand_grub_vars,
+    grub_legacy_default,
     kernel_arg,
+    network_file_generator,
     parse_bls_entry,
     parse_fstab,
     parse_grub_cfg,
@@ -55,10 +60,12 @@ from .conftest import (
 from .guest_builders import (
     ELF_AARCH64,
     ELF_I386,
+    ELF_X86_64,
     RHEL_KERNEL,
     SUSE_KERNEL,
     UBUNTU_KERNEL,
     Link,
+    cloud_init,
     cpio_newc,
     elf_header,
     ext4_image,
@@ -179,6 +186,9 @@ def test_config_parsers_take_any_text(text: str) -> None:
     parse_ifcfg(text, "ifcfg-eth0")
     parse_nm_keyfile(text, "k")
     parse_networkd(text, "n.network")
+    grub_legacy_default(text)
+    cloud_init_network_config(text)
+    network_file_generator("ifcfg-eth0", text)
 
 
 # =====================================================================================================
@@ -346,9 +356,11 @@ def test_guest_tree_resolves_links_across_mounts(tmp_path: Path) -> None:
 
 
 def _disk(tmp: Path, name: str, parts: list[tuple[dict, str, str | None, int]], scheme: str = "mbr",
-          esp: bool = False, size: int = 20 * GiB, flags: dict[str, int] | None = None) -> Path:
+          esp: bool = False, size: int = 20 * GiB, flags: dict[str, int] | None = None,
+          holes: dict[str, int] | None = None) -> Path:
     """A disk of ext4 partitions made from trees: (tree, uuid, label, partition size). With ``esp``
-    (GPT) a BIOS boot partition and an ESP come first. Returns the RAW disk."""
+    (GPT) a BIOS boot partition and an ESP come first; ``holes`` extends files of the first tree by
+    that many bytes of holes (truncate) before mkfs.ext4 -d copies them, sparse. Returns the RAW disk."""
     work = tmp / name
     work.mkdir()
     layout, images = [], []
@@ -360,8 +372,11 @@ def _disk(tmp: Path, name: str, parts: list[tuple[dict, str, str | None, int]], 
         offset += 34 * MiB
     for number, (tree, uuid, label, length) in enumerate(parts):
         length = length or size - offset - MiB
-        fs_image = ext4_image(work / f"p{number}.img", min(length, 96 * MiB),
-                              write_tree(work / f"tree{number}", tree), uuid, label)
+        tree_dir = write_tree(work / f"tree{number}", tree)
+        for path, extra in (holes or {}).items():
+            if number == 0:
+                os.truncate(tree_dir / path.lstrip("/"), (tree_dir / path.lstrip("/")).stat().st_size + extra)
+        fs_image = ext4_image(work / f"p{number}.img", min(length, 96 * MiB), tree_dir, uuid, label)
         for path, value in (flags or {}).items():
             if number == 0:
                 set_ext_flags(fs_image, path, value)
@@ -438,7 +453,7 @@ def test_cli_json_guest_object(good_disks, tmp_path: Path) -> None:
     assert details["boot"]["default"]["title"] == "Ubuntu"
     assert details["cloud_init"]["version"] == "23.3.3"
     assert details["network"] == [{"name": "eth0", "source": "/etc/netplan/50-cloud-init.yaml", "ipv4": "dhcp",
-                                   "ipv6": None, "mac": None, "enabled": True}]
+                                   "ipv6": None, "mac": None, "enabled": True, "generator": "cloud-init"}]
     assert result["import_image"]["Platform"] == "Ubuntu"
     text = diskimg_cli("validate", good_disks["ubuntu"], cwd=tmp_path).stdout.decode()
     assert "guest:" in text and "Platform=Ubuntu" in text and "OSType=linux" in text
@@ -591,3 +606,317 @@ def test_suse_on_xfs(tmp_path: Path) -> None:
     assert [p["compression"] for p in linux_parts] == ["lz4"]
     assert guest["details"]["boot_drivers"]["virtio_blk"] == "initramfs"
     assert set(_guest_findings(report)) <= {"guest-os", "guest-nvme"}
+
+
+_VALIDATE_SUMMARY = """import json, resource, sys, diskimg
+report = diskimg.validate(sys.argv[1])
+print(json.dumps({"details": report.facts.guest["details"], "codes": [f.code for f in report.findings],
+                  "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))"""
+
+
+def _validate_in_child(disk: Path, timeout: float = 60) -> dict:
+    """``diskimg.validate`` in a child process under a deadline: the guest details, the finding codes and
+    the child's peak memory (a hang fails the test at the deadline instead of stalling the suite)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _VALIDATE_SUMMARY, disk], capture_output=True, timeout=timeout,
+                          env=env, check=True)
+    return json.loads(proc.stdout)
+
+
+@needs_image_tools
+def test_initramfs_with_a_long_zero_tail_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """Issue 12 #12: an initramfs followed by 250 MiB of NUL padding (a sparse file: the disk holds a
+    few KiB of it) was skipped one byte at a time in Python and held in memory whole (66 s, 790 MB)."""
+    uuid = new_uuid()
+    initrd = f"/boot/initrd-{SUSE_KERNEL}"
+    disk = _disk(tmp_path, "padded", [(suse_tree(tmp_path, uuid, compression="xz"), uuid, None, 0)],
+                 holes={initrd: 250 * MiB})
+    found = _validate_in_child(disk)
+    initramfs = found["details"]["initramfs"]
+    assert initramfs["problem"] is None and [p["compression"] for p in initramfs["parts"]] == ["xz"]
+    assert found["details"]["boot_drivers"]["virtio_blk"] == "initramfs"  # the suse tree puts it there
+    assert "guest-initramfs-unreadable" not in found["codes"]
+    assert found["max_rss_kib"] < 256 * 1024  # less than the padding alone
+
+
+def _in_child(code: str, timeout: float = 30) -> str:
+    """``code`` run by a child Python under a deadline (a regular expression holds the GIL, so only a
+    process can be stopped); returns what it printed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout, env=env,
+                          check=True, text=True).stdout
+
+
+@needs_image_tools
+def test_hostile_network_configs_end_in_time(tmp_path: Path) -> None:
+    """Issue 12 #13: a ``source`` glob of a dozen '*' (matched as '.*' regexes, over 120 s against a long
+    name), a netplan line of 400,000 spaces (a key pattern with a lazy repeat before '\\s*:') and a
+    netplan document nested 3,000 levels deep (recursion). The files next to them are still read."""
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    glob = "*a" * 12 + "b"
+    tree["/etc/network/interfaces"] = f"auto lo\niface lo inet loopback\nsource /etc/network/interfaces.d/{glob}\n"
+    tree["/etc/network/interfaces.d/" + "a" * 200] = "iface eth9 inet dhcp\n"  # does not match: no 'b'
+    tree["/etc/network/interfaces.d/" + "a" * 12 + "b"] = "auto eth1\niface eth1 inet static\n address 10.0.0.2/24\n"
+    netplan = str(tree["/etc/netplan/50-cloud-init.yaml"])
+    tree["/etc/netplan/50-cloud-init.yaml"] = netplan.replace("network:\n", "network:\n    x" + " " * 400_000 + "y\n")
+    tree["/etc/netplan/60-deep.yaml"] = "".join(" " * i + f"k{i}:\n" for i in range(3000))
+    found = _validate_in_child(_disk(tmp_path, "hostile", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    network = {(i["name"], i["source"], i["ipv4"]) for i in found["details"]["network"]}
+    assert network == {("eth0", "/etc/netplan/50-cloud-init.yaml", "dhcp"),
+                       ("eth1", "/etc/network/interfaces.d/aaaaaaaaaaaab", "static")}
+
+
+@needs_image_tools
+def test_grub_legacy_default_after_many_blank_lines(tmp_path: Path) -> None:
+    """Issue 12 #13: GRUB legacy's ``default`` was searched with ``^\\s*default\\s*=?\\s*(\\d+)`` over the
+    whole file, where ``\\s*`` spans lines: quadratic in a run of blank lines before another line."""
+    uuid = new_uuid()
+    tree = {p: c for p, c in suse_tree(tmp_path, uuid).items() if not p.startswith("/boot/grub2")}
+    kernel = f"kernel /boot/vmlinuz-{SUSE_KERNEL} root=UUID={uuid}\ninitrd /boot/initrd-{SUSE_KERNEL}\n"
+    tree["/boot/grub/menu.lst"] = "\n" * 400_000 + f"timeout 5\ndefault 1\ntitle first\n{kernel}title second\n{kernel}"
+    found = _validate_in_child(_disk(tmp_path, "legacy", [(tree, uuid, None, 0)]))
+    boot = found["details"]["boot"]
+    assert boot["loader"] == "grub-legacy" and boot["default"]["title"] == "second"
+
+
+@needs_image_tools
+def test_selinux_config_without_a_policy_is_moot(tmp_path: Path) -> None:
+    """Issue 13 #6: SELINUX=enforcing on a Debian-family system with no SELinux policy installed (its
+    kernel loads AppArmor) boots normally: no finding. The bad CentOS above has a policy, and is reported."""
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree["/etc/selinux/config"] = "SELINUX=enforcing\nSELINUXTYPE=default\n"
+    report = diskimg.validate(_disk(tmp_path, "deb", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    assert not {"guest-selinux-enforcing", "guest-boot-recovery-mode"} & set(_guest_findings(report))
+    details = report.facts.guest["details"]
+    assert (details["selinux"], details["selinux_loaded_by"]) == ("enforcing", None)
+
+
+@needs_image_tools
+@pytest.mark.parametrize("argument", ["single", "systemd.unit=emergency.target"])
+def test_default_entry_in_recovery_mode_and_selinux_from_the_command_line(tmp_path: Path, argument: str) -> None:
+    """Issue 13 #9: a default entry booting rescue or emergency mode (systemd's kernel-command-line(7))
+    stops at a console no one can reach: a warning. Issue 13 #6: security=selinux loads SELinux even
+    without a policy file in the image, so SELINUX=enforcing counts again."""
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree["/etc/selinux/config"] = "SELINUX=enforcing\nSELINUXTYPE=default\n"
+    grub = str(tree["/boot/grub/grub.cfg"])
+    tree["/boot/grub/grub.cfg"] = grub.replace("ro console=tty1", f"ro security=selinux {argument} console=tty1")
+    report = diskimg.validate(_disk(tmp_path, "rescue", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    found = _guest_findings(report)
+    recovery = found["guest-boot-recovery-mode"][0]
+    assert recovery.severity.value == "warning" and recovery.evidence["value"] == [argument]
+    assert recovery.evidence["entry"] == "Ubuntu"
+    assert found["guest-selinux-enforcing"][0].evidence["loaded_by"] == "security=selinux"
+
+
+@needs_image_tools
+def test_fstab_resolves_across_the_disks_of_the_machine(tmp_path: Path) -> None:
+    """Issue 13 #5: an fstab line naming a file system of the data disk (validate --system A --data B)
+    was an error "on no volume of this disk"; it resolves across every disk of the machine."""
+    uuid, data_uuid = new_uuid(), new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree["/etc/fstab"] = str(tree["/etc/fstab"]) + f"UUID={data_uuid} /srv ext4 defaults 0 2\n"
+    system = _disk(tmp_path, "system", [(tree, uuid, "cloudimg-rootfs", 0)])
+    data = _disk(tmp_path, "data", [({"/readme": "data\n"}, data_uuid, None, 0)], size=GiB)
+    alone = _guest_findings(diskimg.validate(system))["guest-fstab-unresolved"]
+    assert [f.evidence["spec"] for f in alone] == [f"UUID={data_uuid}"]
+    assert "guest-fstab-unresolved" not in _guest_findings(diskimg.validate(system=system, data=[data]))
+    other = _disk(tmp_path, "other", [({"/readme": "other\n"}, new_uuid(), None, 0)], size=GiB)
+    unresolved = _guest_findings(diskimg.validate(system=system, data=[other]))["guest-fstab-unresolved"]
+    assert "any disk of the machine" in unresolved[0].message
+
+
+_NETPLAN_STATIC = ("# This file is generated from information provided by the datasource.  Changes\n"
+                   "# to it will not persist across an instance reboot.\n"
+                   "network:\n    version: 2\n    ethernets:\n        eth0:\n"
+                   "            addresses: [192.168.1.10/24]\n            gateway4: 192.168.1.1\n")
+_ENI_STATIC = ("# This file is generated from information provided by the datasource.  Changes\n"
+               "# to it will not persist across an instance reboot.\n"
+               "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet static\n    address 10.0.0.5/24\n")
+
+
+@needs_image_tools
+@pytest.mark.parametrize("layout", ["netplan", "eni", "netplan-network-disabled"])
+def test_static_address_in_a_file_cloud_init_generates(tmp_path: Path, layout: str) -> None:
+    """Issue 13 #7: a static address in a file cloud-init renders (50-cloud-init.yaml, interfaces.d/
+    50-cloud-init, with cloud-init's own header) is replaced on the first boot while cloud-init's network
+    configuration is on: a warning; with network: {config: disabled} it is the error it was."""
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid, netplan=_NETPLAN_STATIC)
+    if layout == "eni":
+        del tree["/etc/netplan/50-cloud-init.yaml"]
+        tree["/etc/network/interfaces"] = "source /etc/network/interfaces.d/*\n"
+        tree["/etc/network/interfaces.d/50-cloud-init"] = _ENI_STATIC
+    disabled = "/etc/cloud/cloud.cfg.d/99-disable-network-config.cfg"
+    if layout == "netplan-network-disabled":
+        tree[disabled] = "network: {config: disabled}\n"
+    found = _guest_findings(diskimg.validate(_disk(tmp_path, layout, [(tree, uuid, "cloudimg-rootfs", 0)])))
+    source = "/etc/network/interfaces.d/50-cloud-init" if layout == "eni" else "/etc/netplan/50-cloud-init.yaml"
+    if layout == "netplan-network-disabled":
+        assert "guest-static-ip-cloud-init" not in found
+        error = found["guest-static-ip"][0]
+        assert error.severity.value == "error" and error.evidence["cloud_init_network_disabled"] == disabled
+    else:
+        assert "guest-static-ip" not in found
+        warning = found["guest-static-ip-cloud-init"][0]
+        assert warning.severity.value == "warning" and warning.evidence["file"] == source
+
+
+# -- root= and fstab resolved as the instance's initramfs and udev will ---------------------------------
+
+#: fixed-size holes in grub.cfg and /etc/fstab, overwritten in the disk for each case (whitespace ends a word)
+ROOT_SLOT, FSTAB_SLOT = "root=" + "#" * 90, "@" * 90
+
+
+@pytest.fixture(scope="module")
+def slot_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A GPT Ubuntu disk whose default entry's root= and one fstab line can be rewritten in place:
+    (disk, the root file system's UUID given to mkfs, partition 1's GUID as sgdisk reports it)."""
+    if any(shutil.which(t) is None for t in IMAGE_TOOLS):
+        pytest.skip("needs " + ", ".join(IMAGE_TOOLS))
+    tmp = tmp_path_factory.mktemp("slots")
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp, uuid)
+    tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace("root=LABEL=cloudimg-rootfs ro console",
+                                                                           f"{ROOT_SLOT} ro console")
+    tree["/etc/fstab"] = str(tree["/etc/fstab"]) + f"{FSTAB_SLOT} /data ext4 defaults 0 2\n"
+    disk = _disk(tmp, "d", [(tree, uuid, "cloudimg-rootfs", 0)], scheme="gpt")
+    subprocess.run(["sgdisk", "-c", "1:rootpart", str(disk)], check=True, capture_output=True)
+    info = subprocess.run(["sgdisk", "-i", "1", str(disk)], check=True, capture_output=True, text=True).stdout
+    guid = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Partition unique GUID"))
+    return disk, uuid, guid
+
+
+def fill_slot(disk: Path, slot: str, value: str) -> None:
+    """Overwrite the slot (in the root file system's data, within the first 128 MiB) with ``value``."""
+    with open(disk, "r+b") as image:
+        data = image.read(128 * MiB)
+        at = data.find(slot.encode())
+        assert at > 0 and data.find(slot.encode(), at + 1) < 0
+        image.seek(at)
+        image.write(value.ljust(len(slot)).encode())
+
+
+@pytest.mark.parametrize("root, names_nothing", [
+    ("LABEL=cloudimg-rootfs", False), ("UUID={uuid}", False), ("UUID=0b7d1c7e-2d4c-4c2e-9a55-000000000000", True),
+    ("PARTUUID={guid}", False), ("PARTUUID=0b7d1c7e-2d4c-4c2e-9a55-000000000000", True),
+    ("PARTLABEL=rootpart", False), ("PARTLABEL=otherpart", True),
+    ("/dev/disk/by-uuid/{uuid}", False), ("/dev/disk/by-partuuid/{guid}", False), ("/dev/disk/by-label/other", True),
+    ("/dev/vda1", False), ("/dev/nvme0n1p1", False), ("/dev/xvda1", False), ("/dev/vda7", True),
+    ("/dev/loop0p1", True), ("/dev/nbd0p1", True), ("/dev/mapper/vg0-root", True), ("/dev/vg0/root", True),
+    ("/dev/md0", True), ("/dev/sda1", True), ("/dev/vdb1", True), ("/dev/rootfs-garbage", True),
+])
+def test_root_resolved_as_the_initramfs_will(slot_disk: tuple[Path, str, str], tmp_path: Path, root: str,
+                                             names_nothing: bool) -> None:
+    """Issue 13: update-grub in a chroot wrote root=/dev/loop0p1 and the boot stopped at 'ALERT! /dev/loop0p1
+    does not exist'. The oracle: the UUID given to mkfs, the GUID and name sgdisk set, the instance's
+    virtio/NVMe/Xen names of partition 1."""
+    source, uuid, guid = slot_disk
+    disk = tmp_path / "d.raw"
+    subprocess.run(["cp", "--sparse=always", str(source), str(disk)], check=True)
+    root = root.format(uuid=uuid, guid=guid.lower())
+    fill_slot(disk, ROOT_SLOT, f"root={root}")
+    fill_slot(disk, FSTAB_SLOT, root.replace("root", "data") if root.startswith("/dev/") else "tmpfs")
+    report = diskimg.validate(disk)
+    broken = [f for f in report.findings if f.code == "guest-boot-entry-broken"]
+    assert [f.evidence["value"] for f in broken] == ([root] if names_nothing else [])
+    if names_nothing:
+        assert not report.importable and broken[0].severity.value == "error"
+    if root.startswith("/dev/") and not root.startswith("/dev/disk/"):
+        # the same name (another volume) in fstab, through the same resolver
+        fstab = [f for f in report.findings if f.code == "guest-fstab-unresolved"]
+        assert bool(fstab) == names_nothing, [f.message for f in report.findings]
+
+
+# -- cloud-init installed but not running; sshd without host keys ------------------------------------------
+
+CLOUD_INIT_WANTS = "/etc/systemd/system/multi-user.target.wants/cloud-init.service"
+
+
+def _no_cloud_init(tree: dict) -> None:
+    for path in cloud_init("/usr/lib/python3/dist-packages", "23.3.3", None):
+        tree.pop(path, None)
+
+
+def _kernel_args(tree: dict, args: str) -> None:
+    tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace("root=LABEL=cloudimg-rootfs ro console",
+                                                                           f"root=LABEL=cloudimg-rootfs ro {args} console")
+
+
+CLOUD_INIT_CASES = {
+    "enabled": (lambda tree: None, None),
+    "disabled-file": (lambda tree: tree.update({"/etc/cloud/cloud-init.disabled": ""}), "cloud-init.disabled"),
+    "masked": (lambda tree: tree.update({"/etc/systemd/system/cloud-init.service": Link("/dev/null")}), "masked"),
+    "not-enabled": (lambda tree: tree.pop(CLOUD_INIT_WANTS), "not enabled"),
+    "enabled-by-preset": (lambda tree: (tree.pop(CLOUD_INIT_WANTS), tree.update(
+        {"/usr/lib/systemd/system-preset/90-default.preset": "enable cloud-init*.service\ndisable *\n"})), None),
+    "disabled-by-preset": (lambda tree: (tree.pop(CLOUD_INIT_WANTS), tree.update(
+        {"/usr/lib/systemd/system-preset/99-default.preset": "disable *\n"})), "not enabled"),
+    "kernel-command-line": (lambda tree: _kernel_args(tree, "cloud-init=disabled"), "cloud-init=disabled"),
+    "nocloud-only": (lambda tree: tree.update({"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ NoCloud, None ]\n"}),
+                     "AliYun"),
+    "aliyun-listed": (lambda tree: tree.update({"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ AliYun, None ]\n"}),
+                      None),
+}
+
+
+@needs_image_tools
+@pytest.mark.parametrize("case", list(CLOUD_INIT_CASES))
+def test_cloud_init_installed_but_not_running(tmp_path: Path, case: str) -> None:
+    change, reason = CLOUD_INIT_CASES[case]
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    change(tree)
+    report = diskimg.validate(_disk(tmp_path, "ci", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    found = _guest_findings(report).get("guest-cloud-init-disabled", [])
+    assert not report.find("guest-cloud-init-missing")
+    if reason is None:
+        assert not found
+    else:
+        assert len(found) == 1 and found[0].severity.value == "warning" and reason in found[0].message
+
+
+SSH_CASES = {  # tree change, whether sshd will lack host keys at boot
+    "no-cloud-init-no-keys": (_no_cloud_init, True),
+    "no-cloud-init-keys": (lambda tree: (_no_cloud_init(tree), tree.update(
+        {"/etc/ssh/ssh_host_ed25519_key": "-----BEGIN OPENSSH PRIVATE KEY-----\n"})), False),
+    "no-cloud-init-rhel-keygen": (lambda tree: (_no_cloud_init(tree), tree.update(
+        {"/usr/lib/systemd/system/sshd-keygen@.service": "[Unit]\n"})), False),
+    "cloud-init-makes-keys": (lambda tree: None, False),
+    "cloud-init-disabled-no-keys": (lambda tree: tree.update({"/etc/cloud/cloud-init.disabled": ""}), True),
+}
+
+
+@needs_image_tools
+@pytest.mark.parametrize("case", list(SSH_CASES))
+def test_sshd_without_host_keys(tmp_path: Path, case: str) -> None:
+    """Debian's ssh.service generates no host keys: without them (and without cloud-init) sshd fails."""
+    change, fails = SSH_CASES[case]
+    uuid = new_uuid()
+    tree = ubuntu_tree(tmp_path, uuid)
+    tree.update({"/usr/sbin/sshd": elf_header(ELF_X86_64), "/etc/ssh/sshd_config": "PermitRootLogin yes\n"})
+    change(tree)
+    report = diskimg.validate(_disk(tmp_path, "ssh", [(tree, uuid, "cloudimg-rootfs", 0)]))
+    found = report.find("guest-ssh-host-keys-missing")
+    assert bool(found) == fails
+    if fails:
+        assert found[0].severity.value == "warning" and found[0].evidence["file"] == "/usr/sbin/sshd"
+
+
+def test_containers_and_media_in_device_specs() -> None:
+    """LVM, LUKS and md volumes are judged only when the disk holds no such container; optical and floppy
+    drives and the kernel's /dev/root alias are not judged (fstab's noauto media lines)."""
+    plain = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("ext4"))])  # type: ignore[arg-type]
+    lvm = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("lvm2"))])  # type: ignore[arg-type]
+    md = GuestDisk(None, [GuestVolume("partition 1", 1, MiB, MiB, FileSystem("md"))])  # type: ignore[arg-type]
+    for spec in ("/dev/mapper/vg0-root", "/dev/vg0/root", "/dev/dm-0"):
+        assert (plain.resolve(spec).status, lvm.resolve(spec).status) == ("missing", "unassembled")
+    for spec in ("/dev/md0", "/dev/md/root", "/dev/md126p1"):
+        assert (plain.resolve(spec).status, md.resolve(spec).status) == ("missing", "unassembled")
+    for spec in ("/dev/sr0", "/dev/cdrom", "/dev/fd0", "/dev/root", "tmpfs", "/dev/disk/by-id/virtio-abc"):
+        assert plain.resolve(spec).status == "unknown"
+    assert plain.resolve("/dev/vda1").volume is plain.volumes[0]
+    assert "data disk" in plain.resolve("/dev/vdb1").reason

@@ -31,12 +31,17 @@ from .conftest import (MiB, WINDOWS_BOOT_CODE, FileDisk, blank, copy_in, diskimg
                        write_boot_code)
 from .hostfs import HostDirFileSystem
 from .test_fs_ntfs import mkntfs, need_tools, ntfs3g
-from .test_regf import CellBuilder, Spec, build_hive, dword, multi_sz, sz
+from .test_regf import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
+                        modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)
 
 pytestmark = pytest.mark.skipif(shutil.which("hivexsh") is None, reason="hivexsh (libhivex-bin) is not installed")
 
 FILE_ATTRIBUTE_READONLY = 0x1
 VOLUME = 48 * MiB
+#: where an NTFS boot sector's code starts (after its BPB), and a stand-in for the code Windows puts there
+NTFS_BOOT_CODE_OFFSET = 0x54
+WINDOWS_NTFS_BOOT_CODE = (b"\xfa\x33\xc0\x8e\xd0\xbc\x00\x7c" + bytes(16) + b"A disk read error occurred\r\n\0"
+                          b"BOOTMGR is missing\r\n\0BOOTMGR is compressed\r\n\0Press Ctrl+Alt+Del to restart\r\n\0")
 START = 1 * MiB
 
 CURRENT_VERSION = "Microsoft\\Windows NT\\CurrentVersion"
@@ -142,6 +147,11 @@ def ntfs_volume(work: Path, machine: dict[str, Any]) -> Path:
             target.write_bytes(content)
         for path in machine["readonly"]:
             set_readonly(mounted / path)
+    # mkntfs writes boot code that only prints "This is not a bootable disk"; Windows Setup writes one
+    # that loads bootmgr: stand-in code with its messages, so that the BIOS boot chain reaches a loader
+    with open(image, "r+b") as volume:
+        volume.seek(NTFS_BOOT_CODE_OFFSET)
+        volume.write(WINDOWS_NTFS_BOOT_CODE.ljust(510 - NTFS_BOOT_CODE_OFFSET, b"\0"))
     return image
 
 
@@ -531,11 +541,72 @@ def test_damaged_and_dirty_hives(tmp_path: Path) -> None:
     found = guest_findings(report)
     assert found["windows-registry-unreadable"][0].evidence["file"] == "/Windows/System32/config/SOFTWARE"
     assert found["windows-registry-dirty"][0].evidence["file"] == "/Windows/System32/config/SYSTEM"
+    assert found["windows-registry-dirty"][0].evidence["logs"] == "no transaction log"
     assert not report.importable
     skipped = {item["check"] for item in report.not_checked if item["category"] == "guest"}
     assert {"windows_hotfixes", "windows_driver_install"} <= skipped
     guest = report.disks[0].guest
     assert guest is not None and guest["details"]["drivers"]["viostor"]["boot_start"]
+
+
+def test_dirty_system_hive_replayed_from_its_logs(tmp_path: Path) -> None:
+    """SYSTEM copied mid-write: the file says viostor starts on demand (Start=3), its SYSTEM.LOG1 (new
+    format, Windows 8.1+) holds the change hivexsh made to boot start (Start=0); SYSTEM.LOG2 holds an
+    older, already applied entry. The logs are replayed: viostor boots, the hive is "replayed" (info),
+    neither dirty nor a missing boot driver."""
+    machine = good_machine()
+    machine["system"][f"{SERVICES}\\viostor"] = service(3, "System32\\drivers\\viostor.sys")
+    disk = windows_disk(tmp_path, machine)
+    before = with_base_block((tmp_path / "SYSTEM").read_bytes(), sequences=(40, 40))
+    image_path = sz("System32\\drivers\\viostor.sys").hex()
+    after = modify_hive(tmp_path / "SYSTEM", tmp_path / "SYSTEM.after",
+                        f"cd \\{SERVICES}\\viostor\nsetval 3\nStart\ndword:0\nType\ndword:1\nImagePath\n"
+                        f"hex:2:{image_path}\n").read_bytes()
+    _first, second = sequences_of(before)
+    size = bins_size_of(after)
+    pages = changed_blocks(before, after, 4096)
+    files = {"SYSTEM": mid_write(before),
+             "SYSTEM.LOG1": new_format_log(after, second + 1, [log_entry(second + 1, size, pages)]),
+             "SYSTEM.LOG2": new_format_log(before, second - 2, [log_entry(second - 2, size, [(0, bytes(4096))])])}
+    with ntfs3g(tmp_path / "windows.ntfs", tmp_path / "mnt2") as mounted:
+        for name, data in files.items():
+            (mounted / "Windows/System32/config" / name).write_bytes(data)
+    replace_volume(disk, tmp_path / "windows.ntfs")
+    report = validate(disk)
+    assert problems(report) == set()
+    replayed = guest_findings(report)["windows-registry-replayed"]
+    assert [f.evidence["file"] for f in replayed] == ["/Windows/System32/config/SYSTEM"]
+    assert "SYSTEM.LOG1" in replayed[0].evidence["logs"] and "SYSTEM.LOG2" not in replayed[0].evidence["logs"]
+    guest = report.disks[0].guest
+    assert guest is not None and guest["details"]["hives"] == {"SOFTWARE": "ok", "SYSTEM": "replayed"}
+    assert guest["details"]["drivers"]["viostor"]["start"] == 0 and guest["details"]["drivers"]["viostor"]["boot_start"]
+    # the image itself is not written
+    with ntfs3g(tmp_path / "windows.ntfs", tmp_path / "mnt3") as mounted:
+        assert (mounted / "Windows/System32/config/SYSTEM").read_bytes() == files["SYSTEM"]
+
+
+def test_real_dirty_system_hive_and_its_logs(regipy_hives: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The corpus's Windows 10 SYSTEM, saved mid-write, beside the SYSTEM.LOG1 and SYSTEM.LOG2 Windows
+    wrote: replayed, and read as the MANIFEST says (stornvme boot start). Without its logs, or with logs
+    over the size read, it stays dirty, saying why."""
+    config = tmp_path / "Windows/System32/config"
+    config.mkdir(parents=True)
+    for name in ("SYSTEM", "SYSTEM.LOG1", "SYSTEM.LOG2"):
+        shutil.copy(regipy_hives / name.replace("SYSTEM", "SYSTEM_B"), config / name)
+    facts = windows.inspect_windows(HostDirFileSystem(tmp_path))
+    assert facts is not None and facts.hives["SYSTEM"] == "replayed"
+    assert facts.hive_logs["SYSTEM"].startswith("SYSTEM.LOG1, SYSTEM.LOG2 replayed up to sequence")
+    assert facts.drivers["stornvme"].start == 0 and "SYSTEM" not in facts.problems
+    monkeypatch.setattr(windows, "MAX_LOG_BYTES", 1 << 20)
+    facts = windows.inspect_windows(HostDirFileSystem(tmp_path))
+    assert facts is not None and facts.hives["SYSTEM"] == "dirty"
+    assert "SYSTEM.LOG1" in facts.hive_logs["SYSTEM"] and "more than the 1048576 read here" in facts.hive_logs["SYSTEM"]
+    for name in ("SYSTEM.LOG1", "SYSTEM.LOG2"):
+        (config / name).unlink()
+    facts = windows.inspect_windows(HostDirFileSystem(tmp_path))
+    assert facts is not None and facts.hives["SYSTEM"] == "dirty" and facts.hive_logs["SYSTEM"] == "no transaction log"
+    assert facts.drivers["stornvme"].start == 0
 
 
 @pytest.fixture(scope="module")
@@ -549,7 +620,8 @@ def good_hives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 @given(st.data())
 def test_damaged_hives_never_stop_the_inspection(good_hives: dict[str, bytes], tmp_path: Path,
                                                  data: st.DataObject) -> None:
-    """Whatever the hives hold, the facts that can be read are, and the rest is named in problems."""
+    """Whatever the hives and the SYSTEM hive's logs hold, the facts that can be read are, and the rest is
+    named in problems."""
     with tempfile.TemporaryDirectory(dir=tmp_path) as work:
         root = Path(work)
         (root / "Windows/System32/config").mkdir(parents=True)
@@ -562,6 +634,16 @@ def test_damaged_hives_never_stop_the_inspection(good_hives: dict[str, bytes], t
                 offset = data.draw(st.integers(0, len(mutated) - 4), label="offset")
                 mutated[offset:offset + 4] = data.draw(st.binary(min_size=4, max_size=4), label="bytes")
             (root / "Windows/System32/config" / name).write_bytes(bytes(mutated))
+        if data.draw(st.booleans(), label="SYSTEM mid-write, with a log"):
+            system = good_hives["SYSTEM"]
+            _first, second = sequences_of(system)
+            log = bytearray(new_format_log(system, second + 1, [log_entry(second + 1, bins_size_of(system),
+                                                                          [(0, system[4096:8192])])]))
+            for _ in range(data.draw(st.integers(0, 4), label="log changes")):
+                offset = data.draw(st.integers(0, len(log) - 4), label="log offset")
+                log[offset:offset + 4] = data.draw(st.binary(min_size=4, max_size=4), label="log bytes")
+            (root / "Windows/System32/config/SYSTEM.LOG1").write_bytes(bytes(log))
+            (root / "Windows/System32/config/SYSTEM").write_bytes(mid_write(system))
         facts = windows.inspect_windows(HostDirFileSystem(root))
         assert facts is not None and facts.architecture == "x86_64"
         assert set(facts.hives) | set(facts.problems) >= {"SYSTEM", "SOFTWARE"}

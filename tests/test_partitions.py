@@ -26,6 +26,7 @@ from diskimg.partitions import (
     GUID_BIOS_BOOT,
     GUID_ESP,
     GUID_LINUX_FS,
+    identify_boot_code,
     parse_gpt_header,
     parse_mbr,
     read_partition_table,
@@ -130,6 +131,18 @@ def test_bare_file_system_boot_sector_is_not_an_mbr(tmp_path):
     table = read_partition_table(FileDisk(image))
     assert table.scheme is None and not table.partitions
     assert probe_boot_sector(read_at(image, 0, 4096)).type == "fat16"
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/usr/lib/syslinux/mbr/mbr.bin", "syslinux"),  # also says "Missing operating system", as Windows' does
+    ("/usr/lib/syslinux/mbr/gptmbr.bin", "syslinux"),
+    ("/usr/lib/grub/i386-pc/boot.img", "grub"),
+])
+def test_mbr_boot_code_identified_by_its_own_markers(path, expected):
+    """Boot code as its package ships it (syslinux-common, grub-pc-bin), dd'ed into sector 0."""
+    if not Path(path).exists():
+        pytest.skip(f"{path} is not installed (packages syslinux-common, grub-pc-bin)")
+    assert identify_boot_code(Path(path).read_bytes()[:440]) == expected
 
 
 def test_parse_mbr_needs_a_sector():

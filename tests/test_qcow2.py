@@ -43,6 +43,7 @@ from .conftest import (
     assert_extents_sound,
     corpus_dir,
     corpus_entries,
+    corpus_params,
     file_sha256,
     qemu_img,
     qemu_io,
@@ -847,8 +848,7 @@ def _materialize(entry: dict, tmp_path: Path) -> Path:
     return tmp_path / source.name[:-3]
 
 
-@pytest.mark.skipif(corpus_dir() is None, reason="no corpus")
-@pytest.mark.parametrize("entry", CORPUS, ids=[entry["file"] for entry in CORPUS])
+@pytest.mark.parametrize("entry", corpus_params(CORPUS))
 def test_corpus(entry, tmp_path):
     image = _materialize(entry, tmp_path)
     if "data-file" in image.name:

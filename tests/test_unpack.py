@@ -150,6 +150,64 @@ def test_manifest_pointing_outside_its_folder_is_refused(disk: Path, tmp_path: P
         diskimg.unpack(manifest, tmp_path / "out")
 
 
+def test_manifest_file_linking_out_of_its_folder_is_refused(disk: Path, tmp_path: Path) -> None:
+    """A manifest's file that is a symbolic link in its folder to an archive elsewhere is refused by
+    unpack and verify alike (as backing files are), one line, exit 3."""
+    (tmp_path / "elsewhere").mkdir()
+    archive = gnu_tar(disk, tmp_path / "elsewhere" / "m_system.raw.tar", "-S")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / archive.name).symlink_to(archive)
+    manifest = manifest_for(folder, disk, [folder / archive.name])
+    for command in (("unpack", manifest, "--out", tmp_path / "out"), ("verify", manifest)):
+        proc = diskimg_cli(*command)
+        assert proc.returncode == 3, proc.stderr
+        assert b"symbolic link leading out of the manifest's folder" in proc.stderr
+        assert proc.stderr.count(b"\n") == 1
+    assert not (tmp_path / "out").exists()
+    inside = gnu_tar(disk, folder / "real.tar", "-S")  # a link to a file inside the folder is followed
+    (folder / archive.name).unlink()
+    (folder / archive.name).symlink_to(inside.name)
+    assert diskimg_cli("unpack", manifest_for(folder, disk, [folder / archive.name]), "--out",
+                       tmp_path / "out").returncode == 0
+
+
+def test_missing_out_folder_is_made_nested_and_removed_after_a_failure(disk: Path, tmp_path: Path) -> None:
+    archive = gnu_tar(disk, tmp_path / "x.tar", "-S")
+    out = tmp_path / "new" / "nested"
+    assert diskimg_cli("unpack", archive, "--out", out).returncode == 0
+    assert files_in(out) == [ECS_NAME]
+    hostile = crafted(tmp_path, [member("../escaped.raw")])
+    assert diskimg_cli("unpack", hostile, "--out", tmp_path / "made" / "by" / "run").returncode == 3
+    assert files_in(tmp_path / "made") == [] and not (tmp_path / "made").exists()
+    assert diskimg_cli("unpack", hostile, "--out", out / "sub").returncode == 3
+    assert files_in(out) == [ECS_NAME]  # what existed before the run stays
+
+
+def test_two_disks_restored_to_one_name_leave_no_temporary(disk: Path, tmp_path: Path) -> None:
+    """Two archives whose disks would land on the same file (and one archive listed twice): refused,
+    with no .part file left in the output folder."""
+    plain = gnu_tar(disk, tmp_path / "m_system.raw.tar", "-S")
+    gzipped = gnu_tar(disk, tmp_path / "m_system.raw.tar.gz", "-Sz")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = diskimg_cli("unpack", manifest_for(tmp_path, disk, [plain, gzipped]), "--out", out)
+    assert proc.returncode == 3 and b"same file" in proc.stderr, proc.stderr
+    assert [p.name for p in out.iterdir()] == []
+    proc = diskimg_cli("unpack", manifest_for(tmp_path, disk, [plain, plain]), "--out", out)
+    assert proc.returncode == 3 and b"more than once" in proc.stderr, proc.stderr
+    assert [p.name for p in out.iterdir()] == []
+
+
+def test_disk_full_names_the_output_not_its_temporary(disk: Path, tmp_path: Path, full_disk: Path) -> None:
+    archive = gnu_tar(disk, tmp_path / "x.tar.gz", "-Sz")
+    out = full_disk / "restored"
+    proc = diskimg_cli("unpack", archive, "--out", out, text=True)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr == f"diskimg: error: {out / ECS_NAME}: cannot write: No space left on device\n"
+    assert list(full_disk.iterdir()) == []  # neither the disk, its temporary nor the folder the run made
+
+
 @requires_qemu
 def test_unpacks_what_export_wrote(disk: Path, tmp_path: Path) -> None:
     export = pytest.importorskip("diskimg.exporter")
@@ -214,6 +272,7 @@ HOSTILE = {
     "character device": ([member("disk.raw", tarfile.CHRTYPE)], "character"),
     "block device": ([member("disk.raw", tarfile.BLKTYPE)], "block"),
     "two disks": ([member("a.raw"), member("b.raw")], "more than one disk"),
+    "member named '.'": ([member(".")], "no file name"),
 }
 
 

@@ -8,9 +8,11 @@ with dd, ESPs populated with mtools) and copied for each damaged variant.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from diskimg.validation import RULES, Report, Severity, list_rules, validate
 from diskimg.validation.rules import RULES_BY_CODE
 
 from .conftest import (
+    NO_CORPUS,
     ROOT,
     WINDOWS_BOOT_CODE,
     GiB,
@@ -114,7 +117,7 @@ def hybrid_gpt(base) -> Path:
     sgdisk(disk, "-n1:2048:+1M", "-t1:ef02", "-n2:0:+32M", "-t2:ef00", "-n3:0:0", "-t3:8300")
     copy_in(disk, make_esp(base / "esp2.img", 32 * MiB, FALLBACK), 2 * MiB)
     mkfs_into(disk, 34 * MiB, 60 * MiB, "mkfs.ext4", "-q", "-F")
-    write_boot_code(disk)
+    write_boot_code(disk, core_lba=2048)  # GRUB's core image in the BIOS boot partition
     return disk
 
 
@@ -202,11 +205,35 @@ def test_bios_boot_partition_without_mbr_code(hybrid_gpt, tmp_path):
 
 
 def test_esp_without_the_fallback_loader(uefi_gpt, tmp_path):
+    """A new instance has empty NVRAM: its firmware boots only EFI/BOOT/BOOTX64.EFI (UEFI spec 3.5.1)."""
     disk = sparse_copy(uefi_gpt, tmp_path / "d.raw")
     copy_in(disk, make_esp(tmp_path / "esp.img", 32 * MiB, {"EFI/centos/shimx64.efi": b"MZ"}), MiB)
+    for report in (validate(disk), validate(disk, boot_mode="UEFI")):
+        assert not report.importable and report.facts.boot_modes == []
+        finding = assert_finding(report, "esp-no-loader", "error", partition=[1], value=["EFI/centos/shimx64.efi"])
+        assert "EFI/BOOT/BOOTX64.EFI" in finding.message and "--removable" in finding.hint
+        assert not report.find("boot-none") and not report.find("boot-mode-unsupported")
+
+
+def test_gpt_disk_with_an_empty_esp_and_no_system(tmp_path):
+    """Issue 12: an ESP with no EFI loader at all on a disk with no operating system boots nothing."""
+    disk = blank(tmp_path / "d.raw", 64 * MiB)
+    sgdisk(disk, "-n1:2048:+32M", "-t1:ef00", "-n2:0:0", "-t2:8300")
+    copy_in(disk, make_esp(tmp_path / "esp.img", 32 * MiB, {"EFI/README.txt": b"nothing"}), MiB)
     report = validate(disk)
-    assert report.importable and report.import_image["BootMode"] == "UEFI"
-    assert_finding(report, "esp-no-loader", "warning", partition=[1], value=["EFI/centos/shimx64.efi"])
+    assert not report.importable
+    assert "no .efi file at all" in assert_finding(report, "esp-no-loader", "error", value=None).message
+
+
+def test_esp_without_the_fallback_loader_on_a_disk_that_boots_bios(hybrid_gpt, tmp_path):
+    """The missing UEFI path does not matter when the disk is imported with BootMode=BIOS, which it then is."""
+    disk = sparse_copy(hybrid_gpt, tmp_path / "d.raw")
+    copy_in(disk, make_esp(tmp_path / "esp.img", 32 * MiB, {"EFI/debian/grubx64.efi": b"MZ"}), 2 * MiB)
+    report = validate(disk)
+    assert report.importable and report.facts.boot_modes == ["BIOS"] and report.import_image["BootMode"] == "BIOS"
+    assert "UEFI would not" in assert_finding(report, "boot-mode", "info", value="BIOS").message
+    assert not report.find("esp-no-loader") and validate(disk, boot_mode="BIOS").importable
+    assert_finding(validate(disk, boot_mode="UEFI"), "esp-no-loader", "error")
 
 
 def test_esp_that_is_not_fat(uefi_gpt, tmp_path):
@@ -243,7 +270,148 @@ def test_windows_mbr_code_without_an_active_partition(tmp_path):
     mkfs_into(disk, MiB, 31 * MiB, "mkfs.ext4", "-q", "-F")
     write_boot_code(disk, WINDOWS_BOOT_CODE)
     report = validate(disk)
-    assert_finding(report, "mbr-no-active-partition", "warning", value="windows", offset=446)
+    assert_finding(report, "mbr-no-active-partition", "error", value="windows", offset=446)
+
+
+# -- the BIOS boot chain, built by the real tools --------------------------------------------------------
+
+SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
+
+
+def loop_devices_missing() -> str | None:
+    """Why grub-install cannot be run on a loop device here, None when it can."""
+    if shutil.which("grub-install") is None or not Path("/usr/lib/grub/i386-pc/boot.img").exists():
+        return "grub-install for i386-pc (package grub-pc-bin) is not installed"
+    if os.geteuid() != 0 or not Path("/dev/loop-control").exists() or shutil.which("losetup") is None:
+        return "loop devices are unavailable (needs root and /dev/loop-control)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def grub_bios_disk(base) -> Path:
+    """An MBR disk whose BIOS chain grub-install wrote: boot.img in the MBR, core.img in the gap after it."""
+    reason = loop_devices_missing()
+    if reason:
+        pytest.skip(reason)
+    disk = blank(base / "grub-bios.raw", 32 * MiB)
+    sfdisk(disk, "label: dos\n2048,,83,*\n")
+    mkfs_into(disk, MiB, 31 * MiB, "mkfs.ext4", "-q", "-F")
+    mount = base / "grub-mnt"
+    mount.mkdir()
+    attached = []
+    try:
+        for args in ((), ("-o", str(MiB))):
+            proc = subprocess.run(["losetup", "-f", "--show", *args, str(disk)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"loop devices are unavailable: {proc.stderr.strip()}")
+            attached.append(proc.stdout.strip())
+        if subprocess.run(["mount", attached[1], str(mount)], capture_output=True).returncode != 0:
+            pytest.skip("the ext4 partition could not be mounted through a loop device")
+        try:
+            run("grub-install", "--target=i386-pc", f"--boot-directory={mount / 'boot'}", attached[0])
+        finally:
+            run("umount", mount)
+    finally:
+        for device in reversed(attached):
+            subprocess.run(["losetup", "-d", device], capture_output=True)
+    return disk
+
+
+def test_grub_chain_written_by_grub_install(grub_bios_disk):
+    report = validate(grub_bios_disk)
+    assert report.facts.boot_modes == ["BIOS"] and not report.find("bios-boot-chain-broken")
+    chain = report.find("boot-mode")[0].evidence["bios"]["chain"]
+    assert chain["loader"] == "grub" and chain["problem"] is None
+
+
+def test_grub_core_image_zeroed(grub_bios_disk, tmp_path):
+    """grub-install embeds core.img in the gap after the MBR (LBA 1 up to the first partition); zeroed,
+    the machine prints 'GRUB' and hangs."""
+    whole = sparse_copy(grub_bios_disk, tmp_path / "zeroed.raw")
+    write_at(whole, 512, bytes(MiB - 512))
+    rest = sparse_copy(grub_bios_disk, tmp_path / "rest.raw")
+    write_at(rest, 1024, bytes(MiB - 1024))  # diskboot.img is left, the sectors its blocklist names are gone
+    for disk, where in ((whole, 512), (rest, 1024)):
+        report = validate(disk)
+        assert not report.importable and report.facts.boot_modes == []
+        finding = assert_finding(report, "bios-boot-chain-broken", "error", value="grub", offset=where)
+        assert "zeroed" in finding.message and "grub-install" in finding.hint
+        assert not report.find("boot-none")
+        assert_finding(validate(disk, boot_mode="BIOS"), "bios-boot-chain-broken", "error")
+
+
+def test_grub_core_image_zeroed_in_the_bios_boot_partition(hybrid_gpt, tmp_path):
+    """On GPT the core image lies in the BIOS boot partition; zeroed, only UEFI is left."""
+    disk = sparse_copy(hybrid_gpt, tmp_path / "d.raw")
+    write_at(disk, MiB, bytes(MiB))
+    report = validate(disk)
+    assert report.importable and report.facts.boot_modes == ["UEFI"]
+    assert "BIOS would not" in assert_finding(report, "boot-mode", value="UEFI").message
+    finding = assert_finding(validate(disk, boot_mode="BIOS"), "bios-boot-chain-broken", "error", offset=MiB)
+    assert "LBA 2048" in finding.message
+
+
+def test_boot_mode_asked_for_that_the_disk_lacks(bios_mbr):
+    finding = assert_finding(validate(bios_mbr, boot_mode="UEFI"), "boot-mode-unsupported", "error", value="UEFI")
+    assert "the disk has no EFI system partition" in finding.message  # issue 12: was "has no an EFI ..."
+
+
+def test_windows_mbr_with_an_ntfs_partition_from_mkntfs(tmp_path):
+    """mkntfs, like mkfs.fat, writes boot code that prints 'This is not a bootable disk'."""
+    if shutil.which("mkntfs") is None:
+        pytest.skip("mkntfs (package ntfs-3g) is not installed")
+    disk = blank(tmp_path / "w.raw", 40 * MiB)
+    sfdisk(disk, "label: dos\n2048,,7,*\n")
+    mkfs_into(disk, MiB, 39 * MiB, "mkntfs", "-q", "-F", "-s", "512", "-p", "2048", "-H", "255", "-S", "63")
+    write_boot_code(disk, WINDOWS_BOOT_CODE)
+    assert b"This is not a bootable disk" in read_at(disk, MiB, 512)
+    report = validate(disk)
+    assert report.disks[0].partition_table["mbr_boot_loader"] == "windows"
+    assert_finding(report, "bios-boot-chain-broken", "error", value="windows", partition=1)
+
+
+def syslinux_mbr_disk(tmp_path: Path, name: str, partition: Path | None, mkfs: tuple[str, ...] = ()) -> Path:
+    """syslinux's mbr.bin in sector 0 (as its documentation says: dd bs=440 count=1) and one active partition."""
+    if not SYSLINUX_MBR.exists():
+        pytest.skip("syslinux's mbr.bin (package syslinux-common) is not installed")
+    disk = blank(tmp_path / name, 40 * MiB)
+    sfdisk(disk, "label: dos\n2048,,c,*\n")
+    if mkfs:
+        mkfs_into(disk, MiB, 39 * MiB, *mkfs, tmp=tmp_path)
+    if partition is not None:
+        copy_in(disk, partition, MiB)
+    write_at(disk, 0, SYSLINUX_MBR.read_bytes()[:440])
+    return disk
+
+
+def test_syslinux_mbr_with_an_ext4_active_partition(tmp_path):
+    """mbr.bin loads the active partition's first sector; ext4 leaves it empty: 'Missing operating system'."""
+    disk = syslinux_mbr_disk(tmp_path, "ext4.raw", None, ("mkfs.ext4", "-q", "-F"))
+    report = validate(disk)
+    assert report.disks[0].partition_table["mbr_boot_loader"] == "syslinux"
+    assert not report.importable
+    finding = assert_finding(report, "bios-boot-chain-broken", "error", value="syslinux", partition=1, offset=MiB)
+    assert "55 AA" in finding.message
+
+
+def test_syslinux_mbr_with_a_fat_partition_from_mkfs(tmp_path):
+    """mkfs.fat writes a boot sector whose code prints 'This is not a bootable disk' and waits for a key."""
+    disk = syslinux_mbr_disk(tmp_path, "fat.raw", None, ("mkfs.fat", "-F", "16"))
+    assert b"This is not a bootable disk" in read_at(disk, MiB, 512)  # the oracle: what mkfs.fat wrote
+    report = validate(disk)
+    assert not report.importable
+    assert "not a bootable disk" in assert_finding(report, "bios-boot-chain-broken", "error", partition=1).message
+
+
+def test_syslinux_mbr_with_syslinux_installed(tmp_path):
+    if shutil.which("syslinux") is None:
+        pytest.skip("syslinux (package syslinux) is not installed")
+    fat = blank(tmp_path / "fat.img", 39 * MiB)
+    run("mkfs.fat", "-F", "16", fat)
+    run("syslinux", "--install", fat)
+    report = validate(syslinux_mbr_disk(tmp_path, "syslinux.raw", fat))
+    assert report.facts.boot_modes == ["BIOS"] and not report.find("bios-boot-chain-broken")
+    assert not report.find("mbr-no-active-partition")
 
 
 # -- no partition table -----------------------------------------------------------------------------------
@@ -317,12 +485,16 @@ def test_luks_partition_on_the_system_disk(tmp_path):
 def test_ext4_needing_recovery_and_with_old_rule_features(tmp_path):
     disk = blank(tmp_path / "e.raw", 64 * MiB)
     sfdisk(disk, "label: dos\n2048,,83,*\n")
-    mkfs_into(disk, MiB, 63 * MiB, "mkfs.ext4", "-q", "-F", "-O", "quota,project", "-I", "256", tmp=tmp_path)
+    part = mkfs_into(disk, MiB, 63 * MiB, "mkfs.ext4", "-q", "-F", "-O", "quota,project", "-I", "256", tmp=tmp_path)
     write_boot_code(disk)
     report = validate(disk)
     assert report.importable
     assert_finding(report, "fs-ext4-project-quota", "warning", partition=1, value=["project", "quota"])
-    assert_finding(report, "fs-ext4-64bit", "warning", partition=1)
+    # issue 13 #8: mke2fs's default ext4 has '64bit' (its own dumpe2fs says so): a fact, never a warning
+    dumped = subprocess.run(["dumpe2fs", "-h", part], capture_output=True, text=True).stdout
+    assert "64bit" in next(line for line in dumped.splitlines() if line.startswith("Filesystem features:"))
+    assert_finding(report, "fs-ext4-64bit", "info", partition=1)
+    assert "fs-ext4-64bit" not in {f.code for f in report.warnings}
     sb = bytearray(read_at(disk, MiB + 1024, 1024))
     struct.pack_into("<I", sb, 0x60, struct.unpack_from("<I", sb, 0x60)[0] | 0x4)
     write_at(disk, MiB + 1024, bytes(sb))
@@ -675,14 +847,49 @@ def test_rule_catalogue_is_coherent():
     rules = list_rules("ecs")
     assert rules == list(RULES)
     for rule in rules:
-        assert rule.code and rule.title and rule.rationale and rule.source.startswith("§")
+        assert rule.code and rule.title and rule.rationale and rule.source.startswith("§") and rule.references
     source = "".join((ROOT / "diskimg" / name).read_text()
                      for name in ("validation/checks.py", "validation/linux_checks.py", "validation/windows_checks.py",
                                   "validation/context.py", "validation/__init__.py", "partitions.py"))
-    emitted = set(re.findall(r'(?:emit|TableIssue)\(\s*"([a-z0-9-]+)"', source))
+    emitted = set(re.findall(r'(?:emit|TableIssue|BootFailure)\(\s*"([a-z0-9-]+)"', source))
     emitted |= set(re.findall(r'"((?:gpt|mbr|partition)-[a-z0-9-]+)"', source)) & set(RULES_BY_CODE)
     assert emitted <= set(RULES_BY_CODE), emitted - set(RULES_BY_CODE)
     assert set(RULES_BY_CODE) <= emitted | {"image-unreadable"}, set(RULES_BY_CODE) - emitted
+
+
+REFERENCE_NOTES = ROOT.parent / "shared" / "reference" / "cloud-requirements.md"
+
+
+def test_list_rules_cites_public_documents():
+    """`validate --list-rules` names, for every rule, the public documents it comes from (title and
+    address), never the sections and tags of the project's own reference notes."""
+    text = diskimg_cli("validate", "--list-rules").stdout.decode()
+    assert "§" not in text and not re.search(r"\bA-[A-Z]", text), text[:2000]
+    listed = json.loads(diskimg_cli("validate", "--list-rules", "--json").stdout)
+    for rule in listed:
+        assert rule["references"], rule["code"]
+        for reference in rule["references"]:
+            assert reference["title"] and reference["url"].startswith("https://"), rule["code"]
+            assert f"{reference['title']}, {reference['url']}" in text
+
+
+@pytest.mark.skipif(not REFERENCE_NOTES.is_file(), reason=f"the reference notes are not at {REFERENCE_NOTES}")
+def test_rule_references_are_the_documents_the_notes_cite():
+    """Each tag the rule sources use stands for the document the reference notes give for that tag
+    (their table of key source URLs); other documents are ones the notes cite by address, but for
+    three well-known ones (the UEFI specification, qemu-img's manual, Linux's GPT parser)."""
+    from diskimg.validation.references import DOCUMENTS
+
+    notes = REFERENCE_NOTES.read_text()
+    rows = {match.group(1): match.group(0) for match in re.finditer(r"^\| (A-[A-Z0-9-]+) \|.*$", notes, re.M)}
+    outside_the_notes = {"https://uefi.org/specifications", "https://www.qemu.org/docs/master/tools/qemu-img.html",
+                         "https://github.com/torvalds/linux/blob/master/block/partitions/efi.c"}
+    for tag, document in DOCUMENTS.items():
+        address = document.url.removeprefix("https://")
+        if tag.startswith("A-"):
+            assert address in rows[tag], (tag, document.url)
+        elif document.url not in outside_the_notes:  # the notes shorten some addresses to "…/page"
+            assert address in notes or f"…/{address.rsplit('/', 1)[1]}" in notes, (tag, document.url)
 
 
 def test_validation_reads_metadata_only(tmp_path, monkeypatch):
@@ -720,7 +927,7 @@ def test_every_corpus_file_gets_a_report(tmp_path):
     entries = corpus_entries(("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi", "qed", "qcow", "parallels", "bochs",
                              "cloop", "dmg", "iso9660", "luks"))
     if not entries:
-        pytest.skip("no corpus")
+        pytest.skip(NO_CORPUS)
     for entry in entries:
         if (entry.get("decompressed_size") or 0) > 64 * MiB:
             continue  # decompressing those takes longer than the rest together

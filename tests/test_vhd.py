@@ -40,10 +40,12 @@ from diskimg.hostfile import HostFile
 from diskimg.reader import ExtentKind
 
 from .conftest import (
+    NO_CORPUS,
     MiB,
     assert_extents_sound,
     corpus_dir,
     corpus_entries,
+    corpus_params,
     corpus_file,
     qemu_img,
     qemu_io,
@@ -247,7 +249,7 @@ def test_host_paths():
 def test_libvhdi_footer_fragment():
     directory = corpus_dir()
     if directory is None:
-        pytest.skip("corpus not available")
+        pytest.skip(NO_CORPUS)
     data = (directory / "libvhdi" / "file_footer.1").read_bytes()
     footer = parse_footer(data)
     assert footer_problem(data) is None
@@ -857,12 +859,12 @@ _CORPUS_VHD = corpus_entries(("vhd",))
 def corpus_files(tmp_path_factory):
     """entry -> the corpus file, decompressed once per session where stored compressed."""
     if corpus_dir() is None:
-        pytest.skip("corpus not available")
+        pytest.skip(NO_CORPUS)
     cache = tmp_path_factory.mktemp("vhd-corpus")
     return lambda entry: corpus_file(entry, cache)
 
 
-@pytest.mark.parametrize("entry", _CORPUS_VHD, ids=[entry["file"] for entry in _CORPUS_VHD])
+@pytest.mark.parametrize("entry", corpus_params(_CORPUS_VHD))
 def test_corpus(entry, corpus_files):
     path = corpus_files(entry)
     if not entry["qemu_img_ok"]:
@@ -897,7 +899,7 @@ def test_corpus(entry, corpus_files):
 def test_corpus_fat_differential(corpus_files, tmp_path):
     entries = [entry for entry in _CORPUS_VHD if entry["file"] == "dfvfs/fat-differential.vhd"]
     if not entries or shutil.which("qemu-img") is None:
-        pytest.skip("corpus or qemu-img not available")
+        pytest.skip(f"{NO_CORPUS}; or qemu-img not installed")
     entry = entries[0]
     child = tmp_path / "fat-differential.vhd"
     shutil.copyfile(corpus_files(entry), child)

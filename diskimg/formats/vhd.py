@@ -1170,20 +1170,23 @@ def _writer_settings(options: Mapping[str, str]) -> tuple[str, int]:
     return subformat, block_size
 
 
-def _writer_disk_size(virtual_size: int, subformat: str) -> int:
-    """The size written: ``virtual_size`` rounded up to 512, checked against the subformat's limit."""
+def _writer_disk_size(virtual_size: int, subformat: str, path: str | None = None) -> int:
+    """The size written: ``virtual_size`` rounded up to 512, checked against the subformat's limit
+    (an error names ``path``, the file being written)."""
     if virtual_size < 0:
-        raise UsageError(f"invalid virtual size {virtual_size}")
+        raise UsageError(f"invalid virtual size {virtual_size}", path=path)
     size = -(-virtual_size // SECTOR) * SECTOR
     if subformat == "dynamic" and size > MAX_DYNAMIC_SIZE:
         raise UsageError(
             f"a dynamic VHD holds at most 2040 GiB ({MAX_DYNAMIC_SIZE} bytes, the limit of qemu and Hyper-V); this "
-            f"disk is {format_size(size)} ({size} bytes): use -o subformat=fixed (up to 32 TiB, for Azure) or qcow2"
+            f"disk is {format_size(size)} ({size} bytes): use -o subformat=fixed (up to 32 TiB, for Azure) or qcow2",
+            path=path,
         )
     if subformat == "fixed" and size > MAX_FIXED_SIZE:
         raise UsageError(
             f"a fixed VHD holds at most 32 TiB ({MAX_FIXED_SIZE} bytes, the largest disk Azure accepts); this disk "
-            f"is {format_size(size)} ({size} bytes): use qcow2"
+            f"is {format_size(size)} ({size} bytes): use qcow2",
+            path=path,
         )
     return size
 
@@ -1224,7 +1227,7 @@ class VhdWriter(DiskWriter):
     def __init__(self, target: OutputTarget, virtual_size: int, options: Mapping[str, str], compress: bool) -> None:
         super().__init__(target, virtual_size, options, compress)
         self.subformat, self.block_size = _writer_settings(self.options)
-        self.disk_size = _writer_disk_size(virtual_size, self.subformat)
+        self.disk_size = _writer_disk_size(virtual_size, self.subformat, target.name)
         self.dynamic = self.subformat == "dynamic"
         cylinders, heads, sectors_per_track = writer_geometry(self.disk_size // SECTOR)
         self.footer = VhdFooter(

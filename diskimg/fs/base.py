@@ -22,6 +22,7 @@ Every driver checks each on-disk value before it uses it and raises
 from __future__ import annotations
 
 import enum
+import io
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
@@ -228,6 +229,15 @@ class GuestFileSystem(ABC, Generic[Node]):
             yield piece
             offset += len(piece)
 
+    def open(self, path: str) -> GuestFile:
+        """A regular file as a read-only seekable binary file, read on demand (for files too large to
+        hold, such as an initramfs)."""
+        node = self.resolve(path)
+        info = self._stat(node)
+        if not info.is_file:
+            raise GuestPathError(f"{path}: not a regular file")
+        return GuestFile(self, node, info.size, path)
+
     def read_file(self, path: str, max_size: int = DEFAULT_MAX_FILE) -> bytes:
         info = self.stat(path)
         if info.is_file and info.size > max_size:
@@ -251,3 +261,39 @@ class GuestFileSystem(ABC, Generic[Node]):
                 if info.is_dir and entry.node not in seen:
                     seen.add(entry.node)
                     stack.append((child, entry.node))
+
+
+class GuestFile(io.RawIOBase):
+    """A regular file of a guest file system, as :meth:`GuestFileSystem.open` returns it."""
+
+    def __init__(self, fs: GuestFileSystem[Node], node: Node, size: int, path: str) -> None:
+        super().__init__()
+        self.fs, self.node, self.size, self.path = fs, node, size, path
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        length = min(len(buffer), self.size - self.position)
+        if length <= 0:
+            return 0
+        data = self.fs._read(self.node, self.position, length)
+        if not data:
+            raise GuestPathError(f"{self.path}: data ends at {self.position} of {self.size} bytes")
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)

@@ -45,7 +45,7 @@ class GuestVolume:
 
     def matches(self, spec: str) -> bool:
         """Whether a device spec (``UUID=``, ``LABEL=``, ``PARTUUID=``, ``PARTLABEL=``, ``/dev/disk/by-*``,
-        or a partition device name such as ``/dev/sda2``) names this volume."""
+        or the instance's name of a partition such as ``/dev/vda2``) names this volume."""
         key, value = spec_key(spec)
         fs = self.fs
         if key == "UUID":
@@ -57,7 +57,7 @@ class GuestVolume:
         if key == "PARTLABEL":
             return self.partlabel == value
         if key == "DEVICE":
-            return self.number is not None and device_partition(value) == self.number
+            return device_partition(value) == (self.number or 0)
         return False
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,15 +81,23 @@ def spec_key(spec: str) -> tuple[str, str]:
     return "OTHER", spec
 
 
-#: partition device names of the first disk: sda2, vda2, xvda2, hda2, nvme0n1p2, mmcblk0p2
-_DEVICE_NAMES = ("/dev/sda", "/dev/vda", "/dev/xvda", "/dev/hda", "/dev/nvme0n1p", "/dev/mmcblk0p")
+#: the system disk as the instance names it: virtio-blk (vda), NVMe (nvme0n1), Xen (xvda); then its partitions
+_INSTANCE_DISKS = {"/dev/vda": "/dev/vda", "/dev/nvme0n1": "/dev/nvme0n1p", "/dev/xvda": "/dev/xvda"}
+
+
+#: device names not judged: the kernel's alias of the root device, optical and floppy drives (fstab's noauto media)
+_NOT_JUDGED = r"/dev/root|/dev/(sr|scd|fd)\d+|/dev/(cdrom|cdrw|dvd|dvdrw|floppy)\d*"
 
 
 def device_partition(device: str) -> int | None:
-    """The partition number a first-disk device name refers to, None for other devices (LVM, md...)."""
-    for prefix in _DEVICE_NAMES:
+    """The partition number an instance's system disk device name refers to (``/dev/vda2``,
+    ``/dev/nvme0n1p2``, ``/dev/xvda2``), 0 for the whole disk, None for names the instance will not
+    have for its system disk (sda, hda, mmcblk, loop, nbd...) or that are not partitions (LVM, md)."""
+    for disk, prefix in _INSTANCE_DISKS.items():
+        if device == disk:
+            return 0
         rest = device[len(prefix):]
-        if device.startswith(prefix) and rest.isdigit():
+        if device.startswith(prefix) and rest.isdigit() and not rest.startswith("0"):
             return int(rest)
     return None
 
@@ -131,6 +139,51 @@ class GuestDisk:
             if volume.matches(spec):
                 return volume
         return None
+
+    def resolve(self, spec: str) -> Resolution:
+        """What a device spec of the guest (fstab's first field, the kernel's ``root=``) will name on
+        the instance, resolved the way its initramfs and udev will: by UUID, LABEL, PARTUUID,
+        PARTLABEL, their /dev/disk/by-* links, or the device name the cloud gives the system disk."""
+        key, value = spec_key(spec)
+        if key == "OTHER" or value.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/")) \
+                or re.fullmatch(_NOT_JUDGED, value):
+            return Resolution(None, "unknown")  # a network or pseudo file system, a name from the hardware, media
+        volume = self.find(spec)
+        if volume is not None:
+            return Resolution(volume, "found")
+        if key != "DEVICE":
+            return Resolution(None, "missing", f"names no file system or partition of this disk ({key}={value})")
+        containers = {v.fs.type for v in self.volumes if v.fs is not None}
+        if re.fullmatch(r"/dev/md(\d+(p\d+)?|/.+)", value):
+            if "md" in containers:
+                return Resolution(None, "unassembled")
+            return Resolution(None, "missing", "is an md RAID array, but the disk holds no md member")
+        if value.startswith(("/dev/mapper/", "/dev/dm-")) or value.count("/") == 3:  # /dev/VG/LV
+            if containers & {"lvm2", "luks"}:
+                return Resolution(None, "unassembled")
+            return Resolution(None, "missing", "is a device-mapper volume, but the disk holds no LVM physical volume "
+                              "or LUKS container")
+        number = device_partition(value)
+        if number == 0:
+            return Resolution(None, "missing", "names the whole disk, which holds a partition table, not a file system")
+        if number is not None:
+            return Resolution(None, "missing", "names a partition this disk does not have")
+        if re.fullmatch(r"/dev/x?vd[b-z][a-z]*\d*|/dev/nvme(0n([2-9]|\d\d+)|[1-9]\d*n\d+)(p\d+)?", value):
+            return Resolution(None, "missing", "names another disk of the instance (a data disk), not this one")
+        return Resolution(None, "missing", "is a device the instance will not have: its system disk is /dev/vda "
+                          "(virtio), /dev/nvme0n1 (NVMe) or /dev/xvda")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a device spec names on the instance (``GuestDisk.resolve``)."""
+
+    volume: GuestVolume | None
+    #: "found"; "missing" (names nothing the instance will have: it will not boot or mount);
+    #: "unassembled" (a volume inside LVM, LUKS or md, which diskimg does not assemble); "unknown" (not judged)
+    status: str
+    #: why it names nothing, for "missing"
+    reason: str | None = None
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Each takes the text of one file (already read, with a size cap, by the inspector) and returns plain
 values; malformed lines are skipped, never raised on: a guest file is untrusted input, and a broken
-line must not hide the rest of the file.
+line must not hide the rest of the file. Every parser reads its text through :func:`config_lines`,
+which caps the file's size and the length of a line, and no pattern here can backtrack more than
+linearly (no two adjacent repeats that can match the same characters), so a hostile file costs time
+in proportion to its size.
 """
 
 from __future__ import annotations
@@ -12,6 +15,19 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+#: characters of a configuration file parsed (the rest is ignored)
+MAX_CONFIG = 4 << 20
+#: characters of one line; a longer line is skipped as malformed (a kernel command line, the longest
+#: thing in these files, is at most 4096 bytes)
+MAX_LINE = 8192
+
+
+def config_lines(text: str) -> list[str]:
+    """The lines of the first MAX_CONFIG characters of ``text``; a line longer than MAX_LINE is read as
+    an empty one (skipped, and the lines after it keep their numbers)."""
+    return [line if len(line) <= MAX_LINE else "" for line in text[:MAX_CONFIG].splitlines()]
+
 
 # -- shell-style KEY=value files (os-release, ifcfg, /etc/default/grub, selinux, lsb-release) ---------
 
@@ -28,7 +44,7 @@ def _unquote(value: str) -> str:
 def parse_shell_vars(text: str) -> dict[str, str]:
     """``KEY=value`` lines as a shell would read them (quotes removed, comments and other lines ignored)."""
     found: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in config_lines(text):
         line = line.strip()
         if line.startswith("export "):
             line = line[7:].lstrip()
@@ -65,7 +81,7 @@ def _fstab_unescape(field_text: str) -> str:
 
 def parse_fstab(text: str) -> list[FstabEntry]:
     entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(config_lines(text), start=1):
         fields = line.split("#", 1)[0].split()
         if len(fields) < 3:
             continue
@@ -115,7 +131,7 @@ def _grub_words(line: str) -> list[str]:
 def _grub_statements(text: str) -> Iterator[str]:
     """Statements, one per line: lines are split after an unquoted '{', around '}' and at ';', so
     that one-line entries (``menuentry 'x' { linux /vmlinuz }``) read like multi-line ones."""
-    for line in text.splitlines():
+    for line in config_lines(text):
         piece, quote = "", ""
         for ch in line:
             if quote:
@@ -215,10 +231,19 @@ def parse_grub_cfg(text: str, source: str = "grub.cfg") -> GrubConfig:
     return GrubConfig(entries, default, uses_blscfg)
 
 
+def grub_legacy_default(text: str) -> str:
+    """The entry GRUB legacy's menu.lst boots (``default N`` or ``default=N``; "0" when unsaid)."""
+    for line in config_lines(text):
+        match = re.match(r"[ \t]*default[ \t]*(?:=[ \t]*)?(\d+)", line)
+        if match:
+            return match.group(1)
+    return "0"
+
+
 def parse_grubenv(text: str) -> dict[str, str]:
     """The environment block: ``# GRUB Environment Block`` then ``key=value`` lines, '#' padding."""
     found = {}
-    for line in text.splitlines():
+    for line in config_lines(text):
         if line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
@@ -230,7 +255,7 @@ def parse_grubenv(text: str) -> dict[str, str]:
 def parse_bls_entry(text: str, source: str) -> BootEntry:
     """A Boot Loader Specification entry: ``key value`` lines (title, version, linux, initrd, options)."""
     values: dict[str, list[str]] = {}
-    for line in text.splitlines():
+    for line in config_lines(text):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -278,6 +303,18 @@ def kernel_arg(cmdline: str, name: str) -> str | None:
     return value
 
 
+#: kernel arguments that boot systemd (or SysV init) into rescue or emergency mode, a console only
+#: (systemd's kernel-command-line(7); the runlevel words come from SysV init)
+RECOVERY_ARGUMENTS = frozenset({"single", "s", "S", "1", "rescue", "rd.rescue", "emergency", "rd.emergency", "-b",
+                                "systemd.unit=rescue.target", "systemd.unit=emergency.target",
+                                "rd.systemd.unit=rescue.target", "rd.systemd.unit=emergency.target"})
+
+
+def recovery_arguments(cmdline: str) -> list[str]:
+    """The arguments of a kernel command line that boot into rescue or emergency mode."""
+    return [word for word in cmdline.split() if word in RECOVERY_ARGUMENTS]
+
+
 def choose_default(entries: list[BootEntry], default: str | None) -> BootEntry | None:
     """The entry GRUB boots: ``default`` is an index, a title (submenus joined by '>'), or an id."""
     if not entries:
@@ -320,10 +357,25 @@ class Interface:
     ipv6: str | None = None
     mac: str | None = None
     enabled: bool = True
+    #: the program that wrote the file and rewrites it at boot ("cloud-init"), None for a hand-written one
+    generator: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "ipv4": self.ipv4, "ipv6": self.ipv6, "mac": self.mac,
-                "enabled": self.enabled}
+                "enabled": self.enabled, "generator": self.generator}
+
+
+#: what cloud-init writes at the top of the network files it renders (netplan, ENI, sysconfig)
+_CLOUD_INIT_HEADERS = ("generated from information provided by the datasource", "created by cloud-init")
+
+
+def network_file_generator(path: str, text: str) -> str | None:
+    """"cloud-init" for a network file cloud-init renders (50-cloud-init.yaml, interfaces.d/50-cloud-init,
+    cloud-init-eth0.nmconnection, 10-cloud-init-eth0.network, or an ifcfg-* with its header), else None."""
+    if "cloud-init" in path.rsplit("/", 1)[-1]:
+        return "cloud-init"
+    comments = " ".join(line.lstrip("#").strip() for line in config_lines(text)[:10] if line.startswith("#"))
+    return "cloud-init" if any(header in comments.lower() for header in _CLOUD_INIT_HEADERS) else None
 
 
 def parse_ifcfg(text: str, source: str) -> Interface | None:
@@ -352,7 +404,7 @@ def parse_ini(text: str) -> dict[str, dict[str, str]]:
     """INI sections (NetworkManager keyfiles, systemd .network): later keys win, '#'/';' comments."""
     sections: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
-    for line in text.splitlines():
+    for line in config_lines(text):
         line = line.strip()
         if not line or line[0] in "#;":
             continue
@@ -403,7 +455,7 @@ def parse_interfaces(text: str, source: str) -> tuple[list[Interface], list[str]
     includes: list[str] = []
     auto: set[str] = set()
     current: Interface | None = None
-    for line in text.splitlines():
+    for line in config_lines(text):
         words = line.split("#", 1)[0].split()
         if not words:
             continue
@@ -491,12 +543,16 @@ def _strip_comment(line: str) -> str:
     return line
 
 
+#: nesting levels of a YAML document read (netplan and cloud.cfg use fewer than ten)
+MAX_YAML_DEPTH = 64
+
+
 def parse_yaml(text: str, max_lines: int = 100_000) -> Any:
     """The block-style YAML subset configuration files use: nested mappings and ``- item`` lists with
     scalars and one-line flow collections. Anchors, multi-line strings and documents are not
     understood (their lines are taken as plain scalars or skipped): enough for netplan and cloud.cfg."""
     lines: list[tuple[int, str]] = []
-    for raw in text.splitlines()[:max_lines]:
+    for raw in config_lines(text)[:max_lines]:
         stripped = _strip_comment(raw).rstrip()
         if stripped.strip() and stripped.strip() not in ("---", "..."):
             lines.append((len(stripped) - len(stripped.lstrip(" ")), stripped.strip()))
@@ -504,8 +560,12 @@ def parse_yaml(text: str, max_lines: int = 100_000) -> Any:
     return value
 
 
-def _yaml_block(lines: list[tuple[int, str]], index: int, indent: int) -> tuple[Any, int]:
+def _yaml_block(lines: list[tuple[int, str]], index: int, indent: int, depth: int = 0) -> tuple[Any, int]:
     if index >= len(lines):
+        return None, index
+    if depth > MAX_YAML_DEPTH:  # read as null, with every line nested under it
+        while index < len(lines) and lines[index][0] >= indent:
+            index += 1
         return None, index
     if lines[index][1].startswith("- ") or lines[index][1] == "-":
         items: list[Any] = []
@@ -514,12 +574,12 @@ def _yaml_block(lines: list[tuple[int, str]], index: int, indent: int) -> tuple[
                 lines[index][1].startswith("- ") or lines[index][1] == "-"):
             rest = lines[index][1][1:].strip()
             if not rest:
-                value, index = _yaml_block(lines, index + 1, block_indent + 1)
+                value, index = _yaml_block(lines, index + 1, block_indent + 1, depth + 1)
                 items.append(value)
             elif re.match(r"[^'\"\[{][^:]*:(\s|$)", rest):
                 # "- key: value" starts a mapping whose further keys are indented under the key
                 lines[index] = (block_indent + 2, rest)
-                value, index = _yaml_block(lines, index, block_indent + 2)
+                value, index = _yaml_block(lines, index, block_indent + 2, depth + 1)
                 items.append(value)
             else:
                 items.append(_yaml_scalar(rest))
@@ -531,23 +591,35 @@ def _yaml_block(lines: list[tuple[int, str]], index: int, indent: int) -> tuple[
         return None, index
     while index < len(lines) and lines[index][0] == block_indent:
         text = lines[index][1]
-        match = re.match(r"""("[^"]*"|'[^']*'|[^:]+?)\s*:(\s+(.*))?$""", text)
-        if not match:
-            index += 1
-            continue
-        key = match.group(1).strip("'\"")
-        rest = (match.group(3) or "").strip()
+        pair = _yaml_key_value(text)
         index += 1
+        if pair is None:
+            continue
+        key, rest = pair
         if rest:
             mapping[key] = _yaml_scalar(rest)
         elif index < len(lines) and (lines[index][0] > block_indent or (
                 lines[index][0] == block_indent and lines[index][1].startswith("-"))):
-            mapping[key], index = _yaml_block(lines, index, block_indent + 1)
+            mapping[key], index = _yaml_block(lines, index, block_indent + 1, depth + 1)
         else:
             mapping[key] = None
     while index < len(lines) and lines[index][0] > block_indent:
         index += 1  # deeper lines after a malformed one
     return mapping, index
+
+
+def _yaml_key_value(text: str) -> tuple[str, str] | None:
+    """``key: value`` (the key quoted or not; the colon followed by a space or the end) split in two,
+    None for another line. Plain string searches: a line of spaces must not make a pattern backtrack."""
+    start = 0
+    if text[0] in "'\"":
+        close = text.find(text[0], 1)
+        if close > 0 and text[close + 1:].lstrip().startswith(":"):
+            start = close + 1
+    colon = text.find(":", start)
+    if colon <= 0 or text[colon + 1: colon + 2] not in ("", " ", "\t"):
+        return None
+    return text[:colon].strip().strip("'\""), text[colon + 1:].strip()
 
 
 def parse_netplan(text: str, source: str) -> list[Interface]:
@@ -580,7 +652,7 @@ def parse_netplan(text: str, source: str) -> list[Interface]:
 
 def parse_persistent_net_rules(text: str) -> list[str]:
     """MAC addresses pinned by udev rules (``ATTR{address}=="..."``)."""
-    return re.findall(r'ATTRS?\{address\}=="([^"]+)"', text)
+    return [mac for line in config_lines(text) for mac in re.findall(r'ATTRS?\{address\}=="([^"]+)"', line)]
 
 
 # -- cloud-init ------------------------------------------------------------------------------------------
@@ -588,9 +660,12 @@ def parse_persistent_net_rules(text: str) -> list[str]:
 
 def cloud_init_version(text: str) -> str | None:
     """The version from ``cloudinit/version.py`` (``__VERSION__ = "..."``) or package metadata (``Version:``)."""
-    match = re.search(r"""__VERSION__\s*=\s*['"]([^'"]+)['"]""", text) or re.search(
-        r"^Version:\s*(\S+)", text, re.MULTILINE)
-    return match.group(1) if match else None
+    lines = config_lines(text)
+    for pattern in (r"""__VERSION__\s*=\s*['"]([^'"]+)['"]""", r"^Version:\s*(\S+)"):
+        match = next(filter(None, (re.search(pattern, line) for line in lines)), None)
+        if match:
+            return match.group(1)
+    return None
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -604,6 +679,15 @@ def version_tuple(version: str) -> tuple[int, ...]:
         if match.end() != len(piece):
             break
     return tuple(parts)
+
+
+def cloud_init_network_config(text: str) -> str | None:
+    """``network: {config: ...}`` of a cloud.cfg file ("disabled" stops cloud-init writing the network
+    configuration), None when the file does not set it."""
+    document = parse_yaml(text)
+    network = document.get("network") if isinstance(document, dict) else None
+    value = network.get("config") if isinstance(network, dict) else None
+    return str(value) if value is not None else None
 
 
 def cloud_init_datasources(text: str) -> list[str] | None:

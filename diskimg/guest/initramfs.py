@@ -10,8 +10,9 @@ A newc header is 110 ASCII bytes: the magic, then 13 fields of 8 hex digits (ino
 nlink, mtime, filesize, devmajor, devminor, rdevmajor, rdevminor, namesize, check); the name (with
 its NUL) follows, padded so header + name is a multiple of 4, then the data, padded to 4.
 
-Only names are kept: file data is decompressed and skipped, so memory holds the entry list and one
-chunk whatever the archive's size; decompressed bytes and entries are capped.
+Only names are kept: the image is read from a file in chunks, file data is decompressed and skipped,
+and NUL padding is skipped a chunk at a time with C string operations, so memory holds the entry list
+and a few chunks whatever the image's size; decompressed bytes and entries are capped.
 
 Compressions (the kernel's ``decompress_method`` magics): gzip, bzip2, xz, lzma (the "alone"
 format), zstd, and lz4 in its *legacy* frame (magic 0x184C2102: 4-byte little-endian block sizes,
@@ -28,7 +29,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import CorruptImage
 
@@ -93,6 +94,57 @@ class InitramfsListing:
 def module_name(path: str) -> str:
     """``.../virtio-blk.ko.xz`` -> ``virtio_blk``."""
     return MODULE_SUFFIX.sub("", path.rsplit("/", 1)[-1]).replace("-", "_")
+
+
+# -- the image ---------------------------------------------------------------------------------------------
+
+
+class _Image:
+    """Positional reads of the initramfs file (any seekable binary file)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.size = file.seek(0, io.SEEK_END)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+        self.file.seek(offset)
+        pieces = []
+        while length > 0 and (piece := self.file.read(length)):
+            pieces.append(piece)
+            length -= len(piece)
+        return b"".join(pieces)
+
+    def chunks(self, offset: int) -> Iterator[bytes]:
+        while offset < self.size and (piece := self.read(offset, _CHUNK)):
+            yield piece
+            offset += len(piece)
+
+    def after_zeros(self, offset: int) -> int:
+        """The offset of the first non-NUL byte at or after ``offset`` (the size if there is none)."""
+        for piece in self.chunks(offset):
+            data = piece.lstrip(b"\0")
+            offset += len(piece) - len(data)
+            if data:
+                return offset
+        return self.size
+
+
+class _Window(io.RawIOBase):
+    """``length`` bytes of the image from ``start``, as a file (the input of a zstd frame reader)."""
+
+    def __init__(self, image: _Image, start: int, length: int) -> None:
+        super().__init__()
+        self.image, self.position, self.end = image, start, start + length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.image.read(self.position, min(len(buffer), self.end - self.position))
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 # -- cpio ------------------------------------------------------------------------------------------------
@@ -214,7 +266,7 @@ class _Budget:
         return data
 
 
-def _stdlib_stream(decoder: Any, data: memoryview, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
+def _stdlib_stream(decoder: Any, data: _Image, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
     """Output of a zlib/bz2/lzma decompressor, ``_CHUNK`` at a time; ``end[0]`` = where its input ended."""
     position = start
     pending = b""
@@ -223,45 +275,47 @@ def _stdlib_stream(decoder: Any, data: memoryview, start: int, budget: _Budget, 
             break
         if hasattr(decoder, "unconsumed_tail"):  # zlib
             if not pending:
-                if position >= len(data):
+                pending = data.read(position, _CHUNK)
+                if not pending:
                     break
-                pending = bytes(data[position: position + _CHUNK])
                 position += len(pending)
             out = decoder.decompress(pending, _CHUNK)
             pending = decoder.unconsumed_tail
         else:  # bz2 / lzma
             if decoder.needs_input:
-                if position >= len(data):
+                chunk = data.read(position, _CHUNK)
+                if not chunk:
                     break
-                chunk = bytes(data[position: position + _CHUNK])
                 position += len(chunk)
             else:
                 chunk = b""
             out = decoder.decompress(chunk, _CHUNK)
         if out:
             yield budget.take(out)
-        elif hasattr(decoder, "unconsumed_tail") and not pending and position >= len(data):
+        elif hasattr(decoder, "unconsumed_tail") and not pending and position >= data.size:
             break
     if not getattr(decoder, "eof", True):
         raise InitramfsError("compressed stream ends early", structure="initramfs")
     end[0] = position - len(decoder.unused_data) - len(pending)
 
 
-def zstd_frame_length(data: memoryview, start: int) -> int:
+def zstd_frame_length(data: _Image, start: int) -> int:
     """Bytes of the zstd frame (or skippable frame) at ``start``, from its frame and block headers."""
-    if len(data) - start < 8:
+    head = data.read(start, 8)
+    if len(head) < 8:
         raise InitramfsError("truncated zstd frame", structure="initramfs")
-    magic = struct.unpack_from("<I", data, start)[0]
+    magic = struct.unpack_from("<I", head)[0]
     if magic & 0xFFFFFFF0 == 0x184D2A50:
-        return 8 + struct.unpack_from("<I", data, start + 4)[0]
-    descriptor = data[start + 4]
+        return 8 + struct.unpack_from("<I", head, 4)[0]
+    descriptor = head[4]
     single = descriptor >> 5 & 1
     fcs = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
     position = start + 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs
     while True:
-        if position + 3 > len(data):
+        block = data.read(position, 3)
+        if len(block) < 3:
             raise InitramfsError("truncated zstd frame", structure="initramfs")
-        header = int.from_bytes(data[position: position + 3], "little")
+        header = int.from_bytes(block, "little")
         kind, size = header >> 1 & 3, header >> 3
         if kind == 3:
             raise InitramfsError("reserved zstd block type", structure="initramfs")
@@ -271,20 +325,19 @@ def zstd_frame_length(data: memoryview, start: int) -> int:
     return position + (4 if descriptor & 4 else 0) - start
 
 
-def _zstd_stream(data: memoryview, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
+def _zstd_stream(data: _Image, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
     import zstandard
 
     position = start
     # consecutive frames form one stream (zstd -T writes several)
-    while position + 4 <= len(data) and (bytes(data[position: position + 4]) == b"\x28\xb5\x2f\xfd"
-                                         or data[position + 1: position + 4] == b"\x2a\x4d\x18"):
+    while (magic := data.read(position, 4)) == b"\x28\xb5\x2f\xfd" or magic[1:] == b"\x2a\x4d\x18":
         length = zstd_frame_length(data, position)
-        if position + length > len(data):
+        if position + length > data.size:
             raise InitramfsError("truncated zstd frame", structure="initramfs")
-        frame = data[position: position + length]
+        frame = _Window(data, position, length)
         position += length
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame), read_across_frames=False)
+            reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
             while True:
                 out = reader.read(_CHUNK)
                 if not out:
@@ -295,19 +348,19 @@ def _zstd_stream(data: memoryview, start: int, budget: _Budget, end: list[int]) 
     end[0] = position
 
 
-def _lz4_legacy_stream(data: memoryview, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
+def _lz4_legacy_stream(data: _Image, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
     import lz4.block
 
     position = start + 4
     bound = _LZ4_LEGACY_BLOCK + _LZ4_LEGACY_BLOCK // 255 + 16  # LZ4_compressBound
-    while position + 4 <= len(data):
-        size = struct.unpack_from("<I", data, position)[0]
+    while len(word := data.read(position, 4)) == 4:
+        size = struct.unpack_from("<I", word)[0]
         if size == _LZ4_LEGACY_MAGIC:  # another legacy stream concatenated
             position += 4
             continue
-        if size == 0 or size > bound or position + 4 + size > len(data):
+        if size == 0 or size > bound or position + 4 + size > data.size:
             break  # the end of the stream (what follows is another part, or padding)
-        block = bytes(data[position + 4: position + 4 + size])
+        block = data.read(position + 4, size)
         try:
             out = lz4.block.decompress(block, uncompressed_size=_LZ4_LEGACY_BLOCK)
         except lz4.block.LZ4BlockError as exc:
@@ -325,7 +378,7 @@ _DECODERS: dict[str, Callable[[], Any]] = {
 }
 
 
-def _decompressed(kind: str, data: memoryview, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
+def _decompressed(kind: str, data: _Image, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
     if kind in _DECODERS:
         try:
             yield from _stdlib_stream(_DECODERS[kind](), data, start, budget, end)
@@ -339,22 +392,22 @@ def _decompressed(kind: str, data: memoryview, start: int, budget: _Budget, end:
         raise InitramfsError(f"{kind} compression is not decoded by diskimg", structure="initramfs")
 
 
-def list_initramfs(image: bytes, max_decompressed: int = MAX_DECOMPRESSED) -> InitramfsListing:
-    """Every name in an initramfs image. Never raises: a part that cannot be read ends the walk and is
-    named in ``problem``, keeping what was listed before it."""
+def list_initramfs(image: bytes | BinaryIO, max_decompressed: int = MAX_DECOMPRESSED) -> InitramfsListing:
+    """Every name in an initramfs image (its bytes, or a seekable binary file read in chunks). Never
+    raises: a part that cannot be read ends the walk and is named in ``problem``, keeping what was
+    listed before it."""
     listing = InitramfsListing()
-    data = memoryview(image)
+    data = _Image(io.BytesIO(image) if isinstance(image, bytes) else image)
     budget = _Budget(max_decompressed)
     position = 0
     try:
         while True:
-            while position < len(data) and data[position] == 0:
-                position += 1
-            if position >= len(data):
+            position = data.after_zeros(position)
+            if position >= data.size:
                 break
-            head = bytes(data[position: position + 8])
+            head = data.read(position, 8)
             if head[:5] == b"07070":
-                stream = _Stream(iter([bytes(data[position:])]))
+                stream = _Stream(data.chunks(position))
                 part = Part(position, None)
                 listing.parts.append(part)
                 part.entries = _list_cpio(stream, listing.names)
@@ -366,7 +419,7 @@ def list_initramfs(image: bytes, max_decompressed: int = MAX_DECOMPRESSED) -> In
                 break
             part = Part(position, kind)
             listing.parts.append(part)
-            end = [len(data)]
+            end = [data.size]
             stream = _Stream(_decompressed(kind, data, position, budget, end))
             # one compressed stream may hold several archives, separated by NUL padding
             while stream.skip_zeros():

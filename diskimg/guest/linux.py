@@ -10,23 +10,31 @@ and 6); a file that exists but cannot be read becomes a "could not read" note, n
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 import re
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DiskImageError
 from ..fs import GuestFileSystem, GuestPathError, Stat
-from . import GuestDisk, GuestFacts, GuestVolume, device_partition, is_device_name, spec_key
+from ..fs.base import GuestFile
+from . import GuestDisk, GuestFacts, GuestVolume, spec_key
 from .config import (
+    MAX_CONFIG,
     BootEntry,
     FstabEntry,
     Interface,
     choose_default,
     cloud_init_datasources,
+    cloud_init_network_config,
     cloud_init_version,
+    config_lines,
     expand_grub_vars,
+    grub_legacy_default,
     kernel_arg,
+    network_file_generator,
     parse_bls_entry,
     parse_fstab,
     parse_grub_cfg,
@@ -43,10 +51,8 @@ from .config import (
 )
 from .initramfs import InitramfsListing, list_initramfs, module_name
 
-#: configuration files are small; anything larger is not read
-MAX_CONFIG = 4 << 20
-#: an initramfs larger than this is not read (its driver list is then reported as unknown); it is
-#: held in memory while its parts are decompressed
+#: an initramfs larger than this is not read (its driver list is then reported as unknown); it is read
+#: a chunk at a time, so this bounds the time spent, not memory
 MAX_INITRAMFS = 256 << 20
 #: files of one directory looked at (network configs, BLS entries, cloud.cfg.d)
 MAX_DIR_FILES = 256
@@ -164,6 +170,10 @@ class GuestTree:
         fs, rel = self._at(path)
         return fs.read_file(rel, max_size)
 
+    def open(self, path: str) -> GuestFile:
+        fs, rel = self._at(path)
+        return fs.open(rel)
+
     def head(self, path: str, size: int) -> bytes:
         fs, rel = self._at(path)
         return next(iter(fs.iter_file(rel, size)), b"")
@@ -219,7 +229,8 @@ class MountCheck:
     """One fstab line and what it resolves to on this disk."""
 
     entry: FstabEntry
-    #: "ok", "unresolved", "device-name", "lvm" (not resolvable offline), "skipped" (pseudo/network fs)
+    #: "ok", "unresolved", "device-name", "lvm" (inside LVM, LUKS or md: not resolvable offline), "skipped"
+    #: (pseudo/network fs)
     status: str
     volume: GuestVolume | None = None
 
@@ -246,11 +257,21 @@ class LinuxInspection:
     #: driver -> where the default kernel gets it: "builtin", "initramfs", "module", "missing", "unknown"
     boot_drivers: dict[str, str] = field(default_factory=dict)
     cloud_init: dict[str, Any] = field(default_factory=dict)
+    #: the SSH server's program, its host keys (/etc/ssh/ssh_host_*_key) and what generates missing ones at boot
+    sshd: str | None = None
+    ssh_host_keys: list[str] = field(default_factory=list)
+    ssh_keygen: str | None = None
     interfaces: list[Interface] = field(default_factory=list)
+    #: where cloud-init's network configuration is turned off, None when cloud-init rewrites the files it
+    #: generates on a new instance's first boot
+    cloud_init_network_disabled: str | None = None
     persistent_net: tuple[str, list[str]] | None = None
     qemu_guest_agent: str | None = None
     selinux: str | None = None
     selinux_source: str | None = None
+    #: what makes the kernel load SELinux at all: its policy (/etc/selinux/<SELINUXTYPE>/policy) or a kernel
+    #: argument (security=selinux); None when neither, as on Debian, where the mode set in the config is moot
+    selinux_loaded_by: str | None = None
     shadow_flags: frozenset[str] | None = None
     root_account: bool | None = None
     passwd_command: str | None = None
@@ -336,7 +357,7 @@ def inspect(disk: GuestDisk) -> GuestFacts | None:
         result.fstab = _check_fstab(parse_fstab(fstab_text), disk, tree, result)
     steps = ((_release, "the release files"), (_architecture, "the architecture"), (_kernels, "the kernels"),
              (_boot_config, "the boot configuration"), (_default_kernel_drivers, "the default kernel's drivers"),
-             (_cloud_init, "cloud-init"), (_network, "the network configuration"),
+             (_cloud_init, "cloud-init"), (_ssh_server, "the SSH server"), (_network, "the network configuration"),
              (_accounts_and_security, "accounts and security settings"))
     for step, what in steps:
         try:
@@ -400,20 +421,17 @@ def _check_fstab(entries: list[FstabEntry], disk: GuestDisk, tree: GuestTree,
                  result: LinuxInspection) -> list[MountCheck]:
     checks = []
     for entry in entries:
-        key, value = spec_key(entry.spec)
         not_a_disk = entry.fstype in _PSEUDO - {"swap"} or "bind" in entry.options or "_netdev" in entry.options
-        if not_a_disk or key == "OTHER":
+        resolved = disk.resolve(entry.spec)
+        if not_a_disk or resolved.status == "unknown":
             checks.append(MountCheck(entry, "skipped"))
-            continue
-        if key == "DEVICE" and not is_device_name(value):
-            # /dev/mapper/..., /dev/VG/LV, /dev/md0: volumes diskimg does not assemble
-            checks.append(MountCheck(entry, "lvm" if "/mapper/" in value or value.count("/") == 3 else "skipped"))
-            continue
-        volume = disk.find(entry.spec)
-        if key == "DEVICE" and device_partition(value) is None:
-            volume = None  # a whole-disk name (/dev/vdb): another disk
-        status = "unresolved" if volume is None else ("device-name" if key == "DEVICE" else "ok")
-        checks.append(MountCheck(entry, status, volume))
+        elif resolved.status == "unassembled":
+            checks.append(MountCheck(entry, "lvm"))
+        elif resolved.volume is None:
+            checks.append(MountCheck(entry, "unresolved"))
+        else:
+            key = spec_key(entry.spec)[0]
+            checks.append(MountCheck(entry, "device-name" if key == "DEVICE" else "ok", resolved.volume))
     # mount what the checks read beyond the root
     for point in _MOUNTED:
         for check in checks:
@@ -445,7 +463,8 @@ def _release(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
 
 def parse_legacy_release(path: str, text: str) -> dict[str, str]:
     """os-release style keys (ID, VERSION_ID, NAME, PRETTY_NAME) from a pre-os-release file."""
-    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    lines = [line.strip() for line in config_lines(text) if line.strip()]
+    first = lines[0] if lines else ""
     name = path.rsplit("/", 1)[-1]
     if name == "lsb-release":
         values = parse_shell_vars(text)
@@ -459,7 +478,7 @@ def parse_legacy_release(path: str, text: str) -> dict[str, str]:
     version_id = (version.group(1) or version.group(2)) if version else ""
     lowered = first.lower()
     if name == "SuSE-release":
-        values = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in text.splitlines()[1:])}
+        values = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in lines[1:])}
         ident = "opensuse" if "opensuse" in lowered else "sles"
         version_id = values.get("VERSION", version_id) + (
             f".{values['PATCHLEVEL']}" if values.get("PATCHLEVEL", "0") not in ("", "0") else "")
@@ -629,8 +648,7 @@ def _boot_config(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> Non
             if text is not None:
                 boot.loader, boot.config = "grub-legacy", path
                 boot.entries = _legacy_grub_entries(text, path)
-                match = re.search(r"^\s*default\s*=?\s*(\d+)", text, re.MULTILINE)
-                default = match.group(1) if match else "0"
+                default = grub_legacy_default(text)
                 break
     if default is None and boot.entries:
         grub_default = parse_shell_vars(read.text("/etc/default/grub") or "").get("GRUB_DEFAULT")
@@ -664,7 +682,7 @@ def _boot_config(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> Non
 
 def _legacy_grub_entries(text: str, source: str) -> list[BootEntry]:
     entries: list[BootEntry] = []
-    for line in text.splitlines():
+    for line in config_lines(text):
         words = line.strip().split(None, 1)
         if not words:
             continue
@@ -724,7 +742,8 @@ def _default_kernel_drivers(read: _Reader, result: LinuxInspection, disk: GuestD
             if size > MAX_INITRAMFS:
                 result.initramfs_error = f"{initrd} is {size} bytes, more than the {MAX_INITRAMFS} read"
             else:
-                result.initramfs = list_initramfs(read.tree.read(initrd, MAX_INITRAMFS))
+                with read.tree.open(initrd) as image:
+                    result.initramfs = list_initramfs(image)
                 if not result.initramfs.complete:
                     result.initramfs_error = f"{initrd}: {result.initramfs.problem}"
         except DiskImageError as exc:
@@ -759,6 +778,12 @@ def _python_dirs(read: _Reader) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _cloud_cfg_paths(read: _Reader) -> list[str]:
+    """cloud-init's configuration files in the order it merges them (a later one wins)."""
+    return ["/etc/cloud/cloud.cfg"] + [f"/etc/cloud/cloud.cfg.d/{name}" for name in
+                                       read.listdir("/etc/cloud/cloud.cfg.d")[:MAX_DIR_FILES] if name.endswith(".cfg")]
+
+
 def _cloud_init(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
     info: dict[str, Any] = {"installed": False, "version": None, "datasources": None, "enabled": None}
     program = read.first(("/usr/bin/cloud-init", "/usr/local/bin/cloud-init", "/bin/cloud-init"))
@@ -781,18 +806,83 @@ def _cloud_init(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None
         info["program"] = program
         info["version"] = version
         datasources = None
-        for path in ["/etc/cloud/cloud.cfg"] + [f"/etc/cloud/cloud.cfg.d/{n}" for n in
-                                                read.listdir("/etc/cloud/cloud.cfg.d")[:MAX_DIR_FILES]
-                                                if n.endswith(".cfg")]:
+        for path in _cloud_cfg_paths(read):
             text = read.text(path)
             if text is not None:
                 found = cloud_init_datasources(text)
                 if found is not None:
                     datasources = found
         info["datasources"] = datasources
-        info["enabled"] = any(read.exists(f"/etc/systemd/system/{wants}/cloud-init.service", follow=False)
-                              for wants in ("multi-user.target.wants", "cloud-init.target.wants"))
+        info["enabled"] = _cloud_init_enabled(read)
+        info["disabled_by"] = _cloud_init_disabled_by(read, result, info)
     result.cloud_init = info
+
+
+#: the units that run cloud-init's stages up to fetching the metadata (cloud-init-network and -main from 24.3)
+_CLOUD_INIT_UNITS = ("cloud-init-local.service", "cloud-init.service", "cloud-init-network.service",
+                     "cloud-init-main.service")
+_UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
+_PRESET_DIRS = ("/etc/systemd/system-preset", "/usr/lib/systemd/system-preset", "/lib/systemd/system-preset")
+
+
+def _cloud_init_enabled(read: _Reader) -> bool | None:
+    """Whether systemd starts cloud-init: a ``*.wants`` link to one of its units, or the distribution's
+    preset enabling it (applied on first boot); None on a system without systemd."""
+    if not read.first(("/usr/lib/systemd/systemd", "/lib/systemd/systemd")):
+        return None
+    for directory in _UNIT_DIRS:
+        for wants in [name for name in read.listdir(directory) if name.endswith(".wants")][:MAX_DIR_FILES]:
+            if any(read.exists(f"{directory}/{wants}/{unit}", follow=False) for unit in _CLOUD_INIT_UNITS):
+                return True
+    presets: dict[str, str] = {}  # file name -> path: /etc overrides a file of the same name
+    for directory in reversed(_PRESET_DIRS):
+        for name in read.listdir(directory)[:MAX_DIR_FILES]:
+            if name.endswith(".preset"):
+                presets[name] = f"{directory}/{name}"
+    for name in sorted(presets):
+        for line in (read.text(presets[name]) or "").splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] in ("enable", "disable") and fnmatch.fnmatchcase("cloud-init.service",
+                                                                                             words[1]):
+                return words[0] == "enable"  # the first matching line decides
+    return False
+
+
+def _cloud_init_disabled_by(read: _Reader, result: LinuxInspection, info: dict[str, Any]) -> list[str]:
+    """Why an installed cloud-init will not configure the instance from ECS's metadata, in words."""
+    reasons = []
+    if read.exists("/etc/cloud/cloud-init.disabled", follow=False):
+        reasons.append("/etc/cloud/cloud-init.disabled exists")
+    if kernel_arg(result.boot.cmdline, "cloud-init") == "disabled":
+        reasons.append("the kernel command line says cloud-init=disabled")
+    for unit in _CLOUD_INIT_UNITS:
+        path = f"/etc/systemd/system/{unit}"
+        try:
+            if read.exists(path, follow=False) and read.tree.stat(path, follow=False).is_symlink \
+                    and read.tree.readlink(path) == "/dev/null":
+                reasons.append(f"{unit} is masked ({path} -> /dev/null)")
+        except DiskImageError as exc:
+            read.note(path, exc)
+    if info.get("enabled") is False:
+        reasons.append("its services are not enabled (no *.wants link to " + ", ".join(_CLOUD_INIT_UNITS[:2])
+                       + ", no preset enabling them)")
+    datasources = info.get("datasources")
+    if datasources is not None and not any(name.lower() == "aliyun" for name in datasources):
+        reasons.append(f"datasource_list {datasources} does not name AliYun")
+    return reasons
+
+
+def _ssh_server(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
+    """sshd, its host keys, and whether something generates missing keys at boot (RHEL's
+    sshd-keygen, SUSE's sshd-gen-keys-start); Debian's ssh.service does not."""
+    result.sshd = read.first(("/usr/sbin/sshd", "/sbin/sshd"))
+    if result.sshd is None:
+        return
+    result.ssh_host_keys = [name for name in read.listdir("/etc/ssh")
+                            if name.startswith("ssh_host_") and name.endswith("_key")]
+    result.ssh_keygen = read.first([f"{directory}/{unit}" for directory in _UNIT_DIRS
+                                    for unit in ("sshd-keygen@.service", "sshd-keygen.service")]
+                                   + ["/usr/sbin/sshd-gen-keys-start", "/usr/libexec/openssh/sshd-keygen"])
 
 
 _NETWORK_DIRS = (
@@ -805,6 +895,13 @@ _NETWORK_DIRS = (
 
 def _network(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
     interfaces: list[Interface] = []
+
+    def add(found: list[Interface], path: str, text: str) -> None:
+        generator = network_file_generator(path, text)
+        for interface in found:
+            interface.generator = generator
+        interfaces.extend(found)
+
     for directory, prefix, parse in _NETWORK_DIRS:
         for name in read.listdir(directory)[:MAX_DIR_FILES]:
             if not name.startswith(prefix) or name.endswith((".bak", ".orig", "~")):
@@ -814,13 +911,12 @@ def _network(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
             text = read.text(f"{directory}/{name}")
             if text is not None:
                 found = parse(text, f"{directory}/{name}")
-                if found is not None:
-                    interfaces.append(found)
+                add([found] if found is not None else [], f"{directory}/{name}", text)
     for name in read.listdir("/etc/netplan")[:MAX_DIR_FILES]:
         if name.endswith((".yaml", ".yml")):
             text = read.text(f"/etc/netplan/{name}")
             if text is not None:
-                interfaces += parse_netplan(text, f"/etc/netplan/{name}")
+                add(parse_netplan(text, f"/etc/netplan/{name}"), f"/etc/netplan/{name}", text)
     pending = ["/etc/network/interfaces"]
     seen: set[str] = set()
     while pending and len(seen) < MAX_DIR_FILES:
@@ -832,12 +928,13 @@ def _network(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
         if text is None:
             continue
         declared, includes = parse_interfaces(text, path)
-        interfaces += declared
+        add(declared, path, text)
         for pattern in includes:
             directory, _, glob = posixpath.join(posixpath.dirname(path), pattern).rpartition("/")
-            regex = re.compile(re.escape(glob).replace(r"\*", ".*") + "$")
-            pending += [f"{directory}/{n}" for n in read.listdir(directory) if regex.match(n)]
+            # fnmatch's patterns cannot backtrack exponentially, whatever the number of '*'
+            pending += [f"{directory}/{n}" for n in read.listdir(directory) if fnmatchcase(n, glob)]
     result.interfaces = interfaces
+    result.cloud_init_network_disabled = _cloud_init_network_disabled(read, result.boot.cmdline)
     rules = "/etc/udev/rules.d/70-persistent-net.rules"
     text = read.text(rules)
     if text:
@@ -846,15 +943,32 @@ def _network(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
             result.persistent_net = (rules, macs)
 
 
+def _cloud_init_network_disabled(read: _Reader, cmdline: str) -> str | None:
+    """Where cloud-init's network configuration is turned off (``network-config=disabled`` on the kernel
+    command line, or the last cloud.cfg file to set ``network: {config: ...}`` says disabled), None when
+    cloud-init writes the network configuration at boot."""
+    if kernel_arg(cmdline, "network-config") == "disabled":
+        return "kernel command line network-config=disabled"
+    where = None
+    for path in _cloud_cfg_paths(read):
+        value = cloud_init_network_config(read.text(path) or "")
+        if value is not None:
+            where = path if value == "disabled" else None
+    return where
+
+
 def _accounts_and_security(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
     result.qemu_guest_agent = read.first(("/usr/bin/qemu-ga", "/usr/sbin/qemu-ga",
                                           "/usr/lib/systemd/system/qemu-guest-agent.service",
                                           "/lib/systemd/system/qemu-guest-agent.service"))
     selinux = read.text("/etc/selinux/config")
-    if selinux is not None:
-        result.selinux = parse_shell_vars(selinux).get("SELINUX", "").lower() or None
-        result.selinux_source = "/etc/selinux/config"
     cmdline = result.boot.cmdline
+    if selinux is not None:
+        values = parse_shell_vars(selinux)
+        result.selinux = values.get("SELINUX", "").lower() or None
+        result.selinux_source = "/etc/selinux/config"
+        policy = f"/etc/selinux/{values.get('SELINUXTYPE') or 'targeted'}/policy"
+        result.selinux_loaded_by = policy if read.exists(policy) else _selinux_kernel_argument(cmdline)
     if kernel_arg(cmdline, "selinux") == "0":
         result.selinux, result.selinux_source = "disabled", "kernel command line selinux=0"
     elif kernel_arg(cmdline, "enforcing") == "0" and result.selinux == "enforcing":
@@ -867,7 +981,7 @@ def _accounts_and_security(read: _Reader, result: LinuxInspection, disk: GuestDi
     passwd = read.text("/etc/passwd")
     if passwd is not None:
         result.root_account = any(line.split(":")[0] == "root" and line.split(":")[2:3] == ["0"]
-                                  for line in passwd.splitlines())
+                                  for line in config_lines(passwd))
     result.passwd_command = read.first(("/usr/bin/passwd", "/bin/passwd"))
     for name in ("/lib", "/lib64"):
         try:
@@ -877,6 +991,16 @@ def _accounts_and_security(read: _Reader, result: LinuxInspection, disk: GuestDi
                     result.absolute_lib_links[name] = target
         except DiskImageError as exc:
             read.note(name, exc)
+
+
+def _selinux_kernel_argument(cmdline: str) -> str | None:
+    """The kernel argument that enables SELinux (security=selinux, selinux=1, lsm=...,selinux), if any."""
+    if kernel_arg(cmdline, "security") == "selinux":
+        return "security=selinux"
+    if kernel_arg(cmdline, "selinux") == "1":
+        return "selinux=1"
+    lsm = kernel_arg(cmdline, "lsm")
+    return f"lsm={lsm}" if lsm and "selinux" in lsm.split(",") else None
 
 
 def _details(result: LinuxInspection) -> dict[str, Any]:
@@ -903,10 +1027,14 @@ def _details(result: LinuxInspection) -> dict[str, Any]:
         "boot_drivers": dict(result.boot_drivers),
         "nvme_support": result.nvme_support,
         "cloud_init": dict(result.cloud_init),
+        "sshd": None if result.sshd is None else {"program": result.sshd, "host_keys": result.ssh_host_keys,
+                                                  "keygen": result.ssh_keygen},
         "network": [interface.to_dict() for interface in result.interfaces],
+        "cloud_init_network_disabled": result.cloud_init_network_disabled,
         "persistent_net_rules": result.persistent_net[0] if result.persistent_net else None,
         "qemu_guest_agent": result.qemu_guest_agent,
         "selinux": result.selinux,
+        "selinux_loaded_by": result.selinux_loaded_by,
         "root_account": result.root_account,
         "passwd_command": result.passwd_command,
     }

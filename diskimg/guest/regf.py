@@ -15,6 +15,11 @@ allocated, the size field included, 8-byte aligned) followed by its data:
 - ``db`` big data (hive minor version 4 and later, data above 16344 bytes): a segment count and
   the offset of a list of segment cells, each holding up to 16344 bytes
 
+A hive is *dirty* when its base block's two sequence numbers differ (Windows bumps the first before
+writing the file and the second after) or its checksum is wrong: the newest data then lies in the
+transaction logs beside it (``SYSTEM.LOG1``, ``SYSTEM.LOG2``), which :func:`replay_logs` applies in
+memory as Windows does when it loads the hive (see there for the two log formats).
+
 References: Maxim Suhanov's "Windows registry file format specification" and Joachim Metz's
 libregf documentation. Nothing here trusts the file: every offset is checked against the hive bins
 data, every count against the cell that holds it, and a referenced cell must be allocated; a broken
@@ -25,7 +30,9 @@ bounds its size); walking the tree detects cycles.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from itertools import chain
+from dataclasses import dataclass
 
 from ..errors import CorruptImage, DiskImageError
 
@@ -62,6 +69,10 @@ class KeyNotFound(DiskImageError):
     """A key path that is not in the hive."""
 
 
+class LogsNotUsable(DiskImageError):
+    """No transaction log brings a dirty hive up to date: the hive can only be read as it is."""
+
+
 def base_block_checksum(block: bytes) -> int:
     """XOR of the first 127 little-endian 32-bit words of the base block (stored at offset 508)."""
     checksum = 0
@@ -70,10 +81,14 @@ def base_block_checksum(block: bytes) -> int:
     return checksum
 
 
+def windows_checksum(computed: int) -> int:
+    """The checksum as Windows stores it: 1 for 0, 0xFFFFFFFE for 0xFFFFFFFF."""
+    return {0: 1, 0xFFFFFFFF: 0xFFFFFFFE}.get(computed, computed)
+
+
 def checksum_matches(stored: int, computed: int) -> bool:
-    """Windows stores 1 for a checksum of 0 and 0xFFFFFFFE for 0xFFFFFFFF; other writers do not."""
-    substitute = {0: 1, 0xFFFFFFFF: 0xFFFFFFFE}.get(computed, computed)
-    return stored in (computed, substitute)
+    """Windows substitutes two checksums (see windows_checksum); other writers do not."""
+    return stored in (computed, windows_checksum(computed))
 
 
 def name_hash(name: str) -> int:
@@ -374,3 +389,262 @@ class Hive:
                 seen.add(child.offset)
                 children.append((f"{path}\\{child.name}" if path else child.name, child))
             stack.extend(reversed(children))
+
+
+# -- transaction logs ---------------------------------------------------------------------------------
+#
+# Both log formats start with a 512-byte copy of the hive's base block, its file type 1 (2 before
+# Windows XP) in the old format and 6 in the new one; a log is valid when that copy's checksum holds
+# and its two sequence numbers are equal. Sizes and offsets count 512-byte sectors (Windows before 8
+# supports no other sector size, and Windows 8 and later count 512 whatever the disk).
+#
+# Old format (up to Windows 8): at 512 the dirty vector, "DIRT" then a bitmap of one bit per 512-byte
+# page of the hive bins data (least significant bit first); from the next 512-byte boundary on, one
+# 512-byte page per set bit, in bit order; the page of bit n belongs at file offset 4096 + 512 * n.
+#
+# New format (Windows 8.1 and later): from 512 on, log entries, each a multiple of 512 bytes:
+# "HvLE", size, flags, sequence number, hive bins data size, page count, hash-1 (Marvin32 of the entry
+# from byte 40 on), hash-2 (Marvin32 of its first 32 bytes), then the (offset in the hive bins data,
+# size) of each page, then the pages back to back. Applying the entry of sequence N leaves the hive
+# at sequence N; the logs take turns, so that either may hold the older entries.
+
+LOG_BASE_BLOCK = 512
+LOG_PAGE = 512
+#: hive bins are 4096-byte multiples, so is the hive bins data
+HBIN_ALIGN = 4096
+OLD_LOG_TYPES = (1, 2)
+NEW_LOG_TYPE = 6
+LOG_ENTRY_SIGNATURE = b"HvLE"
+DIRTY_VECTOR_SIGNATURE = b"DIRT"
+#: the Marvin32 seed of log entry hashes (the specification lists its bytes most significant first)
+LOG_ENTRY_SEED = 0x82EF4D887A4E55C5
+#: the flag of the base block (KTM has locked the hive) that log entries carry
+LOG_ENTRY_FLAGS = 0x1
+_LOG_ENTRY = struct.Struct("<4sIIIIIQQ")  # signature, size, flags, sequence, bins size, page count, hash-1, hash-2
+_HBIN = struct.Struct("<4sII")  # signature, offset in the hive bins data, size
+_WORD = 0xFFFFFFFF
+
+
+def marvin32(data: bytes | memoryview, seed: int = LOG_ENTRY_SEED) -> int:
+    """Marvin32, Microsoft's keyed 64-bit hash: two 32-bit lanes mixed after each little-endian word
+    is added to the low one; the input ends with 0x80 after its last 0-3 bytes, then one zero word."""
+    view = memoryview(data)
+    whole = len(view) & ~3
+    tail = (bytes(view[whole:]) + b"\x80").ljust(8, b"\0")
+    low, high = seed & _WORD, seed >> 32
+    for (word,) in chain(struct.iter_unpack("<I", view[:whole]), struct.iter_unpack("<I", tail)):
+        low = (low + word) & _WORD
+        high ^= low
+        low = ((low << 20) | (low >> 12)) & _WORD
+        low = (low + high) & _WORD
+        high = ((high << 9) | (high >> 23)) & _WORD
+        high ^= low
+        low = ((low << 27) | (low >> 5)) & _WORD
+        low = (low + high) & _WORD
+        high = ((high << 19) | (high >> 13)) & _WORD
+    return (high << 32) | low
+
+
+@dataclass(frozen=True)
+class TransactionLog:
+    """The base block copy of one valid transaction log."""
+
+    name: str
+    data: bytes
+    new_format: bool
+    sequence: int
+    timestamp: int
+    bins_size: int
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One new-format log entry whose hashes hold: its pages, each (offset in the hive bins data, bytes)."""
+
+    sequence: int
+    flags: int
+    bins_size: int
+    pages: list[tuple[int, memoryview]]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A dirty hive brought up to date by its transaction logs."""
+
+    data: bytearray
+    sequence: int
+    #: the pages written into the hive
+    pages: int
+    #: the logs that held them, oldest first
+    logs: tuple[str, ...]
+
+
+def read_log(name: str, data: bytes) -> TransactionLog:
+    """The base block copy at the start of log ``name``; LogsNotUsable when it is no valid log."""
+    if len(data) < 2 * LOG_PAGE:
+        raise LogsNotUsable(f"{name}: {len(data)} bytes is too small for a transaction log")
+    signature, first, second, timestamp, major, _minor, file_type, _format, _root, bins_size = _BASE.unpack_from(data)
+    if signature != SIGNATURE or major != 1:
+        raise LogsNotUsable(f"{name}: no registry base block")
+    if file_type not in (*OLD_LOG_TYPES, NEW_LOG_TYPE):
+        raise LogsNotUsable(f"{name}: file type {file_type} is not a transaction log")
+    if not checksum_matches(struct.unpack_from("<I", data, 508)[0], base_block_checksum(data)):
+        raise LogsNotUsable(f"{name}: the checksum of its base block is wrong")
+    if first != second:
+        raise LogsNotUsable(f"{name}: it was being written (sequence numbers {first} and {second})")
+    if bins_size % HBIN_ALIGN:
+        raise LogsNotUsable(f"{name}: hive bins data of {bins_size} bytes")
+    return TransactionLog(name, data, file_type == NEW_LOG_TYPE, first, timestamp, bins_size)
+
+
+def log_entries(log: TransactionLog, max_size: int) -> Iterator[LogEntry]:
+    """The entries of a new-format log, in file order, up to the first that is bad (signature, size,
+    hashes, a hive above ``max_size`` bytes, a page outside the hive bins data): Windows stops there."""
+    data = memoryview(log.data)
+    offset = LOG_BASE_BLOCK
+    while offset + _LOG_ENTRY.size <= len(data):
+        signature, size, flags, sequence, bins_size, count, hash1, hash2 = _LOG_ENTRY.unpack_from(data, offset)
+        end = offset + size
+        pages_start = offset + _LOG_ENTRY.size + 8 * count
+        if (signature != LOG_ENTRY_SIGNATURE or size % LOG_PAGE or not pages_start <= end <= len(data)
+                or bins_size % HBIN_ALIGN or not 0 < bins_size <= max_size - BASE_BLOCK_SIZE
+                or marvin32(data[offset:offset + 32]) != hash2 or marvin32(data[offset + 40:end]) != hash1):
+            return
+        pages = []
+        position = pages_start
+        for page_offset, page_size in struct.iter_unpack("<II", data[offset + _LOG_ENTRY.size:pages_start]):
+            if page_size == 0 or page_offset + page_size > bins_size or position + page_size > end:
+                return
+            pages.append((page_offset, data[position:position + page_size]))
+            position += page_size
+        yield LogEntry(sequence, flags, bins_size, pages)
+        offset = end
+
+
+def dirty_pages(log: TransactionLog, max_size: int) -> list[tuple[int, memoryview]]:
+    """The pages of an old-format log, each (offset in the hive bins data, 512 bytes)."""
+    if BASE_BLOCK_SIZE + log.bins_size > max_size:
+        raise LogsNotUsable(f"{log.name}: a hive of {BASE_BLOCK_SIZE + log.bins_size} bytes is more than the "
+                            f"{max_size} read here")
+    data = memoryview(log.data)
+    bitmap_start = LOG_BASE_BLOCK + len(DIRTY_VECTOR_SIGNATURE)
+    bitmap_end = bitmap_start + log.bins_size // LOG_PAGE // 8
+    if data[LOG_BASE_BLOCK:bitmap_start] != DIRTY_VECTOR_SIGNATURE or bitmap_end > len(data):
+        raise LogsNotUsable(f"{log.name}: no dirty vector")
+    bitmap = bytes(data[bitmap_start:bitmap_end])
+    position = -(-bitmap_end // LOG_PAGE) * LOG_PAGE
+    count = int.from_bytes(bitmap, "little").bit_count()
+    if position + count * LOG_PAGE > len(data):
+        raise LogsNotUsable(f"{log.name}: {count} dirty pages, {max(len(data) - position, 0) // LOG_PAGE} stored")
+    pages = []
+    for index, byte in enumerate(bitmap):
+        for bit in range(8) if byte else ():
+            if byte >> bit & 1:
+                pages.append(((index * 8 + bit) * LOG_PAGE, data[position:position + LOG_PAGE]))
+                position += LOG_PAGE
+    return pages
+
+
+def _valid_hbin(offset: int, page: memoryview, bins_size: int) -> bool:
+    """A page that starts a hive bin must name its own offset and a size that fits the hive."""
+    if offset % HBIN_ALIGN or bytes(page[:4]) != HBIN_SIGNATURE:
+        return True
+    _signature, own_offset, size = _HBIN.unpack_from(page)
+    return own_offset == offset and size >= HBIN_ALIGN and size % HBIN_ALIGN == 0 and offset + size <= bins_size
+
+
+def _write_pages(hive: bytearray, bins_size: int, pages: list[tuple[int, memoryview]]) -> None:
+    end = BASE_BLOCK_SIZE + bins_size
+    if len(hive) < end:  # a log may grow the hive, never shrink it
+        hive.extend(bytes(end - len(hive)))
+    for offset, page in pages:
+        hive[BASE_BLOCK_SIZE + offset:BASE_BLOCK_SIZE + offset + len(page)] = page
+    struct.pack_into("<I", hive, 40, bins_size)
+
+
+def _close_base_block(hive: bytearray, sequence: int) -> None:
+    """The base block of a hive written in full: both sequence numbers equal, a primary file, its checksum."""
+    struct.pack_into("<II", hive, 4, sequence, sequence)
+    struct.pack_into("<I", hive, 28, 0)
+    struct.pack_into("<I", hive, 508, windows_checksum(base_block_checksum(bytes(hive[:508]))))
+
+
+def _replay_entries(primary: bytes, logs: list[TransactionLog], max_size: int) -> Replay:
+    """New format: the entries that continue the hive, in sequence order across both logs. The first one
+    applied carries its log's own sequence number (not below the hive's secondary one), each next one
+    N + 1. A hive whose base block is torn takes the base block of the log with the newest entries, and
+    only that log."""
+    hive = bytearray(primary)
+    ordered = sorted(logs, key=lambda log: log.sequence)
+    lowest = struct.unpack_from("<I", primary, 8)[0]
+    if not checksum_matches(struct.unpack_from("<I", primary, 508)[0], base_block_checksum(primary)):
+        ordered = ordered[-1:]
+        hive[:LOG_BASE_BLOCK] = ordered[0].data[:LOG_BASE_BLOCK]
+        lowest = 0
+    expected: int | None = None
+    pages = 0
+    used: list[str] = []
+    for log in ordered:
+        for entry in log_entries(log, max_size):
+            if entry.sequence != (expected if expected is not None else log.sequence) or entry.sequence < lowest:
+                break
+            _write_pages(hive, entry.bins_size, entry.pages)
+            flags = struct.unpack_from("<I", hive, 144)[0]
+            struct.pack_into("<I", hive, 144, flags & ~LOG_ENTRY_FLAGS | entry.flags & LOG_ENTRY_FLAGS)
+            pages += len(entry.pages)
+            expected = (entry.sequence + 1) & _WORD
+            if log.name not in used:
+                used.append(log.name)
+    if expected is None:
+        names = ", ".join(log.name for log in ordered)
+        raise LogsNotUsable(f"{names}: no log entry continues the hive (sequence {lowest})")
+    sequence = (expected - 1) & _WORD
+    _close_base_block(hive, sequence)
+    return Replay(hive, sequence, pages, tuple(used))
+
+
+def _replay_dirty_pages(primary: bytes, logs: list[TransactionLog], max_size: int) -> Replay:
+    """Old format: the newest valid log not older than the hive (by the timestamps of their base blocks;
+    any age when the hive's base block is torn, which then comes from the log). Its pages are written
+    up to the first that starts a broken hive bin."""
+    timestamp = struct.unpack_from("<Q", primary, 12)[0]
+    intact = checksum_matches(struct.unpack_from("<I", primary, 508)[0], base_block_checksum(primary))
+    candidates = sorted((log for log in logs if log.timestamp >= timestamp or not intact),
+                        key=lambda log: (log.timestamp, log.sequence), reverse=True)
+    if not candidates:
+        raise LogsNotUsable(f"{', '.join(log.name for log in logs)}: older than the hive")
+    log = candidates[0]
+    pages = dirty_pages(log, max_size)
+    for index, (offset, page) in enumerate(pages):
+        if not _valid_hbin(offset, page, log.bins_size):
+            pages = pages[:index]
+            break
+    hive = bytearray(primary)
+    if not intact:
+        hive[:LOG_BASE_BLOCK] = log.data[:LOG_BASE_BLOCK]
+    _write_pages(hive, log.bins_size, pages)
+    _close_base_block(hive, log.sequence)
+    return Replay(hive, log.sequence, len(pages), (log.name,))
+
+
+def replay_logs(primary: bytes, logs: Mapping[str, bytes], max_size: int) -> Replay:
+    """The dirty hive ``primary`` with its transaction ``logs`` (file name -> data) applied in memory, as
+    Windows recovers a hive when it loads it, growing to at most ``max_size`` bytes. New-format logs are
+    tried first, then old-format ones. LogsNotUsable, saying why, when no log applies."""
+    if len(primary) < BASE_BLOCK_SIZE:
+        raise LogsNotUsable(f"{len(primary)} bytes is too small for a registry hive")
+    reasons = []
+    usable = []
+    for name, data in logs.items():
+        try:
+            usable.append(read_log(name, data))
+        except LogsNotUsable as exc:
+            reasons.append(exc.message)
+    for new_format, replay in ((True, _replay_entries), (False, _replay_dirty_pages)):
+        candidates = [log for log in usable if log.new_format == new_format]
+        if candidates:
+            try:
+                return replay(primary, candidates, max_size)
+            except LogsNotUsable as exc:
+                reasons.append(exc.message)
+    raise LogsNotUsable("; ".join(reasons) or "no transaction log")

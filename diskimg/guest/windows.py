@@ -17,8 +17,10 @@ Sources (all read through a :class:`~diskimg.fs.base.GuestFileSystem`, never on 
   partition (BIOS; ``ntldr`` and ``boot.ini`` before Vista), ``EFI/Microsoft/Boot/bootmgfw.efi``
   and ``EFI/Microsoft/Boot/BCD`` on an EFI system partition (UEFI).
 
-What cannot be read (a missing or broken hive) is recorded in ``problems`` rather than raised, so the
-facts that could be read are still reported.
+A hive copied while Windows was writing it (dirty) is read with its transaction logs
+(``SYSTEM.LOG1``, ``SYSTEM.LOG2`` beside it) replayed in memory, as Windows does when it loads it;
+the files in the image are never written. What cannot be read (a missing or broken hive) is recorded
+in ``problems`` rather than raised, so the facts that could be read are still reported.
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ from ..errors import DiskImageError
 from ..fs.base import GuestFileSystem
 from ..partitions import read_partition_table
 from . import GuestDisk, GuestFacts
-from .regf import Hive, Key
+from .regf import Hive, Key, replay_logs
 
 WINDOWS_DIRS = ("Windows", "WINNT")
-#: a hive larger than this is not read (SOFTWARE hives of long-serving servers reach a few hundred MiB)
+#: a hive larger than this is not read (SOFTWARE hives of long-serving servers reach a few hundred MiB);
+#: replaying its logs holds it twice in memory, the logs once more
 MAX_HIVE_BYTES = 512 << 20
+#: a transaction log larger than this is not read (Windows empties them as it writes the hive: a few MiB)
+MAX_LOG_BYTES = 64 << 20
+#: the transaction logs beside a hive, in the dual-logging scheme of Windows Vista and later
+LOG_SUFFIXES = (".LOG1", ".LOG2")
 #: the bytes of ntoskrnl.exe read for its PE header
 PE_HEAD = 4096
 #: a BCD store is a small hive
@@ -167,8 +174,11 @@ class WindowsFacts:
     missing_hotfixes: list[str] = field(default_factory=list)
     qemu_ga: list[str] = field(default_factory=list)
     boot_files: list[BootFiles] = field(default_factory=list)
-    #: hive name -> state ("ok", "dirty": Windows was writing it; its logs were not replayed)
+    #: hive name -> state ("ok"; "replayed": Windows was writing it and its transaction logs were applied;
+    #: "dirty": the same, but its logs are missing or unusable, so it is read as it is)
     hives: dict[str, str] = field(default_factory=dict)
+    #: hive name -> what its logs did, or why they could not be used (dirty hives only)
+    hive_logs: dict[str, str] = field(default_factory=dict)
     #: what could not be read -> why
     problems: dict[str, str] = field(default_factory=dict)
 
@@ -271,14 +281,52 @@ def find_windows_dir(fs: GuestFileSystem) -> str | None:
 # -- reading a volume ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LoadedHive:
+    """A hive as Windows would load it, and how it got there."""
+
+    hive: Hive
+    #: "ok", "replayed" (dirty, brought up to date by its logs) or "dirty" (read as it is)
+    state: str
+    #: what the logs did, or why they could not be used (dirty hives only)
+    logs: str | None = None
+
+
+def load_hive(fs: GuestFileSystem, path: str, max_size: int) -> LoadedHive:
+    """The hive at ``path``; when it is dirty, with the transaction logs beside it replayed in memory.
+    Logs that are missing, unreadable or unusable leave the hive as it is, "dirty", saying why."""
+    data = fs.read_file(path, max_size)
+    hive = Hive(data)
+    if not hive.dirty:
+        return LoadedHive(hive, "ok")
+    logs = {}
+    unreadable = []
+    name = path.rpartition("/")[2]
+    for suffix in LOG_SUFFIXES:
+        try:
+            if fs.is_file(path + suffix):
+                logs[name + suffix] = fs.read_file(path + suffix, MAX_LOG_BYTES)
+        except DiskImageError as exc:
+            unreadable.append(f"{name}{suffix}: {exc.message}")
+    try:
+        replay = replay_logs(data, logs, max_size)
+        replayed = Hive(replay.data)
+    except DiskImageError as exc:
+        return LoadedHive(hive, "dirty", "; ".join([*unreadable, exc.message]))
+    return LoadedHive(replayed, "replayed", f"{', '.join(replay.logs)} replayed up to sequence {replay.sequence} "
+                                            f"({replay.pages} pages)")
+
+
 def _read_hive(fs: GuestFileSystem, path: str, facts: WindowsFacts, name: str) -> Hive | None:
     try:
-        hive = Hive(fs.read_file(path, MAX_HIVE_BYTES))
+        loaded = load_hive(fs, path, MAX_HIVE_BYTES)
     except DiskImageError as exc:
         facts.problems[name] = exc.message
         return None
-    facts.hives[name] = "dirty" if hive.dirty else "ok"
-    return hive
+    facts.hives[name] = loaded.state
+    if loaded.logs is not None:
+        facts.hive_logs[name] = loaded.logs
+    return loaded.hive
 
 
 def _text(key: Key | None, name: str) -> str | None:
@@ -467,7 +515,7 @@ def find_boot_files(volumes: Sequence[tuple[str, str, GuestFileSystem]], legacy:
             try:
                 files[path] = fs.is_file(path)
                 if files[path] and path.endswith("/BCD"):
-                    bcd = Hive(fs.read_file(path, MAX_BCD_BYTES))
+                    bcd = load_hive(fs, path, MAX_BCD_BYTES).hive
                     if bcd.find(f"Objects\\{BOOT_MANAGER_OBJECT}") is None:
                         damaged[path] = f"no Windows Boot Manager object ({BOOT_MANAGER_OBJECT})"
             except DiskImageError as exc:

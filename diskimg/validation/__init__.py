@@ -50,7 +50,7 @@ PathLike = str | os.PathLike[str]
 def validate(
     image: PathLike | None = None,
     *,
-    role: str = SYSTEM,
+    role: str | None = None,
     target: str = "ecs",
     boot_mode: str | None = None,
     strict: bool = False,
@@ -58,8 +58,9 @@ def validate(
     data: Sequence[PathLike] = (),
     allow_backing: bool = False,
 ) -> Report:
-    """Check one image (``image``, as a ``role`` disk) or a machine's disk set (``system`` plus up to
-    16 ``data`` disks) against ``target``'s import rules.
+    """Check one image (``image``, as a ``role`` disk: ``system``, the default, or ``data``) or a
+    machine's disk set (``system`` plus up to 16 ``data`` disks, whose roles those names give: a
+    ``role`` given with them is a usage error) against ``target``'s import rules.
 
     ``boot_mode`` (BIOS or UEFI) is the mode the system disk will be declared with; without it the
     report says which modes the disk supports and recommends one. ``strict`` makes warnings count
@@ -76,9 +77,11 @@ def validate(
     if image is not None:
         if system is not None or data:
             raise UsageError("give either one image (with its role) or a disk set (system and data disks), not both")
-        if role not in (SYSTEM, DATA):
+        if role not in (None, SYSTEM, DATA):
             raise UsageError(f"role must be 'system' or 'data', not {role!r}")
-        disks = [(os.fspath(image), role)]
+        disks = [(os.fspath(image), role or SYSTEM)]
+    elif role is not None:
+        raise UsageError("--role applies to a single IMAGE; in a disk set, --system and --data give each disk's role")
     elif system is not None:
         disks = [(os.fspath(system), SYSTEM)] + [(os.fspath(d), DATA) for d in data]
     elif data:
@@ -91,6 +94,8 @@ def validate(
         for device, (path, disk_role) in enumerate(disks, start=1):
             contexts.append(DiskContext(path, disk_role, device, chosen, boot_mode if disk_role == SYSTEM else None,
                                         allow_backing))
+        for ctx in contexts:
+            ctx.machine = contexts
         for ctx in contexts:
             _run_disk_checks(ctx)
         findings = [finding for ctx in contexts for finding in ctx.findings]

@@ -13,7 +13,7 @@ import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import BackingFileError, UnsupportedFormat
 from ..formats import qcow2 as q
@@ -418,10 +418,11 @@ def file_systems(ctx: DiskContext) -> None:
                      "grow the partition back to the file system's size (or shrink the file system first, e.g. "
                      "resize2fs, then the partition)")
         if fs.type == "ext4" and "64bit" in fs.features:
-            ctx.emit("fs-ext4-64bit", f"ext4 on {volume.name} has the '64bit' feature, which 2019-2020 ECS docs "
-                     "forbid (modern mke2fs sets it; the rule is likely outdated)",
+            ctx.emit("fs-ext4-64bit", f"ext4 on {volume.name} has the '64bit' feature (mke2fs's default), which "
+                     "only Alibaba's 2019-2020 import instructions forbade",
                      {**evidence, "value": "64bit"},
-                     "usually fine; to follow the old rule: resize2fs -s on the unmounted file system")
+                     "nothing to do; should an old image check still refuse it: resize2fs -s on the unmounted "
+                     "file system")
         if fs.type.startswith("ext") and "project" in fs.features and "quota" in fs.features:
             ctx.emit("fs-ext4-project-quota", f"{fs.type} on {volume.name} enables both 'project' and 'quota'",
                      {**evidence, "value": ["project", "quota"]},
@@ -445,6 +446,46 @@ def file_systems(ctx: DiskContext) -> None:
 # =====================================================================================================
 
 
+class BootFailure(NamedTuple):
+    """The finding (as ``ctx.emit`` takes it) that says why a boot path the disk sets up ends in nothing."""
+
+    code: str
+    message: str
+    evidence: dict[str, Any]
+    hint: str
+
+
+def _boot_failures(ctx: DiskContext) -> dict[str, BootFailure]:
+    """Boot mode -> why it ends in nothing: the BIOS chain after the MBR code, an ESP without the
+    removable-media loader."""
+    boot = ctx.boot
+    failures = {}
+    chain = boot.chain
+    if chain is not None and chain.problem:
+        evidence = {"offset": chain.offset, "partition": chain.partition, "value": chain.loader,
+                    "steps": chain.steps}
+        if chain.kind == "no-active-partition":
+            failures["BIOS"] = BootFailure("mbr-no-active-partition", chain.problem, {**evidence, "offset": 446},
+                                           f"mark the boot partition active, e.g. sfdisk --activate {_raw_copy(ctx)} 1")
+        else:
+            failures["BIOS"] = BootFailure(
+                "bios-boot-chain-broken", chain.problem, evidence,
+                "reinstall the boot loader inside the guest: grub-install --target=i386-pc /dev/DISK (or, for "
+                "syslinux/extlinux, install it into the active partition), or boot with UEFI")
+    if boot.esp_without_fallback:
+        arm64 = ctx.guest is not None and ctx.guest.architecture == "arm64"
+        fallback = "BOOTAA64.EFI" if arm64 else "BOOTX64.EFI"
+        failures["UEFI"] = BootFailure(
+            "esp-no-loader", f"the ESP has no removable-media boot loader EFI/BOOT/{fallback}, the only one a new "
+            "instance's firmware (empty NVRAM) boots" + (f" (it holds {', '.join(boot.loaders)})" if boot.loaders
+                                                          else " (no .efi file at all)"),
+            {"partition": boot.uefi_evidence.get("esp"), "value": boot.loaders or None},
+            f"install the removable-media path in the guest: grub-install --target={'arm64' if arm64 else 'x86_64'}"
+            f"-efi --removable (or --force-extra-removable), or copy the distribution's shim and grub to "
+            f"EFI/BOOT/{fallback} and beside it")
+    return failures
+
+
 @disk_check("boot")
 def boot_mode(ctx: DiskContext) -> None:
     if ctx.role != SYSTEM:
@@ -463,15 +504,18 @@ def boot_mode(ctx: DiskContext) -> None:
     for number, reason in boot.unreadable_esps.items():
         ctx.emit("esp-unreadable", f"the FAT file system of EFI system partition {number} cannot be read: {reason}",
                  {"partition": number}, "run fsck.vfat on the ESP (on a copy) and reinstall the boot loader")
+    failures = _boot_failures(ctx)
     if wanted is not None:
-        if wanted not in boot.modes:
+        if wanted in failures:
+            ctx.emit(*failures[wanted])
+        elif wanted not in boot.modes:
             found = ", ".join(boot.modes) or "neither"
-            need = ("an EFI system partition (GPT type C12A7328-F81F-11D2-BA4B-00A0C93EC93B or MBR type 0xEF) with "
+            need = ("no EFI system partition (GPT type C12A7328-F81F-11D2-BA4B-00A0C93EC93B or MBR type 0xEF) with "
                     "a FAT file system") if wanted == "UEFI" else (
-                "boot code in the MBR" + (" and a BIOS boot partition (GPT type 21686148-6449-6E6F-744E-656564454649)"
-                                          if table.scheme == "gpt" else ""))
+                "no boot code in the MBR" + (" and no BIOS boot partition (GPT type "
+                                             "21686148-6449-6E6F-744E-656564454649)" if table.scheme == "gpt" else ""))
             other = [m for m in boot.modes if m != wanted]
-            ctx.emit("boot-mode-unsupported", f"BootMode={wanted} was asked for, but the disk has no {need}; it "
+            ctx.emit("boot-mode-unsupported", f"BootMode={wanted} was asked for, but the disk has {need}; it "
                      f"supports: {found}", {**evidence, "value": wanted},
                      f"import with BootMode={other[0]}" if other else
                      ("install a UEFI boot loader into an ESP (grub-install --target=x86_64-efi --removable)"
@@ -482,7 +526,10 @@ def boot_mode(ctx: DiskContext) -> None:
         chosen = wanted if wanted in boot.modes else None
     else:
         chosen = boot.recommended
-        if chosen is None:
+        if chosen is None and failures:
+            for failure in failures.values():
+                ctx.emit(*failure)
+        elif chosen is None:
             ctx.emit("boot-none", "no boot loader found: no boot code in the MBR"
                      + (", no BIOS boot partition" if table.scheme == "gpt" else "")
                      + " and no EFI system partition with a FAT file system", evidence,
@@ -492,17 +539,10 @@ def boot_mode(ctx: DiskContext) -> None:
             ctx.emit("boot-mode", "the disk boots with both BIOS and UEFI: declare BootMode=UEFI; after import the "
                      "image can be marked UEFI-Preferred (boots either way)", {**evidence, "value": "UEFI"})
         else:
-            ctx.emit("boot-mode", f"the disk boots with {chosen} only: declare BootMode={chosen}",
+            other = "UEFI" if chosen == "BIOS" else "BIOS"
+            why_not = f" ({other} would not: {failures[other].message})" if other in failures else ""
+            ctx.emit("boot-mode", f"the disk boots with {chosen} only: declare BootMode={chosen}{why_not}",
                      {**evidence, "value": chosen})
-    if chosen == "UEFI" and boot.uefi and not boot.unreadable_esps:
-        from ..filesystems import fallback_loaders
-
-        if not fallback_loaders(boot.loaders):
-            ctx.emit("esp-no-loader", "the ESP has no fallback boot loader EFI/BOOT/BOOTX64.EFI"
-                     + (f" (only {', '.join(boot.loaders)})" if boot.loaders else " (no .efi file at all)"),
-                     {"partition": boot.uefi_evidence.get("esp"), "value": boot.loaders or None},
-                     "install the removable-media path in the guest: grub-install --target=x86_64-efi --removable "
-                     "(or copy shimx64.efi to EFI/BOOT/BOOTX64.EFI and grubx64.efi beside it)")
     if chosen == "BIOS" and table.scheme == "gpt":
         code = boot.bios_evidence.get("mbr_boot_code")
         bios_parts = boot.bios_evidence.get("bios_boot_partition")

@@ -16,7 +16,8 @@ from ..consistency import CheckResult, check
 from ..probe import detect
 from ..detection import Detection
 from ..errors import BackingFileError, DiskImageError, ImageNotFound, UnsupportedFormat
-from ..filesystems import FileSystem
+from ..biosboot import BiosChain, follow_bios_chain
+from ..filesystems import FileSystem, fallback_loaders
 from ..fs.fat import find_efi_loaders
 from ..guest import GuestDisk, GuestFacts, GuestVolume, inspect_guest
 from ..hostfile import HostFile
@@ -73,6 +74,10 @@ class BootAnalysis:
     loaders: list[str] = field(default_factory=list)
     #: ESP numbers whose FAT could not be walked, with the reason
     unreadable_esps: dict[int, str] = field(default_factory=dict)
+    #: what the MBR's boot code loads (``biosboot.follow_bios_chain``)
+    chain: BiosChain | None = None
+    #: a FAT ESP is there but holds no EFI/BOOT/BOOT<arch>.EFI: a new instance's firmware finds nothing to boot
+    esp_without_fallback: bool = False
 
     @property
     def modes(self) -> list[str]:
@@ -98,6 +103,9 @@ class DiskContext:
         self.allow_backing = allow_backing
         self.findings: list[Finding] = []
         self.not_checked: list[dict[str, Any]] = []
+        #: every disk of the machine validated with this one, itself included (``validate`` sets it): the
+        #: guest's fstab may mount file systems of its data disks
+        self.machine: list[DiskContext] = [self]
         # ImageNotFound (missing, unreadable) escapes from here: the only error validate raises
         self.detect_error: DiskImageError | None = None
         try:
@@ -314,21 +322,29 @@ class DiskContext:
         code = bool(mbr and mbr.signature_ok and mbr.has_boot_code)
         loader = mbr.boot_loader if mbr else None
         bios_boot = table.by_kind("bios_boot")
-        analysis.bios_evidence = {"mbr_boot_code": code, "boot_code": loader,
-                                  "bios_boot_partition": [p.number for p in bios_boot] or None}
-        analysis.bios = (code or bool(bios_boot)) if table.scheme == "gpt" else code
         reader = self.reader
+        analysis.chain = follow_bios_chain(reader, table) if code else None
+        analysis.bios_evidence = {"mbr_boot_code": code, "boot_code": loader,
+                                  "bios_boot_partition": [p.number for p in bios_boot] or None,
+                                  "chain": analysis.chain.to_dict() if analysis.chain else None}
+        analysis.bios = (code or bool(bios_boot)) if table.scheme == "gpt" else code
+        if analysis.chain is not None and analysis.chain.problem:
+            analysis.bios = False
+        fat_esp = False
         for volume in self.volumes:
             if volume.partition is None or volume.partition.kind != "esp":
                 continue
             analysis.esps.append(volume)
             if volume.fs is None or not volume.fs.is_fat:
                 continue
-            analysis.uefi = True
+            fat_esp = True
             try:
                 analysis.loaders += find_efi_loaders(reader, volume.offset, volume.length)
             except DiskImageError as exc:
                 analysis.unreadable_esps[volume.partition.number] = exc.message
+        # firmware with empty NVRAM boots only the removable-media path; an unreadable ESP is given the benefit
+        analysis.uefi = fat_esp and bool(fallback_loaders(analysis.loaders) or analysis.unreadable_esps)
+        analysis.esp_without_fallback = fat_esp and not analysis.uefi
         analysis.uefi_evidence = {
             "esp": [v.partition.number for v in analysis.esps if v.partition] or None,
             "esp_file_system": [v.fs.type if v.fs else None for v in analysis.esps] or None,
@@ -367,6 +383,20 @@ class DiskContext:
         if self.role != SYSTEM or self.guest is None or self.guest.os_type != os_type:
             return None
         return self.guest.inspection
+
+    def find_on_other_disk(self, spec: str) -> tuple[DiskContext, GuestVolume] | None:
+        """The other disk of the machine, and its volume, that a UUID=, LABEL=, PARTUUID= or PARTLABEL=
+        spec names (a disk whose volumes cannot be read names none)."""
+        for other in self.machine:
+            if other is self:
+                continue
+            try:
+                volume = other.guest_disk.find(spec)
+            except (NotAvailable, DiskImageError):
+                continue
+            if volume is not None:
+                return other, volume
+        return None
 
     def require_guest(self) -> GuestFacts:
         """The guest, or NotAvailable saying why none was found."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..guest import GuestFacts, device_partition, is_device_name, spec_key
-from ..guest.config import kernel_arg, version_tuple
+from ..guest import GuestFacts, is_device_name, spec_key
+from ..guest.config import kernel_arg, recovery_arguments, version_tuple
 from ..guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
 from .checks import disk_check
 from .context import DiskContext, NotAvailable
@@ -113,9 +113,12 @@ def linux_fstab(ctx: DiskContext) -> None:
     for check in linux.fstab:
         entry = check.entry
         evidence = {"line": entry.line, "spec": entry.spec, "mountpoint": entry.mountpoint, "value": entry.spec}
+        if check.status == "unresolved" and spec_key(entry.spec)[0] != "DEVICE" and ctx.find_on_other_disk(entry.spec):
+            continue  # on a data disk of the machine
         if check.status == "unresolved" and not entry.nofail:
+            where = "any disk of the machine" if len(ctx.machine) > 1 else "this disk"
             ctx.emit("guest-fstab-unresolved", f"/etc/fstab line {entry.line} mounts {entry.mountpoint} from "
-                     f"{entry.spec}, which is on no volume of this disk", evidence,
+                     f"{entry.spec}, which is on no volume of {where}", evidence,
                      "fix the UUID/LABEL (blkid shows the right ones), add 'nofail' for a data disk imported "
                      "separately, or remove the line")
         elif check.status in ("device-name", "unresolved") and spec_key(entry.spec)[0] == "DEVICE":
@@ -150,18 +153,32 @@ def linux_boot_entry(ctx: DiskContext) -> None:
     root = kernel_arg(boot.cmdline, "root")
     if root is None:
         return
+    resolved = ctx.guest_disk.resolve(root)
+    if resolved.status == "missing":
+        ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} {resolved.reason}: the initramfs "
+                 "will not find the root file system", {**evidence, "value": root},
+                 "set root=UUID=<the root file system's UUID> (blkid) in the boot configuration and regenerate it "
+                 "(GRUB_DISABLE_LINUX_UUID must not be true; in a chroot, /dev and /sys must be mounted for "
+                 "update-grub / grub2-mkconfig)")
     key, value = spec_key(root)
-    if key in ("UUID", "LABEL", "PARTUUID", "PARTLABEL") and ctx.guest_disk.find(root) is None:
-        ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} is on no volume of this disk",
-                 {**evidence, "value": root}, "set root=UUID=<the root file system's UUID> (blkid) in the boot "
-                 "configuration and regenerate it")
-    elif key == "DEVICE" and is_device_name(value):
-        number = device_partition(value)
-        if number is None or all(v.number != number for v in ctx.guest_disk.volumes):
-            ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} names no partition of this "
-                     "disk", {**evidence, "value": root}, "set root=UUID=<the root file system's UUID>")
+    if key == "DEVICE" and is_device_name(value):
         ctx.emit("guest-device-name", f"the default boot entry boots root={root}, a kernel device name",
                  {**evidence, "value": root}, "use root=UUID=... (GRUB_DISABLE_LINUX_UUID must not be true)")
+
+
+@disk_check("guest")
+def linux_recovery_entry(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None or linux.boot.default is None:
+        return
+    found = recovery_arguments(linux.boot.cmdline)
+    if found:
+        entry = linux.boot.default
+        ctx.emit("guest-boot-recovery-mode", f"the default boot entry '{entry.title}' boots into rescue or "
+                 f"emergency mode ({' '.join(found)}): a console waiting for the root password",
+                 {"config": linux.boot.config, "entry": entry.title, "value": found},
+                 "make a normal entry the default (GRUB_DEFAULT / grub-set-default / grubby --set-default) or "
+                 "remove the argument, then regenerate the boot configuration")
 
 
 @disk_check("guest")
@@ -171,9 +188,21 @@ def linux_network(ctx: DiskContext) -> None:
         return
     primary = linux.primary_interface
     if primary is not None and primary.ipv4 == "static":
-        ctx.emit("guest-static-ip", f"the primary interface {primary.name} has a static IPv4 address ({primary.source})",
-                 {"interface": primary.name, "file": primary.source, "value": "static"},
-                 "configure DHCP (BOOTPROTO=dhcp, method=auto, dhcp4: true, iface ... inet dhcp, DHCP=yes)")
+        evidence = {"interface": primary.name, "file": primary.source, "value": "static"}
+        if (primary.generator == "cloud-init" and linux.cloud_init.get("installed")
+                and not linux.cloud_init_network_disabled):
+            ctx.emit("guest-static-ip-cloud-init", f"the primary interface {primary.name} has a static IPv4 "
+                     f"address in {primary.source}, which cloud-init rewrites on the first boot",
+                     {**evidence, "generator": "cloud-init"},
+                     "nothing is needed; to be sure, remove the file (cloud-init writes it again from the "
+                     "instance's metadata)")
+        else:
+            disabled = linux.cloud_init_network_disabled
+            ctx.emit("guest-static-ip", f"the primary interface {primary.name} has a static IPv4 address "
+                     f"({primary.source}" + (f"; cloud-init's network configuration is disabled in {disabled})"
+                                             if disabled else ")"),
+                     {**evidence, "cloud_init_network_disabled": disabled},
+                     "configure DHCP (BOOTPROTO=dhcp, method=auto, dhcp4: true, iface ... inet dhcp, DHCP=yes)")
     for interface in linux.interfaces:
         if interface.mac:
             ctx.emit("guest-mac-address", f"{interface.source} binds {interface.name or 'an interface'} to the MAC "
@@ -200,6 +229,19 @@ def linux_agents(ctx: DiskContext) -> None:
             ctx.emit("guest-cloud-init-old", f"cloud-init {version} is older than 0.7.9",
                      {"value": version, "datasources": cloud_init.get("datasources")},
                      "upgrade cloud-init (Alibaba Cloud publishes 19.1.x builds with the AliYun datasource)")
+        disabled_by = cloud_init.get("disabled_by")
+        if disabled_by:
+            ctx.emit("guest-cloud-init-disabled", "cloud-init is installed but will not configure the instance: "
+                     + "; ".join(disabled_by), {"value": disabled_by, "datasources": cloud_init.get("datasources")},
+                     "inside the guest: rm /etc/cloud/cloud-init.disabled, systemctl unmask and enable cloud-init-local "
+                     "cloud-init cloud-config cloud-final, drop cloud-init=disabled from the kernel command line, and "
+                     "let datasource_list name AliYun (or remove it)")
+    running = cloud_init.get("installed") and not cloud_init.get("disabled_by")
+    if linux.sshd and not linux.ssh_host_keys and not linux.ssh_keygen and not running:
+        ctx.emit("guest-ssh-host-keys-missing", f"{linux.sshd} is installed but /etc/ssh has no host keys "
+                 "(ssh_host_*_key), nothing generates them at boot and cloud-init will not: sshd fails to start",
+                 {"file": linux.sshd, "value": None},
+                 "generate them inside the guest before imaging (ssh-keygen -A), or let cloud-init run")
     if linux.qemu_guest_agent:
         ctx.emit("guest-qemu-guest-agent", f"qemu-guest-agent is installed ({linux.qemu_guest_agent})",
                  {"file": linux.qemu_guest_agent}, "remove it (yum remove qemu-guest-agent / apt purge "
@@ -211,9 +253,10 @@ def linux_security(ctx: DiskContext) -> None:
     linux = _linux(ctx)
     if linux is None:
         return
-    if linux.selinux == "enforcing":
-        ctx.emit("guest-selinux-enforcing", f"SELinux is enforcing ({linux.selinux_source})",
-                 {"file": linux.selinux_source, "value": "enforcing"},
+    if linux.selinux == "enforcing" and linux.selinux_loaded_by:
+        ctx.emit("guest-selinux-enforcing", f"SELinux is enforcing ({linux.selinux_source}; loaded by "
+                 f"{linux.selinux_loaded_by})",
+                 {"file": linux.selinux_source, "loaded_by": linux.selinux_loaded_by, "value": "enforcing"},
                  "set SELINUX=disabled (or permissive) in /etc/selinux/config")
     flags = linux.shadow_flags
     if flags is not None and flags & {"immutable", "append"}:
@@ -250,7 +293,7 @@ def linux_layout(ctx: DiskContext) -> None:
             uefi = False
         if not uefi or ctx.boot_mode == "BIOS":
             ctx.emit("guest-arm64-not-uefi", "the guest is arm64 but the disk "
-                     + ("is declared BootMode=BIOS" if uefi else "has no EFI system partition"),
+                     + ("is declared BootMode=BIOS" if uefi else "does not boot with UEFI"),
                      {"architecture": "arm64", "value": ctx.boot_mode or ("UEFI" if uefi else None)},
                      "arm64 images boot with UEFI only: add an ESP with EFI/BOOT/BOOTAA64.EFI "
                      "(grub-install --target=arm64-efi --removable) and import with BootMode=UEFI")

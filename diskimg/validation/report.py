@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..units import format_size
+from ..words import facts_line
 from .rules import RULES_BY_CODE, Severity
 
 
@@ -217,10 +218,9 @@ def render_text(report: Report) -> str:
     for finding in ordered:
         where = f" [{finding.disk}]" if finding.disk and len(report.disks) > 1 else ""
         lines.append(f"{_LABELS[finding.severity]:<8} {finding.code}{where}: {finding.message}")
-        if finding.evidence:
-            shown = ", ".join(f"{key}={value}" for key, value in finding.evidence.items() if value is not None)
-            if shown:
-                lines.append(f"         evidence: {shown}")
+        shown = facts_line(finding.evidence)
+        if shown:
+            lines.append(f"         evidence: {shown}")
         if finding.hint:
             lines.append(f"         fix: {finding.hint}")
     if report.not_checked:

@@ -2,8 +2,9 @@
 
 Every finding the validator can emit has one :class:`Rule` here: a stable ``code``, its severity,
 the category it belongs to, the roles (system / data disk) and targets it applies to, and a short
-rationale naming its source in ``shared/reference/cloud-requirements.md`` (the section number and
-the reference's source tags, e.g. ``F1 (A-IMPORT, A-API-IMP)``). Checks (``checks.py``) decide
+rationale naming its source in the project's reference notes (the section number and the notes'
+source tags, e.g. ``F1 (A-IMPORT, A-API-IMP)``); users are shown the public documents those tags
+stand for (``references.py``), and every source cites at least one. Checks (``checks.py``) decide
 *whether* a rule is broken; this table decides *how bad* that is and *why*.
 
 A target is a :class:`Profile`: which formats it takes, its size limits, its sizing advice. Adding
@@ -15,6 +16,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from .references import Reference, is_inference, references
 
 GiB = 1 << 30
 
@@ -45,6 +48,16 @@ class Rule:
     roles: tuple[str, ...] = BOTH
     targets: tuple[str, ...] = ("ecs",)
 
+    @property
+    def references(self) -> list[Reference]:
+        """The public documents the rule comes from."""
+        return references(self.source)
+
+    @property
+    def inference(self) -> bool:
+        """Whether diskimg infers the rule from its documents (they do not state it)."""
+        return is_inference(self.source)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "code": self.code,
@@ -52,7 +65,8 @@ class Rule:
             "category": self.category,
             "title": self.title,
             "rationale": self.rationale,
-            "source": self.source,
+            "references": [reference.to_dict() for reference in self.references],
+            "inference": self.inference,
             "roles": list(self.roles),
             "targets": list(self.targets),
         }
@@ -150,7 +164,7 @@ RULES: tuple[Rule, ...] = (
        "§1.1 F3 [inference] (qcow2 spec: bit 1)"),
     _r("qcow2-compressed", WARNING, "container", "Compressed qcow2 clusters",
        "Alibaba does not document compressed qcow2 input; compressed clusters are a risk worth removing "
-       "(and slow the import).", "§1.1 F3 ('Compressed clusters -> WARN only')"),
+       "(and slow the import).", "§1.1 F3 (A-IMPORT; qcow2 spec) [inference: compressed clusters -> WARN only]"),
     _r("qcow2-newer-features", WARNING, "container", "qcow2 features older readers lack",
        "zstd compression (QEMU 5.1+) or extended L2 entries (QEMU 5.2+) make the image unreadable to older "
        "qemu-img versions an importer may use.", "§1.1 F3 [inference] (qcow2 spec: bits 3-4)"),
@@ -182,7 +196,7 @@ RULES: tuple[Rule, ...] = (
        "DiskImageSize than the image).", "§1.1 F6 (A-SPEC)", (SYSTEM,)),
     _r("size-unaligned", WARNING, "size", "Virtual size is not a whole number of sectors",
        "A partial last sector is ignored by hypervisors; the disk is effectively smaller than the file.",
-       "§1.1 F4 [inference]"),
+       "§1.1 F4 (A-INSTR) [inference]"),
     _r("disk-image-size", INFO, "size", "DiskImageSize to declare",
        "DiskImageSize (GiB) must be at least the virtual size, rounded up; for a VHD the larger of its two "
        "sizes (footer current_size and CHS geometry) is used.", "§1.1 F4 (A-INSTR, A-API-IMP)"),
@@ -194,7 +208,7 @@ RULES: tuple[Rule, ...] = (
        "A system disk needs an MBR or GPT (and a boot loader); a bare file system or an empty disk cannot boot.",
        "§1.3 P1 (A-INSTR; 'ERR if no valid PT')", (SYSTEM,)),
     _r("data-disk-unpartitioned", INFO, "partitions", "Data disk without a partition table",
-       "A data disk may hold a bare file system; noted so that it is not a surprise.", "§1.3 P1 [inference]",
+       "A data disk may hold a bare file system; noted so that it is not a surprise.", "§1.3 P1 (A-INSTR) [inference]",
        (DATA,)),
     _r("gpt-header-invalid", ERROR, "partitions", "GPT header damaged",
        "The primary GPT header fails its CRC32 or describes impossible bounds; firmware and Linux may not find "
@@ -212,23 +226,23 @@ RULES: tuple[Rule, ...] = (
        "§1.3 P1, §6 (Linux block/partitions/efi.c is_pmbr_valid) [inference]"),
     _r("gpt-stale", WARNING, "partitions", "Stale GPT beside an MBR",
        "A GPT header remains on an MBR disk; the guest uses the MBR, but tools may pick the stale GPT.",
-       "§1.3 P1 [inference]"),
+       "§1.3 P1 (A-INSTR; UEFI spec 5.2.3) [inference]"),
     _r("gpt-4k-sectors", ERROR, "partitions", "GPT made for 4096-byte sectors",
        "Cloud disks present 512-byte logical sectors; a 4Kn layout shows no partition table there.",
-       "§1.3 P1 [inference]"),
+       "§1.3 P1 (A-INSTR; UEFI spec 5.3.1) [inference]"),
     _r("partition-out-of-bounds", ERROR, "partitions", "Partition outside the disk",
        "A partition ends past the disk (a truncated copy) or lies over the GPT's own structures.",
-       "§1.3 P1 [inference]"),
+       "§1.3 P1 (A-INSTR; UEFI spec 5.3) [inference]"),
     _r("partition-overlap", ERROR, "partitions", "Overlapping partitions",
-       "Two partitions share sectors; writing one corrupts the other.", "§1.3 P1 [inference]"),
+       "Two partitions share sectors; writing one corrupts the other.", "§1.3 P1 (A-INSTR) [inference]"),
     _r("partition-invalid", WARNING, "partitions", "Meaningless partition entry",
        "An entry with no sectors, starting over the partition table, or ending before it starts, is ignored "
-       "or misread by tools.", "§1.3 P1 [inference]"),
+       "or misread by tools.", "§1.3 P1 (A-INSTR) [inference]"),
     _r("mbr-ebr-loop", ERROR, "partitions", "Logical partition chain loops",
-       "The chain of extended boot records points back on itself.", "§1.3 P1 [inference]"),
+       "The chain of extended boot records points back on itself.", "§1.3 P1 (A-INSTR) [inference]"),
     _r("mbr-ebr-invalid", ERROR, "partitions", "Extended boot record damaged",
        "An extended boot record lacks its signature: logical partitions after it are lost.",
-       "§1.3 P1 [inference]"),
+       "§1.3 P1 (A-INSTR) [inference]"),
     # -- file systems ---------------------------------------------------------------------------
     _r("fs-needs-recovery", ERROR, "filesystems", "File system not cleanly unmounted",
        "The journal needs replaying or the file system was not unmounted: the disk was copied from a running "
@@ -238,7 +252,7 @@ RULES: tuple[Rule, ...] = (
        "§1.3 P9 (A-INSTR, A-TOOL)"),
     _r("fs-larger-than-partition", ERROR, "filesystems", "File system larger than its partition",
        "The partition was shrunk below its file system or the image is truncated: data at the end is lost.",
-       "§1.3 P9 [inference]"),
+       "§1.3 P9 (A-INSTR) [inference]"),
     _r("fs-lvm", WARNING, "filesystems", "LVM on the system disk",
        "Alibaba's image specification says not to manage system-disk partitions with LVM (the 2018 compliance "
        "tool failed it).", "§1.3 P7 (A-SPEC, A-TOOL 2018)", (SYSTEM,)),
@@ -247,9 +261,11 @@ RULES: tuple[Rule, ...] = (
     _r("fs-encrypted", ERROR, "filesystems", "Encrypted volume on the system disk",
        "An instance cannot unlock a LUKS or BitLocker volume unattended at first boot, and ECS cannot inspect "
        "or repair it.", "§1.3 P4 [inference], §3.3 (GCE: no software-encrypted disks)", (SYSTEM,)),
-    _r("fs-ext4-64bit", WARNING, "filesystems", "ext4 '64bit' feature (old rule)",
-       "2019-2020 ECS docs forbid the ext4 64bit feature; modern mke2fs enables it by default and newer pages "
-       "no longer say so: likely outdated.", "§1.3 P4, §5 item 5 (A-INSTR, A-INSTR-CN, A-TOOL)"),
+    _r("fs-ext4-64bit", INFO, "filesystems", "ext4 '64bit' feature (a retired 2019-2020 rule)",
+       "Alibaba's 2019-2020 image import instructions and compliance tool forbade the ext4 64bit feature; "
+       "mke2fs sets it by default since e2fsprogs 1.43 (2016), ECS's own current images have it and the "
+       "current import pages no longer say so: a fact for the record, not a problem.",
+       "§1.3 P4, §5 item 5 (A-INSTR, A-INSTR-CN, A-TOOL)"),
     _r("fs-ext4-project-quota", WARNING, "filesystems", "ext4 'project' and 'quota' together (old rule)",
        "2019-2020 ECS docs forbid enabling the ext4 features project and quota together.",
        "§1.3 P4 (A-INSTR, A-INSTR-CN)"),
@@ -261,7 +277,7 @@ RULES: tuple[Rule, ...] = (
        "§1.3 P9 (A-INSTR, A-TOOL) [threshold 10% is an inference]", (SYSTEM,)),
     _r("fs-unknown", INFO, "filesystems", "Partition without a recognised file system",
        "Nothing known was found at the start of the partition (empty, or a format not recognised).",
-       "§1.3 P4 [inference]"),
+       "§1.3 P4 (A-INSTR) [inference]"),
     # -- boot -----------------------------------------------------------------------------------
     _r("boot-mode-unsupported", ERROR, "boot", "Disk cannot boot in the chosen mode",
        "UEFI needs an EFI system partition with a FAT file system; BIOS needs boot code in the MBR (and on GPT "
@@ -276,19 +292,25 @@ RULES: tuple[Rule, ...] = (
        "UEFI firmware reads the ESP only as FAT12/16/32.", "§1.3 P2 (A-BOOT; UEFI spec 13.3)", (SYSTEM,)),
     _r("esp-unreadable", WARNING, "boot", "EFI system partition cannot be read",
        "The FAT file system on the ESP is damaged; the firmware may not find a boot loader.",
-       "§1.3 P2 [inference]", (SYSTEM,)),
-    _r("esp-no-loader", WARNING, "boot", "No fallback UEFI boot loader",
-       "A new instance has no UEFI boot entries, so firmware boots \\EFI\\BOOT\\BOOTX64.EFI (BOOTAA64.EFI on "
-       "Arm); without it UEFI boot depends on NVRAM entries the cloud does not have.",
-       "§1.3 P2 (A-BOOT), §3.1 (AWS: UEFI Linux needs the fallback loader)", (SYSTEM,)),
+       "§1.3 P2 (A-BOOT; UEFI spec 13.3) [inference]", (SYSTEM,)),
+    _r("esp-no-loader", ERROR, "boot", "No removable-media UEFI boot loader",
+       "A new instance has empty NVRAM (no UEFI boot entries), so its firmware boots only \\EFI\\BOOT\\BOOTX64.EFI "
+       "(BOOTAA64.EFI on Arm) and drops to its shell without it. Reported only when the disk would boot with UEFI.",
+       "§1.3 P2 (A-BOOT), §3.1 (AWS: UEFI Linux needs the fallback loader); UEFI spec 3.5.1", (SYSTEM,)),
     _r("gpt-bios-no-bios-boot-partition", WARNING, "boot", "GPT disk booting BIOS without a BIOS boot partition",
        "GRUB needs a BIOS boot partition (type 21686148-...) to boot a GPT disk in BIOS mode.",
-       "§1.3 P1 ('WARN on GPT+BIOS only if no BIOS boot partition')", (SYSTEM,)),
+       "§1.3 P1, P2 (A-INSTR, A-BOOT) [inference: WARN on GPT+BIOS only if no BIOS boot partition]", (SYSTEM,)),
     _r("bios-boot-code-missing", WARNING, "boot", "BIOS boot partition but no MBR boot code",
        "A BIOS boot partition holds GRUB's core image, but without boot code in sector 0 the BIOS never "
-       "reaches it.", "§1.3 P2 [inference]", (SYSTEM,)),
-    _r("mbr-no-active-partition", WARNING, "boot", "No active partition for the MBR boot code",
-       "Windows and syslinux MBR code boot the partition marked active; none is.", "§1.3 P2 [inference]",
+       "reaches it.", "§1.3 P2 (A-BOOT) [inference]", (SYSTEM,)),
+    _r("mbr-no-active-partition", ERROR, "boot", "No active partition for the MBR boot code",
+       "Windows and syslinux MBR code boot the partition marked active; with none, the BIOS finds nothing to "
+       "boot.", "§1.3 P2 (A-BOOT) [inference]; the Windows and syslinux MBR code", (SYSTEM,)),
+    _r("bios-boot-chain-broken", ERROR, "boot", "BIOS boot chain ends after the MBR",
+       "The MBR code loads a next stage that is not there: GRUB's core image (at the LBA boot.img keeps at 0x5c) "
+       "zeroed or out of the disk, or an active partition whose boot sector has no loader (no 55 AA, or the "
+       "'This is not a bootable disk' stub of mkfs.fat/mkntfs). The machine hangs at 'GRUB' or 'Missing "
+       "operating system'.", "§1.3 P2 (A-BOOT) [inference]; GRUB boot.S/diskboot.S, syslinux mbr.S",
        (SYSTEM,)),
     # -- guest: Linux ----------------------------------------------------------------------------
     _r("guest-os", INFO, "guest", "Operating system found",
@@ -310,20 +332,32 @@ RULES: tuple[Rule, ...] = (
        "when the default kernel has it built in or in its initramfs.", "§1.2 Features.NvmeSupport, §1.4 L2 "
        "(A-NVME, A-CHECK GUESTOS.Nvme)", (SYSTEM,)),
     _r("guest-fstab-unresolved", ERROR, "guest", "/etc/fstab names a file system that is not there",
-       "A mount that is not 'nofail' and whose UUID, LABEL or device is on no volume of the disk stops the boot "
-       "in emergency mode.", "§1.4 L3 (A-CHECK GUESTOS.Fstab, A-SPEC)", (SYSTEM,)),
+       "A mount that is not 'nofail' and whose UUID, LABEL or device is on no volume of the disk (nor of a data "
+       "disk validated with it) stops the boot in emergency mode.",
+       "§1.4 L3 (A-CHECK GUESTOS.Fstab, A-SPEC)", (SYSTEM,)),
     _r("guest-device-name", WARNING, "guest", "Kernel device names in fstab or on the kernel command line",
        "/dev/sda1-style names change with the disk bus (virtio: /dev/vda, NVMe: /dev/nvme0n1); use UUID= or "
        "LABEL=.", "§1.4 L3/L4 (A-SPEC: 'use UUID in fstab and grub')", (SYSTEM,)),
     _r("guest-boot-entry-broken", ERROR, "guest", "Default boot entry cannot boot",
        "The boot loader's default entry names a kernel or initrd that is not in the image, or a root= that "
        "resolves to no file system.", "§1.4 L4 (A-CHECK GUESTOS.Grub)", (SYSTEM,)),
+    _r("guest-boot-recovery-mode", WARNING, "guest", "Default boot entry boots into rescue or emergency mode",
+       "Kernel arguments such as single, emergency or systemd.unit=rescue.target stop the boot at a root "
+       "console: no network, no SSH, no cloud-init, and a new instance has no password to enter there.",
+       "§1.4 L4 (A-CHECK GUESTOS.Grub) [inference: the arguments from systemd's kernel-command-line(7), "
+       "https://www.freedesktop.org/software/systemd/man/latest/kernel-command-line.html]", (SYSTEM,)),
     _r("guest-boot-config-missing", WARNING, "guest", "No boot loader configuration found",
        "No grub.cfg, BLS entry or menu.lst was found: the default kernel (and so its drivers) is not known.",
        "§1.4 L4 (A-CHECK GUESTOS.Grub) [inference]", (SYSTEM,)),
     _r("guest-static-ip", ERROR, "guest", "Static IP address on the primary interface",
        "ECS gives addresses by DHCP; a static address leaves the instance unreachable.",
        "§1.4 L5 (A-CHECK GUESTOS.Dhcp, A-INSTR)", (SYSTEM,)),
+    _r("guest-static-ip-cloud-init", WARNING, "guest", "Static IP address in a file cloud-init generates",
+       "cloud-init renders the network configuration from the instance's metadata on the first boot, "
+       "replacing the file that holds the static address, unless its network configuration is disabled "
+       "(network: {config: disabled}, then it is guest-static-ip).",
+       "§1.4 L5, L7 (A-CHECK GUESTOS.Dhcp, A-CINIT) [inference: cloud-init's Network configuration, "
+       "https://cloudinit.readthedocs.io/en/latest/reference/network-config.html]", (SYSTEM,)),
     _r("guest-mac-address", WARNING, "guest", "Network configuration pinned to a MAC address",
        "The instance's NIC has a new MAC address: a configuration bound to the old one is not applied.",
        "§1.4 L6 (Huawei IMS, Oracle G03)", (SYSTEM,)),
@@ -333,6 +367,15 @@ RULES: tuple[Rule, ...] = (
     _r("guest-cloud-init-missing", WARNING, "guest", "cloud-init not installed",
        "cloud-init sets the hostname, password, keys and grows the root partition on first boot.",
        "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit)", (SYSTEM,)),
+    _r("guest-cloud-init-disabled", WARNING, "guest", "cloud-init installed but not running",
+       "cloud-init that is disabled (/etc/cloud/cloud-init.disabled, cloud-init=disabled on the kernel command "
+       "line), masked or not enabled in systemd, or limited to a datasource_list without AliYun does not set the "
+       "hostname, password, keys or network on first boot: as if it were missing.",
+       "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit); cloud-init docs (boot stages, datasource_list)", (SYSTEM,)),
+    _r("guest-ssh-host-keys-missing", WARNING, "guest", "SSH host keys missing",
+       "Without host keys sshd does not start (Debian's ssh.service generates none; RHEL's sshd-keygen and "
+       "SUSE's sshd-gen-keys-start do); cloud-init would create them, but it is not running: no SSH login.",
+       "§1.4 L7 (A-CINIT) [inference]; Debian's openssh-server (ssh.service makes no host keys)", (SYSTEM,)),
     _r("guest-cloud-init-old", WARNING, "guest", "cloud-init older than 0.7.9",
        "cloud-init versions before 0.7.9 are unsuitable and must be upgraded.", "§1.4 L7 (A-INSTR, A-CINIT)",
        (SYSTEM,)),
@@ -341,7 +384,9 @@ RULES: tuple[Rule, ...] = (
        "§1.4 L8 (A-INSTR, A-INSTR-CN, A-TOOL)", (SYSTEM,)),
     _r("guest-selinux-enforcing", WARNING, "guest", "SELinux enforcing",
        "An enforcing SELinux may stop the first boot (relabelling, ECS agents); the image check recommends it "
-       "disabled.", "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
+       "disabled. Reported when SELinux is loaded at all: a policy is installed or the kernel command line "
+       "enables it (on Debian, with AppArmor, the config file alone does nothing).",
+       "§1.4 L11 (A-INSTR, A-CHECK GUESTOS.Selinux)", (SYSTEM,)),
     _r("guest-shadow-immutable", ERROR, "guest", "/etc/shadow is immutable",
        "ECS writes the root password into /etc/shadow; an immutable (chattr +i) or append-only file makes "
        "that fail.", "§1.4 L12 (A-INSTR, A-TOOL 'shadow file authority')", (SYSTEM,)),
@@ -373,8 +418,14 @@ RULES: tuple[Rule, ...] = (
        "§1.6 GUESTOS.Registry (A-CHECK)", (SYSTEM,)),
     _r("windows-registry-dirty", WARNING, "guest", "Registry hive not cleanly saved",
        "The hive's sequence numbers or checksum show Windows was writing it when the image was taken: newer data "
-       "lies in its transaction logs, which Windows replays at boot, so what is read here may be stale.",
+       "lies in its transaction logs (.LOG1, .LOG2), which Windows replays at boot; here they are missing or "
+       "unusable, so what is read may be stale.",
        "§1.6 GUESTOS.Registry (A-CHECK) [inference]", (SYSTEM,)),
+    _r("windows-registry-replayed", INFO, "guest", "Registry hive read with its transaction logs",
+       "The hive was being written when the image was taken; its transaction logs were replayed in memory as "
+       "Windows does when it loads the hive (the log formats of Maxim Suhanov's registry format specification), "
+       "so the facts are the ones Windows will boot with.", "§1.6 GUESTOS.Registry (A-CHECK) [inference]",
+       (SYSTEM,)),
     _r("windows-boot-driver-missing", ERROR, "guest", "No storage driver loads at boot",
        "The system disk is virtio-blk (viostor), virtio-scsi (vioscsi) or NVMe (stornvme): one of them must be a "
        "boot-start service (Start=0) with its driver file present (before Windows Server 2012 also bound to the "
@@ -413,7 +464,7 @@ RULES: tuple[Rule, ...] = (
        "ImportImage takes one system disk and at most 16 data disks (DiskDeviceMapping.1-17).",
        "§1.1 F7 (A-API-IMP)"),
     _r("duplicate-disk", WARNING, "set", "Same image given twice",
-       "The same file is listed as two disks of one machine.", "§1.1 F7 [inference]"),
+       "The same file is listed as two disks of one machine.", "§1.1 F7 (A-API-IMP) [inference]"),
 )
 
 RULES_BY_CODE: dict[str, Rule] = {rule.code: rule for rule in RULES}
@@ -447,5 +498,7 @@ def render_rules_text(rules: list[Rule]) -> str:
         roles = "" if rule.roles == BOTH else f" ({', '.join(rule.roles)} disk)"
         lines.append(f"  {rule.code:<34} {rule.severity.value:<7} {rule.title}{roles}")
         lines.append(f"      {rule.rationale}")
-        lines.append(f"      source: {rule.source}")
+        label = "inferred from" if rule.inference else "source"
+        for reference in rule.references:
+            lines.append(f"      {label}: {reference.title}, {reference.url}")
     return "\n".join(lines)

@@ -65,9 +65,15 @@ def windows_registry(ctx: DiskContext) -> None:
                      f"restore {path} from a backup (Windows\\System32\\config\\RegBack) or repair the guest "
                      "before taking the image")
         elif windows.hives.get(name) == "dirty":
-            ctx.emit("windows-registry-dirty", f"the {name} hive was being written when the image was taken "
-                     "(its transaction logs hold newer data)", {"file": path, "value": "dirty"},
+            ctx.emit("windows-registry-dirty", f"the {name} hive was being written when the image was taken, and "
+                     f"its transaction logs cannot bring it up to date ({windows.hive_logs.get(name)}): what is "
+                     "read may be stale", {"file": path, "value": "dirty", "logs": windows.hive_logs.get(name)},
                      "shut Windows down cleanly before taking the image (not a crash-consistent snapshot)")
+        elif windows.hives.get(name) == "replayed":
+            ctx.emit("windows-registry-replayed", f"the {name} hive was being written when the image was taken; "
+                     f"its transaction logs were replayed in memory, as Windows does at boot "
+                     f"({windows.hive_logs.get(name)})", {"file": path, "value": "replayed",
+                                                          "logs": windows.hive_logs.get(name)})
 
 
 @disk_check("guest")

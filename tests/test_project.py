@@ -1,0 +1,87 @@
+"""The project around the code: what a fresh machine installs, what the README shows, what the
+test suite says when something it needs is missing."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+from .conftest import ROOT, qemu_compare, qemu_io, requires_qemu, run
+
+LOCAL_MODULES = {"diskimg", "tests", "conftest", "guest_builders", "fs_compare", "hostfs"}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+def _modules_the_tests_import() -> set[str]:
+    """Top-level modules named by the tests' imports and ``pytest.importorskip`` calls."""
+    modules = set()
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                modules.add(node.args[0].value.split(".")[0])
+    return modules - LOCAL_MODULES - set(sys.stdlib_module_names)
+
+
+def test_test_extras_install_every_module_the_tests_import():
+    """`pip install -e .[test]` (scripts/test.sh) must bring every third-party module a test
+    imports: one left out makes its test skip on a fresh machine (PyYAML did)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = _requirement_names(project["dependencies"] + project["optional-dependencies"]["test"])
+    providers = importlib.metadata.packages_distributions()
+    missing = {module: providers.get(module) for module in _modules_the_tests_import()
+               if not {name.lower() for name in providers.get(module, [])} & declared}
+    assert not missing, f"imported by tests, not in pyproject's dependencies or test extras: {missing}"
+
+
+def test_corpus_tests_name_the_missing_corpus(tmp_path):
+    """Without the third-party corpus, each corpus test skips saying so (not pytest's bare
+    "got empty parameter set", which says nothing of what is missing)."""
+    env = {**os.environ, "DISKIMG_CORPUS": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", "corpus",
+         "tests/test_check.py", "tests/test_detect.py", "tests/test_qcow2.py", "tests/test_vhd.py",
+         "tests/test_validate.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skips) >= 8, proc.stdout[-3000:]
+    assert all("no corpus: set DISKIMG_CORPUS" in line for line in skips), skips
+
+
+def test_test_script_waits_for_the_dpkg_lock():
+    """On a fresh machine an apt process started at boot holds the dpkg lock: every apt-get call
+    of scripts/test.sh waits for it instead of failing at once."""
+    calls = [line for line in (ROOT / "scripts" / "test.sh").read_text().splitlines()
+             if re.search(r"\bapt-get\b", line) and not line.lstrip().startswith(("#", "command -v", "if "))]
+    assert calls and all("Lock::Timeout" in line or "wait_lock" in line for line in calls), calls
+
+
+@requires_qemu
+def test_readme_python_api_block_runs_as_written(tmp_path):
+    """The README's Python API block, extracted from README.md, run unchanged in a folder holding
+    the disk.vhd it names (made by qemu-img, with data written by qemu-io)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    run("qemu-img", "create", "-q", "-f", "vpc", tmp_path / "disk.vhd", "64M")
+    qemu_io(tmp_path / "disk.vhd", "vpc", "write -P 0x5a 1M 3M")
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "format='vhd'" in proc.stdout
+    qemu_compare(tmp_path / "disk.vhd", "vpc", tmp_path / "disk.qcow2", "qcow2")
+    qemu_compare(tmp_path / "disk.vhd", "vpc", tmp_path / "restored" / "m1_system.qcow2", "qcow2")
