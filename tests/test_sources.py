@@ -536,11 +536,13 @@ CORPUS_DMG = "qemu-iotests/simple-dmg.dmg.bz2"
 
 
 def _corpus_path(name: str) -> Path:
-    from .conftest import corpus_dir
+    from .conftest import NO_CORPUS, corpus_dir
 
     directory = corpus_dir()
-    if directory is None or not (directory / name).is_file():
-        pytest.skip(f"the shared corpus file {name} is not available (set DISKIMG_CORPUS to the corpus directory)")
+    if directory is None:
+        pytest.skip(f"{NO_CORPUS} (this test reads its {name})")
+    if not (directory / name).is_file():
+        pytest.skip(f"the corpus at {directory} has no {name}")
     return directory / name
 
 
