@@ -399,18 +399,20 @@ def test_mutated_archives_raise_only_diskimg_errors(small_archives: dict[str, by
 # -- a format known by its end (a fixed VHD's footer, a DMG trailer) inside a wrapper ----------------
 
 VHD_SIZE = 6 * MiB
-#: how each wrapper is made from the fixed VHD, and whether convert reads the VHD through it (else it
-#: refuses it with exit 3): where seeing the end of the stream costs a pass of its own (an xz or
-#: zstd file of one block or frame, a compressed tar), it is seen only once read
+#: how each wrapper is made from the fixed VHD, and the decompression passes convert takes to read
+#: the VHD through it (seeing its end included; None: read in place), or False when it refuses it
+#: (exit 3): where seeing the end of the stream costs a pass of its own (an xz or zstd file of one
+#: block or frame, a compressed tar), it is seen only once read
 WRAPPED_VHDS = {
-    "gz": (lambda src, out: _pipe(["gzip", "-c", src], out), True),
-    "bz2": (lambda src, out: _pipe(["bzip2", "-c", src], out), True),
+    "gz": (lambda src, out: _pipe(["gzip", "-c", src], out), 2),  # the pass counting the size sees the end
+    "bz2": (lambda src, out: _pipe(["bzip2", "-c", src], out), 2),
     "xz": (lambda src, out: _pipe(["xz", "-c", src], out), False),
-    "xz-blocks": (lambda src, out: _pipe(["xz", "-c", "-T2", "--block-size=1MiB", src], out), True),
+    # 1 MiB blocks: the last one holds the footer's 512 bytes, the tail spans two blocks
+    "xz-blocks": (lambda src, out: _pipe(["xz", "-c", "-T2", "--block-size=1MiB", src], out), 1),
     "zst": (lambda src, out: _pipe(["zstd", "-c", "-q", src], out), False),
-    "zst-frames": (lambda src, out: _zstd_two_frames(src, out), True),
-    "tar": (lambda src, out: run("tar", "-cf", out, "-C", src.parent, src.name), True),
-    "tar-sparse": (lambda src, out: run("tar", "-cSf", out, "-C", src.parent, src.name), True),
+    "zst-frames": (lambda src, out: _zstd_two_frames(src, out), 1),
+    "tar": (lambda src, out: run("tar", "-cf", out, "-C", src.parent, src.name), None),
+    "tar-sparse": (lambda src, out: run("tar", "-cSf", out, "-C", src.parent, src.name), None),
     "tar.gz": (lambda src, out: run("tar", "-czf", out, "-C", src.parent, src.name), False),
 }
 
@@ -421,10 +423,12 @@ def _pipe(command: list, out: Path) -> None:
 
 
 def _zstd_two_frames(src: Path, out: Path) -> None:
-    """Two zstd frames (as pzstd or a split-and-compress pipeline write them): the last one holds the end."""
+    """Two zstd frames recording their sizes (as pzstd or a split-and-compress pipeline write them):
+    the last one holds the end."""
     data = src.read_bytes()
-    out.write_bytes(b"".join(subprocess.run(["zstd", "-c", "-q"], input=part, capture_output=True, check=True).stdout
-                             for part in (data[: len(data) // 2], data[len(data) // 2 :])))
+    parts = (data[: len(data) // 2], data[len(data) // 2 :])
+    out.write_bytes(b"".join(subprocess.run(["zstd", "-c", "-q", f"--stream-size={len(part)}"], input=part,
+                                            capture_output=True, check=True).stdout for part in parts))
 
 
 @pytest.fixture(scope="module")
@@ -457,14 +461,15 @@ def test_a_fixed_vhd_in_a_wrapper_is_read_as_a_vhd_or_refused(fixed_vhd: tuple[P
                                                             wrapper: str) -> None:
     """Its footer is never disk data: diskimg's RAW equals qemu-img's of the bare VHD, or it refuses."""
     vhd, expected = fixed_vhd
-    make, readable = WRAPPED_VHDS[wrapper]
+    make, passes = WRAPPED_VHDS[wrapper]
     wrapped = tmp_path / f"disk.vhd.{wrapper}"
     make(vhd, wrapped)
     out = tmp_path / "out.raw"
-    proc = diskimg_cli("convert", wrapped, out, "-O", "raw")
-    if readable:
+    proc = diskimg_cli("convert", wrapped, out, "-O", "raw", "--json")
+    if passes is not False:
         assert proc.returncode == 0, proc.stderr
         assert file_sha256(out) == file_sha256(expected)
+        assert json.loads(proc.stdout)["decompression_passes"] == passes
     else:
         _one_line_refusal(proc, "vhd")
         assert not out.exists()
@@ -483,7 +488,7 @@ def test_unpack_of_a_wrapped_fixed_vhd_to_qcow2_keeps_its_virtual_size(fixed_vhd
     512-byte longer disk, through every wrapper (a compressed tar's member is restored as the VHD it
     turns out to be at its end, then converted); without ``-O`` the VHD comes back byte for byte."""
     vhd, expected = fixed_vhd
-    make, _ = WRAPPED_VHDS[wrapper]
+    make = WRAPPED_VHDS[wrapper][0]
     wrapped = tmp_path / f"disk.vhd.{wrapper}"
     make(vhd, wrapped)
     out = tmp_path / "out"
