@@ -31,7 +31,8 @@ Decisions worth knowing:
   fails in the VHD reader, which is where the error belongs.
 * Inside a compressed wrapper only a prefix is decompressed, so the tail of the inner file is
   known only when the stream ends within the prefix; a large fixed VHD inside gzip therefore shows
-  as the RAW disk it begins with.
+  here as the RAW disk it begins with. Opening it (``sources.py``) passes the tail through the same
+  ``identify_inner`` and reads it as the fixed VHD it is.
 * ``check_forced``: forcing ``raw`` on any recognised format is a mismatch - including a fixed VHD
   (a RAW disk plus a 512-byte footer: read it as vhd, or cut the footer off) - except ISO 9660,
   which is content (a file system) rather than a container, so a hybrid ISO can be imported as a

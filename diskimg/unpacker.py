@@ -38,7 +38,8 @@ from .errors import ArchiveError, OutputError, UnsupportedFormat
 from .formats import canonical_format
 from .image import open_image
 from .manifest import ExportedDisk, read_manifest
-from .sources import StreamDiskReader, finish_archive, open_file_bytes, open_wrapped, opens_through_wrapper
+from .sources import (EndShowsAnotherFormat, StreamDiskReader, finish_archive, open_file_bytes, open_wrapped,
+                      opens_through_wrapper)
 from .wrappers import COMPRESSORS, unwrapped_name
 
 _DISK_SUFFIXES = (".raw", ".img", ".qcow2", ".vhd", ".vpc", ".vmdk", ".vhdx", ".vdi")
@@ -173,10 +174,16 @@ def _restore(reader: StreamDiskReader, archive: str, expected: ExportedDisk | No
     """Write the disk to ``temporary`` (converted on the fly when it is RAW) and say what was written."""
     checksum = expected is not None and expected.content_hash is not None
     if inner_format == "raw":
-        result = convert(reader, temporary, final_format, checksum=checksum, force=True, progress=progress)
-        finish_archive(reader)
-        return UnpackedDisk(archive, None, temporary, final_format, result.virtual_size, result.bytes_written,
-                            None, result.content_hash, None, result.decompression_passes)
+        if final_format != "raw":  # read as a disk: an end not seen at open is checked when read
+            reader.guard_tail()
+        try:
+            result = convert(reader, temporary, final_format, checksum=checksum, force=True, progress=progress)
+        except EndShowsAnotherFormat as found:  # e.g. a fixed VHD's footer: restored as the file it is, below
+            inner_format = str(found.format)
+        else:
+            finish_archive(reader)
+            return UnpackedDisk(archive, None, temporary, final_format, result.virtual_size, result.bytes_written,
+                                None, result.content_hash, None, result.decompression_passes)
     # a qcow2, VHD (or another format's) file: extract its bytes exactly, then convert the extracted
     # file if asked (with qemu-img for the formats diskimg does not read)
     result = convert(reader, temporary, "raw", force=True, progress=progress)
