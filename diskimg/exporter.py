@@ -51,11 +51,13 @@ from zlib_ng import gzip_ng_threaded
 
 from . import __version__, interrupts
 from .conversion import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order,
-                         map_is_plan, read_ahead, scan_for_zeroes, temporary_beside, with_zero_tail)
+                         map_is_plan, read_ahead, scan_for_zeroes, with_zero_tail)
 from .errors import ArchiveError, DiskImageError, OutputError, UsageError
 from .formats import WRITERS, canonical_format
 from .hashing import ContentHasher
+from .hostfile import open_input
 from .image import Source, open_image
+from .outputs import temporary_beside
 from .reader import DiskReader, Extent, ExtentKind
 from .tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
 from .writer import OutputTarget
@@ -473,7 +475,7 @@ def _load_manifest(path: str) -> list[dict[str, Any]]:
     """The manifest's disk entries, checked: it is untrusted like the files it names (which must
     lie in its own folder)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_input(path) as f:
             manifest = json.loads(f.read(16 << 20))
     except (OSError, ValueError) as exc:
         raise ArchiveError(f"cannot read the manifest: {exc}", path=path) from None
@@ -526,7 +528,7 @@ def _verify_file(path: str, entry: dict[str, Any], deep: bool) -> VerifiedFile:
     archive = next((kind for kind, suffix in ARCHIVES.items() if suffix and name.endswith(suffix)), "none")
     content_hash: str | None = None
     decode_problem: str | None = None
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         hashed = _HashedReader(f)
         try:
             if deep and archive != "none":

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,9 +33,11 @@ from . import interrupts
 from .conversion import ProgressCallback, content_hash_of, convert
 from .probe import detect
 from .detection import READABLE_FORMATS
-from .errors import ArchiveError, OutputError, UnsupportedFormat, UsageError
+from .errors import ArchiveError, ImageNotFound, OutputError, UnsupportedFormat, UsageError
 from .formats import canonical_format
+from .hostfile import open_input
 from .image import open_image
+from .outputs import new_temporary, replace_file, resolve_file
 from .sources import StreamDiskReader, finish_archive, open_file_bytes, open_wrapped, opens_through_wrapper
 from .wrappers import COMPRESSORS, unwrapped_name
 
@@ -118,14 +119,14 @@ def unpack(
     try:
         with interrupts.deferred():
             for entry in expected:
-                disk, temporary = _unpack_one(entry, manifest is not None, out_dir, target_format, force, progress)
-                final = disk.output
+                disk, temporary, final = _unpack_one(entry, manifest is not None, out_dir, target_format, force,
+                                                     progress)
                 if any(final == done for _, done in finished):
-                    raise ArchiveError(f"two disks would be restored to the same file {final}", path=path)
+                    raise ArchiveError(f"two disks would be restored to the same file {disk.output}", path=path)
                 finished.append((temporary, final))
                 disks.append(disk)
         for temporary, final in finished:
-            os.replace(temporary, final)
+            replace_file(temporary, final)
     except BaseException:
         for temporary, _ in finished:
             with contextlib.suppress(OSError):
@@ -138,7 +139,7 @@ def unpack(
 def _is_manifest(path: str) -> bool:
     if path.lower().endswith(".json"):
         return True
-    with contextlib.suppress(OSError), open(path, "rb") as f:
+    with contextlib.suppress(OSError, ImageNotFound), open_input(path) as f:
         return f.read(64).lstrip().startswith(b"{")
     return False
 
@@ -147,7 +148,7 @@ def read_manifest(path: str) -> list[_Expected]:
     """The disks a manifest lists, each archive resolved beside the manifest (a name with a
     directory part is refused: a manifest may not point at other files of the host)."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             text = f.read(MAX_MANIFEST + 1)
     except OSError as exc:
         raise ArchiveError(f"cannot read the manifest: {exc.strerror}", path=path) from None
@@ -187,8 +188,9 @@ def _integer(value: Any) -> int | None:
 
 
 def _unpack_one(entry: _Expected, verify: bool, out_dir: str, target_format: str | None, force: bool,
-                progress: ProgressCallback | None) -> tuple[UnpackedDisk, str]:
-    """Restore one disk to a temporary file in ``out_dir``: (what was done, the temporary name)."""
+                progress: ProgressCallback | None) -> tuple[UnpackedDisk, str, str]:
+    """Restore one disk to a temporary file: (what was done, the temporary name, the file it is to
+    replace: the output path with a symbolic link followed)."""
     detection = detect(entry.file)
     if verify and entry.size is not None and os.path.getsize(entry.file) != entry.size:
         raise ArchiveError(f"is {os.path.getsize(entry.file)} bytes, the manifest says {entry.size}: the file is "
@@ -211,9 +213,8 @@ def _unpack_one(entry: _Expected, verify: bool, out_dir: str, target_format: str
                                path=os.path.basename(entry.file))
         final_format = target_format or inner_format
         final = os.path.join(out_dir, _output_name(entry.file, detection.format, member, target_format, verify))
-        if os.path.lexists(final) and not force:
-            raise OutputError("already exists (pass --force to replace it)", path=final)
-        temporary = _temporary_in(out_dir, final)
+        destination = resolve_file(final, force, entry.file)  # a device or directory is refused
+        temporary = new_temporary(destination)
         try:
             disk = _restore(reader, entry, temporary, inner_format, final_format, progress)
             disk.output, disk.member = final, member
@@ -224,7 +225,7 @@ def _unpack_one(entry: _Expected, verify: bool, out_dir: str, target_format: str
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-    return disk, temporary
+    return disk, temporary, destination
 
 
 def _restore(reader: StreamDiskReader, entry: _Expected, temporary: str, inner_format: str, final_format: str,
@@ -245,7 +246,7 @@ def _restore(reader: StreamDiskReader, entry: _Expected, temporary: str, inner_f
     if final_format != inner_format:
         converted = convert(temporary, temporary + ".convert", final_format, checksum=entry.content_hash is not None,
                             force=True, progress=progress)
-        os.replace(temporary + ".convert", temporary)
+        replace_file(temporary + ".convert", temporary)
         content_hash, virtual_size, written = converted.content_hash, converted.virtual_size, converted.bytes_written
     elif inner_format in READABLE_FORMATS:
         with open_image(temporary, inner_format) as extracted:
@@ -304,15 +305,3 @@ def _output_name(archive: str, wrapper: str, member: str | None, target_format: 
 
 def _disk_suffix(name: str) -> str:
     return next((s for s in _DISK_SUFFIXES if name.lower().endswith(s)), "")
-
-
-def _temporary_in(directory: str, final: str) -> str:
-    try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".part")
-    except OSError as exc:
-        raise OutputError(f"cannot create a file in {directory}: {exc.strerror}", path=final) from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    return temporary
