@@ -55,7 +55,7 @@ from .conversion import (CHUNK, ProgressCallback, Tally, aligned_size, content_h
 from .errors import ArchiveError, DiskImageError, OutputError, UsageError
 from .formats import WRITERS, canonical_format
 from .hashing import ContentHasher
-from .hostfile import open_input
+from .hostfile import file_kind, open_input
 from .image import Source, open_image
 from .outputs import temporary_beside
 from .reader import DiskReader, Extent, ExtentKind
@@ -450,7 +450,8 @@ def verify(path: str | os.PathLike[str], *, deep: bool = False) -> VerifyResult:
     for entry in entries:
         file_path = os.path.join(directory, entry["file"])
         if not os.path.isfile(file_path):
-            files.append(VerifiedFile(entry["file"], "missing", "not found"))
+            kind = file_kind(os.stat(file_path).st_mode) if os.path.exists(file_path) else None
+            files.append(VerifiedFile(entry["file"], "missing", f"is {kind}, not a file" if kind else "not found"))
             continue
         files.append(_verify_file(file_path, entry, deep))
     return VerifyResult(manifest=manifest_path, deep=deep, intact=all(f.status == "ok" for f in files), files=files)
@@ -459,7 +460,9 @@ def verify(path: str | os.PathLike[str], *, deep: bool = False) -> VerifyResult:
 def _find_manifest(path: str) -> str:
     if not os.path.isdir(path):
         if not os.path.isfile(path):
-            raise ArchiveError("no such manifest or folder", path=path)
+            kind = file_kind(os.stat(path).st_mode) if os.path.exists(path) else None
+            raise ArchiveError(f"is {kind}, not a manifest or folder" if kind else "no such manifest or folder",
+                               path=path)
         return os.path.abspath(path)
     found = sorted(name for name in os.listdir(path) if name.endswith(MANIFEST_SUFFIX))
     if len(found) != 1:
