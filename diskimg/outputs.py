@@ -33,6 +33,7 @@ from .errors import OutputError
 from .hostfile import file_kind
 from .writer import OutputTarget
 
+
 @dataclass(frozen=True)
 class Destination:
     """An output path resolved: ``path`` is where the bytes go (a link followed), ``mode`` the
@@ -75,6 +76,8 @@ def _same_file(status: os.stat_result, source_path: str) -> bool:
         source = os.stat(source_path)
     except (OSError, ValueError):  # a caller's file object has no path
         return False
+    if stat.S_ISBLK(source.st_mode) and stat.S_ISBLK(status.st_mode):
+        return source.st_rdev == status.st_rdev  # two nodes of one disk are one disk
     return (source.st_dev, source.st_ino) == (status.st_dev, status.st_ino)
 
 

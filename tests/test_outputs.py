@@ -167,6 +167,12 @@ def test_a_block_device_too_small_is_refused_untouched(source: Path, tmp_path: P
     with loop_device(backing) as device:
         line = one_error_line(cli("convert", source, device), 4, str(device), "block device")
         assert "--force" not in line
+        # the device onto itself, named directly or by another node of the same disk: refused
+        rdev = os.stat(device).st_rdev
+        alias = tmp_path / "alias"
+        run("mknod", alias, "b", str(os.major(rdev)), str(os.minor(rdev)))
+        for target in (device, alias):
+            one_error_line(cli("convert", "-f", "raw", device, target, "-O", "qcow2"), 4, "source image")
     assert file_sha256(backing) == digest
 
 
