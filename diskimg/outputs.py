@@ -3,7 +3,7 @@
 Every path diskimg writes (``convert``, ``export``, ``unpack``) is resolved here first:
 
 - a symbolic link is followed, as ``cp`` follows it: the file it names is replaced and the link
-  kept; a dangling link creates the file it names;
+  kept; a dangling link creates the file it names (as POSIX cp does; GNU cp refuses);
 - a regular file is written under a temporary name beside it and renamed into place when
   complete, so a failed run leaves the old file as it was; replacing an existing file needs
   ``force``;
