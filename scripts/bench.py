@@ -216,7 +216,8 @@ def build_disks(work: str, args: argparse.Namespace) -> Iterator[tuple[str, dict
             data = os.stat(sources["raw"]).st_blocks * 512
             description = (f"{image}: {os.path.getsize(sources['raw']) / (1 << 30):.1f} GiB, "
                            f"{data / (1 << 20):.0f} MiB allocated")
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", sources["raw"], sources["qcow2"]], check=True)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", sources["raw"], sources["qcow2"]],
+                       check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", sources["raw"],
                         sources["vhd"]], check=True)
         try:
