@@ -44,7 +44,6 @@ Nothing but :class:`~diskimg.errors.DiskImageError` subclasses escapes, whatever
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from collections.abc import Callable
 from typing import BinaryIO
@@ -70,10 +69,6 @@ def detect(source: str | os.PathLike[str] | BinaryIO) -> Detection:
     except (OSError, ValueError) as exc:  # a caller's file object that cannot seek or is closed
         raise ImageNotFound(f"cannot read: {exc}", path=_name_of(source)) from None
     try:
-        if host.fd is not None and not host.is_block_device:
-            mode = os.fstat(host.fd).st_mode
-            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-                raise ImageNotFound("is a pipe, not a file: detection needs a file it can seek in", path=host.name)
         size = host.size
         head = host.pread(min(HEAD_SIZE, size), 0) if size else b""
         tail_length = min(TAIL_SIZE, size)

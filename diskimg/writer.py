@@ -30,8 +30,8 @@ class Writable(Protocol):
 
 
 class OutputTarget:
-    """Where a writer's bytes go: a regular file or block device (seekable), a pipe, or a file object
-    written in order (a member inside an archive being compressed)."""
+    """Where a writer's bytes go: a regular file, a device (a block device written at positions), a
+    pipe, or a file object written in order (a member inside an archive being compressed)."""
 
     def __init__(self, fd: int | Writable, name: str, *, hash_output: bool = False) -> None:
         self.name = name
@@ -48,8 +48,9 @@ class OutputTarget:
             import hashlib  # loads OpenSSL: only when the output is hashed (start-up time)
 
             self._sha256 = hashlib.sha256()
-        #: writers must write in file order (and plan exactly) on a streaming target
-        self.streaming = not self.seekable or hash_output
+        #: writers must write in file order (and plan exactly) on a streaming target; a device is
+        #: one too: it is written in order, zeros included (its old contents are not holes)
+        self.streaming = not self.is_regular_file or hash_output
         self.position = 0  # where the next sequential write goes
         self.bytes_written = 0  # bytes actually written (holes excluded)
         self._count_lock = threading.Lock()  # positional writes may come from several threads
