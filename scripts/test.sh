@@ -25,6 +25,12 @@ command -v bsdtar >/dev/null || need+=(libarchive-tools)
 command -v cpio >/dev/null || need+=(cpio)
 command -v lz4 >/dev/null || need+=(lz4)
 command -v pigz >/dev/null || need+=(pigz)
+# the real Debian systems of tests/test_real_debian.py (built once, cached in ~/.cache/diskimg-tests)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v eatmydata >/dev/null || need+=(eatmydata)
+[ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
+[ -f /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""
