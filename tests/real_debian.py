@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -26,6 +27,7 @@ from .conftest import ROOT, run
 SCRIPT = ROOT / "scripts" / "build_real_debian.sh"
 RECIPE = hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:12]
 FIRMWARES = ("bios", "uefi")
+BUILD_TIMEOUT = 1800  # s per step; a first build takes minutes
 BUILD_TOOLS = ("mmdebstrap", "eatmydata", "losetup", "partx", "sfdisk", "mkfs.ext4", "mkfs.fat", "mcopy", "blkid",
                "qemu-img", "debugfs")
 
@@ -46,7 +48,7 @@ def why_not_usable(building: bool) -> str | None:
     missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
     if missing:
         return f"real Debian systems need {', '.join(missing)} (scripts/test.sh installs them)"
-    if subprocess.run(["losetup", "-f"], capture_output=True).returncode != 0:
+    if subprocess.run(["losetup", "-f"], check=False, capture_output=True).returncode != 0:
         return "no free loop device (losetup -f failed)"
     if building:
         try:
@@ -99,27 +101,33 @@ def build_all() -> tuple[dict[str, Path], dict[str, float]]:
         base = directory / "base.tar"
         started = time.monotonic()
         if not base.exists():
-            _build("base", base, debian_mirror())
+            _finish(_start("base", base, debian_mirror()))
         times["base"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
-        jobs = {firmware: subprocess.Popen(["bash", SCRIPT, firmware, base, disks[firmware]], stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT)
-                for firmware in FIRMWARES if not disks[firmware].exists()}
-        for firmware, job in jobs.items():
-            output = job.communicate()[0].decode(errors="replace")
-            if job.returncode != 0:
-                raise AssertionError(f"build_real_debian.sh {firmware} failed ({job.returncode}):\n{output[-3000:]}")
+        missing = [firmware for firmware in FIRMWARES if not disks[firmware].exists()]
+        for job in [_start(firmware, base, disks[firmware]) for firmware in missing]:
+            _finish(job)
         times["disks"] = round(time.monotonic() - started, 1)
         base.unlink()
         times_file.write_text(json.dumps(times))
         return disks, times
 
 
-def _build(*args: str | Path) -> None:
-    proc = subprocess.run(["bash", SCRIPT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise AssertionError(f"build_real_debian.sh {args[0]} failed ({proc.returncode}):\n"
-                             f"{proc.stdout.decode(errors='replace')[-3000:]}")
+def _start(*args: str | Path) -> subprocess.Popen:
+    return subprocess.Popen(["bash", SCRIPT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _finish(job: subprocess.Popen) -> None:
+    """Wait for a build step; fail with the end of its output if it fails or overruns."""
+    try:
+        output = job.communicate(timeout=BUILD_TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGTERM)  # the script's trap unmounts and detaches its loop device
+        output = job.communicate()[0]
+    if job.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, job.args[1:3]))} failed ({job.returncode}):\n"
+                             f"{output.decode(errors='replace')[-3000:]}")
 
 
 def partition_layout(raw: Path) -> tuple[tuple[int, int], ...]:
