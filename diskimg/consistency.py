@@ -29,7 +29,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from .probe import detect
+from .probe import check_forced, detect
 from .errors import CorruptImage, DiskImageError, UnsupportedFormat
 from .formats import canonical_format
 from .formats import qcow2 as q
@@ -167,10 +167,13 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     """Check the structure of a RAW, VHD or qcow2 image (``format`` forces one).
 
     Problems in the image are in the result; DiskImageError is raised only when the file cannot
-    be opened (ImageNotFound) or is not one of the three formats (UnsupportedFormat).
+    be opened (ImageNotFound), is not one of the three formats or uses a feature diskimg does not
+    take (UnsupportedFormat), or contradicts the forced format (FormatMismatch, as ``open_image``).
     """
     detection = detect(source)
     name = canonical_format(format) if format else detection.format
+    if format:
+        check_forced(detection, name)
     if name not in ("raw", "vhd", "qcow2"):
         raise UnsupportedFormat(
             f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",

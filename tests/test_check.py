@@ -355,6 +355,24 @@ def test_check_command_exit_codes_and_json(written, tmp_path):
     run("true")
 
 
+@requires_qemu
+@pytest.mark.parametrize("forced", ["vpc", "raw"])
+def test_a_forced_format_the_file_contradicts_is_refused_as_by_every_command(tmp_path, forced):
+    """qemu-img refuses to open a qcow2 as vpc; check says what info and map say (exit 3), not
+    "no valid footer" (exit 1) or, forced to raw, "No errors were found"."""
+    path = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    oracle = subprocess.run(["qemu-img", "info", "-f", forced, path], capture_output=True)
+    if forced == "vpc":
+        assert oracle.returncode != 0
+    answers = {command: diskimg_cli(command, "-f", forced, path) for command in ("check", "info", "map")}
+    for proc in answers.values():
+        assert proc.returncode == 3 and not proc.stdout
+        assert len(proc.stderr.decode().strip().splitlines()) == 1
+    assert answers["check"].stderr == answers["info"].stderr == answers["map"].stderr
+    assert b"forced format" in answers["check"].stderr
+
+
 # -- the third-party corpus ------------------------------------------------------------------------------
 
 
