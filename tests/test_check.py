@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,11 +23,11 @@ from .conftest import (
     corpus_file,
     diskimg_cli,
     first_l2_table,
+    l1_entries_all_pointing_at_the_first_l2_table,
     first_refcount_block,
     qcow2_header,
     qemu_img,
     qemu_io,
-    read_at,
     read_u64,
     requires_qemu,
     run,
@@ -259,17 +257,6 @@ def test_an_image_with_an_external_data_file_is_refused_as_by_info(tmp_path):
         check(path)
 
 
-def l1_entries_all_pointing_at_the_first_l2_table(tmp_path: Path, virtual_size: str) -> Path:
-    """A qcow2 made by qemu-img with 1 MiB of data, whose every L1 entry (16384 of them for 8 TiB)
-    then points at the one L2 table: a 1.5 MiB file describing the same table 16384 times."""
-    path = tmp_path / "shared-l2.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", path, virtual_size)
-    qemu_io(path, "qcow2", "write -P 1 0 1M")
-    h = qcow2_header(path)
-    write_at(path, h.l1_table_offset, read_at(path, h.l1_table_offset, 8) * h.l1_size)
-    return path
-
-
 @requires_qemu
 def test_l1_entries_sharing_one_l2_table_are_counted_without_walking_it_again(tmp_path):
     """Each L2 table is walked once however many L1 entries point at it, its references counted
@@ -277,8 +264,7 @@ def test_l1_entries_sharing_one_l2_table_are_counted_without_walking_it_again(tm
     path = l1_entries_all_pointing_at_the_first_l2_table(tmp_path, "8T")
     theirs = qemu_check(path)
     assert theirs["corruptions"] > 0
-    proc = subprocess.run([sys.executable, "-m", "diskimg", "check", "--json", path], capture_output=True,
-                          timeout=20, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    proc = diskimg_cli("check", "--json", path, timeout=20)
     assert proc.returncode == 1
     ours = json.loads(proc.stdout)
     assert ours["corruptions"] == theirs["corruptions"]
@@ -298,8 +284,7 @@ def test_overlapping_tables_stop_the_walk_with_a_verdict(tmp_path):
     steps = path.stat().st_size // 512
     # (qemu-img check walks all of them: 12 million lines of errors in over a minute)
     write_at(path, h.l1_table_offset, b"".join(struct.pack(">Q", 512 * i) for i in range(1, steps)))
-    proc = subprocess.run([sys.executable, "-m", "diskimg", "check", "--json", path], capture_output=True,
-                          timeout=20, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    proc = diskimg_cli("check", "--json", path, timeout=20)
     assert proc.returncode == 1
     ours = json.loads(proc.stdout)
     assert ours["corruptions"] >= steps - 1 - steps // 128  # every unaligned L1 entry (spec: L2 tables are aligned)

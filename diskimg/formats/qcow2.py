@@ -849,6 +849,9 @@ class Qcow2Reader(DiskReader):
         self._cache_limit = max(1, min(self.L2_CACHE_TABLES, self.L2_CACHE_BYTES // self._cluster_size))
         self._cache_lock = threading.Lock()
         self._decoded: tuple[int, bytes] | None = None
+        #: L2 table offset -> the L1 index that uses it; at most one per file cluster, as tables
+        #: past the end of the file are refused
+        self._l2_owners: dict[int, int] = {}
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -1054,6 +1057,14 @@ class Qcow2Reader(DiskReader):
                 if not l2_offset:
                     pieces = [(position, chunk_end - position, unallocated, 0, 0)]
                 else:
+                    owner = self._l2_owners.setdefault(l2_offset, index)
+                    if owner != index:
+                        # corrupt (qemu-img check counts the table's refcount wrong), and an L1 of
+                        # such entries would make a small file describe petabytes of data
+                        raise CorruptImage(
+                            f"L1 entries {owner} and {index} point at the same L2 table {l2_offset:#x}",
+                            path=self.path, offset=self._l1_offset + 8 * index, structure="L1 table",
+                        )
                     table = self._l2_table(l2_offset, index)
                     pieces = self._scan_l2(table, l2_offset, position, chunk_end, unallocated)
             for s, l, k, h, x in pieces:
