@@ -75,3 +75,18 @@ def test_l1_entries_sharing_one_l2_table_are_refused_in_seconds(tmp_path):
     assert proc.returncode == 3 and not proc.stdout
     lines = proc.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "same L2 table" in lines[0]
+
+
+@requires_qemu
+def test_measure_and_convert_agree_on_a_2_pib_disk(tmp_path):
+    """qemu-img creates a 2 PiB qcow2 and measures it; convert writes it; measure refused it because
+    its fully allocated figure (a 2 PiB file) would need a refcount table over qemu's 8 MiB limit."""
+    image = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "2P")
+    theirs = json.loads(qemu_img("measure", "--output=json", "-O", "qcow2", image))
+    ours = diskimg_json("measure", image, "-O", "qcow2")
+    assert ours["fully_allocated"] == theirs["fully-allocated"]
+    out = tmp_path / "out.qcow2"
+    diskimg_cli("convert", image, out, "-O", "qcow2", check=True)
+    assert ours["required"] == out.stat().st_size
+    assert "No errors" in subprocess.run(["qemu-img", "check", out], capture_output=True, text=True).stdout

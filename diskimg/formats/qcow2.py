@@ -1483,11 +1483,13 @@ class Qcow2Layout(NamedTuple):
 
 
 def plan_layout(
-    cluster_bits: int, refcount_order: int, virtual_size: int, l2_tables: int, data_clusters: int
+    cluster_bits: int, refcount_order: int, virtual_size: int, l2_tables: int, data_clusters: int,
+    *, writable: bool = True,
 ) -> Qcow2Layout:
     """The layout of an image with this many L2 tables and data clusters. The refcount table and
     blocks size themselves by a fixed-point loop: the blocks must count every cluster, their own
-    and the table's included."""
+    and the table's included. ``writable``: refuse a layout whose refcount table qemu would refuse
+    (off for a size that is only reported, as qemu-img measure reports it)."""
     cluster_size = 1 << cluster_bits
     span_bits = 2 * cluster_bits - 3
     l1_size = -(-virtual_size >> span_bits)
@@ -1506,7 +1508,7 @@ def plan_layout(
         if need_blocks <= blocks and need_table <= table_clusters:
             break
         blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
-    if table_clusters << cluster_bits > MAX_REFCOUNT_TABLE_BYTES:
+    if writable and table_clusters << cluster_bits > MAX_REFCOUNT_TABLE_BYTES:
         raise UsageError(
             f"the image would need a refcount table above qemu's 8 MiB limit with {cluster_size}-byte clusters "
             "and these refcount_bits: use a larger cluster_size"
@@ -1669,10 +1671,22 @@ class Qcow2Writer(DiskWriter):
         plan is exact); on a seekable file, where only clusters receiving data are allocated, an
         upper bound. With ``compress`` an upper bound too (compressed clusters never take more host
         clusters than they would uncompressed)."""
+        return cls._planned_size(virtual_size, extents, options, writable=True)
+
+    @classmethod
+    def fully_allocated(cls, virtual_size: int, options: Mapping[str, str] | None, compress: bool = False) -> int:
+        from ..reader import ExtentKind
+
+        return cls._planned_size(virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], options, writable=False)
+
+    @classmethod
+    def _planned_size(cls, virtual_size: int, extents: Iterable[Extent], options: Mapping[str, str] | None,
+                      writable: bool) -> int:
         settings = writer_settings(dict(options or {}))
         size = -(-virtual_size // 512) * 512
         _, _, planned_l1, clusters = plan_clusters(extents, settings.cluster_bits, size)
-        layout = plan_layout(settings.cluster_bits, settings.refcount_order, size, planned_l1.count(1), clusters)
+        layout = plan_layout(settings.cluster_bits, settings.refcount_order, size, planned_l1.count(1), clusters,
+                             writable=writable)
         return layout.total_clusters << settings.cluster_bits
 
     @property
