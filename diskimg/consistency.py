@@ -178,7 +178,7 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     detection = detect(source)
     name = canonical_format(format) if format else detection.format
     if format:
-        check_forced(detection, name)
+        check_forced(detection, name, source_name(source))
     if name not in ("raw", "vhd", "qcow2"):
         raise UnsupportedFormat(
             f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",
