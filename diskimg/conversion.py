@@ -218,8 +218,7 @@ def measure(
         data_bytes = sum(e.length for e in plan if e.kind is ExtentKind.DATA)
         try:
             required = writer_class.measure(virtual_size, plan, writer_options, compress)
-            fully_allocated = writer_class.measure(
-                virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], writer_options, compress)
+            fully_allocated = writer_class.fully_allocated(virtual_size, writer_options, compress)
         except DiskImageError as exc:  # the options are checked: what is left is this disk (too large...)
             exc.path = exc.path or reader.path
             raise

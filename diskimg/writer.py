@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from .errors import OutputError, UsageError
-from .reader import Extent
+from .reader import Extent, ExtentKind
 
 ZERO_CHUNK = bytes(4 << 20)
 
@@ -195,6 +195,13 @@ class DiskWriter:
                 compress: bool = False) -> int:
         """The size of the output file this format writes for the plan ``extents``."""
         raise NotImplementedError
+
+    @classmethod
+    def fully_allocated(cls, virtual_size: int, options: Mapping[str, str] | None, compress: bool = False) -> int:
+        """The output size were every byte of the disk data (``qemu-img measure``'s "fully
+        allocated"): a figure for comparison, so a limit on what a writer can write (qcow2's
+        refcount table) does not stop it."""
+        return cls.measure(virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], options, compress)
 
     def plan(self, extents: Iterable[Extent]) -> None:
         """Take the planned allocation, covering [0, virtual_size) in order, before any data."""
