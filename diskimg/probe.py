@@ -182,10 +182,18 @@ def _strong_magic(
         return "zip", lambda: wrappers.peek_zip(read_at, identify_inner, depth, name)
     if kind is not None:
         return kind, lambda: wrappers.peek_compressed(kind, read_at, identify_inner, depth, name, size)
+    if head[64:68] == b"\x7f\x10\xda\xbe":  # the VDI signature; the driver (loaded then) judges the rest
+        return "vdi", lambda: _vdi(head)
     found = recognise(probe, Stage.MAGIC)
     if found is not None:
         return found[0].name, lambda: _foreign_detection(*found, name)
     return None
+
+
+def _vdi(head: bytes) -> Detection:
+    from .formats.vdi.structures import probe
+
+    return probe(head)
 
 
 # --- VHD and qcow2: the drivers' probes, with a fallback that never lets a header pass as RAW ---
