@@ -19,7 +19,7 @@ qemu's block/vdi.c, read as specifications):
 
 * only version 1.1 is read; version 0 headers (VirtualBox before 1.2) and other versions are
   refused, naming the version.
-* dynamic and static images are read; undo and differencing images are named and refused (their
+* dynamic and static (VirtualBox's "fixed") images are read; undo and differencing images are named and refused (their
   data lives partly in the parent).
 * the legacy sector size must be 512, block offsets 512-aligned, the block size a power of two
   (VirtualBox and qemu write 1 MiB), no extra bytes per block (no producer writes them), the header
@@ -59,7 +59,7 @@ TYPE_DYNAMIC = 1
 TYPE_STATIC = 2
 TYPE_UNDO = 3
 TYPE_DIFFERENCING = 4
-IMAGE_TYPES = {TYPE_DYNAMIC: "dynamic", TYPE_STATIC: "static", TYPE_UNDO: "undo", TYPE_DIFFERENCING: "differencing"}
+IMAGE_TYPES = {TYPE_DYNAMIC: "dynamic", TYPE_STATIC: "fixed", TYPE_UNDO: "undo", TYPE_DIFFERENCING: "differencing"}
 
 UNALLOCATED = 0xFFFFFFFF
 DISCARDED = 0xFFFFFFFE
