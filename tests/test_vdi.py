@@ -80,9 +80,8 @@ def set_map_entry(path: Path, index: int, value: int) -> None:
 
 
 def expect_error(path: Path, error: type[DiskImageError], match: str) -> DiskImageError:
-    with pytest.raises(error, match=match) as caught:
-        with open_vdi(path) as reader:
-            reader.read(0, min(reader.virtual_size, 64 * MiB))
+    with pytest.raises(error, match=match) as caught, open_vdi(path) as reader:
+        reader.read(0, min(reader.virtual_size, 64 * MiB))
     return caught.value
 
 
