@@ -14,6 +14,9 @@ VHD (which qemu-img cannot check): the footer and its copy at offset 0, their ch
 dynamic header's checksum, the BAT inside the file, every allocated block inside the file,
 no block used twice, no block overlapping another or the metadata.
 
+VDI: the rules of ``formats/vdi/structures.py`` over the header and the whole block map, and the
+header's allocated count (``formats/vdi/check.py``).
+
 RAW has no metadata: it is always clean.
 
 Only metadata is read (tables, refcount blocks), never guest data. The structures are parsed with
@@ -34,6 +37,7 @@ from .errors import CorruptImage, DiskImageError, UnsupportedFormat
 from .formats import canonical_format
 from .formats import qcow2 as q
 from .formats import vhd as v
+from .formats.vdi.check import check_vdi
 from .hostfile import HostFile
 from .image import source_name
 
@@ -171,9 +175,9 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     """
     detection = detect(source)
     name = canonical_format(format) if format else detection.format
-    if name not in ("raw", "vhd", "qcow2"):
+    if name not in ("raw", "vhd", "qcow2", "vdi"):
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",
+            f"{detection.description}: diskimg checks VHD, qcow2, VDI and RAW images",
             path=source_name(source), format=detection.format, hint=detection.hint,
         )
     host = HostFile(source)
@@ -184,6 +188,8 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
                 _Qcow2Check(host, result).run()
             elif name == "vhd":
                 _VhdCheck(host, result).run()
+            elif name == "vdi":
+                check_vdi(host, result)
             else:
                 result.image_end_offset = host.size
         except DiskImageError as exc:

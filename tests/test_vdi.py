@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -285,3 +287,41 @@ def test_fuzz_only_diskimage_errors(fuzz_seed, data):
                 pass
     except DiskImageError:
         pass
+
+
+# -- check ---------------------------------------------------------------------------------------------
+
+
+def qemu_check_json(path: Path) -> dict:
+    proc = subprocess.run(["qemu-img", "check", "--output=json", "-f", "vdi", path], capture_output=True, text=True)
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["none", "shared block", "count", "shared block and count", "past the blocks"],
+)
+def test_check_counts_corruptions_like_qemu(sample, damage):
+    if "shared block" in damage:
+        set_map_entry(sample, 4, 0)
+    if "count" in damage:
+        rewrite_header(sample, blocks_allocated=1)
+    if damage == "past the blocks":
+        set_map_entry(sample, 4, 9)
+    theirs = qemu_check_json(sample)
+    ours = diskimg.check(sample)
+    assert ours.corruptions == theirs.get("corruptions", 0), ours.render_text()
+    assert ours.clean == (damage == "none")
+    assert ours.total_clusters == 5 and ours.allocated_clusters == (3 if "shared" in damage else 2)
+    proc = diskimg_cli("check", sample, "--json")
+    assert proc.returncode == (0 if damage == "none" else 1)
+    assert json.loads(proc.stdout)["corruptions"] == theirs.get("corruptions", 0)
+
+
+def test_check_reports_what_the_reader_refuses(sample):
+    rewrite_header(sample, version=0x00000001)
+    ours = diskimg.check(sample, "vdi")
+    assert ours.check_errors == 1 and "version 0.1" in ours.problems[0].message
+    sample.write_bytes(sample.read_bytes()[:600])
+    rewrite_header(sample, version=0x00010001)
+    assert diskimg.check(sample).truncated

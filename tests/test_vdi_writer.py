@@ -12,7 +12,12 @@ import pytest
 
 import diskimg
 from diskimg.errors import OutputError, UsageError
-from diskimg.formats.vdi.structures import UNALLOCATED, VdiHeader, parse_block_map, parse_header
+from diskimg.formats.vdi.structures import (
+    UNALLOCATED,
+    VdiHeader,
+    parse_block_map,
+    parse_header,
+)
 from diskimg.formats.vdi.writer import VdiWriter
 from diskimg.reader import Extent, ExtentKind
 from diskimg.writer import OutputTarget
