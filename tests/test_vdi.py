@@ -120,6 +120,16 @@ def test_block_order_and_map_follow_the_block_map(sample, tmp_path):
     assert ours == theirs
 
 
+def test_static_image_holes_are_zero_extents(tmp_path):
+    path = make_vdi(tmp_path, "static.vdi", "64M", "write -P 0x5a 5M 100k", static=True)
+    oracle = qemu_raw(path, "vdi", tmp_path)
+    with open_vdi(path) as reader:
+        extents = list(reader.extents())
+        assert_extents_sound(reader, oracle)
+        assert sum(e.length for e in extents if e.kind is ExtentKind.DATA) < 2 * MiB  # not the 64 MiB qemu maps
+        assert reader_sha256(reader) == file_sha256(oracle)
+
+
 def test_discarded_blocks_read_as_zeros(sample, tmp_path):
     set_map_entry(sample, 3, DISCARDED)  # what VirtualBox writes for a discarded block
     with open_vdi(sample) as reader:

@@ -9,7 +9,7 @@ from typing import Any
 from ...detection import OpenOptions, ParentOpener
 from ...errors import CorruptImage, UnsupportedFormat
 from ...hostfile import HostFile
-from ...reader import DiskReader, ImageInfo, Run, RunKind
+from ...reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from .structures import (
     CLONE_HINT,
     DISCARDED,
@@ -98,6 +98,23 @@ class VdiReader(DiskReader):
             creator=header.creator_text or None,
             details=details,
         )
+
+    def _unmerged_extents(self, start: int, end: int) -> Iterator[Extent]:
+        """Holes of a sparse host file inside allocated blocks (a static image's unwritten blocks)
+        are ZERO, found with SEEK_DATA/SEEK_HOLE: the map's cost follows the data, not the size."""
+        for extent in super()._unmerged_extents(start, end):
+            host = extent.host_offset
+            regions = None if host is None else self.host.data_regions(host, host + extent.length)
+            if host is None or regions is None:
+                yield extent
+                continue
+            position, host_end = host, host + extent.length
+            for data_start, data_end in [*regions, (host_end, host_end)]:
+                if data_start > position:
+                    yield Extent(extent.start + position - host, data_start - position, ExtentKind.ZERO)
+                if data_end > data_start:
+                    yield Extent(extent.start + data_start - host, data_end - data_start, ExtentKind.DATA, data_start)
+                position = data_end
 
     def _runs(self, start: int, end: int) -> Iterator[Run]:
         """Consecutive guest blocks stored one after another in the file come out as one run."""
