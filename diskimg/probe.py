@@ -345,7 +345,7 @@ def _header_phrase(detection: Detection) -> str:
 
 def check_forced(detection: Detection, forced: str, path: str | None = None) -> None:
     """Raise FormatMismatch, naming the file at ``path``, when a format given with ``-f`` (raw,
-    vhd/vpc, qcow2) contradicts the file. Forcing the detected format passes (even for a damaged
+    vhd/vpc, qcow2, vdi) contradicts the file. Forcing the detected format passes (even for a damaged
     header: the reader reports that).
     """
     from .formats import canonical_format
@@ -369,7 +369,7 @@ def check_forced(detection: Detection, forced: str, path: str | None = None) -> 
         elif detection.description:
             message += f" (it is {detection.description})"
         raise FormatMismatch(message, path=path)
-    expected = "VHD footer" if wanted == "vhd" else "qcow2 header"
+    expected = _HEADER_WORDS[wanted].split(" ", 1)[1]  # "a VHD footer" -> "VHD footer"
     raise FormatMismatch(f"forced format {wanted}, but the file has no {expected}: it is {_a(detection.description)}",
                          path=path)
 

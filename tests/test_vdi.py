@@ -248,6 +248,16 @@ def test_hostile_block_maps(sample):
     expect_error(sample, CorruptImage, "too small to be a VDI")
 
 
+def test_forced_vdi_on_another_format_is_a_mismatch(sample, tmp_path):
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(MiB))
+    proc = diskimg_cli("info", "-f", "vdi", raw, text=True)
+    assert proc.returncode == 3 and "forced format vdi, but the file has no VDI header" in proc.stderr
+    proc = diskimg_cli("info", "-f", "raw", sample, text=True)
+    assert proc.returncode == 3 and "has a VDI header" in proc.stderr
+    assert diskimg_cli("info", "-f", "vdi", sample).returncode == 0
+
+
 def test_cli_error_is_one_line(sample):
     set_map_entry(sample, 4, 0)
     proc = diskimg_cli("info", sample, text=True)
