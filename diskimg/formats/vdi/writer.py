@@ -16,6 +16,7 @@ knows; the image and modification UUIDs are fresh random ones.
 
 from __future__ import annotations
 
+import re
 import uuid
 from array import array
 from collections.abc import Iterable, Mapping
@@ -125,10 +126,10 @@ class VdiWriter(DiskWriter):
         if self.requires_exact_plan:
             self._planned = planned_blocks(extents, BLOCK_SIZE, self.layout.blocks)
             index = 0
-            for block in range(len(self._planned)):
-                if self._planned[block]:
-                    self.table[block] = index
-                    index += 1
+            for run in re.finditer(rb"\x01+", self._planned):  # runs of planned blocks, numbered in guest order
+                first, last = run.span()
+                self.table[first:last] = array("I", range(index, index + last - first))
+                index += last - first
             self.allocated = index
         else:
             for _ in extents:  # the plan is only an upper bound here; consumed for the caller's count
