@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
+from .detection import FORMAT_ALIASES
 from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UnsupportedFormat, UsageError
 from .units import format_size, parse_size
 from .words import key_words, words
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 # Each command imports the part of the API it calls when it runs: a conversion does not pay for
 # loading the validator or the archive compressors (start-up time counts on every invocation).
 
-FORMAT_CHOICE = click.Choice(["raw", "vhd", "vpc", "qcow2"], case_sensitive=False)
+#: every format diskimg reads and writes, with its aliases (vpc), from the one list of them
+FORMAT_CHOICE = click.Choice(list(FORMAT_ALIASES), case_sensitive=False)
 
 #: one definition for every command that opens a VHD
 vhd_size_option = click.option(
@@ -104,7 +106,7 @@ def _info_lines(image: str, facts: ImageInfo, description: str) -> list[str]:
         lines.append(f"{label}: {format_size(facts.allocated_bytes)}")
     lines.append(f"file size: {_size(facts.file_size)}")
     if facts.cluster_size is not None:
-        lines.append(f"{'block' if facts.format == 'vhd' else 'cluster'} size: {_size(facts.cluster_size)}")
+        lines.append(f"{'block' if facts.format in ('vhd', 'vdi') else 'cluster'} size: {_size(facts.cluster_size)}")
     if facts.creator:
         lines.append(f"creator: {facts.creator}")
     if facts.backing_file is not None:
@@ -211,7 +213,7 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
 @click.option("-f", "--format", "fmt", help="Skip probing: the source's format (raw, vhd/vpc, qcow2; with the "
               "qemu-img backend any format qemu-img reads).")
 @click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE,
-              help="Format of TARGET [default: from its extension (.qcow2; .vhd or .vpc; .raw or .img), else raw].")
+              help="Format of TARGET [default: from its extension (.qcow2; .vhd or .vpc; .vdi; .raw or .img), else raw].")
 @click.option("-o", "--options", "options", help="Target format options, k=v,k2=v2 (as qemu-img -o).")
 @click.option("-c", "--compress", is_flag=True, help="Compress data clusters (qcow2).")
 @click.option("--align", help="Round the virtual size up to a multiple of this size, itself a multiple of 512 "

@@ -17,6 +17,9 @@ VHD (which qemu-img cannot check): the footer and its copy at offset 0, their ch
 dynamic header's checksum, the BAT inside the file, every allocated block inside the file,
 no block used twice, no block overlapping another or the metadata.
 
+VDI: the rules of ``formats/vdi/structures.py`` over the header and the whole block map, and the
+header's allocated count (``formats/vdi/check.py``).
+
 RAW has no metadata: it is always clean.
 
 Only metadata is read (tables, refcount blocks), never guest data. The structures are parsed with
@@ -37,6 +40,7 @@ from .errors import CorruptImage, DiskImageError, UnsupportedFormat
 from .formats import canonical_format
 from .formats import qcow2 as q
 from .formats import vhd as v
+from .formats.vdi.check import check_vdi
 from .hostfile import HostFile
 from .image import source_name
 
@@ -179,9 +183,9 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     name = canonical_format(format) if format else detection.format
     if format:
         check_forced(detection, name, source_name(source))
-    if name not in ("raw", "vhd", "qcow2"):
+    if name not in ("raw", "vhd", "qcow2", "vdi"):
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",
+            f"{detection.description}: diskimg checks VHD, qcow2, VDI and RAW images",
             path=source_name(source), format=detection.format, hint=detection.hint,
         )
     host = HostFile(source)
@@ -192,6 +196,8 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
                 _Qcow2Check(host, result).run()
             elif name == "vhd":
                 _VhdCheck(host, result).run()
+            elif name == "vdi":
+                check_vdi(host, result)
             else:
                 result.image_end_offset = host.size
         except UnsupportedFormat as exc:
@@ -434,7 +440,6 @@ class _Qcow2Check:
         header = self.header
         if not header.nb_snapshots:
             return []
-        cs = self.cs
         offset = header.snapshots_offset
         data = self.read(offset, min(q.MAX_SNAPSHOT_TABLE_BYTES, max(0, self.file_size - offset)))
         snapshots: list[q.Qcow2Snapshot] = []

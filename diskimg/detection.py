@@ -10,14 +10,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 #: formats diskimg reads and writes
-READABLE_FORMATS = ("raw", "vhd", "qcow2")
+READABLE_FORMATS = ("raw", "vhd", "qcow2", "vdi")
 #: names accepted in options for a format, mapped to the canonical name
-FORMAT_ALIASES = {"vpc": "vhd", "raw": "raw", "vhd": "vhd", "qcow2": "qcow2"}
+FORMAT_ALIASES = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "vdi": "vdi"}
 
 
 @dataclass
 class Detection:
-    """The answer of ``diskimg.detect``. ``readable`` is True only for raw, vhd and qcow2."""
+    """The answer of ``diskimg.detect``. ``readable`` is True only for raw, vhd, qcow2 and vdi."""
 
     format: str
     description: str

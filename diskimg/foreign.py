@@ -181,17 +181,6 @@ def _vhdx(p: Probe) -> Match | None:
     return Match(version="1", description=f"VHDX (creator '{creator}')" if creator else "VHDX")
 
 
-_VDI_TYPES = {1: "dynamic", 2: "fixed", 3: "undo", 4: "differencing"}
-
-
-def _vdi(p: Probe) -> Match | None:
-    if _u32le(p.head, 0x40) != 0xBEDA107F:
-        return None
-    version = _u32le(p.head, 0x44) or 0
-    kind = _u32le(p.head, 0x4C) if version >> 16 >= 1 else None
-    return Match(subformat=_VDI_TYPES.get(kind or 0), version=f"{version >> 16}.{version & 0xFFFF}")
-
-
 def _qed(p: Probe) -> Match | None:
     return Match() if p.head[:4] == b"QED\0" else None
 
@@ -279,7 +268,6 @@ FOREIGN: tuple[Foreign, ...] = (
     Foreign("vmdk", "VMDK", Stage.MAGIC, _vmdk_cowd, "vmdk", Advice.EXTENT),
     Foreign("vmdk", "VMDK", Stage.MAGIC, _vmdk_sesparse, "vmdk", Advice.EXTENT),
     Foreign("vhdx", "VHDX", Stage.MAGIC, _vhdx, "vhdx"),
-    Foreign("vdi", "VDI", Stage.MAGIC, _vdi, "vdi"),
     Foreign("qed", "QED", Stage.MAGIC, _qed, "qed"),
     Foreign("qcow", "qcow", Stage.MAGIC, _qcow1, "qcow"),
     Foreign("parallels", "Parallels", Stage.MAGIC, _parallels, "parallels"),

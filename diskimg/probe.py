@@ -178,10 +178,18 @@ def _strong_magic(
         return "zip", lambda: wrappers.peek_zip(read_at, identify_inner, depth, name)
     if kind is not None:
         return kind, lambda: wrappers.peek_compressed(kind, read_at, identify_inner, depth, name, size)
+    if head[64:68] == b"\x7f\x10\xda\xbe":  # the VDI signature; the driver (loaded then) judges the rest
+        return "vdi", lambda: _vdi(head)
     found = recognise(probe, Stage.MAGIC)
     if found is not None:
         return found[0].name, lambda: _foreign_detection(*found, name)
     return None
+
+
+def _vdi(head: bytes) -> Detection:
+    from .formats.vdi.structures import probe
+
+    return probe(head)
 
 
 # --- VHD and qcow2: the drivers' probes, with a fallback that never lets a header pass as RAW ---
@@ -333,7 +341,7 @@ def _header_phrase(detection: Detection) -> str:
 
 def check_forced(detection: Detection, forced: str, path: str | None = None) -> None:
     """Raise FormatMismatch, naming the file at ``path``, when a format given with ``-f`` (raw,
-    vhd/vpc, qcow2) contradicts the file. Forcing the detected format passes (even for a damaged
+    vhd/vpc, qcow2, vdi) contradicts the file. Forcing the detected format passes (even for a damaged
     header: the reader reports that).
     """
     from .formats import canonical_format
@@ -357,7 +365,7 @@ def check_forced(detection: Detection, forced: str, path: str | None = None) -> 
         elif detection.description:
             message += f" (it is {detection.description})"
         raise FormatMismatch(message, path=path)
-    expected = "VHD footer" if wanted == "vhd" else "qcow2 header"
+    expected = _HEADER_WORDS[wanted].split(" ", 1)[1]  # "a VHD footer" -> "VHD footer"
     raise FormatMismatch(f"forced format {wanted}, but the file has no {expected}: it is {_a(detection.description)}",
                          path=path)
 

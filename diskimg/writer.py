@@ -220,6 +220,32 @@ class DiskWriter:
         closed, so that no thread of the writer still writes into it."""
 
 
+def planned_blocks(extents: Iterable[Extent], block_size: int, entries: int) -> bytearray:
+    """One byte per block of a block-table format (VHD, VDI), 1 where a planned DATA extent
+    overlaps the block: the blocks a streaming writer allocates before any data arrives."""
+    planned = bytearray(entries)
+    disk_end = entries * block_size
+    for extent in extents:
+        if extent.kind is not ExtentKind.DATA or extent.length <= 0:
+            continue
+        start, end = max(0, extent.start), min(extent.end, disk_end)
+        if start >= end:
+            continue
+        first, last = start // block_size, (end - 1) // block_size
+        planned[first : last + 1] = b"\x01" * (last - first + 1)
+    return planned
+
+
+def flag_option(format: str, options: Mapping[str, str], key: str) -> bool:
+    """An on/off ``-o`` option as qemu-img spells it (off when absent), or a UsageError."""
+    value = str(options.get(key, "off")).strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise UsageError(f"{format} option {key}={value!r}: expected on or off")
+
+
 def parse_options(text: str | None) -> dict[str, str]:
     """``-o`` options as qemu-img takes them: ``k=v,k2=v2``; ``,,`` is a literal comma."""
     options: dict[str, str] = {}

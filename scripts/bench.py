@@ -6,7 +6,7 @@
                                     [--disk synthetic|ext4] [--image PATH] [--target fresh|existing]
 
 `read` builds a RAW disk of SIZE holding half random data in 1-4 MiB runs (half zeros), converts it
-with qemu-img to qcow2 and to a dynamic VHD, then times ``diskimg convert IMG out.raw`` against
+with qemu-img to qcow2, to a dynamic VHD and to a dynamic VDI, then times ``diskimg convert IMG out.raw`` against
 ``qemu-img convert -f FMT -O raw IMG out.raw`` alternately (median of PAIRS pairs: these machines
 are noisy) and prints the median time ratio and each tool's peak RSS.
 
@@ -172,8 +172,10 @@ def bench_read(args: argparse.Namespace) -> None:
         data = make_half_random_raw(raw, args.size)
         print(f"source: {args.size / (1 << 30):.1f} GiB RAW, {data / (1 << 30):.2f} GiB random data; "
               f"{args.pairs} alternating pairs, median ratio diskimg/qemu-img (below 1: diskimg faster)")
-        images = {"qcow2": os.path.join(work, "disk.qcow2"), "vpc": os.path.join(work, "disk.vhd")}
+        images = {"qcow2": os.path.join(work, "disk.qcow2"), "vpc": os.path.join(work, "disk.vhd"),
+                  "vdi": os.path.join(work, "disk.vdi")}
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, images["qcow2"]], check=True)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vdi", raw, images["vdi"]], check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, images["vpc"]],
                        check=True)
         os.unlink(raw)
@@ -192,6 +194,8 @@ CONVERSIONS = {
     "raw->fixed vhd": ("raw", ["-f", "raw", "-O", "vhd", "-o", "subformat=fixed"],
                        ["-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on"]),
     "raw->qcow2 -c": ("raw", ["-f", "raw", "-O", "qcow2", "-c"], ["-f", "raw", "-O", "qcow2", "-c"]),
+    "vdi->qcow2": ("vdi", ["-f", "vdi", "-O", "qcow2"], ["-f", "vdi", "-O", "qcow2"]),
+    "raw->vdi": ("raw", ["-f", "raw", "-O", "vdi"], ["-f", "raw", "-O", "vdi"]),
 }
 
 
@@ -201,7 +205,7 @@ def build_disks(work: str, args: argparse.Namespace) -> Iterator[tuple[str, dict
     kinds = [("image", path) for path in args.image or []] + [(kind, None) for kind in args.disk or []]
     for kind, image in kinds or [("synthetic", None), ("ext4", None)]:
         sources = {"raw": os.path.join(work, "disk.raw"), "qcow2": os.path.join(work, "disk.qcow2"),
-                   "vhd": os.path.join(work, "disk.vhd")}
+                   "vhd": os.path.join(work, "disk.vhd"), "vdi": os.path.join(work, "disk.vdi")}
         if kind == "synthetic":
             data = make_half_random_raw(sources["raw"], args.size)
             description = (f"synthetic: {args.size / (1 << 30):.1f} GiB RAW (fully written), "
@@ -220,6 +224,7 @@ def build_disks(work: str, args: argparse.Namespace) -> Iterator[tuple[str, dict
                        check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", sources["raw"],
                         sources["vhd"]], check=True)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vdi", sources["raw"], sources["vdi"]], check=True)
         try:
             yield description, sources, data
         finally:
@@ -250,7 +255,7 @@ def bench_convert(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    read = sub.add_parser("read", help="read qcow2 and dynamic VHD (convert to raw) vs qemu-img")
+    read = sub.add_parser("read", help="read qcow2, dynamic VHD and VDI (convert to raw) vs qemu-img")
     read.add_argument("--size", type=parse_size, default=4 << 30)
     read.add_argument("--pairs", type=int, default=7)
     read.add_argument("--dir", default=None, help="work directory (needs about 3x SIZE free)")

@@ -79,6 +79,8 @@ SOURCES: dict[str, tuple[str, list[str], list[str]]] = {
     "raw": ("raw", [], []),
     "vhd-fixed": ("vpc", ["-o", "subformat=fixed,force_size=on"], ["write -P 0 3M 1M"]),
     "vhd-dynamic": ("vpc", ["-o", "subformat=dynamic,force_size=on"], ["write -P 0 3M 1M"]),
+    "vdi-dynamic": ("vdi", [], ["write -P 0 3M 1M"]),
+    "vdi-static": ("vdi", ["-o", "static=on"], []),
     "qcow2-v2": ("qcow2", ["-o", "compat=0.10"], ["write -P 0 3M 1M"]),
     "qcow2-v2-compressed": ("qcow2", ["-o", "compat=0.10", "-c"], ["write -P 0x44 4M 100k"]),
     "qcow2-v3": ("qcow2", ["-o", "compat=1.1"], ["write -P 0 3M 1M"]),
@@ -141,6 +143,8 @@ TARGETS: dict[str, dict] = {
     "vhd-fixed": dict(format="vhd", options="subformat=fixed"),
     "vhd-fixed-1M": dict(format="vhd", options="subformat=fixed", align=MiB),
     "vhd-dynamic-1M": dict(format="vhd", align=MiB),
+    "vdi-dynamic": dict(format="vdi"),
+    "vdi-static": dict(format="vdi", options="static=on"),
 }
 
 
@@ -206,6 +210,11 @@ def check_output(source: Path, source_fmt: str, out: Path, target: dict) -> None
         else:
             assert info["cluster-size"] == 2 * MiB  # the block size: qemu shows it for dynamic VHDs only
         assert diskimg.detect(out).subformat == subformat
+    elif fmt == "vdi":
+        run("qemu-img", "check", "-f", "vdi", out)
+        static = "static=on" in target.get("options", "")
+        assert diskimg.detect(out).subformat == ("fixed" if static else "dynamic")
+        assert info["cluster-size"] == MiB and (not static or out.stat().st_size == 1024 + rounded(size, MiB))
     else:
         assert out.stat().st_size == size
     # not -s: qemu's strict mode also fails on a different allocation (holes for written zeros); the
@@ -296,6 +305,7 @@ ROUND_TRIP_FORMATS: dict[str, dict] = {
     "raw": dict(format="raw"),
     "vhd-dynamic": dict(format="vhd", options="block_size=512K"),
     "vhd-fixed": dict(format="vhd", options="subformat=fixed"),
+    "vdi": dict(format="vdi"),
     "qcow2": dict(format="qcow2"),
     "qcow2-v2-512": dict(format="qcow2", options="compat=0.10,cluster_size=512"),
     "qcow2-zstd-4k": dict(format="qcow2", options="compression_type=zstd,cluster_size=4k", compress=True),

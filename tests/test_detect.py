@@ -29,7 +29,7 @@ except ImportError:
     from conftest import corpus_dir, corpus_manifest, corpus_params, qemu_img, requires_qemu, run  # type: ignore[no-redef]
 from diskimg.content import identify_start
 from diskimg.probe import check_forced, detect
-from diskimg.detection import Detection
+from diskimg.detection import READABLE_FORMATS, Detection
 from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError
 from diskimg.wrappers import PEEK_INPUT
 
@@ -82,8 +82,8 @@ QEMU_MADE = [
     ("flat.vmdk", ["-f", "vmdk", "-o", "subformat=monolithicFlat"], "vmdk", "monolithicFlat", "vmdk"),
     ("split.vmdk", ["-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"], "vmdk", "twoGbMaxExtentSparse", "vmdk"),
     ("disk.vhdx", ["-f", "vhdx"], "vhdx", None, "vhdx"),
-    ("disk.vdi", ["-f", "vdi"], "vdi", "dynamic", "vdi"),
-    ("fixed.vdi", ["-f", "vdi", "-o", "static=on"], "vdi", "fixed", "vdi"),
+    ("disk.vdi", ["-f", "vdi"], "vdi", "dynamic", None),
+    ("fixed.vdi", ["-f", "vdi", "-o", "static=on"], "vdi", "fixed", None),
     ("disk.qed", ["-f", "qed"], "qed", None, "qed"),
     ("disk.qcow", ["-f", "qcow"], "qcow", None, "qcow"),
     ("disk.parallels", ["-f", "parallels"], "parallels", None, "parallels"),
@@ -98,7 +98,7 @@ def test_qemu_made_formats(work, name, args, fmt, subformat, driver):
     found = detect(path)
     assert found.format == fmt, found
     assert found.subformat == subformat, found
-    assert found.readable == (fmt in ("raw", "vhd", "qcow2"))
+    assert found.readable == (fmt in READABLE_FORMATS)
     if driver:
         assert f"qemu-img convert -f {driver} -O qcow2" in found.hint
         assert f"diskimg convert --backend qemu-img -f {driver}" in found.hint
@@ -668,7 +668,7 @@ def test_corpus(entry, tmp_path_factory):
     else:
         found = stored
     assert found.format == expected, found
-    assert found.readable == (expected in ("raw", "vhd", "qcow2"))
+    assert found.readable == (expected in READABLE_FORMATS)
     if not found.readable:
         assert found.hint
     if entry["format"] == "vhd-footer-fragment":

@@ -26,7 +26,8 @@ def source(tmp_path):
 
 @requires_qemu
 @pytest.mark.parametrize("fmt,options", [("qcow2", ""), ("qcow2", "cluster_size=2M,compat=0.10"),
-                                         ("vhd", ""), ("vhd", "subformat=fixed"), ("raw", "")])
+                                         ("vhd", ""), ("vhd", "subformat=fixed"), ("raw", ""),
+                                         ("vdi", ""), ("vdi", "static=on")])
 def test_required_is_the_size_of_the_streamed_output(source, tmp_path, fmt, options):
     extra = ["-o", options] if options else []
     measured = diskimg_json("measure", source, "-O", fmt, *extra)
@@ -58,7 +59,7 @@ def test_scan_finds_zeros_inside_allocated_data(tmp_path):
 def test_unknown_options_are_usage_errors(tmp_path):
     image = tmp_path / "x.raw"
     image.write_bytes(bytes(1 << 20))
-    for fmt in ("raw", "qcow2", "vhd"):
+    for fmt in ("raw", "qcow2", "vhd", "vdi"):
         proc = subprocess.run([sys.executable, "-m", "diskimg", "measure", image, "-O", fmt, "-o", "no_such=1"],
                               capture_output=True)
         assert proc.returncode == 2 and b"no_such" in proc.stderr

@@ -227,6 +227,13 @@ def test_unpacks_what_export_wrote(disk: Path, tmp_path: Path) -> None:
     assert Path(member.disks[0].output).read_bytes() == extracted  # a qcow2 member is restored byte for byte
     converted = diskimg.unpack(tmp_path / "q" / "q.manifest.json", tmp_path / "out", "vhd")
     qemu_compare(Path(converted.disks[0].output), "vpc", disk, "raw")
+    as_vdi = diskimg.unpack(tmp_path / "q" / "q.manifest.json", tmp_path / "out", "vdi")
+    qemu_compare(Path(as_vdi.disks[0].output), "vdi", disk, "raw")
+    run("qemu-img", "check", "-f", "vdi", as_vdi.disks[0].output)
+    (tmp_path / "v").mkdir()
+    export.export("v", qcow2, out=tmp_path / "v", format="vdi", archive="tar.gz")  # ECS ExportImage's vdi
+    from_vdi = diskimg.unpack(tmp_path / "v" / "v.manifest.json", tmp_path / "out", "qcow2")
+    qemu_compare(Path(from_vdi.disks[0].output), "qcow2", disk, "raw")
     (tmp_path / "g").mkdir()
     export.export("g", qcow2, [disk], out=tmp_path / "g", layout="gce")  # every member is disk.raw
     gce = diskimg.unpack(tmp_path / "g" / "g.manifest.json", tmp_path / "out")

@@ -612,6 +612,21 @@ def test_other_formats_are_refused(bios_mbr, here):
     assert finding.hint == "diskimg convert --backend qemu-img -f vhdx disk.vhdx disk.qcow2 -O qcow2"
 
 
+def test_vdi_is_refused_with_the_native_command_and_its_guest_inspected(bios_mbr, here):
+    qemu_img("convert", "-O", "vdi", bios_mbr, "disk.vdi")
+    report = validate("disk.vdi")
+    assert not report.importable
+    finding = assert_finding(report, "format-refused", "error", format="vdi", subformat="dynamic")
+    assert finding.hint == "diskimg convert disk.vdi disk.qcow2 -O qcow2"
+    # the disk inside was read: the same partition and file-system facts as the RAW disk's own report
+    inside = {item["category"] for item in report.not_checked}
+    assert not inside & {"partitions", "filesystems", "boot", "integrity"}, report.not_checked
+    raw_codes = {f.code for f in validate(bios_mbr).findings}
+    assert {f.code for f in report.findings} - {"format-refused"} == raw_codes
+    proc = diskimg_cli("validate", "disk.vdi")
+    assert proc.returncode == 1 and b"diskimg convert disk.vdi disk.qcow2 -O qcow2" in proc.stdout
+
+
 def test_compressed_wrapper_is_refused_with_the_decompress_command(bios_mbr, here):
     qemu_img("convert", "-O", "vpc", bios_mbr, "disk.vhd")
     run("gzip", "-k", "disk.vhd")

@@ -91,9 +91,9 @@ from typing import Any
 from ..detection import Detection, OpenOptions, ParentOpener
 from ..errors import BackingFileError, CorruptImage, DiskImageError, OutputError, UsageError
 from ..hostfile import HostFile
-from ..reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
+from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind
 from ..units import format_size, parse_size
-from ..writer import DiskWriter, OutputTarget
+from ..writer import DiskWriter, OutputTarget, planned_blocks
 
 NAME = "vhd"
 
@@ -1191,21 +1191,6 @@ def _writer_disk_size(virtual_size: int, subformat: str, path: str | None = None
     return size
 
 
-def _planned_blocks(extents: Iterable[Extent], block_size: int, entries: int) -> bytearray:
-    """One byte per block, 1 where a DATA extent overlaps the block."""
-    planned = bytearray(entries)
-    disk_end = entries * block_size
-    for extent in extents:
-        if extent.kind is not ExtentKind.DATA or extent.length <= 0:
-            continue
-        start, end = max(0, extent.start), min(extent.end, disk_end)
-        if start >= end:
-            continue
-        first, last = start // block_size, (end - 1) // block_size
-        planned[first : last + 1] = b"\x01" * (last - first + 1)
-    return planned
-
-
 def _creator_version() -> int:
     from .. import __version__
 
@@ -1274,7 +1259,7 @@ class VhdWriter(DiskWriter):
         if subformat == "fixed":
             return size + FOOTER_SIZE
         entries = -(-size // block_size)
-        blocks = _planned_blocks(extents, block_size, entries).count(1)
+        blocks = planned_blocks(extents, block_size, entries).count(1)
         table_bytes = -(-entries * 4 // SECTOR) * SECTOR
         return TABLE_OFFSET + table_bytes + blocks * (bitmap_size(block_size) + block_size) + FOOTER_SIZE
 
@@ -1292,7 +1277,7 @@ class VhdWriter(DiskWriter):
 
     def plan(self, extents: Iterable[Extent]) -> None:
         if self.dynamic and self.target.streaming:
-            planned = _planned_blocks(extents, self.block_size, self.entries)
+            planned = planned_blocks(extents, self.block_size, self.entries)
             span_sectors = self._span // SECTOR
             sector = self.data_start // SECTOR
             for run in re.finditer(rb"\x01+", planned):

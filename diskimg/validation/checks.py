@@ -71,6 +71,8 @@ QEMU_DRIVERS = {"vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi", "qed": "qed", "qco
 
 
 def convert_hint(ctx: DiskContext, driver: str) -> str:
+    if ctx.supported_container and ctx.detection.readable:  # diskimg converts it itself
+        return f"diskimg convert {_q(ctx.path)} {_out(ctx.path)} -O qcow2"
     return f"diskimg convert --backend qemu-img -f {driver} {_q(ctx.path)} {_out(ctx.path)} -O qcow2"
 
 
