@@ -520,6 +520,22 @@ def _output(
             os.close(fd)
 
 
+def _temporary_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}."
+
+
+def leftover_temporaries(target: str | os.PathLike[str]) -> list[str]:
+    """The temporaries of ``target`` that a killed process left beside it (removed on any failure
+    it could see, but a SIGKILL or a power cut leaves no chance to): for whoever reruns the job."""
+    path = os.path.abspath(os.fspath(target))
+    prefix = _temporary_prefix(path)
+    try:
+        names = os.listdir(os.path.dirname(path))
+    except OSError:
+        return []
+    return [os.path.join(os.path.dirname(path), n) for n in names if n.startswith(prefix) and n.endswith(".part")]
+
+
 @contextlib.contextmanager
 def temporary_beside(target: str | os.PathLike[str], force: bool, source_path: str) -> Iterator[str]:
     """A temporary file name beside ``target``, renamed to it when the block completes."""
@@ -531,7 +547,7 @@ def temporary_beside(target: str | os.PathLike[str], force: bool, source_path: s
             raise OutputError("already exists (pass --force to replace it)", path=path)
     directory = os.path.dirname(path)
     try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".part")
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=_temporary_prefix(path), suffix=".part")
     except OSError as exc:
         raise OutputError(f"cannot create a file in {directory}: {exc.strerror}", path=path) from None
     os.close(fd)
