@@ -339,3 +339,59 @@ def test_dask_cluster_same_results(fleet: Path, tmp_path: Path) -> None:
                            text=True)
     assert proc.returncode == 1, proc.stderr
     assert without_times(read_entries(on_dask)) == without_times(read_entries(local))
+
+
+def small_plan(fleet: Path, out: Path) -> list[dict[str, Any]]:
+    return [{"id": f"c{n}", "op": "convert", "source": str(fleet / "disk0.qcow2"), "target": str(out / f"c{n}.raw")}
+            for n in range(4)] + [{"id": "v", "op": "validate", "image": str(fleet / "gone.qcow2")}]
+
+
+def test_progress_json_names_each_job(fleet: Path, tmp_path: Path) -> None:
+    jobs = small_plan(fleet, tmp_path)
+    journal = tmp_path / "journal.jsonl"
+    proc = diskimg_cli("batch", write_plan(tmp_path / "plan.jsonl", jobs), "--journal", journal, "--jobs", "2",
+                       "--progress", "json", text=True)
+    assert proc.returncode == 1
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    entries = read_entries(journal)
+    for job in jobs:
+        mine = [e["event"] for e in events if e["id"] == job["id"]]
+        assert mine == ["start", entries[job["id"]]["outcome"]], (job["id"], mine)
+    finishing = [e for e in events if e["event"] != "start"]
+    assert [e["finished"] for e in finishing] == list(range(1, len(jobs) + 1))
+    assert all(e["total"] == len(jobs) for e in events)
+    assert "5 jobs: 4 ok, 0 no, 1 error" in proc.stdout and "failed or said no: v" in proc.stdout
+
+
+def test_torn_journal_line_runs_its_job_again(fleet: Path, tmp_path: Path) -> None:
+    """A power cut in the middle of a journal line: that job runs again; the others are skipped."""
+    jobs = small_plan(fleet, tmp_path)
+    plan = write_plan(tmp_path / "plan.jsonl", jobs)
+    journal = tmp_path / "journal.jsonl"
+    assert diskimg_cli("batch", plan, "--journal", journal).returncode == 1
+    lines = journal.read_text().splitlines(keepends=True)
+    torn = json.loads(lines[-1])["id"]
+    journal.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    if torn.startswith("c"):
+        (tmp_path / f"{torn}.raw").unlink()  # its output, lost with the machine
+    proc = diskimg_cli("batch", plan, "--journal", journal, "--json", text=True)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["skipped"] == len(jobs) - 1
+    after = journal.read_text().splitlines()
+    assert len(after) == len(jobs) + 1 and json.loads(after[-1])["id"] == torn
+    assert json.loads(after[-1])["outcome"] == json.loads(lines[-1])["outcome"]
+
+
+def test_python_api(fleet: Path, tmp_path: Path) -> None:
+    import diskimg
+
+    events: list[tuple[str, str]] = []
+    result = diskimg.batch(write_plan(tmp_path / "plan.jsonl", small_plan(fleet, tmp_path)), jobs=2,
+                           progress=lambda event, job_id, finished, total: events.append((event, job_id)))
+    assert isinstance(result, diskimg.BatchResult) and not result.succeeded
+    assert result.outcomes == {"ok": 4, "no": 0, "error": 1} and result.failed == ["v"]
+    assert [e["id"] for e in result.entries] == ["c0", "c1", "c2", "c3", "v"]
+    assert result.entries[-1]["exit_code"] == 3 and "gone.qcow2" in result.entries[-1]["error"]
+    assert sorted(events) == sorted([("start", i) for i in ("c0", "c1", "c2", "c3", "v")]
+                                    + [("ok", f"c{n}") for n in range(4)] + [("error", "v")])
+    qemu_compare(fleet / "disk0.qcow2", "qcow2", tmp_path / "c3.raw", "raw")
