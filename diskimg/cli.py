@@ -504,17 +504,14 @@ def batch_command(ctx: click.Context, plan: str, journal: str | None, parallel: 
 
 def _batch_progress(mode: str) -> tuple[Callable[[str, str, int, int], None] | None, Callable[[], None]]:
     """Progress over a batch: one bar over the jobs with the running ids, or a JSON line per event."""
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "none"
+    mode = _progress_mode(mode)
     if mode == "none":
         return None, lambda: None
     started = time.monotonic()
     if mode == "json":
         def emit(event: str, job_id: str, finished: int, total: int) -> None:
-            line = {"event": event, "id": job_id, "finished": finished, "total": total,
-                    "elapsed": round(time.monotonic() - started, 3)}
-            sys.stderr.write(json.dumps(line) + "\n")
-            sys.stderr.flush()
+            _progress_line({"event": event, "id": job_id, "finished": finished, "total": total,
+                            "elapsed": round(time.monotonic() - started, 3)})
 
         return emit, lambda: None
     from tqdm import tqdm
@@ -538,10 +535,20 @@ def _passes(count: int) -> str:
     return "one decompression pass" if count == 1 else f"{count} decompression passes"
 
 
+def _progress_mode(mode: str) -> str:
+    """``auto``: a bar when a person watches standard error (a terminal), else none."""
+    return ("bar" if sys.stderr.isatty() else "none") if mode == "auto" else mode
+
+
+def _progress_line(line: dict[str, Any]) -> None:
+    """One JSON progress line on standard error, flushed: a program reads it as it comes."""
+    sys.stderr.write(json.dumps(line) + "\n")
+    sys.stderr.flush()
+
+
 def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
     """A progress callback for the mode and a function that closes it."""
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "none"
+    mode = _progress_mode(mode)
     if mode == "none":
         return None, lambda: None
     started = time.monotonic()
@@ -552,9 +559,7 @@ def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
             now = time.monotonic()
             if done == total or now - last[0] >= 0.5:
                 last[0] = now
-                line = {"phase": phase, "done": done, "total": total, "elapsed": round(now - started, 3)}
-                sys.stderr.write(json.dumps(line) + "\n")
-                sys.stderr.flush()
+                _progress_line({"phase": phase, "done": done, "total": total, "elapsed": round(now - started, 3)})
 
         return emit, lambda: None
     from tqdm import tqdm
