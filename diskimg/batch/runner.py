@@ -88,10 +88,6 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # a terminal's Ctrl-C reaches the runner only, which passes it on exactly once
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    import diskimg
-
-    for name in OPERATIONS:  # loaded before the first job: its I/O counters then count the job, not imports
-        getattr(diskimg, name)
     while True:
         try:
             job = conn.recv()
