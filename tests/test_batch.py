@@ -204,6 +204,7 @@ def qemu_img_format(path: str) -> str:
     ('{"id": "x", "op": "export", "name": "m", "system": "s", "threads": -1}', "'threads' must be a whole number"),
     ('{"id": "x", "op": "convert", "source": "a", "target": "' + "/tmp/w.raw" + '"}', "also written by line 1"),
     ('["convert"]', "not a JSON object"),
+    ('{"id": "x", "op": "verify", "path": "' + "p" * 70000 + '"}', "longer than 65536 bytes"),
     ('{"id": "x", "op": "unpack", "source": "a", "out": ', "not a JSON object"),
 ])
 def test_bad_line_refused_before_anything_runs(fleet: Path, tmp_path: Path, line: str, problem: str) -> None:

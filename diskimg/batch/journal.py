@@ -55,6 +55,7 @@ class Journal:
         self.path = path
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+            _lock(self._fd, path)
             size = os.fstat(self._fd).st_size
             if size and not _ends_with_newline(path, size):
                 os.write(self._fd, b"\n")  # a torn last line stays alone on its line
@@ -85,3 +86,16 @@ def _ends_with_newline(path: str, size: int) -> bool:
     with open(path, "rb") as f:
         f.seek(size - 1)
         return f.read(1) == b"\n"
+
+
+def _lock(fd: int, path: str) -> None:
+    """One batch at a time per journal: two would run the same jobs twice."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError("the journal is in use by another batch", path=path) from None

@@ -126,7 +126,6 @@ class Job:
     arguments: dict[str, Any]
     #: hash of the line's content: a journaled result counts only for the same id *and* line
     key: str
-    line: int
 
     @property
     def ref(self) -> str:
@@ -139,40 +138,40 @@ def read_plan(path: str | os.PathLike[str], *, absolute_paths: bool = False) -> 
     lines starting with ``#`` are skipped. ``absolute_paths`` refuses relative paths (jobs that run on
     other machines do not share our working directory)."""
     plan = os.fspath(path)
-    try:
-        with open(plan, "rb") as f:
-            lines = [line for _, line in zip(range(MAX_JOBS + 1), f)]
-    except OSError as exc:
-        raise UsageError(f"cannot read the plan: {exc.strerror}", path=plan) from None
-    if len(lines) > MAX_JOBS:
-        raise UsageError(f"more than {MAX_JOBS} lines", path=plan)
     jobs: list[Job] = []
     seen: dict[str, int] = {}
     outputs: dict[str, int] = {}
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip() or raw.lstrip().startswith(b"#"):
-            continue
-        try:
-            job = _parse_line(raw, number, absolute_paths)
-        except ValueError as exc:
-            raise UsageError(f"line {number}: {exc}", path=plan) from None
-        if job.id in seen:
-            raise UsageError(f"line {number}: id {job.id!r} is already the id of line {seen[job.id]}", path=plan)
-        seen[job.id] = number
-        for name in OPERATIONS[job.op].outputs:
-            written = os.path.abspath(job.arguments[name])
-            if written in outputs:
-                raise UsageError(f"line {number}: {name} {job.arguments[name]!r} is also written by line "
-                                 f"{outputs[written]}", path=plan)
-            outputs[written] = number
-        jobs.append(job)
+    try:
+        f = open(plan, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read the plan: {exc.strerror}", path=plan) from None
+    with f:
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+            if not raw.strip() or raw.lstrip().startswith(b"#"):
+                continue
+            if len(jobs) == MAX_JOBS:
+                raise UsageError(f"more than {MAX_JOBS} jobs", path=plan)
+            try:
+                job = _parse_line(raw, absolute_paths)
+            except ValueError as exc:
+                raise UsageError(f"line {number}: {exc}", path=plan) from None
+            if job.id in seen:
+                raise UsageError(f"line {number}: id {job.id!r} is already the id of line {seen[job.id]}", path=plan)
+            seen[job.id] = number
+            for name in OPERATIONS[job.op].outputs:
+                written = os.path.abspath(job.arguments[name])
+                if written in outputs:
+                    raise UsageError(f"line {number}: {name} {job.arguments[name]!r} is also written by line "
+                                     f"{outputs[written]}", path=plan)
+                outputs[written] = number
+            jobs.append(job)
     if not jobs:
         raise UsageError("the plan has no jobs", path=plan)
     return jobs
 
 
-def _parse_line(raw: bytes, number: int, absolute_paths: bool) -> Job:
-    if len(raw) > MAX_LINE:
+def _parse_line(raw: bytes, absolute_paths: bool) -> Job:
+    if len(raw) > MAX_LINE:  # read no further: the rest of it would be taken for the next line
         raise ValueError(f"longer than {MAX_LINE} bytes")
     try:
         entry = json.loads(raw)
@@ -205,7 +204,7 @@ def _parse_line(raw: bytes, number: int, absolute_paths: bool) -> Job:
                     raise ValueError(f"{name!r} {value!r} must be an absolute path when jobs run on a cluster")
     canonical = json.dumps({"id": job_id, "op": op_name, **entry}, sort_keys=True, separators=(",", ":"))
     key = hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    return Job(job_id, op_name, entry, key, number)
+    return Job(job_id, op_name, entry, key)
 
 
 def _check_disk_set(arguments: dict[str, Any]) -> None:

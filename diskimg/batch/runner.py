@@ -88,6 +88,7 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # a terminal's Ctrl-C reaches the runner only, which passes it on exactly once
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _sigint_blocked(False)  # blocked since the runner started us: a Ctrl-C during start-up waited till here
     while True:
         try:
             job = conn.recv()
@@ -96,16 +97,26 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             entry = run_job(job)
         except (KeyboardInterrupt, EOFError):
             return  # the job in hand is not journaled; its output was removed on the way out
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # an entry is sent whole
+        _sigint_blocked(True)  # an entry is sent whole
         conn.send(entry)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        _sigint_blocked(False)
+
+
+def _sigint_blocked(blocked: bool) -> None:
+    """Hold SIGINT back (or let it through) in this thread, where signal masks exist (POSIX)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if blocked else signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class _Worker:
     def __init__(self, context: Any) -> None:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_worker_main, args=(child,), daemon=True)
-        self.process.start()
+        _sigint_blocked(True)  # inherited: the worker takes no Ctrl-C before it leaves our process group
+        try:
+            self.process.start()
+        finally:
+            _sigint_blocked(False)
         child.close()
         self.job: Job | None = None
 
