@@ -272,7 +272,9 @@ def process_writing(path: Path) -> int | None:
     return None
 
 
-def test_interrupted_batch_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ctrl_c_to", ["process", "terminal"])
+def test_interrupted_batch_resumes(tmp_path: Path, ctrl_c_to: str) -> None:
+    """SIGINT to the batch alone (kill -INT), or to its whole process group as a terminal's Ctrl-C."""
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir(), out.mkdir()
     sources = slow_sources(src, 6, 24 * MiB)
@@ -287,11 +289,14 @@ def test_interrupted_batch_resumes(tmp_path: Path) -> None:
     journal = tmp_path / "journal.jsonl"
     batch = subprocess.Popen([sys.executable, "-m", "diskimg", "batch", str(plan), "--journal", str(journal),
                               "--jobs", "1"], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, start_new_session=True)
     deadline = time.monotonic() + 60
     while (not journal.exists() or journal.read_text().count("\n") < 2) and time.monotonic() < deadline:
         time.sleep(0.02)
-    batch.send_signal(signal.SIGINT)
+    if ctrl_c_to == "terminal":
+        os.killpg(batch.pid, signal.SIGINT)
+    else:
+        batch.send_signal(signal.SIGINT)
     _, stderr = batch.communicate(timeout=120)
     assert batch.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "diskimg: interrupted"
@@ -396,3 +401,16 @@ def test_python_api(fleet: Path, tmp_path: Path) -> None:
     assert sorted(events) == sorted([("start", i) for i in ("c0", "c1", "c2", "c3", "v")]
                                     + [("ok", f"c{n}") for n in range(4)] + [("error", "v")])
     qemu_compare(fleet / "disk0.qcow2", "qcow2", tmp_path / "c3.raw", "raw")
+
+
+def test_one_batch_per_journal(fleet: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    journal = tmp_path / "journal.jsonl"
+    plan = write_plan(tmp_path / "plan.jsonl", small_plan(fleet, tmp_path))
+    with open(journal, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a batch running on it holds it
+        proc = diskimg_cli("batch", plan, "--journal", journal, text=True)
+    assert proc.returncode == 4
+    assert proc.stderr == f"diskimg: error: {journal}: the journal is in use by another batch\n"
+    assert not list(tmp_path.glob("c*.raw"))
