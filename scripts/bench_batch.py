@@ -129,15 +129,25 @@ def main() -> None:
         parallel = [int(j) for j in args.jobs.split(",")]
         times: dict[str, list[float]] = {"shell loop": []}
         moved: dict[str, list[int]] = {}
+        per_op: dict[str, list[tuple[float, int]]] = {}  # op -> (seconds, bytes moved) of each job, one at a time
+        journal = os.path.join(work, "journal.jsonl")
         for _ in range(args.runs):
             clean(out)
             times["shell loop"].append(timed(["bash", loop])[0])
             for j in parallel:
                 clean(out)
-                seconds, stdout = timed(DISKIMG + ["batch", plan, "--jobs", str(j), "--json", "--progress", "none"])
+                if os.path.exists(journal):
+                    os.unlink(journal)
+                seconds, stdout = timed(DISKIMG + ["batch", plan, "--jobs", str(j), "--json", "--progress", "none",
+                                                   "--journal", journal])
                 summary = json.loads(stdout)
                 times.setdefault(f"batch --jobs {j}", []).append(seconds)
                 moved.setdefault(f"batch --jobs {j}", []).append(summary["read_bytes"] + summary["written_bytes"])
+                if j == 1:
+                    with open(journal) as f:
+                        for entry in map(json.loads, f):
+                            per_op.setdefault(entry["op"], []).append(
+                                (entry["seconds"], entry["read_bytes"] + entry["written_bytes"]))
         print(f"{len(jobs)} jobs ({args.disks} disks of {args.size}, {args.data} data each: validate, convert to "
               f"vhd, export raw tar.gz); median of {args.runs} runs; {os.cpu_count()} cores")
         print(f"{'runner':<18}{'seconds':>9}{'jobs/s':>9}{'jobs/hour':>11}{'moved/s':>12}{'vs loop':>9}")
@@ -147,6 +157,11 @@ def main() -> None:
             rate = f"{format_size(int(statistics.median(moved[name]) / median))}" if name in moved else "-"
             print(f"{name:<18}{median:>9.2f}{len(jobs) / median:>9.2f}{3600 * len(jobs) / median:>11.0f}"
                   f"{rate:>12}{loop_median / median:>8.2f}x")
+        if per_op:
+            print("one job at a time (batch --jobs 1), per job: median seconds, median bytes moved (read + written)")
+            for op, figures in per_op.items():
+                print(f"  {op:<10}{statistics.median(f[0] for f in figures):>8.2f} s"
+                      f"{format_size(int(statistics.median(f[1] for f in figures))):>12}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
