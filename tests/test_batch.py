@@ -414,3 +414,12 @@ def test_one_batch_per_journal(fleet: Path, tmp_path: Path) -> None:
     assert proc.returncode == 4
     assert proc.stderr == f"diskimg: error: {journal}: the journal is in use by another batch\n"
     assert not list(tmp_path.glob("c*.raw"))
+
+
+def test_cluster_plan_needs_absolute_paths(tmp_path: Path) -> None:
+    """Workers on other machines do not share our working directory: refused before connecting."""
+    plan = write_plan(tmp_path / "plan.jsonl", [{"id": "a", "op": "verify", "path": "exports/m1.manifest.json"}])
+    proc = diskimg_cli("batch", plan, "--scheduler", "tcp://127.0.0.1:9", text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"diskimg: error: {plan}: line 1: 'path' 'exports/m1.manifest.json' must be an absolute "
+                           "path when jobs run on a cluster\n")
