@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from diskimg.units import format_size, parse_size  # noqa: E402  (the checkout's, after the path is set)
+from diskimg.units import format_size, parse_size
 
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 DISKIMG = [sys.executable, "-m", "diskimg"]

@@ -18,8 +18,20 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT, GiB, MiB, copy_in, default_sigint, diskimg_cli, qemu_compare, qemu_img, qemu_io, \
-    requires_qemu, run, write_boot_code
+from .conftest import (
+    ROOT,
+    GiB,
+    MiB,
+    copy_in,
+    default_sigint,
+    diskimg_cli,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    requires_qemu,
+    run,
+    write_boot_code,
+)
 from .guest_builders import ext4_image, mbr_disk, new_uuid, ubuntu_tree, write_tree
 
 pytestmark = requires_qemu
@@ -303,7 +315,7 @@ def test_interrupted_batch_resumes(tmp_path: Path, ctrl_c_to: str) -> None:
     first = read_entries(journal)
     assert 2 <= len(first) < len(jobs)
     # an interrupted job leaves nothing: every output there is a journaled job's
-    assert {p.name for p in out.iterdir()} == {Path(jobs[i]["target"]).name for i, job in enumerate(jobs)
+    assert {p.name for p in out.iterdir()} == {Path(job["target"]).name for i, job in enumerate(jobs)
                                                if job["id"] in first and first[job["id"]]["outcome"] == "ok"}
     resumed = diskimg_cli("batch", plan, "--journal", journal, "--json", text=True)
     assert resumed.returncode == 1  # the missing source, whichever run journaled it

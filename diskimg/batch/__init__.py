@@ -19,7 +19,7 @@ from ..errors import UsageError
 from .journal import Journal, read_journal
 from .plan import OPERATIONS, Job, read_plan
 
-__all__ = ["BatchResult", "BatchProgress", "batch", "default_jobs", "OPERATIONS", "Job", "read_plan"]
+__all__ = ["OPERATIONS", "BatchProgress", "BatchResult", "Job", "batch", "default_jobs", "read_plan"]
 
 #: memory one job may take, for the default number of parallel jobs: a worker process (~30 MiB)
 #: plus a conversion's or an export's buffers (README: 30-100 MiB), with room to spare
