@@ -526,7 +526,8 @@ def _batch_progress(mode: str) -> tuple[Callable[[str, str, int, int], None] | N
             running.remove(job_id)
         bar.total = total
         bar.update(finished - bar.n)
-        bar.set_postfix_str(", ".join(running), refresh=True)
+        shown = ", ".join(running[:4]) + (f" and {len(running) - 4} more" if len(running) > 4 else "")
+        bar.set_postfix_str(shown, refresh=True)
 
     return update, bar.close
 

@@ -25,8 +25,9 @@ __all__ = ["OPERATIONS", "BatchProgress", "BatchResult", "Job", "batch", "defaul
 #: plus a conversion's or an export's buffers (README: 30-100 MiB), with room to spare
 JOB_MEMORY = 192 << 20
 
-#: ``progress(event, job_id, finished, total)``: event ``start`` (a worker took the job) or the
-#: outcome of a finished job (``ok``, ``no``, ``error``); ``finished`` counts the whole plan
+#: ``progress(event, job_id, finished, total)``: event ``start`` (a worker took the job; on Dask: the
+#: task was submitted) or the outcome of a finished job (``ok``, ``no``, ``error``); ``finished``
+#: counts the whole plan
 BatchProgress = Callable[[str, str, int, int], None]
 
 
@@ -100,6 +101,8 @@ def batch(
     """
     if jobs is not None and jobs < 1:
         raise UsageError("jobs must be 1 or more")
+    if jobs is not None and scheduler is not None:
+        raise UsageError("--jobs is for worker processes here; on a Dask cluster its workers decide how many run")
     started = time.monotonic()
     plan_path = os.fspath(plan)
     all_jobs = read_plan(plan_path, absolute_paths=scheduler is not None)
