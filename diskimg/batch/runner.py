@@ -156,7 +156,8 @@ def run_local(jobs: Iterable[Job], workers: int, record: EntrySink, started: Sta
                 job, how = worker.job, _death(worker.process)
                 for path in [job.arguments[name] for name in OPERATIONS[job.op].outputs]:
                     for leftover in leftover_temporaries(path):
-                        os.unlink(leftover)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(leftover)
                 if attempts[job.ref] < ATTEMPTS:
                     queue.appendleft(job)
                 else:
