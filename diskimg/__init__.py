@@ -33,7 +33,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .batch import BatchResult, batch
+    from .fleet import BatchResult, batch
     from .comparison import CompareResult, compare
     from .consistency import CheckResult, check
     from .conversion import ConvertResult, MeasureResult, ProgressCallback, convert, measure
@@ -50,7 +50,7 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _LAZY = {
-    **dict.fromkeys(("BatchResult", "batch"), "batch"),
+    **dict.fromkeys(("BatchResult", "batch"), "fleet"),
     **dict.fromkeys(("CompareResult", "compare"), "comparison"),
     **dict.fromkeys(("CheckResult", "check"), "consistency"),
     **dict.fromkeys(("ConvertResult", "MeasureResult", "ProgressCallback", "convert", "measure"), "conversion"),

@@ -6,7 +6,6 @@ unsupported, corrupt); 4 the output cannot be written; 130 interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -62,28 +61,38 @@ def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
 
     detection = detect(image)
     facts = None
+    refusal = None
     if fmt is None and not detection.readable and opens_through_wrapper(detection):
-        with contextlib.suppress(UnsupportedFormat):  # e.g. a qcow2 in a compressed stream: described below
+        try:
             facts = image_info(image)  # a disk read through the wrapper: details say how
+        except UnsupportedFormat as exc:  # e.g. a qcow2 in a compressed stream: described below
+            refusal = exc
     if fmt is None and not detection.readable and facts is None:
         # A format diskimg does not read: say what it is and how to convert it.
         result: dict[str, Any] = {"filename": image, **detection.to_dict()}
+        if refusal is not None and refusal.format != detection.inner_format:  # opening saw more (the disk's end)
+            result.update(inner_format=refusal.format, description=refusal.message, hint=refusal.hint)
         if as_json:
             _print_json(result)
         else:
             click.echo(f"image: {image}")
-            click.echo(f"file format: {detection.format} ({detection.description})")
-            if detection.hint:
-                click.echo(f"diskimg does not read this format: {detection.hint}")
+            click.echo(f"file format: {detection.format} ({result['description']})")
+            if result.get("hint"):
+                click.echo(f"diskimg does not read this format: {result['hint']}")
         return
     facts = facts or image_info(image, fmt, vhd_size=vhd_size)  # type: ignore[arg-type]
-    result = {"filename": image, **facts.to_dict(), "description": detection.description}
+    description = detection.description
+    if facts.details.get("inner_format") not in (None, detection.inner_format):  # opening saw more (the disk's end)
+        wrapper, compression = facts.details.get("wrapper"), facts.details.get("compression")
+        through = f"a {compression}-compressed tar" if wrapper == "tar" and compression else f"a {wrapper} file"
+        description = f"{facts.details['inner_description']}, read through {through}"
+    result = {"filename": image, **facts.to_dict(), "description": description}
     if detection.starts_with:
         result["starts_with"] = detection.starts_with
     if as_json:
         _print_json(result)
         return
-    click.echo("\n".join(_info_lines(image, facts, detection.description)))
+    click.echo("\n".join(_info_lines(image, facts, description)))
 
 
 def _info_lines(image: str, facts: ImageInfo, description: str) -> list[str]:

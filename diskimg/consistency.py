@@ -1,14 +1,17 @@
 """Structural checks of an image file, like ``qemu-img check``: ``check(path) -> CheckResult``.
 
-qcow2 (following qemu's ``qcow2_check_refcounts``): every reference of every host cluster is
-counted - header, L1 tables (active and snapshots), L2 tables, data and compressed clusters, the
-snapshot table, the refcount table and blocks, the encryption header, persistent bitmaps - and
-the counts are compared with the refcounts stored in the image. A stored refcount lower than the
-references is a *corruption* (a cluster may be freed while in use), a higher one a *leak*
-(wasted space). Unaligned tables, references past the end of the file, ``OFLAG_COPIED`` flags
-that disagree with the refcounts and invalid subcluster bitmaps are corruptions too. The counts
-(``corruptions``, ``leaks``, ``image_end_offset``, ``allocated_clusters``...) are meant to agree
-with ``qemu-img check --output=json``.
+qcow2: first the header, judged by the reader's own rule (``qcow2.check_header``): a header no
+reader takes is one corruption and nothing more is counted (qemu opens no such image); a feature
+diskimg does not take (an external data file, an unknown compression type...) raises
+UnsupportedFormat, as in every other command. Then, following qemu's ``qcow2_check_refcounts``,
+every reference of every host cluster is counted - header, L1 tables (active and snapshots), L2
+tables, data and compressed clusters, the snapshot table, the refcount table and blocks, the
+encryption header, persistent bitmaps - and the counts are compared with the refcounts stored in
+the image. A stored refcount lower than the references is a *corruption* (a cluster may be freed
+while in use), a higher one a *leak* (wasted space). Unaligned tables, references past the end of
+the file, ``OFLAG_COPIED`` flags that disagree with the refcounts and invalid subcluster bitmaps
+are corruptions too. The counts (``corruptions``, ``leaks``, ``image_end_offset``,
+``allocated_clusters``...) are meant to agree with ``qemu-img check --output=json``.
 
 VHD (which qemu-img cannot check): the footer and its copy at offset 0, their checksums, the
 dynamic header's checksum, the BAT inside the file, every allocated block inside the file,
@@ -29,7 +32,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from .probe import detect
+from .probe import check_forced, detect
 from .errors import CorruptImage, DiskImageError, UnsupportedFormat
 from .formats import canonical_format
 from .formats import qcow2 as q
@@ -41,8 +44,8 @@ from .image import source_name
 MAX_PROBLEMS = 200
 #: host clusters a qcow2 check will count (2 bytes each in memory)
 MAX_CHECK_CLUSTERS = 1 << 28
-#: table entries (L1 of every snapshot, bitmap tables) one check walks before giving up
-MAX_TABLE_ENTRIES = 1 << 26
+#: distinct L2 tables a qcow2 check keeps track of (262144 tables map 128 TiB with 64 KiB clusters)
+MAX_L2_TABLES = 1 << 18
 
 
 @dataclass
@@ -92,13 +95,15 @@ class CheckResult:
     def clean(self) -> bool:
         return not (self.corruptions or self.leaks or self.check_errors or self.truncated or self.flags)
 
-    def add(self, kind: str, message: str, offset: int | None = None, structure: str | None = None) -> None:
+    def add(self, kind: str, message: str, offset: int | None = None, structure: str | None = None,
+            times: int = 1) -> None:
+        """Record a problem; ``times``: how often it counts (a table referenced that many times)."""
         if kind == "corruption":
-            self.corruptions += 1
+            self.corruptions += times
         elif kind == "leak":
-            self.leaks += 1
+            self.leaks += times
         elif kind == "error":
-            self.check_errors += 1
+            self.check_errors += times
         elif kind == "warning":
             self.warnings += 1
         elif kind == "truncated":
@@ -167,10 +172,13 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     """Check the structure of a RAW, VHD or qcow2 image (``format`` forces one).
 
     Problems in the image are in the result; DiskImageError is raised only when the file cannot
-    be opened (ImageNotFound) or is not one of the three formats (UnsupportedFormat).
+    be opened (ImageNotFound), is not one of the three formats or uses a feature diskimg does not
+    take (UnsupportedFormat), or contradicts the forced format (FormatMismatch, as ``open_image``).
     """
     detection = detect(source)
     name = canonical_format(format) if format else detection.format
+    if format:
+        check_forced(detection, name, source_name(source))
     if name not in ("raw", "vhd", "qcow2"):
         raise UnsupportedFormat(
             f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",
@@ -186,6 +194,9 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
                 _VhdCheck(host, result).run()
             else:
                 result.image_end_offset = host.size
+        except UnsupportedFormat as exc:
+            exc.path = exc.path or host.name
+            raise
         except DiskImageError as exc:
             result.add("error", f"the check could not go on: {exc.message if hasattr(exc, 'message') else exc}",
                        getattr(exc, "offset", None), getattr(exc, "structure", None))
@@ -215,8 +226,11 @@ class _Qcow2Check:
     def run(self) -> None:
         result = self.result
         header, self.extensions, first_cluster, error = q.read_first_cluster(self.host)
-        if not q.MIN_CLUSTER_BITS <= header.cluster_bits <= q.MAX_CLUSTER_BITS:
-            result.add("error", f"cluster_bits {header.cluster_bits} is outside 9..21", 20, "header")
+        if isinstance(error, UnsupportedFormat):
+            raise error
+        if error is not None and (header.cluster_bits < q.MIN_CLUSTER_BITS
+                                  or header.header_length > header.cluster_size):
+            result.add("corruption", error.message, error.offset, "header")
             return
         self.header = header
         self.bits = header.cluster_bits
@@ -232,9 +246,12 @@ class _Qcow2Check:
             result.flags.append("dirty")
         if incompat & q.INCOMPAT_CORRUPT:
             result.flags.append("corrupt")
+        try:
+            q.check_header(header, self.extensions, self.file_size)
+        except CorruptImage as exc:  # as qemu, which opens no such image: nothing else is counted
+            result.add("corruption", exc.message, exc.offset, exc.structure)
+            return
         self.extended = header.extended_l2
-        # with an external data file, guest data clusters live there and are not refcounted here
-        self.data_file = bool(incompat & q.INCOMPAT_DATA_FILE)
         self.nb_clusters = -(-self.file_size // cs)
         if self.nb_clusters > MAX_CHECK_CLUSTERS:
             result.add("error", f"the file has {self.nb_clusters} clusters, more than this check counts", None, "file")
@@ -247,12 +264,19 @@ class _Qcow2Check:
         result.compressed_clusters = 0
         self.next_contiguous = 0
 
+        # table entries this check reads: a sound image's tables never overlap, so together they
+        # hold at most file_size / 8 entries (L2 tables shared by snapshots are walked once)
+        self.entries_left = self.file_size // 8
+        #: L2 table offset -> [references, references from the active L1, first active L1 index]
+        self.l2_tables: dict[int, list[int]] = {}
+        self.walked_l2: list[int] = []
         self.inc(0, cs, "header")
         self.check_l1(header.l1_table_offset, header.l1_size, active=True, what="L1 table")
         snapshots = self.snapshots()
         for snapshot in snapshots:
             self.check_l1(snapshot.l1_table_offset, snapshot.l1_size, active=False,
                           what=f"snapshot {snapshot.id} L1 table")
+        self.walk_l2_tables()
         self.inc(header.refcount_table_offset, header.refcount_table_clusters * cs, "refcount table")
         if header.crypt_method == q.CRYPT_LUKS and self.extensions.fde is not None:
             offset, length = self.extensions.fde
@@ -260,22 +284,20 @@ class _Qcow2Check:
         if self.extensions.bitmaps is not None:
             self.check_bitmaps(self.extensions.bitmaps)
         ondisk = self.refcounts()
-        if ondisk is None:
-            return
         self.compare(ondisk)
         self.check_copied_flags(ondisk)
 
     # references --------------------------------------------------------------------------------
 
-    def inc(self, offset: int, size: int, what: str) -> None:
-        """Count a reference to the clusters of [offset, offset + size) (qcow2_inc_refcounts_imrt)."""
+    def inc(self, offset: int, size: int, what: str, times: int = 1) -> None:
+        """Count ``times`` references to the clusters of [offset, offset + size) (qcow2_inc_refcounts_imrt)."""
         if size <= 0:
             return
         if offset + size - self.file_size >= self.cs:
             # as qemu: a region ending a cluster or more past the end of the file is not counted
             self.result.add("truncated", f"{what} at offset {offset} ({size} bytes) reaches past the end of the "
                             f"file ({self.file_size} bytes)", offset, what)
-            self.result.corruptions += 1
+            self.result.corruptions += times
             return
         refs = self.refs
         first = offset >> self.bits
@@ -283,22 +305,32 @@ class _Qcow2Check:
         if last >= len(refs):
             refs.extend(array("H", bytes(2 * (last + 1 - len(refs)))))
         for cluster in range(first, last + 1):
-            if refs[cluster] == 0xFFFF:
-                self.result.add("error", f"cluster {cluster} is referenced more than 65535 times", cluster << self.bits)
-                continue
-            refs[cluster] += 1
+            count = refs[cluster] + times
+            if count > 0xFFFF:  # as qemu: each reference past the counter's maximum is a corruption
+                self.result.add("corruption", f"cluster {cluster} is referenced more than 65535 times",
+                                cluster << self.bits, what, times=count - 0xFFFF)
+                count = 0xFFFF
+            refs[cluster] = count
 
-    def budget(self, entries: int, what: str) -> bool:
-        """Charge ``entries`` table entries to this check; False (and an error) once too many."""
-        self.walked = getattr(self, "walked", 0) + entries
-        if self.walked > MAX_TABLE_ENTRIES:
-            self.result.add("error", f"{what}: more tables than this check walks ({MAX_TABLE_ENTRIES} entries)")
-            return False
-        return True
+    def table(self, offset: int, length: int, what: str) -> array | None:
+        """The entries of a table of ``length`` bytes, up to the end of the file (past it they read as
+        zeros, so nothing is walked there); None, and an error once, when the check's budget of
+        entries is spent: tables that overlap are corrupt, and walking them could take hours."""
+        inside = max(0, min(length, self.file_size - offset)) & ~7
+        if inside > 8 * self.entries_left:
+            if self.entries_left >= 0:
+                self.result.add("error", f"{what}: the tables overlap, more table entries than the file holds; "
+                                "not walked further", offset, what)
+                self.entries_left = -1
+            return None
+        self.entries_left -= inside // 8
+        return q.parse_u64_table(self.read(offset, inside))
 
     def check_l1(self, l1_offset: int, l1_size: int, *, active: bool, what: str) -> None:
+        """Count the L1 table and the references to its L2 tables; the L2 tables are walked later,
+        each once however many entries point at it (walk_l2_tables)."""
         cs = self.cs
-        if l1_size == 0 or not self.budget(l1_size, what):
+        if l1_size == 0:
             return
         if l1_size > q.MAX_L1_ENTRIES:
             self.result.add("corruption", f"{what} of {l1_size} entries is larger than 32 MiB", None, what)
@@ -307,9 +339,12 @@ class _Qcow2Check:
             self.result.add("corruption", f"{what} offset {l1_offset:#x} is not cluster aligned", l1_offset, what)
             return
         self.inc(l1_offset, l1_size * 8, what)
-        l1 = q.parse_u64_table(self.read(l1_offset, l1_size * 8))
+        l1 = self.table(l1_offset, l1_size * 8, what)
+        if l1 is None:
+            return
         if active:
             self.active_l1 = l1
+        tables = self.l2_tables
         for index, entry in enumerate(l1):
             l2_offset = entry & q.L1E_OFFSET_MASK
             if not l2_offset:
@@ -321,10 +356,32 @@ class _Qcow2Check:
                     f"L2 table offset {l2_offset:#x} (L1 index {index}) is not cluster aligned; L1 entry corrupted",
                     l1_offset + 8 * index, what,
                 )
-            self.inc(l2_offset, cs, "L2 table")
-            self.check_l2(q.parse_u64_table(self.read(l2_offset, cs)), l2_offset, active, index)
+            uses = tables.get(l2_offset)
+            if uses is None:
+                if len(tables) >= MAX_L2_TABLES:
+                    self.result.add("error", f"{what}: more than {MAX_L2_TABLES} L2 tables; not walked further",
+                                    l1_offset + 8 * index, what)
+                    return
+                tables[l2_offset] = uses = [0, 0, index]
+            uses[0] += 1
+            if active:
+                uses[1] += 1
 
-    def check_l2(self, table: array, l2_offset: int, active: bool, l1_index: int) -> None:
+    def walk_l2_tables(self) -> None:
+        """Each L2 table once, its references counted as often as L1 entries point at it (as qemu,
+        which walks it again for each entry)."""
+        cs = self.cs
+        for l2_offset, (uses, active_uses, l1_index) in self.l2_tables.items():
+            self.inc(l2_offset, cs, "L2 table", uses)
+            table = self.table(l2_offset, cs, "L2 table")
+            if table is None:
+                return
+            self.walked_l2.append(l2_offset)
+            self.check_l2(table, l2_offset, uses, active_uses, l1_index)
+
+    def check_l2(self, table: array, l2_offset: int, uses: int, active_uses: int, l1_index: int) -> None:
+        """One L2 table: its clusters referenced ``uses`` times, ``active_uses`` of them from the
+        active L1 (whose first entry pointing here is ``l1_index``)."""
         cs = self.cs
         bits = self.bits
         result = self.result
@@ -342,20 +399,16 @@ class _Qcow2Check:
             if entry & q.OFLAG_COMPRESSED:
                 if entry & q.OFLAG_COPIED:
                     result.add("corruption", f"compressed cluster entry {entry:#x} has the COPIED flag set", where,
-                               "L2 table")
+                               "L2 table", uses)
                 if bitmaps is not None and bitmap:
                     result.add("corruption", "compressed cluster entry has a non-zero subcluster bitmap", where,
-                               "L2 table")
-                if self.data_file:
-                    result.add("corruption", "compressed cluster in an image with an external data file", where,
-                               "L2 table")
-                    continue
+                               "L2 table", uses)
                 decoded = q.decode_l2_entry(entry, bits, self.extended)
-                self.inc(decoded.host_offset, decoded.compressed_length, "compressed cluster")
-                if active:
-                    result.allocated_clusters += 1  # type: ignore[operator]
-                    result.compressed_clusters += 1  # type: ignore[operator]
-                    result.fragmented_clusters += 1  # type: ignore[operator]
+                self.inc(decoded.host_offset, decoded.compressed_length, "compressed cluster", uses)
+                if active_uses:
+                    result.allocated_clusters += active_uses  # type: ignore[operator]
+                    result.compressed_clusters += active_uses  # type: ignore[operator]
+                    result.fragmented_clusters += active_uses  # type: ignore[operator]
                     if result.first_compressed_offset is None:
                         result.first_compressed_offset = (l1_index * len(entries) + index) * cs
                 continue
@@ -363,20 +416,19 @@ class _Qcow2Check:
             if bitmaps is not None:
                 allocated, zero = bitmap & q.SUBCLUSTER_MASK, bitmap >> 32
                 if allocated & zero or (allocated and not host):
-                    result.add("corruption", f"invalid subcluster bitmap {bitmap:#018x}", where, "L2 table")
+                    result.add("corruption", f"invalid subcluster bitmap {bitmap:#018x}", where, "L2 table", uses)
                     continue
-            if not host and not (self.data_file and entry & q.OFLAG_COPIED):
-                continue  # unallocated or zero without a cluster (offset 0 is valid in a data file)
+            if not host:
+                continue  # unallocated, or zero without a cluster
             if host % cs:  # as qemu: reported, then still counted
-                result.add("corruption",
-                           f"cluster offset {host:#x} is not cluster aligned; L2 entry corrupted", where, "L2 table")
-            if active:
-                result.allocated_clusters += 1  # type: ignore[operator]
+                result.add("corruption", f"cluster offset {host:#x} is not cluster aligned; L2 entry corrupted",
+                           where, "L2 table", uses)
+            if active_uses:
+                result.allocated_clusters += active_uses  # type: ignore[operator]
                 if self.next_contiguous and host != self.next_contiguous:
-                    result.fragmented_clusters += 1  # type: ignore[operator]
+                    result.fragmented_clusters += active_uses  # type: ignore[operator]
                 self.next_contiguous = host + cs
-            if not self.data_file:
-                self.inc(host, cs, "data cluster")
+            self.inc(host, cs, "data cluster", uses)
 
     def snapshots(self) -> list[q.Qcow2Snapshot]:
         header = self.header
@@ -384,10 +436,6 @@ class _Qcow2Check:
             return []
         cs = self.cs
         offset = header.snapshots_offset
-        if header.nb_snapshots > q.MAX_SNAPSHOTS or offset % cs:
-            self.result.add("corruption", f"snapshot table ({header.nb_snapshots} entries at offset {offset}) is "
-                            "unaligned or too large", 64, "header")
-            return []
         data = self.read(offset, min(q.MAX_SNAPSHOT_TABLE_BYTES, max(0, self.file_size - offset)))
         snapshots: list[q.Qcow2Snapshot] = []
         position = 0
@@ -426,11 +474,11 @@ class _Qcow2Check:
                 self.result.add("corruption", f"bitmap table at {table_offset:#x} is unaligned or too large",
                                 table_offset, "bitmap table")
                 continue
-            if not self.budget(table_size, "bitmap table"):
-                return
             self.inc(table_offset, table_size * 8, "bitmap table")
-            raw = self.read(table_offset, table_size * 8)
-            for entry in q.parse_u64_table(raw[: len(raw) - len(raw) % 8]):
+            entries = self.table(table_offset, table_size * 8, "bitmap table")
+            if entries is None:
+                return
+            for entry in entries:
                 offset = entry & q.BME_TABLE_ENTRY_OFFSET_MASK
                 if offset:
                     if offset % cs:
@@ -441,20 +489,13 @@ class _Qcow2Check:
 
     # stored refcounts -------------------------------------------------------------------------------
 
-    def refcounts(self) -> array | None:
+    def refcounts(self) -> array:
         """The stored refcount of every counted cluster (qemu's check_refblocks + get_refcount)."""
         header = self.header
         cs = self.cs
         result = self.result
         order = header.refcount_order
-        if order > q.MAX_REFCOUNT_ORDER:
-            result.add("error", f"refcount_order {order} is above 6", 96, "header")
-            return None
         table_bytes = header.refcount_table_clusters * cs
-        if header.refcount_table_offset % cs or table_bytes > q.MAX_REFCOUNT_TABLE_BYTES or not table_bytes:
-            result.add("corruption", "the refcount table is missing, unaligned or larger than 8 MiB",
-                       header.refcount_table_offset, "refcount table")
-            return None
         raw = self.read(header.refcount_table_offset, table_bytes)
         table = q.parse_refcount_table(raw)
         per_block = cs * 8 >> order
@@ -551,6 +592,12 @@ class _Qcow2Check:
                 self.result.add("corruption", f"OFLAG_COPIED of L2 table {l2_offset:#x} (L1 index {index}) "
                                 f"disagrees with its refcount {refcount}", header.l1_table_offset + 8 * index,
                                 "L1 table")
+        # each L2 table of the active L1 once, its problems counted once per L1 entry pointing at it;
+        # only the tables the counting walk read (it stops where the budget does)
+        for l2_offset in self.walked_l2:
+            active_uses = self.l2_tables[l2_offset][1]
+            if not active_uses:
+                continue
             entries = q.parse_u64_table(self.read(l2_offset, cs))[0::width]
             for number, l2_entry in enumerate(entries):
                 if not l2_entry or l2_entry & q.OFLAG_COMPRESSED:
@@ -558,10 +605,10 @@ class _Qcow2Check:
                 host = l2_entry & q.L2E_OFFSET_MASK
                 if not host:
                     continue
-                refcount = 1 if self.data_file else stored(host)
+                refcount = stored(host)
                 if refcount is not None and (refcount == 1) != bool(l2_entry & q.OFLAG_COPIED):
                     self.result.add("corruption", f"OFLAG_COPIED of data cluster {host:#x} disagrees with its "
-                                    f"refcount {refcount}", l2_offset + 8 * width * number, "L2 table")
+                                    f"refcount {refcount}", l2_offset + 8 * width * number, "L2 table", active_uses)
 
 
 # -- VHD ----------------------------------------------------------------------------------------------

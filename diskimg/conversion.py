@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -29,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 from . import interrupts
 from .probe import detect
 from .detection import FORMAT_ALIASES, VhdSizeRule
-from .errors import DiskImageError, OutputError, UnsupportedFormat, UsageError
+from .errors import DiskImageError, UnsupportedFormat, UsageError
 from .formats import WRITERS, canonical_format
 from .image import Source, open_image
 from .reader import DiskReader, Extent, ExtentKind
-from .writer import DiskWriter, OutputTarget, parse_options
+from .outputs import output_target, temporary_beside
+from .writer import DiskWriter, parse_options
 from .hostfile import io_buffer
 from .zeroes import nonzero_runs
 
@@ -129,9 +128,11 @@ def convert(
     with contextlib.ExitStack() as stack:
         if reader is not source:
             stack.enter_context(reader)
-        output = stack.enter_context(
-            _output(target, force, reader.path, hash_output=checksum and not hash_afterwards))
         virtual_size = aligned_size(reader.virtual_size, align)
+        output = stack.enter_context(output_target(
+            target, force, reader.path, checksum and not hash_afterwards,
+            needed=lambda: writer_class.measure(virtual_size, with_zero_tail(
+                reader.extents(), reader.virtual_size, virtual_size), writer_options, compress)))
         # closed before the output: no thread of the writer may outlive the file it writes into
         writer = stack.enter_context(contextlib.closing(
             writer_class(output, virtual_size, writer_options, compress)))
@@ -217,8 +218,7 @@ def measure(
         data_bytes = sum(e.length for e in plan if e.kind is ExtentKind.DATA)
         try:
             required = writer_class.measure(virtual_size, plan, writer_options, compress)
-            fully_allocated = writer_class.measure(
-                virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], writer_options, compress)
+            fully_allocated = writer_class.fully_allocated(virtual_size, writer_options, compress)
         except DiskImageError as exc:  # the options are checked: what is left is this disk (too large...)
             exc.path = exc.path or reader.path
             raise
@@ -501,103 +501,6 @@ def scan_for_zeroes(reader: DiskReader, granularity: int, progress: ProgressCall
         yield Extent(data_start, data_end - data_start, ExtentKind.DATA)
     if data_end < reader.virtual_size:
         yield Extent(data_end, reader.virtual_size - data_end, ExtentKind.ZERO)
-
-
-@contextlib.contextmanager
-def _output(
-    target: str | os.PathLike[str], force: bool, source_path: str, hash_output: bool = False
-) -> Iterator[OutputTarget]:
-    """An OutputTarget on standard output, or on a temporary file renamed to ``target`` on success."""
-    if os.fspath(target) == "-":
-        sys.stdout.flush()
-        yield OutputTarget(sys.stdout.fileno(), "<stdout>", hash_output=hash_output)
-        return
-    with temporary_beside(target, force, source_path) as temporary:
-        fd = os.open(temporary, os.O_WRONLY | getattr(os, "O_BINARY", 0))
-        try:
-            yield OutputTarget(fd, os.fspath(target), hash_output=hash_output)
-        finally:
-            os.close(fd)
-
-
-def _temporary_prefix(path: str) -> str:
-    return f".{os.path.basename(path)}."
-
-
-def leftover_temporaries(target: str | os.PathLike[str]) -> list[str]:
-    """The temporaries of ``target`` that a killed process left beside it (removed on any failure
-    it could see, but a SIGKILL or a power cut leaves no chance to): for whoever reruns the job."""
-    path = os.path.abspath(os.fspath(target))
-    prefix = _temporary_prefix(path)
-    try:
-        names = os.listdir(os.path.dirname(path))
-    except OSError:
-        return []
-    return [os.path.join(os.path.dirname(path), n) for n in names if n.startswith(prefix) and n.endswith(".part")]
-
-
-@contextlib.contextmanager
-def temporary_beside(target: str | os.PathLike[str], force: bool, source_path: str) -> Iterator[str]:
-    """A temporary file name beside ``target``, renamed to it when the block completes."""
-    path = os.path.abspath(os.fspath(target))
-    if os.path.exists(path):
-        if os.path.realpath(path) == os.path.realpath(source_path):
-            raise OutputError("is the source image; refusing to overwrite it", path=path)
-        if not force:
-            raise OutputError("already exists (pass --force to replace it)", path=path)
-    directory = os.path.dirname(path)
-    try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=_temporary_prefix(path), suffix=".part")
-    except OSError as exc:
-        raise OutputError(f"cannot create a file in {directory}: {exc.strerror}", path=path) from None
-    os.close(fd)
-    try:
-        yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-@contextlib.contextmanager
-def output_directory(path: str | os.PathLike[str]) -> Iterator[str]:
-    """The absolute ``path`` of an output folder, made if missing (with its missing parents); if the
-    block fails, the folders made here are removed again (when empty): a failed run leaves nothing."""
-    directory = os.path.abspath(os.fspath(path))
-    made = []  # deepest first
-    missing = directory
-    while not os.path.lexists(missing):
-        made.append(missing)
-        missing = os.path.dirname(missing)
-    try:
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create the folder: {exc.strerror}", path=directory) from None
-        if not os.path.isdir(directory):
-            raise OutputError("is not a folder", path=directory)
-        yield directory
-    except BaseException:
-        for folder in made:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-        raise
-
-
-@contextlib.contextmanager
-def reported_as(final: str, temporary: str) -> Iterator[None]:
-    """Errors about ``temporary`` (an output written under a temporary name, to be renamed later)
-    name ``final``, the file the user asked for."""
-    try:
-        yield
-    except DiskImageError as exc:
-        if exc.path is not None and os.path.abspath(exc.path) == os.path.abspath(temporary):
-            exc.path = final
-        raise
 
 
 # -- the qemu-img backend --------------------------------------------------------------------------

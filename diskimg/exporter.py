@@ -51,13 +51,14 @@ from zlib_ng import gzip_ng_threaded
 
 from . import __version__, interrupts
 from .conversion import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order,
-                         map_is_plan, output_directory, read_ahead, reported_as, scan_for_zeroes, temporary_beside,
-                         with_zero_tail)
+                         map_is_plan, read_ahead, scan_for_zeroes, with_zero_tail)
 from .errors import ArchiveError, DiskImageError, OutputError, UsageError
 from .formats import WRITERS, canonical_format
 from .hashing import ContentHasher
+from .hostfile import file_kind, open_input
 from .image import Source, open_image
 from .manifest import SUFFIX as MANIFEST_SUFFIX, SUMS_SUFFIX, ExportedDisk, Manifest, read_manifest
+from .outputs import output_directory, reported_as, temporary_beside
 from .reader import DiskReader, Extent, ExtentKind
 from .tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
 from .writer import OutputTarget
@@ -430,7 +431,9 @@ def verify(path: str | os.PathLike[str], *, deep: bool = False) -> VerifyResult:
         for entry in manifest.disks:
             file_path = manifest.locate(entry)
             if not os.path.isfile(file_path):
-                files.append(VerifiedFile(manifest.path, entry.file, "missing", "not found"))
+                kind = file_kind(os.stat(file_path).st_mode) if os.path.exists(file_path) else None
+                files.append(VerifiedFile(manifest.path, entry.file, "missing",
+                                          f"is {kind}, not a file" if kind else "not found"))
                 continue
             files.append(_verify_file(manifest.path, file_path, entry, deep))
     return VerifyResult(manifests=[m.path for m in manifests], deep=deep,
@@ -440,7 +443,9 @@ def verify(path: str | os.PathLike[str], *, deep: bool = False) -> VerifyResult:
 def _find_manifests(path: str) -> list[str]:
     if not os.path.isdir(path):
         if not os.path.isfile(path):
-            raise ArchiveError("no such manifest or folder", path=path)
+            kind = file_kind(os.stat(path).st_mode) if os.path.exists(path) else None
+            raise ArchiveError(f"is {kind}, not a manifest or folder" if kind else "no such manifest or folder",
+                               path=path)
         return [os.path.abspath(path)]
     found = sorted(name for name in os.listdir(path) if name.endswith(MANIFEST_SUFFIX))
     if not found:
@@ -485,7 +490,7 @@ def _verify_file(manifest: str, path: str, entry: ExportedDisk, deep: bool) -> V
     archive = next((kind for kind, suffix in ARCHIVES.items() if suffix and name.endswith(suffix)), "none")
     content_hash: str | None = None
     decode_problem: str | None = None
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         hashed = _HashedReader(f)
         try:
             if deep and archive != "none":

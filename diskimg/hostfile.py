@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import BinaryIO
 
-from .errors import ImageNotFound
+from .errors import ImageNotFound, UsageError
 
 _HAVE_PREAD = hasattr(os, "pread")
 SEEK_DATA = getattr(os, "SEEK_DATA", None)
@@ -56,6 +56,52 @@ def io_buffer(size: int) -> tuple[bytearray, int]:
     return buffer, start
 
 
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+#: the kinds of file other than a regular one, for messages
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a block device', ... for ``st_mode``; 'a regular file' otherwise."""
+    return next((name for test, name in _KINDS if test(mode)), "a regular file")
+
+
+def open_input(path: str) -> BinaryIO:
+    """``path`` opened for reading (unbuffered), if it is a regular file or a block device.
+
+    Every file diskimg reads is opened here. A FIFO, a socket or a character device is refused
+    before it can block (opening a FIFO with no writer waits forever) or be read as a disk; a block
+    device is an image like a file (``qemu-img`` reads ``/dev/sdb`` too). Standard input is not
+    read: images are read at random offsets, which a pipe cannot do.
+    """
+    if path == "-":
+        raise UsageError("standard input is not supported: diskimg reads images at random offsets, which a pipe "
+                         "cannot do; save the stream to a file first (a file named '-' is given as ./-)")
+    try:
+        _refuse_unless_image(path, os.stat(path).st_mode)
+        # O_NONBLOCK: a FIFO put in its place after the check still cannot block the open
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | _NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise ImageNotFound("no such file", path=path) from None
+    except OSError as exc:
+        raise ImageNotFound(f"cannot open: {exc.strerror}", path=path) from None
+    try:
+        _refuse_unless_image(path, os.fstat(fd).st_mode)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return open(fd, "rb", buffering=0)
+
+
+def _refuse_unless_image(path: str, mode: int) -> None:
+    """An ImageNotFound saying what ``path`` is, unless it is a regular file or a block device."""
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise ImageNotFound(f"is {file_kind(mode)}, not an image file or block device", path=path)
+
+
 class HostFile:
     """An image file opened read-only: a path we own, or a caller's binary file object."""
 
@@ -63,14 +109,7 @@ class HostFile:
         self._lock = threading.Lock()
         if isinstance(source, (str, os.PathLike)):
             self.name = os.fspath(source)
-            try:
-                self._file: BinaryIO = open(self.name, "rb", buffering=0)  # noqa: SIM115
-            except FileNotFoundError:
-                raise ImageNotFound("no such file", path=self.name) from None
-            except IsADirectoryError:
-                raise ImageNotFound("is a directory, not an image file", path=self.name) from None
-            except OSError as exc:
-                raise ImageNotFound(f"cannot open: {exc.strerror}", path=self.name) from None
+            self._file: BinaryIO = open_input(self.name)
             self._owned = True
         else:
             self._file = source
@@ -81,6 +120,8 @@ class HostFile:
             self.fd = self._file.fileno()
         except (AttributeError, OSError, io.UnsupportedOperation):
             self.fd = None
+        if self.fd is not None and not self._owned:  # a caller's file of a pipe cannot be read at offsets
+            _refuse_unless_image(self.name, os.fstat(self.fd).st_mode)
         self.is_block_device = self.fd is not None and stat.S_ISBLK(os.fstat(self.fd).st_mode)
         self.size = self._measure_size()
 

@@ -51,7 +51,7 @@ def open_image(
 
 def image_info(source: Source, format: str | None = None, *, vhd_size: VhdSizeRule = "auto") -> ImageInfo:
     """The facts ``diskimg info`` shows; reads metadata only and never opens backing files."""
-    reader = _open(source, format, OpenOptions(vhd_size=vhd_size), False, None)
+    reader = _open(source, format, OpenOptions(vhd_size=vhd_size), False, None, see_tail=True)
     try:
         return reader.info()
     finally:
@@ -64,7 +64,11 @@ def _open(
     options: OpenOptions,
     allow_backing: bool,
     backing_dirs: Sequence[str | os.PathLike[str]] | None,
+    see_tail: bool = False,
 ) -> DiskReader:
+    """``see_tail``: a wrapped disk whose end costs a pass to see (a compressed tar's member, an xz
+    or zstd file of one block or frame) is read to its end at open (for its facts: a fixed VHD's
+    footer, a DMG trailer) rather than checked when its end is read."""
     detection = detect(source)
     if format is not None:
         name = canonical_format(format)
@@ -75,7 +79,8 @@ def _open(
         from .sources import open_wrapped, opens_through_wrapper  # loaded when a wrapper is met (start-up time)
 
         if opens_through_wrapper(detection):
-            return open_wrapped(source, detection)  # a RAW disk in a compressed file, a disk in a tar
+            # a RAW disk or a fixed VHD in a compressed file, a disk in a tar
+            return open_wrapped(source, detection, see_tail=see_tail)
         raise UnsupportedFormat(
             f"{detection.description}: diskimg reads VHD, qcow2 and RAW",
             path=source_name(source),

@@ -23,6 +23,7 @@ from typing import Any
 from .errors import ArchiveError
 from .formats import WRITERS
 from .hashing import PREFIX as CONTENT_HASH_PREFIX
+from .hostfile import open_input
 from .image import confined_path
 
 SUFFIX = ".manifest.json"
@@ -98,7 +99,7 @@ def read_manifest(path: str) -> Manifest:
     """The manifest at ``path``, checked (see the module docstring); every file it names is located
     at once, so a manifest pointing outside its folder is refused before anything is read."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ArchiveError(f"cannot read the manifest: {exc.strerror}", path=path) from None

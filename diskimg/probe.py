@@ -31,7 +31,8 @@ Decisions worth knowing:
   fails in the VHD reader, which is where the error belongs.
 * Inside a compressed wrapper only a prefix is decompressed, so the tail of the inner file is
   known only when the stream ends within the prefix; a large fixed VHD inside gzip therefore shows
-  as the RAW disk it begins with.
+  here as the RAW disk it begins with. Opening it (``sources.py``) passes the tail through the same
+  ``identify_inner`` and reads it as the fixed VHD it is.
 * ``check_forced``: forcing ``raw`` on any recognised format is a mismatch - including a fixed VHD
   (a RAW disk plus a 512-byte footer: read it as vhd, or cut the footer off) - except ISO 9660,
   which is content (a file system) rather than a container, so a hybrid ISO can be imported as a
@@ -43,7 +44,6 @@ Nothing but :class:`~diskimg.errors.DiskImageError` subclasses escapes, whatever
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from collections.abc import Callable
 from typing import BinaryIO
@@ -69,10 +69,6 @@ def detect(source: str | os.PathLike[str] | BinaryIO) -> Detection:
     except (OSError, ValueError) as exc:  # a caller's file object that cannot seek or is closed
         raise ImageNotFound(f"cannot read: {exc}", path=_name_of(source)) from None
     try:
-        if host.fd is not None and not host.is_block_device:
-            mode = os.fstat(host.fd).st_mode
-            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-                raise ImageNotFound("is a pipe, not a file: detection needs a file it can seek in", path=host.name)
         size = host.size
         head = host.pread(min(HEAD_SIZE, size), 0) if size else b""
         tail_length = min(TAIL_SIZE, size)

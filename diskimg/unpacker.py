@@ -25,20 +25,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import interrupts
-from .conversion import ProgressCallback, content_hash_of, convert, output_directory, reported_as
+from .conversion import ProgressCallback, content_hash_of, convert
 from .probe import detect
 from .detection import READABLE_FORMATS
-from .errors import ArchiveError, OutputError, UnsupportedFormat
+from .errors import ArchiveError, ImageNotFound, UnsupportedFormat
 from .formats import canonical_format
+from .hostfile import open_input
 from .image import open_image
 from .manifest import ExportedDisk, read_manifest
-from .sources import StreamDiskReader, finish_archive, open_file_bytes, open_wrapped, opens_through_wrapper
+from .outputs import new_temporary, output_directory, replace_file, reported_as, resolve_file
+from .sources import (EndShowsAnotherFormat, StreamDiskReader, finish_archive, open_file_bytes, open_wrapped,
+                      opens_through_wrapper)
 from .wrappers import COMPRESSORS, unwrapped_name
 
 _DISK_SUFFIXES = (".raw", ".img", ".qcow2", ".vhd", ".vpc", ".vmdk", ".vhdx", ".vdi")
@@ -99,13 +101,14 @@ def unpack(
         try:
             with interrupts.deferred():
                 for archive, expected in jobs:
-                    disk, temporary = _unpack_one(archive, expected, out_dir, target_format, force, progress)
-                    finished.append((temporary, disk.output))
-                    if any(disk.output == done for _, done in finished[:-1]):
+                    disk, temporary, final = _unpack_one(archive, expected, out_dir, target_format, force,
+                                                         progress)
+                    finished.append((temporary, final))
+                    if any(final == done for _, done in finished[:-1]):
                         raise ArchiveError(f"two disks would be restored to the same file {disk.output}", path=path)
                     disks.append(disk)
             for temporary, final in finished:
-                os.replace(temporary, final)
+                replace_file(temporary, final)
         except BaseException:
             for temporary, _ in finished:
                 with contextlib.suppress(OSError):
@@ -118,15 +121,16 @@ def unpack(
 def _is_manifest(path: str) -> bool:
     if path.lower().endswith(".json"):
         return True
-    with contextlib.suppress(OSError), open(path, "rb") as f:
+    with contextlib.suppress(OSError, ImageNotFound), open_input(path) as f:
         return f.read(64).lstrip().startswith(b"{")
     return False
 
 
 def _unpack_one(archive: str, expected: ExportedDisk | None, out_dir: str, target_format: str | None, force: bool,
-                progress: ProgressCallback | None) -> tuple[UnpackedDisk, str]:
+                progress: ProgressCallback | None) -> tuple[UnpackedDisk, str, str]:
     """Restore the disk of ``archive`` (checked against what a manifest says of it, ``expected``) to a
-    temporary file in ``out_dir``: (what was done, the temporary name)."""
+    temporary file: (what was done, the temporary name, the file it is to replace: the output path
+    with a symbolic link followed)."""
     detection = detect(archive)
     if expected is not None and os.path.getsize(archive) != expected.size:
         raise ArchiveError(f"is {os.path.getsize(archive)} bytes, the manifest says {expected.size}: the file is "
@@ -150,9 +154,8 @@ def _unpack_one(archive: str, expected: ExportedDisk | None, out_dir: str, targe
         final_format = target_format or inner_format
         name = expected.file if expected is not None else archive
         final = os.path.join(out_dir, _output_name(name, detection.format, member, target_format, expected is not None))
-        if os.path.lexists(final) and not force:
-            raise OutputError("already exists (pass --force to replace it)", path=final)
-        temporary = _temporary_in(out_dir, final)
+        destination = resolve_file(final, force, archive)  # a device or directory is refused
+        temporary = new_temporary(destination)
         try:
             with reported_as(final, temporary):
                 disk = _restore(reader, archive, expected, temporary, inner_format, final_format, progress)
@@ -165,7 +168,7 @@ def _unpack_one(archive: str, expected: ExportedDisk | None, out_dir: str, targe
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-    return disk, temporary
+    return disk, temporary, destination
 
 
 def _restore(reader: StreamDiskReader, archive: str, expected: ExportedDisk | None, temporary: str,
@@ -173,10 +176,16 @@ def _restore(reader: StreamDiskReader, archive: str, expected: ExportedDisk | No
     """Write the disk to ``temporary`` (converted on the fly when it is RAW) and say what was written."""
     checksum = expected is not None and expected.content_hash is not None
     if inner_format == "raw":
-        result = convert(reader, temporary, final_format, checksum=checksum, force=True, progress=progress)
-        finish_archive(reader)
-        return UnpackedDisk(archive, None, temporary, final_format, result.virtual_size, result.bytes_written,
-                            None, result.content_hash, None, result.decompression_passes)
+        if final_format != "raw":  # read as a disk: an end not seen at open is checked when read
+            reader.guard_tail()
+        try:
+            result = convert(reader, temporary, final_format, checksum=checksum, force=True, progress=progress)
+        except EndShowsAnotherFormat as found:  # e.g. a fixed VHD's footer: restored as the file it is, below
+            inner_format = str(found.format)
+        else:
+            finish_archive(reader)
+            return UnpackedDisk(archive, None, temporary, final_format, result.virtual_size, result.bytes_written,
+                                None, result.content_hash, None, result.decompression_passes)
     # a qcow2, VHD (or another format's) file: extract its bytes exactly, then convert the extracted
     # file if asked (with qemu-img for the formats diskimg does not read)
     result = convert(reader, temporary, "raw", force=True, progress=progress)
@@ -186,7 +195,7 @@ def _restore(reader: StreamDiskReader, archive: str, expected: ExportedDisk | No
     if final_format != inner_format:
         converted = convert(temporary, temporary + ".convert", final_format, checksum=checksum, force=True,
                             progress=progress)
-        os.replace(temporary + ".convert", temporary)
+        replace_file(temporary + ".convert", temporary)
         content_hash, virtual_size, written = converted.content_hash, converted.virtual_size, converted.bytes_written
     elif inner_format in READABLE_FORMATS:
         with open_image(temporary, inner_format) as extracted:
@@ -245,14 +254,3 @@ def _output_name(archive: str, wrapper: str, member: str | None, target_format: 
 def _disk_suffix(name: str) -> str:
     return next((s for s in _DISK_SUFFIXES if name.lower().endswith(s)), "")
 
-
-def _temporary_in(directory: str, final: str) -> str:
-    try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".part")
-    except OSError as exc:
-        raise OutputError(f"cannot create a file in {directory}: {exc.strerror}", path=final) from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    return temporary

@@ -10,7 +10,8 @@ inside a wrapper (a tar in a gzip stream) is followed up to ``MAX_DEPTH`` levels
 
 Inside a compressed stream only a prefix of the inner file is seen: when the stream ends within
 that prefix the inner file is known whole (head, tail and size); otherwise the tail is unknown,
-so a fixed VHD (whose footer is at the end) shows up as the RAW disk it starts with.
+so a fixed VHD (whose footer is at the end) shows up as the RAW disk it starts with (opening
+it, in sources.py, sees the tail).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ MAX_DEPTH = 2
 _CHUNK = 64 * 1024
 #: the inner head passed to detection
 INNER_HEAD = 128 * 1024
-_TAIL = 1024
+#: the inner tail passed to detection (where a VHD footer or a DMG trailer is)
+INNER_TAIL = 1024
 
 ReadAt = Callable[[int, int], bytes]  # (length, offset) -> bytes, short only at the end
 #: (head, tail, size or None, depth, name or None) -> Detection of what a wrapper holds
@@ -300,7 +302,7 @@ def _pick_member(members: list[PeekedMember]) -> tuple[PeekedMember | None, bool
 # --- peeking ----------------------------------------------------------------------------------
 
 
-def _article(text: str) -> str:
+def article(text: str) -> str:
     return ("an " if text[:1].lower() in "aeiox" else "a ") + text
 
 
@@ -308,7 +310,7 @@ def _holds(detection: Detection) -> str:
     """How a wrapper's description names its content: "a RAW disk with an MBR", "tar archive ..."."""
     if detection.format == "tar" or detection.format in COMPRESSORS:
         return detection.description
-    return _article(detection.description)
+    return article(detection.description)
 
 
 _SUFFIXES = {
@@ -354,7 +356,7 @@ def unwrap_command(kind: str, name: str | None) -> tuple[str, str | None]:
     return explicit.format(src=source, dst=shlex.quote(out) if out else "OUT"), out
 
 
-def _wrapper_hint(kind: str, name: str | None, inner: Detection | None, inner_name: str | None) -> str:
+def wrapper_hint(kind: str, name: str | None, inner: Detection | None, inner_name: str | None) -> str:
     """Unwrap first, then do what the content needs (its own hint says what, for the unwrapped name)."""
     command, produced = unwrap_command(kind, name)
     verb = "unpack" if kind in ("tar", "zip", "7z") else "decompress"
@@ -380,7 +382,7 @@ def peek_compressed(
     """The Detection of a compressed stream (gzip, xz, bzip2, zstd, or opaque 7z/lz4) and what it holds."""
     if kind in OPAQUE:
         return Detection(
-            format=kind, description=f"{OPAQUE[kind]} (not looked into)", hint=_wrapper_hint(kind, name, None, None)
+            format=kind, description=f"{OPAQUE[kind]} (not looked into)", hint=wrapper_hint(kind, name, None, None)
         )
     if depth >= MAX_DEPTH:
         return Detection(format=kind, description=f"{kind}-compressed (not looked into further)")
@@ -391,16 +393,16 @@ def peek_compressed(
             description = f"{kind}-compressed (could not look inside: {prefix.error})"
         else:
             description = f"{kind}-compressed, containing nothing (an empty stream)"
-        return Detection(format=kind, description=description, hint=_wrapper_hint(kind, name, None, None))
+        return Detection(format=kind, description=description, hint=wrapper_hint(kind, name, None, None))
     holds_tar = recognise_tar(prefix.data[:512]) is not None
     # `tar -xSf x.tar.gz` unpacks both layers: the tar's advice is given for the outer name
     inner = _identify_prefix(prefix, identify, depth + 1, name if holds_tar else inner_name)
     if inner.format == "tar":
         description = f"{kind}-compressed {inner.description}"
-        hint = inner.hint or _wrapper_hint(kind, name, None, None)
+        hint = inner.hint or wrapper_hint(kind, name, None, None)
     else:
         description = f"{kind}-compressed, containing {_holds(inner)}"
-        hint = _wrapper_hint(kind, name, inner, inner_name)
+        hint = wrapper_hint(kind, name, inner, inner_name)
     if prefix.error:
         description += f" (the stream is damaged after {len(prefix.data)} bytes: {prefix.error})"
     return Detection(
@@ -415,7 +417,7 @@ def peek_compressed(
 def _identify_prefix(prefix: Prefix, identify: Identify, depth: int, name: str | None) -> Detection:
     data = prefix.data
     if prefix.complete:
-        return identify(data[:INNER_HEAD], data[-_TAIL:], len(data), depth, name)
+        return identify(data[:INNER_HEAD], data[-INNER_TAIL:], len(data), depth, name)
     return identify(data[:INNER_HEAD], b"", None, depth, name)
 
 
@@ -436,7 +438,8 @@ def peek_tar(read_at: ReadAt, size: int | None, identify: Identify, depth: int, 
             description = f"{kind_text} holding no regular file among its first members ({members[0].name}, ...)"
         else:
             description = f"empty {kind_text}"
-        return Detection(format="tar", subformat=subformat, description=description, hint=_wrapper_hint("tar", name, None, None))
+        return Detection(format="tar", subformat=subformat, description=description,
+                         hint=wrapper_hint("tar", name, None, None))
     which = "first member" if member is members[0] else "first disk-like member"
     if is_ova and member is not members[0]:
         which = "disk"
@@ -446,8 +449,8 @@ def peek_tar(read_at: ReadAt, size: int | None, identify: Identify, depth: int, 
     elif member.size == 0:
         inner = Detection(format="unknown", description="empty file")
     else:
-        tail = member.read(read_at, max(0, member.size - _TAIL), _TAIL)
-        known_whole = len(tail) == min(_TAIL, member.size) and _fully_readable(read_at, member)
+        tail = member.read(read_at, max(0, member.size - INNER_TAIL), INNER_TAIL)
+        known_whole = len(tail) == min(INNER_TAIL, member.size) and _fully_readable(read_at, member)
         inner = identify(head, tail if known_whole else b"", member.size if known_whole else None, depth + 1, member.name)
     description = f"{kind_text} whose {which} {member.name} is {_holds(inner)}"
     return Detection(
@@ -456,7 +459,7 @@ def peek_tar(read_at: ReadAt, size: int | None, identify: Identify, depth: int, 
         description=description,
         inner_format=inner.format if inner.format != "unknown" else None,
         inner_description=inner.description,
-        hint=_wrapper_hint("tar", name, inner, member.name),
+        hint=wrapper_hint("tar", name, inner, member.name),
     )
 
 
@@ -475,7 +478,7 @@ def peek_zip(read_at: ReadAt, identify: Identify, depth: int, name: str | None) 
     """The Detection of a zip archive from its first local file header (no central directory)."""
     header = read_at(30, 0)
     if header[:4] == b"PK\x05\x06":
-        return Detection(format="zip", description="empty zip archive", hint=_wrapper_hint("zip", name, None, None))
+        return Detection(format="zip", description="empty zip archive", hint=wrapper_hint("zip", name, None, None))
     offset = 0
     entry_name = ""
     for _ in range(8):  # skip directory entries
@@ -484,7 +487,7 @@ def peek_zip(read_at: ReadAt, identify: Identify, depth: int, name: str | None) 
             return Detection(
                 format="zip",
                 description="zip archive (could not read its first entry)",
-                hint=_wrapper_hint("zip", name, None, None),
+                hint=wrapper_hint("zip", name, None, None),
             )
         flags, method = struct.unpack_from("<HH", header, 6)
         (compressed,) = struct.unpack_from("<I", header, 18)
@@ -529,5 +532,5 @@ def peek_zip(read_at: ReadAt, identify: Identify, depth: int, name: str | None) 
         description=f"{description_start} is {_holds(inner)}",
         inner_format=inner.format if inner.format != "unknown" else None,
         inner_description=inner.description,
-        hint=_wrapper_hint("zip", name, inner, entry_name),
+        hint=wrapper_hint("zip", name, inner, entry_name),
     )

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from .errors import OutputError, UsageError
-from .reader import Extent
+from .reader import Extent, ExtentKind
 
 ZERO_CHUNK = bytes(4 << 20)
 
@@ -30,8 +30,8 @@ class Writable(Protocol):
 
 
 class OutputTarget:
-    """Where a writer's bytes go: a regular file or block device (seekable), a pipe, or a file object
-    written in order (a member inside an archive being compressed)."""
+    """Where a writer's bytes go: a regular file, a device (a block device written at positions), a
+    pipe, or a file object written in order (a member inside an archive being compressed)."""
 
     def __init__(self, fd: int | Writable, name: str, *, hash_output: bool = False) -> None:
         self.name = name
@@ -48,8 +48,9 @@ class OutputTarget:
             import hashlib  # loads OpenSSL: only when the output is hashed (start-up time)
 
             self._sha256 = hashlib.sha256()
-        #: writers must write in file order (and plan exactly) on a streaming target
-        self.streaming = not self.seekable or hash_output
+        #: writers must write in file order (and plan exactly) on a streaming target; a device is
+        #: one too: it is written in order, zeros included (its old contents are not holes)
+        self.streaming = not self.is_regular_file or hash_output
         self.position = 0  # where the next sequential write goes
         self.bytes_written = 0  # bytes actually written (holes excluded)
         self._count_lock = threading.Lock()  # positional writes may come from several threads
@@ -194,6 +195,13 @@ class DiskWriter:
                 compress: bool = False) -> int:
         """The size of the output file this format writes for the plan ``extents``."""
         raise NotImplementedError
+
+    @classmethod
+    def fully_allocated(cls, virtual_size: int, options: Mapping[str, str] | None, compress: bool = False) -> int:
+        """The output size were every byte of the disk data (``qemu-img measure``'s "fully
+        allocated"): a figure for comparison, so a limit on what a writer can write (qcow2's
+        refcount table) does not stop it."""
+        return cls.measure(virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], options, compress)
 
     def plan(self, extents: Iterable[Extent]) -> None:
         """Take the planned allocation, covering [0, virtual_size) in order, before any data."""

@@ -3,11 +3,16 @@
 
     python scripts/bench.py read [--size 4G] [--pairs 7] [--dir DIR]
     python scripts/bench.py convert [--size 4G] [--pairs 7] [--dir DIR] [--only NAME]
+                                    [--disk synthetic|ext4] [--image PATH] [--target fresh|existing]
 
 `read` builds a RAW disk of SIZE holding half random data in 1-4 MiB runs (half zeros), converts it
 with qemu-img to qcow2 and to a dynamic VHD, then times ``diskimg convert IMG out.raw`` against
 ``qemu-img convert -f FMT -O raw IMG out.raw`` alternately (median of PAIRS pairs: these machines
 are noisy) and prints the median time ratio and each tool's peak RSS.
+
+`convert` times the conversions of CONVERSIONS the same way, on the synthetic disk and on an ext4
+filled with files from /usr (or on the images given with --image), each into a fresh path and over
+an existing output (replacing a file has costs of its own: see diskimg/outputs.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 MiB = 1 << 20
 
@@ -45,6 +51,44 @@ def make_half_random_raw(path: str, size: int, seed: int = 1234) -> int:
                 f.write(bytes(run))
             position += run
     return data_bytes
+
+
+def copy_files(target: str, budget: int) -> int:
+    """Copy regular files from /usr into ``target`` until ``budget`` bytes; returns the bytes copied."""
+    copied = 0
+    for root, dirs, files in os.walk("/usr"):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            size = os.path.getsize(path)
+            if copied + size > budget:
+                continue
+            destination = os.path.join(target, os.path.relpath(path, "/usr"))
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            try:
+                shutil.copyfile(path, destination)
+            except OSError:
+                continue
+            copied += size
+            if copied >= budget * 0.99:
+                return copied
+    return copied
+
+
+def make_ext4_disk(path: str, size: int, files: int) -> int:
+    """A sparse RAW disk of ``size`` holding an ext4 made by ``mkfs.ext4 -d`` from ``files`` bytes of
+    regular files copied from /usr (a system disk's mix of small and large files); returns the bytes copied."""
+    staging = path + ".files"
+    os.mkdir(staging)
+    try:
+        copied = copy_files(staging, files)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", staging, path, str(size // 1024) + "k"], check=True,
+                       stdout=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(staging)
+    return copied
 
 
 def prime_memory(directory: str, size: int) -> None:
@@ -82,15 +126,21 @@ def timed(argv: list[str], prime: tuple[str, int] | None = None) -> tuple[float,
 
 
 def pair(name: str, ours: list[str], theirs: list[str], pairs: int, cleanup: list[str],
-         prime: tuple[str, int] | None = None) -> None:
+         prime: tuple[str, int] | None = None, existing: bool = False) -> None:
+    """Time ``ours`` and ``theirs`` alternately, ``pairs`` times each. The outputs in ``cleanup``
+    are deleted before each run (a fresh target), or with ``existing`` left in place, so that each
+    run replaces the other tool's finished output (``ours`` must then be allowed to replace it)."""
     ratios, our_times, their_times, our_rss, their_rss = [], [], [], [], []
+    if existing:
+        timed(theirs)  # the first target to replace
     for _ in range(pairs):
         for path in cleanup:
-            if os.path.exists(path):
+            if os.path.exists(path) and not existing:
                 os.unlink(path)
         a, a_rss = timed(ours, prime)
         for path in cleanup:
-            os.unlink(path)
+            if not existing:
+                os.unlink(path)
         b, b_rss = timed(theirs, prime)
         ratios.append(a / b)
         our_times.append(a)
@@ -145,23 +195,56 @@ CONVERSIONS = {
 }
 
 
-def bench_convert(args: argparse.Namespace) -> None:
-    diskimg = [sys.executable, "-m", "diskimg", "convert", "--no-progress"]
-    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+def build_disks(work: str, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, str], int]]:
+    """For each disk asked for, in turn: (its description, the same disk as RAW, qcow2 and dynamic
+    VHD made by qemu-img, the bytes it holds); each is deleted before the next is built."""
+    kinds = [("image", path) for path in args.image or []] + [(kind, None) for kind in args.disk or []]
+    for kind, image in kinds or [("synthetic", None), ("ext4", None)]:
         sources = {"raw": os.path.join(work, "disk.raw"), "qcow2": os.path.join(work, "disk.qcow2"),
                    "vhd": os.path.join(work, "disk.vhd")}
-        data = make_half_random_raw(sources["raw"], args.size)
-        print(f"source: {args.size / (1 << 30):.1f} GiB RAW (fully written), {data / (1 << 30):.2f} GiB random data "
-              f"in 1-4 MiB runs; {args.pairs} alternating pairs, median ratio diskimg/qemu-img (below 1: diskimg faster)")
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", sources["raw"], sources["qcow2"]], check=True)
+        if kind == "synthetic":
+            data = make_half_random_raw(sources["raw"], args.size)
+            description = (f"synthetic: {args.size / (1 << 30):.1f} GiB RAW (fully written), "
+                           f"{data / (1 << 30):.2f} GiB random data in 1-4 MiB runs")
+        elif kind == "ext4":
+            copied = make_ext4_disk(sources["raw"], args.size, args.files)
+            data = os.stat(sources["raw"]).st_blocks * 512
+            description = (f"ext4: {args.size / (1 << 30):.1f} GiB RAW, an ext4 holding {copied / (1 << 20):.0f} MiB "
+                           f"of files from /usr ({data / (1 << 20):.0f} MiB allocated)")
+        else:
+            subprocess.run(["qemu-img", "convert", "-O", "raw", image, sources["raw"]], check=True)
+            data = os.stat(sources["raw"]).st_blocks * 512
+            description = (f"{image}: {os.path.getsize(sources['raw']) / (1 << 30):.1f} GiB, "
+                           f"{data / (1 << 20):.0f} MiB allocated")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", sources["raw"], sources["qcow2"]],
+                       check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", sources["raw"],
                         sources["vhd"]], check=True)
-        out = os.path.join(work, "out.img")
-        for name, (source, ours, theirs) in CONVERSIONS.items():
-            if args.only and name not in args.only:
-                continue
-            pair(name, diskimg + ours + [sources[source], out], ["qemu-img", "convert"] + theirs + [sources[source], out],
-                 args.pairs, [out], (work, args.size))
+        try:
+            yield description, sources, data
+        finally:
+            for path in sources.values():
+                os.unlink(path)
+
+
+def bench_convert(args: argparse.Namespace) -> None:
+    diskimg = [sys.executable, "-m", "diskimg", "convert", "--no-progress", "--force"]
+    targets = args.target or ["fresh", "existing"]
+    print(f"{args.pairs} alternating pairs, median ratio diskimg/qemu-img (below 1: diskimg faster); targets: "
+          + ", ".join(targets) + " (existing: each run replaces the other tool's finished output)")
+    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+        for description, sources, data in build_disks(work, args):
+            print(f"source {description}", flush=True)
+            out = os.path.join(work, "out.img")
+            for name, (source, ours, theirs) in CONVERSIONS.items():
+                if args.only and name not in args.only:
+                    continue
+                for target in targets:
+                    pair(f"{name} ({target})", diskimg + ours + [sources[source], out],
+                         ["qemu-img", "convert"] + theirs + [sources[source], out], args.pairs, [out],
+                         (work, data), existing=target == "existing")
+            if os.path.exists(out):
+                os.unlink(out)
 
 
 def main() -> None:
@@ -177,6 +260,14 @@ def main() -> None:
     convert.add_argument("--pairs", type=int, default=7)
     convert.add_argument("--dir", default=None, help="work directory (needs about 4x SIZE free)")
     convert.add_argument("--only", action="append", help="run only this conversion (repeatable)")
+    convert.add_argument("--disk", action="append", choices=["synthetic", "ext4"],
+                         help="a disk to build (repeatable; default: both, unless --image is given): half random "
+                              "data, or an ext4 of files copied from /usr (a system disk's layout)")
+    convert.add_argument("--image", action="append", metavar="PATH",
+                         help="also bench this image (any format qemu-img reads, e.g. a real system disk; repeatable)")
+    convert.add_argument("--files", type=parse_size, default=1200 << 20, help="bytes of files in the ext4 disk")
+    convert.add_argument("--target", action="append", choices=["fresh", "existing"],
+                         help="output path absent before each run, or holding the previous output (default: both)")
     convert.set_defaults(run=bench_convert)
     args = parser.parse_args()
     if shutil.which("qemu-img") is None:

@@ -20,36 +20,11 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import compile_package, parse_size, timed  # noqa: E402
-
-
-def copy_files(target: str, budget: int) -> int:
-    """Copy regular files from /usr into ``target`` until ``budget`` bytes; returns the bytes copied."""
-    copied = 0
-    for root, dirs, files in os.walk("/usr"):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue
-            size = os.path.getsize(path)
-            if copied + size > budget:
-                continue
-            destination = os.path.join(target, os.path.relpath(path, "/usr"))
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
-            try:
-                shutil.copyfile(path, destination)
-            except OSError:
-                continue
-            copied += size
-            if copied >= budget * 0.99:
-                return copied
-    return copied
+from bench import compile_package, make_ext4_disk, parse_size, timed  # noqa: E402
 
 
 def main() -> None:
@@ -64,13 +39,8 @@ def main() -> None:
             sys.exit(f"{tool} is needed")
     compile_package()
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
-        staging = os.path.join(work, "files")
-        os.mkdir(staging)
-        copied = copy_files(staging, args.files)
         raw = os.path.join(work, "disk.raw")
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", staging, raw, str(args.size // 1024) + "k"], check=True,
-                       stdout=subprocess.DEVNULL)
-        shutil.rmtree(staging)
+        copied = make_ext4_disk(raw, args.size, args.files)
         allocated = os.stat(raw).st_blocks * 512
         print(f"source: {args.size / (1 << 30):.1f} GiB RAW with ext4 holding {copied / (1 << 20):.0f} MiB of files "
               f"from /usr ({allocated / (1 << 20):.0f} MiB allocated); {args.pairs} alternating pairs", flush=True)

@@ -29,6 +29,11 @@ command -v mount >/dev/null || need+=(mount)
 command -v grub-mkimage >/dev/null && [ -e /usr/lib/grub/i386-pc/boot.img ] || need+=(grub-pc-bin)
 [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
 command -v syslinux >/dev/null || need+=(syslinux)
+# the real Debian systems of tests/test_real_debian.py (built once, cached in ~/.cache/diskimg-tests)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v eatmydata >/dev/null || need+=(eatmydata)
+[ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""

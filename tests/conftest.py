@@ -359,6 +359,18 @@ def first_l2_table(path: Path) -> int:
     return read_u64(path, qcow2_header(path).l1_table_offset) & 0x00FFFFFFFFFFFE00
 
 
+def l1_entries_all_pointing_at_the_first_l2_table(tmp_path: Path, virtual_size: str) -> Path:
+    """A qcow2 made by qemu-img with 1 MiB of data, whose every L1 entry (16384 of them for 8 TiB
+    with 64 KiB clusters) then points at the one L2 table: a 1.5 MiB file that describes the same
+    table 16384 times (a hostile file: walking each entry's table costs minutes)."""
+    path = tmp_path / "shared-l2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, virtual_size)
+    qemu_io(path, "qcow2", "write -P 1 0 1M")
+    h = qcow2_header(path)
+    write_at(path, h.l1_table_offset, read_at(path, h.l1_table_offset, 8) * h.l1_size)
+    return path
+
+
 # -- disks made the way users make them (partition tables, file systems, boot code) --------------------
 
 

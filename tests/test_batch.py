@@ -401,7 +401,12 @@ def test_torn_journal_line_runs_its_job_again(fleet: Path, tmp_path: Path) -> No
 
 
 def test_python_api(fleet: Path, tmp_path: Path) -> None:
+    import importlib
+
     import diskimg
+
+    importlib.import_module("diskimg.fleet.runner")  # as unpickling a task on Dask does
+    assert callable(diskimg.batch)  # a subpackage named batch would have replaced the function
 
     events: list[tuple[str, str]] = []
     result = diskimg.batch(write_plan(tmp_path / "plan.jsonl", small_plan(fleet, tmp_path)), jobs=2,

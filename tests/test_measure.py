@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import diskimg_cli, qemu_img, qemu_io, requires_qemu
+from .conftest import diskimg_cli, l1_entries_all_pointing_at_the_first_l2_table, qemu_img, qemu_io, requires_qemu
 
 
 def diskimg_json(*args) -> dict:
@@ -62,3 +62,31 @@ def test_unknown_options_are_usage_errors(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "diskimg", "measure", image, "-O", fmt, "-o", "no_such=1"],
                               capture_output=True)
         assert proc.returncode == 2 and b"no_such" in proc.stderr
+
+
+@requires_qemu
+def test_l1_entries_sharing_one_l2_table_are_refused_in_seconds(tmp_path):
+    """qemu-img check counts such an image corrupt; reading it would map the one table's data again
+    for each of 16384 entries (minutes of work for a 1.5 MiB file): the reader refuses it."""
+    path = l1_entries_all_pointing_at_the_first_l2_table(tmp_path, "8T")
+    oracle = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True)
+    assert json.loads(oracle.stdout)["corruptions"] > 0
+    proc = diskimg_cli("measure", path, "-O", "qcow2", timeout=20)
+    assert proc.returncode == 3 and not proc.stdout
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "same L2 table" in lines[0]
+
+
+@requires_qemu
+def test_measure_and_convert_agree_on_a_2_pib_disk(tmp_path):
+    """qemu-img creates a 2 PiB qcow2 and measures it; convert writes it; measure refused it because
+    its fully allocated figure (a 2 PiB file) would need a refcount table over qemu's 8 MiB limit."""
+    image = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "2P")
+    theirs = json.loads(qemu_img("measure", "--output=json", "-O", "qcow2", image))
+    ours = diskimg_json("measure", image, "-O", "qcow2")
+    assert ours["fully_allocated"] == theirs["fully-allocated"]
+    out = tmp_path / "out.qcow2"
+    diskimg_cli("convert", image, out, "-O", "qcow2", check=True)
+    assert ours["required"] == out.stat().st_size
+    assert "No errors" in subprocess.run(["qemu-img", "check", out], capture_output=True, text=True).stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -79,17 +80,22 @@ def tar_of(disk: Path, *options: str, tool: str = "tar", compress: str = "") -> 
 # -- bare compressed disks --------------------------------------------------------------------------
 
 
+#: (tool, suffix, where the size comes from, decompression passes of open + one forward read): the
+#: tail (where a VHD footer or DMG trailer would be) is seen by the pass that counts a gzip or bzip2
+#: stream, from the last block of a multi-block xz file decoded alone, and for a zstd file of one
+#: frame when the read reaches it
 BARE = [
-    (["gzip", "-c"], ".gz", "counted"),
-    (["pigz", "-c", "-p", "2"], ".gz", "counted"),
-    (["xz", "-c", "-T2", "--block-size=4MiB"], ".xz", "the xz index"),
-    (["zstd", "-c", "-q"], ".zst", "the zstd frame headers"),
-    (["bzip2", "-c"], ".bz2", "counted"),
+    (["gzip", "-c"], ".gz", "counted", 2),
+    (["pigz", "-c", "-p", "2"], ".gz", "counted", 2),
+    (["xz", "-c", "-T2", "--block-size=4MiB"], ".xz", "the xz index", 1),
+    (["zstd", "-c", "-q"], ".zst", "the zstd frame headers", 1),
+    (["bzip2", "-c"], ".bz2", "counted", 2),
 ]
 
 
-@pytest.mark.parametrize("tool,suffix,size_from", BARE, ids=[t[0][0] for t in BARE])
-def test_bare_compressed_raw_reads_the_disk(disk: Path, tool: list[str], suffix: str, size_from: str) -> None:
+@pytest.mark.parametrize("tool,suffix,size_from,passes", BARE, ids=[t[0][0] for t in BARE])
+def test_bare_compressed_raw_reads_the_disk(disk: Path, tool: list[str], suffix: str, size_from: str,
+                                            passes: int) -> None:
     if not has(tool[0]):
         pytest.skip(f"{tool[0]} not installed")
     wrapped = compressed(disk, tool, suffix)
@@ -101,8 +107,7 @@ def test_bare_compressed_raw_reads_the_disk(disk: Path, tool: list[str], suffix:
                                                                  ".bz2": "bzip2"}[suffix]
         assert details["virtual_size_from"].startswith(size_from)
         assert reader_sha256(reader) == file_sha256(disk)
-        # metadata gives the size without decompressing; counting costs one pass before the reads
-        assert reader.decompression_passes == (2 if size_from == "counted" else 1)
+        assert reader.decompression_passes == passes
 
 
 def test_concatenated_members_and_frames_are_one_disk(disk: Path, tmp_path: Path) -> None:
@@ -389,3 +394,185 @@ def test_mutated_archives_raise_only_diskimg_errors(small_archives: dict[str, by
             diskimg.sources.finish_archive(reader)
     except diskimg.DiskImageError:
         pass
+
+
+# -- a format known by its end (a fixed VHD's footer, a DMG trailer) inside a wrapper ----------------
+
+VHD_SIZE = 6 * MiB
+#: how each wrapper is made from the fixed VHD, and the decompression passes convert takes to read
+#: the VHD through it (seeing its end included; None: read in place), or False when it refuses it
+#: (exit 3): where seeing the end of the stream costs a pass of its own (an xz or zstd file of one
+#: block or frame, a compressed tar), it is seen only once read
+WRAPPED_VHDS = {
+    "gz": (lambda src, out: _pipe(["gzip", "-c", src], out), 2),  # the pass counting the size sees the end
+    "bz2": (lambda src, out: _pipe(["bzip2", "-c", src], out), 2),
+    "xz": (lambda src, out: _pipe(["xz", "-c", src], out), False),
+    # 1 MiB blocks: the last one holds the footer's 512 bytes, the tail spans two blocks
+    "xz-blocks": (lambda src, out: _pipe(["xz", "-c", "-T2", "--block-size=1MiB", src], out), 1),
+    "zst": (lambda src, out: _pipe(["zstd", "-c", "-q", src], out), False),
+    "zst-frames": (lambda src, out: _zstd_two_frames(src, out), 1),
+    "tar": (lambda src, out: run("tar", "-cf", out, "-C", src.parent, src.name), None),
+    "tar-sparse": (lambda src, out: run("tar", "-cSf", out, "-C", src.parent, src.name), None),
+    "tar.gz": (lambda src, out: run("tar", "-czf", out, "-C", src.parent, src.name), False),
+}
+
+
+def _pipe(command: list, out: Path) -> None:
+    with open(out, "wb") as f:
+        subprocess.run(command, stdout=f, check=True)
+
+
+def _zstd_two_frames(src: Path, out: Path) -> None:
+    """Two zstd frames recording their sizes (as pzstd or a split-and-compress pipeline write them):
+    the last one holds the end."""
+    data = src.read_bytes()
+    parts = (data[: len(data) // 2], data[len(data) // 2 :])
+    out.write_bytes(b"".join(subprocess.run(["zstd", "-c", "-q", f"--stream-size={len(part)}"], input=part,
+                                            capture_output=True, check=True).stdout for part in parts))
+
+
+@pytest.fixture(scope="module")
+def fixed_vhd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A fixed VHD written by qemu-img from random data (at its start, middle and very end), and
+    what qemu-img reads from it (the oracle)."""
+    import random
+
+    directory = tmp_path_factory.mktemp("fixed")
+    rng = random.Random(12)
+    source = sparse_file(directory / "source.raw", VHD_SIZE,
+                         [(0, rng.randbytes(3 * MiB // 2)), (3 * MiB + 77, rng.randbytes(5000)),
+                          (VHD_SIZE - 4096, rng.randbytes(4096))])
+    vhd = directory / "disk.vhd"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on", source, vhd)
+    expected = directory / "qemu.raw"
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, expected)
+    return vhd, expected
+
+
+def _one_line_refusal(proc: subprocess.CompletedProcess, word: str) -> None:
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 3 and stderr.count("\n") == 1 and word in stderr.lower(), (proc.returncode, stderr)
+    assert "Traceback" not in stderr
+
+
+@requires_qemu
+@pytest.mark.parametrize("wrapper", list(WRAPPED_VHDS))
+def test_a_fixed_vhd_in_a_wrapper_is_read_as_a_vhd_or_refused(fixed_vhd: tuple[Path, Path], tmp_path: Path,
+                                                            wrapper: str) -> None:
+    """Its footer is never disk data: diskimg's RAW equals qemu-img's of the bare VHD, or it refuses."""
+    vhd, expected = fixed_vhd
+    make, passes = WRAPPED_VHDS[wrapper]
+    wrapped = tmp_path / f"disk.vhd.{wrapper}"
+    make(vhd, wrapped)
+    out = tmp_path / "out.raw"
+    proc = diskimg_cli("convert", wrapped, out, "-O", "raw", "--json")
+    if passes is not False:
+        assert proc.returncode == 0, proc.stderr
+        assert file_sha256(out) == file_sha256(expected)
+        assert json.loads(proc.stdout)["decompression_passes"] == passes
+    else:
+        _one_line_refusal(proc, "vhd")
+        assert not out.exists()
+    # info sees the end of the disk inside at open (a compressed tar's member too: one pass)
+    facts = json.loads(diskimg_cli("info", "--json", wrapped).stdout)
+    qemu_facts = json.loads(qemu_img("info", "--output=json", "-f", "vpc", vhd))
+    assert facts["format"] == "vhd" and facts["subformat"] == "fixed"
+    assert facts["virtual_size"] == qemu_facts["virtual-size"]
+
+
+@requires_qemu
+@pytest.mark.parametrize("wrapper", list(WRAPPED_VHDS))
+def test_unpack_of_a_wrapped_fixed_vhd_to_qcow2_keeps_its_virtual_size(fixed_vhd: tuple[Path, Path], tmp_path: Path,
+                                                                      wrapper: str) -> None:
+    """``unpack -O qcow2`` gives the VHD's own virtual size (qemu-img's), never the footer as a
+    512-byte longer disk, through every wrapper (a compressed tar's member is restored as the VHD it
+    turns out to be at its end, then converted); without ``-O`` the VHD comes back byte for byte."""
+    vhd, expected = fixed_vhd
+    make = WRAPPED_VHDS[wrapper][0]
+    wrapped = tmp_path / f"disk.vhd.{wrapper}"
+    make(vhd, wrapped)
+    out = tmp_path / "out"
+    proc = diskimg_cli("unpack", wrapped, "--out", out, "-O", "qcow2")
+    assert proc.returncode == 0, proc.stderr
+    (restored,) = out.iterdir()
+    qemu_facts = json.loads(qemu_img("info", "--output=json", "-f", "vpc", vhd))
+    assert json.loads(qemu_img("info", "--output=json", restored))["virtual-size"] == qemu_facts["virtual-size"]
+    qemu_compare(restored, "qcow2", expected, "raw")
+    plain = tmp_path / "plain"
+    proc = diskimg_cli("unpack", wrapped, "--out", plain)
+    assert proc.returncode == 0, proc.stderr
+    (restored,) = plain.iterdir()
+    assert file_sha256(restored) == file_sha256(vhd)
+
+
+def _koly() -> bytes:
+    """A UDIF trailer as Apple's format lays it out: 'koly', version 4, header size 512, at the file's end."""
+    return (b"koly" + struct.pack(">II", 4, 512)).ljust(512, b"\0")
+
+
+TRAILER_WRAPPERS = {
+    "gz": ["gzip", "-k"], "bz2": ["bzip2", "-k"], "xz": ["xz", "-k"], "zst": ["zstd", "-k", "-q"],
+    "tar": ["tar", "-cf", "disk.dmg.tar"], "tar.gz": ["tar", "-czf", "disk.dmg.tar.gz"],
+}
+
+
+@pytest.mark.parametrize("wrapper", list(TRAILER_WRAPPERS))
+def test_a_trailer_format_in_a_wrapper_is_named_and_refused(tmp_path: Path, wrapper: str) -> None:
+    """A DMG is known by its trailer at the end: through any wrapper it is named and refused with
+    its conversion advice, and nothing is written (a compressed tar's member at its end)."""
+    import random
+
+    rng = random.Random(7)
+    image = tmp_path / "disk.dmg"
+    image.write_bytes(rng.randbytes(2 * MiB + 1000) + _koly())  # beyond the first MiB that open reads
+    subprocess.run([*TRAILER_WRAPPERS[wrapper], "disk.dmg"], cwd=tmp_path, check=True)
+    proc = diskimg_cli("convert", tmp_path / f"disk.dmg.{wrapper}", tmp_path / "out.raw", "-O", "raw")
+    _one_line_refusal(proc, "dmg")
+    assert "qemu-img convert -f dmg" in proc.stderr.decode()  # the conversion advice of the format
+    assert not (tmp_path / "out.raw").exists()
+    proc = diskimg_cli("info", "--json", tmp_path / f"disk.dmg.{wrapper}")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["inner_format"] == "dmg", proc.stdout
+
+
+# -- the same, on the shared corpus (images made by other tools) -------------------------------------
+
+CORPUS_FIXED_VHD = "dissect-hypervisor/vhd/fixed.vhd.gz"
+CORPUS_DMG = "qemu-iotests/simple-dmg.dmg.bz2"
+
+
+def _corpus_path(name: str) -> Path:
+    from .conftest import NO_CORPUS, corpus_dir
+
+    directory = corpus_dir()
+    if directory is None:
+        pytest.skip(f"{NO_CORPUS} (this test reads its {name})")
+    if not (directory / name).is_file():
+        pytest.skip(f"the corpus at {directory} has no {name}")
+    return directory / name
+
+
+@requires_qemu
+def test_corpus_gzipped_fixed_vhd_is_read_without_its_footer(tmp_path: Path) -> None:
+    wrapped = _corpus_path(CORPUS_FIXED_VHD)
+    vhd = tmp_path / "fixed.vhd"
+    _pipe(["gzip", "-dc", wrapped], vhd)
+    expected = tmp_path / "qemu.raw"
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, expected)
+    out = tmp_path / "out.raw"
+    proc = diskimg_cli("convert", wrapped, out, "-O", "raw")
+    assert proc.returncode == 0, proc.stderr
+    assert file_sha256(out) == file_sha256(expected)
+    assert not out.read_bytes()[-512:].startswith(b"conectix")
+    unpacked = tmp_path / "unpacked"
+    proc = diskimg_cli("unpack", wrapped, "--out", unpacked, "-O", "qcow2")
+    assert proc.returncode == 0, proc.stderr
+    qemu_facts = json.loads(qemu_img("info", "--output=json", "-f", "vpc", vhd))
+    assert json.loads(qemu_img("info", "--output=json", unpacked / "fixed.qcow2"))["virtual-size"] == \
+        qemu_facts["virtual-size"]
+
+
+def test_corpus_bzipped_dmg_is_named_and_refused(tmp_path: Path) -> None:
+    wrapped = _corpus_path(CORPUS_DMG)
+    proc = diskimg_cli("convert", wrapped, tmp_path / "out.raw", "-O", "raw")
+    _one_line_refusal(proc, "dmg")
+    assert not (tmp_path / "out.raw").exists()

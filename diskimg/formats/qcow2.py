@@ -669,6 +669,103 @@ _DATA_FILE_HINT = "make a self-contained copy with qemu-img convert -O qcow2 (ru
 _HOST, _ZERO, _BACKING, _ENCODED = RunKind.HOST, RunKind.ZERO, RunKind.BACKING, RunKind.ENCODED
 
 
+def check_header(header: Qcow2Header, extensions: HeaderExtensions, file_size: int) -> None:
+    """Whether the header makes sense: the one rule for the reader and ``diskimg check``, so that
+    neither calls "clean" a header the other (or qemu) refuses.
+
+    Raises UnsupportedFormat for what diskimg does not take (unknown incompatible features,
+    encryption methods or compression types, an external data file, clusters above 2 MiB) and
+    CorruptImage for fields no valid image has (a virtual size past 2^63 - 1, an L1 or refcount
+    table that is misplaced or of an impossible size, a backing file name too long or outside
+    the first cluster or the file). Tables lying past the end of the file are not judged here: the
+    reader refuses them, ``check`` counts them as truncation, as qemu-img check does.
+    """
+    incompatible = header.incompatible_features
+    unknown = incompatible & ~INCOMPAT_KNOWN
+    if unknown:
+        names = []
+        for bit in range(64):
+            if unknown >> bit & 1:
+                label = extensions.feature_names.get((FEATURE_INCOMPATIBLE, bit))
+                names.append(f"{bit} ({label!r})" if label else str(bit))
+        plural = "s" if len(names) > 1 else ""
+        raise UnsupportedFormat(
+            f"unknown incompatible feature bit{plural} {', '.join(names)}",
+            format=NAME,
+            hint="the image needs a newer qcow2 implementation; convert it with a qemu-img that knows the feature",
+        )
+    if header.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
+        raise UnsupportedFormat(f"unknown qcow2 encryption method {header.crypt_method}", format=NAME)
+    if incompatible & INCOMPAT_DATA_FILE:
+        name = extensions.data_file or "(unnamed)"
+        raise UnsupportedFormat(f"external data file {name!r} is not supported", format=NAME, hint=_DATA_FILE_HINT)
+    compression = header.compression_type
+    if compression not in COMPRESSION_NAMES:
+        raise UnsupportedFormat(f"unknown qcow2 compression type {compression}", format=NAME)
+    if bool(incompatible & INCOMPAT_COMPRESSION) != (compression != COMPRESSION_ZLIB):
+        raise _corrupt(f"compression type {compression} does not agree with incompatible feature bit 3", "header", 72)
+    if compression == COMPRESSION_ZSTD and zstandard is None:  # pragma: no cover
+        raise UnsupportedFormat("zstd-compressed qcow2 needs the 'zstandard' package", format=NAME)
+    cluster_size = header.cluster_size
+    if header.extended_l2 and header.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS:
+        raise _corrupt(
+            f"extended L2 entries need clusters of at least 16 KiB (cluster_bits {header.cluster_bits})", "header", 20
+        )
+    if header.refcount_order > MAX_REFCOUNT_ORDER:
+        raise _corrupt(f"refcount_order {header.refcount_order} is above the maximum of 6", "header", 96)
+    if header.virtual_size > MAX_VIRTUAL_SIZE:
+        raise _corrupt(f"virtual size {header.virtual_size} is too large", "header", 24)
+    needed = header.l1_entries_needed()
+    if needed > MAX_L1_ENTRIES:
+        raise _corrupt(f"virtual size {header.virtual_size} needs an L1 table above the 32 MiB limit", "header", 24)
+    _check_l1_place(header.l1_table_offset, header.l1_size, cluster_size, "L1 table")
+    if header.l1_size < needed:
+        raise _corrupt(
+            f"L1 table of {header.l1_size} entries is too small for virtual size {header.virtual_size} "
+            f"({needed} needed)",
+            "header",
+            36,
+        )
+    if header.refcount_table_clusters == 0:
+        raise _corrupt("the image has no refcount table", "header", 56)
+    if header.refcount_table_clusters > MAX_REFCOUNT_TABLE_BYTES // cluster_size:
+        raise _corrupt(
+            f"refcount table of {header.refcount_table_clusters} clusters exceeds the 8 MiB limit", "header", 56
+        )
+    if header.refcount_table_offset % cluster_size:
+        raise _corrupt(f"refcount table offset {header.refcount_table_offset} is not cluster aligned", "header", 48)
+    if header.nb_snapshots > MAX_SNAPSHOTS:
+        raise _corrupt(f"{header.nb_snapshots} snapshots exceed the limit of {MAX_SNAPSHOTS}", "header", 60)
+    if header.nb_snapshots and header.snapshots_offset % cluster_size:
+        raise _corrupt(f"snapshot table offset {header.snapshots_offset} is not cluster aligned", "header", 64)
+    offset, size = header.backing_file_offset, header.backing_file_size
+    if offset:
+        if size > MAX_BACKING_NAME:
+            raise _corrupt(f"backing file name of {size} bytes is longer than 1023", "header", 16)
+        if offset + size > cluster_size or offset + size > file_size:
+            raise _corrupt(
+                f"backing file name ({size} bytes at offset {offset}) lies outside the first cluster or the file",
+                "header",
+                8,
+            )
+
+
+def _check_l1_place(offset: int, entries: int, cluster_size: int, what: str) -> None:
+    if entries > MAX_L1_ENTRIES:
+        raise _corrupt(f"{what} of {entries} entries exceeds the 32 MiB limit", what)
+    if entries and offset % cluster_size:
+        raise _corrupt(f"{what} offset {offset} is not cluster aligned", what, offset)
+
+
+def _check_l1_inside(offset: int, entries: int, file_size: int, what: str) -> None:
+    if entries and offset + entries * 8 > file_size:
+        raise _corrupt(
+            f"{what} ({entries} entries at offset {offset}) runs past the end of the file ({file_size} bytes)",
+            what,
+            offset,
+        )
+
+
 class FirstCluster(NamedTuple):
     """What the first cluster of a qcow2 file holds, as :func:`read_first_cluster` found it."""
 
@@ -752,6 +849,9 @@ class Qcow2Reader(DiskReader):
         self._cache_limit = max(1, min(self.L2_CACHE_TABLES, self.L2_CACHE_BYTES // self._cluster_size))
         self._cache_lock = threading.Lock()
         self._decoded: tuple[int, bytes] | None = None
+        #: L2 table offset -> the L1 index that uses it; at most one per file cluster, as tables
+        #: past the end of the file are refused
+        self._l2_owners: dict[int, int] = {}
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -778,9 +878,9 @@ class Qcow2Reader(DiskReader):
             raise error
         cluster_size = header.cluster_size
 
-        cls._check_features(header, extensions)
-        cls._check_layout(header, file_size)
-        backing_file = cls._backing_name_from(header, first_cluster, file_size)
+        check_header(header, extensions, file_size)
+        cls._check_readable(header, file_size)
+        backing_file = cls._backing_name_from(header, first_cluster)
         snapshots = cls._read_snapshots(host, header, file_size)
 
         selected = None
@@ -798,7 +898,9 @@ class Qcow2Reader(DiskReader):
                 virtual_size = selected.disk_size
             if virtual_size > MAX_VIRTUAL_SIZE or header.l1_entries_needed(virtual_size) > MAX_L1_ENTRIES:
                 raise _corrupt(f"snapshot {selected.id} has an impossible disk size {virtual_size}", "snapshot table")
-            cls._check_l1(l1_offset, l1_size, cluster_size, file_size, f"snapshot {selected.id} L1 table")
+            what = f"snapshot {selected.id} L1 table"
+            _check_l1_place(l1_offset, l1_size, cluster_size, what)
+            _check_l1_inside(l1_offset, l1_size, file_size, what)
         # qemu addresses the guest in 512-byte sectors and ignores a partial last sector
         virtual_size -= virtual_size % 512
         l1 = parse_u64_table(host.pread(l1_size * 8, l1_offset)) if l1_size else array("Q")
@@ -807,120 +909,26 @@ class Qcow2Reader(DiskReader):
         return cls(host, header, extensions, snapshots, l1, l1_offset, virtual_size, backing_file, selected)
 
     @staticmethod
-    def _check_features(header: Qcow2Header, extensions: HeaderExtensions) -> None:
-        unknown = header.incompatible_features & ~INCOMPAT_KNOWN
-        if unknown:
-            names = []
-            for bit in range(64):
-                if unknown >> bit & 1:
-                    label = extensions.feature_names.get((FEATURE_INCOMPATIBLE, bit))
-                    names.append(f"{bit} ({label!r})" if label else str(bit))
-            plural = "s" if len(names) > 1 else ""
-            raise UnsupportedFormat(
-                f"unknown incompatible feature bit{plural} {', '.join(names)}",
-                format=NAME,
-                hint="the image needs a newer qcow2 implementation; convert it with a qemu-img that knows the feature",
-            )
-        if header.crypt_method:
-            if header.crypt_method in (CRYPT_AES, CRYPT_LUKS):
-                method = "AES" if header.crypt_method == CRYPT_AES else "LUKS"
-                raise UnsupportedFormat(
-                    f"encrypted ({method}) qcow2 images are not supported", format=NAME, hint=_DECRYPT_HINT
-                )
-            raise UnsupportedFormat(f"unknown qcow2 encryption method {header.crypt_method}", format=NAME)
-        if header.incompatible_features & INCOMPAT_DATA_FILE:
-            name = extensions.data_file or "(unnamed)"
-            raise UnsupportedFormat(f"external data file {name!r} is not supported", format=NAME, hint=_DATA_FILE_HINT)
-        compression = header.compression_type
-        if compression not in COMPRESSION_NAMES:
-            raise UnsupportedFormat(f"unknown qcow2 compression type {compression}", format=NAME)
-        if bool(header.incompatible_features & INCOMPAT_COMPRESSION) != (compression != COMPRESSION_ZLIB):
-            raise _corrupt(
-                f"compression type {compression} does not agree with incompatible feature bit 3", "header", 72
-            )
-        if compression == COMPRESSION_ZSTD and zstandard is None:  # pragma: no cover
-            raise UnsupportedFormat("zstd-compressed qcow2 needs the 'zstandard' package", format=NAME)
-        if header.extended_l2 and header.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS:
-            raise _corrupt(
-                f"extended L2 entries need clusters of at least 16 KiB (cluster_bits {header.cluster_bits})",
-                "header",
-                20,
-            )
-        if header.refcount_order > MAX_REFCOUNT_ORDER:
-            raise _corrupt(f"refcount_order {header.refcount_order} is above the maximum of 6", "header", 96)
-
-    @classmethod
-    def _check_layout(cls, header: Qcow2Header, file_size: int) -> None:
-        cluster_size = header.cluster_size
-        if header.virtual_size > MAX_VIRTUAL_SIZE:
-            raise _corrupt(f"virtual size {header.virtual_size} is too large", "header", 24)
-        needed = header.l1_entries_needed()
-        if needed > MAX_L1_ENTRIES:
-            raise _corrupt(
-                f"virtual size {header.virtual_size} needs an L1 table above the 32 MiB limit", "header", 24
-            )
-        if header.l1_size > MAX_L1_ENTRIES:
-            raise _corrupt(f"L1 table of {header.l1_size} entries exceeds the 32 MiB limit", "header", 36)
-        if header.l1_size < needed:
-            raise _corrupt(
-                f"L1 table of {header.l1_size} entries is too small for virtual size {header.virtual_size} "
-                f"({needed} needed)",
-                "header",
-                36,
-            )
-        cls._check_l1(header.l1_table_offset, header.l1_size, cluster_size, file_size, "L1 table")
-        if header.refcount_table_clusters == 0:
-            raise _corrupt("the image has no refcount table", "header", 56)
-        if header.refcount_table_clusters > MAX_REFCOUNT_TABLE_BYTES // cluster_size:
-            raise _corrupt(
-                f"refcount table of {header.refcount_table_clusters} clusters exceeds the 8 MiB limit", "header", 56
-            )
-        if header.refcount_table_offset % cluster_size or header.refcount_table_offset >= file_size:
-            raise _corrupt(
-                f"refcount table offset {header.refcount_table_offset} is unaligned or past the end of the file",
-                "header",
-                48,
-            )
-        if header.nb_snapshots > MAX_SNAPSHOTS:
-            raise _corrupt(f"{header.nb_snapshots} snapshots exceed the limit of {MAX_SNAPSHOTS}", "header", 60)
-        if header.nb_snapshots:
-            offset = header.snapshots_offset
-            if offset % cluster_size or offset + 40 * header.nb_snapshots > file_size:
-                raise _corrupt(
-                    f"snapshot table offset {offset} is unaligned or the table lies past the end of the file",
-                    "header",
-                    64,
-                )
+    def _check_readable(header: Qcow2Header, file_size: int) -> None:
+        """What this reader refuses beyond :func:`check_header`: encrypted guest data, and tables
+        that lie past the end of the file (``check`` reports those as truncation, as qemu-img does)."""
+        if header.crypt_method in (CRYPT_AES, CRYPT_LUKS):
+            method = "AES" if header.crypt_method == CRYPT_AES else "LUKS"
+            raise UnsupportedFormat(f"encrypted ({method}) qcow2 images are not supported", format=NAME,
+                                    hint=_DECRYPT_HINT)
+        _check_l1_inside(header.l1_table_offset, header.l1_size, file_size, "L1 table")
+        if header.refcount_table_offset >= file_size:
+            raise _corrupt(f"refcount table offset {header.refcount_table_offset} is past the end of the file",
+                           "header", 48)
+        if header.nb_snapshots and header.snapshots_offset + 40 * header.nb_snapshots > file_size:
+            raise _corrupt(f"snapshot table ({header.nb_snapshots} entries at offset {header.snapshots_offset}) "
+                           "lies past the end of the file", "header", 64)
 
     @staticmethod
-    def _check_l1(offset: int, entries: int, cluster_size: int, file_size: int, what: str) -> None:
-        if entries > MAX_L1_ENTRIES:
-            raise _corrupt(f"{what} of {entries} entries exceeds the 32 MiB limit", what)
-        if not entries:
-            return
-        if offset % cluster_size:
-            raise _corrupt(f"{what} offset {offset} is not cluster aligned", what, offset)
-        if offset + entries * 8 > file_size:
-            raise _corrupt(
-                f"{what} ({entries} entries at offset {offset}) runs past the end of the file ({file_size} bytes)",
-                what,
-                offset,
-            )
-
-    @staticmethod
-    def _backing_name_from(header: Qcow2Header, first_cluster: bytes, file_size: int) -> str | None:
+    def _backing_name_from(header: Qcow2Header, first_cluster: bytes) -> str | None:
+        """The backing file name (its place was checked by :func:`check_header`)."""
         offset, size = header.backing_file_offset, header.backing_file_size
-        if not offset:
-            return None
-        if size > MAX_BACKING_NAME:
-            raise _corrupt(f"backing file name of {size} bytes is longer than 1023", "header", 16)
-        if offset + size > header.cluster_size or offset + size > file_size:
-            raise _corrupt(
-                f"backing file name ({size} bytes at offset {offset}) lies outside the first cluster or the file",
-                "header",
-                8,
-            )
-        raw = first_cluster[offset : offset + size]
+        raw = first_cluster[offset : offset + size] if offset else b""
         return os.fsdecode(raw) if raw else None
 
     @staticmethod
@@ -1049,6 +1057,14 @@ class Qcow2Reader(DiskReader):
                 if not l2_offset:
                     pieces = [(position, chunk_end - position, unallocated, 0, 0)]
                 else:
+                    owner = self._l2_owners.setdefault(l2_offset, index)
+                    if owner != index:
+                        # corrupt (qemu-img check counts the table's refcount wrong), and an L1 of
+                        # such entries would make a small file describe petabytes of data
+                        raise CorruptImage(
+                            f"L1 entries {owner} and {index} point at the same L2 table {l2_offset:#x}",
+                            path=self.path, offset=self._l1_offset + 8 * index, structure="L1 table",
+                        )
                     table = self._l2_table(l2_offset, index)
                     pieces = self._scan_l2(table, l2_offset, position, chunk_end, unallocated)
             for s, l, k, h, x in pieces:
@@ -1467,11 +1483,13 @@ class Qcow2Layout(NamedTuple):
 
 
 def plan_layout(
-    cluster_bits: int, refcount_order: int, virtual_size: int, l2_tables: int, data_clusters: int
+    cluster_bits: int, refcount_order: int, virtual_size: int, l2_tables: int, data_clusters: int,
+    *, writable: bool = True,
 ) -> Qcow2Layout:
     """The layout of an image with this many L2 tables and data clusters. The refcount table and
     blocks size themselves by a fixed-point loop: the blocks must count every cluster, their own
-    and the table's included."""
+    and the table's included. ``writable``: refuse a layout whose refcount table qemu would refuse
+    (off for a size that is only reported, as qemu-img measure reports it)."""
     cluster_size = 1 << cluster_bits
     span_bits = 2 * cluster_bits - 3
     l1_size = -(-virtual_size >> span_bits)
@@ -1490,7 +1508,7 @@ def plan_layout(
         if need_blocks <= blocks and need_table <= table_clusters:
             break
         blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
-    if table_clusters << cluster_bits > MAX_REFCOUNT_TABLE_BYTES:
+    if writable and table_clusters << cluster_bits > MAX_REFCOUNT_TABLE_BYTES:
         raise UsageError(
             f"the image would need a refcount table above qemu's 8 MiB limit with {cluster_size}-byte clusters "
             "and these refcount_bits: use a larger cluster_size"
@@ -1653,10 +1671,22 @@ class Qcow2Writer(DiskWriter):
         plan is exact); on a seekable file, where only clusters receiving data are allocated, an
         upper bound. With ``compress`` an upper bound too (compressed clusters never take more host
         clusters than they would uncompressed)."""
+        return cls._planned_size(virtual_size, extents, options, writable=True)
+
+    @classmethod
+    def fully_allocated(cls, virtual_size: int, options: Mapping[str, str] | None, compress: bool = False) -> int:
+        from ..reader import ExtentKind
+
+        return cls._planned_size(virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], options, writable=False)
+
+    @classmethod
+    def _planned_size(cls, virtual_size: int, extents: Iterable[Extent], options: Mapping[str, str] | None,
+                      writable: bool) -> int:
         settings = writer_settings(dict(options or {}))
         size = -(-virtual_size // 512) * 512
         _, _, planned_l1, clusters = plan_clusters(extents, settings.cluster_bits, size)
-        layout = plan_layout(settings.cluster_bits, settings.refcount_order, size, planned_l1.count(1), clusters)
+        layout = plan_layout(settings.cluster_bits, settings.refcount_order, size, planned_l1.count(1), clusters,
+                             writable=writable)
         return layout.total_clusters << settings.cluster_bits
 
     @property

@@ -103,7 +103,7 @@ def container_format(ctx: DiskContext) -> None:
         ctx.emit("format-wrapped", message + "; the importer reads the image file as is", evidence,
                  f"`{command}`{follow}")
         if ctx.through_wrapper and ctx.open_error is None:  # opening decompresses it (one full pass)
-            ctx.emit("wrapped-inspected", f"the RAW disk inside the {fmt} file was decompressed once, in full, into "
+            ctx.emit("wrapped-inspected", f"the disk inside the {fmt} file was decompressed once, in full, into "
                      "a temporary sparse copy: the checks below inspect that disk", {"wrapper": fmt})
         return
     driver = QEMU_DRIVERS.get(fmt)

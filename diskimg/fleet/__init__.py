@@ -90,7 +90,7 @@ def batch(
     scheduler: str | None = None,
     progress: BatchProgress | None = None,
 ) -> BatchResult:
-    """Run every job of the JSON Lines ``plan`` (see :mod:`diskimg.batch.plan`), ``jobs`` at a time
+    """Run every job of the JSON Lines ``plan`` (see :mod:`diskimg.fleet.plan`), ``jobs`` at a time
     in local worker processes (default :func:`default_jobs`), or as tasks of the Dask cluster whose
     scheduler is at ``scheduler`` (``tcp://host:8786``; its workers must see the same paths, which
     must then be absolute).

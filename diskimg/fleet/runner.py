@@ -129,7 +129,7 @@ def run_local(jobs: Iterable[Job], workers: int, record: EntrySink, started: Sta
     """Run ``jobs`` in ``workers`` spawned processes, ``record``-ing each entry as it arrives. On
     Ctrl-C, each busy worker is interrupted, the entries of jobs that still finish are recorded,
     and KeyboardInterrupt is raised."""
-    from ..conversion import leftover_temporaries
+    from ..outputs import leftover_temporaries
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
     queue = deque(jobs)
