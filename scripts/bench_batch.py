@@ -2,11 +2,11 @@
 """Jobs per second of ``diskimg batch`` against a shell loop of single ``diskimg`` calls, same plan.
 
     python scripts/bench_batch.py [--disks 8] [--size 256M] [--data 48M] [--runs 7] [--jobs 1,2,4]
-                                  [--dir DIR] [--keep]
+                                  [--mix validate,convert,export] [--dir DIR] [--keep]
 
-Builds DISKS qcow2 disks of SIZE (qemu-img create) with DATA of random bytes written in 4 places
-(qemu-io), then a plan of 3 jobs per disk, the mix of a migration: ``validate`` it, ``convert`` it to
-a dynamic VHD, ``export`` it as a raw tar.gz archive. Then, alternating, RUNS times each (outputs
+Builds DISKS qcow2 disks of SIZE (qemu-img convert of a RAW file holding DATA of random bytes in 4
+places), then a plan of one job per disk and operation of MIX (default: the mix of a migration,
+``validate`` it, ``convert`` it to a dynamic VHD, ``export`` it as a raw tar.gz archive). Then, alternating, RUNS times each (outputs
 removed and the page cache left warm, the same for both):
 
 * the shell loop: ``bash`` running one ``python -m diskimg`` command per job, one after the other
@@ -74,19 +74,21 @@ def build(directory: str, disks: int, size: int, data: int) -> list[str]:
     return sources
 
 
-def plan_jobs(sources: list[str], out: str) -> list[tuple[dict, list[str]]]:
-    """Each job as a plan line and as the single command that does the same."""
+def plan_jobs(sources: list[str], out: str, mix: list[str]) -> list[tuple[dict, list[str]]]:
+    """Each job as a plan line and as the single command that does the same: per disk, one job of
+    each operation of ``mix``."""
     jobs = []
     for number, source in enumerate(sources):
         target = os.path.join(out, f"disk{number}.vhd")
         export_out = os.path.join(out, f"m{number}")
-        jobs += [
-            ({"id": f"validate-{number}", "op": "validate", "image": source}, ["validate", source]),
-            ({"id": f"convert-{number}", "op": "convert", "source": source, "target": target, "format": "vhd"},
-             ["convert", source, target, "-O", "vhd"]),
-            ({"id": f"export-{number}", "op": "export", "name": f"m{number}", "system": source, "out": export_out},
-             ["export", "--name", f"m{number}", "--system", source, "--out", export_out]),
-        ]
+        per_disk = {
+            "validate": ({"id": f"validate-{number}", "op": "validate", "image": source}, ["validate", source]),
+            "convert": ({"id": f"convert-{number}", "op": "convert", "source": source, "target": target,
+                         "format": "vhd"}, ["convert", source, target, "-O", "vhd"]),
+            "export": ({"id": f"export-{number}", "op": "export", "name": f"m{number}", "system": source,
+                        "out": export_out}, ["export", "--name", f"m{number}", "--system", source, "--out", export_out]),
+        }
+        jobs += [per_disk[op] for op in mix]
     return jobs
 
 
@@ -111,6 +113,8 @@ def main() -> None:
     parser.add_argument("--data", default="48M")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--jobs", default="1,2,4", help="parallel jobs of the batch runs, comma-separated")
+    parser.add_argument("--mix", default="validate,convert,export",
+                        help="the operations run on each disk, comma-separated (validate, convert, export)")
     parser.add_argument("--dir", help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
@@ -119,7 +123,8 @@ def main() -> None:
     try:
         sources = build(work, args.disks, parse_size(args.size), parse_size(args.data))
         out = os.path.join(work, "out")
-        jobs = plan_jobs(sources, out)
+        mix = args.mix.split(",")
+        jobs = plan_jobs(sources, out, mix)
         plan = os.path.join(work, "plan.jsonl")
         with open(plan, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line, _ in jobs)
@@ -148,8 +153,8 @@ def main() -> None:
                         for entry in map(json.loads, f):
                             per_op.setdefault(entry["op"], []).append(
                                 (entry["seconds"], entry["read_bytes"] + entry["written_bytes"]))
-        print(f"{len(jobs)} jobs ({args.disks} disks of {args.size}, {args.data} data each: validate, convert to "
-              f"vhd, export raw tar.gz); median of {args.runs} runs; {os.cpu_count()} cores")
+        print(f"{len(jobs)} jobs ({args.disks} disks of {args.size}, {args.data} data each: {', '.join(mix)}); "
+              f"median of {args.runs} runs; {os.cpu_count()} cores")
         print(f"{'runner':<18}{'seconds':>9}{'jobs/s':>9}{'jobs/hour':>11}{'moved/s':>12}{'vs loop':>9}")
         loop_median = statistics.median(times["shell loop"])
         for name, values in times.items():
