@@ -272,6 +272,67 @@ def test_killed_worker_job_reruns(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["slow0.qcow2", "slow1.qcow2", "slow2.qcow2"]
 
 
+def kill_writers(out: Path, pattern: str, times: int) -> None:
+    """SIGKILL the process writing a temporary matching ``pattern`` in ``out``, ``times`` times
+    (each time the job has started again)."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + 120
+    while len(killed) < times and time.monotonic() < deadline:
+        for temporary in out.glob(pattern):
+            victim = process_writing(temporary)
+            if victim is not None and victim not in killed:
+                os.kill(victim, signal.SIGKILL)
+                killed.add(victim)
+        time.sleep(0.02)
+    assert len(killed) == times, f"killed {len(killed)} writers of {pattern}, not {times}"
+
+
+def test_worker_dying_every_time_fails_its_job_only(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    sources = slow_sources(src, 2)
+    jobs = [{"id": s.stem, "op": "convert", "source": str(s), "target": str(out / f"{s.stem}.qcow2"),
+             "compress": True} for s in sources]
+    journal = tmp_path / "journal.jsonl"
+    batch = subprocess.Popen([sys.executable, "-m", "diskimg", "batch", str(write_plan(tmp_path / "p.jsonl", jobs)),
+                              "--journal", str(journal), "--jobs", "2", "--json"],
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    kill_writers(out, ".slow1.qcow2.*.part", 3)
+    stdout, stderr = batch.communicate(timeout=300)
+    assert batch.returncode == 1, stderr
+    assert json.loads(stdout)["failed"] == ["slow1"]
+    entry = read_entries(journal)["slow1"]
+    assert (entry["outcome"], entry["exit_code"]) == ("error", 70)
+    assert entry["error"] == "diskimg: error: the worker process running job 'slow1' died 3 times (killed by signal 9)"
+    qemu_compare(sources[0], "raw", out / "slow0.qcow2", "qcow2")
+    assert [p.name for p in out.iterdir()] == ["slow0.qcow2"]  # nothing of slow1, not even a temporary
+
+
+def test_dask_worker_killed_mid_job(tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    sources = slow_sources(src, 3)
+    jobs = [{"id": s.stem, "op": "convert", "source": str(s), "target": str(out / f"{s.stem}.qcow2"),
+             "compress": True} for s in sources]
+    journal = tmp_path / "journal.jsonl"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        batch = subprocess.Popen([sys.executable, "-m", "diskimg", "batch", str(write_plan(tmp_path / "p.jsonl", jobs)),
+                                  "--journal", str(journal), "--scheduler", cluster.scheduler_address, "--json"],
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        kill_writers(out, ".slow1.qcow2.*.part", 1)
+        stdout, _ = batch.communicate(timeout=300)
+    assert batch.returncode == 0, stdout
+    assert json.loads(stdout)["outcomes"] == {"ok": 3, "no": 0, "error": 0}
+    assert set(read_entries(journal)) == {"slow0", "slow1", "slow2"}
+    for source in sources:
+        qemu_compare(source, "raw", out / f"{source.stem}.qcow2", "qcow2")
+    assert sorted(p.name for p in out.iterdir()) == ["slow0.qcow2", "slow1.qcow2", "slow2.qcow2"]
+
+
 def process_writing(path: Path) -> int | None:
     """The pid of the process holding ``path`` open, from /proc/*/fd."""
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):

@@ -8,7 +8,8 @@ and a job cut off that way gives no entry.
 The local runner keeps its own small pool of spawned processes rather than a
 ``ProcessPoolExecutor``: it must know which job each process runs, so that a process that dies
 (killed, out of memory) costs only that job, which runs again in a fresh process (up to
-``ATTEMPTS`` times, as Dask's ``retries`` does for a lost worker), and so that Ctrl-C reaches each
+``ATTEMPTS`` times, as Dask's ``retries`` does for a lost worker; each attempt first removes the
+temporaries a killed one left), and so that Ctrl-C reaches each
 busy worker exactly once, letting its job remove its temporary output.
 """
 
@@ -42,6 +43,7 @@ def run_job(job: Job) -> dict[str, Any]:
     and the exit code the command would have given."""
     import diskimg
 
+    remove_leftovers(job)
     started, io_before = time.monotonic(), _io_counters()
     entry: dict[str, Any] = {"id": job.id, "key": job.key, "op": job.op}
     try:
@@ -60,6 +62,18 @@ def run_job(job: Job) -> dict[str, Any]:
     entry["seconds"] = round(time.monotonic() - started, 3)
     entry["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return entry
+
+
+def remove_leftovers(job: Job) -> None:
+    """Remove the temporaries an earlier attempt at ``job`` left when its process was killed (a
+    lost worker, a machine that went down): no partial file stays behind a job that ran again. The
+    plan gives each output to one job, so no other job's temporary matches."""
+    from ..outputs import leftover_temporaries
+
+    for name in OPERATIONS[job.op].outputs:
+        for leftover in leftover_temporaries(job.arguments[name]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
 
 def _io_counters() -> tuple[int, int] | None:
@@ -129,8 +143,6 @@ def run_local(jobs: Iterable[Job], workers: int, record: EntrySink, started: Sta
     """Run ``jobs`` in ``workers`` spawned processes, ``record``-ing each entry as it arrives. On
     Ctrl-C, each busy worker is interrupted, the entries of jobs that still finish are recorded,
     and KeyboardInterrupt is raised."""
-    from ..outputs import leftover_temporaries
-
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
     queue = deque(jobs)
     attempts: dict[str, int] = {}
@@ -154,13 +166,10 @@ def run_local(jobs: Iterable[Job], workers: int, record: EntrySink, started: Sta
                     record(entry)
                     continue
                 job, how = worker.job, _death(worker.process)
-                for path in [job.arguments[name] for name in OPERATIONS[job.op].outputs]:
-                    for leftover in leftover_temporaries(path):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(leftover)
                 if attempts[job.ref] < ATTEMPTS:
-                    queue.appendleft(job)
+                    queue.appendleft(job)  # its next attempt removes what this one left
                 else:
+                    remove_leftovers(job)
                     record(died_entry(job, how))
                 pool[index] = _Worker(context)
     except KeyboardInterrupt:
