@@ -244,25 +244,26 @@ def slow_sources(directory: Path, count: int, size: int = 48 * MiB) -> list[Path
     return sources
 
 
-def test_killed_worker_job_reruns(tmp_path: Path) -> None:
+def slow_batch(tmp_path: Path, count: int, *options: str, size: int = 48 * MiB
+               ) -> tuple[list[Path], Path, Path, subprocess.Popen]:
+    """``diskimg batch`` started in the background on ``count`` slow conversions (RAW of random
+    data to compressed qcow2): the sources, the output folder, the journal, the process."""
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir(), out.mkdir()
-    sources = slow_sources(src, 3)
+    sources = slow_sources(src, count, size)
     jobs = [{"id": s.stem, "op": "convert", "source": str(s), "target": str(out / f"{s.stem}.qcow2"),
              "compress": True} for s in sources]
     journal = tmp_path / "journal.jsonl"
     batch = subprocess.Popen([sys.executable, "-m", "diskimg", "batch", str(write_plan(tmp_path / "p.jsonl", jobs)),
-                              "--journal", str(journal), "--jobs", "2", "--json"],
+                              "--journal", str(journal), "--json", *options],
                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    victim = None
-    deadline = time.monotonic() + 60
-    while victim is None and time.monotonic() < deadline:
-        for temporary in out.glob(".slow1.qcow2.*.part"):
-            victim = process_writing(temporary)
-        time.sleep(0.02)
-    assert victim is not None, "never saw slow1 being written"
-    os.kill(victim, signal.SIGKILL)
+    return sources, out, journal, batch
+
+
+def test_killed_worker_job_reruns(tmp_path: Path) -> None:
+    sources, out, journal, batch = slow_batch(tmp_path, 3, "--jobs", "2")
+    kill_writers(out, ".slow1.qcow2.*.part", 1)
     stdout, stderr = batch.communicate(timeout=300)
     assert batch.returncode == 0 and stderr == "", stderr
     assert json.loads(stdout)["outcomes"] == {"ok": 3, "no": 0, "error": 0}
@@ -288,16 +289,7 @@ def kill_writers(out: Path, pattern: str, times: int) -> None:
 
 
 def test_worker_dying_every_time_fails_its_job_only(tmp_path: Path) -> None:
-    src, out = tmp_path / "src", tmp_path / "out"
-    src.mkdir(), out.mkdir()
-    sources = slow_sources(src, 2)
-    jobs = [{"id": s.stem, "op": "convert", "source": str(s), "target": str(out / f"{s.stem}.qcow2"),
-             "compress": True} for s in sources]
-    journal = tmp_path / "journal.jsonl"
-    batch = subprocess.Popen([sys.executable, "-m", "diskimg", "batch", str(write_plan(tmp_path / "p.jsonl", jobs)),
-                              "--journal", str(journal), "--jobs", "2", "--json"],
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    sources, out, journal, batch = slow_batch(tmp_path, 2, "--jobs", "2")
     kill_writers(out, ".slow1.qcow2.*.part", 3)
     stdout, stderr = batch.communicate(timeout=300)
     assert batch.returncode == 1, stderr
@@ -311,18 +303,9 @@ def test_worker_dying_every_time_fails_its_job_only(tmp_path: Path) -> None:
 
 def test_dask_worker_killed_mid_job(tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
-    src, out = tmp_path / "src", tmp_path / "out"
-    src.mkdir(), out.mkdir()
-    sources = slow_sources(src, 3)
-    jobs = [{"id": s.stem, "op": "convert", "source": str(s), "target": str(out / f"{s.stem}.qcow2"),
-             "compress": True} for s in sources]
-    journal = tmp_path / "journal.jsonl"
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster:
-        batch = subprocess.Popen([sys.executable, "-m", "diskimg", "batch", str(write_plan(tmp_path / "p.jsonl", jobs)),
-                                  "--journal", str(journal), "--scheduler", cluster.scheduler_address, "--json"],
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        sources, out, journal, batch = slow_batch(tmp_path, 3, "--scheduler", cluster.scheduler_address)
         kill_writers(out, ".slow1.qcow2.*.part", 1)
         stdout, _ = batch.communicate(timeout=300)
     assert batch.returncode == 0, stdout
