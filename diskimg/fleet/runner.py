@@ -8,7 +8,7 @@ and a job cut off that way gives no entry.
 The local runner keeps its own small pool of spawned processes rather than a
 ``ProcessPoolExecutor``: it must know which job each process runs, so that a process that dies
 (killed, out of memory) costs only that job, which runs again in a fresh process (up to
-``ATTEMPTS`` times, as Dask's ``retries`` does for a lost worker; each attempt first removes the
+``ATTEMPTS`` times, as a Dask scheduler does for a lost worker; each attempt first removes the
 temporaries a killed one left), and so that Ctrl-C reaches each
 busy worker exactly once, letting its job remove its temporary output.
 """
@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import EXIT_INTERNAL, EXIT_NO, DiskImageError, error_line, internal_error_line
 from .plan import OPERATIONS, Job
 
-#: times a job is started when the process running it dies (a lost worker on Dask likewise)
+#: times a job is started when the process running it dies
 ATTEMPTS = 3
 
 #: called with each finished job's entry
@@ -87,9 +87,9 @@ def _io_counters() -> tuple[int, int] | None:
 
 
 def died_entry(job: Job, how: str) -> dict[str, Any]:
-    """The entry of a job whose worker died ``ATTEMPTS`` times: most likely the job kills it."""
+    """The entry of a job whose worker died on every attempt (``how``): most likely the job kills it."""
     return {"id": job.id, "key": job.key, "op": job.op, "outcome": "error", "exit_code": EXIT_INTERNAL,
-            "error": f"diskimg: error: the worker process running job {job.id!r} died {ATTEMPTS} times ({how})",
+            "error": f"diskimg: error: the worker process running job {job.id!r} died {how}",
             "read_bytes": None, "written_bytes": None, "seconds": None,
             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
@@ -170,7 +170,7 @@ def run_local(jobs: Iterable[Job], workers: int, record: EntrySink, started: Sta
                     queue.appendleft(job)  # its next attempt removes what this one left
                 else:
                     remove_leftovers(job)
-                    record(died_entry(job, how))
+                    record(died_entry(job, f"{ATTEMPTS} times ({how})"))
                 pool[index] = _Worker(context)
     except KeyboardInterrupt:
         _interrupt(pool, record)
@@ -231,7 +231,8 @@ def _interrupt(pool: list[_Worker], record: EntrySink) -> None:
 
 def run_dask(jobs: Iterable[Job], scheduler: str, record: EntrySink, started: StartSink) -> None:
     """Run each job as one task of the Dask cluster at ``scheduler`` (``tcp://host:8786``), whose
-    workers see the same paths. A lost worker's task runs again (``ATTEMPTS`` times in all). On
+    workers see the same paths. A lost worker's task is run again by the scheduler, as often as its
+    ``distributed.scheduler.allowed-failures`` allows (3 by default; run_job itself never raises). On
     Ctrl-C the tasks not yet finished are cancelled; a task already running on a worker thread
     cannot be stopped there and finishes unjournaled."""
     try:
@@ -251,7 +252,7 @@ def run_dask(jobs: Iterable[Job], scheduler: str, record: EntrySink, started: St
         futures = {}
         for job in jobs:
             future = client.submit(run_job, job, key=f"diskimg-{job.op}-{job.id}-{job.key}-{time.time_ns()}",
-                                   pure=False, retries=ATTEMPTS - 1)
+                                   pure=False)
             futures[future] = job
             started(job.id)
         try:
@@ -260,7 +261,8 @@ def run_dask(jobs: Iterable[Job], scheduler: str, record: EntrySink, started: St
                 if future.status == "finished":
                     record(future.result())
                 else:
-                    record(died_entry(job, f"{type(future.exception()).__name__}: {future.exception()}"))
+                    exc = future.exception()
+                    record(died_entry(job, f"on every attempt the cluster allows ({type(exc).__name__}: {exc})"))
         except KeyboardInterrupt:
             client.cancel(list(futures))
             raise
