@@ -7,6 +7,7 @@ The public API::
     with diskimg.open_image("disk.qcow2") as disk:   # DiskReader
         disk.virtual_size, disk.read(0, 512), list(disk.extents())
     diskimg.convert("disk.vhd", "disk.raw", "raw")
+    diskimg.batch("fleet.jsonl", journal="fleet.journal")   # many jobs, resumable
 
 Every error is a :class:`DiskImageError`.
 
@@ -32,6 +33,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .fleet import BatchResult, batch
     from .comparison import CompareResult, compare
     from .consistency import CheckResult, check
     from .conversion import ConvertResult, MeasureResult, ProgressCallback, convert, measure
@@ -48,6 +50,7 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _LAZY = {
+    **dict.fromkeys(("BatchResult", "batch"), "fleet"),
     **dict.fromkeys(("CompareResult", "compare"), "comparison"),
     **dict.fromkeys(("CheckResult", "check"), "consistency"),
     **dict.fromkeys(("ConvertResult", "MeasureResult", "ProgressCallback", "convert", "measure"), "conversion"),

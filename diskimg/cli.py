@@ -17,7 +17,8 @@ import click
 
 from . import __version__
 from .detection import FORMAT_ALIASES
-from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UnsupportedFormat, UsageError
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError,
+                     UnsupportedFormat, UsageError, error_line, internal_error_line)
 from .units import format_size, parse_size
 from .words import key_words, words
 
@@ -475,14 +476,91 @@ def check_command(ctx: click.Context, image: str, fmt: str | None, as_json: bool
     ctx.exit(0 if result.clean else EXIT_NO)
 
 
+@cli.command("batch")
+@click.argument("plan")
+@click.option("--journal", help="JSON Lines file of finished jobs: appended to as jobs finish; the jobs it holds "
+              "are not run again.")
+@click.option("--jobs", "-j", "parallel", type=click.IntRange(min=1),
+              help="Jobs at a time [default: one per core, fewer if memory is short].")
+@click.option("--scheduler", help="Run each job as a task of this Dask cluster (tcp://host:8786), whose workers "
+              "see the same (absolute) paths.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]), default="auto",
+              show_default=True, help="Progress on stderr: a bar over the batch (auto: when stderr is a terminal) "
+              "or JSON lines with the job ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as a JSON object.")
+@click.pass_context
+def batch_command(ctx: click.Context, plan: str, journal: str | None, parallel: int | None, scheduler: str | None,
+                  progress_mode: str, as_json: bool) -> None:
+    """Run every job of PLAN (JSON Lines: validate, convert, export, verify, unpack) in parallel; one
+    bad image does not stop the others (exit 0 all succeeded, 1 any said no or failed)."""
+    from . import batch
+
+    progress, close_progress = _batch_progress(progress_mode)
+    try:
+        result = batch(plan, journal=journal, jobs=parallel, scheduler=scheduler, progress=progress)
+    finally:
+        close_progress()
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        counts = ", ".join(f"{count} {outcome}" for outcome, count in result.outcomes.items())
+        click.echo(f"{result.jobs} jobs: {counts}" + (f" ({result.skipped} journaled before)" if result.skipped else ""))
+        if result.failed:
+            click.echo(f"failed or said no: {', '.join(result.failed)}")
+        click.echo(f"read {format_size(result.read_bytes)}, written {format_size(result.written_bytes)}; "
+                   f"{result.seconds:.2f} s, {result.jobs_per_second:.2f} jobs/s, "
+                   f"{format_size(int(result.bytes_per_second))}/s")
+    ctx.exit(0 if result.succeeded else EXIT_NO)
+
+
+def _batch_progress(mode: str) -> tuple[Callable[[str, str, int, int], None] | None, Callable[[], None]]:
+    """Progress over a batch: one bar over the jobs with the running ids, or a JSON line per event."""
+    mode = _progress_mode(mode)
+    if mode == "none":
+        return None, lambda: None
+    started = time.monotonic()
+    if mode == "json":
+        def emit(event: str, job_id: str, finished: int, total: int) -> None:
+            _progress_line({"event": event, "id": job_id, "finished": finished, "total": total,
+                            "elapsed": round(time.monotonic() - started, 3)})
+
+        return emit, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="job", file=sys.stderr, desc="batch")
+    running: list[str] = []
+
+    def update(event: str, job_id: str, finished: int, total: int) -> None:
+        if event == "start":
+            running.append(job_id)
+        elif job_id in running:
+            running.remove(job_id)
+        bar.total = total
+        bar.update(finished - bar.n)
+        shown = ", ".join(running[:4]) + (f" and {len(running) - 4} more" if len(running) > 4 else "")
+        bar.set_postfix_str(shown, refresh=True)
+
+    return update, bar.close
+
+
 def _passes(count: int) -> str:
     return "one decompression pass" if count == 1 else f"{count} decompression passes"
 
 
+def _progress_mode(mode: str) -> str:
+    """``auto``: a bar when a person watches standard error (a terminal), else none."""
+    return ("bar" if sys.stderr.isatty() else "none") if mode == "auto" else mode
+
+
+def _progress_line(line: dict[str, Any]) -> None:
+    """One JSON progress line on standard error, flushed: a program reads it as it comes."""
+    sys.stderr.write(json.dumps(line) + "\n")
+    sys.stderr.flush()
+
+
 def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
     """A progress callback for the mode and a function that closes it."""
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "none"
+    mode = _progress_mode(mode)
     if mode == "none":
         return None, lambda: None
     started = time.monotonic()
@@ -493,9 +571,7 @@ def _progress(mode: str) -> tuple[ProgressCallback | None, Callable[[], None]]:
             now = time.monotonic()
             if done == total or now - last[0] >= 0.5:
                 last[0] = now
-                line = {"phase": phase, "done": done, "total": total, "elapsed": round(now - started, 3)}
-                sys.stderr.write(json.dumps(line) + "\n")
-                sys.stderr.flush()
+                _progress_line({"phase": phase, "done": done, "total": total, "elapsed": round(now - started, 3)})
 
         return emit, lambda: None
     from tqdm import tqdm
@@ -523,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
     except DiskImageError as exc:
-        click.echo(f"diskimg: error: {exc}", err=True)
+        click.echo(error_line(exc), err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
         click.echo("diskimg: interrupted", err=True)
@@ -535,7 +611,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: still one line, with a way to see more
         if os.environ.get("DISKIMG_DEBUG"):
             raise
-        click.echo(f"diskimg: internal error: {type(exc).__name__}: {exc} (set DISKIMG_DEBUG=1 for a traceback)",
-                   err=True)
-        code = 70
+        click.echo(internal_error_line(exc), err=True)
+        code = EXIT_INTERNAL
     sys.exit(code if isinstance(code, int) else 0)

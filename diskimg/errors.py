@@ -13,6 +13,7 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3  # the input image cannot be read: missing, unsupported or corrupt
 EXIT_OUTPUT = 4  # the output cannot be written
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70  # a bug of diskimg (or, in a batch, a worker process that kept dying)
 
 
 class DiskImageError(Exception):
@@ -93,3 +94,13 @@ class UsageError(DiskImageError):
 
 class ArchiveError(DiskImageError):
     """An archive (tar, compressed wrapper, export set) is malformed or hostile."""
+
+
+def error_line(exc: DiskImageError) -> str:
+    """The one line the command prints for ``exc`` (and a batch journals for a failed job)."""
+    return f"diskimg: error: {exc}"
+
+
+def internal_error_line(exc: Exception) -> str:
+    """The one line for an exception that is a bug of diskimg, not a fault of the input."""
+    return f"diskimg: internal error: {type(exc).__name__}: {exc} (set DISKIMG_DEBUG=1 for a traceback)"

@@ -167,7 +167,7 @@ def new_temporary(path: str) -> str:
     """An empty file ``.NAME.XXXX.part`` beside ``path``, with the permissions a new file gets."""
     directory = os.path.dirname(path)
     try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".part")
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=_temporary_prefix(path), suffix=TEMPORARY_SUFFIX)
     except OSError as exc:
         raise OutputError(f"cannot create a file in {directory}: {exc.strerror}", path=path) from None
     os.close(fd)
@@ -175,6 +175,26 @@ def new_temporary(path: str) -> str:
     os.umask(umask)
     os.chmod(temporary, 0o666 & ~umask)
     return temporary
+
+
+TEMPORARY_SUFFIX = ".part"
+
+
+def _temporary_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}."
+
+
+def leftover_temporaries(target: str | os.PathLike[str]) -> list[str]:
+    """The temporaries of ``target`` that a killed process left beside it (a failure it could see
+    removes them; a SIGKILL or a power cut gives it no chance): for whoever runs the job again."""
+    path = os.path.realpath(os.fspath(target))  # a link is followed: the temporary is beside the file
+    directory, prefix = os.path.dirname(path), _temporary_prefix(path)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, name) for name in names
+            if name.startswith(prefix) and name.endswith(TEMPORARY_SUFFIX)]
 
 
 def replace_file(temporary: str, path: str) -> None:
