@@ -182,6 +182,10 @@ def _strong_magic(
         return "zip", lambda: wrappers.peek_zip(read_at, identify_inner, depth, name)
     if kind is not None:
         return kind, lambda: wrappers.peek_compressed(kind, read_at, identify_inner, depth, name, size)
+    if head[:8] == b"vhdxfile":
+        from .formats.vhdx import probe as vhdx_probe
+
+        return "vhdx", lambda: vhdx_probe(head, read_at, size)
     found = recognise(probe, Stage.MAGIC)
     if found is not None:
         return found[0].name, lambda: _foreign_detection(*found, name)

@@ -1,0 +1,408 @@
+"""The VHDX reader: fixed, dynamic and differencing disks, 512 and 4096-byte logical sectors.
+
+Choices made here:
+
+* The current header is the valid one with the higher sequence number; either region table copy
+  that verifies is used (the first when both do).
+* A non-empty log (a non-zero log GUID and valid entries of it) is replayed in memory before the
+  region table, metadata and BAT are read, so the disk reads as Hyper-V shows it after opening
+  the file; the file is never written. qemu refuses such a file read-only; its reading after
+  ``qemu-img check -r all`` (which replays the log into the file) is the oracle. Host offsets in
+  ``map`` are then offsets of the replayed file.
+* Payload blocks: fully present blocks are read from the file; not present, zero, unmapped and
+  undefined blocks read as zeros (as qemu reads them), except that a differencing disk's not
+  present blocks come from its parent; partially present blocks (differencing disks only) follow
+  the sector bitmap of their chunk (bit ``i % 8`` of byte ``i // 8`` for sector ``i``: 1 = this
+  file, 0 = the parent).
+* Every present block and sector bitmap must lie in the file, past the header area, outside the
+  log and metadata regions and apart from every other block.
+* A differencing disk's parent is looked up through the caller's opener (``--allow-backing``,
+  confined like backing files) by the locator's ``relative_path``, then ``absolute_win32_path``;
+  the parent's data write GUID must equal the locator's ``parent_linkage`` (or ``parent_linkage2``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import threading
+import uuid
+from array import array
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ...detection import Detection, OpenOptions, ParentOpener
+from ...errors import BackingFileError, CorruptImage
+from ...hostfile import HostFile
+from ...reader import DiskReader, ImageInfo, Run, RunKind
+from ..vhd import bitmap_runs, host_path
+from . import structures as s
+from .log import ReplayedFile, replay
+
+NAME = "vhdx"
+BITMAP_CACHE_BLOCKS = 256
+#: bit-reversed bytes: VHDX bitmaps number bits from the least significant, VHD's from the most
+_REVERSED_BITS = bytes(int(f"{value:08b}"[::-1], 2) for value in range(256))
+
+
+class VhdxReader(DiskReader):
+    format = NAME
+
+    @classmethod
+    def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> VhdxReader:
+        parsed = VhdxLayout.read(host)
+        reader = cls(parsed.host, parsed.params.virtual_size)
+        reader.layout = parsed
+        reader._bitmap_cache: dict[int, tuple[list[int], list[int]]] = {}
+        reader._cache_lock = threading.Lock()
+        if parsed.params.has_parent and open_parent is not None:
+            reader._open_parent(open_parent)
+        return reader
+
+    layout: VhdxLayout
+
+    def _open_parent(self, open_parent: ParentOpener) -> None:
+        candidates = self.layout.parent_candidates
+        if not candidates:
+            raise BackingFileError("differencing VHDX whose parent locator names no path", path=self.path)
+        parent = open_parent(list(candidates), None)
+        linkage = {self.layout.locator.entries.get(key, "").strip("{}").lower()
+                   for key in ("parent_linkage", "parent_linkage2")} - {"", str(uuid.UUID(int=0))}
+        found = getattr(getattr(parent, "layout", None), "header", None)
+        found_guid = str(found.data_write_guid) if found is not None else None
+        if found_guid not in linkage:
+            name = parent.path
+            parent.close()
+            raise BackingFileError(
+                f"parent {name!r} has data write GUID {found_guid}, but this differencing disk expects "
+                f"{' or '.join(sorted(linkage)) or 'none recorded'}",
+                path=self.path,
+            )
+        self.parent = parent
+
+    @property
+    def backing_file(self) -> str | None:
+        if not self.layout.params.has_parent:
+            return None
+        entries = self.layout.locator.entries
+        return entries.get("relative_path") or entries.get("absolute_win32_path") or "<parent named nowhere>"
+
+    @property
+    def subformat(self) -> str:
+        params = self.layout.params
+        return "differencing" if params.has_parent else "fixed" if params.leave_blocks_allocated else "dynamic"
+
+    def info(self) -> ImageInfo:
+        layout = self.layout
+        params = layout.params
+        details: dict[str, Any] = {
+            "logical_sector_size": params.logical_sector_size,
+            "physical_sector_size": params.physical_sector_size,
+            "header_sequence_number": layout.header.sequence_number,
+            "current_header": layout.header_index + 1,
+            "data_write_guid": str(layout.header.data_write_guid),
+            "log_entries_replayed": layout.log_entries,
+            "payload_states": layout.state_counts,
+        }
+        if params.page83 is not None:
+            details["page83_data"] = str(params.page83)
+        features = ["log-replayed"] if layout.log_entries else []
+        if params.has_parent:
+            details["parent_locator"] = dict(layout.locator.entries)
+            details["parent_candidates"] = list(layout.parent_candidates)
+            details["parent_opened"] = self.parent is not None
+        return ImageInfo(
+            format=NAME,
+            virtual_size=self.virtual_size,
+            file_size=self.host.size,
+            allocated_bytes=self.host.allocated_bytes,
+            subformat=self.subformat,
+            version="1",
+            cluster_size=params.block_size,
+            creator=layout.creator,
+            features=features,
+            backing_file=self.backing_file,
+            backing_format=NAME if params.has_parent else None,
+            details=details,
+        )
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def _runs(self, start: int, end: int) -> Iterator[Run]:
+        params = self.layout.params
+        block_size = params.block_size
+        ratio = params.chunk_ratio
+        bat = self.layout.bat
+        absent = RunKind.BACKING if params.has_parent else RunKind.ZERO
+        position = start
+        while position < end:
+            block = position // block_size
+            block_start = block * block_size
+            stop = min(end, block_start + block_size)
+            entry = bat[s.payload_index(block, ratio)]
+            state = entry & s.BAT_STATE_MASK
+            if state == s.PAYLOAD_FULLY_PRESENT:
+                yield Run(position, stop - position, RunKind.HOST, s.bat_offset(entry) + position - block_start)
+            elif state == s.PAYLOAD_PARTIALLY_PRESENT:
+                yield from self._partial_runs(block, block_start, position, stop, s.bat_offset(entry))
+            else:
+                kind = absent if state == s.PAYLOAD_NOT_PRESENT else RunKind.ZERO
+                while stop < end:  # merge a range of blocks read the same way
+                    following = bat[s.payload_index(stop // block_size, ratio)] & s.BAT_STATE_MASK
+                    if following in (s.PAYLOAD_FULLY_PRESENT, s.PAYLOAD_PARTIALLY_PRESENT) or (
+                        (absent if following == s.PAYLOAD_NOT_PRESENT else RunKind.ZERO) is not kind
+                    ):
+                        break
+                    stop = min(end, stop + block_size)
+                yield Run(position, stop - position, kind)
+            position = stop
+
+    def _partial_runs(self, block: int, block_start: int, start: int, end: int, data_offset: int) -> Iterator[Run]:
+        sector = self.layout.params.logical_sector_size
+        starts, bits = self._block_bitmap_runs(block)
+        i = bisect.bisect_right(starts, (start - block_start) // sector) - 1
+        position = start
+        while position < end:
+            run_end = block_start + (starts[i + 1] * sector if i + 1 < len(starts) else self.layout.params.block_size)
+            stop = min(end, run_end)
+            if bits[i]:
+                yield Run(position, stop - position, RunKind.HOST, data_offset + position - block_start)
+            else:
+                yield Run(position, stop - position, RunKind.BACKING)
+            position = stop
+            i += 1
+
+    def _block_bitmap_runs(self, block: int) -> tuple[list[int], list[int]]:
+        """A partially present block's part of its chunk's sector bitmap, as runs (cached)."""
+        cached = self._bitmap_cache.get(block)
+        if cached is not None:
+            return cached
+        params = self.layout.params
+        sectors = params.block_size // params.logical_sector_size
+        entry = self.layout.bat[s.bitmap_index(block // params.chunk_ratio, params.chunk_ratio)]
+        offset = s.bat_offset(entry) + (block % params.chunk_ratio) * sectors // 8
+        bitmap = self.host.pread(sectors // 8, offset)
+        if len(bitmap) != sectors // 8:
+            raise CorruptImage(f"the sector bitmap of block {block} lies past the end of the file",
+                               path=self.path, offset=offset, structure="sector bitmap")
+        runs = bitmap_runs(bitmap.translate(_REVERSED_BITS), sectors)
+        with self._cache_lock:
+            if len(self._bitmap_cache) >= BITMAP_CACHE_BLOCKS:
+                self._bitmap_cache.clear()
+            self._bitmap_cache[block] = runs
+        return runs
+
+
+class VhdxLayout:
+    """The checked metadata of one VHDX file (shared by the reader and ``check``)."""
+
+    host: Any  # the HostFile, or a ReplayedFile over it after a log replay
+    creator: str
+    header_index: int
+    header: s.Header
+    log_entries: int
+    regions: dict[uuid.UUID, s.Region]
+    params: s.DiskParameters
+    locator: s.ParentLocator
+    parent_candidates: list[str]
+    bat: array
+    state_counts: dict[str, int]
+
+    def __init__(self, host: HostFile) -> None:
+        self.host = host
+        self.name = host.name
+
+    def corrupt(self, message: str, offset: int | None = None, structure: str | None = None) -> CorruptImage:
+        return CorruptImage(message, path=self.name, offset=offset, structure=structure)
+
+    @classmethod
+    def read(cls, host: HostFile) -> VhdxLayout:
+        layout = cls(host)
+        layout._read_headers()
+        layout._replay_log()
+        layout._read_regions()
+        layout._read_metadata()
+        layout._read_bat()
+        return layout
+
+    def _pread_exact(self, length: int, offset: int, structure: str) -> bytes:
+        data = self.host.pread(length, offset)
+        if len(data) != length:
+            raise self.corrupt(f"the {structure} lies past the end of the file", offset, structure)
+        return data
+
+    def _read_headers(self) -> None:
+        identifier = self._pread_exact(64 * 1024, 0, "file identifier")
+        try:
+            self.creator = s.parse_creator(identifier)
+        except s.VhdxError as exc:
+            raise self.corrupt(str(exc), 0, "file identifier") from None
+        copies = [self._pread_exact(s.HEADER_SIZE, offset, "header") for offset in s.HEADER_OFFSETS]
+        try:
+            self.header_index, self.header = s.current_header(*copies)
+        except s.VhdxError as exc:
+            raise self.corrupt(str(exc), s.HEADER_OFFSETS[0], "header") from None
+
+    def _replay_log(self) -> None:
+        header = self.header
+        self.log_entries = 0
+        if not header.has_log:
+            return
+        offset = s.HEADER_OFFSETS[self.header_index]
+        if header.log_length == 0 or header.log_offset + header.log_length > self.host.size:
+            raise self.corrupt(f"the log ({header.log_length} bytes at {header.log_offset}) lies outside the file",
+                               offset, "header")
+        if header.log_length > s.MAX_LOG_LENGTH:
+            raise self.corrupt(f"the log of {header.log_length} bytes is over diskimg's {s.MAX_LOG_LENGTH}-byte cap",
+                               offset, "header")
+        log = self._pread_exact(header.log_length, header.log_offset, "log")
+        try:
+            writes, size, self.log_entries = replay(log, header.log_guid, self.host.size)
+        except s.VhdxError as exc:
+            raise self.corrupt(f"the log cannot be replayed: {exc}", header.log_offset, "log") from None
+        if writes:
+            self.host = ReplayedFile(self.host, writes, size)
+
+    def _read_regions(self) -> None:
+        try:
+            self.regions = _first_valid_region_table(
+                lambda length, offset: self._pread_exact(length, offset, "region table"))
+        except s.VhdxError as exc:
+            raise self.corrupt(str(exc), s.REGION_TABLE_OFFSETS[0], "region table") from None
+        for region in self.regions.values():
+            if region.end > self.host.size:
+                raise self.corrupt(f"region {region.guid} ({region.length} bytes at {region.file_offset}) lies "
+                                   f"past the end of the file", s.REGION_TABLE_OFFSETS[0], "region table")
+            if self.header.has_log and region.file_offset < self.header.log_offset + self.header.log_length \
+                    and self.header.log_offset < region.end:
+                raise self.corrupt(f"region {region.guid} overlaps the log", s.REGION_TABLE_OFFSETS[0], "region table")
+
+    def _read_metadata(self) -> None:
+        region = self.regions[s.METADATA_REGION]
+        table = self._pread_exact(s.METADATA_TABLE_SIZE, region.file_offset, "metadata table")
+        try:
+            entries = s.parse_metadata_table(table, region.length)
+        except s.VhdxError as exc:
+            raise self.corrupt(str(exc), region.file_offset, "metadata table") from None
+        items: dict[uuid.UUID, bytes] = {}
+        for item, entry in entries.items():
+            if item in s.KNOWN_METADATA:
+                if entry.length > s.MAX_PARENT_LOCATOR:
+                    raise self.corrupt(f"the {s.KNOWN_METADATA[item]} item is {entry.length} bytes long",
+                                       region.file_offset + entry.offset, "metadata")
+                items[item] = self._pread_exact(entry.length, region.file_offset + entry.offset, "metadata item")
+        try:
+            self.params = s.parse_disk_parameters(items)
+            self.locator = s.ParentLocator(uuid.UUID(int=0))
+            if self.params.has_parent:
+                if s.PARENT_LOCATOR not in items:
+                    raise s.VhdxError("a differencing disk without a parent locator item")
+                self.locator = s.parse_parent_locator(items[s.PARENT_LOCATOR])
+        except s.VhdxError as exc:
+            raise self.corrupt(str(exc), region.file_offset, "metadata") from None
+        candidates = []
+        for key, platform in (("relative_path", b"W2ru"), ("absolute_win32_path", b"W2ku")):
+            value = self.locator.entries.get(key)
+            if value and host_path(value, platform) not in candidates:
+                candidates.append(host_path(value, platform))
+        self.parent_candidates = candidates
+
+    def _read_bat(self) -> None:
+        region = self.regions[s.BAT_REGION]
+        params = self.params
+        entries = params.bat_entries
+        if entries * 8 > region.length:
+            raise self.corrupt(f"the BAT region ({region.length} bytes) is too small for {entries} entries",
+                               region.file_offset, "BAT")
+        if entries * 8 > s.MAX_BAT_BYTES:
+            raise self.corrupt(f"a BAT of {entries * 8} bytes is over diskimg's cap", region.file_offset, "BAT")
+        self.bat = array("Q", self._pread_exact(entries * 8, region.file_offset, "BAT"))
+        if array("Q", b"\1" + bytes(7))[0] != 1:
+            self.bat.byteswap()
+        self._check_bat(region)
+
+    def _check_bat(self, bat_region: s.Region) -> None:
+        """States known, present blocks inside the file and apart from each other and the metadata."""
+        params = self.params
+        ratio = params.chunk_ratio
+        counts: dict[str, int] = {}
+        used: list[tuple[int, int, str]] = [(0, s.HEADER_AREA, "the header area")]
+        used += [(r.file_offset, r.end, f"the {s.KNOWN_REGIONS.get(r.guid, 'unknown')} region")
+                 for r in self.regions.values()]
+        if self.header.has_log:
+            used.append((self.header.log_offset, self.header.log_offset + self.header.log_length, "the log"))
+        file_size = self.host.size
+        for index, entry in enumerate(self.bat):
+            state = entry & s.BAT_STATE_MASK
+            offset = s.bat_offset(entry)
+            where = bat_region.file_offset + 8 * index
+            if (index + 1) % (ratio + 1) == 0:  # a sector bitmap entry
+                if state == s.SB_PRESENT:
+                    if not params.has_parent:
+                        continue  # qemu ignores them in a disk without parent; nothing reads them
+                    length = s.SECTOR_BITMAP_BLOCK
+                elif state == s.SB_NOT_PRESENT:
+                    continue
+                else:
+                    raise self.corrupt(f"sector bitmap entry {index} has unknown state {state}", where, "BAT")
+                what = f"sector bitmap of chunk {index // (ratio + 1)}"
+            else:
+                block = index - index // (ratio + 1)
+                name = s.PAYLOAD_STATES.get(state)
+                if name is None:
+                    raise self.corrupt(f"BAT entry of block {block} has unknown state {state}", where, "BAT")
+                counts[name] = counts.get(name, 0) + 1
+                if state == s.PAYLOAD_PARTIALLY_PRESENT:
+                    if not params.has_parent:
+                        raise self.corrupt(f"block {block} is partially present in a disk without parent", where,
+                                           "BAT")
+                    chunk_entry = self.bat[s.bitmap_index(block // ratio, ratio)]
+                    if chunk_entry & s.BAT_STATE_MASK != s.SB_PRESENT:
+                        raise self.corrupt(f"block {block} is partially present but its chunk has no sector bitmap",
+                                           where, "BAT")
+                elif state != s.PAYLOAD_FULLY_PRESENT:
+                    continue
+                length = min(params.block_size, params.virtual_size - block * params.block_size)
+                what = f"block {block}"
+            if offset < s.HEADER_AREA or offset + length > file_size:
+                raise self.corrupt(f"{what} at file offset {offset} lies outside the file ({file_size} bytes)", where,
+                                   "BAT")
+            used.append((offset, offset + length, what))
+        used.sort()
+        for (start_a, end_a, what_a), (start_b, _, what_b) in zip(used, used[1:]):
+            if start_b < end_a:
+                raise self.corrupt(f"{what_b} at file offset {start_b} overlaps {what_a}", start_b, "BAT")
+        self.state_counts = counts
+
+
+
+def probe(head: bytes, read_at: Callable[[int, int], bytes], size: int | None) -> Detection:
+    """Detection of a file starting with ``vhdxfile``: the creator, and the subformat from the
+    file parameters as stored (before any log replay); damage is named, opening reports it."""
+    creator = s.parse_creator(head)
+    label = f"VHDX (creator '{creator}')" if creator else "VHDX"
+    try:
+        _, header = s.current_header(*(read_at(s.HEADER_SIZE, offset) for offset in s.HEADER_OFFSETS))
+        regions = _first_valid_region_table(read_at)
+        metadata = regions[s.METADATA_REGION]
+        entries = s.parse_metadata_table(read_at(s.METADATA_TABLE_SIZE, metadata.file_offset), metadata.length)
+        parameters = entries.get(s.FILE_PARAMETERS)
+        if parameters is None or parameters.length < 8:
+            raise s.VhdxError("no file parameters metadata item")
+        flags = struct.unpack_from("<I", read_at(8, metadata.file_offset + parameters.offset).ljust(8, b"\0"), 4)[0]
+    except (s.VhdxError, struct.error) as exc:
+        return Detection(format=NAME, version="1", readable=True, description=f"{label}, corrupt: {exc}")
+    subformat = "differencing" if flags & 2 else "fixed" if flags & 1 else "dynamic"
+    log = ", with a log to replay" if header.has_log else ""
+    return Detection(format=NAME, subformat=subformat, version="1", readable=True,
+                     description=f"{label}, {subformat}{log}")
+
+
+def _first_valid_region_table(read_at: Callable[[int, int], bytes]) -> dict[uuid.UUID, s.Region]:
+    problem = None
+    for offset in s.REGION_TABLE_OFFSETS:
+        try:
+            return s.parse_region_table(read_at(s.REGION_TABLE_SIZE, offset))
+        except s.VhdxError as exc:
+            problem = exc
+    raise s.VhdxError(f"no valid region table ({problem})")
