@@ -81,7 +81,8 @@ QEMU_MADE = [
     ("stream.vmdk", ["-f", "vmdk", "-o", "subformat=streamOptimized"], "vmdk", "streamOptimized", "vmdk"),
     ("flat.vmdk", ["-f", "vmdk", "-o", "subformat=monolithicFlat"], "vmdk", "monolithicFlat", "vmdk"),
     ("split.vmdk", ["-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"], "vmdk", "twoGbMaxExtentSparse", "vmdk"),
-    ("disk.vhdx", ["-f", "vhdx"], "vhdx", None, "vhdx"),
+    ("disk.vhdx", ["-f", "vhdx"], "vhdx", "dynamic", None),
+    ("fixed.vhdx", ["-f", "vhdx", "-o", "subformat=fixed"], "vhdx", "fixed", None),
     ("disk.vdi", ["-f", "vdi"], "vdi", "dynamic", "vdi"),
     ("fixed.vdi", ["-f", "vdi", "-o", "static=on"], "vdi", "fixed", "vdi"),
     ("disk.qed", ["-f", "qed"], "qed", None, "qed"),
@@ -98,7 +99,7 @@ def test_qemu_made_formats(work, name, args, fmt, subformat, driver):
     found = detect(path)
     assert found.format == fmt, found
     assert found.subformat == subformat, found
-    assert found.readable == (fmt in ("raw", "vhd", "qcow2"))
+    assert found.readable == (fmt in ("raw", "vhd", "qcow2", "vhdx"))
     if driver:
         assert f"qemu-img convert -f {driver} -O qcow2" in found.hint
         assert f"diskimg convert --backend qemu-img -f {driver}" in found.hint

@@ -14,7 +14,7 @@ from typing import Any
 from .. import filesystems as fsmod
 from ..consistency import CheckResult, check
 from ..probe import detect
-from ..detection import Detection
+from ..detection import READABLE_FORMATS, Detection
 from ..errors import BackingFileError, DiskImageError, ImageNotFound, UnsupportedFormat
 from ..biosboot import BiosChain, follow_bios_chain
 from ..filesystems import FileSystem, fallback_loaders
@@ -29,7 +29,7 @@ from .report import Finding
 from .rules import RULES_BY_CODE, SYSTEM, GiB, Profile
 
 WRAPPERS = frozenset({"gzip", "xz", "bzip2", "zstd", "zip", "tar", "7z", "lz4"})
-READABLE = frozenset({"raw", "vhd", "qcow2"})
+READABLE = frozenset(READABLE_FORMATS)
 #: VHD geometry 65535/16/255 means "too big for CHS": its size says nothing
 _SATURATED_CHS = 65535 * 16 * 255 * 512
 
