@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
+from .detection import FORMAT_ALIASES
 from .errors import EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError, UnsupportedFormat, UsageError
 from .units import format_size, parse_size
 from .words import key_words, words
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 # Each command imports the part of the API it calls when it runs: a conversion does not pay for
 # loading the validator or the archive compressors (start-up time counts on every invocation).
 
-FORMAT_CHOICE = click.Choice(["raw", "vhd", "vpc", "qcow2"], case_sensitive=False)
+FORMAT_CHOICE = click.Choice(list(FORMAT_ALIASES), case_sensitive=False)
 
 #: one definition for every command that opens a VHD
 vhd_size_option = click.option(

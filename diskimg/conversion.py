@@ -239,7 +239,7 @@ def map_is_plan(reader: DiskReader) -> bool:
 
 
 #: target file extensions that name a format, for a conversion not told one
-_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw"}
+_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw", ".vhdx": "vhdx"}
 
 
 def format_for_target(target: str | os.PathLike[str]) -> str:

@@ -10,10 +10,10 @@ from ..writer import DiskWriter
 from .raw import RawReader, RawWriter
 from .qcow2 import Qcow2Reader, Qcow2Writer
 from .vhd import VhdReader, VhdWriter
-from .vhdx import VhdxReader
+from .vhdx import VhdxReader, VhdxWriter
 
 READERS: dict[str, type[DiskReader]] = {"raw": RawReader, "vhd": VhdReader, "qcow2": Qcow2Reader, "vhdx": VhdxReader}
-WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter, "qcow2": Qcow2Writer}
+WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter, "qcow2": Qcow2Writer, "vhdx": VhdxWriter}
 
 
 def canonical_format(name: str) -> str:
