@@ -171,7 +171,7 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     """
     detection = detect(source)
     name = canonical_format(format) if format else detection.format
-    if name not in ("raw", "vhd", "qcow2"):
+    if name not in ("raw", "vhd", "qcow2", "vhdx"):
         raise UnsupportedFormat(
             f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",
             path=source_name(source), format=detection.format, hint=detection.hint,
@@ -184,6 +184,10 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
                 _Qcow2Check(host, result).run()
             elif name == "vhd":
                 _VhdCheck(host, result).run()
+            elif name == "vhdx":
+                from .formats.vhdx.check import check_vhdx
+
+                check_vhdx(host, result)
             else:
                 result.image_end_offset = host.size
         except DiskImageError as exc:

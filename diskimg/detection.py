@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 #: formats diskimg reads and writes
 READABLE_FORMATS = ("raw", "vhd", "qcow2", "vhdx")
 #: names accepted in options for a format, mapped to the canonical name
-FORMAT_ALIASES = {"vpc": "vhd", "raw": "raw", "vhd": "vhd", "qcow2": "qcow2", "vhdx": "vhdx"}
+FORMAT_ALIASES = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "vhdx": "vhdx"}
 
 
 @dataclass

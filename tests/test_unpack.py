@@ -227,6 +227,9 @@ def test_unpacks_what_export_wrote(disk: Path, tmp_path: Path) -> None:
     assert Path(member.disks[0].output).read_bytes() == extracted  # a qcow2 member is restored byte for byte
     converted = diskimg.unpack(tmp_path / "q" / "q.manifest.json", tmp_path / "out", "vhd")
     qemu_compare(Path(converted.disks[0].output), "vpc", disk, "raw")
+    converted = diskimg.unpack(tmp_path / "q" / "q.manifest.json", tmp_path / "out", "vhdx")
+    run("qemu-img", "check", "-f", "vhdx", converted.disks[0].output)
+    qemu_compare(Path(converted.disks[0].output), "vhdx", disk, "raw")
     (tmp_path / "g").mkdir()
     export.export("g", qcow2, [disk], out=tmp_path / "g", layout="gce")  # every member is disk.raw
     gce = diskimg.unpack(tmp_path / "g" / "g.manifest.json", tmp_path / "out")

@@ -320,3 +320,57 @@ def test_fuzz_only_diskimage_errors(fuzz_seeds, data):
                 pass
     except DiskImageError:
         pass
+
+
+# -- check --------------------------------------------------------------------------------------
+
+
+def _bat_offset(data: bytes) -> int:
+    """The BAT region's file offset from region table 1 (MS-VHDX: entries of 32 bytes after a
+    16-byte header; GUID 2DC27766-F623-4200-9D64-115E9BFD4A08)."""
+    bat = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08").bytes_le
+    table = 192 * 1024
+    count = struct.unpack_from("<I", data, table + 8)[0]
+    for index in range(count):
+        entry = table + 16 + 32 * index
+        if data[entry : entry + 16] == bat:
+            return struct.unpack_from("<Q", data, entry + 16)[0]
+    raise AssertionError("no BAT region")
+
+
+@requires_qemu
+@pytest.mark.parametrize("options", [("subformat=dynamic",), ("subformat=fixed", "block_size=1M")])
+def test_check_of_qemu_images_is_clean(tmp_path, options):
+    path = make_vhdx(tmp_path, "disk.vhdx", "20M", *options)
+    qemu_io(path, "vhdx", "write -P 0x5a 0 64k", "write -P 0xa5 5M 1M")
+    qemu_img("check", "-f", "vhdx", path)
+    proc = diskimg_cli("check", "--json", path)
+    assert proc.returncode == 0, proc.stdout
+    result = json.loads(proc.stdout)
+    assert result["clean"] and result["format"] == "vhdx" and result["allocated_clusters"] >= 1
+
+
+@requires_qemu
+def test_check_finds_overlapping_blocks_and_a_damaged_region_table_copy(tmp_path):
+    path = make_vhdx(tmp_path, "disk.vhdx", "8M", "block_size=1M")
+    qemu_io(path, "vhdx", "write -P 1 0 1M", "write -P 2 1M 1M")
+    data = bytearray(path.read_bytes())
+    bat = _bat_offset(bytes(data))
+    data[bat + 8 : bat + 16] = data[bat : bat + 8]  # block 1 points at block 0's MiB
+    data[256 * 1024 + 40] ^= 1  # region table copy 2 no longer verifies
+    path.write_bytes(bytes(data))
+    proc = diskimg_cli("check", "--json", path)
+    assert proc.returncode == 1
+    messages = [p["message"] for p in json.loads(proc.stdout)["problems"]]
+    assert any("region table copy 2" in m for m in messages), messages
+    assert any("overlaps block 0" in m for m in messages), messages
+    proc = diskimg_cli("convert", path, tmp_path / "out.raw", text=True)
+    assert proc.returncode == 3 and "overlaps" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("entry", corpus_params(LOG_REPLAY))
+def test_check_names_a_log_to_replay(entry, tmp_path):
+    proc = diskimg_cli("check", "--json", corpus_file(entry, tmp_path))
+    assert proc.returncode == 1
+    result = json.loads(proc.stdout)
+    assert result["flags"] == ["log"] and result["corruptions"] == 0
