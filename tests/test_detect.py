@@ -29,7 +29,7 @@ except ImportError:
     from conftest import corpus_dir, corpus_manifest, corpus_params, qemu_img, requires_qemu, run  # type: ignore[no-redef]
 from diskimg.content import identify_start
 from diskimg.probe import check_forced, detect
-from diskimg.detection import Detection
+from diskimg.detection import READABLE_FORMATS, Detection
 from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError
 from diskimg.wrappers import PEEK_INPUT
 
@@ -669,7 +669,7 @@ def test_corpus(entry, tmp_path_factory):
     else:
         found = stored
     assert found.format == expected, found
-    assert found.readable == (expected in ("raw", "vhd", "qcow2"))
+    assert found.readable == (expected in READABLE_FORMATS)
     if not found.readable:
         assert found.hint
     if entry["format"] == "vhd-footer-fragment":
