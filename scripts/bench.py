@@ -126,6 +126,8 @@ def bench_read(args: argparse.Namespace) -> None:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, images["qcow2"]], check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, images["vpc"]],
                        check=True)
+        images["vhdx"] = os.path.join(work, "disk.vhdx")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", raw, images["vhdx"]], check=True)
         os.unlink(raw)
         out = os.path.join(work, "out.raw")
         for fmt, image in images.items():
@@ -142,6 +144,8 @@ CONVERSIONS = {
     "raw->fixed vhd": ("raw", ["-f", "raw", "-O", "vhd", "-o", "subformat=fixed"],
                        ["-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on"]),
     "raw->qcow2 -c": ("raw", ["-f", "raw", "-O", "qcow2", "-c"], ["-f", "raw", "-O", "qcow2", "-c"]),
+    "vhdx->qcow2": ("vhdx", ["-f", "vhdx", "-O", "qcow2"], ["-f", "vhdx", "-O", "qcow2"]),
+    "raw->vhdx": ("raw", ["-f", "raw", "-O", "vhdx"], ["-f", "raw", "-O", "vhdx"]),
 }
 
 
@@ -156,6 +160,8 @@ def bench_convert(args: argparse.Namespace) -> None:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", sources["raw"], sources["qcow2"]], check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", sources["raw"],
                         sources["vhd"]], check=True)
+        sources["vhdx"] = os.path.join(work, "disk.vhdx")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", sources["raw"], sources["vhdx"]], check=True)
         out = os.path.join(work, "out.img")
         for name, (source, ours, theirs) in CONVERSIONS.items():
             if args.only and name not in args.only:

@@ -681,19 +681,8 @@ class VhdReader(DiskReader):
             position = stop
 
     def _differencing_runs(self, block: int, block_start: int, start: int, end: int, data_offset: int) -> Iterator[Run]:
-        starts, bits = self._block_bitmap_runs(block)
-        first = (start - block_start) // SECTOR
-        i = bisect.bisect_right(starts, first) - 1
-        position = start
-        while position < end:
-            run_end = block_start + (starts[i + 1] * SECTOR if i + 1 < len(starts) else self._block_size)
-            stop = min(end, run_end)
-            if bits[i]:
-                yield Run(position, stop - position, RunKind.HOST, data_offset + position - block_start)
-            else:
-                yield Run(position, stop - position, RunKind.BACKING)
-            position = stop
-            i += 1
+        return sector_bitmap_runs(self._block_bitmap_runs(block), SECTOR, block_start, self._block_size, start, end,
+                                  data_offset)
 
     def _block_bitmap_runs(self, block: int) -> tuple[list[int], list[int]]:
         """The sector bitmap of an allocated block as runs: (first sectors, bits), read lazily and
@@ -746,6 +735,25 @@ def bitmap_runs(bitmap: bytes, sectors: int) -> tuple[list[int], list[int]]:
             for k in range(8):
                 add(first * 8 + k, (value >> (7 - k)) & 1)
     return starts, bits
+
+
+def sector_bitmap_runs(bitmap: tuple[list[int], list[int]], sector: int, block_start: int, block_size: int,
+                       start: int, end: int, data_offset: int) -> Iterator[Run]:
+    """Runs of [start, end) inside a block whose data lies at ``data_offset``, split by the block's
+    sector bitmap (``bitmap_runs`` output): set sectors from this file, clear ones from the parent
+    (the rule of differencing VHD and VHDX alike)."""
+    starts, bits = bitmap
+    i = bisect.bisect_right(starts, (start - block_start) // sector) - 1
+    position = start
+    while position < end:
+        run_end = block_start + (starts[i + 1] * sector if i + 1 < len(starts) else block_size)
+        stop = min(end, run_end)
+        if bits[i]:
+            yield Run(position, stop - position, RunKind.HOST, data_offset + position - block_start)
+        else:
+            yield Run(position, stop - position, RunKind.BACKING)
+        position = stop
+        i += 1
 
 
 def allocated_indices(raw_table: bytes) -> array:
@@ -1457,6 +1465,7 @@ __all__ = [
     "chs_geometry",
     "bitmap_size",
     "bitmap_runs",
+    "sector_bitmap_runs",
     "encode_parent_name",
     "decode_locator_path",
     "host_path",

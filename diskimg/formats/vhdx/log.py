@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import uuid
 from typing import Any
 
@@ -147,7 +148,7 @@ def _flatten(writes: list[s.LogWrite]) -> tuple[list[int], list[tuple[int, int, 
     heap: list[tuple[int, int]] = []  # (-order, end)
     segments: list[tuple[int, int, bytes | None, int]] = []
     next_write = 0
-    for left, right in zip(points, points[1:]):
+    for left, right in itertools.pairwise(points):
         while next_write < len(by_start) and writes[by_start[next_write]].file_offset <= left:
             order = by_start[next_write]
             heapq.heappush(heap, (-order, writes[order].file_offset + writes[order].length))

@@ -23,7 +23,7 @@ Choices made here:
 
 from __future__ import annotations
 
-import bisect
+import itertools
 import struct
 import threading
 import uuid
@@ -35,7 +35,7 @@ from ...detection import Detection, OpenOptions, ParentOpener
 from ...errors import BackingFileError, CorruptImage
 from ...hostfile import HostFile
 from ...reader import DiskReader, ImageInfo, Run, RunKind
-from ..vhd import bitmap_runs, host_path
+from ..vhd import bitmap_runs, host_path, sector_bitmap_runs
 from . import structures as s
 from .log import ReplayedFile, replay
 
@@ -48,18 +48,18 @@ _REVERSED_BITS = bytes(int(f"{value:08b}"[::-1], 2) for value in range(256))
 class VhdxReader(DiskReader):
     format = NAME
 
+    def __init__(self, layout: VhdxLayout) -> None:
+        super().__init__(layout.host, layout.params.virtual_size)
+        self.layout = layout
+        self._bitmap_cache: dict[int, tuple[list[int], list[int]]] = {}
+        self._cache_lock = threading.Lock()
+
     @classmethod
     def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> VhdxReader:
-        parsed = VhdxLayout.read(host)
-        reader = cls(parsed.host, parsed.params.virtual_size)
-        reader.layout = parsed
-        reader._bitmap_cache: dict[int, tuple[list[int], list[int]]] = {}
-        reader._cache_lock = threading.Lock()
-        if parsed.params.has_parent and open_parent is not None:
+        reader = cls(VhdxLayout.read(host))
+        if reader.layout.params.has_parent and open_parent is not None:
             reader._open_parent(open_parent)
         return reader
-
-    layout: VhdxLayout
 
     def _open_parent(self, open_parent: ParentOpener) -> None:
         candidates = self.layout.parent_candidates
@@ -158,19 +158,9 @@ class VhdxReader(DiskReader):
             position = stop
 
     def _partial_runs(self, block: int, block_start: int, start: int, end: int, data_offset: int) -> Iterator[Run]:
-        sector = self.layout.params.logical_sector_size
-        starts, bits = self._block_bitmap_runs(block)
-        i = bisect.bisect_right(starts, (start - block_start) // sector) - 1
-        position = start
-        while position < end:
-            run_end = block_start + (starts[i + 1] * sector if i + 1 < len(starts) else self.layout.params.block_size)
-            stop = min(end, run_end)
-            if bits[i]:
-                yield Run(position, stop - position, RunKind.HOST, data_offset + position - block_start)
-            else:
-                yield Run(position, stop - position, RunKind.BACKING)
-            position = stop
-            i += 1
+        params = self.layout.params
+        return sector_bitmap_runs(self._block_bitmap_runs(block), params.logical_sector_size, block_start,
+                                  params.block_size, start, end, data_offset)
 
     def _block_bitmap_runs(self, block: int) -> tuple[list[int], list[int]]:
         """A partially present block's part of its chunk's sector bitmap, as runs (cached)."""
@@ -369,7 +359,7 @@ class VhdxLayout:
                                    "BAT")
             used.append((offset, offset + length, what))
         used.sort()
-        for (start_a, end_a, what_a), (start_b, _, what_b) in zip(used, used[1:]):
+        for (_, end_a, what_a), (start_b, _, what_b) in itertools.pairwise(used):
             if start_b < end_a:
                 raise self.corrupt(f"{what_b} at file offset {start_b} overlaps {what_a}", start_b, "BAT")
         self.state_counts = counts

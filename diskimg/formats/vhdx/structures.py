@@ -201,9 +201,9 @@ def current_header(first: bytes, second: bytes) -> tuple[int, Header]:
             problems.append(f"header {index + 1}: {exc}")
     if not valid:
         raise VhdxError("neither header is valid (" + "; ".join(problems) + ")")
-    if len(valid) == 2 and valid[0][1].sequence_number == valid[1][1].sequence_number:
-        if valid[0][1] != valid[1][1]:
-            raise VhdxError("both headers carry the same sequence number but differ")
+    one, other = valid[0][1], valid[-1][1]
+    if len(valid) == 2 and one.sequence_number == other.sequence_number and one != other:
+        raise VhdxError("both headers carry the same sequence number but differ")
     return max(valid, key=lambda item: item[1].sequence_number)
 
 
