@@ -209,7 +209,7 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
 @click.option("--align", help="Round the virtual size up to a multiple of this size, itself a multiple of 512 "
               "(1M for Azure, 1G for GCE).")
 @click.option("--backend", type=click.Choice(["auto", "native", "qemu-img"]), default="auto", show_default=True,
-              help="native reads raw, vhd and qcow2; qemu-img converts what diskimg detects but does not read; "
+              help="native reads raw, vhd, vhdx and qcow2; qemu-img converts what diskimg detects but does not read; "
               "auto picks native where it can.")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
 @click.option("-l", "--snapshot", help="Convert an internal qcow2 snapshot (id or name) instead of the active layer.")

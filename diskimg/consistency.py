@@ -164,7 +164,7 @@ class CheckResult:
 
 
 def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) -> CheckResult:
-    """Check the structure of a RAW, VHD or qcow2 image (``format`` forces one).
+    """Check the structure of a RAW, VHD, VHDX or qcow2 image (``format`` forces one).
 
     Problems in the image are in the result; DiskImageError is raised only when the file cannot
     be opened (ImageNotFound) or is not one of the three formats (UnsupportedFormat).
@@ -173,7 +173,7 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     name = canonical_format(format) if format else detection.format
     if name not in ("raw", "vhd", "qcow2", "vhdx"):
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",
+            f"{detection.description}: diskimg checks VHD, VHDX, qcow2 and RAW images",
             path=source_name(source), format=detection.format, hint=detection.hint,
         )
     host = HostFile(source)

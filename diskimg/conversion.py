@@ -621,7 +621,7 @@ def _convert_with_qemu_img(
     detection = detect(source)
     if qemu_img is None:
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg reads VHD, qcow2 and RAW, and qemu-img (the backend for "
+            f"{detection.description}: diskimg reads VHD, VHDX, qcow2 and RAW, and qemu-img (the backend for "
             "other formats) is not installed (apt-get install qemu-utils)",
             path=os.fspath(source), format=detection.format,
         )

@@ -17,7 +17,7 @@ FORMAT_ALIASES = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "v
 
 @dataclass
 class Detection:
-    """The answer of ``diskimg.detect``. ``readable`` is True only for raw, vhd and qcow2."""
+    """The answer of ``diskimg.detect``. ``readable`` is True only for READABLE_FORMATS."""
 
     format: str
     description: str
