@@ -96,7 +96,7 @@ def _info_lines(image: str, facts: ImageInfo, description: str) -> list[str]:
         lines.append(f"{label}: {format_size(facts.allocated_bytes)}")
     lines.append(f"file size: {_size(facts.file_size)}")
     if facts.cluster_size is not None:
-        lines.append(f"{'block' if facts.format == 'vhd' else 'cluster'} size: {_size(facts.cluster_size)}")
+        lines.append(f"{'block' if facts.format in ('vhd', 'vhdx') else 'cluster'} size: {_size(facts.cluster_size)}")
     if facts.creator:
         lines.append(f"creator: {facts.creator}")
     if facts.backing_file is not None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from diskimg import open_image
 from diskimg.detection import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError
-from diskimg.formats.vhdx import VhdxReader
+from diskimg.formats.vhdx import VhdxReader, probe
 from diskimg.hostfile import HostFile
 from diskimg.probe import detect
 
@@ -374,3 +374,16 @@ def test_check_names_a_log_to_replay(entry, tmp_path):
     assert proc.returncode == 1
     result = json.loads(proc.stdout)
     assert result["flags"] == ["log"] and result["corruptions"] == 0
+
+
+@settings(deadline=None, max_examples=100)
+@given(st.binary(min_size=0, max_size=2048), st.binary(min_size=0, max_size=70000), st.integers(0, 2**40))
+def test_probe_never_raises(head, rest, size):
+    """Detection of anything that starts with the signature names it, damaged or not."""
+    data = b"vhdxfile" + head + rest
+
+    def read_at(length: int, offset: int) -> bytes:
+        return data[offset : offset + length]
+
+    found = probe(data[:128 * 1024], read_at, size)
+    assert found.format == "vhdx" and found.readable
