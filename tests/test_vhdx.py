@@ -162,6 +162,24 @@ def test_log_whose_sequence_is_broken_is_refused(entry, tmp_path):
 
 
 @pytest.mark.parametrize("entry", corpus_params(LOG_REPLAY))
+def test_torn_newest_log_entry_is_left_out(entry, tmp_path):
+    """MS-VHDX 2.3.3: an entry whose checksum fails is not part of any sequence, so the entry
+    before it heads the active sequence (here reaching back to the sequence's earlier tail)."""
+    data = bytearray(corpus_file(entry, tmp_path).read_bytes())
+    _, current = max((struct.unpack_from("<Q", data, at + 8)[0], at) for at in (64 * 1024, 128 * 1024))
+    log_length, log_offset = struct.unpack_from("<IQ", data, current + 68)
+    entries = sorted((struct.unpack_from("<Q", data, log_offset + at + 16)[0], log_offset + at)
+                     for at in range(0, log_length, 4096) if data[log_offset + at : log_offset + at + 4] == b"loge")
+    data[entries[-1][1] + 100] ^= 0xFF
+    path = tmp_path / "torn.vhdx"
+    path.write_bytes(bytes(data))
+    with open_vhdx(path) as reader:
+        previous_tail = struct.unpack_from("<I", data, entries[-2][1] + 12)[0] + log_offset
+        expected = sum(1 for _, offset in entries[:-1] if offset >= previous_tail)
+        assert reader.info().details["log_entries_replayed"] == expected
+
+
+@pytest.mark.parametrize("entry", corpus_params(LOG_REPLAY))
 def test_log_flushed_past_a_truncated_file_is_refused(entry, tmp_path):
     data = corpus_file(entry, tmp_path).read_bytes()
     path = tmp_path / "cut.vhdx"

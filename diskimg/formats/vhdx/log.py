@@ -6,6 +6,13 @@ entry. The *active sequence* ends at the valid entry with the highest sequence n
 field names where the sequence starts, and from there every entry must follow with the next
 sequence number. Replaying writes the descriptors of that sequence in order.
 
+A torn newest entry (its checksum fails) simply does not count, so the previous entry heads the
+sequence, as MS-VHDX's search finds it. Where the newest valid entry's sequence is broken (an
+entry between its tail and itself missing or out of order), MS-VHDX would fall back to an older
+complete sequence; diskimg refuses the file instead, as it refuses any metadata it cannot trust
+(qemu refuses every file with a log when it opens it read-only). Entries of the log GUID that
+are all invalid or absent mean nothing to replay, as qemu reads them.
+
 diskimg never writes the source: :class:`ReplayedFile` shows the file as it would be after the
 replay (later writes win, the file extended to the sequence's ``last_file_offset``). A log that
 cannot be replayed (the newest entry's sequence broken, writes outside the file, a sequence that
