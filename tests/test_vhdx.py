@@ -200,6 +200,9 @@ def test_differencing_parent_needs_allow_backing(entry, tmp_path):
     assert info.backing_file.endswith("Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx")
     with pytest.raises(BackingFileError, match="allow-backing"):
         open_image(path)
+    proc = diskimg_cli("validate", "--json", path)
+    refused = [f for f in json.loads(proc.stdout)["findings"] if f["code"] == "format-refused"]
+    assert refused[0]["hint"].startswith("diskimg convert --allow-backing ")
     # the relative path is not there; the absolute one lies outside the image's directory
     with pytest.raises(BackingFileError, match="outside the allowed directories"):
         open_image(path, allow_backing=True)

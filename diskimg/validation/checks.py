@@ -71,9 +71,11 @@ QEMU_DRIVERS = {"vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi", "qed": "qed", "qco
 
 
 def convert_hint(ctx: DiskContext, driver: str) -> str:
-    """The conversion command: diskimg's own reader where it has one, else qemu-img's driver."""
+    """The conversion command: diskimg's own reader where it has one (merging a differencing
+    disk with its parent), else qemu-img's driver."""
     if ctx.supported_container:
-        return f"diskimg convert {_q(ctx.path)} {_out(ctx.path)} -O qcow2"
+        merge = "--allow-backing " if ctx.detection.subformat == "differencing" else ""
+        return f"diskimg convert {merge}{_q(ctx.path)} {_out(ctx.path)} -O qcow2"
     return f"diskimg convert --backend qemu-img -f {driver} {_q(ctx.path)} {_out(ctx.path)} -O qcow2"
 
 
