@@ -124,10 +124,7 @@ def _size_option(options: Mapping[str, str], key: str, default: int, low: int, h
     if key not in options:
         return default
     text = str(options[key])
-    try:
-        value = parse_size(text)
-    except (ValueError, UsageError):
-        raise UsageError(f"vhdx option {key}={text!r} is not a size") from None
+    value = parse_size(text)
     if not low <= value <= high:
         raise UsageError(f"vhdx {key} must be from {low >> 20}M to {high >> 20}M, not {text!r}")
     return value
