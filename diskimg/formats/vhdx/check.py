@@ -42,12 +42,8 @@ def check_vhdx(host: Any, result: Any) -> None:
         result.add("warning", f"the log holds {layout.log_entries} entries not yet replayed into the file (Hyper-V "
                    "replays them when it opens the file; diskimg replays them in memory)", layout.header.log_offset,
                    "log")
-    params = layout.params
-    result.total_clusters = params.payload_blocks
-    present = (s.PAYLOAD_FULLY_PRESENT, s.PAYLOAD_PARTIALLY_PRESENT)
-    payload = (layout.bat[s.payload_index(block, params.chunk_ratio)] for block in range(params.payload_blocks))
-    ends = [s.bat_offset(entry) + params.block_size for entry in payload if entry & s.BAT_STATE_MASK in present]
-    result.allocated_clusters = len(ends)
-    region_ends = [region.end for region in layout.regions.values()]
-    result.image_end_offset = max([*ends, *region_ends, layout.header.log_offset + layout.header.log_length])
+    result.total_clusters = layout.params.payload_blocks
+    result.allocated_clusters = sum(layout.state_counts.get(s.PAYLOAD_STATES[state], 0)
+                                    for state in (s.PAYLOAD_FULLY_PRESENT, s.PAYLOAD_PARTIALLY_PRESENT))
+    result.image_end_offset = layout.image_end
 

@@ -24,6 +24,7 @@ Choices made here:
 from __future__ import annotations
 
 import itertools
+import re
 import struct
 import threading
 import uuid
@@ -41,6 +42,14 @@ from .log import ReplayedFile, replay
 
 NAME = "vhdx"
 BITMAP_CACHE_BLOCKS = 256
+#: the state (low 3 bits) of a BAT entry from its low byte
+_STATE_OF_LOW_BYTE = bytes(value & s.BAT_STATE_MASK for value in range(256))
+#: states whose entries need a look: undefined (counted), reserved 4 and 5, present
+_NOTABLE_STATES = re.compile(rb"[\x04-\x07]")
+#: the next entry read otherwise than a run of: parent blocks, zero blocks (of a disk with and without parent)
+_NOT_FROM_PARENT = re.compile(rb"[^\x00]")
+_NOT_ZERO_DIFFERENCING = re.compile(rb"[^\x01-\x03]")
+_NOT_ZERO = re.compile(rb"[^\x00-\x03]")
 #: bit-reversed bytes: VHDX bitmaps number bits from the least significant, VHD's from the most
 _REVERSED_BITS = bytes(int(f"{value:08b}"[::-1], 2) for value in range(256))
 
@@ -147,15 +156,24 @@ class VhdxReader(DiskReader):
                 yield from self._partial_runs(block, block_start, position, stop, s.bat_offset(entry))
             else:
                 kind = absent if state == s.PAYLOAD_NOT_PRESENT else RunKind.ZERO
-                while stop < end:  # merge a range of blocks read the same way
-                    following = bat[s.payload_index(stop // block_size, ratio)] & s.BAT_STATE_MASK
-                    if following in (s.PAYLOAD_FULLY_PRESENT, s.PAYLOAD_PARTIALLY_PRESENT) or (
-                        (absent if following == s.PAYLOAD_NOT_PRESENT else RunKind.ZERO) is not kind
-                    ):
-                        break
-                    stop = min(end, stop + block_size)
+                stop = min(end, self._next_other_block(block, kind is RunKind.BACKING) * block_size)
                 yield Run(position, stop - position, kind)
             position = stop
+
+    def _next_other_block(self, block: int, from_parent: bool) -> int:
+        """The first block after ``block`` not read the way it is (zeros, or from the parent), found
+        by a C scan of the entries' states; sector bitmap entries in between are stepped over."""
+        params = self.layout.params
+        ratio = params.chunk_ratio
+        states = self.layout.states
+        pattern = _NOT_FROM_PARENT if from_parent else _NOT_ZERO_DIFFERENCING if params.has_parent else _NOT_ZERO
+        index = s.payload_index(block, ratio) + 1
+        while (found := pattern.search(states, index)) is not None:
+            index = found.start()
+            if (index + 1) % (ratio + 1):
+                return index - index // (ratio + 1)
+            index += 1  # a sector bitmap entry
+        return params.payload_blocks
 
     def _partial_runs(self, block: int, block_start: int, start: int, end: int, data_offset: int) -> Iterator[Run]:
         params = self.layout.params
@@ -196,7 +214,10 @@ class VhdxLayout:
     locator: s.ParentLocator
     parent_candidates: list[str]
     bat: array
+    #: each BAT entry's state, one byte per entry
+    states: bytes
     state_counts: dict[str, int]
+    image_end: int
 
     def __init__(self, host: HostFile) -> None:
         self.host = host
@@ -306,64 +327,87 @@ class VhdxLayout:
                                region.file_offset, "BAT")
         if entries * 8 > s.MAX_BAT_BYTES:
             raise self.corrupt(f"a BAT of {entries * 8} bytes is over diskimg's cap", region.file_offset, "BAT")
-        self.bat = array("Q", self._pread_exact(entries * 8, region.file_offset, "BAT"))
+        raw = self._pread_exact(entries * 8, region.file_offset, "BAT")
+        self.bat = array("Q", raw)
         if array("Q", b"\1" + bytes(7))[0] != 1:
             self.bat.byteswap()
-        self._check_bat(region)
+        self.states = raw[0::8].translate(_STATE_OF_LOW_BYTE)
+        self._check_bat(region, self.states)
 
-    def _check_bat(self, bat_region: s.Region) -> None:
-        """States known, present blocks inside the file and apart from each other and the metadata."""
+    def _check_bat(self, bat_region: s.Region, states: bytes) -> None:
+        """States known, present blocks inside the file and apart from each other and the metadata.
+
+        ``states`` holds each entry's state (one byte per entry), so that the entries that need a
+        look (present, undefined, unknown, and the sector bitmap entries) are found in C: a table
+        of millions of entries of an empty disk costs a scan, not a Python loop."""
         params = self.params
         ratio = params.chunk_ratio
-        counts: dict[str, int] = {}
+        counts = {name: states.count(state) for state, name in s.PAYLOAD_STATES.items()}
         used: list[tuple[int, int, str]] = [(0, s.HEADER_AREA, "the header area")]
         used += [(r.file_offset, r.end, f"the {s.KNOWN_REGIONS.get(r.guid, 'unknown')} region")
                  for r in self.regions.values()]
         if self.header.has_log:
             used.append((self.header.log_offset, self.header.log_offset + self.header.log_length, "the log"))
-        file_size = self.host.size
-        for index, entry in enumerate(self.bat):
-            state = entry & s.BAT_STATE_MASK
-            offset = s.bat_offset(entry)
-            where = bat_region.file_offset + 8 * index
-            if (index + 1) % (ratio + 1) == 0:  # a sector bitmap entry
-                if state == s.SB_PRESENT:
-                    if not params.has_parent:
-                        continue  # qemu ignores them in a disk without parent; nothing reads them
-                    length = s.SECTOR_BITMAP_BLOCK
-                elif state == s.SB_NOT_PRESENT:
-                    continue
-                else:
-                    raise self.corrupt(f"sector bitmap entry {index} has unknown state {state}", where, "BAT")
-                what = f"sector bitmap of chunk {index // (ratio + 1)}"
-            else:
-                block = index - index // (ratio + 1)
-                name = s.PAYLOAD_STATES.get(state)
-                if name is None:
-                    raise self.corrupt(f"BAT entry of block {block} has unknown state {state}", where, "BAT")
-                counts[name] = counts.get(name, 0) + 1
-                if state == s.PAYLOAD_PARTIALLY_PRESENT:
-                    if not params.has_parent:
-                        raise self.corrupt(f"block {block} is partially present in a disk without parent", where,
-                                           "BAT")
-                    chunk_entry = self.bat[s.bitmap_index(block // ratio, ratio)]
-                    if chunk_entry & s.BAT_STATE_MASK != s.SB_PRESENT:
-                        raise self.corrupt(f"block {block} is partially present but its chunk has no sector bitmap",
-                                           where, "BAT")
-                elif state != s.PAYLOAD_FULLY_PRESENT:
-                    continue
-                length = min(params.block_size, params.virtual_size - block * params.block_size)
-                what = f"block {block}"
-            if offset < s.HEADER_AREA or offset + length > file_size:
-                raise self.corrupt(f"{what} at file offset {offset} lies outside the file ({file_size} bytes)", where,
-                                   "BAT")
-            used.append((offset, offset + length, what))
+        for index in range(ratio, len(states), ratio + 1):
+            name = s.PAYLOAD_STATES.get(states[index])
+            if name is not None:
+                counts[name] -= 1  # counted above as if it were a payload entry
+            span = self._sector_bitmap_span(index, bat_region)
+            if span is not None:
+                used.append(span)
+        for match in _NOTABLE_STATES.finditer(states):
+            index = match.start()
+            if (index + 1) % (ratio + 1):
+                span = self._payload_span(index, bat_region)
+                if span is not None:
+                    used.append(span)
         used.sort()
         for (_, end_a, what_a), (start_b, _, what_b) in itertools.pairwise(used):
             if start_b < end_a:
                 raise self.corrupt(f"{what_b} at file offset {start_b} overlaps {what_a}", start_b, "BAT")
-        self.state_counts = counts
+        self.state_counts = {name: count for name, count in counts.items() if count}
+        # blocks take their whole size in the file, the last one too (Hyper-V and qemu write it so)
+        self.image_end = max([end for _, end, _ in used]
+                             + [start + self.params.block_size for start, _, what in used if what.startswith("block ")])
 
+    def _sector_bitmap_span(self, index: int, bat_region: s.Region) -> tuple[int, int, str] | None:
+        """The file range of a present sector bitmap block (a differencing disk's), checked."""
+        state = self.bat[index] & s.BAT_STATE_MASK
+        if state == s.SB_NOT_PRESENT or (state == s.SB_PRESENT and not self.params.has_parent):
+            return None  # qemu ignores them in a disk without parent; nothing reads them
+        if state != s.SB_PRESENT:
+            raise self.corrupt(f"sector bitmap entry {index} has unknown state {state}",
+                               bat_region.file_offset + 8 * index, "BAT")
+        chunk = index // (self.params.chunk_ratio + 1)
+        return self._inside_file(index, s.SECTOR_BITMAP_BLOCK, f"sector bitmap of chunk {chunk}", bat_region)
+
+    def _payload_span(self, index: int, bat_region: s.Region) -> tuple[int, int, str] | None:
+        """The file range of a present payload block, checked (None for a block not in the file)."""
+        params = self.params
+        ratio = params.chunk_ratio
+        state = self.bat[index] & s.BAT_STATE_MASK
+        block = index - index // (ratio + 1)
+        where = bat_region.file_offset + 8 * index
+        if state not in s.PAYLOAD_STATES:
+            raise self.corrupt(f"BAT entry of block {block} has unknown state {state}", where, "BAT")
+        if state == s.PAYLOAD_PARTIALLY_PRESENT:
+            if not params.has_parent:
+                raise self.corrupt(f"block {block} is partially present in a disk without parent", where, "BAT")
+            if self.bat[s.bitmap_index(block // ratio, ratio)] & s.BAT_STATE_MASK != s.SB_PRESENT:
+                raise self.corrupt(f"block {block} is partially present but its chunk has no sector bitmap", where,
+                                   "BAT")
+        elif state != s.PAYLOAD_FULLY_PRESENT:
+            return None
+        length = min(params.block_size, params.virtual_size - block * params.block_size)
+        return self._inside_file(index, length, f"block {block}", bat_region)
+
+    def _inside_file(self, index: int, length: int, what: str, bat_region: s.Region) -> tuple[int, int, str]:
+        offset = s.bat_offset(self.bat[index])
+        file_size = self.host.size
+        if offset < s.HEADER_AREA or offset + length > file_size:
+            raise self.corrupt(f"{what} at file offset {offset} lies outside the file ({file_size} bytes)",
+                               bat_region.file_offset + 8 * index, "BAT")
+        return offset, offset + length, what
 
 
 def probe(head: bytes, read_at: Callable[[int, int], bytes], size: int | None) -> Detection:
