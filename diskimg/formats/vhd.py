@@ -561,8 +561,7 @@ class VhdReader(DiskReader):
         self._bitmap_size = bitmap_size(self._block_size) if parsed.header else 0
         self._covered = self._entries * self._block_size
         self._differencing = self.subformat == "differencing"
-        self._bitmap_runs_cache: dict[int, tuple[list[int], list[int]]] = {}
-        self._cache_lock = threading.Lock()
+        self._bitmap_runs_cache = BitmapRunsCache()
 
     def _open_parent(self, open_parent: ParentOpener) -> None:
         assert self.header is not None
@@ -701,11 +700,28 @@ class VhdReader(DiskReader):
                 offset=offset,
                 structure="sector bitmap",
             )
-        runs = bitmap_runs(bitmap, sectors)
-        with self._cache_lock:
-            if len(self._bitmap_runs_cache) >= BITMAP_CACHE_BLOCKS:
-                self._bitmap_runs_cache.clear()
-            self._bitmap_runs_cache[block] = runs
+        return self._bitmap_runs_cache.put(block, bitmap_runs(bitmap, sectors))
+
+
+class BitmapRunsCache:
+    """The sector bitmaps of recently read blocks as runs: at most BITMAP_CACHE_BLOCKS of them,
+    shared by the threads that read one image."""
+
+    def __init__(self) -> None:
+        self._runs: dict[int, tuple[list[int], list[int]]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def get(self, block: int) -> tuple[list[int], list[int]] | None:
+        return self._runs.get(block)
+
+    def put(self, block: int, runs: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+        with self._lock:
+            if len(self._runs) >= BITMAP_CACHE_BLOCKS:
+                self._runs.clear()
+            self._runs[block] = runs
         return runs
 
 
@@ -1466,6 +1482,7 @@ __all__ = [
     "bitmap_size",
     "bitmap_runs",
     "sector_bitmap_runs",
+    "BitmapRunsCache",
     "encode_parent_name",
     "decode_locator_path",
     "host_path",

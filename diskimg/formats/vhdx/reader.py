@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import re
 import struct
-import threading
 import uuid
 from array import array
 from collections.abc import Callable, Iterator
@@ -36,12 +35,11 @@ from ...detection import Detection, OpenOptions, ParentOpener
 from ...errors import BackingFileError, CorruptImage
 from ...hostfile import HostFile
 from ...reader import DiskReader, ImageInfo, Run, RunKind
-from ..vhd import bitmap_runs, host_path, sector_bitmap_runs
+from ..vhd import BitmapRunsCache, bitmap_runs, host_path, sector_bitmap_runs
 from . import structures as s
 from .log import ReplayedFile, replay
 
 NAME = "vhdx"
-BITMAP_CACHE_BLOCKS = 256
 #: the state (low 3 bits) of a BAT entry from its low byte
 _STATE_OF_LOW_BYTE = bytes(value & s.BAT_STATE_MASK for value in range(256))
 #: states whose entries need a look: undefined (counted), reserved 4 and 5, present
@@ -60,8 +58,7 @@ class VhdxReader(DiskReader):
     def __init__(self, layout: VhdxLayout) -> None:
         super().__init__(layout.host, layout.params.virtual_size)
         self.layout = layout
-        self._bitmap_cache: dict[int, tuple[list[int], list[int]]] = {}
-        self._cache_lock = threading.Lock()
+        self._bitmap_cache = BitmapRunsCache()
 
     @classmethod
     def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> VhdxReader:
@@ -193,12 +190,7 @@ class VhdxReader(DiskReader):
         if len(bitmap) != sectors // 8:
             raise CorruptImage(f"the sector bitmap of block {block} lies past the end of the file",
                                path=self.path, offset=offset, structure="sector bitmap")
-        runs = bitmap_runs(bitmap.translate(_REVERSED_BITS), sectors)
-        with self._cache_lock:
-            if len(self._bitmap_cache) >= BITMAP_CACHE_BLOCKS:
-                self._bitmap_cache.clear()
-            self._bitmap_cache[block] = runs
-        return runs
+        return self._bitmap_cache.put(block, bitmap_runs(bitmap.translate(_REVERSED_BITS), sectors))
 
 
 class VhdxLayout:
