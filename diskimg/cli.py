@@ -107,7 +107,7 @@ def _info_lines(image: str, facts: ImageInfo, description: str) -> list[str]:
         lines.append(f"{label}: {format_size(facts.allocated_bytes)}")
     lines.append(f"file size: {_size(facts.file_size)}")
     if facts.cluster_size is not None:
-        lines.append(f"{'block' if facts.format in ('vhd', 'vdi') else 'cluster'} size: {_size(facts.cluster_size)}")
+        lines.append(f"{'block' if facts.format in ('vhd', 'vhdx', 'vdi') else 'cluster'} size: {_size(facts.cluster_size)}")
     if facts.creator:
         lines.append(f"creator: {facts.creator}")
     if facts.backing_file is not None:
@@ -220,7 +220,7 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
 @click.option("--align", help="Round the virtual size up to a multiple of this size, itself a multiple of 512 "
               "(1M for Azure, 1G for GCE).")
 @click.option("--backend", type=click.Choice(["auto", "native", "qemu-img"]), default="auto", show_default=True,
-              help="native reads raw, vhd and qcow2; qemu-img converts what diskimg detects but does not read; "
+              help="native reads raw, vhd, vhdx and qcow2; qemu-img converts what diskimg detects but does not read; "
               "auto picks native where it can.")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
 @click.option("-l", "--snapshot", help="Convert an internal qcow2 snapshot (id or name) instead of the active layer.")

@@ -173,7 +173,7 @@ class CheckResult:
 
 
 def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) -> CheckResult:
-    """Check the structure of a RAW, VHD or qcow2 image (``format`` forces one).
+    """Check the structure of a RAW, VHD, VHDX or qcow2 image (``format`` forces one).
 
     Problems in the image are in the result; DiskImageError is raised only when the file cannot
     be opened (ImageNotFound), is not one of the three formats or uses a feature diskimg does not
@@ -183,9 +183,9 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     name = canonical_format(format) if format else detection.format
     if format:
         check_forced(detection, name, source_name(source))
-    if name not in ("raw", "vhd", "qcow2", "vdi"):
+    if name not in ("raw", "vhd", "qcow2", "vhdx", "vdi"):
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg checks VHD, qcow2, VDI and RAW images",
+            f"{detection.description}: diskimg checks VHD, VHDX, qcow2, VDI and RAW images",
             path=source_name(source), format=detection.format, hint=detection.hint,
         )
     host = HostFile(source)
@@ -198,6 +198,10 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
                 _VhdCheck(host, result).run()
             elif name == "vdi":
                 check_vdi(host, result)
+            elif name == "vhdx":
+                from .formats.vhdx.check import check_vhdx
+
+                check_vhdx(host, result)
             else:
                 result.image_end_offset = host.size
         except UnsupportedFormat as exc:

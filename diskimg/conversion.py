@@ -239,7 +239,7 @@ def map_is_plan(reader: DiskReader) -> bool:
 
 
 #: target file extensions that name a format, for a conversion not told one
-_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw", ".vdi": "vdi"}
+_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw", ".vhdx": "vhdx", ".vdi": "vdi"}
 
 
 def format_for_target(target: str | os.PathLike[str]) -> str:
@@ -540,7 +540,7 @@ def _convert_with_qemu_img(
     detection = detect(source)
     if qemu_img is None:
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg reads VHD, qcow2 and RAW, and qemu-img (the backend for "
+            f"{detection.description}: diskimg reads VHD, VHDX, qcow2 and RAW, and qemu-img (the backend for "
             "other formats) is not installed (apt-get install qemu-utils)",
             path=os.fspath(source), format=detection.format,
         )

@@ -10,14 +10,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 #: formats diskimg reads and writes
-READABLE_FORMATS = ("raw", "vhd", "qcow2", "vdi")
+READABLE_FORMATS = ("raw", "vhd", "qcow2", "vhdx", "vdi")
 #: names accepted in options for a format, mapped to the canonical name
-FORMAT_ALIASES = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "vdi": "vdi"}
+FORMAT_ALIASES = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "vhdx": "vhdx", "vdi": "vdi"}
 
 
 @dataclass
 class Detection:
-    """The answer of ``diskimg.detect``. ``readable`` is True only for raw, vhd, qcow2 and vdi."""
+    """The answer of ``diskimg.detect``. ``readable`` is True only for READABLE_FORMATS."""
 
     format: str
     description: str

@@ -173,12 +173,6 @@ def _vmdk_descriptor(p: Probe) -> Match | None:
     return Match(subformat=subformat, description=description, extents=extents)
 
 
-def _vhdx(p: Probe) -> Match | None:
-    if p.head[:8] != b"vhdxfile":
-        return None
-    creator = p.head[8:520].decode("utf-16-le", "replace").split("\0", 1)[0].strip()
-    creator = "".join(c for c in creator if c.isprintable())[:64]
-    return Match(version="1", description=f"VHDX (creator '{creator}')" if creator else "VHDX")
 
 
 def _qed(p: Probe) -> Match | None:
@@ -267,7 +261,6 @@ FOREIGN: tuple[Foreign, ...] = (
     Foreign("vmdk", "VMDK", Stage.MAGIC, _vmdk_sparse, "vmdk"),
     Foreign("vmdk", "VMDK", Stage.MAGIC, _vmdk_cowd, "vmdk", Advice.EXTENT),
     Foreign("vmdk", "VMDK", Stage.MAGIC, _vmdk_sesparse, "vmdk", Advice.EXTENT),
-    Foreign("vhdx", "VHDX", Stage.MAGIC, _vhdx, "vhdx"),
     Foreign("qed", "QED", Stage.MAGIC, _qed, "qed"),
     Foreign("qcow", "qcow", Stage.MAGIC, _qcow1, "qcow"),
     Foreign("parallels", "Parallels", Stage.MAGIC, _parallels, "parallels"),

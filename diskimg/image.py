@@ -32,7 +32,7 @@ def open_image(
     snapshot: str | None = None,
     vhd_size: VhdSizeRule = "auto",
 ) -> DiskReader:
-    """Open a RAW, VHD or qcow2 image as a DiskReader.
+    """Open a RAW, VHD, VHDX or qcow2 image as a DiskReader.
 
     ``format`` forces the format (as ``qemu-img -f``) and must agree with the file's header.
     ``allow_backing`` lets a qcow2 backing file or a differencing VHD's parent be opened, from
@@ -82,7 +82,7 @@ def _open(
             # a RAW disk or a fixed VHD in a compressed file, a disk in a tar
             return open_wrapped(source, detection, see_tail=see_tail)
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg reads VHD, qcow2 and RAW",
+            f"{detection.description}: diskimg reads VHD, VHDX, qcow2 and RAW",
             path=source_name(source),
             format=detection.format,
             hint=detection.hint,

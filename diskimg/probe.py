@@ -178,6 +178,10 @@ def _strong_magic(
         return "zip", lambda: wrappers.peek_zip(read_at, identify_inner, depth, name)
     if kind is not None:
         return kind, lambda: wrappers.peek_compressed(kind, read_at, identify_inner, depth, name, size)
+    if head[:8] == b"vhdxfile":
+        from .formats.vhdx import probe as vhdx_probe
+
+        return "vhdx", lambda: vhdx_probe(head, read_at, size)
     if head[64:68] == b"\x7f\x10\xda\xbe":  # the VDI signature; the driver (loaded then) judges the rest
         return "vdi", lambda: _vdi(head)
     found = recognise(probe, Stage.MAGIC)

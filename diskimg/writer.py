@@ -259,3 +259,13 @@ def parse_options(text: str | None) -> dict[str, str]:
             value = "on"  # qemu-img accepts a bare flag such as "force_size"
         options[key.strip().replace("-", "_")] = value.replace("\0", ",")
     return options
+
+
+def on_off_option(options: Mapping[str, str], key: str, default: bool, format_name: str) -> bool:
+    """A boolean ``-o`` option as qemu-img spells it (on/off, yes/no, true/false, 1/0)."""
+    value = str(options.get(key, "on" if default else "off")).strip().lower()
+    if value in ("on", "yes", "true", "y", "1"):
+        return True
+    if value in ("off", "no", "false", "n", "0"):
+        return False
+    raise UsageError(f"{format_name} option {key}={value!r}: expected on or off")

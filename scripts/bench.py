@@ -178,6 +178,8 @@ def bench_read(args: argparse.Namespace) -> None:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vdi", raw, images["vdi"]], check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, images["vpc"]],
                        check=True)
+        images["vhdx"] = os.path.join(work, "disk.vhdx")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", raw, images["vhdx"]], check=True)
         os.unlink(raw)
         out = os.path.join(work, "out.raw")
         for fmt, image in images.items():
@@ -196,16 +198,19 @@ CONVERSIONS = {
     "raw->qcow2 -c": ("raw", ["-f", "raw", "-O", "qcow2", "-c"], ["-f", "raw", "-O", "qcow2", "-c"]),
     "vdi->qcow2": ("vdi", ["-f", "vdi", "-O", "qcow2"], ["-f", "vdi", "-O", "qcow2"]),
     "raw->vdi": ("raw", ["-f", "raw", "-O", "vdi"], ["-f", "raw", "-O", "vdi"]),
+    "vhdx->qcow2": ("vhdx", ["-f", "vhdx", "-O", "qcow2"], ["-f", "vhdx", "-O", "qcow2"]),
+    "raw->vhdx": ("raw", ["-f", "raw", "-O", "vhdx"], ["-f", "raw", "-O", "vhdx"]),
 }
 
 
 def build_disks(work: str, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, str], int]]:
-    """For each disk asked for, in turn: (its description, the same disk as RAW, qcow2 and dynamic
-    VHD made by qemu-img, the bytes it holds); each is deleted before the next is built."""
+    """For each disk asked for, in turn: (its description, the same disk as RAW, qcow2, dynamic VHD,
+    VDI and VHDX made by qemu-img, the bytes it holds); each is deleted before the next is built."""
     kinds = [("image", path) for path in args.image or []] + [(kind, None) for kind in args.disk or []]
     for kind, image in kinds or [("synthetic", None), ("ext4", None)]:
         sources = {"raw": os.path.join(work, "disk.raw"), "qcow2": os.path.join(work, "disk.qcow2"),
-                   "vhd": os.path.join(work, "disk.vhd"), "vdi": os.path.join(work, "disk.vdi")}
+                   "vhd": os.path.join(work, "disk.vhd"), "vdi": os.path.join(work, "disk.vdi"),
+                   "vhdx": os.path.join(work, "disk.vhdx")}
         if kind == "synthetic":
             data = make_half_random_raw(sources["raw"], args.size)
             description = (f"synthetic: {args.size / (1 << 30):.1f} GiB RAW (fully written), "
@@ -225,6 +230,7 @@ def build_disks(work: str, args: argparse.Namespace) -> Iterator[tuple[str, dict
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", sources["raw"],
                         sources["vhd"]], check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vdi", sources["raw"], sources["vdi"]], check=True)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", sources["raw"], sources["vhdx"]], check=True)
         try:
             yield description, sources, data
         finally:

@@ -158,7 +158,7 @@ def test_verify_intact_then_catches_a_flipped_byte_and_a_missing_file(exported: 
         assert f"{FILES[0]}: OK" in proc.stdout
 
 
-@pytest.mark.parametrize("fmt, archive", [("qcow2", "tar.zst"), ("vhd", "tar"), ("vdi", "tar.gz")])
+@pytest.mark.parametrize("fmt, archive", [("qcow2", "tar.zst"), ("vhd", "tar"), ("vdi", "tar.gz"), ("vhdx", "tar")])
 def test_qcow2_and_vhd_members(tmp_path: Path, disk_set: dict[str, Path], fmt: str, archive: str) -> None:
     out = tmp_path / "out"
     proc = export_cli(out, disk_set, "--format", fmt, "--archive", archive, "--threads", "2")
@@ -174,10 +174,10 @@ def test_qcow2_and_vhd_members(tmp_path: Path, disk_set: dict[str, Path], fmt: s
             run("zstd", "-q", "-t", file)
         run("tar", "-xf", file, "-C", tmp_path / "x")
         member = tmp_path / "x" / file.name.removesuffix("." + archive)
-        if fmt in ("qcow2", "vdi"):
+        if fmt in ("qcow2", "vdi", "vhdx"):
             run("qemu-img", "check", "-f", fmt, member)
         source, source_format = next(v for k, v in sources.items() if f"_{k}." in file.name)
-        qemu_compare(source, source_format, member, {"qcow2": "qcow2", "vhd": "vpc", "vdi": "vdi"}[fmt])
+        qemu_compare(source, source_format, member, {"vhd": "vpc"}.get(fmt, fmt))
     verified = diskimg_cli("verify", out, "--deep", "--json", cwd="/tmp")
     assert verified.returncode == 0
     # in a plain tar a qcow2 or VHD member is read in place; in a compressed one only the stream is checked

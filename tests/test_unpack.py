@@ -234,6 +234,9 @@ def test_unpacks_what_export_wrote(disk: Path, tmp_path: Path) -> None:
     export.export("v", qcow2, out=tmp_path / "v", format="vdi", archive="tar.gz")  # ECS ExportImage's vdi
     from_vdi = diskimg.unpack(tmp_path / "v" / "v.manifest.json", tmp_path / "out", "qcow2")
     qemu_compare(Path(from_vdi.disks[0].output), "qcow2", disk, "raw")
+    converted = diskimg.unpack(tmp_path / "q" / "q.manifest.json", tmp_path / "out", "vhdx")
+    run("qemu-img", "check", "-f", "vhdx", converted.disks[0].output)
+    qemu_compare(Path(converted.disks[0].output), "vhdx", disk, "raw")
     (tmp_path / "g").mkdir()
     export.export("g", qcow2, [disk], out=tmp_path / "g", layout="gce")  # every member is disk.raw
     gce = diskimg.unpack(tmp_path / "g" / "g.manifest.json", tmp_path / "out")

@@ -607,9 +607,22 @@ def test_vmdk_is_refused_with_the_conversion_command(bios_mbr, here):
 
 
 def test_other_formats_are_refused(bios_mbr, here):
+    qemu_img("convert", "-O", "qed", bios_mbr, "disk.qed")
+    finding = assert_finding(validate("disk.qed"), "format-refused", "error", format="qed")
+    assert finding.hint == "diskimg convert --backend qemu-img -f qed disk.qed disk.qcow2 -O qcow2"
+
+
+def test_vhdx_is_refused_and_the_guest_inside_inspected(bios_mbr, here):
+    """diskimg reads VHDX: the format is the error, with diskimg's own conversion command, and the
+    disk inside is checked like the RAW disk it was made from."""
     qemu_img("convert", "-O", "vhdx", bios_mbr, "disk.vhdx")
-    finding = assert_finding(validate("disk.vhdx"), "format-refused", "error", format="vhdx")
-    assert finding.hint == "diskimg convert --backend qemu-img -f vhdx disk.vhdx disk.qcow2 -O qcow2"
+    report = validate("disk.vhdx")
+    assert not report.importable
+    finding = assert_finding(report, "format-refused", "error", format="vhdx")
+    assert finding.hint == "diskimg convert disk.vhdx disk.qcow2 -O qcow2"
+    raw = validate(bios_mbr)
+    assert not {item["category"] for item in report.not_checked} & {"partitions", "boot"}
+    assert {f.code for f in report.findings} - {"format-refused"} == {f.code for f in raw.findings}
 
 
 def test_vdi_is_refused_with_the_native_command_and_its_guest_inspected(bios_mbr, here):

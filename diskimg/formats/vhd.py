@@ -561,8 +561,7 @@ class VhdReader(DiskReader):
         self._bitmap_size = bitmap_size(self._block_size) if parsed.header else 0
         self._covered = self._entries * self._block_size
         self._differencing = self.subformat == "differencing"
-        self._bitmap_runs_cache: dict[int, tuple[list[int], list[int]]] = {}
-        self._cache_lock = threading.Lock()
+        self._bitmap_runs_cache = BitmapRunsCache()
 
     def _open_parent(self, open_parent: ParentOpener) -> None:
         assert self.header is not None
@@ -681,19 +680,8 @@ class VhdReader(DiskReader):
             position = stop
 
     def _differencing_runs(self, block: int, block_start: int, start: int, end: int, data_offset: int) -> Iterator[Run]:
-        starts, bits = self._block_bitmap_runs(block)
-        first = (start - block_start) // SECTOR
-        i = bisect.bisect_right(starts, first) - 1
-        position = start
-        while position < end:
-            run_end = block_start + (starts[i + 1] * SECTOR if i + 1 < len(starts) else self._block_size)
-            stop = min(end, run_end)
-            if bits[i]:
-                yield Run(position, stop - position, RunKind.HOST, data_offset + position - block_start)
-            else:
-                yield Run(position, stop - position, RunKind.BACKING)
-            position = stop
-            i += 1
+        return sector_bitmap_runs(self._block_bitmap_runs(block), SECTOR, block_start, self._block_size, start, end,
+                                  data_offset)
 
     def _block_bitmap_runs(self, block: int) -> tuple[list[int], list[int]]:
         """The sector bitmap of an allocated block as runs: (first sectors, bits), read lazily and
@@ -712,11 +700,28 @@ class VhdReader(DiskReader):
                 offset=offset,
                 structure="sector bitmap",
             )
-        runs = bitmap_runs(bitmap, sectors)
-        with self._cache_lock:
-            if len(self._bitmap_runs_cache) >= BITMAP_CACHE_BLOCKS:
-                self._bitmap_runs_cache.clear()
-            self._bitmap_runs_cache[block] = runs
+        return self._bitmap_runs_cache.put(block, bitmap_runs(bitmap, sectors))
+
+
+class BitmapRunsCache:
+    """The sector bitmaps of recently read blocks as runs: at most BITMAP_CACHE_BLOCKS of them,
+    shared by the threads that read one image."""
+
+    def __init__(self) -> None:
+        self._runs: dict[int, tuple[list[int], list[int]]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def get(self, block: int) -> tuple[list[int], list[int]] | None:
+        return self._runs.get(block)
+
+    def put(self, block: int, runs: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+        with self._lock:
+            if len(self._runs) >= BITMAP_CACHE_BLOCKS:
+                self._runs.clear()
+            self._runs[block] = runs
         return runs
 
 
@@ -746,6 +751,25 @@ def bitmap_runs(bitmap: bytes, sectors: int) -> tuple[list[int], list[int]]:
             for k in range(8):
                 add(first * 8 + k, (value >> (7 - k)) & 1)
     return starts, bits
+
+
+def sector_bitmap_runs(bitmap: tuple[list[int], list[int]], sector: int, block_start: int, block_size: int,
+                       start: int, end: int, data_offset: int) -> Iterator[Run]:
+    """Runs of [start, end) inside a block whose data lies at ``data_offset``, split by the block's
+    sector bitmap (``bitmap_runs`` output): set sectors from this file, clear ones from the parent
+    (the rule of differencing VHD and VHDX alike)."""
+    starts, bits = bitmap
+    i = bisect.bisect_right(starts, (start - block_start) // sector) - 1
+    position = start
+    while position < end:
+        run_end = block_start + (starts[i + 1] * sector if i + 1 < len(starts) else block_size)
+        stop = min(end, run_end)
+        if bits[i]:
+            yield Run(position, stop - position, RunKind.HOST, data_offset + position - block_start)
+        else:
+            yield Run(position, stop - position, RunKind.BACKING)
+        position = stop
+        i += 1
 
 
 def allocated_indices(raw_table: bytes) -> array:
@@ -1442,6 +1466,8 @@ __all__ = [
     "chs_geometry",
     "bitmap_size",
     "bitmap_runs",
+    "sector_bitmap_runs",
+    "BitmapRunsCache",
     "encode_parent_name",
     "decode_locator_path",
     "host_path",

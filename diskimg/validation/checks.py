@@ -71,8 +71,11 @@ QEMU_DRIVERS = {"vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi", "qed": "qed", "qco
 
 
 def convert_hint(ctx: DiskContext, driver: str) -> str:
-    if ctx.supported_container and ctx.detection.readable:  # diskimg converts it itself
-        return f"diskimg convert {_q(ctx.path)} {_out(ctx.path)} -O qcow2"
+    """The conversion command: diskimg's own reader where it has one (merging a differencing
+    disk with its parent), else qemu-img's driver."""
+    if ctx.supported_container and ctx.detection.readable:
+        merge = "--allow-backing " if ctx.detection.subformat == "differencing" else ""
+        return f"diskimg convert {merge}{_q(ctx.path)} {_out(ctx.path)} -O qcow2"
     return f"diskimg convert --backend qemu-img -f {driver} {_q(ctx.path)} {_out(ctx.path)} -O qcow2"
 
 
