@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 #: formats diskimg reads and writes
-READABLE_FORMATS = ("raw", "vhd", "qcow2")
+READABLE_FORMATS = ("raw", "vhd", "qcow2", "vmdk")
 #: names accepted in options for a format, mapped to the canonical name
-FORMAT_ALIASES = {"vpc": "vhd", "raw": "raw", "vhd": "vhd", "qcow2": "qcow2"}
+FORMAT_ALIASES = {"vpc": "vhd", "raw": "raw", "vhd": "vhd", "qcow2": "qcow2", "vmdk": "vmdk"}
 
 
 @dataclass
