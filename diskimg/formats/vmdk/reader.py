@@ -8,6 +8,7 @@ descriptor's directory (``confined_path``), never through a path that leads out 
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import zlib
@@ -66,6 +67,7 @@ class _Extent:
     header: SparseHeader | None = None
     directory: array = field(default_factory=lambda: array("I"))
     tables: dict[int, array] = field(default_factory=dict)
+    tables_present: list[int] = field(default_factory=list)  # directory entries that name a table
 
     @property
     def end(self) -> int:
@@ -208,12 +210,21 @@ class VmdkReader(DiskReader):
         direct = extent.own_file and not compressed
         pending: list[Any] | None = None  # [start, length, kind, host_offset, extra]
         position = start
+        table_span = grain_bytes * header.gtes_per_gt
         while position < end:
             relative = position - extent.start
             grain = relative // grain_bytes
             within = relative - grain * grain_bytes
             length = min(end - position, grain_bytes - within)
-            entry = self._grain_entry(extent, grain)
+            table = grain // header.gtes_per_gt
+            if extent.directory[table] == 0:  # no grain table: unallocated up to the next table there is
+                following = bisect.bisect_right(extent.tables_present, table)
+                stop = extent.tables_present[following] * table_span if following < len(extent.tables_present) \
+                    else extent.length
+                length = min(end - position, stop - relative)
+                entry = GTE_UNALLOCATED
+            else:
+                entry = self._grain_entry(extent, grain)
             if entry == GTE_UNALLOCATED:
                 kind, host_offset, extra = hole, 0, 0
             elif entry == GTE_ZERO and zero_grains:
@@ -252,8 +263,6 @@ class VmdkReader(DiskReader):
         table = extent.tables.get(table_index)
         if table is None:
             sector = extent.directory[table_index]
-            if sector == 0:
-                return GTE_UNALLOCATED
             size = header.gtes_per_gt * 4
             data = extent.host.pread(size, sector * SECTOR)
             if len(data) != size:
@@ -429,7 +438,7 @@ def _open_sparse(host: HostFile, index: int, start: int, own_file: bool) -> _Ext
                 path=host.name, offset=directory_offset + 4 * number, structure="VMDK grain directory",
             )
     return _Extent(index, start, header.capacity * SECTOR, "sparse", host, own_file, header=header,
-                   directory=directory)
+                   directory=directory, tables_present=[n for n, sector in enumerate(directory) if sector])
 
 
 def _footer_header(host: HostFile, header: SparseHeader) -> SparseHeader:
