@@ -371,7 +371,7 @@ def check_forced(detection: Detection, forced: str, path: str | None = None) -> 
         elif detection.description:
             message += f" (it is {detection.description})"
         raise FormatMismatch(message, path=path)
-    expected = "VHD footer" if wanted == "vhd" else "qcow2 header"
+    expected = {"vhd": "VHD footer", "qcow2": "qcow2 header", "vmdk": "VMDK header or descriptor"}[wanted]
     raise FormatMismatch(f"forced format {wanted}, but the file has no {expected}: it is {_a(detection.description)}",
                          path=path)
 
