@@ -10,11 +10,11 @@ status changes): N is ``ours // 512 * 512`` for images of whole sectors, and in 
 
 from __future__ import annotations
 
-import struct
 import itertools
 import json
 import random
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path

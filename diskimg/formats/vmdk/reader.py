@@ -12,13 +12,13 @@ import bisect
 import os
 import threading
 import zlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from array import array
 from typing import Any
 
 from ...detection import OpenOptions, ParentOpener
-from ...errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat
+from ...errors import BackingFileError, CorruptImage, UnsupportedFormat
 from ...foreign import convert_commands
 from ...hostfile import HostFile, confined_path
 from ...reader import DiskReader, ImageInfo, Run, RunKind
