@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 # Each command imports the part of the API it calls when it runs: a conversion does not pay for
 # loading the validator or the archive compressors (start-up time counts on every invocation).
 
-FORMAT_CHOICE = click.Choice(["raw", "vhd", "vpc", "qcow2"], case_sensitive=False)
+FORMAT_CHOICE = click.Choice(["raw", "vhd", "vpc", "qcow2", "vmdk"], case_sensitive=False)
 
 #: one definition for every command that opens a VHD
 vhd_size_option = click.option(

@@ -212,6 +212,20 @@ class DiskWriter:
         closed, so that no thread of the writer still writes into it."""
 
 
+_TRUE = ("on", "yes", "true", "y", "1")
+_FALSE = ("off", "no", "false", "n", "0")
+
+
+def option_flag(options: Mapping[str, str], key: str, format_name: str) -> bool:
+    """An on/off ``-o`` option as qemu-img spells it (default off), or a UsageError."""
+    value = str(options.get(key, "off")).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise UsageError(f"{format_name} option {key}={value!r}: expected on or off")
+
+
 def parse_options(text: str | None) -> dict[str, str]:
     """``-o`` options as qemu-img takes them: ``k=v,k2=v2``; ``,,`` is a literal comma."""
     options: dict[str, str] = {}

@@ -5,7 +5,7 @@
     python scripts/bench.py convert [--size 4G] [--pairs 7] [--dir DIR] [--only NAME]
 
 `read` builds a RAW disk of SIZE holding half random data in 1-4 MiB runs (half zeros), converts it
-with qemu-img to qcow2 and to a dynamic VHD, then times ``diskimg convert IMG out.raw`` against
+with qemu-img to qcow2, a dynamic VHD and VMDK (monolithicSparse, streamOptimized), then times ``diskimg convert IMG out.raw`` against
 ``qemu-img convert -f FMT -O raw IMG out.raw`` alternately (median of PAIRS pairs: these machines
 are noisy) and prints the median time ratio and each tool's peak RSS.
 """
@@ -126,10 +126,15 @@ def bench_read(args: argparse.Namespace) -> None:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, images["qcow2"]], check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, images["vpc"]],
                        check=True)
+        vmdk = {"monolithicSparse": os.path.join(work, "sparse.vmdk"), "streamOptimized": os.path.join(work, "s.vmdk")}
+        for subformat, image in vmdk.items():
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, image],
+                           check=True)
         os.unlink(raw)
         out = os.path.join(work, "out.raw")
-        for fmt, image in images.items():
-            pair(f"{fmt} -> raw", diskimg + ["convert", "-f", fmt, "-O", "raw", image, out],
+        for name, image in [*images.items(), *vmdk.items()]:
+            fmt = "vmdk" if name in vmdk else name
+            pair(f"{name} -> raw", diskimg + ["convert", "-f", fmt, "-O", "raw", image, out],
                  ["qemu-img", "convert", "-f", fmt, "-O", "raw", image, out], args.pairs, [out], (work, args.size))
 
 
@@ -142,6 +147,8 @@ CONVERSIONS = {
     "raw->fixed vhd": ("raw", ["-f", "raw", "-O", "vhd", "-o", "subformat=fixed"],
                        ["-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on"]),
     "raw->qcow2 -c": ("raw", ["-f", "raw", "-O", "qcow2", "-c"], ["-f", "raw", "-O", "qcow2", "-c"]),
+    "raw->vmdk streamOptimized": ("raw", ["-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"],
+                                  ["-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"]),
 }
 
 

@@ -92,6 +92,8 @@ SOURCES: dict[str, tuple[str, list[str], list[str]]] = {
     # zero clusters over data, over nothing, and with the clusters unmapped
     "qcow2-zero-clusters": ("qcow2", [], ["write -z 64k 64k", "write -z 7M 128k", "write -z -u 2M 64k",
                                           "write -P 0 3M 1M"]),
+    "vmdk-sparse": ("vmdk", ["-o", "subformat=monolithicSparse"], ["write -P 0 3M 1M", "write -z 5M 64k"]),
+    "vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"], []),
 }
 SNAPSHOTS = "qcow2-snapshots"
 
@@ -141,6 +143,8 @@ TARGETS: dict[str, dict] = {
     "vhd-fixed": dict(format="vhd", options="subformat=fixed"),
     "vhd-fixed-1M": dict(format="vhd", options="subformat=fixed", align=MiB),
     "vhd-dynamic-1M": dict(format="vhd", align=MiB),
+    "vmdk-sparse": dict(format="vmdk"),
+    "vmdk-stream": dict(format="vmdk", options="subformat=streamOptimized"),
 }
 
 
@@ -206,6 +210,10 @@ def check_output(source: Path, source_fmt: str, out: Path, target: dict) -> None
         else:
             assert info["cluster-size"] == 2 * MiB  # the block size: qemu shows it for dynamic VHDs only
         assert diskimg.detect(out).subformat == subformat
+    elif fmt == "vmdk":
+        qemu_img("check", "-f", "vmdk", out)
+        subformat = "streamOptimized" if "streamOptimized" in target.get("options", "") else "monolithicSparse"
+        assert info["format-specific"]["data"]["create-type"] == subformat
     else:
         assert out.stat().st_size == size
     # not -s: qemu's strict mode also fails on a different allocation (holes for written zeros); the

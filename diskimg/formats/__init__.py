@@ -10,10 +10,10 @@ from ..writer import DiskWriter
 from .raw import RawReader, RawWriter
 from .qcow2 import Qcow2Reader, Qcow2Writer
 from .vhd import VhdReader, VhdWriter
-from .vmdk import VmdkReader
+from .vmdk import VmdkReader, VmdkWriter
 
 READERS: dict[str, type[DiskReader]] = {"raw": RawReader, "vhd": VhdReader, "qcow2": Qcow2Reader, "vmdk": VmdkReader}
-WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter, "qcow2": Qcow2Writer}
+WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter}
 
 
 def canonical_format(name: str) -> str:
@@ -21,4 +21,4 @@ def canonical_format(name: str) -> str:
     try:
         return FORMAT_ALIASES[name.lower()]
     except KeyError:
-        raise UsageError(f"unknown format {name!r}; diskimg reads and writes raw, vhd (alias vpc) and qcow2, and reads vmdk") from None
+        raise UsageError(f"unknown format {name!r}; diskimg reads and writes raw, vhd (alias vpc), qcow2 and vmdk") from None

@@ -39,7 +39,7 @@ from ..detection import Detection, OpenOptions, ParentOpener
 from ..errors import CorruptImage, DiskImageError, OutputError, UnsupportedFormat, UsageError
 from ..hostfile import HostFile
 from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind, Snapshot
-from ..writer import DiskWriter
+from ..writer import DiskWriter, option_flag
 from .compression import ClusterCompressor, CompressionPool
 
 if TYPE_CHECKING:
@@ -1353,8 +1353,6 @@ FEATURE_NAME_TABLE = [
 FEATURE_TABLE_MIN_CLUSTER = 4096 + 1
 
 _COMPAT_VERSIONS = {"1.1": 3, "v3": 3, "0.10": 2, "v2": 2}
-_TRUE = ("on", "yes", "true", "y", "1")
-_FALSE = ("off", "no", "false", "n", "0")
 #: zlib level for -c (qemu uses Z_DEFAULT_COMPRESSION) and zstd level (qemu uses zstd's default, 3)
 ZLIB_LEVEL = 6
 ZSTD_LEVEL = 3
@@ -1378,12 +1376,7 @@ class Qcow2WriterSettings:
 
 
 def _flag(options: dict, key: str) -> bool:
-    value = str(options.get(key, "off")).strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise UsageError(f"qcow2 option {key}={value!r}: expected on or off")
+    return option_flag(options, key, NAME)
 
 
 def writer_settings(options: dict) -> Qcow2WriterSettings:
