@@ -34,6 +34,7 @@ from .errors import CorruptImage, DiskImageError, UnsupportedFormat
 from .formats import canonical_format
 from .formats import qcow2 as q
 from .formats import vhd as v
+from .formats.vmdk.check import check_vmdk
 from .hostfile import HostFile
 from .image import source_name
 
@@ -171,9 +172,10 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     """
     detection = detect(source)
     name = canonical_format(format) if format else detection.format
-    if name not in ("raw", "vhd", "qcow2"):
+    unread_vmdk = name == "vmdk" and not format and not detection.readable  # seSparse, COWD, a lone extent
+    if name not in ("raw", "vhd", "qcow2", "vmdk") or unread_vmdk:
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg checks VHD, qcow2 and RAW images",
+            f"{detection.description}: diskimg checks VHD, qcow2, VMDK and RAW images",
             path=source_name(source), format=detection.format, hint=detection.hint,
         )
     host = HostFile(source)
@@ -184,6 +186,12 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
                 _Qcow2Check(host, result).run()
             elif name == "vhd":
                 _VhdCheck(host, result).run()
+            elif name == "vmdk":
+                counts = check_vmdk(host, result.add)
+                result.total_clusters = counts.total_grains
+                result.allocated_clusters = counts.allocated_grains
+                result.compressed_clusters = counts.compressed_grains
+                result.image_end_offset = host.size
             else:
                 result.image_end_offset = host.size
         except DiskImageError as exc:

@@ -9,13 +9,14 @@ import io
 import os
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diskimg import detect, open_image
+from diskimg import check, detect, open_image
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat
 from diskimg.formats.vmdk.structures import parse_descriptor, parse_header
 
@@ -29,6 +30,7 @@ from .conftest import (
     file_sha256,
     qemu_img,
     qemu_io,
+    qemu_map,
     qemu_raw,
     qemu_raw_sha256,
     reader_sha256,
@@ -326,3 +328,46 @@ def test_fuzz_only_diskimage_errors(seeds, data):
                 pass
     except DiskImageError:
         pass
+
+
+# -- diskimg check ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subformat", SUBFORMATS)
+def test_check_clean_where_qemu_img_check_is(source, tmp_path, subformat):
+    image = tmp_path / "disk.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", source, image)
+    qemu_img("check", image)
+    result = check(image)
+    assert result.clean, result.problems
+    if "Sparse" in subformat or subformat == "streamOptimized":
+        data_grains = sum(1 for e in qemu_map(image, "vmdk") if e["data"] for _ in range(e["length"] // 65536))
+        assert result.allocated_clusters >= data_grains > 0
+
+
+def test_check_finds_bad_grain_table_entries(tmp_path):
+    image = tmp_path / "bad.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", image, "8M")
+    qemu_io(image, "vmdk", "write -P 1 0 256k")
+    data = bytearray(image.read_bytes())
+    header = parse_header(bytes(data[:512]))
+    table = struct.unpack_from("<I", data, header.gd_offset * 512)[0] * 512
+    second = struct.unpack_from("<I", data, table + 4)[0]
+    struct.pack_into("<I", data, table, 1 << 24)  # grain 0 past the end of the file
+    struct.pack_into("<I", data, table + 8, second)  # grain 2 shares grain 1's sector
+    struct.pack_into("<I", data, table + 12, 5)  # grain 3 inside the header and descriptor
+    image.write_bytes(bytes(data))
+    assert subprocess.run(["qemu-img", "check", image], capture_output=True).returncode != 0  # qemu sees it too
+    result = check(image)
+    messages = " | ".join(problem.message for problem in result.problems)
+    assert result.corruptions == 3, messages
+    assert "past the end" in messages and "share the sector" in messages and "inside the metadata" in messages
+    proc = diskimg_cli("check", image, text=True)
+    assert proc.returncode == 1 and "CORRUPTION" in proc.stdout
+
+
+def test_check_refuses_vmdk_it_does_not_read(tmp_path):
+    cowd = tmp_path / "c.vmdk"
+    cowd.write_bytes(b"COWD" + struct.pack("<I", 1) + bytes(4088))
+    with pytest.raises(UnsupportedFormat, match="qemu-img convert -f vmdk"):
+        check(cowd)

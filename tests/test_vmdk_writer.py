@@ -125,3 +125,25 @@ def test_measure_bounds_the_output(source, tmp_path):
         assert proc.returncode == 0, proc.stderr
         measured = json.loads(proc.stdout)
         assert measured["required"] >= out.stat().st_size, (subformat, measured, out.stat().st_size)
+
+
+def test_export_and_unpack_vmdk(source, tmp_path):
+    """export --format vmdk (in a tar.gz and bare), unpack of that archive, and unpack -O vmdk of a
+    qcow2 export: every disk qemu-img checks and finds identical to the source."""
+    out = tmp_path / "out"
+    for archive in ("tar.gz", "none"):
+        proc = diskimg_cli("export", "--name", f"m-{archive}", "--system", source, "--format", "vmdk",
+                           "--archive", archive, "--out", out, "--progress", "none", text=True)
+        assert proc.returncode == 0, proc.stderr
+    bare = out / "m-none_system.vmdk"
+    _check(source, bare, "monolithicSparse")
+    proc = diskimg_cli("unpack", out / "m-tar.gz_system.vmdk.tar.gz", "--out", tmp_path / "u1", "--progress", "none",
+                       text=True)
+    assert proc.returncode == 0, proc.stderr
+    _check(source, tmp_path / "u1" / "m-tar.gz_system.vmdk", "monolithicSparse")
+    assert diskimg_cli("export", "--name", "q", "--system", source, "--format", "qcow2", "--out", out,
+                       "--progress", "none").returncode == 0
+    proc = diskimg_cli("unpack", out / "q_system.qcow2.tar.gz", "-O", "vmdk", "--out", tmp_path / "u2",
+                       "--progress", "none", text=True)
+    assert proc.returncode == 0, proc.stderr
+    _check(source, tmp_path / "u2" / "q_system.vmdk", "monolithicSparse")

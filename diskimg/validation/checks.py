@@ -71,7 +71,9 @@ QEMU_DRIVERS = {"vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi", "qed": "qed", "qco
 
 
 def convert_hint(ctx: DiskContext, driver: str) -> str:
-    return f"diskimg convert --backend qemu-img -f {driver} {_q(ctx.path)} {_out(ctx.path)} -O qcow2"
+    """The command that converts the image: diskimg's own reader where it has one, else qemu-img's."""
+    backend = "" if ctx.supported_container else "--backend qemu-img "
+    return f"diskimg convert {backend}-f {driver} {_q(ctx.path)} {_out(ctx.path)} -O qcow2"
 
 
 @disk_check("container")

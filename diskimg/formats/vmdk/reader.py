@@ -73,6 +73,30 @@ class _Extent:
     def end(self) -> int:
         return self.start + self.length
 
+    def grain_table(self, table_index: int) -> array | None:
+        """Grain table ``table_index`` of a sparse extent (None where the directory has none),
+        read once and kept in a bounded cache."""
+        header = self.header
+        assert header is not None and self.host is not None
+        table = self.tables.get(table_index)
+        if table is not None:
+            return table
+        sector = self.directory[table_index]
+        if sector == 0:
+            return None
+        size = header.gtes_per_gt * 4
+        data = self.host.pread(size, sector * SECTOR)
+        if len(data) != size:
+            raise CorruptImage(
+                f"grain table {table_index} at byte {sector * SECTOR} runs past the end of the file",
+                path=self.host.name, offset=sector * SECTOR, structure="VMDK grain table",
+            )
+        table = parse_grain_table(data)
+        if len(self.tables) >= _GT_CACHE:
+            self.tables.clear()
+        self.tables[table_index] = table
+        return table
+
 
 class VmdkReader(DiskReader):
     format = NAME
@@ -257,24 +281,15 @@ class VmdkReader(DiskReader):
             )
 
     def _grain_entry(self, extent: _Extent, grain: int) -> int:
-        header = extent.header
-        assert header is not None and extent.host is not None
-        table_index, slot = divmod(grain, header.gtes_per_gt)
-        table = extent.tables.get(table_index)
-        if table is None:
-            sector = extent.directory[table_index]
-            size = header.gtes_per_gt * 4
-            data = extent.host.pread(size, sector * SECTOR)
-            if len(data) != size:
-                raise CorruptImage(
-                    f"grain table {table_index} at byte {sector * SECTOR} runs past the end of the file",
-                    path=extent.host.name, offset=sector * SECTOR, structure="VMDK grain table",
-                )
-            table = parse_grain_table(data)
-            if len(extent.tables) >= _GT_CACHE:
-                extent.tables.clear()
-            extent.tables[table_index] = table
-        return table[slot]
+        assert extent.header is not None
+        table_index, slot = divmod(grain, extent.header.gtes_per_gt)
+        table = extent.grain_table(table_index)
+        return GTE_UNALLOCATED if table is None else table[slot]
+
+    @property
+    def sparse_extents(self) -> list[_Extent]:
+        """The hosted sparse extents, for ``diskimg check``."""
+        return [extent for extent in self._extents if extent.type == "sparse"]
 
     def _read_encoded(self, run: Run) -> bytes:
         extent = self._extents[run.extra >> 1]
