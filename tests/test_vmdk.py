@@ -371,3 +371,18 @@ def test_check_refuses_vmdk_it_does_not_read(tmp_path):
     cowd.write_bytes(b"COWD" + struct.pack("<I", 1) + bytes(4088))
     with pytest.raises(UnsupportedFormat, match="qemu-img convert -f vmdk"):
         check(cowd)
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.lists(st.sampled_from([
+    "# Disk DescriptorFile", "version=1", "CID=fffffffe", "parentCID=ffffffff", "parentCID=zz",
+    'createType="monolithicFlat"', 'createType="twoGbMaxExtentSparse"', 'RW 2048 FLAT "a-flat.vmdk" 0',
+    'RW 99999999999999999999 SPARSE "b.vmdk"', "RW 1 ZERO", 'RDONLY 8 VMFS "/etc/passwd"', "RW 4 FLAT",
+    'parentFileNameHint="../p.vmdk"', "ddb.adapterType = \"ide\"", "\x00junk", "garbage line",
+]), max_size=12), st.binary(max_size=64))
+def test_descriptor_parser_only_corrupt_image(lines, noise):
+    try:
+        descriptor = parse_descriptor("\n".join(lines).encode() + noise)
+    except CorruptImage:
+        return
+    assert descriptor.sectors < 1 << 54

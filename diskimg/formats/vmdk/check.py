@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from ...detection import OpenOptions
 from ...hostfile import HostFile
 from .reader import VmdkReader
-from .structures import FLAG_REDUNDANT_GT, GRAIN_MARKER_SIZE, GTE_UNALLOCATED, GTE_ZERO, SECTOR, parse_grain_table
+from .structures import (
+    FLAG_REDUNDANT_GT,
+    GRAIN_MARKER_SIZE,
+    GTE_UNALLOCATED,
+    GTE_ZERO,
+    SECTOR,
+    parse_grain_table,
+)
 
 #: (kind, message, offset, structure), as CheckResult.add takes them
 Report = Callable[[str, str, "int | None", "str | None"], None]
