@@ -375,14 +375,18 @@ def _open_extents(host: HostFile, descriptor: Descriptor, opened: list[HostFile]
                                 path=host.name, format=NAME)
     directory = os.path.dirname(os.path.realpath(host.name))
     extents: list[_Extent] = []
+    files: dict[str, HostFile] = {}  # each extent file opened once, however many lines name it
     position = 0
     for index, line in enumerate(descriptor.extents):
         length = line.sectors * SECTOR
         if line.type in ZERO_TYPES:
             extents.append(_Extent(index, position, length, "zero"))
         elif line.type in FLAT_TYPES | SPARSE_TYPES:
-            extent_host = _open_extent_file(host.name, directory, line)
-            opened.append(extent_host)
+            path = _extent_path(host.name, directory, line)
+            extent_host = files.get(path)
+            if extent_host is None:
+                extent_host = files[path] = HostFile(path)
+                opened.append(extent_host)
             if line.type in FLAT_TYPES:
                 extents.append(_open_flat(extent_host, index, position, line))
             else:
@@ -405,7 +409,7 @@ def _open_extents(host: HostFile, descriptor: Descriptor, opened: list[HostFile]
     return extents
 
 
-def _open_extent_file(descriptor_path: str, directory: str, line: ExtentLine) -> HostFile:
+def _extent_path(descriptor_path: str, directory: str, line: ExtentLine) -> str:
     assert line.filename is not None
     path = confined_path(directory, line.filename, [directory])
     if path is None:
@@ -416,7 +420,7 @@ def _open_extent_file(descriptor_path: str, directory: str, line: ExtentLine) ->
     if not os.path.isfile(path):
         raise BackingFileError(f"extent file {line.filename!r} not found beside the descriptor",
                                path=descriptor_path)
-    return HostFile(path)
+    return path
 
 
 def _open_flat(host: HostFile, index: int, start: int, line: ExtentLine) -> _Extent:
