@@ -40,8 +40,7 @@ def check_vmdk(host: HostFile, report: Report) -> VmdkCheckCounts:
         for extent in reader.sparse_extents:
             _check_extent(extent, report, counts)
     finally:
-        for extent_host in reader._opened:
-            extent_host.close()
+        reader.close_extent_files()
     return counts
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import threading
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -101,8 +100,14 @@ class _Extent:
 class VmdkReader(DiskReader):
     format = NAME
 
-    descriptor: Descriptor
-    create_type: str
+    def __init__(self, host: HostFile, descriptor: Descriptor, create_type: str, extents: list[_Extent],
+                 opened: list[HostFile]) -> None:
+        super().__init__(host, extents[-1].end if extents else 0)
+        self.descriptor = descriptor
+        self.create_type = create_type
+        self._extents = extents
+        self._opened = opened  # the extent files this reader opened (not its own file)
+        self._decoded: tuple[int, int, bytes] | None = None  # the last grain decompressed
 
     @classmethod
     def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> VmdkReader:
@@ -111,6 +116,7 @@ class VmdkReader(DiskReader):
         try:
             if head[:4] == MAGIC:
                 sparse = _open_sparse(host, 0, 0, own_file=True)
+                assert sparse.header is not None
                 descriptor = _embedded_descriptor(host, sparse.header)
                 extents = [sparse]
                 create_type = descriptor.create_type or ("streamOptimized" if sparse.header.compressed
@@ -121,14 +127,7 @@ class VmdkReader(DiskReader):
                 create_type = descriptor.create_type or "unknown"
                 _refuse_create_type(create_type, host.name)
                 extents = _open_extents(host, descriptor, opened)
-            virtual_size = extents[-1].end if extents else 0
-            reader = cls(host, virtual_size)
-            reader.descriptor = descriptor
-            reader.create_type = create_type
-            reader._extents = extents
-            reader._opened = opened
-            reader._decoded: tuple[int, int, bytes] | None = None
-            reader._lock = threading.Lock()
+            reader = cls(host, descriptor, create_type, extents, opened)
             if descriptor.has_parent and open_parent is not None:
                 reader._open_parent(open_parent)
             return reader
@@ -314,10 +313,15 @@ class VmdkReader(DiskReader):
         offset = run.start - grain_start
         return data[offset : offset + run.length]
 
+    def close_extent_files(self) -> None:
+        """Close the extent files the descriptor named (the reader's own file stays open)."""
+        for extent_host in self._opened:
+            extent_host.close()
+        self._opened = []
+
     def close(self) -> None:
         if not self.closed:
-            for extent_host in getattr(self, "_opened", ()):
-                extent_host.close()
+            self.close_extent_files()
         super().close()
 
 
@@ -353,9 +357,8 @@ def _descriptor_file(host: HostFile) -> Descriptor:
     return parse_descriptor(host.pread(host.size, 0), path=host.name)
 
 
-def _embedded_descriptor(host: HostFile, header: SparseHeader | None) -> Descriptor:
+def _embedded_descriptor(host: HostFile, header: SparseHeader) -> Descriptor:
     """The descriptor inside a sparse extent; an empty one when the extent has none."""
-    assert header is not None
     if header.descriptor_offset == 0 or header.descriptor_size == 0:
         return Descriptor(create_type=None, cid=None, parent_cid=0xFFFFFFFF, parent_hint=None, extents=())
     offset = header.descriptor_offset * SECTOR
