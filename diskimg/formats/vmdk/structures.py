@@ -139,7 +139,7 @@ def parse_header(data: bytes, path: str | None = None, offset: int = 0) -> Spars
                           rgd_offset, gd_offset, overhead, unclean, newline_bytes, compress)
     if flags & FLAG_NEWLINE_TEST and newline_bytes != NEWLINE_BYTES:
         raise corrupt("newline detection bytes are damaged (the file went through a text-mode transfer)")
-    if capacity == 0 or capacity > MAX_CAPACITY_SECTORS:
+    if capacity > MAX_CAPACITY_SECTORS:
         raise corrupt(f"capacity of {capacity} sectors is out of range")
     if grain_size & (grain_size - 1) or not MIN_GRAIN_SECTORS <= grain_size <= MAX_GRAIN_SECTORS:
         raise corrupt(f"grain size of {grain_size} sectors is not a power of two from "
