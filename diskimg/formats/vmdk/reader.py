@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,9 @@ from .structures import (
 
 #: grain tables kept in memory per sparse extent (2 KiB each): 8 MiB, 16 GiB of guest disk
 _GT_CACHE = 4096
+#: a stretch of the file read at once for the compressed grains it holds
+_GRAIN_SPAN = 8 << 20
+_windows = threading.local()
 _COWD = b"COWD"
 _SESPARSE = (0xCAFEBABE).to_bytes(8, "little")
 
@@ -71,6 +75,10 @@ class _Extent:
     @property
     def end(self) -> int:
         return self.start + self.length
+
+    @property
+    def markers(self) -> bool:
+        return self.header is not None and self.header.markers
 
     def grain_table(self, table_index: int) -> array | None:
         """Grain table ``table_index`` of a sparse extent (None where the directory has none),
@@ -308,10 +316,45 @@ class VmdkReader(DiskReader):
         if cached is not None and cached[0] == extent.index and cached[1] == run.host_offset:
             data = cached[2]
         else:
-            data = _decompress_grain(extent, run.host_offset, grain_start - extent.start)
+            data = _read_grain(extent, run.host_offset, grain_start - extent.start)
             self._decoded = (extent.index, run.host_offset, data)
         offset = run.start - grain_start
         return data[offset : offset + run.length]
+
+    def _fill_runs(self, view: memoryview, offset: int, runs: Iterable[Run]) -> None:
+        """As the base class, but compressed grains behind markers are read a stretch of the file at
+        a time (a stream-optimized file holds them in guest order): one read for many grains."""
+        grains: list[Run] = []
+        for run in runs:
+            if run.kind is RunKind.ENCODED and run.extra & 1 and self._extents[run.extra >> 1].markers:
+                if grains and (run.extra != grains[0].extra or run.host_offset < grains[0].host_offset
+                               or run.host_offset - grains[0].host_offset > _GRAIN_SPAN):
+                    self._fill_grains(view, offset, grains)
+                    grains = []
+                grains.append(run)
+                continue
+            if grains:
+                self._fill_grains(view, offset, grains)
+                grains = []
+            self._fill(view[run.start - offset : run.start - offset + run.length], run)
+        if grains:
+            self._fill_grains(view, offset, grains)
+
+    def _fill_grains(self, view: memoryview, offset: int, grains: list[Run]) -> None:
+        extent = self._extents[grains[0].extra >> 1]
+        assert extent.header is not None and extent.host is not None
+        grain_bytes = extent.header.grain_bytes
+        start = grains[0].host_offset
+        end = min(grains[-1].host_offset + GRAIN_MARKER_SIZE + _max_stored(grain_bytes), extent.host.size)
+        window = memoryview(_window_buffer(max(0, end - start)))[: max(0, end - start)]
+        window = window[: extent.host.pread_into(window, start)]
+        for run in grains:
+            grain_start = run.start - (run.start - extent.start) % grain_bytes
+            grain_offset = grain_start - extent.start
+            stored = _framed_grain(extent, window, run.host_offset - start, run.host_offset, grain_offset)
+            data = _inflate_grain(extent, stored, run.host_offset, grain_offset)
+            within = run.start - grain_start
+            view[run.start - offset : run.start - offset + run.length] = memoryview(data)[within : within + run.length]
 
     def close_extent_files(self) -> None:
         """Close the extent files the descriptor named (the reader's own file stays open)."""
@@ -481,41 +524,70 @@ def _footer_header(host: HostFile, header: SparseHeader) -> SparseHeader:
     return with_footer(header, footer)
 
 
-def _decompress_grain(extent: _Extent, host_offset: int, grain_offset: int) -> bytes:
-    """One deflate-compressed grain (after its marker, when the extent has markers), checked."""
+def _grain_error(extent: _Extent, host_offset: int, grain_offset: int, message: str) -> CorruptImage:
+    assert extent.host is not None
+    return CorruptImage(f"compressed grain at guest offset {extent.start + grain_offset} {message}",
+                        path=extent.host.name, offset=host_offset, structure="VMDK compressed grain")
+
+
+def _max_stored(grain_bytes: int) -> int:
+    """The most bytes a compressed grain may take (deflate's stored form and framing included)."""
+    return 2 * grain_bytes + SECTOR
+
+
+def _framed_grain(extent: _Extent, window: memoryview, at: int, host_offset: int, grain_offset: int) -> memoryview:
+    """The compressed bytes behind the grain marker at ``window[at:]`` (the file from some offset)."""
+    assert extent.header is not None
+    marker = window[at : at + GRAIN_MARKER_SIZE]
+    if len(marker) != GRAIN_MARKER_SIZE:
+        raise _grain_error(extent, host_offset, grain_offset, "lies past the end of the file")
+    stored_size = int.from_bytes(marker[8:12], "little")
+    if stored_size == 0 or stored_size > _max_stored(extent.header.grain_bytes):
+        raise _grain_error(extent, host_offset, grain_offset, f"has an impossible stored size ({stored_size} bytes)")
+    stored = window[at + GRAIN_MARKER_SIZE : at + GRAIN_MARKER_SIZE + stored_size]
+    if len(stored) != stored_size:
+        raise _grain_error(extent, host_offset, grain_offset, "runs past the end of the file")
+    return stored
+
+
+def _read_grain(extent: _Extent, host_offset: int, grain_offset: int) -> bytes:
+    """One compressed grain read on its own (after its marker, when the extent has markers), inflated."""
     assert extent.header is not None and extent.host is not None
-    header = extent.header
-    grain_bytes = header.grain_bytes
-    path = extent.host.name
-
-    def corrupt(message: str) -> CorruptImage:
-        return CorruptImage(f"compressed grain at guest offset {extent.start + grain_offset} {message}",
-                            path=path, offset=host_offset, structure="VMDK compressed grain")
-
-    if header.markers:
-        marker = extent.host.pread(GRAIN_MARKER_SIZE, host_offset)
-        if len(marker) != GRAIN_MARKER_SIZE:
-            raise corrupt("lies past the end of the file")
-        stored_size = int.from_bytes(marker[8:12], "little")
-        if stored_size == 0 or stored_size > 2 * grain_bytes + SECTOR:
-            raise corrupt(f"has an impossible stored size ({stored_size} bytes)")
-        stored = extent.host.pread(stored_size, host_offset + GRAIN_MARKER_SIZE)
-        if len(stored) != stored_size:
-            raise corrupt("runs past the end of the file")
+    grain_bytes = extent.header.grain_bytes
+    if extent.header.markers:
+        window = memoryview(extent.host.pread(GRAIN_MARKER_SIZE + _max_stored(grain_bytes), host_offset))
+        stored: bytes | memoryview = _framed_grain(extent, window, 0, host_offset, grain_offset)
     else:
-        stored = extent.host.pread(2 * grain_bytes + SECTOR, host_offset)
+        stored = extent.host.pread(_max_stored(grain_bytes), host_offset)
+    return _inflate_grain(extent, stored, host_offset, grain_offset)
+
+
+def _inflate_grain(extent: _Extent, stored: bytes | memoryview, host_offset: int, grain_offset: int) -> bytes:
+    """A grain's deflate stream inflated to exactly one grain, checked."""
+    assert extent.header is not None
+    grain_bytes = extent.header.grain_bytes
     decompressor = zlib.decompressobj()
     try:
         data = decompressor.decompress(stored, grain_bytes)
     except zlib.error as exc:
-        raise corrupt(f"does not decompress: {exc}") from None
+        raise _grain_error(extent, host_offset, grain_offset, f"does not decompress: {exc}") from None
     if decompressor.unconsumed_tail:
-        raise corrupt(f"decompresses to more than the grain size ({grain_bytes} bytes)")
+        raise _grain_error(extent, host_offset, grain_offset,
+                           f"decompresses to more than the grain size ({grain_bytes} bytes)")
     if len(data) < grain_bytes:
         if not decompressor.eof:
-            raise corrupt("is cut short")
+            raise _grain_error(extent, host_offset, grain_offset, "is cut short")
         # VMware compresses the last grain of a disk only up to its capacity
         if len(data) < min(grain_bytes, extent.length - grain_offset):
-            raise corrupt(f"decompresses to {len(data)} bytes, less than the grain")
+            raise _grain_error(extent, host_offset, grain_offset,
+                               f"decompresses to {len(data)} bytes, less than the grain")
         data += bytes(grain_bytes - len(data))
     return data
+
+
+def _window_buffer(size: int) -> bytearray:
+    """A buffer of at least ``size`` bytes for this thread, reused from call to call."""
+    buffer: bytearray | None = getattr(_windows, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _windows.buffer = bytearray(size)
+    return buffer
