@@ -41,6 +41,7 @@ from .formats import canonical_format
 from .formats import qcow2 as q
 from .formats import vhd as v
 from .formats.vdi.check import check_vdi
+from .formats.vmdk.check import check_vmdk
 from .hostfile import HostFile
 from .image import source_name
 
@@ -181,11 +182,12 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
     """
     detection = detect(source)
     name = canonical_format(format) if format else detection.format
+    unread_vmdk = name == "vmdk" and not format and not detection.readable  # seSparse, COWD, a lone extent
     if format:
         check_forced(detection, name, source_name(source))
-    if name not in ("raw", "vhd", "qcow2", "vhdx", "vdi"):
+    if name not in ("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi") or unread_vmdk:
         raise UnsupportedFormat(
-            f"{detection.description}: diskimg checks VHD, VHDX, qcow2, VDI and RAW images",
+            f"{detection.description}: diskimg checks VHD, VHDX, qcow2, VMDK, VDI and RAW images",
             path=source_name(source), format=detection.format, hint=detection.hint,
         )
     host = HostFile(source)
@@ -202,6 +204,12 @@ def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) 
                 from .formats.vhdx.check import check_vhdx
 
                 check_vhdx(host, result)
+            elif name == "vmdk":
+                counts = check_vmdk(host, result.add)
+                result.total_clusters = counts.total_grains
+                result.allocated_clusters = counts.allocated_grains
+                result.compressed_clusters = counts.compressed_grains
+                result.image_end_offset = host.size
             else:
                 result.image_end_offset = host.size
         except UnsupportedFormat as exc:

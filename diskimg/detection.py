@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 #: formats diskimg reads and writes
-READABLE_FORMATS = ("raw", "vhd", "qcow2", "vhdx", "vdi")
+READABLE_FORMATS = ("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi")
 #: names accepted in options for a format, mapped to the canonical name
-FORMAT_ALIASES = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "vhdx": "vhdx", "vdi": "vdi"}
+FORMAT_ALIASES = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi"}
 
 
 @dataclass

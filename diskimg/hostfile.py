@@ -13,6 +13,7 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from .errors import ImageNotFound, UsageError
@@ -199,3 +200,12 @@ class HostFile:
     def close(self) -> None:
         if self._owned:
             self._file.close()
+
+
+def confined_path(directory: str, name: str, roots: Sequence[str]) -> str | None:
+    """The real path of ``name`` (relative to ``directory``, symbolic links resolved) when it lies
+    inside one of ``roots`` (real paths), else None: a file an untrusted image or manifest names
+    must not lead out of the trees the caller allowed."""
+    path = os.path.realpath(os.path.join(directory, name))
+    inside = any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+    return path if inside else None

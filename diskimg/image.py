@@ -16,7 +16,7 @@ from .probe import check_forced, detect
 from .detection import OpenOptions, VhdSizeRule
 from .errors import BackingFileError, CorruptImage, UnsupportedFormat
 from .formats import READERS, canonical_format
-from .hostfile import HostFile
+from .hostfile import HostFile, confined_path
 from .reader import DiskReader, ImageInfo
 
 Source = str | os.PathLike[str] | BinaryIO
@@ -146,15 +146,6 @@ class _ParentOpener:
                 path=self.child,
             )
         raise BackingFileError(f"backing file {candidates[0] if candidates else '?'!r} not found", path=self.child)
-
-
-def confined_path(directory: str, name: str, roots: Sequence[str]) -> str | None:
-    """The real path of ``name`` (relative to ``directory``, symbolic links resolved) when it lies
-    inside one of ``roots`` (real paths), else None: a file an untrusted image or manifest names
-    must not lead out of the trees the caller allowed."""
-    path = os.path.realpath(os.path.join(directory, name))
-    inside = any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
-    return path if inside else None
 
 
 def source_name(source: Source) -> str:

@@ -23,8 +23,7 @@ from typing import Any
 from .errors import ArchiveError
 from .formats import WRITERS
 from .hashing import PREFIX as CONTENT_HASH_PREFIX
-from .hostfile import open_input
-from .image import confined_path
+from .hostfile import confined_path, open_input
 
 SUFFIX = ".manifest.json"
 SUMS_SUFFIX = ".SHA256SUMS"

@@ -151,14 +151,24 @@ def _kib(n: int) -> str:
 
 
 def _foreign_detection(entry: Foreign, match: Match, name: str | None) -> Detection:
+    readable = _reads_subformat(entry.name, match)
     return Detection(
         format=entry.name,
         description=describe(entry, match),
         subformat=match.subformat,
         version=match.version,
-        readable=False,
-        hint=hint(entry, match, name),
+        readable=readable,
+        hint=None if readable else hint(entry, match, name),
     )
+
+
+def _reads_subformat(format_name: str, match: Match) -> bool:
+    """Whether a driver reads this file of a format the table names (a VMDK of a create type it reads)."""
+    if format_name == "vmdk":
+        from .formats.vmdk.structures import READ_CREATE_TYPES
+
+        return match.advice is None and match.subformat in READ_CREATE_TYPES
+    return False
 
 
 def _strong_magic(
@@ -316,7 +326,7 @@ _HEADER_WORDS = {
     "vhd": "a VHD footer",
     "qcow2": "a qcow2 header",
     "qcow": "a qcow (v1) header",
-    "vmdk": "a VMDK header",
+    "vmdk": "a VMDK header or descriptor",
     "vhdx": "a VHDX header",
     "vdi": "a VDI header",
     "qed": "a QED header",

@@ -236,14 +236,18 @@ def planned_blocks(extents: Iterable[Extent], block_size: int, entries: int) -> 
     return planned
 
 
-def flag_option(format: str, options: Mapping[str, str], key: str) -> bool:
-    """An on/off ``-o`` option as qemu-img spells it (off when absent), or a UsageError."""
-    value = str(options.get(key, "off")).strip().lower()
-    if value in ("on", "yes", "true", "1"):
+_TRUE = ("on", "yes", "true", "y", "1")
+_FALSE = ("off", "no", "false", "n", "0")
+
+
+def option_flag(options: Mapping[str, str], key: str, format_name: str, default: bool = False) -> bool:
+    """An on/off ``-o`` option as qemu-img spells it (``default`` when absent), or a UsageError."""
+    value = str(options.get(key, "on" if default else "off")).strip().lower()
+    if value in _TRUE:
         return True
-    if value in ("off", "no", "false", "0"):
+    if value in _FALSE:
         return False
-    raise UsageError(f"{format} option {key}={value!r}: expected on or off")
+    raise UsageError(f"{format_name} option {key}={value!r}: expected on or off")
 
 
 def parse_options(text: str | None) -> dict[str, str]:
@@ -259,13 +263,3 @@ def parse_options(text: str | None) -> dict[str, str]:
             value = "on"  # qemu-img accepts a bare flag such as "force_size"
         options[key.strip().replace("-", "_")] = value.replace("\0", ",")
     return options
-
-
-def on_off_option(options: Mapping[str, str], key: str, default: bool, format_name: str) -> bool:
-    """A boolean ``-o`` option as qemu-img spells it (on/off, yes/no, true/false, 1/0)."""
-    value = str(options.get(key, "on" if default else "off")).strip().lower()
-    if value in ("on", "yes", "true", "y", "1"):
-        return True
-    if value in ("off", "no", "false", "n", "0"):
-        return False
-    raise UsageError(f"{format_name} option {key}={value!r}: expected on or off")

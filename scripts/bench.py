@@ -6,8 +6,8 @@
                                     [--disk synthetic|ext4] [--image PATH] [--target fresh|existing]
 
 `read` builds a RAW disk of SIZE holding half random data in 1-4 MiB runs (half zeros), converts it
-with qemu-img to qcow2, to a dynamic VHD and to a dynamic VDI, then times ``diskimg convert IMG out.raw`` against
-``qemu-img convert -f FMT -O raw IMG out.raw`` alternately (median of PAIRS pairs: these machines
+with qemu-img to qcow2, a dynamic VHD, VMDK (monolithicSparse, streamOptimized), VHDX and a dynamic
+VDI, then times ``diskimg convert IMG out.raw`` against ``qemu-img convert -f FMT -O raw IMG out.raw`` alternately (median of PAIRS pairs: these machines
 are noisy) and prints the median time ratio and each tool's peak RSS.
 
 `convert` times the conversions of CONVERSIONS the same way, on the synthetic disk and on an ext4
@@ -180,10 +180,15 @@ def bench_read(args: argparse.Namespace) -> None:
                        check=True)
         images["vhdx"] = os.path.join(work, "disk.vhdx")
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", raw, images["vhdx"]], check=True)
+        vmdk = {"monolithicSparse": os.path.join(work, "sparse.vmdk"), "streamOptimized": os.path.join(work, "s.vmdk")}
+        for subformat, image in vmdk.items():
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, image],
+                           check=True)
         os.unlink(raw)
         out = os.path.join(work, "out.raw")
-        for fmt, image in images.items():
-            pair(f"{fmt} -> raw", diskimg + ["convert", "-f", fmt, "-O", "raw", image, out],
+        for name, image in [*images.items(), *vmdk.items()]:
+            fmt = "vmdk" if name in vmdk else name
+            pair(f"{name} -> raw", diskimg + ["convert", "-f", fmt, "-O", "raw", image, out],
                  ["qemu-img", "convert", "-f", fmt, "-O", "raw", image, out], args.pairs, [out], (work, args.size))
 
 
@@ -200,6 +205,8 @@ CONVERSIONS = {
     "raw->vdi": ("raw", ["-f", "raw", "-O", "vdi"], ["-f", "raw", "-O", "vdi"]),
     "vhdx->qcow2": ("vhdx", ["-f", "vhdx", "-O", "qcow2"], ["-f", "vhdx", "-O", "qcow2"]),
     "raw->vhdx": ("raw", ["-f", "raw", "-O", "vhdx"], ["-f", "raw", "-O", "vhdx"]),
+    "raw->vmdk streamOptimized": ("raw", ["-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"],
+                                  ["-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"]),
 }
 
 

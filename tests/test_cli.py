@@ -57,7 +57,7 @@ def test_missing_file_is_exit_3(tmp_path):
 
 def test_usage_errors_are_exit_2(tmp_path):
     assert diskimg_cli("info").returncode == 2
-    assert diskimg_cli("convert", "a", "b", "-O", "vmdk").returncode == 2
+    assert diskimg_cli("convert", "a", "b", "-O", "qed").returncode == 2
     assert_one_error_line(diskimg_cli("convert", FIXTURES / "example.qcow2", tmp_path / "x", "-S", "3"), 2, "-S")
 
 

@@ -14,6 +14,7 @@ import itertools
 import json
 import random
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -261,8 +262,8 @@ def test_2000_gib_through_the_command_line(big_pair):
 
 def test_unreadable_inputs_exit_3(images, tmp_path):
     good, _ = images["qcow2"]
-    vmdk = tmp_path / "disk.vmdk"
-    qemu_img("create", "-f", "vmdk", vmdk, "10M")
+    vmdk = tmp_path / "disk.vmdk"  # an ESX COWD extent: a VMDK diskimg does not read
+    vmdk.write_bytes(b"COWD" + struct.pack("<I", 1) + bytes(4088))
     corrupt = tmp_path / "corrupt.qcow2"
     corrupt.write_bytes(good.read_bytes()[:300])  # a qcow2 header whose tables lie past the end
     truncated = tmp_path / "truncated.qcow2"

@@ -96,6 +96,8 @@ SOURCES: dict[str, tuple[str, list[str], list[str]]] = {
     "vhdx-fixed": ("vhdx", ["-o", "subformat=fixed"], ["write -P 0 3M 1M"]),
     "qcow2-zero-clusters": ("qcow2", [], ["write -z 64k 64k", "write -z 7M 128k", "write -z -u 2M 64k",
                                           "write -P 0 3M 1M"]),
+    "vmdk-sparse": ("vmdk", ["-o", "subformat=monolithicSparse"], ["write -P 0 3M 1M", "write -z 5M 64k"]),
+    "vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"], []),
 }
 SNAPSHOTS = "qcow2-snapshots"
 
@@ -149,6 +151,8 @@ TARGETS: dict[str, dict] = {
     "vdi-static": dict(format="vdi", options="static=on"),
     "vhdx-dynamic": dict(format="vhdx", options="block_size=1M"),
     "vhdx-fixed": dict(format="vhdx", options="subformat=fixed,block_state_zero=off"),
+    "vmdk-sparse": dict(format="vmdk"),
+    "vmdk-stream": dict(format="vmdk", options="subformat=streamOptimized"),
 }
 
 
@@ -223,6 +227,10 @@ def check_output(source: Path, source_fmt: str, out: Path, target: dict) -> None
         qemu_img("check", "-f", "vhdx", out)
         subformat = "fixed" if "subformat=fixed" in target.get("options", "") else "dynamic"
         assert diskimg.detect(out).subformat == subformat
+    elif fmt == "vmdk":
+        qemu_img("check", "-f", "vmdk", out)
+        subformat = "streamOptimized" if "streamOptimized" in target.get("options", "") else "monolithicSparse"
+        assert info["format-specific"]["data"]["create-type"] == subformat
     else:
         assert out.stat().st_size == size
     # not -s: qemu's strict mode also fails on a different allocation (holes for written zeros); the
@@ -706,23 +714,24 @@ def test_auto_backend_converts_foreign_formats_with_qemu_img(foreign, tmp_path, 
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert set(result) == RESULT_KEYS
-    assert result["backend"] == "qemu-img" and result["target_format"] == "qcow2"
+    backend = "native" if name.startswith("vmdk") else "qemu-img"  # diskimg reads VMDK itself
+    assert result["backend"] == backend and result["target_format"] == "qcow2"
     assert result["source_format"] == name.split("-")[0]
     assert result["sha256"] == file_sha256(out)
     qemu_img("check", out)
     qemu_img("compare", foreign[name], out)
     # without --json the summary says which backend did it
     proc = cli("convert", "--force", foreign[name], out, "-O", "vhd")
-    assert proc.returncode == 0 and "qemu-img" in proc.stderr
+    assert proc.returncode == 0 and backend in proc.stderr
     qemu_img("compare", foreign[name], "-F", "vpc", out)
 
 
 def test_native_backend_refuses_foreign_formats_with_the_hint(foreign, tmp_path):
     out = tmp_path / "out.qcow2"
-    proc = cli("convert", "--backend", "native", foreign["vmdk"], out, "-O", "qcow2")
+    proc = cli("convert", "--backend", "native", foreign["vhdx"], out, "-O", "qcow2")
     assert proc.returncode == 3
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert "VMDK" in proc.stderr and "--backend qemu-img" in proc.stderr and "qemu-img convert" in proc.stderr
+    assert "VHDX" in proc.stderr and "--backend qemu-img" in proc.stderr and "qemu-img convert" in proc.stderr
     assert not out.exists() and not leftovers(tmp_path)
 
 
@@ -750,11 +759,11 @@ def test_qemu_img_backend_errors_are_one_line(foreign, tmp_path):
     data = bytearray(foreign["vmdk"].read_bytes()[: 1 << 20])
     data[4:512] = b"\xff" * 508
     broken.write_bytes(data)
-    proc = cli("convert", broken, out, "-O", "qcow2")
+    proc = cli("convert", "--backend", "qemu-img", broken, out, "-O", "qcow2")
     assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1
     assert "qemu-img convert failed" in proc.stderr
     # and to a pipe: qemu-img needs a seekable output
-    proc = pipe_cli(tmp_path / "piped", "convert", foreign["vmdk"], "-", "-O", "qcow2")
+    proc = pipe_cli(tmp_path / "piped", "convert", "--backend", "qemu-img", foreign["vmdk"], "-", "-O", "qcow2")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert (tmp_path / "piped").stat().st_size == 0
     assert not out.exists() and not leftovers(tmp_path)

@@ -596,14 +596,23 @@ def test_gpt_for_4k_sectors(tmp_path):
 
 
 def test_vmdk_is_refused_with_the_conversion_command(bios_mbr, here):
+    """diskimg reads the VMDK: the guest inside is inspected as in the RAW disk it was made from,
+    and the format itself is the one more error, with the exact native conversion command."""
     qemu_img("convert", "-O", "vmdk", bios_mbr, "disk.vmdk")
     report = validate("disk.vmdk")
     assert not report.importable
     finding = assert_finding(report, "format-vmdk", "error", format="vmdk")
-    assert finding.hint == "diskimg convert --backend qemu-img -f vmdk disk.vmdk disk.qcow2 -O qcow2"
+    assert finding.hint == "diskimg convert -f vmdk disk.vmdk disk.qcow2 -O qcow2"
     assert "invitation-only preview" in finding.message
     assert report.import_image["DiskDeviceMapping"][0]["Format"] == "VMDK"
-    assert {item["category"] for item in report.not_checked} >= {"size", "partitions", "boot"}
+    raw = validate(bios_mbr)
+    assert {f.code for f in report.findings} - {"format-vmdk"} == {f.code for f in raw.findings}
+    assert not {item["category"] for item in report.not_checked} & {"size", "partitions", "boot"}
+    # a VMDK diskimg does not read (an ESX COWD extent): only its container, converted by qemu-img
+    with open("cowd.vmdk", "wb") as f:
+        f.write(b"COWD" + (1).to_bytes(4, "little") + bytes(4088))
+    finding = assert_finding(validate("cowd.vmdk"), "format-vmdk", "error", format="vmdk")
+    assert finding.hint == "diskimg convert --backend qemu-img -f vmdk cowd.vmdk cowd.qcow2 -O qcow2"
 
 
 def test_other_formats_are_refused(bios_mbr, here):

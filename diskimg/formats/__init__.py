@@ -10,13 +10,14 @@ from ..writer import DiskWriter
 from .raw import RawReader, RawWriter
 from .qcow2 import Qcow2Reader, Qcow2Writer
 from .vhd import VhdReader, VhdWriter
+from .vmdk import VmdkReader, VmdkWriter
 from .vhdx import VhdxReader, VhdxWriter
 from .vdi import VdiReader, VdiWriter
 
-READERS: dict[str, type[DiskReader]] = {"raw": RawReader, "vhd": VhdReader, "qcow2": Qcow2Reader, "vhdx": VhdxReader,
-                                        "vdi": VdiReader}
-WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter, "qcow2": Qcow2Writer, "vhdx": VhdxWriter,
-                                        "vdi": VdiWriter}
+READERS: dict[str, type[DiskReader]] = {"raw": RawReader, "vhd": VhdReader, "qcow2": Qcow2Reader, "vmdk": VmdkReader,
+                                        "vhdx": VhdxReader, "vdi": VdiReader}
+WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter,
+                                        "vhdx": VhdxWriter, "vdi": VdiWriter}
 
 
 def canonical_format(name: str) -> str:
@@ -24,5 +25,5 @@ def canonical_format(name: str) -> str:
     try:
         return FORMAT_ALIASES[name.lower()]
     except KeyError:
-        raise UsageError(f"unknown format {name!r}; diskimg reads and writes raw, vhd (alias vpc), qcow2, vhdx "
-                         "and vdi") from None
+        raise UsageError(f"unknown format {name!r}; diskimg reads and writes raw, vhd (alias vpc), qcow2, vmdk, "
+                         "vhdx and vdi") from None

@@ -39,7 +39,8 @@ from ..detection import Detection, OpenOptions, ParentOpener
 from ..errors import CorruptImage, DiskImageError, OutputError, UnsupportedFormat, UsageError
 from ..hostfile import HostFile
 from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind, Snapshot
-from ..writer import DiskWriter
+from ..writer import DiskWriter, option_flag
+from .compression import ClusterCompressor, CompressionPool
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -1368,8 +1369,6 @@ FEATURE_NAME_TABLE = [
 FEATURE_TABLE_MIN_CLUSTER = 4096 + 1
 
 _COMPAT_VERSIONS = {"1.1": 3, "v3": 3, "0.10": 2, "v2": 2}
-_TRUE = ("on", "yes", "true", "y", "1")
-_FALSE = ("off", "no", "false", "n", "0")
 #: zlib level for -c (qemu uses Z_DEFAULT_COMPRESSION) and zstd level (qemu uses zstd's default, 3)
 ZLIB_LEVEL = 6
 ZSTD_LEVEL = 3
@@ -1393,12 +1392,7 @@ class Qcow2WriterSettings:
 
 
 def _flag(options: dict, key: str) -> bool:
-    value = str(options.get(key, "off")).strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise UsageError(f"qcow2 option {key}={value!r}: expected on or off")
+    return option_flag(options, key, NAME)
 
 
 def writer_settings(options: dict) -> Qcow2WriterSettings:
@@ -1558,54 +1552,6 @@ def plan_clusters(extents, cluster_bits: int, virtual_size: int) -> tuple[array,
 _REFCOUNT_TYPECODES = {8: "B", 16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}
 
 
-class _ClusterCompressor:
-    """Compresses whole clusters in worker threads (zlib and zstandard release the GIL).
-
-    A cluster is stored uncompressed (None) when compression does not bring it under one cluster,
-    as qemu does. Deflate is 30-50x slower than zstd on incompressible data, so with zlib, once a
-    cluster has failed to compress, a cheap zstd pass screens the clusters that follow: those
-    zstd cannot shrink at all are stored as they are without trying deflate. The first cluster
-    zstd can shrink brings back deflate for every cluster. (zstd gives up on gains below about
-    1.6%, so a barely compressible cluster right after an incompressible one may stay
-    uncompressed: on a tar of /usr the output came within 0.05% of qemu-img's.)
-    """
-
-    def __init__(self, cluster_size: int, compression_type: int) -> None:
-        self.cluster_size = cluster_size
-        self.zstd = compression_type == COMPRESSION_ZSTD
-        self._local = threading.local()
-
-    def _zstd_compressor(self, name: str, level: int):  # type: ignore[no-untyped-def]
-        compressor = getattr(self._local, name, None)
-        if compressor is None:
-            compressor = zstandard.ZstdCompressor(level=level)
-            setattr(self._local, name, compressor)
-        return compressor
-
-    def batch(self, clusters: list) -> list:
-        limit = self.cluster_size - 1  # qemu: compressed data must fit in cluster_size - 1 bytes
-        results: list = []
-        if self.zstd:
-            compressor = self._zstd_compressor("zstd", ZSTD_LEVEL)
-            for data in clusters:
-                packed = compressor.compress(data)
-                results.append(packed if len(packed) <= limit else None)
-            return results
-        probe = self._zstd_compressor("probe", 1) if zstandard is not None else None
-        screening = getattr(self._local, "screening", False)
-        for data in clusters:
-            if screening and len(probe.compress(data)) >= self.cluster_size:
-                results.append(None)
-                continue
-            deflate = zlib.compressobj(ZLIB_LEVEL, zlib.DEFLATED, ZLIB_WBITS)
-            packed = deflate.compress(data) + deflate.flush()
-            fits = len(packed) <= limit
-            results.append(packed if fits else None)
-            screening = probe is not None and not fits
-        self._local.screening = screening
-        return results
-
-
 class Qcow2Writer(DiskWriter):
     """Writes qcow2 v3 (compat 1.1) or v2 (compat 0.10) images in one forward pass, to files and
     pipes, optionally with compressed clusters (files only). See the layout notes above.
@@ -1657,9 +1603,8 @@ class Qcow2Writer(DiskWriter):
         self._lock = threading.Lock()
         #: a block device keeps old bytes where nothing is written: new clusters are zeroed there
         self._zero_fill = not getattr(target, "is_regular_file", True)
-        self._pool: ThreadPoolExecutor | None = None  # compression (-c only)
+        self._pool: CompressionPool | None = None  # compression (-c only)
         self._io: ThreadPoolExecutor | None = None  # writes of compressed batches
-        self._inflight: deque = deque()  # (guest clusters, buffer, future) of batches in the pool
         self._pending_io: deque = deque()  # (future, buffer) of writes not yet waited for
 
     # -- sizes -----------------------------------------------------------------------------------
@@ -1889,14 +1834,16 @@ class Qcow2Writer(DiskWriter):
     def _start_compression(self) -> None:
         from concurrent.futures import ThreadPoolExecutor  # only compression uses pools: loaded then
 
-        workers = max(1, min(4, os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-compress")
-        self._max_inflight = 2 * workers
+        self._pool = CompressionPool("qcow2-compress")
+        self._max_inflight = self._pool.max_inflight
         # writes go through one more thread, so that the copies into the page cache overlap the
         # rest; a batch buffer is reused once its writes are done
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcow2-write")
         self._writes: list = []  # (data, file offset) of the batch being placed
-        self._compressor = _ClusterCompressor(self._cs, self.settings.compression_type)
+        zstd = self.settings.compression_type == COMPRESSION_ZSTD
+        # qemu: compressed data must fit in cluster_size - 1 bytes
+        self._compressor = ClusterCompressor(self._cs, self._cs - 1, zlib_level=ZLIB_LEVEL, zlib_wbits=ZLIB_WBITS,
+                                             zstd_level=ZSTD_LEVEL if zstd else None)
         self._slots = max(1, self.BATCH_BYTES >> self._cb)  # clusters per batch
         self._free_buffers: list[bytearray] = []
         self._buffer = bytearray(self._slots << self._cb)
@@ -1952,8 +1899,7 @@ class Qcow2Writer(DiskWriter):
             cb = self._cb
             view = memoryview(self._buffer)
             clusters = [view[slot << cb : (slot + 1) << cb] for slot in range(len(self._batch_g))]
-            future = self._pool.submit(self._compressor.batch, clusters)
-            self._inflight.append((self._batch_g, self._buffer, future))
+            self._pool.submit(self._compressor.batch, clusters, (self._batch_g, self._buffer))
             self._reclaim(2)
             self._buffer = self._free_buffers.pop() if self._free_buffers else bytearray(self._slots << cb)
             self._batch_g = []
@@ -1963,13 +1909,13 @@ class Qcow2Writer(DiskWriter):
     def _drain(self, keep: int) -> None:
         """Place the results of the oldest batches, in order, until ``keep`` remain in flight."""
         cb = self._cb
-        while len(self._inflight) > keep:
-            clusters, buffer, future = self._inflight.popleft()
+        assert self._pool is not None
+        for (clusters, buffer), results in self._pool.completed(keep):
             view = memoryview(buffer)
             writes: list = []
             self._writes = writes
             run_slot = run_host = run_count = 0  # uncompressed clusters contiguous in buffer and file
-            for slot, (cluster, packed) in enumerate(zip(clusters, future.result())):
+            for slot, (cluster, packed) in enumerate(zip(clusters, results)):
                 if packed is not None:
                     self._place_compressed(cluster, packed)
                     continue
@@ -2060,14 +2006,14 @@ class Qcow2Writer(DiskWriter):
 
     def close(self) -> None:
         """Cancel the batches not started; wait for the compression and the writes in hand."""
-        for future in [future for _, _, future in self._inflight] + [future for future, _ in self._pending_io]:
+        if self._pool is not None:
+            self._pool.close()
+        for future, _ in self._pending_io:
             if not future.cancel():  # running or done
                 future.exception()
-        self._inflight.clear()
         self._pending_io.clear()
-        for pool in (self._pool, self._io):
-            if pool is not None:
-                pool.shutdown(wait=True)  # idle threads by now: quick
+        if self._io is not None:
+            self._io.shutdown(wait=True)  # idle by now: quick
         self._pool = self._io = None
 
     # -- metadata --------------------------------------------------------------------------------

@@ -143,7 +143,9 @@ class DiskContext:
 
     @property
     def supported_container(self) -> bool:
-        return self.format in READABLE
+        """A format diskimg opens: what ECS imports, or a VMDK of a create type diskimg reads (the
+        guest inside is inspected; container_format reports the format itself)."""
+        return self.format in READABLE or (self.format in READABLE_FORMATS and self.detection.readable)
 
     def require_container(self) -> None:
         if not self.supported_container:
@@ -256,8 +258,8 @@ class DiskContext:
     @cached_property
     def integrity(self) -> CheckResult:
         self.require_container()
-        if self.format not in ("vhd", "qcow2", "vdi"):
-            raise NotAvailable("only VHD, qcow2 and VDI images have metadata to check")
+        if self.format not in ("vhd", "qcow2", "vmdk", "vhdx", "vdi"):
+            raise NotAvailable("only VHD, qcow2, VMDK, VHDX and VDI images have metadata to check")
         return check(self.path, self.format)
 
     @cached_property

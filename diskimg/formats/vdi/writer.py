@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from ...errors import OutputError, UsageError
 from ...reader import Extent
 from ...units import format_size
-from ...writer import DiskWriter, OutputTarget, flag_option, planned_blocks
+from ...writer import DiskWriter, OutputTarget, option_flag, planned_blocks
 from .structures import (
     DEFAULT_BLOCK_SIZE,
     MAX_BLOCKS,
@@ -49,7 +49,7 @@ def _settings(options: Mapping[str, str]) -> bool:
     if preallocation != "off":
         raise UsageError(f"vdi preallocation={preallocation!r} is not supported (diskimg writes preallocation=off; "
                          "-o static=on gives every block its place in the file)")
-    return flag_option(NAME, options, "static")
+    return option_flag(options, "static", NAME)
 
 
 class _Layout:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from ...errors import OutputError, UsageError
 from ...reader import Extent, ExtentKind
 from ...units import parse_size
-from ...writer import DiskWriter, OutputTarget, on_off_option
+from ...writer import DiskWriter, OutputTarget, option_flag
 from . import structures as s
 
 NAME = "vhdx"
@@ -51,7 +51,7 @@ class VhdxLayoutPlan:
         self.log_size = _size_option(options, "log_size", DEFAULT_LOG_SIZE, s.MIB, s.MAX_LOG_LENGTH)
         if self.log_size % s.MIB:
             raise UsageError(f"vhdx log_size must be a multiple of 1M, not {options['log_size']!r}")
-        self.block_state_zero = on_off_option(options, "block_state_zero", True, NAME)
+        self.block_state_zero = option_flag(options, "block_state_zero", NAME, default=True)
         if virtual_size < 0:
             raise UsageError(f"invalid virtual size {virtual_size}", path=path)
         self.disk_size = max(LOGICAL_SECTOR, -(-virtual_size // LOGICAL_SECTOR) * LOGICAL_SECTOR)
