@@ -326,7 +326,7 @@ _HEADER_WORDS = {
     "vhd": "a VHD footer",
     "qcow2": "a qcow2 header",
     "qcow": "a qcow (v1) header",
-    "vmdk": "a VMDK header or descriptor",
+    "vmdk": "a VMDK header",
     "vhdx": "a VHDX header",
     "vdi": "a VDI header",
     "qed": "a QED header",
@@ -379,7 +379,8 @@ def check_forced(detection: Detection, forced: str, path: str | None = None) -> 
         elif detection.description:
             message += f" (it is {detection.description})"
         raise FormatMismatch(message, path=path)
-    expected = _HEADER_WORDS[wanted].split(" ", 1)[1]  # "a VHD footer" -> "VHD footer"
+    # "a VHD footer" -> "VHD footer"; a VMDK may also be a descriptor (text) naming its extents
+    expected = "VMDK header or descriptor" if wanted == "vmdk" else _HEADER_WORDS[wanted].split(" ", 1)[1]
     raise FormatMismatch(f"forced format {wanted}, but the file has no {expected}: it is {_a(detection.description)}",
                          path=path)
 

@@ -207,7 +207,7 @@ def qemu_img_format(path: str) -> str:
 
 @pytest.mark.parametrize("line, problem", [
     ('{"id": "x", "op": "convert", "source": "a", "target": "b", "colour": "red"}', "takes no 'colour'"),
-    ('{"id": "x", "op": "convert", "source": "a", "target": "b", "format": "vmdk"}', "unknown format 'vmdk'"),
+    ('{"id": "x", "op": "convert", "source": "a", "target": "b", "format": "qed"}', "unknown format 'qed'"),
     ('{"id": "x", "op": "convert", "source": "a"}', "needs 'target'"),
     ('{"id": "x", "op": "convert", "source": "a", "target": "b", "compress": "yes"}', "'compress' must be true"),
     ('{"id": "x", "op": "shrink", "source": "a"}', "'op' must be one of"),

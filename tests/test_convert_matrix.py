@@ -699,7 +699,7 @@ def foreign(tmp_path_factory, sources) -> dict[str, Path]:
     base, _ = sources["raw"]
     made = {}
     for name, fmt, options in [("vmdk", "vmdk", []), ("vmdk-stream", "vmdk", ["-o", "subformat=streamOptimized"]),
-                               ]:
+                               ("qed", "qed", [])]:
         made[name] = directory / f"{name}.{fmt}"
         run("qemu-img", "convert", "-f", "raw", "-O", fmt, *options, base, made[name])
     made["vmdk-empty"] = directory / "empty.vmdk"
@@ -707,7 +707,7 @@ def foreign(tmp_path_factory, sources) -> dict[str, Path]:
     return made
 
 
-@pytest.mark.parametrize("name", ["vmdk", "vmdk-stream", "vmdk-empty"])
+@pytest.mark.parametrize("name", ["vmdk", "vmdk-stream", "vmdk-empty", "qed"])
 def test_auto_backend_converts_foreign_formats_with_qemu_img(foreign, tmp_path, name):
     out = tmp_path / "out.qcow2"
     proc = cli("convert", "--json", "--checksum", foreign[name], out, "-O", "qcow2")
@@ -728,10 +728,10 @@ def test_auto_backend_converts_foreign_formats_with_qemu_img(foreign, tmp_path, 
 
 def test_native_backend_refuses_foreign_formats_with_the_hint(foreign, tmp_path):
     out = tmp_path / "out.qcow2"
-    proc = cli("convert", "--backend", "native", foreign["vhdx"], out, "-O", "qcow2")
+    proc = cli("convert", "--backend", "native", foreign["qed"], out, "-O", "qcow2")
     assert proc.returncode == 3
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert "VHDX" in proc.stderr and "--backend qemu-img" in proc.stderr and "qemu-img convert" in proc.stderr
+    assert "QED" in proc.stderr and "--backend qemu-img" in proc.stderr and "qemu-img convert" in proc.stderr
     assert not out.exists() and not leftovers(tmp_path)
 
 

@@ -178,9 +178,9 @@ def test_a_block_device_too_small_is_refused_untouched(source: Path, tmp_path: P
 
 def test_qemu_img_backend_never_replaces_a_device(source: Path, tmp_path: Path) -> None:
     device = null_device(tmp_path / "null")
-    vmdk = tmp_path / "source.vmdk"
-    qemu_img("convert", "-f", "qcow2", "-O", "vmdk", source, vmdk)
-    one_error_line(cli("convert", vmdk, device, "--force"), 4, str(device), "character device")
+    qed = tmp_path / "source.qed"  # a format diskimg hands to qemu-img
+    qemu_img("convert", "-f", "qcow2", "-O", "qed", source, qed)
+    one_error_line(cli("convert", qed, device, "--force"), 4, str(device), "character device")
     assert is_null_device(device)
 
 

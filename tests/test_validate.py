@@ -602,7 +602,7 @@ def test_vmdk_is_refused_with_the_conversion_command(bios_mbr, here):
     report = validate("disk.vmdk")
     assert not report.importable
     finding = assert_finding(report, "format-vmdk", "error", format="vmdk")
-    assert finding.hint == "diskimg convert -f vmdk disk.vmdk disk.qcow2 -O qcow2"
+    assert finding.hint == "diskimg convert disk.vmdk disk.qcow2 -O qcow2"
     assert "invitation-only preview" in finding.message
     assert report.import_image["DiskDeviceMapping"][0]["Format"] == "VMDK"
     raw = validate(bios_mbr)

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from zlib_ng import zlib_ng
 
 from ...detection import OpenOptions, ParentOpener
 from ...errors import BackingFileError, CorruptImage, UnsupportedFormat
@@ -53,8 +52,6 @@ _GT_CACHE = 4096
 #: a stretch of the file read at once for the compressed grains it holds
 _GRAIN_SPAN = 8 << 20
 _windows = threading.local()
-#: grains are inflated with zlib-ng: the same deflate streams, inflated faster than with zlib
-_INFLATE_ERROR = cast(type[Exception], zlib_ng.error)
 _COWD = b"COWD"
 _SESPARSE = (0xCAFEBABE).to_bytes(8, "little")
 
@@ -568,11 +565,15 @@ def _read_grain(extent: _Extent, host_offset: int, grain_offset: int) -> bytes:
 def _inflate_grain(extent: _Extent, stored: bytes | memoryview, host_offset: int, grain_offset: int) -> bytes:
     """A grain's deflate stream inflated to exactly one grain, checked."""
     assert extent.header is not None
+    # zlib-ng inflates the same deflate streams faster than zlib; loaded only when a compressed grain
+    # is read, since start-up time counts on every command
+    from zlib_ng import zlib_ng
+
     grain_bytes = extent.header.grain_bytes
     decompressor = zlib_ng.decompressobj()
     try:
         data = decompressor.decompress(stored, grain_bytes)
-    except _INFLATE_ERROR as exc:
+    except cast(type[Exception], zlib_ng.error) as exc:
         raise _grain_error(extent, host_offset, grain_offset, f"does not decompress: {exc}") from None
     if decompressor.unconsumed_tail:
         raise _grain_error(extent, host_offset, grain_offset,
