@@ -5,8 +5,9 @@ Every path diskimg writes (``convert``, ``export``, ``unpack``) is resolved here
 - a symbolic link is followed, as ``cp`` follows it: the file it names is replaced and the link
   kept; a dangling link creates the file it names (as POSIX cp does; GNU cp refuses);
 - a regular file is written under a temporary name beside it and renamed into place when
-  complete, so a failed run leaves the old file as it was; replacing an existing file needs
-  ``force``;
+  complete, so a failed run leaves nothing under its name, never a partial file; replacing an
+  existing file needs ``force``, and the old file is gone once the run starts (as with qemu-img,
+  which truncates it when it opens it);
 - a block device, a character device or a FIFO is written in place, in order, never truncated,
   renamed or replaced (``convert`` only; no ``force`` needed): a block device only if the output
   fits in it; the outputs of ``export`` and ``unpack`` are always regular files;
@@ -14,11 +15,13 @@ Every path diskimg writes (``convert``, ``export``, ``unpack``) is resolved here
 - an output folder (``export --out``, ``unpack --out``) is made when missing and removed again
   when the run that made it fails.
 
-The old file is unlinked just before the finished temporary is renamed to its name: renaming over
-an existing file makes ext4 (``auto_da_alloc``) allocate and start writing back the new file's
-data at once, which took longer than the whole conversion on a real disk. A crash between the
-unlink and the rename leaves no file under the final name and the complete new output under its
-temporary name ``.NAME.XXXX.part`` beside it; never a partial file under the final name.
+The old file is renamed aside (``.NAME.XXXX.old``) when the run starts and unlinked by a thread
+while the conversion runs, so that the final rename finds the name free: renaming over an existing
+file makes ext4 (``auto_da_alloc``) allocate and start writing back the new file's data at once,
+which took longer than the whole conversion on a real disk, and freeing the old file's blocks
+(half a second for a gigabyte on disk) then overlaps the conversion instead of following it. A crash
+leaves no file under the final name, at most the complete new output under its temporary name
+``.NAME.XXXX.part`` beside it; never a partial file under the final name.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import os
 import stat
 import sys
 import tempfile
+import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -155,12 +160,41 @@ def _replacing(path: str) -> Iterator[str]:
     """A new temporary file beside ``path``, which replaces ``path`` when the block completes."""
     temporary = new_temporary(path)
     try:
+        remover = _remove_in_background(path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    try:
         yield temporary
+        if remover is not None:
+            remover.join()
         replace_file(temporary, path)
     except BaseException:
+        if remover is not None:
+            remover.join()
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _remove_in_background(path: str) -> threading.Thread | None:
+    """The old file at ``path``, if any, renamed aside and unlinked by a thread (see the module
+    docstring); the thread is to be joined before the name is given to the new file."""
+    if not os.path.isfile(path):
+        return None
+    aside = os.path.join(os.path.dirname(path), f"{_temporary_prefix(path)}{uuid.uuid4().hex[:12]}.old")
+    try:
+        os.rename(path, aside)  # to a new name: nothing is replaced, so nothing is written back
+    except OSError as exc:
+        raise OutputError(f"cannot replace: {exc.strerror}", path=path) from None
+    remover = threading.Thread(target=_unlink_quietly, args=(aside,), name="diskimg-unlink-old", daemon=True)
+    remover.start()
+    return remover
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def new_temporary(path: str) -> str:
