@@ -34,34 +34,34 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .fleet import BatchResult, batch
-    from .comparison import CompareResult, compare
-    from .consistency import CheckResult, check
-    from .conversion import ConvertResult, MeasureResult, ProgressCallback, convert, measure
-    from .probe import detect
-    from .detection import Detection, OpenOptions
-    from .exporter import ExportResult, VerifyResult, export, verify
-    from .image import image_info, open_image
-    from .reader import DiskReader, Extent, ExtentKind, ImageInfo, Snapshot
-    from .unpacker import UnpackResult, unpack
+    from .conversion.compare import CompareResult, compare
+    from .detection.check import CheckResult, check
+    from .conversion.pipeline import ConvertResult, MeasureResult, ProgressCallback, convert, measure
+    from .detection.probe import detect
+    from .formats.probing import Detection, OpenOptions
+    from .archives.export import ExportResult, VerifyResult, export, verify
+    from .detection.image import image_info, open_image
+    from .formats.reader import DiskReader, Extent, ExtentKind, ImageInfo, Snapshot
+    from .archives.unpack import UnpackResult, unpack
     from .validation import Finding, Report, validate
-    from .writer import DiskWriter
+    from .formats.writer import DiskWriter
 
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _LAZY = {
     **dict.fromkeys(("BatchResult", "batch"), "fleet"),
-    **dict.fromkeys(("CompareResult", "compare"), "comparison"),
-    **dict.fromkeys(("CheckResult", "check"), "consistency"),
-    **dict.fromkeys(("ConvertResult", "MeasureResult", "ProgressCallback", "convert", "measure"), "conversion"),
-    "detect": "probe",
-    **dict.fromkeys(("Detection", "OpenOptions"), "detection"),
-    **dict.fromkeys(("ExportResult", "VerifyResult", "export", "verify"), "exporter"),
-    **dict.fromkeys(("image_info", "open_image"), "image"),
-    **dict.fromkeys(("DiskReader", "Extent", "ExtentKind", "ImageInfo", "Snapshot"), "reader"),
-    **dict.fromkeys(("UnpackResult", "unpack"), "unpacker"),
+    **dict.fromkeys(("CompareResult", "compare"), "conversion.compare"),
+    **dict.fromkeys(("CheckResult", "check"), "detection.check"),
+    **dict.fromkeys(("ConvertResult", "MeasureResult", "ProgressCallback", "convert", "measure"), "conversion.pipeline"),
+    "detect": "detection.probe",
+    **dict.fromkeys(("Detection", "OpenOptions"), "formats.probing"),
+    **dict.fromkeys(("ExportResult", "VerifyResult", "export", "verify"), "archives.export"),
+    **dict.fromkeys(("image_info", "open_image"), "detection.image"),
+    **dict.fromkeys(("DiskReader", "Extent", "ExtentKind", "ImageInfo", "Snapshot"), "formats.reader"),
+    **dict.fromkeys(("UnpackResult", "unpack"), "archives.unpack"),
     **dict.fromkeys(("Finding", "Report", "validate"), "validation"),
-    "DiskWriter": "writer",
+    "DiskWriter": "formats.writer",
 }
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .detection import FORMAT_ALIASES
+from .formats.probing import FORMAT_ALIASES
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError,
                      UnsupportedFormat, UsageError, error_line, internal_error_line)
 from .units import format_size, parse_size
@@ -24,7 +24,7 @@ from .words import key_words, words
 
 if TYPE_CHECKING:
     from . import ImageInfo, ProgressCallback
-    from .exporter import VerifiedFile
+    from .archives.export import VerifiedFile
 
 # Each command imports the part of the API it calls when it runs: a conversion does not pay for
 # loading the validator or the archive compressors (start-up time counts on every invocation).
@@ -59,7 +59,7 @@ def cli() -> None:
 def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
     """What IMAGE is: format, sizes, allocation, creator, features, backing file, snapshots."""
     from . import detect, image_info
-    from .sources import opens_through_wrapper
+    from .streams.sources import opens_through_wrapper
 
     detection = detect(image)
     facts = None

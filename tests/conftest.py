@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from diskimg.formats.qcow2 import Qcow2Header
-from diskimg.reader import Extent, ExtentKind
+from diskimg.formats.reader import Extent, ExtentKind
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -196,7 +196,7 @@ def reader_sha256(reader) -> str:
 
 def content_hash_by_definition(data: bytes, virtual_size: int | None = None) -> str:
     """The guest content hash as diskimg/hashing.py's docstring defines it, written the plainest way
-    (independently of diskimg.hashing); ``data`` is padded with zeros to ``virtual_size``."""
+    (independently of diskimg.conversion.hashing); ``data`` is padded with zeros to ``virtual_size``."""
     size = len(data) if virtual_size is None else virtual_size
     data = data + bytes(size - len(data))
     outer = hashlib.sha256(b"diskimg-content-v1\0" + struct.pack(">Q", size))
@@ -267,7 +267,7 @@ def diskimg_to_pipe(out: os.PathLike, *args: object, check: bool = False, **kwar
 
 def scan_plan(reader) -> list[Extent]:
     """The exact plan the converter computes for a streaming target (4 KiB zero granularity)."""
-    from diskimg.conversion import scan_for_zeroes
+    from diskimg.conversion.pipeline import scan_for_zeroes
 
     return list(scan_for_zeroes(reader, 4096, None))
 

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from diskimg.fs import FileType, GuestFileSystem
+from diskimg.inspection.fs import FileType, GuestFileSystem
 
 
 def assert_tree_equal(fs: GuestFileSystem, host_root: Path, guest_root: str = "/", check_mode: bool = True,

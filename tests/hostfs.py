@@ -1,6 +1,6 @@
 """A GuestFileSystem over a directory of the host, for testing guest inspection without images.
 
-It implements the driver side of ``diskimg.fs.base`` (``_stat``, ``_entries``, ``_read``,
+It implements the driver side of ``diskimg.inspection.fs.base`` (``_stat``, ``_entries``, ``_read``,
 ``_readlink``) over host paths, so path lookup and symbolic links go through the base class's
 guest-side resolution exactly as with the real readers. Attributes such as ``immutable`` are not
 reported (the host cannot set them without privileges): tests of those use real images.
@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from diskimg.fs import DirEntry, FileType, GuestFileSystem, Stat
+from diskimg.inspection.fs import DirEntry, FileType, GuestFileSystem, Stat
 
 
 class HostDirFileSystem(GuestFileSystem[str]):

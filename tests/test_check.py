@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diskimg.consistency import check
+from diskimg.detection.check import check
 from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
 from diskimg.formats.qcow2 import decode_refcount_block
 

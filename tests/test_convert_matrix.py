@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diskimg
-from diskimg.conversion import scan_for_zeroes
+from diskimg.conversion.pipeline import scan_for_zeroes
 from diskimg.errors import UsageError
 from diskimg.formats import WRITERS
-from diskimg.writer import parse_options
+from diskimg.formats.writer import parse_options
 
 from .conftest import (
     ROOT,

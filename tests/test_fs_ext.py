@@ -15,8 +15,8 @@ import pytest
 
 from diskimg import open_image
 from diskimg.errors import CorruptImage, DiskImageError
-from diskimg.fs import FileType, open_filesystem
-from diskimg.fs.ext import ExtFileSystem
+from diskimg.inspection.fs import FileType, open_filesystem
+from diskimg.inspection.fs.ext import ExtFileSystem
 
 from .conftest import MiB, BytesDisk, blank, mkfs_into, qemu_img, read_at, run, sfdisk, write_at
 from .fs_compare import assert_tree_equal

@@ -18,8 +18,8 @@ import pytest
 
 import diskimg
 from diskimg.errors import CorruptImage
-from diskimg.fs import GuestPathError, open_filesystem
-from diskimg.fs.fat import FatFileSystem, find_efi_loaders
+from diskimg.inspection.fs import GuestPathError, open_filesystem
+from diskimg.inspection.fs.fat import FatFileSystem, find_efi_loaders
 
 from .conftest import MiB, FileDisk, blank, copy_in, read_at, run, sgdisk, write_at
 from .fs_compare import assert_tree_equal

@@ -29,7 +29,7 @@ import pytest
 
 import diskimg
 from diskimg.errors import DiskImageError
-from diskimg.fs import DRIVERS, GuestFileSystem, open_filesystem
+from diskimg.inspection.fs import DRIVERS, GuestFileSystem, open_filesystem
 
 from .conftest import MiB, blank, run
 
@@ -251,7 +251,7 @@ def describe(patches: dict[int, int], image: Path) -> str:
 @pytest.mark.parametrize("fs_type", sorted(VOLUMES))
 def test_broken_metadata_raises_only_disk_image_errors(tmp_path, fs_type):
     module = DRIVERS[fs_type].split(":")[0]
-    if importlib.util.find_spec(f"diskimg.fs.{module}") is None:
+    if importlib.util.find_spec(f"diskimg.inspection.fs.{module}") is None:
         pytest.skip(f"no {module} driver yet")
     tools, build, symlinks = VOLUMES[fs_type]
     missing = [tool for tool in tools if shutil.which(tool) is None]

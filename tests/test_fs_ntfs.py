@@ -25,8 +25,8 @@ import pytest
 
 from diskimg import open_image
 from diskimg.errors import CorruptImage, DiskImageError, UnsupportedFormat
-from diskimg.fs import FileType, open_filesystem
-from diskimg.fs.ntfs import NtfsFileSystem, parse_boot_sector
+from diskimg.inspection.fs import FileType, open_filesystem
+from diskimg.inspection.fs.ntfs import NtfsFileSystem, parse_boot_sector
 
 from .conftest import MiB, BytesDisk, blank, copy_in, qemu_img, read_at, run, sfdisk, write_at
 from .fs_compare import assert_tree_equal

@@ -17,8 +17,8 @@ import pytest
 
 from diskimg import open_image
 from diskimg.errors import CorruptImage, DiskImageError
-from diskimg.fs import FileType, open_filesystem
-from diskimg.fs.xfs import XfsFileSystem
+from diskimg.inspection.fs import FileType, open_filesystem
+from diskimg.inspection.fs.xfs import XfsFileSystem
 
 from .conftest import MiB, FileDisk, blank, copy_in, qemu_img, requires_qemu, run, sfdisk
 from .fs_compare import assert_tree_equal

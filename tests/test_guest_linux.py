@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diskimg
-from diskimg.filesystems import FileSystem
-from diskimg.guest import GuestDisk, GuestVolume, inspect_guest
-from diskimg.guest.config import (
+from diskimg.inspection.signatures import FileSystem
+from diskimg.inspection.guest import GuestDisk, GuestVolume, inspect_guest
+from diskimg.inspection.guest.config import (
     choose_default,
     cloud_init_datasources,
     cloud_init_network_config,
@@ -42,8 +42,8 @@ from diskimg.guest.config import (
     parse_yaml,
     sort_bls_entries,
 )
-from diskimg.guest.initramfs import list_initramfs
-from diskimg.guest.linux import GuestTree, elf_machine, parse_legacy_release
+from diskimg.inspection.guest.initramfs import list_initramfs
+from diskimg.inspection.guest.linux import GuestTree, elf_machine, parse_legacy_release
 
 from .conftest import (
     GiB,
@@ -584,7 +584,7 @@ def test_root_on_lvm_is_not_checked_rather_than_not_found(tmp_path: Path) -> Non
 @needs_image_tools
 @pytest.mark.skipif(shutil.which("mkfs.xfs") is None, reason="needs mkfs.xfs")
 def test_suse_on_xfs(tmp_path: Path) -> None:
-    pytest.importorskip("diskimg.fs.xfs")
+    pytest.importorskip("diskimg.inspection.fs.xfs")
     from .test_fs_xfs import protofile_lines
 
     uuid = new_uuid()

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg import validate
-from diskimg.fs.ntfs import NtfsFileSystem
-from diskimg.guest import regf, windows
-from diskimg.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ, REG_SZ
+from diskimg.inspection.fs.ntfs import NtfsFileSystem
+from diskimg.inspection.guest import regf, windows
+from diskimg.inspection.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ, REG_SZ
 
 from .conftest import (MiB, WINDOWS_BOOT_CODE, FileDisk, blank, copy_in, diskimg_cli, make_esp, run, sfdisk, sgdisk,
                        write_boot_code)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from diskimg.hashing import ContentHasher
+from diskimg.conversion.hashing import ContentHasher
 
 from .conftest import content_hash_by_definition
 

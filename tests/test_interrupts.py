@@ -1,11 +1,11 @@
-"""Ctrl-C held back while data moves (diskimg.interrupts), against the signal module's own behaviour."""
+"""Ctrl-C held back while data moves (diskimg.host.interrupts), against the signal module's own behaviour."""
 
 import signal
 import threading
 
 import pytest
 
-from diskimg import interrupts
+from diskimg.host import interrupts
 
 pytestmark = pytest.mark.usefixtures("ctrl_c")
 

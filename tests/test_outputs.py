@@ -279,7 +279,7 @@ def test_an_existing_target_is_unlinked_before_the_rename(source: Path, oracle: 
         renames.append((os.path.basename(src), os.path.lexists(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(importlib.import_module("diskimg.outputs").os, "replace", replace)
+    monkeypatch.setattr(importlib.import_module("diskimg.conversion.outputs").os, "replace", replace)
     diskimg.convert(source, target, "raw", force=True)
     assert renames and all(name.startswith(".out.raw.") and not existed for name, existed in renames)
     assert target.read_bytes() == oracle
@@ -308,7 +308,7 @@ def test_a_failed_rename_leaves_neither_file(source: Path, tmp_path: Path, monke
     def replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(importlib.import_module("diskimg.outputs").os, "replace", replace)
+    monkeypatch.setattr(importlib.import_module("diskimg.conversion.outputs").os, "replace", replace)
     with pytest.raises(diskimg.OutputError, match="cannot replace"):
         diskimg.convert(source, target, "raw", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

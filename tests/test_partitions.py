@@ -1,4 +1,4 @@
-"""Partition tables (diskimg.partitions) and file-system superblocks (diskimg.filesystems).
+"""Partition tables (diskimg.inspection.partitions) and file-system superblocks (diskimg.inspection.signatures).
 
 Disks are made the way users make them: sfdisk / sgdisk / fdisk on files, mkfs.* on partition-sized
 sparse files copied in with ``dd conv=notrunc,sparse``, ESPs populated with mtools. LVM PV labels
@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg.errors import DiskImageError
-from diskimg.filesystems import probe, probe_boot_sector, probe_bytes
-from diskimg.fs.fat import find_efi_loaders
-from diskimg.partitions import (
+from diskimg.inspection.signatures import probe, probe_boot_sector, probe_bytes
+from diskimg.inspection.fs.fat import find_efi_loaders
+from diskimg.inspection.partitions import (
     GUID_BIOS_BOOT,
     GUID_ESP,
     GUID_LINUX_FS,
@@ -333,8 +333,8 @@ def test_file_system_identified_like_blkid(tmp_path, name, command, size_mib, ex
         assert 0 < found.size <= size_mib * MiB
     if expected == "xfs":
         assert found.version == ("V4" if name == "xfs-v4" else "V5")
-    # diskimg.content (what detect says a RAW disk starts with) names file systems the same way
-    from diskimg.content import identify_start
+    # diskimg.detection.content (what detect says a RAW disk starts with) names file systems the same way
+    from diskimg.detection.content import identify_start
 
     assert identify_start(read_at(image, 0, 128 * 1024)) == found.type
 

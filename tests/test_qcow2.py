@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diskimg.detection import OpenOptions
+from diskimg.formats.probing import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat, UsageError
 from diskimg.formats.qcow2 import (
     MAGIC,
@@ -36,7 +36,7 @@ from diskimg.formats.qcow2 import (
     subcluster_kind,
 )
 from diskimg.formats.raw import RawReader
-from diskimg.hostfile import HostFile
+from diskimg.host.files import HostFile
 
 from .conftest import (
     MiB,

@@ -34,9 +34,9 @@ from diskimg.formats.qcow2 import (
     parse_header_extensions,
     plan_layout,
 )
-from diskimg.reader import Extent, ExtentKind
+from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.units import parse_size
-from diskimg.writer import OutputTarget
+from diskimg.formats.writer import OutputTarget
 
 from .conftest import (
     GiB,

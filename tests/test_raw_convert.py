@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import diskimg
-from diskimg.zeroes import nonzero_runs
+from diskimg.conversion.zeroes import nonzero_runs
 
 from .conftest import (
     FIXTURES,

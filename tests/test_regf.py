@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg.errors import CorruptImage
-from diskimg.guest import regf
-from diskimg.guest.regf import (REG_BINARY, REG_DWORD, REG_DWORD_BIG_ENDIAN, REG_EXPAND_SZ, REG_MULTI_SZ, REG_NONE,
+from diskimg.inspection.guest import regf
+from diskimg.inspection.guest.regf import (REG_BINARY, REG_DWORD, REG_DWORD_BIG_ENDIAN, REG_EXPAND_SZ, REG_MULTI_SZ, REG_NONE,
                                 REG_QWORD, REG_SZ, Hive, Key, KeyNotFound, LogsNotUsable)
 
 

@@ -1,4 +1,4 @@
-"""Disks read through a wrapper (diskimg.sources): bare compressed RAW disks made by gzip, pigz, xz,
+"""Disks read through a wrapper (diskimg.streams.sources): bare compressed RAW disks made by gzip, pigz, xz,
 zstd and bzip2, and tar archives made by GNU tar (every sparse format) and bsdtar, compressed or
 not. The oracles: the original file's bytes, qemu-img for qcow2 members and converted outputs,
 the compressors' own tools for damaged streams."""
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import diskimg
 from diskimg.errors import ArchiveError, UnsupportedFormat
-from diskimg.reader import ExtentKind
+from diskimg.formats.reader import ExtentKind
 
 from .conftest import (
     MiB,
@@ -181,7 +181,7 @@ def test_damaged_streams_raise_archive_error(disk: Path, tmp_path: Path, kind: s
     with pytest.raises(ArchiveError):
         with diskimg.open_image(bad) as reader:
             reader_sha256(reader)
-            diskimg.sources.finish_archive(reader)  # checks what follows the data: end CRCs, trailers
+            diskimg.streams.sources.finish_archive(reader)  # checks what follows the data: end CRCs, trailers
 
 
 # -- tar archives -----------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_links_and_devices_in_a_tar_are_refused(tmp_path: Path, kind: str) -> No
     with pytest.raises(ArchiveError, match=kind if kind != "fifo" else "fifo"):
         with diskimg.open_image(tmp_path / "x.tar") as reader:
             reader.read(0, 4096)
-            diskimg.sources.finish_archive(reader)
+            diskimg.streams.sources.finish_archive(reader)
 
 
 @requires_qemu
@@ -282,7 +282,7 @@ def test_a_second_disk_is_refused(disk: Path, tmp_path: Path) -> None:
     with diskimg.open_image(tmp_path / "two.tar.gz") as reader:
         assert reader.read(0, 8192) == bytes(8192)
         with pytest.raises(ArchiveError, match="more than one disk"):
-            diskimg.sources.finish_archive(reader)
+            diskimg.streams.sources.finish_archive(reader)
 
 
 # -- the commands ---------------------------------------------------------------------------------
@@ -387,11 +387,11 @@ def test_mutated_archives_raise_only_diskimg_errors(small_archives: dict[str, by
     path.write_bytes(bytes(data))
     try:
         with diskimg.open_image(path) as reader:
-            assert reader.virtual_size <= diskimg.sources.MAX_MEMBER_SIZE
+            assert reader.virtual_size <= diskimg.streams.sources.MAX_MEMBER_SIZE
             for extent in reader.extents():  # the DATA extents: a forged size cannot make this long
                 for offset in range(extent.start, extent.end if extent.kind is ExtentKind.DATA else 0, 4 * MiB):
                     reader.read(offset, 4 * MiB)
-            diskimg.sources.finish_archive(reader)
+            diskimg.streams.sources.finish_archive(reader)
     except diskimg.DiskImageError:
         pass
 

@@ -1,4 +1,4 @@
-"""diskimg.tar against GNU tar, bsdtar and Python's tarfile: archives they write are read back with
+"""diskimg.streams.tar against GNU tar, bsdtar and Python's tarfile: archives they write are read back with
 the right names, sizes and sparse maps; members we write are listed and extracted by them; malformed
 headers raise ArchiveError and nothing else."""
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diskimg import tar
+from diskimg.streams import tar
 from diskimg.errors import ArchiveError
 
 from .conftest import MiB, run

@@ -210,7 +210,7 @@ def test_disk_full_names_the_output_not_its_temporary(disk: Path, tmp_path: Path
 
 @requires_qemu
 def test_unpacks_what_export_wrote(disk: Path, tmp_path: Path) -> None:
-    export = pytest.importorskip("diskimg.exporter")
+    export = pytest.importorskip("diskimg.archives.export")
     qcow2 = tmp_path / "sys.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", disk, qcow2)
     (tmp_path / "e").mkdir()

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diskimg
-from diskimg.detection import OpenOptions
+from diskimg.formats.probing import OpenOptions
 from diskimg.errors import CorruptImage, DiskImageError, UnsupportedFormat
 from diskimg.formats.vdi.reader import VdiReader
 from diskimg.formats.vdi.structures import (
@@ -27,8 +27,8 @@ from diskimg.formats.vdi.structures import (
     parse_header,
     probe,
 )
-from diskimg.hostfile import HostFile
-from diskimg.reader import ExtentKind
+from diskimg.host.files import HostFile
+from diskimg.formats.reader import ExtentKind
 
 from .conftest import (
     NO_CORPUS,

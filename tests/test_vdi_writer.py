@@ -19,8 +19,8 @@ from diskimg.formats.vdi.structures import (
     parse_header,
 )
 from diskimg.formats.vdi.writer import VdiWriter
-from diskimg.reader import Extent, ExtentKind
-from diskimg.writer import OutputTarget
+from diskimg.formats.reader import Extent, ExtentKind
+from diskimg.formats.writer import OutputTarget
 
 from .conftest import (
     GiB,

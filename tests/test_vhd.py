@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diskimg.detection import OpenOptions
+from diskimg.formats.probing import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UsageError
 from diskimg.formats.vhd import (
     DISK_DIFFERENCING,
@@ -36,8 +36,8 @@ from diskimg.formats.vhd import (
     probe,
     vhd_checksum,
 )
-from diskimg.hostfile import HostFile
-from diskimg.reader import ExtentKind
+from diskimg.host.files import HostFile
+from diskimg.formats.reader import ExtentKind
 
 from .conftest import (
     NO_CORPUS,

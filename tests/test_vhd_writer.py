@@ -26,8 +26,8 @@ from diskimg.formats.vhd import (
     parse_footer,
     vhd_checksum,
 )
-from diskimg.reader import Extent, ExtentKind
-from diskimg.writer import OutputTarget
+from diskimg.formats.reader import Extent, ExtentKind
+from diskimg.formats.writer import OutputTarget
 
 from .conftest import (
     GiB,

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg import open_image
-from diskimg.detection import OpenOptions
+from diskimg.formats.probing import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError
 from diskimg.formats.vhdx import VhdxReader, probe
-from diskimg.hostfile import HostFile
-from diskimg.probe import detect
+from diskimg.host.files import HostFile
+from diskimg.detection.probe import detect
 
 from .conftest import (
     MiB,

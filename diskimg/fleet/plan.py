@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from ..detection import VhdSizeRule
+from ..formats.probing import VhdSizeRule
 from ..errors import UsageError
 from ..formats import canonical_format
 

@@ -68,7 +68,7 @@ def remove_leftovers(job: Job) -> None:
     """Remove the temporaries an earlier attempt at ``job`` left when its process was killed (a
     lost worker, a machine that went down): no partial file stays behind a job that ran again. The
     plan gives each output to one job, so no other job's temporary matches."""
-    from ..outputs import leftover_temporaries
+    from ..conversion.outputs import leftover_temporaries
 
     for name in OPERATIONS[job.op].outputs:
         for leftover in leftover_temporaries(job.arguments[name]):

@@ -3,10 +3,10 @@ writer. This registry maps format names to them."""
 
 from __future__ import annotations
 
-from ..detection import FORMAT_ALIASES
+from .probing import FORMAT_ALIASES
 from ..errors import UsageError
-from ..reader import DiskReader
-from ..writer import DiskWriter
+from .reader import DiskReader
+from .writer import DiskWriter
 from .raw import RawReader, RawWriter
 from .qcow2 import Qcow2Reader, Qcow2Writer
 from .vhd import VhdReader, VhdWriter

@@ -35,11 +35,11 @@ from datetime import datetime, timezone
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..detection import Detection, OpenOptions, ParentOpener
+from .probing import Detection, OpenOptions, ParentOpener
 from ..errors import CorruptImage, DiskImageError, OutputError, UnsupportedFormat, UsageError
-from ..hostfile import HostFile
-from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind, Snapshot
-from ..writer import DiskWriter, option_flag
+from ..host.files import HostFile
+from .reader import DiskReader, Extent, ImageInfo, Run, RunKind, Snapshot
+from .writer import DiskWriter, option_flag
 from .compression import ClusterCompressor, CompressionPool
 
 if TYPE_CHECKING:
@@ -1513,7 +1513,7 @@ def plan_layout(
 def plan_clusters(extents, cluster_bits: int, virtual_size: int) -> tuple[array, array, bytearray, int]:
     """The guest clusters the DATA extents touch: (run starts, run ends) in cluster numbers, merged;
     one byte per L1 entry, 1 where the range holds a planned cluster; and the cluster count."""
-    from ..reader import ExtentKind
+    from .reader import ExtentKind
 
     starts, ends = array("Q"), array("Q")
     l2_bits = cluster_bits - 3
@@ -1620,7 +1620,7 @@ class Qcow2Writer(DiskWriter):
 
     @classmethod
     def fully_allocated(cls, virtual_size: int, options: Mapping[str, str] | None, compress: bool = False) -> int:
-        from ..reader import ExtentKind
+        from .reader import ExtentKind
 
         return cls._planned_size(virtual_size, [Extent(0, virtual_size, ExtentKind.DATA)], options, writable=False)
 
@@ -1670,7 +1670,7 @@ class Qcow2Writer(DiskWriter):
 
     def _ensure_plan(self) -> None:
         if self._layout is None:
-            from ..reader import Extent, ExtentKind
+            from .reader import Extent, ExtentKind
 
             self.plan([Extent(0, self.disk_size, ExtentKind.DATA)] if self.disk_size else [])
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
-from ..detection import OpenOptions, ParentOpener
-from ..hostfile import HostFile
-from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind
-from ..writer import DiskWriter
+from .probing import OpenOptions, ParentOpener
+from ..host.files import HostFile
+from .reader import DiskReader, Extent, ImageInfo, Run, RunKind
+from .writer import DiskWriter
 
 NAME = "raw"
 SECTOR = 512

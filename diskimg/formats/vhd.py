@@ -88,12 +88,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..detection import Detection, OpenOptions, ParentOpener
+from .probing import Detection, OpenOptions, ParentOpener
 from ..errors import BackingFileError, CorruptImage, DiskImageError, OutputError, UsageError
-from ..hostfile import HostFile
-from ..reader import DiskReader, Extent, ImageInfo, Run, RunKind
+from ..host.files import HostFile
+from .reader import DiskReader, Extent, ImageInfo, Run, RunKind
 from ..units import format_size, parse_size
-from ..writer import DiskWriter, OutputTarget, planned_blocks
+from .writer import DiskWriter, OutputTarget, planned_blocks
 
 NAME = "vhd"
 

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import DiskImageError, UsageError
-from . import linux_checks  # noqa: F401  (registers the guest checks)
-from . import windows_checks  # noqa: F401  (registers the Windows guest checks)
+from . import linux_checks
+from . import windows_checks
 from .checks import DISK_CHECKS, SET_CHECKS
 from .context import DiskContext, NotAvailable
 from .report import DiskFacts, Finding, Report, render_text

@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 
 from ..errors import BackingFileError, UnsupportedFormat
 from ..formats import qcow2 as q
-from ..foreign import output_name
+from ..formats.foreign import output_name
 from ..units import format_size
-from ..wrappers import unwrap_command
+from ..streams.compressed import unwrap_command
 from .context import WRAPPERS, DiskContext, NotAvailable
 from .rules import DATA, SYSTEM, GiB
 

@@ -11,20 +11,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from .. import filesystems as fsmod
-from ..consistency import CheckResult, check
-from ..probe import detect
-from ..detection import READABLE_FORMATS, Detection
+from ..inspection import signatures as fsmod
+from ..detection.check import CheckResult, check
+from ..detection.probe import detect
+from ..formats.probing import READABLE_FORMATS, Detection
 from ..errors import BackingFileError, DiskImageError, ImageNotFound, UnsupportedFormat
-from ..biosboot import BiosChain, follow_bios_chain
-from ..filesystems import FileSystem, fallback_loaders
-from ..fs.fat import find_efi_loaders
-from ..guest import GuestDisk, GuestFacts, GuestVolume, inspect_guest
-from ..hostfile import HostFile
-from ..image import image_info, open_image
-from ..partitions import Partition, PartitionTable, read_partition_table
-from ..reader import DiskReader, ExtentKind, ImageInfo
-from ..sources import opens_through_wrapper, spooled
+from ..inspection.biosboot import BiosChain, follow_bios_chain
+from ..inspection.signatures import FileSystem, fallback_loaders
+from ..inspection.fs.fat import find_efi_loaders
+from ..inspection.guest import GuestDisk, GuestFacts, GuestVolume, inspect_guest
+from ..host.files import HostFile
+from ..detection.image import image_info, open_image
+from ..inspection.partitions import Partition, PartitionTable, read_partition_table
+from ..formats.reader import DiskReader, ExtentKind, ImageInfo
+from ..streams.sources import opens_through_wrapper, spooled
 from .report import Finding
 from .rules import RULES_BY_CODE, SYSTEM, GiB, Profile
 

@@ -1,7 +1,7 @@
 """The guest checks: what the operating system inside the system disk needs to boot on ECS.
 
 ``guest_found`` runs for any guest (it names the OS, or says none was found); the others read the
-Linux inspection (``diskimg.guest.linux.LinuxInspection``) and return at once for other systems.
+Linux inspection (``diskimg.inspection.guest.linux.LinuxInspection``) and return at once for other systems.
 Facts that could not be established (a file system without a reader, an unreadable initramfs) are
 reported as "not checked" through ``NotAvailable``, never guessed.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..guest import GuestFacts, is_device_name, spec_key
-from ..guest.config import kernel_arg, recovery_arguments, version_tuple
-from ..guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
+from ..inspection.guest import GuestFacts, is_device_name, spec_key
+from ..inspection.guest.config import kernel_arg, recovery_arguments, version_tuple
+from ..inspection.guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
 from .checks import disk_check
 from .context import DiskContext, NotAvailable
 from .rules import SYSTEM

@@ -1,6 +1,6 @@
 """The Windows guest checks: what a Windows Server system disk needs to be imported into ECS and boot.
 
-Each reads the Windows inspection (``diskimg.guest.windows.WindowsFacts``) and returns at once for
+Each reads the Windows inspection (``diskimg.inspection.guest.windows.WindowsFacts``) and returns at once for
 other systems; ``guest_found`` (in ``linux_checks.py``) names the OS for every guest. What could not
 be read (a damaged hive) is a finding of its own, and the checks that needed it report "not
 checked" through ``NotAvailable``.
@@ -8,7 +8,7 @@ checked" through ``NotAvailable``.
 
 from __future__ import annotations
 
-from ..guest.windows import (BOOT_STORAGE_DRIVERS, COMMUNITY_VIRTIO_DRIVERS, DISK_CLASS, REQUIRED_HOTFIXES_2008R2,
+from ..inspection.guest.windows import (BOOT_STORAGE_DRIVERS, COMMUNITY_VIRTIO_DRIVERS, DISK_CLASS, REQUIRED_HOTFIXES_2008R2,
                              WindowsFacts)
 from .checks import disk_check
 from .context import DiskContext, NotAvailable

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...hostfile import HostFile
+from ...host.files import HostFile
 from .structures import (
     HEADER_READ_SIZE,
     OFFSET_BLOCKS_ALLOCATED,
@@ -17,7 +17,7 @@ from .structures import (
 )
 
 if TYPE_CHECKING:
-    from ...consistency import CheckResult
+    from ...detection.check import CheckResult
 
 #: how a broken rule counts in a check result
 _KINDS = {"corrupt": "corruption", "truncated": "truncated", "unsupported": "error"}

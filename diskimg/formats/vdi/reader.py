@@ -6,10 +6,10 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
-from ...detection import OpenOptions, ParentOpener
+from ..probing import OpenOptions, ParentOpener
 from ...errors import CorruptImage, UnsupportedFormat
-from ...hostfile import HostFile
-from ...reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
+from ...host.files import HostFile
+from ..reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from .structures import (
     CLONE_HINT,
     DISCARDED,

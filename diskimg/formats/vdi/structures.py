@@ -40,7 +40,7 @@ from array import array
 from dataclasses import dataclass, replace
 from dataclasses import fields as fields_of
 
-from ...detection import Detection
+from ..probing import Detection
 
 NAME = "vdi"
 SECTOR = 512

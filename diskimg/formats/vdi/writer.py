@@ -22,9 +22,9 @@ from array import array
 from collections.abc import Iterable, Mapping
 
 from ...errors import OutputError, UsageError
-from ...reader import Extent
+from ..reader import Extent
 from ...units import format_size
-from ...writer import DiskWriter, OutputTarget, option_flag, planned_blocks
+from ..writer import DiskWriter, OutputTarget, option_flag, planned_blocks
 from .structures import (
     DEFAULT_BLOCK_SIZE,
     MAX_BLOCKS,

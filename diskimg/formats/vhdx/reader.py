@@ -31,10 +31,10 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ...detection import Detection, OpenOptions, ParentOpener
+from ..probing import Detection, OpenOptions, ParentOpener
 from ...errors import BackingFileError, CorruptImage
-from ...hostfile import HostFile
-from ...reader import DiskReader, ImageInfo, Run, RunKind
+from ...host.files import HostFile
+from ..reader import DiskReader, ImageInfo, Run, RunKind
 from ..vhd import BitmapRunsCache, bitmap_runs, host_path, sector_bitmap_runs
 from . import structures as s
 from .log import ReplayedFile, replay

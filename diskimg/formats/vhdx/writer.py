@@ -25,9 +25,9 @@ from array import array
 from collections.abc import Iterable, Mapping
 
 from ...errors import OutputError, UsageError
-from ...reader import Extent, ExtentKind
+from ..reader import Extent, ExtentKind
 from ...units import parse_size
-from ...writer import DiskWriter, OutputTarget, option_flag
+from ..writer import DiskWriter, OutputTarget, option_flag
 from . import structures as s
 
 NAME = "vhdx"

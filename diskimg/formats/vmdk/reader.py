@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 
-from ...detection import OpenOptions, ParentOpener
+from ..probing import OpenOptions, ParentOpener
 from ...errors import BackingFileError, CorruptImage, UnsupportedFormat
-from ...foreign import convert_commands
-from ...hostfile import HostFile, confined_path
-from ...reader import DiskReader, ImageInfo, Run, RunKind
+from ..foreign import convert_commands
+from ...host.files import HostFile, confined_path
+from ..reader import DiskReader, ImageInfo, Run, RunKind
 from .structures import (
     FLAT_TYPES,
     GD_AT_END,

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ...errors import OutputError, UsageError
-from ...reader import Extent, ExtentKind
-from ...writer import DiskWriter, OutputTarget, option_flag
+from ..reader import Extent, ExtentKind
+from ..writer import DiskWriter, OutputTarget, option_flag
 from ..compression import ClusterCompressor, CompressionPool
 from .structures import (
     COMPRESS_DEFLATE,

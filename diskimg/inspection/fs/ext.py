@@ -1,0 +1,587 @@
+"""ext2, ext3 and ext4, read-only: enough of the format to read files, directories and links.
+
+The layout (all integers little-endian; "block" is the file system block of 1 KiB to 64 KiB):
+
+- The superblock lies at byte 1024. It gives the block size, the counts of blocks and inodes, the
+  blocks and inodes per block group, the inode size and the feature sets.
+- The group descriptor table follows the superblock's block: one 32-byte descriptor per group (64
+  bytes, ``s_desc_size``, with the 64bit feature), giving each group's inode table. With meta_bg the
+  table is split: from group ``s_first_meta_bg * descriptors-per-block`` on, each run of
+  descriptors-per-block groups keeps its block of descriptors in its own first group (after that
+  group's superblock backup, if it has one). flex_bg only moves the tables; the descriptors say where.
+- Inode ``n`` (from 1; the root is 2) is entry ``(n - 1) % inodes_per_group`` of the inode table of
+  group ``(n - 1) // inodes_per_group``. Its 60-byte ``i_block`` holds, by the inode's flags, an
+  extent tree root, a classic block map (12 direct blocks, then single, double and triple indirect
+  blocks), inline data (with the rest in the in-inode extended attribute "system.data"), or a fast
+  symbolic link's target.
+- A directory's data is a list of records (inode, rec_len, name_len, file type, name) filling each
+  block. Hash-indexed (htree) directories keep the same records in their leaf blocks; their index
+  blocks look like records of inode 0 spanning the block (the root's index hides in the ".." record),
+  so reading every block linearly finds each name once. metadata_csum adds a 12-byte record of inode
+  0 at each block's end.
+
+Checksums are not verified; the journal is not replayed (a file system that needs recovery reads as
+it would be mounted with ``noload``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ...errors import CorruptImage, UnsupportedFormat
+from ..signatures import Disk, probe_ext
+from .base import CHUNK, MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, Stat
+
+SUPERBLOCK_OFFSET = 1024
+SUPERBLOCK_SIZE = 1024
+ROOT_INODE = 2
+
+COMPAT_SPARSE_SUPER2 = 0x200
+INCOMPAT_COMPRESSION = 0x1
+INCOMPAT_FILETYPE = 0x2
+INCOMPAT_JOURNAL_DEV = 0x8
+INCOMPAT_META_BG = 0x10
+INCOMPAT_64BIT = 0x80
+INCOMPAT_DIRDATA = 0x1000
+INCOMPAT_LARGEDIR = 0x4000
+RO_COMPAT_SPARSE_SUPER = 0x1
+
+# i_flags
+FLAG_EXTENTS = 0x80000
+FLAG_INLINE_DATA = 0x10000000
+#: i_flags bits reported in Stat.flags
+FLAG_NAMES = {
+    0x4: "compressed", 0x8: "sync", 0x10: "immutable", 0x20: "append", 0x40: "nodump", 0x80: "noatime",
+    0x800: "encrypted", 0x100000: "verity", 0x40000000: "casefold",
+}
+
+# i_mode file types
+S_IFMT = 0xF000
+MODE_TYPES = {0x8000: FileType.FILE, 0x4000: FileType.DIRECTORY, 0xA000: FileType.SYMLINK,
+              0x1000: FileType.OTHER, 0x2000: FileType.OTHER, 0x6000: FileType.OTHER, 0xC000: FileType.OTHER}
+# directory record file types (with the filetype feature)
+DIRENT_TYPES = {1: FileType.FILE, 2: FileType.DIRECTORY, 3: FileType.OTHER, 4: FileType.OTHER,
+                5: FileType.OTHER, 6: FileType.OTHER, 7: FileType.SYMLINK}
+
+EXTENT_MAGIC = 0xF30A
+#: the kernel refuses extent trees deeper than this
+MAX_EXTENT_DEPTH = 5
+#: an uninitialized extent stores its length plus this (it reads as zeros)
+UNINIT_EXTENT = 32768
+#: i_block: 12 direct block numbers, then the single, double and triple indirect blocks
+DIRECT_BLOCKS = 12
+I_BLOCK_SIZE = 60
+
+XATTR_MAGIC = 0xEA020000
+XATTR_INDEX_SYSTEM = 7
+
+#: caps: a directory's bytes, the metadata blocks and directory name maps kept in memory
+MAX_DIRECTORY_BYTES = 256 << 20
+CACHE_BYTES = 4 << 20
+MAX_CACHED_NAMES = 1 << 18
+CACHED_INODES = 4096
+
+
+def _corrupt(message: str, offset: int | None, structure: str) -> CorruptImage:
+    return CorruptImage(message, offset=offset, structure=structure)
+
+
+@dataclass(frozen=True)
+class Superblock:
+    """The superblock fields the reader needs."""
+
+    block_size: int
+    blocks_count: int
+    first_data_block: int
+    blocks_per_group: int
+    inodes_count: int
+    inodes_per_group: int
+    inode_size: int
+    desc_size: int
+    first_meta_bg: int
+    feature_compat: int
+    feature_incompat: int
+    feature_ro_compat: int
+    backup_bgs: tuple[int, int]
+
+    @property
+    def group_count(self) -> int:
+        return -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
+
+
+def parse_superblock(sb: bytes, where: int = SUPERBLOCK_OFFSET) -> Superblock:
+    """The superblock (1024 bytes from byte 1024, ``where`` on the disk), its values checked against
+    each other."""
+    (inodes_count, blocks_lo, _, _, _, first_data_block, log_block, _, blocks_per_group, _,
+     inodes_per_group) = struct.unpack_from("<11I", sb, 0)
+    rev_level = int.from_bytes(sb[0x4C:0x50], "little")
+    compat, incompat, ro_compat = struct.unpack_from("<3I", sb, 0x5C)
+    inode_size = int.from_bytes(sb[0x58:0x5A], "little") if rev_level else 128
+    desc_size = int.from_bytes(sb[0xFE:0x100], "little") if incompat & INCOMPAT_64BIT else 32
+    blocks_count = blocks_lo
+    if incompat & INCOMPAT_64BIT:
+        blocks_count |= int.from_bytes(sb[0x150:0x154], "little") << 32
+    if log_block > 6:
+        raise _corrupt(f"block size 2^{10 + log_block} out of range", where, "ext superblock")
+    block_size = 1024 << log_block
+    if inode_size < 128 or inode_size > block_size or inode_size & (inode_size - 1):
+        raise _corrupt(f"inode size {inode_size} invalid", where, "ext superblock")
+    if desc_size < 32 or desc_size > 1024 or desc_size & (desc_size - 1):
+        raise _corrupt(f"group descriptor size {desc_size} invalid", where, "ext superblock")
+    if not blocks_per_group or not inodes_per_group or inodes_per_group > block_size * 8:
+        raise _corrupt("blocks or inodes per group invalid", where, "ext superblock")
+    if first_data_block >= blocks_count or first_data_block > 1:
+        raise _corrupt(f"first data block {first_data_block} invalid", where, "ext superblock")
+    result = Superblock(
+        block_size=block_size, blocks_count=blocks_count, first_data_block=first_data_block,
+        blocks_per_group=blocks_per_group, inodes_count=inodes_count, inodes_per_group=inodes_per_group,
+        inode_size=inode_size, desc_size=desc_size, first_meta_bg=int.from_bytes(sb[0x104:0x108], "little"),
+        feature_compat=compat, feature_incompat=incompat, feature_ro_compat=ro_compat,
+        backup_bgs=struct.unpack_from("<2I", sb, 0x24C),
+    )
+    if inodes_count > result.group_count * inodes_per_group or inodes_count < ROOT_INODE:
+        raise _corrupt(f"inode count {inodes_count} does not fit the groups", where, "ext superblock")
+    return result
+
+
+@dataclass(frozen=True)
+class Inode:
+    """One inode's fields; ``xattrs`` is the in-inode extended attribute area (after i_extra_isize)."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: float
+    links: int
+    flags: int
+    i_block: bytes
+    xattrs: bytes
+    #: where the inode lies on the disk (for error messages)
+    position: int
+
+    @property
+    def type(self) -> FileType | None:
+        return MODE_TYPES.get(self.mode & S_IFMT)
+
+
+def parse_inode(raw: bytes, large_dir: bool, where: int) -> Inode:
+    """An inode record (``s_inode_size`` bytes). Sizes above 4 GiB use i_size_high for files (and
+    for directories with large_dir); uid and gid have 16-bit high halves in osd2."""
+    mode, uid_lo, size_lo, _, _, mtime, _, gid_lo, links, _, flags = struct.unpack_from("<HHIIIIIHHII", raw, 0)
+    size_high = int.from_bytes(raw[0x6C:0x70], "little")
+    uid_hi, gid_hi = struct.unpack_from("<HH", raw, 0x78)
+    size = size_lo
+    if mode & S_IFMT == 0x8000 or large_dir:
+        size |= size_high << 32
+    seconds = float(mtime - (1 << 32) if mtime & 0x80000000 else mtime)
+    xattrs = b""
+    if len(raw) > 128:
+        extra_isize = int.from_bytes(raw[0x80:0x82], "little")
+        if extra_isize % 4 or 128 + extra_isize > len(raw):
+            raise _corrupt(f"i_extra_isize {extra_isize} invalid", where, "ext inode")
+        if extra_isize >= 12:  # i_mtime_extra: 2 epoch bits, then nanoseconds
+            extra = int.from_bytes(raw[0x88:0x8C], "little")
+            seconds += ((extra & 3) << 32) + (extra >> 2) / 1e9
+        xattrs = raw[128 + extra_isize :]
+    return Inode(mode=mode, uid=uid_lo | uid_hi << 16, gid=gid_lo | gid_hi << 16, size=size, mtime=seconds,
+                 links=links, flags=flags, i_block=raw[0x28:0x64], xattrs=xattrs, position=where)
+
+
+def inline_data_attribute(area: bytes, where: int) -> bytes:
+    """The value of "system.data" in an in-inode xattr area (magic, then entries of name length,
+    name index, value offset from the first entry, value inode, value size, hash, name; the list
+    ends at four zero bytes), or b"" when there is none."""
+    if len(area) < 4 or int.from_bytes(area[:4], "little") != XATTR_MAGIC:
+        return b""
+    entries = area[4:]
+    position = 0
+    while position + 4 <= len(entries) and entries[position : position + 4] != b"\0\0\0\0":
+        if position + 16 > len(entries):
+            raise _corrupt("extended attribute entry runs past the inode", where, "ext xattr")
+        name_len, name_index, value_offset, value_inode, value_size = struct.unpack_from("<BBHII", entries, position)
+        name = entries[position + 16 : position + 16 + name_len]
+        if len(name) != name_len:
+            raise _corrupt("extended attribute name runs past the inode", where, "ext xattr")
+        if name_index == XATTR_INDEX_SYSTEM and name == b"data":
+            if value_inode:
+                raise _corrupt("inline data stored in an xattr inode", where, "ext xattr")
+            if value_offset + value_size > len(entries):
+                raise _corrupt("inline data runs past the inode", where, "ext xattr")
+            return entries[value_offset : value_offset + value_size]
+        position += (16 + name_len + 3) & ~3
+    return b""
+
+
+def parse_extent_node(node: bytes, where: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """An extent tree node: (depth, entries). The 12-byte header (magic, entries, max, depth,
+    generation) is followed by 12-byte entries: in a leaf (depth 0) first logical block, length and
+    48-bit start as (logical, length, start), a length above 32768 marking an uninitialized extent
+    (returned negative); in an index, first logical block and the 48-bit child block as (logical, 0,
+    child)."""
+    magic, count, maximum, depth = struct.unpack_from("<4H", node, 0)
+    if magic != EXTENT_MAGIC:
+        raise _corrupt(f"extent header magic 0x{magic:04x}", where, "ext extent tree")
+    if depth > MAX_EXTENT_DEPTH:
+        raise _corrupt(f"extent tree depth {depth}", where, "ext extent tree")
+    if count > maximum or 12 + 12 * maximum > len(node):
+        raise _corrupt(f"extent node claims {count} of {maximum} entries", where, "ext extent tree")
+    entries = []
+    previous = -1
+    for position in range(12, 12 + 12 * count, 12):
+        if depth:
+            logical, child_lo, child_hi = struct.unpack_from("<IIH", node, position)
+            entry = (logical, 0, child_hi << 32 | child_lo)
+            end = logical
+        else:
+            logical, length, start_hi, start_lo = struct.unpack_from("<IHHI", node, position)
+            if length > UNINIT_EXTENT:
+                length = -(length - UNINIT_EXTENT)
+            entry = (logical, length, start_hi << 32 | start_lo)
+            end = logical + abs(length) - 1
+        if logical <= previous or not depth and not length:
+            raise _corrupt("extents out of order or empty", where + position, "ext extent tree")
+        previous = end
+        entries.append(entry)
+    return depth, entries
+
+
+def parse_dirents(block: bytes, filetype: bool, where: int) -> Iterator[tuple[int, bytes, int]]:
+    """The records of one directory block (or inline area): (inode, name, file type); inode 0 marks
+    an unused record (a deleted name, an htree index block, the checksum tail), skipped here."""
+    position = 0
+    size = len(block)
+    while position < size:
+        if position + 8 > size:
+            raise _corrupt("directory record header runs past the block", where + position, "ext directory")
+        inode, rec_len, name_len, file_type = struct.unpack_from("<IHBB", block, position)
+        if rec_len in (0, 65535) and size == 65536:  # how 64 KiB blocks store a rec_len of 65536
+            rec_len = 65536
+        if not filetype:
+            name_len |= file_type << 8
+            file_type = 0
+        if rec_len < 8 or rec_len % 4 or position + rec_len > size or 8 + name_len > rec_len:
+            raise _corrupt(f"directory record of rec_len {rec_len}, name_len {name_len} invalid",
+                           where + position, "ext directory")
+        if inode:
+            yield inode, block[position + 8 : position + 8 + name_len], file_type
+        position += rec_len
+
+
+def _has_superblock_backup(sb: Superblock, group: int) -> bool:
+    """Whether ``group`` starts with a superblock copy: every group, or with sparse_super groups 0, 1
+    and the powers of 3, 5 and 7, or with sparse_super2 the two groups the superblock names."""
+    if group == 0:
+        return True
+    if sb.feature_compat & COMPAT_SPARSE_SUPER2:
+        return group in sb.backup_bgs
+    if group == 1 or not sb.feature_ro_compat & RO_COMPAT_SPARSE_SUPER:
+        return True
+    if not group & 1:
+        return False
+    for base in (3, 5, 7):
+        power = base
+        while power < group:
+            power *= base
+        if power == group:
+            return True
+    return False
+
+
+class ExtFileSystem(GuestFileSystem[int]):
+    """An ext2/3/4 file system occupying ``length`` bytes at ``offset`` of ``disk``; nodes are inode numbers."""
+
+    root = ROOT_INODE
+
+    def __init__(self, disk: Disk, offset: int, length: int) -> None:
+        self._disk = disk
+        self._offset = offset
+        head = disk.read(offset, SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE)
+        found = probe_ext(head)
+        if found is None or len(head) < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
+            raise _corrupt("no ext superblock", offset + SUPERBLOCK_OFFSET, "ext superblock")
+        sb = parse_superblock(head[SUPERBLOCK_OFFSET:], offset + SUPERBLOCK_OFFSET)
+        unsupported = sb.feature_incompat & (INCOMPAT_COMPRESSION | INCOMPAT_JOURNAL_DEV | INCOMPAT_DIRDATA)
+        if unsupported:
+            raise UnsupportedFormat(f"ext incompatible features 0x{unsupported:x} are not read", format="ext")
+        if sb.blocks_count * sb.block_size > length:
+            raise _corrupt(f"file system of {sb.blocks_count} blocks larger than its {length}-byte volume",
+                           offset + SUPERBLOCK_OFFSET, "ext superblock")
+        self.type = found.type
+        self.sb = sb
+        self._block_size = sb.block_size
+        self._filetype = bool(sb.feature_incompat & INCOMPAT_FILETYPE)
+        self._large_dir = bool(sb.feature_incompat & INCOMPAT_LARGEDIR)
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._blocks_limit = max(16, CACHE_BYTES // sb.block_size)
+        self._inodes: OrderedDict[int, Inode] = OrderedDict()
+        self._names: OrderedDict[int, dict[str, int]] = OrderedDict()
+        self._names_count = 0
+        if not self._stat(ROOT_INODE).is_dir:
+            raise _corrupt("the root inode is not a directory", self._inode(ROOT_INODE).position, "ext inode")
+
+    # -- blocks ----------------------------------------------------------------------------------
+
+    def _read_blocks(self, block: int, count: int, structure: str) -> bytes:
+        """``count`` blocks from ``block``, refused when they run past the file system."""
+        if block < 0 or count < 0 or block + count > self.sb.blocks_count or (count and block == 0):
+            raise _corrupt(f"blocks {block}+{count} outside the file system of {self.sb.blocks_count}",
+                           self._offset + block * self._block_size, structure)
+        where = self._offset + block * self._block_size
+        data = self._disk.read(where, count * self._block_size)
+        if len(data) != count * self._block_size:
+            raise _corrupt("file system truncated", where, structure)
+        return data
+
+    def _metadata_block(self, block: int, structure: str) -> bytes:
+        """One block of metadata (descriptors, inode table, extent and indirect blocks), cached."""
+        data = self._blocks.get(block)
+        if data is None:
+            data = self._read_blocks(block, 1, structure)
+            self._blocks[block] = data
+            if len(self._blocks) > self._blocks_limit:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(block)
+        return data
+
+    # -- inodes ----------------------------------------------------------------------------------
+
+    def _inode_table(self, group: int) -> int:
+        """The first block of ``group``'s inode table, from its group descriptor."""
+        sb = self.sb
+        per_block = self._block_size // sb.desc_size
+        table_block, slot = divmod(group, per_block)
+        if sb.feature_incompat & INCOMPAT_META_BG and table_block >= sb.first_meta_bg:
+            first_group = table_block * per_block
+            block = sb.first_data_block + first_group * sb.blocks_per_group
+            block += _has_superblock_backup(sb, first_group)
+            if self._block_size == 1024 and table_block == 0 and sb.first_data_block == 0:
+                block += 1
+        else:
+            block = SUPERBLOCK_OFFSET // self._block_size + 1 + table_block
+        descriptor = self._metadata_block(block, "ext group descriptor")[slot * sb.desc_size :][: sb.desc_size]
+        table = int.from_bytes(descriptor[8:12], "little")
+        if sb.desc_size >= 64:
+            table |= int.from_bytes(descriptor[0x28:0x2C], "little") << 32
+        return table
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self._inodes.get(ino)
+        if inode is not None:
+            self._inodes.move_to_end(ino)
+            return inode
+        sb = self.sb
+        if not 1 <= ino <= sb.inodes_count:
+            raise _corrupt(f"inode number {ino} out of range", None, "ext inode")
+        group, index = divmod(ino - 1, sb.inodes_per_group)
+        position = self._inode_table(group) * self._block_size + index * sb.inode_size
+        block, within = divmod(position, self._block_size)
+        raw = self._metadata_block(block, "ext inode table")[within : within + sb.inode_size]
+        inode = parse_inode(raw, self._large_dir, self._offset + position)
+        self._inodes[ino] = inode
+        if len(self._inodes) > CACHED_INODES:
+            self._inodes.popitem(last=False)
+        return inode
+
+    def _stat(self, node: int) -> Stat:
+        inode = self._inode(node)
+        kind = inode.type
+        if kind is None:
+            raise _corrupt(f"inode {node} has no file type (mode 0o{inode.mode:o})", inode.position, "ext inode")
+        flags = frozenset(name for bit, name in FLAG_NAMES.items() if inode.flags & bit)
+        return Stat(type=kind, size=inode.size, node=node, mode=inode.mode & 0o7777, uid=inode.uid, gid=inode.gid,
+                    mtime=inode.mtime, nlink=inode.links, flags=flags)
+
+    # -- block mapping ---------------------------------------------------------------------------
+
+    def _runs(self, inode: Inode, first: int, end: int) -> Iterator[tuple[int, int, int | None]]:
+        """The mapped pieces of logical blocks [first, end) as (logical, count, physical), in order;
+        physical None for an uninitialized extent. Blocks not covered are holes."""
+        if inode.flags & FLAG_EXTENTS:
+            yield from self._extent_runs(inode.i_block, None, first, end, inode.position)
+        else:
+            yield from self._block_map_runs(inode, first, end)
+
+    def _extent_runs(self, node: bytes, expected_depth: int | None, first: int, end: int,
+                     offset: int) -> Iterator[tuple[int, int, int | None]]:
+        depth, entries = parse_extent_node(node, offset)
+        if expected_depth is not None and depth != expected_depth:
+            raise _corrupt(f"extent node of depth {depth} where {expected_depth} belongs", offset, "ext extent tree")
+        if depth == 0:
+            for logical, length, start in entries:
+                count = abs(length)
+                if logical + count <= first:
+                    continue
+                if logical >= end:
+                    break
+                if start + count > self.sb.blocks_count or start == 0:
+                    raise _corrupt(f"extent of blocks {start}+{count} outside the file system", offset,
+                                   "ext extent tree")
+                skip = max(0, first - logical)
+                take = min(count, end - logical) - skip
+                yield logical + skip, take, (start + skip if length > 0 else None)
+            return
+        for index, (logical, _, child) in enumerate(entries):
+            child_end = entries[index + 1][0] if index + 1 < len(entries) else 1 << 32
+            if child_end <= first:
+                continue
+            if logical >= end:
+                break
+            data = self._metadata_block(child, "ext extent tree")
+            yield from self._extent_runs(data, depth - 1, max(first, logical), min(end, child_end),
+                                         self._offset + child * self._block_size)
+
+    def _block_map_runs(self, inode: Inode, first: int, end: int) -> Iterator[tuple[int, int, int | None]]:
+        per_block = self._block_size // 4
+        limit = DIRECT_BLOCKS + per_block + per_block**2 + per_block**3
+        if end > limit:
+            raise _corrupt(f"block {end - 1} beyond what a block map addresses", inode.position, "ext block map")
+        run_start = run_physical = run_count = 0
+        logical = first
+        while logical < end:
+            pointers, table_end = self._pointer_table(inode.i_block, per_block, logical)
+            stop = min(end, table_end)
+            if pointers is None:  # a hole through a whole indirect block
+                pointers = (0,)
+            for index, physical in enumerate(pointers[: stop - logical]):
+                if run_count and physical == run_physical + run_count:
+                    run_count += 1
+                    continue
+                if run_count:
+                    yield run_start, run_count, run_physical
+                    run_count = 0
+                if physical:
+                    run_start, run_physical, run_count = logical + index, physical, 1
+            logical = stop
+        if run_count:
+            yield run_start, run_count, run_physical
+
+    def _pointer_table(self, i_block: bytes, per_block: int, logical: int) -> tuple[tuple[int, ...] | None, int]:
+        """The block numbers of a classic block map from ``logical`` to the end of the table holding
+        it (i_block's direct blocks, or one indirect block), and the logical block where that table
+        ends; None for the pointers where an indirect block on the way is a hole."""
+        if logical < DIRECT_BLOCKS:
+            return struct.unpack_from(f"<{DIRECT_BLOCKS - logical}I", i_block, logical * 4), DIRECT_BLOCKS
+        base = DIRECT_BLOCKS
+        for level in range(1, 4):
+            span = per_block**level
+            if logical < base + span:
+                block = int.from_bytes(i_block[(DIRECT_BLOCKS + level - 1) * 4 :][:4], "little")
+                offset = logical - base
+                for shift in range(level - 1, 0, -1):
+                    if block == 0:
+                        subtree = per_block**shift
+                        return None, logical - offset % subtree + subtree
+                    table = self._metadata_block(block, "ext indirect block")
+                    slot = offset // per_block**shift % per_block
+                    block = int.from_bytes(table[slot * 4 : slot * 4 + 4], "little")
+                slot = offset % per_block
+                if block == 0:
+                    return None, logical - slot + per_block
+                table = self._metadata_block(block, "ext indirect block")
+                return struct.unpack_from(f"<{per_block - slot}I", table, slot * 4), logical - slot + per_block
+            base += span
+        raise AssertionError("logical block checked against the block map's reach")
+
+    # -- data ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _inline_data(inode: Inode) -> bytes:
+        return inode.i_block + inline_data_attribute(inode.xattrs, inode.position)
+
+    def _data(self, node: int, inode: Inode, offset: int, length: int) -> bytes:
+        """``length`` bytes of the inode's data from ``offset`` (holes and uninitialized extents as zeros)."""
+        length = max(0, min(length, CHUNK, inode.size - offset))
+        if not length:
+            return b""
+        if inode.flags & FLAG_INLINE_DATA:
+            data = self._inline_data(inode)
+            if len(data) < inode.size:
+                raise _corrupt(f"inline data of inode {node} shorter than its size", inode.position, "ext inode")
+            return data[offset : offset + length]
+        bs = self._block_size
+        first, end = offset // bs, -(-(offset + length) // bs)
+        out = bytearray((end - first) * bs)
+        for logical, count, physical in self._runs(inode, first, end):
+            if physical is not None:
+                at = (logical - first) * bs
+                out[at : at + count * bs] = self._read_blocks(physical, count, "ext file data")
+        skip = offset - first * bs
+        return bytes(out[skip : skip + length])
+
+    def _read(self, node: int, offset: int, length: int) -> bytes:
+        return self._data(node, self._inode(node), offset, length)
+
+    def _readlink(self, node: int) -> str:
+        inode = self._inode(node)
+        if inode.size > self._block_size:
+            raise _corrupt(f"symbolic link of {inode.size} bytes", inode.position, "ext inode")
+        if inode.size < I_BLOCK_SIZE and not inode.flags & FLAG_INLINE_DATA:
+            target = inode.i_block[: inode.size]  # a fast symbolic link: the target in i_block
+        else:
+            target = self._data(node, inode, 0, inode.size)
+        return target.decode("utf-8", errors="surrogateescape")
+
+    # -- directories -----------------------------------------------------------------------------
+
+    def _entries(self, node: int) -> Iterator[DirEntry]:
+        for name, ino, file_type in self._children(node):
+            yield DirEntry(name, ino, DIRENT_TYPES.get(file_type))
+
+    def _children(self, node: int) -> Iterator[tuple[str, int, int]]:
+        """(name, inode, file type) of each name in directory ``node``, '.' and '..' left out."""
+        inode = self._inode(node)
+        if inode.type is not FileType.DIRECTORY:
+            raise _corrupt(f"inode {node} is not a directory", inode.position, "ext directory")
+        if inode.size > MAX_DIRECTORY_BYTES:
+            raise _corrupt(f"directory of {inode.size} bytes", inode.position, "ext directory")
+        for ino, name, file_type in self._records(inode):
+            if name in (b".", b".."):
+                continue
+            if not 1 <= ino <= self.sb.inodes_count:
+                raise _corrupt(f"directory entry for inode {ino}", inode.position, "ext directory")
+            yield name.decode("utf-8", errors="surrogateescape"), ino, file_type
+
+    def _records(self, inode: Inode) -> Iterator[tuple[int, bytes, int]]:
+        if inode.flags & FLAG_INLINE_DATA:
+            # i_block: the parent's inode number, then records; "system.data" holds more records
+            data = self._inline_data(inode)
+            yield from parse_dirents(data[4:I_BLOCK_SIZE], self._filetype, inode.position)
+            if len(data) > I_BLOCK_SIZE:
+                yield from parse_dirents(data[I_BLOCK_SIZE:], self._filetype, inode.position)
+            return
+        bs = self._block_size
+        blocks = -(-inode.size // bs)
+        for logical in range(0, blocks, CHUNK // bs):
+            for _, count, physical in self._runs(inode, logical, min(blocks, logical + CHUNK // bs)):
+                if physical is None:
+                    continue
+                data = self._read_blocks(physical, count, "ext directory")
+                for index in range(count):
+                    yield from parse_dirents(data[index * bs : (index + 1) * bs], self._filetype,
+                                             self._offset + (physical + index) * bs)
+
+    def _lookup(self, directory: int, name: str) -> int | None:
+        """Names of recently searched directories are kept in a bounded map (large directories are
+        looked up many times in a walk); a directory too large for it is scanned."""
+        names = self._names.get(directory)
+        if names is None:
+            names = {}
+            for count, (child, ino, _) in enumerate(self._children(directory)):
+                if count >= MAX_DIRECTORY_ENTRIES:
+                    raise _corrupt(f"directory inode {directory} has too many entries", None, "ext directory")
+                names.setdefault(child, ino)
+            if len(names) > MAX_CACHED_NAMES:
+                return names.get(name)
+            self._names[directory] = names
+            self._names_count += len(names)
+            while self._names_count > MAX_CACHED_NAMES:
+                _, dropped = self._names.popitem(last=False)
+                self._names_count -= len(dropped)
+        else:
+            self._names.move_to_end(directory)
+        return names.get(name)
