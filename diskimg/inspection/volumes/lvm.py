@@ -75,11 +75,11 @@ MAX_METADATA_TEXT = 4 << 20
 #: nesting of sections (the volume group's text nests four deep)
 MAX_CONFIG_DEPTH = 16
 #: sections and values (each list item counts) in one metadata text
-MAX_CONFIG_NODES = 1 << 18
+MAX_CONFIG_NODES = 1 << 17
 #: digits of an integer (2**64 has 20)
 MAX_INTEGER_DIGITS = 20
 MAX_PHYSICAL_VOLUMES = 1024
-MAX_LOGICAL_VOLUMES = 4096
+MAX_LOGICAL_VOLUMES = 2048
 #: segments over all the LVs of a volume group
 MAX_SEGMENTS = 1 << 16
 #: areas (stripes, legs) of one segment (LVM allows 128 stripes, 64 RAID images)
@@ -254,14 +254,14 @@ class ConfigSection:
     sections: dict[str, ConfigSection] = field(default_factory=dict)
 
 
-#: blanks and comments between tokens (matched apart from the tokens, so no backtracking can reach into them)
-_BLANKS = re.compile(r"(?:\s+|#[^\n]*)*")
+#: one token after blanks (the alternatives cannot start with a blank, so a failed match backtracks once)
 _TOKEN = re.compile(
-    r"""(?P<punct>[{}\[\],=])
+    r"""\s*(?:(?P<punct>[{}\[\],=])
+       |(?P<comment>\#[^\n]*)
        |"(?P<quoted>(?:[^"\\]|\\.)*)"   # a string; a backslash escapes the next character
        |'(?P<single>[^']*)'             # a string without escapes
        |(?P<word>[^\s\#={}\[\],"']+)    # a name, a number or a bare string
-       |(?P<end>\Z)""",
+       |(?P<end>\Z))""",
     re.VERBOSE | re.DOTALL,
 )
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -278,14 +278,15 @@ class _Tokens:
         self.position = 0
 
     def next(self) -> tuple[str, str]:
-        blanks = _BLANKS.match(self.text, self.position)
-        self.position = blanks.end() if blanks is not None else self.position
-        found = _TOKEN.match(self.text, self.position)
-        if found is None:
-            raise CorruptImage(f"LVM metadata: a string not closed at character {self.position}",
-                               structure="LVM metadata")
-        self.position = found.end()
-        kind = found.lastgroup
+        while True:
+            found = _TOKEN.match(self.text, self.position)
+            if found is None:
+                raise CorruptImage(f"LVM metadata: a string not closed after character {self.position}",
+                                   structure="LVM metadata")
+            self.position = found.end()
+            kind = found.lastgroup
+            if kind != "comment":
+                break
         if kind == "quoted":
             return "string", _ESCAPE.sub(r"\1", found.group("quoted"))
         if kind == "single":
@@ -839,9 +840,14 @@ class VolumeGroup:
                                  if pv.uuid in found and not pv.marked_missing}
         self._reasons: dict[str, str | None] = {}
         self._legs: dict[tuple[str, int], Area] = {}  # (LV, segment index) -> the leg read
-        self._snapshot_stores = {value for lv in metadata.logical_volumes.values() for segment in lv.segments
-                                 if segment.type == "snapshot" for key, value in segment.references
-                                 if key in ("cow_store", "merging_store")}
+        #: the copy-on-write store of each (old-style) snapshot -> (its origin, whether it is merging into it)
+        self._snapshot_stores: dict[str, tuple[str, bool]] = {}
+        for lv in metadata.logical_volumes.values():
+            for segment in lv.segments:
+                named = dict(segment.references)
+                store = named.get("cow_store") or named.get("merging_store")
+                if segment.type == "snapshot" and store and "origin" in named:
+                    self._snapshot_stores[store] = (named["origin"], "merging_store" in named)
         self.missing = [self._missing(pv) for pv in metadata.physical_volumes.values()
                         if pv.uuid not in self.physical_volumes]
         self.logical_volumes = [self._logical_volume(lv) for lv in metadata.logical_volumes.values()]
@@ -874,7 +880,19 @@ class VolumeGroup:
     def _logical_volume(self, lv: LvEntry) -> LogicalVolume:
         kind = "snapshot" if lv.name in self._snapshot_stores else lv.segment_kind
         return LogicalVolume(self.name, lv.name, lv.uuid, kind, lv.extent_count * self.metadata.extent_bytes,
-                             lv.visible, self._reason(lv.name))
+                             self._visible(lv), self._reason(lv.name))
+
+    def _visible(self, lv: LvEntry) -> bool:
+        """Whether LVM shows the LV (lv_is_visible): a snapshot's store as its origin is, unless it is merging; the
+        internal snapshot LV never; others by their VISIBLE flag."""
+        seen = set()
+        while lv.name in self._snapshot_stores and lv.name not in seen:
+            seen.add(lv.name)
+            origin, merging = self._snapshot_stores[lv.name]
+            if merging or origin not in self.metadata.logical_volumes:
+                return False
+            lv = self.metadata.logical_volumes[origin]
+        return lv.visible and lv.segment_kind != "snapshot"
 
     def _reason(self, name: str) -> str | None:
         """Why LV ``name`` cannot be read, or None (the stack below it is bounded by ``_check_areas``)."""
