@@ -780,3 +780,14 @@ def test_config_syntax_as_libdm_reads_it() -> None:
     assert section.values == {"key": 'a "quoted" \\ word', "raw": "no \\escape",
                               "list": [1, -2, 3.5, 0.5, "bare", "s"], "empty": []}
     assert section.sections["nested"].values == {"42key": 7}
+
+
+@needs_lvm
+def test_a_pv_in_no_volume_group(lvm_tools: LoopLvm, tmp_path: Path) -> None:
+    image = blank(tmp_path / "pv.img", 16 * MiB)
+    lvm_tools("pvcreate", "-q", lvm_tools.attach(image))
+    (report,) = lvm_tools.report("pvs", "pv_uuid,vg_name", *lvm_tools.devices)
+    scan = find_volume_groups([(FileDisk(image), 0, 16 * MiB)])
+    assert (scan.volume_groups, scan.problems, report["vg_name"]) == ([], [], "")
+    (pv,) = scan.physical_volumes
+    assert pv.uuid == report["pv_uuid"] and pv.metadata is None

@@ -88,6 +88,8 @@ MAX_AREAS = 256
 MAX_STACK_DEPTH = 8
 #: a metadata area header is read at most this many times per PV (a PV has one or two areas)
 MAX_METADATA_AREAS = 8
+#: bytes one read of an LV may ask for (as of a DiskReader)
+MAX_READ = 64 << 20
 
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
@@ -797,13 +799,14 @@ class MissingPhysicalVolume:
     uuid: str
     device: str | None  # the device it was last seen as (a hint only)
     logical_volumes: tuple[str, ...]  # the LVs with extents on it
+    marked_missing: bool = False  # the metadata itself says LVM found it missing
 
     @property
     def message(self) -> str:
         seen = f" (last seen as {self.device})" if self.device else ""
+        where = "which its metadata marks missing" if self.marked_missing else "which is on none of the disks given"
         uses = f"; it holds extents of {', '.join(self.logical_volumes)}" if self.logical_volumes else ""
-        return (f"volume group {self.vg_name} spans physical volume {self.uuid}{seen}, which is on none of the "
-                f"disks given{uses}")
+        return f"volume group {self.vg_name} spans physical volume {self.uuid}{seen}, {where}{uses}"
 
 
 @dataclass(frozen=True)
@@ -840,6 +843,7 @@ class VolumeGroup:
                                  if pv.uuid in found and not pv.marked_missing}
         self._reasons: dict[str, str | None] = {}
         self._legs: dict[tuple[str, int], Area] = {}  # (LV, segment index) -> the leg read
+        self._segment_starts: dict[str, list[int]] = {}  # LV -> the byte where each of its segments starts
         #: the copy-on-write store of each (old-style) snapshot -> (its origin, whether it is merging into it)
         self._snapshot_stores: dict[str, tuple[str, bool]] = {}
         for lv in metadata.logical_volumes.values():
@@ -875,7 +879,7 @@ class VolumeGroup:
     def _missing(self, pv: PvEntry) -> MissingPhysicalVolume:
         users = tuple(lv.name for lv in self.metadata.logical_volumes.values()
                       if any(area.on_pv and area.name == pv.key for segment in lv.segments for area in segment.areas))
-        return MissingPhysicalVolume(self.name, pv.uuid, pv.device, users)
+        return MissingPhysicalVolume(self.name, pv.uuid, pv.device, users, pv.marked_missing)
 
     def _logical_volume(self, lv: LvEntry) -> LogicalVolume:
         kind = "snapshot" if lv.name in self._snapshot_stores else lv.segment_kind
@@ -939,12 +943,15 @@ class VolumeGroup:
             return f"its extents end at byte {end} of physical volume {entry.uuid}, which has {pv.length}"
         return None
 
-    # -- mapping an LV's bytes onto the disks (only for LVs whose reason is None) --
+    # -- mapping an LV's bytes onto the disks --
 
-    def _pieces(self, lv: LvEntry, offset: int, length: int) -> Iterator[tuple[Disk, int, int]]:
-        """(disk, offset, length) pieces holding ``length`` bytes at ``offset`` of ``lv``."""
+    def locate(self, lv: LvEntry, offset: int, length: int) -> Iterator[tuple[Disk, int, int]]:
+        """The (disk, offset, length) pieces holding ``length`` bytes at ``offset`` of ``lv``, an LV whose
+        ``unreadable_reason`` is None (the bounds were checked by ``parse_metadata`` and ``_area_reason``)."""
         extent_bytes = self.metadata.extent_bytes
-        starts = [segment.start_extent * extent_bytes for segment in lv.segments]
+        starts = self._segment_starts.get(lv.name)
+        if starts is None:
+            starts = self._segment_starts[lv.name] = [segment.start_extent * extent_bytes for segment in lv.segments]
         end = offset + length
         index = bisect.bisect_right(starts, offset) - 1
         while offset < end:
@@ -975,7 +982,7 @@ class VolumeGroup:
     def _area(self, area: Area, offset: int, size: int) -> Iterator[tuple[Disk, int, int]]:
         start = area.extent * self.metadata.extent_bytes + offset
         if not area.on_pv:
-            yield from self._pieces(self.metadata.logical_volumes[area.name], start, size)
+            yield from self.locate(self.metadata.logical_volumes[area.name], start, size)
             return
         entry = self.metadata.physical_volumes[area.name]
         pv = self.physical_volumes[entry.uuid]
@@ -1005,8 +1012,10 @@ class LvmVolume:
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         length = max(0, min(length, self.size - offset))
+        if length > MAX_READ:
+            raise ValueError(f"read of {length} bytes exceeds the {MAX_READ}-byte limit")
         parts = []
-        for disk, where, size in _merged(self.vg._pieces(self.lv, offset, length)):
+        for disk, where, size in _merged(self.vg.locate(self.lv, offset, length)):
             parts.append(_read_exact(disk, where, size, f"LVM logical volume {self.name}"))
         return b"".join(parts)
 
