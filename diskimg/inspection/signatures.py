@@ -440,8 +440,23 @@ BOOT_SECTOR_PROBES: tuple[Callable[[bytes], FileSystem | None], ...] = (
 
 
 def lvm_crc(data: bytes) -> int:
-    """LVM2's label checksum: CRC-32 (zlib's polynomial) seeded with 0xf597a6cf, no final inversion."""
+    """LVM2's checksum of labels, metadata area headers and metadata text (lib/misc/crc.c): CRC-32 over the
+    reflected polynomial 0xEDB88320 (zlib's), seeded with INITIAL_CRC 0xf597a6cf, no final inversion."""
     return zlib.crc32(data, 0xF597A6CF ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+#: LVM2 prints its 32-character UUIDs in groups of these lengths, joined by dashes (lib/id/id.c)
+LVM_UUID_GROUPS = (6, 4, 4, 4, 4, 4, 6)
+
+
+def lvm_uuid(raw: bytes) -> str:
+    """An LVM2 UUID as stored on disk (32 ASCII characters) written as LVM prints it."""
+    text = raw.decode("ascii", errors="replace")
+    groups, start = [], 0
+    for size in LVM_UUID_GROUPS:
+        groups.append(text[start : start + size])
+        start += size
+    return "-".join(groups)
 
 
 def probe_lvm2(head: bytes) -> FileSystem | None:
@@ -456,9 +471,9 @@ def probe_lvm2(head: bytes) -> FileSystem | None:
         pv_uuid = None
         size = None
         if 32 <= pv <= 512 - 40:
-            raw = label[pv : pv + 32].decode("ascii", errors="replace")
-            if raw.strip("\0"):
-                pv_uuid = "-".join((raw[0:6], raw[6:10], raw[10:14], raw[14:18], raw[18:22], raw[22:26], raw[26:32]))
+            raw = label[pv : pv + 32]
+            if raw.strip(b"\0"):
+                pv_uuid = lvm_uuid(raw)
             size = _le(label, pv + 32, 8) or None
         return FileSystem(type="lvm2", uuid=pv_uuid, version="LVM2 001", size=size,
                           details={"label_sector": sector, "label_crc_ok": crc_ok})
