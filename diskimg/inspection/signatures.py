@@ -7,7 +7,8 @@ system's data. Nothing but :class:`~diskimg.errors.DiskImageError` escapes, what
 What is recognised (``FileSystem.type``): ``ext2``, ``ext3``, ``ext4``, ``ext-journal``, ``xfs``,
 ``btrfs``, ``ntfs``, ``bitlocker``, ``fat12``, ``fat16``, ``fat32``, ``exfat``, ``swap``,
 ``lvm2`` (a PV label), ``luks`` (LUKS1/LUKS2), ``squashfs``, ``md`` (Linux RAID v1.1/1.2
-superblock), ``zfs`` (an uberblock, found only by ``probe``, which may read a little further).
+superblock), ``zfs`` (an uberblock, found only by ``probe``, which may read a little further;
+so is a btrfs whose primary superblock is gone, by its copy at 64 MiB).
 
 Order matters where structures share bytes: those whose signature lies in sector 0 (a boot
 sector ending in 55 AA like an MBR, or a header at offset 0) are probed first
@@ -338,11 +339,7 @@ def parse_btrfs_superblock(raw: bytes) -> BtrfsSuperblock | None:
     )
 
 
-def probe_btrfs(head: bytes) -> FileSystem | None:
-    base = BTRFS_SUPERBLOCK_OFFSETS[0]
-    sb = parse_btrfs_superblock(head[base : base + BTRFS_SUPERBLOCK_SIZE].ljust(BTRFS_SUPERBLOCK_SIZE, b"\0"))
-    if sb is None:
-        return None
+def _btrfs_file_system(sb: BtrfsSuperblock) -> FileSystem:
     return FileSystem(
         type="btrfs",
         uuid=_uuid(sb.fsid),
@@ -353,6 +350,24 @@ def probe_btrfs(head: bytes) -> FileSystem | None:
         features=_flag_names(sb.incompat, BTRFS_INCOMPAT) if sb.incompat else [],
         details={"num_devices": sb.num_devices, "generation": sb.generation},
     )
+
+
+def probe_btrfs(head: bytes) -> FileSystem | None:
+    base = BTRFS_SUPERBLOCK_OFFSETS[0]
+    sb = parse_btrfs_superblock(head[base : base + BTRFS_SUPERBLOCK_SIZE].ljust(BTRFS_SUPERBLOCK_SIZE, b"\0"))
+    return None if sb is None else _btrfs_file_system(sb)
+
+
+def probe_btrfs_copy(disk: Disk, offset: int) -> FileSystem | None:
+    """A btrfs whose primary superblock is gone, by its first copy (at 64 MiB, recording that place)."""
+    position = BTRFS_SUPERBLOCK_OFFSETS[1]
+    sb = parse_btrfs_superblock(disk.read(offset + position, BTRFS_SUPERBLOCK_SIZE))
+    if sb is None or sb.bytenr != position:
+        return None
+    found = _btrfs_file_system(sb)
+    found.state = "needs_repair"
+    found.details["superblock_copy"] = position
+    return found
 
 
 # -- boot-sector file systems --------------------------------------------------------------------------
@@ -627,6 +642,10 @@ def probe(disk: Disk, offset: int = 0, length: int | None = None) -> FileSystem 
     found = probe_bytes(head)
     if found is not None or (length is not None and length < 256 << 10):
         return found
+    if length is None or length >= BTRFS_SUPERBLOCK_OFFSETS[1] + BTRFS_SUPERBLOCK_SIZE:
+        found = probe_btrfs_copy(disk, offset)
+        if found is not None:
+            return found
     # ZFS: the first label's uberblock ring (128-256 KiB), magic in either byte order.
     ring = disk.read(offset + (128 << 10), 128 << 10)
     for slot in range(0, len(ring) - 8, 1024):

@@ -704,20 +704,14 @@ def decompress_extent(data: bytes, compression: int, size: int, sector_size: int
         if len(out) < size and not decoder.eof:
             raise _corrupt("zlib stream truncated", None, where)
     elif compression == COMPRESS_ZSTD:
-        chunks = []
-        got = 0
+        # one frame, whose output one read returns whole (up to ``size``); the sector's padding
+        # after it is not another frame, so the reader is not asked for more
         try:
             reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
                 io.BytesIO(data), read_across_frames=False)
-            while got < size:
-                chunk = reader.read(size - got)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                got += len(chunk)
+            out = reader.read(size)
         except zstandard.ZstdError as exc:
             raise _corrupt(f"zstd: {exc}", None, where) from None
-        out = b"".join(chunks)
     elif compression == COMPRESS_LZO:
         out = decompress_lzo(data, size, sector_size)
     else:
