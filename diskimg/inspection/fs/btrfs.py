@@ -817,6 +817,8 @@ class BtrfsVolume:
         where = f"btrfs tree {tree.id} node {bytenr}"
         if node is None:
             size = self.superblock.node_size
+            if bytenr % self.superblock.sector_size:
+                raise _corrupt("node address not a multiple of the sector size", None, where)
             chunk, copies = self._chunks.locate(bytenr, size, where)
             if chunk.type & BLOCK_GROUP_DATA and not chunk.type & BLOCK_GROUP_METADATA:
                 raise _corrupt("tree node in a data chunk", None, where)
@@ -936,14 +938,21 @@ class BtrfsVolume:
         return dirid, name
 
     def _default_subvolume(self) -> int:
-        """The subvolume the "default" entry of the root tree's directory names, else 5."""
+        """The subvolume the "default" entry of the root tree's directory names, else 5; it must
+        exist (the kernel does not mount a file system whose default subvolume is gone)."""
         name = b"default"
+        where = "btrfs default subvolume entry"
         found = self.item(self.root_tree, (ROOT_TREE_DIR, DIR_ITEM, name_hash(name)))
-        if found is not None:
-            for entry in parse_dir_items(found[0], "btrfs default subvolume entry"):
-                if entry.name == name:
-                    return entry.location[0]
-        return FS_TREE
+        chosen = FS_TREE
+        for entry in parse_dir_items(found[0], where) if found is not None else []:
+            if entry.name == name:
+                chosen = entry.location[0]
+                if entry.location[1] != ROOT_ITEM:
+                    raise _corrupt(f"the default entry names an item of type {entry.location[1]}", None, where)
+        root = self.root_item(chosen)
+        if root is None or root.refs == 0:
+            raise _corrupt(f"the default subvolume {chosen} is missing", None, where)
+        return chosen
 
     def subvolumes(self) -> list[Subvolume]:
         """Every subvolume and snapshot reachable from the top level (5 itself left out, as
