@@ -297,6 +297,20 @@ def test_two_device_file_system_refused(tmp_path):
         open_btrfs(first)
 
 
+def test_unknown_and_unread_features_refused(images, tmp_path):
+    """Incompat features that change the layout (zoned; a bit no btrfs-progs knows) are named and
+    refused, after the superblock's checksum is made right (dump-super then reads them too)."""
+    image = tmp_path / "features.img"
+    for bit, message in ((0x1000, "zoned"), (1 << 40, "unknown features")):
+        run("cp", "--sparse=always", images["default"], image)
+        incompat = int(dump_super(image)["incompat_flags"], 16)
+        patch(image, SUPERBLOCK + 0xBC, struct.pack("<Q", incompat | bit))
+        rechecksum(image, SUPERBLOCK, 4096)
+        assert int(dump_super(image)["incompat_flags"], 16) == incompat | bit
+        with pytest.raises(UnsupportedFormat, match=message):
+            open_btrfs(image)
+
+
 @requires_qemu
 @pytest.mark.skipif(shutil.which("sfdisk") is None, reason="sfdisk not installed")
 def test_through_qcow2_partition(images, tree, tmp_path):

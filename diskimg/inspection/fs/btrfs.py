@@ -96,7 +96,7 @@ CHUNK_ITEM = 228
 
 #: a B-tree is at most this many levels deep (levels 0 to 7)
 MAX_LEVEL = 8
-#: superblock flags, incompat features this reader cannot honour
+#: incompat features this reader cannot honour
 UNSUPPORTED_INCOMPAT = {0x80: "RAID5/6", 0x800: "RAID1C3/RAID1C4", 0x1000: "zoned", 0x2000: "extent tree v2",
                         0x4000: "RAID stripe tree"}
 KNOWN_INCOMPAT = sum(BTRFS_INCOMPAT)
@@ -110,7 +110,7 @@ RAID_PROFILES = {0x8: "RAID0", 0x10: "RAID1", 0x40: "RAID10", 0x80: "RAID5", 0x1
 #: chunks kept in the map (a chunk holds at least 1 MiB in practice; this covers 256 TiB of 1 GiB chunks)
 MAX_CHUNKS = 1 << 18
 
-# checksums: type -> size in bytes
+# checksum types
 CSUM_CRC32C, CSUM_XXHASH, CSUM_SHA256, CSUM_BLAKE2 = 0, 1, 2, 3
 CSUM_NAMES = {CSUM_CRC32C: "crc32c", CSUM_XXHASH: "xxhash64", CSUM_SHA256: "sha256", CSUM_BLAKE2: "blake2b"}
 #: the checksum field's size (a checksum of a smaller type fills its start)
