@@ -7,7 +7,8 @@ system's data. Nothing but :class:`~diskimg.errors.DiskImageError` escapes, what
 What is recognised (``FileSystem.type``): ``ext2``, ``ext3``, ``ext4``, ``ext-journal``, ``xfs``,
 ``btrfs``, ``ntfs``, ``bitlocker``, ``fat12``, ``fat16``, ``fat32``, ``exfat``, ``swap``,
 ``lvm2`` (a PV label), ``luks`` (LUKS1/LUKS2), ``squashfs``, ``md`` (Linux RAID v1.1/1.2
-superblock), ``zfs`` (an uberblock, found only by ``probe``, which may read a little further).
+superblock), ``zfs`` (an uberblock, found only by ``probe``, which may read a little further;
+so is a btrfs whose primary superblock is gone, by its copy at 64 MiB).
 
 Order matters where structures share bytes: those whose signature lies in sector 0 (a boot
 sector ending in 55 AA like an MBR, or a header at offset 0) are probed first
@@ -250,21 +251,124 @@ def probe_xfs(head: bytes) -> FileSystem | None:
 
 # -- btrfs ---------------------------------------------------------------------------------------------
 
+#: the primary superblock and its copies lie at these offsets of the device (where it is large enough)
+BTRFS_SUPERBLOCK_OFFSETS = (0x10000, 0x4000000, 0x4000000000)
+BTRFS_SUPERBLOCK_SIZE = 0x1000
+BTRFS_MAGIC = b"_BHRfS_M"
+#: the superblock up to its label's end and the fields after it: checksum, fsid, bytenr, flags, magic,
+#: generation, root, chunk_root, log_root, (unused) log_root_transid, total_bytes, bytes_used,
+#: root_dir_objectid, num_devices, sectorsize, nodesize, (unused) leafsize, stripesize,
+#: sys_chunk_array_size, chunk_root_generation, compat, compat_ro and incompat flags, csum_type,
+#: root_level, chunk_root_level, log_root_level; then the device item: devid, total_bytes,
+#: bytes_used, io_align, io_width, sector_size, type, generation, start_offset, dev_group,
+#: seek_speed, bandwidth, uuid, fsid; then label, cache_generation, uuid_tree_generation, metadata_uuid
+BTRFS_SUPERBLOCK = struct.Struct("<32s16sQQ8sQQQQQQQQQIIIIIQQQQHBBBQQQIIIQQQIBB16s16s256sQQ16s")
+#: where the system chunk array (the chunks that hold the chunk tree) lies, and its capacity
+BTRFS_SYS_CHUNK_ARRAY = 0x32B
+BTRFS_SYS_CHUNK_ARRAY_MAX = 2048
+BTRFS_INCOMPAT_METADATA_UUID = 0x400
+BTRFS_INCOMPAT = {
+    0x1: "mixed_backref", 0x2: "default_subvol", 0x4: "mixed_groups", 0x8: "compress_lzo", 0x10: "compress_zstd",
+    0x20: "big_metadata", 0x40: "extended_iref", 0x80: "raid56", 0x100: "skinny_metadata", 0x200: "no_holes",
+    0x400: "metadata_uuid", 0x800: "raid1c34", 0x1000: "zoned", 0x2000: "extent_tree_v2",
+    0x4000: "raid_stripe_tree", 0x10000: "simple_quota",
+}
 
-def probe_btrfs(head: bytes) -> FileSystem | None:
-    base = 0x10000
-    if not _at(head, base + 0x40, b"_BHRfS_M"):
+
+@dataclass(frozen=True)
+class BtrfsSuperblock:
+    """The fields of a btrfs superblock (one of its copies), as stored: nothing is checked here."""
+
+    checksum: bytes
+    fsid: bytes
+    bytenr: int  # where this copy says it lies
+    flags: int
+    generation: int
+    root: int  # the root tree's logical address
+    chunk_root: int
+    log_root: int
+    total_bytes: int
+    bytes_used: int
+    root_dir_objectid: int
+    num_devices: int
+    sector_size: int
+    node_size: int
+    stripe_size: int
+    sys_chunk_array_size: int
+    chunk_root_generation: int
+    compat: int
+    compat_ro: int
+    incompat: int
+    csum_type: int
+    root_level: int
+    chunk_root_level: int
+    log_root_level: int
+    devid: int  # this device's id, and its size
+    device_total_bytes: int
+    device_uuid: bytes
+    device_fsid: bytes
+    label: str | None
+    metadata_uuid: bytes
+    sys_chunk_array: bytes
+
+    @property
+    def metadata_fsid(self) -> bytes:
+        """What tree blocks carry as their fsid (the metadata_uuid when that feature is on)."""
+        return self.metadata_uuid if self.incompat & BTRFS_INCOMPAT_METADATA_UUID else self.fsid
+
+
+def parse_btrfs_superblock(raw: bytes) -> BtrfsSuperblock | None:
+    """The superblock in ``raw`` (its 4 KiB, from the copy's start), or None without the magic."""
+    if len(raw) < BTRFS_SUPERBLOCK_SIZE or raw[0x40:0x48] != BTRFS_MAGIC:
         return None
-    sector = _le(head, base + 0x90, 4)
+    (checksum, fsid, bytenr, flags, _magic, generation, root, chunk_root, log_root, _log_transid, total_bytes,
+     bytes_used, root_dir, num_devices, sector_size, node_size, _leaf_size, stripe_size, sys_array_size,
+     chunk_root_generation, compat, compat_ro, incompat, csum_type, root_level, chunk_root_level, log_root_level,
+     devid, device_total, _device_used, _io_align, _io_width, _device_sector, _device_type, _device_generation,
+     _start_offset, _dev_group, _seek_speed, _bandwidth, device_uuid, device_fsid, label, _cache_generation,
+     _uuid_tree_generation, metadata_uuid) = BTRFS_SUPERBLOCK.unpack_from(raw)
+    return BtrfsSuperblock(
+        checksum=checksum, fsid=fsid, bytenr=bytenr, flags=flags, generation=generation, root=root,
+        chunk_root=chunk_root, log_root=log_root, total_bytes=total_bytes, bytes_used=bytes_used,
+        root_dir_objectid=root_dir, num_devices=num_devices, sector_size=sector_size, node_size=node_size,
+        stripe_size=stripe_size, sys_chunk_array_size=sys_array_size, chunk_root_generation=chunk_root_generation,
+        compat=compat, compat_ro=compat_ro, incompat=incompat, csum_type=csum_type, root_level=root_level,
+        chunk_root_level=chunk_root_level, log_root_level=log_root_level, devid=devid, device_total_bytes=device_total,
+        device_uuid=device_uuid, device_fsid=device_fsid, label=_text(label), metadata_uuid=metadata_uuid,
+        sys_chunk_array=raw[BTRFS_SYS_CHUNK_ARRAY : BTRFS_SYS_CHUNK_ARRAY + BTRFS_SYS_CHUNK_ARRAY_MAX],
+    )
+
+
+def _btrfs_file_system(sb: BtrfsSuperblock) -> FileSystem:
     return FileSystem(
         type="btrfs",
-        uuid=_uuid(head[base + 0x20 : base + 0x30]),
-        label=_text(head[base + 0x12B : base + 0x22B]),
-        block_size=sector or None,
-        size=_le(head, base + 0x70, 8) or None,
-        free=max(0, _le(head, base + 0x70, 8) - _le(head, base + 0x78, 8)) or None,
-        details={"num_devices": _le(head, base + 0x88, 8), "generation": _le(head, base + 0x48, 8)},
+        uuid=_uuid(sb.fsid),
+        label=sb.label,
+        block_size=sb.sector_size or None,
+        size=sb.total_bytes or None,
+        free=max(0, sb.total_bytes - sb.bytes_used) or None,
+        state="needs_recovery" if sb.log_root else None,  # a log tree of fsynced changes to replay
+        features=_flag_names(sb.incompat, BTRFS_INCOMPAT) if sb.incompat else [],
+        details={"num_devices": sb.num_devices, "generation": sb.generation},
     )
+
+
+def probe_btrfs(head: bytes) -> FileSystem | None:
+    base = BTRFS_SUPERBLOCK_OFFSETS[0]
+    sb = parse_btrfs_superblock(head[base : base + BTRFS_SUPERBLOCK_SIZE].ljust(BTRFS_SUPERBLOCK_SIZE, b"\0"))
+    return None if sb is None else _btrfs_file_system(sb)
+
+
+def probe_btrfs_copy(disk: Disk, offset: int) -> FileSystem | None:
+    """A btrfs whose primary superblock is gone, by its first copy (at 64 MiB, recording that place)."""
+    position = BTRFS_SUPERBLOCK_OFFSETS[1]
+    sb = parse_btrfs_superblock(disk.read(offset + position, BTRFS_SUPERBLOCK_SIZE))
+    if sb is None or sb.bytenr != position:
+        return None
+    found = _btrfs_file_system(sb)
+    found.state = "needs_repair"
+    found.details["superblock_copy"] = position
+    return found
 
 
 # -- boot-sector file systems --------------------------------------------------------------------------
@@ -554,6 +658,10 @@ def probe(disk: Disk, offset: int = 0, length: int | None = None) -> FileSystem 
     found = probe_bytes(head)
     if found is not None or (length is not None and length < 256 << 10):
         return found
+    if length is None or length >= BTRFS_SUPERBLOCK_OFFSETS[1] + BTRFS_SUPERBLOCK_SIZE:
+        found = probe_btrfs_copy(disk, offset)
+        if found is not None:
+            return found
     # ZFS: the first label's uberblock ring (128-256 KiB), magic in either byte order.
     ring = disk.read(offset + (128 << 10), 128 << 10)
     for slot in range(0, len(ring) - 8, 1024):
