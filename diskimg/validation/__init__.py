@@ -172,6 +172,7 @@ def _facts(ctx: DiskContext) -> DiskFacts:
         facts.partition_table = described
         whole = ctx.whole_disk_fs
         facts.file_system = whole.to_dict() if whole else None
+        facts.volumes = [volume.describe() for volume in ctx.guest_disk.volumes]
     except (NotAvailable, DiskImageError):
         pass
     if ctx.role == SYSTEM:

@@ -20,6 +20,8 @@ from ..formats import qcow2 as q
 from ..formats.foreign import output_name
 from ..units import format_size
 from ..streams.compressed import unwrap_command
+from ..inspection.guest import CONTAINERS, GuestVolume
+from ..inspection.signatures import FileSystem
 from .context import WRAPPERS, DiskContext, NotAvailable
 from .rules import DATA, SYSTEM, GiB
 
@@ -374,8 +376,8 @@ _SPECIAL = {"bios_boot", "msr", "extended", "ldm", "protective"}
 
 @disk_check("filesystems")
 def file_systems(ctx: DiskContext) -> None:
-    profile = ctx.profile
-    for volume in ctx.volumes:
+    guest_volumes = ctx.base_volumes
+    for volume, guest_volume in zip(ctx.volumes, guest_volumes):
         fs = volume.fs
         part = volume.partition
         evidence: dict[str, Any] = {"partition": volume.number, "offset": volume.offset}
@@ -392,7 +394,9 @@ def file_systems(ctx: DiskContext) -> None:
             evidence.update({"file_system": fs.type, "uuid": fs.uuid, "label": fs.label})
         # LVM and swap, by partition type or by signature
         if (fs is not None and fs.type == "lvm2") or kind == "lvm":
-            ctx.emit("fs-lvm", f"{volume.name} is an LVM physical volume", {**evidence, "type": part.type if part else None},
+            inside, facts = _lvm_contents(ctx, guest_volume)
+            ctx.emit("fs-lvm", f"{volume.name} is an LVM physical volume{inside}",
+                     {**evidence, "type": part.type if part else None, **facts},
                      "use plain partitions for the system disk (Alibaba's image specification); the import itself "
                      "accepts LVM")
         if (fs is not None and fs.type == "swap") or kind == "swap":
@@ -402,48 +406,107 @@ def file_systems(ctx: DiskContext) -> None:
         if fs is None:
             continue
         if fs.type in ("luks", "bitlocker"):
-            ctx.emit("fs-encrypted", f"{volume.name} is {fs.description}", evidence,
+            holds = guest_volume.holds
+            facts = {key: holds.facts.get(key) for key in ("uuid", "cipher", "version")} if holds else {}
+            shown = f" ({holds.name})" if holds else ""
+            ctx.emit("fs-encrypted", f"{volume.name} is {fs.description}{shown}: ECS cannot import an encrypted "
+                     "system disk, and nothing inside it can be checked", {**evidence, **facts},
                      "decrypt the volume before importing a system disk (the instance cannot ask for a passphrase)")
-        if fs.state in ("needs_recovery", "not_clean"):
-            what = "its journal needs recovery" if fs.state == "needs_recovery" else "it was not cleanly unmounted"
-            ctx.emit("fs-needs-recovery", f"{fs.type} on {volume.name}: {what}", {**evidence, "value": fs.state},
-                     "shut the VM down cleanly before copying its disk, or repair the file system on a copy "
-                     f"({'e2fsck -f' if fs.type.startswith('ext') else 'xfs_repair' if fs.type == 'xfs' else 'fsck'}"
-                     " through qemu-nbd or a loop device)")
-        elif fs.state in ("errors", "needs_repair"):
-            ctx.emit("fs-errors", f"{fs.type} on {volume.name} " + (
-                "has errors recorded by the kernel" if fs.state == "errors" else "is marked as needing repair"),
-                {**evidence, "value": fs.state},
-                f"repair it on a copy ({'e2fsck -f' if fs.type.startswith('ext') else 'xfs_repair'} through "
-                "qemu-nbd or a loop device)")
-        if fs.size is not None and fs.size > volume.length and (part is None or volume.length == part.size):
-            ctx.emit("fs-larger-than-partition", f"the {fs.type} file system on {volume.name} spans {fs.size} bytes "
-                     f"but the {'partition' if part else 'disk'} has {volume.length}",
-                     {**evidence, "fs_size": fs.size, "container_size": volume.length},
-                     "grow the partition back to the file system's size (or shrink the file system first, e.g. "
-                     "resize2fs, then the partition)")
-        if fs.type == "ext4" and "64bit" in fs.features:
-            ctx.emit("fs-ext4-64bit", f"ext4 on {volume.name} has the '64bit' feature (mke2fs's default), which "
-                     "only Alibaba's 2019-2020 import instructions forbade",
-                     {**evidence, "value": "64bit"},
-                     "nothing to do; should an old image check still refuse it: resize2fs -s on the unmounted "
-                     "file system")
-        if fs.type.startswith("ext") and "project" in fs.features and "quota" in fs.features:
-            ctx.emit("fs-ext4-project-quota", f"{fs.type} on {volume.name} enables both 'project' and 'quota'",
-                     {**evidence, "value": ["project", "quota"]},
-                     "tune2fs -O ^project on the unmounted file system (or ^quota)")
-        if fs.type not in profile.system_file_systems and fs.type not in ("swap", "lvm2", "luks", "bitlocker"):
-            ctx.emit("fs-not-listed", f"{volume.name} holds {fs.description}, not among the file systems "
-                     f"{profile.title} documents for a system disk", evidence,
-                     "ext4 or XFS for a Linux root file system, NTFS for Windows")
-        if ctx.role == SYSTEM and fs.size and fs.free is not None and fs.type in ("ext2", "ext3", "ext4", "xfs"):
-            share = fs.free / fs.size
-            if share < profile.min_free_fraction:
-                ctx.emit("fs-full", f"{fs.type} on {volume.name} has {format_size(fs.free)} free "
-                         f"({share:.0%} of {format_size(fs.size)})",
-                         {**evidence, "free": fs.free, "size": fs.size},
-                         f"free at least {profile.min_free_fraction:.0%} of the file system before imaging: drivers "
-                         "and agents are installed at first boot")
+        whole = part is None or volume.length == part.size
+        _file_system(ctx, volume.name, fs, evidence, volume.length, "partition" if part else "disk", whole)
+    for guest_volume in ctx.assembled:
+        fs = guest_volume.fs
+        if fs is not None:
+            evidence = {"volume": guest_volume.name, "stack": guest_volume.stack, "file_system": fs.type,
+                        "uuid": fs.uuid, "label": fs.label}
+            _file_system(ctx, guest_volume.name, fs, evidence, guest_volume.length, "volume", True)
+
+
+def _file_system(ctx: DiskContext, name: str, fs: FileSystem, evidence: dict[str, Any], length: int,
+                 container: str, whole: bool) -> None:
+    """The findings about one file system, on a partition, the whole disk or an assembled volume (``length``
+    bytes; ``whole``: the container is as large as its table says)."""
+    profile = ctx.profile
+    if fs.state in ("needs_recovery", "not_clean"):
+        what = "its journal needs recovery" if fs.state == "needs_recovery" else "it was not cleanly unmounted"
+        ctx.emit("fs-needs-recovery", f"{fs.type} on {name}: {what}", {**evidence, "value": fs.state},
+                 "shut the VM down cleanly before copying its disk, or repair the file system on a copy "
+                 f"({'e2fsck -f' if fs.type.startswith('ext') else 'xfs_repair' if fs.type == 'xfs' else 'fsck'}"
+                 " through qemu-nbd or a loop device)")
+    elif fs.state in ("errors", "needs_repair"):
+        ctx.emit("fs-errors", f"{fs.type} on {name} " + (
+            "has errors recorded by the kernel" if fs.state == "errors" else "is marked as needing repair"),
+            {**evidence, "value": fs.state},
+            f"repair it on a copy ({'e2fsck -f' if fs.type.startswith('ext') else 'xfs_repair'} through "
+            "qemu-nbd or a loop device)")
+    if fs.size is not None and fs.size > length and whole:
+        ctx.emit("fs-larger-than-partition", f"the {fs.type} file system on {name} spans {fs.size} bytes "
+                 f"but the {container} has {length}", {**evidence, "fs_size": fs.size, "container_size": length},
+                 f"grow the {container} back to the file system's size (or shrink the file system first, e.g. "
+                 f"resize2fs, then the {container})")
+    if fs.type == "ext4" and "64bit" in fs.features:
+        ctx.emit("fs-ext4-64bit", f"ext4 on {name} has the '64bit' feature (mke2fs's default), which "
+                 "only Alibaba's 2019-2020 import instructions forbade",
+                 {**evidence, "value": "64bit"},
+                 "nothing to do; should an old image check still refuse it: resize2fs -s on the unmounted "
+                 "file system")
+    if fs.type.startswith("ext") and "project" in fs.features and "quota" in fs.features:
+        ctx.emit("fs-ext4-project-quota", f"{fs.type} on {name} enables both 'project' and 'quota'",
+                 {**evidence, "value": ["project", "quota"]},
+                 "tune2fs -O ^project on the unmounted file system (or ^quota)")
+    if fs.type not in profile.system_file_systems and fs.type not in ("swap", *CONTAINERS):
+        ctx.emit("fs-not-listed", f"{name} holds {fs.description}, not among the file systems "
+                 f"{profile.title} documents for a system disk", evidence,
+                 "ext4 or XFS for a Linux root file system, NTFS for Windows")
+    if ctx.role == SYSTEM and fs.size and fs.free is not None and fs.type in ("ext2", "ext3", "ext4", "xfs"):
+        share = fs.free / fs.size
+        if share < profile.min_free_fraction:
+            ctx.emit("fs-full", f"{fs.type} on {name} has {format_size(fs.free)} free "
+                     f"({share:.0%} of {format_size(fs.size)})",
+                     {**evidence, "free": fs.free, "size": fs.size},
+                     f"free at least {profile.min_free_fraction:.0%} of the file system before imaging: drivers "
+                     "and agents are installed at first boot")
+
+
+def _lvm_contents(ctx: DiskContext, volume: GuestVolume) -> tuple[str, dict[str, Any]]:
+    """What an LVM physical volume holds, in words (after "is an LVM physical volume") and facts: its UUID, its
+    volume group and the group's logical volumes with their kinds, sizes and file systems."""
+    holds = volume.holds
+    if holds is None:  # an LVM partition type without a PV label
+        return "", {}
+    group = ctx.stack.pv_groups.get(id(volume))
+    facts: dict[str, Any] = {"pv_uuid": holds.facts["uuid"], "vg": None, "logical_volumes": []}
+    if group is None:
+        problems = "; ".join(ctx.stack.problems[ctx.machine.index(ctx)])
+        return (f" ({holds.facts['uuid']}) in no volume group that could be read" + (f": {problems}" if problems
+                                                                                       else ""), facts)
+    assembled = {volume.layer.facts["path"]: volume for disk in ctx.stack.volumes for volume in disk
+                 if volume.layer is not None and volume.layer.kind == "lvm-lv"}
+    shown = []
+    for lv in group.logical_volumes:
+        if not lv.visible:
+            continue
+        found = assembled.get(lv.path)
+        fs_type = found.fs_type if found is not None else None
+        facts["logical_volumes"].append({"lv": lv.path, "type": lv.kind, "size": lv.size, "file_system": fs_type,
+                                         "unreadable": lv.unreadable_reason})
+        shown.append(f"{lv.name} ({lv.kind}, {format_size(lv.size)}" + (f", {fs_type}" if fs_type else "") + ")")
+    facts["vg"] = group.name
+    inside = f" holding {', '.join(shown)}" if shown else " holding no logical volume"
+    return f" ({holds.facts['uuid']}) of volume group {group.name},{inside}", facts
+
+
+@disk_check("filesystems")
+def volume_groups(ctx: DiskContext) -> None:
+    for group in ctx.stack.volume_groups[ctx.machine.index(ctx)]:
+        for missing in group.missing:
+            ctx.emit("fs-lvm-pv-missing", missing.message,
+                     {"vg": group.name, "uuid": missing.uuid, "device": missing.device,
+                      "logical_volumes": list(missing.logical_volumes), "marked_missing": missing.marked_missing,
+                      "value": missing.uuid},
+                     "validate the disks of the machine together (--system DISK --data DISK...) and import the one "
+                     "holding this physical volume as a data disk, or drop it from the volume group inside the "
+                     "guest (vgreduce --removemissing) after moving what it holds")
 
 
 # =====================================================================================================

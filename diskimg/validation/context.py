@@ -20,6 +20,7 @@ from ..inspection.biosboot import BiosChain, follow_bios_chain
 from ..inspection.signatures import FileSystem, fallback_loaders
 from ..inspection.fs.fat import find_efi_loaders
 from ..inspection.guest import GuestDisk, GuestFacts, GuestVolume, inspect_guest
+from ..inspection.guest.stack import MachineDisk, MachineStack, assemble
 from ..host.files import HostFile
 from ..detection.image import image_info, open_image
 from ..inspection.partitions import Partition, PartitionTable, read_partition_table
@@ -357,10 +358,11 @@ class DiskContext:
     # -- the guest operating system ------------------------------------------------------------------------
 
     @cached_property
-    def guest_disk(self) -> GuestDisk:
-        """The volumes as the guest names them (UUID, LABEL, PARTUUID, PARTLABEL), file systems opened lazily."""
+    def base_volumes(self) -> list[GuestVolume]:
+        """The partitions (or the whole disk) as the guest names them: UUID, LABEL, PARTUUID, PARTLABEL."""
         table = self.table
         signature = table.mbr.disk_signature if table.scheme == "mbr" and table.mbr else None
+        label = self.path if len(self.machine) > 1 else None
         volumes = []
         for volume in self.volumes:
             part = volume.partition
@@ -370,8 +372,34 @@ class DiskContext:
             elif part is not None and signature:
                 partuuid = f"{signature:08x}-{part.number:02x}"
             volumes.append(GuestVolume(volume.name, volume.number, volume.offset, volume.length, volume.fs,
-                                       partuuid, partlabel))
-        return GuestDisk(self.reader, volumes)
+                                       partuuid, partlabel, disk_label=label))
+        return volumes
+
+    @cached_property
+    def stack(self) -> MachineStack:
+        """The volumes assembled on the disks of the machine (LVM volume groups across them), found once for
+        the machine and shared by its disks."""
+        first = self.machine[0]
+        if first is not self:
+            return first.stack
+        disks: list[MachineDisk | None] = []
+        for ctx in self.machine:
+            try:
+                disks.append(MachineDisk(ctx.path, ctx.reader, ctx.base_volumes))
+            except (NotAvailable, DiskImageError):
+                disks.append(None)
+        return assemble(disks)
+
+    @property
+    def assembled(self) -> list[GuestVolume]:
+        """The volumes assembled on this disk (the logical volumes of the volume groups it holds)."""
+        return self.stack.volumes[self.machine.index(self)]
+
+    @cached_property
+    def guest_disk(self) -> GuestDisk:
+        """The volumes as the guest names them (UUID, LABEL, PARTUUID, PARTLABEL, device-mapper names),
+        partitions first, file systems opened lazily."""
+        return GuestDisk(self.reader, self.base_volumes + self.assembled)
 
     @cached_property
     def guest(self) -> GuestFacts | None:

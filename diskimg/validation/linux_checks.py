@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..inspection.guest import GuestFacts, is_device_name, spec_key
+from ..inspection.guest import GuestFacts, assembled_name, is_device_name, spec_key
 from ..inspection.guest.config import kernel_arg, recovery_arguments, version_tuple
 from ..inspection.guest.linux import BOOT_DRIVERS, LATE_DRIVERS, LinuxInspection
 from .checks import disk_check
@@ -37,6 +37,11 @@ def guest_found(ctx: DiskContext) -> None:
         return
     guest = ctx.guest
     if guest is None:
+        hidden = _unreadable_stack(ctx)
+        if hidden:
+            ctx.emit("guest-root-unreadable", "no readable volume holds an operating system, and the root may lie "
+                     "where diskimg cannot read: " + "; ".join(f"{where}: {why}" for where, why in hidden.items())
+                     + ": nothing inside can be checked", {"value": list(hidden), "volumes": hidden}, _UNREADABLE_HINT)
         if ctx.guest_disk.unreadable:
             ctx.require_guest()  # raises NotAvailable with the volumes that could not be read
         ctx.emit("guest-not-found", "no operating system found on any volume (no /etc/os-release or release "
@@ -54,7 +59,19 @@ def guest_found(ctx: DiskContext) -> None:
 
 def _guest_evidence(guest: GuestFacts) -> dict[str, Any]:
     return {"partition": guest.root.number if guest.root else None, "distribution": guest.distribution,
-            "version": guest.version, "platform": guest.platform, "architecture": guest.architecture}
+            "version": guest.version, "platform": guest.platform, "architecture": guest.architecture,
+            "volume": guest.root.name if guest.root else None, "stack": guest.root.stack if guest.root else None}
+
+
+_UNREADABLE_HINT = ("put the root on a volume that can be read offline: a partition, or a linear or striped logical "
+                    "volume whose physical volumes are all given (validate --system DISK --data DISK...); thin and "
+                    "snapshot volumes, damaged volume groups and md levels other than RAID1 cannot be inspected")
+
+
+def _unreadable_stack(ctx: DiskContext) -> dict[str, str]:
+    """Volume (its stack) -> why it cannot be read, for the assembled volumes that may hold a root but cannot be
+    read: a thin or snapshot LV, an LV on a missing PV, an md array of another level than RAID1."""
+    return {volume.stack: volume.unreadable for volume in ctx.guest_disk.volumes if volume.unreadable}
 
 
 @disk_check("guest")
@@ -87,6 +104,43 @@ def linux_drivers(ctx: DiskContext) -> None:
                            + (linux.initramfs_error or "no modules.builtin, kernel config or module files"))
 
 
+#: what each need of a root's stack is, in words, and the fix
+_STACK_NEEDS = {"dm_mod": "device-mapper (dm-mod)", "lvm": "the lvm tool", "btrfs": "the btrfs module"}
+#: the stacks a root may need support for, by what each needs
+_STACK_KINDS = {"LVM": ("dm_mod", "lvm"), "btrfs": ("btrfs",)}
+_STACK_HINT = {
+    "LVM": "rebuild the initramfs with LVM inside the guest: dracut -f --add lvm --add-drivers dm-mod "
+           "/boot/initramfs-{v}.img {v} (RHEL, SUSE), or install lvm2 and run update-initramfs -u -k {v} (Debian, "
+           "Ubuntu)",
+    "btrfs": "rebuild the initramfs with btrfs inside the guest: dracut -f --add btrfs --add-drivers btrfs "
+             "/boot/initramfs-{v}.img {v} (RHEL, SUSE), or add btrfs to /etc/initramfs-tools/modules and run "
+             "update-initramfs -u -k {v} (Debian, Ubuntu)",
+}
+
+
+@disk_check("guest")
+def linux_root_stack(ctx: DiskContext) -> None:
+    linux = _linux(ctx)
+    if linux is None or not linux.root_needs or linux.default_kernel is None:
+        return
+    kernel = linux.default_kernel
+    missing = [need for need, where in linux.root_needs.items() if where in ("module", "missing")]
+    unknown = [need for need, where in linux.root_needs.items() if where == "unknown"]
+    if missing:
+        kinds = [kind for kind, needs in _STACK_KINDS.items() if set(needs) & set(missing)]
+        ctx.emit("guest-initramfs-cannot-mount-root", f"the root is on {' and '.join(kinds)} ({linux.root.stack}) "
+                 f"but the default kernel {kernel.version} lacks {' and '.join(_STACK_NEEDS[n] for n in missing)} "
+                 "before the root is mounted (neither built in nor in its initramfs): it will not mount the root",
+                 {"kernel": kernel.version, "initramfs": linux.boot.initrd_paths[0] if linux.boot.initrd_paths
+                  else kernel.initramfs, "root": linux.root.stack, "needs": dict(linux.root_needs), "value": missing},
+                 "; ".join(_STACK_HINT[kind].format(v=kernel.version) for kind in kinds))
+    if unknown:
+        raise NotAvailable(f"whether kernel {kernel.version} has {', '.join(_STACK_NEEDS[n] for n in unknown)} "
+                           "before the root is mounted is not known: " + (linux.initramfs_error or
+                                                                           "no modules.builtin, kernel config or "
+                                                                           "module files"))
+
+
 @disk_check("guest")
 def linux_nvme(ctx: DiskContext) -> None:
     linux = _linux(ctx)
@@ -113,7 +167,9 @@ def linux_fstab(ctx: DiskContext) -> None:
     for check in linux.fstab:
         entry = check.entry
         evidence = {"line": entry.line, "spec": entry.spec, "mountpoint": entry.mountpoint, "value": entry.spec}
-        if check.status == "unresolved" and spec_key(entry.spec)[0] != "DEVICE" and ctx.find_on_other_disk(entry.spec):
+        key, value = spec_key(entry.spec)
+        if check.status == "unresolved" and (key != "DEVICE" or assembled_name(value)) \
+                and ctx.find_on_other_disk(entry.spec):
             continue  # on a data disk of the machine
         if check.status == "unresolved" and not entry.nofail:
             where = "any disk of the machine" if len(ctx.machine) > 1 else "this disk"
@@ -154,6 +210,11 @@ def linux_boot_entry(ctx: DiskContext) -> None:
     if root is None:
         return
     resolved = ctx.guest_disk.resolve(root)
+    if resolved.volume is not None and resolved.volume.unreadable is not None:
+        ctx.emit("guest-root-unreadable", f"the default boot entry mounts root={root}, {resolved.volume.stack}: "
+                 f"the facts here come from {linux.root.name}, which is not the root the instance boots",
+                 {**evidence, "value": root, "volume": resolved.volume.name, "reason": resolved.volume.unreadable},
+                 _UNREADABLE_HINT)
     if resolved.status == "missing":
         ctx.emit("guest-boot-entry-broken", f"the default boot entry's root={root} {resolved.reason}: the initramfs "
                  "will not find the root file system", {**evidence, "value": root},

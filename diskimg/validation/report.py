@@ -61,6 +61,10 @@ class DiskFacts:
     partition_table: dict[str, Any] | None = None
     #: the file system of a disk without a partition table
     file_system: dict[str, Any] | None = None
+    #: every volume of the disk with the stack it sits on: its partitions (or the whole disk), what a container
+    #: partition holds (an LVM PV, LUKS, BitLocker, an md member) and the volumes assembled on it (logical
+    #: volumes, md arrays), each as ``GuestVolume.describe()`` gives it
+    volumes: list[dict[str, Any]] | None = None
     boot_modes: list[str] | None = None
     recommended_boot_mode: str | None = None
     efi_loaders: list[str] | None = None
@@ -82,6 +86,7 @@ class DiskFacts:
             "disk_image_size": self.disk_image_size,
             "partition_table": self.partition_table,
             "file_system": self.file_system,
+            "volumes": self.volumes,
             "boot_modes": self.boot_modes,
             "recommended_boot_mode": self.recommended_boot_mode,
             "efi_loaders": self.efi_loaders,
@@ -171,6 +176,8 @@ def _partition_line(part: dict[str, Any]) -> str:
 def _guest_lines(guest: dict[str, Any]) -> list[str]:
     root = guest.get("root") or {}
     where = f" on partition {root['partition']}" if root.get("partition") else ""
+    if root.get("layer"):  # a logical volume, an md array, a btrfs subvolume
+        where = f" on {root['stack']}"
     lines = [f"  guest:         {guest.get('product') or guest.get('distribution') or guest['os_type']}{where} "
              f"({guest.get('architecture') or '?'}; Platform {guest.get('platform') or '?'})"]
     details = guest.get("details") or {}
@@ -205,6 +212,9 @@ def render_text(report: Report) -> str:
         if disk.file_system:
             fs = disk.file_system
             lines.append(f"  file system:   {fs['type']} on the whole disk" + (f' "{fs["label"]}"' if fs.get("label") else ""))
+        stacked = [volume["stack"] for volume in disk.volumes or [] if volume.get("layer") or volume.get("holds")]
+        for number, stack in enumerate(stacked):
+            lines.append(f"  {'volumes:' if number == 0 else '':<15}{stack}")
         if disk.boot_modes is not None:
             modes = ", ".join(disk.boot_modes) or "none found"
             rec = f" (declare {disk.recommended_boot_mode})" if disk.recommended_boot_mode else ""

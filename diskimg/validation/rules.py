@@ -255,12 +255,21 @@ RULES: tuple[Rule, ...] = (
        "§1.3 P9 (A-INSTR) [inference]"),
     _r("fs-lvm", WARNING, "filesystems", "LVM on the system disk",
        "Alibaba's image specification says not to manage system-disk partitions with LVM (the 2018 compliance "
-       "tool failed it).", "§1.3 P7 (A-SPEC, A-TOOL 2018)", (SYSTEM,)),
+       "tool failed it). The finding names the volume group and the logical volumes found inside, with their "
+       "file systems.", "§1.3 P7 (A-SPEC, A-TOOL 2018)", (SYSTEM,)),
+    _r("fs-lvm-pv-missing", ERROR, "filesystems", "Volume group with a missing physical volume",
+       "The volume group spans a physical volume (named by its UUID) that is on none of the disks validated "
+       "together, or that its metadata marks missing: the logical volumes with extents on it cannot be activated "
+       "on the instance, so a root or a mount on them fails. Import the disk holding it with the image (and "
+       "validate the disks together), or remove it from the group.",
+       "§1.3 P7 (A-SPEC) [inference: LVM2's lvmraid(7)/vgreduce(8), activation of LVs on missing PVs]"),
     _r("fs-swap-partition", WARNING, "filesystems", "Swap partition on the system disk",
        "The image specification asks for no swap partition.", "§1.3 P8 (A-SPEC)", (SYSTEM,)),
     _r("fs-encrypted", ERROR, "filesystems", "Encrypted volume on the system disk",
-       "An instance cannot unlock a LUKS or BitLocker volume unattended at first boot, and ECS cannot inspect "
-       "or repair it.", "§1.3 P4 [inference], §3.3 (GCE: no software-encrypted disks)", (SYSTEM,)),
+       "An instance cannot unlock a LUKS or BitLocker volume unattended at first boot, and ECS cannot inspect, "
+       "adapt or repair what is inside, so it cannot import the system disk; nothing inside can be checked here "
+       "either. The finding gives the header's UUID and cipher.",
+       "§1.3 P4 [inference], §3.3 (GCE: no software-encrypted disks)", (SYSTEM,)),
     _r("fs-ext4-64bit", INFO, "filesystems", "ext4 '64bit' feature (a retired 2019-2020 rule)",
        "Alibaba's 2019-2020 image import instructions and compliance tool forbade the ext4 64bit feature; "
        "mke2fs sets it by default since e2fsprogs 1.43 (2016), ECS's own current images have it and the "
@@ -320,6 +329,17 @@ RULES: tuple[Rule, ...] = (
     _r("guest-not-found", WARNING, "guest", "No operating system found",
        "No volume holds a Linux root file system (/etc/os-release or a legacy release file) or a Windows "
        "system: the image may not be a system disk.", "§1.6 GUESTOS.SystemImage (A-CHECK)", (SYSTEM,)),
+    _r("guest-root-unreadable", ERROR, "guest", "Root file system on a volume that cannot be read",
+       "No readable volume holds the system, and a volume that may hold it cannot be read: a thin or snapshot "
+       "logical volume, one with extents on a missing physical volume, a volume group whose metadata is damaged, "
+       "an md array of a level other than RAID1 (or the boot entry's root= names such a volume). None of the "
+       "guest checks can run, so the image's readiness for import is unknown.",
+       "§1.6 GUESTOS (A-CHECK) [inference: the checks need the root file system]", (SYSTEM,)),
+    _r("guest-initramfs-cannot-mount-root", ERROR, "guest", "Initramfs cannot mount the root file system",
+       "A root on LVM needs device-mapper (dm-mod, built in or in the initramfs) and the lvm tool (or dracut's "
+       "lvm module) in the initramfs to activate its logical volume; a root on btrfs needs the btrfs module "
+       "built in or in the initramfs. Without them the boot stops before the root is mounted.",
+       "§1.4 L1 (A-VIRTIO) [inference: dracut's lvm and btrfs modules, initramfs-tools' lvm2 hook]", (SYSTEM,)),
     _r("guest-virtio-missing", ERROR, "guest", "virtio drivers missing for the default kernel",
        "On KVM the system disk is virtio-blk: virtio_blk and virtio_pci must be built into the default kernel or "
        "carried by its initramfs, and virtio_net built in or installed as a module, or the instance finds no "

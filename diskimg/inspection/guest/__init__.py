@@ -8,6 +8,12 @@ dict for the report and the inspector's typed result (``inspection``) for the va
 An inspector is a module with ``inspect(disk: GuestDisk) -> GuestFacts | None``; it reads files
 through :class:`GuestDisk`, which opens each volume's file system once, on first use, and records
 the volumes it could not open (no driver, damaged) so that "no OS found" can say what was not read.
+
+A volume is not always a partition: it may be a logical volume of LVM2, an md RAID1 array (both
+assembled by ``stack.assemble`` across the disks of a machine) or a btrfs subvolume. Each
+:class:`GuestVolume` carries the byte source its file system is read from and the volumes it is
+assembled from, so the report can show its stack and the guest's names for it (``/dev/mapper/VG-LV``,
+``/dev/VG/LV``, ``/dev/md/NAME``) resolve to it.
 """
 
 from __future__ import annotations
@@ -21,16 +27,37 @@ from typing import Any
 from ...errors import DiskImageError
 from ..signatures import Disk, FileSystem
 from ..fs import GuestFileSystem, open_filesystem
+from ..fs.base import GuestPathError
 
 #: inspector modules, tried in order
 INSPECTORS = ("linux", "windows")
 
 
-@dataclass
-class GuestVolume:
-    """A volume of the disk (a partition, or the whole disk) as the guest's configuration names it."""
+#: file system types that are containers of other volumes, not file systems
+CONTAINERS = frozenset({"lvm2", "luks", "bitlocker", "md"})
 
-    name: str  # "partition 2", "the whole disk"
+
+@dataclass(frozen=True)
+class Layer:
+    """One step of a stack, in words and facts: what a container volume holds (an LVM2 physical volume, a
+    LUKS or BitLocker header, an md member) or what an assembled volume is (a logical volume, an md array, a
+    btrfs subvolume)."""
+
+    kind: str  # "lvm-pv", "lvm-lv", "luks", "bitlocker", "md-member", "md-array", "btrfs-subvolume"
+    name: str  # as the report shows it: "LVM2 PV 3Xz...", "LV centos/root (linear, 17 GiB)"
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, **self.facts}
+
+
+@dataclass(eq=False)
+class GuestVolume:
+    """A volume as the guest's configuration names it: a partition (or the whole disk), or a volume assembled
+    from others (``below``): a logical volume, an md array, a btrfs subvolume (``layer`` says which). Its file
+    system lies at ``offset`` of ``source`` (the disk itself when None)."""
+
+    name: str  # "partition 2", "the whole disk", "LV centos/root"
     number: int | None
     offset: int
     length: int
@@ -38,14 +65,37 @@ class GuestVolume:
     #: PARTUUID as Linux spells it: the GPT partition GUID, or "<MBR signature>-<NN>"
     partuuid: str | None = None
     partlabel: str | None = None
+    #: what the file system is read from when it is not the disk (an LVM logical volume, an md array)
+    source: Disk | None = None
+    #: the volumes this one is assembled from (an LV's physical volumes, an array's members, a subvolume's volume)
+    below: tuple[GuestVolume, ...] = ()
+    #: what this volume is, for an assembled one; None for a partition or the whole disk
+    layer: Layer | None = None
+    #: what a container volume (fs type in CONTAINERS) holds: its PV, LUKS, BitLocker or md facts
+    holds: Layer | None = None
+    #: why the volume is there but cannot be read (a thin LV, an LV on a missing PV, an md RAID5 array)
+    unreadable: str | None = None
+    #: the names the guest's device mapper or md give it: /dev/mapper/VG-LV, /dev/VG/LV, /dev/md/NAME
+    device_names: tuple[str, ...] = ()
+    #: the disk image it lies on, when the machine has several disks
+    disk_label: str | None = None
+    #: a btrfs subvolume's path from the top level ("" for the top level itself) and id
+    subvolume: str | None = None
+    subvolume_id: int | None = None
 
     @property
     def fs_type(self) -> str | None:
         return self.fs.type if self.fs else None
 
+    @property
+    def base(self) -> GuestVolume:
+        """The volume a btrfs subvolume view is a view of (itself for other volumes)."""
+        return self.below[0] if self.subvolume_id is not None else self
+
     def matches(self, spec: str) -> bool:
         """Whether a device spec (``UUID=``, ``LABEL=``, ``PARTUUID=``, ``PARTLABEL=``, ``/dev/disk/by-*``,
-        or the instance's name of a partition such as ``/dev/vda2``) names this volume."""
+        the instance's name of a partition such as ``/dev/vda2``, or the device-mapper or md name of an
+        assembled volume) names this volume."""
         key, value = spec_key(spec)
         fs = self.fs
         if key == "UUID":
@@ -57,12 +107,45 @@ class GuestVolume:
         if key == "PARTLABEL":
             return self.partlabel == value
         if key == "DEVICE":
+            if self.layer is not None:
+                return value in self.device_names
             return device_partition(value) == (self.number or 0)
         return False
 
+    def layers(self) -> list[str]:
+        """The stack below the file system, from the disk up, in words: ["partition 2", "LVM2 PV ...",
+        "LV centos/root (linear, 17 GiB)"]; the legs of a volume on several are joined by '+'."""
+        if self.layer is None:
+            where = f"{self.name} of {self.disk_label}" if self.disk_label else self.name
+            return [where] + ([self.holds.name] if self.holds else [])
+        if len(self.below) == 1:
+            below = self.below[0].layers()
+        else:
+            below = [" + ".join("(" + " -> ".join(volume.layers()) + ")" for volume in self.below)]
+        return below + [self.layer.name]
+
+    @property
+    def stack(self) -> str:
+        """The volume from the disk up to its file system: "partition 2 -> LVM2 PV ... -> LV centos/root
+        (linear, 17 GiB) -> xfs"."""
+        top = self.fs.type if self.fs is not None and self.fs.type not in CONTAINERS else None
+        if self.unreadable:
+            top = f"not read: {self.unreadable}"
+        return " -> ".join(self.layers() + ([top] if top else []))
+
     def to_dict(self) -> dict[str, Any]:
         return {"partition": self.number, "file_system": self.fs_type, "uuid": self.fs.uuid if self.fs else None,
-                "label": self.fs.label if self.fs else None}
+                "label": self.fs.label if self.fs else None, "volume": self.name,
+                "layer": self.layer.kind if self.layer else None, "stack": self.stack}
+
+    def describe(self) -> dict[str, Any]:
+        """The volume for the report's volume list: its stack in words and in facts."""
+        return {"volume": self.name, "partition": self.number, "stack": self.stack,
+                "layer": self.layer.to_dict() if self.layer else None,
+                "holds": self.holds.to_dict() if self.holds else None,
+                "on": [volume.name for volume in self.below],
+                "file_system": self.fs.to_dict() if self.fs and self.fs.type not in CONTAINERS else None,
+                "unreadable": self.unreadable}
 
 
 def spec_key(spec: str) -> tuple[str, str]:
@@ -89,6 +172,16 @@ _INSTANCE_DISKS = {"/dev/vda": "/dev/vda", "/dev/nvme0n1": "/dev/nvme0n1p", "/de
 _NOT_JUDGED = r"/dev/root|/dev/(sr|scd|fd)\d+|/dev/(cdrom|cdrw|dvd|dvdrw|floppy)\d*"
 
 
+def assembled_name(device: str) -> str | None:
+    """"md" for an md array's name (``/dev/md0``, ``/dev/md/root``), "dm" for a device-mapper name
+    (``/dev/mapper/VG-LV``, ``/dev/dm-0``, ``/dev/VG/LV``), None for other names."""
+    if re.fullmatch(r"/dev/md(\d+(p\d+)?|/.+)", device):
+        return "md"
+    if device.startswith(("/dev/mapper/", "/dev/dm-")) or device.count("/") == 3:
+        return "dm"
+    return None
+
+
 def device_partition(device: str) -> int | None:
     """The partition number an instance's system disk device name refers to (``/dev/vda2``,
     ``/dev/nvme0n1p2``, ``/dev/xvda2``), 0 for the whole disk, None for names the instance will not
@@ -108,12 +201,14 @@ def is_device_name(spec: str) -> bool:
 
 
 class GuestDisk:
-    """The disk's volumes and their file systems, opened lazily and once."""
+    """The disk's volumes (partitions, and the volumes assembled on them) and their file systems, opened
+    lazily and once."""
 
     def __init__(self, disk: Disk, volumes: list[GuestVolume]) -> None:
         self.disk = disk
         self.volumes = volumes
         self._opened: dict[int, GuestFileSystem | None] = {}
+        self._views: dict[tuple[int, str | None, int | None], GuestVolume | None] = {}
         #: volume name -> why its file system could not be read (no driver, damaged)
         self.unreadable: dict[str, str] = {}
 
@@ -121,9 +216,12 @@ class GuestDisk:
         key = id(volume)
         if key not in self._opened:
             fs = None
-            if volume.fs is not None:
+            if volume.unreadable is not None:
+                self.unreadable[volume.name] = volume.unreadable
+            elif volume.fs is not None:
+                source = volume.source if volume.source is not None else self.disk
                 try:
-                    fs = open_filesystem(self.disk, volume.offset, volume.length, volume.fs.type)
+                    fs = open_filesystem(source, volume.offset, volume.length, volume.fs.type)
                     if fs is None:
                         self.unreadable[volume.name] = f"diskimg has no reader for {volume.fs.type} yet"
                 except ImportError:
@@ -133,6 +231,45 @@ class GuestDisk:
             self._opened[key] = fs
         return self._opened[key]
 
+    def subvolume(self, volume: GuestVolume, subvol: str | None = None, subvolid: int | None = None
+                  ) -> GuestVolume | None:
+        """``volume`` (a btrfs file system) seen from the subvolume a mount's ``subvol=``/``subvolid=`` names,
+        or from its default subvolume when neither is given; None when it has no such subvolume (or its file
+        system cannot be read). Views are made once and are not among ``volumes``: a snapshot is never taken
+        for a volume of its own."""
+        volume = volume.base
+        key = (id(volume), subvol, subvolid)
+        if key in self._views:
+            return self._views[key]
+        view = None
+        fs = self.open(volume) if volume.fs_type == "btrfs" else None
+        if fs is not None:
+            from ..fs.btrfs import BtrfsFileSystem  # loaded already: the volume was opened by it
+
+            assert isinstance(fs, BtrfsFileSystem)
+            opened: BtrfsFileSystem | None = None
+            try:
+                opened = fs.open_subvolume(subvol, subvolid)
+                path = subvol.strip("/") if subvol is not None else next(
+                    (found.path for found in fs.list_subvolumes() if found.id == opened.subvolume_id), "")
+            except GuestPathError as exc:
+                self.unreadable[f"{volume.name} subvolume {subvol or subvolid}"] = exc.message
+                opened = None
+            except DiskImageError as exc:
+                self.unreadable[volume.name] = f"its btrfs subvolumes cannot be read: {exc.message}"
+                opened = None
+            if opened is not None:
+                tree_id = opened.subvolume_id
+                default = tree_id == fs.default_subvolume_id
+                shown = f"btrfs subvolume {path or '(top level)'}" + (" (default)" if default else "")
+                view = GuestVolume(f"{volume.name}, {shown}", volume.number, volume.offset, volume.length, volume.fs,
+                                   volume.partuuid, volume.partlabel, volume.source, (volume,),
+                                   Layer("btrfs-subvolume", shown, {"id": tree_id, "path": path, "default": default}),
+                                   disk_label=volume.disk_label, subvolume=path, subvolume_id=tree_id)
+                self._opened[id(view)] = opened
+        self._views[key] = view
+        return view
+
     def find(self, spec: str) -> GuestVolume | None:
         """The volume a device spec names (see :meth:`GuestVolume.matches`)."""
         for volume in self.volumes:
@@ -140,10 +277,17 @@ class GuestDisk:
                 return volume
         return None
 
+    def unassembled(self) -> list[GuestVolume]:
+        """The container volumes (LVM, LUKS, BitLocker, md) nothing was assembled from: what they hold is not
+        among the volumes."""
+        used = {id(below) for volume in self.volumes for below in volume.below}
+        return [volume for volume in self.volumes if volume.fs_type in CONTAINERS and id(volume) not in used]
+
     def resolve(self, spec: str) -> Resolution:
         """What a device spec of the guest (fstab's first field, the kernel's ``root=``) will name on
         the instance, resolved the way its initramfs and udev will: by UUID, LABEL, PARTUUID,
-        PARTLABEL, their /dev/disk/by-* links, or the device name the cloud gives the system disk."""
+        PARTLABEL, their /dev/disk/by-* links, the device name the cloud gives the system disk, or the
+        device-mapper and md names of the volumes assembled on it."""
         key, value = spec_key(spec)
         if key == "OTHER" or value.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/")) \
                 or re.fullmatch(_NOT_JUDGED, value):
@@ -153,14 +297,22 @@ class GuestDisk:
             return Resolution(volume, "found")
         if key != "DEVICE":
             return Resolution(None, "missing", f"names no file system or partition of this disk ({key}={value})")
-        containers = {v.fs.type for v in self.volumes if v.fs is not None}
-        if re.fullmatch(r"/dev/md(\d+(p\d+)?|/.+)", value):
+        containers = {volume.fs_type for volume in self.unassembled()}
+        assembled = assembled_name(value)
+        if assembled == "md":
             if "md" in containers:
                 return Resolution(None, "unassembled")
+            arrays = [name for v in self.volumes if v.layer and v.layer.kind == "md-array" for name in v.device_names]
+            if arrays:
+                return Resolution(None, "missing", f"names no md array of the disk ({', '.join(arrays)})")
             return Resolution(None, "missing", "is an md RAID array, but the disk holds no md member")
-        if value.startswith(("/dev/mapper/", "/dev/dm-")) or value.count("/") == 3:  # /dev/VG/LV
+        if assembled == "dm":
             if containers & {"lvm2", "luks"}:
                 return Resolution(None, "unassembled")
+            logical = [v.layer.facts["path"] for v in self.volumes if v.layer and v.layer.kind == "lvm-lv"]
+            if logical:
+                return Resolution(None, "missing", f"names no logical volume of the volume groups found "
+                                  f"({', '.join(logical)})")
             return Resolution(None, "missing", "is a device-mapper volume, but the disk holds no LVM physical volume "
                               "or LUKS container")
         number = device_partition(value)
@@ -180,7 +332,7 @@ class Resolution:
 
     volume: GuestVolume | None
     #: "found"; "missing" (names nothing the instance will have: it will not boot or mount);
-    #: "unassembled" (a volume inside LVM, LUKS or md, which diskimg does not assemble); "unknown" (not judged)
+    #: "unassembled" (a volume inside an LVM, LUKS or md container that was not assembled); "unknown" (not judged)
     status: str
     #: why it names nothing, for "missing"
     reason: str | None = None

@@ -1,9 +1,13 @@
 """Linux guest inspection: read the root file system (and the /boot and /usr it mounts) and collect
 what a cloud import depends on.
 
-The root is the volume holding ``/etc/os-release`` (or a legacy release file); its ``/etc/fstab``
-says where ``/boot``, ``/boot/efi`` and ``/usr`` live, and those volumes are read through the same
-:class:`GuestTree`, which resolves symbolic links across them as the guest would. Each fact comes
+The root is the volume holding ``/etc/os-release`` (or a legacy release file), wherever it lives: a
+partition, a logical volume, an md array, a btrfs subvolume. On btrfs it is the default subvolume, else
+the first plain subvolume holding a release file, and then the subvolume the kernel command line
+(``rootflags=subvol=``/``subvolid=``) or fstab's ``/`` line mounts, when that is another one; snapshots
+are never roots. Its ``/etc/fstab`` says where ``/boot``, ``/boot/efi`` and ``/usr`` live, and those
+volumes are read through the same :class:`GuestTree`, which resolves symbolic links across them as the
+guest would. Each fact comes
 from the file the distribution itself reads (the sources are in the reference's sections 1.2, 1.4
 and 6); a file that exists but cannot be read becomes a "could not read" note, never an exception.
 """
@@ -14,6 +18,7 @@ import fnmatch
 import posixpath
 import re
 from fnmatch import fnmatchcase
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +81,14 @@ DRIVERS = {
     "virtio_scsi": ("CONFIG_SCSI_VIRTIO", ("drivers/scsi/virtio_scsi",)),
     "nvme": ("CONFIG_BLK_DEV_NVME", ("drivers/nvme/host/nvme", "drivers/block/nvme")),
 }
+#: what the initramfs needs to mount a root on LVM or btrfs: driver -> (kernel config option, module path)
+STACK_DRIVERS = {
+    "dm_mod": ("CONFIG_BLK_DEV_DM", ("drivers/md/dm-mod",)),
+    "btrfs": ("CONFIG_BTRFS_FS", ("fs/btrfs/btrfs",)),
+}
+#: what the initramfs carries to assemble LVM: the lvm tool, or the files of dracut's lvm module (its
+#: lvm_scan script and parse-lvm.sh hook)
+LVM_TOOLING = re.compile(r"(^|/)(s?bin/lvm|s?bin/lvm_scan|[0-9]*-?parse-lvm\.sh)$")
 #: drivers the kernel needs before the root file system is mounted (built in, or in the initramfs)
 BOOT_DRIVERS = ("virtio_blk", "virtio_pci")
 #: drivers that may load from /lib/modules after the root is mounted
@@ -235,7 +248,8 @@ class MountCheck:
     volume: GuestVolume | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.entry.to_dict(), "status": self.status, "partition": self.volume.number if self.volume else None}
+        return {**self.entry.to_dict(), "status": self.status, "partition": self.volume.number if self.volume else None,
+                "volume": self.volume.name if self.volume else None}
 
 
 @dataclass
@@ -256,6 +270,9 @@ class LinuxInspection:
     initramfs_error: str | None = None
     #: driver -> where the default kernel gets it: "builtin", "initramfs", "module", "missing", "unknown"
     boot_drivers: dict[str, str] = field(default_factory=dict)
+    #: what the root's stack needs before it is mounted ("dm_mod" and "lvm" for LVM, "btrfs" for btrfs) ->
+    #: where the default kernel gets it, as in ``boot_drivers``; empty for a root on a partition
+    root_needs: dict[str, str] = field(default_factory=dict)
     cloud_init: dict[str, Any] = field(default_factory=dict)
     #: the SSH server's program, its host keys (/etc/ssh/ssh_host_*_key) and what generates missing ones at boot
     sshd: str | None = None
@@ -346,7 +363,16 @@ def inspect(disk: GuestDisk) -> GuestFacts | None:
     found = _find_root(disk)
     if found is None:
         return None
-    volume, fs = found
+    facts = _inspect_root(disk, *found)
+    mounted = _mounted_root(disk, facts.inspection)
+    if mounted is not None:  # the boot mounts another subvolume of the root's btrfs: that one is the root
+        fs = disk.open(mounted)
+        if fs is not None:
+            facts = _inspect_root(disk, mounted, fs)
+    return facts
+
+
+def _inspect_root(disk: GuestDisk, volume: GuestVolume, fs: GuestFileSystem) -> GuestFacts:
     tree = GuestTree(fs)
     notes: list[str] = []
     read = _Reader(tree, notes)
@@ -380,34 +406,101 @@ def inspect(disk: GuestDisk) -> GuestFacts | None:
     )
 
 
-#: containers whose file systems diskimg does not open (a root inside them is not found)
-_NOT_ASSEMBLED = {"lvm2": "an LVM physical volume: its logical volumes are not assembled by diskimg",
+#: containers whose file systems are not read when nothing was assembled from them (a root inside is not found)
+_NOT_ASSEMBLED = {"lvm2": "an LVM physical volume whose volume group could not be assembled",
                   "luks": "an encrypted LUKS volume", "bitlocker": "an encrypted BitLocker volume",
-                  "md": "an md RAID member: arrays are not assembled by diskimg"}
+                  "md": "an md RAID member whose array could not be assembled"}
+#: plain subvolumes of one btrfs tried as roots when its default subvolume holds no system
+MAX_ROOT_SUBVOLUMES = 64
 
 
 def _find_root(disk: GuestDisk) -> tuple[GuestVolume, GuestFileSystem] | None:
     """The first volume with a release file (else with /etc/fstab); a symlinked os-release counts,
-    as its target may be on a separate /usr."""
+    as its target may be on a separate /usr. A btrfs is looked at from its default subvolume, then
+    from its plain subvolumes (snapshots and read-only subvolumes are not roots)."""
     fallback = None
+    unassembled = {id(volume) for volume in disk.unassembled()}
     for volume in disk.volumes:
         if volume.fs is not None and volume.fs.type in _NOT_ASSEMBLED:
-            disk.unreadable[volume.name] = _NOT_ASSEMBLED[volume.fs.type]
-        if volume.fs is None or volume.fs.type in ("swap", *_NOT_ASSEMBLED):
+            if id(volume) in unassembled:
+                disk.unreadable[volume.name] = _NOT_ASSEMBLED[volume.fs.type]
             continue
-        fs = disk.open(volume)
-        if fs is None:
+        if volume.unreadable is not None:
+            disk.unreadable[volume.name] = volume.unreadable
             continue
-        try:
-            if not fs.is_dir("/etc"):
+        if volume.fs is None or volume.fs.type == "swap":
+            continue
+        for candidate in _root_candidates(disk, volume):
+            fs = disk.open(candidate)
+            if fs is None:
                 continue
-            if any(fs.exists(p, follow_symlinks=False) for p in ("/etc/os-release", *LEGACY_RELEASE_FILES)):
-                return volume, fs
-            if fallback is None and fs.exists("/etc/fstab"):
-                fallback = volume, fs
-        except DiskImageError as exc:
-            disk.unreadable[volume.name] = f"its {volume.fs.type} file system cannot be read: {exc.message}"
+            try:
+                if not fs.is_dir("/etc"):
+                    continue
+                if any(fs.exists(p, follow_symlinks=False) for p in ("/etc/os-release", *LEGACY_RELEASE_FILES)):
+                    return candidate, fs
+                if fallback is None and fs.exists("/etc/fstab"):
+                    fallback = candidate, fs
+            except DiskImageError as exc:
+                disk.unreadable[candidate.name] = f"its {volume.fs.type} file system cannot be read: {exc.message}"
     return fallback
+
+
+def _root_candidates(disk: GuestDisk, volume: GuestVolume) -> Iterator[GuestVolume]:
+    """``volume``, or for a btrfs its default subvolume, then its plain subvolumes by id."""
+    if volume.fs_type != "btrfs":
+        yield volume
+        return
+    default = disk.subvolume(volume)
+    if default is None:
+        return
+    yield default
+    from ..fs.btrfs import BtrfsFileSystem  # loaded already: the volume was opened by it
+
+    fs = disk.open(volume)
+    try:
+        subvolumes = fs.list_subvolumes() if isinstance(fs, BtrfsFileSystem) else []
+    except DiskImageError as exc:
+        disk.unreadable[volume.name] = f"its btrfs subvolumes cannot be listed: {exc.message}"
+        return
+    plain = [s for s in subvolumes if s.parent_uuid is None and not s.readonly and s.id != default.subvolume_id]
+    for subvolume in plain[:MAX_ROOT_SUBVOLUMES]:
+        view = disk.subvolume(volume, subvolid=subvolume.id)
+        if view is not None:
+            yield view
+
+
+def _subvolume_options(options: tuple[str, ...] | list[str]) -> tuple[str | None, int | None] | None:
+    """(subvol, subvolid) that mount options name, None when they name neither."""
+    subvol = subvolid = None
+    for option in options:
+        key, sep, value = option.partition("=")
+        if sep and key == "subvol":
+            subvol = value
+        elif sep and key == "subvolid" and value.isdigit() and len(value) <= 20:
+            subvolid = int(value)
+    return None if subvol is None and subvolid is None else (subvol, subvolid)
+
+
+def _mounted_root(disk: GuestDisk, result: LinuxInspection) -> GuestVolume | None:
+    """The btrfs subvolume the boot mounts as the root when it is not the one inspected: the one the default
+    entry's ``rootflags=`` names (the initramfs mounts it), else the one fstab's ``/`` line names."""
+    root = result.root
+    if root.subvolume_id is None:
+        return None
+    named = None
+    rootflags = kernel_arg(result.boot.cmdline, "rootflags")
+    spec = kernel_arg(result.boot.cmdline, "root")
+    if rootflags is not None and (spec is None or disk.resolve(spec).volume is root.base):
+        named = _subvolume_options(rootflags.split(","))
+    for check in result.fstab or []:
+        if named is None and check.entry.mountpoint == "/" and check.volume is not None \
+                and check.volume.base is root.base:
+            named = _subvolume_options(check.entry.options)
+    if named is None:
+        return None
+    view = disk.subvolume(root.base, *named)
+    return view if view is not None and view.subvolume_id != root.subvolume_id else None
 
 
 _PSEUDO = {"proc", "sysfs", "devpts", "tmpfs", "devtmpfs", "none", "swap", "nfs", "nfs4", "cifs", "smbfs",
@@ -430,8 +523,11 @@ def _check_fstab(entries: list[FstabEntry], disk: GuestDisk, tree: GuestTree,
         elif resolved.volume is None:
             checks.append(MountCheck(entry, "unresolved"))
         else:
-            key = spec_key(entry.spec)[0]
-            checks.append(MountCheck(entry, "device-name" if key == "DEVICE" else "ok", resolved.volume))
+            volume = resolved.volume
+            if volume.fs_type == "btrfs":  # the subvolume the options name, else the default one
+                volume = disk.subvolume(volume, *(_subvolume_options(entry.options) or (None, None))) or volume
+            by_name = spec_key(entry.spec)[0] == "DEVICE" and volume.layer is None
+            checks.append(MountCheck(entry, "device-name" if by_name else "ok", volume))
     # mount what the checks read beyond the root
     for point in _MOUNTED:
         for check in checks:
@@ -564,7 +660,9 @@ def _kernels(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
     result.kernels = sorted(versions.values(), key=lambda k: version_sort_key(k.version), reverse=True)
 
 
-def _kernel_drivers(read: _Reader, kernel: Kernel, moddir: str) -> dict[str, str]:
+def _kernel_drivers(read: _Reader, kernel: Kernel, moddir: str,
+                    table: dict[str, tuple[str, tuple[str, ...]]] = DRIVERS) -> dict[str, str]:
+    """driver -> "builtin", "module", "module-missing", "absent" or "unknown" for the drivers of ``table``."""
     builtin: set[str] | None = None
     text = read.text(f"{moddir}/modules.builtin") if kernel.modules_dir else None
     if text is not None:
@@ -585,7 +683,7 @@ def _kernel_drivers(read: _Reader, kernel: Kernel, moddir: str) -> dict[str, str
             if path:
                 dep_paths.setdefault(module_name(path), path)
     drivers = {}
-    for driver, (option, paths) in DRIVERS.items():
+    for driver, (option, paths) in table.items():
         if (builtin is not None and driver in builtin) or config.get(option) == "y":
             drivers[driver] = "builtin"
             continue
@@ -753,18 +851,49 @@ def _default_kernel_drivers(read: _Reader, result: LinuxInspection, disk: GuestD
     known = not initrd or (result.initramfs is not None and result.initramfs_error is None)
     carried = result.initramfs.modules if result.initramfs is not None else {}
     for driver in DRIVERS:
-        state = kernel.drivers.get(driver, "unknown")
-        if state == "builtin":
-            where = "builtin"
-        elif driver in carried:
-            where = "initramfs"
-        elif state == "unknown":
-            where = "unknown"
-        elif state == "module" and (known or driver in LATE_DRIVERS):
-            where = "module"
-        else:
-            where = "missing" if known else "unknown"
-        result.boot_drivers[driver] = where
+        result.boot_drivers[driver] = _boot_state(kernel.drivers.get(driver, "unknown"), driver in carried, known,
+                                                  driver in LATE_DRIVERS)
+    needs = root_stack(result.root)
+    if needs:
+        moddir = f"{_modules_root(read)}/{kernel.version}"
+        drivers = {name: STACK_DRIVERS[name] for name in ("dm_mod", "btrfs") if name in needs}
+        states = _kernel_drivers(read, kernel, moddir, drivers)
+        for driver in drivers:
+            result.root_needs[driver] = _boot_state(states[driver], driver in carried, known, False)
+    if "lvm" in needs:
+        names = result.initramfs.names if result.initramfs is not None else []
+        tool = any(LVM_TOOLING.search(name) for name in names)
+        result.root_needs["lvm"] = "initramfs" if tool else "missing" if known else "unknown"
+
+
+def _boot_state(state: str, carried: bool, known: bool, late: bool) -> str:
+    """Where the default kernel gets a driver at boot, from its state in the kernel (``Kernel.drivers``) and
+    whether the initramfs carries it (``known``: the initramfs was read in full, or there is none; ``late``:
+    a module loaded from the root file system will do)."""
+    if state == "builtin":
+        return "builtin"
+    if carried:
+        return "initramfs"
+    if state == "unknown":
+        return "unknown"
+    if state == "module" and (known or late):
+        return "module"
+    return "missing" if known else "unknown"
+
+
+def root_stack(root: GuestVolume) -> list[str]:
+    """What mounting ``root`` takes beyond a partition's file system: "dm_mod" and "lvm" when it lies on an
+    LVM logical volume, "btrfs" when it is a btrfs."""
+    needs = []
+    pending = [root]
+    while pending:
+        volume = pending.pop()
+        if volume.layer is not None and volume.layer.kind == "lvm-lv" and "lvm" not in needs:
+            needs += ["dm_mod", "lvm"]
+        pending.extend(volume.below)
+    if root.fs_type == "btrfs":
+        needs.append("btrfs")
+    return needs
 
 
 def _python_dirs(read: _Reader) -> list[str]:
@@ -1025,6 +1154,8 @@ def _details(result: LinuxInspection) -> dict[str, Any]:
         },
         "initramfs_error": result.initramfs_error,
         "boot_drivers": dict(result.boot_drivers),
+        "root_stack": result.root.stack,
+        "root_needs": dict(result.root_needs),
         "nvme_support": result.nvme_support,
         "cloud_init": dict(result.cloud_init),
         "sshd": None if result.sshd is None else {"program": result.sshd, "host_keys": result.ssh_host_keys,
