@@ -376,6 +376,7 @@ _SPECIAL = {"bios_boot", "msr", "extended", "ldm", "protective"}
 
 @disk_check("filesystems")
 def file_systems(ctx: DiskContext) -> None:
+    assembled = ctx.assembled  # first: assembling says what each container volume holds
     guest_volumes = ctx.base_volumes
     for volume, guest_volume in zip(ctx.volumes, guest_volumes):
         fs = volume.fs
@@ -414,7 +415,7 @@ def file_systems(ctx: DiskContext) -> None:
                      "decrypt the volume before importing a system disk (the instance cannot ask for a passphrase)")
         whole = part is None or volume.length == part.size
         _file_system(ctx, volume.name, fs, evidence, volume.length, "partition" if part else "disk", whole)
-    for guest_volume in ctx.assembled:
+    for guest_volume in assembled:
         fs = guest_volume.fs
         if fs is not None:
             evidence = {"volume": guest_volume.name, "stack": guest_volume.stack, "file_system": fs.type,

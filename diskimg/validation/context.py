@@ -359,7 +359,8 @@ class DiskContext:
 
     @cached_property
     def base_volumes(self) -> list[GuestVolume]:
-        """The partitions (or the whole disk) as the guest names them: UUID, LABEL, PARTUUID, PARTLABEL."""
+        """The partitions (or the whole disk) as the guest names them: UUID, LABEL, PARTUUID, PARTLABEL; what a
+        container among them holds (``holds``) is known once ``stack`` is assembled."""
         table = self.table
         signature = table.mbr.disk_signature if table.scheme == "mbr" and table.mbr else None
         label = self.path if len(self.machine) > 1 else None

@@ -212,7 +212,10 @@ def render_text(report: Report) -> str:
         if disk.file_system:
             fs = disk.file_system
             lines.append(f"  file system:   {fs['type']} on the whole disk" + (f' "{fs["label"]}"' if fs.get("label") else ""))
-        stacked = [volume["stack"] for volume in disk.volumes or [] if volume.get("layer") or volume.get("holds")]
+        volumes = disk.volumes or []
+        below = {name for volume in volumes for name in volume["on"]}
+        stacked = [volume["stack"] for volume in volumes
+                   if volume["layer"] or (volume["holds"] and volume["volume"] not in below)]
         for number, stack in enumerate(stacked):
             lines.append(f"  {'volumes:' if number == 0 else '':<15}{stack}")
         if disk.boot_modes is not None:

@@ -1,0 +1,257 @@
+"""Guests whose root is not a plain partition: on an LVM2 logical volume, on btrfs subvolumes beside
+snapper snapshots; and the findings about the stack itself.
+
+The guest trees are the Linux builders' (CentOS); the volumes are made by the real tools: LVM2's
+pvcreate/vgcreate/lvcreate on loop devices over the image files (no device-mapper: LVs are never activated, the
+file system is written at the extents lvs reports; a thin volume is written with vgcfgrestore). The oracle is the
+same guest on a plain partition (the same facts and findings, but for where the root lives), LVM2's own reports
+(pvs/vgs/lvs) for names and UUIDs, and the trees the tests wrote.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import diskimg
+from diskimg.validation import Report
+
+from .conftest import GiB, MiB, copy_in, corpus_dir, diskimg_cli, qemu_img, write_at, write_boot_code
+from .guest_builders import (
+    ELF_X86_64,
+    MACHINE_ID,
+    RHEL_KERNEL,
+    Link,
+    _grubenv,
+    elf_header,
+    ext4_image,
+    initramfs,
+    mbr_disk,
+    module_files,
+    new_uuid,
+    rhel_tree,
+    split_boot,
+    write_tree,
+)
+from .test_lvm import EXTENT, HIDDEN, SHOWN, LoopLvm, _linear, _lv, needs_lvm, unique_vg
+
+IMAGE_TOOLS = ("mkfs.ext4", "sfdisk", "qemu-img", "cpio", "gzip")
+needs_image_tools = pytest.mark.skipif(any(shutil.which(t) is None for t in IMAGE_TOOLS),
+                                       reason="needs " + ", ".join(IMAGE_TOOLS))
+
+DISK = GiB
+BOOT = (MiB, 128 * MiB)  # the /boot partition: (offset, size)
+SECOND = (129 * MiB, DISK - 130 * MiB)  # the root partition, or the LVM physical volume
+ROOT_FS = 96 * MiB  # the root file system (mkfs.ext4 -d), 24 extents of an LV
+
+#: the modules the CentOS builder's initramfs carries
+INITRAMFS_MODULES = ["virtio", "virtio_ring", "virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "nvme"]
+#: dracut's lvm module in an initramfs: the lvm tool and its lvm_scan script
+LVM_TOOL = {"/usr/sbin/lvm": elf_header(ELF_X86_64), "/usr/sbin/lvm_scan": "#!/bin/sh\n"}
+DM_MOD = f"/usr/lib/modules/{RHEL_KERNEL}/kernel/drivers/md/dm-mod.ko.xz"
+
+
+def centos(work: Path, root_uuid: str, boot_uuid: str, *, root_spec: str | None = None,
+           kernel_root: str | None = None, lvm_tool: bool = True, dm_mod: str | None = "initramfs") -> tuple[dict, dict]:
+    """(root tree, /boot tree) of the CentOS builder, its dracut initramfs also carrying the lvm tool (with
+    ``lvm_tool``) and dm-mod (``dm_mod``: "initramfs", "builtin" (listed in modules.builtin) or None); fstab's
+    root line names ``root_spec`` and the kernel command line ``root=kernel_root`` when given (else UUID=)."""
+    tree = rhel_tree(work, root_uuid, boot_uuid)
+    files: dict[str, Any] = {"/init": Link("usr/lib/systemd/systemd"),
+                             "/usr/lib/systemd/systemd": elf_header(ELF_X86_64),
+                             **module_files(RHEL_KERNEL, INITRAMFS_MODULES)}
+    if lvm_tool:
+        files.update(LVM_TOOL)
+    if dm_mod == "initramfs":
+        files[DM_MOD] = b"\xfd7zXZ\x00module dm-mod"
+    tree[f"/boot/initramfs-{RHEL_KERNEL}.img"] = initramfs(work, files, "gzip", early=True)
+    if dm_mod == "builtin":
+        builtin = f"/usr/lib/modules/{RHEL_KERNEL}/modules.builtin"
+        tree[builtin] = str(tree[builtin]) + "kernel/drivers/md/dm-mod.ko\n"
+    if root_spec is not None:
+        tree["/etc/fstab"] = str(tree["/etc/fstab"]).replace(f"UUID={root_uuid} /", f"{root_spec} /")
+    if kernel_root is not None:
+        tree["/boot/grub2/grubenv"] = _grubenv({"saved_entry": f"{MACHINE_ID}-{RHEL_KERNEL}",
+                                                "kernelopts": f"root={kernel_root} ro crashkernel=auto"})
+    return split_boot(tree)
+
+
+def file_system(work: Path, name: str, tree: dict, uuid: str, size: int) -> Path:
+    return ext4_image(work / f"{name}.ext4", size, write_tree(work / f"tree-{name}", tree), uuid)
+
+
+def plain_disk(work: Path, boot: Path, root: Path) -> Path:
+    """/boot on partition 1, the root on partition 2."""
+    disk = mbr_disk(work / "plain.raw", DISK, [(*BOOT, "83"), (*SECOND, "83")])
+    copy_in(disk, boot, BOOT[0])
+    copy_in(disk, root, SECOND[0])
+    write_boot_code(disk)
+    return disk
+
+
+@dataclass
+class LvmGuest:
+    """A disk with /boot on partition 1 and an LVM physical volume on partition 2, as LVM2's tools report it."""
+
+    disk: Path
+    vg: str
+    pv_uuid: str
+    #: lvs' report of each LV made: lv_name -> {lv_uuid, lv_dm_path, lv_path, ...}
+    lvs: dict[str, dict[str, str]]
+
+
+def lv_start(tools: LoopLvm, vg: str, lv: str) -> tuple[Path, int]:
+    """(image, byte offset) where the first extent of ``vg/lv`` lies, from pvs' pe_start and lvs' seg_pe_ranges."""
+    (report,) = tools.report("lvs", "seg_pe_ranges", f"{vg}/{lv}")
+    device, span = report["seg_pe_ranges"].split()[0].split(":")
+    (pv,) = tools.report("pvs", "pe_start", device)
+    image, offset = tools.where(device)
+    return image, offset + int(pv["pe_start"]) + int(span.split("-")[0]) * EXTENT
+
+
+def lvm_disk(tools: LoopLvm, path: Path, boot: Path, vg: str, volumes: dict[str, Path | int]) -> LvmGuest:
+    """``path``: /boot copied into partition 1, partition 2 made a PV of the new group ``vg`` whose linear LVs
+    are ``volumes``: name -> a file system image written at its extents, or a number of extents left empty."""
+    disk = mbr_disk(path, DISK, [(*BOOT, "83"), (*SECOND, "8e")])
+    copy_in(disk, boot, BOOT[0])
+    write_boot_code(disk)
+    device = tools.attach(disk, *SECOND)
+    tools("pvcreate", "-q", device)
+    tools("vgcreate", "-q", vg, device)
+    for name, content in volumes.items():
+        extents = content if isinstance(content, int) else -(-content.stat().st_size // EXTENT)
+        tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-l", str(extents), "-n", name, vg)
+        if not isinstance(content, int):
+            write_at(*lv_start(tools, vg, name), content.read_bytes())
+    (pv,) = tools.report("pvs", "pv_uuid", device)
+    reports = tools.report("lvs", "lv_name,lv_uuid,lv_dm_path,lv_path,lv_size,segtype", vg)
+    return LvmGuest(disk, vg, pv["pv_uuid"], {report["lv_name"]: report for report in reports})
+
+
+@pytest.fixture(scope="module")
+def lvm_tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopLvm]:
+    tools = LoopLvm(tmp_path_factory.mktemp("lvm"))
+    try:
+        yield tools
+    finally:
+        tools.close()
+
+
+@dataclass
+class CentosPair:
+    """The same CentOS guest twice: its root on partition 2, and on the LV root of a volume group on partition 2."""
+
+    plain: Path
+    lvm: LvmGuest
+    root_uuid: str
+    work: Path
+    boot_uuid: str
+
+
+@pytest.fixture(scope="module")
+def centos_pair(tmp_path_factory: pytest.TempPathFactory, lvm_tools: LoopLvm) -> CentosPair:
+    work = tmp_path_factory.mktemp("centos")
+    root_uuid, boot_uuid = new_uuid(), new_uuid()
+    vg = unique_vg("centos-vg")
+    mapper = f"/dev/mapper/{vg.replace('-', '--')}-root"  # LVM doubles the dashes inside each name
+    root_tree, boot_tree = centos(work, root_uuid, boot_uuid)
+    plain = plain_disk(work, file_system(work, "boot", boot_tree, boot_uuid, 96 * MiB),
+                       file_system(work, "root", root_tree, root_uuid, ROOT_FS))
+    # fstab names the LV as /dev/VG/LV, the kernel as /dev/mapper/VG-LV
+    root_tree, boot_tree = centos(work, root_uuid, boot_uuid, root_spec=f"/dev/{vg}/root", kernel_root=mapper)
+    boot = file_system(work, "boot-lvm", boot_tree, boot_uuid, 96 * MiB)
+    root = file_system(work, "root-lvm", root_tree, root_uuid, ROOT_FS)
+    guest = lvm_disk(lvm_tools, work / "lvm.raw", boot, vg, {"root": root, "spare": 2})
+    assert guest.lvs["root"]["lv_dm_path"] == mapper
+    return CentosPair(plain, guest, root_uuid, work, boot_uuid)
+
+
+#: facts that say where the root lives, or that name it, rather than what the guest is
+WHERE = {"mounts", "fstab", "boot", "root_stack", "root_needs"}
+
+
+def guest_facts(report: Report) -> dict[str, Any]:
+    guest = dict(report.facts.guest or {})
+    guest.pop("root")
+    guest["details"] = {key: value for key, value in guest["details"].items() if key not in WHERE}
+    return guest
+
+
+def findings(report: Report) -> dict[str, list[dict[str, Any]]]:
+    """Code -> the evidence of each finding, where-facts left out."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for finding in report.findings:
+        evidence = {key: value for key, value in finding.evidence.items()
+                    if key not in ("partition", "offset", "volume", "stack", "root", "bios", "uefi")}
+        found.setdefault(finding.code, []).append(evidence)
+    return found
+
+
+@needs_lvm
+@needs_image_tools
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_root_on_lvm_has_the_facts_and_findings_of_a_plain_partition(centos_pair: CentosPair, tmp_path: Path,
+                                                                     fmt: str) -> None:
+    images = [centos_pair.plain, centos_pair.lvm.disk]
+    if fmt != "raw":
+        for number, raw in enumerate(list(images)):
+            images[number] = tmp_path / f"{raw.stem}.{fmt}"
+            qemu_img("convert", "-f", "raw", "-O", fmt, raw, images[number])
+    plain, lvm = map(diskimg.validate, images)
+    assert plain.facts.guest is not None and lvm.facts.guest is not None
+    assert guest_facts(lvm) == guest_facts(plain)
+    assert plain.facts.guest["distribution"] == "centos" and lvm.import_image == plain.import_image
+    plain_found, lvm_found = findings(plain), findings(lvm)
+    assert set(lvm_found) == set(plain_found) | {"fs-lvm"}, (set(lvm_found) ^ set(plain_found))
+    for code, evidence in plain_found.items():
+        assert lvm_found[code] == evidence, code
+    assert not [item for item in lvm.not_checked if item["category"] == "guest"], lvm.not_checked
+    # where it lives: the LV, named as LVM names it
+    guest = centos_pair.lvm
+    root = lvm.facts.guest["root"]
+    assert (root["partition"], root["volume"], root["uuid"]) == (None, f"LV {guest.vg}/root", centos_pair.root_uuid)
+    details = lvm.facts.guest["details"]
+    fstab = {line["mountpoint"]: line for line in details["fstab"]}
+    assert (fstab["/"]["spec"], fstab["/"]["status"], fstab["/"]["volume"]) == (guest.lvs["root"]["lv_path"], "ok",
+                                                                                f"LV {guest.vg}/root")
+    assert details["boot"]["cmdline"].startswith(f"root={guest.lvs['root']['lv_dm_path']} ")
+    assert details["root_needs"] == {"dm_mod": "initramfs", "lvm": "initramfs"}
+    assert plain.facts.guest["details"]["root_needs"] == {}
+
+
+@needs_lvm
+@needs_image_tools
+def test_volume_list_shows_the_stack(centos_pair: CentosPair, lvm_tools: LoopLvm) -> None:
+    """partition -> PV -> VG/LV -> file system, in the JSON and the text, with LVM2's names and UUIDs; fs-lvm
+    says what the physical volume holds."""
+    guest = centos_pair.lvm
+    (vg_report,) = lvm_tools.report("vgs", "vg_uuid", guest.vg)
+    report = diskimg.validate(guest.disk)
+    volumes = {volume["volume"]: volume for volume in report.facts.volumes}
+    assert volumes["partition 2"]["holds"] == {"kind": "lvm-pv", "name": f"LVM2 PV {guest.pv_uuid} of VG {guest.vg}",
+                                               "uuid": guest.pv_uuid, "vg": guest.vg, "vg_uuid": vg_report["vg_uuid"]}
+    root = volumes[f"LV {guest.vg}/root"]
+    lv = guest.lvs["root"]
+    assert root["layer"] == {"kind": "lvm-lv", "name": f"LV {guest.vg}/root (linear, 96 MiB)", "vg": guest.vg,
+                             "lv": "root", "path": f"{guest.vg}/root", "uuid": lv["lv_uuid"], "type": lv["segtype"],
+                             "size": int(lv["lv_size"])}
+    assert root["on"] == ["partition 2"] and root["unreadable"] is None
+    assert (root["file_system"]["type"], root["file_system"]["uuid"]) == ("ext4", centos_pair.root_uuid)
+    stack = f"partition 2 -> LVM2 PV {guest.pv_uuid} of VG {guest.vg} -> LV {guest.vg}/root (linear, 96 MiB) -> ext4"
+    assert root["stack"] == stack
+    assert volumes[f"LV {guest.vg}/spare"]["file_system"] is None  # an LV holding nothing
+    assert report.facts.guest["root"]["stack"] == stack
+    text = report.render_text()
+    assert f"volumes:       {stack}" in text and f"guest:         CentOS Linux 8 on {stack}" in text
+    (lvm,) = report.find("fs-lvm")
+    assert (lvm.evidence["pv_uuid"], lvm.evidence["vg"]) == (guest.pv_uuid, guest.vg)
+    assert lvm.evidence["logical_volumes"] == [
+        {"lv": f"{guest.vg}/{name}", "type": guest.lvs[name]["segtype"], "size": int(guest.lvs[name]["lv_size"]),
+         "file_system": "ext4" if name == "root" else None, "unreadable": None} for name in ("root", "spare")]
+    assert f"of volume group {guest.vg}, holding root (linear, 96 MiB, ext4), spare (linear, 8 MiB)" in lvm.message
