@@ -13,7 +13,6 @@ like the manifest, so that several exports can share a folder.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from ..errors import ArchiveError
 from ..formats import WRITERS
 from ..conversion.hashing import PREFIX as CONTENT_HASH_PREFIX
 from ..host.files import confined_path, open_input
+from ..jsonlimits import nesting
 
 SUFFIX = ".manifest.json"
 SUMS_SUFFIX = ".SHA256SUMS"
@@ -38,9 +38,6 @@ _MAX_NAME = 255  # bytes of a file name on common file systems
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_HASH = re.compile(re.escape(CONTENT_HASH_PREFIX) + "[0-9a-f]{64}")
 _DECIMAL = re.compile(r"[0-9]{1,20}")
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_NESTING = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 @dataclass
@@ -113,7 +110,7 @@ def parse_manifest(data: bytes, path: str) -> Manifest:
     and types; raises ArchiveError naming what is wrong."""
     if len(data) > MAX_BYTES:
         raise ArchiveError(f"a manifest larger than {MAX_BYTES >> 20} MiB: not an export manifest", path=path)
-    if _nesting(data) > MAX_DEPTH:
+    if nesting(data) > MAX_DEPTH:
         raise ArchiveError(f"JSON nested deeper than {MAX_DEPTH} levels: not an export manifest", path=path)
     try:
         document = json.loads(data)
@@ -131,13 +128,6 @@ def parse_manifest(data: bytes, path: str) -> Manifest:
     text = {key: _optional(document, key, str, "", -1, path) for key in
             ("name", "layout", "archive", "tool", "version", "created")}
     return Manifest(**text, disks=parsed, path=path)
-
-
-def _nesting(data: bytes) -> int:
-    """The deepest nesting of JSON arrays and objects in ``data``, brackets inside strings aside
-    (measured with C-level passes: string literals removed, then only brackets kept)."""
-    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    return max(itertools.accumulate(_NESTING[b] for b in brackets), default=0)
 
 
 def _disk(entry: Any, number: int, path: str) -> ExportedDisk:

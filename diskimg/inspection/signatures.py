@@ -6,9 +6,11 @@ system's data. Nothing but :class:`~diskimg.errors.DiskImageError` escapes, what
 
 What is recognised (``FileSystem.type``): ``ext2``, ``ext3``, ``ext4``, ``ext-journal``, ``xfs``,
 ``btrfs``, ``ntfs``, ``bitlocker``, ``fat12``, ``fat16``, ``fat32``, ``exfat``, ``swap``,
-``lvm2`` (a PV label), ``luks`` (LUKS1/LUKS2), ``squashfs``, ``md`` (Linux RAID v1.1/1.2
-superblock), ``zfs`` (an uberblock, found only by ``probe``, which may read a little further;
-so is a btrfs whose primary superblock is gone, by its copy at 64 MiB).
+``lvm2`` (a PV label), ``luks`` (LUKS1/LUKS2), ``squashfs``, ``md`` (a Linux RAID superblock: 1.1
+and 1.2 at the start; 0.90 and 1.0 at the end, found only by ``probe``), ``zfs`` (an uberblock,
+found only by ``probe``, which may read a little further; so is a btrfs whose primary superblock is
+gone, by its copy at 64 MiB). The structures of LUKS, BitLocker and md are parsed by their modules
+in ``volumes/``, loaded when their signature is seen.
 
 Order matters where structures share bytes: those whose signature lies in sector 0 (a boot
 sector ending in 55 AA like an MBR, or a header at offset 0) are probed first
@@ -23,9 +25,12 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CorruptImage
+
+if TYPE_CHECKING:
+    from .volumes.md import MdSuperblock
 
 #: bytes ``probe_bytes`` can use: up to the btrfs superblock's label (64 KiB + 0x22b)
 HEAD_SIZE = 0x10000 + 0x1000
@@ -391,9 +396,21 @@ def probe_ntfs(head: bytes) -> FileSystem | None:
 
 
 def probe_bitlocker(head: bytes) -> FileSystem | None:
-    if _at(head, 3, b"-FVE-FS-"):
-        return FileSystem(type="bitlocker")
-    return None
+    """A BitLocker volume header (Vista, or Windows 7 and later): its variant and metadata offsets.
+    The volume GUID and cipher lie in the FVE metadata further in (``volumes.bitlocker.read_bitlocker``);
+    a To Go volume is a FAT32 until that metadata is found."""
+    if not _at(head, 3, b"-FVE-FS-"):
+        return None
+    from .volumes import bitlocker  # loaded only when the signature is there
+
+    try:
+        header = bitlocker.parse_volume_header(head)
+    except CorruptImage as exc:
+        return FileSystem(type="bitlocker", details={"error": exc.message})
+    if header is None:
+        return None
+    return FileSystem(type="bitlocker", details={"variant": header.variant,
+                                                 "metadata_offsets": list(header.metadata_offsets)})
 
 
 def probe_exfat(head: bytes) -> FileSystem | None:
@@ -513,26 +530,33 @@ def probe_squashfs(head: bytes) -> FileSystem | None:
 
 
 def probe_luks(head: bytes) -> FileSystem | None:
+    """A LUKS1 or LUKS2 header (``volumes.luks``): UUID, label, and the cipher and payload offset
+    where the header says them (a LUKS2 JSON area is read when ``head`` holds it). A damaged header
+    is still a LUKS volume: what could not be read is named in ``details["error"]``."""
     if not _at(head, 0, b"LUKS\xba\xbe"):
         return None
-    version = _be(head, 6, 2)
-    if version == 1:
-        return FileSystem(
-            type="luks",
-            version="1",
-            uuid=_text(head[168:208], "ascii"),
-            details={"cipher": f"{_text(head[8:40], 'ascii')}-{_text(head[40:72], 'ascii')}",
-                     "payload_offset": _be(head, 104, 4) * 512},
-        )
-    if version == 2:
-        return FileSystem(
-            type="luks",
-            version="2",
-            uuid=_text(head[168:208], "ascii"),
-            label=_text(head[24:72]),
-            details={"header_size": _be(head, 8, 8), "checksum_alg": _text(head[72:104], "ascii")},
-        )
-    return FileSystem(type="luks", version=str(version))
+    from .volumes import luks  # loaded only when the signature is there
+
+    version = luks.luks_version(head)
+    found = FileSystem(type="luks", version=str(version))
+    try:
+        if version == 1:
+            header = luks.parse_luks1_phdr(head)
+        elif version == 2:
+            binary = luks.parse_luks2_binary_header(head)
+            found.uuid, found.label = binary.uuid, binary.label
+            found.details["header_size"] = binary.header_size
+            if len(head) < binary.header_size:
+                return found
+            header = luks.parse_luks2_header(head)
+        else:
+            return found
+    except CorruptImage as exc:
+        found.details["error"] = exc.message
+        return found
+    found.uuid, found.label = header.uuid, header.label
+    found.details.update(cipher=header.cipher, payload_offset=header.payload_offset)
+    return found
 
 
 BOOT_SECTOR_PROBES: tuple[Callable[[bytes], FileSystem | None], ...] = (
@@ -607,12 +631,29 @@ def probe_swap(head: bytes) -> FileSystem | None:
     return None
 
 
+_MD_MAGIC = 0xA92B4EFC
+
+
 def probe_md(head: bytes) -> FileSystem | None:
-    for offset, version in ((0, "1.1"), (4096, "1.2")):
-        if _le(head, offset, 4) == 0xA92B4EFC and _le(head, offset + 4, 4) == 1:
-            return FileSystem(type="md", version=version, uuid=_uuid(head[offset + 16 : offset + 32]),
-                              label=_text(head[offset + 32 : offset + 64]))
+    """An md superblock at the start of a member (metadata 1.1 at 0, 1.2 at 4 KiB). Those of 0.90 and
+    1.0 lie at the end, where ``probe`` looks for them when the start holds nothing it knows: their
+    data begins at the member's start, so a RAID1 member shows the array's own file system there."""
+    for location in (0, 4096):
+        if _le(head, location, 4) == _MD_MAGIC and _le(head, location + 4, 4) == 1:
+            from .volumes import md  # loaded only when the signature is there
+
+            try:
+                return md_file_system(md.parse_superblock_1(head[location : location + md.SB1_BYTES], location))
+            except CorruptImage as exc:
+                return FileSystem(type="md", version="1.1" if location == 0 else "1.2", details={"error": exc.message})
     return None
+
+
+def md_file_system(sb: MdSuperblock) -> FileSystem:
+    """What ``probe`` reports of an md member."""
+    return FileSystem(type="md", version=sb.version, uuid=sb.uuid, label=sb.name, size=sb.array_member_size,
+                      details={"level": sb.level_name, "raid_disks": sb.raid_disks, "state": sb.state,
+                               "role": sb.role, "data_offset": sb.data_offset})
 
 
 LATER_PROBES: tuple[Callable[[bytes], FileSystem | None], ...] = (
@@ -656,8 +697,19 @@ def probe(disk: Disk, offset: int = 0, length: int | None = None) -> FileSystem 
     want = HEAD_SIZE if length is None else max(0, min(HEAD_SIZE, length))
     head = disk.read(offset, want)
     found = probe_bytes(head)
-    if found is not None or (length is not None and length < 256 << 10):
+    if found is not None:
         return found
+    if length is not None:  # md 0.90 and 1.0 keep their superblock at the end of the member
+        from .volumes import md
+
+        try:
+            superblock = md.find_superblock(disk, offset, length)
+        except CorruptImage as exc:
+            return FileSystem(type="md", details={"error": exc.message})
+        if superblock is not None:
+            return md_file_system(superblock)
+        if length < 256 << 10:
+            return None
     if length is None or length >= BTRFS_SUPERBLOCK_OFFSETS[1] + BTRFS_SUPERBLOCK_SIZE:
         found = probe_btrfs_copy(disk, offset)
         if found is not None:
