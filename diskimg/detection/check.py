@@ -738,7 +738,7 @@ class _VhdCheck:
                 length = locator.data_space if locator.data_space >= v.SECTOR else locator.data_space * v.SECTOR
                 if locator.data_offset + length > size:
                     result.add("corruption", f"parent locator {locator_index} lies past the end of the file",
-                               offset + 576 + 24 * locator_index, "parent locator")
+                               offset + v.parent_locator_offset(locator_index), "parent locator")
                 metadata.append((locator.data_offset, length, f"parent locator {locator_index}"))
         end_of_data = self.footer_end
         previous: tuple[int, int] | None = None
