@@ -27,7 +27,8 @@ Steps 3 and 5 return :attr:`diskimg.inspection.signatures.FileSystem.type`.
 from __future__ import annotations
 
 from ..inspection import signatures as filesystems
-from ..inspection.partitions import GPT_SIGNATURE, SECTOR_SIZE, parse_mbr
+from ..inspection.partitions import GPT_SIGNATURE, parse_mbr
+from ..units import SECTOR_SIZE
 
 #: human names of the values identify_start returns
 DESCRIPTIONS = {

@@ -65,19 +65,17 @@ from ..formats.probing import Detection, OpenOptions
 from ..errors import ArchiveError, DiskImageError, UnsupportedFormat
 from ..formats import READERS
 from ..host.files import HostFile
+from ..units import READ_CHUNK, SECTOR_SIZE
 from ..formats.reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from .tar import Readable, TarMember, padding, read_member, skip_data
 from .compressed import (COMPRESSORS, INNER_HEAD, INNER_TAIL, PeekedMember, article, unwrap_command, unwrapped_name,
                        wrapper_hint)
 
-#: decompression works in chunks of this size; the cache holds the last few
-CHUNK = 1 << 20
+#: decompression works in pieces of READ_CHUNK bytes (compressed input is read so too); the cache holds
+#: the last few
 CACHE_CHUNKS = 8
-#: compressed input read at once
-INPUT_CHUNK = 1 << 20
 #: no member or disk larger than this is taken (a header claiming more is hostile or broken)
 MAX_MEMBER_SIZE = 64 << 40
-SECTOR = 512
 #: formats a wrapper may hold for sources to read it
 WRAPPED_FORMATS = ("raw",)
 _XZ_MEMLIMIT = 1 << 30  # xz -9 needs 674 MiB; a header asking for more is refused
@@ -117,12 +115,12 @@ class ForwardStream:
             import zstandard
 
             decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-            self._zstd = decompressor.stream_reader(_HostReader(self), read_size=INPUT_CHUNK,  # type: ignore[arg-type]
+            self._zstd = decompressor.stream_reader(_HostReader(self), read_size=READ_CHUNK,  # type: ignore[arg-type]
                                                     read_across_frames=True, closefd=False)
 
     # -- the compressed input
 
-    def _take_input(self, size: int = INPUT_CHUNK) -> bytes:
+    def _take_input(self, size: int = READ_CHUNK) -> bytes:
         data = self.host.pread(size, self._input_position)
         self._input_position += len(data)
         if self.digest is not None and data:
@@ -139,7 +137,7 @@ class ForwardStream:
     def read(self, size: int) -> bytes:
         """``size`` bytes, fewer only at the end of the stream."""
         while len(self._pending) < size and not self._ended:
-            self._produce(max(size - len(self._pending), CHUNK))
+            self._produce(max(size - len(self._pending), READ_CHUNK))
         data = bytes(self._pending[:size])
         del self._pending[:size]
         self.position += len(data)
@@ -154,7 +152,7 @@ class ForwardStream:
             return skipped
         skipped = 0
         while skipped < length:
-            data = self.read(min(CHUNK, length - skipped))
+            data = self.read(min(READ_CHUNK, length - skipped))
             if not data:
                 break
             skipped += len(data)
@@ -166,7 +164,7 @@ class ForwardStream:
         skipped = 0
         tail = b""
         while skipped <= limit:
-            data = self.read(CHUNK)
+            data = self.read(READ_CHUNK)
             if not data:
                 break
             skipped += len(data)
@@ -251,8 +249,8 @@ class _HostReader:
     def __init__(self, stream: ForwardStream) -> None:
         self.stream = stream
 
-    def read(self, size: int = INPUT_CHUNK) -> bytes:
-        return self.stream._take_input(size if size and size > 0 else INPUT_CHUNK)
+    def read(self, size: int = READ_CHUNK) -> bytes:
+        return self.stream._take_input(size if size and size > 0 else READ_CHUNK)
 
 
 # --- sizes from metadata ------------------------------------------------------------------------------
@@ -460,17 +458,17 @@ def _decode_units(host: HostFile, kind: str, units: LastUnits) -> Iterator[bytes
 
         decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
         pieces = _Pieces(_file_range(host, units.offset, units.length))
-        frames = decompressor.stream_reader(pieces, read_size=INPUT_CHUNK,  # type: ignore[arg-type]
+        frames = decompressor.stream_reader(pieces, read_size=READ_CHUNK,  # type: ignore[arg-type]
                                            read_across_frames=True, closefd=False)
-        while data := frames.read(CHUNK):
+        while data := frames.read(READ_CHUNK):
             yield data
         return
     decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
     for piece in _xz_blocks_alone(units, _file_range(host, units.offset, units.length)):
-        data = decoder.decompress(piece, CHUNK)
+        data = decoder.decompress(piece, READ_CHUNK)
         while data:
             yield data
-            data = decoder.decompress(b"", CHUNK) if not decoder.needs_input and not decoder.eof else b""
+            data = decoder.decompress(b"", READ_CHUNK) if not decoder.needs_input and not decoder.eof else b""
     if not decoder.eof:
         raise ArchiveError(f"truncated xz block after offset {units.offset}", path=host.name)
 
@@ -479,7 +477,7 @@ def _file_range(host: HostFile, offset: int, length: int) -> Iterator[bytes]:
     """``length`` bytes of the file from ``offset``, a chunk at a time (short at its end)."""
     end = offset + length
     while offset < end:
-        data = host.pread(min(INPUT_CHUNK, end - offset), offset)
+        data = host.pread(min(READ_CHUNK, end - offset), offset)
         if not data:
             return
         yield data
@@ -493,7 +491,7 @@ class _Pieces:
         self.pieces = pieces
         self.pending = b""
 
-    def read(self, size: int = INPUT_CHUNK) -> bytes:
+    def read(self, size: int = READ_CHUNK) -> bytes:
         if not self.pending:
             self.pending = next(self.pieces, b"")
         data, self.pending = self.pending[:size], self.pending[size:]
@@ -510,7 +508,7 @@ class _BufferedAt:
 
     def read(self, offset: int, length: int) -> bytes:
         if not (self.start <= offset and offset + length <= self.start + len(self.data)):
-            self.start, self.data = offset, self.host.pread(max(length, INPUT_CHUNK), offset)
+            self.start, self.data = offset, self.host.pread(max(length, READ_CHUNK), offset)
         return self.data[offset - self.start : offset - self.start + length]
 
 
@@ -543,7 +541,7 @@ class StreamDiskReader(DiskReader):
     def __init__(self, host: HostFile, stream: ForwardStream, size: int, segments: list[Segment],
                  facts: dict[str, Any], base: int = 0, first_chunk: bytes | None = None,
                  disk: ImageInfo | None = None) -> None:
-        super().__init__(host, disk.virtual_size if disk else -(-size // SECTOR) * SECTOR)
+        super().__init__(host, disk.virtual_size if disk else -(-size // SECTOR_SIZE) * SECTOR_SIZE)
         #: the exact byte count of what the wrapper holds (the virtual size is rounded up to sectors)
         self.content_size = size
         #: the facts of a disk format other than RAW read from the stream (a fixed VHD: its data,
@@ -629,8 +627,8 @@ class StreamDiskReader(DiskReader):
         position = offset
         end = offset + length
         while position < end:
-            index = position // CHUNK
-            piece = self._chunk(index)[position - index * CHUNK : end - index * CHUNK]
+            index = position // READ_CHUNK
+            piece = self._chunk(index)[position - index * READ_CHUNK : end - index * READ_CHUNK]
             if not piece:
                 break
             parts.append(piece)
@@ -642,11 +640,11 @@ class StreamDiskReader(DiskReader):
         if cached is not None:
             self._cache.move_to_end(index)
             return cached
-        target = self.base + index * CHUNK
+        target = self.base + index * READ_CHUNK
         if target < self.stream.position:
             self.stream.rewind()
         self.stream.skip(target - self.stream.position)
-        data = self.stream.read(CHUNK)
+        data = self.stream.read(READ_CHUNK)
         self._cache[index] = data
         if len(self._cache) > CACHE_CHUNKS:
             self._cache.popitem(last=False)
@@ -723,7 +721,7 @@ _ACCESS = ("sequential: reads in increasing order cost one decompression pass; "
 def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None, as_bytes: bool,
                      see_tail: bool) -> DiskReader:
     stream = ForwardStream(host, kind, digest)
-    first = stream.read(CHUNK)
+    first = stream.read(READ_CHUNK)
     head = first[:INNER_HEAD]
     if not as_bytes:  # a format known by its head (qcow2, a dynamic VHD...) is refused before any pass
         _require_raw(_identify(head, b"", None, None), host.name, kind, None)
@@ -759,7 +757,7 @@ def _size_and_tail(host: HostFile, kind: str, stream: ForwardStream, first: byte
     elif kind == "zstd":
         size, units = zstd_layout(host)
         size_from = "the zstd frame headers"
-    if len(first) < CHUNK:
+    if len(first) < READ_CHUNK:
         counted, tail, tail_from = len(first), first[-INNER_TAIL:], "the first read, which reached its end"
     elif size is not None and units is not None and not units.whole_file and units.content >= INNER_TAIL:
         tail = last_units_tail(host, kind, units, INNER_TAIL)
@@ -793,7 +791,7 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
     if member is None:
         raise ArchiveError("holds no disk: the archive has no regular file")
     base = stream.position
-    first = stream.read(CHUNK)  # a whole chunk of the cache (past the member's data if it is small)
+    first = stream.read(READ_CHUNK)  # a whole chunk of the cache (past the member's data if it is small)
     segments = member_segments(member)
     head = _head(first, segments, member.size)
     tail_start = max(0, member.size - INNER_TAIL)
@@ -974,7 +972,7 @@ class _StreamFrom:
         return data
 
     def to_end(self) -> None:
-        while self.read(CHUNK):
+        while self.read(READ_CHUNK):
             pass
 
 

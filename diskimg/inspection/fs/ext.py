@@ -47,7 +47,8 @@ from ..superblocks import (
     ExtSuperblock,
     parse_ext_superblock,
 )
-from .base import CHUNK, MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, Stat
+from ...units import READ_CHUNK
+from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, Stat
 
 ROOT_INODE = 2
 
@@ -460,7 +461,7 @@ class ExtFileSystem(GuestFileSystem[int]):
 
     def _data(self, node: int, inode: Inode, offset: int, length: int) -> bytes:
         """``length`` bytes of the inode's data from ``offset`` (holes and uninitialized extents as zeros)."""
-        length = max(0, min(length, CHUNK, inode.size - offset))
+        length = max(0, min(length, READ_CHUNK, inode.size - offset))
         if not length:
             return b""
         if inode.flags & FLAG_INLINE_DATA:
@@ -521,8 +522,8 @@ class ExtFileSystem(GuestFileSystem[int]):
             return
         bs = self._block_size
         blocks = -(-inode.size // bs)
-        for logical in range(0, blocks, CHUNK // bs):
-            for _, count, physical in self._runs(inode, logical, min(blocks, logical + CHUNK // bs)):
+        for logical in range(0, blocks, READ_CHUNK // bs):
+            for _, count, physical in self._runs(inode, logical, min(blocks, logical + READ_CHUNK // bs)):
                 if physical is None:
                     continue
                 data = self._read_blocks(physical, count, "ext directory")
