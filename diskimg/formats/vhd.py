@@ -1221,7 +1221,7 @@ def _writer_disk_size(virtual_size: int, subformat: str, path: str | None = None
 
 
 def _creator_version() -> int:
-    from .. import __version__
+    from ..version import __version__
 
     parts = [int(p) if p.isdigit() else 0 for p in re.split(r"[.+-]", __version__)[:2]] + [0, 0]
     return (min(parts[0], 0xFFFF) << 16) | min(parts[1], 0xFFFF)
