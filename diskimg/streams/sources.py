@@ -51,10 +51,8 @@ import collections
 import dataclasses
 import functools
 import lzma
-import os
 import shlex
 import struct
-import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -1016,24 +1014,6 @@ class MemberFile(_UnopenedFile):
 
     def close(self) -> None:
         self._archive.close()
-
-
-def spooled(reader: DiskReader, directory: str | None = None) -> DiskReader:
-    """The disk of a forward-only reader copied in one pass into a temporary sparse RAW file, and
-    read at random from there: for callers that read all over the disk (``validate``), where each
-    read backwards would otherwise cost a decompression pass. The copy takes the disk's allocated
-    bytes of temporary space; its name is removed at once, so it disappears with the reader."""
-    from ..conversion.pipeline import convert  # convert -> image -> sources: imported when used
-
-    with tempfile.TemporaryDirectory(prefix="diskimg-", dir=directory) as scratch:
-        path = os.path.join(scratch, "disk.raw")
-        convert(reader, path, "raw")
-        host = HostFile(path)
-    try:
-        return READERS["raw"].open(host, None, OpenOptions())
-    except BaseException:
-        host.close()
-        raise
 
 
 def _wrapped_disk(inner: Detection, head: bytes, tail: bytes, size: int, path: str, kind: str,
