@@ -31,7 +31,7 @@ from typing import Any
 
 from ..host import interrupts
 from ..conversion.pipeline import ProgressCallback, content_hash_of, convert
-from ..detection.probe import detect
+from ..detection.probe import detect, identify_inner
 from ..formats.probing import READABLE_FORMATS
 from ..errors import ArchiveError, UnsupportedFormat
 from ..formats import canonical_format
@@ -129,7 +129,7 @@ def _unpack_one(archive: str, expected: ExportedDisk | None, out_dir: str, targe
     digest = hashlib.sha256 if expected is not None else None
     reader: StreamDiskReader
     if opens_through_wrapper(detection):
-        reader = open_wrapped(archive, detection, digest, as_bytes=True)  # type: ignore[assignment]
+        reader = open_wrapped(archive, detection, identify_inner, digest, as_bytes=True)  # type: ignore[assignment]
     else:
         if not detection.readable:
             raise UnsupportedFormat(f"{detection.description}: not an archive or disk diskimg unpacks",

@@ -66,8 +66,8 @@ from ..host.files import HostFile
 from ..units import READ_CHUNK, SECTOR_SIZE
 from ..formats.reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from .tar import Readable, TarMember, padding, read_member, skip_data
-from .compressed import (COMPRESSORS, INNER_HEAD, INNER_TAIL, PeekedMember, article, unwrap_command, unwrapped_name,
-                       wrapper_hint)
+from .compressed import (COMPRESSORS, INNER_HEAD, INNER_TAIL, Identify, PeekedMember, article, unwrap_command,
+                         unwrapped_name, wrapper_hint)
 
 #: decompression works in pieces of READ_CHUNK bytes (compressed input is read so too); the cache holds
 #: the last few
@@ -673,9 +673,12 @@ def opens_through_wrapper(detection: Detection) -> bool:
     return detection.format in COMPRESSORS or detection.format == "tar"
 
 
-def open_wrapped(source: Any, detection: Detection, digest: Callable[[], Any] | None = None,
+def open_wrapped(source: Any, detection: Detection, identify: Identify, digest: Callable[[], Any] | None = None,
                  as_bytes: bool = False, see_tail: bool = False) -> DiskReader:
     """A reader of the disk inside a compressed file or a tar archive (see the module docstring).
+
+    ``identify`` names what the wrapper holds, by the same probes as a bare file (the detector's
+    ``identify_inner``, given by the caller: detection lies above this layer).
 
     ``digest`` (e.g. ``hashlib.sha256``) makes every read sequential and hashes the archive file
     in the same pass: ``stream.digest`` after ``finish_archive``. ``as_bytes`` reads what the
@@ -688,10 +691,10 @@ def open_wrapped(source: Any, detection: Detection, digest: Callable[[], Any] | 
     host = HostFile(source)
     try:
         if detection.format == "tar":
-            return _open_tar(host, None, digest, as_bytes)
+            return _open_tar(host, None, identify, digest, as_bytes)
         if detection.inner_format == "tar":
-            return _open_tar(host, detection.format, digest, as_bytes, see_tail)
-        return _open_compressed(host, detection.format, digest, as_bytes, see_tail)
+            return _open_tar(host, detection.format, identify, digest, as_bytes, see_tail)
+        return _open_compressed(host, detection.format, identify, digest, as_bytes, see_tail)
     except ArchiveError as exc:
         host.close()
         exc.path = exc.path or host.name
@@ -716,17 +719,17 @@ _ACCESS = ("sequential: reads in increasing order cost one decompression pass; "
            "reading backwards restarts decompression from the start")
 
 
-def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None, as_bytes: bool,
-                     see_tail: bool) -> DiskReader:
+def _open_compressed(host: HostFile, kind: str, identify: Identify, digest: Callable[[], Any] | None,
+                     as_bytes: bool, see_tail: bool) -> DiskReader:
     stream = ForwardStream(host, kind, digest)
     first = stream.read(READ_CHUNK)
     head = first[:INNER_HEAD]
     if not as_bytes:  # a format known by its head (qcow2, a dynamic VHD...) is refused before any pass
-        _require_raw(_identify(head, b"", None, None), host.name, kind, None)
+        _require_raw(_identify(identify, head, b"", None, None), host.name, kind, None)
     size, size_from, tail, tail_from = _size_and_tail(host, kind, stream, first, see_tail)
     _check_size(size, host.name)
     name = unwrapped_name(kind, host.name)[0]
-    inner = _identify(head, tail or b"", size if tail is not None else None, name)
+    inner = _identify(identify, head, tail or b"", size if tail is not None else None, name)
     facts = {"wrapper": kind, "compression": kind, "member": None, "inner_format": inner.format,
              "inner_description": inner.description, "virtual_size_from": size_from, "tail_from": tail_from,
              "access": _ACCESS}
@@ -734,7 +737,7 @@ def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None
     disk = None if as_bytes else _wrapped_disk(inner, head, tail or b"", size, host.name, kind, None)
     reader = StreamDiskReader(host, stream, size, _clip(segments, disk), facts, 0, first, disk)
     if tail is None:
-        _check_tail_when_read(reader, head, host.name, kind, None, as_bytes)
+        _check_tail_when_read(reader, identify, head, host.name, kind, None, as_bytes)
     return reader
 
 
@@ -782,8 +785,8 @@ def _unit_noun(kind: str) -> str:
     return "block" if kind == "xz" else "frame"
 
 
-def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None, as_bytes: bool,
-              see_tail: bool = False) -> DiskReader:
+def _open_tar(host: HostFile, kind: str | None, identify: Identify, digest: Callable[[], Any] | None,
+              as_bytes: bool, see_tail: bool = False) -> DiskReader:
     stream = ForwardStream(host, kind, digest)
     member = next_disk_member(stream)
     if member is None:
@@ -802,7 +805,7 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
         tail_from = "one decompression pass at open, to the member's end"
     else:
         tail_from = f"{_UNSEEN_TAIL} (a compressed tar is read forward)"
-    inner = _identify(head, tail or b"", member.size if tail is not None else None, member.name)
+    inner = _identify(identify, head, tail or b"", member.size if tail is not None else None, member.name)
     facts = {"wrapper": "tar", "compression": kind, "member": member.name,
              "tar_format": member.header_format, "sparse": member.sparse_map is not None,
              "inner_format": inner.format, "inner_description": inner.description,
@@ -822,15 +825,15 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
         disk = _wrapped_disk(inner, head, tail or b"", member.size, host.name, kind or "tar", member.name)
         reader = StreamDiskReader(host, stream, member.size, _clip(segments, disk), facts, base, first, disk)
     if tail is None:
-        _check_tail_when_read(reader, head, host.name, kind or "tar", member.name, as_bytes)
+        _check_tail_when_read(reader, identify, head, host.name, kind or "tar", member.name, as_bytes)
     return reader
 
 
-def _check_tail_when_read(reader: StreamDiskReader, head: bytes, path: str, kind: str, member: str | None,
-                          as_bytes: bool) -> None:
+def _check_tail_when_read(reader: StreamDiskReader, identify: Identify, head: bytes, path: str, kind: str,
+                          member: str | None, as_bytes: bool) -> None:
     """For a disk whose end was not seen at open: its check, made when the end is read (always
     when the bytes are read as a disk; when ``guard_tail`` asks, for bytes read as they are)."""
-    reader.tail_check = functools.partial(_refuse_at_end, head, reader.content_size, path, kind, member)
+    reader.tail_check = functools.partial(_refuse_at_end, identify, head, reader.content_size, path, kind, member)
     if not as_bytes:
         reader.guard_tail()
 
@@ -860,10 +863,11 @@ class _ForwardAt:
         return held + self.stream.read(length)
 
 
-def _refuse_at_end(head: bytes, size: int, path: str, kind: str, member: str | None, tail: bytes) -> None:
+def _refuse_at_end(identify: Identify, head: bytes, size: int, path: str, kind: str, member: str | None,
+                   tail: bytes) -> None:
     """Refuse a wrapped disk whose end, seen only once read, shows a format other than RAW (a fixed
     VHD's footer, a DMG trailer): its bytes must not pass as a RAW disk."""
-    inner = _identify(head, tail, size, member)
+    inner = _identify(identify, head, tail, size, member)
     if inner.format in WRAPPED_FORMATS:
         return
     what = f"{kind}-compressed tar archive, and its member {member} is" if member else \
@@ -1058,12 +1062,10 @@ class _EdgesFile(_UnopenedFile):
         pass
 
 
-def _identify(head: bytes, tail: bytes, size: int | None, name: str | None) -> Detection:
-    """What a wrapper holds, by the same probes as a bare file: from its head, and from its tail
-    (a VHD footer, a DMG trailer) when ``size`` is known."""
-    from ..detection.probe import identify_inner  # the identification callback probe.py gives wrappers.py
-
-    return identify_inner(head, tail, size, 1, name)
+def _identify(identify: Identify, head: bytes, tail: bytes, size: int | None, name: str | None) -> Detection:
+    """What a wrapper holds, by the same probes as a bare file (one level in): from its head, and
+    from its tail (a VHD footer, a DMG trailer) when ``size`` is known."""
+    return identify(head, tail, size, 1, name)
 
 
 def _require_raw(inner: Detection, path: str, kind: str, member: str | None) -> None:
