@@ -333,8 +333,8 @@ def test_file_system_identified_like_blkid(tmp_path, name, command, size_mib, ex
         assert 0 < found.size <= size_mib * MiB
     if expected == "xfs":
         assert found.version == ("V4" if name == "xfs-v4" else "V5")
-    # diskimg.detection.content (what detect says a RAW disk starts with) names file systems the same way
-    from diskimg.detection.content import identify_start
+    # diskimg.inspection.disk_start (what detect says a RAW disk starts with) names file systems the same way
+    from diskimg.inspection.disk_start import identify_start
 
     assert identify_start(read_at(image, 0, 128 * 1024)) == found.type
 
