@@ -39,12 +39,14 @@ from ..errors import CorruptImage, DiskImageError, UnsupportedFormat
 from ..formats import canonical_format
 from ..formats import qcow2 as q
 from ..formats import vhd as v
-# re-exported: the result ``check`` returns
-from ..formats.check_result import MAX_PROBLEMS, CheckProblem as CheckProblem, CheckResult as CheckResult
+from ..formats.check_result import MAX_PROBLEMS, CheckProblem, CheckResult
 from ..formats.vdi.check import check_vdi
 from ..formats.vmdk.check import check_vmdk
 from ..host.files import HostFile
 from .image import source_name
+
+#: ``check`` and the result it returns (defined with the formats' checks that fill it)
+__all__ = ["CheckProblem", "CheckResult", "check"]
 
 #: host clusters a qcow2 check will count (2 bytes each in memory)
 MAX_CHECK_CLUSTERS = 1 << 28

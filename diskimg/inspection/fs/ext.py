@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ...errors import CorruptImage, UnsupportedFormat
+from ...units import READ_CHUNK
 from ..signatures import Disk
 from ..superblocks import (
     EXT_COMPAT_SPARSE_SUPER2,
@@ -47,7 +48,6 @@ from ..superblocks import (
     ExtSuperblock,
     parse_ext_superblock,
 )
-from ...units import READ_CHUNK
 from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, Stat
 
 ROOT_INODE = 2
