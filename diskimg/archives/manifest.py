@@ -13,13 +13,14 @@ like the manifest, so that several exports can share a folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import ArchiveError
+from ..errors import ArchiveError, ImageNotFound
 from ..formats import WRITERS
 from ..conversion.hashing import PREFIX as CONTENT_HASH_PREFIX
 from ..host.files import confined_path, open_input
@@ -89,6 +90,16 @@ class Manifest:
             raise ArchiveError(f"{disk.file!r} is a symbolic link leading out of the manifest's folder: refused",
                                path=self.path)
         return located
+
+
+def names_manifest(path: str) -> bool:
+    """Whether ``path`` is given as a manifest rather than an archive: a ``.json`` name, or a file
+    whose first bytes open a JSON object (a manifest renamed); reading it then checks it."""
+    if path.lower().endswith(".json"):
+        return True
+    with contextlib.suppress(OSError, ImageNotFound), open_input(path) as f:
+        return f.read(64).lstrip().startswith(b"{")
+    return False
 
 
 def read_manifest(path: str) -> Manifest:
