@@ -18,7 +18,7 @@ a compressed or archive wrapper) and decides in this order, strongest evidence f
 5. a VMDK descriptor (only when the file is text)
 6. tar (``ustar`` magic at 257, or a v7 header whose checksum verifies)
 7. ISO 9660 / UDF (``CD001``/``BEA01`` at 0x8001; a hybrid ISO with an MBR or GPT is still ISO)
-8. RAW, with ``starts_with`` from :func:`diskimg.detection.content.identify_start`
+8. RAW, with ``starts_with`` from :func:`diskimg.inspection.disk_start.identify_start`
 
 A file carrying a format header is never reported as RAW: a ``QFI\\xfb`` file with a version
 diskimg does not know is reported as qcow2 (not readable), and a ``conectix`` footer that does not
@@ -134,7 +134,7 @@ def _classify(
 
 
 def raw_detection(head: bytes) -> Detection:
-    from .content import describe_start, identify_start  # partition and file system tables: loaded when needed
+    from ..inspection.disk_start import describe_start, identify_start  # loaded when needed
 
     starts_with = identify_start(head)
     if starts_with == "empty":

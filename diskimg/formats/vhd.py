@@ -159,6 +159,11 @@ DYNAMIC_HEADER_CHECKSUM_OFFSET = 36
 assert _FOOTER.size == FOOTER_SIZE and _HEADER.size == 576 and _LOCATOR.size == 24
 
 
+def parent_locator_offset(index: int) -> int:
+    """Where parent locator entry ``index`` (0 to 7) lies in the dynamic header: after its fixed fields."""
+    return _HEADER.size + _LOCATOR.size * index
+
+
 def vhd_checksum(data: bytes, checksum_offset: int | None = None) -> int:
     """One's complement of the byte sum, leaving out the 4-byte checksum field at ``checksum_offset``."""
     total = sum(data)
@@ -358,7 +363,7 @@ def parse_dynamic_header(data: bytes) -> DynamicHeader:
         raise ValueError(f"a VHD dynamic header is 1024 bytes, not {len(data)}")
     (cookie, data_offset, table_offset, version, entries, block_size, checksum, parent_id, parent_time,
      reserved1, parent_name) = _HEADER.unpack_from(data)  # fmt: skip
-    locators = [ParentLocator(*_LOCATOR.unpack_from(data, 576 + 24 * i)) for i in range(8)]
+    locators = [ParentLocator(*_LOCATOR.unpack_from(data, parent_locator_offset(i))) for i in range(8)]
     return DynamicHeader(
         cookie, data_offset, table_offset, version, entries, block_size, checksum,
         uuid.UUID(bytes=parent_id), parent_time, reserved1, parent_name, locators, bytes(data[768:]),
@@ -1032,7 +1037,7 @@ class _Opener:
         for index, locator in enumerate(header.parent_locators):
             if not locator.used:
                 continue
-            entry_offset = self.footer.data_offset + 576 + 24 * index
+            entry_offset = self.footer.data_offset + parent_locator_offset(index)
             entry: dict[str, Any] = {
                 "platform_code": fourcc_text(locator.platform_code),
                 "data_space": locator.data_space,
@@ -1216,7 +1221,7 @@ def _writer_disk_size(virtual_size: int, subformat: str, path: str | None = None
 
 
 def _creator_version() -> int:
-    from .. import __version__
+    from ..version import __version__
 
     parts = [int(p) if p.isdigit() else 0 for p in re.split(r"[.+-]", __version__)[:2]] + [0, 0]
     return (min(parts[0], 0xFFFF) << 16) | min(parts[1], 0xFFFF)

@@ -1,4 +1,4 @@
-"""Volume managers and containers between a partition and a file system: LVM2 physical volumes assembled
-into volume groups whose logical volumes read as volumes (``lvm``), and the encrypted and RAID members
-named beside them. Each module keeps pure parsers over bytes apart from the reads of the disks it is
-given, and every value read from a disk is checked and capped before use."""
+"""Volumes that hold other volumes, between a partition and a file system: LVM2 physical volumes
+assembled into volume groups whose logical volumes read as volumes (``lvm``), encrypted containers
+(``luks``, ``bitlocker``) and Linux software RAID members (``md``). Each module keeps pure parsers over
+bytes apart from the reads of the disks it is given, and every value read is checked and capped."""
