@@ -302,9 +302,12 @@ class GuestDisk:
         if assembled == "md":
             if "md" in containers:
                 return Resolution(None, "unassembled")
-            arrays = [name for v in self.volumes if v.layer and v.layer.kind == "md-array" for name in v.device_names]
+            arrays = [v for v in self.volumes if v.layer and v.layer.kind == "md-array"]
+            if arrays and re.fullmatch(r"/dev/md\d+(p\d+)?", value):
+                return Resolution(None, "unknown")  # numbered at boot, by the guest's mdadm.conf or in turn
             if arrays:
-                return Resolution(None, "missing", f"names no md array of the disk ({', '.join(arrays)})")
+                return Resolution(None, "missing", "names no md array of the disk (" + ", ".join(
+                    v.device_names[0] if v.device_names else v.name for v in arrays) + ")")
             return Resolution(None, "missing", "is an md RAID array, but the disk holds no md member")
         if assembled == "dm":
             if containers & {"lvm2", "luks"}:

@@ -1,17 +1,24 @@
 """The volume stacks of a machine: what its partitions hold when they are not file systems.
 
 :func:`assemble` is given every disk of a machine (the system disk and its data disks, as one ``validate``
-call names them) with its base volumes (partitions, or the whole disk). It finds the LVM2 physical volumes
-among them, assembles their volume groups across all the disks, and returns a :class:`GuestVolume` for each
-visible logical volume: readable through :class:`~diskimg.inspection.volumes.lvm.LvmVolume` (its file system
-probed there), or with the reason it is not (a thin or snapshot volume, an extent on a missing PV). Each
-container volume gets the facts of what it holds (``GuestVolume.holds``), so the report shows the stack
-(partition -> PV -> VG/LV -> file system) and the guest's names for a volume (``/dev/mapper/VG-LV``,
-``/dev/VG/LV``) resolve to it.
+call names them) with its base volumes (partitions, or the whole disk), and builds what lies on them, in the
+order Linux does:
 
-An assembled volume belongs to the disk holding the first of its physical volumes (in the order the disks
-were given, partitions in order), so the system disk holds every volume group it has a part of. Only
-metadata is read here: labels, metadata areas, and the head of each logical volume for its file system.
+1. md RAID members are grouped by array UUID; a RAID1 array is read through one in-sync member
+   (:func:`~diskimg.inspection.volumes.md.open_raid1`), other levels are named with the reason they are not read;
+2. LVM2 physical volumes (on partitions, whole disks and arrays) are assembled into volume groups across all
+   the disks; each visible logical volume is read through :class:`~diskimg.inspection.volumes.lvm.LvmVolume`,
+   or named with the reason it is not (a thin or snapshot volume, an extent on a missing PV);
+3. LUKS and BitLocker headers, wherever they lie, are read for their UUID and cipher; they are never opened.
+
+Each assembled volume is a :class:`GuestVolume` whose file system is probed through it, and each container
+volume gets the facts of what it holds (``GuestVolume.holds``), so the report shows the stack (partition ->
+PV -> VG/LV -> file system; partition -> LUKS; partition -> md member -> array) and the guest's names for a
+volume (``/dev/mapper/VG-LV``, ``/dev/VG/LV``, ``/dev/md/NAME``) resolve to it.
+
+An assembled volume belongs to the disk holding the first of its physical volumes or members (in the order
+the disks were given, partitions in order), so the system disk holds every volume group it has a part of.
+Only metadata is read here: labels, superblocks, headers and the head of each assembled volume.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 from ...errors import DiskImageError
 from ...units import format_size
 from ..signatures import Disk, probe
+from ..volumes import bitlocker, luks, md
 from ..volumes.lvm import LogicalVolume, LvmProblem, VolumeGroup, find_volume_groups
 from . import GuestVolume, Layer
 
@@ -53,16 +61,88 @@ class MachineStack:
 def assemble(disks: list[MachineDisk | None]) -> MachineStack:
     """The stacks on ``disks`` (None for a disk that cannot be read: it holds nothing)."""
     found = MachineStack([[] for _ in disks], [[] for _ in disks], [[] for _ in disks])
-    areas: list[tuple[int, GuestVolume, Disk]] = []  # (disk index, PV volume, where it is read)
+    placed: list[tuple[int, GuestVolume, Disk]] = []  # (disk index, volume, what it is read from), in order
     for index, machine_disk in enumerate(disks):
-        if machine_disk is None:
-            continue
-        for volume in machine_disk.volumes:
-            if volume.fs_type == "lvm2":
-                areas.append((index, volume, volume.source if volume.source is not None else machine_disk.disk))
-    if areas:
-        _assemble_lvm(found, areas)
+        if machine_disk is not None:
+            placed += [(index, volume, machine_disk.disk) for volume in machine_disk.volumes]
+    placed += _assemble_arrays(found, [item for item in placed if item[1].fs_type == "md"])
+    physical = [item for item in placed if item[1].fs_type == "lvm2"]
+    if physical:
+        _assemble_lvm(found, [(index, volume, _source(volume, disk)) for index, volume, disk in physical])
+    for index, machine_disk in enumerate(disks):
+        everything = (machine_disk.volumes if machine_disk is not None else []) + found.volumes[index]
+        for volume in everything:
+            if volume.fs_type in ("luks", "bitlocker") and machine_disk is not None:
+                volume.holds = _encrypted(volume, _source(volume, machine_disk.disk))
     return found
+
+
+def _source(volume: GuestVolume, disk: Disk) -> Disk:
+    return volume.source if volume.source is not None else disk
+
+
+def _assemble_arrays(found: MachineStack, members: list[tuple[int, GuestVolume, Disk]]
+                     ) -> list[tuple[int, GuestVolume, Disk]]:
+    """An array volume for each md array among ``members`` (grouped by array UUID, homed on the disk of its
+    first member): a RAID1 array read through its first in-sync member, another level named, not read."""
+    arrays: dict[str, list[tuple[int, GuestVolume, md.MdSuperblock, Disk]]] = {}  # by array UUID
+    for index, volume, disk in members:
+        try:
+            superblock = md.find_superblock(disk, volume.offset, volume.length)
+        except DiskImageError as exc:
+            found.problems[index].append(f"{volume.name}: {exc.message}")
+            continue
+        if superblock is None:
+            continue
+        volume.holds = Layer("md-member", f"md member ({superblock.state}) of {superblock.level_name} array "
+                             f"{superblock.name or superblock.uuid}",
+                             {"uuid": superblock.uuid, "name": superblock.name, "level": superblock.level_name,
+                              "version": superblock.version, "role": superblock.role, "state": superblock.state})
+        arrays.setdefault(superblock.uuid, []).append((index, volume, superblock, disk))
+    assembled = []
+    for uuid, legs in arrays.items():
+        first = legs[0][2]
+        facts = {"uuid": uuid, "name": first.name, "level": first.level_name, "members": len(legs),
+                 "raid_disks": first.raid_disks, "size": first.array_member_size}
+        short = (first.name or "").rpartition(":")[2]  # mdadm names the array /dev/md/NAME, its homehost left out
+        array = GuestVolume(f"md array {short or uuid}", None, 0, first.array_member_size, None,
+                            below=tuple(leg[1] for leg in legs),
+                            layer=Layer("md-array", f"md {first.level_name} array {short or uuid}", facts),
+                            device_names=(f"/dev/md/{short}",) if short else ())
+        reasons = []
+        for _, volume, superblock, disk in legs:
+            try:
+                array.source = md.open_raid1(disk, volume.offset, volume.length, superblock)
+                break
+            except DiskImageError as exc:
+                reasons.append(f"{volume.name}: {exc.message}")
+        found.volumes[legs[0][0]].append(array)
+        if array.source is None:
+            array.unreadable = "; ".join(reasons)
+            continue
+        try:
+            array.fs = probe(array.source, 0, array.length)
+        except DiskImageError as exc:
+            array.unreadable = f"it cannot be read: {exc.message}"
+            continue
+        assembled.append((legs[0][0], array, array.source))
+    return assembled
+
+
+def _encrypted(volume: GuestVolume, disk: Disk) -> Layer:
+    """What a LUKS or BitLocker header says: its UUID and cipher (or why it cannot be read)."""
+    kind = volume.fs_type or ""
+    reader = luks.read_luks if kind == "luks" else bitlocker.read_bitlocker
+    shown = "LUKS" if kind == "luks" else "BitLocker"
+    try:
+        header = reader(disk, volume.offset, volume.length)
+    except DiskImageError as exc:
+        return Layer(kind, f"{shown} (its header cannot be read: {exc.message})", {"error": exc.message})
+    if header is None:
+        return Layer(kind, shown, {})
+    facts = {"version": header.version, "uuid": header.uuid, "cipher": header.cipher, "label": header.label}
+    words = [shown + (header.version if kind == "luks" else ""), header.uuid, f"({header.cipher or 'cipher unknown'})"]
+    return Layer(kind, " ".join(word for word in words if word), facts)
 
 
 def _assemble_lvm(found: MachineStack, areas: list[tuple[int, GuestVolume, Disk]]) -> None:
