@@ -104,6 +104,8 @@ class LvmGuest:
     pv_uuid: str
     #: lvs' report of each LV made: lv_name -> {lv_uuid, lv_dm_path, lv_path, ...}
     lvs: dict[str, dict[str, str]]
+    #: where each LV's first extent lies in the disk
+    starts: dict[str, int]
 
 
 def lv_start(tools: LoopLvm, vg: str, lv: str) -> tuple[Path, int]:
@@ -124,14 +126,16 @@ def lvm_disk(tools: LoopLvm, path: Path, boot: Path, vg: str, volumes: dict[str,
     device = tools.attach(disk, *SECOND)
     tools("pvcreate", "-q", device)
     tools("vgcreate", "-q", vg, device)
+    starts = {}
     for name, content in volumes.items():
         extents = content if isinstance(content, int) else -(-content.stat().st_size // EXTENT)
         tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-l", str(extents), "-n", name, vg)
+        starts[name] = lv_start(tools, vg, name)[1]
         if not isinstance(content, int):
-            write_at(*lv_start(tools, vg, name), content.read_bytes())
+            write_at(disk, starts[name], content.read_bytes())
     (pv,) = tools.report("pvs", "pv_uuid", device)
     reports = tools.report("lvs", "lv_name,lv_uuid,lv_dm_path,lv_path,lv_size,segtype", vg)
-    return LvmGuest(disk, vg, pv["pv_uuid"], {report["lv_name"]: report for report in reports})
+    return LvmGuest(disk, vg, pv["pv_uuid"], {report["lv_name"]: report for report in reports}, starts)
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +259,152 @@ def test_volume_list_shows_the_stack(centos_pair: CentosPair, lvm_tools: LoopLvm
         {"lv": f"{guest.vg}/{name}", "type": guest.lvs[name]["segtype"], "size": int(guest.lvs[name]["lv_size"]),
          "file_system": "ext4" if name == "root" else None, "unreadable": None} for name in ("root", "spare")]
     assert f"of volume group {guest.vg}, holding root (linear, 96 MiB, ext4), spare (linear, 8 MiB)" in lvm.message
+
+
+@needs_lvm
+@needs_image_tools
+@pytest.mark.parametrize("lvm_tool, dm_mod, lacking", [
+    (True, "initramfs", []), (True, "builtin", []), (False, "initramfs", ["lvm"]), (True, None, ["dm_mod"]),
+    (False, "builtin", ["lvm"]), (False, None, ["dm_mod", "lvm"]),
+])
+def test_initramfs_that_cannot_assemble_the_root(centos_pair: CentosPair, tmp_path: Path, lvm_tool: bool,
+                                                 dm_mod: str | None, lacking: list[str]) -> None:
+    """The root on LVM needs dm-mod (built in, as modules.builtin lists it, or in the initramfs) and dracut's lvm
+    files in the initramfs; the guest is rebuilt with what the case says and written over /boot and the root LV."""
+    guest = centos_pair.lvm
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["cp", "--sparse=always", str(guest.disk), str(disk)], check=True)
+    root_tree, boot_tree = centos(tmp_path, centos_pair.root_uuid, centos_pair.boot_uuid, root_spec=f"/dev/{guest.vg}/root",
+                                  lvm_tool=lvm_tool, dm_mod=dm_mod)
+    copy_in(disk, file_system(tmp_path, "boot", boot_tree, centos_pair.boot_uuid, 96 * MiB), BOOT[0])
+    copy_in(disk, file_system(tmp_path, "root", root_tree, centos_pair.root_uuid, ROOT_FS), guest.starts["root"])
+    report = diskimg.validate(disk)
+    needs = report.facts.guest["details"]["root_needs"]
+    assert needs == {"dm_mod": {"initramfs": "initramfs", "builtin": "builtin", None: "missing"}[dm_mod],
+                     "lvm": "initramfs" if lvm_tool else "missing"}
+    found = report.find("guest-initramfs-cannot-mount-root")
+    if not lacking:
+        assert not found and report.importable
+        return
+    (finding,) = found
+    assert finding.severity.value == "error" and not report.importable
+    assert finding.evidence["value"] == lacking and finding.evidence["kernel"] == RHEL_KERNEL
+    assert finding.evidence["initramfs"] == f"/boot/initramfs-{RHEL_KERNEL}.img"
+    assert "dracut -f --add lvm" in finding.hint and f"LV {guest.vg}/root" in finding.message
+
+
+def thin_volumes(pv: str) -> str:
+    """A thin pool and a thin LV named root in it, as LVM2 writes them (lib/thin): what lvcreate --thin makes."""
+    return "".join((
+        _lv("pool", SHOWN, [["start_extent = 0", "extent_count = 4", 'type = "thin-pool"', 'metadata = "pool_tmeta"',
+                             'pool = "pool_tdata"', "transaction_id = 1", "chunk_size = 128", 'discards = "passdown"',
+                             "zero_new_blocks = 1"]]),
+        _lv("pool_tmeta", HIDDEN, [_linear(pv, 2, 1)]),
+        _lv("pool_tdata", HIDDEN, [_linear(pv, 3, 4)]),
+        _lv("root", SHOWN, [["start_extent = 0", "extent_count = 24", 'type = "thin"', 'thin_pool = "pool"',
+                             "transaction_id = 0", "device_id = 1"]]),
+    ))
+
+
+@needs_lvm
+@needs_image_tools
+def test_root_on_a_thin_volume_cannot_be_checked(centos_pair: CentosPair, lvm_tools: LoopLvm, tmp_path: Path) -> None:
+    """A root on a thin LV (its blocks mapped by the pool's own metadata, not read): an error naming the LV, not
+    "no operating system found"; the boot partition is still read."""
+    vg = unique_vg("thin-vg")
+    _, boot_tree = centos(tmp_path, centos_pair.root_uuid, centos_pair.boot_uuid,
+                          kernel_root=f"/dev/mapper/{vg.replace('-', '--')}-root")
+    guest = lvm_disk(lvm_tools, tmp_path / "thin.raw", file_system(tmp_path, "boot", boot_tree, centos_pair.boot_uuid,
+                                                                   96 * MiB), vg, {"spare": 2})
+    backup = tmp_path / "backup.txt"
+    lvm_tools("vgcfgbackup", "-q", "-f", backup, vg)
+    text = backup.read_text()
+    end = text.rindex("\t}\n\n}")  # the end of logical_volumes
+    backup.write_text(text[:end] + thin_volumes("pv0") + text[end:])
+    lvm_tools("vgcfgrestore", "-q", "--force", "-f", backup, vg)
+    (lv,) = lvm_tools.report("lvs", "lv_name,segtype,lv_uuid", f"{vg}/root")
+    assert lv["segtype"] == "thin"
+    report = diskimg.validate(guest.disk)
+    assert not report.importable and report.facts.guest is None
+    assert not report.find("guest-not-found")
+    (finding,) = report.find("guest-root-unreadable")
+    assert finding.severity.value == "error"
+    (volume,) = finding.evidence["volumes"]
+    assert finding.evidence["value"] == [f"LV {vg}/root"] and "thin volume" in volume["reason"]
+    assert volume["stack"] == (f"partition 2 -> LVM2 PV {guest.pv_uuid} of VG {vg} -> LV {vg}/root (thin, 96 MiB) -> "
+                               f"not read: {volume['reason']}")
+    assert volume["stack"] in finding.message
+    volumes = {volume["volume"]: volume for volume in report.facts.volumes}
+    assert volumes[f"LV {vg}/root"]["layer"]["uuid"] == lv["lv_uuid"] and volumes[f"LV {vg}/root"]["unreadable"]
+    assert f"LV {vg}/pool" not in volumes  # a pool holds volumes, not a file system
+    assert any("partition 2" in item["reason"] or f"{vg}/root" in item["reason"] for item in report.not_checked
+               if item["check"] == "guest_found")
+
+
+@needs_lvm
+@needs_image_tools
+def test_volume_group_across_the_disks_of_the_machine(centos_pair: CentosPair, lvm_tools: LoopLvm,
+                                                      tmp_path: Path) -> None:
+    """A volume group over the system disk and a data disk (its LV srv on the data disk) and a second group
+    wholly on the data disk: validated together, every LV resolves and the stack names both disks; the system
+    disk alone misses the data disk's PV (named by the UUID pvs reports) and the second group's LV."""
+    vg, solo = unique_vg("span-vg"), unique_vg("solo-vg")
+    root_tree, boot_tree = centos(tmp_path, centos_pair.root_uuid, centos_pair.boot_uuid, root_spec=f"/dev/{vg}/root")
+    root_tree["/etc/fstab"] = str(root_tree["/etc/fstab"]) + (
+        f"/dev/{vg}/srv /srv ext4 defaults 0 2\n/dev/mapper/{solo.replace('-', '--')}-logs /var/log/x ext4 defaults 0 2\n")
+    system = mbr_disk(tmp_path / "system.raw", DISK, [(*BOOT, "83"), (*SECOND, "8e")])
+    copy_in(system, file_system(tmp_path, "boot", boot_tree, centos_pair.boot_uuid, 96 * MiB), BOOT[0])
+    write_boot_code(system)
+    data = mbr_disk(tmp_path / "data.raw", 256 * MiB, [(MiB, 127 * MiB, "8e"), (128 * MiB, 127 * MiB, "8e")])
+    system_pv = lvm_tools.attach(system, *SECOND)
+    data_pv, solo_pv = lvm_tools.attach(data, MiB, 127 * MiB), lvm_tools.attach(data, 128 * MiB, 127 * MiB)
+    lvm_tools("pvcreate", "-q", system_pv, data_pv, solo_pv)
+    lvm_tools("vgcreate", "-q", vg, system_pv, data_pv)
+    lvm_tools("vgcreate", "-q", solo, solo_pv)
+    made = {"root": (vg, system_pv, file_system(tmp_path, "root", root_tree, centos_pair.root_uuid, ROOT_FS)),
+            "srv": (vg, data_pv, file_system(tmp_path, "srv", {"/readme": "srv\n"}, new_uuid(), 8 * MiB)),
+            "logs": (solo, solo_pv, file_system(tmp_path, "logs", {"/readme": "logs\n"}, new_uuid(), 8 * MiB))}
+    for name, (group, device, image) in made.items():
+        lvm_tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-l", str(image.stat().st_size // EXTENT),
+                  "-n", name, group, device)
+        write_at(*lv_start(lvm_tools, group, name), image.read_bytes())
+    uuids = {pv["pv_name"]: pv["pv_uuid"] for pv in lvm_tools.report("pvs", "pv_name,pv_uuid", system_pv, data_pv)}
+
+    together = diskimg.validate(system=system, data=[data])
+    assert not together.find("fs-lvm-pv-missing") and not together.find("guest-fstab-unresolved"), [
+        (f.code, f.message) for f in together.errors]
+    fstab = {line["mountpoint"]: line for line in together.facts.guest["details"]["fstab"]}
+    assert [(fstab[point]["status"], fstab[point]["volume"]) for point in ("/", "/srv")] == [
+        ("ok", f"LV {vg}/root"), ("ok", f"LV {vg}/srv")]
+    volumes = {volume["volume"]: volume for volume in together.facts.volumes}
+    assert volumes[f"LV {vg}/srv"]["stack"] == (
+        f"(partition 2 of {system} -> LVM2 PV {uuids[system_pv]} of VG {vg}) + (partition 1 of {data} -> LVM2 PV "
+        f"{uuids[data_pv]} of VG {vg}) -> LV {vg}/srv (linear, 8 MiB) -> ext4")
+    assert [volume["volume"] for volume in together.disks[1].volumes] == ["partition 1", "partition 2",
+                                                                          f"LV {solo}/logs"]
+
+    alone = diskimg.validate(system)
+    (missing,) = alone.find("fs-lvm-pv-missing")
+    assert missing.severity.value == "error" and missing.evidence["value"] == uuids[data_pv]
+    assert (missing.evidence["vg"], missing.evidence["logical_volumes"]) == (vg, ["srv"])
+    assert uuids[data_pv] in missing.message and data_pv in missing.message  # where LVM last saw it
+    assert alone.facts.guest["root"]["volume"] == f"LV {vg}/root"  # wholly on the system disk: still read
+    unresolved = [f.evidence["spec"] for f in alone.find("guest-fstab-unresolved")]
+    assert unresolved == [f"/dev/mapper/{solo.replace('-', '--')}-logs"]
+
+    (missing,) = diskimg.validate(data, role="data").find("fs-lvm-pv-missing")
+    assert missing.evidence["value"] == uuids[system_pv] and missing.evidence["logical_volumes"] == ["root"]
+
+
+@pytest.mark.skipif(corpus_dir() is None or not (corpus_dir() / "dfvfs/lvm.qcow2").is_file(),
+                    reason="the corpus's dfvfs/lvm.qcow2 is not there")
+def test_corpus_lvm_image_lists_its_logical_volume() -> None:
+    """dfvfs's lvm.qcow2 (written by LVM2 2.03.06): its MANIFEST names VG test_volume_group, LV
+    test_logical_volume holding ext2."""
+    report = diskimg.validate(corpus_dir() / "dfvfs/lvm.qcow2", role="data")
+    volumes = {volume["volume"]: volume for volume in report.facts.volumes}
+    lv = volumes["LV test_volume_group/test_logical_volume"]
+    assert (lv["layer"]["vg"], lv["layer"]["type"], lv["file_system"]["type"]) == ("test_volume_group", "linear",
+                                                                                   "ext2")
+    assert lv["on"] == ["the whole disk"] and volumes["the whole disk"]["holds"]["vg"] == "test_volume_group"
+    assert lv["stack"].startswith("the whole disk -> LVM2 PV ") and lv["stack"].endswith(") -> ext2")

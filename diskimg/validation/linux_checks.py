@@ -37,11 +37,14 @@ def guest_found(ctx: DiskContext) -> None:
         return
     guest = ctx.guest
     if guest is None:
-        hidden = _unreadable_stack(ctx)
+        hidden = [volume for volume in ctx.guest_disk.volumes if volume.unreadable]
         if hidden:
             ctx.emit("guest-root-unreadable", "no readable volume holds an operating system, and the root may lie "
-                     "where diskimg cannot read: " + "; ".join(f"{where}: {why}" for where, why in hidden.items())
-                     + ": nothing inside can be checked", {"value": list(hidden), "volumes": hidden}, _UNREADABLE_HINT)
+                     "where diskimg cannot read: " + "; ".join(volume.stack for volume in hidden)
+                     + "; nothing inside can be checked",
+                     {"value": [volume.name for volume in hidden],
+                      "volumes": [{"volume": volume.name, "stack": volume.stack, "reason": volume.unreadable}
+                                  for volume in hidden]}, _UNREADABLE_HINT)
         if ctx.guest_disk.unreadable:
             ctx.require_guest()  # raises NotAvailable with the volumes that could not be read
         ctx.emit("guest-not-found", "no operating system found on any volume (no /etc/os-release or release "
@@ -66,12 +69,6 @@ def _guest_evidence(guest: GuestFacts) -> dict[str, Any]:
 _UNREADABLE_HINT = ("put the root on a volume that can be read offline: a partition, or a linear or striped logical "
                     "volume whose physical volumes are all given (validate --system DISK --data DISK...); thin and "
                     "snapshot volumes, damaged volume groups and md levels other than RAID1 cannot be inspected")
-
-
-def _unreadable_stack(ctx: DiskContext) -> dict[str, str]:
-    """Volume (its stack) -> why it cannot be read, for the assembled volumes that may hold a root but cannot be
-    read: a thin or snapshot LV, an LV on a missing PV, an md array of another level than RAID1."""
-    return {volume.stack: volume.unreadable for volume in ctx.guest_disk.volumes if volume.unreadable}
 
 
 @disk_check("guest")
