@@ -1,11 +1,13 @@
 """Guests whose root is not a plain partition: on an LVM2 logical volume, on btrfs subvolumes beside
 snapper snapshots; and the findings about the stack itself.
 
-The guest trees are the Linux builders' (CentOS); the volumes are made by the real tools: LVM2's
+The guest trees are the Linux builders' (CentOS, SUSE); the volumes are made by the real tools: LVM2's
 pvcreate/vgcreate/lvcreate on loop devices over the image files (no device-mapper: LVs are never activated, the
-file system is written at the extents lvs reports; a thin volume is written with vgcfgrestore). The oracle is the
-same guest on a plain partition (the same facts and findings, but for where the root lives), LVM2's own reports
-(pvs/vgs/lvs) for names and UUIDs, and the trees the tests wrote.
+file system is written at the extents lvs reports; a thin volume is written with vgcfgrestore), btrfs subvolumes,
+snapshots and the default subvolume by the kernel on a loop mount (btrfs subvolume create/snapshot/set-default).
+The oracle is the same guest on a plain partition (the same facts and findings, but for where the root lives),
+LVM2's own reports (pvs/vgs/lvs) for names and UUIDs, btrfs subvolume list for subvolumes and snapshots, and the
+trees the tests wrote.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import pytest
 import diskimg
 from diskimg.validation import Report
 
-from .conftest import GiB, MiB, copy_in, corpus_dir, diskimg_cli, qemu_img, write_at, write_boot_code
+from .conftest import GiB, MiB, blank, copy_in, corpus_dir, qemu_img, run, write_at, write_boot_code
 from .guest_builders import (
     ELF_X86_64,
     MACHINE_ID,
     RHEL_KERNEL,
+    SUSE_KERNEL,
     Link,
     _grubenv,
     elf_header,
@@ -37,8 +40,10 @@ from .guest_builders import (
     new_uuid,
     rhel_tree,
     split_boot,
+    suse_tree,
     write_tree,
 )
+from .test_fs_btrfs import Mounted, can_mount
 from .test_lvm import EXTENT, HIDDEN, SHOWN, LoopLvm, _linear, _lv, needs_lvm, unique_vg
 
 IMAGE_TOOLS = ("mkfs.ext4", "sfdisk", "qemu-img", "cpio", "gzip")
@@ -177,7 +182,7 @@ def centos_pair(tmp_path_factory: pytest.TempPathFactory, lvm_tools: LoopLvm) ->
 
 
 #: facts that say where the root lives, or that name it, rather than what the guest is
-WHERE = {"mounts", "fstab", "boot", "root_stack", "root_needs"}
+WHERE = {"mounts", "fstab", "boot", "root_stack", "root_needs", "btrfs"}
 
 
 def guest_facts(report: Report) -> dict[str, Any]:
@@ -408,3 +413,191 @@ def test_corpus_lvm_image_lists_its_logical_volume() -> None:
                                                                                    "ext2")
     assert lv["on"] == ["the whole disk"] and volumes["the whole disk"]["holds"]["vg"] == "test_volume_group"
     assert lv["stack"].startswith("the whole disk -> LVM2 PV ") and lv["stack"].endswith(") -> ext2")
+
+
+
+# -- btrfs -----------------------------------------------------------------------------------------------------
+
+needs_btrfs = pytest.mark.skipif(not can_mount() or any(shutil.which(t) is None for t in ("mkfs.btrfs", "btrfs")),
+                                 reason="btrfs volumes are made by the kernel on a loop mount: needs root and "
+                                        "btrfs-progs")
+BTRFS_MODULE = f"/lib/modules/{SUSE_KERNEL}/kernel/fs/btrfs/btrfs.ko.xz"
+BTRFS_SIZE = 320 * MiB
+
+
+def suse(work: Path, root_uuid: str, fstab: str | None = None, grub_args: str = "") -> dict:
+    """The SUSE builder's tree with btrfs as a module, in its initramfs too (as SLES ships it); ``fstab``
+    replaces /etc/fstab, ``grub_args`` go on the kernel command line."""
+    tree = suse_tree(work, root_uuid)
+    tree[BTRFS_MODULE] = b"\xfd7zXZ\x00module btrfs"
+    modules = ["virtio", "virtio_ring", "virtio_pci", "virtio_blk", "virtio_scsi"]
+    tree[f"/boot/initrd-{SUSE_KERNEL}"] = initramfs(work, {
+        "/init": Link("usr/lib/systemd/systemd"), **module_files(SUSE_KERNEL, modules, "/lib/modules"),
+        BTRFS_MODULE: b"btrfs"}, "xz", False)
+    if fstab is not None:
+        tree["/etc/fstab"] = fstab
+    if grub_args:
+        tree["/boot/grub2/grub.cfg"] = str(tree["/boot/grub2/grub.cfg"]).replace(
+            f"root=UUID={root_uuid} ", f"root=UUID={root_uuid} {grub_args} ")
+    return tree
+
+
+def with_version(tree: dict, version: str) -> dict:
+    release = str(tree["/etc/os-release"]).replace('VERSION_ID="15.5"', f'VERSION_ID="{version}"')
+    return {**tree, "/etc/os-release": release}
+
+
+def subvolume_lists(mounted: Path) -> tuple[set[str], set[str], str]:
+    """(every subvolume's path, the snapshots' paths, the default subvolume's path) as ``btrfs subvolume`` lists
+    them on the mounted volume."""
+    def paths(*options: str) -> set[str]:
+        out = run("btrfs", "subvolume", "list", *options, mounted).stdout.decode()
+        return {line.split(" path ", 1)[1] for line in out.splitlines() if " path " in line}
+
+    default = run("btrfs", "subvolume", "get-default", mounted).stdout.decode()
+    return paths(), paths("-s"), default.split(" path ", 1)[1].strip() if " path " in default else ""
+
+
+@dataclass
+class BtrfsGuest:
+    disk: Path
+    subvolumes: set[str]
+    snapshots: set[str]
+    default: str
+
+
+def btrfs_disk(work: Path, name: str, uuid: str, build: Any, boot: Path | None = None) -> BtrfsGuest:
+    """A disk whose partition 1 is a btrfs of ``uuid`` (after ``boot``'s ext4 /boot on partition 1, when
+    given) laid out by ``build(mount point)`` through the kernel, with btrfs subvolume list's view of it."""
+    image = blank(work / f"{name}.btrfs", BTRFS_SIZE)
+    run("mkfs.btrfs", "-q", "-f", "-U", uuid, image)
+    mounted = Mounted(image, work / f"{name}-mnt", "")
+    try:
+        build(mounted.where)
+        subvolumes, snapshots, default = subvolume_lists(mounted.where)
+    finally:
+        mounted.close()
+    layout = ([(*BOOT, "83")] if boot else []) + [(SECOND[0] if boot else MiB, BTRFS_SIZE, "83")]
+    disk = mbr_disk(work / f"{name}.raw", DISK, layout)
+    if boot:
+        copy_in(disk, boot, BOOT[0])
+    copy_in(disk, image, layout[-1][0])
+    write_boot_code(disk)
+    return BtrfsGuest(disk, subvolumes, snapshots, default)
+
+
+def snapper_build(tree: dict) -> Any:
+    """How a snapper install lays out the root on btrfs: @, @/.snapshots, the root in the snapshot
+    @/.snapshots/1/snapshot (the default subvolume), an older read-only snapshot 2 of it (its os-release one
+    version behind), @/home and @/var."""
+    def build(mount: Path) -> None:
+        for name in ("@", "@/.snapshots"):
+            run("btrfs", "subvolume", "create", mount / name)
+        (mount / "@/.snapshots/1").mkdir()
+        (mount / "@/.snapshots/2").mkdir()
+        root = mount / "@/.snapshots/1/snapshot"
+        run("btrfs", "subvolume", "create", root)
+        write_tree(root, with_version(tree, "15.4"))
+        run("btrfs", "subvolume", "snapshot", "-r", root, mount / "@/.snapshots/2/snapshot")
+        (root / "etc/os-release").write_text(str(tree["/etc/os-release"]))
+        for name in ("@/home", "@/var"):
+            run("btrfs", "subvolume", "create", mount / name)
+        run("btrfs", "subvolume", "set-default", root)
+
+    return build
+
+
+def snapper_fstab(uuid: str) -> str:
+    return (f"UUID={uuid}  /  btrfs  defaults  0  0\nUUID={uuid}  /.snapshots  btrfs  subvol=/@/.snapshots  0  0\n"
+            f"UUID={uuid}  /home  btrfs  subvol=/@/home  0  0\n")
+
+
+@pytest.fixture(scope="module")
+def suse_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BtrfsGuest]:
+    """SLES on ext4 (partition 1), and the same SLES on btrfs as snapper lays it out."""
+    if not can_mount() or any(shutil.which(t) is None for t in ("mkfs.btrfs", "btrfs", *IMAGE_TOOLS)):
+        pytest.skip("needs root, btrfs-progs and " + ", ".join(IMAGE_TOOLS))
+    work = tmp_path_factory.mktemp("suse")
+    uuid = new_uuid()
+    plain = mbr_disk(work / "plain.raw", DISK, [(MiB, BTRFS_SIZE, "83")])
+    copy_in(plain, ext4_image(work / "root.ext4", 96 * MiB, write_tree(work / "tree", suse(work, uuid)), uuid), MiB)
+    write_boot_code(plain)
+    return plain, btrfs_disk(work, "snapper", uuid, snapper_build(suse(work, uuid, fstab=snapper_fstab(uuid))))
+
+
+@needs_btrfs
+@needs_image_tools
+def test_root_on_btrfs_default_subvolume_beside_snapper_snapshots(suse_pair: tuple[Path, BtrfsGuest]) -> None:
+    """The root is the default subvolume (snapper's 1/snapshot), read once; the older snapshot is listed, never
+    inspected as a root; the guest's facts and findings are those of the same SLES on ext4, but for the file
+    system's own (btrfs is not documented, ext4's 64bit feature is not there)."""
+    plain_disk_path, guest = suse_pair
+    plain, btrfs = diskimg.validate(plain_disk_path), diskimg.validate(guest.disk)
+    assert guest.default == "@/.snapshots/1/snapshot" and "@/.snapshots/2/snapshot" in guest.snapshots
+    assert guest_facts(btrfs) == guest_facts(plain)
+    assert btrfs.facts.guest["version"] == "15.5"  # not the older snapshot's 15.4
+    plain_found, btrfs_found = findings(plain), findings(btrfs)
+    assert set(btrfs_found) == set(plain_found) - {"fs-ext4-64bit"} | {"fs-not-listed"}, set(btrfs_found) ^ set(
+        plain_found)
+    for code in set(plain_found) - {"fs-ext4-64bit"}:
+        assert btrfs_found[code] == plain_found[code], code
+    assert len(btrfs.find("guest-os")) == 1
+    root = btrfs.facts.guest["root"]
+    assert root["volume"] == "partition 1, btrfs subvolume @/.snapshots/1/snapshot (default)"
+    assert root["stack"] == "partition 1 -> btrfs subvolume @/.snapshots/1/snapshot (default) -> btrfs"
+    details = btrfs.facts.guest["details"]
+    listed = details["btrfs"]
+    assert (listed["root"], listed["default"]) == (guest.default, guest.default)
+    assert set(listed["snapshots"]) == guest.snapshots and listed["snapshot_count"] == len(guest.snapshots)
+    assert set(listed["subvolumes"]) | set(listed["snapshots"]) == guest.subvolumes
+    assert details["root_needs"] == {"btrfs": "initramfs"}
+    fstab = {line["mountpoint"]: line for line in details["fstab"]}
+    assert fstab["/home"]["volume"] == "partition 1, btrfs subvolume @/home" and fstab["/home"]["status"] == "ok"
+    text = btrfs.render_text()
+    assert "guest:         SUSE Linux Enterprise Server 15 SP5 on partition 1 -> btrfs subvolume " \
+           "@/.snapshots/1/snapshot (default) -> btrfs" in text
+
+
+@needs_btrfs
+@needs_image_tools
+def test_btrfs_root_without_the_module_at_boot(tmp_path: Path) -> None:
+    """The snapper layout with an initramfs lacking btrfs (the module only on the root): it cannot mount the
+    root."""
+    uuid = new_uuid()
+    tree = suse(tmp_path, uuid, fstab=snapper_fstab(uuid))
+    modules = ["virtio", "virtio_ring", "virtio_pci", "virtio_blk", "virtio_scsi"]
+    tree[f"/boot/initrd-{SUSE_KERNEL}"] = initramfs(tmp_path, {
+        "/init": Link("usr/lib/systemd/systemd"), **module_files(SUSE_KERNEL, modules, "/lib/modules")}, "xz", False)
+    guest = btrfs_disk(tmp_path, "no-module", uuid, snapper_build(tree))
+    report = diskimg.validate(guest.disk)
+    (finding,) = report.find("guest-initramfs-cannot-mount-root")
+    assert finding.severity.value == "error" and finding.evidence["value"] == ["btrfs"]
+    assert finding.evidence["needs"] == {"btrfs": "module"}  # on the root, which it is needed to mount
+    assert finding.evidence["initramfs"] == f"/boot/initrd-{SUSE_KERNEL}" and "--add-drivers btrfs" in finding.hint
+
+
+@needs_btrfs
+@needs_image_tools
+@pytest.mark.parametrize("named_by", ["rootflags", "fstab"])
+def test_btrfs_root_is_the_subvolume_the_boot_mounts(tmp_path: Path, named_by: str) -> None:
+    """Subvolumes root-old (made first, one version behind) and root of a top level that holds no system, /boot
+    on ext4: the root is the subvolume the kernel command line's rootflags=subvol= or fstab's / line names."""
+    uuid, boot_uuid = new_uuid(), new_uuid()
+    fstab = f"UUID={uuid} / btrfs {'subvol=root' if named_by == 'fstab' else 'defaults'} 0 0\n" \
+            f"UUID={boot_uuid} /boot ext4 defaults 0 2\n"
+    tree = suse(tmp_path, uuid, fstab=fstab, grub_args="rootflags=subvol=root" if named_by == "rootflags" else "")
+    root_tree, boot_tree = split_boot(tree)
+
+    def build(mount: Path) -> None:
+        for name, version in (("root-old", "15.4"), ("root", "15.5")):
+            run("btrfs", "subvolume", "create", mount / name)
+            write_tree(mount / name, with_version(root_tree, version))
+
+    boot = file_system(tmp_path, "boot", boot_tree, boot_uuid, 96 * MiB)
+    guest = btrfs_disk(tmp_path, named_by, uuid, build, boot)
+    assert guest.default == ""  # the top level
+    report = diskimg.validate(guest.disk)
+    facts = report.facts.guest
+    assert facts["version"] == "15.5" and facts["root"]["volume"] == "partition 2, btrfs subvolume root"
+    assert facts["details"]["btrfs"]["root"] == "root" and facts["details"]["mounts"]["/boot"] == 1
+    assert len(report.find("guest-os")) == 1

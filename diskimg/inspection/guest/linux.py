@@ -273,6 +273,8 @@ class LinuxInspection:
     #: what the root's stack needs before it is mounted ("dm_mod" and "lvm" for LVM, "btrfs" for btrfs) ->
     #: where the default kernel gets it, as in ``boot_drivers``; empty for a root on a partition
     root_needs: dict[str, str] = field(default_factory=dict)
+    #: the subvolumes of a btrfs root (the root, the default one, the plain ones and the snapshots, by path)
+    btrfs: dict[str, Any] | None = None
     cloud_init: dict[str, Any] = field(default_factory=dict)
     #: the SSH server's program, its host keys (/etc/ssh/ssh_host_*_key) and what generates missing ones at boot
     sshd: str | None = None
@@ -381,7 +383,8 @@ def _inspect_root(disk: GuestDisk, volume: GuestVolume, fs: GuestFileSystem) -> 
     fstab_text = read.text("/etc/fstab")
     if fstab_text is not None:
         result.fstab = _check_fstab(parse_fstab(fstab_text), disk, tree, result)
-    steps = ((_release, "the release files"), (_architecture, "the architecture"), (_kernels, "the kernels"),
+    steps = ((_subvolumes, "the btrfs subvolumes"), (_release, "the release files"),
+             (_architecture, "the architecture"), (_kernels, "the kernels"),
              (_boot_config, "the boot configuration"), (_default_kernel_drivers, "the default kernel's drivers"),
              (_cloud_init, "cloud-init"), (_ssh_server, "the SSH server"), (_network, "the network configuration"),
              (_accounts_and_security, "accounts and security settings"))
@@ -412,6 +415,8 @@ _NOT_ASSEMBLED = {"lvm2": "an LVM physical volume whose volume group could not b
                   "md": "an md RAID member whose array could not be assembled"}
 #: plain subvolumes of one btrfs tried as roots when its default subvolume holds no system
 MAX_ROOT_SUBVOLUMES = 64
+#: subvolumes and snapshots of a btrfs root named in the report (each kind; the counts are complete)
+MAX_LISTED_SUBVOLUMES = 64
 
 
 def _find_root(disk: GuestDisk) -> tuple[GuestVolume, GuestFileSystem] | None:
@@ -468,6 +473,26 @@ def _root_candidates(disk: GuestDisk, volume: GuestVolume) -> Iterator[GuestVolu
         view = disk.subvolume(volume, subvolid=subvolume.id)
         if view is not None:
             yield view
+
+
+def _subvolumes(read: _Reader, result: LinuxInspection, disk: GuestDisk) -> None:
+    """The subvolumes of a btrfs root: snapper's snapshots among them are listed, never taken for roots."""
+    root = result.root
+    if root.subvolume_id is None:
+        return
+    from ..fs.btrfs import BtrfsFileSystem  # loaded already: the root was opened by it
+
+    fs = disk.open(root.base)
+    if not isinstance(fs, BtrfsFileSystem):
+        return
+    found = fs.list_subvolumes()
+    paths = {subvolume.id: subvolume.path for subvolume in found}
+    plain = [subvolume.path for subvolume in found if subvolume.parent_uuid is None]
+    snapshots = [subvolume.path for subvolume in found if subvolume.parent_uuid is not None]
+    result.btrfs = {"root": root.subvolume, "root_id": root.subvolume_id,
+                    "default": paths.get(fs.default_subvolume_id, ""), "default_id": fs.default_subvolume_id,
+                    "subvolume_count": len(plain), "snapshot_count": len(snapshots),
+                    "subvolumes": plain[:MAX_LISTED_SUBVOLUMES], "snapshots": snapshots[:MAX_LISTED_SUBVOLUMES]}
 
 
 def _subvolume_options(options: tuple[str, ...] | list[str]) -> tuple[str | None, int | None] | None:
@@ -1156,6 +1181,7 @@ def _details(result: LinuxInspection) -> dict[str, Any]:
         "boot_drivers": dict(result.boot_drivers),
         "root_stack": result.root.stack,
         "root_needs": dict(result.root_needs),
+        "btrfs": result.btrfs,
         "nvme_support": result.nvme_support,
         "cloud_init": dict(result.cloud_init),
         "sshd": None if result.sshd is None else {"program": result.sshd, "host_keys": result.ssh_host_keys,
