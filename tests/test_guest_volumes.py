@@ -45,6 +45,15 @@ from .guest_builders import (
 )
 from .test_fs_btrfs import Mounted, can_mount
 from .test_lvm import EXTENT, HIDDEN, SHOWN, LoopLvm, _linear, _lv, needs_lvm, unique_vg
+from .test_volumes_crypt_md import (
+    FAST_KDF,
+    VOLUME_GUID,
+    bitlocker_volume,
+    luks_format,
+    luks_json,
+    md_superblock_1,
+    mdadm_examine,
+)
 
 IMAGE_TOOLS = ("mkfs.ext4", "sfdisk", "qemu-img", "cpio", "gzip")
 needs_image_tools = pytest.mark.skipif(any(shutil.which(t) is None for t in IMAGE_TOOLS),
@@ -153,32 +162,47 @@ def lvm_tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopLvm]:
 
 
 @dataclass
-class CentosPair:
-    """The same CentOS guest twice: its root on partition 2, and on the LV root of a volume group on partition 2."""
+class CentosGuest:
+    """The CentOS guest with its root on partition 2 (``plain``), and the UUIDs of its file systems."""
 
     plain: Path
-    lvm: LvmGuest
     root_uuid: str
-    work: Path
     boot_uuid: str
 
 
+@dataclass
+class CentosPair(CentosGuest):
+    """The same CentOS guest also on the LV root of a volume group on partition 2."""
+
+    lvm: LvmGuest
+
+
 @pytest.fixture(scope="module")
-def centos_pair(tmp_path_factory: pytest.TempPathFactory, lvm_tools: LoopLvm) -> CentosPair:
+def centos_plain(tmp_path_factory: pytest.TempPathFactory) -> CentosGuest:
+    if any(shutil.which(t) is None for t in IMAGE_TOOLS):
+        pytest.skip("needs " + ", ".join(IMAGE_TOOLS))
     work = tmp_path_factory.mktemp("centos")
     root_uuid, boot_uuid = new_uuid(), new_uuid()
-    vg = unique_vg("centos-vg")
-    mapper = f"/dev/mapper/{vg.replace('-', '--')}-root"  # LVM doubles the dashes inside each name
     root_tree, boot_tree = centos(work, root_uuid, boot_uuid)
     plain = plain_disk(work, file_system(work, "boot", boot_tree, boot_uuid, 96 * MiB),
                        file_system(work, "root", root_tree, root_uuid, ROOT_FS))
+    return CentosGuest(plain, root_uuid, boot_uuid)
+
+
+@pytest.fixture(scope="module")
+def centos_pair(tmp_path_factory: pytest.TempPathFactory, centos_plain: CentosGuest, lvm_tools: LoopLvm
+                ) -> CentosPair:
+    work = tmp_path_factory.mktemp("centos-lvm")
+    root_uuid, boot_uuid = centos_plain.root_uuid, centos_plain.boot_uuid
+    vg = unique_vg("centos-vg")
+    mapper = f"/dev/mapper/{vg.replace('-', '--')}-root"  # LVM doubles the dashes inside each name
     # fstab names the LV as /dev/VG/LV, the kernel as /dev/mapper/VG-LV
     root_tree, boot_tree = centos(work, root_uuid, boot_uuid, root_spec=f"/dev/{vg}/root", kernel_root=mapper)
-    boot = file_system(work, "boot-lvm", boot_tree, boot_uuid, 96 * MiB)
-    root = file_system(work, "root-lvm", root_tree, root_uuid, ROOT_FS)
+    boot = file_system(work, "boot", boot_tree, boot_uuid, 96 * MiB)
+    root = file_system(work, "root", root_tree, root_uuid, ROOT_FS)
     guest = lvm_disk(lvm_tools, work / "lvm.raw", boot, vg, {"root": root, "spare": 2})
     assert guest.lvs["root"]["lv_dm_path"] == mapper
-    return CentosPair(plain, guest, root_uuid, work, boot_uuid)
+    return CentosPair(centos_plain.plain, root_uuid, boot_uuid, guest)
 
 
 #: facts that say where the root lives, or that name it, rather than what the guest is
@@ -601,3 +625,100 @@ def test_btrfs_root_is_the_subvolume_the_boot_mounts(tmp_path: Path, named_by: s
     assert facts["version"] == "15.5" and facts["root"]["volume"] == "partition 2, btrfs subvolume root"
     assert facts["details"]["btrfs"]["root"] == "root" and facts["details"]["mounts"]["/boot"] == 1
     assert len(report.find("guest-os")) == 1
+
+
+
+# -- encrypted volumes and md arrays -------------------------------------------------------------------------
+
+THIRD = (385 * MiB, 256 * MiB)  # a third partition, after a root partition of 256 MiB
+
+
+@needs_image_tools
+@pytest.mark.parametrize("kind", ["luks", "bitlocker"])
+def test_encrypted_volume_on_the_system_disk(centos_plain: CentosGuest, tmp_path: Path, kind: str) -> None:
+    """A LUKS2 volume made by cryptsetup luksFormat (its UUID and cipher from luksDump), or a BitLocker volume
+    laid out from libbde's tables, beside the CentOS root: an error with the UUID and cipher; the guest on the
+    other partitions is still inspected."""
+    if kind == "luks" and shutil.which("cryptsetup") is None:
+        pytest.skip("cryptsetup not installed")
+    if kind == "luks":
+        volume = luks_format(tmp_path / "crypt.img", 32 * MiB, "--type", "luks2", *FAST_KDF)
+        uuid = run("cryptsetup", "luksUUID", volume).stdout.decode().strip()
+        cipher = luks_json(volume)["segments"]["0"]["encryption"]
+        shown = f"LUKS2 {uuid} ({cipher})"
+    else:
+        volume = bitlocker_volume(tmp_path / "bde.img", 0x8004)
+        uuid, cipher = str(VOLUME_GUID), "aes-xts-128"  # the method the test wrote: 0x8004, as libbde names it
+        shown = f"BitLocker {uuid} ({cipher})"
+    root_tree, boot_tree = centos(tmp_path, centos_plain.root_uuid, centos_plain.boot_uuid)
+    disk = mbr_disk(tmp_path / "disk.raw", DISK, [(*BOOT, "83"), (SECOND[0], 256 * MiB, "83"), (*THIRD, "83")])
+    copy_in(disk, file_system(tmp_path, "boot", boot_tree, centos_plain.boot_uuid, 96 * MiB), BOOT[0])
+    copy_in(disk, file_system(tmp_path, "root", root_tree, centos_plain.root_uuid, ROOT_FS), SECOND[0])
+    copy_in(disk, volume, THIRD[0])
+    write_boot_code(disk)
+    report = diskimg.validate(disk)
+    (finding,) = report.find("fs-encrypted")
+    assert finding.severity.value == "error" and not report.importable
+    assert (finding.evidence["uuid"], finding.evidence["cipher"], finding.evidence["partition"]) == (uuid, cipher, 3)
+    assert shown in finding.message and "ECS cannot import" in finding.message
+    volumes = {item["volume"]: item for item in report.facts.volumes}
+    assert volumes["partition 3"]["stack"] == f"partition 3 -> {shown}"
+    assert f"volumes:       partition 3 -> {shown}" in report.render_text()
+    assert report.facts.guest["root"]["partition"] == 2  # the guest beside it is still read
+
+
+MD_MEMBER = 160 * MiB
+MD_DATA = 2048  # sectors before the data (mdadm's 1 MiB for 1.2)
+
+
+def md_members(disk: Path, starts: list[int], level: int, root: Path) -> None:
+    """md 1.2 superblocks (md_p.h, as the crypt tests build and mdadm --examine reads them) on the partitions at
+    ``starts``, one array of ``level``; the root file system written into each member's data area."""
+    sectors = MD_MEMBER // 512
+    usable = sectors - MD_DATA
+    for number, start in enumerate(starts):
+        sb = md_superblock_1(level=level, raid_disks=len(starts), size=usable - usable % 8, data_offset=MD_DATA,
+                             data_size=usable, super_offset=8, dev_number=number, roles=list(range(len(starts))),
+                             chunk=1024 if level == 5 else 0, layout=2 if level == 5 else 0)
+        write_at(disk, start + 4096, sb)
+        copy_in(disk, root, start + MD_DATA * 512)
+
+
+@needs_image_tools
+@pytest.mark.skipif(shutil.which("mdadm") is None, reason="mdadm not installed")
+@pytest.mark.parametrize("level", [1, 5])
+def test_root_on_an_md_array(centos_plain: CentosGuest, tmp_path: Path, level: int) -> None:
+    """The root on an md 1.2 array over partitions 2 and 3 (fstab: /dev/md/root): a RAID1 array is read through a
+    member, with the facts of the plain guest; a RAID5 array is named, and nothing inside can be checked."""
+    root_tree, boot_tree = centos(tmp_path, centos_plain.root_uuid, centos_plain.boot_uuid, root_spec="/dev/md/root")
+    second = (SECOND[0], MD_MEMBER)
+    third = (SECOND[0] + MD_MEMBER, MD_MEMBER)
+    disk = mbr_disk(tmp_path / "md.raw", DISK, [(*BOOT, "83"), (*second, "fd"), (*third, "fd")])
+    copy_in(disk, file_system(tmp_path, "boot", boot_tree, centos_plain.boot_uuid, 96 * MiB), BOOT[0])
+    md_members(disk, [second[0], third[0]], level,
+               file_system(tmp_path, "root", root_tree, centos_plain.root_uuid, ROOT_FS))
+    write_boot_code(disk)
+    member = tmp_path / "member.img"
+    subprocess.run(["dd", f"if={disk}", f"of={member}", "bs=1M", f"skip={second[0] // MiB}",
+                    f"count={MD_MEMBER // MiB}", "status=none"], check=True)
+    examined = mdadm_examine(member)
+    report = diskimg.validate(disk)
+    volumes = {item["volume"]: item for item in report.facts.volumes}
+    array = volumes["md array root"]
+    assert array["layer"]["uuid"] == examined["Array UUID"] and array["layer"]["name"] == examined["Name"]
+    assert array["layer"]["level"] == examined["Raid Level"] and array["on"] == ["partition 2", "partition 3"]
+    assert volumes["partition 2"]["holds"]["uuid"] == examined["Array UUID"]
+    if level == 5:
+        assert report.facts.guest is None and not report.importable
+        (finding,) = report.find("guest-root-unreadable")
+        assert finding.evidence["value"] == ["md array root"] and "raid5" in finding.evidence["volumes"][0]["reason"]
+        return
+    plain = diskimg.validate(centos_plain.plain)
+    assert guest_facts(report) == guest_facts(plain)
+    assert (report.facts.guest["root"]["volume"], report.facts.guest["root"]["uuid"]) == ("md array root",
+                                                                                        centos_plain.root_uuid)
+    fstab = {line["mountpoint"]: line for line in report.facts.guest["details"]["fstab"]}
+    assert (fstab["/"]["status"], fstab["/"]["volume"]) == ("ok", "md array root")
+    assert array["stack"] == (f"(partition 2 -> md member (active) of raid1 array {examined['Name']}) + (partition 3 "
+                              f"-> md member (active) of raid1 array {examined['Name']}) -> md raid1 array root -> ext4")
+    assert findings(report) == findings(plain)
