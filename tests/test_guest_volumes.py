@@ -24,7 +24,17 @@ import pytest
 import diskimg
 from diskimg.validation import Report
 
-from .conftest import GiB, MiB, blank, copy_in, corpus_dir, qemu_img, run, write_at, write_boot_code
+from .conftest import (
+    GiB,
+    MiB,
+    blank,
+    copy_in,
+    corpus_dir,
+    qemu_img,
+    run,
+    write_at,
+    write_boot_code,
+)
 from .guest_builders import (
     ELF_X86_64,
     MACHINE_ID,
@@ -72,7 +82,8 @@ DM_MOD = f"/usr/lib/modules/{RHEL_KERNEL}/kernel/drivers/md/dm-mod.ko.xz"
 
 
 def centos(work: Path, root_uuid: str, boot_uuid: str, *, root_spec: str | None = None,
-           kernel_root: str | None = None, lvm_tool: bool = True, dm_mod: str | None = "initramfs") -> tuple[dict, dict]:
+           kernel_root: str | None = None, lvm_tool: bool = True, dm_mod: str | None = "initramfs"
+           ) -> tuple[dict, dict]:
     """(root tree, /boot tree) of the CentOS builder, its dracut initramfs also carrying the lvm tool (with
     ``lvm_tool``) and dm-mod (``dm_mod``: "initramfs", "builtin" (listed in modules.builtin) or None); fstab's
     root line names ``root_spec`` and the kernel command line ``root=kernel_root`` when given (else UUID=)."""
@@ -303,7 +314,8 @@ def test_initramfs_that_cannot_assemble_the_root(centos_pair: CentosPair, tmp_pa
     guest = centos_pair.lvm
     disk = tmp_path / "disk.raw"
     subprocess.run(["cp", "--sparse=always", str(guest.disk), str(disk)], check=True)
-    root_tree, boot_tree = centos(tmp_path, centos_pair.root_uuid, centos_pair.boot_uuid, root_spec=f"/dev/{guest.vg}/root",
+    root_tree, boot_tree = centos(tmp_path, centos_pair.root_uuid, centos_pair.boot_uuid,
+                                  root_spec=f"/dev/{guest.vg}/root",
                                   lvm_tool=lvm_tool, dm_mod=dm_mod)
     copy_in(disk, file_system(tmp_path, "boot", boot_tree, centos_pair.boot_uuid, 96 * MiB), BOOT[0])
     copy_in(disk, file_system(tmp_path, "root", root_tree, centos_pair.root_uuid, ROOT_FS), guest.starts["root"])
@@ -380,7 +392,8 @@ def test_volume_group_across_the_disks_of_the_machine(centos_pair: CentosPair, l
     vg, solo = unique_vg("span-vg"), unique_vg("solo-vg")
     root_tree, boot_tree = centos(tmp_path, centos_pair.root_uuid, centos_pair.boot_uuid, root_spec=f"/dev/{vg}/root")
     root_tree["/etc/fstab"] = str(root_tree["/etc/fstab"]) + (
-        f"/dev/{vg}/srv /srv ext4 defaults 0 2\n/dev/mapper/{solo.replace('-', '--')}-logs /var/log/x ext4 defaults 0 2\n")
+        f"/dev/{vg}/srv /srv ext4 defaults 0 2\n"
+        f"/dev/mapper/{solo.replace('-', '--')}-logs /var/log/x ext4 defaults 0 2\n")
     system = mbr_disk(tmp_path / "system.raw", DISK, [(*BOOT, "83"), (*SECOND, "8e")])
     copy_in(system, file_system(tmp_path, "boot", boot_tree, centos_pair.boot_uuid, 96 * MiB), BOOT[0])
     write_boot_code(system)
@@ -394,8 +407,8 @@ def test_volume_group_across_the_disks_of_the_machine(centos_pair: CentosPair, l
             "srv": (vg, data_pv, file_system(tmp_path, "srv", {"/readme": "srv\n"}, new_uuid(), 8 * MiB)),
             "logs": (solo, solo_pv, file_system(tmp_path, "logs", {"/readme": "logs\n"}, new_uuid(), 8 * MiB))}
     for name, (group, device, image) in made.items():
-        lvm_tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-l", str(image.stat().st_size // EXTENT),
-                  "-n", name, group, device)
+        extents = str(image.stat().st_size // EXTENT)
+        lvm_tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-l", extents, "-n", name, group, device)
         write_at(*lv_start(lvm_tools, group, name), image.read_bytes())
     uuids = {pv["pv_name"]: pv["pv_uuid"] for pv in lvm_tools.report("pvs", "pv_name,pv_uuid", system_pv, data_pv)}
 
@@ -719,6 +732,6 @@ def test_root_on_an_md_array(centos_plain: CentosGuest, tmp_path: Path, level: i
                                                                                         centos_plain.root_uuid)
     fstab = {line["mountpoint"]: line for line in report.facts.guest["details"]["fstab"]}
     assert (fstab["/"]["status"], fstab["/"]["volume"]) == ("ok", "md array root")
-    assert array["stack"] == (f"(partition 2 -> md member (active) of raid1 array {examined['Name']}) + (partition 3 "
-                              f"-> md member (active) of raid1 array {examined['Name']}) -> md raid1 array root -> ext4")
+    member = f"md member (active) of raid1 array {examined['Name']}"
+    assert array["stack"] == f"(partition 2 -> {member}) + (partition 3 -> {member}) -> md raid1 array root -> ext4"
     assert findings(report) == findings(plain)

@@ -82,7 +82,7 @@ DRIVERS = {
     "nvme": ("CONFIG_BLK_DEV_NVME", ("drivers/nvme/host/nvme", "drivers/block/nvme")),
 }
 #: what the initramfs needs to mount a root on LVM or btrfs: driver -> (kernel config option, module path)
-STACK_DRIVERS = {
+STACK_DRIVERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dm_mod": ("CONFIG_BLK_DEV_DM", ("drivers/md/dm-mod",)),
     "btrfs": ("CONFIG_BTRFS_FS", ("fs/btrfs/btrfs",)),
 }
@@ -881,7 +881,8 @@ def _default_kernel_drivers(read: _Reader, result: LinuxInspection, disk: GuestD
     needs = root_stack(result.root)
     if needs:
         moddir = f"{_modules_root(read)}/{kernel.version}"
-        drivers = {name: STACK_DRIVERS[name] for name in ("dm_mod", "btrfs") if name in needs}
+        drivers: dict[str, tuple[str, tuple[str, ...]]] = {name: STACK_DRIVERS[name] for name in STACK_DRIVERS
+                                                           if name in needs}
         states = _kernel_drivers(read, kernel, moddir, drivers)
         for driver in drivers:
             result.root_needs[driver] = _boot_state(states[driver], driver in carried, known, False)

@@ -154,12 +154,12 @@ def _assemble_lvm(found: MachineStack, areas: list[tuple[int, GuestVolume, Disk]
         for uuid in group.physical_volumes:
             in_group[uuid] = group
     for pv in scan.physical_volumes:
-        index, volume, _ = areas[pv.source]
-        group = in_group.get(pv.uuid)
-        found.pv_groups[id(volume)] = group
-        facts: dict[str, Any] = {"uuid": pv.uuid, "vg": group.name if group else None,
-                                 "vg_uuid": group.uuid if group else None}
-        where = f" of VG {group.name}" if group else ", in no volume group that could be read"
+        _, volume, _ = areas[pv.source]
+        owner = in_group.get(pv.uuid)
+        found.pv_groups[id(volume)] = owner
+        facts: dict[str, Any] = {"uuid": pv.uuid, "vg": owner.name if owner else None,
+                                 "vg_uuid": owner.uuid if owner else None}
+        where = f" of VG {owner.name}" if owner else ", in no volume group that could be read"
         volume.holds = Layer("lvm-pv", f"LVM2 PV {pv.uuid}{where}", facts)
     for group in scan.volume_groups:
         members = sorted(group.physical_volumes.values(), key=lambda pv: pv.source)
