@@ -317,7 +317,7 @@ def _btrfs_file_system(sb: BtrfsSuperblock) -> FileSystem:
         size=sb.total_bytes or None,
         free=max(0, sb.total_bytes - sb.bytes_used) or None,
         state="needs_recovery" if sb.log_root else None,  # a log tree of fsynced changes to replay
-        features=_flag_names(sb.incompat, BTRFS_INCOMPAT) if sb.incompat else [],
+        features=flag_names(sb.incompat, BTRFS_INCOMPAT) if sb.incompat else [],
         details={"num_devices": sb.num_devices, "generation": sb.generation},
     )
 
