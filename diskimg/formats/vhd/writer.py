@@ -208,7 +208,10 @@ class VhdWriter(DiskWriter):
     @property
     def concurrent_writes(self) -> bool:
         """On a file (not streaming) data is written at computed offsets, from several threads: a fixed
-        VHD is the disk at its own offsets; a dynamic VHD's blocks are allocated under a lock."""
+        VHD is the disk at its own offsets; a dynamic VHD's blocks are allocated by ``reserve``, which
+        the converter calls for every range before writing it, in offset order and one call at a
+        time (the DiskWriter contract). No lock is needed: the writing threads only read BAT entries
+        that ``reserve`` set before their data was handed to them."""
         return not self.target.streaming
 
     # -- the stream ------------------------------------------------------------------------------
@@ -279,7 +282,8 @@ class VhdWriter(DiskWriter):
 
     def reserve(self, offset: int, length: int) -> None:
         """Allocate the blocks [offset, offset + length) touches, in the order data arrives (which
-        the converter keeps to guest order), each with its bitmap."""
+        the converter keeps to guest order), each with its bitmap. Never called concurrently (see
+        ``concurrent_writes``), so the allocation needs no lock."""
         if not self.dynamic or not length:
             return
         bs = self.block_size
@@ -290,7 +294,9 @@ class VhdWriter(DiskWriter):
                 self.target.pwrite(self._bitmap, self.bat[block] * SECTOR)
 
     def _write_at_offsets(self, offset: int, view: memoryview) -> None:
-        """Positional writes (``concurrent_writes``) into blocks that ``reserve`` allocated."""
+        """Positional writes (``concurrent_writes``) into blocks that ``reserve`` allocated. A block
+        nobody reserved is allocated here: right only for a caller writing from one thread (the
+        converter always reserves first)."""
         if not self.dynamic:
             self.target.pwrite(view, offset)
             return
