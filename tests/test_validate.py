@@ -19,7 +19,7 @@ import pytest
 
 import diskimg
 from diskimg.errors import ImageNotFound, UsageError
-from diskimg.formats import vhd as vhdmod
+from diskimg.formats.vhd import structures as vhdmod
 from diskimg.host.files import HostFile
 from diskimg.validation import RULES, Report, Severity, list_rules, validate
 from diskimg.validation.rules import RULES_BY_CODE

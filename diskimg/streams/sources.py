@@ -60,14 +60,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..formats.probing import Detection, OpenOptions
-from ..errors import ArchiveError, DiskImageError, UnsupportedFormat
+from ..errors import ArchiveError, UnsupportedFormat
 from ..formats import READERS
 from ..host.files import HostFile
 from ..units import READ_CHUNK, SECTOR_SIZE
 from ..formats.reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from .tar import Readable, TarMember, padding, read_member, skip_data
-from .compressed import (COMPRESSORS, INNER_HEAD, INNER_TAIL, Identify, PeekedMember, article, unwrap_command,
-                         unwrapped_name, wrapper_hint)
+from .compressed import (COMPRESSORS, CORRUPT_DATA, INNER_HEAD, INNER_TAIL, Identify, PeekedMember, article,
+                         unwrap_command, unwrapped_name, wrapper_hint)
 
 #: decompression works in pieces of READ_CHUNK bytes (compressed input is read so too); the cache holds
 #: the last few
@@ -170,22 +170,25 @@ class ForwardStream:
         return skipped, tail
 
     def _produce(self, wanted: int) -> None:
-        try:
-            if self.kind is None:
-                data = self._take_input(wanted)
-            elif self._zstd is not None:
+        if self.kind is None:
+            data = self._take_input(wanted)
+        elif self._zstd is not None:
+            import zstandard
+
+            try:
                 data = self._zstd.read(wanted)
-            else:
-                data = self._decode(wanted)
-        except DiskImageError:
-            raise
-        except Exception as exc:  # zlib.error, LZMAError, OSError, EOFError, zstandard.ZstdError...
-            raise ArchiveError(f"corrupt {self.kind} stream (near compressed offset {self._input_position}): "
-                               f"{str(exc)[:200] or type(exc).__name__}", path=self.host.name) from None
+            except zstandard.ZstdError as exc:  # how zstandard reports corrupt data
+                raise self._corrupt(exc) from None
+        else:
+            data = self._decode(wanted)
         if data:
             self._pending += data
         else:
             self._ended = True
+
+    def _corrupt(self, exc: Exception) -> ArchiveError:
+        return ArchiveError(f"corrupt {self.kind} stream (near compressed offset {self._input_position}): "
+                            f"{str(exc)[:200] or type(exc).__name__}", path=self.host.name)
 
     def _decode(self, wanted: int) -> bytes:
         """Up to ``wanted`` bytes from a zlib/lzma/bz2 decoder, across concatenated members."""
@@ -203,7 +206,10 @@ class ForwardStream:
             else:
                 tail = getattr(self._decoder, "unconsumed_tail", b"")  # zlib: input it had no room to decode
                 data = tail or (self._take_input() if getattr(self._decoder, "needs_input", True) else b"")
-            produced = self._decoder.decompress(data, wanted)
+            try:
+                produced = self._decoder.decompress(data, wanted)
+            except CORRUPT_DATA as exc:  # the decoders' own reports of corrupt data (bz2's is an OSError)
+                raise self._corrupt(exc) from None
             if produced:
                 return produced
             if not data and not self._decoder.eof:
@@ -437,13 +443,13 @@ def zstd_layout(host: HostFile) -> tuple[int | None, LastUnits | None]:
 def last_units_tail(host: HostFile, kind: str, units: LastUnits, keep: int) -> bytes:
     """The last ``keep`` bytes of a compressed file, decoded from its last xz blocks or zstd frames
     alone (the caller makes sure they decompress to ``keep`` bytes or more)."""
+    import zstandard
+
     tail = b""
     try:
         for data in _decode_units(host, kind, units):
             tail = (tail + data[-keep:])[-keep:]
-    except DiskImageError:
-        raise
-    except Exception as exc:  # LZMAError, zstandard.ZstdError, EOFError
+    except (lzma.LZMAError, zstandard.ZstdError) as exc:  # how the two decoders report corrupt data
         raise ArchiveError(f"corrupt {kind} stream (its last {_unit_noun(kind)}s, from offset "
                            f"{units.offset}): {str(exc)[:200] or type(exc).__name__}", path=host.name) from None
     return tail
@@ -463,6 +469,9 @@ def _decode_units(host: HostFile, kind: str, units: LastUnits) -> Iterator[bytes
         return
     decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
     for piece in _xz_blocks_alone(units, _file_range(host, units.offset, units.length)):
+        if decoder.eof:  # an index and footer forged inside the blocks ended the stream early
+            raise ArchiveError(f"corrupt xz stream: its last blocks, from offset {units.offset}, end before their "
+                               "recorded length", path=host.name)
         data = decoder.decompress(piece, READ_CHUNK)
         while data:
             yield data
