@@ -313,6 +313,8 @@ class GuestDisk:
             if containers & {"lvm2", "luks"}:
                 return Resolution(None, "unassembled")
             logical = [v.layer.facts["path"] for v in self.volumes if v.layer and v.layer.kind == "lvm-lv"]
+            if logical and value.startswith("/dev/dm-"):
+                return Resolution(None, "unknown")  # numbered at boot, in the order device-mapper creates them
             if logical:
                 return Resolution(None, "missing", f"names no logical volume of the volume groups found "
                                   f"({', '.join(logical)})")

@@ -7,9 +7,9 @@ the first plain subvolume holding a release file, and then the subvolume the ker
 (``rootflags=subvol=``/``subvolid=``) or fstab's ``/`` line mounts, when that is another one; snapshots
 are never roots. Its ``/etc/fstab`` says where ``/boot``, ``/boot/efi`` and ``/usr`` live, and those
 volumes are read through the same :class:`GuestTree`, which resolves symbolic links across them as the
-guest would. Each fact comes
-from the file the distribution itself reads (the sources are in the reference's sections 1.2, 1.4
-and 6); a file that exists but cannot be read becomes a "could not read" note, never an exception.
+guest would. Each fact comes from the file the distribution itself reads (the sources are in the
+reference's sections 1.2, 1.4 and 6); a file that exists but cannot be read becomes a "could not read"
+note, never an exception.
 """
 
 from __future__ import annotations
