@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 import diskimg
+from diskimg.inspection.guest import GuestDisk, GuestVolume, Layer
+from diskimg.inspection.signatures import FileSystem
 from diskimg.validation import Report
 
 from .conftest import (
@@ -735,3 +737,26 @@ def test_root_on_an_md_array(centos_plain: CentosGuest, tmp_path: Path, level: i
     member = f"md member (active) of raid1 array {examined['Name']}"
     assert array["stack"] == f"(partition 2 -> {member}) + (partition 3 -> {member}) -> md raid1 array root -> ext4"
     assert findings(report) == findings(plain)
+
+
+def test_names_of_assembled_volumes_resolve_or_are_not_judged() -> None:
+    """An LV and an md array among the volumes: their device-mapper and md names resolve to them; another LV's
+    name is missing, saying which LVs there are; /dev/dm-N and /dev/mdN are numbered at boot, so not judged; a
+    partition's instance name never names an assembled volume."""
+    pv = GuestVolume("partition 2", 2, MiB, MiB, FileSystem("lvm2"))
+    member = GuestVolume("partition 3", 3, 2 * MiB, MiB, FileSystem("md"))
+    lv = GuestVolume("LV vg-a/root", None, 0, MiB, FileSystem("ext4", uuid="u1"), below=(pv,),
+                     layer=Layer("lvm-lv", "LV vg-a/root", {"path": "vg-a/root"}),
+                     device_names=("/dev/mapper/vg--a-root", "/dev/vg-a/root"))
+    array = GuestVolume("md array data", None, 0, MiB, FileSystem("xfs"), below=(member,),
+                        layer=Layer("md-array", "md raid1 array data", {}), device_names=("/dev/md/data",))
+    disk = GuestDisk(None, [pv, member, lv, array])  # type: ignore[arg-type]
+    for spec in ("/dev/mapper/vg--a-root", "/dev/vg-a/root", "UUID=u1"):
+        assert disk.resolve(spec).volume is lv, spec
+    assert disk.resolve("/dev/md/data").volume is array
+    missing = disk.resolve("/dev/mapper/vg--a-swap")
+    assert missing.status == "missing" and "vg-a/root" in (missing.reason or "")
+    assert disk.resolve("/dev/md/other").status == "missing"
+    assert disk.resolve("/dev/dm-0").status == disk.resolve("/dev/md127").status == "unknown"
+    assert disk.resolve("/dev/vda2").volume is pv  # the partition, not what is assembled on it
+    assert disk.unassembled() == []
