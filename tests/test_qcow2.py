@@ -80,7 +80,7 @@ def opener(directory: Path):
             raise BackingFileError(f"backing file {names[0]!r} not found")
         host = HostFile(candidate)
         if fmt is None:
-            fmt = "qcow2" if host.pread(4, 0) == MAGIC else "raw"
+            fmt = "qcow2" if host.read_at(0, 4) == MAGIC else "raw"
         if fmt == "raw":
             return RawReader.open(host, None, OpenOptions())
         assert fmt == "qcow2", fmt

@@ -403,7 +403,7 @@ def test_probe_never_raises(head, rest, size):
     """Detection of anything that starts with the signature names it, damaged or not."""
     data = b"vhdxfile" + head + rest
 
-    def read_at(length: int, offset: int) -> bytes:
+    def read_at(offset: int, length: int) -> bytes:
         return data[offset : offset + length]
 
     found = probe(data[:128 * 1024], read_at, size)

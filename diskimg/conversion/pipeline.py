@@ -287,7 +287,7 @@ def read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[
         pending: deque = deque()
         for index, (offset, length) in enumerate(_data_chunks(extents)):
             buffer = ring[index % len(ring)]
-            read = pool.submit(reader.read_into, offset, memoryview(buffer)[:length])
+            read = pool.submit(reader.readinto_at, offset, memoryview(buffer)[:length])
             pending.append((offset, buffer, length, read))
             if len(pending) > PREFETCH:
                 yield _taken(*pending.popleft())
@@ -384,7 +384,7 @@ def _feed_concurrently(
             for offset, length in pieces:
                 first = start + offset - window
                 view = memoryview(buffer)[first : first + length]
-                reader.read_into(offset, view)
+                reader.readinto_at(offset, view)
                 ranges += [(offset + begin, view[begin:end])
                            for begin, end in nonzero_runs(buffer, granularity, first, first + length)]
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after keeping the order

@@ -238,7 +238,7 @@ class _Qcow2Check:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; past the end of the file reads zeros (as qemu's check does)."""
-        data = self.host.pread(length, offset) if offset < self.file_size else b""
+        data = self.host.read_at(offset, length) if offset < self.file_size else b""
         return data + bytes(length - len(data)) if len(data) < length else data
 
     def run(self) -> None:
@@ -643,13 +643,13 @@ class _VhdCheck:
         if size < v.FOOTER_SIZE:
             result.add("truncated", f"a file of {size} bytes cannot hold a VHD footer", 0, "footer")
             return
-        tail = self.host.pread(v.FOOTER_SIZE, size - v.FOOTER_SIZE)
-        head = self.host.pread(v.FOOTER_SIZE, 0) if size >= 2 * v.FOOTER_SIZE else b""
+        tail = self.host.read_at(size - v.FOOTER_SIZE, v.FOOTER_SIZE)
+        head = self.host.read_at(0, v.FOOTER_SIZE) if size >= 2 * v.FOOTER_SIZE else b""
         tail_problem = v.footer_problem(tail)
         head_problem = v.footer_problem(head) if head[:8] == v.FOOTER_COOKIE else "absent"
         footer_end = size - v.FOOTER_SIZE
         if tail_problem is not None:
-            old = self.host.pread(v.OLD_FOOTER_SIZE, size - v.OLD_FOOTER_SIZE)
+            old = self.host.read_at(size - v.OLD_FOOTER_SIZE, v.OLD_FOOTER_SIZE)
             if v.footer_problem(old) is None:
                 tail, tail_problem, footer_end = old + b"\0", None, size - v.OLD_FOOTER_SIZE
         if tail_problem is None:
@@ -696,7 +696,7 @@ class _VhdCheck:
             result.add("truncated" if offset < size + (1 << 40) else "corruption",
                        f"the dynamic header at offset {offset} lies outside the file", 16, "footer")
             return
-        raw = self.host.pread(v.DYNAMIC_HEADER_SIZE, offset)
+        raw = self.host.read_at(offset, v.DYNAMIC_HEADER_SIZE)
         header = v.parse_dynamic_header(raw)
         if header.cookie != v.DYNAMIC_COOKIE:
             result.add("corruption", "the dynamic header has no 'cxsparse' cookie", offset, "dynamic header")
@@ -724,7 +724,7 @@ class _VhdCheck:
             result.add("truncated", f"the BAT ({table_bytes} bytes at offset {table}) lies past the end of the file",
                        table, "block allocation table")
             return
-        bat = v.parse_bat(self.host.pread(table_bytes, table))
+        bat = v.parse_bat(self.host.read_at(table, table_bytes))
         span = v.bitmap_size(block) + block
         result.total_clusters = needed
         allocated = [(bat[i] * v.SECTOR, i) for i in range(len(bat)) if bat[i] != v.UNALLOCATED]

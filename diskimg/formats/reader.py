@@ -172,7 +172,7 @@ class DiskReader(io.RawIOBase):
         self._fill_runs(memoryview(buffer), offset, (first, *runs))
         return bytes(buffer)
 
-    def read_into(self, offset: int, buffer: bytearray | memoryview) -> int:
+    def readinto_at(self, offset: int, buffer: bytearray | memoryview) -> int:
         """Fill ``buffer`` with guest bytes at ``offset`` without an intermediate copy; returns the
         byte count (short only at the end of the disk)."""
         view = memoryview(buffer).cast("B")
@@ -187,7 +187,7 @@ class DiskReader(io.RawIOBase):
             self._fill(view[run.start - offset : run.start - offset + run.length], run)
 
     def _read_host(self, run: Run) -> bytes:
-        data = self.host.pread(run.length, run.host_offset)
+        data = self.host.read_at(run.host_offset, run.length)
         if len(data) != run.length:
             raise CorruptImage(
                 f"image is truncated: {run.length} bytes of guest offset {run.start} lie past the end of the file",
@@ -200,7 +200,7 @@ class DiskReader(io.RawIOBase):
         if run.kind is RunKind.ZERO:
             target[:] = bytes(run.length)
         elif run.kind is RunKind.HOST:
-            if self.host.pread_into(target, run.host_offset) != run.length:
+            if self.host.readinto_at(run.host_offset, target) != run.length:
                 raise CorruptImage(
                     f"image is truncated: guest offset {run.start} maps past the end of the file",
                     path=self.path,
@@ -305,7 +305,7 @@ class DiskReader(io.RawIOBase):
         return position
 
     def readinto(self, buffer: Any) -> int:
-        count = self.read_into(self._position, memoryview(buffer).cast("B")[: self.MAX_READ])
+        count = self.readinto_at(self._position, memoryview(buffer).cast("B")[: self.MAX_READ])
         self._position += count
         return count
 

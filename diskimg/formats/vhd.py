@@ -692,7 +692,7 @@ class VhdReader(DiskReader):
         offset = self._bat[block] * SECTOR
         sectors = self._block_size // SECTOR
         used = (sectors + 7) // 8
-        bitmap = self.host.pread(used, offset)
+        bitmap = self.host.read_at(offset, used)
         if len(bitmap) != used:
             raise CorruptImage(
                 f"image is truncated: the sector bitmap of block {block} lies past the end of the file",
@@ -833,10 +833,10 @@ class _Opener:
         size = self.host.size
         if size < OLD_FOOTER_SIZE:
             raise self.corrupt(f"file of {size} bytes is too small to be a VHD", 0)
-        tail = self.host.pread(FOOTER_SIZE, size - FOOTER_SIZE) if size >= FOOTER_SIZE else b""
+        tail = self.host.read_at(size - FOOTER_SIZE, FOOTER_SIZE) if size >= FOOTER_SIZE else b""
         problems = []
         self.head_copy_problem: str | None = "absent"
-        head = self.host.pread(FOOTER_SIZE, 0) if size >= 2 * FOOTER_SIZE else b""
+        head = self.host.read_at(0, FOOTER_SIZE) if size >= 2 * FOOTER_SIZE else b""
         if head[:8] == FOOTER_COOKIE:
             self.head_copy_problem = footer_problem(head)
         self.tail_problem = footer_problem(tail) if tail else "file too small"
@@ -844,7 +844,7 @@ class _Opener:
             self._take_footer(tail, "tail", size - FOOTER_SIZE, FOOTER_SIZE)
             return
         problems.append(f"{self.tail_problem} at offset {size - FOOTER_SIZE}")
-        old = self.host.pread(OLD_FOOTER_SIZE, size - OLD_FOOTER_SIZE)
+        old = self.host.read_at(size - OLD_FOOTER_SIZE, OLD_FOOTER_SIZE)
         if old[:8] == FOOTER_COOKIE:
             problem = footer_problem(old)
             if problem is None:
@@ -917,7 +917,7 @@ class _Opener:
                 self.footer_offset,
                 "footer data_offset",
             )
-        data = self.host.pread(DYNAMIC_HEADER_SIZE, offset)
+        data = self.host.read_at(offset, DYNAMIC_HEADER_SIZE)
         problem = dynamic_header_problem(data)
         if problem is not None:
             raise self.corrupt(problem, offset)
@@ -961,7 +961,7 @@ class _Opener:
                 "dynamic header",
             )
         used_entries = min(entries, needed)
-        raw = self.host.pread(used_entries * 4, table)
+        raw = self.host.read_at(table, used_entries * 4)
         if len(raw) != used_entries * 4:
             raise self.corrupt("the table lies past the end of the file", table)
         self.bat = parse_bat(raw)
@@ -1053,7 +1053,7 @@ class _Opener:
             if locator.platform_code not in RELATIVE_PLATFORMS + ABSOLUTE_PLATFORMS:
                 entry["path"] = None
                 continue
-            data = self.host.pread(length, locator.data_offset)
+            data = self.host.read_at(locator.data_offset, length)
             try:
                 recorded = decode_locator_path(locator.platform_code, data)
             except (UnicodeError, ValueError):
@@ -1110,7 +1110,7 @@ class _Opener:
         if footer.disk_type != DISK_FIXED:
             facts["head_copy_problem"] = self.head_copy_problem
             if self.footer_source == "tail" and self.head_copy_problem is None:
-                copy = self.host.pread(FOOTER_SIZE, 0)
+                copy = self.host.read_at(0, FOOTER_SIZE)
                 facts["footer_copy_matches"] = copy == self.footer_raw.ljust(FOOTER_SIZE, b"\0")
         else:
             facts["data_area"] = self.data_area

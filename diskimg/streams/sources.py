@@ -123,7 +123,7 @@ class ForwardStream:
     # -- the compressed input
 
     def _take_input(self, size: int = INPUT_CHUNK) -> bytes:
-        data = self.host.pread(size, self._input_position)
+        data = self.host.read_at(self._input_position, size)
         self._input_position += len(data)
         if self.digest is not None and data:
             self.digest.update(data)
@@ -291,26 +291,26 @@ def xz_layout(host: HostFile) -> tuple[int, LastUnits | None]:
     blocks_seen = 0
     last: LastUnits | None = None
     for _ in range(1 << 16):
-        while end >= 4 and host.pread(4, end - 4) == b"\0\0\0\0":  # stream padding
+        while end >= 4 and host.read_at(end - 4, 4) == b"\0\0\0\0":  # stream padding
             end -= 4
         if end == 0:
             if last is not None and blocks_seen == len(last.records):
                 last = dataclasses.replace(last, whole_file=True)
             return total, last
-        footer = host.pread(12, end - 12) if end >= 12 else b""
+        footer = host.read_at(end - 12, 12) if end >= 12 else b""
         if len(footer) != 12 or footer[10:12] != b"YZ":
             raise ArchiveError("truncated or corrupt xz file: no stream footer at its end", path=host.name)
         index_size = (struct.unpack_from("<I", footer, 4)[0] + 1) * 4
         index_start = end - 12 - index_size
         if index_start < 12 or index_size > 1 << 26:
             raise ArchiveError("corrupt xz stream footer (backward size out of range)", path=host.name)
-        index = host.pread(index_size, index_start)
+        index = host.read_at(index_start, index_size)
         if zlib.crc32(index[:-4]) != struct.unpack_from("<I", index, index_size - 4)[0] or index[0] != 0:
             raise ArchiveError(f"corrupt xz index at offset {index_start}", path=host.name)
         records = _xz_index_records(index, host.name)
         blocks = sum(_padded4(unpadded) for unpadded, _ in records)
         start = index_start - blocks - 12
-        if start < 0 or host.pread(6, start) != _MAGIC["xz"]:
+        if start < 0 or host.read_at(start, 6) != _MAGIC["xz"]:
             raise ArchiveError(f"corrupt xz file: the index at offset {index_start} does not match its blocks",
                                path=host.name)
         if blocks_seen == 0 and records:  # the first stream met from the end holds the file's last blocks
@@ -479,7 +479,7 @@ def _file_range(host: HostFile, offset: int, length: int) -> Iterator[bytes]:
     """``length`` bytes of the file from ``offset``, a chunk at a time (short at its end)."""
     end = offset + length
     while offset < end:
-        data = host.pread(min(INPUT_CHUNK, end - offset), offset)
+        data = host.read_at(offset, min(INPUT_CHUNK, end - offset))
         if not data:
             return
         yield data
@@ -510,7 +510,7 @@ class _BufferedAt:
 
     def read(self, offset: int, length: int) -> bytes:
         if not (self.start <= offset and offset + length <= self.start + len(self.data)):
-            self.start, self.data = offset, self.host.pread(max(length, INPUT_CHUNK), offset)
+            self.start, self.data = offset, self.host.read_at(offset, max(length, INPUT_CHUNK))
         return self.data[offset - self.start : offset - self.start + length]
 
 
@@ -799,7 +799,7 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
     tail_start = max(0, member.size - INNER_TAIL)
     tail: bytes | None = None
     if kind is None:  # the member's end is at hand in an uncompressed tar
-        tail = PeekedMember(member, base).read(host.pread, tail_start, INNER_TAIL)
+        tail = PeekedMember(member, base).read(host.read_at, tail_start, INNER_TAIL)
         tail_from = "the archive, read in place"
     elif see_tail:
         tail = PeekedMember(member, 0).read(_ForwardAt(stream, base, first).read_at, tail_start, INNER_TAIL)
@@ -852,7 +852,7 @@ class _ForwardAt:
         self.base = base
         self.first = first
 
-    def read_at(self, length: int, offset: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         held = self.first[offset : offset + length]
         if len(held) == length:
             return held
@@ -1004,13 +1004,13 @@ class MemberFile(_UnopenedFile):
         self._archive = archive
         self._start = start
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.size - offset))
-        return self._archive.pread(length, self._start + offset) if length else b""
+        return self._archive.read_at(self._start + offset, length) if length else b""
 
-    def pread_into(self, buffer: memoryview, offset: int) -> int:
+    def readinto_at(self, offset: int, buffer: memoryview) -> int:
         length = max(0, min(len(buffer), self.size - offset))
-        return self._archive.pread_into(buffer[:length], self._start + offset) if length else 0
+        return self._archive.readinto_at(self._start + offset, buffer[:length]) if length else 0
 
     def data_regions(self, start: int, end: int) -> list[tuple[int, int]] | None:
         regions = self._archive.data_regions(self._start + start, self._start + end)
@@ -1067,7 +1067,7 @@ class _EdgesFile(_UnopenedFile):
         super().__init__(name, size, threading.Lock())
         self._head, self._tail = head, tail
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if end <= len(self._head):
             return self._head[offset:end]
