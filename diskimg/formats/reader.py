@@ -153,10 +153,13 @@ class DiskReader(io.RawIOBase):
             size = -1 if offset_or_size is None else offset_or_size
             if size < 0 or size > self.MAX_READ:
                 size = min(self.MAX_READ, max(0, self.virtual_size - self._position))
-            data = self.read(self._position, size)
+            data = self.read_at(self._position, size)
             self._position += len(data)
             return data
-        offset = offset_or_size or 0
+        return self.read_at(offset_or_size or 0, length)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Guest bytes at ``offset`` (fewer only at the end of the disk); the file position is untouched."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         end = min(offset + length, self.virtual_size)
