@@ -139,7 +139,7 @@ def check_against_qemu(path: Path, tmp_path: Path, info: bool = True) -> Qcow2Re
         if reader.virtual_size > 10000:
             with open(oracle, "rb") as f:
                 f.seek(777)
-                assert reader.read(777, 9000) == f.read(9000)
+                assert reader.read_at(777, 9000) == f.read(9000)
         if info:
             check_info(reader, path)
     oracle.unlink()
@@ -350,7 +350,7 @@ def test_compressed_reads_within_one_cluster(tmp_path):
     data = raw.read_bytes()
     with open_qcow2(image) as reader:
         for offset, length in [(0, 1), (1, 100), (65535, 2), (70000, 60000), (0, 2 * MiB), (2 * MiB - 3, 3)]:
-            assert reader.read(offset, length) == data[offset : offset + length]
+            assert reader.read_at(offset, length) == data[offset : offset + length]
         reader.seek(123456)
         assert reader.read(1000) == data[123456:124456]
 
@@ -399,7 +399,7 @@ def test_snapshot_of_a_resized_image_keeps_its_size(tmp_path):
     qemu_img("convert", "-f", "qcow2", "-l", "snapshot.name=small", "-O", "raw", image, oracle)
     with open_qcow2(image, snapshot="small") as reader:
         assert reader.virtual_size == 1 * MiB
-        assert reader.read(0, MiB) == oracle.read_bytes()[:MiB]
+        assert reader.read_at(0, MiB) == oracle.read_bytes()[:MiB]
     assert oracle.read_bytes()[MiB:] == bytes(2 * MiB)
 
 
@@ -452,9 +452,9 @@ def test_backing_file_not_opened_unless_asked(tmp_path):
     with open_qcow2(top, backing=False) as reader:
         assert reader.parent is None
         assert reader.backing_file == "base.qcow2"
-        assert reader.read(0, 65536) == b"\x43" * 65536  # allocated in the overlay
+        assert reader.read_at(0, 65536) == b"\x43" * 65536  # allocated in the overlay
         with pytest.raises(BackingFileError):
-            reader.read(65536, 10)
+            reader.read_at(65536, 10)
         with pytest.raises(BackingFileError):
             list(reader.extents())
 
@@ -693,7 +693,7 @@ def test_snapshot_with_l1_past_eof_fails_when_selected(small_image, tmp_path):
 
 def read_everything(reader, cap: int = 16 * MiB) -> None:
     for offset in range(0, min(reader.virtual_size, cap), MiB):
-        reader.read(offset, MiB)
+        reader.read_at(offset, MiB)
 
 
 def test_truncated_data_cluster_is_corrupt(tmp_path):
@@ -706,9 +706,9 @@ def test_truncated_data_cluster_is_corrupt(tmp_path):
     with open(image, "r+b") as f:
         f.truncate(host + 1000)
     with open_qcow2(image) as reader:
-        assert reader.read(0, 65536) == bytes(65536)
+        assert reader.read_at(0, 65536) == bytes(65536)
         with pytest.raises(CorruptImage, match=f"truncated: guest offset {3 * MiB} maps to host offset {host}"):
-            reader.read(3 * MiB, 10)
+            reader.read_at(3 * MiB, 10)
         with pytest.raises(CorruptImage):
             list(reader.extents())
 

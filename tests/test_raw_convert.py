@@ -52,7 +52,7 @@ def test_reader_is_a_seekable_file(tmp_path):
         assert disk.seek(-2, os.SEEK_END) == 4 * MiB - 2
         assert disk.read(10) == b"\x00\x00"
         assert disk.read(10) == b""
-        assert disk.read(510, 2) == b"\x55\xaa"  # the positional form does not move the position
+        assert disk.read_at(510, 2) == b"\x55\xaa"  # the positional form does not move the position
 
 
 @pytest.mark.parametrize("granularity", [0, 512, 4096, 65536, 1 << 20])

@@ -3,7 +3,7 @@
 A driver describes its image as *runs*: consecutive guest ranges, each served from one place (zeros,
 a contiguous range of the host file, the backing image, or an encoded unit such as a compressed
 qcow2 cluster). From that single description this base class derives the three views callers use:
-positional ``read(offset, length)``, the ``extents()`` allocation map, and a read-only seekable
+positional ``read_at(offset, length)``, the ``extents()`` allocation map, and a read-only seekable
 file (``io.RawIOBase``) for partition and file-system parsers.
 """
 
@@ -147,7 +147,7 @@ class DiskReader(io.RawIOBase):
     def read(self, offset: int, length: int, /) -> bytes: ...
 
     def read(self, offset_or_size: int | None = -1, length: int | None = None, /) -> bytes:
-        """``read(offset, length)``: guest bytes at an offset (the DiskReader contract);
+        """``read_at(offset, length)``: guest bytes at an offset (the DiskReader contract);
         ``read(size)``: file-style read from the current position (the io.RawIOBase contract)."""
         if length is None:
             size = -1 if offset_or_size is None else offset_or_size
@@ -219,7 +219,7 @@ class DiskReader(io.RawIOBase):
 
     def _backing_read(self, start: int, length: int) -> bytes:
         parent = self._require_parent()
-        data = parent.read(start, length) if start < parent.virtual_size else b""
+        data = parent.read_at(start, length) if start < parent.virtual_size else b""
         return data + bytes(length - len(data))
 
     def _require_parent(self) -> DiskReader:

@@ -57,7 +57,7 @@ FAT_TYPES = ("fat12", "fat16", "fat32")
 class Disk(Protocol):
     """What the parsers need from a disk: positional reads (a DiskReader has this)."""
 
-    def read(self, offset: int, length: int, /) -> bytes: ...
+    def read_at(self, offset: int, length: int, /) -> bytes: ...
 
 
 @dataclass
@@ -535,12 +535,12 @@ _ZFS_MAGIC = 0x00BAB10C
 def probe(disk: Disk, offset: int = 0, length: int | None = None) -> FileSystem | None:
     """The file system of the volume at ``offset`` (``length`` bytes; a partition or a whole disk)."""
     want = HEAD_SIZE if length is None else max(0, min(HEAD_SIZE, length))
-    head = disk.read(offset, want)
+    head = disk.read_at(offset, want)
     found = probe_bytes(head)
     if found is not None or (length is not None and length < 256 << 10):
         return found
     # ZFS: the first label's uberblock ring (128-256 KiB), magic in either byte order.
-    ring = disk.read(offset + (128 << 10), 128 << 10)
+    ring = disk.read_at(offset + (128 << 10), 128 << 10)
     for slot in range(0, len(ring) - 8, 1024):
         value = ring[slot : slot + 8]
         if int.from_bytes(value, "little") == _ZFS_MAGIC or int.from_bytes(value, "big") == _ZFS_MAGIC:

@@ -388,7 +388,7 @@ def zstd_layout(host: HostFile) -> tuple[int | None, LastUnits | None]:
     frames: collections.deque[tuple[int, int]] = collections.deque()  # the last frames holding INNER_TAIL bytes
     held = 0  # their content
     while position < host.size:
-        head = reader.read(position, 18)
+        head = reader.read_at(position, 18)
         magic = struct.unpack_from("<I", head.ljust(4, b"\0"))[0]
         if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
             if len(head) < 8:
@@ -412,7 +412,7 @@ def zstd_layout(host: HostFile) -> tuple[int | None, LastUnits | None]:
             total = None
         position += header + size_bytes
         while True:
-            block = reader.read(position, 3)
+            block = reader.read_at(position, 3)
             if len(block) < 3:
                 raise ArchiveError("truncated zstd file: it ends inside a frame", path=host.name)
             value = int.from_bytes(block, "little")
@@ -508,7 +508,7 @@ class _BufferedAt:
         self.start = 0
         self.data = b""
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         if not (self.start <= offset and offset + length <= self.start + len(self.data)):
             self.start, self.data = offset, self.host.read_at(offset, max(length, INPUT_CHUNK))
         return self.data[offset - self.start : offset - self.start + length]

@@ -299,7 +299,7 @@ class ExtFileSystem(GuestFileSystem[int]):
     def __init__(self, disk: Disk, offset: int, length: int) -> None:
         self._disk = disk
         self._offset = offset
-        head = disk.read(offset, SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE)
+        head = disk.read_at(offset, SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE)
         found = probe_ext(head)
         if found is None or len(head) < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
             raise _corrupt("no ext superblock", offset + SUPERBLOCK_OFFSET, "ext superblock")
@@ -331,7 +331,7 @@ class ExtFileSystem(GuestFileSystem[int]):
             raise _corrupt(f"blocks {block}+{count} outside the file system of {self.sb.blocks_count}",
                            self._offset + block * self._block_size, structure)
         where = self._offset + block * self._block_size
-        data = self._disk.read(where, count * self._block_size)
+        data = self._disk.read_at(where, count * self._block_size)
         if len(data) != count * self._block_size:
             raise _corrupt("file system truncated", where, structure)
         return data
