@@ -5,7 +5,7 @@ The public API::
     import diskimg
     diskimg.detect("disk.vhd")              # Detection: what the file is
     with diskimg.open_image("disk.qcow2") as disk:   # DiskReader
-        disk.virtual_size, disk.read(0, 512), list(disk.extents())
+        disk.virtual_size, disk.read_at(0, 512), list(disk.extents())
     diskimg.convert("disk.vhd", "disk.raw", "raw")
     diskimg.batch("fleet.jsonl", journal="fleet.journal")   # many jobs, resumable
 

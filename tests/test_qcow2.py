@@ -4,6 +4,7 @@ refusals, hostile headers and tables, header fuzzing, and the third-party corpus
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
@@ -457,6 +458,41 @@ def test_backing_file_not_opened_unless_asked(tmp_path):
             reader.read_at(65536, 10)
         with pytest.raises(BackingFileError):
             list(reader.extents())
+
+
+def test_the_file_view_reads_to_the_end_of_a_disk_larger_than_one_read(tmp_path):
+    """read(), readall() and a BufferedReader over a disk larger than MAX_READ never stop short at
+    MAX_READ: reads in pieces reach the disk's end, and a single read that would return more than
+    MAX_READ raises (the position untouched); readinto fills a buffer of any size."""
+    size = 72 * MiB
+    assert size > Qcow2Reader.MAX_READ
+    base = create(tmp_path / "base.qcow2", size)
+    qemu_io(base, "qcow2", "write -P 0x61 0 1M", "write -P 0x62 63M 2M", "write -P 0x63 71M 1M")
+    top = create(tmp_path / "top.qcow2", size, backing=base)  # all but one cluster read from the backing file
+    qemu_io(top, "qcow2", "write -P 0x64 68M 64k")
+    for image in (base, top):
+        oracle = qemu_raw(image, "qcow2", tmp_path).read_bytes()
+        assert len(oracle) == size
+        with open_qcow2(image) as reader:
+            buffered = io.BufferedReader(reader)
+            for read_everything in (reader.read, reader.readall, buffered.read, lambda: reader.read(size)):
+                with pytest.raises(ValueError, match="in pieces"):
+                    read_everything()
+                assert reader.tell() == 0
+            buffered.detach()  # (a BufferedReader closes its raw file when collected)
+            buffered = io.BufferedReader(reader, buffer_size=MiB)
+            assert b"".join(iter(lambda: buffered.read(8 * MiB), b"")) == oracle
+            buffered.detach()
+            reader.seek(0)
+            whole = bytearray(size + 4096)
+            assert reader.readinto(whole) == size and whole[:size] == oracle
+            assert reader.tell() == size and reader.read() == b"" and reader.readall() == b""
+            reader.seek(-12 * MiB, os.SEEK_END)
+            assert reader.read() == oracle[-12 * MiB :]  # the rest of the disk, to its end
+            reader.seek(10 * MiB)
+            buffered = io.BufferedReader(reader)
+            assert buffered.read() == oracle[10 * MiB :]
+            buffered.detach()
 
 
 # -- refusals ------------------------------------------------------------------------------------------
