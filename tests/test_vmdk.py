@@ -208,7 +208,7 @@ def test_other_create_types_refused_with_the_conversion_command(tmp_path):
     proc = diskimg_cli("convert", "--backend", "native", descriptor, tmp_path / "o.raw", "-O", "raw", text=True)
     assert proc.returncode == 3 and "seSparse" in proc.stderr and "qemu-img convert -f vmdk" in proc.stderr
     with pytest.raises(UnsupportedFormat, match="seSparse"):
-        open_image(descriptor, format="vmdk")
+        open_image(descriptor, source_format="vmdk")
 
 
 # -- the corpus -----------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_corpus(entry, tmp_path):
     """Read in place: what qemu-img reads hashes the same; what it refuses, diskimg refuses in one line."""
     path = corpus_file(entry, tmp_path)
     if entry.get("raw_sha256"):
-        with open_image(path, format="vmdk") as reader:
+        with open_image(path, source_format="vmdk") as reader:
             assert _sha256_by_extents(reader) == entry["raw_sha256"]
             assert reader.virtual_size == entry["virtual_size"]
     else:
@@ -321,7 +321,7 @@ def test_fuzz_only_diskimage_errors(seeds, data):
     if data.draw(st.booleans()):
         del image[data.draw(st.integers(0, len(image) - 1)) :]
     try:
-        with open_image(io.BytesIO(bytes(image)), format="vmdk") as reader:
+        with open_image(io.BytesIO(bytes(image)), source_format="vmdk") as reader:
             reader.info()
             reader.read_at(0, min(reader.virtual_size, 4 * MiB))
             for _, extent in zip(range(10000), reader.extents()):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..formats.probing import VhdSizeRule
+from ..choices import FormatName, VhdSizeRule
 from ..detection.image import Source, open_image
 from ..formats.reader import DiskReader, Extent, ExtentKind
 from .zeroes import is_zero, zero_block
@@ -38,8 +38,8 @@ def compare(
     a: Source,
     b: Source,
     *,
-    format_a: str | None = None,
-    format_b: str | None = None,
+    format_a: FormatName | None = None,
+    format_b: FormatName | None = None,
     strict: bool = False,
     allow_backing: bool = False,
     vhd_size: VhdSizeRule = "auto",

@@ -22,11 +22,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from ..host import interrupts
 from ..detection.probe import detect
-from ..formats.probing import FORMAT_ALIASES, VhdSizeRule
+from ..formats.probing import FORMAT_ALIASES
+from ..choices import Backend, DiskFormat, FormatName, UsedBackend, VhdSizeRule
 from ..errors import DiskImageError, UnsupportedFormat, UsageError
 from ..formats import WRITERS, canonical_format
 from ..detection.image import Source, open_image
@@ -54,7 +55,7 @@ class ConvertResult:
     source: str
     target: str
     source_format: str
-    target_format: str
+    target_format: DiskFormat
     virtual_size: int
     #: guest bytes read from the source (allocated data; zero regions are not read)
     bytes_read: int
@@ -63,7 +64,7 @@ class ConvertResult:
     #: the source's allocated bytes according to its map
     allocated_bytes: int
     seconds: float
-    backend: str
+    backend: UsedBackend
     #: with checksum=True: SHA-256 of the output file and the guest content hash (diskimg.conversion.hashing)
     sha256: str | None = None
     content_hash: str | None = None
@@ -78,15 +79,15 @@ class ConvertResult:
 def convert(
     source: Source | DiskReader,
     target: str | os.PathLike[str],
-    format: str | None = None,
+    output_format: FormatName | None = None,
     *,
     options: Mapping[str, str] | str | None = None,
     compress: bool = False,
     align: int | None = None,
     zero_granularity: int = 4096,
     checksum: bool = False,
-    backend: str = "auto",
-    source_format: str | None = None,
+    backend: Backend = "auto",
+    source_format: FormatName | str | None = None,
     allow_backing: bool = False,
     snapshot: str | None = None,
     vhd_size: VhdSizeRule = "auto",
@@ -94,8 +95,9 @@ def convert(
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
     """Convert ``source`` (a path, a file object, or an open DiskReader, which is left open) to
-    ``target`` (a path, or ``"-"`` for standard output) in ``format`` (by default the one the
-    target's extension names, else raw: :func:`format_for_target`).
+    ``target`` (a path, or ``"-"`` for standard output) in ``output_format`` (by default the one
+    the target's extension names, else raw: :func:`format_for_target`). ``source_format`` forces
+    the source's format (with the qemu-img backend, any format qemu-img reads).
 
     ``options`` are the target format's ``-o`` options; ``align`` rounds the virtual size up to a
     multiple of it (the added tail reads as zeros); ``zero_granularity`` is the size of the zero
@@ -104,10 +106,10 @@ def convert(
     ``backend``: ``native``, ``qemu-img`` (for formats diskimg detects but does not read), or
     ``auto`` (native when it can).
     """
-    target_format = canonical_format(format or format_for_target(target))
+    target_format = canonical_format(output_format or format_for_target(target))
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
     check_align(align)
-    if backend not in ("auto", "native", "qemu-img"):
+    if backend not in get_args(Backend):
         raise UsageError(f"unknown backend {backend!r}: auto, native or qemu-img")
     if backend != "native" and not isinstance(source, DiskReader) and (
             backend == "qemu-img" or _needs_qemu_img(source, source_format)):
@@ -121,7 +123,8 @@ def convert(
     started = time.monotonic()
     # a DiskReader given as the source is used as is and left open (unpack reads on after it)
     reader = source if isinstance(source, DiskReader) else open_image(
-        source, source_format, allow_backing=allow_backing, snapshot=snapshot, vhd_size=vhd_size)
+        source, canonical_format(source_format) if source_format else None, allow_backing=allow_backing,
+        snapshot=snapshot, vhd_size=vhd_size)
     # A compressed qcow2 cannot be streamed (hashing the output as it is written needs a stream):
     # to a file, its SHA-256 is taken from the finished file instead, with a second read.
     hash_afterwards = checksum and compress and os.fspath(target) != "-"
@@ -175,7 +178,7 @@ def convert(
 class MeasureResult:
     """What ``diskimg measure`` answers: the output file's size, without writing it."""
 
-    target_format: str
+    target_format: DiskFormat
     virtual_size: int
     #: the file size for the source's allocation (its map, refined by a content scan with -S)
     required: int
@@ -191,21 +194,21 @@ class MeasureResult:
 
 def measure(
     source: Source,
-    format: str,
+    output_format: FormatName,
     *,
     options: Mapping[str, str] | str | None = None,
     compress: bool = False,
     align: int | None = None,
     zero_granularity: int = 0,
-    source_format: str | None = None,
+    source_format: FormatName | None = None,
     allow_backing: bool = False,
     snapshot: str | None = None,
     vhd_size: VhdSizeRule = "auto",
 ) -> MeasureResult:
-    """The size ``convert`` would write, from the source's extents; with ``zero_granularity`` the
-    DATA extents are also read to find the zero ranges (as a pipe conversion plans). For
-    compressed qcow2 the figure is an upper bound."""
-    target_format = canonical_format(format)
+    """The size ``convert`` would write in ``output_format``, from the source's extents; with
+    ``zero_granularity`` the DATA extents are also read to find the zero ranges (as a pipe
+    conversion plans). For compressed qcow2 the figure is an upper bound."""
+    target_format = canonical_format(output_format)
     writer_class = WRITERS[target_format]
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
     writer_class.check_options(writer_options)
@@ -522,7 +525,7 @@ def _needs_qemu_img(source: Source, source_format: str | None) -> bool:
 def _convert_with_qemu_img(
     source: Source,
     target: str | os.PathLike[str],
-    target_format: str,
+    target_format: DiskFormat,
     options: dict[str, str],
     compress: bool,
     zero_granularity: int,

@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 from .probe import check_forced, detect
 from ..errors import CorruptImage, DiskImageError, UnsupportedFormat
 from ..formats import canonical_format
+from ..choices import FormatName
 from ..formats import qcow2 as q
 from ..formats import vhd as v
 from ..formats.vdi.check import check_vdi
@@ -173,17 +174,17 @@ class CheckResult:
         return "\n".join(lines)
 
 
-def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) -> CheckResult:
-    """Check the structure of a RAW, VHD, VHDX or qcow2 image (``format`` forces one).
+def check(source: str | os.PathLike[str] | BinaryIO, source_format: FormatName | None = None) -> CheckResult:
+    """Check the structure of a RAW, VHD, VHDX or qcow2 image (``source_format`` forces one).
 
     Problems in the image are in the result; DiskImageError is raised only when the file cannot
     be opened (ImageNotFound), is not one of the three formats or uses a feature diskimg does not
     take (UnsupportedFormat), or contradicts the forced format (FormatMismatch, as ``open_image``).
     """
     detection = detect(source)
-    name = canonical_format(format) if format else detection.format
-    unread_vmdk = name == "vmdk" and not format and not detection.readable  # seSparse, COWD, a lone extent
-    if format:
+    name = canonical_format(source_format) if source_format else detection.format
+    unread_vmdk = name == "vmdk" and not source_format and not detection.readable  # seSparse, COWD, a lone extent
+    if source_format:
         check_forced(detection, name, source_name(source))
     if name not in ("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi") or unread_vmdk:
         raise UnsupportedFormat(
