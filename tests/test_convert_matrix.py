@@ -37,6 +37,7 @@ from .conftest import (
     file_sha256,
     qemu_img,
     qemu_io,
+    qemu_raw,
     requires_qemu,
     run,
     sparse_file,
@@ -744,6 +745,35 @@ def test_qemu_img_backend_on_a_raw_source(sources, tmp_path):
     assert result["backend"] == "qemu-img" and result["source_format"] == "raw" and result["virtual_size"] >= SIZE
     proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vpc", path, out], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("granularity", [4096, 0])
+@pytest.mark.parametrize("output_format", ["qcow2", "raw"])
+def test_result_figures_mean_the_same_on_both_backends(tmp_path, output_format, granularity):
+    """One conversion through the native path and through the qemu-img backend gives the same
+    bytes_read and allocated_bytes, each what it is defined as: allocated_bytes the data qemu-img map
+    reports for the source; bytes_read its granules of the -S size that hold a non-zero byte, counted
+    in qemu's own RAW image of the disk (all of the data with -S 0)."""
+    source = tmp_path / "source.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", source, "64M")
+    qemu_io(source, "qcow2", "write -P 0x11 0 100k", "write -P 0 1M 256k", "write -P 0x22 1100k 5000",
+            "write -z 8M 1M", "write -P 0x33 20M 2M", "discard 21M 64k", "write -P 0x44 63M 1M")
+    mapped = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", source))
+    allocated = sum(entry["length"] for entry in mapped if entry["data"])
+    content = qemu_raw(source, "qcow2", tmp_path).read_bytes()
+    if granularity:
+        carried = granularity * sum(any(content[i : i + granularity]) for i in range(0, len(content), granularity))
+    else:
+        carried = allocated
+    assert 0 < carried <= allocated and (carried < allocated) == bool(granularity)  # zeros written as data
+    results = {}
+    for backend in ("native", "qemu-img"):
+        out = tmp_path / f"{backend}.{output_format}"
+        results[backend] = diskimg.convert(source, out, output_format, backend=backend, zero_granularity=granularity)
+        assert results[backend].backend == backend
+        qemu_img("compare", "-f", "qcow2", "-F", output_format, source, out)
+    for result in results.values():
+        assert (result.allocated_bytes, result.bytes_read) == (allocated, carried)
 
 
 def test_qemu_img_backend_errors_are_one_line(foreign, tmp_path):

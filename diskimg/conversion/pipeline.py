@@ -52,16 +52,23 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass
 class ConvertResult:
+    """What ``convert`` did. Every figure means the same whichever backend converted."""
+
     source: str
     target: str
+    #: the source's format as detected (with the qemu-img backend, any format qemu-img reads)
     source_format: str
     target_format: DiskFormat
     virtual_size: int
-    #: guest bytes read from the source (allocated data; zero regions are not read)
+    #: guest bytes of data carried from the source into the output: the source's data less the
+    #: zero ranges left as holes (each ``zero_granularity`` piece holding a non-zero byte counts
+    #: whole; with ``zero_granularity`` 0, all of ``allocated_bytes``). A property of the guest
+    #: content: either backend gives the same figure.
     bytes_read: int
-    #: bytes written to the output (holes excluded)
+    #: bytes written to the output file (holes excluded)
     bytes_written: int
-    #: the source's allocated bytes according to its map
+    #: guest bytes the source's allocation map marks as data (backing layers included), before any
+    #: zero detection: what ``diskimg map`` (or ``qemu-img map``) calls data
     allocated_bytes: int
     seconds: float
     backend: UsedBackend
@@ -115,7 +122,7 @@ def convert(
             backend == "qemu-img" or _needs_qemu_img(source, source_format)):
         return _convert_with_qemu_img(
             source, target, target_format, writer_options, compress, zero_granularity, checksum,
-            source_format, snapshot, force, progress, explicit=backend == "qemu-img",
+            source_format, snapshot, allow_backing, force, progress,
         )
     writer_class = WRITERS.get(target_format)
     if writer_class is None:
@@ -140,7 +147,8 @@ def convert(
         writer = stack.enter_context(contextlib.closing(
             writer_class(output, virtual_size, writer_options, compress)))
         with interrupts.deferred():
-            if writer.requires_exact_plan and zero_granularity and not map_is_plan(reader):
+            scanned = bool(writer.requires_exact_plan and zero_granularity and not map_is_plan(reader))
+            if scanned:
                 plan: Iterable[Extent] = list(scan_for_zeroes(reader, zero_granularity, progress))
             else:
                 plan = reader.extents()
@@ -153,6 +161,8 @@ def convert(
             else:
                 feed_in_order(reader, extents, zero_granularity, writer, tally, hasher)
             writer.finish()
+        # the feed walked the scanned plan: the source's own map is walked again (metadata only)
+        allocated = data_bytes(reader.extents()) if scanned else tally.allocated
         result = ConvertResult(
             source=reader.path,
             target=os.fspath(target),
@@ -161,7 +171,7 @@ def convert(
             virtual_size=virtual_size,
             bytes_read=tally.bytes_read,
             bytes_written=output.bytes_written,
-            allocated_bytes=tally.allocated,
+            allocated_bytes=allocated,
             seconds=round(time.monotonic() - started, 3),
             backend="native",
             sha256=output.sha256,
@@ -218,7 +228,7 @@ def measure(
         virtual_size = aligned_size(reader.virtual_size, align)
         plan = list(scan_for_zeroes(reader, zero_granularity, None) if zero_granularity else reader.extents())
         plan = list(with_zero_tail(plan, reader.virtual_size, virtual_size))
-        data_bytes = sum(e.length for e in plan if e.kind is ExtentKind.DATA)
+        planned_data = data_bytes(plan)
         try:
             required = writer_class.measure(virtual_size, plan, writer_options, compress)
             fully_allocated = writer_class.fully_allocated(virtual_size, writer_options, compress)
@@ -230,7 +240,7 @@ def measure(
             virtual_size=virtual_size,
             required=required,
             fully_allocated=fully_allocated,
-            data_bytes=data_bytes,
+            data_bytes=planned_data,
             scanned=bool(zero_granularity),
         )
 
@@ -318,6 +328,11 @@ class Tally:
         self.position = max(self.position, position)
         if self.progress is not None:
             self.progress("convert", self.position, self.virtual_size)
+
+
+def data_bytes(extents: Iterable[Extent]) -> int:
+    """The bytes the DATA extents cover."""
+    return sum(extent.length for extent in extents if extent.kind is ExtentKind.DATA)
 
 
 def with_zero_tail(extents: Iterable[Extent], size: int, virtual_size: int) -> Iterator[Extent]:
@@ -532,11 +547,14 @@ def _convert_with_qemu_img(
     checksum: bool,
     source_format: str | None,
     snapshot: str | None,
+    allow_backing: bool,
     force: bool,
     progress: ProgressCallback | None,
-    explicit: bool,
 ) -> ConvertResult:
-    """Convert with qemu-img (argument lists, never a shell), mapping its errors and progress to ours."""
+    """Convert with qemu-img (argument lists, never a shell), mapping its errors and progress to ours.
+
+    The result's figures mean what the native path's do: ``allocated_bytes`` from the source's map,
+    ``bytes_read`` counted over the data of the output qemu-img wrote (the same guest content)."""
     qemu_img = shutil.which("qemu-img")
     if not isinstance(source, (str, os.PathLike)):
         raise UsageError("the qemu-img backend needs a source path, not a file object")
@@ -568,25 +586,53 @@ def _convert_with_qemu_img(
         for percent in _qemu_progress(proc.stdout):
             if progress is not None:
                 progress("convert", int(percent * 100), 10000)
-        error = proc.stderr.read().decode(errors="replace").strip()
+        error = proc.stderr.read()
         if proc.wait() != 0:
-            message = error.splitlines()[-1] if error else f"exit status {proc.returncode}"
-            message = message.replace(temporary, os.fspath(target))  # not our temporary name
-            raise DiskImageError(f"qemu-img convert failed: {message.removeprefix('qemu-img: ')}", path=os.fspath(source))
-        result = ConvertResult(
-            source=os.fspath(source), target=os.fspath(target), source_format=detection.format,
-            target_format=target_format, virtual_size=0, bytes_read=0,
-            bytes_written=os.stat(temporary).st_size, allocated_bytes=0,
-            seconds=0.0, backend="qemu-img",
-        )
+            message = _qemu_message(error, proc.returncode).replace(temporary, os.fspath(target))  # not our temporary
+            raise DiskImageError(f"qemu-img convert failed: {message}", path=os.fspath(source))
+        allocated = _source_data_bytes(qemu_img, source, input_format, source_format, snapshot, allow_backing)
         with open_image(temporary, target_format) as written:
-            result.virtual_size = written.virtual_size
-            result.allocated_bytes = sum(e.length for e in written.extents() if e.kind is ExtentKind.DATA)
-            if checksum:
-                # qemu-img wrote the file: hashing it takes a second read of the output
-                result.sha256, result.content_hash = _file_sha256(temporary), content_hash_of(written)
+            hasher = _content_hasher(written.virtual_size) if checksum else None
+            # with -S 0 all the source's data is carried; else it is counted over the output's data
+            # (qemu-img does not report it), in the same pass as the hash when one is asked for
+            carried = carried_bytes(written, zero_granularity, hasher) if zero_granularity or hasher else 0
+            result = ConvertResult(
+                source=os.fspath(source), target=os.fspath(target), source_format=detection.format,
+                target_format=target_format, virtual_size=written.virtual_size,
+                bytes_read=carried if zero_granularity else allocated,
+                bytes_written=os.stat(temporary).st_size, allocated_bytes=allocated,
+                seconds=0.0, backend="qemu-img",
+            )
+            if hasher is not None:
+                # qemu-img wrote the file: its SHA-256 takes another read of it
+                result.sha256, result.content_hash = _file_sha256(temporary), hasher.hexdigest()
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _source_data_bytes(qemu_img: str, source: str | os.PathLike[str], input_format: str, source_format: str | None,
+                       snapshot: str | None, allow_backing: bool) -> int:
+    """The data bytes of the source's allocation map, as ``qemu-img map`` gives it; for an internal
+    snapshot (which ``qemu-img map`` cannot select: qcow2 only, a format diskimg reads), diskimg's map."""
+    if snapshot is not None:
+        with open_image(source, canonical_format(source_format) if source_format else None,
+                        allow_backing=allow_backing, snapshot=snapshot) as reader:
+            return data_bytes(reader.extents())
+    import json
+    import subprocess
+
+    proc = subprocess.run([qemu_img, "map", "--output=json", "-f", input_format, os.fspath(source)],
+                          stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise DiskImageError(f"qemu-img map failed: {_qemu_message(proc.stderr, proc.returncode)}",
+                             path=os.fspath(source))
+    return sum(entry["length"] for entry in json.loads(proc.stdout) if entry.get("data"))
+
+
+def _qemu_message(stderr: bytes, returncode: int) -> str:
+    """The line of a failed qemu-img run that says why."""
+    error = stderr.decode(errors="replace").strip()
+    return error.splitlines()[-1].removeprefix("qemu-img: ") if error else f"exit status {returncode}"
 
 
 def _qemu_progress(stream: Any) -> Iterator[float]:
@@ -620,10 +666,20 @@ def _content_hasher(virtual_size: int) -> ContentHasher:
 
 def content_hash_of(reader: DiskReader) -> str:
     hasher = _content_hasher(reader.virtual_size)
-    position = 0
-    for offset, buffer, length in read_ahead(reader, reader.extents()):
-        hasher.skip_zeros(offset - position)
-        hasher.update(memoryview(buffer)[:length])
-        position = offset + length
-    hasher.skip_zeros(reader.virtual_size - position)
+    carried_bytes(reader, 0, hasher)
     return hasher.hexdigest()
+
+
+def carried_bytes(reader: DiskReader, granularity: int, hasher: ContentHasher | None = None) -> int:
+    """One pass over the reader's data: the bytes a conversion at ``granularity`` carries (its
+    non-zero ranges, as ``ConvertResult.bytes_read`` counts them), hashing the content when asked."""
+    carried = position = 0
+    for offset, buffer, length in read_ahead(reader, reader.extents()):
+        carried += sum(end - start for start, end in nonzero_runs(buffer, granularity, 0, length))
+        if hasher is not None:
+            hasher.skip_zeros(offset - position)
+            hasher.update(memoryview(buffer)[:length])
+            position = offset + length
+    if hasher is not None:
+        hasher.skip_zeros(reader.virtual_size - position)
+    return carried
