@@ -3,6 +3,7 @@ refusals, hostile headers and tables, header fuzzing, and the third-party corpus
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -475,13 +476,13 @@ def test_the_file_view_reads_to_the_end_of_a_disk_larger_than_one_read(tmp_path)
         assert len(oracle) == size
         with open_qcow2(image) as reader:
             buffered = io.BufferedReader(reader)
-            for read_everything in (reader.read, reader.readall, buffered.read, lambda: reader.read(size)):
+            for read_everything in (reader.read, reader.readall, buffered.read, functools.partial(reader.read, size)):
                 with pytest.raises(ValueError, match="in pieces"):
                     read_everything()
                 assert reader.tell() == 0
             buffered.detach()  # (a BufferedReader closes its raw file when collected)
             buffered = io.BufferedReader(reader, buffer_size=MiB)
-            assert b"".join(iter(lambda: buffered.read(8 * MiB), b"")) == oracle
+            assert b"".join(iter(functools.partial(buffered.read, 8 * MiB), b"")) == oracle
             buffered.detach()
             reader.seek(0)
             whole = bytearray(size + 4096)

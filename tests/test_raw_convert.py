@@ -12,8 +12,8 @@ import pytest
 import diskimg
 from diskimg.conversion.zeroes import nonzero_runs
 from diskimg.errors import OutputError
-from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.raw import RawWriter
+from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
 from .conftest import (
