@@ -5,7 +5,7 @@ The public API::
     import diskimg
     diskimg.detect("disk.vhd")              # Detection: what the file is
     with diskimg.open_image("disk.qcow2") as disk:   # DiskReader
-        disk.virtual_size, disk.read(0, 512), list(disk.extents())
+        disk.virtual_size, disk.read_at(0, 512), list(disk.extents())
     diskimg.convert("disk.vhd", "disk.raw", "raw")
     diskimg.batch("fleet.jsonl", journal="fleet.journal")   # many jobs, resumable
 
@@ -20,31 +20,45 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .choices import (
+    ArchiveKind as ArchiveKind,
+    Backend as Backend,
+    BootMode as BootMode,
+    CloudTarget as CloudTarget,
+    DiskFormat as DiskFormat,
+    DiskRole as DiskRole,
+    ExportLayout as ExportLayout,
+    FormatName as FormatName,
+    VhdSizeRule as VhdSizeRule,
+)
 from .errors import (
-    ArchiveError,
-    BackingFileError,
-    CorruptImage,
-    DiskImageError,
-    FormatMismatch,
-    ImageNotFound,
-    OutputError,
-    UnsupportedFormat,
-    UsageError,
+    ArchiveError as ArchiveError,
+    BackingFileError as BackingFileError,
+    CorruptImage as CorruptImage,
+    DiskImageError as DiskImageError,
+    FormatMismatch as FormatMismatch,
+    ImageNotFound as ImageNotFound,
+    OutputError as OutputError,
+    UnsupportedFormat as UnsupportedFormat,
+    UsageError as UsageError,
 )
 
-if TYPE_CHECKING:
-    from .fleet import BatchResult, batch
-    from .conversion.compare import CompareResult, compare
-    from .detection.check import CheckResult, check
-    from .conversion.pipeline import ConvertResult, MeasureResult, ProgressCallback, convert, measure
-    from .detection.probe import detect
-    from .formats.probing import Detection, OpenOptions
-    from .archives.export import ExportResult, VerifyResult, export, verify
-    from .detection.image import image_info, open_image
-    from .formats.reader import DiskReader, Extent, ExtentKind, ImageInfo, Snapshot
-    from .archives.unpack import UnpackResult, unpack
-    from .validation import Finding, Report, validate
-    from .formats.writer import DiskWriter
+if TYPE_CHECKING:  # what __getattr__ imports on first use, named for type checkers
+    from .archives.export import ExportResult as ExportResult, VerifyResult as VerifyResult
+    from .archives.export import export as export, verify as verify
+    from .archives.unpack import UnpackResult as UnpackResult, unpack as unpack
+    from .conversion.compare import CompareResult as CompareResult, compare as compare
+    from .conversion.pipeline import ConvertResult as ConvertResult, MeasureResult as MeasureResult
+    from .conversion.pipeline import ProgressCallback as ProgressCallback, convert as convert, measure as measure
+    from .detection.check import CheckResult as CheckResult, check as check
+    from .detection.image import image_info as image_info, open_image as open_image
+    from .detection.probe import detect as detect
+    from .fleet import BatchResult as BatchResult, batch as batch
+    from .formats.probing import Detection as Detection, OpenOptions as OpenOptions
+    from .formats.reader import DiskReader as DiskReader, Extent as Extent, ExtentKind as ExtentKind
+    from .formats.reader import ImageInfo as ImageInfo, Snapshot as Snapshot
+    from .formats.writer import DiskWriter as DiskWriter
+    from .validation import Finding as Finding, Report as Report, validate as validate
 
 from .version import __version__ as __version__
 
@@ -78,7 +92,13 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-__all__ = sorted([
-    "ArchiveError", "BackingFileError", "CorruptImage", "DiskImageError", "FormatMismatch", "ImageNotFound",
-    "OutputError", "UnsupportedFormat", "UsageError", "__version__", *_LAZY,
-])
+# spelled out (not computed) so that type checkers and linters read it
+__all__ = [
+    "ArchiveError", "ArchiveKind", "Backend", "BackingFileError", "BatchResult", "BootMode", "CheckResult",
+    "CloudTarget", "CompareResult", "ConvertResult", "CorruptImage", "Detection", "DiskFormat", "DiskImageError",
+    "DiskReader", "DiskRole", "DiskWriter", "ExportLayout", "ExportResult", "Extent", "ExtentKind", "Finding",
+    "FormatMismatch", "FormatName", "ImageInfo", "ImageNotFound", "MeasureResult", "OpenOptions", "OutputError",
+    "ProgressCallback", "Report", "Snapshot", "UnpackResult", "UnsupportedFormat", "UsageError", "VerifyResult",
+    "VhdSizeRule", "__version__", "batch", "check", "compare", "convert", "detect", "export", "image_info",
+    "measure", "open_image", "unpack", "validate", "verify",
+]

@@ -11,11 +11,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import click
 
 from .version import __version__
+from .choices import ArchiveKind, Backend, BootMode, CloudTarget, DiskRole, ExportLayout, FormatName, VhdSizeRule
 from .formats.probing import FORMAT_ALIASES
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError,
                      UnsupportedFormat, UsageError, error_line, internal_error_line)
@@ -34,7 +35,7 @@ FORMAT_CHOICE = click.Choice(list(FORMAT_ALIASES), case_sensitive=False)
 
 #: one definition for every command that opens a VHD
 vhd_size_option = click.option(
-    "--vhd-size", type=click.Choice(["auto", "chs", "current_size"]), default="auto", show_default=True,
+    "--vhd-size", type=click.Choice(get_args(VhdSizeRule)), default="auto", show_default=True,
     help="Which size of a VHD to use: chosen by the creator application (auto), the CHS geometry's, or the "
     "footer's current_size.")
 
@@ -56,7 +57,7 @@ def cli() -> None:
 @click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the image's format.")
 @vhd_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
+def info(image: str, fmt: FormatName | None, vhd_size: VhdSizeRule, as_json: bool) -> None:
     """What IMAGE is: format, sizes, allocation, creator, features, backing file, snapshots."""
     from . import detect, image_info
     from .streams.sources import opens_through_wrapper
@@ -82,7 +83,7 @@ def info(image: str, fmt: str | None, vhd_size: str, as_json: bool) -> None:
             if result.get("hint"):
                 click.echo(f"diskimg does not read this format: {result['hint']}")
         return
-    facts = facts or image_info(image, fmt, vhd_size=vhd_size)  # type: ignore[arg-type]
+    facts = facts or image_info(image, fmt, vhd_size=vhd_size)
     description = detection.description
     if facts.details.get("inner_format") not in (None, detection.inner_format):  # opening saw more (the disk's end)
         wrapper, compression = facts.details.get("wrapper"), facts.details.get("compression")
@@ -188,13 +189,13 @@ def _other_lines(facts: ImageInfo) -> list[str]:
 @click.option("-l", "--snapshot", help="Map an internal qcow2 snapshot (id or name).")
 @vhd_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of extents.")
-def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str | None, vhd_size: str,
+def map_command(image: str, fmt: FormatName | None, allow_backing: bool, snapshot: str | None, vhd_size: VhdSizeRule,
                 as_json: bool) -> None:
     """The allocation map of IMAGE: DATA and ZERO extents, from metadata only."""
     from . import open_image
 
     with open_image(image, fmt, allow_backing=allow_backing, snapshot=snapshot,
-                    vhd_size=vhd_size) as reader:  # type: ignore[arg-type]
+                    vhd_size=vhd_size) as reader:
         if as_json:
             # streamed: a map may have millions of extents
             click.echo("[", nl=False)
@@ -219,7 +220,7 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
 @click.option("-c", "--compress", is_flag=True, help="Compress data clusters (qcow2).")
 @click.option("--align", help="Round the virtual size up to a multiple of this size, itself a multiple of 512 "
               "(1M for Azure, 1G for GCE).")
-@click.option("--backend", type=click.Choice(["auto", "native", "qemu-img"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(get_args(Backend)), default="auto", show_default=True,
               help="native reads raw, vhd, vhdx and qcow2; qemu-img converts what diskimg detects but does not read; "
               "auto picks native where it can.")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
@@ -233,10 +234,10 @@ def map_command(image: str, fmt: str | None, allow_backing: bool, snapshot: str 
               show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
 @click.option("--no-progress", is_flag=True, help="Same as --progress none.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
-def convert_command(source: str, target: str, fmt: str | None, output_format: str | None, options: str | None,
-                    compress: bool, align: str | None, backend: str, allow_backing: bool, snapshot: str | None,
-                    vhd_size: str, sparse_size: str, checksum: bool, force: bool, progress_mode: str,
-                    no_progress: bool, as_json: bool) -> None:
+def convert_command(source: str, target: str, fmt: str | None, output_format: FormatName | None,
+                    options: str | None, compress: bool, align: str | None, backend: Backend, allow_backing: bool,
+                    snapshot: str | None, vhd_size: VhdSizeRule, sparse_size: str, checksum: bool, force: bool,
+                    progress_mode: str, no_progress: bool, as_json: bool) -> None:
     """Convert SOURCE to TARGET ("-" for standard output)."""
     from . import convert
 
@@ -250,7 +251,7 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: st
         result = convert(source, target, output_format, options=options, compress=compress,
                          align=parse_size(align) if align else None, zero_granularity=granularity,
                          checksum=checksum, backend=backend, source_format=fmt, allow_backing=allow_backing,
-                         snapshot=snapshot, vhd_size=vhd_size, force=force,  # type: ignore[arg-type]
+                         snapshot=snapshot, vhd_size=vhd_size, force=force,
                          progress=progress)
     finally:
         close_progress()
@@ -279,16 +280,17 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: st
 @click.option("-l", "--snapshot", help="Measure an internal qcow2 snapshot (id or name).")
 @vhd_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def measure_command(source: str, fmt: str | None, output_format: str, options: str | None, compress: bool,
+def measure_command(source: str, fmt: FormatName | None, output_format: FormatName, options: str | None,
+                    compress: bool,
                     align: str | None, sparse_size: str, allow_backing: bool, snapshot: str | None,
-                    vhd_size: str, as_json: bool) -> None:
+                    vhd_size: VhdSizeRule, as_json: bool) -> None:
     """The size of the file that convert would write, computed without writing it."""
     from . import measure
 
     result = measure(source, output_format, options=options, compress=compress,
                      align=parse_size(align) if align else None, zero_granularity=parse_size(sparse_size),
                      source_format=fmt, allow_backing=allow_backing, snapshot=snapshot,
-                     vhd_size=vhd_size)  # type: ignore[arg-type]
+                     vhd_size=vhd_size)
     if as_json:
         _print_json(result.to_dict())
         return
@@ -307,13 +309,14 @@ def measure_command(source: str, fmt: str | None, output_format: str, options: s
 @vhd_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object.")
 @click.pass_context
-def compare_command(ctx: click.Context, first: str, second: str, format_a: str | None, format_b: str | None,
-                    strict: bool, allow_backing: bool, vhd_size: str, as_json: bool) -> None:
+def compare_command(ctx: click.Context, first: str, second: str, format_a: FormatName | None,
+                    format_b: FormatName | None, strict: bool, allow_backing: bool, vhd_size: VhdSizeRule,
+                    as_json: bool) -> None:
     """Whether FIRST and SECOND hold the same guest content (exit 0 same, 1 different)."""
     from . import compare
 
     result = compare(first, second, format_a=format_a, format_b=format_b, strict=strict,
-                     allow_backing=allow_backing, vhd_size=vhd_size)  # type: ignore[arg-type]
+                     allow_backing=allow_backing, vhd_size=vhd_size)
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -324,9 +327,9 @@ def compare_command(ctx: click.Context, first: str, second: str, format_a: str |
 @cli.command("validate")
 @click.argument("image", required=False)
 @click.option("--target", default="ecs", show_default=True, help="The cloud whose import rules apply.")
-@click.option("--role", type=click.Choice(["system", "data"]),
+@click.option("--role", type=click.Choice(get_args(DiskRole)),
               help="What IMAGE will be: the system disk (the default) or a data disk; not with --system.")
-@click.option("--boot-mode", type=click.Choice(["BIOS", "UEFI"], case_sensitive=False),
+@click.option("--boot-mode", type=click.Choice(get_args(BootMode), case_sensitive=False),
               help="The boot mode the image will be declared with (default: report what the disk supports).")
 @click.option("--system", "system_image", help="Disk set form: the system disk.")
 @click.option("--data", "data_images", multiple=True, help="Disk set form: a data disk (repeatable, up to 16).")
@@ -335,7 +338,8 @@ def compare_command(ctx: click.Context, first: str, second: str, format_a: str |
 @click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object.")
 @click.option("--list-rules", is_flag=True, help="List the rules checked for --target and exit.")
 @click.pass_context
-def validate_command(ctx: click.Context, image: str | None, target: str, role: str | None, boot_mode: str | None,
+def validate_command(ctx: click.Context, image: str | None, target: str, role: DiskRole | None,
+                     boot_mode: BootMode | None,
                      system_image: str | None, data_images: tuple[str, ...], allow_backing: bool, strict: bool,
                      as_json: bool, list_rules: bool) -> None:
     """Check IMAGE (or --system IMG [--data IMG]...) against a cloud's import rules
@@ -348,8 +352,9 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
         return
     if image is None and system_image is None:
         raise UsageError("give an IMAGE, or --system IMAGE [--data IMAGE]...")
-    report = validate(image, role=role, target=target, boot_mode=boot_mode, strict=strict, system=system_image,
-                      data=data_images, allow_backing=allow_backing)
+    # validate checks the target (a usage error naming the known ones)
+    report = validate(image, role=role, target=cast(CloudTarget, target), boot_mode=boot_mode, strict=strict,
+                      system=system_image, data=data_images, allow_backing=allow_backing)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render_text())
     ctx.exit(0 if report.importable else EXIT_NO)
 
@@ -363,9 +368,9 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
               help="Folder of the archives and manifest (created if missing).")
 @click.option("--format", "output_format", type=FORMAT_CHOICE, default="raw", show_default=True,
               help="Format of the disks inside the archives.")
-@click.option("--archive", type=click.Choice(["tar.gz", "tar.zst", "tar", "none"]), default="tar.gz",
+@click.option("--archive", type=click.Choice(get_args(ArchiveKind)), default="tar.gz",
               show_default=True, help="Archive type; none writes the bare disk files.")
-@click.option("--layout", type=click.Choice(["ecs", "gce"]), default="ecs", show_default=True,
+@click.option("--layout", type=click.Choice(get_args(ExportLayout)), default="ecs", show_default=True,
               help="ecs: ECS export names; gce: disk.raw rounded up to whole GiB (RAW, tar.gz).")
 @click.option("-c", "--compress", is_flag=True, help="Compressed qcow2 clusters (with --archive none only).")
 @click.option("-S", "--sparse-size", default="4k", show_default=True,
@@ -377,14 +382,15 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: s
               show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
 def export_command(name: str, system_image: str, data_images: tuple[str, ...], devices: str | None, out_dir: str,
-                   output_format: str, archive: str, layout: str, compress: bool, sparse_size: str,
+                   output_format: FormatName, archive: ArchiveKind, layout: ExportLayout, compress: bool,
+                   sparse_size: str,
                    threads: int | None, allow_backing: bool, force: bool, progress_mode: str, as_json: bool) -> None:
     """Pack a machine's disks into one archive each, with NAME.manifest.json and NAME.SHA256SUMS."""
     from . import export
 
     progress, close_progress = _progress(progress_mode)
     try:
-        result = export(name, system_image, data_images, out=out_dir, format=output_format, archive=archive,
+        result = export(name, system_image, data_images, out=out_dir, output_format=output_format, archive=archive,
                         layout=layout, devices=devices.split(",") if devices else None, threads=threads,
                         zero_granularity=parse_size(sparse_size), compress=compress, allow_backing=allow_backing,
                         force=force, progress=progress)
@@ -441,7 +447,7 @@ def _verified(checked: VerifiedFile, deep: bool) -> str:
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]), default="auto",
               show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
-def unpack_command(source: str, out_dir: str, output_format: str | None, force: bool, progress_mode: str,
+def unpack_command(source: str, out_dir: str, output_format: FormatName | None, force: bool, progress_mode: str,
                    as_json: bool) -> None:
     """Restore the disk of ARCHIVE (a tar, tar.gz, tar.zst, tar.xz, or a compressed disk), or every
     disk of an export's MANIFEST, verifying the manifest's hashes, into --out."""
@@ -467,7 +473,7 @@ def unpack_command(source: str, out_dir: str, output_format: str | None, force: 
 @click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, help="Skip probing: the image's format.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object.")
 @click.pass_context
-def check_command(ctx: click.Context, image: str, fmt: str | None, as_json: bool) -> None:
+def check_command(ctx: click.Context, image: str, fmt: FormatName | None, as_json: bool) -> None:
     """Check the structure of IMAGE like qemu-img check (exit 0 clean, 1 problems found, 3 unreadable)."""
     from . import check
 

@@ -84,7 +84,7 @@ def plan_jobs(sources: list[str], out: str, mix: list[str]) -> list[tuple[dict, 
         per_disk = {
             "validate": ({"id": f"validate-{number}", "op": "validate", "image": source}, ["validate", source]),
             "convert": ({"id": f"convert-{number}", "op": "convert", "source": source, "target": target,
-                         "format": "vhd"}, ["convert", source, target, "-O", "vhd"]),
+                         "output_format": "vhd"}, ["convert", source, target, "-O", "vhd"]),
             "export": ({"id": f"export-{number}", "op": "export", "name": f"m{number}", "system": source,
                         "out": export_out}, ["export", "--name", f"m{number}", "--system", source, "--out", export_out]),
         }

@@ -191,7 +191,7 @@ def qemu_raw_sha256(image: os.PathLike, fmt: str, tmp_path: Path, image_opts: st
 def reader_sha256(reader) -> str:
     """sha256 of everything a DiskReader yields, read in 4 MiB chunks."""
     chunk = 4 << 20
-    return sha256_stream(reader.read(offset, chunk) for offset in range(0, reader.virtual_size, chunk))
+    return sha256_stream(reader.read_at(offset, chunk) for offset in range(0, reader.virtual_size, chunk))
 
 
 def content_hash_by_definition(data: bytes, virtual_size: int | None = None) -> str:
@@ -375,13 +375,13 @@ def l1_entries_all_pointing_at_the_first_l2_table(tmp_path: Path, virtual_size: 
 
 
 class BytesDisk:
-    """A disk in memory with the DiskReader read(offset, length) contract."""
+    """A disk in memory with the DiskReader read_at(offset, length) contract."""
 
     def __init__(self, data: bytes) -> None:
         self.data = bytes(data)
         self.virtual_size = len(self.data)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         return self.data[offset : offset + length]
 
 
@@ -390,7 +390,7 @@ class FileDisk:
         self.path = Path(path)
         self.virtual_size = self.path.stat().st_size
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.read(length)

@@ -100,7 +100,7 @@ def fleet_plan(src: Path, out: Path) -> list[dict[str, Any]]:
     targets = ["qcow2", "vhd", "qcow2", "raw", "qcow2", "vhd"]
     for number, (source, fmt) in enumerate(zip(sorted(src.glob("disk[0-9].*[!z]")), targets)):
         jobs.append({"id": f"convert-{number}", "op": "convert", "source": str(source),
-                     "target": str(out / f"{source.stem}.{fmt}"), "format": fmt})
+                     "target": str(out / f"{source.stem}.{fmt}"), "output_format": fmt})
     jobs.append({"id": "convert-bad", "op": "convert", "source": str(src / "bad.qcow2"), "target": str(out / "x.raw")})
     jobs.append({"id": "convert-cut", "op": "convert", "source": str(src / "cut.vpc"), "target": str(out / "y.raw")})
     jobs.append({"id": "convert-missing", "op": "convert", "source": str(src / "gone.qcow2"),
@@ -113,14 +113,14 @@ def fleet_plan(src: Path, out: Path) -> list[dict[str, Any]]:
                  "data": [str(src / "disk0.qcow2"), str(src / "disk1.vpc")]})
     jobs.append({"id": "validate-bad", "op": "validate", "image": str(src / "bad.qcow2")})
     jobs.append({"id": "export-m2", "op": "export", "name": "m2", "system": str(src / "disk3.qcow2"),
-                 "data": [str(src / "disk4.vpc")], "out": str(out / "m2"), "format": "qcow2"})
+                 "data": [str(src / "disk4.vpc")], "out": str(out / "m2"), "output_format": "qcow2"})
     jobs.append({"id": "export-missing", "op": "export", "name": "m3", "system": str(src / "gone.qcow2"),
                  "out": str(out / "m3")})
     jobs.append({"id": "verify-intact", "op": "verify", "path": str(src / "export" / "m1.manifest.json")})
     jobs.append({"id": "verify-tampered", "op": "verify", "path": str(src / "tampered"), "deep": True})
     jobs.append({"id": "unpack-tar", "op": "unpack", "source": str(src / "disk2.tar.gz"), "out": str(out / "u1")})
     jobs.append({"id": "unpack-export", "op": "unpack", "source": str(src / "export" / "m1.manifest.json"),
-                 "out": str(out / "u2"), "format": "qcow2"})
+                 "out": str(out / "u2"), "output_format": "qcow2"})
     return jobs
 
 
@@ -128,7 +128,7 @@ def cli_args(job: dict[str, Any]) -> list[str]:
     """The single command that does what ``job`` does."""
     a = job
     if a["op"] == "convert":
-        args = ["convert", a["source"], a["target"]] + (["-O", a["format"]] if "format" in a else [])
+        args = ["convert", a["source"], a["target"]] + (["-O", a["output_format"]] if "output_format" in a else [])
         return args + (["--checksum"] if a.get("checksum") else [])
     if a["op"] == "validate":
         if "image" in a:
@@ -136,10 +136,11 @@ def cli_args(job: dict[str, Any]) -> list[str]:
         return ["validate", "--system", a["system"]] + [f"--data={d}" for d in a.get("data", [])]
     if a["op"] == "export":
         args = ["export", "--name", a["name"], "--system", a["system"], "--out", a["out"]]
-        return args + [f"--data={d}" for d in a.get("data", [])] + (["--format", a["format"]] if "format" in a else [])
+        args += [f"--data={d}" for d in a.get("data", [])]
+        return args + (["--format", a["output_format"]] if "output_format" in a else [])
     if a["op"] == "verify":
         return ["verify", a["path"]] + (["--deep"] if a.get("deep") else [])
-    return ["unpack", a["source"], "--out", a["out"]] + (["-O", a["format"]] if "format" in a else [])
+    return ["unpack", a["source"], "--out", a["out"]] + (["-O", a["output_format"]] if "output_format" in a else [])
 
 
 def write_plan(path: Path, jobs: list[dict[str, Any]]) -> Path:
@@ -176,7 +177,7 @@ def test_fleet_matches_single_commands(fleet: Path, tmp_path: Path) -> None:
     for job in jobs:
         if job["op"] == "convert" and entries[job["id"]]["outcome"] == "ok":
             qemu_compare(Path(job["source"]), qemu_img_format(job["source"]), Path(job["target"]),
-                         "vpc" if job.get("format") == "vhd" else job.get("format", "raw"))
+                         "vpc" if job.get("output_format") == "vhd" else job.get("output_format", "raw"))
     batch_outputs = {p.relative_to(out) for p in out.rglob("*")}
     remove_outputs(out)
     expected_outcomes = {"ok": 0, "no": 0, "error": 0}
@@ -207,7 +208,7 @@ def qemu_img_format(path: str) -> str:
 
 @pytest.mark.parametrize("line, problem", [
     ('{"id": "x", "op": "convert", "source": "a", "target": "b", "colour": "red"}', "takes no 'colour'"),
-    ('{"id": "x", "op": "convert", "source": "a", "target": "b", "format": "qed"}', "unknown format 'qed'"),
+    ('{"id": "x", "op": "convert", "source": "a", "target": "b", "output_format": "qed"}', "unknown format 'qed'"),
     ('{"id": "x", "op": "convert", "source": "a"}', "needs 'target'"),
     ('{"id": "x", "op": "convert", "source": "a", "target": "b", "compress": "yes"}', "'compress' must be true"),
     ('{"id": "x", "op": "shrink", "source": "a"}', "'op' must be one of"),

@@ -227,13 +227,13 @@ def test_2000_gib_sparse_images_compare_from_their_maps(big_pair, monkeypatch, a
 
     def counting_open(*args, **kwargs):
         reader = opened(*args, **kwargs)
-        original = reader.read
+        original = reader.read_at
 
         def counted(offset, length):
             read.append(length)
             return original(offset, length)
 
-        reader.read = counted
+        reader.read_at = counted
         return reader
 
     monkeypatch.setattr(compare_module, "open_image", counting_open)

@@ -37,6 +37,7 @@ from .conftest import (
     file_sha256,
     qemu_img,
     qemu_io,
+    qemu_raw,
     requires_qemu,
     run,
     sparse_file,
@@ -137,27 +138,27 @@ def sources(tmp_path_factory) -> dict[str, tuple[Path, str]]:
 
 #: name -> keyword arguments of diskimg.convert (the CLI flags are derived from them)
 TARGETS: dict[str, dict] = {
-    "raw": dict(format="raw"),
-    "qcow2": dict(format="qcow2"),
-    "qcow2-v2": dict(format="qcow2", options="compat=0.10"),
-    "qcow2-2M": dict(format="qcow2", options="cluster_size=2M"),
-    "qcow2-zlib": dict(format="qcow2", compress=True),
-    "qcow2-zstd": dict(format="qcow2", options="compression_type=zstd", compress=True),
-    "vhd-dynamic": dict(format="vhd"),
-    "vhd-fixed": dict(format="vhd", options="subformat=fixed"),
-    "vhd-fixed-1M": dict(format="vhd", options="subformat=fixed", align=MiB),
-    "vhd-dynamic-1M": dict(format="vhd", align=MiB),
-    "vdi-dynamic": dict(format="vdi"),
-    "vdi-static": dict(format="vdi", options="static=on"),
-    "vhdx-dynamic": dict(format="vhdx", options="block_size=1M"),
-    "vhdx-fixed": dict(format="vhdx", options="subformat=fixed,block_state_zero=off"),
-    "vmdk-sparse": dict(format="vmdk"),
-    "vmdk-stream": dict(format="vmdk", options="subformat=streamOptimized"),
+    "raw": dict(output_format="raw"),
+    "qcow2": dict(output_format="qcow2"),
+    "qcow2-v2": dict(output_format="qcow2", options="compat=0.10"),
+    "qcow2-2M": dict(output_format="qcow2", options="cluster_size=2M"),
+    "qcow2-zlib": dict(output_format="qcow2", compress=True),
+    "qcow2-zstd": dict(output_format="qcow2", options="compression_type=zstd", compress=True),
+    "vhd-dynamic": dict(output_format="vhd"),
+    "vhd-fixed": dict(output_format="vhd", options="subformat=fixed"),
+    "vhd-fixed-1M": dict(output_format="vhd", options="subformat=fixed", align=MiB),
+    "vhd-dynamic-1M": dict(output_format="vhd", align=MiB),
+    "vdi-dynamic": dict(output_format="vdi"),
+    "vdi-static": dict(output_format="vdi", options="static=on"),
+    "vhdx-dynamic": dict(output_format="vhdx", options="block_size=1M"),
+    "vhdx-fixed": dict(output_format="vhdx", options="subformat=fixed,block_state_zero=off"),
+    "vmdk-sparse": dict(output_format="vmdk"),
+    "vmdk-stream": dict(output_format="vmdk", options="subformat=streamOptimized"),
 }
 
 
 def cli_flags(target: dict) -> list[str]:
-    flags = ["-O", target["format"]]
+    flags = ["-O", target["output_format"]]
     if target.get("options"):
         flags += ["-o", target["options"]]
     if target.get("compress"):
@@ -193,7 +194,7 @@ def convert_to_pipe(source, out: Path, **kwargs) -> diskimg.ConvertResult:
 
 def check_output(source: Path, source_fmt: str, out: Path, target: dict) -> None:
     """What qemu-img says of an output: check (qcow2), compare with the source, info."""
-    fmt = target["format"]
+    fmt = target["output_format"]
     size = rounded(SIZE, target.get("align") or 1)
     info = json.loads(qemu_img("info", "--output=json", "-f", qfmt(fmt), out))
     assert info["virtual-size"] == size, info
@@ -241,7 +242,7 @@ def check_output(source: Path, source_fmt: str, out: Path, target: dict) -> None
 
 
 def target_name(out_dir: Path, target: str) -> Path:
-    return out_dir / f"out-{target}.{TARGETS[target]['format']}"
+    return out_dir / f"out-{target}.{TARGETS[target]['output_format']}"
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
@@ -252,7 +253,7 @@ def test_every_source_to_every_target(sources, tmp_path, source, target):
     out = target_name(tmp_path, target)
     result = diskimg.convert(path, out, **kwargs)
     assert result.backend == "native" and result.virtual_size == rounded(SIZE, kwargs.get("align") or 1)
-    assert result.source_format == {"vpc": "vhd"}.get(fmt, fmt) and result.target_format == kwargs["format"]
+    assert result.source_format == {"vpc": "vhd"}.get(fmt, fmt) and result.target_format == kwargs["output_format"]
     check_output(path, fmt, out, kwargs)
     assert not list(tmp_path.glob("*.part"))
 
@@ -266,7 +267,7 @@ def test_every_source_to_every_target(sources, tmp_path, source, target):
     result = convert_to_pipe(path, piped, **kwargs)
     assert result.target == "-"
     check_output(path, fmt, piped, kwargs)
-    if kwargs["format"] != "qcow2":  # raw and VHD (whose timestamp and id differ) have the same size
+    if kwargs["output_format"] != "qcow2":  # raw and VHD (whose timestamp and id differ) have the same size
         assert piped.stat().st_size == out.stat().st_size
 
 
@@ -306,7 +307,7 @@ def test_internal_snapshot_conversion(sources, tmp_path, target):
             path, oracle)
         out = target_name(tmp_path, f"{target}")
         diskimg.convert(path, out, snapshot=snapshot, force=True, **kwargs)
-        proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", qfmt(kwargs["format"]), oracle, out],
+        proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", qfmt(kwargs["output_format"]), oracle, out],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     # the snapshots and the active layer do differ
@@ -318,13 +319,13 @@ def test_internal_snapshot_conversion(sources, tmp_path, target):
 
 #: name -> keyword arguments of diskimg.convert; small clusters and blocks so that small disks span many
 ROUND_TRIP_FORMATS: dict[str, dict] = {
-    "raw": dict(format="raw"),
-    "vhd-dynamic": dict(format="vhd", options="block_size=512K"),
-    "vhd-fixed": dict(format="vhd", options="subformat=fixed"),
-    "vdi": dict(format="vdi"),
-    "qcow2": dict(format="qcow2"),
-    "qcow2-v2-512": dict(format="qcow2", options="compat=0.10,cluster_size=512"),
-    "qcow2-zstd-4k": dict(format="qcow2", options="compression_type=zstd,cluster_size=4k", compress=True),
+    "raw": dict(output_format="raw"),
+    "vhd-dynamic": dict(output_format="vhd", options="block_size=512K"),
+    "vhd-fixed": dict(output_format="vhd", options="subformat=fixed"),
+    "vdi": dict(output_format="vdi"),
+    "qcow2": dict(output_format="qcow2"),
+    "qcow2-v2-512": dict(output_format="qcow2", options="compat=0.10,cluster_size=512"),
+    "qcow2-zstd-4k": dict(output_format="qcow2", options="compression_type=zstd,cluster_size=4k", compress=True),
 }
 
 EDGE_SIZES = [0, 1, 511, 512, 513, 4095, 65535, 65536, 65537, 512 * KiB + 1, 2 * MiB - 1, 2 * MiB + 512, 3 * MiB + 3]
@@ -443,11 +444,11 @@ def test_2000_gib_sparse_between_every_pair(big_sources, tmp_path, source, targe
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["virtual_size"] == BIG and result["bytes_read"] <= 4 * MiB
-    check_big(out, kwargs["format"], target == "vhd-dynamic")
+    check_big(out, kwargs["output_format"], target == "vhd-dynamic")
     if target in ("qcow2", "vhd-dynamic"):
         # on a pipe the writer plans the exact layout from a scan of the data: its size is the measure
         # of that plan, and holds the same image
-        writer = WRITERS[kwargs["format"]]
+        writer = WRITERS[kwargs["output_format"]]
         with diskimg.open_image(big_sources[source]) as reader:
             measured = writer.measure(BIG, list(scan_for_zeroes(reader, 4096, None)), parse_options(kwargs.get("options")))
         command = " ".join([f"'{sys.executable}'", "-m", "diskimg", "convert", "--progress", "none",
@@ -457,7 +458,7 @@ def test_2000_gib_sparse_between_every_pair(big_sources, tmp_path, source, targe
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert int(proc.stdout) == measured == piped.stat().st_size
-        check_big(piped, kwargs["format"], target == "vhd-dynamic")
+        check_big(piped, kwargs["output_format"], target == "vhd-dynamic")
 
 
 # -- --checksum: the output's SHA-256 and the guest content hash -----------------------------------
@@ -542,7 +543,7 @@ def test_progress_json_and_result_json(sources, tmp_path, target, route):
         result = json.loads(proc.stdout)
         assert set(result) == RESULT_KEYS
         assert result["virtual_size"] == SIZE and result["backend"] == "native"
-        assert result["source_format"] == "vhd" and result["target_format"] == TARGETS[target]["format"]
+        assert result["source_format"] == "vhd" and result["target_format"] == TARGETS[target]["output_format"]
         assert result["sha256"] is None and result["content_hash"] is None  # without --checksum
         assert 0 < result["bytes_read"] <= result["allocated_bytes"] and result["bytes_written"] > 0
         progress_lines = proc.stderr.splitlines()
@@ -744,6 +745,35 @@ def test_qemu_img_backend_on_a_raw_source(sources, tmp_path):
     assert result["backend"] == "qemu-img" and result["source_format"] == "raw" and result["virtual_size"] >= SIZE
     proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vpc", path, out], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("granularity", [4096, 0])
+@pytest.mark.parametrize("output_format", ["qcow2", "raw"])
+def test_result_figures_mean_the_same_on_both_backends(tmp_path, output_format, granularity):
+    """One conversion through the native path and through the qemu-img backend gives the same
+    bytes_read and allocated_bytes, each what it is defined as: allocated_bytes the data qemu-img map
+    reports for the source; bytes_read its granules of the -S size that hold a non-zero byte, counted
+    in qemu's own RAW image of the disk (all of the data with -S 0)."""
+    source = tmp_path / "source.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", source, "64M")
+    qemu_io(source, "qcow2", "write -P 0x11 0 100k", "write -P 0 1M 256k", "write -P 0x22 1100k 5000",
+            "write -z 8M 1M", "write -P 0x33 20M 2M", "discard 21M 64k", "write -P 0x44 63M 1M")
+    mapped = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", source))
+    allocated = sum(entry["length"] for entry in mapped if entry["data"])
+    content = qemu_raw(source, "qcow2", tmp_path).read_bytes()
+    if granularity:
+        carried = granularity * sum(any(content[i : i + granularity]) for i in range(0, len(content), granularity))
+    else:
+        carried = allocated
+    assert 0 < carried <= allocated and (carried < allocated) == bool(granularity)  # zeros written as data
+    results = {}
+    for backend in ("native", "qemu-img"):
+        out = tmp_path / f"{backend}.{output_format}"
+        results[backend] = diskimg.convert(source, out, output_format, backend=backend, zero_granularity=granularity)
+        assert results[backend].backend == backend
+        qemu_img("compare", "-f", "qcow2", "-F", output_format, source, out)
+    for result in results.values():
+        assert (result.allocated_bytes, result.bytes_read) == (allocated, carried)
 
 
 def test_qemu_img_backend_errors_are_one_line(foreign, tmp_path):

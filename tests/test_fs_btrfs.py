@@ -584,7 +584,7 @@ class RecordingDisk:
         self.virtual_size = path.stat().st_size
         self.reads: set[tuple[int, int]] = set()
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         self.reads.add((offset, length))
         return os.pread(self.fd, length, offset)
 
@@ -605,7 +605,7 @@ class PatchedDisk:
             data[:4] = struct.pack("<I", crc32.iscsi(bytes(data[32:])))
             self.blocks[block] = bytes(data)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         data = bytearray(os.pread(self.fd, length, offset))
         for position, value in self.patches.items():
             if offset <= position < offset + len(data):

@@ -148,7 +148,7 @@ VOLUMES = {
 
 
 class OverlayDisk:
-    """A DiskReader's ``read(offset, length)`` with bytes replaced at some offsets; records what is read."""
+    """A DiskReader's ``read_at(offset, length)`` with bytes replaced at some offsets; records what is read."""
 
     def __init__(self, reader, patches: dict[int, int] | None = None, record: bool = False) -> None:
         self.reader = reader
@@ -156,8 +156,8 @@ class OverlayDisk:
         self.patches = patches or {}
         self.reads: list[tuple[int, int]] | None = [] if record else None
 
-    def read(self, offset: int, length: int) -> bytes:
-        data = self.reader.read(offset, length)
+    def read_at(self, offset: int, length: int) -> bytes:
+        data = self.reader.read_at(offset, length)
         if self.reads is not None:
             self.reads.append((offset, len(data)))
         hits = [p for p in self.patches if offset <= p < offset + len(data)]

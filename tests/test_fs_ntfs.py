@@ -178,7 +178,7 @@ class PreadDisk:
     def __init__(self, path: Path) -> None:
         self.fd = os.open(path, os.O_RDONLY)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
     def __del__(self) -> None:

@@ -299,7 +299,7 @@ class PatchedDisk:
         self.fd = os.open(path, os.O_RDONLY)
         self.patches = patches
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         data = bytearray(os.pread(self.fd, length, offset))
         for position, value in self.patches.items():
             if offset <= position < offset + len(data):
@@ -317,9 +317,9 @@ class RecordingDisk(PatchedDisk):
         super().__init__(path, {})
         self.ranges: set[tuple[int, int]] = set()
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         self.ranges.add((offset, length))
-        return super().read(offset, length)
+        return super().read_at(offset, length)
 
 
 def read_everything(fs: XfsFileSystem, skip_data_under: str = "/wide/") -> int:

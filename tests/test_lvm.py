@@ -695,7 +695,7 @@ class SparseDisk:
     def __init__(self, head: bytes, size: int) -> None:
         self.head, self.size = bytes(head), size
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.size - offset))
         data = self.head[offset : offset + length]
         return data + bytes(length - len(data))

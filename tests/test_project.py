@@ -10,6 +10,13 @@ import re
 import subprocess
 import sys
 import tomllib
+from typing import get_args
+
+from diskimg.archives.export import ARCHIVES
+from diskimg.choices import ArchiveKind, CloudTarget, DiskFormat, FormatName
+from diskimg.formats import READERS, WRITERS
+from diskimg.formats.probing import FORMAT_ALIASES
+from diskimg.validation.rules import TARGETS
 
 from .conftest import ROOT, qemu_compare, qemu_io, requires_qemu, run
 
@@ -91,7 +98,7 @@ def test_readme_python_api_block_runs_as_written(tmp_path):
 #: ("" is the package itself: the public API, over everything but the command line)
 LAYERS = (
     {"errors", "version"},
-    {"units", "words", "jsonlimits"},
+    {"units", "words", "jsonlimits", "choices"},
     {"host", "inspection"},
     {"formats"},
     {"streams"},
@@ -153,3 +160,91 @@ def test_no_module_imports_a_layer_above_its_own():
             if not allowed:
                 upward.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
     assert not upward, "imports that go up the layers:\n" + "\n".join(upward)
+USER_PROJECT = '''"""A migration tool's use of diskimg, as its own project would write it."""
+
+from __future__ import annotations
+
+import diskimg
+from diskimg import DiskImageError, FormatName, convert, open_image
+
+
+def first_sector(path: str) -> bytes:
+    with open_image(path, "vhd") as disk:
+        return disk.read_at(0, 512)
+
+
+def to_cloud(source: str, target: str, output_format: FormatName = "qcow2") -> int:
+    try:
+        result = convert(source, target, output_format, source_format="vpc", backend="native", vhd_size="auto")
+    except DiskImageError as exc:
+        raise SystemExit(str(exc)) from exc
+    return result.bytes_read + result.allocated_bytes
+
+
+def importable(path: str) -> bool:
+    return diskimg.validate(path, role="system", boot_mode="UEFI").importable
+'''
+
+USER_MISTAKES = '''from __future__ import annotations
+
+from diskimg import convert, export
+
+convert("a.vhd", "b.qcow2", output_format="qcow3")
+convert("a.vhd", "b.qcow2", format="qcow2")
+export("m1", "a.vhd", archive="zip")
+'''
+
+
+def _mypy_strict(directory: object, module: str) -> subprocess.CompletedProcess[str]:
+    """``mypy --strict`` over a user's module, diskimg found as an installed package is: its own
+    modules are read for their types, their errors are not the user's (``--follow-imports=silent``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--cache-dir", os.devnull, module],
+        cwd=directory, env={**os.environ, "MYPYPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_a_users_project_passes_mypy_strict(tmp_path):
+    """`from diskimg import open_image, convert, DiskImageError` and the rest of the public API pass
+    `mypy --strict` in a user's project (every name explicitly exported, lazily loaded all the same),
+    and mypy sees the API's closed sets of strings: a misspelled format or archive is caught."""
+    (tmp_path / "migrate.py").write_text(USER_PROJECT)
+    (tmp_path / "mistakes.py").write_text(USER_MISTAKES)
+    clean = _mypy_strict(tmp_path, "migrate.py")
+    assert clean.returncode == 0 and "Success: no issues found" in clean.stdout, clean.stdout + clean.stderr
+    caught = _mypy_strict(tmp_path, "mistakes.py")
+    assert caught.returncode == 1, caught.stdout + caught.stderr
+    errors = [line for line in caught.stdout.splitlines() if ": error:" in line]
+    assert [line.split(":")[1] for line in errors] == ["5", "6", "7"], caught.stdout
+    assert '"output_format" to "convert" has incompatible type "Literal[\'qcow3\']"' in errors[0]
+    assert 'Unexpected keyword argument "format" for "convert"' in errors[1]
+    assert '"archive" to "export" has incompatible type "Literal[\'zip\']"' in errors[2]
+
+
+def test_the_public_names_load_lazily_and_all_of_them_exist():
+    """`import diskimg` loads neither the converter nor the validator (start-up time); every name of
+    the literal __all__ resolves on first use."""
+    code = ("import sys, diskimg; loaded = set(sys.modules);"
+            "assert not {'diskimg.conversion.pipeline', 'diskimg.validation', 'diskimg.archives.export'} & loaded;"
+            "[getattr(diskimg, name) for name in diskimg.__all__]; print(len(diskimg.__all__))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == len(set(ast.literal_eval(_all_literal())))
+
+
+def _all_literal() -> str:
+    """The text of the list assigned to __all__ in diskimg/__init__.py (a literal, not a computation)."""
+    tree = ast.parse((ROOT / "diskimg" / "__init__.py").read_text())
+    (value,) = [node.value for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)]
+    assert isinstance(value, ast.List) and all(isinstance(e, ast.Constant) for e in value.elts)
+    return ast.unparse(value)
+
+
+def test_the_literal_types_are_the_sets_the_code_takes():
+    """Each closed set of the API's annotations is the set its registry takes at run time."""
+    assert set(FORMAT_ALIASES) == set(get_args(FormatName))
+    assert set(FORMAT_ALIASES.values()) == set(READERS) == set(WRITERS) == set(get_args(DiskFormat))
+    assert tuple(ARCHIVES) == get_args(ArchiveKind)
+    assert TARGETS == get_args(CloudTarget)

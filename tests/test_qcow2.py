@@ -3,7 +3,9 @@ refusals, hostile headers and tables, header fuzzing, and the third-party corpus
 
 from __future__ import annotations
 
+import functools
 import gzip
+import io
 import json
 import os
 import shutil
@@ -80,7 +82,7 @@ def opener(directory: Path):
             raise BackingFileError(f"backing file {names[0]!r} not found")
         host = HostFile(candidate)
         if fmt is None:
-            fmt = "qcow2" if host.pread(4, 0) == MAGIC else "raw"
+            fmt = "qcow2" if host.read_at(0, 4) == MAGIC else "raw"
         if fmt == "raw":
             return RawReader.open(host, None, OpenOptions())
         assert fmt == "qcow2", fmt
@@ -139,7 +141,7 @@ def check_against_qemu(path: Path, tmp_path: Path, info: bool = True) -> Qcow2Re
         if reader.virtual_size > 10000:
             with open(oracle, "rb") as f:
                 f.seek(777)
-                assert reader.read(777, 9000) == f.read(9000)
+                assert reader.read_at(777, 9000) == f.read(9000)
         if info:
             check_info(reader, path)
     oracle.unlink()
@@ -350,7 +352,7 @@ def test_compressed_reads_within_one_cluster(tmp_path):
     data = raw.read_bytes()
     with open_qcow2(image) as reader:
         for offset, length in [(0, 1), (1, 100), (65535, 2), (70000, 60000), (0, 2 * MiB), (2 * MiB - 3, 3)]:
-            assert reader.read(offset, length) == data[offset : offset + length]
+            assert reader.read_at(offset, length) == data[offset : offset + length]
         reader.seek(123456)
         assert reader.read(1000) == data[123456:124456]
 
@@ -399,7 +401,7 @@ def test_snapshot_of_a_resized_image_keeps_its_size(tmp_path):
     qemu_img("convert", "-f", "qcow2", "-l", "snapshot.name=small", "-O", "raw", image, oracle)
     with open_qcow2(image, snapshot="small") as reader:
         assert reader.virtual_size == 1 * MiB
-        assert reader.read(0, MiB) == oracle.read_bytes()[:MiB]
+        assert reader.read_at(0, MiB) == oracle.read_bytes()[:MiB]
     assert oracle.read_bytes()[MiB:] == bytes(2 * MiB)
 
 
@@ -452,11 +454,46 @@ def test_backing_file_not_opened_unless_asked(tmp_path):
     with open_qcow2(top, backing=False) as reader:
         assert reader.parent is None
         assert reader.backing_file == "base.qcow2"
-        assert reader.read(0, 65536) == b"\x43" * 65536  # allocated in the overlay
+        assert reader.read_at(0, 65536) == b"\x43" * 65536  # allocated in the overlay
         with pytest.raises(BackingFileError):
-            reader.read(65536, 10)
+            reader.read_at(65536, 10)
         with pytest.raises(BackingFileError):
             list(reader.extents())
+
+
+def test_the_file_view_reads_to_the_end_of_a_disk_larger_than_one_read(tmp_path):
+    """read(), readall() and a BufferedReader over a disk larger than MAX_READ never stop short at
+    MAX_READ: reads in pieces reach the disk's end, and a single read that would return more than
+    MAX_READ raises (the position untouched); readinto fills a buffer of any size."""
+    size = 72 * MiB
+    assert size > Qcow2Reader.MAX_READ
+    base = create(tmp_path / "base.qcow2", size)
+    qemu_io(base, "qcow2", "write -P 0x61 0 1M", "write -P 0x62 63M 2M", "write -P 0x63 71M 1M")
+    top = create(tmp_path / "top.qcow2", size, backing=base)  # all but one cluster read from the backing file
+    qemu_io(top, "qcow2", "write -P 0x64 68M 64k")
+    for image in (base, top):
+        oracle = qemu_raw(image, "qcow2", tmp_path).read_bytes()
+        assert len(oracle) == size
+        with open_qcow2(image) as reader:
+            buffered = io.BufferedReader(reader)
+            for read_everything in (reader.read, reader.readall, buffered.read, functools.partial(reader.read, size)):
+                with pytest.raises(ValueError, match="in pieces"):
+                    read_everything()
+                assert reader.tell() == 0
+            buffered.detach()  # (a BufferedReader closes its raw file when collected)
+            buffered = io.BufferedReader(reader, buffer_size=MiB)
+            assert b"".join(iter(functools.partial(buffered.read, 8 * MiB), b"")) == oracle
+            buffered.detach()
+            reader.seek(0)
+            whole = bytearray(size + 4096)
+            assert reader.readinto(whole) == size and whole[:size] == oracle
+            assert reader.tell() == size and reader.read() == b"" and reader.readall() == b""
+            reader.seek(-12 * MiB, os.SEEK_END)
+            assert reader.read() == oracle[-12 * MiB :]  # the rest of the disk, to its end
+            reader.seek(10 * MiB)
+            buffered = io.BufferedReader(reader)
+            assert buffered.read() == oracle[10 * MiB :]
+            buffered.detach()
 
 
 # -- refusals ------------------------------------------------------------------------------------------
@@ -693,7 +730,7 @@ def test_snapshot_with_l1_past_eof_fails_when_selected(small_image, tmp_path):
 
 def read_everything(reader, cap: int = 16 * MiB) -> None:
     for offset in range(0, min(reader.virtual_size, cap), MiB):
-        reader.read(offset, MiB)
+        reader.read_at(offset, MiB)
 
 
 def test_truncated_data_cluster_is_corrupt(tmp_path):
@@ -706,9 +743,9 @@ def test_truncated_data_cluster_is_corrupt(tmp_path):
     with open(image, "r+b") as f:
         f.truncate(host + 1000)
     with open_qcow2(image) as reader:
-        assert reader.read(0, 65536) == bytes(65536)
+        assert reader.read_at(0, 65536) == bytes(65536)
         with pytest.raises(CorruptImage, match=f"truncated: guest offset {3 * MiB} maps to host offset {host}"):
-            reader.read(3 * MiB, 10)
+            reader.read_at(3 * MiB, 10)
         with pytest.raises(CorruptImage):
             list(reader.extents())
 

@@ -304,7 +304,7 @@ def test_qemu_made_sources(tmp_path, source_format, route):
     result = check_output(out, source, source_format=source_format, compressed=route == "compressed")
     with diskimg.open_image(source, "vhd" if source_format == "vpc" else "qcow2") as disk:
         holding = {c for c in range(disk.virtual_size // (64 * KiB))
-                   if disk.read(c * 64 * KiB, 64 * KiB) != bytes(64 * KiB)}
+                   if disk.read_at(c * 64 * KiB, 64 * KiB) != bytes(64 * KiB)}
     assert result["allocated-clusters"] == len(holding)
 
 
@@ -345,8 +345,8 @@ def test_2000g_nearly_empty_disk_is_quick(tmp_path, route):
     info = qemu_info(out)
     assert info["virtual-size"] == 2000 * GiB
     with diskimg.open_image(out) as disk:
-        assert disk.read(1999 * GiB - 1, 3) == b"\x00\x55\x55"
-        assert disk.read(1000 * GiB + 64 * KiB - 1, 2) == b"\x44\x00"
+        assert disk.read_at(1999 * GiB - 1, 3) == b"\x00\x55\x55"
+        assert disk.read_at(1000 * GiB + 64 * KiB - 1, 2) == b"\x44\x00"
     assert os.path.getsize(out) < 2 * MiB
 
 
@@ -592,7 +592,7 @@ def test_random_plans_streamed_and_positional(tmp_path, seed):
         _drive(out, size, plan, pieces, options, streaming=mode == "streaming", compress=mode == "compressed")
         qemu_check(out)
         with diskimg.open_image(out) as disk:
-            assert disk.virtual_size == size and disk.read(0, size) == expected
+            assert disk.virtual_size == size and disk.read_at(0, size) == expected
         if mode == "streaming":
             assert os.path.getsize(out) == Qcow2Writer.measure(size, plan, options)
             planned = {c for e in plan if e.kind is DATA for c in range(e.start // cluster_size,
@@ -617,7 +617,7 @@ def test_streaming_writes_planned_clusters_that_get_no_data(tmp_path):
     assert qemu_check(seekable)["allocated-clusters"] == 1  # on a file, only the cluster that got data
     for out in (streamed, seekable):
         with diskimg.open_image(out) as disk:
-            assert disk.read(3 * MiB + 200 * KiB, 200) == bytes(7) + b"\x01" * 100 + bytes(93)
+            assert disk.read_at(3 * MiB + 200 * KiB, 200) == bytes(7) + b"\x01" * 100 + bytes(93)
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -639,7 +639,7 @@ def test_unwritten_parts_of_clusters_are_zeroed_on_a_block_device(tmp_path, comp
     _drive(out, 16 * MiB, plan, pieces, {}, streaming=False, compress=compress, regular=False)
     qemu_check(out)
     with diskimg.open_image(out, "qcow2") as disk:
-        assert disk.read(0, 16 * MiB) == _expected(16 * MiB, pieces)
+        assert disk.read_at(0, 16 * MiB) == _expected(16 * MiB, pieces)
     raw = tmp_path / "back.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", out, raw)
     assert raw.read_bytes() == _expected(16 * MiB, pieces)
@@ -701,7 +701,7 @@ def test_concurrent_writes_in_any_order(tmp_path, cut, regular):
     result = qemu_check(out)
     assert result["allocated-clusters"] == len({i // (16 * KiB) for o, d in pieces for i in range(o, o + len(d))})
     with diskimg.open_image(out, "qcow2") as disk:
-        assert disk.read(0, size) == _expected(size, pieces)
+        assert disk.read_at(0, size) == _expected(size, pieces)
 
 
 # -- pure parts ------------------------------------------------------------------------------------
@@ -770,5 +770,5 @@ def test_random_sparse_disks_round_trip(tmp_path, disk, cluster_bits, v2, compre
     diskimg.convert(source, out, "qcow2", options=options, compress=compress, checksum=stream)
     qemu_check(out)
     with diskimg.open_image(out) as written:
-        assert written.read(0, size) == source.read_bytes()
+        assert written.read_at(0, size) == source.read_bytes()
     qemu_compare(source, "raw", out, "qcow2")

@@ -11,6 +11,10 @@ import pytest
 
 import diskimg
 from diskimg.conversion.zeroes import nonzero_runs
+from diskimg.errors import OutputError
+from diskimg.formats.raw import RawWriter
+from diskimg.formats.reader import Extent, ExtentKind
+from diskimg.formats.writer import OutputTarget
 
 from .conftest import (
     FIXTURES,
@@ -52,7 +56,38 @@ def test_reader_is_a_seekable_file(tmp_path):
         assert disk.seek(-2, os.SEEK_END) == 4 * MiB - 2
         assert disk.read(10) == b"\x00\x00"
         assert disk.read(10) == b""
-        assert disk.read(510, 2) == b"\x55\xaa"  # the positional form does not move the position
+        assert disk.read_at(510, 2) == b"\x55\xaa"  # the positional form does not move the position
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_raw_writer_checks_bounds_and_order_like_the_other_writers(tmp_path, streaming):
+    """Data past the disk is refused (the output does not grow), as is data out of order where the
+    target is written in order; on a file written at positions, disjoint ranges may come in any order."""
+    path = tmp_path / "out.raw"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        writer = RawWriter(OutputTarget(fd, str(path), hash_output=streaming), MiB, {}, False)
+        assert writer.concurrent_writes is not streaming
+        writer.plan([Extent(0, MiB, ExtentKind.DATA)])
+        for offset, data in [(MiB - 2, b"abcd"), (MiB, b"x"), (-1, b"xy")]:
+            with pytest.raises(OutputError, match="out of order or past the disk's 1048576 bytes"):
+                writer.write(offset, data)
+        writer.write(8192, b"\x02" * 10)
+        if streaming:
+            with pytest.raises(OutputError, match="out of order"):
+                writer.write(4096, b"\x01" * 10)
+        else:
+            writer.write(4096, b"\x01" * 10)
+        writer.write(MiB - 2, b"ab")  # up to the very end
+        writer.finish()
+    finally:
+        os.close(fd)
+    expected = bytearray(MiB)
+    if not streaming:
+        expected[4096:4106] = b"\x01" * 10
+    expected[8192:8202] = b"\x02" * 10
+    expected[MiB - 2 :] = b"ab"
+    assert path.read_bytes() == expected
 
 
 @pytest.mark.parametrize("granularity", [0, 512, 4096, 65536, 1 << 20])

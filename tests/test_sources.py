@@ -143,12 +143,12 @@ def test_backward_reads_restart_and_cached_chunks_do_not(disk: Path) -> None:
     wrapped = compressed(disk, ["xz", "-c", "-T2", "--block-size=4MiB"], ".xz")
     expected = disk.read_bytes()
     with diskimg.open_image(wrapped) as reader:
-        assert reader.read(0, 512) == expected[:512]
-        assert reader.read(SIZE - 4096, 4096) == expected[-4096:]
+        assert reader.read_at(0, 512) == expected[:512]
+        assert reader.read_at(SIZE - 4096, 4096) == expected[-4096:]
         assert reader.decompression_passes == 1  # forward so far
-        assert reader.read(SIZE - 100_000, 512) == expected[SIZE - 100_000 : SIZE - 100_000 + 512]
+        assert reader.read_at(SIZE - 100_000, 512) == expected[SIZE - 100_000 : SIZE - 100_000 + 512]
         assert reader.decompression_passes == 1  # within the cached chunks
-        assert reader.read(MiB - 700, 5000) == expected[MiB - 700 : MiB + 4300]
+        assert reader.read_at(MiB - 700, 5000) == expected[MiB - 700 : MiB + 4300]
         assert reader.decompression_passes == 2  # behind the cache: decompression started over
         # the file view (partition and file system parsers) works too
         reader.seek(510)
@@ -266,7 +266,7 @@ def test_links_and_devices_in_a_tar_are_refused(tmp_path: Path, kind: str) -> No
     run("tar", "-cf", tmp_path / "x.tar", "-C", tmp_path / "d", *names)
     with pytest.raises(ArchiveError, match=kind if kind != "fifo" else "fifo"):
         with diskimg.open_image(tmp_path / "x.tar") as reader:
-            reader.read(0, 4096)
+            reader.read_at(0, 4096)
             diskimg.streams.sources.finish_archive(reader)
 
 
@@ -281,7 +281,7 @@ def test_a_second_disk_is_refused(disk: Path, tmp_path: Path) -> None:
         diskimg.open_image(tmp_path / "two.tar")
     run("tar", "-czf", tmp_path / "two.tar.gz", "-C", tmp_path, "disk.raw", "d.qcow2")
     with diskimg.open_image(tmp_path / "two.tar.gz") as reader:
-        assert reader.read(0, 8192) == bytes(8192)
+        assert reader.read_at(0, 8192) == bytes(8192)
         with pytest.raises(ArchiveError, match="more than one disk"):
             diskimg.streams.sources.finish_archive(reader)
 
@@ -391,7 +391,7 @@ def test_mutated_archives_raise_only_diskimg_errors(small_archives: dict[str, by
             assert reader.virtual_size <= diskimg.streams.sources.MAX_MEMBER_SIZE
             for extent in reader.extents():  # the DATA extents: a forged size cannot make this long
                 for offset in range(extent.start, extent.end if extent.kind is ExtentKind.DATA else 0, 4 * MiB):
-                    reader.read(offset, 4 * MiB)
+                    reader.read_at(offset, 4 * MiB)
             diskimg.streams.sources.finish_archive(reader)
     except diskimg.DiskImageError:
         pass

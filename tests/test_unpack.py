@@ -216,7 +216,7 @@ def test_unpacks_what_export_wrote(disk: Path, tmp_path: Path) -> None:
     (tmp_path / "e").mkdir()
     (tmp_path / "q").mkdir()
     export.export("m", qcow2, [disk], out=tmp_path / "e")
-    export.export("q", qcow2, out=tmp_path / "q", format="qcow2", archive="tar.zst")
+    export.export("q", qcow2, out=tmp_path / "q", output_format="qcow2", archive="tar.zst")
     raw = diskimg.unpack(tmp_path / "e" / "m.manifest.json", tmp_path / "out")
     assert [Path(d.output).name for d in raw.disks] == ["m_system.raw", "m_data_xvdb.raw"]
     assert all(d.verified for d in raw.disks)
@@ -231,7 +231,7 @@ def test_unpacks_what_export_wrote(disk: Path, tmp_path: Path) -> None:
     qemu_compare(Path(as_vdi.disks[0].output), "vdi", disk, "raw")
     run("qemu-img", "check", "-f", "vdi", as_vdi.disks[0].output)
     (tmp_path / "v").mkdir()
-    export.export("v", qcow2, out=tmp_path / "v", format="vdi", archive="tar.gz")  # ECS ExportImage's vdi
+    export.export("v", qcow2, out=tmp_path / "v", output_format="vdi", archive="tar.gz")  # ECS ExportImage's vdi
     from_vdi = diskimg.unpack(tmp_path / "v" / "v.manifest.json", tmp_path / "out", "qcow2")
     qemu_compare(Path(from_vdi.disks[0].output), "qcow2", disk, "raw")
     converted = diskimg.unpack(tmp_path / "q" / "q.manifest.json", tmp_path / "out", "vhdx")

@@ -945,20 +945,20 @@ def test_validation_reads_metadata_only(tmp_path, monkeypatch):
     qemu_img("convert", "-O", "qcow2", raw, image)
     qemu_io(image, "qcow2", "write -P 0x5a 512M 128M")
     counted = [0]
-    real_pread, real_into = HostFile.pread, HostFile.pread_into
+    real_pread, real_into = HostFile.read_at, HostFile.readinto_at
 
-    def pread(self, length, offset):
-        data = real_pread(self, length, offset)
+    def read_at(self, offset, length):
+        data = real_pread(self, offset, length)
         counted[0] += len(data)
         return data
 
-    def pread_into(self, buffer, offset):
-        got = real_into(self, buffer, offset)
+    def readinto_at(self, offset, buffer):
+        got = real_into(self, offset, buffer)
         counted[0] += got
         return got
 
-    monkeypatch.setattr(HostFile, "pread", pread)
-    monkeypatch.setattr(HostFile, "pread_into", pread_into)
+    monkeypatch.setattr(HostFile, "read_at", read_at)
+    monkeypatch.setattr(HostFile, "readinto_at", readinto_at)
     report = validate(image)
     assert report.importable, report.render_text()
     assert counted[0] < 16 * MiB, counted[0]

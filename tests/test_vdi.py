@@ -83,7 +83,7 @@ def set_map_entry(path: Path, index: int, value: int) -> None:
 
 def expect_error(path: Path, error: type[DiskImageError], match: str) -> DiskImageError:
     with pytest.raises(error, match=match) as caught, open_vdi(path) as reader:
-        reader.read(0, min(reader.virtual_size, 64 * MiB))
+        reader.read_at(0, min(reader.virtual_size, 64 * MiB))
     return caught.value
 
 
@@ -133,7 +133,7 @@ def test_static_image_holes_are_zero_extents(tmp_path):
 def test_discarded_blocks_read_as_zeros(sample, tmp_path):
     set_map_entry(sample, 3, DISCARDED)  # what VirtualBox writes for a discarded block
     with open_vdi(sample) as reader:
-        assert reader.read(3 * MiB, MiB) == bytes(MiB)
+        assert reader.read_at(3 * MiB, MiB) == bytes(MiB)
         assert reader_sha256(reader) == qemu_raw_sha256(sample, "vdi", tmp_path)
         assert [e.kind for e in reader.extents(3 * MiB, MiB)] == [ExtentKind.ZERO]
         assert reader.info().details["blocks_discarded"] == 1
@@ -176,7 +176,7 @@ def test_corpus(entry, corpus_files):
         assert reader.virtual_size == entry["virtual_size"]
         if reader.virtual_size > 1 << 30:  # the empty 8 GiB VirtualBox disk: metadata only
             assert [e.kind for e in reader.extents()] == [ExtentKind.ZERO]
-            assert reader.read(reader.virtual_size - MiB, MiB) == bytes(MiB)
+            assert reader.read_at(reader.virtual_size - MiB, MiB) == bytes(MiB)
             return
         assert reader_sha256(reader) == entry["raw_sha256"]
 
@@ -301,8 +301,8 @@ def test_fuzz_only_diskimage_errors(fuzz_seed, data):
     try:
         with open_vdi(io.BytesIO(bytes(image))) as reader:
             reader.info()
-            reader.read(0, min(reader.virtual_size, 4 * MiB))
-            reader.read(max(0, reader.virtual_size - 4096), 4096)
+            reader.read_at(0, min(reader.virtual_size, 4 * MiB))
+            reader.read_at(max(0, reader.virtual_size - 4096), 4096)
             for _, _extent in zip(range(10000), reader.extents()):
                 pass
     except DiskImageError:

@@ -224,7 +224,7 @@ def test_random_plans_round_trip_and_measure(tmp_path, seed):
         qemu_check(out)
         _, table = layout(out)
         with diskimg.open_image(out) as disk:
-            assert disk.virtual_size == size and disk.read(0, size) == bytes(expected)
+            assert disk.virtual_size == size and disk.read_at(0, size) == bytes(expected)
         if not options:
             holding = {i // MiB for offset, data in pieces for i in range(offset, offset + len(data), 512)}
             assert {i for i, entry in enumerate(table) if entry != UNALLOCATED} == holding
@@ -241,7 +241,7 @@ def test_streaming_keeps_planned_blocks_that_get_no_data(tmp_path):
     assert layout(seekable)[1][3:5] == [UNALLOCATED, 0]  # on a file, only the block that got data
     for out in (streamed, seekable):
         with diskimg.open_image(out) as disk:
-            assert disk.read(4 * MiB, 200) == bytes(7) + b"\x01" * 100 + bytes(93)
+            assert disk.read_at(4 * MiB, 200) == bytes(7) + b"\x01" * 100 + bytes(93)
 
 
 @pytest.mark.parametrize("plan", [[Extent(0, MiB, DATA), Extent(MiB, 3 * MiB, ZERO)], []])

@@ -327,7 +327,7 @@ def test_qemu_images(tmp_path, subformat, force_size):
         # positional reads at odd places
         oracle = qemu_raw(path, "vpc", tmp_path).read_bytes()
         for offset, length in ((0, 1), (BLOCK - 7, 20), (5000000 - 3, 12350), (reader.virtual_size - 5, 100)):
-            assert reader.read(offset, length) == oracle[offset : offset + length]
+            assert reader.read_at(offset, length) == oracle[offset : offset + length]
 
 
 @requires_qemu
@@ -343,7 +343,7 @@ def test_convert_random_raw(tmp_path, subformat):
         assert reader.virtual_size == qemu_virtual_size(path) >= raw.stat().st_size
         assert reader_sha256(reader) == qemu_raw_sha256(path, "vpc", tmp_path)
         assert_extents_sound(reader, qemu_raw(path, "vpc", tmp_path))
-        assert reader.read(0, raw.stat().st_size) == raw.read_bytes()
+        assert reader.read_at(0, raw.stat().st_size) == raw.read_bytes()
 
 
 QEMU72_CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
@@ -392,8 +392,8 @@ def test_fixed_current_size_past_data_reads_zeros(tmp_path):
         assert reader_sha256(reader) == qemu_raw_sha256(path, "vpc", tmp_path)
     with open_vhd(path, vhd_size="current_size") as reader:
         assert reader.virtual_size == data_size + MiB
-        assert reader.read(data_size - 4, 8) == b"\x77" * 4 + bytes(4)
-        assert reader.read(data_size, MiB) == bytes(MiB)  # never the footer's bytes
+        assert reader.read_at(data_size - 4, 8) == b"\x77" * 4 + bytes(4)
+        assert reader.read_at(data_size, MiB) == bytes(MiB)  # never the footer's bytes
         extents = list(reader.extents())
         assert extents[-1].kind is ExtentKind.ZERO and extents[-1].start == data_size
 
@@ -458,7 +458,7 @@ def test_dynamic_disks_ignore_the_sector_bitmap(tmp_path):
     path.write_bytes(bytes(data))
     with open_vhd(path) as reader:
         assert reader.info().details["sector_bitmap_honoured"] is False
-        assert reader.read(0, 16) == b"\x3c" * 16
+        assert reader.read_at(0, 16) == b"\x3c" * 16
         assert reader_sha256(reader) == qemu_raw_sha256(path, "vpc", tmp_path)
 
 
@@ -469,7 +469,7 @@ def test_empty_2tb_dynamic_is_one_zero_extent(tmp_path):
         assert reader.virtual_size == 2000 * 1024**3
         extents = list(reader.extents())
         assert [(e.start, e.length, e.kind) for e in extents] == [(0, reader.virtual_size, ExtentKind.ZERO)]
-        assert reader.read(reader.virtual_size - MiB, MiB) == bytes(MiB)
+        assert reader.read_at(reader.virtual_size - MiB, MiB) == bytes(MiB)
         assert reader.info().details["allocated_blocks"] == 0
 
 
@@ -591,7 +591,7 @@ def test_differencing_built_by_hand(tmp_path, block_size):
         for _ in range(40):
             offset = rng.randrange(size)
             length = rng.randrange(1, 3 * block_size)
-            assert reader.read(offset, length) == model[offset : offset + length]
+            assert reader.read_at(offset, length) == model[offset : offset + length]
         info = reader.info()
         assert info.subformat == "differencing" and info.backing_file == "parent.vhd"
         assert info.details["parent_unique_id"] == str(parent_id)
@@ -657,9 +657,9 @@ def test_differencing_without_parent(tmp_path):
         assert reader.parent is None and reader.backing_file == "parent.vhd"
         info = reader.info()
         assert info.backing_file == "parent.vhd" and info.details["parent_opened"] is False
-        assert reader.read(2 * BLOCK + 5, 1000) == blocks[2][1][5:1005]  # only the child's sectors
+        assert reader.read_at(2 * BLOCK + 5, 1000) == blocks[2][1][5:1005]  # only the child's sectors
         with pytest.raises(BackingFileError):
-            reader.read(0, 512)
+            reader.read_at(0, 512)
         with pytest.raises(BackingFileError):
             list(reader.extents())
     # a parent whose unique id does not match is refused
@@ -705,7 +705,7 @@ def small_dynamic(tmp_path) -> Path:
 def expect_corrupt(path: Path, match: str | None = None):
     with pytest.raises(CorruptImage, match=match):
         with open_vhd(path) as reader:
-            reader.read(0, reader.virtual_size)
+            reader.read_at(0, reader.virtual_size)
             list(reader.extents())
 
 
@@ -835,8 +835,8 @@ def test_fuzz_only_diskimage_errors(fuzz_seed, data):
         with open_vhd(io.BytesIO(bytes(image))) as reader:
             reader.info()
             limit = min(reader.virtual_size, 4 * MiB)
-            reader.read(0, limit)
-            reader.read(max(0, reader.virtual_size - 4096), 4096)
+            reader.read_at(0, limit)
+            reader.read_at(max(0, reader.virtual_size - 4096), 4096)
             for _, extent in zip(range(10000), reader.extents()):
                 pass
     except DiskImageError:
@@ -886,11 +886,11 @@ def test_corpus(entry, corpus_files):
         if info.subformat == "differencing":
             assert reader.backing_file
             with pytest.raises(BackingFileError):
-                reader.read(0, reader.virtual_size)
+                reader.read_at(0, reader.virtual_size)
             return
         if reader.virtual_size > 1 << 30:  # the 127 GiB empty disks: metadata only
             assert all(extent.kind is ExtentKind.ZERO for extent in reader.extents())
-            assert reader.read(reader.virtual_size - MiB, MiB) == bytes(MiB)
+            assert reader.read_at(reader.virtual_size - MiB, MiB) == bytes(MiB)
             return
         assert reader_sha256(reader) == expected
 

@@ -142,7 +142,7 @@ def check_output(out, source, source_format: str, size: int, subformat: str, *,
                 assert reader_sha256(disk) == reader_sha256(original)
             else:
                 for offset, length in ranges:
-                    assert disk.read(offset, length) == original.read(offset, length)
+                    assert disk.read_at(offset, length) == original.read_at(offset, length)
     if subformat == "fixed":
         assert os.path.getsize(out) == size + 512
     else:
@@ -259,7 +259,7 @@ def test_align_gives_a_mib_multiple_with_zero_tail(tmp_path, subformat):
     if subformat == "fixed":
         assert os.path.getsize(out) == size + 512  # what Azure wants: N MiB + 512
     with diskimg.open_image(out) as disk:
-        assert disk.virtual_size == size and disk.read(ODD_SIZE, size - ODD_SIZE) == bytes(size - ODD_SIZE)
+        assert disk.virtual_size == size and disk.read_at(ODD_SIZE, size - ODD_SIZE) == bytes(size - ODD_SIZE)
 
 
 @requires_qemu
@@ -379,7 +379,7 @@ def test_fixed_above_2040g_is_for_azure(tmp_path):
         pytest.skip(str(exc))
     assert os.path.getsize(out) == 2041 * GiB + 512
     with diskimg.open_image(out) as disk:
-        assert disk.virtual_size == 2041 * GiB and disk.read(2000 * GiB, 4) == b"\x5a" * 4
+        assert disk.virtual_size == 2041 * GiB and disk.read_at(2000 * GiB, 4) == b"\x5a" * 4
     assert subprocess.run(["qemu-img", "info", "-f", "vpc", out], capture_output=True).returncode != 0
     with pytest.raises(UsageError, match="32 TiB"):
         WRITERS["vhd"](_null_target(tmp_path), (32 << 40) + 512, {"subformat": "fixed"}, False)
@@ -464,7 +464,7 @@ def test_random_plans_round_trip_and_measure(tmp_path, seed):
         _drive(out, size, plan, pieces, options, streaming=streaming)
         assert VhdWriter.measure(size, plan, options) == os.path.getsize(out)
         with diskimg.open_image(out) as disk:
-            assert disk.virtual_size == size and disk.read(0, size) == bytes(expected)
+            assert disk.virtual_size == size and disk.read_at(0, size) == bytes(expected)
         if options.get("subformat") != "fixed":
             block = {"512K": 512 * KiB, "1M": MiB}.get(options.get("block_size", ""), 2 * MiB)
             holding = {i // block for offset, data in pieces for i in range(offset, offset + len(data), 512)}
@@ -483,7 +483,7 @@ def test_streaming_writes_planned_blocks_that_get_no_data(tmp_path):
     assert allocated_blocks(seekable) == {2}  # on a file, only the block that got data
     for out in (streamed, seekable):
         with diskimg.open_image(out) as disk:
-            assert disk.read(5 * MiB, 200) == bytes(7) + b"\x01" * 100 + bytes(93)
+            assert disk.read_at(5 * MiB, 200) == bytes(7) + b"\x01" * 100 + bytes(93)
 
 
 @pytest.mark.parametrize("plan", [[Extent(0, 2 * MiB, DATA), Extent(2 * MiB, 2 * MiB, ZERO)], []])

@@ -243,7 +243,7 @@ def test_differencing_reads_parent_where_the_child_has_no_sectors(entry, tmp_pat
             if run.start >= 64 * MiB:
                 break
             length = min(run.length, 64 * MiB - run.start)
-            got = reader.read(run.start, length)
+            got = reader.read_at(run.start, length)
             if run.kind.name == "HOST":
                 assert got == raw_child[run.host_offset : run.host_offset + length]
             else:
@@ -335,8 +335,8 @@ def test_fuzz_only_diskimage_errors(fuzz_seeds, data):
         detect(io.BytesIO(bytes(image)))
         with open_vhdx(io.BytesIO(bytes(image))) as reader:
             reader.info()
-            reader.read(0, min(reader.virtual_size, 4 * MiB))
-            reader.read(max(0, reader.virtual_size - 4096), 4096)
+            reader.read_at(0, min(reader.virtual_size, 4 * MiB))
+            reader.read_at(max(0, reader.virtual_size - 4096), 4096)
             for _, _extent in zip(range(10000), reader.extents()):
                 pass
     except DiskImageError:
@@ -403,7 +403,7 @@ def test_probe_never_raises(head, rest, size):
     """Detection of anything that starts with the signature names it, damaged or not."""
     data = b"vhdxfile" + head + rest
 
-    def read_at(length: int, offset: int) -> bytes:
+    def read_at(offset: int, length: int) -> bytes:
         return data[offset : offset + length]
 
     found = probe(data[:128 * 1024], read_at, size)

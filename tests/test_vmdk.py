@@ -78,10 +78,10 @@ def test_split_sparse_over_several_extent_files(tmp_path):
     qemu_io(image, "vmdk", "write -P 0x11 0 1M", "write -P 0x22 2047M 2M", "write -P 0x33 4095M 1M")
     assert len(list(tmp_path.glob("big-s*.vmdk"))) == 3
     with open_image(image) as reader:
-        assert reader.read(0, 4096) == b"\x11" * 4096
-        assert reader.read(2047 * MiB + MiB - 4, 8) == b"\x22" * 8  # across the first extent's end
-        assert reader.read(4095 * MiB, 1024) == b"\x33" * 1024
-        assert reader.read(3 * 1024 * MiB, 4096) == bytes(4096)
+        assert reader.read_at(0, 4096) == b"\x11" * 4096
+        assert reader.read_at(2047 * MiB + MiB - 4, 8) == b"\x22" * 8  # across the first extent's end
+        assert reader.read_at(4095 * MiB, 1024) == b"\x33" * 1024
+        assert reader.read_at(3 * 1024 * MiB, 4096) == bytes(4096)
         data = [(e.start, e.length) for e in reader.extents() if e.kind.value == "data"]
     assert data == [(0, MiB), (2047 * MiB, 2 * MiB), (4095 * MiB, MiB)]
 
@@ -93,8 +93,8 @@ def test_zero_grains_read_as_zeros(tmp_path):
     qemu_io(image, "vmdk", "write -P 0x77 0 4M", "write -z 1M 1M")
     _assert_reads_like_qemu(image, tmp_path)
     with open_image(image) as reader:
-        assert reader.read(MiB, 4096) == bytes(4096)
-        assert reader.read(0, 16) == b"\x77" * 16
+        assert reader.read_at(MiB, 4096) == bytes(4096)
+        assert reader.read_at(0, 16) == b"\x77" * 16
         assert "zeroed-grain" in reader.info().features
 
 
@@ -136,9 +136,9 @@ def test_zero_extent_reads_as_zeros(source, tmp_path):
     data = source.read_bytes()
     with open_image(tmp_path / "d.vmdk") as reader:
         assert reader.virtual_size == (2048 + 1000 + 4096) * 512
-        assert reader.read(0, MiB) == data[10 * MiB : 11 * MiB]
-        assert reader.read(MiB, 1000 * 512) == bytes(1000 * 512)
-        assert reader.read(MiB + 1000 * 512, 2 * MiB) == data[: 2 * MiB]
+        assert reader.read_at(0, MiB) == data[10 * MiB : 11 * MiB]
+        assert reader.read_at(MiB, 1000 * 512) == bytes(1000 * 512)
+        assert reader.read_at(MiB + 1000 * 512, 2 * MiB) == data[: 2 * MiB]
 
 
 @pytest.mark.parametrize("name", ["../outside-flat.vmdk", "/etc/hostname", "sub/../../outside-flat.vmdk"])
@@ -208,7 +208,7 @@ def test_other_create_types_refused_with_the_conversion_command(tmp_path):
     proc = diskimg_cli("convert", "--backend", "native", descriptor, tmp_path / "o.raw", "-O", "raw", text=True)
     assert proc.returncode == 3 and "seSparse" in proc.stderr and "qemu-img convert -f vmdk" in proc.stderr
     with pytest.raises(UnsupportedFormat, match="seSparse"):
-        open_image(descriptor, format="vmdk")
+        open_image(descriptor, source_format="vmdk")
 
 
 # -- the corpus -----------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_corpus(entry, tmp_path):
     """Read in place: what qemu-img reads hashes the same; what it refuses, diskimg refuses in one line."""
     path = corpus_file(entry, tmp_path)
     if entry.get("raw_sha256"):
-        with open_image(path, format="vmdk") as reader:
+        with open_image(path, source_format="vmdk") as reader:
             assert _sha256_by_extents(reader) == entry["raw_sha256"]
             assert reader.virtual_size == entry["virtual_size"]
     else:
@@ -237,7 +237,7 @@ def _sha256_by_extents(reader) -> str:
     for extent in reader.extents():
         for offset in range(extent.start, extent.end, 4 * MiB):
             length = min(4 * MiB, extent.end - offset)
-            digest.update(zeros[:length] if extent.kind.value == "zero" else reader.read(offset, length))
+            digest.update(zeros[:length] if extent.kind.value == "zero" else reader.read_at(offset, length))
     return digest.hexdigest()
 
 
@@ -284,7 +284,7 @@ def test_hostile_headers(seeds, tmp_path):
     struct.pack_into("<I", bad, first_table * 512, 1 << 30)
     (tmp_path / "gte.vmdk").write_bytes(bytes(bad))
     with open_image(tmp_path / "gte.vmdk") as reader, pytest.raises(CorruptImage, match="past the end"):
-        reader.read(0, 4096)
+        reader.read_at(0, 4096)
 
 
 def test_stream_optimized_directory_in_the_footer(tmp_path):
@@ -321,9 +321,9 @@ def test_fuzz_only_diskimage_errors(seeds, data):
     if data.draw(st.booleans()):
         del image[data.draw(st.integers(0, len(image) - 1)) :]
     try:
-        with open_image(io.BytesIO(bytes(image)), format="vmdk") as reader:
+        with open_image(io.BytesIO(bytes(image)), source_format="vmdk") as reader:
             reader.info()
-            reader.read(0, min(reader.virtual_size, 4 * MiB))
+            reader.read_at(0, min(reader.virtual_size, 4 * MiB))
             for _, extent in zip(range(10000), reader.extents()):
                 pass
     except DiskImageError:

@@ -89,7 +89,7 @@ def test_stream_optimized_layout_and_map(source, tmp_path):
     assert all(not e.get("offset") or e.get("compressed", True) for e in qemu_map(ours, "vmdk"))
     assert ours.stat().st_size < source.stat().st_size
     with open_image(ours) as reader:  # and diskimg reads it back
-        assert reader.read(8 * MiB, 1200) == b"ab" * 600
+        assert reader.read_at(8 * MiB, 1200) == b"ab" * 600
 
 
 def test_monolithic_sparse_allocates_only_data(source, tmp_path):

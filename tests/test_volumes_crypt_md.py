@@ -395,7 +395,7 @@ def test_md_raid1_member_as_mdadm_examines_it_and_read_as_the_array(tmp_path, ve
     write_at(path, data_offset, payload)
     write_at(path, data_offset + volume.size - 3, b"end")
     assert volume.read_at(0, len(payload)) == payload
-    assert volume.read(0, 4096) == payload[:4096]  # the Disk spelling
+    assert volume.read_at(0, 4096) == payload[:4096]  # the Disk spelling
     assert volume.read_at(volume.size - 3, 100) == b"end"
     assert volume.read_at(volume.size, 10) == b""
 

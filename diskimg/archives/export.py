@@ -43,7 +43,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, get_args
 
 import zstandard
 from fastcrc import crc64
@@ -53,6 +53,7 @@ from ..version import __version__
 from ..host import interrupts
 from ..conversion.pipeline import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order,
                          map_is_plan, read_ahead, scan_for_zeroes, with_zero_tail)
+from ..choices import ArchiveKind, DiskFormat, ExportLayout, FormatName
 from ..errors import ArchiveError, DiskImageError, OutputError, UsageError
 from ..formats import WRITERS, canonical_format
 from ..conversion.hashing import ContentHasher
@@ -64,8 +65,9 @@ from ..formats.reader import DiskReader, Extent, ExtentKind
 from ..streams.tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
 from ..formats.writer import OutputTarget
 
-ARCHIVES = {"tar.gz": ".tar.gz", "tar.zst": ".tar.zst", "tar": ".tar", "none": ""}
-LAYOUTS = ("ecs", "gce")
+#: the file name suffix of each kind of archive
+ARCHIVES: dict[ArchiveKind, str] = {"tar.gz": ".tar.gz", "tar.zst": ".tar.zst", "tar": ".tar", "none": ""}
+LAYOUTS: tuple[ExportLayout, ...] = get_args(ExportLayout)
 SYSTEM_DEVICE = "xvda"
 #: ECS names data disks by their device: /dev/xvdb, /dev/xvdc, ...
 DATA_DEVICES = tuple(f"xvd{letter}" for letter in "bcdefghijklmnopqrstuvwxyz")
@@ -84,8 +86,8 @@ _DEVICE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 @dataclass
 class ExportResult:
     name: str
-    layout: str
-    archive: str
+    layout: ExportLayout
+    archive: ArchiveKind
     manifest: str
     sums: str
     disks: list[ExportedDisk]
@@ -116,9 +118,9 @@ def export(
     data: Sequence[Source] = (),
     *,
     out: str | os.PathLike[str] = ".",
-    format: str = "raw",
-    archive: str = "tar.gz",
-    layout: str = "ecs",
+    output_format: FormatName = "raw",
+    archive: ArchiveKind = "tar.gz",
+    layout: ExportLayout = "ecs",
     devices: Sequence[str] | None = None,
     threads: int | None = None,
     zero_granularity: int = 4096,
@@ -130,7 +132,7 @@ def export(
     """Export the disk set ``system`` + ``data`` into the folder ``out`` (made if missing): one archive
     per disk, then ``NAME.manifest.json`` and ``NAME.SHA256SUMS``.
 
-    ``format``: the disks' format inside the archives (raw, qcow2 or vhd); ``archive``: tar.gz,
+    ``output_format``: the disks' format inside the archives (raw, qcow2 or vhd); ``archive``: tar.gz,
     tar.zst, tar, or none (the bare disk file); ``devices``: the data disks' device names (default
     xvdb, xvdc, ...); ``threads``: compression threads (default: every core); ``zero_granularity``:
     zero ranges of at least this size are left out of RAW members and qcow2/VHD allocations (0:
@@ -139,7 +141,7 @@ def export(
     bytes over the whole set.
     """
     started = time.monotonic()
-    target_format = canonical_format(format)
+    target_format = canonical_format(output_format)
     _check_arguments(name, target_format, archive, layout, compress, threads, zero_granularity)
     devices = list(devices) if devices is not None else list(DATA_DEVICES[: len(data)])
     _check_devices(devices, len(data))
@@ -186,7 +188,7 @@ def export(
                         seconds=round(time.monotonic() - started, 3))
 
 
-def _check_arguments(name: str, target_format: str, archive: str, layout: str, compress: bool,
+def _check_arguments(name: str, target_format: str, archive: ArchiveKind, layout: ExportLayout, compress: bool,
                      threads: int | None, zero_granularity: int) -> None:
     if not _NAME.match(name):
         raise UsageError(f"invalid export name {name!r}: letters, digits, '.', '_' and '-', at most 200")
@@ -217,7 +219,8 @@ def _check_devices(devices: list[str], count: int) -> None:
         raise UsageError("data disk device names must differ")
 
 
-def _names(name: str, part: str, target_format: str, archive: str, layout: str) -> tuple[str, str | None]:
+def _names(name: str, part: str, target_format: str, archive: ArchiveKind, layout: ExportLayout
+           ) -> tuple[str, str | None]:
     """(file name, member name) of one disk."""
     bare = f"{name}_{part}.{target_format}"
     if archive == "none":
@@ -372,7 +375,7 @@ def _write_image_member(reader: DiskReader, disk: _Disk, member: str, stream: Bi
     stream.write(padding(size))
 
 
-def _export_bare(disk: _Disk, temporary: str, target_format: str, compress: bool, granularity: int,
+def _export_bare(disk: _Disk, temporary: str, target_format: DiskFormat, compress: bool, granularity: int,
                  allow_backing: bool, progress: ProgressCallback) -> ExportedDisk:
     """The disk file itself (``archive="none"``), written by the converter with its checksums."""
     reader = disk.reader
@@ -500,7 +503,7 @@ def _verify_file(manifest: str, path: str, entry: ExportedDisk, deep: bool) -> V
                     with open_image(path) as reader:
                         content_hash = content_hash_of(reader)
             elif deep:
-                with open_image(path, entry.format) as reader:
+                with open_image(path, canonical_format(entry.format)) as reader:
                     content_hash = content_hash_of(reader)
         except DiskImageError as exc:
             decode_problem = exc.message

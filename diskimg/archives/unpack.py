@@ -33,6 +33,7 @@ from ..host import interrupts
 from ..conversion.pipeline import ProgressCallback, content_hash_of, convert
 from ..detection.probe import detect, identify_inner
 from ..formats.probing import READABLE_FORMATS
+from ..choices import FormatName
 from ..errors import ArchiveError, UnsupportedFormat
 from ..formats import canonical_format
 from ..detection.image import open_image
@@ -80,17 +81,17 @@ class UnpackResult:
 def unpack(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    format: str | None = None,
+    output_format: FormatName | None = None,
     *,
     force: bool = False,
     progress: ProgressCallback | None = None,
 ) -> UnpackResult:
     """Restore the disk of archive ``source`` (or every disk of the manifest ``source``) into the
-    directory ``out``, in ``format`` (default: the disk's own format), verifying what a manifest
+    directory ``out``, in ``output_format`` (default: the disk's own format), verifying what a manifest
     records. Raises ArchiveError for a hostile or damaged archive or a hash mismatch."""
     started = time.monotonic()
     path = os.fspath(source)
-    target_format = canonical_format(format) if format else None
+    target_format = canonical_format(output_format) if output_format else None
     manifest = read_manifest(path) if names_manifest(path) else None
     # (the archive, what the manifest says of it)
     jobs = [(manifest.locate(d), d) for d in manifest.disks] if manifest else [(path, None)]
@@ -170,7 +171,8 @@ def _restore(reader: StreamDiskReader, archive: str, expected: ExportedDisk | No
         if final_format != "raw":  # read as a disk: an end not seen at open is checked when read
             reader.guard_tail()
         try:
-            result = convert(reader, temporary, final_format, checksum=checksum, force=True, progress=progress)
+            result = convert(reader, temporary, canonical_format(final_format), checksum=checksum, force=True,
+                             progress=progress)
         except EndShowsAnotherFormat as found:  # e.g. a fixed VHD's footer: restored as the file it is, below
             inner_format = str(found.format)
         else:
@@ -184,8 +186,8 @@ def _restore(reader: StreamDiskReader, archive: str, expected: ExportedDisk | No
     os.truncate(temporary, reader.content_size)
     virtual_size, written, content_hash = reader.content_size, result.bytes_written, None
     if final_format != inner_format:
-        converted = convert(temporary, temporary + ".convert", final_format, checksum=checksum, force=True,
-                            progress=progress)
+        converted = convert(temporary, temporary + ".convert", canonical_format(final_format), checksum=checksum,
+                            force=True, progress=progress)
         replace_file(temporary + ".convert", temporary)
         content_hash, virtual_size, written = converted.content_hash, converted.virtual_size, converted.bytes_written
     elif inner_format in READABLE_FORMATS:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..formats.probing import VhdSizeRule
+from ..choices import FormatName, VhdSizeRule
 from ..detection.image import Source, open_image
 from ..formats.reader import DiskReader, Extent, ExtentKind
 from .zeroes import is_zero, zero_block
@@ -38,8 +38,8 @@ def compare(
     a: Source,
     b: Source,
     *,
-    format_a: str | None = None,
-    format_b: str | None = None,
+    format_a: FormatName | None = None,
+    format_b: FormatName | None = None,
     strict: bool = False,
     allow_backing: bool = False,
     vhd_size: VhdSizeRule = "auto",
@@ -86,8 +86,8 @@ def _first_difference(a: DiskReader, b: DiskReader, end: int, pool: ThreadPoolEx
             continue
         for offset in range(start, stop, CHUNK):
             length = min(CHUNK, stop - offset)
-            future_a = pool.submit(a.read, offset, length) if a_data else None
-            future_b = pool.submit(b.read, offset, length) if b_data else None
+            future_a = pool.submit(a.read_at, offset, length) if a_data else None
+            future_b = pool.submit(b.read_at, offset, length) if b_data else None
             data_a = future_a.result() if future_a else zero_block(length)
             data_b = future_b.result() if future_b else zero_block(length)
             if data_a != data_b:
@@ -100,7 +100,7 @@ def _first_nonzero(reader: DiskReader, start: int) -> int | None:
         if extent.kind is ExtentKind.ZERO:
             continue
         for offset in range(extent.start, extent.end, CHUNK):
-            data = reader.read(offset, min(CHUNK, extent.end - offset))
+            data = reader.read_at(offset, min(CHUNK, extent.end - offset))
             if not is_zero(data):
                 return offset + _first_unequal(data, zero_block(len(data)))
     return None

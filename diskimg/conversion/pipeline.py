@@ -22,11 +22,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from ..host import interrupts
 from ..detection.probe import detect
-from ..formats.probing import FORMAT_ALIASES, VhdSizeRule
+from ..formats.probing import FORMAT_ALIASES
+from ..choices import Backend, DiskFormat, FormatName, UsedBackend, VhdSizeRule
 from ..errors import DiskImageError, UnsupportedFormat, UsageError
 from ..formats import WRITERS, canonical_format
 from ..detection.image import Source, open_image
@@ -51,19 +52,26 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass
 class ConvertResult:
+    """What ``convert`` did. Every figure means the same whichever backend converted."""
+
     source: str
     target: str
+    #: the source's format as detected (with the qemu-img backend, any format qemu-img reads)
     source_format: str
-    target_format: str
+    target_format: DiskFormat
     virtual_size: int
-    #: guest bytes read from the source (allocated data; zero regions are not read)
+    #: guest bytes of data carried from the source into the output: the source's data less the
+    #: zero ranges left as holes (each ``zero_granularity`` piece holding a non-zero byte counts
+    #: whole; with ``zero_granularity`` 0, all of ``allocated_bytes``). A property of the guest
+    #: content: either backend gives the same figure.
     bytes_read: int
-    #: bytes written to the output (holes excluded)
+    #: bytes written to the output file (holes excluded)
     bytes_written: int
-    #: the source's allocated bytes according to its map
+    #: guest bytes the source's allocation map marks as data (backing layers included), before any
+    #: zero detection: what ``diskimg map`` (or ``qemu-img map``) calls data
     allocated_bytes: int
     seconds: float
-    backend: str
+    backend: UsedBackend
     #: with checksum=True: SHA-256 of the output file and the guest content hash (diskimg.conversion.hashing)
     sha256: str | None = None
     content_hash: str | None = None
@@ -78,15 +86,15 @@ class ConvertResult:
 def convert(
     source: Source | DiskReader,
     target: str | os.PathLike[str],
-    format: str | None = None,
+    output_format: FormatName | None = None,
     *,
     options: Mapping[str, str] | str | None = None,
     compress: bool = False,
     align: int | None = None,
     zero_granularity: int = 4096,
     checksum: bool = False,
-    backend: str = "auto",
-    source_format: str | None = None,
+    backend: Backend = "auto",
+    source_format: FormatName | str | None = None,
     allow_backing: bool = False,
     snapshot: str | None = None,
     vhd_size: VhdSizeRule = "auto",
@@ -94,8 +102,9 @@ def convert(
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
     """Convert ``source`` (a path, a file object, or an open DiskReader, which is left open) to
-    ``target`` (a path, or ``"-"`` for standard output) in ``format`` (by default the one the
-    target's extension names, else raw: :func:`format_for_target`).
+    ``target`` (a path, or ``"-"`` for standard output) in ``output_format`` (by default the one
+    the target's extension names, else raw: :func:`format_for_target`). ``source_format`` forces
+    the source's format (with the qemu-img backend, any format qemu-img reads).
 
     ``options`` are the target format's ``-o`` options; ``align`` rounds the virtual size up to a
     multiple of it (the added tail reads as zeros); ``zero_granularity`` is the size of the zero
@@ -104,16 +113,16 @@ def convert(
     ``backend``: ``native``, ``qemu-img`` (for formats diskimg detects but does not read), or
     ``auto`` (native when it can).
     """
-    target_format = canonical_format(format or format_for_target(target))
+    target_format = canonical_format(output_format or format_for_target(target))
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
     check_align(align)
-    if backend not in ("auto", "native", "qemu-img"):
+    if backend not in get_args(Backend):
         raise UsageError(f"unknown backend {backend!r}: auto, native or qemu-img")
     if backend != "native" and not isinstance(source, DiskReader) and (
             backend == "qemu-img" or _needs_qemu_img(source, source_format)):
         return _convert_with_qemu_img(
             source, target, target_format, writer_options, compress, zero_granularity, checksum,
-            source_format, snapshot, force, progress, explicit=backend == "qemu-img",
+            source_format, snapshot, allow_backing, force, progress,
         )
     writer_class = WRITERS.get(target_format)
     if writer_class is None:
@@ -121,7 +130,8 @@ def convert(
     started = time.monotonic()
     # a DiskReader given as the source is used as is and left open (unpack reads on after it)
     reader = source if isinstance(source, DiskReader) else open_image(
-        source, source_format, allow_backing=allow_backing, snapshot=snapshot, vhd_size=vhd_size)
+        source, canonical_format(source_format) if source_format else None, allow_backing=allow_backing,
+        snapshot=snapshot, vhd_size=vhd_size)
     # A compressed qcow2 cannot be streamed (hashing the output as it is written needs a stream):
     # to a file, its SHA-256 is taken from the finished file instead, with a second read.
     hash_afterwards = checksum and compress and os.fspath(target) != "-"
@@ -137,7 +147,8 @@ def convert(
         writer = stack.enter_context(contextlib.closing(
             writer_class(output, virtual_size, writer_options, compress)))
         with interrupts.deferred():
-            if writer.requires_exact_plan and zero_granularity and not map_is_plan(reader):
+            scanned = bool(writer.requires_exact_plan and zero_granularity and not map_is_plan(reader))
+            if scanned:
                 plan: Iterable[Extent] = list(scan_for_zeroes(reader, zero_granularity, progress))
             else:
                 plan = reader.extents()
@@ -150,6 +161,8 @@ def convert(
             else:
                 feed_in_order(reader, extents, zero_granularity, writer, tally, hasher)
             writer.finish()
+        # the feed walked the scanned plan: the source's own map is walked again (metadata only)
+        allocated = data_bytes(reader.extents()) if scanned else tally.allocated
         result = ConvertResult(
             source=reader.path,
             target=os.fspath(target),
@@ -158,7 +171,7 @@ def convert(
             virtual_size=virtual_size,
             bytes_read=tally.bytes_read,
             bytes_written=output.bytes_written,
-            allocated_bytes=tally.allocated,
+            allocated_bytes=allocated,
             seconds=round(time.monotonic() - started, 3),
             backend="native",
             sha256=output.sha256,
@@ -175,7 +188,7 @@ def convert(
 class MeasureResult:
     """What ``diskimg measure`` answers: the output file's size, without writing it."""
 
-    target_format: str
+    target_format: DiskFormat
     virtual_size: int
     #: the file size for the source's allocation (its map, refined by a content scan with -S)
     required: int
@@ -191,21 +204,21 @@ class MeasureResult:
 
 def measure(
     source: Source,
-    format: str,
+    output_format: FormatName,
     *,
     options: Mapping[str, str] | str | None = None,
     compress: bool = False,
     align: int | None = None,
     zero_granularity: int = 0,
-    source_format: str | None = None,
+    source_format: FormatName | None = None,
     allow_backing: bool = False,
     snapshot: str | None = None,
     vhd_size: VhdSizeRule = "auto",
 ) -> MeasureResult:
-    """The size ``convert`` would write, from the source's extents; with ``zero_granularity`` the
-    DATA extents are also read to find the zero ranges (as a pipe conversion plans). For
-    compressed qcow2 the figure is an upper bound."""
-    target_format = canonical_format(format)
+    """The size ``convert`` would write in ``output_format``, from the source's extents; with
+    ``zero_granularity`` the DATA extents are also read to find the zero ranges (as a pipe
+    conversion plans). For compressed qcow2 the figure is an upper bound."""
+    target_format = canonical_format(output_format)
     writer_class = WRITERS[target_format]
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
     writer_class.check_options(writer_options)
@@ -215,7 +228,7 @@ def measure(
         virtual_size = aligned_size(reader.virtual_size, align)
         plan = list(scan_for_zeroes(reader, zero_granularity, None) if zero_granularity else reader.extents())
         plan = list(with_zero_tail(plan, reader.virtual_size, virtual_size))
-        data_bytes = sum(e.length for e in plan if e.kind is ExtentKind.DATA)
+        planned_data = data_bytes(plan)
         try:
             required = writer_class.measure(virtual_size, plan, writer_options, compress)
             fully_allocated = writer_class.fully_allocated(virtual_size, writer_options, compress)
@@ -227,7 +240,7 @@ def measure(
             virtual_size=virtual_size,
             required=required,
             fully_allocated=fully_allocated,
-            data_bytes=data_bytes,
+            data_bytes=planned_data,
             scanned=bool(zero_granularity),
         )
 
@@ -287,7 +300,7 @@ def read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[
         pending: deque = deque()
         for index, (offset, length) in enumerate(_data_chunks(extents)):
             buffer = ring[index % len(ring)]
-            read = pool.submit(reader.read_into, offset, memoryview(buffer)[:length])
+            read = pool.submit(reader.readinto_at, offset, memoryview(buffer)[:length])
             pending.append((offset, buffer, length, read))
             if len(pending) > PREFETCH:
                 yield _taken(*pending.popleft())
@@ -315,6 +328,11 @@ class Tally:
         self.position = max(self.position, position)
         if self.progress is not None:
             self.progress("convert", self.position, self.virtual_size)
+
+
+def data_bytes(extents: Iterable[Extent]) -> int:
+    """The bytes the DATA extents cover."""
+    return sum(extent.length for extent in extents if extent.kind is ExtentKind.DATA)
 
 
 def with_zero_tail(extents: Iterable[Extent], size: int, virtual_size: int) -> Iterator[Extent]:
@@ -384,7 +402,7 @@ def _feed_concurrently(
             for offset, length in pieces:
                 first = start + offset - window
                 view = memoryview(buffer)[first : first + length]
-                reader.read_into(offset, view)
+                reader.readinto_at(offset, view)
                 ranges += [(offset + begin, view[begin:end])
                            for begin, end in nonzero_runs(buffer, granularity, first, first + length)]
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after keeping the order
@@ -522,18 +540,21 @@ def _needs_qemu_img(source: Source, source_format: str | None) -> bool:
 def _convert_with_qemu_img(
     source: Source,
     target: str | os.PathLike[str],
-    target_format: str,
+    target_format: DiskFormat,
     options: dict[str, str],
     compress: bool,
     zero_granularity: int,
     checksum: bool,
     source_format: str | None,
     snapshot: str | None,
+    allow_backing: bool,
     force: bool,
     progress: ProgressCallback | None,
-    explicit: bool,
 ) -> ConvertResult:
-    """Convert with qemu-img (argument lists, never a shell), mapping its errors and progress to ours."""
+    """Convert with qemu-img (argument lists, never a shell), mapping its errors and progress to ours.
+
+    The result's figures mean what the native path's do: ``allocated_bytes`` from the source's map,
+    ``bytes_read`` counted over the data of the output qemu-img wrote (the same guest content)."""
     qemu_img = shutil.which("qemu-img")
     if not isinstance(source, (str, os.PathLike)):
         raise UsageError("the qemu-img backend needs a source path, not a file object")
@@ -565,25 +586,53 @@ def _convert_with_qemu_img(
         for percent in _qemu_progress(proc.stdout):
             if progress is not None:
                 progress("convert", int(percent * 100), 10000)
-        error = proc.stderr.read().decode(errors="replace").strip()
+        error = proc.stderr.read()
         if proc.wait() != 0:
-            message = error.splitlines()[-1] if error else f"exit status {proc.returncode}"
-            message = message.replace(temporary, os.fspath(target))  # not our temporary name
-            raise DiskImageError(f"qemu-img convert failed: {message.removeprefix('qemu-img: ')}", path=os.fspath(source))
-        result = ConvertResult(
-            source=os.fspath(source), target=os.fspath(target), source_format=detection.format,
-            target_format=target_format, virtual_size=0, bytes_read=0,
-            bytes_written=os.stat(temporary).st_size, allocated_bytes=0,
-            seconds=0.0, backend="qemu-img",
-        )
+            message = _qemu_message(error, proc.returncode).replace(temporary, os.fspath(target))  # not our temporary
+            raise DiskImageError(f"qemu-img convert failed: {message}", path=os.fspath(source))
+        allocated = _source_data_bytes(qemu_img, source, input_format, source_format, snapshot, allow_backing)
         with open_image(temporary, target_format) as written:
-            result.virtual_size = written.virtual_size
-            result.allocated_bytes = sum(e.length for e in written.extents() if e.kind is ExtentKind.DATA)
-            if checksum:
-                # qemu-img wrote the file: hashing it takes a second read of the output
-                result.sha256, result.content_hash = _file_sha256(temporary), content_hash_of(written)
+            hasher = _content_hasher(written.virtual_size) if checksum else None
+            # with -S 0 all the source's data is carried; else it is counted over the output's data
+            # (qemu-img does not report it), in the same pass as the hash when one is asked for
+            carried = carried_bytes(written, zero_granularity, hasher) if zero_granularity or hasher else 0
+            result = ConvertResult(
+                source=os.fspath(source), target=os.fspath(target), source_format=detection.format,
+                target_format=target_format, virtual_size=written.virtual_size,
+                bytes_read=carried if zero_granularity else allocated,
+                bytes_written=os.stat(temporary).st_size, allocated_bytes=allocated,
+                seconds=0.0, backend="qemu-img",
+            )
+            if hasher is not None:
+                # qemu-img wrote the file: its SHA-256 takes another read of it
+                result.sha256, result.content_hash = _file_sha256(temporary), hasher.hexdigest()
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _source_data_bytes(qemu_img: str, source: str | os.PathLike[str], input_format: str, source_format: str | None,
+                       snapshot: str | None, allow_backing: bool) -> int:
+    """The data bytes of the source's allocation map, as ``qemu-img map`` gives it; for an internal
+    snapshot (which ``qemu-img map`` cannot select: qcow2 only, a format diskimg reads), diskimg's map."""
+    if snapshot is not None:
+        with open_image(source, canonical_format(source_format) if source_format else None,
+                        allow_backing=allow_backing, snapshot=snapshot) as reader:
+            return data_bytes(reader.extents())
+    import json
+    import subprocess
+
+    proc = subprocess.run([qemu_img, "map", "--output=json", "-f", input_format, os.fspath(source)],
+                          stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise DiskImageError(f"qemu-img map failed: {_qemu_message(proc.stderr, proc.returncode)}",
+                             path=os.fspath(source))
+    return sum(entry["length"] for entry in json.loads(proc.stdout) if entry.get("data"))
+
+
+def _qemu_message(stderr: bytes, returncode: int) -> str:
+    """The line of a failed qemu-img run that says why."""
+    error = stderr.decode(errors="replace").strip()
+    return error.splitlines()[-1].removeprefix("qemu-img: ") if error else f"exit status {returncode}"
 
 
 def _qemu_progress(stream: Any) -> Iterator[float]:
@@ -617,10 +666,20 @@ def _content_hasher(virtual_size: int) -> ContentHasher:
 
 def content_hash_of(reader: DiskReader) -> str:
     hasher = _content_hasher(reader.virtual_size)
-    position = 0
-    for offset, buffer, length in read_ahead(reader, reader.extents()):
-        hasher.skip_zeros(offset - position)
-        hasher.update(memoryview(buffer)[:length])
-        position = offset + length
-    hasher.skip_zeros(reader.virtual_size - position)
+    carried_bytes(reader, 0, hasher)
     return hasher.hexdigest()
+
+
+def carried_bytes(reader: DiskReader, granularity: int, hasher: ContentHasher | None = None) -> int:
+    """One pass over the reader's data: the bytes a conversion at ``granularity`` carries (its
+    non-zero ranges, as ``ConvertResult.bytes_read`` counts them), hashing the content when asked."""
+    carried = position = 0
+    for offset, buffer, length in read_ahead(reader, reader.extents()):
+        carried += sum(end - start for start, end in nonzero_runs(buffer, granularity, 0, length))
+        if hasher is not None:
+            hasher.skip_zeros(offset - position)
+            hasher.update(memoryview(buffer)[:length])
+            position = offset + length
+    if hasher is not None:
+        hasher.skip_zeros(reader.virtual_size - position)
+    return carried

@@ -36,6 +36,7 @@ from typing import BinaryIO
 from .probe import check_forced, detect
 from ..errors import CorruptImage, DiskImageError, UnsupportedFormat
 from ..formats import canonical_format
+from ..choices import FormatName
 from ..formats import qcow2 as q
 from ..formats.check_result import MAX_PROBLEMS, CheckProblem, CheckResult
 from ..formats.vdi.check import check_vdi
@@ -53,17 +54,17 @@ MAX_CHECK_CLUSTERS = 1 << 28
 MAX_L2_TABLES = 1 << 18
 
 
-def check(source: str | os.PathLike[str] | BinaryIO, format: str | None = None) -> CheckResult:
-    """Check the structure of a RAW, VHD, VHDX or qcow2 image (``format`` forces one).
+def check(source: str | os.PathLike[str] | BinaryIO, source_format: FormatName | None = None) -> CheckResult:
+    """Check the structure of a RAW, VHD, VHDX or qcow2 image (``source_format`` forces one).
 
     Problems in the image are in the result; DiskImageError is raised only when the file cannot
     be opened (ImageNotFound), is not one of the three formats or uses a feature diskimg does not
     take (UnsupportedFormat), or contradicts the forced format (FormatMismatch, as ``open_image``).
     """
     detection = detect(source)
-    name = canonical_format(format) if format else detection.format
-    unread_vmdk = name == "vmdk" and not format and not detection.readable  # seSparse, COWD, a lone extent
-    if format:
+    name = canonical_format(source_format) if source_format else detection.format
+    unread_vmdk = name == "vmdk" and not source_format and not detection.readable  # seSparse, COWD, a lone extent
+    if source_format:
         check_forced(detection, name, source_name(source))
     if name not in ("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi") or unread_vmdk:
         raise UnsupportedFormat(
@@ -116,9 +117,9 @@ class _Qcow2Check:
         #: the active L1 table as check_l1 walked it (None when it could not be walked)
         self.active_l1: array | None = None
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; past the end of the file reads zeros (as qemu's check does)."""
-        data = self.host.pread(length, offset) if offset < self.file_size else b""
+        data = self.host.read_at(offset, length) if offset < self.file_size else b""
         return data + bytes(length - len(data)) if len(data) < length else data
 
     def run(self) -> None:
@@ -222,7 +223,7 @@ class _Qcow2Check:
                 self.entries_left = -1
             return None
         self.entries_left -= inside // 8
-        return q.parse_u64_table(self.read(offset, inside))
+        return q.parse_u64_table(self.read_at(offset, inside))
 
     def check_l1(self, l1_offset: int, l1_size: int, *, active: bool, what: str) -> None:
         """Count the L1 table and the references to its L2 tables; the L2 tables are walked later,
@@ -333,7 +334,7 @@ class _Qcow2Check:
         if not header.nb_snapshots:
             return []
         offset = header.snapshots_offset
-        data = self.read(offset, min(q.MAX_SNAPSHOT_TABLE_BYTES, max(0, self.file_size - offset)))
+        data = self.read_at(offset, min(q.MAX_SNAPSHOT_TABLE_BYTES, max(0, self.file_size - offset)))
         snapshots: list[q.Qcow2Snapshot] = []
         position = 0
         for index in range(header.nb_snapshots):
@@ -360,7 +361,7 @@ class _Qcow2Check:
                             "bitmap directory")
             return
         self.inc(ext.directory_offset, ext.directory_size, "bitmap directory")
-        data = self.read(ext.directory_offset, ext.directory_size)
+        data = self.read_at(ext.directory_offset, ext.directory_size)
         try:
             tables = q.parse_bitmap_directory(data, ext.nb_bitmaps)
         except CorruptImage as exc:
@@ -393,7 +394,7 @@ class _Qcow2Check:
         result = self.result
         order = header.refcount_order
         table_bytes = header.refcount_table_clusters * cs
-        raw = self.read(header.refcount_table_offset, table_bytes)
+        raw = self.read_at(header.refcount_table_offset, table_bytes)
         table = q.parse_refcount_table(raw)
         per_block = cs * 8 >> order
         count = len(self.refs)
@@ -420,7 +421,7 @@ class _Qcow2Check:
             first = index * per_block
             if first >= count:
                 continue
-            values = q.decode_refcount_block(self.read(offset, cs), order)
+            values = q.decode_refcount_block(self.read_at(offset, cs), order)
             take = min(per_block, count - first, len(values))
             ondisk[first : first + take] = values[:take]
         if len(ondisk) < len(self.refs):  # refcount blocks referenced themselves past the old end
@@ -495,7 +496,7 @@ class _Qcow2Check:
             active_uses = self.l2_tables[l2_offset][1]
             if not active_uses:
                 continue
-            entries = q.parse_u64_table(self.read(l2_offset, cs))[0::width]
+            entries = q.parse_u64_table(self.read_at(l2_offset, cs))[0::width]
             for number, l2_entry in enumerate(entries):
                 if not l2_entry or l2_entry & q.OFLAG_COMPRESSED:
                     continue

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from .probe import check_forced, detect, identify_inner
-from ..formats.probing import OpenOptions, VhdSizeRule
+from ..formats.probing import OpenOptions
+from ..choices import FormatName, VhdSizeRule
 from ..errors import BackingFileError, CorruptImage, UnsupportedFormat
 from ..formats import READERS, canonical_format
 from ..host.files import HostFile, confined_path
@@ -25,7 +26,7 @@ MAX_CHAIN_DEPTH = 16
 
 def open_image(
     source: Source,
-    format: str | None = None,
+    source_format: FormatName | None = None,
     *,
     allow_backing: bool = False,
     backing_dirs: Sequence[str | os.PathLike[str]] | None = None,
@@ -34,11 +35,12 @@ def open_image(
 ) -> DiskReader:
     """Open a RAW, VHD, VHDX or qcow2 image as a DiskReader.
 
-    ``format`` forces the format (as ``qemu-img -f``) and must agree with the file's header.
+    ``source_format`` forces the format (as ``qemu-img -f``) and must agree with the file's header.
     ``allow_backing`` lets a qcow2 backing file or a differencing VHD's parent be opened, from
     inside ``backing_dirs`` (default: the image's own directory tree) only.
     """
-    reader = _open(source, format, OpenOptions(snapshot=snapshot, vhd_size=vhd_size), allow_backing, backing_dirs)
+    reader = _open(source, source_format, OpenOptions(snapshot=snapshot, vhd_size=vhd_size), allow_backing,
+                   backing_dirs)
     if reader.backing_file is not None and reader.parent is None:
         reader.close()
         raise BackingFileError(
@@ -49,9 +51,10 @@ def open_image(
     return reader
 
 
-def image_info(source: Source, format: str | None = None, *, vhd_size: VhdSizeRule = "auto") -> ImageInfo:
+def image_info(source: Source, source_format: FormatName | None = None, *,
+               vhd_size: VhdSizeRule = "auto") -> ImageInfo:
     """The facts ``diskimg info`` shows; reads metadata only and never opens backing files."""
-    reader = _open(source, format, OpenOptions(vhd_size=vhd_size), False, None, see_tail=True)
+    reader = _open(source, source_format, OpenOptions(vhd_size=vhd_size), False, None, see_tail=True)
     try:
         return reader.info()
     finally:
@@ -60,7 +63,7 @@ def image_info(source: Source, format: str | None = None, *, vhd_size: VhdSizeRu
 
 def _open(
     source: Source,
-    format: str | None,
+    source_format: str | None,
     options: OpenOptions,
     allow_backing: bool,
     backing_dirs: Sequence[str | os.PathLike[str]] | None,
@@ -70,8 +73,9 @@ def _open(
     or zstd file of one block or frame) is read to its end at open (for its facts: a fixed VHD's
     footer, a DMG trailer) rather than checked when its end is read."""
     detection = detect(source)
-    if format is not None:
-        name = canonical_format(format)
+    name: str
+    if source_format is not None:
+        name = canonical_format(source_format)
         check_forced(detection, name, source_name(source))
     elif detection.readable:
         name = detection.format

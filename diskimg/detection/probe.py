@@ -77,10 +77,10 @@ def detect(source: str | os.PathLike[str] | BinaryIO) -> Detection:
         raise ImageNotFound(f"cannot read: {exc}", path=_name_of(source)) from None
     try:
         size = host.size
-        head = host.pread(min(HEAD_SIZE, size), 0) if size else b""
+        head = host.read_at(0, min(HEAD_SIZE, size)) if size else b""
         tail_length = min(TAIL_SIZE, size)
-        tail = host.pread(tail_length, size - tail_length) if size else b""
-        return _classify(head, tail, size, _name_of(source), 0, host.pread)
+        tail = host.read_at(size - tail_length, tail_length) if size else b""
+        return _classify(head, tail, size, _name_of(source), 0, host.read_at)
     except DiskImageError:
         raise
     except (OSError, ValueError) as exc:  # EIO, a closed or unseekable caller's file
@@ -100,7 +100,7 @@ def _name_of(source: object) -> str | None:
 def identify_inner(data: bytes, tail: bytes, size: int | None, depth: int, name: str | None) -> Detection:
     """What a wrapper holds, from the decompressed prefix ``data`` (the callback of wrappers.py)."""
 
-    def read_at(length: int, offset: int) -> bytes:
+    def read_at(offset: int, length: int) -> bytes:
         return data[offset : offset + length]
 
     return _classify(data[:HEAD_SIZE], tail, size, name, depth, read_at)

@@ -3,7 +3,7 @@
 A line is ``{"id": "web1-system", "op": "convert", "source": "...", "target": "..."}``: an ``id``
 unique in the plan, an ``op`` (``validate``, ``convert``, ``export``, ``verify``, ``unpack``) and
 that operation's arguments, named and typed as the keyword arguments of its function in the public
-API (``diskimg.convert(source, target, format, ...)``). A batch that stops on a bad value after
+API (``diskimg.convert(source, target, output_format, ...)``). A batch that stops on a bad value after
 running half the fleet would leave the user to sort out what ran, so a misspelled key, a wrong type,
 an unknown format or a missing argument is refused up front, naming the line.
 """
@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from ..formats.probing import VhdSizeRule
+from ..choices import ArchiveKind, Backend, BootMode, DiskRole, ExportLayout, VhdSizeRule
 from ..errors import UsageError
 from ..formats import canonical_format
 
@@ -98,21 +98,22 @@ class Operation:
 
 OPERATIONS = {op.name: op for op in (
     Operation("validate", {
-        "image": _text, "role": _one_of("system", "data"), "target": _target, "boot_mode": _one_of("BIOS", "UEFI"),
+        "image": _text, "role": _one_of(*get_args(DiskRole)), "target": _target,
+        "boot_mode": _one_of(*get_args(BootMode)),
         "strict": _flag, "system": _text, "data": _texts, "allow_backing": _flag}, (), answer="importable"),
     Operation("convert", {
-        "source": _text, "target": _text, "format": _image_format, "options": _options, "compress": _flag,
+        "source": _text, "target": _text, "output_format": _image_format, "options": _options, "compress": _flag,
         "align": _count, "zero_granularity": _count, "checksum": _flag,
-        "backend": _one_of("auto", "native", "qemu-img"), "source_format": _text, "allow_backing": _flag,
+        "backend": _one_of(*get_args(Backend)), "source_format": _text, "allow_backing": _flag,
         "snapshot": _text, "vhd_size": _one_of(*get_args(VhdSizeRule)), "force": _flag},
         ("source", "target"), ("target",)),
     Operation("export", {
-        "name": _text, "system": _text, "data": _texts, "out": _text, "format": _image_format,
-        "archive": _one_of("tar.gz", "tar.zst", "tar", "none"), "layout": _one_of("ecs", "gce"),
+        "name": _text, "system": _text, "data": _texts, "out": _text, "output_format": _image_format,
+        "archive": _one_of(*get_args(ArchiveKind)), "layout": _one_of(*get_args(ExportLayout)),
         "devices": _texts, "threads": _count, "zero_granularity": _count, "compress": _flag,
         "allow_backing": _flag, "force": _flag}, ("name", "system")),
     Operation("verify", {"path": _text, "deep": _flag}, ("path",), answer="intact"),
-    Operation("unpack", {"source": _text, "out": _text, "format": _image_format, "force": _flag},
+    Operation("unpack", {"source": _text, "out": _text, "output_format": _image_format, "force": _flag},
               ("source", "out")),
 )}
 

@@ -3,6 +3,7 @@ writer. This registry maps format names to them."""
 
 from __future__ import annotations
 
+from ..choices import DiskFormat
 from .probing import FORMAT_ALIASES
 from ..errors import UsageError
 from .reader import DiskReader
@@ -20,7 +21,7 @@ WRITERS: dict[str, type[DiskWriter]] = {"raw": RawWriter, "vhd": VhdWriter, "qco
                                         "vhdx": VhdxWriter, "vdi": VdiWriter}
 
 
-def canonical_format(name: str) -> str:
+def canonical_format(name: str) -> DiskFormat:
     """The canonical name of a format diskimg reads (``vpc`` is ``vhd``), or a UsageError."""
     try:
         return FORMAT_ALIASES[name.lower()]

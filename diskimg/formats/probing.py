@@ -7,12 +7,15 @@ prober (which imports every driver).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, get_args
+
+from ..choices import DiskFormat, VhdSizeRule
 
 #: formats diskimg reads and writes
-READABLE_FORMATS = ("raw", "vhd", "qcow2", "vmdk", "vhdx", "vdi")
-#: names accepted in options for a format, mapped to the canonical name
-FORMAT_ALIASES = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi"}
+READABLE_FORMATS: tuple[DiskFormat, ...] = get_args(DiskFormat)
+#: names accepted in options for a format (choices.FormatName), mapped to the canonical name
+FORMAT_ALIASES: dict[str, DiskFormat] = {"raw": "raw", "vhd": "vhd", "vpc": "vhd", "qcow2": "qcow2", "vmdk": "vmdk",
+                                         "vhdx": "vhdx", "vdi": "vdi"}
 
 
 @dataclass
@@ -34,9 +37,6 @@ class Detection:
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}
-
-
-VhdSizeRule = Literal["auto", "chs", "current_size"]
 
 
 @dataclass(frozen=True)

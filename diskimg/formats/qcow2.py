@@ -799,7 +799,7 @@ def read_first_cluster(host: HostFile) -> FirstCluster:
     Raises what :meth:`Qcow2Header.parse` raises: without a header there is nothing to report on.
     """
     file_size = host.size
-    head = host.pread(min(file_size, 4096), 0)
+    head = host.read_at(0, min(file_size, 4096))
     header = Qcow2Header.parse(head)
     cluster_bits = header.cluster_bits
     if cluster_bits < MIN_CLUSTER_BITS:
@@ -812,7 +812,7 @@ def read_first_cluster(host: HostFile) -> FirstCluster:
         )
         return FirstCluster(header, HeaderExtensions(), head, error)
     cluster_size = header.cluster_size
-    data = head[:cluster_size] if len(head) >= cluster_size else host.pread(min(file_size, cluster_size), 0)
+    data = head[:cluster_size] if len(head) >= cluster_size else host.read_at(0, min(file_size, cluster_size))
     if header.header_length > cluster_size:
         error = _corrupt(f"header_length {header.header_length} exceeds the cluster size {cluster_size}", "header", 100)
         return FirstCluster(header, HeaderExtensions(), data, error)
@@ -915,7 +915,7 @@ class Qcow2Reader(DiskReader):
             _check_l1_inside(l1_offset, l1_size, file_size, what)
         # qemu addresses the guest in 512-byte sectors and ignores a partial last sector
         virtual_size -= virtual_size % 512
-        l1 = parse_u64_table(host.pread(l1_size * 8, l1_offset)) if l1_size else array("Q")
+        l1 = parse_u64_table(host.read_at(l1_offset, l1_size * 8)) if l1_size else array("Q")
         if len(l1) != l1_size:
             raise _corrupt("L1 table runs past the end of the file", "L1 table", l1_offset)
         return cls(host, header, extensions, snapshots, l1, l1_offset, virtual_size, backing_file, selected)
@@ -952,7 +952,7 @@ class Qcow2Reader(DiskReader):
         available = min(file_size - offset, MAX_SNAPSHOT_TABLE_BYTES)
         want = min(available, max(4096, count * 128))
         while True:
-            data = host.pread(want, offset)
+            data = host.read_at(offset, want)
             try:
                 return parse_snapshot_table(data, count, offset)
             except SnapshotTableTruncated:
@@ -1113,7 +1113,7 @@ class Qcow2Reader(DiskReader):
                 offset=self._l1_offset + 8 * l1_index,
                 structure="L1 table",
             )
-        table = parse_u64_table(self.host.pread(cluster_size, offset))
+        table = parse_u64_table(self.host.read_at(offset, cluster_size))
         if len(table) * 8 != cluster_size:
             raise CorruptImage("L2 table read came short", path=self.path, offset=offset, structure="L2 table")
         with self._cache_lock:
@@ -1289,7 +1289,7 @@ class Qcow2Reader(DiskReader):
     def _decompress(self, host: int, length: int, guest: int) -> bytes:
         cluster_size = self._cluster_size
         # compressed data may end at the end of the file, inside its last sector: a short read is fine
-        stored = self.host.pread(length, host)
+        stored = self.host.read_at(host, length)
         try:
             if self._zstd:
                 reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=True)

@@ -61,11 +61,14 @@ class RawWriter(DiskWriter):
         return not self.target.streaming
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = self._accepted(offset, data, self.virtual_size)
+        if not self.concurrent_writes:
+            self._written_to = offset + len(view)
         if self.target.streaming:
             self.target.skip(offset - self.target.position)
-            self.target.write(data)
+            self.target.write(view)
         else:
-            self.target.pwrite(data, offset)
+            self.target.pwrite(view, offset)
 
     def finish(self) -> None:
         if self.target.streaming:

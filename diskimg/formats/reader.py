@@ -3,7 +3,7 @@
 A driver describes its image as *runs*: consecutive guest ranges, each served from one place (zeros,
 a contiguous range of the host file, the backing image, or an encoded unit such as a compressed
 qcow2 cluster). From that single description this base class derives the three views callers use:
-positional ``read(offset, length)``, the ``extents()`` allocation map, and a read-only seekable
+positional ``read_at(offset, length)``, the ``extents()`` allocation map, and a read-only seekable
 file (``io.RawIOBase``) for partition and file-system parsers.
 """
 
@@ -14,7 +14,7 @@ import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple
 
 from .probing import OpenOptions, ParentOpener
 from ..errors import BackingFileError, CorruptImage
@@ -100,7 +100,8 @@ class DiskReader(io.RawIOBase):
     """Guest-visible view of one image. Drivers implement ``_runs`` (and ``_read_encoded``, ``info``)."""
 
     format: str = ""
-    #: maximum bytes one positional read may return, so a caller cannot ask for a huge allocation
+    #: the most bytes one read may return (read_at, read, readall), so that no read allocates without
+    #: bound; readinto fills a buffer of any size
     MAX_READ = 64 * 1024 * 1024
     #: True for a disk read through a forward-only stream (sources.py): reads in increasing offset
     #: order cost one decompression pass, a read backwards restarts it; read such a disk in order
@@ -141,29 +142,17 @@ class DiskReader(io.RawIOBase):
     def path(self) -> str:
         return self.host.name
 
-    @overload
-    def read(self, size: int | None = -1, /) -> bytes: ...
-    @overload
-    def read(self, offset: int, length: int, /) -> bytes: ...
-
-    def read(self, offset_or_size: int | None = -1, length: int | None = None, /) -> bytes:
-        """``read(offset, length)``: guest bytes at an offset (the DiskReader contract);
-        ``read(size)``: file-style read from the current position (the io.RawIOBase contract)."""
-        if length is None:
-            size = -1 if offset_or_size is None else offset_or_size
-            if size < 0 or size > self.MAX_READ:
-                size = min(self.MAX_READ, max(0, self.virtual_size - self._position))
-            data = self.read(self._position, size)
-            self._position += len(data)
-            return data
-        offset = offset_or_size or 0
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Guest bytes at ``offset``: holes as zeros, fewer than ``length`` only at the end of the disk;
+        the file position is untouched. More than ``MAX_READ`` bytes at once is a ValueError."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         end = min(offset + length, self.virtual_size)
         if end <= offset:
             return b""
         if end - offset > self.MAX_READ:
-            raise ValueError(f"read of {end - offset} bytes exceeds the {self.MAX_READ}-byte limit")
+            raise ValueError(f"cannot return {end - offset} bytes in one read (the limit is {self.MAX_READ}): read "
+                             "the disk in pieces, with read(size), readinto or read_at")
         runs = self._runs(offset, end)
         first = next(runs)
         if first.kind is RunKind.HOST and first.length == end - offset:
@@ -172,22 +161,23 @@ class DiskReader(io.RawIOBase):
         self._fill_runs(memoryview(buffer), offset, (first, *runs))
         return bytes(buffer)
 
-    def read_into(self, offset: int, buffer: bytearray | memoryview) -> int:
+    def readinto_at(self, offset: int, buffer: bytearray | memoryview) -> int:
         """Fill ``buffer`` with guest bytes at ``offset`` without an intermediate copy; returns the
         byte count (short only at the end of the disk)."""
         view = memoryview(buffer).cast("B")
         end = min(offset + len(view), self.virtual_size)
-        if end <= offset:
-            return 0
-        self._fill_runs(view, offset, self._runs(offset, end))
-        return end - offset
+        # in pieces of at most MAX_READ, so the zeros and decoded units one piece needs stay bounded
+        for start in range(offset, end, self.MAX_READ):
+            stop = min(start + self.MAX_READ, end)
+            self._fill_runs(view[start - offset : stop - offset], start, self._runs(start, stop))
+        return max(0, end - offset)
 
     def _fill_runs(self, view: memoryview, offset: int, runs: Iterable[Run]) -> None:
         for run in runs:
             self._fill(view[run.start - offset : run.start - offset + run.length], run)
 
     def _read_host(self, run: Run) -> bytes:
-        data = self.host.pread(run.length, run.host_offset)
+        data = self.host.read_at(run.host_offset, run.length)
         if len(data) != run.length:
             raise CorruptImage(
                 f"image is truncated: {run.length} bytes of guest offset {run.start} lie past the end of the file",
@@ -200,7 +190,7 @@ class DiskReader(io.RawIOBase):
         if run.kind is RunKind.ZERO:
             target[:] = bytes(run.length)
         elif run.kind is RunKind.HOST:
-            if self.host.pread_into(target, run.host_offset) != run.length:
+            if self.host.readinto_at(run.host_offset, target) != run.length:
                 raise CorruptImage(
                     f"image is truncated: guest offset {run.start} maps past the end of the file",
                     path=self.path,
@@ -216,7 +206,7 @@ class DiskReader(io.RawIOBase):
 
     def _backing_read(self, start: int, length: int) -> bytes:
         parent = self._require_parent()
-        data = parent.read(start, length) if start < parent.virtual_size else b""
+        data = parent.read_at(start, length) if start < parent.virtual_size else b""
         return data + bytes(length - len(data))
 
     def _require_parent(self) -> DiskReader:
@@ -304,8 +294,18 @@ class DiskReader(io.RawIOBase):
         self._position = position
         return position
 
+    def read(self, size: int | None = -1, /) -> bytes:
+        """Up to ``size`` bytes from the position (the rest of the disk when ``size`` is negative or
+        None); fewer only at the end of the disk. As with ``read_at``, more than ``MAX_READ`` bytes
+        at once is a ValueError, never a short read."""
+        rest = max(0, self.virtual_size - self._position)
+        data = self.read_at(self._position, rest if size is None or size < 0 else min(size, rest))
+        self._position += len(data)
+        return data
+
     def readinto(self, buffer: Any) -> int:
-        count = self.read_into(self._position, memoryview(buffer).cast("B")[: self.MAX_READ])
+        """Fill ``buffer`` from the position; short only at the end of the disk."""
+        count = self.readinto_at(self._position, buffer)
         self._position += count
         return count
 

@@ -140,7 +140,7 @@ class HostFile:
         blocks = getattr(os.fstat(self.fd), "st_blocks", None)
         return None if blocks is None else blocks * 512
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; short only at end of file."""
         if self.fd is not None and _HAVE_PREAD:
             data = os.pread(self.fd, length, offset)
@@ -160,7 +160,7 @@ class HostFile:
             self._file.seek(offset)
             return self._file.read(length) or b""
 
-    def pread_into(self, buffer: memoryview, offset: int) -> int:
+    def readinto_at(self, offset: int, buffer: memoryview) -> int:
         """Fill ``buffer`` from ``offset``; returns the bytes read (short only at end of file)."""
         if self.fd is not None and hasattr(os, "preadv"):
             total = 0
@@ -170,7 +170,7 @@ class HostFile:
                     break
                 total += got
             return total
-        data = self.pread(len(buffer), offset)
+        data = self.read_at(offset, len(buffer))
         buffer[: len(data)] = data
         return len(data)
 

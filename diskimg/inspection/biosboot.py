@@ -75,7 +75,7 @@ def _sector(disk: Disk, table: PartitionTable, lba: int) -> bytes | None:
     """Sector ``lba``, None when it lies past the end of the disk."""
     if lba < 0 or (lba + 1) * SECTOR_SIZE > table.disk_size:
         return None
-    return disk.read(lba * SECTOR_SIZE, SECTOR_SIZE)
+    return disk.read_at(lba * SECTOR_SIZE, SECTOR_SIZE)
 
 
 def _follow_grub(disk: Disk, table: PartitionTable, bootstrap: bytes, chain: BiosChain) -> None:

@@ -4,7 +4,7 @@ the protective MBR, extended/logical MBR partitions with a loop guard).
 
 The parse functions (``parse_mbr``, ``parse_gpt_header``, ``parse_gpt_entries``) turn bytes into
 values and never raise anything but :class:`CorruptImage`. ``read_partition_table(disk)`` does the
-I/O through anything with ``read(offset, length) -> bytes`` (a :class:`~diskimg.formats.reader.DiskReader`)
+I/O through anything with ``read_at(offset, length) -> bytes`` (a :class:`~diskimg.formats.reader.DiskReader`)
 and reports what it found wrong as :class:`TableIssue` values instead of raising: a broken table
 is a finding, not an error of the tool.
 
@@ -429,7 +429,7 @@ def read_partition_table(disk: Disk, disk_size: int | None = None) -> PartitionT
     table = PartitionTable(scheme=None, disk_size=size)
     if size < SECTOR_SIZE:
         return table
-    head = disk.read(0, min(size, 2 * 4096))
+    head = disk.read_at(0, min(size, 2 * 4096))
     mbr = parse_mbr(head[:SECTOR_SIZE]) if len(head) >= SECTOR_SIZE else None
     table.mbr = mbr
 
@@ -569,7 +569,7 @@ def _read_logical(disk: Disk, table: PartitionTable, extended: Partition) -> Non
                 )
             )
             return
-        sector = disk.read(offset, SECTOR_SIZE)
+        sector = disk.read_at(offset, SECTOR_SIZE)
         ebr = parse_mbr(sector)
         if not ebr.signature_ok:
             table.issues.append(
@@ -748,7 +748,7 @@ def _read_gpt_header(disk: Disk, sector_size: int, lba: int, size: int) -> GptHe
     offset = lba * sector_size
     if lba <= 0 or offset + sector_size > size:
         return f"LBA {lba} lies outside the disk"
-    block = disk.read(offset, sector_size)
+    block = disk.read_at(offset, sector_size)
     if block[:8] != GPT_SIGNATURE:
         return "has no 'EFI PART' signature"
     header = parse_gpt_header(block)
@@ -772,7 +772,7 @@ def _read_gpt_entries(
                        {"offset": header.current_lba * sector_size, "lba": header.current_lba})
         )
         return None
-    data = disk.read(offset, length)
+    data = disk.read_at(offset, length)
     crc = zlib.crc32(data)
     if crc != header.entries_crc:
         table.issues.append(

@@ -80,7 +80,7 @@ FAT_TYPES = ("fat12", "fat16", "fat32")
 class Disk(Protocol):
     """What the parsers need from a disk: positional reads (a DiskReader has this)."""
 
-    def read(self, offset: int, length: int, /) -> bytes: ...
+    def read_at(self, offset: int, length: int, /) -> bytes: ...
 
 
 @dataclass
@@ -331,7 +331,7 @@ def probe_btrfs(head: bytes) -> FileSystem | None:
 def probe_btrfs_copy(disk: Disk, offset: int) -> FileSystem | None:
     """A btrfs whose primary superblock is gone, by its first copy (at 64 MiB, recording that place)."""
     position = BTRFS_SUPERBLOCK_OFFSETS[1]
-    sb = parse_btrfs_superblock(disk.read(offset + position, BTRFS_SUPERBLOCK_SIZE))
+    sb = parse_btrfs_superblock(disk.read_at(offset + position, BTRFS_SUPERBLOCK_SIZE))
     if sb is None or sb.bytenr != position:
         return None
     found = _btrfs_file_system(sb)
@@ -573,7 +573,7 @@ _ZFS_MAGIC = 0x00BAB10C
 def probe(disk: Disk, offset: int = 0, length: int | None = None) -> FileSystem | None:
     """The file system of the volume at ``offset`` (``length`` bytes; a partition or a whole disk)."""
     want = HEAD_SIZE if length is None else max(0, min(HEAD_SIZE, length))
-    head = disk.read(offset, want)
+    head = disk.read_at(offset, want)
     found = probe_bytes(head)
     if found is not None:
         return found
@@ -593,7 +593,7 @@ def probe(disk: Disk, offset: int = 0, length: int | None = None) -> FileSystem 
         if found is not None:
             return found
     # ZFS: the first label's uberblock ring (128-256 KiB), magic in either byte order.
-    ring = disk.read(offset + (128 << 10), 128 << 10)
+    ring = disk.read_at(offset + (128 << 10), 128 << 10)
     for slot in range(0, len(ring) - 8, 1024):
         value = ring[slot : slot + 8]
         if int.from_bytes(value, "little") == _ZFS_MAGIC or int.from_bytes(value, "big") == _ZFS_MAGIC:

@@ -41,7 +41,7 @@ INNER_HEAD = 128 * 1024
 #: the inner tail passed to detection (where a VHD footer or a DMG trailer is)
 INNER_TAIL = 1024
 
-ReadAt = Callable[[int, int], bytes]  # (length, offset) -> bytes, short only at the end
+ReadAt = Callable[[int, int], bytes]  # (offset, length) -> bytes, short only at the end
 #: (head, tail, size or None, depth, name or None) -> Detection of what a wrapper holds
 Identify = Callable[[bytes, bytes, "int | None", int, "str | None"], Detection]
 
@@ -119,7 +119,7 @@ class _InputBudget:
         if size <= 0:
             self.exhausted_budget = self._capped
             return b""
-        data = self.read_at(size, self.position)
+        data = self.read_at(self.position, size)
         self.position += len(data)
         self.remaining -= len(data)
         return data
@@ -222,7 +222,7 @@ class _ReadAtStream:
         self.position = 0
 
     def read(self, size: int, /) -> bytes:
-        data = self.read_at(size, self.position)
+        data = self.read_at(self.position, size)
         self.position += len(data)
         return data
 
@@ -256,13 +256,13 @@ class PeekedMember:
         if offset >= end:
             return b""
         if self.header.sparse_map is None:
-            return read_at(end - offset, self.data_offset + offset)
+            return read_at(self.data_offset + offset, end - offset)
         out = bytearray(end - offset)
         stored = self.data_offset
         for seg_offset, seg_length in self.header.sparse_map:
             lo, hi = max(seg_offset, offset), min(seg_offset + seg_length, end)
             if lo < hi:
-                data = read_at(hi - lo, stored + lo - seg_offset)
+                data = read_at(stored + lo - seg_offset, hi - lo)
                 out[lo - offset : lo - offset + len(data)] = data
             stored += seg_length
             if seg_offset >= end:
@@ -473,7 +473,7 @@ def _fully_readable(read_at: ReadAt, member: PeekedMember) -> bool:
     """Whether the archive holds all of the member's stored data (not cut off by a peek prefix)."""
     if member.stored_size == 0:
         return True
-    last = read_at(1, member.data_offset + member.stored_size - 1)
+    last = read_at(member.data_offset + member.stored_size - 1, 1)
     return len(last) == 1
 
 
@@ -482,13 +482,13 @@ _ZIP_METHODS = {0: "stored", 8: "deflate", 12: "bzip2", 93: "zstd"}
 
 def peek_zip(read_at: ReadAt, identify: Identify, depth: int, name: str | None) -> Detection:
     """The Detection of a zip archive from its first local file header (no central directory)."""
-    header = read_at(30, 0)
+    header = read_at(0, 30)
     if header[:4] == b"PK\x05\x06":
         return Detection(format="zip", description="empty zip archive", hint=wrapper_hint("zip", name, None, None))
     offset = 0
     entry_name = ""
     for _ in range(8):  # skip directory entries
-        header = read_at(30, offset)
+        header = read_at(offset, 30)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             return Detection(
                 format="zip",
@@ -498,7 +498,7 @@ def peek_zip(read_at: ReadAt, identify: Identify, depth: int, name: str | None) 
         flags, method = struct.unpack_from("<HH", header, 6)
         (compressed,) = struct.unpack_from("<I", header, 18)
         name_length, extra_length = struct.unpack_from("<HH", header, 26)
-        entry_name = read_at(name_length, offset + 30).decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        entry_name = read_at(offset + 30, name_length).decode("utf-8" if flags & 0x800 else "cp437", "replace")
         data_offset = offset + 30 + name_length + extra_length
         if not entry_name.endswith("/"):
             break
@@ -516,13 +516,13 @@ def peek_zip(read_at: ReadAt, identify: Identify, depth: int, name: str | None) 
         known = not (flags & 0x8) and compressed != 0xFFFFFFFF
         limit = compressed if known else None
 
-        def entry_at(length: int, position: int) -> bytes:
+        def entry_at(position: int, length: int) -> bytes:
             if limit is not None:
                 length = max(0, min(length, limit - position))
-            return read_at(length, data_offset + position)
+            return read_at(data_offset + position, length)
 
         if method == 0:
-            data = entry_at(PEEK_OUTPUT, 0)
+            data = entry_at(0, PEEK_OUTPUT)
             complete = known and len(data) == compressed
             prefix = Prefix(data, complete and compressed <= PEEK_OUTPUT)
         else:

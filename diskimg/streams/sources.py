@@ -119,7 +119,7 @@ class ForwardStream:
     # -- the compressed input
 
     def _take_input(self, size: int = READ_CHUNK) -> bytes:
-        data = self.host.pread(size, self._input_position)
+        data = self.host.read_at(self._input_position, size)
         self._input_position += len(data)
         if self.digest is not None and data:
             self.digest.update(data)
@@ -293,26 +293,26 @@ def xz_layout(host: HostFile) -> tuple[int, LastUnits | None]:
     blocks_seen = 0
     last: LastUnits | None = None
     for _ in range(1 << 16):
-        while end >= 4 and host.pread(4, end - 4) == b"\0\0\0\0":  # stream padding
+        while end >= 4 and host.read_at(end - 4, 4) == b"\0\0\0\0":  # stream padding
             end -= 4
         if end == 0:
             if last is not None and blocks_seen == len(last.records):
                 last = dataclasses.replace(last, whole_file=True)
             return total, last
-        footer = host.pread(12, end - 12) if end >= 12 else b""
+        footer = host.read_at(end - 12, 12) if end >= 12 else b""
         if len(footer) != 12 or footer[10:12] != b"YZ":
             raise ArchiveError("truncated or corrupt xz file: no stream footer at its end", path=host.name)
         index_size = (struct.unpack_from("<I", footer, 4)[0] + 1) * 4
         index_start = end - 12 - index_size
         if index_start < 12 or index_size > 1 << 26:
             raise ArchiveError("corrupt xz stream footer (backward size out of range)", path=host.name)
-        index = host.pread(index_size, index_start)
+        index = host.read_at(index_start, index_size)
         if zlib.crc32(index[:-4]) != struct.unpack_from("<I", index, index_size - 4)[0] or index[0] != 0:
             raise ArchiveError(f"corrupt xz index at offset {index_start}", path=host.name)
         records = _xz_index_records(index, host.name)
         blocks = sum(_padded4(unpadded) for unpadded, _ in records)
         start = index_start - blocks - 12
-        if start < 0 or host.pread(6, start) != _MAGIC["xz"]:
+        if start < 0 or host.read_at(start, 6) != _MAGIC["xz"]:
             raise ArchiveError(f"corrupt xz file: the index at offset {index_start} does not match its blocks",
                                path=host.name)
         if blocks_seen == 0 and records:  # the first stream met from the end holds the file's last blocks
@@ -390,7 +390,7 @@ def zstd_layout(host: HostFile) -> tuple[int | None, LastUnits | None]:
     frames: collections.deque[tuple[int, int]] = collections.deque()  # the last frames holding INNER_TAIL bytes
     held = 0  # their content
     while position < host.size:
-        head = reader.read(position, 18)
+        head = reader.read_at(position, 18)
         magic = struct.unpack_from("<I", head.ljust(4, b"\0"))[0]
         if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
             if len(head) < 8:
@@ -414,7 +414,7 @@ def zstd_layout(host: HostFile) -> tuple[int | None, LastUnits | None]:
             total = None
         position += header + size_bytes
         while True:
-            block = reader.read(position, 3)
+            block = reader.read_at(position, 3)
             if len(block) < 3:
                 raise ArchiveError("truncated zstd file: it ends inside a frame", path=host.name)
             value = int.from_bytes(block, "little")
@@ -484,7 +484,7 @@ def _file_range(host: HostFile, offset: int, length: int) -> Iterator[bytes]:
     """``length`` bytes of the file from ``offset``, a chunk at a time (short at its end)."""
     end = offset + length
     while offset < end:
-        data = host.pread(min(READ_CHUNK, end - offset), offset)
+        data = host.read_at(offset, min(READ_CHUNK, end - offset))
         if not data:
             return
         yield data
@@ -513,9 +513,9 @@ class _BufferedAt:
         self.start = 0
         self.data = b""
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         if not (self.start <= offset and offset + length <= self.start + len(self.data)):
-            self.start, self.data = offset, self.host.pread(max(length, READ_CHUNK), offset)
+            self.start, self.data = offset, self.host.read_at(offset, max(length, READ_CHUNK))
         return self.data[offset - self.start : offset - self.start + length]
 
 
@@ -807,7 +807,7 @@ def _open_tar(host: HostFile, kind: str | None, identify: Identify, digest: Call
     tail_start = max(0, member.size - INNER_TAIL)
     tail: bytes | None = None
     if kind is None:  # the member's end is at hand in an uncompressed tar
-        tail = PeekedMember(member, base).read(host.pread, tail_start, INNER_TAIL)
+        tail = PeekedMember(member, base).read(host.read_at, tail_start, INNER_TAIL)
         tail_from = "the archive, read in place"
     elif see_tail:
         tail = PeekedMember(member, 0).read(_ForwardAt(stream, base, first).read_at, tail_start, INNER_TAIL)
@@ -860,7 +860,7 @@ class _ForwardAt:
         self.base = base
         self.first = first
 
-    def read_at(self, length: int, offset: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         held = self.first[offset : offset + length]
         if len(held) == length:
             return held
@@ -1013,13 +1013,13 @@ class MemberFile(_UnopenedFile):
         self._archive = archive
         self._start = start
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.size - offset))
-        return self._archive.pread(length, self._start + offset) if length else b""
+        return self._archive.read_at(self._start + offset, length) if length else b""
 
-    def pread_into(self, buffer: memoryview, offset: int) -> int:
+    def readinto_at(self, offset: int, buffer: memoryview) -> int:
         length = max(0, min(len(buffer), self.size - offset))
-        return self._archive.pread_into(buffer[:length], self._start + offset) if length else 0
+        return self._archive.readinto_at(self._start + offset, buffer[:length]) if length else 0
 
     def data_regions(self, start: int, end: int) -> list[tuple[int, int]] | None:
         regions = self._archive.data_regions(self._start + start, self._start + end)
@@ -1058,7 +1058,7 @@ class _EdgesFile(_UnopenedFile):
         super().__init__(name, size, threading.Lock())
         self._head, self._tail = head, tail
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if end <= len(self._head):
             return self._head[offset:end]

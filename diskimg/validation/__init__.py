@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..choices import BootMode, CloudTarget, DiskRole
 from ..errors import DiskImageError, UsageError
 from . import linux_checks
 from . import windows_checks
@@ -50,9 +51,9 @@ PathLike = str | os.PathLike[str]
 def validate(
     image: PathLike | None = None,
     *,
-    role: str | None = None,
-    target: str = "ecs",
-    boot_mode: str | None = None,
+    role: DiskRole | None = None,
+    target: CloudTarget = "ecs",
+    boot_mode: BootMode | None = None,
     strict: bool = False,
     system: PathLike | None = None,
     data: Sequence[PathLike] = (),
@@ -69,10 +70,9 @@ def validate(
     is still refused for import.
     """
     chosen = profile(target)
-    if boot_mode is not None:
-        boot_mode = boot_mode.upper()
-        if boot_mode not in chosen.boot_modes:
-            raise UsageError(f"boot mode must be one of {', '.join(chosen.boot_modes)}, not {boot_mode!r}")
+    mode = None if boot_mode is None else boot_mode.upper()  # bios is BIOS
+    if mode is not None and mode not in chosen.boot_modes:
+        raise UsageError(f"boot mode must be one of {', '.join(chosen.boot_modes)}, not {mode!r}")
     disks: list[tuple[str, str]]
     if image is not None:
         if system is not None or data:
@@ -92,7 +92,7 @@ def validate(
     contexts: list[DiskContext] = []
     try:
         for device, (path, disk_role) in enumerate(disks, start=1):
-            contexts.append(DiskContext(path, disk_role, device, chosen, boot_mode if disk_role == SYSTEM else None,
+            contexts.append(DiskContext(path, disk_role, device, chosen, mode if disk_role == SYSTEM else None,
                                         allow_backing))
         for ctx in contexts:
             ctx.machine = contexts

@@ -333,7 +333,7 @@ def partition_table(ctx: DiskContext) -> None:
             what = f"a bare file system ({fs.description}) on the whole disk"
             found = fs.type
         else:
-            head_empty = not any(ctx.reader.read(0, min(ctx.reader.virtual_size, 1 << 20)))
+            head_empty = not any(ctx.reader.read_at(0, min(ctx.reader.virtual_size, 1 << 20)))
             what = "nothing: the start of the disk is all zeros" if head_empty else \
                 "no partition table and no file system signature"
             found = "empty" if head_empty else "unknown"

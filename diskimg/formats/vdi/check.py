@@ -25,12 +25,12 @@ def check_vdi(host: HostFile, result: CheckResult) -> None:
     if host.size < HEADER_READ_SIZE:
         result.add("truncated", f"a file of {host.size} bytes cannot hold a VDI header", 0, "header")
         return
-    header = parse_header(host.pread(HEADER_READ_SIZE, 0))
+    header = parse_header(host.read_at(0, HEADER_READ_SIZE))
     findings = header_findings(header, host.size)
     _report(result, findings)
     if findings:
         return
-    table = parse_block_map(host.pread(4 * header.blocks_in_image, header.offset_bmap))
+    table = parse_block_map(host.read_at(header.offset_bmap, 4 * header.blocks_in_image))
     _report(result, block_map_findings(header, table, host.size, limit=MAX_MAP_FINDINGS))
     blocks = header.blocks_in_image
     # entries past the image's blocks count nowhere, as in qemu-img check (they are reported above)

@@ -45,7 +45,7 @@ class VdiReader(DiskReader):
 
     @classmethod
     def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> VdiReader:
-        raw = host.pread(HEADER_READ_SIZE, 0)
+        raw = host.read_at(0, HEADER_READ_SIZE)
         if len(raw) < HEADER_READ_SIZE:
             raise CorruptImage(f"a file of {host.size} bytes is too small to be a VDI", path=host.name, offset=0,
                                structure="header")
@@ -53,7 +53,7 @@ class VdiReader(DiskReader):
         for finding in header_findings(header, host.size)[:1]:
             raise_finding(finding, host.name)
         map_bytes = 4 * header.blocks_in_image
-        table = parse_block_map(host.pread(map_bytes, header.offset_bmap))
+        table = parse_block_map(host.read_at(header.offset_bmap, map_bytes))
         for finding in block_map_findings(header, table, host.size):
             raise_finding(finding, host.name)
         reader = cls(host, header.virtual_size)

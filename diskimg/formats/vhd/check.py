@@ -38,8 +38,8 @@ def check_vhd(host: HostFile, result: CheckResult) -> None:
     """Fill ``result`` for the VHD file ``host``."""
     size = host.size
     tail_length = min(FOOTER_SIZE, size)
-    tail = host.pread(tail_length, size - tail_length)
-    head = host.pread(FOOTER_SIZE, 0) if size >= 2 * FOOTER_SIZE else b""
+    tail = host.read_at(size - tail_length, tail_length)
+    head = host.read_at(0, FOOTER_SIZE) if size >= 2 * FOOTER_SIZE else b""
     choice = choose_footer(head, tail, size)
     footer = choice.footer
     if footer is None:
@@ -58,13 +58,13 @@ def check_vhd(host: HostFile, result: CheckResult) -> None:
         _report([place], result)
         return
     offset = footer.data_offset
-    raw = host.pread(DYNAMIC_HEADER_SIZE, offset)
+    raw = host.read_at(offset, DYNAMIC_HEADER_SIZE)
     if _report(dynamic_header_findings(raw, offset, footer, virtual_size, size), result):
         return
     header = parse_dynamic_header(raw)
     block = header.block_size
     table_bytes = header.max_table_entries * 4
-    table = parse_bat(host.pread(table_bytes, header.table_offset))
+    table = parse_bat(host.read_at(header.table_offset, table_bytes))
     differencing = footer.disk_type == DISK_DIFFERENCING
     regions = metadata_regions(header, offset, differencing)
     _report(block_findings(table, header, virtual_size, regions, choice.data_end), result)

@@ -284,7 +284,7 @@ class VhdReader(DiskReader):
         offset = self._bat[block] * SECTOR
         sectors = self._block_size // SECTOR
         used = (sectors + 7) // 8
-        bitmap = self.host.pread(used, offset)
+        bitmap = self.host.read_at(offset, used)
         if len(bitmap) != used:
             raise CorruptImage(
                 f"image is truncated: the sector bitmap of block {block} lies past the end of the file",
@@ -380,8 +380,8 @@ class _Opener:
     def _read_footer(self) -> None:
         size = self.host.size
         tail_length = min(FOOTER_SIZE, size)
-        tail = self.host.pread(tail_length, size - tail_length)
-        head = self.host.pread(FOOTER_SIZE, 0) if size >= 2 * FOOTER_SIZE else b""
+        tail = self.host.read_at(size - tail_length, tail_length)
+        head = self.host.read_at(0, FOOTER_SIZE) if size >= 2 * FOOTER_SIZE else b""
         choice = choose_footer(head, tail, size)
         if choice.footer is None:
             assert choice.problem is not None
@@ -402,7 +402,7 @@ class _Opener:
         if place is not None:
             self.refuse([place])
         offset = footer.data_offset
-        raw = self.host.pread(DYNAMIC_HEADER_SIZE, offset)
+        raw = self.host.read_at(offset, DYNAMIC_HEADER_SIZE)
         self.refuse(dynamic_header_findings(raw, offset, footer, self.virtual_size, self.host.size))
         self.header = parse_dynamic_header(raw)
 
@@ -412,7 +412,7 @@ class _Opener:
         # Only the entries the disk needs are read: a bigger table is allowed (blktap reserves room to grow)
         used_entries = min(header.max_table_entries, -(-self.virtual_size // header.block_size))
         table = header.table_offset
-        raw = self.host.pread(used_entries * 4, table)
+        raw = self.host.read_at(table, used_entries * 4)
         if len(raw) != used_entries * 4:
             raise self.corrupt("the table lies past the end of the file", table, "block allocation table")
         self.bat = parse_bat(raw)
@@ -442,7 +442,7 @@ class _Opener:
             if locator.platform_code not in RELATIVE_PLATFORMS + ABSOLUTE_PLATFORMS:
                 entry["path"] = None
                 continue
-            data = self.host.pread(locator.read_length, locator.data_offset)
+            data = self.host.read_at(locator.data_offset, locator.read_length)
             try:
                 recorded = decode_locator_path(locator.platform_code, data)
             except UnicodeDecodeError:

@@ -20,10 +20,10 @@ def check_vhdx(host: Any, result: CheckResult) -> None:
         return
     for index, offset in enumerate(s.HEADER_OFFSETS):
         try:
-            s.parse_header(host.pread(s.HEADER_SIZE, offset))
+            s.parse_header(host.read_at(offset, s.HEADER_SIZE))
         except s.VhdxError as exc:
             result.add("corruption", f"header {index + 1} is invalid: {exc}", offset, "header")
-    tables = [host.pread(s.REGION_TABLE_SIZE, offset) for offset in s.REGION_TABLE_OFFSETS]
+    tables = [host.read_at(offset, s.REGION_TABLE_SIZE) for offset in s.REGION_TABLE_OFFSETS]
     for index, (offset, table) in enumerate(zip(s.REGION_TABLE_OFFSETS, tables)):
         try:
             s.parse_region_table(table)

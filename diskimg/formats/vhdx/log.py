@@ -103,7 +103,7 @@ def replay(log: bytes, log_guid: uuid.UUID, file_size: int) -> tuple[list[s.LogW
 class ReplayedFile:
     """A read-only view of a host file with log writes applied over it (later writes win).
 
-    Stands in for the HostFile the reader reads: ``pread``/``pread_into`` at file offsets; bytes
+    Stands in for the HostFile the reader reads: ``read_at``/``readinto_at`` at file offsets; bytes
     between the real end and the replayed size read as zeros."""
 
     def __init__(self, host: Any, writes: list[s.LogWrite], size: int) -> None:
@@ -117,14 +117,14 @@ class ReplayedFile:
     def data_regions(self, start: int, end: int) -> None:
         return None  # holes of the real file say nothing about the replayed one
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         buffer = bytearray(max(0, min(length, self.size - offset)))
-        self.pread_into(memoryview(buffer), offset)
+        self.readinto_at(offset, memoryview(buffer))
         return bytes(buffer)
 
-    def pread_into(self, buffer: memoryview, offset: int) -> int:
+    def readinto_at(self, offset: int, buffer: memoryview) -> int:
         count = max(0, min(len(buffer), self.size - offset))
-        got = self._host.pread_into(buffer[:count], offset) if offset < self._host.size else 0
+        got = self._host.readinto_at(offset, buffer[:count]) if offset < self._host.size else 0
         buffer[got:count] = bytes(count - got)
         end = offset + count
         index = max(0, bisect.bisect_right(self._starts, offset) - 1)

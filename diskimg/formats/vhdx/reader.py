@@ -186,7 +186,7 @@ class VhdxReader(DiskReader):
         sectors = params.block_size // params.logical_sector_size
         entry = self.layout.bat[s.bitmap_index(block // params.chunk_ratio, params.chunk_ratio)]
         offset = s.bat_offset(entry) + (block % params.chunk_ratio) * sectors // 8
-        bitmap = self.host.pread(sectors // 8, offset)
+        bitmap = self.host.read_at(offset, sectors // 8)
         if len(bitmap) != sectors // 8:
             raise CorruptImage(f"the sector bitmap of block {block} lies past the end of the file",
                                path=self.path, offset=offset, structure="sector bitmap")
@@ -228,19 +228,19 @@ class VhdxLayout:
         layout._read_bat()
         return layout
 
-    def _pread_exact(self, length: int, offset: int, structure: str) -> bytes:
-        data = self.host.pread(length, offset)
+    def _read_exact_at(self, offset: int, length: int, structure: str) -> bytes:
+        data = self.host.read_at(offset, length)
         if len(data) != length:
             raise self.corrupt(f"the {structure} lies past the end of the file", offset, structure)
         return data
 
     def _read_headers(self) -> None:
-        identifier = self._pread_exact(64 * 1024, 0, "file identifier")
+        identifier = self._read_exact_at(0, 64 * 1024, "file identifier")
         try:
             self.creator = s.parse_creator(identifier)
         except s.VhdxError as exc:
             raise self.corrupt(str(exc), 0, "file identifier") from None
-        copies = [self._pread_exact(s.HEADER_SIZE, offset, "header") for offset in s.HEADER_OFFSETS]
+        copies = [self._read_exact_at(offset, s.HEADER_SIZE, "header") for offset in s.HEADER_OFFSETS]
         try:
             self.header_index, self.header = s.current_header(*copies)
         except s.VhdxError as exc:
@@ -258,7 +258,7 @@ class VhdxLayout:
         if header.log_length > s.MAX_LOG_LENGTH:
             raise self.corrupt(f"the log of {header.log_length} bytes is over diskimg's {s.MAX_LOG_LENGTH}-byte cap",
                                offset, "header")
-        log = self._pread_exact(header.log_length, header.log_offset, "log")
+        log = self._read_exact_at(header.log_offset, header.log_length, "log")
         try:
             writes, size, self.log_entries = replay(log, header.log_guid, self.host.size)
         except s.VhdxError as exc:
@@ -269,7 +269,7 @@ class VhdxLayout:
     def _read_regions(self) -> None:
         try:
             self.regions = _first_valid_region_table(
-                lambda length, offset: self._pread_exact(length, offset, "region table"))
+                lambda offset, length: self._read_exact_at(offset, length, "region table"))
         except s.VhdxError as exc:
             raise self.corrupt(str(exc), s.REGION_TABLE_OFFSETS[0], "region table") from None
         for region in self.regions.values():
@@ -282,7 +282,7 @@ class VhdxLayout:
 
     def _read_metadata(self) -> None:
         region = self.regions[s.METADATA_REGION]
-        table = self._pread_exact(s.METADATA_TABLE_SIZE, region.file_offset, "metadata table")
+        table = self._read_exact_at(region.file_offset, s.METADATA_TABLE_SIZE, "metadata table")
         try:
             entries = s.parse_metadata_table(table, region.length)
         except s.VhdxError as exc:
@@ -293,7 +293,7 @@ class VhdxLayout:
                 if entry.length > s.MAX_PARENT_LOCATOR:
                     raise self.corrupt(f"the {s.KNOWN_METADATA[item]} item is {entry.length} bytes long",
                                        region.file_offset + entry.offset, "metadata")
-                items[item] = self._pread_exact(entry.length, region.file_offset + entry.offset, "metadata item")
+                items[item] = self._read_exact_at(region.file_offset + entry.offset, entry.length, "metadata item")
         try:
             self.params = s.parse_disk_parameters(items)
             self.locator = s.ParentLocator(uuid.UUID(int=0))
@@ -319,7 +319,7 @@ class VhdxLayout:
                                region.file_offset, "BAT")
         if entries * 8 > s.MAX_BAT_BYTES:
             raise self.corrupt(f"a BAT of {entries * 8} bytes is over diskimg's cap", region.file_offset, "BAT")
-        raw = self._pread_exact(entries * 8, region.file_offset, "BAT")
+        raw = self._read_exact_at(region.file_offset, entries * 8, "BAT")
         self.bat = array("Q", raw)
         if array("Q", b"\1" + bytes(7))[0] != 1:
             self.bat.byteswap()
@@ -408,14 +408,14 @@ def probe(head: bytes, read_at: Callable[[int, int], bytes], size: int | None) -
     creator = s.parse_creator(head)
     label = f"VHDX (creator '{creator}')" if creator else "VHDX"
     try:
-        _, header = s.current_header(*(read_at(s.HEADER_SIZE, offset) for offset in s.HEADER_OFFSETS))
+        _, header = s.current_header(*(read_at(offset, s.HEADER_SIZE) for offset in s.HEADER_OFFSETS))
         regions = _first_valid_region_table(read_at)
         metadata = regions[s.METADATA_REGION]
-        entries = s.parse_metadata_table(read_at(s.METADATA_TABLE_SIZE, metadata.file_offset), metadata.length)
+        entries = s.parse_metadata_table(read_at(metadata.file_offset, s.METADATA_TABLE_SIZE), metadata.length)
         parameters = entries.get(s.FILE_PARAMETERS)
         if parameters is None or parameters.length < 8:
             raise s.VhdxError("no file parameters metadata item")
-        flags = struct.unpack_from("<I", read_at(8, metadata.file_offset + parameters.offset).ljust(8, b"\0"), 4)[0]
+        flags = struct.unpack_from("<I", read_at(metadata.file_offset + parameters.offset, 8).ljust(8, b"\0"), 4)[0]
     except (s.VhdxError, struct.error) as exc:
         return Detection(format=NAME, version="1", readable=True, description=f"{label}, corrupt: {exc}")
     subformat = "differencing" if flags & 2 else "fixed" if flags & 1 else "dynamic"
@@ -428,7 +428,7 @@ def _first_valid_region_table(read_at: Callable[[int, int], bytes]) -> dict[uuid
     problem = None
     for offset in s.REGION_TABLE_OFFSETS:
         try:
-            return s.parse_region_table(read_at(s.REGION_TABLE_SIZE, offset))
+            return s.parse_region_table(read_at(offset, s.REGION_TABLE_SIZE))
         except s.VhdxError as exc:
             problem = exc
     raise s.VhdxError(f"no valid region table ({problem})")

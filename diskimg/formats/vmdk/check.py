@@ -85,7 +85,7 @@ def _check_extent(extent, report: Report, counts: VmdkCheckCounts) -> None:  # t
 def _check_compressed(extent, grain: int, start: int, where: int, report: Report) -> None:  # type: ignore[no-untyped-def]
     header, host = extent.header, extent.host
     if header.markers:
-        marker = host.pread(GRAIN_MARKER_SIZE, start)
+        marker = host.read_at(start, GRAIN_MARKER_SIZE)
         size = int.from_bytes(marker[8:12], "little") if len(marker) == GRAIN_MARKER_SIZE else 0
         if size == 0 or start + GRAIN_MARKER_SIZE + size > host.size:
             report("corruption", f"{host.name}: compressed grain {grain} at byte {start} has no valid marker or "
@@ -102,7 +102,7 @@ def _check_redundant(extent, report: Report) -> None:  # type: ignore[no-untyped
     header, host = extent.header, extent.host
     length = header.gd_entries * 4
     offset = header.rgd_offset * SECTOR
-    data = host.pread(length, offset)
+    data = host.read_at(offset, length)
     if len(data) != length:
         report("corruption", f"{host.name}: the redundant grain directory lies past the end of the file", offset,
                "VMDK redundant grain directory")
@@ -110,7 +110,7 @@ def _check_redundant(extent, report: Report) -> None:  # type: ignore[no-untyped
     table_bytes = header.gtes_per_gt * 4
     for table_index, sector in enumerate(parse_grain_table(data)):
         primary = extent.grain_table(table_index) if extent.directory[table_index] else None
-        copy = host.pread(table_bytes, sector * SECTOR) if sector else b""
+        copy = host.read_at(sector * SECTOR, table_bytes) if sector else b""
         if sector and len(copy) != table_bytes:
             report("corruption", f"{host.name}: redundant grain table {table_index} lies past the end of the file",
                    offset + 4 * table_index, "VMDK redundant grain directory")

@@ -92,7 +92,7 @@ class _Extent:
         if sector == 0:
             return None
         size = header.gtes_per_gt * 4
-        data = self.host.pread(size, sector * SECTOR)
+        data = self.host.read_at(sector * SECTOR, size)
         if len(data) != size:
             raise CorruptImage(
                 f"grain table {table_index} at byte {sector * SECTOR} runs past the end of the file",
@@ -119,7 +119,7 @@ class VmdkReader(DiskReader):
 
     @classmethod
     def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> VmdkReader:
-        head = host.pread(SECTOR, 0)
+        head = host.read_at(0, SECTOR)
         opened: list[HostFile] = []
         try:
             if head[:4] == MAGIC:
@@ -302,7 +302,7 @@ class VmdkReader(DiskReader):
         extent = self._extents[run.extra >> 1]
         assert extent.host is not None
         if not run.extra & 1:
-            data = extent.host.pread(run.length, run.host_offset)
+            data = extent.host.read_at(run.host_offset, run.length)
             if len(data) != run.length:
                 raise CorruptImage(
                     f"extent file is truncated: guest offset {run.start} maps past its end",
@@ -347,7 +347,7 @@ class VmdkReader(DiskReader):
         start = grains[0].host_offset
         end = min(grains[-1].host_offset + GRAIN_MARKER_SIZE + _max_stored(grain_bytes), extent.host.size)
         window = memoryview(_window_buffer(max(0, end - start)))[: max(0, end - start)]
-        window = window[: extent.host.pread_into(window, start)]
+        window = window[: extent.host.readinto_at(start, window)]
         for run in grains:
             grain_start = run.start - (run.start - extent.start) % grain_bytes
             grain_offset = grain_start - extent.start
@@ -397,7 +397,7 @@ def _descriptor_file(host: HostFile) -> Descriptor:
             "is neither a VMDK sparse extent nor a VMDK descriptor (too large for a text descriptor)",
             path=host.name, format=NAME,
         )
-    return parse_descriptor(host.pread(host.size, 0), path=host.name)
+    return parse_descriptor(host.read_at(0, host.size), path=host.name)
 
 
 def _embedded_descriptor(host: HostFile, header: SparseHeader) -> Descriptor:
@@ -409,7 +409,7 @@ def _embedded_descriptor(host: HostFile, header: SparseHeader) -> Descriptor:
     if offset + length > host.size:
         raise CorruptImage("embedded descriptor lies past the end of the file", path=host.name, offset=offset,
                            structure="VMDK descriptor")
-    return parse_descriptor(host.pread(length, offset), path=host.name, offset=offset)
+    return parse_descriptor(host.read_at(offset, length), path=host.name, offset=offset)
 
 
 def _open_extents(host: HostFile, descriptor: Descriptor, opened: list[HostFile]) -> list[_Extent]:
@@ -483,7 +483,7 @@ def _open_flat(host: HostFile, index: int, start: int, line: ExtentLine) -> _Ext
 def _open_sparse(host: HostFile, index: int, start: int, own_file: bool) -> _Extent:
     """A hosted sparse extent: its header (completed by the footer when the grain directory is
     at the end) and its grain directory, every table inside the file."""
-    header = parse_header(host.pread(SECTOR, 0), path=host.name)
+    header = parse_header(host.read_at(0, SECTOR), path=host.name)
     if header.gd_offset == GD_AT_END:
         header = _footer_header(host, header)
     directory_offset = header.gd_offset * SECTOR
@@ -494,7 +494,7 @@ def _open_sparse(host: HostFile, index: int, start: int, own_file: bool) -> _Ext
             f"({host.size} bytes)",
             path=host.name, offset=directory_offset, structure="VMDK grain directory",
         )
-    directory = parse_grain_table(host.pread(directory_bytes, directory_offset))
+    directory = parse_grain_table(host.read_at(directory_offset, directory_bytes))
     table_bytes = header.gtes_per_gt * 4
     for number, sector in enumerate(directory):
         if sector and sector * SECTOR + table_bytes > host.size:
@@ -509,7 +509,7 @@ def _open_sparse(host: HostFile, index: int, start: int, own_file: bool) -> _Ext
 def _footer_header(host: HostFile, header: SparseHeader) -> SparseHeader:
     """The header copy in a stream-optimized extent's footer: footer marker, header, end-of-stream."""
     tail_offset = host.size - 3 * SECTOR
-    tail = host.pread(3 * SECTOR, tail_offset) if tail_offset >= SECTOR else b""
+    tail = host.read_at(tail_offset, 3 * SECTOR) if tail_offset >= SECTOR else b""
     if len(tail) != 3 * SECTOR:
         raise CorruptImage("stream-optimized VMDK too short for its footer", path=host.name,
                            structure="VMDK footer")
@@ -555,10 +555,10 @@ def _read_grain(extent: _Extent, host_offset: int, grain_offset: int) -> bytes:
     assert extent.header is not None and extent.host is not None
     grain_bytes = extent.header.grain_bytes
     if extent.header.markers:
-        window = memoryview(extent.host.pread(GRAIN_MARKER_SIZE + _max_stored(grain_bytes), host_offset))
+        window = memoryview(extent.host.read_at(host_offset, GRAIN_MARKER_SIZE + _max_stored(grain_bytes)))
         stored: bytes | memoryview = _framed_grain(extent, window, 0, host_offset, grain_offset)
     else:
-        stored = extent.host.pread(_max_stored(grain_bytes), host_offset)
+        stored = extent.host.read_at(host_offset, _max_stored(grain_bytes))
     return _inflate_grain(extent, stored, host_offset, grain_offset)
 
 

@@ -48,7 +48,7 @@ def read_volume(disk: Disk, volume_offset: int, volume_length: int, position: in
     if position < 0 or length < 0 or position + length > volume_length:
         raise CorruptImage(f"{length} bytes at {position} lie outside the file system of {volume_length} bytes",
                            offset=where, structure=structure)
-    data = disk.read(where, length)
+    data = disk.read_at(where, length)
     if len(data) != length:
         raise CorruptImage("the disk ends inside the file system", offset=where, structure=structure)
     return data

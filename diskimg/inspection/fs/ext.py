@@ -265,7 +265,7 @@ class ExtFileSystem(GuestFileSystem[int]):
         self._disk = disk
         self._offset = offset
         where = offset + EXT_SUPERBLOCK_OFFSET
-        raw = disk.read(where, EXT_SUPERBLOCK_SIZE)
+        raw = disk.read_at(where, EXT_SUPERBLOCK_SIZE)
         sb = parse_ext_superblock(raw)
         if sb is None or len(raw) < EXT_SUPERBLOCK_SIZE:
             raise _corrupt("no ext superblock", where, "ext superblock")
@@ -297,7 +297,7 @@ class ExtFileSystem(GuestFileSystem[int]):
             raise _corrupt(f"blocks {block}+{count} outside the file system of {self.sb.blocks_count}",
                            self._offset + block * self._block_size, structure)
         where = self._offset + block * self._block_size
-        data = self._disk.read(where, count * self._block_size)
+        data = self._disk.read_at(where, count * self._block_size)
         if len(data) != count * self._block_size:
             raise _corrupt("file system truncated", where, structure)
         return data

@@ -210,7 +210,7 @@ class FatFileSystem(GuestFileSystem["FatNode"]):
         self.disk = disk
         self.offset = offset
         self.length = length
-        boot = disk.read(offset, 512)
+        boot = disk.read_at(offset, 512)
         bpb = parse_fat_bpb(boot)
         if bpb is None:
             raise CorruptImage("not a FAT file system", offset=offset, structure="FAT boot sector")

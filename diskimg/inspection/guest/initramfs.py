@@ -106,7 +106,7 @@ class _Image:
         self.file = file
         self.size = file.seek(0, io.SEEK_END)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file)."""
         self.file.seek(offset)
         pieces = []
@@ -116,7 +116,7 @@ class _Image:
         return b"".join(pieces)
 
     def chunks(self, offset: int) -> Iterator[bytes]:
-        while offset < self.size and (piece := self.read(offset, READ_CHUNK)):
+        while offset < self.size and (piece := self.read_at(offset, READ_CHUNK)):
             yield piece
             offset += len(piece)
 
@@ -141,7 +141,7 @@ class _Window(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self.image.read(self.position, min(len(buffer), self.end - self.position))
+        data = self.image.read_at(self.position, min(len(buffer), self.end - self.position))
         buffer[: len(data)] = data
         self.position += len(data)
         return len(data)
@@ -275,7 +275,7 @@ def _stdlib_stream(decoder: Any, data: _Image, start: int, budget: _Budget, end:
             break
         if hasattr(decoder, "unconsumed_tail"):  # zlib
             if not pending:
-                pending = data.read(position, READ_CHUNK)
+                pending = data.read_at(position, READ_CHUNK)
                 if not pending:
                     break
                 position += len(pending)
@@ -283,7 +283,7 @@ def _stdlib_stream(decoder: Any, data: _Image, start: int, budget: _Budget, end:
             pending = decoder.unconsumed_tail
         else:  # bz2 / lzma
             if decoder.needs_input:
-                chunk = data.read(position, READ_CHUNK)
+                chunk = data.read_at(position, READ_CHUNK)
                 if not chunk:
                     break
                 position += len(chunk)
@@ -301,7 +301,7 @@ def _stdlib_stream(decoder: Any, data: _Image, start: int, budget: _Budget, end:
 
 def zstd_frame_length(data: _Image, start: int) -> int:
     """Bytes of the zstd frame (or skippable frame) at ``start``, from its frame and block headers."""
-    head = data.read(start, 8)
+    head = data.read_at(start, 8)
     if len(head) < 8:
         raise InitramfsError("truncated zstd frame", structure="initramfs")
     magic = struct.unpack_from("<I", head)[0]
@@ -312,7 +312,7 @@ def zstd_frame_length(data: _Image, start: int) -> int:
     fcs = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
     position = start + 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs
     while True:
-        block = data.read(position, 3)
+        block = data.read_at(position, 3)
         if len(block) < 3:
             raise InitramfsError("truncated zstd frame", structure="initramfs")
         header = int.from_bytes(block, "little")
@@ -330,7 +330,7 @@ def _zstd_stream(data: _Image, start: int, budget: _Budget, end: list[int]) -> I
 
     position = start
     # consecutive frames form one stream (zstd -T writes several)
-    while (magic := data.read(position, 4)) == b"\x28\xb5\x2f\xfd" or magic[1:] == b"\x2a\x4d\x18":
+    while (magic := data.read_at(position, 4)) == b"\x28\xb5\x2f\xfd" or magic[1:] == b"\x2a\x4d\x18":
         length = zstd_frame_length(data, position)
         if position + length > data.size:
             raise InitramfsError("truncated zstd frame", structure="initramfs")
@@ -353,14 +353,14 @@ def _lz4_legacy_stream(data: _Image, start: int, budget: _Budget, end: list[int]
 
     position = start + 4
     bound = _LZ4_LEGACY_BLOCK + _LZ4_LEGACY_BLOCK // 255 + 16  # LZ4_compressBound
-    while len(word := data.read(position, 4)) == 4:
+    while len(word := data.read_at(position, 4)) == 4:
         size = struct.unpack_from("<I", word)[0]
         if size == _LZ4_LEGACY_MAGIC:  # another legacy stream concatenated
             position += 4
             continue
         if size == 0 or size > bound or position + 4 + size > data.size:
             break  # the end of the stream (what follows is another part, or padding)
-        block = data.read(position + 4, size)
+        block = data.read_at(position + 4, size)
         try:
             out = lz4.block.decompress(block, uncompressed_size=_LZ4_LEGACY_BLOCK)
         except lz4.block.LZ4BlockError as exc:
@@ -405,7 +405,7 @@ def list_initramfs(image: bytes | BinaryIO, max_decompressed: int = MAX_DECOMPRE
             position = data.after_zeros(position)
             if position >= data.size:
                 break
-            head = data.read(position, 8)
+            head = data.read_at(position, 8)
             if head[:5] == b"07070":
                 stream = _Stream(data.chunks(position))
                 part = Part(position, None)

@@ -205,7 +205,7 @@ def read_bitlocker(disk: Disk, offset: int, length: int) -> BitLockerVolume | No
     if header is None:
         return None
     places = [place for place in dict.fromkeys(header.metadata_offsets) if place and place < length]
-    if header.variant == "to-go" and not any(disk.read(offset + place, 8) == FVE_SIGNATURE for place in places):
+    if header.variant == "to-go" and not any(disk.read_at(offset + place, 8) == FVE_SIGNATURE for place in places):
         return None
     first_error = CorruptImage("the BitLocker volume header names no FVE metadata block inside the volume",
                                offset=offset, structure="BitLocker volume header")

@@ -333,7 +333,7 @@ def read_luks(disk: Disk, offset: int, length: int) -> LuksHeader | None:
         for place in LUKS2_HEADER_SIZES:  # the secondary follows a primary of any allowed size
             if place + LUKS2_BINARY_HEADER_SIZE > length:
                 break
-            if disk.read(offset + place, 6) != LUKS2_SECONDARY_MAGIC:
+            if disk.read_at(offset + place, 6) != LUKS2_SECONDARY_MAGIC:
                 continue
             try:
                 return _read_luks2_copy(disk, offset, length, place)

@@ -685,7 +685,7 @@ def _ceil_div(value: int, divisor: int) -> int:
 
 def _read_disk(disk: Disk, offset: int, length: int) -> bytes:
     """The one place the disks given are read (their positional read)."""
-    return disk.read(offset, length)
+    return disk.read_at(offset, length)
 
 
 def _read_exact(disk: Disk, offset: int, length: int, structure: str) -> bytes:

@@ -233,7 +233,7 @@ def find_superblock(disk: Disk, offset: int, length: int) -> MdSuperblock | None
     broken: CorruptImage | None = None
     for version, location in superblock_locations(length):
         size = SB0_BYTES if version == "0.90" else min(SB1_BYTES, length - location)
-        raw = disk.read(offset + location, size)  # a disk ending before the member does holds no superblock there
+        raw = disk.read_at(offset + location, size)  # a disk ending before the member does holds no superblock there
         if raw[:4] != MD_MAGIC.to_bytes(4, "little"):
             continue
         try:
@@ -266,7 +266,7 @@ class MdVolume:
         end = min(offset + length, self.size)
         if end <= offset:
             return b""
-        return self._disk.read(self._offset + offset, end - offset)
+        return self._disk.read_at(self._offset + offset, end - offset)
 
     #: the ``Disk`` spelling, so that partition tables and file systems can be read from the array
     read = read_at
