@@ -683,13 +683,8 @@ def _ceil_div(value: int, divisor: int) -> int:
 # -- reading the disks ------------------------------------------------------------------------------------------
 
 
-def _read_disk(disk: Disk, offset: int, length: int) -> bytes:
-    """The one place the disks given are read (their positional read)."""
-    return disk.read_at(offset, length)
-
-
 def _read_exact(disk: Disk, offset: int, length: int, structure: str) -> bytes:
-    data = _read_disk(disk, offset, length)
+    data = disk.read_at(offset, length)
     if len(data) != length:
         raise CorruptImage(f"the disk ends inside the {structure}", offset=offset, structure=structure)
     return data
@@ -728,7 +723,7 @@ def read_physical_volume(disk: Disk, offset: int, length: int, problems: list[Lv
     """The PV in ``length`` bytes at ``offset`` of ``disk`` (a partition or a whole disk), or None when it
     holds no LVM label. A damaged label raises CorruptImage; a damaged metadata area is added to
     ``problems`` and the other area (a PV may have two) used."""
-    head = _read_disk(disk, offset, min(length, LABEL_SCAN_SECTORS * SECTOR))
+    head = disk.read_at(offset, min(length, LABEL_SCAN_SECTORS * SECTOR))
     try:
         label = parse_label(head)
     except CorruptImage as exc:
@@ -1018,8 +1013,6 @@ class LvmVolume:
         for disk, where, size in _merged(self.vg.locate(self.lv, offset, length)):
             parts.append(_read_exact(disk, where, size, f"LVM logical volume {self.name}"))
         return b"".join(parts)
-
-    read = read_at
 
 
 def _merged(pieces: Iterable[tuple[Disk, int, int]]) -> Iterator[tuple[Disk, int, int]]:

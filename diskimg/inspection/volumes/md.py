@@ -268,9 +268,6 @@ class MdVolume:
             return b""
         return self._disk.read_at(self._offset + offset, end - offset)
 
-    #: the ``Disk`` spelling, so that partition tables and file systems can be read from the array
-    read = read_at
-
 
 def open_raid1(disk: Disk, offset: int, length: int, superblock: MdSuperblock) -> MdVolume:
     """The array whose member spans ``length`` bytes from ``offset`` of ``disk``, read through it.
