@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from diskimg.detection.check import check
 from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
-from diskimg.formats.qcow2 import decode_refcount_block
+from diskimg.formats.qcow2.structures import decode_refcount_block
 
 from .conftest import (
     MiB,

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 from diskimg.formats.probing import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat, UsageError
-from diskimg.formats.qcow2 import (
+from diskimg.formats.qcow2.reader import Qcow2Reader, probe
+from diskimg.formats.qcow2.structures import (
     MAGIC,
     HeaderExtension,
     Qcow2Header,
-    Qcow2Reader,
     Qcow2Snapshot,
     decode_l2_entry,
     encode_compressed_entry,
@@ -32,7 +32,6 @@ from diskimg.formats.qcow2 import (
     pack_snapshot_table,
     parse_header_extensions,
     parse_snapshot_table,
-    probe,
     subcluster_kind,
 )
 from diskimg.formats.raw import RawReader
