@@ -527,6 +527,14 @@ def parse_u64_table(data: bytes) -> array:
     return table
 
 
+def pack_u64_table(table: array) -> bytes:
+    """The big-endian bytes of u64 entries (an L1, L2 or refcount table): parse_u64_table's inverse."""
+    if _NATIVE_LITTLE:
+        table = array("Q", table)
+        table.byteswap()
+    return table.tobytes()
+
+
 def parse_refcount_table(data: bytes) -> array:
     """The refcount table: refcount block offsets in bits 9-63 (``REFT_OFFSET_MASK``; 0 = no block)."""
     return parse_u64_table(data)

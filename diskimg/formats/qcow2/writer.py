@@ -3,7 +3,6 @@ clusters: the layout of qemu's scripts/qcow2-to-stdout.py, planned before the fi
 
 from __future__ import annotations
 
-import sys
 import threading
 from array import array
 from collections import deque
@@ -39,6 +38,7 @@ from .structures import (
     pack_feature_name_table,
     pack_header_extensions,
     pack_refcounts,
+    pack_u64_table,
 )
 
 if TYPE_CHECKING:
@@ -48,8 +48,6 @@ try:  # zstd is a declared dependency, but keep zlib images readable without it
     import zstandard
 except ImportError:  # pragma: no cover
     zstandard = None  # type: ignore[assignment]
-
-_NATIVE_LITTLE = sys.byteorder == "little"
 
 #
 # Layout (one for files and pipes, as in qemu's scripts/qcow2-to-stdout.py):
@@ -758,9 +756,7 @@ class Qcow2Writer(DiskWriter):
         table = array("Q", bytes(layout.refcount_table_clusters << self._cb))
         first = layout.refcount_blocks_offset
         table[:blocks] = array("Q", range(first, first + (blocks << self._cb), self._cs))
-        if _NATIVE_LITTLE:
-            table.byteswap()
-        return table.tobytes()
+        return pack_u64_table(table)
 
     def _refcount_blocks(self, blocks: int, segments: list) -> Iterator[bytes]:
         """The first ``blocks`` refcount blocks, from (first cluster, count, value) segments where
@@ -785,10 +781,7 @@ class Qcow2Writer(DiskWriter):
     def _l1_table(self, entries: array) -> bytes:
         layout = self._layout
         assert layout is not None
-        if _NATIVE_LITTLE:
-            entries = array("Q", entries)
-            entries.byteswap()
-        raw = entries.tobytes()
+        raw = pack_u64_table(entries)
         return raw + bytes((layout.l1_clusters << self._cb) - len(raw))
 
     def _planned_tables(self) -> Iterator[tuple[int, int]]:
@@ -820,13 +813,6 @@ class Qcow2Writer(DiskWriter):
                 run += 1
             yield table
 
-    @staticmethod
-    def _table_bytes(table: array) -> bytes:
-        if _NATIVE_LITTLE:
-            table = array("Q", table)
-            table.byteswap()
-        return table.tobytes()
-
     def _write_streaming_metadata(self) -> None:
         layout = self._layout
         assert layout is not None
@@ -840,7 +826,7 @@ class Qcow2Writer(DiskWriter):
             l1[l1_index] = (layout.l2_offset + (slot << self._cb)) | OFLAG_COPIED
         target.write(self._l1_table(l1))
         for table in self._streaming_l2_tables():
-            target.write(self._table_bytes(table))
+            target.write(pack_u64_table(table))
         assert target.position == layout.data_offset
 
     def _write_file_metadata(self) -> None:
@@ -856,7 +842,7 @@ class Qcow2Writer(DiskWriter):
             offset = layout.l2_offset + (slot << cb)
             l1[l1_index] = offset | OFLAG_COPIED
             used[slot] = 1
-            target.pwrite(self._table_bytes(table), offset)
+            target.pwrite(pack_u64_table(table), offset)
         assert not self._tables, "an L2 table outside the planned L1 ranges"
         end = self._next_free
         per_block = (self._cs * 8) >> self.settings.refcount_order
