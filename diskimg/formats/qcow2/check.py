@@ -210,55 +210,61 @@ class _Qcow2Check:
             self.check_l2(table, l2_offset, uses, active_uses, l1_index)
 
     def check_l2(self, table: array, l2_offset: int, uses: int, active_uses: int, l1_index: int) -> None:
-        """One L2 table: its clusters referenced ``uses`` times, ``active_uses`` of them from the
-        active L1 (whose first entry pointing here is ``l1_index``)."""
+        """One L2 table, decoded by :func:`structures.decode_l2_table`: its clusters referenced ``uses``
+        times, ``active_uses`` of them from the active L1 (whose first entry pointing here is ``l1_index``)."""
         cs = self.cs
-        bits = self.bits
         result = self.result
         width = 2 if self.extended else 1
-        entries = table[0::width] if width == 2 else table
-        bitmaps = table[1::width] if width == 2 else None
-        if entries.count(0) == len(entries) and (bitmaps is None or bitmaps.count(0) == len(bitmaps)):
-            return
+        if len(table) % width:  # cut by the end of the file: the bitmap past it reads as zeros
+            table.append(0)
+        entry_size = 8 * width
         self.next_contiguous = 0  # as qemu, fragmentation is counted within one L2 table
-        for index, entry in enumerate(entries):
-            bitmap = bitmaps[index] if bitmaps is not None else 0
-            if not entry and not bitmap:
-                continue
-            where = l2_offset + 8 * width * index
-            if entry & q.OFLAG_COMPRESSED:
+        for state, index, count, host, extra in q.decode_l2_table(table, 0, len(table) // width, self.bits,
+                                                                  self.extended):
+            where = l2_offset + entry_size * index
+            if state == q.L2_COMPRESSED:
+                entry = table[index * width]
                 if entry & q.OFLAG_COPIED:
                     result.add("corruption", f"compressed cluster entry {entry:#x} has the COPIED flag set", where,
                                "L2 table", uses)
-                if bitmaps is not None and bitmap:
+                if self.extended and table[index * width + 1]:  # as qemu: reported, not counted
                     result.add("corruption", "compressed cluster entry has a non-zero subcluster bitmap", where,
                                "L2 table", uses)
-                decoded = q.decode_l2_entry(entry, bits, self.extended)
-                self.inc(decoded.host_offset, decoded.compressed_length, "compressed cluster", uses)
+                    continue
+                self.inc(host, extra, "compressed cluster", uses)
                 if active_uses:
                     result.allocated_clusters += active_uses  # type: ignore[operator]
                     result.compressed_clusters += active_uses  # type: ignore[operator]
                     result.fragmented_clusters += active_uses  # type: ignore[operator]
                     if result.first_compressed_offset is None:
-                        result.first_compressed_offset = (l1_index * len(entries) + index) * cs
+                        result.first_compressed_offset = (l1_index * self.header.l2_entries + index) * cs
                 continue
-            host = entry & q.L2E_OFFSET_MASK
-            if bitmaps is not None:
-                allocated, zero = bitmap & q.SUBCLUSTER_MASK, bitmap >> 32
-                if allocated & zero or (allocated and not host):
-                    result.add("corruption", f"invalid subcluster bitmap {bitmap:#018x}", where, "L2 table", uses)
-                    continue
+            if state == q.L2_INVALID:  # as qemu: reported, and a host cluster still counted
+                result.add("corruption", f"invalid subcluster bitmap {extra:#018x}", where, "L2 table", uses)
             if not host:
                 continue  # unallocated, or zero without a cluster
-            if host % cs:  # as qemu: reported, then still counted
-                result.add("corruption", f"cluster offset {host:#x} is not cluster aligned; L2 entry corrupted",
-                           where, "L2 table", uses)
             if active_uses:
-                result.allocated_clusters += active_uses  # type: ignore[operator]
+                result.allocated_clusters += count * active_uses  # type: ignore[operator]
                 if self.next_contiguous and host != self.next_contiguous:
                     result.fragmented_clusters += active_uses  # type: ignore[operator]
-                self.next_contiguous = host + cs
-            self.inc(host, cs, "data cluster", uses)
+                self.next_contiguous = host + count * cs
+            if host % cs:  # as qemu: reported, then each entry still counted where it points
+                for number in range(count):
+                    result.add("corruption", f"cluster offset {host + number * cs:#x} is not cluster aligned; L2 "
+                               "entry corrupted", where + entry_size * number, "L2 table", uses)
+                    self.inc(host + number * cs, cs, "data cluster", uses)
+                continue
+            self.inc_clusters(host, count, "data cluster", uses)
+
+    def inc_clusters(self, offset: int, count: int, what: str, times: int) -> None:
+        """``inc`` for ``count`` whole clusters from ``offset``, each one past the end of the file
+        reported on its own."""
+        cs = self.cs
+        inside = min(count, max(0, -(-(self.file_size - offset) // cs)))  # clusters that start inside the file
+        if inside:
+            self.inc(offset, inside * cs, what, times)
+        for number in range(inside, count):
+            self.inc(offset + number * cs, cs, what, times)
 
     def snapshots(self) -> list[q.Qcow2Snapshot]:
         header = self.header
@@ -427,14 +433,15 @@ class _Qcow2Check:
             active_uses = self.l2_tables[l2_offset][1]
             if not active_uses:
                 continue
-            entries = q.parse_u64_table(self.read(l2_offset, cs))[0::width]
-            for number, l2_entry in enumerate(entries):
-                if not l2_entry or l2_entry & q.OFLAG_COMPRESSED:
+            table = q.parse_u64_table(self.read(l2_offset, cs))
+            for state, first, count, host, _ in q.decode_l2_table(table, 0, len(table) // width, self.bits,
+                                                                  self.extended):
+                if not host or state == q.L2_COMPRESSED:
                     continue
-                host = l2_entry & q.L2E_OFFSET_MASK
-                if not host:
-                    continue
-                refcount = stored(host)
-                if refcount is not None and (refcount == 1) != bool(l2_entry & q.OFLAG_COPIED):
-                    self.result.add("corruption", f"OFLAG_COPIED of data cluster {host:#x} disagrees with its "
-                                    f"refcount {refcount}", l2_offset + 8 * width * number, "L2 table", active_uses)
+                for number in range(first, first + count):
+                    refcount = stored(host)
+                    l2_entry = table[number * width]
+                    if refcount is not None and (refcount == 1) != bool(l2_entry & q.OFLAG_COPIED):
+                        self.result.add("corruption", f"OFLAG_COPIED of data cluster {host:#x} disagrees with its "
+                                        f"refcount {refcount}", l2_offset + 8 * width * number, "L2 table", active_uses)
+                    host += cs

@@ -11,7 +11,6 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
-from itertools import repeat
 from typing import NamedTuple
 
 from ..probing import Detection, OpenOptions, ParentOpener
@@ -32,7 +31,6 @@ from .structures import (
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
-    L2E_OFFSET_MASK,
     MAGIC,
     MAX_CLUSTER_BITS,
     MAX_L1_ENTRIES,
@@ -40,20 +38,25 @@ from .structures import (
     MAX_VIRTUAL_SIZE,
     MIN_CLUSTER_BITS,
     NAME,
-    OFLAG_COMPRESSED,
-    OFLAG_ZERO,
-    SUBCLUSTER_MASK,
+    L2_COMPRESSED,
+    L2_INVALID,
+    L2_NORMAL,
+    L2_SUBCLUSTERS,
+    L2_ZERO,
+    L2_ZERO_ALLOC,
     SUBCLUSTERS,
     HeaderExtensions,
+    InvalidL2Entry,
     Qcow2Header,
     Qcow2Snapshot,
     SnapshotTableTruncated,
     check_header,
     check_l1_place,
-    compressed_field_shift,
+    decode_l2_table,
     first_cluster_extensions,
     parse_snapshot_table,
     parse_u64_table,
+    subcluster_runs,
 )
 
 try:  # zstd is a declared dependency, but keep zlib images readable without it
@@ -198,7 +201,6 @@ class Qcow2Reader(DiskReader):
         self._span_shift = header.cluster_bits + (header.l2_entries.bit_length() - 1)
         self._file_size = host.size
         self._zstd = header.compression_type == COMPRESSION_ZSTD
-        self._compressed_shift = compressed_field_shift(header.cluster_bits)
         self._cache: OrderedDict[int, array] = OrderedDict()
         self._cache_limit = max(1, min(self.L2_CACHE_TABLES, self.L2_CACHE_BYTES // self._cluster_size))
         self._cache_lock = threading.Lock()
@@ -467,92 +469,51 @@ class Qcow2Reader(DiskReader):
     def _scan_l2(
         self, table: array, l2_offset: int, position: int, chunk_end: int, unallocated: RunKind
     ) -> list[tuple[int, int, RunKind, int, int]]:
-        """Pieces for the whole clusters [position, chunk_end) described by one L2 table."""
+        """Pieces for the whole clusters [position, chunk_end) described by one L2 table, from the
+        runs of :func:`decode_l2_table`; host offsets are checked as qemu checks them before a read."""
         cluster_bits = self._cluster_bits
         cluster_size = self._cluster_size
         first = (position >> cluster_bits) & (self._l2_entries - 1)
         count = (chunk_end - position) >> cluster_bits
-        width = 2 if self._extended else 1
-        entries = table[first * width : (first + count) * width]
-        if entries.count(0) == len(entries):
-            return [(position, chunk_end - position, unallocated, 0, 0)]
         pieces: list[tuple[int, int, RunKind, int, int]] = []
         file_size = self._file_size
         mask = cluster_size - 1
-        run_kind = -1  # the piece being extended: kind, start, length, host offset
-        run_start = run_length = run_host = 0
-        guest = position
-        if self._extended:
-            iterator = iter(entries)
-            pairs = zip(iterator, iterator)
-        else:
-            pairs = zip(entries, repeat(-1))
-        for number, (entry, bitmap) in enumerate(pairs):
-            kind = unallocated
-            host = 0
-            if entry & OFLAG_COMPRESSED:
-                if run_kind >= 0:
-                    pieces.append((run_start, run_length, run_kind, run_host, 0))
-                    run_kind = -1
-                pieces.append(self._compressed_piece(entry, guest, l2_offset, first + number))
-                guest += cluster_size
+        entry_size = 16 if self._extended else 8
+        base = position - (first << cluster_bits)  # guest offset of the table's first entry
+        for state, index, length, host, extra in decode_l2_table(table, first, count, cluster_bits, self._extended):
+            guest = base + (index << cluster_bits)
+            if state == L2_INVALID:
+                raise InvalidL2Entry(
+                    f"invalid subcluster bitmap {extra:#018x} for guest offset {guest}",
+                    path=self.path, offset=l2_offset + entry_size * index, structure="L2 table",
+                )
+            if state == L2_COMPRESSED:
+                if host >= file_size:
+                    raise CorruptImage(
+                        f"compressed cluster for guest offset {guest} starts at host offset {host}, past the end of "
+                        f"the file ({file_size} bytes)",
+                        path=self.path, offset=l2_offset + entry_size * index, structure="L2 table",
+                    )
+                pieces.append((guest, cluster_size, _ENCODED, host, extra))
                 continue
-            if bitmap < 0:  # standard entry
-                if entry & OFLAG_ZERO:
-                    kind = _ZERO
-                else:
-                    host = entry & L2E_OFFSET_MASK
-                    if host:
-                        kind = _HOST
-            else:  # extended entry
-                allocated = bitmap & SUBCLUSTER_MASK
-                zero = bitmap >> 32
-                host = entry & L2E_OFFSET_MASK
-                if allocated & zero or (allocated and not host):
-                    raise CorruptImage(
-                        f"invalid subcluster bitmap {bitmap:#018x} for guest offset {guest}",
-                        path=self.path,
-                        offset=l2_offset + 16 * (first + number),
-                        structure="L2 table",
-                    )
-                if allocated == SUBCLUSTER_MASK:
-                    kind = _HOST
-                elif zero == SUBCLUSTER_MASK:
-                    kind = _ZERO
-                elif allocated or zero:
-                    if run_kind >= 0:
-                        pieces.append((run_start, run_length, run_kind, run_host, 0))
-                        run_kind = -1
-                    self._subcluster_pieces(
-                        pieces, guest, host, allocated, zero, unallocated, l2_offset + 16 * (first + number)
-                    )
-                    guest += cluster_size
-                    continue
-            if kind is _HOST:
-                if host & mask:
-                    raise CorruptImage(
-                        f"cluster offset {host:#x} for guest offset {guest} is not cluster aligned",
-                        path=self.path,
-                        offset=l2_offset + 8 * width * (first + number),
-                        structure="L2 table",
-                    )
-                if host + cluster_size > file_size:
-                    raise self._past_eof(guest, host, cluster_size, l2_offset + 8 * width * (first + number))
-                if run_kind == _HOST and run_host + run_length == host:
-                    run_length += cluster_size
-                else:
-                    if run_kind >= 0:
-                        pieces.append((run_start, run_length, run_kind, run_host, 0))
-                    run_kind, run_start, run_length, run_host = _HOST, guest, cluster_size, host
-            elif kind == run_kind:
-                run_length += cluster_size
-            else:
-                if run_kind >= 0:
-                    pieces.append((run_start, run_length, run_kind, run_host, 0))
-                run_kind, run_start, run_length, run_host = kind, guest, cluster_size, 0
-            guest += cluster_size
-        if run_kind >= 0:
-            pieces.append((run_start, run_length, run_kind, run_host, 0))
+            if host & mask:
+                raise CorruptImage(
+                    f"cluster offset {host:#x} for guest offset {guest} is not cluster aligned",
+                    path=self.path, offset=l2_offset + entry_size * index, structure="L2 table",
+                )
+            if state == L2_NORMAL:
+                size = length << cluster_bits
+                if host + size > file_size:
+                    past = max(0, (file_size - host) >> cluster_bits)  # the first cluster not wholly inside
+                    raise self._past_eof(guest + (past << cluster_bits), host + (past << cluster_bits), cluster_size,
+                                         l2_offset + entry_size * (index + past))
+                pieces.append((guest, size, _HOST, host, 0))
+            elif state == L2_ZERO or state == L2_ZERO_ALLOC:
+                pieces.append((guest, length << cluster_bits, _ZERO, 0, 0))
+            elif state == L2_SUBCLUSTERS:
+                self._subcluster_pieces(pieces, guest, host, extra, unallocated, l2_offset + entry_size * index)
+            else:  # L2_UNALLOCATED, L2_UNALLOCATED_ALLOC
+                pieces.append((guest, length << cluster_bits, unallocated, 0, 0))
         return pieces
 
     def _past_eof(self, guest: int, host: int, length: int, entry_offset: int) -> CorruptImage:
@@ -567,51 +528,21 @@ class Qcow2Reader(DiskReader):
         )
 
     def _subcluster_pieces(
-        self, pieces: list, guest: int, host: int, allocated: int, zero: int, unallocated: RunKind, entry_offset: int
+        self, pieces: list[tuple[int, int, RunKind, int, int]], guest: int, host: int, bitmap: int,
+        unallocated: RunKind, entry_offset: int,
     ) -> None:
+        """The pieces of one cluster whose subclusters differ; only the allocated ones must lie
+        inside the file."""
         size = self._cluster_size // SUBCLUSTERS
-        if host & (self._cluster_size - 1):
-            raise CorruptImage(
-                f"cluster offset {host:#x} for guest offset {guest} is not cluster aligned",
-                path=self.path,
-                offset=entry_offset,
-                structure="L2 table",
-            )
-        index = 0
-        while index < SUBCLUSTERS:
-            bit = 1 << index
-            kind = _HOST if allocated & bit else _ZERO if zero & bit else unallocated
-            run_end = index + 1
-            while run_end < SUBCLUSTERS:
-                bit = 1 << run_end
-                following = _HOST if allocated & bit else _ZERO if zero & bit else unallocated
-                if following != kind:
-                    break
-                run_end += 1
+        for index, count, state in subcluster_runs(bitmap):
             start = guest + index * size
-            length = (run_end - index) * size
-            if kind is _HOST:
-                if host + (run_end * size) > self._file_size:
+            length = count * size
+            if state == L2_NORMAL:
+                if host + (index + count) * size > self._file_size:
                     raise self._past_eof(start, host + index * size, length, entry_offset)
-                pieces.append((start, length, kind, host + index * size, 0))
+                pieces.append((start, length, _HOST, host + index * size, 0))
             else:
-                pieces.append((start, length, kind, 0, 0))
-            index = run_end
-
-    def _compressed_piece(self, entry: int, guest: int, l2_offset: int, index: int) -> tuple:
-        shift = self._compressed_shift
-        host = entry & ((1 << shift) - 1)
-        sectors = ((entry >> shift) & ((1 << (self._cluster_bits - 8)) - 1)) + 1
-        length = sectors * 512 - (host & 511)
-        if host >= self._file_size:
-            raise CorruptImage(
-                f"compressed cluster for guest offset {guest} starts at host offset {host}, past the end of "
-                f"the file ({self._file_size} bytes)",
-                path=self.path,
-                offset=l2_offset + (16 if self._extended else 8) * index,
-                structure="L2 table",
-            )
-        return (guest, self._cluster_size, _ENCODED, host, length)
+                pieces.append((start, length, _ZERO if state == L2_ZERO else unallocated, 0, 0))
 
     # -- compressed clusters -----------------------------------------------------------------------
 

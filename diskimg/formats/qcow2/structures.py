@@ -26,6 +26,8 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Iterator
+from itertools import repeat
 from typing import NamedTuple
 
 from ...errors import CorruptImage, UnsupportedFormat
@@ -452,8 +454,139 @@ def pack_snapshot_table(snapshots: list[Qcow2Snapshot]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
+# What an L2 entry reads as: qemu's cluster and subcluster types (qcow2.h), one code each. Decoded
+# by decode_l2_table alone, for the reader, ``check`` and every other caller.
+#: no host cluster: reads from the backing file, or as zeros without one
+L2_UNALLOCATED = 0
+#: no host cluster: reads as zeros
+L2_ZERO = 1
+#: reads from its host cluster
+L2_NORMAL = 2
+#: reads as zeros; its host cluster stays allocated (preallocated)
+L2_ZERO_ALLOC = 3
+#: extended L2, no subcluster allocated: reads from the backing file; its host cluster stays allocated
+L2_UNALLOCATED_ALLOC = 4
+#: extended L2: subclusters in different states (:func:`subcluster_runs` splits the bitmap)
+L2_SUBCLUSTERS = 5
+#: a compressed cluster: the run's host offset is a byte offset, its extra the bytes to read
+L2_COMPRESSED = 6
+#: extended L2: the bitmap contradicts itself or the entry (qemu: QCOW2_SUBCLUSTER_INVALID)
+L2_INVALID = 7
+
+#: (state, first entry, entries, host offset of the first, extra): entries [first, first + entries)
+#: of one L2 table in one state. ``extra`` is the stored length of a compressed cluster and the
+#: bitmap of an L2_SUBCLUSTERS or L2_INVALID entry, 0 otherwise.
+L2Run = tuple[int, int, int, int, int]
+
+
+class InvalidL2Entry(CorruptImage, ValueError):
+    """An L2 entry whose bits contradict each other (also a ValueError, as the entry helpers raised)."""
+
+
+def compressed_field_shift(cluster_bits: int) -> int:
+    """Bit where the sector count of a compressed descriptor starts (x in the specification)."""
+    return 62 - (cluster_bits - 8)
+
+
+def decode_l2_table(table: array, first: int, count: int, cluster_bits: int, extended: bool) -> list[L2Run]:
+    """The one decoder of L2 entries: entries [first, first + count) of an L2 table (as
+    :func:`parse_u64_table` gives it; two words per entry with extended L2) as runs in one state.
+
+    Neighbouring entries in one state form one run, those with host clusters only while their
+    clusters follow each other in the file; compressed, L2_SUBCLUSTERS and L2_INVALID entries are
+    runs of one. As qemu: the zero flag (bit 0) means nothing with extended L2, whose bitmap is
+    invalid where a subcluster is both allocated and zero, or allocated without a host cluster.
+    Where the host offset lies (cluster aligned, inside the file) is the caller's to judge.
+    """
+    if extended:
+        words = table[2 * first : 2 * (first + count)]
+    else:
+        words = table[first : first + count]
+    if words.count(0) == len(words):
+        return [(L2_UNALLOCATED, first, count, 0, 0)]
+    cluster_size = 1 << cluster_bits
+    shift = compressed_field_shift(cluster_bits)
+    compressed_offset_mask = (1 << shift) - 1
+    sectors_mask = (1 << (cluster_bits - 8)) - 1
+    runs: list[L2Run] = []
+    state = -1  # the run being extended: state, first entry, entries, first host, next host
+    start = length = first_host = next_host = 0
+    if extended:
+        pairs = iter(words)
+        entries: Iterator[tuple[int, int]] = zip(pairs, pairs)
+    else:
+        entries = zip(words, repeat(-1))
+    for index, (entry, bitmap) in enumerate(entries, first):
+        if entry & OFLAG_COMPRESSED:
+            if state >= 0:
+                runs.append((state, start, length, first_host, 0))
+                state = -1
+            host = entry & compressed_offset_mask
+            stored = (((entry >> shift) & sectors_mask) + 1) * 512 - (host & 511)
+            runs.append((L2_COMPRESSED, index, 1, host, stored))
+            continue
+        host = entry & L2E_OFFSET_MASK
+        if bitmap < 0:  # standard entry
+            if entry & OFLAG_ZERO:
+                kind = L2_ZERO_ALLOC if host else L2_ZERO
+            else:
+                kind = L2_NORMAL if host else L2_UNALLOCATED
+        else:
+            allocated = bitmap & SUBCLUSTER_MASK
+            zero = bitmap >> 32
+            if allocated & zero or (allocated and not host):
+                kind = L2_INVALID
+            elif allocated == SUBCLUSTER_MASK:
+                kind = L2_NORMAL
+            elif zero == SUBCLUSTER_MASK:
+                kind = L2_ZERO_ALLOC if host else L2_ZERO
+            elif not bitmap:
+                kind = L2_UNALLOCATED_ALLOC if host else L2_UNALLOCATED
+            else:
+                kind = L2_SUBCLUSTERS
+            if kind == L2_SUBCLUSTERS or kind == L2_INVALID:
+                if state >= 0:
+                    runs.append((state, start, length, first_host, 0))
+                    state = -1
+                runs.append((kind, index, 1, host, bitmap))
+                continue
+        if kind == state and host == next_host:
+            length += 1
+            if host:
+                next_host += cluster_size
+            continue
+        if state >= 0:
+            runs.append((state, start, length, first_host, 0))
+        state, start, length, first_host, next_host = kind, index, 1, host, host + cluster_size if host else 0
+    if state >= 0:
+        runs.append((state, start, length, first_host, 0))
+    return runs
+
+
+#: the states of subclusters: allocated, reads as zeros, neither
+_SUBCLUSTER_STATES = (L2_NORMAL, L2_ZERO, L2_UNALLOCATED)
+
+
+def subcluster_runs(bitmap: int) -> list[tuple[int, int, int]]:
+    """(first subcluster, count, state) runs of a valid extended L2 bitmap: L2_NORMAL (allocated),
+    L2_ZERO (reads as zeros) or L2_UNALLOCATED."""
+    allocated = bitmap & SUBCLUSTER_MASK
+    zero = bitmap >> 32
+    masks = (allocated, zero, SUBCLUSTER_MASK & ~(allocated | zero))
+    runs = []
+    index = 0
+    while index < SUBCLUSTERS:
+        bit = 1 << index
+        which = 0 if allocated & bit else 1 if zero & bit else 2
+        rest = ~(masks[which] >> index)  # lowest set bit: where the run ends
+        length = (rest & -rest).bit_length() - 1
+        runs.append((index, length, _SUBCLUSTER_STATES[which]))
+        index += length
+    return runs
+
+
 class L2Entry(NamedTuple):
-    """A decoded L2 entry. kind: "unallocated", "zero", "normal" or "compressed"."""
+    """One decoded L2 entry. kind: "unallocated", "zero", "normal" or "compressed"."""
 
     kind: str
     host_offset: int = 0
@@ -462,25 +595,36 @@ class L2Entry(NamedTuple):
     copied: bool = False
 
 
-def compressed_field_shift(cluster_bits: int) -> int:
-    """Bit where the sector count of a compressed descriptor starts (x in the specification)."""
-    return 62 - (cluster_bits - 8)
+#: qemu's cluster types, from the first 64 bits of an entry: with extended L2 an entry with a host
+#: cluster is a "normal" cluster whatever its bitmap says
+_CLUSTER_KINDS = {L2_UNALLOCATED: "unallocated", L2_ZERO: "zero", L2_ZERO_ALLOC: "zero", L2_NORMAL: "normal",
+                  L2_UNALLOCATED_ALLOC: "normal"}
+#: what a subcluster reads as
+_SUBCLUSTER_KINDS = {L2_UNALLOCATED: "unallocated", L2_UNALLOCATED_ALLOC: "unallocated", L2_ZERO: "zero",
+                     L2_ZERO_ALLOC: "zero", L2_NORMAL: "normal", L2_COMPRESSED: "compressed"}
 
 
 def decode_l2_entry(entry: int, cluster_bits: int, extended: bool = False) -> L2Entry:
-    """Decode the first 64 bits of an L2 entry (with extended L2 the zero flag is unused)."""
+    """The cluster type of one L2 entry from its first 64 bits (:func:`decode_l2_table`)."""
+    words = array("Q", (entry, 0) if extended else (entry,))
+    ((state, _, _, host, extra),) = decode_l2_table(words, 0, 1, cluster_bits, extended)
     copied = bool(entry & OFLAG_COPIED)
-    if entry & OFLAG_COMPRESSED:
-        shift = compressed_field_shift(cluster_bits)
-        offset = entry & ((1 << shift) - 1)
-        sectors = ((entry >> shift) & ((1 << (cluster_bits - 8)) - 1)) + 1
-        return L2Entry("compressed", offset, sectors * 512 - (offset & 511), copied)
-    offset = entry & L2E_OFFSET_MASK
-    if entry & OFLAG_ZERO and not extended:
-        return L2Entry("zero", offset, 0, copied)
-    if offset:
-        return L2Entry("normal", offset, 0, copied)
-    return L2Entry("unallocated", 0, 0, copied)
+    if state == L2_COMPRESSED:
+        return L2Entry("compressed", host, extra, copied)
+    return L2Entry(_CLUSTER_KINDS[state], host, 0, copied)
+
+
+def subcluster_kind(entry: int, bitmap: int, index: int) -> str:
+    """"normal", "zero", "unallocated" or "compressed": what subcluster ``index`` of an extended L2
+    entry reads as (:func:`decode_l2_table`); InvalidL2Entry where the bitmap is invalid anywhere."""
+    # the cluster size only places a compressed cluster's bytes, not what the entry reads as
+    ((state, _, _, _, extra),) = decode_l2_table(array("Q", (entry, bitmap)), 0, 1, MIN_EXTENDED_L2_CLUSTER_BITS,
+                                                 True)
+    if state == L2_INVALID:
+        raise InvalidL2Entry(f"invalid subcluster bitmap {bitmap:#018x} in L2 entry {entry:#x}", structure="L2 table")
+    if state == L2_SUBCLUSTERS:
+        state = next(kind for start, length, kind in subcluster_runs(extra) if start <= index < start + length)
+    return _SUBCLUSTER_KINDS[state]
 
 
 def encode_compressed_entry(host_offset: int, length: int, cluster_bits: int) -> int:
@@ -490,26 +634,6 @@ def encode_compressed_entry(host_offset: int, length: int, cluster_bits: int) ->
     if host_offset >> shift or sectors - 1 >= 1 << (cluster_bits - 8) or length <= 0:
         raise ValueError("compressed cluster does not fit an L2 descriptor")
     return OFLAG_COMPRESSED | ((sectors - 1) << shift) | host_offset
-
-
-def decode_subcluster_bitmap(bitmap: int) -> tuple[int, int]:
-    """(allocated bits, reads-as-zero bits) of an extended L2 entry's second half."""
-    return bitmap & SUBCLUSTER_MASK, (bitmap >> 32) & SUBCLUSTER_MASK
-
-
-def subcluster_kind(entry: int, bitmap: int, index: int) -> str:
-    """"normal", "zero", "unallocated" or "compressed" for subcluster ``index`` of an extended entry."""
-    if entry & OFLAG_COMPRESSED:
-        return "compressed"
-    allocated, zero = decode_subcluster_bitmap(bitmap)
-    bit = 1 << index
-    if allocated & zero & bit or (allocated and not entry & L2E_OFFSET_MASK):
-        raise ValueError("invalid subcluster bitmap")
-    if zero & bit:
-        return "zero"
-    if allocated & bit:
-        return "normal"
-    return "unallocated"
 
 
 # ---------------------------------------------------------------------------------------------
