@@ -5,7 +5,6 @@ with a bounded cache of L2 tables (qemu's qcow2.c and qcow2-cluster.c)."""
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import zlib
 from array import array
@@ -64,10 +63,10 @@ try:  # zstd is a declared dependency, but keep zlib images readable without it
 except ImportError:  # pragma: no cover
     zstandard = None  # type: ignore[assignment]
 
-#: Python exceptions a malformed file may provoke inside parsing code; turned into CorruptImage
-_MALFORMED = (struct.error, zlib.error, ValueError, IndexError, KeyError, MemoryError, OverflowError)
+#: the decompressors' errors for data that is not what its compression type says
+_DECOMPRESSION_ERRORS: tuple[type[Exception], ...] = (zlib.error,)
 if zstandard is not None:
-    _MALFORMED = (*_MALFORMED, zstandard.ZstdError)
+    _DECOMPRESSION_ERRORS = (zlib.error, zstandard.ZstdError)
 
 _HOST, _ZERO, _BACKING, _ENCODED = RunKind.HOST, RunKind.ZERO, RunKind.BACKING, RunKind.ENCODED
 
@@ -216,8 +215,6 @@ class Qcow2Reader(DiskReader):
         options = options or OpenOptions()
         try:
             reader = cls._open(host, options)
-        except _MALFORMED as exc:
-            raise CorruptImage(f"malformed qcow2 metadata: {exc}", path=host.name, structure="header") from None
         except DiskImageError as exc:
             if exc.path is None:
                 exc.path = host.name
@@ -383,14 +380,6 @@ class Qcow2Reader(DiskReader):
     # -- mapping ---------------------------------------------------------------------------------
 
     def _runs(self, start: int, end: int) -> Iterator[Run]:
-        try:
-            yield from self._walk(start, end)
-        except _MALFORMED as exc:
-            raise CorruptImage(
-                f"malformed qcow2 mapping near guest offset {start}: {exc}", path=self.path, structure="L2 table"
-            ) from None
-
-    def _walk(self, start: int, end: int) -> Iterator[Run]:
         """Runs over [start, end): table pieces over whole clusters, merged, then clipped."""
         mask = self._cluster_size - 1
         span_shift = self._span_shift
@@ -577,7 +566,7 @@ class Qcow2Reader(DiskReader):
                 data = b"".join(parts)
             else:
                 data = zlib.decompressobj(-15).decompress(stored, cluster_size)
-        except _MALFORMED as exc:
+        except _DECOMPRESSION_ERRORS as exc:
             raise CorruptImage(
                 f"compressed cluster for guest offset {guest} does not decompress: {exc}",
                 path=self.path,

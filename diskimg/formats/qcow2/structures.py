@@ -382,11 +382,7 @@ class Qcow2Snapshot:
 
     @property
     def date(self) -> str:
-        try:
-            moment = datetime.fromtimestamp(self.date_sec, timezone.utc)
-        except (OverflowError, OSError, ValueError):  # pragma: no cover - u32 seconds always fit
-            return ""
-        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return datetime.fromtimestamp(self.date_sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def pack(self) -> bytes:
         ident = self.id.encode("utf-8", "surrogateescape")
