@@ -209,7 +209,7 @@ class _Qcow2Check:
             self.walked_l2.append(l2_offset)
             self.check_l2(table, l2_offset, uses, active_uses, l1_index)
 
-    def check_l2(self, table: array, l2_offset: int, uses: int, active_uses: int, l1_index: int) -> None:
+    def check_l2(self, table: array[int], l2_offset: int, uses: int, active_uses: int, l1_index: int) -> None:
         """One L2 table, decoded by :func:`structures.decode_l2_table`: its clusters referenced ``uses``
         times, ``active_uses`` of them from the active L1 (whose first entry pointing here is ``l1_index``)."""
         cs = self.cs

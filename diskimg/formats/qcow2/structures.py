@@ -484,7 +484,7 @@ def compressed_field_shift(cluster_bits: int) -> int:
     return 62 - (cluster_bits - 8)
 
 
-def decode_l2_table(table: array, first: int, count: int, cluster_bits: int, extended: bool) -> list[L2Run]:
+def decode_l2_table(table: array[int], first: int, count: int, cluster_bits: int, extended: bool) -> list[L2Run]:
     """The one decoder of L2 entries: entries [first, first + count) of an L2 table (as
     :func:`parse_u64_table` gives it; two words per entry with extended L2) as runs in one state.
 
@@ -637,7 +637,7 @@ def encode_compressed_entry(host_offset: int, length: int, cluster_bits: int) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_u64_table(data: bytes) -> array:
+def parse_u64_table(data: bytes) -> array[int]:
     """Big-endian u64 entries (an L1, L2, refcount or bitmap table) as an array; a partial last
     entry is left out."""
     table = array("Q")
@@ -647,7 +647,7 @@ def parse_u64_table(data: bytes) -> array:
     return table
 
 
-def pack_u64_table(table: array) -> bytes:
+def pack_u64_table(table: array[int]) -> bytes:
     """The big-endian bytes of u64 entries (an L1, L2 or refcount table): parse_u64_table's inverse."""
     if _NATIVE_LITTLE:
         table = array("Q", table)
