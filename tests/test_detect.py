@@ -28,7 +28,7 @@ try:  # tests as a package, or as a plain directory on sys.path
 except ImportError:
     from conftest import corpus_dir, corpus_manifest, corpus_params, qemu_img, requires_qemu, run  # type: ignore[no-redef]
 from diskimg.formats.vmdk.structures import READ_CREATE_TYPES
-from diskimg.detection.content import identify_start
+from diskimg.inspection.disk_start import identify_start
 from diskimg.detection.probe import check_forced, detect
 from diskimg.formats.probing import READABLE_FORMATS, Detection
 from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError

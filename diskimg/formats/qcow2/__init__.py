@@ -3,7 +3,7 @@
 open, read, allocation map), writer, check (refcounts, like ``qemu-img check``)."""
 
 from .reader import Qcow2Reader, probe, read_first_cluster
-from .structures import NAME
+from .structures import MAGIC, NAME, header_version
 from .writer import Qcow2Writer
 
-__all__ = ["NAME", "Qcow2Reader", "Qcow2Writer", "probe", "read_first_cluster"]
+__all__ = ["MAGIC", "NAME", "Qcow2Reader", "Qcow2Writer", "header_version", "probe", "read_first_cluster"]

@@ -17,22 +17,17 @@ with ``qemu-img check --output=json``. Only metadata is read, never guest data.
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from ...errors import CorruptImage, UnsupportedFormat
 from ...host.files import HostFile
+from ..check_result import MAX_PROBLEMS, CheckResult
 from . import structures as q
 from .reader import read_first_cluster
-
-if TYPE_CHECKING:
-    from ...detection.check import CheckResult
 
 #: host clusters a qcow2 check will count (2 bytes each in memory)
 MAX_CHECK_CLUSTERS = 1 << 28
 #: distinct L2 tables a qcow2 check keeps track of (262144 tables map 128 TiB with 64 KiB clusters)
 MAX_L2_TABLES = 1 << 18
-#: leaked cluster numbers listed in a result (the count goes on)
-MAX_LEAKED_LISTED = 200
 
 
 def check_qcow2(host: HostFile, result: CheckResult) -> None:
@@ -400,7 +395,7 @@ class _Qcow2Check:
                 else:
                     result.add("leak", f"leaked cluster {i}: refcount {have}, {want} references", i * cs,
                                "refcount block")
-                    if len(result.leaked_clusters) < MAX_LEAKED_LISTED:
+                    if len(result.leaked_clusters) < MAX_PROBLEMS:
                         result.leaked_clusters.append(i)
         result.image_end_offset = (highest + 1) * cs
 

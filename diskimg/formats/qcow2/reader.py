@@ -53,6 +53,7 @@ from .structures import (
     check_l1_place,
     decode_l2_table,
     first_cluster_extensions,
+    header_version,
     parse_snapshot_table,
     parse_u64_table,
     subcluster_runs,
@@ -82,10 +83,8 @@ def _corrupt(message: str, structure: str, offset: int | None = None, path: str 
 
 def probe(head: bytes, tail: bytes, file_size: int) -> Detection | None:
     """A qcow2 v2/v3 header at offset 0 (v1 "qcow" is left to the detection module)."""
-    if len(head) < 8 or head[:4] != MAGIC:
-        return None
-    version = int.from_bytes(head[4:8], "big")
-    if version not in (2, 3):
+    version = header_version(head)
+    if head[:4] != MAGIC or version not in (2, 3):
         return None
     compat = "0.10" if version == 2 else "1.1"
     description = f"qcow2 v{version} (compat {compat})"

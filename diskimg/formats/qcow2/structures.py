@@ -234,6 +234,17 @@ class Qcow2Header:
         return fixed
 
 
+#: the u32 (big-endian) version after the magic: 1 for qcow, 2 or 3 for qcow2
+VERSION_FIELD = 4
+
+
+def header_version(head: bytes) -> int | None:
+    """The version field of a qcow or qcow2 header, or None when ``head`` is too short to hold it."""
+    if len(head) < VERSION_FIELD + 4:
+        return None
+    return int.from_bytes(head[VERSION_FIELD : VERSION_FIELD + 4], "big")
+
+
 # ---------------------------------------------------------------------------------------------
 # Header extensions
 # ---------------------------------------------------------------------------------------------
