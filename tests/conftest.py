@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from diskimg.formats.qcow2 import Qcow2Header
+from diskimg.formats.qcow2.structures import Qcow2Header
 from diskimg.formats.reader import Extent, ExtentKind
 
 HERE = Path(__file__).resolve().parent

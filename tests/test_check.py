@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from diskimg.detection.check import check
 from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
-from diskimg.formats.qcow2 import decode_refcount_block
+from diskimg.formats.qcow2.structures import decode_refcount_block
 
 from .conftest import (
     MiB,
@@ -213,6 +213,32 @@ def test_unaligned_l2_table_offset(tmp_path):
     ours = check(path)
     assert ours.corruptions == theirs["corruptions"] > 0
     assert any("not cluster aligned" in p.message for p in ours.problems)
+
+
+L2_ENTRY_DAMAGE = {
+    # name: (qemu-img create options, qemu-io command, the u64 written at this offset of the first L2 table,
+    # a function of the entry there)
+    "invalid subcluster bitmap on an allocated cluster": (
+        "extended_l2=on", "write -P 7 0 128k", 8, lambda entry: 0x1_FFFFFFFF),  # allocated and zero at once
+    "compressed entry with a subcluster bitmap": ("extended_l2=on", "write -c -P 7 0 64k", 8, lambda entry: 1),
+    "unaligned preallocated cluster": ("preallocation=metadata", "", 0, lambda entry: entry | 0x200 | 1),
+}
+
+
+@requires_qemu
+@pytest.mark.parametrize("name", list(L2_ENTRY_DAMAGE))
+def test_l2_entries_qemu_judges_are_counted_as_qemu_img_check_counts(tmp_path, name):
+    """The L2 entry states of the one decoder (``decode_l2_table``) against qemu-img check: a cluster with an
+    invalid bitmap is still referenced, a compressed one with a bitmap is not, an unaligned one is reported."""
+    options, command, where, damage = L2_ENTRY_DAMAGE[name]
+    path = tmp_path / "l2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, path, "4M")
+    if command:
+        qemu_io(path, "qcow2", command)
+    l2 = first_l2_table(path)
+    write_at(path, l2 + where, struct.pack(">Q", damage(read_u64(path, l2 + where))))
+    theirs, ours = assert_agrees_with_qemu(path)
+    assert ours.corruptions > 0 and any(p.offset == l2 for p in ours.problems), ours.render_text()
 
 
 HEADER_DAMAGE = {

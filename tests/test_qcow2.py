@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from diskimg.formats.probing import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat, UsageError
-from diskimg.formats.qcow2 import (
+from diskimg.formats.qcow2.reader import Qcow2Reader, probe
+from diskimg.formats.qcow2.structures import (
     MAGIC,
     HeaderExtension,
     Qcow2Header,
-    Qcow2Reader,
     Qcow2Snapshot,
     decode_l2_entry,
     encode_compressed_entry,
@@ -34,7 +34,6 @@ from diskimg.formats.qcow2 import (
     pack_snapshot_table,
     parse_header_extensions,
     parse_snapshot_table,
-    probe,
     subcluster_kind,
 )
 from diskimg.formats.raw import RawReader
@@ -52,6 +51,7 @@ from .conftest import (
     qemu_raw,
     reader_sha256,
     requires_qemu,
+    write_at,
 )
 
 pytestmark = requires_qemu
@@ -747,6 +747,31 @@ def test_truncated_data_cluster_is_corrupt(tmp_path):
         with pytest.raises(CorruptImage, match=f"truncated: guest offset {3 * MiB} maps to host offset {host}"):
             reader.read_at(3 * MiB, 10)
         with pytest.raises(CorruptImage):
+            list(reader.extents())
+
+
+@pytest.mark.parametrize("case", ["invalid-subcluster-bitmap", "unaligned-preallocated-cluster"])
+def test_l2_entries_qemu_refuses_to_read(tmp_path, case):
+    """What qemu-img convert refuses (qemu's QCOW2_SUBCLUSTER_INVALID; a preallocated cluster off its
+    alignment) the reader refuses too, in reads and in the allocation map."""
+    if case == "invalid-subcluster-bitmap":
+        image = create(tmp_path / "x.qcow2", 4 * MiB, "extended_l2=on")
+        qemu_io(image, "qcow2", "write -P 0x63 0 128k")
+        where, _ = l2_entry_location(image, 0, entry_size=16)
+        write_at(image, where + 8, struct.pack(">Q", (1 << 32) | 0xFFFFFFFF))  # subcluster 0 allocated and zero
+        message = "invalid subcluster bitmap"
+    else:
+        image = create(tmp_path / "z.qcow2", 4 * MiB, "preallocation=metadata")
+        where, value = l2_entry_location(image, 0)
+        write_at(image, where, struct.pack(">Q", value | 0x200 | 1))  # reads as zeros, host offset 512 bytes off
+        message = "not cluster aligned"
+    qemu = subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, tmp_path / "out.raw"],
+                          capture_output=True)
+    assert qemu.returncode != 0
+    with open_qcow2(image) as reader:
+        with pytest.raises(CorruptImage, match=message):
+            reader.read_at(0, 512)
+        with pytest.raises(CorruptImage, match=message):
             list(reader.extents())
 
 

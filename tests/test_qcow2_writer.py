@@ -23,17 +23,15 @@ from hypothesis import strategies as st
 import diskimg
 from diskimg.errors import OutputError, UsageError
 from diskimg.formats import WRITERS
-from diskimg.formats.qcow2 import (
+from diskimg.formats.qcow2.structures import (
     EXT_FEATURE_NAMES,
-    FEATURE_NAME_TABLE,
     L1E_OFFSET_MASK,
     Qcow2Header,
-    Qcow2Writer,
     decode_l2_entry,
     pack_refcounts,
     parse_header_extensions,
-    plan_layout,
 )
+from diskimg.formats.qcow2.writer import FEATURE_NAME_TABLE, Qcow2Writer, plan_layout
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.units import parse_size
 from diskimg.formats.writer import OutputTarget

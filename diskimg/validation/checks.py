@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import BackingFileError, UnsupportedFormat
-from ..formats import qcow2 as q
+from ..formats.qcow2 import structures as q
 from ..formats.foreign import output_name
 from ..units import format_size
 from ..streams.compressed import unwrap_command

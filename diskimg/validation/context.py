@@ -206,11 +206,11 @@ class DiskContext:
         refuses (encryption, external data file); None if not qcow2 or unparseable."""
         if self.format != "qcow2":
             return None
-        from ..formats import qcow2 as q
+        from ..formats.qcow2 import read_first_cluster
 
         host = HostFile(self.path)
         try:
-            first = q.read_first_cluster(host)
+            first = read_first_cluster(host)
             return first.header, first.extensions  # empty extensions where they could not be read
         except DiskImageError:
             return None
