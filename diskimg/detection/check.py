@@ -18,7 +18,6 @@ the pure functions of each format's ``structures.py``; this module only dispatch
 from __future__ import annotations
 
 import os
-import struct
 from typing import BinaryIO
 
 from .probe import check_forced, detect
@@ -82,8 +81,6 @@ def check(source: str | os.PathLike[str] | BinaryIO, source_format: FormatName |
         except DiskImageError as exc:
             result.add("error", f"the check could not go on: {exc.message if hasattr(exc, 'message') else exc}",
                        getattr(exc, "offset", None), getattr(exc, "structure", None))
-        except (struct.error, ValueError, IndexError, OverflowError, MemoryError) as exc:
-            result.add("error", f"malformed metadata: {exc}")
         return result
     finally:
         host.close()

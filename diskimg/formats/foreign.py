@@ -279,7 +279,7 @@ def recognise(probe: Probe, stage: Stage) -> tuple[Foreign, Match] | None:
         if entry.stage is stage:
             try:
                 found = entry.recognise(probe)
-            except (struct.error, ValueError, IndexError, UnicodeError):
+            except (struct.error, UnicodeError):  # the decoders' own errors: a header that only looked like one
                 found = None
             if found is not None:
                 return entry, found
