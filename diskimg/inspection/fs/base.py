@@ -54,6 +54,11 @@ def read_volume(disk: Disk, volume_offset: int, volume_length: int, position: in
     return data
 
 
+class NotSparsifiable(DiskImageError):
+    """The file system's allocation maps cannot be trusted or read (``unused_ranges``): its blocks
+    are all kept. The message says why, for the report ("the journal needs recovery", ...)."""
+
+
 class GuestPathError(DiskImageError):
     """A path inside the guest does not exist, is not of the kind asked for, or loops."""
 
@@ -129,6 +134,16 @@ class GuestFileSystem(ABC, Generic[Node]):
 
     @abstractmethod
     def _readlink(self, node: Node) -> str: ...
+
+    def unused_ranges(self) -> Iterator[tuple[int, int]]:
+        """The byte ranges of the volume (offset from its start, length) that the file system's own
+        allocation structures mark free, in increasing order and disjoint: what ``--sparsify`` leaves
+        out. Metadata, journals and anything the maps mark used are never among them.
+
+        Raises NotSparsifiable when the state of the file system means its maps may call used blocks
+        free (a journal to replay, a dirty flag, a hibernated system) or the driver cannot read them.
+        """
+        raise NotSparsifiable(f"diskimg does not read the free-space maps of {self.type or 'this file system'}")
 
     def _lookup(self, directory: Node, name: str) -> Node | None:
         """The node of ``name`` in ``directory``; drivers with indexed directories may do better."""
