@@ -33,7 +33,7 @@ from bench_validate import sh, time_validate  # noqa: E402  (the helpers of the 
 
 from diskimg.units import parse_size  # noqa: E402
 from tests.conftest import GRUB_BOOT_CODE  # noqa: E402
-from tests.guest_builders import RHEL_KERNEL, initramfs, new_uuid, rhel_tree, write_tree  # noqa: E402
+from tests.support.guests import RHEL_KERNEL, initramfs, new_uuid, rhel_tree, write_tree  # noqa: E402
 
 MiB = 1 << 20
 

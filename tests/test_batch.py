@@ -32,7 +32,7 @@ from .conftest import (
     run,
     write_boot_code,
 )
-from .guest_builders import ext4_image, mbr_disk, new_uuid, ubuntu_tree, write_tree
+from .support.guests import ext4_image, mbr_disk, new_uuid, ubuntu_tree, write_tree
 
 pytestmark = requires_qemu
 

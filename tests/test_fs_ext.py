@@ -19,7 +19,7 @@ from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ext import ExtFileSystem
 
 from .conftest import MiB, BytesDisk, blank, mkfs_into, qemu_img, read_at, run, sfdisk, write_at
-from .fs_compare import assert_tree_equal
+from .support.fs_compare import assert_tree_equal
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(tool) for tool in ("mkfs.ext4", "debugfs", "e2fsck", "dumpe2fs")),

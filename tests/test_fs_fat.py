@@ -1,6 +1,6 @@
 """The FAT driver (diskimg/fs/fat.py) against volumes made by mkfs.fat and mtools.
 
-The oracle is the host tree each volume was built from (tests/fs_compare.py), mtools' own listing
+The oracle is the host tree each volume was built from (tests/support/fs_compare.py), mtools' own listing
 (mdir) for short names, and structures located in the image independently of the driver (the BPB
 read here with struct) for the corruption cases.
 """
@@ -22,7 +22,7 @@ from diskimg.inspection.fs import GuestPathError, open_filesystem
 from diskimg.inspection.fs.fat import FatFileSystem, find_efi_loaders
 
 from .conftest import MiB, FileDisk, blank, copy_in, read_at, run, sgdisk, write_at
-from .fs_compare import assert_tree_equal
+from .support.fs_compare import assert_tree_equal
 
 TOOLS = ("mkfs.fat", "mcopy", "mdel", "mattrib", "mdir")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),

@@ -29,7 +29,7 @@ from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ntfs import NtfsFileSystem, parse_boot_sector
 
 from .conftest import MiB, BytesDisk, blank, copy_in, qemu_img, read_at, run, sfdisk, write_at
-from .fs_compare import assert_tree_equal
+from .support.fs_compare import assert_tree_equal
 
 TOOLS = ("mkntfs", "ntfs-3g", "ntfsinfo", "fusermount")
 

@@ -21,7 +21,7 @@ from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.xfs import XfsFileSystem
 
 from .conftest import MiB, FileDisk, blank, copy_in, qemu_img, requires_qemu, run, sfdisk
-from .fs_compare import assert_tree_equal
+from .support.fs_compare import assert_tree_equal
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.xfs") is None or shutil.which("xfs_db") is None,
                                 reason="xfsprogs (mkfs.xfs, xfs_db) not installed")

@@ -57,7 +57,7 @@ from .conftest import (
     write_at,
     write_boot_code,
 )
-from .guest_builders import (
+from .support.guests import (
     ELF_AARCH64,
     ELF_I386,
     ELF_X86_64,
@@ -81,7 +81,7 @@ from .guest_builders import (
     ubuntu_tree,
     write_tree,
 )
-from .hostfs import HostDirFileSystem
+from .support.hostfs import HostDirFileSystem
 
 needs_cpio = pytest.mark.skipif(any(shutil.which(t) is None for t in ("cpio", "gzip", "xz", "zstd", "lz4", "bzip2")),
                                 reason="needs cpio and the compressors")

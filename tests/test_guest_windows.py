@@ -29,7 +29,7 @@ from diskimg.inspection.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ
 
 from .conftest import (MiB, WINDOWS_BOOT_CODE, FileDisk, blank, copy_in, diskimg_cli, make_esp, run, sfdisk, sgdisk,
                        write_boot_code)
-from .hostfs import HostDirFileSystem
+from .support.hostfs import HostDirFileSystem
 from .test_fs_ntfs import mkntfs, need_tools, ntfs3g
 from .test_regf import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
                         modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)

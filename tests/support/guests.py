@@ -17,7 +17,7 @@ import uuid as uuidmod
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conftest import blank, run, sfdisk, sgdisk
+from ..conftest import blank, run, sfdisk, sgdisk
 
 Tree = dict[str, "bytes | str | Link | None"]
 
