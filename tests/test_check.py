@@ -16,23 +16,10 @@ from diskimg.detection.check import check
 from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
 from diskimg.formats.qcow2 import decode_refcount_block
 
-from .conftest import (
-    MiB,
-    corpus_entries,
-    corpus_params,
-    corpus_file,
-    diskimg_cli,
-    first_l2_table,
-    l1_entries_all_pointing_at_the_first_l2_table,
-    first_refcount_block,
-    qcow2_header,
-    qemu_img,
-    qemu_io,
-    read_u64,
-    requires_qemu,
-    run,
-    write_at,
-)
+from .conftest import (corpus_entries, corpus_file, corpus_params, first_l2_table, first_refcount_block,
+                       l1_entries_all_pointing_at_the_first_l2_table, qcow2_header, read_u64, write_at)
+from .support.tools import diskimg_cli, qemu_img, qemu_io, requires_qemu, run
+from .support.units import MiB
 
 
 def qemu_check(path: Path) -> dict:

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from .conftest import (FIXTURES, MiB, blank, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io,
-                       requires_qemu, run)
+from .conftest import blank
+from .support.tools import FIXTURES, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu, run
+from .support.units import MiB
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:

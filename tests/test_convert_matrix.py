@@ -25,22 +25,9 @@ from diskimg.errors import UsageError
 from diskimg.formats import WRITERS
 from diskimg.formats.writer import parse_options
 
-from .conftest import (
-    ROOT,
-    GiB,
-    KiB,
-    MiB,
-    content_hash_by_definition,
-    default_sigint,
-    diskimg_cli,
-    diskimg_to_pipe,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    requires_qemu,
-    run,
-    sparse_file,
-)
+from .conftest import content_hash_by_definition, file_sha256, sparse_file
+from .support.tools import ROOT, default_sigint, diskimg_cli, diskimg_to_pipe, qemu_img, qemu_io, requires_qemu, run
+from .support.units import GiB, KiB, MiB
 
 pytestmark = requires_qemu
 

@@ -18,8 +18,10 @@ from diskimg.errors import CorruptImage, DiskImageError
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ext import ExtFileSystem
 
-from .conftest import MiB, BytesDisk, blank, mkfs_into, qemu_img, read_at, run, sfdisk, write_at
+from .conftest import BytesDisk, blank, mkfs_into, read_at, sfdisk, write_at
 from .support.fs_compare import assert_tree_equal
+from .support.tools import qemu_img, run
+from .support.units import MiB
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(tool) for tool in ("mkfs.ext4", "debugfs", "e2fsck", "dumpe2fs")),

@@ -21,8 +21,10 @@ from diskimg.errors import CorruptImage
 from diskimg.inspection.fs import GuestPathError, open_filesystem
 from diskimg.inspection.fs.fat import FatFileSystem, find_efi_loaders
 
-from .conftest import MiB, FileDisk, blank, copy_in, read_at, run, sgdisk, write_at
+from .conftest import FileDisk, blank, copy_in, read_at, sgdisk, write_at
 from .support.fs_compare import assert_tree_equal
+from .support.tools import run
+from .support.units import MiB
 
 TOOLS = ("mkfs.fat", "mcopy", "mdel", "mattrib", "mdir")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),

@@ -31,7 +31,9 @@ import diskimg
 from diskimg.errors import DiskImageError
 from diskimg.inspection.fs import DRIVERS, GuestFileSystem, open_filesystem
 
-from .conftest import MiB, blank, run
+from .conftest import blank
+from .support.tools import run
+from .support.units import MiB
 
 SECTOR = 512
 #: variants per volume; the seed of variant i of a volume is "<type>:<i>"

@@ -20,8 +20,10 @@ from diskimg.errors import CorruptImage, DiskImageError
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.xfs import XfsFileSystem
 
-from .conftest import MiB, FileDisk, blank, copy_in, qemu_img, requires_qemu, run, sfdisk
+from .conftest import FileDisk, blank, copy_in, sfdisk
 from .support.fs_compare import assert_tree_equal
+from .support.tools import qemu_img, requires_qemu, run
+from .support.units import MiB
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.xfs") is None or shutil.which("xfs_db") is None,
                                 reason="xfsprogs (mkfs.xfs, xfs_db) not installed")

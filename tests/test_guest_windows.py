@@ -27,9 +27,10 @@ from diskimg.inspection.fs.ntfs import NtfsFileSystem
 from diskimg.inspection.guest import regf, windows
 from diskimg.inspection.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ, REG_SZ
 
-from .conftest import (MiB, WINDOWS_BOOT_CODE, FileDisk, blank, copy_in, diskimg_cli, make_esp, run, sfdisk, sgdisk,
-                       write_boot_code)
+from .conftest import WINDOWS_BOOT_CODE, FileDisk, blank, copy_in, make_esp, sfdisk, sgdisk, write_boot_code
 from .support.hostfs import HostDirFileSystem
+from .support.tools import diskimg_cli, run
+from .support.units import MiB
 from .test_fs_ntfs import mkntfs, need_tools, ntfs3g
 from .test_regf import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
                         modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)

@@ -23,7 +23,9 @@ import pytest
 
 import diskimg
 
-from .conftest import ROOT, MiB, diskimg_cli, file_sha256, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
+from .conftest import file_sha256
+from .support.tools import ROOT, diskimg_cli, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
+from .support.units import MiB
 
 pytestmark = requires_qemu
 

@@ -32,23 +32,10 @@ from diskimg.inspection.partitions import (
     read_partition_table,
 )
 
-from .conftest import (
-    MiB,
-    BytesDisk,
-    FileDisk,
-    blank,
-    gpt_4k,
-    luks1_header,
-    luks2_header,
-    lvm_pv_label,
-    make_esp,
-    read_at,
-    run,
-    sfdisk,
-    sgdisk,
-    sparse_copy,
-    write_at,
-)
+from .conftest import (BytesDisk, FileDisk, blank, gpt_4k, luks1_header, luks2_header, lvm_pv_label, make_esp, read_at,
+                       sfdisk, sgdisk, sparse_copy, write_at)
+from .support.tools import run
+from .support.units import MiB
 
 needs = {tool: shutil.which(tool) is not None for tool in
          ("sfdisk", "sgdisk", "fdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.fat", "mcopy", "mkswap", "mkfs.btrfs",

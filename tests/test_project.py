@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tomllib
 
-from .conftest import ROOT, qemu_compare, qemu_io, requires_qemu, run
+from .support.tools import ROOT, qemu_compare, qemu_io, requires_qemu, run
 
 LOCAL_MODULES = {"diskimg", "tests", "conftest", "support"}
 

@@ -38,19 +38,9 @@ from diskimg.formats.qcow2 import (
 from diskimg.formats.raw import RawReader
 from diskimg.host.files import HostFile
 
-from .conftest import (
-    MiB,
-    assert_extents_sound,
-    corpus_dir,
-    corpus_entries,
-    corpus_params,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    reader_sha256,
-    requires_qemu,
-)
+from .conftest import corpus_dir, corpus_entries, corpus_params, file_sha256, reader_sha256
+from .support.tools import assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
+from .support.units import MiB
 
 pytestmark = requires_qemu
 

@@ -38,21 +38,9 @@ from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.units import parse_size
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import (
-    GiB,
-    KiB,
-    MiB,
-    diskimg_cli,
-    diskimg_to_pipe,
-    file_sha256,
-    qemu_compare,
-    qemu_img,
-    qemu_io,
-    random_plan,
-    reader_sha256,
-    requires_qemu,
-    scan_plan,
-)
+from .conftest import file_sha256, random_plan, reader_sha256, scan_plan
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
+from .support.units import GiB, KiB, MiB
 DATA = ExtentKind.DATA
 ZERO = ExtentKind.ZERO
 

@@ -12,18 +12,9 @@ import pytest
 import diskimg
 from diskimg.conversion.zeroes import nonzero_runs
 
-from .conftest import (
-    FIXTURES,
-    MiB,
-    assert_extents_sound,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    reader_sha256,
-    requires_qemu,
-    sparse_file,
-)
+from .conftest import file_sha256, reader_sha256, sparse_file
+from .support.tools import FIXTURES, assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
+from .support.units import MiB
 
 
 @requires_qemu

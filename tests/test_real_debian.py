@@ -20,17 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MiB, diskimg_cli, mkfs_into, read_at, run, sfdisk, write_at
-from .support.real_debian import (
-    FIRMWARES,
-    cache_dir,
-    chroot_ready,
-    ext4_list,
-    ext4_read,
-    mounted,
-    open_session_disks,
-    why_not_usable,
-)
+from .conftest import mkfs_into, read_at, sfdisk, write_at
+from .support.real_debian import (FIRMWARES, cache_dir, chroot_ready, ext4_list, ext4_read, mounted, open_session_disks,
+                                  why_not_usable)
+from .support.tools import diskimg_cli, run
+from .support.units import MiB
 
 #: the code (prefix) of the finding each broken copy must get; tighten to the exact rule codes
 CODE_ROOT_UNRESOLVED = "guest-boot-entry-broken"  # 1: root= names a device the instance will not have

@@ -19,20 +19,9 @@ import diskimg
 from diskimg.errors import ArchiveError, UnsupportedFormat
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import (
-    MiB,
-    diskimg_cli,
-    diskimg_to_pipe,
-    file_sha256,
-    qemu_compare,
-    qemu_img,
-    qemu_raw,
-    reader_sha256,
-    requires_qemu,
-    run,
-    sfdisk,
-    sparse_file,
-)
+from .conftest import file_sha256, reader_sha256, sfdisk, sparse_file
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_raw, requires_qemu, run
+from .support.units import MiB
 
 SIZE = 14 * MiB + 3 * 512  # not a whole MiB: the last chunk is short
 #: (offset, length) of data in the test disk: unaligned, across chunk boundaries, at the very end

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from diskimg.streams import tar
 from diskimg.errors import ArchiveError
 
-from .conftest import MiB, run
+from .support.tools import run
+from .support.units import MiB
 
 requires_gnu_tar = pytest.mark.skipif(
     shutil.which("tar") is None or b"GNU tar" not in subprocess.run(["tar", "--version"], capture_output=True).stdout,

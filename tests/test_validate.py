@@ -24,36 +24,11 @@ from diskimg.host.files import HostFile
 from diskimg.validation import RULES, Report, Severity, list_rules, validate
 from diskimg.validation.rules import RULES_BY_CODE
 
-from .conftest import (
-    NO_CORPUS,
-    ROOT,
-    WINDOWS_BOOT_CODE,
-    GiB,
-    MiB,
-    blank,
-    copy_in,
-    corpus_entries,
-    corpus_file,
-    diskimg_cli,
-    first_l2_table,
-    first_refcount_block,
-    gpt_4k,
-    luks2_header,
-    lvm_pv_label,
-    make_esp,
-    mkfs_into,
-    qcow2_header,
-    qemu_img,
-    qemu_io,
-    read_at,
-    read_u64,
-    run,
-    sfdisk,
-    sgdisk,
-    sparse_copy,
-    write_at,
-    write_boot_code,
-)
+from .conftest import (NO_CORPUS, WINDOWS_BOOT_CODE, blank, copy_in, corpus_entries, corpus_file, first_l2_table,
+                       first_refcount_block, gpt_4k, luks2_header, lvm_pv_label, make_esp, mkfs_into, qcow2_header,
+                       read_at, read_u64, sfdisk, sgdisk, sparse_copy, write_at, write_boot_code)
+from .support.tools import ROOT, diskimg_cli, qemu_img, qemu_io, run
+from .support.units import GiB, MiB
 
 TOOLS = ("sfdisk", "sgdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.fat", "mcopy", "mkswap", "qemu-img")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),

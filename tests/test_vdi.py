@@ -30,24 +30,10 @@ from diskimg.formats.vdi.structures import (
 from diskimg.host.files import HostFile
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import (
-    NO_CORPUS,
-    MiB,
-    assert_extents_sound,
-    corpus_dir,
-    corpus_entries,
-    corpus_file,
-    corpus_params,
-    diskimg_cli,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_map,
-    qemu_raw,
-    qemu_raw_sha256,
-    reader_sha256,
-    requires_qemu,
-)
+from .conftest import (NO_CORPUS, corpus_dir, corpus_entries, corpus_file, corpus_params, file_sha256, qemu_raw_sha256,
+                       reader_sha256)
+from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
+from .support.units import MiB
 
 pytestmark = requires_qemu
 

@@ -22,20 +22,10 @@ from diskimg.formats.vdi.writer import VdiWriter
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import (
-    GiB,
-    MiB,
-    assert_extents_sound,
-    diskimg_cli,
-    diskimg_to_pipe,
-    qemu_compare,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    random_plan,
-    requires_qemu,
-    sparse_file,
-)
+from .conftest import random_plan, sparse_file
+from .support.tools import (assert_extents_sound, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io,
+                            qemu_raw, requires_qemu)
+from .support.units import GiB, MiB
 
 DATA, ZERO = ExtentKind.DATA, ExtentKind.ZERO
 ODD_SIZE = 20 * MiB + 3 * 512

@@ -39,21 +39,9 @@ from diskimg.formats.vhd import (
 from diskimg.host.files import HostFile
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import (
-    NO_CORPUS,
-    MiB,
-    assert_extents_sound,
-    corpus_dir,
-    corpus_entries,
-    corpus_params,
-    corpus_file,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    qemu_raw_sha256,
-    reader_sha256,
-    requires_qemu,
-)
+from .conftest import NO_CORPUS, corpus_dir, corpus_entries, corpus_file, corpus_params, qemu_raw_sha256, reader_sha256
+from .support.tools import assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
+from .support.units import MiB
 
 BLOCK = 2 * MiB
 

@@ -29,22 +29,9 @@ from diskimg.formats.vhd import (
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import (
-    GiB,
-    KiB,
-    MiB,
-    diskimg_cli,
-    diskimg_to_pipe,
-    file_sha256,
-    qemu_compare,
-    qemu_img,
-    qemu_io,
-    random_plan,
-    reader_sha256,
-    requires_qemu,
-    scan_plan,
-    sparse_file,
-)
+from .conftest import file_sha256, random_plan, reader_sha256, scan_plan, sparse_file
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
+from .support.units import GiB, KiB, MiB
 #: 100 MiB + 3 sectors: neither a multiple of 2 MiB nor a CHS-representable size
 ODD_SIZE = 100 * MiB + 3 * 512
 #: 1000 cylinders x 4 heads x 17 sectors: a size the specification's CHS describes exactly

@@ -23,21 +23,9 @@ from diskimg.formats.vhdx import VhdxReader, probe
 from diskimg.host.files import HostFile
 from diskimg.detection.probe import detect
 
-from .conftest import (
-    MiB,
-    assert_extents_sound,
-    corpus_entries,
-    corpus_file,
-    corpus_params,
-    diskimg_cli,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    qemu_raw_sha256,
-    reader_sha256,
-    requires_qemu,
-)
+from .conftest import corpus_entries, corpus_file, corpus_params, file_sha256, qemu_raw_sha256, reader_sha256
+from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_raw, requires_qemu
+from .support.units import MiB
 
 VHDX_CORPUS = corpus_entries(("vhdx",))
 CORPUS_WITH_CONTENT = [entry for entry in VHDX_CORPUS if entry.get("raw_sha256")]

@@ -20,23 +20,10 @@ from diskimg import check, detect, open_image
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat
 from diskimg.formats.vmdk.structures import parse_descriptor, parse_header
 
-from .conftest import (
-    MiB,
-    assert_extents_sound,
-    corpus_entries,
-    corpus_file,
-    corpus_params,
-    diskimg_cli,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_map,
-    qemu_raw,
-    qemu_raw_sha256,
-    reader_sha256,
-    requires_qemu,
-    sparse_file,
-)
+from .conftest import (corpus_entries, corpus_file, corpus_params, file_sha256, qemu_raw_sha256, reader_sha256,
+                       sparse_file)
+from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
+from .support.units import MiB
 
 pytestmark = requires_qemu
 
