@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import diskimg
-import diskimg.conversion.pipeline.compare as compare_module
+import diskimg.conversion.compare as compare_module
 
 from .conftest import sparse_file
 from .support.tools import ROOT, diskimg_cli, qemu_img, qemu_io, requires_qemu, run
