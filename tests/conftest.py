@@ -3,11 +3,8 @@ builders of files and disks that several test files use."""
 
 from __future__ import annotations
 
-import bz2
 import functools
-import gzip
 import hashlib
-import json
 import lzma
 import os
 import random
@@ -24,7 +21,8 @@ import pytest
 from diskimg.formats.qcow2 import Qcow2Header
 from diskimg.formats.reader import Extent, ExtentKind
 
-from .support.tools import ROOT, qemu_img, qemu_io, qemu_raw, run
+from .support.corpus import NO_CORPUS, corpus_dir, corpus_file
+from .support.tools import qemu_img, qemu_io, qemu_raw, run
 from .support.units import MiB
 
 
@@ -48,67 +46,6 @@ def full_disk(tmp_path: Path):
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
     yield where
     subprocess.run(["umount", str(where)], check=True)
-
-
-def corpus_dir() -> Path | None:
-    """The shared corpus: $DISKIMG_CORPUS when set (and then only there), else ../shared/corpus
-    beside the checkout."""
-    env = os.environ.get("DISKIMG_CORPUS")
-    candidate = Path(env) if env else ROOT.parent / "shared" / "corpus"
-    return candidate if (candidate / "manifest.json").is_file() else None
-
-
-NO_CORPUS = "no corpus: set DISKIMG_CORPUS to the folder of its manifest.json, or place it at ../shared/corpus"
-
-
-def corpus_params(entries: list[dict]) -> list:
-    """Parameters for a test over corpus entries: one skipped case naming the missing corpus when
-    there is none (an empty list would skip with pytest's bare "got empty parameter set")."""
-    if entries:
-        return [pytest.param(entry, id=entry["file"]) for entry in entries]
-    return [pytest.param(None, id="no-corpus", marks=pytest.mark.skip(reason=NO_CORPUS))]
-
-
-def corpus_manifest() -> list[dict]:
-    directory = corpus_dir()
-    if directory is None:
-        return []
-    return json.loads((directory / "manifest.json").read_text())["files"]
-
-
-def corpus_entries(formats: tuple[str, ...]) -> list[dict]:
-    """The manifest entries of the corpus files of these formats."""
-    return [entry for entry in corpus_manifest() if entry.get("format") in formats]
-
-
-_DECOMPRESSED: dict[str, Path] = {}
-
-
-def corpus_file(entry: dict, tmp_path: Path) -> Path:
-    """The corpus file, decompressed into tmp_path when stored compressed (the corpus stays read-only);
-    decompressed once per session."""
-    source = corpus_dir() / entry["file"]
-    wrapper = entry.get("compression_wrapper")
-    if not wrapper:
-        return source
-    cached = _DECOMPRESSED.get(entry["file"])
-    if cached is not None and cached.exists():
-        return cached
-    opener = {"gzip": gzip.open, "bzip2": bz2.open}[wrapper]
-    target = tmp_path / "corpus" / entry["file"].rsplit(".", 1)[0]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with opener(source, "rb") as f, open(target, "wb") as out:
-        while True:  # keep zero runs as holes: some of these images are large and mostly empty
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            if chunk.count(0) == len(chunk):
-                out.seek(len(chunk), os.SEEK_CUR)
-            else:
-                out.write(chunk)
-        out.truncate()
-    _DECOMPRESSED[entry["file"]] = target
-    return target
 
 
 def sha256_stream(chunks) -> str:
@@ -429,6 +366,15 @@ def gpt_4k(path: Path, size: int) -> None:
     """A GPT for 4096-byte logical sectors, made by fdisk -b 4096."""
     blank(path, size)
     subprocess.run(["fdisk", "-b", "4096", str(path)], input=b"g\nn\n\n\n\nw\n", capture_output=True, check=True)
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory: pytest.TempPathFactory):
+    """entry -> the corpus file, decompressed once per session where stored compressed."""
+    if corpus_dir() is None:
+        pytest.skip(NO_CORPUS)
+    cache = tmp_path_factory.mktemp("corpus")
+    return lambda entry: corpus_file(entry, cache)
 
 
 @pytest.fixture(scope="session")

@@ -530,7 +530,7 @@ CORPUS_DMG = "qemu-iotests/simple-dmg.dmg.bz2"
 
 
 def _corpus_path(name: str) -> Path:
-    from .conftest import NO_CORPUS, corpus_dir
+    from .support.corpus import NO_CORPUS, corpus_dir
 
     directory = corpus_dir()
     if directory is None:

@@ -30,8 +30,8 @@ from diskimg.formats.vdi.structures import (
 from diskimg.host.files import HostFile
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import (NO_CORPUS, corpus_dir, corpus_entries, corpus_file, corpus_params, file_sha256, qemu_raw_sha256,
-                       reader_sha256)
+from .conftest import file_sha256, qemu_raw_sha256, reader_sha256
+from .support.corpus import corpus_entries, corpus_params
 from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
 from .support.units import MiB
 
@@ -144,14 +144,6 @@ def test_detect_and_info(sample):
 
 
 # -- the corpus (VirtualBox 2009 and 4.0.8, qemu) --------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def corpus_files(tmp_path_factory):
-    if corpus_dir() is None:
-        pytest.skip(NO_CORPUS)
-    cache = tmp_path_factory.mktemp("vdi-corpus")
-    return lambda entry: corpus_file(entry, cache)
 
 
 @pytest.mark.parametrize("entry", corpus_params(corpus_entries(("vdi",))))

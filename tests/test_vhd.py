@@ -39,7 +39,8 @@ from diskimg.formats.vhd import (
 from diskimg.host.files import HostFile
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import NO_CORPUS, corpus_dir, corpus_entries, corpus_file, corpus_params, qemu_raw_sha256, reader_sha256
+from .conftest import qemu_raw_sha256, reader_sha256
+from .support.corpus import NO_CORPUS, corpus_dir, corpus_entries, corpus_params
 from .support.tools import assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
 from .support.units import MiB
 
@@ -841,15 +842,6 @@ def test_probe_never_raises(head, tail, size):
 # -- the corpus ---------------------------------------------------------------------------------
 
 _CORPUS_VHD = corpus_entries(("vhd",))
-
-
-@pytest.fixture(scope="session")
-def corpus_files(tmp_path_factory):
-    """entry -> the corpus file, decompressed once per session where stored compressed."""
-    if corpus_dir() is None:
-        pytest.skip(NO_CORPUS)
-    cache = tmp_path_factory.mktemp("vhd-corpus")
-    return lambda entry: corpus_file(entry, cache)
 
 
 @pytest.mark.parametrize("entry", corpus_params(_CORPUS_VHD))
