@@ -22,6 +22,7 @@ from diskimg.formats.qcow2 import Qcow2Header
 from diskimg.formats.reader import Extent, ExtentKind
 
 from .support.corpus import NO_CORPUS, corpus_dir, corpus_file
+from .support.files import blank, read_at, read_u64, write_at
 from .support.tools import qemu_img, qemu_io, qemu_raw, run
 from .support.units import MiB
 
@@ -130,48 +131,6 @@ def random_plan(rng: random.Random, size: int, compressible: bytes | None = None
                 start += step
         position = end
     return plan, pieces
-
-
-# -- files ---------------------------------------------------------------------------------------------
-
-
-def blank(path: Path, size: int) -> Path:
-    """A sparse file of ``size`` bytes, all holes."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-def sparse_file(path: Path, size: int, runs: list[tuple[int, bytes]]) -> Path:
-    """A sparse file of ``size`` bytes holding each (offset, bytes) run."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in runs:
-            f.seek(offset)
-            f.write(data)
-    return path
-
-
-def sparse_copy(source: Path, target: Path) -> Path:
-    run("cp", "--sparse=always", source, target)
-    return target
-
-
-def write_at(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def read_at(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
-
-
-def read_u64(path: Path, offset: int) -> int:
-    """The big-endian u64 at ``offset`` (a qcow2 table entry)."""
-    return struct.unpack(">Q", read_at(path, offset, 8))[0]
 
 
 # -- qcow2 files --------------------------------------------------------------------------------------

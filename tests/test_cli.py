@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .conftest import blank
+from .support.files import blank
 from .support.tools import FIXTURES, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu, run
 from .support.units import MiB
 

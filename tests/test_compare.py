@@ -24,7 +24,7 @@ import pytest
 import diskimg
 import diskimg.conversion.compare as compare_module
 
-from .conftest import sparse_file
+from .support.files import sparse_file
 from .support.tools import ROOT, diskimg_cli, qemu_img, qemu_io, requires_qemu, run
 from .support.units import GiB, KiB, MiB
 

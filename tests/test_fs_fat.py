@@ -21,7 +21,8 @@ from diskimg.errors import CorruptImage
 from diskimg.inspection.fs import GuestPathError, open_filesystem
 from diskimg.inspection.fs.fat import FatFileSystem, find_efi_loaders
 
-from .conftest import FileDisk, blank, copy_in, read_at, sgdisk, write_at
+from .conftest import FileDisk, copy_in, sgdisk
+from .support.files import blank, read_at, write_at
 from .support.fs_compare import assert_tree_equal
 from .support.tools import run
 from .support.units import MiB

@@ -31,7 +31,7 @@ import diskimg
 from diskimg.errors import DiskImageError
 from diskimg.inspection.fs import DRIVERS, GuestFileSystem, open_filesystem
 
-from .conftest import blank
+from .support.files import blank
 from .support.tools import run
 from .support.units import MiB
 

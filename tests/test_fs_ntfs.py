@@ -28,7 +28,8 @@ from diskimg.errors import CorruptImage, DiskImageError, UnsupportedFormat
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ntfs import NtfsFileSystem, parse_boot_sector
 
-from .conftest import BytesDisk, blank, copy_in, read_at, sfdisk, write_at
+from .conftest import BytesDisk, copy_in, sfdisk
+from .support.files import blank, read_at, write_at
 from .support.fs_compare import assert_tree_equal
 from .support.tools import qemu_img, run
 from .support.units import MiB

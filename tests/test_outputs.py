@@ -24,6 +24,7 @@ import pytest
 import diskimg
 
 from .conftest import file_sha256
+from .support.files import leftovers
 from .support.tools import ROOT, diskimg_cli, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
 from .support.units import MiB
 
@@ -57,10 +58,6 @@ def one_error_line(proc: subprocess.CompletedProcess, code: int, *words: str) ->
     for word in words:
         assert word in lines[0], lines[0]
     return lines[0]
-
-
-def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
 
 
 @contextlib.contextmanager

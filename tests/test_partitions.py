@@ -32,8 +32,8 @@ from diskimg.inspection.partitions import (
     read_partition_table,
 )
 
-from .conftest import (BytesDisk, FileDisk, blank, gpt_4k, luks1_header, luks2_header, lvm_pv_label, make_esp, read_at,
-                       sfdisk, sgdisk, sparse_copy, write_at)
+from .conftest import BytesDisk, FileDisk, gpt_4k, luks1_header, luks2_header, lvm_pv_label, make_esp, sfdisk, sgdisk
+from .support.files import blank, read_at, sparse_copy, write_at
 from .support.tools import run
 from .support.units import MiB
 

@@ -22,7 +22,8 @@ from diskimg.formats.vdi.writer import VdiWriter
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import random_plan, sparse_file
+from .conftest import random_plan
+from .support.files import random_sparse_file
 from .support.tools import (assert_extents_sound, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io,
                             qemu_raw, requires_qemu)
 from .support.units import GiB, MiB
@@ -30,11 +31,6 @@ from .support.units import GiB, MiB
 DATA, ZERO = ExtentKind.DATA, ExtentKind.ZERO
 ODD_SIZE = 20 * MiB + 3 * 512
 ODD_RUNS = [(12345, 70000), (5 * MiB - 100, 3 * MiB + 7), (15 * MiB + 1, 1), (ODD_SIZE - 2000, 2000)]
-
-
-def sparse_raw(path, size: int, runs: list[tuple[int, int]], seed: int = 0) -> None:
-    rng = random.Random(seed)
-    sparse_file(path, size, [(offset, rng.randbytes(length)) for offset, length in runs])
 
 
 def layout(path) -> tuple[VdiHeader, list[int]]:
@@ -75,7 +71,7 @@ def convert_by(route: str, source, out, *options: str) -> None:
 @pytest.mark.parametrize("route", ["api", "cli", "pipe"])
 def test_raw_source_round_trip(tmp_path, static, route):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vdi"
     convert_by(route, source, out, *(["static=on"] if static else []))
     qemu_check(out)

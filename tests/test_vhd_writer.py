@@ -29,7 +29,8 @@ from diskimg.formats.vhd import (
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import file_sha256, random_plan, reader_sha256, scan_plan, sparse_file
+from .conftest import file_sha256, random_plan, reader_sha256, scan_plan
+from .support.files import random_sparse_file
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
 #: 100 MiB + 3 sectors: neither a multiple of 2 MiB nor a CHS-representable size
@@ -42,12 +43,6 @@ ZERO = ExtentKind.ZERO
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def sparse_raw(path, size: int, runs: list[tuple[int, int]], seed: int = 0) -> None:
-    """A sparse raw file of ``size`` bytes with random bytes at each (offset, length)."""
-    rng = random.Random(seed)
-    sparse_file(path, size, [(offset, rng.randbytes(length)) for offset, length in runs])
 
 
 #: random data at unaligned offsets: inside one block, across block boundaries, one byte, the last sector
@@ -154,7 +149,7 @@ def convert_by(route: str, source, out, subformat: str, *extra: str) -> None:
 @pytest.mark.parametrize("route", ["api", "cli", "pipe"])
 def test_raw_source_round_trip(tmp_path, subformat, route):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vhd"
     convert_by(route, source, out, subformat)
     check_output(out, source, "raw", ODD_SIZE, subformat)
@@ -172,7 +167,7 @@ def test_raw_source_round_trip(tmp_path, subformat, route):
 def test_chs_exact_size_keeps_its_geometry(tmp_path, subformat):
     assert chs_geometry(CHS_EXACT_SIZE // 512) == (1000, 4, 17)
     source = tmp_path / "src.raw"
-    sparse_raw(source, CHS_EXACT_SIZE, [(CHS_EXACT_SIZE // 3 + 5, 5000), (CHS_EXACT_SIZE - 512, 512)])
+    random_sparse_file(source, CHS_EXACT_SIZE, [(CHS_EXACT_SIZE // 3 + 5, 5000), (CHS_EXACT_SIZE - 512, 512)])
     out = tmp_path / "out.vhd"
     diskimg.convert(source, out, "vhd", options={"subformat": subformat})
     check_output(out, source, "raw", CHS_EXACT_SIZE, subformat)
@@ -187,7 +182,7 @@ def test_chs_exact_size_keeps_its_geometry(tmp_path, subformat):
 @pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
 def test_non_chs_size_is_read_exactly_whatever_the_size_rule(tmp_path, subformat):
     source = tmp_path / "src.raw"
-    sparse_raw(source, 64 * MiB, [(MiB + 3, 1000)])
+    random_sparse_file(source, 64 * MiB, [(MiB + 3, 1000)])
     out = tmp_path / "out.vhd"
     diskimg.convert(source, out, "vhd", options={"subformat": subformat})
     check_output(out, source, "raw", 64 * MiB, subformat)
@@ -222,7 +217,7 @@ def test_qcow2_source(tmp_path, target):
 def test_sparse_4g_source(tmp_path):
     size = 4 * GiB
     source = tmp_path / "src.raw"
-    sparse_raw(source, size, [(0, 4096), (GiB + 511, 3 * MiB), (size - 65536, 65536)], seed=4)
+    random_sparse_file(source, size, [(0, 4096), (GiB + 511, 3 * MiB), (size - 65536, 65536)], seed=4)
     for subformat in ("dynamic", "fixed"):
         out = tmp_path / f"{subformat}.vhd"
         diskimg.convert(source, out, "vhd", options={"subformat": subformat})
@@ -236,7 +231,7 @@ def test_sparse_4g_source(tmp_path):
 @pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
 def test_align_gives_a_mib_multiple_with_zero_tail(tmp_path, subformat):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vhd"
     diskimg.convert(source, out, "vhd", options={"subformat": subformat}, align=1 << 20)
     size = 101 * MiB
@@ -252,7 +247,7 @@ def test_align_gives_a_mib_multiple_with_zero_tail(tmp_path, subformat):
 @requires_qemu
 def test_unaligned_source_size_is_rounded_to_a_sector(tmp_path):
     source = tmp_path / "src.raw"
-    sparse_raw(source, 5 * MiB + 1000, [(5 * MiB + 100, 900)])  # a raw file of whole sectors plus 1000 bytes
+    random_sparse_file(source, 5 * MiB + 1000, [(5 * MiB + 100, 900)])  # a raw file of whole sectors plus 1000 bytes
     for subformat in ("dynamic", "fixed"):
         out = tmp_path / f"{subformat}.vhd"
         diskimg.convert(source, out, "vhd", options={"subformat": subformat})
@@ -263,7 +258,7 @@ def test_unaligned_source_size_is_rounded_to_a_sector(tmp_path):
 @pytest.mark.parametrize("block_size", ["512K", "16M"])
 def test_other_block_sizes(tmp_path, block_size):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     for target in ("file", "pipe"):
         out = tmp_path / f"{target}.vhd"
         if target == "file":
@@ -280,7 +275,7 @@ def test_other_block_sizes(tmp_path, block_size):
 def test_sparse_size_zero_writes_the_source_allocation(tmp_path):
     """-S 0: every allocated byte is written, zeros included, so allocated zero blocks stay allocated."""
     source = tmp_path / "src.raw"
-    sparse_raw(source, 32 * MiB, [(MiB, 1000)])
+    random_sparse_file(source, 32 * MiB, [(MiB, 1000)])
     with open(source, "r+b") as f:  # allocated zeros in block 5
         f.seek(10 * MiB + 4096)
         f.write(bytes(8192))
@@ -302,7 +297,7 @@ def test_sparse_size_zero_writes_the_source_allocation(tmp_path):
 @requires_qemu
 def test_checksum_on_a_file_streams_and_hashes_the_output(tmp_path):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vhd"
     proc = diskimg_cli("convert", source, out, "-O", "vhd", "--checksum", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -409,7 +404,7 @@ def test_compression_is_refused(tmp_path):
 @requires_qemu
 def test_cli_options_as_qemu_img_takes_them(tmp_path):
     source = tmp_path / "src.raw"
-    sparse_raw(source, 64 * MiB, [(MiB + 3, 1000)])
+    random_sparse_file(source, 64 * MiB, [(MiB + 3, 1000)])
     out = tmp_path / "out.vhd"
     proc = diskimg_cli("convert", source, out, "-O", "vpc", "-o", "subformat=fixed,force_size")
     assert proc.returncode == 0, proc.stderr

@@ -17,7 +17,8 @@ import uuid as uuidmod
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..conftest import blank, sfdisk, sgdisk
+from ..conftest import sfdisk, sgdisk
+from .files import blank
 from .tools import run
 
 Tree = dict[str, "bytes | str | Link | None"]
