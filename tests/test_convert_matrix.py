@@ -25,7 +25,7 @@ from diskimg.errors import UsageError
 from diskimg.formats import WRITERS
 from diskimg.formats.writer import parse_options
 
-from .conftest import content_hash_by_definition, file_sha256
+from .support.digests import content_hash_by_definition, file_sha256
 from .support.files import leftovers, sparse_file
 from .support.tools import ROOT, default_sigint, diskimg_cli, diskimg_to_pipe, qemu_img, qemu_io, requires_qemu, run
 from .support.units import GiB, KiB, MiB

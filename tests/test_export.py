@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import content_hash_by_definition, file_sha256
+from .support.digests import content_hash_by_definition, file_sha256
 from .support.files import sparse_file
 from .support.tools import diskimg_cli, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
 from .support.units import GiB, MiB

@@ -29,6 +29,7 @@ from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ntfs import NtfsFileSystem, parse_boot_sector
 
 from .conftest import BytesDisk, copy_in, sfdisk
+from .support.digests import sha256_stream
 from .support.files import blank, read_at, write_at
 from .support.fs_compare import assert_tree_equal
 from .support.tools import qemu_img, run
@@ -194,13 +195,6 @@ def open_volume(image: Path) -> NtfsFileSystem:
 
 def host_entries(root: Path) -> int:
     return sum(len(dirs) + len(files) for _, dirs, files in os.walk(root))
-
-
-def sha256(chunks) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- tests ------------------------------------------------------------------------------------------------
@@ -421,7 +415,7 @@ def test_partition_of_an_image_through_open_filesystem(built: tuple[Path, Path],
         fs = open_filesystem(reader, MiB, 64 * MiB)
         assert isinstance(fs, NtfsFileSystem)
         assert assert_tree_equal(fs, host, check_mode=False) == host_entries(host) > 180
-        assert sha256(fs.iter_file("/Windows/System32/config/SYSTEM")) == hashlib.sha256(
+        assert sha256_stream(fs.iter_file("/Windows/System32/config/SYSTEM")) == hashlib.sha256(
             (host / "Windows/System32/config/SYSTEM").read_bytes()).hexdigest()
 
 

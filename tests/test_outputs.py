@@ -23,7 +23,7 @@ import pytest
 
 import diskimg
 
-from .conftest import file_sha256
+from .support.digests import file_sha256
 from .support.files import leftovers
 from .support.tools import ROOT, diskimg_cli, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
 from .support.units import MiB

@@ -38,8 +38,8 @@ from diskimg.formats.qcow2 import (
 from diskimg.formats.raw import RawReader
 from diskimg.host.files import HostFile
 
-from .conftest import file_sha256, reader_sha256
 from .support.corpus import corpus_dir, corpus_entries, corpus_params
+from .support.digests import file_sha256, reader_sha256
 from .support.tools import assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
 from .support.units import MiB
 

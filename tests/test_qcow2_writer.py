@@ -38,7 +38,8 @@ from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.units import parse_size
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import file_sha256, random_plan, reader_sha256, scan_plan
+from .conftest import random_plan, scan_plan
+from .support.digests import file_sha256, reader_sha256
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
 DATA = ExtentKind.DATA

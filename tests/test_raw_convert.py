@@ -12,7 +12,7 @@ import pytest
 import diskimg
 from diskimg.conversion.zeroes import nonzero_runs
 
-from .conftest import file_sha256, reader_sha256
+from .support.digests import file_sha256, reader_sha256
 from .support.files import sparse_file
 from .support.tools import FIXTURES, assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
 from .support.units import MiB

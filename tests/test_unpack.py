@@ -16,7 +16,7 @@ import pytest
 import diskimg
 from diskimg.errors import ArchiveError, OutputError
 
-from .conftest import content_hash_by_definition
+from .support.digests import content_hash_by_definition
 from .support.files import sparse_file
 from .support.tools import diskimg_cli, qemu_compare, qemu_img, requires_qemu, run
 from .support.units import MiB

@@ -30,8 +30,8 @@ from diskimg.formats.vdi.structures import (
 from diskimg.host.files import HostFile
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import file_sha256, qemu_raw_sha256, reader_sha256
 from .support.corpus import corpus_entries, corpus_params
+from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256
 from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
 from .support.units import MiB
 

@@ -39,8 +39,8 @@ from diskimg.formats.vhd import (
 from diskimg.host.files import HostFile
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import qemu_raw_sha256, reader_sha256
 from .support.corpus import NO_CORPUS, corpus_dir, corpus_entries, corpus_params
+from .support.digests import qemu_raw_sha256, reader_sha256
 from .support.tools import assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
 from .support.units import MiB
 

@@ -23,8 +23,8 @@ from diskimg.formats.vhdx import VhdxReader, probe
 from diskimg.host.files import HostFile
 from diskimg.detection.probe import detect
 
-from .conftest import file_sha256, qemu_raw_sha256, reader_sha256
 from .support.corpus import corpus_entries, corpus_file, corpus_params
+from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256
 from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_raw, requires_qemu
 from .support.units import MiB
 

@@ -11,7 +11,7 @@ import pytest
 
 import diskimg
 
-from .conftest import file_sha256
+from .support.digests import file_sha256
 from .support.files import sparse_file
 from .support.tools import ROOT, diskimg_cli, qemu_img, qemu_raw, requires_qemu
 from .support.units import MiB

@@ -20,8 +20,8 @@ from diskimg import check, detect, open_image
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat
 from diskimg.formats.vmdk.structures import parse_descriptor, parse_header
 
-from .conftest import file_sha256, qemu_raw_sha256, reader_sha256
 from .support.corpus import corpus_entries, corpus_file, corpus_params
+from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256
 from .support.files import sparse_file
 from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
 from .support.units import MiB
