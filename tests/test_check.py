@@ -16,9 +16,10 @@ from diskimg.detection.check import check
 from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
 from diskimg.formats.qcow2 import decode_refcount_block
 
-from .conftest import first_l2_table, first_refcount_block, l1_entries_all_pointing_at_the_first_l2_table, qcow2_header
 from .support.corpus import corpus_entries, corpus_file, corpus_params
 from .support.files import read_u64, write_at
+from .support.images import (first_l2_table, first_refcount_block, l1_entries_all_pointing_at_the_first_l2_table,
+                             qcow2_header)
 from .support.tools import diskimg_cli, qemu_img, qemu_io, requires_qemu, run
 from .support.units import MiB
 

@@ -209,7 +209,7 @@ def test_vhd_size_rule_on_every_command_that_opens_a_vhd(tmp_path):
     describes less than its current_size (Virtual PC's geometry for that size written into it)."""
     from diskimg.formats.vhd import chs_geometry
 
-    from .test_vhd import rewrite_footers
+    from .support.images import rewrite_footers
 
     vhd = tmp_path / "d.vhd"
     qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", vhd, "1000M")

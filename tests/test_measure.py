@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import l1_entries_all_pointing_at_the_first_l2_table
+from .support.images import l1_entries_all_pointing_at_the_first_l2_table
 from .support.tools import diskimg_cli, qemu_img, qemu_io, requires_qemu
 
 

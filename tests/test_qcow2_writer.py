@@ -38,8 +38,8 @@ from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.units import parse_size
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import random_plan, scan_plan
 from .support.digests import file_sha256, reader_sha256
+from .support.images import pieces_content, random_plan, scan_plan
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
 DATA = ExtentKind.DATA
@@ -559,13 +559,6 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
     return writer
 
 
-def _expected(size: int, pieces) -> bytes:
-    image = bytearray(size)
-    for offset, data in pieces:
-        image[offset : offset + len(data)] = data
-    return bytes(image)
-
-
 @requires_qemu
 @pytest.mark.parametrize("seed", range(6))
 def test_random_plans_streamed_and_positional(tmp_path, seed):
@@ -574,7 +567,7 @@ def test_random_plans_streamed_and_positional(tmp_path, seed):
     options = rng.choice([{}, {"cluster_size": "512"}, {"cluster_size": "4k", "refcount_bits": "4"},
                           {"cluster_size": "2M"}, {"compat": "0.10"}])
     plan, pieces = random_plan(rng, size, TEXT)
-    expected = _expected(size, pieces)
+    expected = pieces_content(size, pieces)
     cluster_size = parse_size(options.get("cluster_size", "64k"))
     for mode in ("streaming", "positional", "compressed"):
         out = tmp_path / f"{mode}.qcow2"
@@ -628,10 +621,10 @@ def test_unwritten_parts_of_clusters_are_zeroed_on_a_block_device(tmp_path, comp
     _drive(out, 16 * MiB, plan, pieces, {}, streaming=False, compress=compress, regular=False)
     qemu_check(out)
     with diskimg.open_image(out, "qcow2") as disk:
-        assert disk.read(0, 16 * MiB) == _expected(16 * MiB, pieces)
+        assert disk.read(0, 16 * MiB) == pieces_content(16 * MiB, pieces)
     raw = tmp_path / "back.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", out, raw)
-    assert raw.read_bytes() == _expected(16 * MiB, pieces)
+    assert raw.read_bytes() == pieces_content(16 * MiB, pieces)
 
 
 @requires_qemu
@@ -690,7 +683,7 @@ def test_concurrent_writes_in_any_order(tmp_path, cut, regular):
     result = qemu_check(out)
     assert result["allocated-clusters"] == len({i // (16 * KiB) for o, d in pieces for i in range(o, o + len(d))})
     with diskimg.open_image(out, "qcow2") as disk:
-        assert disk.read(0, size) == _expected(size, pieces)
+        assert disk.read(0, size) == pieces_content(size, pieces)
 
 
 # -- pure parts ------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from diskimg.formats.vdi.writer import VdiWriter
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import random_plan
 from .support.files import random_sparse_file
+from .support.images import pieces_content, random_plan
 from .support.tools import (assert_extents_sound, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io,
                             qemu_raw, requires_qemu)
 from .support.units import GiB, MiB
@@ -200,9 +200,7 @@ def test_random_plans_round_trip_and_measure(tmp_path, seed):
     size = rng.choice([rng.randint(1, 30) * MiB + rng.randint(0, 2 * MiB), 3 * MiB]) // 512 * 512
     options = rng.choice([{}, {"static": "on"}])
     plan, pieces = random_plan(rng, size)
-    expected = bytearray(size)
-    for offset, data in pieces:
-        expected[offset : offset + len(data)] = data
+    expected = pieces_content(size, pieces)
     for streaming in (True, False):
         out = tmp_path / f"out-{streaming}.vdi"
         _drive(out, size, plan, pieces, options, streaming=streaming)
@@ -210,7 +208,7 @@ def test_random_plans_round_trip_and_measure(tmp_path, seed):
         qemu_check(out)
         _, table = layout(out)
         with diskimg.open_image(out) as disk:
-            assert disk.virtual_size == size and disk.read(0, size) == bytes(expected)
+            assert disk.virtual_size == size and disk.read(0, size) == expected
         if not options:
             holding = {i // MiB for offset, data in pieces for i in range(offset, offset + len(data), 512)}
             assert {i for i, entry in enumerate(table) if entry != UNALLOCATED} == holding

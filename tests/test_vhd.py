@@ -41,6 +41,7 @@ from diskimg.formats.reader import ExtentKind
 
 from .support.corpus import NO_CORPUS, corpus_dir, corpus_entries, corpus_params
 from .support.digests import qemu_raw_sha256, reader_sha256
+from .support.images import rewrite_footers
 from .support.tools import assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
 from .support.units import MiB
 
@@ -69,18 +70,6 @@ def qemu_virtual_size(path: Path, image_opts: str | None = None) -> int:
 
 def size_opts(path: Path, rule: str) -> str:
     return f"driver=vpc,force_size_calc={rule},file.filename={path}"
-
-
-def rewrite_footers(path: Path, **changes) -> VhdFooter:
-    """Change footer fields (and the copy at offset 0, if any), checksum recomputed by pack()."""
-    data = bytearray(path.read_bytes())
-    footer = dataclasses.replace(parse_footer(bytes(data[-512:])), **changes)
-    packed = footer.pack()
-    data[-512:] = packed
-    if data[:8] == b"conectix":
-        data[:512] = packed
-    path.write_bytes(bytes(data))
-    return footer
 
 
 def rewrite_header(path: Path, *, checksum: int | None = None, **changes) -> DynamicHeader:

@@ -29,9 +29,9 @@ from diskimg.formats.vhd import (
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import random_plan, scan_plan
 from .support.digests import file_sha256, reader_sha256
 from .support.files import random_sparse_file
+from .support.images import pieces_content, random_plan, scan_plan
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
 #: 100 MiB + 3 sectors: neither a multiple of 2 MiB nor a CHS-representable size
@@ -439,15 +439,13 @@ def test_random_plans_round_trip_and_measure(tmp_path, seed):
     size = rng.choice([rng.randint(1, 40) * MiB + rng.randint(0, 2 * MiB), 3 * MiB, 8 * MiB]) // 512 * 512
     options = rng.choice([{}, {"block_size": "512K"}, {"block_size": "1M"}, {"subformat": "fixed"}])
     plan, pieces = random_plan(rng, size)
-    expected = bytearray(size)
-    for offset, data in pieces:
-        expected[offset : offset + len(data)] = data
+    expected = pieces_content(size, pieces)
     for streaming in (True, False):
         out = tmp_path / f"out-{streaming}.vhd"
         _drive(out, size, plan, pieces, options, streaming=streaming)
         assert VhdWriter.measure(size, plan, options) == os.path.getsize(out)
         with diskimg.open_image(out) as disk:
-            assert disk.virtual_size == size and disk.read(0, size) == bytes(expected)
+            assert disk.virtual_size == size and disk.read(0, size) == expected
         if options.get("subformat") != "fixed":
             block = {"512K": 512 * KiB, "1M": MiB}.get(options.get("block_size", ""), 2 * MiB)
             holding = {i // block for offset, data in pieces for i in range(offset, offset + len(data), 512)}
