@@ -18,7 +18,7 @@ from diskimg.errors import CorruptImage, DiskImageError
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ext import ExtFileSystem
 
-from .conftest import BytesDisk, mkfs_into, sfdisk
+from .support.disks import BytesDisk, mkfs_into, sfdisk
 from .support.files import blank, read_at, write_at
 from .support.fs_compare import assert_tree_equal
 from .support.tools import qemu_img, run

@@ -21,7 +21,7 @@ from diskimg.errors import CorruptImage
 from diskimg.inspection.fs import GuestPathError, open_filesystem
 from diskimg.inspection.fs.fat import FatFileSystem, find_efi_loaders
 
-from .conftest import FileDisk, copy_in, sgdisk
+from .support.disks import FileDisk, copy_in, sgdisk
 from .support.files import blank, read_at, write_at
 from .support.fs_compare import assert_tree_equal
 from .support.tools import run

@@ -28,8 +28,8 @@ from diskimg.errors import CorruptImage, DiskImageError, UnsupportedFormat
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ntfs import NtfsFileSystem, parse_boot_sector
 
-from .conftest import BytesDisk, copy_in, sfdisk
 from .support.digests import sha256_stream
+from .support.disks import BytesDisk, copy_in, sfdisk
 from .support.files import blank, read_at, write_at
 from .support.fs_compare import assert_tree_equal
 from .support.tools import qemu_img, run
@@ -177,7 +177,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 class PreadDisk:
-    """A disk file kept open (conftest's FileDisk opens the file for every read)."""
+    """A disk file kept open (support.disks's FileDisk opens the file for every read)."""
 
     def __init__(self, path: Path) -> None:
         self.fd = os.open(path, os.O_RDONLY)

@@ -20,7 +20,7 @@ from diskimg.errors import CorruptImage, DiskImageError
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.xfs import XfsFileSystem
 
-from .conftest import FileDisk, copy_in, sfdisk
+from .support.disks import FileDisk, copy_in, sfdisk
 from .support.files import blank
 from .support.fs_compare import assert_tree_equal
 from .support.tools import qemu_img, requires_qemu, run

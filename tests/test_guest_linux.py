@@ -45,7 +45,7 @@ from diskimg.inspection.guest.config import (
 from diskimg.inspection.guest.initramfs import list_initramfs
 from diskimg.inspection.guest.linux import GuestTree, elf_machine, parse_legacy_release
 
-from .conftest import copy_in, lvm_pv_label, make_esp, write_boot_code
+from .support.disks import copy_in, lvm_pv_label, make_esp, write_boot_code
 from .support.files import blank, write_at
 from .support.guests import (ELF_AARCH64, ELF_I386, ELF_X86_64, RHEL_KERNEL, SUSE_KERNEL, UBUNTU_KERNEL, Link,
                              cloud_init, cpio_newc, elf_header, ext4_image, gpt_disk, initramfs, mbr_disk, module_files,

@@ -27,7 +27,7 @@ from diskimg.inspection.fs.ntfs import NtfsFileSystem
 from diskimg.inspection.guest import regf, windows
 from diskimg.inspection.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ, REG_SZ
 
-from .conftest import WINDOWS_BOOT_CODE, FileDisk, copy_in, make_esp, sfdisk, sgdisk, write_boot_code
+from .support.disks import WINDOWS_BOOT_CODE, FileDisk, copy_in, make_esp, sfdisk, sgdisk, write_boot_code
 from .support.files import blank
 from .support.hostfs import HostDirFileSystem
 from .support.tools import diskimg_cli, run

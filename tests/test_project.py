@@ -13,7 +13,7 @@ import tomllib
 
 from .support.tools import ROOT, qemu_compare, qemu_io, requires_qemu, run
 
-LOCAL_MODULES = {"diskimg", "tests", "conftest", "support"}
+LOCAL_MODULES = {"diskimg", "tests", "support"}
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:

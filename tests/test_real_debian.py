@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import mkfs_into, sfdisk
+from .support.disks import mkfs_into, sfdisk
 from .support.files import read_at, write_at
 from .support.real_debian import (FIRMWARES, cache_dir, chroot_ready, ext4_list, ext4_read, mounted, open_session_disks,
                                   why_not_usable)

@@ -19,8 +19,8 @@ import diskimg
 from diskimg.errors import ArchiveError, UnsupportedFormat
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import sfdisk
 from .support.digests import file_sha256, reader_sha256
+from .support.disks import sfdisk
 from .support.files import sparse_file
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_raw, requires_qemu, run
 from .support.units import MiB

@@ -17,7 +17,7 @@ import uuid as uuidmod
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..conftest import sfdisk, sgdisk
+from .disks import sfdisk, sgdisk
 from .files import blank
 from .tools import run
 
