@@ -46,7 +46,8 @@ from diskimg.inspection.guest.initramfs import list_initramfs
 from diskimg.inspection.guest.linux import GuestTree, elf_machine, parse_legacy_release
 
 from .support.disks import copy_in, lvm_pv_label, make_esp, write_boot_code
-from .support.files import blank, write_at
+from .support.files import write_at
+from .support.filesystems import make_xfs
 from .support.guests import (ELF_AARCH64, ELF_I386, ELF_X86_64, RHEL_KERNEL, SUSE_KERNEL, UBUNTU_KERNEL, Link,
                              cloud_init, cpio_newc, elf_header, ext4_image, gpt_disk, initramfs, mbr_disk, module_files,
                              new_uuid, rhel_tree, set_ext_flags, split_boot, suse_tree, ubuntu_tree, write_tree)
@@ -556,16 +557,10 @@ def test_root_on_lvm_is_not_checked_rather_than_not_found(tmp_path: Path) -> Non
 @pytest.mark.skipif(shutil.which("mkfs.xfs") is None, reason="needs mkfs.xfs")
 def test_suse_on_xfs(tmp_path: Path) -> None:
     pytest.importorskip("diskimg.inspection.fs.xfs")
-    from .test_fs_xfs import protofile_lines
-
     uuid = new_uuid()
     tree = write_tree(tmp_path / "tree", suse_tree(tmp_path, uuid, compression="lz4"))
-    proto = tmp_path / "root.proto"
-    proto.write_text("\n".join(["unused", "0 0", "d--755 0 0", *protofile_lines(tree), "$", ""]))
     disk = mbr_disk(tmp_path / "disk.raw", 20 * GiB, [(MiB, 20 * GiB - 2 * MiB, "83")])
-    part = blank(tmp_path / "xfs.img", 320 * MiB)  # XFS needs partitions of 300 MiB and more
-    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", f"uuid={uuid}", "-p", str(proto), str(part)], check=True,
-                   capture_output=True)
+    part = make_xfs(tmp_path / "xfs.img", tree, "-m", f"uuid={uuid}")  # XFS needs partitions of 300 MiB and more
     copy_in(disk, part, MiB)
     write_boot_code(disk)
     image = tmp_path / "suse.vhd"

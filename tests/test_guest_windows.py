@@ -29,10 +29,10 @@ from diskimg.inspection.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ
 
 from .support.disks import WINDOWS_BOOT_CODE, FileDisk, copy_in, make_esp, sfdisk, sgdisk, write_boot_code
 from .support.files import blank
+from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g
 from .support.hostfs import HostDirFileSystem
 from .support.tools import diskimg_cli, run
 from .support.units import MiB
-from .test_fs_ntfs import mkntfs, need_tools, ntfs3g
 from .test_regf import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
                         modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)
 
@@ -160,7 +160,7 @@ def ntfs_volume(work: Path, machine: dict[str, Any]) -> Path:
 def windows_disk(work: Path, machine: dict[str, Any]) -> Path:
     """A system disk: MBR with one active NTFS partition and Windows boot code (BIOS), or GPT with an
     EFI system partition before the NTFS partition (UEFI)."""
-    need_tools()
+    need_ntfs_tools()
     work.mkdir(parents=True, exist_ok=True)
     volume = ntfs_volume(work, machine)
     disk = work / "disk.raw"
@@ -267,7 +267,7 @@ def test_facts_of_a_good_machine(good_disk: Path) -> None:
 
 
 def test_not_windows(tmp_path: Path) -> None:
-    need_tools()
+    need_ntfs_tools()
     image = mkntfs(tmp_path / "data.ntfs", 16 * MiB, 4096)
     fs = NtfsFileSystem(FileDisk(image), 0, 16 * MiB)
     assert windows.inspect_windows(fs) is None
