@@ -30,11 +30,11 @@ from diskimg.inspection.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ
 from .support.disks import WINDOWS_BOOT_CODE, FileDisk, copy_in, make_esp, sfdisk, sgdisk, write_boot_code
 from .support.files import blank
 from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g
+from .support.hives import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
+                            modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)
 from .support.hostfs import HostDirFileSystem
 from .support.tools import diskimg_cli, run
 from .support.units import MiB
-from .test_regf import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
-                        modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)
 
 pytestmark = pytest.mark.skipif(shutil.which("hivexsh") is None, reason="hivexsh (libhivex-bin) is not installed")
 
