@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg.formats.probing import OpenOptions
-from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UsageError
+from diskimg.errors import BackingFileError, CorruptImage, UsageError
 from diskimg.formats.vhd import (
     DISK_DIFFERENCING,
     DynamicHeader,
@@ -41,6 +41,7 @@ from diskimg.formats.reader import ExtentKind
 
 from .support.corpus import NO_CORPUS, corpus_dir, corpus_entries, corpus_params
 from .support.digests import qemu_raw_sha256, reader_sha256
+from .support.fuzz import exercise_reader, maybe_cut, poke_bytes
 from .support.images import rewrite_footers
 from .support.tools import assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
 from .support.units import MiB
@@ -797,29 +798,15 @@ def _regions(size: int) -> list[tuple[int, int]]:
 @given(data=st.data())
 def test_fuzz_only_diskimage_errors(fuzz_seed, data):
     image = bytearray(fuzz_seed)
-    regions = _regions(len(image))
-    for _ in range(data.draw(st.integers(1, 8))):
-        start, end = data.draw(st.sampled_from(regions))
-        position = data.draw(st.integers(start, end - 1))
-        image[position] = data.draw(st.integers(0, 255))
+    poke_bytes(data, image, _regions(len(image)))
     if data.draw(st.booleans()):  # fix the checksums so the mutation reaches deeper checks
         footer = parse_footer(bytes(image[-512:]))
         image[-512:] = footer.pack()
         image[:512] = parse_footer(bytes(image[:512])).pack()
         header = parse_dynamic_header(bytes(image[512:1536]))
         image[512:1536] = header.pack()
-    if data.draw(st.booleans()):
-        del image[data.draw(st.integers(0, len(image) - 1)) :]
-    try:
-        with open_vhd(io.BytesIO(bytes(image))) as reader:
-            reader.info()
-            limit = min(reader.virtual_size, 4 * MiB)
-            reader.read(0, limit)
-            reader.read(max(0, reader.virtual_size - 4096), 4096)
-            for _, extent in zip(range(10000), reader.extents()):
-                pass
-    except DiskImageError:
-        pass
+    maybe_cut(data, image)
+    exercise_reader(lambda: open_vhd(io.BytesIO(bytes(image))))
 
 
 @settings(deadline=None, max_examples=60)

@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg import check, detect, open_image
-from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat
+from diskimg.errors import BackingFileError, CorruptImage, UnsupportedFormat
 from diskimg.formats.vmdk.structures import parse_descriptor, parse_header
 
 from .support.corpus import corpus_entries, corpus_file, corpus_params
 from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256
 from .support.files import sparse_file
+from .support.fuzz import exercise_reader, maybe_cut, poke_bytes
 from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
 from .support.units import MiB
 
@@ -301,21 +302,10 @@ def test_descriptor_parser_rejects_garbage():
 def test_fuzz_only_diskimage_errors(seeds, data):
     """Mutated headers, directories, tables, markers and cuts: a DiskImageError or a read, bounded."""
     image = bytearray(seeds[data.draw(st.sampled_from(sorted(seeds)))])
-    for _ in range(data.draw(st.integers(1, 8))):
-        region = data.draw(st.sampled_from([(0, 512), (512, 2048), (2048, min(len(image), 1 << 16)),
-                                            (max(0, len(image) - 1536), len(image))]))
-        position = data.draw(st.integers(region[0], region[1] - 1))
-        image[position] = data.draw(st.integers(0, 255))
-    if data.draw(st.booleans()):
-        del image[data.draw(st.integers(0, len(image) - 1)) :]
-    try:
-        with open_image(io.BytesIO(bytes(image)), format="vmdk") as reader:
-            reader.info()
-            reader.read(0, min(reader.virtual_size, 4 * MiB))
-            for _, extent in zip(range(10000), reader.extents()):
-                pass
-    except DiskImageError:
-        pass
+    poke_bytes(data, image, [(0, 512), (512, 2048), (2048, min(len(image), 1 << 16)),
+                             (max(0, len(image) - 1536), len(image))])
+    maybe_cut(data, image)
+    exercise_reader(lambda: open_image(io.BytesIO(bytes(image)), format="vmdk"), read_tail=False)
 
 
 # -- diskimg check ----------------------------------------------------------------------------------
