@@ -30,6 +30,7 @@ from diskimg.inspection.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ
 from .support.disks import WINDOWS_BOOT_CODE, FileDisk, copy_in, make_esp, sfdisk, sgdisk, write_boot_code
 from .support.files import blank
 from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g
+from .support.guests import guest_findings
 from .support.hives import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
                             modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)
 from .support.hostfs import HostDirFileSystem
@@ -291,15 +292,6 @@ def test_broken_hive_is_a_problem_not_an_exception(tmp_path: Path) -> None:
 
 
 # -- validation: the good machine, then one machine per rule ------------------------------------------
-
-
-def guest_findings(report) -> dict[str, list]:
-    """The guest findings of a report, by code."""
-    found: dict[str, list] = {}
-    for finding in report.findings:
-        if finding.category == "guest":
-            found.setdefault(finding.code, []).append(finding)
-    return found
 
 
 def problems(report) -> set[str]:

@@ -347,3 +347,12 @@ def gpt_disk(path: Path, size: int, partitions: list[tuple[int, int, str]]) -> P
 def new_uuid() -> str:
     return str(uuidmod.uuid4())
 
+
+
+def guest_findings(report) -> dict[str, list]:
+    """The guest findings of a validation report, by code."""
+    found: dict[str, list] = {}
+    for finding in report.findings:
+        if finding.category == "guest":
+            found.setdefault(finding.code, []).append(finding)
+    return found
