@@ -39,7 +39,7 @@ from diskimg.units import parse_size
 from diskimg.formats.writer import OutputTarget
 
 from .support.digests import file_sha256, reader_sha256
-from .support.images import pieces_content, random_plan, scan_plan
+from .support.images import feed_writer, pieces_content, random_plan, scan_plan
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
 DATA = ExtentKind.DATA
@@ -550,10 +550,7 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
         assert writer.requires_exact_plan == streaming
         assert writer.concurrent_writes == (not streaming and not compress)
         with contextlib.closing(writer):
-            writer.plan(iter(plan))
-            for offset, data in pieces:
-                writer.write(offset, memoryview(data))
-            writer.finish()
+            feed_writer(writer, plan, pieces)
     finally:
         os.close(fd)
     return writer

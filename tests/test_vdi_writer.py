@@ -23,7 +23,7 @@ from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
 from .support.files import random_sparse_file
-from .support.images import pieces_content, random_plan
+from .support.images import feed_writer, pieces_content, random_plan
 from .support.tools import (assert_extents_sound, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io,
                             qemu_raw, requires_qemu)
 from .support.units import GiB, MiB
@@ -182,12 +182,7 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
     try:
         writer = VdiWriter(OutputTarget(fd, str(path), hash_output=streaming), size, options, False)
         assert writer.requires_exact_plan == (streaming and options.get("static", "off") == "off")
-        writer.plan(iter(plan))
-        for offset, data in pieces:
-            if not streaming:
-                writer.reserve(offset, len(data))
-            writer.write(offset, memoryview(data))
-        writer.finish()
+        feed_writer(writer, plan, pieces, reserve=not streaming)
     finally:
         os.close(fd)
     return writer

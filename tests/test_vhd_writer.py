@@ -31,7 +31,7 @@ from diskimg.formats.writer import OutputTarget
 
 from .support.digests import file_sha256, reader_sha256
 from .support.files import random_sparse_file
-from .support.images import pieces_content, random_plan, scan_plan
+from .support.images import feed_writer, pieces_content, random_plan, scan_plan
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
 #: 100 MiB + 3 sectors: neither a multiple of 2 MiB nor a CHS-representable size
@@ -424,10 +424,7 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
         target = OutputTarget(fd, str(path), hash_output=streaming)
         writer = VhdWriter(target, size, options, False)
         assert writer.requires_exact_plan == (streaming and options.get("subformat", "dynamic") == "dynamic")
-        writer.plan(iter(plan))
-        for offset, data in pieces:
-            writer.write(offset, memoryview(data))
-        writer.finish()
+        feed_writer(writer, plan, pieces)
     finally:
         os.close(fd)
     return writer

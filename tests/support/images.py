@@ -53,6 +53,17 @@ def random_plan(rng: random.Random, size: int, compressible: bytes | None = None
     return plan, pieces
 
 
+def feed_writer(writer, plan: list[Extent], pieces: list[tuple[int, bytes]], reserve: bool = False) -> None:
+    """Drive a DiskWriter as the converter does: the plan, each (offset, data) piece in order (with
+    ``reserve``, reserved first, as on a seekable target), then finish()."""
+    writer.plan(iter(plan))
+    for offset, data in pieces:
+        if reserve:
+            writer.reserve(offset, len(data))
+        writer.write(offset, memoryview(data))
+    writer.finish()
+
+
 def pieces_content(size: int, pieces: list[tuple[int, bytes]]) -> bytes:
     """The disk of ``size`` bytes that writing each (offset, data) piece makes (zeros elsewhere)."""
     image = bytearray(size)
