@@ -40,7 +40,7 @@ from diskimg.formats.writer import OutputTarget
 
 from .support.digests import file_sha256, reader_sha256
 from .support.images import feed_writer, pieces_content, random_plan, scan_plan
-from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_info, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
 DATA = ExtentKind.DATA
 ZERO = ExtentKind.ZERO
@@ -109,10 +109,6 @@ def qemu_check(path) -> dict:
     return result
 
 
-def qemu_info(path) -> dict:
-    return json.loads(qemu_img("info", "--output=json", "-f", "qcow2", path))
-
-
 def check_output(out, source, *, source_format: str = "raw", options: dict | None = None, compressed: bool = False,
                  exact_allocation: bool = True) -> dict:
     """What every output must satisfy; returns the ``qemu-img check`` result."""
@@ -121,7 +117,7 @@ def check_output(out, source, *, source_format: str = "raw", options: dict | Non
     v2 = options.get("compat") == "0.10"
     result = qemu_check(out)
     qemu_compare(source, source_format, out, "qcow2")
-    info = qemu_info(out)
+    info = qemu_info(out, "qcow2")
     data = info["format-specific"]["data"]
     assert info["cluster-size"] == cluster_size
     assert data["compat"] == ("0.10" if v2 else "1.1")
@@ -331,7 +327,7 @@ def test_2000g_nearly_empty_disk_is_quick(tmp_path, route):
     result = qemu_check(out)
     assert result["allocated-clusters"] == 2 + 1 + 16
     qemu_compare(source, "qcow2", out, "qcow2")
-    info = qemu_info(out)
+    info = qemu_info(out, "qcow2")
     assert info["virtual-size"] == 2000 * GiB
     with diskimg.open_image(out) as disk:
         assert disk.read(1999 * GiB - 1, 3) == b"\x00\x55\x55"
@@ -352,7 +348,7 @@ def test_2000g_empty_disk(tmp_path):
             assert diskimg_to_pipe(out, "convert", source, "-", "-O", "qcow2").returncode == 0
         result = qemu_check(out)
         assert result.get("allocated-clusters", 0) == 0 and result["image-end-offset"] == os.path.getsize(out)
-        assert qemu_info(out)["virtual-size"] == 2000 * GiB
+        assert qemu_info(out, "qcow2")["virtual-size"] == 2000 * GiB
         # header, refcount table and block, and a 4000-entry L1 table
         assert os.path.getsize(out) == 4 * 64 * KiB
 
@@ -366,7 +362,7 @@ def test_empty_and_tiny_disks(tmp_path):
         out = tmp_path / f"{size}.qcow2"
         diskimg.convert(source, out, "qcow2")
         qemu_check(out)
-        assert qemu_info(out)["virtual-size"] == size
+        assert qemu_info(out, "qcow2")["virtual-size"] == size
         if size:
             qemu_compare(source, "raw", out, "qcow2")
 

@@ -32,7 +32,7 @@ from diskimg.formats.writer import OutputTarget
 from .support.digests import file_sha256, reader_sha256
 from .support.files import random_sparse_file
 from .support.images import feed_writer, pieces_content, random_plan, scan_plan
-from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_info, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
 #: 100 MiB + 3 sectors: neither a multiple of 2 MiB nor a CHS-representable size
 ODD_SIZE = 100 * MiB + 3 * 512
@@ -61,11 +61,6 @@ def nonzero_blocks(path, block_size: int) -> set[int]:
                 blocks.add(index)
             index += 1
     return blocks
-
-
-def qemu_info(path, fmt: str | None = "vpc") -> dict:
-    args = ["info", "--output=json"] + (["-f", fmt] if fmt else []) + [path]
-    return json.loads(qemu_img(*args))
 
 
 def dynamic_layout(path) -> tuple[list[int], int]:
@@ -236,7 +231,7 @@ def test_align_gives_a_mib_multiple_with_zero_tail(tmp_path, subformat):
     out = tmp_path / "out.vhd"
     diskimg.convert(source, out, "vhd", options={"subformat": subformat}, align=1 << 20)
     size = 101 * MiB
-    info = qemu_info(out)
+    info = qemu_info(out, "vpc")
     assert info["format"] == "vpc" and info["virtual-size"] == size
     qemu_compare(source, "raw", out, "vpc")  # the extra tail reads as zeros
     if subformat == "fixed":
@@ -324,7 +319,7 @@ def test_empty_2000g_disk_is_quick(tmp_path, target):
         diskimg_to_pipe(out, "convert", source, "-", "-O", "vhd", check=True)
     elapsed = time.monotonic() - started
     assert elapsed < 30, f"{elapsed:.1f} s"  # generous: a few seconds at most on the slowest machine seen
-    info = qemu_info(out)
+    info = qemu_info(out, "vpc")
     assert info["format"] == "vpc" and info["virtual-size"] == 2000 * GiB
     assert allocated_blocks(out) == set()
     assert os.path.getsize(out) == 1536 + 2000 * 512 * 4 + 512  # 1,024,000 BAT entries
@@ -336,7 +331,7 @@ def test_2040g_is_the_dynamic_limit(tmp_path):
     qemu_img("create", "-f", "qcow2", source, "2040G")
     out = tmp_path / "max.vhd"
     diskimg.convert(source, out, "vhd")
-    assert qemu_info(out)["virtual-size"] == 2040 * GiB
+    assert qemu_info(out, "vpc")["virtual-size"] == 2040 * GiB
 
     source = tmp_path / "over.qcow2"
     qemu_img("create", "-f", "qcow2", source, "2041G")

@@ -77,7 +77,7 @@ def pieces_content(size: int, pieces: list[tuple[int, bytes]]) -> bytes:
 
 def qcow2_header(path: Path) -> Qcow2Header:
     with open(path, "rb") as f:
-        return Qcow2Header.parse(f.read(4096))
+        return Qcow2Header.parse(f.read(65536))
 
 
 def first_refcount_block(path: Path) -> int:

@@ -71,6 +71,13 @@ def qemu_raw(image: os.PathLike, fmt: str, tmp_path: Path, image_opts: str | Non
     return out
 
 
+def qemu_info(image: os.PathLike, fmt: str | None, force_share: bool = False) -> dict:
+    """``qemu-img info --output=json`` of an image (``fmt`` None: as qemu-img probes it; ``force_share``:
+    -U, the image may be open elsewhere)."""
+    return json.loads(qemu_img("info", "--output=json", *(["-U"] if force_share else []),
+                               *(["-f", fmt] if fmt else []), image))
+
+
 def qemu_map(image: os.PathLike, fmt: str) -> list[dict]:
     return json.loads(qemu_img("map", "--output=json", "-f", fmt, image))
 
