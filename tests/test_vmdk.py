@@ -4,7 +4,6 @@ the third-party corpus; hostile headers, tables and descriptors."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -21,7 +20,7 @@ from diskimg.errors import BackingFileError, CorruptImage, UnsupportedFormat
 from diskimg.formats.vmdk.structures import parse_descriptor, parse_header
 
 from .support.corpus import corpus_entries, corpus_file, corpus_params
-from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256
+from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256, reader_sha256_by_extents
 from .support.files import sparse_file
 from .support.fuzz import exercise_reader, maybe_cut, poke_bytes
 from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
@@ -211,23 +210,12 @@ def test_corpus(entry, tmp_path):
     path = corpus_file(entry, tmp_path)
     if entry.get("raw_sha256"):
         with open_image(path, format="vmdk") as reader:
-            assert _sha256_by_extents(reader) == entry["raw_sha256"]
+            assert reader_sha256_by_extents(reader) == entry["raw_sha256"]
             assert reader.virtual_size == entry["virtual_size"]
     else:
         proc = diskimg_cli("convert", path, tmp_path / "out.raw", "-O", "raw", text=True)
         assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "out.raw").exists()
-
-
-def _sha256_by_extents(reader) -> str:
-    """sha256 of the disk, ZERO extents hashed from a zero buffer (the corpus has a 16 GiB one)."""
-    digest = hashlib.sha256()
-    zeros = bytes(4 * MiB)
-    for extent in reader.extents():
-        for offset in range(extent.start, extent.end, 4 * MiB):
-            length = min(4 * MiB, extent.end - offset)
-            digest.update(zeros[:length] if extent.kind.value == "zero" else reader.read(offset, length))
-    return digest.hexdigest()
 
 
 # -- hostile images -------------------------------------------------------------------------------
