@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .validation import Finding, Report, validate
     from .formats.writer import DiskWriter
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 #: public name -> the module that defines it
 _LAZY = {

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
+from .version import __version__
 from .formats.probing import FORMAT_ALIASES
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError,
                      UnsupportedFormat, UsageError, error_line, internal_error_line)

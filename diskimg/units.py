@@ -1,10 +1,20 @@
-"""Sizes as people write them (``4k``, ``1.5G``, ``2MiB``) and as tools print them."""
+"""Sizes: the units shared across the layers, and sizes as people write them (``4k``, ``1.5G``, ``2MiB``)
+and as tools print them."""
 
 from __future__ import annotations
 
 import re
 
 from .errors import UsageError
+
+# -- sizes shared across the layers (a format's own units, such as VHD's or VMDK's sector, stay in its module) --
+
+#: bytes of a disk sector: the unit of the LBAs of MBR and GPT partition tables, and the granularity of
+#: a disk's size (a RAW disk's size is rounded up to it, as qemu-img does)
+SECTOR_SIZE = 512
+#: bytes read or decoded in one piece where memory must stay bounded and nothing asks for another size:
+#: guest files, compressed input, decompressed streams
+READ_CHUNK = 1 << 20
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpb]?)(?:i?b)?\s*$", re.IGNORECASE)

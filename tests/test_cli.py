@@ -207,7 +207,7 @@ def test_vhd_size_rule_on_every_command_that_opens_a_vhd(tmp_path):
     """--vhd-size, one option on info, map, convert, measure and compare, picks the VHD size that
     qemu picks with force_size_calc (the oracle): a qemu-img force_size VHD whose CHS geometry
     describes less than its current_size (Virtual PC's geometry for that size written into it)."""
-    from diskimg.formats.vhd import chs_geometry
+    from diskimg.formats.vhd.structures import chs_geometry
 
     from .support.images import rewrite_footers
 

@@ -30,7 +30,7 @@ except ImportError:
     from support.corpus import corpus_dir, corpus_manifest, corpus_params  # type: ignore[no-redef]
     from support.tools import qemu_img, requires_qemu, run  # type: ignore[no-redef]
 from diskimg.formats.vmdk.structures import READ_CREATE_TYPES
-from diskimg.detection.content import identify_start
+from diskimg.inspection.disk_start import identify_start
 from diskimg.detection.probe import check_forced, detect
 from diskimg.formats.probing import READABLE_FORMATS, Detection
 from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError

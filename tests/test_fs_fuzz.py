@@ -1,7 +1,7 @@
 """Every file system driver in diskimg/fs against its own images with broken metadata.
 
 Each volume is built by the real tools (mkfs.fat + mtools, mkfs.ext4 -d, mkfs.xfs -p, mkntfs +
-ntfs-3g) from a small tree of random files. A first, pristine walk records which sectors the driver
+ntfs-3g, mkfs.btrfs --rootdir) from a small tree of random files. A first, pristine walk records which sectors the driver
 reads; those that hold neither file data (recognised by content: the files are random bytes) nor
 only zeros are its metadata. Each variant then overlays a few seeded mutations on them (bit flips,
 bytes or fields set to 0x00, 0xFF or random values), opens the volume through ``open_filesystem``
@@ -75,6 +75,12 @@ def make_ext4(image: Path, tree: Path) -> None:
     run("mkfs.ext4", "-q", "-F", "-b", "1024", "-d", tree, image)
 
 
+def make_btrfs(image: Path, tree: Path) -> None:
+    """mkfs.btrfs --rootdir with its defaults (DUP metadata: a broken node is read from its mirror)."""
+    blank(image, 160 * MiB)  # past the superblock copy at 64 MiB; sparse
+    run("mkfs.btrfs", "-q", "-f", "--rootdir", tree, image)
+
+
 def make_ntfs(image: Path, tree: Path) -> None:
     """mkntfs, then the tree copied in through ntfs-3g."""
     mkntfs(image, 8 * MiB, 1024)
@@ -92,6 +98,7 @@ VOLUMES = {
     "ext4": (("mkfs.ext4",), make_ext4, True),
     "xfs": (("mkfs.xfs",), make_xfs, True),
     "ntfs": (("mkntfs", "ntfs-3g"), make_ntfs, True),
+    "btrfs": (("mkfs.btrfs",), make_btrfs, True),
 }
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from diskimg.errors import DiskImageError
 from diskimg.inspection.signatures import probe, probe_boot_sector, probe_bytes
+from diskimg.inspection.fs import open_filesystem
 from diskimg.inspection.fs.fat import find_efi_loaders
 from diskimg.inspection.partitions import (
     GUID_BIOS_BOOT,
@@ -321,10 +322,70 @@ def test_file_system_identified_like_blkid(tmp_path, name, command, size_mib, ex
         assert 0 < found.size <= size_mib * MiB
     if expected == "xfs":
         assert found.version == ("V4" if name == "xfs-v4" else "V5")
-    # diskimg.detection.content (what detect says a RAW disk starts with) names file systems the same way
-    from diskimg.detection.content import identify_start
+    # diskimg.inspection.disk_start (what detect says a RAW disk starts with) names file systems the same way
+    from diskimg.inspection.disk_start import identify_start
 
     assert identify_start(read_at(image, 0, 128 * 1024)) == found.type
+
+
+def _tool_fields(command: list, separator: str) -> dict[str, str]:
+    """``name<separator>value`` lines a file system's own tool prints, as a dict."""
+    out = subprocess.run([str(c) for c in command], capture_output=True, text=True, check=True).stdout
+    return {k.strip(): v.strip() for k, _, v in (line.partition(separator) for line in out.splitlines()) if v}
+
+
+#: (mkfs command, MiB, the tool that reads the superblock back: its block size and block count)
+SUPERBLOCK_CASES = {
+    "ext4": (["mkfs.ext4", "-q", "-F", "-O", "64bit"], 64, "dumpe2fs"),
+    "xfs": (["mkfs.xfs", "-q", "-f"], 300, "xfs_db"),
+    "fat32": (["mkfs.fat", "-F", "32"], 64, "minfo"),
+    "ntfs": (["mkntfs", "-Q", "-F", "-q"], 16, "ntfsinfo"),
+}
+
+
+def _oracle_geometry(tool: str, image: Path) -> tuple[int, int]:
+    """(block or cluster size, blocks or clusters of the volume), as the file system's tool reads them."""
+    if tool == "dumpe2fs":
+        fields = _tool_fields(["dumpe2fs", "-h", image], ":")
+        return int(fields["Block size"]), int(fields["Block count"])
+    if tool == "xfs_db":
+        fields = _tool_fields(["xfs_db", "-r", "-c", "sb 0", "-c", "p blocksize dblocks", image], "=")
+        return int(fields["blocksize"]), int(fields["dblocks"])
+    if tool == "minfo":
+        fields = _tool_fields(["minfo", "-i", image, "::"], ":")
+        sector = int(fields["sector size"].split()[0])
+        per_cluster = int(fields["cluster size"].split()[0])
+        return sector * per_cluster, int(fields["big size"].split()[0]) // per_cluster
+    fields = _tool_fields(["ntfsinfo", "-m", image], ":")
+    return int(fields["Cluster Size"]), int(fields["Volume Size in Clusters"])
+
+
+@pytest.mark.parametrize("kind", SUPERBLOCK_CASES)
+def test_probe_and_driver_read_one_superblock(tmp_path, kind):
+    """The signature probe and the file system driver read the superblock through one parser
+    (superblocks.py): the block size and the volume's blocks both see are what the file system's
+    own tool reads (dumpe2fs, xfs_db, mtools' minfo, ntfsinfo)."""
+    command, size_mib, tool = SUPERBLOCK_CASES[kind]
+    if not needs.get(command[0], False) or not shutil.which(tool):
+        pytest.skip(f"{command[0]} or {tool} missing")
+    image = blank(tmp_path / f"{kind}.img", size_mib * MiB)
+    run(*command, image)
+    block_size, blocks = _oracle_geometry(tool, image)
+    disk = FileDisk(image)
+    found = probe(disk, 0, size_mib * MiB)
+    fs = open_filesystem(disk, 0, size_mib * MiB)
+    assert found is not None and fs is not None and fs.type == found.type
+    assert found.block_size == block_size
+    if kind == "ntfs":  # the probe counts the sectors and the backup boot sector after them
+        assert (fs.boot.cluster_size, fs.boot.total_sectors * fs.boot.bytes_per_sector // block_size) == (
+            block_size, blocks)
+        assert found.size == (fs.boot.total_sectors + 1) * fs.boot.bytes_per_sector
+        return
+    assert found.size == blocks * block_size
+    driver = {"ext4": lambda: (fs.sb.block_size, fs.sb.blocks_count),
+              "xfs": lambda: (fs.geometry.block_size, fs.geometry.dblocks),
+              "fat32": lambda: (fs.bpb.cluster_size, fs.bpb.total_sectors // fs.bpb.sectors_per_cluster)}[kind]
+    assert driver() == (block_size, blocks)
 
 
 @requires("mkfs.ext4")

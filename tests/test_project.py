@@ -1,5 +1,5 @@
 """The project around the code: what a fresh machine installs, what the README shows, what the
-test suite says when something it needs is missing."""
+test suite says when something it needs is missing, how the package is layered."""
 
 from __future__ import annotations
 
@@ -85,3 +85,71 @@ def test_readme_python_api_block_runs_as_written(tmp_path):
     assert "format='vhd'" in proc.stdout
     qemu_compare(tmp_path / "disk.vhd", "vpc", tmp_path / "disk.qcow2", "qcow2")
     qemu_compare(tmp_path / "disk.vhd", "vpc", tmp_path / "restored" / "m1_system.qcow2", "qcow2")
+
+
+#: the packages of diskimg, bottom-up: a module may import its own package and those of lower layers only
+#: ("" is the package itself: the public API, over everything but the command line)
+LAYERS = (
+    {"errors", "version"},
+    {"units", "words", "jsonlimits"},
+    {"host", "inspection"},
+    {"formats"},
+    {"streams"},
+    {"detection"},
+    {"conversion"},
+    {"archives"},
+    {"validation"},
+    {"fleet"},
+    {""},
+    {"cli"},
+    {"__main__"},
+)
+#: packages held to fewer dependencies than their layer allows: inspection reads through a Disk
+#: protocol, so that partition tables and file systems can be read from any source
+ONLY = {"inspection": {"errors", "units", "jsonlimits"}}
+
+
+def _package_of(module: str) -> str:
+    """The top-level package of a diskimg module: "formats" for diskimg.formats.vhdx.reader."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imports_of(path, module: str) -> list[tuple[int, str]]:
+    """(line, module) of every diskimg module ``path`` imports: at the top, in functions, under
+    TYPE_CHECKING; ``from . import name`` counts as importing the module ``name`` when it is one."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append((node.lineno, target))
+            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names
+                      if (ROOT / (f"{target}.{alias.name}".replace(".", "/") + ".py")).exists()
+                      or (ROOT / f"{target}.{alias.name}".replace(".", "/")).is_dir()]
+    return [(line, name) for line, name in found if name == "diskimg" or name.startswith("diskimg.")]
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    """Data flows one way (detect -> open -> convert / inspect / validate / export): every import,
+    even one made inside a function or only for type checking, goes down the layers, never up."""
+    layer = {package: number for number, packages in enumerate(LAYERS) for package in packages}
+    packages = {path.name.removesuffix(".py") for path in (ROOT / "diskimg").iterdir()
+                if path.suffix == ".py" or (path / "__init__.py").exists()} - {"__init__"}
+    assert packages | {""} == set(layer), f"packages missing from LAYERS or gone: {packages ^ (set(layer) - {''})}"
+    upward = []
+    for path in sorted((ROOT / "diskimg").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        own = _package_of(module)
+        for line, imported in _imports_of(path, module):
+            target = _package_of(imported)
+            allowed = target == own or layer[target] < layer[own] and target in ONLY.get(own, {target})
+            if not allowed:
+                upward.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
+    assert not upward, "imports that go up the layers:\n" + "\n".join(upward)

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diskimg
+import diskimg.streams.sources  # the module the tests below name as diskimg.streams.sources
 from diskimg.errors import ArchiveError, UnsupportedFormat
 from diskimg.formats.reader import ExtentKind
 

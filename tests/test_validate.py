@@ -19,7 +19,7 @@ import pytest
 
 import diskimg
 from diskimg.errors import ImageNotFound, UsageError
-from diskimg.formats import vhd as vhdmod
+from diskimg.formats.vhd import structures as vhdmod
 from diskimg.host.files import HostFile
 from diskimg.validation import RULES, Report, Severity, list_rules, validate
 from diskimg.validation.rules import RULES_BY_CODE
@@ -869,7 +869,7 @@ def test_rule_catalogue_is_coherent():
         assert rule.code and rule.title and rule.rationale and rule.source.startswith("§") and rule.references
     source = "".join((ROOT / "diskimg" / name).read_text()
                      for name in ("validation/checks.py", "validation/linux_checks.py", "validation/windows_checks.py",
-                                  "validation/context.py", "validation/__init__.py", "partitions.py"))
+                                  "validation/context.py", "validation/__init__.py", "inspection/partitions.py"))
     emitted = set(re.findall(r'(?:emit|TableIssue|BootFailure)\(\s*"([a-z0-9-]+)"', source))
     emitted |= set(re.findall(r'"((?:gpt|mbr|partition)-[a-z0-9-]+)"', source)) & set(RULES_BY_CODE)
     assert emitted <= set(RULES_BY_CODE), emitted - set(RULES_BY_CODE)

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 
 from diskimg.formats.probing import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, UsageError
-from diskimg.formats.vhd import (
+from diskimg.formats.vhd import VhdReader, probe
+from diskimg.formats.vhd.structures import (
     DISK_DIFFERENCING,
     DynamicHeader,
     ParentLocator,
     VhdFooter,
-    VhdReader,
     bitmap_runs,
     bitmap_size,
     chs_geometry,
@@ -33,7 +33,6 @@ from diskimg.formats.vhd import (
     host_path,
     parse_dynamic_header,
     parse_footer,
-    probe,
     vhd_checksum,
 )
 from diskimg.host.files import HostFile
@@ -585,7 +584,7 @@ def test_differencing_built_by_hand(tmp_path, block_size):
 
 @requires_qemu
 def test_differencing_bitmap_cache_is_bounded(tmp_path):
-    from diskimg.formats.vhd import BITMAP_CACHE_BLOCKS
+    from diskimg.formats.vhd.reader import BITMAP_CACHE_BLOCKS
 
     block_size = 4096
     parent_path = make_vhd(tmp_path, "parent.vhd", "4M", force_size=True)

@@ -16,9 +16,9 @@ import pytest
 import diskimg
 from diskimg.errors import OutputError, UsageError
 from diskimg.formats import WRITERS
-from diskimg.formats.vhd import (
+from diskimg.formats.vhd import VhdWriter
+from diskimg.formats.vhd.structures import (
     MAX_GEOMETRY,
-    VhdWriter,
     bitmap_size,
     chs_geometry,
     footer_problem,

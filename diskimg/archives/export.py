@@ -49,7 +49,7 @@ import zstandard
 from fastcrc import crc64
 from zlib_ng import gzip_ng_threaded
 
-from .. import __version__
+from ..version import __version__
 from ..host import interrupts
 from ..conversion.pipeline import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order,
                          map_is_plan, read_ahead, scan_for_zeroes, with_zero_tail)

@@ -13,17 +13,18 @@ like the manifest, so that several exports can share a folder.
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import ArchiveError
+from ..errors import ArchiveError, ImageNotFound
 from ..formats import WRITERS
 from ..conversion.hashing import PREFIX as CONTENT_HASH_PREFIX
 from ..host.files import confined_path, open_input
+from ..jsonlimits import nesting
 
 SUFFIX = ".manifest.json"
 SUMS_SUFFIX = ".SHA256SUMS"
@@ -38,9 +39,6 @@ _MAX_NAME = 255  # bytes of a file name on common file systems
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_HASH = re.compile(re.escape(CONTENT_HASH_PREFIX) + "[0-9a-f]{64}")
 _DECIMAL = re.compile(r"[0-9]{1,20}")
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_NESTING = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 @dataclass
@@ -94,6 +92,16 @@ class Manifest:
         return located
 
 
+def names_manifest(path: str) -> bool:
+    """Whether ``path`` is given as a manifest rather than an archive: a ``.json`` name, or a file
+    whose first bytes open a JSON object (a manifest renamed); reading it then checks it."""
+    if path.lower().endswith(".json"):
+        return True
+    with contextlib.suppress(OSError, ImageNotFound), open_input(path) as f:
+        return f.read(64).lstrip().startswith(b"{")
+    return False
+
+
 def read_manifest(path: str) -> Manifest:
     """The manifest at ``path``, checked (see the module docstring); every file it names is located
     at once, so a manifest pointing outside its folder is refused before anything is read."""
@@ -113,7 +121,7 @@ def parse_manifest(data: bytes, path: str) -> Manifest:
     and types; raises ArchiveError naming what is wrong."""
     if len(data) > MAX_BYTES:
         raise ArchiveError(f"a manifest larger than {MAX_BYTES >> 20} MiB: not an export manifest", path=path)
-    if _nesting(data) > MAX_DEPTH:
+    if nesting(data) > MAX_DEPTH:
         raise ArchiveError(f"JSON nested deeper than {MAX_DEPTH} levels: not an export manifest", path=path)
     try:
         document = json.loads(data)
@@ -131,13 +139,6 @@ def parse_manifest(data: bytes, path: str) -> Manifest:
     text = {key: _optional(document, key, str, "", -1, path) for key in
             ("name", "layout", "archive", "tool", "version", "created")}
     return Manifest(**text, disks=parsed, path=path)
-
-
-def _nesting(data: bytes) -> int:
-    """The deepest nesting of JSON arrays and objects in ``data``, brackets inside strings aside
-    (measured with C-level passes: string literals removed, then only brackets kept)."""
-    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    return max(itertools.accumulate(_NESTING[b] for b in brackets), default=0)
 
 
 def _disk(entry: Any, number: int, path: str) -> ExportedDisk:

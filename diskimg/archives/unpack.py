@@ -31,13 +31,12 @@ from typing import Any
 
 from ..host import interrupts
 from ..conversion.pipeline import ProgressCallback, content_hash_of, convert
-from ..detection.probe import detect
+from ..detection.probe import detect, identify_inner
 from ..formats.probing import READABLE_FORMATS
-from ..errors import ArchiveError, ImageNotFound, UnsupportedFormat
+from ..errors import ArchiveError, UnsupportedFormat
 from ..formats import canonical_format
-from ..host.files import open_input
 from ..detection.image import open_image
-from .manifest import ExportedDisk, read_manifest
+from .manifest import ExportedDisk, names_manifest, read_manifest
 from ..conversion.outputs import new_temporary, output_directory, replace_file, reported_as, resolve_file
 from ..streams.sources import (EndShowsAnotherFormat, StreamDiskReader, finish_archive, open_file_bytes, open_wrapped,
                       opens_through_wrapper)
@@ -92,7 +91,7 @@ def unpack(
     started = time.monotonic()
     path = os.fspath(source)
     target_format = canonical_format(format) if format else None
-    manifest = read_manifest(path) if _is_manifest(path) else None
+    manifest = read_manifest(path) if names_manifest(path) else None
     # (the archive, what the manifest says of it)
     jobs = [(manifest.locate(d), d) for d in manifest.disks] if manifest else [(path, None)]
     disks: list[UnpackedDisk] = []
@@ -118,14 +117,6 @@ def unpack(
                         seconds=round(time.monotonic() - started, 3))
 
 
-def _is_manifest(path: str) -> bool:
-    if path.lower().endswith(".json"):
-        return True
-    with contextlib.suppress(OSError, ImageNotFound), open_input(path) as f:
-        return f.read(64).lstrip().startswith(b"{")
-    return False
-
-
 def _unpack_one(archive: str, expected: ExportedDisk | None, out_dir: str, target_format: str | None, force: bool,
                 progress: ProgressCallback | None) -> tuple[UnpackedDisk, str, str]:
     """Restore the disk of ``archive`` (checked against what a manifest says of it, ``expected``) to a
@@ -138,7 +129,7 @@ def _unpack_one(archive: str, expected: ExportedDisk | None, out_dir: str, targe
     digest = hashlib.sha256 if expected is not None else None
     reader: StreamDiskReader
     if opens_through_wrapper(detection):
-        reader = open_wrapped(archive, detection, digest, as_bytes=True)  # type: ignore[assignment]
+        reader = open_wrapped(archive, detection, identify_inner, digest, as_bytes=True)  # type: ignore[assignment]
     else:
         if not detection.readable:
             raise UnsupportedFormat(f"{detection.description}: not an archive or disk diskimg unpacks",

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from .probe import check_forced, detect
+from .probe import check_forced, detect, identify_inner
 from ..formats.probing import OpenOptions, VhdSizeRule
 from ..errors import BackingFileError, CorruptImage, UnsupportedFormat
 from ..formats import READERS, canonical_format
@@ -80,7 +80,7 @@ def _open(
 
         if opens_through_wrapper(detection):
             # a RAW disk or a fixed VHD in a compressed file, a disk in a tar
-            return open_wrapped(source, detection, see_tail=see_tail)
+            return open_wrapped(source, detection, identify_inner, see_tail=see_tail)
         raise UnsupportedFormat(
             f"{detection.description}: diskimg reads VHD, VHDX, qcow2 and RAW",
             path=source_name(source),

@@ -7,9 +7,10 @@ a compressed or archive wrapper) and decides in this order, strongest evidence f
    that ``-f raw`` and open behave as for any RAW file; a reader of 0 bytes has nothing to yield)
 2. a VHD footer (``conectix`` at EOF-512/EOF-511, or a dynamic/differencing copy at 0): the VHD
    driver's ``probe``. A *fixed* VHD whose footer verifies (checksum, type fixed, current size =
-   file size - 512) wins even over a signature at offset 0, because offset 0 of a fixed VHD is
-   guest-controlled: a guest can write a qcow2 header there (the CVE-2008-2004 class), while it
-   cannot write the footer. Any other VHD result loses to a signature at offset 0.
+   the data in front of it: ``vhd.structures.footer_sizes_fixed_disk``) wins even over a
+   signature at offset 0, because offset 0 of a fixed VHD is guest-controlled: a guest can write
+   a qcow2 header there (the CVE-2008-2004 class), while it cannot write the footer. Any other
+   VHD result loses to a signature at offset 0.
 3. strong signatures at offset 0: qcow2 (v2/v3: the qcow2 driver's ``probe``), qcow v1, QED,
    VHDX, VMDK (KDMV, COWD, seSparse), Parallels, Bochs, cloop, LUKS, the compressors (gzip, xz,
    bzip2, zstd incl. skippable frames, plus 7z and lz4 named without peeking) and zip; then the
@@ -18,7 +19,7 @@ a compressed or archive wrapper) and decides in this order, strongest evidence f
 5. a VMDK descriptor (only when the file is text)
 6. tar (``ustar`` magic at 257, or a v7 header whose checksum verifies)
 7. ISO 9660 / UDF (``CD001``/``BEA01`` at 0x8001; a hybrid ISO with an MBR or GPT is still ISO)
-8. RAW, with ``starts_with`` from :func:`diskimg.detection.content.identify_start`
+8. RAW, with ``starts_with`` from :func:`diskimg.inspection.disk_start.identify_start`
 
 A file carrying a format header is never reported as RAW: a ``QFI\\xfb`` file with a version
 diskimg does not know is reported as qcow2 (not readable), and a ``conectix`` footer that does not
@@ -44,15 +45,21 @@ Nothing but :class:`~diskimg.errors.DiskImageError` subclasses escapes, whatever
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from typing import BinaryIO
 
-from ..streams import compressed as wrappers
-from ..formats.probing import Detection
 from ..errors import DiskImageError, FormatMismatch, ImageNotFound
+from ..formats import qcow2
 from ..formats.foreign import Foreign, Match, Probe, Stage, describe, hint, recognise
+from ..formats.probing import Detection
+from ..formats.qcow2 import probe as qcow2_probe
+from ..formats.vdi import structures as vdi_structures
+from ..formats.vhd import probe as vhd_probe
+from ..formats.vhd.structures import footer_sizes_fixed_disk
+from ..formats.vhdx import probe as vhdx_probe
+from ..formats.vhdx import structures as vhdx_structures
 from ..host.files import HostFile
+from ..streams import compressed as wrappers
 
 HEAD_SIZE = 128 * 1024
 TAIL_SIZE = 1024
@@ -107,11 +114,11 @@ def _classify(
     probe = Probe(head, tail, size)
 
     strong = _strong_magic(probe, name, depth, read_at, size)
-    vhd = _vhd(head, tail, size)
+    vhd = vhd_probe(head, tail, size)
     if vhd is not None:
         if strong is None:
             return vhd
-        if vhd.subformat == "fixed" and _fixed_footer_consistent(tail, size):
+        if footer_sizes_fixed_disk(tail, size):
             vhd.description += f"; the disk inside starts with bytes that look like a {strong[0]} header"
             return vhd
     if strong is not None:
@@ -134,7 +141,7 @@ def _classify(
 
 
 def raw_detection(head: bytes) -> Detection:
-    from .content import describe_start, identify_start  # partition and file system tables: loaded when needed
+    from ..inspection.disk_start import describe_start, identify_start  # loaded when needed
 
     starts_with = identify_start(head)
     if starts_with == "empty":
@@ -176,8 +183,8 @@ def _strong_magic(
 ) -> tuple[str, Callable[[], Detection]] | None:
     """(format name, a function building the Detection) for a signature at offset 0 (or VDI's)."""
     head = probe.head
-    if head[:4] == b"QFI\xfb":
-        version = struct.unpack_from(">I", head, 4)[0] if len(head) >= 8 else None
+    if head[:4] == qcow2.MAGIC:
+        version = qcow2.header_version(head)
         if version == 1:
             found = recognise(probe, Stage.MAGIC)
             if found is not None:
@@ -188,128 +195,23 @@ def _strong_magic(
         return "zip", lambda: wrappers.peek_zip(read_at, identify_inner, depth, name)
     if kind is not None:
         return kind, lambda: wrappers.peek_compressed(kind, read_at, identify_inner, depth, name, size)
-    if head[:8] == b"vhdxfile":
-        from ..formats.vhdx import probe as vhdx_probe
-
+    if head[:8] == vhdx_structures.FILE_IDENTIFIER_SIGNATURE:
         return "vhdx", lambda: vhdx_probe(head, read_at, size)
-    if head[64:68] == b"\x7f\x10\xda\xbe":  # the VDI signature; the driver (loaded then) judges the rest
-        return "vdi", lambda: _vdi(head)
+    if vdi_structures.has_signature(head):  # the driver judges the rest
+        return "vdi", lambda: vdi_structures.probe(head)
     found = recognise(probe, Stage.MAGIC)
     if found is not None:
         return found[0].name, lambda: _foreign_detection(*found, name)
     return None
 
 
-def _vdi(head: bytes) -> Detection:
-    from ..formats.vdi.structures import probe
-
-    return probe(head)
-
-
-# --- VHD and qcow2: the drivers' probes, with a fallback that never lets a header pass as RAW ---
-
-
-def _call_probe(module: str, head: bytes, tail: bytes, size: int) -> tuple[bool, Detection | None]:
-    """(whether the driver's probe exists, its answer). Errors other than DiskImageError count as
-    "no answer", so that a driver bug cannot make detect() raise something else."""
-    try:
-        if module == "vhd":
-            from ..formats.vhd import probe
-        else:
-            from ..formats.qcow2 import probe
-    except ImportError:
-        return False, None
-    try:
-        return True, probe(head, tail, size)
-    except DiskImageError:
-        raise
-    except Exception:
-        return True, None
-
-
-def _vhd(head: bytes, tail: bytes, size: int | None) -> Detection | None:
-    in_tail = (len(tail) >= 512 and tail[-512:][:8] == b"conectix") or (
-        len(tail) >= 511 and tail[-511:][:8] == b"conectix"
-    )
-    if head[:8] != b"conectix" and not in_tail:
-        return None
-    if size is None and head[:8] == b"conectix":
-        # inside a wrapper the real footer is unknown; a dynamic disk's copy at 0 stands in for it
-        tail = head[:512]
-    exists, found = _call_probe("vhd", head, tail, size if size is not None else len(head))
-    if found is not None:
-        if size == 512 and found.subformat in ("dynamic", "differencing"):
-            found.description += " - footer only: a 512-byte file is not a complete image"
-        return found
-    # The driver is absent or said no although a cookie is there: never treat this as RAW.
-    if len(tail) >= 512 and tail[-512:][:8] == b"conectix":
-        footer = tail[-512:]
-    elif len(tail) >= 511 and tail[-511:][:8] == b"conectix":
-        footer = tail[-511:] + b"\0"
-    else:
-        footer = head[:512]
-    disk_type = struct.unpack_from(">I", footer, 60)[0] if len(footer) >= 64 else 0
-    subformat = {2: "fixed", 3: "dynamic", 4: "differencing"}.get(disk_type)
-    if exists:
-        return Detection(
-            format="vhd",
-            subformat=subformat,
-            readable=False,
-            description="VHD whose footer does not verify",
-            hint="the file carries a 'conectix' VHD footer that the VHD driver rejects; repair or re-create the image",
-        )
-    ok = _vhd_checksum_ok(footer)
-    return Detection(
-        format="vhd",
-        subformat=subformat,
-        readable=ok,
-        description=f"VHD ({subformat or f'disk type {disk_type}'})" + ("" if ok else ", footer checksum mismatch"),
-    )
-
-
-def _vhd_checksum_ok(footer: bytes) -> bool:
-    if len(footer) < 512:
-        return False
-    stored = struct.unpack_from(">I", footer, 64)[0]
-    computed = ~(sum(footer[:64]) + sum(footer[68:512])) & 0xFFFFFFFF
-    return stored == computed
-
-
-def _fixed_footer_consistent(tail: bytes, size: int | None) -> bool:
-    """A verified fixed-disk footer that sizes the file exactly: evidence a guest cannot forge."""
-    if size is None:
-        return False
-    for footer, overhead in ((tail[-512:], 512), (tail[-511:] + b"\0", 511)):
-        if len(footer) == 512 and footer[:8] == b"conectix" and _vhd_checksum_ok(footer):
-            disk_type = struct.unpack_from(">I", footer, 60)[0]
-            current_size = struct.unpack_from(">Q", footer, 48)[0]
-            if disk_type == 2 and current_size == size - overhead:
-                return True
-    return False
+# --- qcow2: the driver's probe, and a header of a version no driver knows --------------------------
 
 
 def _qcow2(probe: Probe, version: int | None) -> Detection:
-    if version in (2, 3):
-        exists, found = _call_probe("qcow2", probe.head, probe.tail, probe.file_size or len(probe.head))
-        if found is not None:
-            return found
-        compat = "0.10" if version == 2 else "1.1"
-        if not exists:
-            return Detection(
-                format="qcow2",
-                subformat=f"v{version}",
-                version=str(version),
-                readable=True,
-                description=f"qcow2 v{version} (compat {compat})",
-            )
-        return Detection(
-            format="qcow2",
-            subformat=f"v{version}",
-            version=str(version),
-            readable=False,
-            description=f"qcow2 v{version} with a header the qcow2 driver rejects",
-            hint="`qemu-img check` on the file may say what is wrong with it",
-        )
+    found = qcow2_probe(probe.head, probe.tail, probe.file_size or len(probe.head))
+    if found is not None:
+        return found
     shown = "missing" if version is None else str(version)
     return Detection(
         format="qcow2",

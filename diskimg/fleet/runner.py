@@ -41,13 +41,11 @@ StartSink = Callable[[str], None]
 def run_job(job: Job) -> dict[str, Any]:
     """Run ``job`` and return its journal entry: the command's --json result, or its error line
     and the exit code the command would have given."""
-    import diskimg
-
     remove_leftovers(job)
     started, io_before = time.monotonic(), _io_counters()
     entry: dict[str, Any] = {"id": job.id, "key": job.key, "op": job.op}
     try:
-        result = getattr(diskimg, job.op)(**job.arguments)
+        result = operation(job.op)(**job.arguments)
     except DiskImageError as exc:
         entry.update(outcome="error", exit_code=exc.exit_code, error=error_line(exc))
     except Exception as exc:  # a bug, or the machine (MemoryError): this job's failure, not the batch's
@@ -62,6 +60,32 @@ def run_job(job: Job) -> dict[str, Any]:
     entry["seconds"] = round(time.monotonic() - started, 3)
     entry["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return entry
+
+
+def operation(name: str) -> Callable[..., Any]:
+    """The function of the API that runs operation ``name`` of a plan, imported when a job needs it
+    (a worker loads only what its jobs use)."""
+    if name == "convert":
+        from ..conversion.pipeline import convert
+
+        return convert
+    if name == "validate":
+        from ..validation import validate
+
+        return validate
+    if name == "export":
+        from ..archives.export import export
+
+        return export
+    if name == "verify":
+        from ..archives.export import verify
+
+        return verify
+    if name == "unpack":
+        from ..archives.unpack import unpack
+
+        return unpack
+    raise AssertionError(f"operation {name!r} is not in the plan's OPERATIONS")
 
 
 def remove_leftovers(job: Job) -> None:

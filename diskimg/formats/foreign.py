@@ -238,7 +238,7 @@ def _iso9660(p: Probe) -> Match | None:
     volume = ""
     if standard == b"CD001" and head[0x8000] == 1:
         volume = "".join(c for c in head[0x8028:0x8048].decode("ascii", "replace").strip() if c.isprintable())
-    from ..detection.content import identify_start  # partition and file system tables: loaded when needed
+    from ..inspection.disk_start import identify_start  # loaded when needed
 
     boots_as_disk = identify_start(head[:0x8000]) in ("mbr", "gpt")
     parts = []

@@ -624,6 +624,17 @@ def parse_bitmap_directory(data: bytes, count: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------
 
 
+#: the u32 (big-endian) version after the magic: 1 for qcow, 2 or 3 for qcow2
+VERSION_FIELD = 4
+
+
+def header_version(head: bytes) -> int | None:
+    """The version field of a qcow or qcow2 header, or None when ``head`` is too short to hold it."""
+    if len(head) < VERSION_FIELD + 4:
+        return None
+    return int.from_bytes(head[VERSION_FIELD : VERSION_FIELD + 4], "big")
+
+
 def probe(head: bytes, tail: bytes, file_size: int) -> Detection | None:
     """A qcow2 v2/v3 header at offset 0 (v1 "qcow" is left to the detection module)."""
     if len(head) < 8 or head[:4] != MAGIC:

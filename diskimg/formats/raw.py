@@ -12,11 +12,11 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from .probing import OpenOptions, ParentOpener
 from ..host.files import HostFile
+from ..units import SECTOR_SIZE
 from .reader import DiskReader, Extent, ImageInfo, Run, RunKind
 from .writer import DiskWriter
 
 NAME = "raw"
-SECTOR = 512
 
 
 class RawReader(DiskReader):
@@ -24,7 +24,7 @@ class RawReader(DiskReader):
 
     @classmethod
     def open(cls, host: HostFile, open_parent: ParentOpener | None, options: OpenOptions) -> RawReader:
-        return cls(host, -(-host.size // SECTOR) * SECTOR)
+        return cls(host, -(-host.size // SECTOR_SIZE) * SECTOR_SIZE)
 
     def _runs(self, start: int, end: int) -> Iterator[Run]:
         stored_end = min(end, self.host.size)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .signatures import Disk
-from .partitions import SECTOR_SIZE, Partition, PartitionTable
+from ..units import SECTOR_SIZE
+from .partitions import Partition, PartitionTable
 
 #: GRUB 2 boot.img: where the LBA of the core image's first sector is kept
 GRUB_KERNEL_SECTOR = 0x5C

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptImage
+from ..units import SECTOR_SIZE
 from .signatures import Disk, probe_boot_sector
 
-SECTOR_SIZE = 512
 GPT_SIGNATURE = b"EFI PART"
 MBR_SIGNATURE = b"\x55\xaa"
 

@@ -6,13 +6,19 @@ system's data. Nothing but :class:`~diskimg.errors.DiskImageError` escapes, what
 
 What is recognised (``FileSystem.type``): ``ext2``, ``ext3``, ``ext4``, ``ext-journal``, ``xfs``,
 ``btrfs``, ``ntfs``, ``bitlocker``, ``fat12``, ``fat16``, ``fat32``, ``exfat``, ``swap``,
-``lvm2`` (a PV label), ``luks`` (LUKS1/LUKS2), ``squashfs``, ``md`` (Linux RAID v1.1/1.2
-superblock), ``zfs`` (an uberblock, found only by ``probe``, which may read a little further).
+``lvm2`` (a PV label), ``luks`` (LUKS1/LUKS2), ``squashfs``, ``md`` (a Linux RAID superblock: 1.1
+and 1.2 at the start; 0.90 and 1.0 at the end, found only by ``probe``), ``zfs`` (an uberblock,
+found only by ``probe``, which may read a little further; so is a btrfs whose primary superblock is
+gone, by its copy at 64 MiB). The structures of LUKS, BitLocker and md are parsed by their modules
+in ``volumes/``, loaded when their signature is seen.
 
 Order matters where structures share bytes: those whose signature lies in sector 0 (a boot
 sector ending in 55 AA like an MBR, or a header at offset 0) are probed first
 (``probe_boot_sector``), then those whose superblock lies further in (ext at 1024, btrfs at
 64 KiB, the LVM label in sectors 0-3, the swap signature at the end of the first page, md at 4 KiB).
+
+The superblocks of the file systems diskimg also reads (ext, XFS, NTFS, FAT) are parsed by
+``superblocks.py``, whose parsers the drivers in ``fs/`` share; the other signatures are parsed here only.
 """
 
 from __future__ import annotations
@@ -22,9 +28,26 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CorruptImage
+from .superblocks import (
+    EXT_INCOMPAT_RECOVER,
+    EXT_STATE_ERROR,
+    EXT_STATE_VALID,
+    EXT_SUPERBLOCK_OFFSET,
+    EXT_SUPERBLOCK_SIZE,
+    XFS_INCOMPAT,
+    XFS_INCOMPAT_NEEDSREPAIR,
+    flag_names,
+    parse_ext_superblock,
+    parse_fat_bpb,
+    parse_ntfs_boot_sector,
+    parse_xfs_superblock,
+)
+
+if TYPE_CHECKING:
+    from .volumes.md import MdSuperblock
 
 #: bytes ``probe_bytes`` can use: up to the btrfs superblock's label (64 KiB + 0x22b)
 HEAD_SIZE = 0x10000 + 0x1000
@@ -131,165 +154,218 @@ def _uuid(raw: bytes) -> str | None:
     return str(uuid.UUID(bytes=raw))
 
 
-# -- ext2/3/4 --------------------------------------------------------------------------------------
-
-EXT_COMPAT = {
-    0x1: "dir_prealloc", 0x2: "imagic_inodes", 0x4: "has_journal", 0x8: "ext_attr", 0x10: "resize_inode",
-    0x20: "dir_index", 0x200: "sparse_super2", 0x400: "fast_commit", 0x800: "stable_inodes", 0x1000: "orphan_file",
-}
-EXT_INCOMPAT = {
-    0x1: "compression", 0x2: "filetype", 0x4: "needs_recovery", 0x8: "journal_dev", 0x10: "meta_bg",
-    0x40: "extent", 0x80: "64bit", 0x100: "mmp", 0x200: "flex_bg", 0x400: "ea_inode", 0x1000: "dirdata",
-    0x2000: "metadata_csum_seed", 0x4000: "large_dir", 0x8000: "inline_data", 0x10000: "encrypt",
-    0x20000: "casefold",
-}
-EXT_RO_COMPAT = {
-    0x1: "sparse_super", 0x2: "large_file", 0x4: "btree_dir", 0x8: "huge_file", 0x10: "uninit_bg",
-    0x20: "dir_nlink", 0x40: "extra_isize", 0x100: "quota", 0x200: "bigalloc", 0x400: "metadata_csum",
-    0x800: "replica", 0x1000: "read-only", 0x2000: "project", 0x8000: "verity", 0x10000: "orphan_present",
-}
-_EXT3_INCOMPAT = 0x2 | 0x4 | 0x10
-_EXT3_RO_COMPAT = 0x1 | 0x2 | 0x4
-
-
-def _flag_names(value: int, names: dict[int, str]) -> list[str]:
-    found = [name for bit, name in names.items() if value & bit]
-    unknown = value & ~sum(names)
-    if unknown:
-        found.append(f"0x{unknown:x}")
-    return found
+# -- ext2/3/4 and XFS (their superblocks: superblocks.py) ------------------------------------------------
 
 
 def probe_ext(head: bytes) -> FileSystem | None:
-    sb = head[1024:2048]
-    if len(sb) < 0x180 or _le(sb, 0x38, 2) != 0xEF53:
+    sb = parse_ext_superblock(head[EXT_SUPERBLOCK_OFFSET : EXT_SUPERBLOCK_OFFSET + EXT_SUPERBLOCK_SIZE])
+    if sb is None:
         return None
-    compat, incompat, ro_compat = _le(sb, 0x5C, 4), _le(sb, 0x60, 4), _le(sb, 0x64, 4)
-    if incompat & 0x8:
-        kind = "ext-journal"
-    elif incompat & ~_EXT3_INCOMPAT or ro_compat & ~_EXT3_RO_COMPAT:
-        kind = "ext4"
-    elif compat & 0x4:
-        kind = "ext3"
-    else:
-        kind = "ext2"
-    log_block = _le(sb, 0x18, 4)
-    block_size = 1024 << log_block if log_block <= 6 else None
-    blocks = _le(sb, 0x04, 4)
-    free_blocks = _le(sb, 0x0C, 4)
-    if incompat & 0x80 and _le(sb, 0xFE, 2) >= 64:  # 64bit and s_desc_size big enough for the _hi fields
-        blocks |= _le(sb, 0x150, 4) << 32
-        free_blocks |= _le(sb, 0x158, 4) << 32
-    state_bits = _le(sb, 0x3A, 2)
-    if incompat & 0x4:
+    block_size = sb.block_size
+    if sb.feature_incompat & EXT_INCOMPAT_RECOVER:
         state = "needs_recovery"
-    elif state_bits & 0x2:
+    elif sb.state & EXT_STATE_ERROR:
         state = "errors"
-    elif not state_bits & 0x1:
+    elif not sb.state & EXT_STATE_VALID:
         state = "not_clean"
     else:
         state = "clean"
-    features = _flag_names(compat, EXT_COMPAT) + _flag_names(incompat, EXT_INCOMPAT) + _flag_names(
-        ro_compat, EXT_RO_COMPAT
-    )
     return FileSystem(
-        type=kind,
-        uuid=_uuid(sb[0x68:0x78]),
-        label=_text(sb[0x78:0x88]),
-        version=f"rev {_le(sb, 0x4C, 4)}.{_le(sb, 0x3E, 2)}",
+        type=sb.kind,
+        uuid=_uuid(sb.uuid),
+        label=_text(sb.volume_name),
+        version=f"rev {sb.rev_level}.{sb.minor_rev_level}",
         block_size=block_size,
-        size=blocks * block_size if block_size else None,
-        free=free_blocks * block_size if block_size else None,
+        size=sb.blocks_count * block_size if block_size else None,
+        free=sb.free_blocks_count * block_size if block_size else None,
         state=state,
-        features=features,
+        features=sb.features,
         details={
-            "inodes": _le(sb, 0x00, 4),
-            "free_inodes": _le(sb, 0x10, 4),
-            "state_flags": state_bits,
-            "last_mounted": _text(sb[0x88:0xC8]),
-            "feature_compat": compat,
-            "feature_incompat": incompat,
-            "feature_ro_compat": ro_compat,
+            "inodes": sb.inodes_count,
+            "free_inodes": sb.free_inodes_count,
+            "state_flags": sb.state,
+            "last_mounted": _text(sb.last_mounted),
+            "feature_compat": sb.feature_compat,
+            "feature_incompat": sb.feature_incompat,
+            "feature_ro_compat": sb.feature_ro_compat,
         },
     )
 
 
-# -- XFS -----------------------------------------------------------------------------------------------
-
-XFS_INCOMPAT = {0x1: "ftype", 0x2: "sparse_inodes", 0x4: "meta_uuid", 0x8: "bigtime", 0x10: "needsrepair",
-                0x20: "nrext64", 0x40: "exchange", 0x80: "parent"}
-
-
 def probe_xfs(head: bytes) -> FileSystem | None:
-    if not _at(head, 0, b"XFSB") or len(head) < 232:
+    sb = parse_xfs_superblock(head)
+    if sb is None:
         return None
-    block_size = _be(head, 4, 4)
-    dblocks = _be(head, 8, 8)
-    version = _be(head, 100, 2) & 0xF
-    incompat = _be(head, 216, 4) if version >= 5 else 0
-    if _u8(head, 126):
+    if sb.in_progress:
         state = "not_clean"  # mkfs never finished
-    elif incompat & 0x10:
+    elif sb.incompat & XFS_INCOMPAT_NEEDSREPAIR:
         state = "needs_repair"
     else:
         state = None  # the log, not the superblock, knows whether it was cleanly unmounted
+    block_size = sb.block_size
     valid_block = 512 <= block_size <= 65536 and block_size & (block_size - 1) == 0
     return FileSystem(
         type="xfs",
-        uuid=_uuid(head[32:48]),
-        label=_text(head[108:120]),
-        version=f"V{version}",
+        uuid=_uuid(sb.uuid),
+        label=_text(sb.fname),
+        version=f"V{sb.version}",
         block_size=block_size if valid_block else None,
-        size=dblocks * block_size if valid_block else None,
-        free=_be(head, 144, 8) * block_size if valid_block else None,
+        size=sb.size if valid_block else None,
+        free=sb.fdblocks * block_size if valid_block else None,
         state=state,
-        features=_flag_names(incompat, XFS_INCOMPAT) if version >= 5 else [],
-        details={"inodes": _be(head, 128, 8), "free_inodes": _be(head, 136, 8), "ag_count": _be(head, 88, 4)},
+        features=flag_names(sb.incompat, XFS_INCOMPAT),
+        details={"inodes": sb.icount, "free_inodes": sb.ifree, "ag_count": sb.ag_count},
     )
 
 
 # -- btrfs ---------------------------------------------------------------------------------------------
 
+#: the primary superblock and its copies lie at these offsets of the device (where it is large enough)
+BTRFS_SUPERBLOCK_OFFSETS = (0x10000, 0x4000000, 0x4000000000)
+BTRFS_SUPERBLOCK_SIZE = 0x1000
+BTRFS_MAGIC = b"_BHRfS_M"
+#: the superblock up to its label's end and the fields after it: checksum, fsid, bytenr, flags, magic,
+#: generation, root, chunk_root, log_root, (unused) log_root_transid, total_bytes, bytes_used,
+#: root_dir_objectid, num_devices, sectorsize, nodesize, (unused) leafsize, stripesize,
+#: sys_chunk_array_size, chunk_root_generation, compat, compat_ro and incompat flags, csum_type,
+#: root_level, chunk_root_level, log_root_level; then the device item: devid, total_bytes,
+#: bytes_used, io_align, io_width, sector_size, type, generation, start_offset, dev_group,
+#: seek_speed, bandwidth, uuid, fsid; then label, cache_generation, uuid_tree_generation, metadata_uuid
+BTRFS_SUPERBLOCK = struct.Struct("<32s16sQQ8sQQQQQQQQQIIIIIQQQQHBBBQQQIIIQQQIBB16s16s256sQQ16s")
+#: where the system chunk array (the chunks that hold the chunk tree) lies, and its capacity
+BTRFS_SYS_CHUNK_ARRAY = 0x32B
+BTRFS_SYS_CHUNK_ARRAY_MAX = 2048
+BTRFS_INCOMPAT_METADATA_UUID = 0x400
+BTRFS_INCOMPAT = {
+    0x1: "mixed_backref", 0x2: "default_subvol", 0x4: "mixed_groups", 0x8: "compress_lzo", 0x10: "compress_zstd",
+    0x20: "big_metadata", 0x40: "extended_iref", 0x80: "raid56", 0x100: "skinny_metadata", 0x200: "no_holes",
+    0x400: "metadata_uuid", 0x800: "raid1c34", 0x1000: "zoned", 0x2000: "extent_tree_v2",
+    0x4000: "raid_stripe_tree", 0x10000: "simple_quota",
+}
 
-def probe_btrfs(head: bytes) -> FileSystem | None:
-    base = 0x10000
-    if not _at(head, base + 0x40, b"_BHRfS_M"):
+
+@dataclass(frozen=True)
+class BtrfsSuperblock:
+    """The fields of a btrfs superblock (one of its copies), as stored: nothing is checked here."""
+
+    checksum: bytes
+    fsid: bytes
+    bytenr: int  # where this copy says it lies
+    flags: int
+    generation: int
+    root: int  # the root tree's logical address
+    chunk_root: int
+    log_root: int
+    total_bytes: int
+    bytes_used: int
+    root_dir_objectid: int
+    num_devices: int
+    sector_size: int
+    node_size: int
+    stripe_size: int
+    sys_chunk_array_size: int
+    chunk_root_generation: int
+    compat: int
+    compat_ro: int
+    incompat: int
+    csum_type: int
+    root_level: int
+    chunk_root_level: int
+    log_root_level: int
+    devid: int  # this device's id, and its size
+    device_total_bytes: int
+    device_uuid: bytes
+    device_fsid: bytes
+    label: str | None
+    metadata_uuid: bytes
+    sys_chunk_array: bytes
+
+    @property
+    def metadata_fsid(self) -> bytes:
+        """What tree blocks carry as their fsid (the metadata_uuid when that feature is on)."""
+        return self.metadata_uuid if self.incompat & BTRFS_INCOMPAT_METADATA_UUID else self.fsid
+
+
+def parse_btrfs_superblock(raw: bytes) -> BtrfsSuperblock | None:
+    """The superblock in ``raw`` (its 4 KiB, from the copy's start), or None without the magic."""
+    if len(raw) < BTRFS_SUPERBLOCK_SIZE or raw[0x40:0x48] != BTRFS_MAGIC:
         return None
-    sector = _le(head, base + 0x90, 4)
+    (checksum, fsid, bytenr, flags, _magic, generation, root, chunk_root, log_root, _log_transid, total_bytes,
+     bytes_used, root_dir, num_devices, sector_size, node_size, _leaf_size, stripe_size, sys_array_size,
+     chunk_root_generation, compat, compat_ro, incompat, csum_type, root_level, chunk_root_level, log_root_level,
+     devid, device_total, _device_used, _io_align, _io_width, _device_sector, _device_type, _device_generation,
+     _start_offset, _dev_group, _seek_speed, _bandwidth, device_uuid, device_fsid, label, _cache_generation,
+     _uuid_tree_generation, metadata_uuid) = BTRFS_SUPERBLOCK.unpack_from(raw)
+    return BtrfsSuperblock(
+        checksum=checksum, fsid=fsid, bytenr=bytenr, flags=flags, generation=generation, root=root,
+        chunk_root=chunk_root, log_root=log_root, total_bytes=total_bytes, bytes_used=bytes_used,
+        root_dir_objectid=root_dir, num_devices=num_devices, sector_size=sector_size, node_size=node_size,
+        stripe_size=stripe_size, sys_chunk_array_size=sys_array_size, chunk_root_generation=chunk_root_generation,
+        compat=compat, compat_ro=compat_ro, incompat=incompat, csum_type=csum_type, root_level=root_level,
+        chunk_root_level=chunk_root_level, log_root_level=log_root_level, devid=devid, device_total_bytes=device_total,
+        device_uuid=device_uuid, device_fsid=device_fsid, label=_text(label), metadata_uuid=metadata_uuid,
+        sys_chunk_array=raw[BTRFS_SYS_CHUNK_ARRAY : BTRFS_SYS_CHUNK_ARRAY + BTRFS_SYS_CHUNK_ARRAY_MAX],
+    )
+
+
+def _btrfs_file_system(sb: BtrfsSuperblock) -> FileSystem:
     return FileSystem(
         type="btrfs",
-        uuid=_uuid(head[base + 0x20 : base + 0x30]),
-        label=_text(head[base + 0x12B : base + 0x22B]),
-        block_size=sector or None,
-        size=_le(head, base + 0x70, 8) or None,
-        free=max(0, _le(head, base + 0x70, 8) - _le(head, base + 0x78, 8)) or None,
-        details={"num_devices": _le(head, base + 0x88, 8), "generation": _le(head, base + 0x48, 8)},
+        uuid=_uuid(sb.fsid),
+        label=sb.label,
+        block_size=sb.sector_size or None,
+        size=sb.total_bytes or None,
+        free=max(0, sb.total_bytes - sb.bytes_used) or None,
+        state="needs_recovery" if sb.log_root else None,  # a log tree of fsynced changes to replay
+        features=flag_names(sb.incompat, BTRFS_INCOMPAT) if sb.incompat else [],
+        details={"num_devices": sb.num_devices, "generation": sb.generation},
     )
+
+
+def probe_btrfs(head: bytes) -> FileSystem | None:
+    base = BTRFS_SUPERBLOCK_OFFSETS[0]
+    sb = parse_btrfs_superblock(head[base : base + BTRFS_SUPERBLOCK_SIZE].ljust(BTRFS_SUPERBLOCK_SIZE, b"\0"))
+    return None if sb is None else _btrfs_file_system(sb)
+
+
+def probe_btrfs_copy(disk: Disk, offset: int) -> FileSystem | None:
+    """A btrfs whose primary superblock is gone, by its first copy (at 64 MiB, recording that place)."""
+    position = BTRFS_SUPERBLOCK_OFFSETS[1]
+    sb = parse_btrfs_superblock(disk.read(offset + position, BTRFS_SUPERBLOCK_SIZE))
+    if sb is None or sb.bytenr != position:
+        return None
+    found = _btrfs_file_system(sb)
+    found.state = "needs_repair"
+    found.details["superblock_copy"] = position
+    return found
 
 
 # -- boot-sector file systems --------------------------------------------------------------------------
 
 
 def probe_ntfs(head: bytes) -> FileSystem | None:
-    if not _at(head, 3, b"NTFS    ") or len(head) < 512:
+    boot = parse_ntfs_boot_sector(head)
+    if boot is None:
         return None
-    bps = _le(head, 11, 2)
-    spc = _u8(head, 13)
-    sectors = _le(head, 0x28, 8)
-    valid = bps in (512, 1024, 2048, 4096) and spc
-    cluster = bps * (spc if spc <= 0x80 else 1 << (256 - spc)) if valid else None
-    return FileSystem(
-        type="ntfs",
-        uuid=f"{_le(head, 0x48, 8):016X}",
-        block_size=cluster,
-        size=(sectors + 1) * bps if valid else None,  # the backup boot sector lies past the counted sectors
-    )
+    return FileSystem(type="ntfs", uuid=f"{boot.serial:016X}", block_size=boot.cluster_size, size=boot.volume_size)
 
 
 def probe_bitlocker(head: bytes) -> FileSystem | None:
-    if _at(head, 3, b"-FVE-FS-"):
-        return FileSystem(type="bitlocker")
-    return None
+    """A BitLocker volume header (Vista, or Windows 7 and later): its variant and metadata offsets.
+    The volume GUID and cipher lie in the FVE metadata further in (``volumes.bitlocker.read_bitlocker``);
+    a To Go volume is a FAT32 until that metadata is found."""
+    if not _at(head, 3, b"-FVE-FS-"):
+        return None
+    from .volumes import bitlocker  # loaded only when the signature is there
+
+    try:
+        header = bitlocker.parse_volume_header(head)
+    except CorruptImage as exc:
+        return FileSystem(type="bitlocker", details={"error": exc.message})
+    if header is None:
+        return None
+    return FileSystem(type="bitlocker", details={"variant": header.variant,
+                                                 "metadata_offsets": list(header.metadata_offsets)})
 
 
 def probe_exfat(head: bytes) -> FileSystem | None:
@@ -308,93 +384,16 @@ def probe_exfat(head: bytes) -> FileSystem | None:
     )
 
 
-@dataclass(frozen=True)
-class FatBpb:
-    """The BIOS parameter block of a FAT boot sector, with the derived layout."""
-
-    bytes_per_sector: int
-    sectors_per_cluster: int
-    reserved_sectors: int
-    num_fats: int
-    root_entries: int
-    total_sectors: int
-    fat_sectors: int
-    root_cluster: int
-    fat_type: str
-    clusters: int
-
-    @property
-    def cluster_size(self) -> int:
-        return self.bytes_per_sector * self.sectors_per_cluster
-
-    @property
-    def fat_offset(self) -> int:
-        return self.reserved_sectors * self.bytes_per_sector
-
-    @property
-    def root_dir_offset(self) -> int:
-        return (self.reserved_sectors + self.num_fats * self.fat_sectors) * self.bytes_per_sector
-
-    @property
-    def root_dir_size(self) -> int:
-        return self.root_entries * 32
-
-    @property
-    def data_offset(self) -> int:
-        root_sectors = (self.root_entries * 32 + self.bytes_per_sector - 1) // self.bytes_per_sector
-        return self.root_dir_offset + root_sectors * self.bytes_per_sector
-
-
-def parse_fat_bpb(head: bytes) -> FatBpb | None:
-    """The BPB of a FAT12/16/32 boot sector, or None if these bytes are not one.
-
-    Type by the label mkfs.fat and Windows write ("FAT12   ", "FAT16   " at 54, "FAT32   " at 82),
-    else by the cluster count, as the FAT specification says.
-    """
-    if len(head) < 512:
-        return None
-    bps = _le(head, 11, 2)
-    spc = _u8(head, 13)
-    reserved = _le(head, 14, 2)
-    fats = _u8(head, 16)
-    root_entries = _le(head, 17, 2)
-    total = _le(head, 19, 2) or _le(head, 32, 4)
-    fat_size = _le(head, 22, 2) or _le(head, 36, 4)
-    if bps not in (512, 1024, 2048, 4096) or spc == 0 or spc & (spc - 1) or not reserved or not 1 <= fats <= 4:
-        return None
-    label16, label32 = head[54:62], head[82:90]
-    if label32 != b"FAT32   " and label16 not in (b"FAT12   ", b"FAT16   ", b"FAT     ") and head[82:87] != b"FAT  ":
-        return None
-    if not total or not fat_size:
-        return None
-    root_sectors = (root_entries * 32 + bps - 1) // bps
-    data = total - reserved - fats * fat_size - root_sectors
-    if data <= 0:
-        return None
-    clusters = data // spc
-    if label32 == b"FAT32   ":
-        kind = "fat32"
-    elif label16 == b"FAT12   ":
-        kind = "fat12"
-    elif label16 == b"FAT16   ":
-        kind = "fat16"
-    else:
-        kind = "fat12" if clusters < 4085 else "fat16" if clusters < 65525 else "fat32"
-    return FatBpb(bps, spc, reserved, fats, root_entries, total, fat_size, _le(head, 44, 4) if kind == "fat32" else 0,
-                  kind, clusters)
-
-
 def probe_fat(head: bytes) -> FileSystem | None:
     bpb = parse_fat_bpb(head)
     if bpb is None:
         return None
-    ext = 64 if bpb.fat_type == "fat32" else 36  # extended BPB: drive number, reserved, signature, id, label
-    has_ebpb = _u8(head, ext + 2) in (0x28, 0x29)
-    serial = _le(head, ext + 3, 4) if has_ebpb else 0
+    serial = bpb.volume_id
+    label = bpb.volume_label
     return FileSystem(
         type=bpb.fat_type,
-        uuid=f"{serial >> 16:04X}-{serial & 0xFFFF:04X}" if has_ebpb else None,
-        label=_text(head[ext + 7 : ext + 18], "latin-1") if _u8(head, ext + 2) == 0x29 else None,
+        uuid=f"{serial >> 16:04X}-{serial & 0xFFFF:04X}" if serial is not None else None,
+        label=_text(label, "latin-1") if label is not None else None,
         block_size=bpb.cluster_size,
         size=bpb.total_sectors * bpb.bytes_per_sector,
         details={"clusters": bpb.clusters},
@@ -409,26 +408,33 @@ def probe_squashfs(head: bytes) -> FileSystem | None:
 
 
 def probe_luks(head: bytes) -> FileSystem | None:
+    """A LUKS1 or LUKS2 header (``volumes.luks``): UUID, label, and the cipher and payload offset
+    where the header says them (a LUKS2 JSON area is read when ``head`` holds it). A damaged header
+    is still a LUKS volume: what could not be read is named in ``details["error"]``."""
     if not _at(head, 0, b"LUKS\xba\xbe"):
         return None
-    version = _be(head, 6, 2)
-    if version == 1:
-        return FileSystem(
-            type="luks",
-            version="1",
-            uuid=_text(head[168:208], "ascii"),
-            details={"cipher": f"{_text(head[8:40], 'ascii')}-{_text(head[40:72], 'ascii')}",
-                     "payload_offset": _be(head, 104, 4) * 512},
-        )
-    if version == 2:
-        return FileSystem(
-            type="luks",
-            version="2",
-            uuid=_text(head[168:208], "ascii"),
-            label=_text(head[24:72]),
-            details={"header_size": _be(head, 8, 8), "checksum_alg": _text(head[72:104], "ascii")},
-        )
-    return FileSystem(type="luks", version=str(version))
+    from .volumes import luks  # loaded only when the signature is there
+
+    version = luks.luks_version(head)
+    found = FileSystem(type="luks", version=str(version))
+    try:
+        if version == 1:
+            header = luks.parse_luks1_phdr(head)
+        elif version == 2:
+            binary = luks.parse_luks2_binary_header(head)
+            found.uuid, found.label = binary.uuid, binary.label
+            found.details["header_size"] = binary.header_size
+            if len(head) < binary.header_size:
+                return found
+            header = luks.parse_luks2_header(head)
+        else:
+            return found
+    except CorruptImage as exc:
+        found.details["error"] = exc.message
+        return found
+    found.uuid, found.label = header.uuid, header.label
+    found.details.update(cipher=header.cipher, payload_offset=header.payload_offset)
+    return found
 
 
 BOOT_SECTOR_PROBES: tuple[Callable[[bytes], FileSystem | None], ...] = (
@@ -440,8 +446,23 @@ BOOT_SECTOR_PROBES: tuple[Callable[[bytes], FileSystem | None], ...] = (
 
 
 def lvm_crc(data: bytes) -> int:
-    """LVM2's label checksum: CRC-32 (zlib's polynomial) seeded with 0xf597a6cf, no final inversion."""
+    """LVM2's checksum of labels, metadata area headers and metadata text (lib/misc/crc.c): CRC-32 over the
+    reflected polynomial 0xEDB88320 (zlib's), seeded with INITIAL_CRC 0xf597a6cf, no final inversion."""
     return zlib.crc32(data, 0xF597A6CF ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+#: LVM2 prints its 32-character UUIDs in groups of these lengths, joined by dashes (lib/id/id.c)
+LVM_UUID_GROUPS = (6, 4, 4, 4, 4, 4, 6)
+
+
+def lvm_uuid(raw: bytes) -> str:
+    """An LVM2 UUID as stored on disk (32 ASCII characters) written as LVM prints it."""
+    text = raw.decode("ascii", errors="replace")
+    groups, start = [], 0
+    for size in LVM_UUID_GROUPS:
+        groups.append(text[start : start + size])
+        start += size
+    return "-".join(groups)
 
 
 def probe_lvm2(head: bytes) -> FileSystem | None:
@@ -456,9 +477,9 @@ def probe_lvm2(head: bytes) -> FileSystem | None:
         pv_uuid = None
         size = None
         if 32 <= pv <= 512 - 40:
-            raw = label[pv : pv + 32].decode("ascii", errors="replace")
-            if raw.strip("\0"):
-                pv_uuid = "-".join((raw[0:6], raw[6:10], raw[10:14], raw[14:18], raw[18:22], raw[22:26], raw[26:32]))
+            raw = label[pv : pv + 32]
+            if raw.strip(b"\0"):
+                pv_uuid = lvm_uuid(raw)
             size = _le(label, pv + 32, 8) or None
         return FileSystem(type="lvm2", uuid=pv_uuid, version="LVM2 001", size=size,
                           details={"label_sector": sector, "label_crc_ok": crc_ok})
@@ -488,12 +509,29 @@ def probe_swap(head: bytes) -> FileSystem | None:
     return None
 
 
+_MD_MAGIC = 0xA92B4EFC
+
+
 def probe_md(head: bytes) -> FileSystem | None:
-    for offset, version in ((0, "1.1"), (4096, "1.2")):
-        if _le(head, offset, 4) == 0xA92B4EFC and _le(head, offset + 4, 4) == 1:
-            return FileSystem(type="md", version=version, uuid=_uuid(head[offset + 16 : offset + 32]),
-                              label=_text(head[offset + 32 : offset + 64]))
+    """An md superblock at the start of a member (metadata 1.1 at 0, 1.2 at 4 KiB). Those of 0.90 and
+    1.0 lie at the end, where ``probe`` looks for them when the start holds nothing it knows: their
+    data begins at the member's start, so a RAID1 member shows the array's own file system there."""
+    for location in (0, 4096):
+        if _le(head, location, 4) == _MD_MAGIC and _le(head, location + 4, 4) == 1:
+            from .volumes import md  # loaded only when the signature is there
+
+            try:
+                return md_file_system(md.parse_superblock_1(head[location : location + md.SB1_BYTES], location))
+            except CorruptImage as exc:
+                return FileSystem(type="md", version="1.1" if location == 0 else "1.2", details={"error": exc.message})
     return None
+
+
+def md_file_system(sb: MdSuperblock) -> FileSystem:
+    """What ``probe`` reports of an md member."""
+    return FileSystem(type="md", version=sb.version, uuid=sb.uuid, label=sb.name, size=sb.array_member_size,
+                      details={"level": sb.level_name, "raid_disks": sb.raid_disks, "state": sb.state,
+                               "role": sb.role, "data_offset": sb.data_offset})
 
 
 LATER_PROBES: tuple[Callable[[bytes], FileSystem | None], ...] = (
@@ -537,8 +575,23 @@ def probe(disk: Disk, offset: int = 0, length: int | None = None) -> FileSystem 
     want = HEAD_SIZE if length is None else max(0, min(HEAD_SIZE, length))
     head = disk.read(offset, want)
     found = probe_bytes(head)
-    if found is not None or (length is not None and length < 256 << 10):
+    if found is not None:
         return found
+    if length is not None:  # md 0.90 and 1.0 keep their superblock at the end of the member
+        from .volumes import md
+
+        try:
+            superblock = md.find_superblock(disk, offset, length)
+        except CorruptImage as exc:
+            return FileSystem(type="md", details={"error": exc.message})
+        if superblock is not None:
+            return md_file_system(superblock)
+        if length < 256 << 10:
+            return None
+    if length is None or length >= BTRFS_SUPERBLOCK_OFFSETS[1] + BTRFS_SUPERBLOCK_SIZE:
+        found = probe_btrfs_copy(disk, offset)
+        if found is not None:
+            return found
     # ZFS: the first label's uberblock ring (128-256 KiB), magic in either byte order.
     ring = disk.read(offset + (128 << 10), 128 << 10)
     for slot in range(0, len(ring) - 8, 1024):

@@ -125,36 +125,43 @@ class _InputBudget:
         return data
 
 
+#: how the standard library's decoders report corrupt data, and nothing else: zlib.error,
+#: lzma.LZMAError (also for a header asking for more memory than the limit) and OSError, which is
+#: how bz2 reports it ("Invalid data stream"); only the decoder's own call is guarded, so an
+#: OSError of the file itself is not taken for corrupt data
+CORRUPT_DATA = (zlib.error, lzma.LZMAError, OSError)
+
+
 def _stream_prefix(make: Callable[[], Any], magic: bytes, source: _InputBudget) -> Prefix:
     """Decompress with a zlib/lzma/bz2 decompressor, following concatenated members/streams."""
     out = bytearray()
     decoder = make()
-    try:
-        while len(out) < PEEK_OUTPUT:
-            if decoder.eof:
-                rest = decoder.unused_data
-                if len(rest) < len(magic):
-                    rest += source.read(len(magic))
-                if not rest.startswith(magic):
-                    return Prefix(bytes(out), complete=True)  # the last member ended; padding ignored
-                decoder = make()
-                data = rest
-            elif hasattr(decoder, "unconsumed_tail"):  # zlib
-                data = decoder.unconsumed_tail or source.read()
-                if not data:
-                    break
-            elif decoder.needs_input:  # lzma, bz2
-                data = source.read()
-                if not data:
-                    break
-            else:
-                data = b""  # output is still buffered inside the decoder
+    while len(out) < PEEK_OUTPUT:
+        if decoder.eof:
+            rest = decoder.unused_data
+            if len(rest) < len(magic):
+                rest += source.read(len(magic))
+            if not rest.startswith(magic):
+                return Prefix(bytes(out), complete=True)  # the last member ended; padding ignored
+            decoder = make()
+            data = rest
+        elif hasattr(decoder, "unconsumed_tail"):  # zlib
+            data = decoder.unconsumed_tail or source.read()
+            if not data:
+                break
+        elif decoder.needs_input:  # lzma, bz2
+            data = source.read()
+            if not data:
+                break
+        else:
+            data = b""  # output is still buffered inside the decoder
+        try:
             produced = decoder.decompress(data, PEEK_OUTPUT - len(out))
-            if not produced and not data:
-                break  # no input and no progress: never spin
-            out += produced
-    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, MemoryError) as exc:
-        return Prefix(bytes(out), False, _error_text(exc))
+        except CORRUPT_DATA as exc:
+            return Prefix(bytes(out), False, _error_text(exc))
+        if not produced and not data:
+            break  # no input and no progress: never spin
+        out += produced
     return Prefix(bytes(out[:PEEK_OUTPUT]), complete=False)
 
 
@@ -174,13 +181,14 @@ def _zstd_prefix(source: _InputBudget) -> Prefix:
                         return Prefix(b"", False, "no data could be decoded (an empty or truncated stream)")
                     return Prefix(bytes(out), complete=not source.exhausted_budget)
                 out += data
-    except Exception as exc:  # zstandard.ZstdError, or anything else a hostile stream provokes
+    except zstandard.ZstdError as exc:  # how zstandard reports corrupt data (and a window over the limit)
         return Prefix(bytes(out), False, _error_text(exc))
     return Prefix(bytes(out), complete=False)
 
 
 def decompress_prefix(kind: str, read_at: ReadAt, start: int = 0, limit: int | None = None) -> Prefix:
-    """The first ``PEEK_OUTPUT`` bytes of a compressed stream at ``start`` (never raises)."""
+    """The first ``PEEK_OUTPUT`` bytes of a compressed stream at ``start``; corrupt data ends the
+    prefix with an ``error`` (only an error reading the file itself is raised)."""
     source = _InputBudget(read_at, start, limit)
     try:
         if kind == "gzip":
@@ -195,8 +203,6 @@ def decompress_prefix(kind: str, read_at: ReadAt, start: int = 0, limit: int | N
             return _zstd_prefix(source)
     except ImportError:
         return Prefix(b"", False, "the zstandard module is not installed")
-    except Exception as exc:  # a decoder's constructor refusing its parameters
-        return Prefix(b"", False, _error_text(exc))
     return Prefix(b"", False, f"no decoder for {kind}")
 
 

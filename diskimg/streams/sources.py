@@ -51,10 +51,8 @@ import collections
 import dataclasses
 import functools
 import lzma
-import os
 import shlex
 import struct
-import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -62,22 +60,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..formats.probing import Detection, OpenOptions
-from ..errors import ArchiveError, DiskImageError, UnsupportedFormat
+from ..errors import ArchiveError, UnsupportedFormat
 from ..formats import READERS
 from ..host.files import HostFile
+from ..units import READ_CHUNK, SECTOR_SIZE
 from ..formats.reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from .tar import Readable, TarMember, padding, read_member, skip_data
-from .compressed import (COMPRESSORS, INNER_HEAD, INNER_TAIL, PeekedMember, article, unwrap_command, unwrapped_name,
-                       wrapper_hint)
+from .compressed import (COMPRESSORS, CORRUPT_DATA, INNER_HEAD, INNER_TAIL, Identify, PeekedMember, article,
+                         unwrap_command, unwrapped_name, wrapper_hint)
 
-#: decompression works in chunks of this size; the cache holds the last few
-CHUNK = 1 << 20
+#: decompression works in pieces of READ_CHUNK bytes (compressed input is read so too); the cache holds
+#: the last few
 CACHE_CHUNKS = 8
-#: compressed input read at once
-INPUT_CHUNK = 1 << 20
 #: no member or disk larger than this is taken (a header claiming more is hostile or broken)
 MAX_MEMBER_SIZE = 64 << 40
-SECTOR = 512
 #: formats a wrapper may hold for sources to read it
 WRAPPED_FORMATS = ("raw",)
 _XZ_MEMLIMIT = 1 << 30  # xz -9 needs 674 MiB; a header asking for more is refused
@@ -117,12 +113,12 @@ class ForwardStream:
             import zstandard
 
             decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-            self._zstd = decompressor.stream_reader(_HostReader(self), read_size=INPUT_CHUNK,  # type: ignore[arg-type]
+            self._zstd = decompressor.stream_reader(_HostReader(self), read_size=READ_CHUNK,  # type: ignore[arg-type]
                                                     read_across_frames=True, closefd=False)
 
     # -- the compressed input
 
-    def _take_input(self, size: int = INPUT_CHUNK) -> bytes:
+    def _take_input(self, size: int = READ_CHUNK) -> bytes:
         data = self.host.pread(size, self._input_position)
         self._input_position += len(data)
         if self.digest is not None and data:
@@ -139,7 +135,7 @@ class ForwardStream:
     def read(self, size: int) -> bytes:
         """``size`` bytes, fewer only at the end of the stream."""
         while len(self._pending) < size and not self._ended:
-            self._produce(max(size - len(self._pending), CHUNK))
+            self._produce(max(size - len(self._pending), READ_CHUNK))
         data = bytes(self._pending[:size])
         del self._pending[:size]
         self.position += len(data)
@@ -154,7 +150,7 @@ class ForwardStream:
             return skipped
         skipped = 0
         while skipped < length:
-            data = self.read(min(CHUNK, length - skipped))
+            data = self.read(min(READ_CHUNK, length - skipped))
             if not data:
                 break
             skipped += len(data)
@@ -166,7 +162,7 @@ class ForwardStream:
         skipped = 0
         tail = b""
         while skipped <= limit:
-            data = self.read(CHUNK)
+            data = self.read(READ_CHUNK)
             if not data:
                 break
             skipped += len(data)
@@ -174,22 +170,25 @@ class ForwardStream:
         return skipped, tail
 
     def _produce(self, wanted: int) -> None:
-        try:
-            if self.kind is None:
-                data = self._take_input(wanted)
-            elif self._zstd is not None:
+        if self.kind is None:
+            data = self._take_input(wanted)
+        elif self._zstd is not None:
+            import zstandard
+
+            try:
                 data = self._zstd.read(wanted)
-            else:
-                data = self._decode(wanted)
-        except DiskImageError:
-            raise
-        except Exception as exc:  # zlib.error, LZMAError, OSError, EOFError, zstandard.ZstdError...
-            raise ArchiveError(f"corrupt {self.kind} stream (near compressed offset {self._input_position}): "
-                               f"{str(exc)[:200] or type(exc).__name__}", path=self.host.name) from None
+            except zstandard.ZstdError as exc:  # how zstandard reports corrupt data
+                raise self._corrupt(exc) from None
+        else:
+            data = self._decode(wanted)
         if data:
             self._pending += data
         else:
             self._ended = True
+
+    def _corrupt(self, exc: Exception) -> ArchiveError:
+        return ArchiveError(f"corrupt {self.kind} stream (near compressed offset {self._input_position}): "
+                            f"{str(exc)[:200] or type(exc).__name__}", path=self.host.name)
 
     def _decode(self, wanted: int) -> bytes:
         """Up to ``wanted`` bytes from a zlib/lzma/bz2 decoder, across concatenated members."""
@@ -207,7 +206,10 @@ class ForwardStream:
             else:
                 tail = getattr(self._decoder, "unconsumed_tail", b"")  # zlib: input it had no room to decode
                 data = tail or (self._take_input() if getattr(self._decoder, "needs_input", True) else b"")
-            produced = self._decoder.decompress(data, wanted)
+            try:
+                produced = self._decoder.decompress(data, wanted)
+            except CORRUPT_DATA as exc:  # the decoders' own reports of corrupt data (bz2's is an OSError)
+                raise self._corrupt(exc) from None
             if produced:
                 return produced
             if not data and not self._decoder.eof:
@@ -251,8 +253,8 @@ class _HostReader:
     def __init__(self, stream: ForwardStream) -> None:
         self.stream = stream
 
-    def read(self, size: int = INPUT_CHUNK) -> bytes:
-        return self.stream._take_input(size if size and size > 0 else INPUT_CHUNK)
+    def read(self, size: int = READ_CHUNK) -> bytes:
+        return self.stream._take_input(size if size and size > 0 else READ_CHUNK)
 
 
 # --- sizes from metadata ------------------------------------------------------------------------------
@@ -441,13 +443,13 @@ def zstd_layout(host: HostFile) -> tuple[int | None, LastUnits | None]:
 def last_units_tail(host: HostFile, kind: str, units: LastUnits, keep: int) -> bytes:
     """The last ``keep`` bytes of a compressed file, decoded from its last xz blocks or zstd frames
     alone (the caller makes sure they decompress to ``keep`` bytes or more)."""
+    import zstandard
+
     tail = b""
     try:
         for data in _decode_units(host, kind, units):
             tail = (tail + data[-keep:])[-keep:]
-    except DiskImageError:
-        raise
-    except Exception as exc:  # LZMAError, zstandard.ZstdError, EOFError
+    except (lzma.LZMAError, zstandard.ZstdError) as exc:  # how the two decoders report corrupt data
         raise ArchiveError(f"corrupt {kind} stream (its last {_unit_noun(kind)}s, from offset "
                            f"{units.offset}): {str(exc)[:200] or type(exc).__name__}", path=host.name) from None
     return tail
@@ -460,17 +462,20 @@ def _decode_units(host: HostFile, kind: str, units: LastUnits) -> Iterator[bytes
 
         decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
         pieces = _Pieces(_file_range(host, units.offset, units.length))
-        frames = decompressor.stream_reader(pieces, read_size=INPUT_CHUNK,  # type: ignore[arg-type]
+        frames = decompressor.stream_reader(pieces, read_size=READ_CHUNK,  # type: ignore[arg-type]
                                            read_across_frames=True, closefd=False)
-        while data := frames.read(CHUNK):
+        while data := frames.read(READ_CHUNK):
             yield data
         return
     decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
     for piece in _xz_blocks_alone(units, _file_range(host, units.offset, units.length)):
-        data = decoder.decompress(piece, CHUNK)
+        if decoder.eof:  # an index and footer forged inside the blocks ended the stream early
+            raise ArchiveError(f"corrupt xz stream: its last blocks, from offset {units.offset}, end before their "
+                               "recorded length", path=host.name)
+        data = decoder.decompress(piece, READ_CHUNK)
         while data:
             yield data
-            data = decoder.decompress(b"", CHUNK) if not decoder.needs_input and not decoder.eof else b""
+            data = decoder.decompress(b"", READ_CHUNK) if not decoder.needs_input and not decoder.eof else b""
     if not decoder.eof:
         raise ArchiveError(f"truncated xz block after offset {units.offset}", path=host.name)
 
@@ -479,7 +484,7 @@ def _file_range(host: HostFile, offset: int, length: int) -> Iterator[bytes]:
     """``length`` bytes of the file from ``offset``, a chunk at a time (short at its end)."""
     end = offset + length
     while offset < end:
-        data = host.pread(min(INPUT_CHUNK, end - offset), offset)
+        data = host.pread(min(READ_CHUNK, end - offset), offset)
         if not data:
             return
         yield data
@@ -493,7 +498,7 @@ class _Pieces:
         self.pieces = pieces
         self.pending = b""
 
-    def read(self, size: int = INPUT_CHUNK) -> bytes:
+    def read(self, size: int = READ_CHUNK) -> bytes:
         if not self.pending:
             self.pending = next(self.pieces, b"")
         data, self.pending = self.pending[:size], self.pending[size:]
@@ -510,7 +515,7 @@ class _BufferedAt:
 
     def read(self, offset: int, length: int) -> bytes:
         if not (self.start <= offset and offset + length <= self.start + len(self.data)):
-            self.start, self.data = offset, self.host.pread(max(length, INPUT_CHUNK), offset)
+            self.start, self.data = offset, self.host.pread(max(length, READ_CHUNK), offset)
         return self.data[offset - self.start : offset - self.start + length]
 
 
@@ -543,7 +548,7 @@ class StreamDiskReader(DiskReader):
     def __init__(self, host: HostFile, stream: ForwardStream, size: int, segments: list[Segment],
                  facts: dict[str, Any], base: int = 0, first_chunk: bytes | None = None,
                  disk: ImageInfo | None = None) -> None:
-        super().__init__(host, disk.virtual_size if disk else -(-size // SECTOR) * SECTOR)
+        super().__init__(host, disk.virtual_size if disk else -(-size // SECTOR_SIZE) * SECTOR_SIZE)
         #: the exact byte count of what the wrapper holds (the virtual size is rounded up to sectors)
         self.content_size = size
         #: the facts of a disk format other than RAW read from the stream (a fixed VHD: its data,
@@ -629,8 +634,8 @@ class StreamDiskReader(DiskReader):
         position = offset
         end = offset + length
         while position < end:
-            index = position // CHUNK
-            piece = self._chunk(index)[position - index * CHUNK : end - index * CHUNK]
+            index = position // READ_CHUNK
+            piece = self._chunk(index)[position - index * READ_CHUNK : end - index * READ_CHUNK]
             if not piece:
                 break
             parts.append(piece)
@@ -642,11 +647,11 @@ class StreamDiskReader(DiskReader):
         if cached is not None:
             self._cache.move_to_end(index)
             return cached
-        target = self.base + index * CHUNK
+        target = self.base + index * READ_CHUNK
         if target < self.stream.position:
             self.stream.rewind()
         self.stream.skip(target - self.stream.position)
-        data = self.stream.read(CHUNK)
+        data = self.stream.read(READ_CHUNK)
         self._cache[index] = data
         if len(self._cache) > CACHE_CHUNKS:
             self._cache.popitem(last=False)
@@ -677,9 +682,12 @@ def opens_through_wrapper(detection: Detection) -> bool:
     return detection.format in COMPRESSORS or detection.format == "tar"
 
 
-def open_wrapped(source: Any, detection: Detection, digest: Callable[[], Any] | None = None,
+def open_wrapped(source: Any, detection: Detection, identify: Identify, digest: Callable[[], Any] | None = None,
                  as_bytes: bool = False, see_tail: bool = False) -> DiskReader:
     """A reader of the disk inside a compressed file or a tar archive (see the module docstring).
+
+    ``identify`` names what the wrapper holds, by the same probes as a bare file (the detector's
+    ``identify_inner``, given by the caller: detection lies above this layer).
 
     ``digest`` (e.g. ``hashlib.sha256``) makes every read sequential and hashes the archive file
     in the same pass: ``stream.digest`` after ``finish_archive``. ``as_bytes`` reads what the
@@ -692,10 +700,10 @@ def open_wrapped(source: Any, detection: Detection, digest: Callable[[], Any] | 
     host = HostFile(source)
     try:
         if detection.format == "tar":
-            return _open_tar(host, None, digest, as_bytes)
+            return _open_tar(host, None, identify, digest, as_bytes)
         if detection.inner_format == "tar":
-            return _open_tar(host, detection.format, digest, as_bytes, see_tail)
-        return _open_compressed(host, detection.format, digest, as_bytes, see_tail)
+            return _open_tar(host, detection.format, identify, digest, as_bytes, see_tail)
+        return _open_compressed(host, detection.format, identify, digest, as_bytes, see_tail)
     except ArchiveError as exc:
         host.close()
         exc.path = exc.path or host.name
@@ -720,17 +728,17 @@ _ACCESS = ("sequential: reads in increasing order cost one decompression pass; "
            "reading backwards restarts decompression from the start")
 
 
-def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None, as_bytes: bool,
-                     see_tail: bool) -> DiskReader:
+def _open_compressed(host: HostFile, kind: str, identify: Identify, digest: Callable[[], Any] | None,
+                     as_bytes: bool, see_tail: bool) -> DiskReader:
     stream = ForwardStream(host, kind, digest)
-    first = stream.read(CHUNK)
+    first = stream.read(READ_CHUNK)
     head = first[:INNER_HEAD]
     if not as_bytes:  # a format known by its head (qcow2, a dynamic VHD...) is refused before any pass
-        _require_raw(_identify(head, b"", None, None), host.name, kind, None)
+        _require_raw(_identify(identify, head, b"", None, None), host.name, kind, None)
     size, size_from, tail, tail_from = _size_and_tail(host, kind, stream, first, see_tail)
     _check_size(size, host.name)
     name = unwrapped_name(kind, host.name)[0]
-    inner = _identify(head, tail or b"", size if tail is not None else None, name)
+    inner = _identify(identify, head, tail or b"", size if tail is not None else None, name)
     facts = {"wrapper": kind, "compression": kind, "member": None, "inner_format": inner.format,
              "inner_description": inner.description, "virtual_size_from": size_from, "tail_from": tail_from,
              "access": _ACCESS}
@@ -738,7 +746,7 @@ def _open_compressed(host: HostFile, kind: str, digest: Callable[[], Any] | None
     disk = None if as_bytes else _wrapped_disk(inner, head, tail or b"", size, host.name, kind, None)
     reader = StreamDiskReader(host, stream, size, _clip(segments, disk), facts, 0, first, disk)
     if tail is None:
-        _check_tail_when_read(reader, head, host.name, kind, None, as_bytes)
+        _check_tail_when_read(reader, identify, head, host.name, kind, None, as_bytes)
     return reader
 
 
@@ -759,7 +767,7 @@ def _size_and_tail(host: HostFile, kind: str, stream: ForwardStream, first: byte
     elif kind == "zstd":
         size, units = zstd_layout(host)
         size_from = "the zstd frame headers"
-    if len(first) < CHUNK:
+    if len(first) < READ_CHUNK:
         counted, tail, tail_from = len(first), first[-INNER_TAIL:], "the first read, which reached its end"
     elif size is not None and units is not None and not units.whole_file and units.content >= INNER_TAIL:
         tail = last_units_tail(host, kind, units, INNER_TAIL)
@@ -786,14 +794,14 @@ def _unit_noun(kind: str) -> str:
     return "block" if kind == "xz" else "frame"
 
 
-def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None, as_bytes: bool,
-              see_tail: bool = False) -> DiskReader:
+def _open_tar(host: HostFile, kind: str | None, identify: Identify, digest: Callable[[], Any] | None,
+              as_bytes: bool, see_tail: bool = False) -> DiskReader:
     stream = ForwardStream(host, kind, digest)
     member = next_disk_member(stream)
     if member is None:
         raise ArchiveError("holds no disk: the archive has no regular file")
     base = stream.position
-    first = stream.read(CHUNK)  # a whole chunk of the cache (past the member's data if it is small)
+    first = stream.read(READ_CHUNK)  # a whole chunk of the cache (past the member's data if it is small)
     segments = member_segments(member)
     head = _head(first, segments, member.size)
     tail_start = max(0, member.size - INNER_TAIL)
@@ -806,7 +814,7 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
         tail_from = "one decompression pass at open, to the member's end"
     else:
         tail_from = f"{_UNSEEN_TAIL} (a compressed tar is read forward)"
-    inner = _identify(head, tail or b"", member.size if tail is not None else None, member.name)
+    inner = _identify(identify, head, tail or b"", member.size if tail is not None else None, member.name)
     facts = {"wrapper": "tar", "compression": kind, "member": member.name,
              "tar_format": member.header_format, "sparse": member.sparse_map is not None,
              "inner_format": inner.format, "inner_description": inner.description,
@@ -826,15 +834,15 @@ def _open_tar(host: HostFile, kind: str | None, digest: Callable[[], Any] | None
         disk = _wrapped_disk(inner, head, tail or b"", member.size, host.name, kind or "tar", member.name)
         reader = StreamDiskReader(host, stream, member.size, _clip(segments, disk), facts, base, first, disk)
     if tail is None:
-        _check_tail_when_read(reader, head, host.name, kind or "tar", member.name, as_bytes)
+        _check_tail_when_read(reader, identify, head, host.name, kind or "tar", member.name, as_bytes)
     return reader
 
 
-def _check_tail_when_read(reader: StreamDiskReader, head: bytes, path: str, kind: str, member: str | None,
-                          as_bytes: bool) -> None:
+def _check_tail_when_read(reader: StreamDiskReader, identify: Identify, head: bytes, path: str, kind: str,
+                          member: str | None, as_bytes: bool) -> None:
     """For a disk whose end was not seen at open: its check, made when the end is read (always
     when the bytes are read as a disk; when ``guard_tail`` asks, for bytes read as they are)."""
-    reader.tail_check = functools.partial(_refuse_at_end, head, reader.content_size, path, kind, member)
+    reader.tail_check = functools.partial(_refuse_at_end, identify, head, reader.content_size, path, kind, member)
     if not as_bytes:
         reader.guard_tail()
 
@@ -864,10 +872,11 @@ class _ForwardAt:
         return held + self.stream.read(length)
 
 
-def _refuse_at_end(head: bytes, size: int, path: str, kind: str, member: str | None, tail: bytes) -> None:
+def _refuse_at_end(identify: Identify, head: bytes, size: int, path: str, kind: str, member: str | None,
+                   tail: bytes) -> None:
     """Refuse a wrapped disk whose end, seen only once read, shows a format other than RAW (a fixed
     VHD's footer, a DMG trailer): its bytes must not pass as a RAW disk."""
-    inner = _identify(head, tail, size, member)
+    inner = _identify(identify, head, tail, size, member)
     if inner.format in WRAPPED_FORMATS:
         return
     what = f"{kind}-compressed tar archive, and its member {member} is" if member else \
@@ -974,7 +983,7 @@ class _StreamFrom:
         return data
 
     def to_end(self) -> None:
-        while self.read(CHUNK):
+        while self.read(READ_CHUNK):
             pass
 
 
@@ -1020,24 +1029,6 @@ class MemberFile(_UnopenedFile):
         self._archive.close()
 
 
-def spooled(reader: DiskReader, directory: str | None = None) -> DiskReader:
-    """The disk of a forward-only reader copied in one pass into a temporary sparse RAW file, and
-    read at random from there: for callers that read all over the disk (``validate``), where each
-    read backwards would otherwise cost a decompression pass. The copy takes the disk's allocated
-    bytes of temporary space; its name is removed at once, so it disappears with the reader."""
-    from ..conversion.pipeline import convert  # convert -> image -> sources: imported when used
-
-    with tempfile.TemporaryDirectory(prefix="diskimg-", dir=directory) as scratch:
-        path = os.path.join(scratch, "disk.raw")
-        convert(reader, path, "raw")
-        host = HostFile(path)
-    try:
-        return READERS["raw"].open(host, None, OpenOptions())
-    except BaseException:
-        host.close()
-        raise
-
-
 def _wrapped_disk(inner: Detection, head: bytes, tail: bytes, size: int, path: str, kind: str,
                   member: str | None) -> ImageInfo | None:
     """How the wrapped bytes are read as a disk: None for a RAW disk; a fixed VHD's facts (its
@@ -1080,12 +1071,10 @@ class _EdgesFile(_UnopenedFile):
         pass
 
 
-def _identify(head: bytes, tail: bytes, size: int | None, name: str | None) -> Detection:
-    """What a wrapper holds, by the same probes as a bare file: from its head, and from its tail
-    (a VHD footer, a DMG trailer) when ``size`` is known."""
-    from ..detection.probe import identify_inner  # the identification callback probe.py gives wrappers.py
-
-    return identify_inner(head, tail, size, 1, name)
+def _identify(identify: Identify, head: bytes, tail: bytes, size: int | None, name: str | None) -> Detection:
+    """What a wrapper holds, by the same probes as a bare file (one level in): from its head, and
+    from its tail (a VHD footer, a DMG trailer) when ``size`` is known."""
+    return identify(head, tail, size, 1, name)
 
 
 def _require_raw(inner: Detection, path: str, kind: str, member: str | None) -> None:

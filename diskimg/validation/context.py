@@ -24,7 +24,8 @@ from ..host.files import HostFile
 from ..detection.image import image_info, open_image
 from ..inspection.partitions import Partition, PartitionTable, read_partition_table
 from ..formats.reader import DiskReader, ExtentKind, ImageInfo
-from ..streams.sources import opens_through_wrapper, spooled
+from ..conversion.spool import spooled
+from ..streams.sources import opens_through_wrapper
 from .report import Finding
 from .rules import RULES_BY_CODE, SYSTEM, GiB, Profile
 

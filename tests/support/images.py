@@ -10,7 +10,7 @@ from pathlib import Path
 
 from diskimg.formats.qcow2 import Qcow2Header
 from diskimg.formats.reader import Extent, ExtentKind
-from diskimg.formats.vhd import VhdFooter, parse_footer
+from diskimg.formats.vhd.structures import VhdFooter, parse_footer
 
 from .files import read_at, read_u64, write_at
 from .tools import qemu_img, qemu_io

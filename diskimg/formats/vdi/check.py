@@ -3,9 +3,8 @@ and the header's allocated count against the map (as ``qemu-img check`` counts i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ...host.files import HostFile
+from ..check_result import CheckResult
 from .structures import (
     HEADER_READ_SIZE,
     OFFSET_BLOCKS_ALLOCATED,
@@ -15,9 +14,6 @@ from .structures import (
     parse_block_map,
     parse_header,
 )
-
-if TYPE_CHECKING:
-    from ...detection.check import CheckResult
 
 #: how a broken rule counts in a check result
 _KINDS = {"corrupt": "corruption", "truncated": "truncated", "unsupported": "error"}

@@ -7,12 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import CorruptImage
+from ..check_result import CheckResult
 from . import structures as s
 from .reader import VhdxLayout
 
 
-def check_vhdx(host: Any, result: Any) -> None:
-    """Fill ``result`` (a consistency.CheckResult) for the VHDX file ``host``."""
+def check_vhdx(host: Any, result: CheckResult) -> None:
+    """Fill ``result`` for the VHDX file ``host``."""
     size = host.size
     if size < s.HEADER_AREA:
         result.add("truncated", f"a file of {size} bytes cannot hold the VHDX header area", 0, "header")

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from ...errors import OutputError, UsageError
 from ..reader import Extent, ExtentKind
 from ...units import parse_size
+from ...version import __version__
 from ..writer import DiskWriter, OutputTarget, option_flag
 from . import structures as s
 
@@ -88,8 +89,6 @@ class VhdxLayoutPlan:
 
     def header_area(self) -> bytes:
         """The first MiB: identifier, both headers, both region tables."""
-        from ... import __version__
-
         area = bytearray(s.HEADER_AREA)
         area[: 520] = s.pack_file_identifier(f"diskimg {__version__}")
         file_write, data_write = uuid.uuid4(), uuid.uuid4()

@@ -19,6 +19,7 @@ DRIVERS = {
     "fat16": "fat:FatFileSystem",
     "fat32": "fat:FatFileSystem",
     "ntfs": "ntfs:NtfsFileSystem",
+    "btrfs": "btrfs:BtrfsFileSystem",
 }
 
 

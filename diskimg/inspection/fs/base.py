@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ...errors import CorruptImage, DiskImageError
+from ...units import READ_CHUNK
 from ..signatures import Disk
 
 #: symbolic links followed in one lookup before giving up (Linux's limit)
@@ -37,8 +38,6 @@ MAX_SYMLINKS = 40
 DEFAULT_MAX_FILE = 512 << 20
 #: entries a directory may yield before it is taken as corrupt
 MAX_DIRECTORY_ENTRIES = 1 << 20
-#: bytes per piece when a file is streamed
-CHUNK = 1 << 20
 
 
 def read_volume(disk: Disk, volume_offset: int, volume_length: int, position: int, length: int,
@@ -215,7 +214,7 @@ class GuestFileSystem(ABC, Generic[Node]):
             raise GuestPathError(f"{path}: not a symbolic link")
         return self._readlink(node)
 
-    def iter_file(self, path: str, chunk: int = CHUNK) -> Iterator[bytes]:
+    def iter_file(self, path: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
         """A regular file's data in pieces of at most ``chunk`` bytes (for large files)."""
         node = self.resolve(path)
         info = self._stat(node)

@@ -32,22 +32,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ...errors import CorruptImage, UnsupportedFormat
-from ..signatures import Disk, probe_ext
-from .base import CHUNK, MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, Stat
+from ...units import READ_CHUNK
+from ..signatures import Disk
+from ..superblocks import (
+    EXT_COMPAT_SPARSE_SUPER2,
+    EXT_INCOMPAT_COMPRESSION,
+    EXT_INCOMPAT_DIRDATA,
+    EXT_INCOMPAT_FILETYPE,
+    EXT_INCOMPAT_JOURNAL_DEV,
+    EXT_INCOMPAT_LARGEDIR,
+    EXT_INCOMPAT_META_BG,
+    EXT_RO_COMPAT_SPARSE_SUPER,
+    EXT_SUPERBLOCK_OFFSET,
+    EXT_SUPERBLOCK_SIZE,
+    ExtSuperblock,
+    parse_ext_superblock,
+)
+from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, Stat
 
-SUPERBLOCK_OFFSET = 1024
-SUPERBLOCK_SIZE = 1024
 ROOT_INODE = 2
-
-COMPAT_SPARSE_SUPER2 = 0x200
-INCOMPAT_COMPRESSION = 0x1
-INCOMPAT_FILETYPE = 0x2
-INCOMPAT_JOURNAL_DEV = 0x8
-INCOMPAT_META_BG = 0x10
-INCOMPAT_64BIT = 0x80
-INCOMPAT_DIRDATA = 0x1000
-INCOMPAT_LARGEDIR = 0x4000
-RO_COMPAT_SPARSE_SUPER = 0x1
 
 # i_flags
 FLAG_EXTENTS = 0x80000
@@ -89,62 +92,24 @@ def _corrupt(message: str, offset: int | None, structure: str) -> CorruptImage:
     return CorruptImage(message, offset=offset, structure=structure)
 
 
-@dataclass(frozen=True)
-class Superblock:
-    """The superblock fields the reader needs."""
-
-    block_size: int
-    blocks_count: int
-    first_data_block: int
-    blocks_per_group: int
-    inodes_count: int
-    inodes_per_group: int
-    inode_size: int
-    desc_size: int
-    first_meta_bg: int
-    feature_compat: int
-    feature_incompat: int
-    feature_ro_compat: int
-    backup_bgs: tuple[int, int]
-
-    @property
-    def group_count(self) -> int:
-        return -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
-
-
-def parse_superblock(sb: bytes, where: int = SUPERBLOCK_OFFSET) -> Superblock:
-    """The superblock (1024 bytes from byte 1024, ``where`` on the disk), its values checked against
-    each other."""
-    (inodes_count, blocks_lo, _, _, _, first_data_block, log_block, _, blocks_per_group, _,
-     inodes_per_group) = struct.unpack_from("<11I", sb, 0)
-    rev_level = int.from_bytes(sb[0x4C:0x50], "little")
-    compat, incompat, ro_compat = struct.unpack_from("<3I", sb, 0x5C)
-    inode_size = int.from_bytes(sb[0x58:0x5A], "little") if rev_level else 128
-    desc_size = int.from_bytes(sb[0xFE:0x100], "little") if incompat & INCOMPAT_64BIT else 32
-    blocks_count = blocks_lo
-    if incompat & INCOMPAT_64BIT:
-        blocks_count |= int.from_bytes(sb[0x150:0x154], "little") << 32
-    if log_block > 6:
-        raise _corrupt(f"block size 2^{10 + log_block} out of range", where, "ext superblock")
-    block_size = 1024 << log_block
+def check_superblock(sb: ExtSuperblock, where: int = EXT_SUPERBLOCK_OFFSET) -> int:
+    """The block size of the superblock (found at ``where`` on the disk), its values checked against
+    each other: CorruptImage where they do not add up."""
+    block_size = sb.block_size
+    if block_size is None:
+        raise _corrupt(f"block size 2^{10 + sb.log_block_size} out of range", where, "ext superblock")
+    inode_size, desc_size = sb.inode_size, sb.desc_size
     if inode_size < 128 or inode_size > block_size or inode_size & (inode_size - 1):
         raise _corrupt(f"inode size {inode_size} invalid", where, "ext superblock")
     if desc_size < 32 or desc_size > 1024 or desc_size & (desc_size - 1):
         raise _corrupt(f"group descriptor size {desc_size} invalid", where, "ext superblock")
-    if not blocks_per_group or not inodes_per_group or inodes_per_group > block_size * 8:
+    if not sb.blocks_per_group or not sb.inodes_per_group or sb.inodes_per_group > block_size * 8:
         raise _corrupt("blocks or inodes per group invalid", where, "ext superblock")
-    if first_data_block >= blocks_count or first_data_block > 1:
-        raise _corrupt(f"first data block {first_data_block} invalid", where, "ext superblock")
-    result = Superblock(
-        block_size=block_size, blocks_count=blocks_count, first_data_block=first_data_block,
-        blocks_per_group=blocks_per_group, inodes_count=inodes_count, inodes_per_group=inodes_per_group,
-        inode_size=inode_size, desc_size=desc_size, first_meta_bg=int.from_bytes(sb[0x104:0x108], "little"),
-        feature_compat=compat, feature_incompat=incompat, feature_ro_compat=ro_compat,
-        backup_bgs=struct.unpack_from("<2I", sb, 0x24C),
-    )
-    if inodes_count > result.group_count * inodes_per_group or inodes_count < ROOT_INODE:
-        raise _corrupt(f"inode count {inodes_count} does not fit the groups", where, "ext superblock")
-    return result
+    if sb.first_data_block >= sb.blocks_count or sb.first_data_block > 1:
+        raise _corrupt(f"first data block {sb.first_data_block} invalid", where, "ext superblock")
+    if sb.inodes_count > sb.group_count * sb.inodes_per_group or sb.inodes_count < ROOT_INODE:
+        raise _corrupt(f"inode count {sb.inodes_count} does not fit the groups", where, "ext superblock")
+    return block_size
 
 
 @dataclass(frozen=True)
@@ -271,14 +236,14 @@ def parse_dirents(block: bytes, filetype: bool, where: int) -> Iterator[tuple[in
         position += rec_len
 
 
-def _has_superblock_backup(sb: Superblock, group: int) -> bool:
+def _has_superblock_backup(sb: ExtSuperblock, group: int) -> bool:
     """Whether ``group`` starts with a superblock copy: every group, or with sparse_super groups 0, 1
     and the powers of 3, 5 and 7, or with sparse_super2 the two groups the superblock names."""
     if group == 0:
         return True
-    if sb.feature_compat & COMPAT_SPARSE_SUPER2:
+    if sb.feature_compat & EXT_COMPAT_SPARSE_SUPER2:
         return group in sb.backup_bgs
-    if group == 1 or not sb.feature_ro_compat & RO_COMPAT_SPARSE_SUPER:
+    if group == 1 or not sb.feature_ro_compat & EXT_RO_COMPAT_SPARSE_SUPER:
         return True
     if not group & 1:
         return False
@@ -299,24 +264,25 @@ class ExtFileSystem(GuestFileSystem[int]):
     def __init__(self, disk: Disk, offset: int, length: int) -> None:
         self._disk = disk
         self._offset = offset
-        head = disk.read(offset, SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE)
-        found = probe_ext(head)
-        if found is None or len(head) < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
-            raise _corrupt("no ext superblock", offset + SUPERBLOCK_OFFSET, "ext superblock")
-        sb = parse_superblock(head[SUPERBLOCK_OFFSET:], offset + SUPERBLOCK_OFFSET)
-        unsupported = sb.feature_incompat & (INCOMPAT_COMPRESSION | INCOMPAT_JOURNAL_DEV | INCOMPAT_DIRDATA)
+        where = offset + EXT_SUPERBLOCK_OFFSET
+        raw = disk.read(where, EXT_SUPERBLOCK_SIZE)
+        sb = parse_ext_superblock(raw)
+        if sb is None or len(raw) < EXT_SUPERBLOCK_SIZE:
+            raise _corrupt("no ext superblock", where, "ext superblock")
+        block_size = check_superblock(sb, where)
+        unsupported = sb.feature_incompat & (EXT_INCOMPAT_COMPRESSION | EXT_INCOMPAT_JOURNAL_DEV | EXT_INCOMPAT_DIRDATA)
         if unsupported:
             raise UnsupportedFormat(f"ext incompatible features 0x{unsupported:x} are not read", format="ext")
-        if sb.blocks_count * sb.block_size > length:
+        if sb.blocks_count * block_size > length:
             raise _corrupt(f"file system of {sb.blocks_count} blocks larger than its {length}-byte volume",
-                           offset + SUPERBLOCK_OFFSET, "ext superblock")
-        self.type = found.type
+                           where, "ext superblock")
+        self.type = sb.kind
         self.sb = sb
-        self._block_size = sb.block_size
-        self._filetype = bool(sb.feature_incompat & INCOMPAT_FILETYPE)
-        self._large_dir = bool(sb.feature_incompat & INCOMPAT_LARGEDIR)
+        self._block_size = block_size
+        self._filetype = bool(sb.feature_incompat & EXT_INCOMPAT_FILETYPE)
+        self._large_dir = bool(sb.feature_incompat & EXT_INCOMPAT_LARGEDIR)
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
-        self._blocks_limit = max(16, CACHE_BYTES // sb.block_size)
+        self._blocks_limit = max(16, CACHE_BYTES // block_size)
         self._inodes: OrderedDict[int, Inode] = OrderedDict()
         self._names: OrderedDict[int, dict[str, int]] = OrderedDict()
         self._names_count = 0
@@ -355,14 +321,14 @@ class ExtFileSystem(GuestFileSystem[int]):
         sb = self.sb
         per_block = self._block_size // sb.desc_size
         table_block, slot = divmod(group, per_block)
-        if sb.feature_incompat & INCOMPAT_META_BG and table_block >= sb.first_meta_bg:
+        if sb.feature_incompat & EXT_INCOMPAT_META_BG and table_block >= sb.first_meta_bg:
             first_group = table_block * per_block
             block = sb.first_data_block + first_group * sb.blocks_per_group
             block += _has_superblock_backup(sb, first_group)
             if self._block_size == 1024 and table_block == 0 and sb.first_data_block == 0:
                 block += 1
         else:
-            block = SUPERBLOCK_OFFSET // self._block_size + 1 + table_block
+            block = EXT_SUPERBLOCK_OFFSET // self._block_size + 1 + table_block
         descriptor = self._metadata_block(block, "ext group descriptor")[slot * sb.desc_size :][: sb.desc_size]
         table = int.from_bytes(descriptor[8:12], "little")
         if sb.desc_size >= 64:
@@ -495,7 +461,7 @@ class ExtFileSystem(GuestFileSystem[int]):
 
     def _data(self, node: int, inode: Inode, offset: int, length: int) -> bytes:
         """``length`` bytes of the inode's data from ``offset`` (holes and uninitialized extents as zeros)."""
-        length = max(0, min(length, CHUNK, inode.size - offset))
+        length = max(0, min(length, READ_CHUNK, inode.size - offset))
         if not length:
             return b""
         if inode.flags & FLAG_INLINE_DATA:
@@ -556,8 +522,8 @@ class ExtFileSystem(GuestFileSystem[int]):
             return
         bs = self._block_size
         blocks = -(-inode.size // bs)
-        for logical in range(0, blocks, CHUNK // bs):
-            for _, count, physical in self._runs(inode, logical, min(blocks, logical + CHUNK // bs)):
+        for logical in range(0, blocks, READ_CHUNK // bs):
+            for _, count, physical in self._runs(inode, logical, min(blocks, logical + READ_CHUNK // bs)):
                 if physical is None:
                     continue
                 data = self._read_blocks(physical, count, "ext directory")

@@ -4,7 +4,7 @@ On-disk layout (Microsoft's FAT specification, "FAT: General Overview of On-Disk
 
 - the boot sector's BIOS parameter block gives the regions, in order: reserved sectors, ``num_fats``
   copies of the FAT, the fixed root directory (FAT12/16 only), then the data area of clusters
-  numbered from 2 (``filesystems.parse_fat_bpb`` reads it);
+  numbered from 2 (``superblocks.parse_fat_bpb`` reads it);
 - the FAT holds one entry per cluster (12, 16 or 28 bits): the next cluster of a chain, an
   end-of-chain mark (>= 0xFF8 / 0xFFF8 / 0x0FFFFFF8), 0 for free, 0xFF7... for a bad cluster;
 - a directory is an array of 32-byte entries: the short 8.3 name (11 bytes), attributes, NT case
@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 from functools import lru_cache
 
 from ...errors import CorruptImage, DiskImageError
-from ..signatures import Disk, parse_fat_bpb
+from ..signatures import Disk
+from ..superblocks import FAT32_ACTIVE_FAT, FAT32_MIRRORING_OFF, FatBpb, field_offset, parse_fat_bpb
 from .base import DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
 
 #: the FAT specification's limit: 65536 entries of 32 bytes
@@ -216,16 +217,17 @@ class FatFileSystem(GuestFileSystem["FatNode"]):
         self.bpb = bpb
         self.type = bpb.fat_type
         self.cluster_size = bpb.cluster_size
+        self._data_offset = bpb.data_offset
         if bpb.data_offset >= length:
             raise CorruptImage("FAT layout does not fit its partition", offset=offset, structure="FAT boot sector")
         fat_bytes = bpb.fat_sectors * bpb.bytes_per_sector
         # FAT32 may keep one FAT active and the others unmirrored (extended flags, bit 7)
         active = 0
-        if bpb.fat_type == "fat32" and boot[40] & 0x80:
-            active = boot[40] & 0x0F
+        if bpb.ext_flags & FAT32_MIRRORING_OFF:
+            active = bpb.ext_flags & FAT32_ACTIVE_FAT
             if active >= bpb.num_fats:
-                raise CorruptImage(f"active FAT {active} of {bpb.num_fats}", offset=offset + 40,
-                                   structure="FAT boot sector")
+                raise CorruptImage(f"active FAT {active} of {bpb.num_fats}",
+                                   offset=offset + field_offset(FatBpb, "ext_flags_32"), structure="FAT boot sector")
         self._fat_start = bpb.fat_offset + active * fat_bytes
         self._fat_end = self._fat_start + fat_bytes
         entry_bits = {"fat12": 12, "fat16": 16, "fat32": 32}[bpb.fat_type]
@@ -279,7 +281,7 @@ class FatFileSystem(GuestFileSystem["FatNode"]):
 
     def _next_cluster(self, cluster: int) -> int | None:
         """The cluster after ``cluster`` in its chain, None at the end of the chain."""
-        kind = self.bpb.fat_type
+        kind = self.type
         if kind == "fat12":
             position = cluster + cluster // 2
             raw = int.from_bytes(self._fat_entry_bytes(position, 2), "little")
@@ -318,7 +320,7 @@ class FatFileSystem(GuestFileSystem["FatNode"]):
             cluster = following
 
     def _cluster_position(self, cluster: int) -> int:
-        return self.bpb.data_offset + (cluster - 2) * self.cluster_size
+        return self._data_offset + (cluster - 2) * self.cluster_size
 
     # -- directories ---------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Everything is little-endian. The layout, as far as a reader needs it:
 
-    boot sector     bytes per sector (0x0B), sectors per cluster (0x0D; above 0x80 it is
+    boot sector     (``superblocks.py``) bytes per sector (0x0B), sectors per cluster (0x0D; above 0x80 it is
                     ``1 << (256 - value)``), total sectors (0x28), cluster of $MFT (0x30), and the
                     sizes of an MFT record (0x40) and of an index record (0x44): a positive value
                     counts clusters, a negative one ``-n`` means ``1 << n`` bytes
@@ -38,7 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ...errors import CorruptImage, UnsupportedFormat
-from ..signatures import Disk, probe_ntfs
+from ..signatures import Disk
+from ..superblocks import NtfsBootSector, field_offset, parse_ntfs_boot_sector
 from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
 
 #: the stride of update sequence fixups, whatever the sector size
@@ -155,7 +156,7 @@ def _utf16_units(raw: bytes) -> array:
 
 @dataclass(frozen=True)
 class BootSector:
-    """The geometry a reader needs (sizes in bytes)."""
+    """The geometry a reader needs (sizes in bytes), checked: from the boot sector ``superblocks.py`` parses."""
 
     bytes_per_sector: int
     cluster_size: int
@@ -168,8 +169,7 @@ class BootSector:
 
 def _record_size(value: int, cluster_size: int, what: str, where: int) -> int:
     """A record size field: positive counts clusters, negative ``-n`` means ``1 << n`` bytes."""
-    signed = value - 256 if value >= 128 else value
-    size = signed * cluster_size if signed > 0 else 1 << min(-signed, 31)
+    size = value * cluster_size if value > 0 else 1 << min(-value, 31)
     if not FIXUP_BLOCK <= size <= MAX_RECORD_SIZE or size & (size - 1):
         raise CorruptImage(f"NTFS {what} size {size} is not a power of two from 512 to 64 KiB",
                            offset=where, structure="NTFS boot sector")
@@ -177,22 +177,28 @@ def _record_size(value: int, cluster_size: int, what: str, where: int) -> int:
 
 
 def parse_boot_sector(sector: bytes, where: int = 0) -> BootSector:
-    """The geometry in an NTFS boot sector (``where``: its offset on the disk, for messages)."""
-    found = probe_ntfs(sector)
-    if found is None:
+    """The geometry in an NTFS boot sector (``where``: its offset on the disk, for messages), checked."""
+    boot = parse_ntfs_boot_sector(sector)
+    if boot is None:
         raise CorruptImage("no NTFS boot sector", offset=where, structure="NTFS boot sector")
-    cluster = found.block_size
+
+    def at(name: str) -> int:
+        return where + field_offset(NtfsBootSector, name)
+
+    cluster = boot.cluster_size
     if cluster is None or cluster > MAX_CLUSTER_SIZE or cluster & (cluster - 1):
-        raise CorruptImage(f"NTFS cluster size {cluster} is not valid", offset=where + 0x0B,
+        raise CorruptImage(f"NTFS cluster size {cluster} is not valid", offset=at("bytes_per_sector"),
                            structure="NTFS boot sector")
     return BootSector(
-        bytes_per_sector=_u16(sector, 0x0B),
+        bytes_per_sector=boot.bytes_per_sector,
         cluster_size=cluster,
-        total_sectors=_u64(sector, 0x28),
-        mft_lcn=_u64(sector, 0x30),
-        mft_record_size=_record_size(sector[0x40], cluster, "MFT record", where + 0x40),
-        index_record_size=_record_size(sector[0x44], cluster, "index record", where + 0x44),
-        serial=_u64(sector, 0x48),
+        total_sectors=boot.total_sectors,
+        mft_lcn=boot.mft_lcn,
+        mft_record_size=_record_size(boot.clusters_per_mft_record, cluster, "MFT record",
+                                     at("clusters_per_mft_record")),
+        index_record_size=_record_size(boot.clusters_per_index_record, cluster, "index record",
+                                       at("clusters_per_index_record")),
+        serial=boot.serial,
     )
 
 
@@ -504,7 +510,8 @@ class NtfsFileSystem(GuestFileSystem[int]):
         self._decoded: tuple[Stream, int, bytes] | None = None  # the last decompressed unit
         # $MFT: its first record lies where the boot sector says; its $DATA maps the rest
         if not 0 < boot.mft_lcn < self._clusters:
-            raise CorruptImage(f"$MFT at cluster {boot.mft_lcn}, outside the volume", offset=offset + 0x30,
+            raise CorruptImage(f"$MFT at cluster {boot.mft_lcn}, outside the volume",
+                               offset=offset + field_offset(NtfsBootSector, "mft_lcn"),
                                structure="NTFS boot sector")
         where = boot.mft_lcn * self._cluster
         first = self._fixed_record(self._volume(where, self._record_size, "$MFT"), MFT_RECORD, where)

@@ -43,19 +43,13 @@ from dataclasses import dataclass
 
 from ...errors import CorruptImage, UnsupportedFormat
 from ..signatures import Disk
+from ..superblocks import XFS_SUPERBLOCK_SIZE, XFS_VERSION_DIRV2, XfsSuperblock, field_offset, parse_xfs_superblock
 from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
 
-SUPERBLOCK_SIZE = 264
 #: v5 incompatible features this reader understands: ftype, sparse inodes, meta uuid, bigtime,
 #: needsrepair, 64-bit extent counters, exchange-range, parent pointers (the last two change
 #: nothing that is read here)
 KNOWN_INCOMPAT = 0xFF
-INCOMPAT_FTYPE = 0x1
-INCOMPAT_NREXT64 = 0x20
-VERSION_DIRV2 = 0x2000
-VERSION_BORG = 0x4000  # ASCII case-insensitive names ("-n version=ci")
-VERSION_MOREBITS = 0x8000
-FEATURES2_FTYPE = 0x200
 
 NULL_FSBLOCK = (1 << 64) - 1
 #: the directory's data blocks lie below this byte offset of its address space
@@ -119,33 +113,6 @@ def _inode_number(node: int) -> int:
     return node
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """What the superblock says about the layout."""
-
-    version: int  # 4 or 5
-    block_size: int
-    blocks: int  # dblocks: the data device's size in blocks
-    ag_blocks: int
-    ag_count: int
-    ag_block_log: int
-    inode_size: int
-    inodes_per_block_log: int
-    dir_block_log: int
-    root_inode: int
-    has_ftype: bool
-    nrext64: bool
-    ascii_ci: bool
-
-    @property
-    def dir_block_size(self) -> int:
-        return self.block_size << self.dir_block_log
-
-    @property
-    def size(self) -> int:
-        return self.blocks * self.block_size
-
-
 def _log2(value: int) -> int | None:
     """log2 of a power of two, else None."""
     if value <= 0 or value & (value - 1):
@@ -153,54 +120,35 @@ def _log2(value: int) -> int | None:
     return value.bit_length() - 1
 
 
-def parse_superblock(raw: bytes) -> Geometry:
-    """The geometry from the primary superblock; refuses what does not add up."""
+def check_superblock(sb: XfsSuperblock) -> None:
+    """Refuse a primary superblock whose geometry does not add up, or that this reader does not take."""
     where = "XFS superblock"
-    if len(raw) < SUPERBLOCK_SIZE or raw[:4] != b"XFSB":
-        raise _corrupt("not an XFS superblock", 0, where)
-    (block_size, dblocks) = struct.unpack_from(">IQ", raw, 4)
-    root_inode = struct.unpack_from(">Q", raw, 56)[0]
-    ag_blocks, ag_count = struct.unpack_from(">II", raw, 84)
-    versionnum, _sectsize, inode_size, inodes_per_block = struct.unpack_from(">HHHH", raw, 100)
-    block_log, _sect_log, inode_log, inopb_log, agblk_log = struct.unpack_from(">5B", raw, 120)
-    dir_block_log = raw[192]
-    features2 = struct.unpack_from(">I", raw, 200)[0]
-    incompat = struct.unpack_from(">I", raw, 216)[0]
-    version = versionnum & 0xF
+
+    def at(name: str) -> int:
+        return field_offset(XfsSuperblock, name)
+
+    version, block_size, inode_size = sb.version, sb.block_size, sb.inode_size
+    ag_blocks, ag_count = sb.ag_blocks, sb.ag_count
     if version not in (4, 5):
         raise UnsupportedFormat(f"XFS superblock version {version}: only versions 4 and 5 are read")
-    if _log2(block_size) != block_log or not 512 <= block_size <= 65536:
-        raise _corrupt(f"block size {block_size} (log {block_log})", 4, where)
-    if _log2(inode_size) != inode_log or not 256 <= inode_size <= 2048 or inode_size > block_size:
-        raise _corrupt(f"inode size {inode_size} (log {inode_log})", 104, where)
-    if inodes_per_block != block_size // inode_size or _log2(inodes_per_block) != inopb_log:
-        raise _corrupt(f"{inodes_per_block} inodes per block (log {inopb_log})", 106, where)
-    if not 5 <= ag_blocks < 1 << 31 or agblk_log != (ag_blocks - 1).bit_length() or ag_count == 0:
-        raise _corrupt(f"{ag_count} allocation groups of {ag_blocks} blocks (log {agblk_log})", 84, where)
-    if not (ag_count - 1) * ag_blocks < dblocks <= ag_count * ag_blocks:
-        raise _corrupt(f"{dblocks} blocks in {ag_count} groups of {ag_blocks}", 8, where)
-    if block_size << dir_block_log > 65536:
-        raise _corrupt(f"directory block log {dir_block_log}", 192, where)
-    if version == 4 and not versionnum & VERSION_DIRV2:
+    if _log2(block_size) != sb.block_log or not 512 <= block_size <= 65536:
+        raise _corrupt(f"block size {block_size} (log {sb.block_log})", at("block_size"), where)
+    if _log2(inode_size) != sb.inode_log or not 256 <= inode_size <= 2048 or inode_size > block_size:
+        raise _corrupt(f"inode size {inode_size} (log {sb.inode_log})", at("inode_size"), where)
+    if sb.inodes_per_block != block_size // inode_size or _log2(sb.inodes_per_block) != sb.inodes_per_block_log:
+        raise _corrupt(f"{sb.inodes_per_block} inodes per block (log {sb.inodes_per_block_log})",
+                       at("inodes_per_block"), where)
+    if not 5 <= ag_blocks < 1 << 31 or sb.ag_block_log != (ag_blocks - 1).bit_length() or ag_count == 0:
+        raise _corrupt(f"{ag_count} allocation groups of {ag_blocks} blocks (log {sb.ag_block_log})",
+                       at("ag_blocks"), where)
+    if not (ag_count - 1) * ag_blocks < sb.dblocks <= ag_count * ag_blocks:
+        raise _corrupt(f"{sb.dblocks} blocks in {ag_count} groups of {ag_blocks}", at("dblocks"), where)
+    if sb.dir_block_size > 65536:
+        raise _corrupt(f"directory block log {sb.dir_block_log}", at("dir_block_log"), where)
+    if version == 4 and not sb.versionnum & XFS_VERSION_DIRV2:
         raise UnsupportedFormat("XFS v4 with version 1 directories is not read")
-    if version == 5 and incompat & ~KNOWN_INCOMPAT:
-        raise UnsupportedFormat(f"XFS incompatible features {incompat & ~KNOWN_INCOMPAT:#x} are not read")
-    more_bits = version == 4 and versionnum & VERSION_MOREBITS
-    return Geometry(
-        version=version,
-        block_size=block_size,
-        blocks=dblocks,
-        ag_blocks=ag_blocks,
-        ag_count=ag_count,
-        ag_block_log=agblk_log,
-        inode_size=inode_size,
-        inodes_per_block_log=inopb_log,
-        dir_block_log=dir_block_log,
-        root_inode=root_inode,
-        has_ftype=bool(incompat & INCOMPAT_FTYPE) if version == 5 else bool(more_bits and features2 & FEATURES2_FTYPE),
-        nrext64=version == 5 and bool(incompat & INCOMPAT_NREXT64),
-        ascii_ci=bool(versionnum & VERSION_BORG),
-    )
+    if version == 5 and sb.incompat & ~KNOWN_INCOMPAT:
+        raise UnsupportedFormat(f"XFS incompatible features {sb.incompat & ~KNOWN_INCOMPAT:#x} are not read")
 
 
 @dataclass(frozen=True)
@@ -226,7 +174,7 @@ class Inode:
         return FILE_TYPES.get(self.mode & S_IFMT, FileType.OTHER)
 
 
-def parse_inode(raw: bytes, number: int, geometry: Geometry, position: int = 0) -> Inode:
+def parse_inode(raw: bytes, number: int, geometry: XfsSuperblock, position: int = 0) -> Inode:
     """The inode ``number`` from its ``inode_size`` bytes (found at ``position`` of the disk)."""
     where = f"XFS inode {number}"
     if len(raw) < geometry.inode_size or raw[:2] != INODE_MAGIC:
@@ -364,9 +312,15 @@ class XfsFileSystem(GuestFileSystem[int]):
         self._disk = disk
         self._offset = offset
         self._length = length
-        self.geometry = geometry = parse_superblock(self._read_raw(0, SUPERBLOCK_SIZE, "XFS superblock"))
+        geometry = parse_xfs_superblock(self._read_raw(0, XFS_SUPERBLOCK_SIZE, "XFS superblock"))
+        if geometry is None:
+            raise _corrupt("not an XFS superblock", 0, "XFS superblock")
+        check_superblock(geometry)
+        #: the primary superblock, checked
+        self.geometry = geometry
         if geometry.size > length:
-            raise _corrupt(f"file system of {geometry.size} bytes in a volume of {length}", 8, "XFS superblock")
+            raise _corrupt(f"file system of {geometry.size} bytes in a volume of {length}",
+                           field_offset(XfsSuperblock, "dblocks"), "XFS superblock")
         self.case_insensitive = geometry.ascii_ci
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_blocks = max(16, CACHE_BYTES // geometry.block_size)
@@ -374,7 +328,8 @@ class XfsFileSystem(GuestFileSystem[int]):
         self._inodes: OrderedDict[int, tuple[Inode, Stat]] = OrderedDict()
         self.root = geometry.root_inode
         if not self._stat(self.root).is_dir:
-            raise _corrupt("the root inode is not a directory", 56, "XFS superblock")
+            raise _corrupt("the root inode is not a directory", field_offset(XfsSuperblock, "root_inode"),
+                           "XFS superblock")
 
     # -- positions and reads ---------------------------------------------------------------------
 
@@ -388,7 +343,7 @@ class XfsFileSystem(GuestFileSystem[int]):
         g = self.geometry
         ag, ag_block = fsblock >> g.ag_block_log, fsblock & ((1 << g.ag_block_log) - 1)
         linear = ag * g.ag_blocks + ag_block
-        if ag >= g.ag_count or ag_block + count > g.ag_blocks or linear + count > g.blocks:
+        if ag >= g.ag_count or ag_block + count > g.ag_blocks or linear + count > g.dblocks:
             raise _corrupt(f"block {fsblock} (+{count}) outside the file system", referrer, structure)
         return linear * g.block_size
 

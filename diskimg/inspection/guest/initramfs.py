@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from ...errors import CorruptImage
+from ...units import READ_CHUNK
 
 #: decompressed bytes walked at most (a bomb stops here; real initramfs images are far smaller)
 MAX_DECOMPRESSED = 2 << 30
@@ -39,7 +40,6 @@ MAX_DECOMPRESSED = 2 << 30
 MAX_ENTRIES = 200_000
 #: longest entry name accepted
 MAX_NAME = 4096
-_CHUNK = 1 << 20
 _LZ4_LEGACY_MAGIC = 0x184C2102
 _LZ4_LEGACY_BLOCK = 8 << 20
 _HEADER = 110
@@ -116,7 +116,7 @@ class _Image:
         return b"".join(pieces)
 
     def chunks(self, offset: int) -> Iterator[bytes]:
-        while offset < self.size and (piece := self.read(offset, _CHUNK)):
+        while offset < self.size and (piece := self.read(offset, READ_CHUNK)):
             yield piece
             offset += len(piece)
 
@@ -267,7 +267,7 @@ class _Budget:
 
 
 def _stdlib_stream(decoder: Any, data: _Image, start: int, budget: _Budget, end: list[int]) -> Iterator[bytes]:
-    """Output of a zlib/bz2/lzma decompressor, ``_CHUNK`` at a time; ``end[0]`` = where its input ended."""
+    """Output of a zlib/bz2/lzma decompressor, ``READ_CHUNK`` at a time; ``end[0]`` = where its input ended."""
     position = start
     pending = b""
     while True:
@@ -275,21 +275,21 @@ def _stdlib_stream(decoder: Any, data: _Image, start: int, budget: _Budget, end:
             break
         if hasattr(decoder, "unconsumed_tail"):  # zlib
             if not pending:
-                pending = data.read(position, _CHUNK)
+                pending = data.read(position, READ_CHUNK)
                 if not pending:
                     break
                 position += len(pending)
-            out = decoder.decompress(pending, _CHUNK)
+            out = decoder.decompress(pending, READ_CHUNK)
             pending = decoder.unconsumed_tail
         else:  # bz2 / lzma
             if decoder.needs_input:
-                chunk = data.read(position, _CHUNK)
+                chunk = data.read(position, READ_CHUNK)
                 if not chunk:
                     break
                 position += len(chunk)
             else:
                 chunk = b""
-            out = decoder.decompress(chunk, _CHUNK)
+            out = decoder.decompress(chunk, READ_CHUNK)
         if out:
             yield budget.take(out)
         elif hasattr(decoder, "unconsumed_tail") and not pending and position >= data.size:
@@ -339,7 +339,7 @@ def _zstd_stream(data: _Image, start: int, budget: _Budget, end: list[int]) -> I
         try:
             reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
             while True:
-                out = reader.read(_CHUNK)
+                out = reader.read(READ_CHUNK)
                 if not out:
                     break
                 yield budget.take(out)

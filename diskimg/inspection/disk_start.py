@@ -26,8 +26,9 @@ Steps 3 and 5 return :attr:`diskimg.inspection.signatures.FileSystem.type`.
 
 from __future__ import annotations
 
-from ..inspection import signatures as filesystems
-from ..inspection.partitions import GPT_SIGNATURE, SECTOR_SIZE, parse_mbr
+from ..units import SECTOR_SIZE
+from . import signatures
+from .partitions import GPT_SIGNATURE, parse_mbr
 
 #: human names of the values identify_start returns
 DESCRIPTIONS = {
@@ -35,7 +36,7 @@ DESCRIPTIONS = {
     "mbr": "an MBR",
     "empty": "nothing but zeros",
     "unknown": "nothing recognisable (no partition table or file system signature)",
-    **filesystems.DESCRIPTIONS,
+    **signatures.DESCRIPTIONS,
 }
 
 
@@ -50,13 +51,13 @@ def identify_start(head: bytes) -> str:
         return "empty"
     if head[512:520] == GPT_SIGNATURE or head[4096:4104] == GPT_SIGNATURE:
         return "gpt"
-    found = filesystems.probe_boot_sector(head)
+    found = signatures.probe_boot_sector(head)
     if found is not None:
         return found.type
     mbr = _mbr_state(head)
     if mbr == "partitioned":
         return "mbr"
-    found = filesystems.probe_later(head)
+    found = signatures.probe_later(head)
     if found is not None:
         return found.type
     if mbr == "empty-table":
