@@ -31,7 +31,7 @@ from diskimg.errors import DiskImageError
 from diskimg.inspection.fs import DRIVERS, GuestFileSystem, open_filesystem
 
 from .support.files import blank
-from .support.filesystems import make_fat, make_xfs, mkntfs, ntfs3g
+from .support.filesystems import make_btrfs, make_fat, make_xfs, mkntfs, ntfs3g
 from .support.tools import run
 from .support.units import MiB
 
@@ -75,12 +75,6 @@ def make_ext4(image: Path, tree: Path) -> None:
     run("mkfs.ext4", "-q", "-F", "-b", "1024", "-d", tree, image)
 
 
-def make_btrfs(image: Path, tree: Path) -> None:
-    """mkfs.btrfs --rootdir with its defaults (DUP metadata: a broken node is read from its mirror)."""
-    blank(image, 160 * MiB)  # past the superblock copy at 64 MiB; sparse
-    run("mkfs.btrfs", "-q", "-f", "--rootdir", tree, image)
-
-
 def make_ntfs(image: Path, tree: Path) -> None:
     """mkntfs, then the tree copied in through ntfs-3g."""
     mkntfs(image, 8 * MiB, 1024)
@@ -98,7 +92,8 @@ VOLUMES = {
     "ext4": (("mkfs.ext4",), make_ext4, True),
     "xfs": (("mkfs.xfs",), make_xfs, True),
     "ntfs": (("mkntfs", "ntfs-3g"), make_ntfs, True),
-    "btrfs": (("mkfs.btrfs",), make_btrfs, True),
+    # mkfs.btrfs's defaults (DUP metadata: a broken node is read from its mirror), past the superblock copy at 64 MiB
+    "btrfs": (("mkfs.btrfs",), lambda image, tree: make_btrfs(image, tree, size=160 * MiB), True),
 }
 
 

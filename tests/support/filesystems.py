@@ -20,6 +20,8 @@ from .units import MiB
 
 #: mkfs.xfs refuses much smaller file systems; the image is sparse
 XFS_SIZE = 320 * MiB
+#: large enough for the btrfs superblock copy at 64 MiB; the image is sparse
+BTRFS_SIZE = 256 * MiB
 NTFS_TOOLS = ("mkntfs", "ntfs-3g", "ntfsinfo", "fusermount")
 
 
@@ -57,6 +59,13 @@ def make_xfs(image: Path, tree: Path, *options: str, size: int = XFS_SIZE) -> Pa
     proto.write_text("\n".join(["unused", "0 0", "d--755 0 0", *protofile_lines(tree), "$", ""]))
     blank(image, size)
     run("mkfs.xfs", "-q", "-f", *options, "-p", proto, image)
+    return image
+
+
+def make_btrfs(image: Path, tree: Path | None, *options: str, size: int = BTRFS_SIZE) -> Path:
+    """mkfs.btrfs on a sparse file of ``size`` bytes, filled from ``tree``."""
+    blank(image, size)
+    run("mkfs.btrfs", "-q", "-f", *(("--rootdir", tree) if tree is not None else ()), *options, image)
     return image
 
 
