@@ -24,6 +24,7 @@ import pytest
 import diskimg
 
 from .support.digests import file_sha256
+from .support.disks import loop_device
 from .support.files import leftovers
 from .support.tools import ROOT, diskimg_cli, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
 from .support.units import MiB
@@ -91,19 +92,6 @@ def null_device(path: Path) -> Path:
 def is_null_device(path: Path) -> bool:
     status = os.lstat(path)
     return stat.S_ISCHR(status.st_mode) and (os.major(status.st_rdev), os.minor(status.st_rdev)) == (1, 3)
-
-
-@contextlib.contextmanager
-def loop_device(backing: Path):
-    """A loop block device over ``backing`` (losetup); skips where loop devices are not available."""
-    proc = subprocess.run(["losetup", "-f", "--show", backing], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"no loop device (losetup -f --show failed: {proc.stderr.strip()})")
-    device = proc.stdout.strip()
-    try:
-        yield Path(device)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 # -- item 6: devices and FIFOs are written in place ------------------------------------------------

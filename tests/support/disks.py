@@ -4,12 +4,14 @@ written from their specifications; and stand-ins for a DiskReader over bytes or 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import struct
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,21 @@ def sfdisk(path: Path, script: str) -> None:
 
 def sgdisk(path: Path, *args: str) -> None:
     run("sgdisk", *args, path)
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, offset: int = 0) -> Iterator[Path]:
+    """A loop block device over ``backing`` from ``offset`` (losetup), detached on exit; skips the
+    test where loop devices are not available."""
+    proc = subprocess.run(["losetup", "-f", "--show", *(["-o", str(offset)] if offset else []), backing],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"no loop device (losetup -f --show failed: {proc.stderr.strip()})")
+    device = proc.stdout.strip()
+    try:
+        yield Path(device)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def copy_in(disk: Path, part_file: Path, offset: int) -> None:
