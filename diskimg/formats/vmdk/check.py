@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..probing import OpenOptions
 from ...host.files import HostFile
+from ..probing import OpenOptions
 from .reader import VmdkReader
 from .structures import (
     FLAG_REDUNDANT_GT,

@@ -194,7 +194,7 @@ def pack_grain_marker(lba: int, compressed: bytes) -> bytes:
 GRAIN_MARKER_SIZE = 12  # lba u64 + size u32, then the compressed bytes
 
 
-def parse_grain_table(data: bytes) -> array:
+def parse_grain_table(data: bytes) -> array[int]:
     table = array("I")
     table.frombytes(data)
     if struct.pack("=I", 1) != struct.pack("<I", 1):
