@@ -24,7 +24,7 @@ from typing import Any
 
 from ..choices import BootMode, CloudTarget, DiskRole
 from ..errors import DiskImageError, UsageError
-from . import linux_checks, windows_checks  # noqa: F401  (imported for their @disk_check registrations)
+from . import linux_checks, windows_checks  # noqa: F401 - imported for their @disk_check registrations
 from .checks import DISK_CHECKS, SET_CHECKS
 from .context import DiskContext, NotAvailable
 from .report import DiskFacts, Finding, Report, render_text
