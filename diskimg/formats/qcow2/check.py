@@ -228,9 +228,9 @@ class _Qcow2Check:
                     continue
                 self.inc(host, extra, "compressed cluster", uses)
                 if active_uses:
-                    result.allocated_clusters += active_uses  # type: ignore[operator]
-                    result.compressed_clusters += active_uses  # type: ignore[operator]
-                    result.fragmented_clusters += active_uses  # type: ignore[operator]
+                    result.allocated_clusters = (result.allocated_clusters or 0) + active_uses
+                    result.compressed_clusters = (result.compressed_clusters or 0) + active_uses
+                    result.fragmented_clusters = (result.fragmented_clusters or 0) + active_uses
                     if result.first_compressed_offset is None:
                         result.first_compressed_offset = (l1_index * self.header.l2_entries + index) * cs
                 continue
@@ -239,9 +239,9 @@ class _Qcow2Check:
             if not host:
                 continue  # unallocated, or zero without a cluster
             if active_uses:
-                result.allocated_clusters += count * active_uses  # type: ignore[operator]
+                result.allocated_clusters = (result.allocated_clusters or 0) + count * active_uses
                 if self.next_contiguous and host != self.next_contiguous:
-                    result.fragmented_clusters += active_uses  # type: ignore[operator]
+                    result.fragmented_clusters = (result.fragmented_clusters or 0) + active_uses
                 self.next_contiguous = host + count * cs
             if host % cs:  # as qemu: reported, then each entry still counted where it points
                 for number in range(count):

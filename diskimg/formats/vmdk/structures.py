@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import struct
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ...errors import CorruptImage, UnsupportedFormat
@@ -286,7 +287,7 @@ def parse_descriptor(data: bytes, path: str | None = None, offset: int = 0) -> D
     return descriptor
 
 
-def _hex(value: str, key: str, corrupt) -> int | None:  # type: ignore[no-untyped-def]
+def _hex(value: str, key: str, corrupt: Callable[[str], CorruptImage]) -> int:
     try:
         return int(value, 16) & 0xFFFFFFFF
     except ValueError:
