@@ -57,7 +57,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 from ..errors import ArchiveError, UnsupportedFormat
 from ..formats import READERS
@@ -709,6 +709,16 @@ def opens_through_wrapper(detection: Detection) -> bool:
     """Whether ``open_wrapped`` takes a file detected so: a compressed file or a tar archive (what
     it holds is checked when it is opened)."""
     return detection.format in COMPRESSORS or detection.format == "tar"
+
+
+@overload
+def open_wrapped(source: Any, detection: Detection, identify: Identify, digest: Callable[[], Any] | None = None,
+                 *, as_bytes: Literal[True], see_tail: bool = False) -> StreamDiskReader: ...
+
+
+@overload
+def open_wrapped(source: Any, detection: Detection, identify: Identify, digest: Callable[[], Any] | None = None,
+                 as_bytes: bool = False, see_tail: bool = False) -> DiskReader: ...
 
 
 def open_wrapped(source: Any, detection: Detection, identify: Identify, digest: Callable[[], Any] | None = None,
