@@ -119,7 +119,7 @@ def _loop(image: Path, offset: int) -> str:
 
 def _partitioned(path: Path, size: int, kind: str) -> Path:
     """A sparse RAW disk of ``size`` with one MBR partition of ``kind`` from 1 MiB to the end, and GRUB's boot code."""
-    from tests.conftest import write_boot_code
+    from tests.support.disks import write_boot_code
 
     with open(path, "wb") as f:
         f.truncate(size)
@@ -135,8 +135,8 @@ def build_stacks(directory: Path, size: int, snapshots: int) -> dict[str, str]:
     for tool in ("sfdisk", "mkfs.ext4", "mkfs.btrfs", "btrfs", "losetup", "mount", "pvcreate", "qemu-img", "cpio"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed")
-    from tests.guest_builders import new_uuid, rhel_tree, write_tree
-    from tests.test_lvm import EXTENT, LoopLvm
+    from tests.support.guests import new_uuid, rhel_tree, write_tree
+    from tests.support.lvm import EXTENT, LoopLvm
 
     uuid = new_uuid()
     tree = rhel_tree(directory, uuid)
