@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import compile_package, make_ext4_disk, parse_size, timed  # noqa: E402
+from bench import compile_package, make_ext4_disk, parse_size, timed
 
 
 def main() -> None:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 try:  # tests as a package, or as a plain directory on sys.path
     from .support.corpus import corpus_dir, corpus_manifest, corpus_params
@@ -29,11 +28,11 @@ try:  # tests as a package, or as a plain directory on sys.path
 except ImportError:
     from support.corpus import corpus_dir, corpus_manifest, corpus_params  # type: ignore[no-redef]
     from support.tools import qemu_img, requires_qemu, run  # type: ignore[no-redef]
+from diskimg.detection.probe import check_forced, detect
+from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError
+from diskimg.formats.probing import READABLE_FORMATS, Detection
 from diskimg.formats.vmdk.structures import READ_CREATE_TYPES
 from diskimg.inspection.disk_start import identify_start
-from diskimg.detection.probe import check_forced, detect
-from diskimg.formats.probing import READABLE_FORMATS, Detection
-from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError
 from diskimg.streams.compressed import PEEK_INPUT
 
 MiB = 1 << 20
@@ -563,7 +562,7 @@ def test_damaged_and_truncated_wrappers(work, mbr_raw):
     corrupt = bytearray(good)
     corrupt[20:60] = b"\xff" * 40
     found = detect(io.BytesIO(bytes(corrupt)))
-    assert found.format == "gzip" and "could not look inside" in found.description or "damaged" in found.description
+    assert (found.format == "gzip" and "could not look inside" in found.description) or "damaged" in found.description
     for kind in ("xz", "bzip2", "zstd"):
         _, compress, _ = COMPRESSORS[kind]
         data = compress(mbr_raw.read_bytes())
@@ -580,9 +579,8 @@ def test_sources(work, mbr_raw):
     with pytest.raises(ImageNotFound):
         detect(work)
     read_end, write_end = os.pipe()
-    with os.fdopen(read_end, "rb") as pipe, os.fdopen(write_end, "wb"):
-        with pytest.raises(ImageNotFound, match="pipe"):
-            detect(pipe)
+    with os.fdopen(read_end, "rb") as pipe, os.fdopen(write_end, "wb"), pytest.raises(ImageNotFound, match="pipe"):
+        detect(pipe)
     with open(mbr_raw, "rb") as f:
         assert detect(f).starts_with == "mbr"
     assert detect(io.BytesIO(mbr_raw.read_bytes())).starts_with == "mbr"
@@ -673,7 +671,7 @@ def test_corpus(entry, tmp_path_factory):
     else:
         found = stored
     assert found.format == expected, found
-    assert found.readable == (expected in READABLE_FORMATS and expected != "vmdk"
+    assert found.readable == ((expected in READABLE_FORMATS and expected != "vmdk")
                               or (expected == "vmdk" and found.subformat in READ_CREATE_TYPES))
     if not found.readable:
         assert found.hint

@@ -11,31 +11,28 @@ pytestmark = pytest.mark.usefixtures("ctrl_c")
 
 
 def test_a_first_ctrl_c_waits_for_the_next_check():
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts.deferred():
-            signal.raise_signal(signal.SIGINT)  # does not raise here
-            assert interrupts.pending()
-            interrupts.check()
+    with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+        signal.raise_signal(signal.SIGINT)  # does not raise here
+        assert interrupts.pending()
+        interrupts.check()
     assert not interrupts.pending()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_second_ctrl_c_raises_at_once():
     reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts.deferred():
-            signal.raise_signal(signal.SIGINT)
-            reached.append("after the first")
-            signal.raise_signal(signal.SIGINT)
-            reached.append("after the second")
+    with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+        signal.raise_signal(signal.SIGINT)
+        reached.append("after the first")
+        signal.raise_signal(signal.SIGINT)
+        reached.append("after the second")
     assert reached == ["after the first"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_ctrl_c_never_checked_is_raised_at_the_end():
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts.deferred():
-            signal.raise_signal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+        signal.raise_signal(signal.SIGINT)
     with interrupts.deferred():  # and is not carried over into the next use
         interrupts.check()
 

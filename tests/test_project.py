@@ -9,8 +9,9 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from typing import get_args
+
+import tomllib
 
 from diskimg.archives.export import ARCHIVES
 from diskimg.choices import ArchiveKind, CloudTarget, DiskFormat, FormatName
@@ -156,7 +157,7 @@ def test_no_module_imports_a_layer_above_its_own():
         own = _package_of(module)
         for line, imported in _imports_of(path, module):
             target = _package_of(imported)
-            allowed = target == own or layer[target] < layer[own] and target in ONLY.get(own, {target})
+            allowed = target == own or (layer[target] < layer[own] and target in ONLY.get(own, {target}))
             if not allowed:
                 upward.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
     assert not upward, "imports that go up the layers:\n" + "\n".join(upward)
@@ -247,4 +248,4 @@ def test_the_literal_types_are_the_sets_the_code_takes():
     assert set(FORMAT_ALIASES) == set(get_args(FormatName))
     assert set(FORMAT_ALIASES.values()) == set(READERS) == set(WRITERS) == set(get_args(DiskFormat))
     assert tuple(ARCHIVES) == get_args(ArchiveKind)
-    assert TARGETS == get_args(CloudTarget)
+    assert get_args(CloudTarget) == TARGETS

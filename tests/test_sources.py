@@ -12,8 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import diskimg
 import diskimg.streams.sources  # the module the tests below name as diskimg.streams.sources
@@ -170,10 +169,9 @@ def test_damaged_streams_raise_archive_error(disk: Path, tmp_path: Path, kind: s
     bad = tmp_path / f"bad{suffix}"
     bad.write_bytes(bytes(data))
     assert subprocess.run([kind, "-t", bad], capture_output=True).returncode != 0  # the oracle agrees
-    with pytest.raises(ArchiveError):
-        with diskimg.open_image(bad) as reader:
-            reader_sha256(reader)
-            diskimg.streams.sources.finish_archive(reader)  # checks what follows the data: end CRCs, trailers
+    with pytest.raises(ArchiveError), diskimg.open_image(bad) as reader:
+        reader_sha256(reader)
+        diskimg.streams.sources.finish_archive(reader)  # checks what follows the data: end CRCs, trailers
 
 
 # -- tar archives -----------------------------------------------------------------------------------

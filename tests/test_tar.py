@@ -12,11 +12,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from diskimg.streams import tar
 from diskimg.errors import ArchiveError
+from diskimg.streams import tar
 
 from .support.files import random_sparse_file
 from .support.tools import run
@@ -284,7 +283,7 @@ def test_mutated_headers_raise_only_archive_error(data: st.DataObject) -> None:
     stream = io.BytesIO(bytes(archive))
     try:
         while (member := tar.read_member(stream)) is not None:
-            assert 0 <= member.stored_size and 0 <= member.size
+            assert member.stored_size >= 0 and member.size >= 0
             if member.sparse_map is not None:
                 assert sum(n for _, n in member.sparse_map) == member.stored_size
                 assert all(o + n <= member.size for o, n in member.sparse_map)
