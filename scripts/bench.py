@@ -7,8 +7,9 @@
 
 `read` builds a RAW disk of SIZE holding half random data in 1-4 MiB runs (half zeros), converts it
 with qemu-img to qcow2, a dynamic VHD, VMDK (monolithicSparse, streamOptimized), VHDX and a dynamic
-VDI, then times ``diskimg convert IMG out.raw`` against ``qemu-img convert -f FMT -O raw IMG out.raw`` alternately (median of PAIRS pairs: these machines
-are noisy) and prints the median time ratio and each tool's peak RSS.
+VDI, then times ``diskimg convert IMG out.raw`` against ``qemu-img convert -f FMT -O raw IMG out.raw``
+alternately (median of PAIRS pairs: these machines are noisy) and prints the median time ratio and each
+tool's peak RSS.
 
 `convert` times the conversions of CONVERSIONS the same way, on the synthetic disk and on an ext4
 filled with files from /usr (or on the images given with --image), each into a fresh path and over
@@ -182,13 +183,13 @@ def bench_read(args: argparse.Namespace) -> None:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", raw, images["vhdx"]], check=True)
         vmdk = {"monolithicSparse": os.path.join(work, "sparse.vmdk"), "streamOptimized": os.path.join(work, "s.vmdk")}
         for subformat, image in vmdk.items():
-            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, image],
-                           check=True)
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw,
+                            image], check=True)
         os.unlink(raw)
         out = os.path.join(work, "out.raw")
         for name, image in [*images.items(), *vmdk.items()]:
             fmt = "vmdk" if name in vmdk else name
-            pair(f"{name} -> raw", diskimg + ["convert", "-f", fmt, "-O", "raw", image, out],
+            pair(f"{name} -> raw", [*diskimg, "convert", "-f", fmt, "-O", "raw", image, out],
                  ["qemu-img", "convert", "-f", fmt, "-O", "raw", image, out], args.pairs, [out], (work, args.size))
 
 
@@ -258,8 +259,8 @@ def bench_convert(args: argparse.Namespace) -> None:
                 if args.only and name not in args.only:
                     continue
                 for target in targets:
-                    pair(f"{name} ({target})", diskimg + ours + [sources[source], out],
-                         ["qemu-img", "convert"] + theirs + [sources[source], out], args.pairs, [out],
+                    pair(f"{name} ({target})", [*diskimg, *ours, sources[source], out],
+                         ["qemu-img", "convert", *theirs, sources[source], out], args.pairs, [out],
                          (work, data), existing=target == "existing")
             if os.path.exists(out):
                 os.unlink(out)

@@ -6,8 +6,8 @@
 
 Builds DISKS qcow2 disks of SIZE (qemu-img convert of a RAW file holding DATA of random bytes in 4
 places), then a plan of one job per disk and operation of MIX (default: the mix of a migration,
-``validate`` it, ``convert`` it to a dynamic VHD, ``export`` it as a raw tar.gz archive). Then, alternating, RUNS times each (outputs
-removed and the page cache left warm, the same for both):
+``validate`` it, ``convert`` it to a dynamic VHD, ``export`` it as a raw tar.gz archive). Then, alternating, RUNS
+times each (outputs removed and the page cache left warm, the same for both):
 
 * the shell loop: ``bash`` running one ``python -m diskimg`` command per job, one after the other
   (what a team's script does today);
@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from diskimg.units import format_size, parse_size
+from diskimg.units import format_size, parse_size  # noqa: E402  (the checkout's, after the path is set)
 
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 DISKIMG = [sys.executable, "-m", "diskimg"]
@@ -86,7 +86,8 @@ def plan_jobs(sources: list[str], out: str, mix: list[str]) -> list[tuple[dict, 
             "convert": ({"id": f"convert-{number}", "op": "convert", "source": source, "target": target,
                          "output_format": "vhd"}, ["convert", source, target, "-O", "vhd"]),
             "export": ({"id": f"export-{number}", "op": "export", "name": f"m{number}", "system": source,
-                        "out": export_out}, ["export", "--name", f"m{number}", "--system", source, "--out", export_out]),
+                        "out": export_out},
+                       ["export", "--name", f"m{number}", "--system", source, "--out", export_out]),
         }
         jobs += [per_disk[op] for op in mix]
     return jobs
@@ -143,8 +144,8 @@ def main() -> None:
                 clean(out)
                 if os.path.exists(journal):
                     os.unlink(journal)
-                seconds, stdout = timed(DISKIMG + ["batch", plan, "--jobs", str(j), "--json", "--progress", "none",
-                                                   "--journal", journal])
+                seconds, stdout = timed([*DISKIMG, "batch", plan, "--jobs", str(j), "--json", "--progress", "none",
+                                                "--journal", journal])
                 summary = json.loads(stdout)
                 times.setdefault(f"batch --jobs {j}", []).append(seconds)
                 moved.setdefault(f"batch --jobs {j}", []).append(summary["read_bytes"] + summary["written_bytes"])

@@ -65,7 +65,8 @@ def build(directory: Path, size: int, files: int) -> Path:
     raw = directory / "disk.raw"
     with open(raw, "wb") as f:
         f.truncate(size)
-    sh("sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(raw), input=b"label: dos\nstart=2048, type=83, bootable\n")
+    sh("sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(raw),
+       input=b"label: dos\nstart=2048, type=83, bootable\n")
     write_boot_code(raw)  # GRUB's BIOS chain, as the test disks have it
     root_start = MiB
     blocks = (size - root_start) // 4096

@@ -228,7 +228,7 @@ def stack_main(size: int, runs: int, directory: Path, snapshots: int) -> None:
         medians[name] = statistics.median(api), statistics.median(cli)
         plain = medians["partition"]
         api_text, cli_text = (f"{ours:.3f} s" + ("" if name == "partition" else f" ({ours - base:+.3f} s)")
-                              for ours, base in zip(medians[name], plain))
+                              for ours, base in zip(medians[name], plain, strict=True))
         print(f"root on {name:<9}: diskimg.validate() {api_text}, command {cli_text} (medians of {runs}); peak "
               f"memory ru_maxrss {peak['ru_maxrss_kib'] / 1024:.1f} MiB, VmHWM {peak['vmhwm_kib'] / 1024:.1f} MiB; "
               f"root {(peak['root'] or {}).get('stack')}")
