@@ -101,7 +101,8 @@ def make_esp(path: Path, size: int, files: dict[str, bytes], fat: int = 32) -> P
     return path
 
 
-WINDOWS_BOOT_CODE = b"\x33\xc0\x8e\xd0\xbc\x00\x7c" + bytes(0x100) + b"Invalid partition table\0Missing operating system"
+WINDOWS_BOOT_CODE = (b"\x33\xc0\x8e\xd0\xbc\x00\x7c" + bytes(0x100)
+                     + b"Invalid partition table\0Missing operating system")
 #: GRUB's i386-pc images (Debian package grub-pc-bin)
 GRUB_PC = Path("/usr/lib/grub/i386-pc")
 

@@ -47,7 +47,7 @@ def exercise_reader(open_reader: Callable[[], AbstractContextManager], read_tail
             reader.read_at(0, min(reader.virtual_size, HEAD_BYTES))
             if read_tail:
                 reader.read_at(max(0, reader.virtual_size - TAIL_BYTES), TAIL_BYTES)
-            for _ in zip(range(EXTENTS), reader.extents()):
+            for _ in zip(range(EXTENTS), reader.extents(), strict=False):
                 pass
     except DiskImageError:
         pass

@@ -58,7 +58,8 @@ class CellBuilder:
         bins = bytes(self.body)
         hbin_size = -(-(0x20 + len(bins) + 8) // 4096) * 4096
         free = hbin_size - 0x20 - len(bins)
-        hbin = struct.pack("<4sIIQQI", b"hbin", 0, hbin_size, 0, 0, 0) + bins + struct.pack("<i", free) + bytes(free - 4)
+        hbin = (struct.pack("<4sIIQQI", b"hbin", 0, hbin_size, 0, 0, 0) + bins
+                + struct.pack("<i", free) + bytes(free - 4))
         base = bytearray(4096)
         struct.pack_into("<4sIIQIIIIII", base, 0, b"regf", sequences[0], sequences[1], 0, 1, minor, 0, 1, root,
                          hbin_size)
