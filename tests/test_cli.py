@@ -103,8 +103,9 @@ def test_convert_does_not_load_the_validator_or_the_archivers(tmp_path):
         "import sys\nfrom diskimg.cli import main\n"
         f"try: main(['convert', '--no-progress', {str(source)!r}, {str(tmp_path / 'o.qcow2')!r}, '-O', 'qcow2'])\n"
         "except SystemExit as exit: assert exit.code == 0, exit.code\n"
-        "loaded = [m for m in ('diskimg.validation', 'diskimg.inspection.guest', 'diskimg.inspection.fs', 'diskimg.archives.export',"
-        " 'diskimg.archives.unpack', 'diskimg.streams.sources', 'zlib_ng', 'lz4', 'tqdm') if m in sys.modules]\n"
+        "loaded = [m for m in ('diskimg.validation', 'diskimg.inspection.guest', 'diskimg.inspection.fs',"
+        " 'diskimg.archives.export', 'diskimg.archives.unpack', 'diskimg.streams.sources', 'zlib_ng', 'lz4', 'tqdm')"
+        " if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

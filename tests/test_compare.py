@@ -256,7 +256,8 @@ def test_2000_gib_through_the_command_line(big_pair):
     proc = subprocess.run([sys.executable, "-m", "diskimg", "compare", big_pair["changed"], big_pair["qcow2"]],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 1 and proc.stdout.strip() == f"Content mismatch at offset {1500 * GiB + 12345}."
-    assert qemu_compare(big_pair["changed"], "raw", big_pair["qcow2"], "qcow2") == (1, (1500 * GiB + 12345) // 512 * 512)
+    assert qemu_compare(big_pair["changed"], "raw", big_pair["qcow2"], "qcow2") == (
+        1, (1500 * GiB + 12345) // 512 * 512)
 
 
 # -- unreadable inputs -------------------------------------------------------------------------------

@@ -404,7 +404,8 @@ def test_compressed_qcow2_and_vmdk(work, kind):
 
 
 def test_compressor_cli_tools(work, mbr_raw):
-    for tool, flag, fmt in (("gzip", "-1", "gzip"), ("xz", "-0", "xz"), ("bzip2", "-1", "bzip2"), ("zstd", "-1", "zstd")):
+    for tool, flag, fmt in (("gzip", "-1", "gzip"), ("xz", "-0", "xz"), ("bzip2", "-1", "bzip2"),
+                            ("zstd", "-1", "zstd")):
         if not have(tool):
             continue
         out = work / f"cli-{tool}.img"

@@ -1,8 +1,8 @@
 """Every file system driver in diskimg/fs against its own images with broken metadata.
 
 Each volume is built by the real tools (mkfs.fat + mtools, mkfs.ext4 -d, mkfs.xfs -p, mkntfs +
-ntfs-3g, mkfs.btrfs --rootdir) from a small tree of random files. A first, pristine walk records which sectors the driver
-reads; those that hold neither file data (recognised by content: the files are random bytes) nor
+ntfs-3g, mkfs.btrfs --rootdir) from a small tree of random files. A first, pristine walk records which sectors the
+driver reads; those that hold neither file data (recognised by content: the files are random bytes) nor
 only zeros are its metadata. Each variant then overlays a few seeded mutations on them (bit flips,
 bytes or fields set to 0x00, 0xFF or random values), opens the volume through ``open_filesystem``
 and walks the whole tree reading every file. A variant must end, within a few seconds, either

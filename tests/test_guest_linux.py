@@ -824,8 +824,8 @@ def _no_cloud_init(tree: dict) -> None:
 
 
 def _kernel_args(tree: dict, args: str) -> None:
-    tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace("root=LABEL=cloudimg-rootfs ro console",
-                                                                           f"root=LABEL=cloudimg-rootfs ro {args} console")
+    tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace(
+        "root=LABEL=cloudimg-rootfs ro console", f"root=LABEL=cloudimg-rootfs ro {args} console")
 
 
 CLOUD_INIT_CASES = {
@@ -838,10 +838,10 @@ CLOUD_INIT_CASES = {
     "disabled-by-preset": (lambda tree: (tree.pop(CLOUD_INIT_WANTS), tree.update(
         {"/usr/lib/systemd/system-preset/99-default.preset": "disable *\n"})), "not enabled"),
     "kernel-command-line": (lambda tree: _kernel_args(tree, "cloud-init=disabled"), "cloud-init=disabled"),
-    "nocloud-only": (lambda tree: tree.update({"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ NoCloud, None ]\n"}),
-                     "AliYun"),
-    "aliyun-listed": (lambda tree: tree.update({"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ AliYun, None ]\n"}),
-                      None),
+    "nocloud-only": (lambda tree: tree.update(
+        {"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ NoCloud, None ]\n"}), "AliYun"),
+    "aliyun-listed": (lambda tree: tree.update(
+        {"/etc/cloud/cloud.cfg.d/90_dpkg.cfg": "datasource_list: [ AliYun, None ]\n"}), None),
 }
 
 

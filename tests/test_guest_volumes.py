@@ -333,9 +333,9 @@ def test_initramfs_that_cannot_assemble_the_root(centos_pair: CentosPair, tmp_pa
 def thin_volumes(pv: str) -> str:
     """A thin pool and a thin LV named root in it, as LVM2 writes them (lib/thin): what lvcreate --thin makes."""
     return "".join((
-        lv_section("pool", SHOWN, [["start_extent = 0", "extent_count = 4", 'type = "thin-pool"', 'metadata = "pool_tmeta"',
-                             'pool = "pool_tdata"', "transaction_id = 1", "chunk_size = 128", 'discards = "passdown"',
-                             "zero_new_blocks = 1"]]),
+        lv_section("pool", SHOWN, [["start_extent = 0", "extent_count = 4", 'type = "thin-pool"',
+                             'metadata = "pool_tmeta"', 'pool = "pool_tdata"', "transaction_id = 1", "chunk_size = 128",
+                             'discards = "passdown"', "zero_new_blocks = 1"]]),
         lv_section("pool_tmeta", HIDDEN, [linear_segment(pv, 2, 1)]),
         lv_section("pool_tdata", HIDDEN, [linear_segment(pv, 3, 4)]),
         lv_section("root", SHOWN, [["start_extent = 0", "extent_count = 24", 'type = "thin"', 'thin_pool = "pool"',
@@ -404,7 +404,8 @@ def test_volume_group_across_the_disks_of_the_machine(centos_pair: CentosPair, l
             "logs": (solo, solo_pv, file_system(tmp_path, "logs", {"/readme": "logs\n"}, new_uuid(), 8 * MiB))}
     for name, (group, device, image) in made.items():
         extents = str(image.stat().st_size // EXTENT)
-        lvm_tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-l", extents, "-n", name, group, device)
+        lvm_tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-l", extents, "-n", name, group,
+                  device)
         write_at(*lv_start(lvm_tools, group, name), image.read_bytes())
     uuids = {pv["pv_name"]: pv["pv_uuid"] for pv in lvm_tools.report("pvs", "pv_name,pv_uuid", system_pv, data_pv)}
 

@@ -94,7 +94,8 @@ def mapped_clusters(path, cluster_size: int) -> set[int]:
     found: set[int] = set()
     for extent in json.loads(qemu_img("map", "--output=json", "-f", "qcow2", path)):
         if extent["data"]:
-            found.update(range(extent["start"] // cluster_size, -(-(extent["start"] + extent["length"]) // cluster_size)))
+            found.update(range(extent["start"] // cluster_size,
+                               -(-(extent["start"] + extent["length"]) // cluster_size)))
     return found
 
 

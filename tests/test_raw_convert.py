@@ -88,7 +88,8 @@ def test_nonzero_runs_against_a_byte_model(granularity):
     data = bytearray(3 * MiB + 4096)
     for _ in range(40):
         start = rng.randrange(len(data))
-        data[start : start + rng.randint(1, 20000)] = rng.randbytes(min(20000, len(data) - start))[: len(data[start : start + 20000])]
+        data[start : start + rng.randint(1, 20000)] = (
+            rng.randbytes(min(20000, len(data) - start))[: len(data[start : start + 20000])])
     runs = list(nonzero_runs(bytes(data), granularity))
     covered = bytearray(len(data))
     previous_end = -1

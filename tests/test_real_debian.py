@@ -37,7 +37,7 @@ from .support.units import MiB
 
 #: the code (prefix) of the finding each broken copy must get; tighten to the exact rule codes
 CODE_ROOT_UNRESOLVED = "guest-boot-entry-broken"  # 1: root= names a device the instance will not have
-CODE_BIOS_CHAIN = "bios-boot-chain-broken"  # 2: GRUB's core image gone, or a chain-loading MBR before a VBR without code
+CODE_BIOS_CHAIN = "bios-boot-chain-broken"  # 2: GRUB's core image gone or a chain-loading MBR before a VBR without code
 CODE_UEFI_REMOVABLE = "esp-no-loader"  # 3: no \EFI\BOOT\BOOTX64.EFI
 CODE_CLOUD_INIT_OFF = "guest-cloud-init-disabled"  # 4: cloud-init installed but not running
 CODE_SSHD_NO_KEYS = "guest-ssh-host-keys-missing"  # 4: no cloud-init and no SSH host keys: sshd fails at boot

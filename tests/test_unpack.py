@@ -267,7 +267,8 @@ def crafted(tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes]], compre
     return path
 
 
-def member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 4096, linkname: str = "") -> tuple[tarfile.TarInfo, bytes]:
+def member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 4096,
+           linkname: str = "") -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.size = size if kind == tarfile.REGTYPE else 0

@@ -135,7 +135,8 @@ def test_extent_files_confined_to_the_descriptor_directory(tmp_path, name):
     (tmp_path / "outside-flat.vmdk").write_bytes(bytes(MiB))
     descriptor = inner / "d.vmdk"
     descriptor.write_text(
-        f'# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 2048 FLAT "{name}" 0\n'
+        '# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+        f'RW 2048 FLAT "{name}" 0\n'
     )
     with pytest.raises(BackingFileError, match="outside the descriptor's directory"):
         open_image(descriptor)
