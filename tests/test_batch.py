@@ -87,7 +87,7 @@ def fleet_plan(src: Path, out: Path) -> list[dict[str, Any]]:
     """21 jobs over every operation: most succeed, some say no, a few fail."""
     jobs: list[dict[str, Any]] = []
     targets = ["qcow2", "vhd", "qcow2", "raw", "qcow2", "vhd"]
-    for number, (source, fmt) in enumerate(zip(sorted(src.glob("disk[0-9].*[!z]")), targets)):
+    for number, (source, fmt) in enumerate(zip(sorted(src.glob("disk[0-9].*[!z]")), targets, strict=True)):
         jobs.append({"id": f"convert-{number}", "op": "convert", "source": str(source),
                      "target": str(out / f"{source.stem}.{fmt}"), "output_format": fmt})
     jobs.append({"id": "convert-bad", "op": "convert", "source": str(src / "bad.qcow2"), "target": str(out / "x.raw")})

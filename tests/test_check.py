@@ -92,7 +92,7 @@ def test_clean_images_agree_with_qemu_img(tmp_path, options, writes):
     qemu_img("create", "-q", "-f", "qcow2", "-o", options, path, "256M")
     if writes:
         qemu_io(path, "qcow2", *writes)
-    theirs, ours = assert_agrees_with_qemu(path)
+    _theirs, ours = assert_agrees_with_qemu(path)
     assert ours.clean and not ours.problems
 
 
@@ -129,7 +129,7 @@ def test_leak_from_a_refcount_raised_on_a_used_cluster(written, tmp_path):
     h = qcow2_header(path)
     cluster = h.refcount_table_offset // h.cluster_size
     write_at(path, first_refcount_block(path) + 2 * cluster, struct.pack(">H", 2))
-    theirs, ours = assert_agrees_with_qemu(path)
+    _theirs, ours = assert_agrees_with_qemu(path)
     assert ours.leaks == 1 and ours.corruptions == 0
 
 
@@ -140,7 +140,7 @@ def test_corruption_two_l2_entries_point_at_one_cluster(tmp_path):
     qemu_io(path, "qcow2", "write -P 7 0 128k")
     l2 = first_l2_table(path)
     write_at(path, l2 + 8, struct.pack(">Q", read_u64(path, l2)))
-    theirs, ours = assert_agrees_with_qemu(path)
+    _theirs, ours = assert_agrees_with_qemu(path)
     assert ours.corruptions == 1 and ours.leaks == 1
     assert any("2 references" in p.message for p in ours.problems)
 
@@ -153,7 +153,7 @@ def test_corruption_refcount_lowered_under_a_data_cluster(tmp_path):
     h = qcow2_header(path)
     data = read_u64(path, first_l2_table(path)) & 0x00FFFFFFFFFFFE00
     write_at(path, first_refcount_block(path) + 2 * (data // h.cluster_size), struct.pack(">H", 0))
-    theirs, ours = assert_agrees_with_qemu(path)
+    _theirs, ours = assert_agrees_with_qemu(path)
     assert ours.corruptions == 2  # refcount 0 < 1 reference, and OFLAG_COPIED disagrees
 
 
@@ -162,7 +162,7 @@ def test_corrupt_bit_is_reported_as_a_flag(written, tmp_path):
     path = copy(written, tmp_path / "flag.qcow2")
     h = qcow2_header(path)
     write_at(path, 72, struct.pack(">Q", h.incompatible_features | 0x2))
-    theirs, ours = assert_agrees_with_qemu(path)
+    _theirs, ours = assert_agrees_with_qemu(path)
     assert ours.flags == ["corrupt"] and not ours.clean and ours.corruptions == 0
 
 
@@ -175,7 +175,7 @@ def test_truncated_qcow2(tmp_path):
     qemu_io(path, "qcow2", "write -P 3 0 128k")
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
-    theirs, ours = assert_agrees_with_qemu(path)
+    _theirs, ours = assert_agrees_with_qemu(path)
     assert ours.truncated and ours.corruptions > 0
     assert any(p.kind == "truncated" for p in ours.problems)
 
@@ -229,7 +229,7 @@ def test_l2_entries_qemu_judges_are_counted_as_qemu_img_check_counts(tmp_path, n
         qemu_io(path, "qcow2", command)
     l2 = first_l2_table(path)
     write_at(path, l2 + where, struct.pack(">Q", damage(read_u64(path, l2 + where))))
-    theirs, ours = assert_agrees_with_qemu(path)
+    _theirs, ours = assert_agrees_with_qemu(path)
     assert ours.corruptions > 0 and any(p.offset == l2 for p in ours.problems), ours.render_text()
 
 

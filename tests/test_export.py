@@ -89,7 +89,7 @@ def test_archives_pass_gzip_t_and_list_one_member(exported: Path) -> None:
 def test_gnu_tar_restores_sparse_files_equal_to_qemu_img(exported: Path, disk_set: dict[str, Path],
                                                          tmp_path: Path) -> None:
     sources = [(disk_set["system"], "qcow2"), (disk_set["vhd"], "vpc"), (disk_set["raw"], "raw")]
-    for file, (source, fmt) in zip(FILES, sources):
+    for file, (source, fmt) in zip(FILES, sources, strict=True):
         run("tar", "-xSzf", exported / file, "-C", tmp_path)
         restored = tmp_path / file.removesuffix(".tar.gz")
         oracle = qemu_raw(source, fmt, tmp_path)
@@ -108,7 +108,7 @@ def test_manifest_records_hashes_of_what_was_written(exported: Path, disk_set: d
     assert [(d["role"], d["device"], d["file"]) for d in disks] == [
         ("system", "xvda", FILES[0]), ("data", "xvdb", FILES[1]), ("data", "xvdc", FILES[2])]
     sources = [(disk_set["system"], "qcow2"), (disk_set["vhd"], "vpc"), (disk_set["raw"], "raw")]
-    for disk, (source, fmt) in zip(disks, sources):
+    for disk, (source, fmt) in zip(disks, sources, strict=True):
         path = exported / disk["file"]
         assert disk["size"] == path.stat().st_size
         assert disk["sha256"] == file_sha256(path)

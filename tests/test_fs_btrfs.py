@@ -263,7 +263,7 @@ def test_volume_shorter_than_its_device_refused(images):
     """A volume cut before the end of the device its superblock describes (as the kernel refuses it)."""
     image = images["default"]
     disk = FileDisk(image)
-    with pytest.raises(CorruptImage, match="device of .* bytes in a volume of"):
+    with pytest.raises(CorruptImage, match=r"device of .* bytes in a volume of"):
         BtrfsFileSystem(disk, 0, COPY)
 
 

@@ -193,7 +193,7 @@ def test_deleted_entries_fragmented_files_and_attributes(tmp_path):
     run("mattrib", "-i", image, "+r", "::/big.bin")
     run("mattrib", "-i", image, "+h", "+s", "::/small/piece 01.bin")
     fs = open_fat(image)
-    starts, runs = fs._file_runs(fs.resolve("/big.bin"))
+    _starts, runs = fs._file_runs(fs.resolve("/big.bin"))
     assert len(runs) > 5  # premise: mtools filled the holes the deletions left
     assert fs.read_file("/big.bin") == big.read_bytes()
     assert assert_tree_equal(fs, small, "/small", check_mode=False) == 15

@@ -9,6 +9,7 @@ host tree, and only its own errors may escape on a damaged image.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import re
@@ -187,7 +188,7 @@ def test_tree_reads_back_as_written(tmp_path: Path, sector: int, cluster: int) -
     assert assert_tree_equal(fs, host, check_mode=False) == host_entries(host) > 180
     # what the tree was meant to exercise is really in the image (as ntfsinfo sees it)
     lcns = [lcn for _, lcn, _ in ntfsinfo_runs(image, "/fragmented.bin") if lcn is not None]
-    assert len(lcns) > 1 and any(later < earlier for earlier, later in zip(lcns, lcns[1:])), lcns
+    assert len(lcns) > 1 and any(later < earlier for earlier, later in itertools.pairwise(lcns)), lcns
     assert "$INDEX_ALLOCATION" in ntfsinfo_attributes(image, "/many")
     assert re.search(r"Resident:\s+Yes", ntfsinfo_attributes(image, "/Windows/System32/config/SOFTWARE")["$DATA"][0])
     attribute_list = ntfsinfo_attributes(image, "/links/original.txt")["$ATTRIBUTE_LIST"][0]
@@ -287,7 +288,7 @@ def test_file_attributes_from_standard_information(built: tuple[Path, Path], tmp
     assert fs.read_file("/Windows/System32/drivers/viostor.sys") == (
         host / "Windows/System32/drivers/viostor.sys").read_bytes()
     assert "encrypted" in fs.stat("/Windows/System32/drivers/tiny.sys").flags
-    with pytest.raises(UnsupportedFormat, match="tiny.sys.*encrypted"):
+    with pytest.raises(UnsupportedFormat, match=r"tiny.sys.*encrypted"):
         fs.read_file("/Windows/System32/drivers/tiny.sys")
 
 
@@ -314,7 +315,8 @@ def test_reparse_points_dos_names_and_compression(tmp_path: Path) -> None:
             os.setxattr(mounted / "Documents and Settings", "system.ntfs_reparse_data",
                         _reparse(0xA0000003, "C:\\Windows", None))
             (mounted / "abs-link").write_bytes(b"")
-            os.setxattr(mounted / "abs-link", "system.ntfs_reparse_data", _reparse(0xA000000C, "C:\\Windows\\Temp", False))
+            os.setxattr(mounted / "abs-link", "system.ntfs_reparse_data",
+                        _reparse(0xA000000C, "C:\\Windows\\Temp", False))
             (mounted / "rel-link").write_bytes(b"")
             os.setxattr(mounted / "rel-link", "system.ntfs_reparse_data", _reparse(0xA000000C, "Windows\\Temp", True))
             (mounted / "other-drive").write_bytes(b"")
@@ -450,7 +452,7 @@ def test_torn_record_is_corruption(built: tuple[Path, Path], tmp_path: Path) -> 
     source, _ = built
     image = tmp_path / "torn.img"
     run("cp", "--sparse=always", source, image)
-    offset, number = _mft_record_offset(image, "/Windows/System32/drivers/viostor.sys")
+    offset, _number = _mft_record_offset(image, "/Windows/System32/drivers/viostor.sys")
     write_at(image, offset + 510, b"\xde\xad")  # the update sequence check value of its first sector
     fs = open_volume(image)
     with pytest.raises(CorruptImage, match="update sequence") as caught:

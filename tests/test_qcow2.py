@@ -111,7 +111,7 @@ def check_info(reader: Qcow2Reader, path: Path) -> None:
     assert [(s.id, s.name, s.vm_state_size) for s in info.snapshots] == [
         (s["id"], s["name"], s["vm-state-size"]) for s in theirs
     ]
-    for ours, their in zip(info.snapshots, theirs):
+    for ours, their in zip(info.snapshots, theirs, strict=True):
         when = datetime.fromtimestamp(their["date-sec"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         assert ours.date == when
     json.dumps(info.to_dict())  # JSON-able
@@ -526,7 +526,7 @@ def test_encrypted_images_are_refused(tmp_path, method):
 def test_external_data_file_is_refused(tmp_path):
     image = tmp_path / "df.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'x.bin'}", image, "1M")
-    with pytest.raises(UnsupportedFormat, match="external data file '.*x.bin' is not supported"):
+    with pytest.raises(UnsupportedFormat, match=r"external data file '.*x.bin' is not supported"):
         open_qcow2(image)
 
 
@@ -896,7 +896,7 @@ def _materialize(entry: dict, tmp_path: Path) -> Path:
 def test_corpus(entry, tmp_path):
     image = _materialize(entry, tmp_path)
     if "data-file" in image.name:
-        with pytest.raises(UnsupportedFormat, match="external data file 'data-file.bin'"):
+        with pytest.raises(UnsupportedFormat, match=r"external data file 'data-file.bin'"):
             open_qcow2(image)
         return
     assert entry["qemu_img_ok"]

@@ -263,7 +263,7 @@ def test_other_block_sizes(tmp_path, block_size):
         else:
             diskimg_to_pipe(out, "convert", source, "-", "-O", "vhd", "-o", f"block_size={block_size}", check=True)
         check_output(out, source, "raw", ODD_SIZE, "dynamic")
-        bat, block = dynamic_layout(out)
+        _bat, block = dynamic_layout(out)
         assert block == (512 * KiB if block_size == "512K" else 16 * MiB)
         assert allocated_blocks(out) == nonzero_blocks(source, block)
 
