@@ -178,7 +178,8 @@ def convert_to_pipe(source, out: Path, **kwargs) -> diskimg.ConvertResult:
     thread = threading.Thread(target=drain)
     thread.start()
     saved = sys.stdout
-    sys.stdout = open(write_end, "w", closefd=True)  # convert() writes to sys.stdout.fileno()
+    # convert() writes to sys.stdout.fileno(); closed in the finally below, before the drain thread is joined
+    sys.stdout = open(write_end, "w", closefd=True)  # noqa: SIM115
     try:
         return diskimg.convert(source, "-", **kwargs)
     finally:
@@ -340,10 +341,10 @@ def materialize(path: Path, size: int, runs: list[tuple[int, int, str]], seed: i
     rng = random.Random(seed)
     image = bytearray(size)
     pieces = []
+    make = {"random": rng.randbytes, "zeros": bytes, "byte": lambda length: bytes([rng.randrange(1, 256)]) * length}
     for offset, length, kind in runs:
         length = min(length, size - offset)
-        data = {"random": lambda: rng.randbytes(length), "zeros": lambda: bytes(length),
-                "byte": lambda: bytes([rng.randrange(1, 256)]) * length}[kind]()
+        data = make[kind](length)
         image[offset : offset + length] = data
         pieces.append((offset, data))
     sparse_file(path, size, pieces)
@@ -387,7 +388,8 @@ def big_sources(tmp_path_factory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("big")
     source = directory / "big.qcow2"
     qemu_img("create", "-f", "qcow2", source, str(BIG))
-    qemu_io(source, "qcow2", *(f"write -P {0x10 + i} {offset} {length}" for i, (offset, length) in enumerate(BIG_WRITES)))
+    qemu_io(source, "qcow2",
+            *(f"write -P {0x10 + i} {offset} {length}" for i, (offset, length) in enumerate(BIG_WRITES)))
     made = {"qcow2": source}
     BIG_ORIGINAL[:] = [source]
     for name, kwargs in BIG_TARGETS.items():
@@ -446,7 +448,8 @@ def test_2000_gib_sparse_between_every_pair(big_sources, tmp_path, source, targe
         # of that plan, and holds the same image
         writer = WRITERS[kwargs["output_format"]]
         with diskimg.open_image(big_sources[source]) as reader:
-            measured = writer.measure(BIG, list(scan_for_zeroes(reader, 4096, None)), parse_options(kwargs.get("options")))
+            measured = writer.measure(BIG, list(scan_for_zeroes(reader, 4096, None)),
+                                      parse_options(kwargs.get("options")))
         command = " ".join([f"'{sys.executable}'", "-m", "diskimg", "convert", "--progress", "none",
                             f"'{big_sources[source]}'", "-", *cli_flags(kwargs)])
         piped = tmp_path / f"piped-{target}"

@@ -253,10 +253,10 @@ def test_links_and_devices_in_a_tar_are_refused(tmp_path: Path, kind: str) -> No
         os.mkfifo(tmp_path / "d" / "link")
     names = ["link", "disk.raw"] if kind != "hardlink" else ["disk.raw", "link"]
     run("tar", "-cf", tmp_path / "x.tar", "-C", tmp_path / "d", *names)
-    with pytest.raises(ArchiveError, match=kind if kind != "fifo" else "fifo"):
-        with diskimg.open_image(tmp_path / "x.tar") as reader:
-            reader.read_at(0, 4096)
-            diskimg.streams.sources.finish_archive(reader)
+    with (pytest.raises(ArchiveError, match=kind if kind != "fifo" else "fifo"),
+          diskimg.open_image(tmp_path / "x.tar") as reader):
+        reader.read_at(0, 4096)
+        diskimg.streams.sources.finish_archive(reader)
 
 
 @requires_qemu

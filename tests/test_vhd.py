@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -210,7 +211,7 @@ def test_bitmap_runs_match_bits(bitmap):
         end = starts[i + 1] if i + 1 < len(starts) else sectors
         expanded += [bits[i]] * (end - start)
     assert expanded == [(bitmap[s >> 3] >> (7 - (s & 7))) & 1 for s in range(sectors)]
-    assert all(a != b for a, b in zip(bits, bits[1:]))
+    assert all(a != b for a, b in itertools.pairwise(bits))
 
 
 def test_host_paths():
@@ -453,6 +454,9 @@ def test_empty_2tb_dynamic_is_one_zero_extent(tmp_path):
 
 # -- differencing disks built from the specification -------------------------------------------
 
+#: one W2ru locator (a Windows path relative to the child, UTF-16LE) naming parent.vhd beside the child
+PARENT_VHD_BESIDE = ((b"W2ru", ".\\parent.vhd".encode("utf-16-le")),)
+
 
 def build_differencing(
     path: Path,
@@ -462,7 +466,7 @@ def build_differencing(
     blocks: dict[int, tuple[bytes, bytes]],
     block_size: int = BLOCK,
     parent_name: str = "parent.vhd",
-    locators: list[tuple[bytes, bytes]] = ((b"W2ru", ".\\parent.vhd".encode("utf-16-le")),),
+    locators: list[tuple[bytes, bytes]] = PARENT_VHD_BESIDE,
     creator: bytes = b"win ",
 ) -> VhdFooter:
     """A differencing VHD: footer copy, header, BAT, locator data, blocks (bitmap + data), footer."""
