@@ -43,7 +43,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, get_args
+from typing import TYPE_CHECKING, Any, BinaryIO, get_args
 
 import zstandard
 from fastcrc import crc64
@@ -65,6 +65,9 @@ from ..formats.reader import DiskReader, Extent, ExtentKind
 from ..streams.tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
 from ..formats.writer import OutputTarget
 
+if TYPE_CHECKING:
+    from ..conversion.sparsify import SparsifiedVolume
+
 #: the file name suffix of each kind of archive
 ARCHIVES: dict[ArchiveKind, str] = {"tar.gz": ".tar.gz", "tar.zst": ".tar.zst", "tar": ".tar", "none": ""}
 LAYOUTS: tuple[ExportLayout, ...] = get_args(ExportLayout)
@@ -84,6 +87,16 @@ _DEVICE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 
 
 @dataclass
+class SparsifiedDisk:
+    """What ``sparsify`` did to one disk of the set (its ``file`` in the export)."""
+
+    file: str
+    #: the volumes' ``sparsified_bytes`` added up
+    sparsified_bytes: int
+    volumes: list[SparsifiedVolume]
+
+
+@dataclass
 class ExportResult:
     name: str
     layout: ExportLayout
@@ -93,6 +106,8 @@ class ExportResult:
     disks: list[ExportedDisk]
     warnings: list[str]
     seconds: float
+    #: with sparsify=True: each disk's volumes, whether their unused space was left out and why not
+    sparsified: list[SparsifiedDisk] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +125,13 @@ class _Disk:
     reader: DiskReader | None = None
     virtual_size: int = 0
     plan: list[Extent] = field(default_factory=list)
+    #: with sparsify: what it does to the disk's volumes (the reader then reads their unused ranges as zeros)
+    sparsified: list[SparsifiedVolume] | None = None
+
+    @property
+    def left_out(self) -> bool:
+        """Whether sparsify leaves anything out of the disk (what its manifest entry records)."""
+        return any(volume.unused_bytes for volume in self.sparsified or ())
 
 
 def export(
@@ -128,6 +150,7 @@ def export(
     allow_backing: bool = False,
     force: bool = False,
     progress: ProgressCallback | None = None,
+    sparsify: bool = False,
 ) -> ExportResult:
     """Export the disk set ``system`` + ``data`` into the folder ``out`` (made if missing): one archive
     per disk, then ``NAME.manifest.json`` and ``NAME.SHA256SUMS``.
@@ -138,7 +161,8 @@ def export(
     zero ranges of at least this size are left out of RAW members and qcow2/VHD allocations (0:
     the source's allocation map only, no pre-scan); ``compress``: compressed qcow2 clusters
     (``archive="none"`` only). ``progress`` is called with ("scan" | "export", done, total) in guest
-    bytes over the whole set.
+    bytes over the whole set. ``sparsify``: what the guests' file systems do not use reads as zeros
+    in the exported disks (``conversion/sparsify.py``); the manifest records it for each disk.
     """
     started = time.monotonic()
     target_format = canonical_format(output_format)
@@ -152,6 +176,8 @@ def export(
     with contextlib.ExitStack() as stack:
         for disk in disks:
             disk.reader = stack.enter_context(open_image(disk.source, allow_backing=allow_backing))
+            if sparsify:
+                _sparsify(disk)
             size = disk.reader.virtual_size
             disk.virtual_size = aligned_size(size, GIB) if layout == "gce" else size
         warnings = _ecs_warnings(disks) if layout == "ecs" else []
@@ -185,7 +211,19 @@ def export(
         _write_text(temporary_sums, sums_path, manifest.sums())
     return ExportResult(name=name, layout=layout, archive=archive, manifest=manifest_path,
                         sums=sums_path, disks=exported, warnings=warnings,
-                        seconds=round(time.monotonic() - started, 3))
+                        seconds=round(time.monotonic() - started, 3),
+                        sparsified=[SparsifiedDisk(d.file, sum(v.sparsified_bytes for v in d.sparsified), d.sparsified)
+                                    for d in disks if d.sparsified is not None] if sparsify else None)
+
+
+def _sparsify(disk: _Disk) -> None:
+    """The disk read with its unused ranges as zeros, and what that does to its volumes."""
+    from ..conversion.sparsify import report, sparsified  # the file-system readers load only when asked for
+
+    assert disk.reader is not None
+    source = disk.reader
+    disk.reader, plan = sparsified(source)
+    disk.sparsified = report(plan, source.extents())
 
 
 def _check_arguments(name: str, target_format: str, archive: ArchiveKind, layout: ExportLayout, compress: bool,
@@ -336,6 +374,7 @@ def _export_archive(disk: _Disk, temporary: str, target_format: str, archive: st
         role=disk.role, device=disk.device, file=disk.file, size=file.size, sha256=file.sha256.hexdigest(),
         crc64ecma=str(file.crc), member=member, format=target_format, virtual_size=disk.virtual_size,
         content_hash=hasher.hexdigest(), source=reader.path, source_format=reader.format,
+        sparsified=disk.left_out,
     )
 
 
@@ -385,14 +424,16 @@ def _export_bare(disk: _Disk, temporary: str, target_format: DiskFormat, compres
         if phase == "convert":  # the converter's own pre-scan is not counted again
             progress("export", done, total)
 
+    # a sparsified disk is converted through its sparsifying reader (left open), as planned
     with reported_as(os.path.join(os.path.dirname(temporary), disk.file), temporary):
-        result = convert(disk.source, temporary, target_format, compress=compress, zero_granularity=granularity,
-                         checksum=True, allow_backing=allow_backing, force=True, progress=report)
+        result = convert(reader if disk.sparsified is not None else disk.source, temporary, target_format,
+                         compress=compress, zero_granularity=granularity, checksum=True, allow_backing=allow_backing,
+                         force=True, progress=report)
     return ExportedDisk(
         role=disk.role, device=disk.device, file=disk.file, size=os.stat(temporary).st_size,
         sha256=result.sha256 or "", crc64ecma=None, member=None, format=target_format,
         virtual_size=result.virtual_size, content_hash=result.content_hash or "", source=reader.path,
-        source_format=reader.format,
+        source_format=reader.format, sparsified=disk.left_out,
     )
 
 
