@@ -128,7 +128,7 @@ class _Collector:
     structures, the shortest given up past MAX_RANGES. A volume's ranges are committed only when its
     file system has yielded them all: one that fails half way leaves none."""
 
-    def __init__(self, disk_size: int, protected: Iterable[tuple[int, int]], limit: int = MAX_RANGES) -> None:
+    def __init__(self, disk_size: int, protected: Iterable[tuple[int, int]]) -> None:
         self.disk_size = disk_size
         merged: list[tuple[int, int]] = []
         for start, end in sorted(protected):
@@ -138,7 +138,7 @@ class _Collector:
                 merged.append((start, end))
         self.protected = merged
         self.protected_starts = [start for start, _ in merged]
-        self.limit = limit
+        self.limit = MAX_RANGES
         self.least = SECTOR_SIZE  # ranges shorter than this are given up
         self.ranges = UnusedRanges()
         self.mark = 0  # where the volume being gathered began
@@ -181,24 +181,25 @@ class _Collector:
             self._thin()
 
     def _thin(self) -> None:
-        """Give up the shortest ranges (they stay data, as if in use), doubling the least length kept
-        until at most half the limit remain."""
+        """Give up the shortest ranges (they stay data, as if in use), keeping the ``limit // 2`` longest (the
+        first of those as long as the last kept, where several are): no range as short is taken from now on."""
         old = self.ranges
-        kept_before_mark = self.mark
-        while len(old) > self.limit // 2:
-            self.least *= 2
-            new = UnusedRanges()
-            kept_before_mark = 0
-            for index, (start, end, volume) in enumerate(old):
-                if end - start >= self.least:
-                    new.starts.append(start)
-                    new.ends.append(end)
-                    new.volumes.append(volume)
-                    if index < self.mark:
-                        kept_before_mark += 1
-            self.mark = kept_before_mark
-            old = new
-        self.ranges = old
+        keep = max(1, self.limit // 2)
+        threshold = sorted((end - start for end, start in zip(old.ends, old.starts, strict=True)),
+                           reverse=True)[keep - 1]
+        room = keep - sum(1 for end, start in zip(old.ends, old.starts, strict=True) if end - start > threshold)
+        self.least = max(self.least, threshold + SECTOR_SIZE)
+        new = UnusedRanges()
+        mark = 0
+        for index, (start, end, volume) in enumerate(old):
+            if end - start < threshold or (end - start == threshold and room <= 0):
+                continue
+            room -= end - start == threshold
+            new.starts.append(start)
+            new.ends.append(end)
+            new.volumes.append(volume)
+            mark += index < self.mark
+        self.ranges, self.mark = new, mark
 
     def finish(self) -> UnusedRanges:
         """The ranges sorted by start (a striped or multi-segment LV maps out of order); disjoint, since

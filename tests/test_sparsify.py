@@ -1,0 +1,450 @@
+"""--sparsify: what the guest's file systems do not use reads as zeros in the output, and nothing else changes.
+
+The engine (``inspection/freespace.py``, ``conversion/sparsify.py``) is tested first with a stand-in file
+system whose ``unused_ranges`` the test chooses (``fake_fs``), on disks made by sfdisk, mkfs, mkswap, LVM2's
+tools, cryptsetup and GRUB's images: where the ranges land on the disk, that everything outside the volumes
+(tables, boot loaders in the gaps, unknown partitions, extended boot records) and every volume that cannot be
+read safely is kept byte for byte, and that the reader, the converter, measure and export report it. Then the
+real drivers: files written and deleted on a loop-mounted file system, the disk converted with --sparsify to
+raw and qcow2, checked against the source byte for byte outside the ranges, by the file system's own checker,
+and by reading every file before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import diskimg
+from diskimg.archives.manifest import parse_manifest
+from diskimg.conversion.sparsify import SparsifiedReader, carve, sparsified_bytes
+from diskimg.errors import UsageError
+from diskimg.formats.reader import Extent, ExtentKind
+from diskimg.inspection import freespace
+from diskimg.inspection.freespace import SparsifyPlan, UnusedRanges, plan_sparsify
+from diskimg.inspection.fs.base import NotSparsifiable
+
+from .conftest import MiB, blank, copy_in, diskimg_cli, qemu_img, read_at, requires_qemu, run, sfdisk, write_at
+
+SECTOR = 512
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+
+def ranges_of(pairs: list[tuple[int, int]], volume: int = 0) -> UnusedRanges:
+    ranges = UnusedRanges()
+    for start, end in pairs:
+        ranges.starts.append(start)
+        ranges.ends.append(end)
+        ranges.volumes.append(volume)
+    return ranges
+
+
+def plan_of(path: Path) -> SparsifyPlan:
+    with diskimg.open_image(path) as reader:
+        return plan_sparsify(reader, reader.virtual_size)
+
+
+def volume_named(plan: SparsifyPlan, name: str) -> freespace.VolumePlan:
+    (found,) = [volume for volume in plan.volumes if volume.name == name]
+    return found
+
+
+def sfdisk_partitions(path: Path) -> list[dict]:
+    """The partitions as sfdisk reads them (the oracle for where they lie), in bytes."""
+    table = json.loads(run("sfdisk", "--json", path).stdout)["partitiontable"]
+    return [{"start": p["start"] * SECTOR, "end": (p["start"] + p["size"]) * SECTOR, "type": p["type"]}
+            for p in table["partitions"]]
+
+
+def ext4_file(path: Path, size: int, *extra: str) -> Path:
+    blank(path, size)
+    run("mkfs.ext4", "-q", "-F", *extra, path)
+    return path
+
+
+def assert_same_outside(source: Path, output: Path, ranges: list[tuple[int, int]]) -> None:
+    """``output`` (RAW) equals ``source`` byte for byte outside ``ranges`` and holds zeros inside them."""
+    size = source.stat().st_size
+    assert output.stat().st_size == size
+    position = 0
+    with open(source, "rb") as a, open(output, "rb") as b:
+        for start, end in [*ranges, (size, size)]:
+            a.seek(position)
+            b.seek(position)
+            while position < start:
+                step = min(4 * MiB, start - position)
+                assert a.read(step) == b.read(step), f"differs in [{position}, {position + step})"
+                position += step
+            b.seek(start)
+            while position < end:
+                step = min(4 * MiB, end - position)
+                assert b.read(step) == bytes(step), f"not zero in [{position}, {position + step})"
+                position += step
+
+
+class FakeFs:
+    """A stand-in for a file system driver: its ``unused_ranges`` are the test's."""
+
+    def __init__(self, ranges: list[tuple[int, int]], fail_after: int | None = None) -> None:
+        self.ranges = ranges
+        self.fail_after = fail_after
+
+    def unused_ranges(self) -> Iterator[tuple[int, int]]:
+        for index, found in enumerate(self.ranges):
+            if index == self.fail_after:
+                raise NotSparsifiable("the journal needs recovery")
+            yield found
+
+
+#: file system type -> (volume length -> the stand-in driver)
+FakeDrivers = dict[str, Callable[[int], FakeFs]]
+
+
+@pytest.fixture
+def fake_fs(monkeypatch: pytest.MonkeyPatch) -> FakeDrivers:
+    """File systems are probed from their real superblocks; those of the types set here are then read by a
+    stand-in driver (the others as having no driver)."""
+    drivers: FakeDrivers = {}
+
+    def open_fake(disk: object, offset: int, length: int, fs_type: str | None = None) -> FakeFs | None:
+        return drivers[fs_type](length) if fs_type in drivers else None
+
+    monkeypatch.setattr(freespace, "open_filesystem", open_fake)
+    return drivers
+
+
+def everything(length: int) -> FakeFs:
+    """A file system that says none of its bytes are in use."""
+    return FakeFs([(0, length)])
+
+
+# -- the reader ------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def disk_and_ranges(draw: st.DrawFn) -> tuple[int, list[tuple[int, bytes]], list[tuple[int, int]]]:
+    """A disk of some sectors with data runs (holes between), and sorted disjoint ranges in whole sectors."""
+    sectors = draw(st.integers(16, 512))
+    cuts = sorted(draw(st.sets(st.integers(0, sectors), min_size=2, max_size=20)))
+    runs = [(a * SECTOR, random.Random(a).randbytes((b - a) * SECTOR))
+            for a, b in zip(cuts[0::2], cuts[1::2], strict=False) if b > a]
+    bounds = sorted(draw(st.sets(st.integers(0, sectors), max_size=20)))
+    ranges = [(a * SECTOR, b * SECTOR) for a, b in zip(bounds[0::2], bounds[1::2], strict=False) if b > a]
+    return sectors * SECTOR, runs, ranges
+
+
+@settings(max_examples=60, deadline=None)
+@given(disk_and_ranges())
+def test_reader_reads_zeros_in_the_ranges_and_the_source_elsewhere(tmp_path_factory: pytest.TempPathFactory,
+                                                                   case: tuple[int, list, list]) -> None:
+    size, runs, pairs = case
+    path = tmp_path_factory.mktemp("reader") / "disk.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in runs:
+            f.seek(offset)
+            f.write(data)
+    expected = bytearray(path.read_bytes())
+    for start, end in pairs:
+        expected[start:end] = bytes(end - start)
+    rng = random.Random(size)
+    with diskimg.open_image(path, "raw") as source:
+        reader = SparsifiedReader(source, ranges_of(pairs))
+        assert reader.read_at(0, size) == expected
+        for _ in range(20):
+            offset = rng.randrange(size)
+            length = rng.randrange(size - offset + 1)
+            assert reader.read_at(offset, length) == expected[offset : offset + length]
+            buffer = bytearray(length)
+            assert reader.readinto_at(offset, buffer) == length and buffer == expected[offset : offset + length]
+        extents = list(reader.extents())
+        source_data = [(e.start, e.end) for e in source.extents() if e.kind is ExtentKind.DATA]
+        reader.close()
+        assert not source.closed  # the source is its opener's to close
+    assert extents[0].start == 0 and extents[-1].end == size
+    assert all(a.end == b.start for a, b in zip(extents, extents[1:], strict=False))
+    in_data = bytearray(size)  # 1 where the wrapper's map says DATA
+    for extent in extents:
+        if extent.kind is ExtentKind.DATA:
+            in_data[extent.start : extent.end] = b"\1" * extent.length
+            assert extent.host_offset == extent.start  # RAW: the data where it lies
+    for start, end in pairs:
+        assert not any(in_data[start:end])
+    was_data = bytearray(size)
+    for start, end in source_data:
+        was_data[start:end] = b"\1" * (end - start)
+    for start, end in pairs:
+        was_data[start:end] = bytes(end - start)
+    assert in_data == was_data  # the source's map less the ranges, nothing else
+
+
+def test_sparsified_bytes_count_the_data_inside_each_volume_s_ranges() -> None:
+    extents = [Extent(0, 4096, ExtentKind.DATA), Extent(4096, 4096, ExtentKind.ZERO),
+               Extent(8192, 8192, ExtentKind.DATA)]
+    ranges = UnusedRanges()
+    for start, end, volume in ((1024, 6144, 0), (7168, 9216, 1), (12288, 20480, 1)):
+        ranges.starts.append(start)
+        ranges.ends.append(end)
+        ranges.volumes.append(volume)
+    # volume 0: 1024-4096 of data (the rest is a hole); volume 1: 8192-9216 and 12288-16384
+    assert sparsified_bytes(extents, ranges, 2) == [3072, 1024 + 4096]
+    carved = list(carve(extents, ranges))
+    assert sum(e.length for e in carved if e.kind is ExtentKind.DATA) == 1024 + (12288 - 9216)
+
+
+def test_a_disk_in_a_compressed_stream_is_refused(tmp_path: Path) -> None:
+    raw = blank(tmp_path / "disk.raw", 4 * MiB)
+    run("gzip", "-k", raw)
+    with pytest.raises(UsageError, match="compressed"):
+        diskimg.convert(str(raw) + ".gz", tmp_path / "out.raw", "raw", sparsify=True)
+
+
+def test_the_qemu_img_backend_cannot_sparsify(tmp_path: Path) -> None:
+    raw = blank(tmp_path / "disk.raw", 4 * MiB)
+    with pytest.raises(UsageError, match="qemu-img backend cannot sparsify"):
+        diskimg.convert(raw, tmp_path / "out.raw", "raw", backend="qemu-img", sparsify=True)
+    assert not (tmp_path / "out.raw").exists()
+    proc = diskimg_cli("convert", raw, tmp_path / "out.raw", "--backend", "qemu-img", "--sparsify")
+    assert proc.returncode == 2 and b"cannot sparsify" in proc.stderr
+
+
+# -- the plan, with a stand-in driver -------------------------------------------------------------------------
+
+
+def gpt_disk_with_ext4(tmp_path: Path, *mkfs: str) -> Path:
+    disk = blank(tmp_path / "disk.raw", 16 * MiB)
+    sfdisk(disk, "label: gpt\nstart=2048, size=16384, type=linux\n")
+    copy_in(disk, ext4_file(tmp_path / "p1.img", 8 * MiB, *mkfs), MiB)
+    return disk
+
+
+def test_ranges_land_on_the_disk_in_whole_sectors(tmp_path: Path, fake_fs: FakeDrivers) -> None:
+    disk = gpt_disk_with_ext4(tmp_path)
+    fake_fs["ext4"] = lambda length: FakeFs([(1000, 5000), (8192, 4096), (12288, 100)])
+    plan = plan_of(disk)
+    (start,) = [p["start"] for p in sfdisk_partitions(disk)]
+    # a range's partial sectors are kept: 1000 rounds up to 1024, 6000 down to 5632; 100 bytes make no sector
+    assert list(plan.ranges) == [(start + 1024, start + 5632, 0), (start + 8192, start + 12288, 0)]
+    volume = volume_named(plan, "partition 1")
+    assert volume.sparsified and volume.file_system == "ext4" and volume.reason is None
+    assert volume.unused_bytes == plan.unused_bytes == (5632 - 1024) + 4096
+
+
+def test_a_file_system_failing_half_way_leaves_nothing_out(tmp_path: Path, fake_fs: FakeDrivers) -> None:
+    disk = gpt_disk_with_ext4(tmp_path)
+    fake_fs["ext4"] = lambda length: FakeFs([(4096, 4096), (16384, 4096), (65536, 4096)], fail_after=2)
+    plan = plan_of(disk)
+    volume = volume_named(plan, "partition 1")
+    assert not volume.sparsified and volume.reason == "the journal needs recovery"
+    assert len(plan.ranges) == 0 and volume.unused_bytes == 0
+
+
+@pytest.mark.parametrize("ranges", [[(8192, 4096), (4096, 4096)], [(4096, 8192), (8192, 4096)],
+                                    [(4096, 8 * MiB)]], ids=["out-of-order", "overlapping", "past-the-end"])
+def test_ranges_out_of_order_or_outside_keep_the_volume_whole(tmp_path: Path, fake_fs: FakeDrivers,
+                                                              ranges: list[tuple[int, int]]) -> None:
+    disk = gpt_disk_with_ext4(tmp_path)
+    fake_fs["ext4"] = lambda length: FakeFs(ranges)
+    plan = plan_of(disk)
+    volume = volume_named(plan, "partition 1")
+    assert not volume.sparsified and "out of order or outside" in (volume.reason or "")
+    assert len(plan.ranges) == 0
+
+
+def test_past_the_limit_the_shortest_ranges_are_given_up(tmp_path: Path, fake_fs: FakeDrivers,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = gpt_disk_with_ext4(tmp_path)
+    rng = random.Random(7)
+    given_ranges = []
+    position = 0
+    for _ in range(1000):
+        position += SECTOR * rng.randrange(1, 4)
+        length = SECTOR * rng.choice((1, 1, 1, 2, 2, 4, 8, 16))
+        given_ranges.append((position, length))
+        position += length
+    fake_fs["ext4"] = lambda length: FakeFs(given_ranges)
+    monkeypatch.setattr(freespace, "MAX_RANGES", 64)
+    plan = plan_of(disk)
+    kept = [(start - MiB, end - start) for start, end, _ in plan.ranges]
+    assert 0 < len(kept) <= 64, plan.volumes
+    assert set(kept) <= set(given_ranges)
+    shortest_kept = min(length for _, length in kept)
+    assert all((start, length) in kept for start, length in given_ranges if length > shortest_kept)
+    assert volume_named(plan, "partition 1").unused_bytes == sum(length for _, length in kept)
+
+
+def test_everything_outside_the_file_systems_is_kept(tmp_path: Path, fake_fs: FakeDrivers) -> None:
+    """An MBR disk as a BIOS machine has it: GRUB's boot.img and core image in the gap after the MBR, an ext4
+    partition, a partition of a type nobody knows full of data, an extended partition of two ext4 logical
+    partitions (their boot records in between). Every ext4 says all of its bytes are free: only they go."""
+    disk = blank(tmp_path / "disk.raw", 64 * MiB)
+    sfdisk(disk, "label: dos\ndisk.raw1 : start=2048, size=16M, type=83\ndisk.raw2 : size=8M, type=da\n"
+                 "disk.raw3 : size=30M, type=5\ndisk.raw5 : size=10M, type=83\ndisk.raw6 : size=10M, type=83\n")
+    gap = random.Random(1).randbytes(2047 * SECTOR)
+    write_at(disk, SECTOR, gap)  # "a boot loader in the gap"
+    write_at(disk, 0, random.Random(2).randbytes(440))  # boot code
+    parts = sfdisk_partitions(disk)
+    by_type = {p["type"] for p in parts}
+    assert by_type == {"83", "da", "5"}
+    for index, part in enumerate(parts):
+        if part["type"] == "83":
+            copy_in(disk, ext4_file(tmp_path / f"p{index}.img", part["end"] - part["start"]), part["start"])
+        elif part["type"] == "da":
+            write_at(disk, part["start"], random.Random(3).randbytes(part["end"] - part["start"]))
+    fake_fs["ext4"] = everything
+    out = tmp_path / "out.raw"
+    result = diskimg.convert(disk, out, "raw", sparsify=True)
+    ext4 = [(p["start"], p["end"]) for p in parts if p["type"] == "83"]
+    assert_same_outside(disk, out, ext4)
+    assert read_at(out, SECTOR, len(gap)) == gap
+    assert sfdisk_partitions(out) == parts  # the extended boot records intact
+    assert result.sparsified is not None
+    kept = {v.name: v.reason for v in result.sparsified if not v.sparsified}
+    assert kept == {"partition 2": "no file system diskimg recognises (partition type: Unknown)"} or \
+        list(kept) == ["partition 2"]
+    assert [v.name for v in result.sparsified if v.sparsified] == ["partition 1", "partition 5", "partition 6"]
+    assert all(v.unused_bytes == v.length for v in result.sparsified if v.sparsified)
+
+
+def test_the_gpt_and_its_backup_are_kept(tmp_path: Path, fake_fs: FakeDrivers) -> None:
+    disk = blank(tmp_path / "disk.raw", 32 * MiB)
+    sfdisk(disk, "label: gpt\nfirst-lba: 34\nstart=34, size=4062, type=21686148-6449-6E6F-744E-656564454649\n"
+                 "start=4096, type=linux\n")
+    parts = sfdisk_partitions(disk)
+    write_at(disk, parts[0]["start"], random.Random(4).randbytes(parts[0]["end"] - parts[0]["start"]))
+    copy_in(disk, ext4_file(tmp_path / "p2.img", parts[1]["end"] - parts[1]["start"]), parts[1]["start"])
+    fake_fs["ext4"] = everything
+    out = tmp_path / "out.raw"
+    result = diskimg.convert(disk, out, "raw", sparsify=True)
+    assert_same_outside(disk, out, [(parts[1]["start"], parts[1]["end"])])
+    run("sgdisk", "-v", out)  # both GPT headers and arrays intact
+    assert result.sparsified is not None
+    assert [(v.name, v.sparsified) for v in result.sparsified] == [("partition 1", False), ("partition 2", True)]
+    assert "BIOS boot" in (result.sparsified[0].reason or "")
+
+
+def mbr_entry(status: int, kind: int, start_lba: int, sectors: int) -> bytes:
+    return struct.pack("<B3sB3sII", status, b"\xfe\xff\xff", kind, b"\xfe\xff\xff", start_lba, sectors)
+
+
+@pytest.mark.parametrize("second", [(8192, 16384), (30720, 8192)], ids=["overlapping", "past-the-disk"])
+def test_partitions_whose_bounds_cannot_be_trusted_are_kept(tmp_path: Path, fake_fs: FakeDrivers,
+                                                           second: tuple[int, int]) -> None:
+    """Hand-written MBR entries (no partitioning tool writes them): partition 2 over partition 1, or past the
+    end of the disk. Neither is touched."""
+    disk = blank(tmp_path / "disk.raw", 16 * MiB)
+    entries = mbr_entry(0, 0x83, 2048, 16384) + mbr_entry(0, 0x83, *second) + bytes(32)
+    write_at(disk, 446, entries + b"\x55\xaa")
+    copy_in(disk, ext4_file(tmp_path / "p1.img", 8 * MiB), MiB)
+    copy_in(disk, ext4_file(tmp_path / "p2.img", MiB), second[0] * SECTOR)
+    assert disk.stat().st_size == 16 * MiB
+    fake_fs["ext4"] = everything
+    plan = plan_of(disk)
+    if second[0] < 2048 + 16384:
+        assert {v.name for v in plan.volumes if not v.sparsified} == {"partition 1", "partition 2"}
+    else:
+        assert [v.name for v in plan.volumes if not v.sparsified] == ["partition 2"]
+    for volume in plan.volumes:
+        if volume.name == "partition 2":
+            assert not volume.sparsified and volume.reason
+    assert all(start >= MiB and end <= 9 * MiB for start, end, _ in plan.ranges)
+
+
+def test_an_md_member_with_its_superblock_at_the_end_is_kept(tmp_path: Path, fake_fs: FakeDrivers) -> None:
+    """An md 1.0 RAID1 member: its data starts at the member's start, so the array's ext4 is probed there; the
+    superblock at the end says what it is."""
+    from .test_volumes_crypt_md import MEMBER_SIZE, md_member
+
+    member, data_offset = md_member(tmp_path / "member.img", "1.0")
+    assert data_offset == 0
+    write_at(member, 0, ext4_file(tmp_path / "fs.img", 8 * MiB).read_bytes())
+    run("mdadm", "--examine", member)  # mdadm agrees it is a member
+    disk = blank(tmp_path / "disk.raw", MEMBER_SIZE + 2 * MiB)
+    sfdisk(disk, f"label: gpt\nstart=2048, size={MEMBER_SIZE // SECTOR}, type=R\n")
+    copy_in(disk, member, MiB)
+    fake_fs["ext4"] = everything
+    plan = plan_of(disk)
+    volume = volume_named(plan, "partition 1")
+    assert not volume.sparsified and volume.file_system == "md"
+    assert "RAID1" in (volume.reason or "") and "identical" in (volume.reason or "")
+    assert len(plan.ranges) == 0
+
+
+@pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="cryptsetup not installed")
+def test_an_encrypted_volume_is_kept(tmp_path: Path) -> None:
+    from .test_volumes_crypt_md import luks_format
+
+    disk = blank(tmp_path / "disk.raw", 24 * MiB)
+    sfdisk(disk, "label: gpt\nstart=2048, size=16M, type=linux\n")
+    copy_in(disk, luks_format(tmp_path / "luks.img", 16 * MiB), MiB)
+    plan = plan_of(disk)
+    volume = volume_named(plan, "partition 1")
+    assert not volume.sparsified and volume.file_system == "luks" and "encrypted" in (volume.reason or "")
+
+
+def swap_disk(tmp_path: Path, hibernated: bool = False) -> tuple[Path, int, int]:
+    disk = blank(tmp_path / "disk.raw", 24 * MiB)
+    sfdisk(disk, "label: gpt\nstart=2048, size=16M, type=swap\n")
+    swap = blank(tmp_path / "swap.img", 16 * MiB)
+    run("mkswap", "-p", "4096", swap)
+    write_at(swap, 4096, random.Random(5).randbytes(16 * MiB - 4096))  # what the kernel swapped out
+    if hibernated:
+        write_at(swap, 4096 - 10, b"S1SUSPEND\0")
+    copy_in(disk, swap, MiB)
+    return disk, MiB, 16 * MiB
+
+
+def test_swap_is_unused_after_its_header_page(tmp_path: Path) -> None:
+    disk, start, size = swap_disk(tmp_path)
+    out = tmp_path / "out.qcow2"
+    result = diskimg.convert(disk, out, "qcow2", sparsify=True)
+    raw = tmp_path / "out.raw"
+    qemu_img("convert", "-O", "raw", out, raw)
+    assert_same_outside(disk, raw, [(start + 4096, start + size)])
+    assert result.sparsified is not None
+    (volume,) = result.sparsified
+    assert volume.file_system == "swap" and volume.unused_bytes == size - 4096
+    assert volume.sparsified_bytes == size - 4096  # all of it was data in the source
+    assert result.sparsified_bytes == volume.sparsified_bytes
+    if shutil.which("swaplabel"):  # util-linux still finds the swap area's header
+        partition = tmp_path / "swap-out.img"
+        partition.write_bytes(read_at(raw, start, size))
+        run("swaplabel", partition)
+
+
+def test_a_hibernated_swap_is_kept(tmp_path: Path) -> None:
+    disk, _, _ = swap_disk(tmp_path, hibernated=True)
+    plan = plan_of(disk)
+    volume = volume_named(plan, "partition 1")
+    assert not volume.sparsified and "hibernated" in (volume.reason or "") and len(plan.ranges) == 0
+
+
+@pytest.mark.parametrize("edit,words", [("feature needs_recovery", "not cleanly unmounted"),
+                                        ("ssv state 0", "not clean"), ("ssv state 3", "errors")])
+def test_a_file_system_whose_state_is_not_clean_is_kept(tmp_path: Path, fake_fs: FakeDrivers, edit: str,
+                                                        words: str) -> None:
+    """Whatever its driver would say: the superblock's state is enough (debugfs sets it as a crash leaves it)."""
+    disk = blank(tmp_path / "disk.raw", 16 * MiB)
+    sfdisk(disk, "label: gpt\nstart=2048, size=16384, type=linux\n")
+    part = ext4_file(tmp_path / "p1.img", 8 * MiB)
+    run("debugfs", "-w", "-R", edit, part)
+    copy_in(disk, part, MiB)
+    fake_fs["ext4"] = everything
+    out = tmp_path / "out.raw"
+    result = diskimg.convert(disk, out, "raw", sparsify=True)
+    assert result.sparsified is not None
+    (volume,) = result.sparsified
+    assert not volume.sparsified and words in (volume.reason or "")
+    assert out.read_bytes() == disk.read_bytes()
