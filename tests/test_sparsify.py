@@ -13,6 +13,7 @@ and by reading every file before and after.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -28,13 +29,14 @@ from hypothesis import given, settings, strategies as st
 import diskimg
 from diskimg.archives.manifest import parse_manifest
 from diskimg.conversion.sparsify import SparsifiedReader, carve, sparsified_bytes
-from diskimg.errors import UsageError
+from diskimg.errors import ArchiveError, UsageError
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.inspection import freespace
 from diskimg.inspection.freespace import SparsifyPlan, UnusedRanges, plan_sparsify
 from diskimg.inspection.fs.base import NotSparsifiable
 
-from .conftest import MiB, blank, copy_in, diskimg_cli, qemu_img, read_at, requires_qemu, run, sfdisk, write_at
+from .conftest import (MiB, blank, copy_in, diskimg_cli, diskimg_to_pipe, qemu_img, read_at, requires_qemu, run, sfdisk,
+                       write_at)
 
 SECTOR = 512
 
@@ -174,7 +176,7 @@ def test_reader_reads_zeros_in_the_ranges_and_the_source_elsewhere(tmp_path_fact
         reader.close()
         assert not source.closed  # the source is its opener's to close
     assert extents[0].start == 0 and extents[-1].end == size
-    assert all(a.end == b.start for a, b in zip(extents, extents[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(extents))
     in_data = bytearray(size)  # 1 where the wrapper's map says DATA
     for extent in extents:
         if extent.kind is ExtentKind.DATA:
@@ -448,3 +450,113 @@ def test_a_file_system_whose_state_is_not_clean_is_kept(tmp_path: Path, fake_fs:
     (volume,) = result.sparsified
     assert not volume.sparsified and words in (volume.reason or "")
     assert out.read_bytes() == disk.read_bytes()
+
+
+# -- reporting: convert, measure and export, on a disk whose swap area is all the unused space --------------
+
+
+def qemu_data_bytes_inside(image: Path, fmt: str, ranges: list[tuple[int, int]]) -> int:
+    """The bytes ``qemu-img map`` calls data inside ``ranges`` (the oracle of ``sparsified_bytes``)."""
+    total = 0
+    for entry in json.loads(qemu_img("map", "--output=json", "-f", fmt, image)):
+        if entry["data"]:
+            start, end = entry["start"], entry["start"] + entry["length"]
+            total += sum(max(0, min(end, b) - max(start, a)) for a, b in ranges)
+    return total
+
+
+@requires_qemu
+def test_convert_json_reports_each_volume_and_the_bytes_left_out(tmp_path: Path) -> None:
+    disk, start, size = swap_disk(tmp_path)
+    qcow2 = tmp_path / "src.qcow2"
+    qemu_img("convert", "-O", "qcow2", disk, qcow2)  # zero clusters of the swap's header page left out
+    proc = diskimg_cli("convert", qcow2, tmp_path / "out.qcow2", "--sparsify", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    (volume,) = result["sparsified"]
+    assert volume == {"name": "partition 1", "offset": start, "length": size, "file_system": "swap",
+                      "sparsified": True, "reason": None, "unused_bytes": size - 4096,
+                      "sparsified_bytes": qemu_data_bytes_inside(qcow2, "qcow2", [(start + 4096, start + size)])}
+    assert result["sparsified_bytes"] == volume["sparsified_bytes"] > 0
+    # the source's map is reported as it is; what was carried is less by what sparsify left out
+    plain = json.loads(diskimg_cli("convert", qcow2, tmp_path / "plain.qcow2", "--json").stdout)
+    assert result["allocated_bytes"] == plain["allocated_bytes"]
+    assert result["bytes_read"] == plain["bytes_read"] - volume["sparsified_bytes"]
+    assert "sparsified" in plain and plain["sparsified"] is None
+    run("qemu-img", "check", tmp_path / "out.qcow2")
+    assert (tmp_path / "out.qcow2").stat().st_size < (tmp_path / "plain.qcow2").stat().st_size - size // 2
+
+
+def test_convert_says_in_words_what_it_kept_and_why(tmp_path: Path) -> None:
+    disk, _, _ = swap_disk(tmp_path, hibernated=True)
+    proc = diskimg_cli("convert", disk, tmp_path / "out.raw", "--sparsify", text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "sparsify: partition 1 (swap): kept byte for byte: it holds a hibernated system" in proc.stderr
+    assert "None" not in proc.stderr and "True" not in proc.stderr
+
+
+@requires_qemu
+@pytest.mark.parametrize("fmt", ["qcow2", "vhd", "raw"])
+def test_measure_gives_the_size_with_and_without(tmp_path: Path, fmt: str) -> None:
+    disk, _, size = swap_disk(tmp_path)
+    measured = json.loads(diskimg_cli("measure", disk, "-O", fmt, "--sparsify", "--json").stdout)
+    plain = json.loads(diskimg_cli("measure", disk, "-O", fmt, "--json").stdout)
+    assert measured["required_unsparsified"] == plain["required"]
+    (volume,) = measured["sparsified"]
+    assert volume["sparsified_bytes"] == plain["data_bytes"] - measured["data_bytes"] == size - 4096
+    # the figure is the size of what convert --sparsify streams (the exact plan: -S 0 on both sides)
+    streamed = tmp_path / f"streamed.{fmt}"
+    diskimg_to_pipe(streamed, "convert", "-S", "0", "--sparsify", disk, "-", "-O", fmt, check=True)
+    assert measured["required"] == streamed.stat().st_size
+    if fmt == "qcow2":
+        qemu_measured = json.loads(qemu_img("measure", "--output=json", "-O", "qcow2", "-f", "qcow2",
+                                            tmp_path / f"streamed.{fmt}"))
+        assert measured["required"] >= qemu_measured["required"]
+    text = diskimg_cli("measure", disk, "-O", fmt, "--sparsify", text=True).stdout
+    saved = plain["required"] - measured["required"]
+    assert f"required size without --sparsify: {plain['required']}" in text
+    assert "sparsify: partition 1 (swap): 16 MiB unused, 16 MiB of data freed" in text
+    assert saved > 0 if fmt != "raw" else saved == 0  # a RAW file is as large as the disk either way
+
+
+@requires_qemu
+@pytest.mark.parametrize("archive", ["tar.gz", "none"])
+def test_export_records_it_in_the_manifest(tmp_path: Path, archive: str) -> None:
+    disk, start, size = swap_disk(tmp_path)
+    data = blank(tmp_path / "data.raw", 8 * MiB)  # no partition table: nothing to sparsify, said so
+    out = tmp_path / "export"
+    proc = diskimg_cli("export", "--name", "m", "--system", disk, "--data", data, "--out", out, "--format", "qcow2",
+                       "--archive", archive, "--sparsify", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    system, data_disk = result["sparsified"]
+    assert system["volumes"][0]["unused_bytes"] == size - 4096 and system["sparsified_bytes"] == size - 4096
+    assert data_disk["volumes"][0]["name"] == "disk" and not data_disk["volumes"][0]["sparsified"]
+    manifest = json.loads((out / "m.manifest.json").read_text())
+    assert [d["sparsified"] for d in manifest["disks"]] == [True, False]
+    assert diskimg_cli("verify", out, "--deep", cwd="/tmp").returncode == 0
+    restored = tmp_path / "restored"
+    unpacked = diskimg_cli("unpack", out / "m.manifest.json", "--out", restored, "-O", "raw", "--json")
+    assert unpacked.returncode == 0, unpacked.stderr
+    (system_raw,) = restored.glob("m_system*")
+    assert_same_outside(disk, system_raw, [(start + 4096, start + size)])
+
+
+def test_manifests_without_the_key_still_read(tmp_path: Path) -> None:
+    disk = {"file": "a.qcow2", "sha256": "0" * 64, "format": "qcow2", "size": 1, "virtual_size": 512}
+    old = parse_manifest(json.dumps({"disks": [disk]}).encode(), "old.manifest.json")
+    assert old.disks[0].sparsified is False
+    new = parse_manifest(json.dumps({"disks": [{**disk, "sparsified": True}]}).encode(), "new.manifest.json")
+    assert new.disks[0].sparsified is True
+    with pytest.raises(ArchiveError, match="'sparsified' must be a bool"):
+        parse_manifest(json.dumps({"disks": [{**disk, "sparsified": "yes"}]}).encode(), "bad.manifest.json")
+
+
+def test_batch_plans_take_sparsify(tmp_path: Path) -> None:
+    disk, start, size = swap_disk(tmp_path)
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text(json.dumps({"id": "a", "op": "convert", "source": str(disk), "target": str(tmp_path / "o.raw"),
+                                "sparsify": True}) + "\n")
+    proc = diskimg_cli("batch", plan, "--jobs", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_outside(disk, tmp_path / "o.raw", [(start + 4096, start + size)])
