@@ -560,3 +560,84 @@ def test_batch_plans_take_sparsify(tmp_path: Path) -> None:
     proc = diskimg_cli("batch", plan, "--jobs", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     assert_same_outside(disk, tmp_path / "o.raw", [(start + 4096, start + size)])
+
+
+# -- LVM2 ------------------------------------------------------------------------------------------------------
+
+
+def union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def lvm_fixtures() -> tuple:
+    from . import test_lvm
+
+    return test_lvm.needs_lvm, test_lvm.lvm_tools, test_lvm.two_disks
+
+
+needs_lvm, lvm_tools, two_disks = lvm_fixtures()
+
+
+@needs_lvm
+def test_free_extents_and_the_logical_volumes_file_systems_go(lvm_tools, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                              fake_fs: FakeDrivers) -> None:
+    """Two PVs on one disk: a linear LV, a striped LV over both, free extents between and after. With every
+    ext4 saying it uses nothing, what goes is exactly the free extents and the LVs' extents as LVM2's own
+    reports place them; the PVs' labels and metadata areas stay."""
+    from .test_lvm import EXTENT, place_striped, unique_vg
+
+    disk = blank(tmp_path / "disk.raw", 64 * MiB)
+    sfdisk(disk, "label: gpt\nstart=2048, size=28M, type=lvm\nsize=28M, type=lvm\n")
+    parts = sfdisk_partitions(disk)
+    devices = [lvm_tools.attach(disk, part["start"], part["end"] - part["start"]) for part in parts]
+    vg = unique_vg("sparsify")
+    lvm_tools("pvcreate", "-q", *devices)
+    lvm_tools("vgcreate", "-q", vg, *devices)
+    lvm_tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-l", "2", "-n", "root", vg,
+              f"{devices[0]}:0-1")
+    lvm_tools("lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-Wn", "-i", "2", "-I", "64k", "-l", "2", "-n",
+              "stripes", vg, f"{devices[0]}:3-3", f"{devices[1]}:1-1")
+    pe_starts = {pv["pv_name"]: int(pv["pe_start"]) for pv in lvm_tools.report("pvs", "pv_name,pe_start", *devices)}
+
+    def on_disk(device: str, first: int, count: int) -> tuple[int, int]:
+        _, offset = lvm_tools.where(device)
+        start = offset + pe_starts[device] + first * EXTENT
+        return start, start + count * EXTENT
+
+    segments = lvm_tools.report("pvs", "pv_name,pvseg_start,pvseg_size,lv_name", "--segments", *devices)
+    free = [on_disk(s["pv_name"], int(s["pvseg_start"]), int(s["pvseg_size"])) for s in segments if not s["lv_name"]]
+    used = [on_disk(s["pv_name"], int(s["pvseg_start"]), int(s["pvseg_size"])) for s in segments if s["lv_name"]]
+    assert len(free) >= 3 and len(used) == 3
+    write_at(disk, used[0][0], ext4_file(tmp_path / "root.img", 2 * EXTENT).read_bytes())
+    (stripes,) = lvm_tools.report("lvs", "seg_pe_ranges,stripe_size", f"{vg}/stripes")
+    place_striped(lvm_tools, stripes["seg_pe_ranges"], int(stripes["stripe_size"]),
+                  ext4_file(tmp_path / "stripes.img", 2 * EXTENT), pe_starts)
+    fake_fs["ext4"] = everything
+    plan = plan_of(disk)
+    by_name = {volume.name: volume for volume in plan.volumes}
+    assert set(by_name) == {"partition 1", "partition 2", f"LV {vg}/root", f"LV {vg}/stripes"}
+    assert all(volume.sparsified for volume in plan.volumes), plan.volumes
+    assert by_name[f"LV {vg}/root"].unused_bytes == by_name[f"LV {vg}/stripes"].unused_bytes == 2 * EXTENT
+    assert union([(start, end) for start, end, _ in plan.ranges]) == union(free + used)
+    out = tmp_path / "out.raw"
+    diskimg.convert(disk, out, "raw", sparsify=True)
+    assert_same_outside(disk, out, union(free + used))
+    lvm_tools.attach(out, parts[0]["start"], parts[0]["end"] - parts[0]["start"])
+    assert "root" in lvm_tools("lvs", vg)  # LVM2 still reads its metadata on the output
+
+
+@needs_lvm
+def test_a_volume_group_with_a_physical_volume_elsewhere_is_kept(two_disks) -> None:  # type: ignore[no-untyped-def]
+    """The system disk of a machine whose volume group spans its data disk too: converted alone, nothing of
+    the group is touched (the data disk may hold newer metadata)."""
+    plan = plan_of(two_disks.system)
+    lvm = [volume for volume in plan.volumes if volume.file_system == "lvm2" or volume.name.startswith("LV ")]
+    assert lvm and all(not volume.sparsified for volume in lvm)
+    assert all("not on this disk" in (volume.reason or "") or "missing" in (volume.reason or "") for volume in lvm)
+    assert len(plan.ranges) == 0
