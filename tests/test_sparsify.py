@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -641,3 +642,210 @@ def test_a_volume_group_with_a_physical_volume_elsewhere_is_kept(two_disks) -> N
     assert lvm and all(not volume.sparsified for volume in lvm)
     assert all("not on this disk" in (volume.reason or "") or "missing" in (volume.reason or "") for volume in lvm)
     assert len(plan.ranges) == 0
+
+
+# -- the real drivers: files written and deleted, the disk converted, everything checked --------------------
+
+
+def reads_free_space(driver: str) -> bool:
+    """Whether the driver ``module:Class`` of ``fs/`` reads its file system's free-space maps yet."""
+    import importlib
+
+    from diskimg.inspection.fs.base import GuestFileSystem
+
+    module, name = driver.split(":")
+    cls = getattr(importlib.import_module(f"diskimg.inspection.fs.{module}"), name)
+    return bool(cls.unused_ranges is not GuestFileSystem.unused_ranges)
+
+
+needs_mount = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
+                                 reason="files are written and deleted on a loop-mounted file system: root only")
+needs_ext_driver = pytest.mark.skipif(not reads_free_space("ext:ExtFileSystem"),
+                                      reason="the ext driver does not read its block bitmaps yet")
+needs_fat_driver = pytest.mark.skipif(not reads_free_space("fat:FatFileSystem"),
+                                      reason="the FAT driver does not read its allocation table yet")
+
+
+def churn(image: Path, mirror: Path, seed: int, *mount_options: str) -> int:
+    """Loop-mount ``image`` and use it as a guest does: files and folders written, large files deleted, a file
+    truncated and rewritten, more files written into the freed space; the final tree copied to ``mirror``.
+    Returns the bytes of the files deleted (their data stays in the freed blocks)."""
+    rng = random.Random(seed)
+    mount = image.parent / f"mnt-{image.stem}"
+    mount.mkdir()
+    run("mount", "-o", ",".join(("loop", *mount_options)), image, mount)
+    deleted = 0
+    try:
+        (mount / "etc").mkdir(exist_ok=True)
+        (mount / "etc" / "hostname").write_text(f"guest-{seed}\n")
+        (mount / "var" / "log").mkdir(parents=True, exist_ok=True)
+        big = []
+        for number in range(6):
+            path = mount / "var" / f"cache-{number}.bin"
+            path.write_bytes(rng.randbytes(rng.randrange(1, 4) * MiB + rng.randrange(4096)))
+            big.append(path)
+        for number in range(40):
+            (mount / "var" / "log" / f"log-{number}.txt").write_bytes(rng.randbytes(rng.randrange(20000)))
+        os.sync()
+        for path in big[::2]:
+            deleted += path.stat().st_size
+            path.unlink()
+        with open(mount / "var" / "log" / "log-1.txt", "r+b") as f:
+            f.truncate(100)
+            f.seek(5000)
+            f.write(b"sparse tail")
+        (mount / "home").mkdir(exist_ok=True)
+        (mount / "home" / "after-delete.bin").write_bytes(rng.randbytes(MiB + 123))
+        if "vfat" not in mount_options:
+            os.symlink("../etc/hostname", mount / "home" / "hostname-link")
+        os.sync()
+        shutil.copytree(mount, mirror, symlinks=True, ignore=shutil.ignore_patterns("lost+found"))
+    finally:
+        run("umount", mount)
+    return deleted
+
+
+def guest_tree(disk: object, offset: int, length: int) -> dict[str, tuple[str, int, str]]:
+    """Every file, folder and link of the file system as diskimg's reader sees it: type, size, SHA-256 of the
+    data or the link's target."""
+    from diskimg.inspection.fs import open_filesystem
+
+    fs = open_filesystem(disk, offset, length)  # type: ignore[arg-type]
+    assert fs is not None
+    tree = {}
+    for path, info in fs.walk("/"):
+        if info.is_file:
+            digest = hashlib.sha256(b"".join(fs.iter_file(path))).hexdigest()
+        elif info.is_symlink:
+            digest = fs.readlink(path)
+        else:
+            digest = ""
+        tree[path] = (info.type.value, info.size if not info.is_dir else 0, digest)
+    return tree
+
+
+def dumpe2fs_free(image: Path) -> list[tuple[int, int]]:
+    """The free blocks ``dumpe2fs`` lists, as byte ranges of the file system (the oracle of its free space)."""
+    text = run("dumpe2fs", image).stdout.decode()
+    block = int(re.search(r"^Block size:\s+(\d+)", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    free = []
+    for line in re.findall(r"^\s+Free blocks: (.*)$", text, re.MULTILINE):
+        for item in filter(None, (part.strip() for part in line.split(","))):
+            first, _, last = item.partition("-")
+            free.append((int(first) * block, (int(last or first) + 1) * block))
+    return union(free)
+
+
+def inside(ranges: list[tuple[int, int]], allowed: list[tuple[int, int]]) -> bool:
+    """Whether every range lies within the union ``allowed`` (sorted, merged)."""
+    starts = [start for start, _ in allowed]
+    import bisect
+
+    for start, end in ranges:
+        index = bisect.bisect_right(starts, start) - 1
+        if index < 0 or allowed[index][1] < end:
+            return False
+    return True
+
+
+@needs_mount
+@needs_ext_driver
+@needs_fat_driver
+@requires_qemu
+@pytest.mark.parametrize("layout", ["gpt", "mbr"])
+def test_a_used_disk_sparsified_reads_the_same_files(tmp_path: Path, layout: str) -> None:
+    """A BIOS machine's disk after some use: GRUB (boot.img in the MBR, its core image in the gap after it or in
+    a BIOS boot partition), an ESP (FAT16), an ext4 root, swap, a partition of unknown type; files written and
+    deleted on the ESP and the root. Converted with --sparsify to qcow2 and raw: byte for byte the source
+    outside the ranges diskimg reports and zeros inside them; the ext4's ranges among the blocks dumpe2fs calls
+    free; e2fsck and fsck.fat find nothing wrong; every file, folder and link reads the same."""
+    from .conftest import write_boot_code
+
+    rng = random.Random(layout)
+    disk = blank(tmp_path / "disk.raw", 96 * MiB)
+    unknown = "3E1E8B1B-7A54-4C6F-9B2E-6B1F0C9D2A10"
+    if layout == "gpt":
+        sfdisk(disk, "label: gpt\nstart=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649\n"
+                     "size=16M, type=U\nsize=48M, type=linux\nsize=8M, type=swap\n"
+                     f"size=4M, type={unknown}\n")
+        roles = {1: "bios", 2: "fat", 3: "ext4", 4: "swap", 5: "unknown"}
+    else:
+        sfdisk(disk, "label: dos\ndisk.raw1 : start=2048, size=48M, type=83, bootable\n"
+                     "disk.raw2 : size=8M, type=82\ndisk.raw3 : size=30M, type=5\n"
+                     "disk.raw5 : size=16M, type=e\ndisk.raw6 : size=4M, type=da\n")
+        roles = {1: "ext4", 2: "swap", 5: "fat", 6: "unknown"}
+    numbered = [p for p in sfdisk_partitions(disk) if p["type"] not in ("5",)]
+    parts = {number: numbered[index] for index, number in enumerate(sorted(roles))}
+    write_boot_code(disk, core_lba=parts[1]["start"] // SECTOR if layout == "gpt" else None)
+    mirrors, deleted = {}, {}
+    for number, role in roles.items():
+        start, length = parts[number]["start"], parts[number]["end"] - parts[number]["start"]
+        image = tmp_path / f"p{number}.img"
+        if role == "ext4":
+            tree = tmp_path / "base"
+            (tree / "etc").mkdir(parents=True)
+            (tree / "etc" / "fstab").write_text("/dev/sda1 / ext4 defaults 0 1\n")
+            ext4_file(image, length, "-d", str(tree))
+            deleted[number] = churn(image, tmp_path / f"mirror-{number}", 1)
+        elif role == "fat":
+            blank(image, length)
+            run("mkfs.fat", "-F", "16", image)
+            deleted[number] = churn(image, tmp_path / f"mirror-{number}", 2, "vfat")
+        elif role == "swap":
+            blank(image, length)
+            run("mkswap", image)
+            write_at(image, 4096, rng.randbytes(length - 4096))
+        elif role == "unknown":
+            image.write_bytes(rng.randbytes(length))
+        if role != "bios":
+            copy_in(disk, image, start)
+    plan = plan_of(disk)
+    ranges = union([(start, end) for start, end, _ in plan.ranges])
+    by_name = {volume.name: volume for volume in plan.volumes}
+    ext4_number = next(number for number, role in roles.items() if role == "ext4")
+    ext4_start = parts[ext4_number]["start"]
+    ext4_ranges = [(start - ext4_start, end - ext4_start) for start, end, index in plan.ranges
+                   if plan.volumes[index].name == f"partition {ext4_number}"]
+    free = dumpe2fs_free(tmp_path / f"p{ext4_number}.img")
+    assert inside(ext4_ranges, free)  # nothing ext4 uses is left out
+    assert sum(end - start for start, end in ext4_ranges) >= 0.9 * sum(end - start for start, end in free)
+    for number, role in roles.items():
+        volume = by_name[f"partition {number}"]
+        assert volume.sparsified == (role in ("ext4", "fat", "swap")), volume
+        if role in ("ext4", "fat"):
+            assert volume.unused_bytes >= deleted[number]
+    assert "BIOS boot" in (by_name.get("partition 1").reason or "") if layout == "gpt" else True
+
+    for fmt in ("qcow2", "raw"):
+        out = tmp_path / f"out.{fmt}"
+        proc = diskimg_cli("convert", disk, out, "-O", fmt, "--sparsify", "--json")
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert [v["name"] for v in result["sparsified"]] == [v.name for v in plan.volumes]
+        assert result["sparsified_bytes"] == sum(v["sparsified_bytes"] for v in result["sparsified"])
+        assert result["sparsified_bytes"] == qemu_data_bytes_inside(disk, "raw", ranges)
+        raw = out if fmt == "raw" else tmp_path / "qcow2-as.raw"
+        if fmt == "qcow2":
+            run("qemu-img", "check", out)
+            qemu_img("convert", "-O", "raw", out, raw)
+        assert_same_outside(disk, raw, ranges)
+        for number, role in roles.items():
+            start, length = parts[number]["start"], parts[number]["end"] - parts[number]["start"]
+            if role not in ("ext4", "fat"):
+                continue
+            extracted = tmp_path / f"out-p{number}.img"
+            extracted.write_bytes(read_at(raw, start, length))
+            run("e2fsck", "-fn", extracted) if role == "ext4" else run("fsck.fat", "-n", extracted)
+            with diskimg.open_image(disk) as before, diskimg.open_image(out) as after:
+                assert guest_tree(after, start, length) == guest_tree(before, start, length)
+            from diskimg.inspection.fs import open_filesystem
+
+            from .fs_compare import assert_tree_equal
+
+            with diskimg.open_image(out) as after:
+                fs = open_filesystem(after, start, length)
+                assert fs is not None
+                assert assert_tree_equal(fs, tmp_path / f"mirror-{number}", check_mode=role == "ext4") > 40
+    plain = tmp_path / "plain.qcow2"
+    qemu_img("convert", "-O", "qcow2", disk, plain)
+    assert (tmp_path / "out.qcow2").stat().st_size < plain.stat().st_size - sum(deleted.values()) // 2
