@@ -32,8 +32,8 @@ sys.path.insert(0, HERE)
 from bench_validate import sh, time_validate  # noqa: E402  (the helpers of the validate benchmark)
 
 from diskimg.units import parse_size  # noqa: E402
-from tests.conftest import GRUB_BOOT_CODE  # noqa: E402
-from tests.guest_builders import RHEL_KERNEL, initramfs, new_uuid, rhel_tree, write_tree  # noqa: E402
+from tests.support.disks import write_boot_code  # noqa: E402
+from tests.support.guests import RHEL_KERNEL, initramfs, new_uuid, rhel_tree, write_tree  # noqa: E402
 
 MiB = 1 << 20
 
@@ -66,8 +66,7 @@ def build(directory: Path, size: int, files: int) -> Path:
     with open(raw, "wb") as f:
         f.truncate(size)
     sh("sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(raw), input=b"label: dos\nstart=2048, type=83, bootable\n")
-    with open(raw, "r+b") as f:
-        f.write(GRUB_BOOT_CODE)
+    write_boot_code(raw)  # GRUB's BIOS chain, as the test disks have it
     root_start = MiB
     blocks = (size - root_start) // 4096
     sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-U", root_uuid, "-d", str(tree_dir), "-E",

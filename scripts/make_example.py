@@ -3,7 +3,7 @@
 
 A 20 GiB disk (sparse) with an MBR and one 63 MiB ext4 partition holding an Ubuntu-shaped system
 (os-release, fstab by label, grub.cfg, a kernel with virtio built in, an initramfs made by cpio and
-zstd, netplan with DHCP, cloud-init), laid out by the test suite's builders (tests/guest_builders.py)
+zstd, netplan with DHCP, cloud-init), laid out by the test suite's builders (tests/support/guests.py)
 so that it is importable into ECS as a BIOS system disk. The MBR's bootstrap area holds a 4-byte
 stand-in for boot code (cli; hlt; jmp $-1); the kernel and boot code are stand-ins, not bootable.
 Needs sfdisk, mkfs.ext4, cpio, zstd and qemu-img. Run from the repository root:
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.guest_builders import ext4_image, mbr_disk, ubuntu_tree, write_tree  # noqa: E402
+from tests.support.guests import ext4_image, mbr_disk, ubuntu_tree, write_tree  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 #: fixed, so that rebuilding gives the same disk

@@ -18,21 +18,10 @@ from typing import Any
 
 import pytest
 
-from .conftest import (
-    ROOT,
-    GiB,
-    MiB,
-    copy_in,
-    default_sigint,
-    diskimg_cli,
-    qemu_compare,
-    qemu_img,
-    qemu_io,
-    requires_qemu,
-    run,
-    write_boot_code,
-)
-from .guest_builders import ext4_image, mbr_disk, new_uuid, ubuntu_tree, write_tree
+from .support.disks import copy_in, write_boot_code
+from .support.guests import ext4_image, mbr_disk, new_uuid, ubuntu_tree, write_tree
+from .support.tools import ROOT, default_sigint, diskimg_cli, qemu_compare, qemu_img, qemu_io, requires_qemu, run
+from .support.units import GiB, MiB
 
 pytestmark = requires_qemu
 

@@ -16,23 +16,12 @@ from diskimg.detection.check import check
 from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
 from diskimg.formats.qcow2.structures import decode_refcount_block
 
-from .conftest import (
-    MiB,
-    corpus_entries,
-    corpus_params,
-    corpus_file,
-    diskimg_cli,
-    first_l2_table,
-    l1_entries_all_pointing_at_the_first_l2_table,
-    first_refcount_block,
-    qcow2_header,
-    qemu_img,
-    qemu_io,
-    read_u64,
-    requires_qemu,
-    run,
-    write_at,
-)
+from .support.corpus import corpus_entries, corpus_file, corpus_params
+from .support.files import read_u64, write_at
+from .support.images import (first_l2_table, first_refcount_block, l1_entries_all_pointing_at_the_first_l2_table,
+                             qcow2_header)
+from .support.tools import diskimg_cli, qemu_img, qemu_io, requires_qemu, run
+from .support.units import MiB
 
 
 def qemu_check(path: Path) -> dict:

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from .conftest import (FIXTURES, MiB, blank, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io,
-                       requires_qemu, run)
+from .support.files import blank
+from .support.tools import FIXTURES, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io, requires_qemu, run
+from .support.units import MiB
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:
@@ -208,7 +209,7 @@ def test_vhd_size_rule_on_every_command_that_opens_a_vhd(tmp_path):
     describes less than its current_size (Virtual PC's geometry for that size written into it)."""
     from diskimg.formats.vhd.structures import chs_geometry
 
-    from .test_vhd import rewrite_footers
+    from .support.images import rewrite_footers
 
     vhd = tmp_path / "d.vhd"
     qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", vhd, "1000M")

@@ -24,7 +24,9 @@ import pytest
 import diskimg
 import diskimg.conversion.compare as compare_module
 
-from .conftest import ROOT, GiB, KiB, MiB, diskimg_cli, qemu_img, qemu_io, requires_qemu, run, sparse_file
+from .support.files import sparse_file
+from .support.tools import ROOT, diskimg_cli, qemu_img, qemu_io, requires_qemu, run
+from .support.units import GiB, KiB, MiB
 
 pytestmark = requires_qemu
 

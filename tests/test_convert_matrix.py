@@ -25,23 +25,10 @@ from diskimg.errors import UsageError
 from diskimg.formats import WRITERS
 from diskimg.formats.writer import parse_options
 
-from .conftest import (
-    ROOT,
-    GiB,
-    KiB,
-    MiB,
-    content_hash_by_definition,
-    default_sigint,
-    diskimg_cli,
-    diskimg_to_pipe,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    requires_qemu,
-    run,
-    sparse_file,
-)
+from .support.digests import content_hash_by_definition, file_sha256
+from .support.files import leftovers, sparse_file
+from .support.tools import ROOT, default_sigint, diskimg_cli, diskimg_to_pipe, qemu_img, qemu_io, requires_qemu, run
+from .support.units import GiB, KiB, MiB
 
 pytestmark = requires_qemu
 
@@ -571,10 +558,6 @@ def test_json_refused_on_a_pipe(sources, tmp_path):
 
 
 # -- atomic outputs --------------------------------------------------------------------------------
-
-
-def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
 
 
 def test_existing_target_refused_without_force(sources, tmp_path):

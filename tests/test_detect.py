@@ -24,9 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 try:  # tests as a package, or as a plain directory on sys.path
-    from .conftest import corpus_dir, corpus_manifest, corpus_params, qemu_img, requires_qemu, run
+    from .support.corpus import corpus_dir, corpus_manifest, corpus_params
+    from .support.tools import qemu_img, requires_qemu, run
 except ImportError:
-    from conftest import corpus_dir, corpus_manifest, corpus_params, qemu_img, requires_qemu, run  # type: ignore[no-redef]
+    from support.corpus import corpus_dir, corpus_manifest, corpus_params  # type: ignore[no-redef]
+    from support.tools import qemu_img, requires_qemu, run  # type: ignore[no-redef]
 from diskimg.formats.vmdk.structures import READ_CREATE_TYPES
 from diskimg.inspection.disk_start import identify_start
 from diskimg.detection.probe import check_forced, detect

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (GiB, MiB, content_hash_by_definition, diskimg_cli, file_sha256, qemu_compare, qemu_img,
-                       qemu_io, qemu_raw, requires_qemu, run, sparse_file)
+from .support.digests import content_hash_by_definition, file_sha256
+from .support.files import sparse_file
+from .support.tools import diskimg_cli, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
+from .support.units import GiB, MiB
 
 pytestmark = [requires_qemu, pytest.mark.skipif(
     shutil.which("tar") is None or b"GNU tar" not in subprocess.run(["tar", "--version"], capture_output=True).stdout,

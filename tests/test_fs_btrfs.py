@@ -15,14 +15,12 @@ import random
 import re
 import shutil
 import struct
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from fastcrc import crc32
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diskimg import open_image
 from diskimg.errors import CorruptImage, DiskImageError, UnsupportedFormat
@@ -31,14 +29,16 @@ from diskimg.inspection.fs.btrfs import BtrfsFileSystem
 from diskimg.inspection.fs.lzo import LzoError, decompress
 from diskimg.inspection.signatures import probe
 
-from .conftest import FileDisk, MiB, blank, copy_in, qemu_img, requires_qemu, run, sfdisk
-from .fs_compare import assert_tree_equal
+from .support.disks import FileDisk, copy_in, sfdisk
+from .support.files import blank, write_at
+from .support.filesystems import BTRFS_SIZE, Mounted, can_mount, make_btrfs
+from .support.fs_compare import assert_tree_equal
+from .support.tools import qemu_img, requires_qemu, run
+from .support.units import MiB
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None,
                                 reason="btrfs-progs (mkfs.btrfs, btrfs) not installed")
 
-#: large enough for the superblock copy at 64 MiB; the image is sparse
-FS_SIZE = 256 * MiB
 SUPERBLOCK = 0x10000
 COPY = 64 * MiB
 
@@ -93,13 +93,6 @@ def build_tree(root: Path, wide: int = 1500) -> Path:
     return root
 
 
-def make_btrfs(image: Path, tree: Path | None, *options: str, size: int = FS_SIZE) -> Path:
-    """mkfs.btrfs on a sparse file of ``size`` bytes, filled from ``tree``."""
-    blank(image, size)
-    run("mkfs.btrfs", "-q", "-f", *(("--rootdir", tree) if tree is not None else ()), *options, image)
-    return image
-
-
 def dump_super(image: Path, copy: int = 0) -> dict[str, str]:
     """``btrfs inspect-internal dump-super`` as field -> value (first word)."""
     out = run("btrfs", "inspect-internal", "dump-super", "-s", str(copy), image).stdout.decode()
@@ -122,12 +115,6 @@ def open_btrfs(image: Path, **kwargs) -> BtrfsFileSystem:
     fs = open_filesystem(disk, 0, disk.virtual_size)
     assert isinstance(fs, BtrfsFileSystem)
     return fs
-
-
-def patch(image: Path, position: int, data: bytes) -> None:
-    with open(image, "r+b") as f:
-        f.seek(position)
-        f.write(data)
 
 
 def rechecksum(image: Path, position: int, size: int) -> None:
@@ -224,9 +211,9 @@ def test_dup_metadata_read_from_its_second_copy(images, tree, tmp_path):
     run("cp", "--sparse=always", images["default"], image)
     logical = int(re.search(r"^(?:leaf|node) (\d+) ", dump_tree(image, "-t", "fs"), re.M).group(1))
     first, second = physical(image, logical)
-    patch(image, first + 200, b"\xee")
+    write_at(image, first + 200, b"\xee")
     assert assert_tree_equal(open_btrfs(image), tree) > 1530
-    patch(image, second + 200, b"\xee")
+    write_at(image, second + 200, b"\xee")
     with pytest.raises(CorruptImage, match="checksum mismatch"):
         open_btrfs(image)
 
@@ -242,7 +229,7 @@ def test_probe_reads_the_same_superblock(images, tmp_path):
     # a log tree left to replay (its address set, the checksum made right): the log is not read
     logged = tmp_path / "logged.img"
     run("cp", "--sparse=always", image, logged)
-    patch(logged, SUPERBLOCK + 0x60, struct.pack("<Q", int(sb["root"])))
+    write_at(logged, SUPERBLOCK + 0x60, struct.pack("<Q", int(sb["root"])))
     rechecksum(logged, SUPERBLOCK, 4096)
     assert dump_super(logged)["log_root"] == sb["root"]
     found = probe(FileDisk(logged), 0, image.stat().st_size)
@@ -259,15 +246,15 @@ def test_damaged_primary_superblock_read_from_its_copy(images, tree, tmp_path):
     assert int(copy["bytenr"]) == COPY
     for position, value in ((SUPERBLOCK + 0x40, b"XXXXXXXX"), (SUPERBLOCK + 0x200, b"\x77")):
         run("cp", "--sparse=always", images["default"], image)
-        patch(image, position, value)
-        found = probe(FileDisk(image), 0, FS_SIZE)
+        write_at(image, position, value)
+        found = probe(FileDisk(image), 0, BTRFS_SIZE)
         assert found is not None and found.type == "btrfs" and found.uuid == copy["fsid"]
         assert found.state == ("needs_repair" if position == SUPERBLOCK + 0x40 else None)
         fs = open_btrfs(image)
         assert fs.volume.superblock_offset == COPY
         assert fs.volume.superblock.generation == int(copy["generation"])
         assert assert_tree_equal(fs, tree) > 1530
-    patch(image, COPY + 0x300, b"\x77")
+    write_at(image, COPY + 0x300, b"\x77")
     with pytest.raises(CorruptImage, match="no sound superblock"):
         open_btrfs(image)
 
@@ -291,7 +278,7 @@ def test_two_device_file_system_refused(tmp_path):
     with pytest.raises(UnsupportedFormat, match="2 devices"):
         open_btrfs(first)
     assert "RAID1" in run("btrfs", "inspect-internal", "dump-super", "-f", first).stdout.decode()
-    patch(first, SUPERBLOCK + 0x88, struct.pack("<Q", 1))
+    write_at(first, SUPERBLOCK + 0x88, struct.pack("<Q", 1))
     rechecksum(first, SUPERBLOCK, 4096)
     with pytest.raises(UnsupportedFormat, match="RAID1 profile"):
         open_btrfs(first)
@@ -304,7 +291,7 @@ def test_unknown_and_unread_features_refused(images, tmp_path):
     for bit, message in ((0x1000, "zoned"), (1 << 40, "unknown features")):
         run("cp", "--sparse=always", images["default"], image)
         incompat = int(dump_super(image)["incompat_flags"], 16)
-        patch(image, SUPERBLOCK + 0xBC, struct.pack("<Q", incompat | bit))
+        write_at(image, SUPERBLOCK + 0xBC, struct.pack("<Q", incompat | bit))
         rechecksum(image, SUPERBLOCK, 4096)
         assert int(dump_super(image)["incompat_flags"], 16) == incompat | bit
         with pytest.raises(UnsupportedFormat, match=message):
@@ -314,14 +301,14 @@ def test_unknown_and_unread_features_refused(images, tmp_path):
 @requires_qemu
 @pytest.mark.skipif(shutil.which("sfdisk") is None, reason="sfdisk not installed")
 def test_through_qcow2_partition(images, tree, tmp_path):
-    raw = blank(tmp_path / "disk.raw", FS_SIZE + 2 * MiB)
-    sfdisk(raw, f"label: gpt\nstart=2048, size={FS_SIZE // 512}\n")
+    raw = blank(tmp_path / "disk.raw", BTRFS_SIZE + 2 * MiB)
+    sfdisk(raw, f"label: gpt\nstart=2048, size={BTRFS_SIZE // 512}\n")
     start = json.loads(run("sfdisk", "--json", raw).stdout)["partitiontable"]["partitions"][0]["start"] * 512
     copy_in(raw, images["default"], start)
     qcow2 = tmp_path / "disk.qcow2"
     qemu_img("convert", "-O", "qcow2", raw, qcow2)
     with open_image(qcow2) as disk:
-        fs = open_filesystem(disk, start, FS_SIZE)
+        fs = open_filesystem(disk, start, BTRFS_SIZE)
         assert isinstance(fs, BtrfsFileSystem)
         assert assert_tree_equal(fs, tree / "sizes", "/sizes") + assert_tree_equal(fs, tree / "links", "/links") > 10
 
@@ -329,23 +316,8 @@ def test_through_qcow2_partition(images, tree, tmp_path):
 # -- what only the kernel writes -----------------------------------------------------------------------
 
 
-class Mounted:
-    """A btrfs image mounted on a loop device (root only), unmounted by ``close``."""
-
-    def __init__(self, image: Path, where: Path, options: str) -> None:
-        where.mkdir()
-        self.where = where
-        options = f"loop,{options}" if options else "loop"
-        proc = subprocess.run(["mount", "-o", options, str(image), str(where)], capture_output=True, check=False)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a btrfs loop device here: {proc.stderr.decode().strip()}")
-
-    def close(self) -> None:
-        run("umount", self.where)
 
 
-def can_mount() -> bool:
-    return os.geteuid() == 0 and shutil.which("mount") is not None
 
 
 def write_text_file(path: Path, rng: random.Random, size: int) -> None:
@@ -546,7 +518,7 @@ def test_tree_cycle_refused(images, tmp_path):
     assert fs_root, "the file tree of 4 KiB nodes has an internal root"
     logical = int(fs_root.group(1))
     (position,) = physical(image, logical)
-    patch(image, position + 101 + 17, struct.pack("<Q", logical))  # first pointer -> the node itself
+    write_at(image, position + 101 + 17, struct.pack("<Q", logical))  # first pointer -> the node itself
     rechecksum(image, position, 4096)
     with pytest.raises(CorruptImage, match="level"):
         walk_everything(open_btrfs(image))
@@ -557,7 +529,7 @@ def test_chunk_past_the_device_refused(images, tmp_path):
     image = tmp_path / "chunk.img"
     run("cp", "--sparse=always", images["single-4k-nodes"], image)
     # sys_chunk_array: key (17 bytes), chunk item (48 bytes), then the first stripe: devid, offset
-    patch(image, SUPERBLOCK + 0x32B + 17 + 48 + 8, struct.pack("<Q", FS_SIZE - 4096))
+    write_at(image, SUPERBLOCK + 0x32B + 17 + 48 + 8, struct.pack("<Q", BTRFS_SIZE - 4096))
     rechecksum(image, SUPERBLOCK, 4096)
     with pytest.raises(CorruptImage, match="past the device"):
         open_btrfs(image)

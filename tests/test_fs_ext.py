@@ -18,8 +18,11 @@ from diskimg.errors import CorruptImage, DiskImageError
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ext import ExtFileSystem
 
-from .conftest import MiB, BytesDisk, blank, mkfs_into, qemu_img, read_at, run, sfdisk, write_at
-from .fs_compare import assert_tree_equal
+from .support.disks import BytesDisk, mkfs_into, sfdisk
+from .support.files import blank, read_at, write_at
+from .support.fs_compare import assert_tree_equal
+from .support.tools import qemu_img, run
+from .support.units import MiB
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(tool) for tool in ("mkfs.ext4", "debugfs", "e2fsck", "dumpe2fs")),

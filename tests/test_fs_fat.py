@@ -1,6 +1,6 @@
 """The FAT driver (diskimg/fs/fat.py) against volumes made by mkfs.fat and mtools.
 
-The oracle is the host tree each volume was built from (tests/fs_compare.py), mtools' own listing
+The oracle is the host tree each volume was built from (tests/support/fs_compare.py), mtools' own listing
 (mdir) for short names, and structures located in the image independently of the driver (the BPB
 read here with struct) for the corruption cases.
 """
@@ -21,8 +21,12 @@ from diskimg.errors import CorruptImage
 from diskimg.inspection.fs import GuestPathError, open_filesystem
 from diskimg.inspection.fs.fat import FatFileSystem, find_efi_loaders
 
-from .conftest import MiB, FileDisk, blank, copy_in, read_at, run, sgdisk, write_at
-from .fs_compare import assert_tree_equal
+from .support.disks import FileDisk, copy_in, sgdisk
+from .support.files import blank, read_at, write_at
+from .support.filesystems import make_fat
+from .support.fs_compare import assert_tree_equal
+from .support.tools import run
+from .support.units import MiB
 
 TOOLS = ("mkfs.fat", "mcopy", "mdel", "mattrib", "mdir")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
@@ -67,12 +71,6 @@ def build_tree(root: Path) -> Path:
         for name in filenames + dirnames:
             os.utime(os.path.join(dirpath, name), (MTIME, MTIME))
     return root
-
-
-def make_fat(image: Path, bits: int, size_kib: int, tree: Path) -> Path:
-    run("mkfs.fat", "-F", str(bits), "-n", "TESTVOL", "-C", image, str(size_kib))
-    run("mcopy", "-s", "-m", "-i", image, *sorted(tree.iterdir()), "::")
-    return image
 
 
 def open_fat(image: Path) -> FatFileSystem:
@@ -137,7 +135,7 @@ def tree(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("bits", sorted(VOLUMES))
 def test_volume_reads_as_the_tree_it_was_built_from(tmp_path, tree, bits):
-    image = make_fat(tmp_path / "fat.img", bits, VOLUMES[bits], tree)
+    image = make_fat(tmp_path / "fat.img", tree, bits, VOLUMES[bits], label="TESTVOL", keep_times=True)
     fs = open_fat(image)
     assert fs.type == f"fat{bits}"
     # root: 6 files, sizes/, nested/ and its 4 levels, many/
@@ -159,7 +157,7 @@ def test_volume_reads_as_the_tree_it_was_built_from(tmp_path, tree, bits):
 
 
 def test_names_case_flags_and_short_aliases(tmp_path, tree):
-    image = make_fat(tmp_path / "fat.img", 16, VOLUMES[16], tree)
+    image = make_fat(tmp_path / "fat.img", tree, 16, VOLUMES[16], label="TESTVOL", keep_times=True)
     raw = image.read_bytes()
     # premise: mtools kept "readme.txt" as a bare 8.3 entry with the NT lower-case flags
     at = raw.find(b"README  TXT")
@@ -215,7 +213,7 @@ def test_esp_loaders_and_a_qcow2_gpt_disk(tmp_path, tree):
         (esp_tree / path).write_bytes(content)
     shutil.copytree(tree / "sizes", esp_tree / "sizes")
     part_size = 40 * MiB
-    part = make_fat(tmp_path / "esp.img", 32, part_size >> 10, esp_tree)
+    part = make_fat(tmp_path / "esp.img", esp_tree, 32, part_size >> 10, label="TESTVOL", keep_times=True)
     assert sorted(find_efi_loaders(FileDisk(part), 0, part_size)) == ["EFI/BOOT/BOOTX64.EFI",
                                                                      "EFI/debian/grubx64.efi"]
     disk = blank(tmp_path / "disk.raw", 64 * MiB)

@@ -18,7 +18,6 @@ import random
 import resource
 import shutil
 import signal
-import subprocess
 import time
 import traceback
 from collections.abc import Iterator
@@ -31,7 +30,10 @@ import diskimg
 from diskimg.errors import DiskImageError
 from diskimg.inspection.fs import DRIVERS, GuestFileSystem, open_filesystem
 
-from .conftest import MiB, blank, run
+from .support.files import blank
+from .support.filesystems import make_btrfs, make_fat, make_xfs, mkntfs, ntfs3g
+from .support.tools import run
+from .support.units import MiB
 
 SECTOR = 512
 #: variants per volume; the seed of variant i of a volume is "<type>:<i>"
@@ -68,68 +70,18 @@ def build_tree(root: Path, rng: random.Random, symlinks: bool) -> Path:
     return root
 
 
-def protofile_lines(directory: Path) -> list[str]:
-    """mkfs.xfs's protofile entries for ``directory`` (mkfs.xfs(8), -p)."""
-    lines = []
-    for path in sorted(directory.iterdir()):
-        if path.is_symlink():
-            lines.append(f"{path.name} l--777 0 0 {os.readlink(path)}")
-        elif path.is_dir():
-            lines += [f"{path.name} d--755 0 0", *protofile_lines(path), "$"]
-        else:
-            lines.append(f"{path.name} ---644 0 0 {path}")
-    return lines
-
-
-def make_fat(image: Path, tree: Path, bits: int, size_kib: int) -> None:
-    run("mkfs.fat", "-F", str(bits), "-C", image, str(size_kib))
-    run("mcopy", "-s", "-i", image, *sorted(tree.iterdir()), "::")
-
-
 def make_ext4(image: Path, tree: Path) -> None:
     blank(image, 8 * MiB)
     run("mkfs.ext4", "-q", "-F", "-b", "1024", "-d", tree, image)
 
 
-def make_xfs(image: Path, tree: Path) -> None:
-    proto = image.with_suffix(".proto")
-    proto.write_text("\n".join(["unused", "0 0", "d--755 0 0", *protofile_lines(tree), "$", ""]))
-    blank(image, 320 * MiB)  # mkfs.xfs refuses smaller; sparse
-    run("mkfs.xfs", "-q", "-f", "-p", proto, image)
-
-
-def make_btrfs(image: Path, tree: Path) -> None:
-    """mkfs.btrfs --rootdir with its defaults (DUP metadata: a broken node is read from its mirror)."""
-    blank(image, 160 * MiB)  # past the superblock copy at 64 MiB; sparse
-    run("mkfs.btrfs", "-q", "-f", "--rootdir", tree, image)
-
-
 def make_ntfs(image: Path, tree: Path) -> None:
     """mkntfs, then the tree copied in through ntfs-3g."""
-    blank(image, 8 * MiB)
-    run("mkntfs", "-F", "-Q", "-s", "512", "-c", "1024", image)
+    mkntfs(image, 8 * MiB, 1024)
     if not shutil.which("fusermount") or not os.access("/dev/fuse", os.W_OK):
         pytest.skip("FUSE is not usable here: ntfs-3g cannot fill the volume")
-    where = image.with_suffix(".mnt")
-    where.mkdir()
-    proc = subprocess.Popen(["ntfs-3g", "-o", "no_detach", str(image), str(where)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.ismount(where):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            pytest.skip("ntfs-3g cannot mount here")
-        time.sleep(0.02)
-    try:
+    with ntfs3g(image, image.with_suffix(".mnt")) as where:
         shutil.copytree(tree, where, symlinks=True, dirs_exist_ok=True)
-    finally:
-        for _ in range(50):
-            if subprocess.run(["fusermount", "-u", str(where)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        proc.wait(timeout=30)
 
 
 #: type -> (tools needed, builder, symlinks in the tree)
@@ -140,7 +92,8 @@ VOLUMES = {
     "ext4": (("mkfs.ext4",), make_ext4, True),
     "xfs": (("mkfs.xfs",), make_xfs, True),
     "ntfs": (("mkntfs", "ntfs-3g"), make_ntfs, True),
-    "btrfs": (("mkfs.btrfs",), make_btrfs, True),
+    # mkfs.btrfs's defaults (DUP metadata: a broken node is read from its mirror), past the superblock copy at 64 MiB
+    "btrfs": (("mkfs.btrfs",), lambda image, tree: make_btrfs(image, tree, size=160 * MiB), True),
 }
 
 

@@ -15,10 +15,7 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,48 +25,13 @@ from diskimg.errors import CorruptImage, DiskImageError, UnsupportedFormat
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.ntfs import NtfsFileSystem, parse_boot_sector
 
-from .conftest import MiB, BytesDisk, blank, copy_in, qemu_img, read_at, run, sfdisk, write_at
-from .fs_compare import assert_tree_equal
-
-TOOLS = ("mkntfs", "ntfs-3g", "ntfsinfo", "fusermount")
-
-
-def need_tools() -> None:
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)}")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        pytest.skip("/dev/fuse is not usable: ntfs-3g cannot mount here")
-
-
-def mkntfs(image: Path, size: int, cluster: int, sector: int = 512) -> Path:
-    blank(image, size)
-    run("mkntfs", "-F", "-Q", "-s", str(sector), "-c", str(cluster), image)
-    return image
-
-
-@contextmanager
-def ntfs3g(image: Path, where: Path) -> Iterator[Path]:
-    """``image`` mounted read-write by ntfs-3g at ``where``; unmounted, and written out, on exit."""
-    where.mkdir(exist_ok=True)
-    proc = subprocess.Popen(["ntfs-3g", "-o", "no_detach", str(image), str(where)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not os.path.ismount(where):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                proc.kill()
-            error = proc.communicate()[1].decode(errors="replace")
-            pytest.skip(f"ntfs-3g cannot mount here: {error.strip()[-200:]}")
-        time.sleep(0.02)
-    try:
-        yield where
-    finally:
-        for _ in range(50):
-            if subprocess.run(["fusermount", "-u", str(where)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        proc.wait(timeout=60)  # the volume is closed (and flushed) when ntfs-3g exits
+from .support.digests import sha256_stream
+from .support.disks import BytesDisk, copy_in, sfdisk
+from .support.files import blank, read_at, write_at
+from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g
+from .support.fs_compare import assert_tree_equal
+from .support.tools import qemu_img, run
+from .support.units import MiB
 
 
 def ntfsinfo(image: Path, *args: str) -> str:
@@ -161,7 +123,7 @@ def populate(root: Path, large: int = 3 * MiB) -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 64 MiB volume with 4 KiB clusters holding ``populate``'s tree, and that tree on the host."""
-    need_tools()
+    need_ntfs_tools()
     base = tmp_path_factory.mktemp("ntfs")
     host = base / "host"
     host.mkdir()
@@ -173,7 +135,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 class PreadDisk:
-    """A disk file kept open (conftest's FileDisk opens the file for every read)."""
+    """A disk file kept open (support.disks's FileDisk opens the file for every read)."""
 
     def __init__(self, path: Path) -> None:
         self.fd = os.open(path, os.O_RDONLY)
@@ -193,19 +155,12 @@ def host_entries(root: Path) -> int:
     return sum(len(dirs) + len(files) for _, dirs, files in os.walk(root))
 
 
-def sha256(chunks) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 # -- tests ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cluster", [512, 4096, 65536, 131072, 2 * MiB])
 def test_boot_sector_geometry_as_ntfsinfo_reports_it(tmp_path: Path, cluster: int) -> None:
-    need_tools()
+    need_ntfs_tools()
     image = mkntfs(tmp_path / "v.img", 64 * MiB, cluster)
     info = ntfsinfo(image, "-m")
     boot = parse_boot_sector(read_at(image, 0, 512))
@@ -220,7 +175,7 @@ def test_boot_sector_geometry_as_ntfsinfo_reports_it(tmp_path: Path, cluster: in
 @pytest.mark.parametrize(("sector", "cluster"), [(512, 512), (512, 4096), (512, 131072), (4096, 4096)])
 def test_tree_reads_back_as_written(tmp_path: Path, sector: int, cluster: int) -> None:
     """Every cluster size encoding, 4 KiB sectors (and then 4 KiB MFT records) too."""
-    need_tools()
+    need_ntfs_tools()
     host = tmp_path / "host"
     host.mkdir()
     populate(host, large=2 * MiB)
@@ -348,7 +303,7 @@ def _reparse(tag: int, target: str, relative: bool | None) -> bytes:
 
 
 def test_reparse_points_dos_names_and_compression(tmp_path: Path) -> None:
-    need_tools()
+    need_ntfs_tools()
     image = mkntfs(tmp_path / "v.img", 32 * MiB, 4096)
     text = b"compressible text, again and again. " * 9000
     with ntfs3g(image, tmp_path / "mnt") as mounted:
@@ -418,7 +373,7 @@ def test_partition_of_an_image_through_open_filesystem(built: tuple[Path, Path],
         fs = open_filesystem(reader, MiB, 64 * MiB)
         assert isinstance(fs, NtfsFileSystem)
         assert assert_tree_equal(fs, host, check_mode=False) == host_entries(host) > 180
-        assert sha256(fs.iter_file("/Windows/System32/config/SYSTEM")) == hashlib.sha256(
+        assert sha256_stream(fs.iter_file("/Windows/System32/config/SYSTEM")) == hashlib.sha256(
             (host / "Windows/System32/config/SYSTEM").read_bytes()).hexdigest()
 
 
@@ -446,7 +401,7 @@ def _new_files(mounted: Path, host: Path, count: int) -> None:
 
 def test_fragmented_mft(tmp_path: Path) -> None:
     """A full volume, then many new files: $MFT grows into the clusters a deleted file freed."""
-    need_tools()
+    need_ntfs_tools()
     image = mkntfs(tmp_path / "v.img", 12 * MiB, 4096)
     host = tmp_path / "host"
     host.mkdir()
@@ -464,7 +419,7 @@ def test_fragmented_mft(tmp_path: Path) -> None:
 def test_mft_with_an_attribute_list(tmp_path: Path) -> None:
     """Free space left only in one-cluster holes, then thousands of new files: $MFT grows in hundreds
     of pieces, more runs than its record 0 holds, so its own $DATA continues in an extension record."""
-    need_tools()
+    need_ntfs_tools()
     image = mkntfs(tmp_path / "v.img", 16 * MiB, 4096)
     host = tmp_path / "host"
     (host / "holes").mkdir(parents=True)
@@ -524,7 +479,7 @@ def _walk_everything(fs: NtfsFileSystem) -> None:
 
 
 def test_damaged_metadata_raises_only_diskimage_errors(tmp_path: Path) -> None:
-    need_tools()
+    need_ntfs_tools()
     host = tmp_path / "host"
     host.mkdir()
     image = mkntfs(tmp_path / "small.img", 8 * MiB, 4096)

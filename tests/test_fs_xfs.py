@@ -8,7 +8,6 @@ import os
 import random
 import re
 import shutil
-import stat
 import subprocess
 import time
 from pathlib import Path
@@ -20,13 +19,16 @@ from diskimg.errors import CorruptImage, DiskImageError
 from diskimg.inspection.fs import FileType, open_filesystem
 from diskimg.inspection.fs.xfs import XfsFileSystem
 
-from .conftest import MiB, FileDisk, blank, copy_in, qemu_img, requires_qemu, run, sfdisk
-from .fs_compare import assert_tree_equal
+from .support.disks import FileDisk, copy_in, sfdisk
+from .support.files import blank
+from .support.filesystems import XFS_SIZE, make_xfs
+from .support.fs_compare import assert_tree_equal
+from .support.tools import qemu_img, requires_qemu, run
+from .support.units import MiB
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.xfs") is None or shutil.which("xfs_db") is None,
                                 reason="xfsprogs (mkfs.xfs, xfs_db) not installed")
 
-FS_SIZE = 320 * MiB  # mkfs.xfs refuses much smaller file systems; the image is sparse
 
 #: symbolic link targets longer than the inode's literal area (v5: 336 bytes, v4 with 256-byte
 #: inodes: 156) are kept in blocks
@@ -83,34 +85,6 @@ def build_tree(root: Path, counts: tuple[int, ...] = (50, 500, 2000), long_link:
     (root / "日本語").mkdir()
     (root / "日本語/файл").write_bytes(b"\xd1\x84\n")
     (root / "日本語").chmod(0o750)
-
-
-def protofile_lines(directory: Path) -> list[str]:
-    """The entries of ``directory`` in mkfs.xfs's protofile syntax (see mkfs.xfs(8), -p)."""
-    lines = []
-    for name in sorted(os.listdir(directory)):
-        path = directory / name
-        info = path.lstat()
-        special = ("u" if info.st_mode & stat.S_ISUID else "-") + ("g" if info.st_mode & stat.S_ISGID else "-")
-        perm = f"{stat.S_IMODE(info.st_mode) & 0o777:03o}"
-        if stat.S_ISLNK(info.st_mode):
-            lines.append(f"{name} l--777 0 0 {os.readlink(path)}")
-        elif stat.S_ISDIR(info.st_mode):
-            lines.append(f"{name} d{special}{perm} 0 0")
-            lines.extend(protofile_lines(path))
-            lines.append("$")
-        else:
-            lines.append(f"{name} -{special}{perm} 0 0 {path}")
-    return lines
-
-
-def make_xfs(image: Path, tree: Path, *options: str, size: int = FS_SIZE) -> Path:
-    """mkfs.xfs on a sparse file of ``size`` bytes, populated from ``tree`` through a protofile."""
-    proto = image.with_suffix(".proto")
-    proto.write_text("\n".join(["unused", "0 0", "d--755 0 0", *protofile_lines(tree), "$", ""]))
-    blank(image, size)
-    run("mkfs.xfs", "-q", "-f", *options, "-p", proto, image)
-    return image
 
 
 def xfs_db(image: Path, *commands: str, expert: bool = False) -> str:
@@ -276,8 +250,8 @@ def test_unwritten_extent_and_hole(images, tree, tmp_path):
 @requires_qemu
 @pytest.mark.skipif(shutil.which("sfdisk") is None, reason="sfdisk not installed")
 def test_through_qcow2_partition(images, tree, tmp_path):
-    raw = blank(tmp_path / "disk.raw", FS_SIZE + 2 * MiB)
-    sfdisk(raw, f"label: dos\nstart=2048, size={FS_SIZE // 512}, type=83\n")
+    raw = blank(tmp_path / "disk.raw", XFS_SIZE + 2 * MiB)
+    sfdisk(raw, f"label: dos\nstart=2048, size={XFS_SIZE // 512}, type=83\n")
     partitions = json.loads(run("sfdisk", "--json", raw).stdout)["partitiontable"]["partitions"]
     offset = partitions[0]["start"] * 512
     copy_in(raw, images["v4-ftype1"], offset)
@@ -350,7 +324,7 @@ def test_fuzzed_metadata_raises_only_diskimage_errors(tmp_path, options, wide_en
     image = make_xfs(tmp_path / "fuzz.img", root, *options)
     assert data_fork_format(image, "/wide") == "3 (btree)"
     recorder = RecordingDisk(image)
-    fs = XfsFileSystem(recorder, 0, FS_SIZE)
+    fs = XfsFileSystem(recorder, 0, XFS_SIZE)
     for path, info in fs.walk("/"):  # metadata only: no file data is read
         if info.is_symlink:
             fs.readlink(path)
@@ -368,7 +342,7 @@ def test_fuzzed_metadata_raises_only_diskimage_errors(tmp_path, options, wide_en
         disk = PatchedDisk(image, patches)
         one = time.monotonic()
         try:
-            read_everything(XfsFileSystem(disk, 0, FS_SIZE))
+            read_everything(XfsFileSystem(disk, 0, XFS_SIZE))
             outcomes["ok"] += 1
         except DiskImageError:
             outcomes["error"] += 1
@@ -388,7 +362,7 @@ def test_kernel_written_file_system(tmp_path):
     view of the mounted tree, copied out before unmounting."""
     if os.geteuid() != 0 or shutil.which("mount") is None or shutil.which("xfs_io") is None:
         pytest.skip("needs root, mount and xfs_io")
-    image = blank(tmp_path / "k.img", FS_SIZE)
+    image = blank(tmp_path / "k.img", XFS_SIZE)
     run("mkfs.xfs", "-q", image)
     mnt = tmp_path / "mnt"
     mnt.mkdir()

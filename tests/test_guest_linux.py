@@ -45,43 +45,16 @@ from diskimg.inspection.guest.config import (
 from diskimg.inspection.guest.initramfs import list_initramfs
 from diskimg.inspection.guest.linux import GuestTree, elf_machine, parse_legacy_release
 
-from .conftest import (
-    GiB,
-    MiB,
-    blank,
-    copy_in,
-    diskimg_cli,
-    lvm_pv_label,
-    make_esp,
-    qemu_img,
-    write_at,
-    write_boot_code,
-)
-from .guest_builders import (
-    ELF_AARCH64,
-    ELF_I386,
-    ELF_X86_64,
-    RHEL_KERNEL,
-    SUSE_KERNEL,
-    UBUNTU_KERNEL,
-    Link,
-    cloud_init,
-    cpio_newc,
-    elf_header,
-    ext4_image,
-    gpt_disk,
-    initramfs,
-    mbr_disk,
-    module_files,
-    new_uuid,
-    rhel_tree,
-    set_ext_flags,
-    split_boot,
-    suse_tree,
-    ubuntu_tree,
-    write_tree,
-)
-from .hostfs import HostDirFileSystem
+from .support.disks import copy_in, lvm_pv_label, make_esp, write_boot_code
+from .support.files import write_at
+from .support.filesystems import make_xfs
+from .support.guests import (ELF_AARCH64, ELF_I386, ELF_X86_64, RHEL_KERNEL, SUSE_KERNEL, UBUNTU_KERNEL, Link,
+                             cloud_init, cpio_newc, elf_header, ext4_image, gpt_disk, guest_findings, initramfs,
+                             mbr_disk, module_files, new_uuid, rhel_tree, set_ext_flags, split_boot, suse_tree,
+                             ubuntu_tree, write_tree)
+from .support.hostfs import HostDirFileSystem
+from .support.tools import diskimg_cli, qemu_img
+from .support.units import GiB, MiB
 
 needs_cpio = pytest.mark.skipif(any(shutil.which(t) is None for t in ("cpio", "gzip", "xz", "zstd", "lz4", "bzip2")),
                                 reason="needs cpio and the compressors")
@@ -390,14 +363,6 @@ def _disk(tmp: Path, name: str, parts: list[tuple[dict, str, str | None, int]], 
     return disk
 
 
-def _guest_findings(report) -> dict[str, list]:
-    found: dict[str, list] = {}
-    for finding in report.findings:
-        if finding.category == "guest":
-            found.setdefault(finding.code, []).append(finding)
-    return found
-
-
 @pytest.fixture(scope="module")
 def good_disks(tmp_path_factory) -> dict[str, Path]:
     """CentOS (MBR, separate /boot, gzip initramfs), Ubuntu (GPT with BIOS boot and ESP, zstd), SUSE
@@ -423,7 +388,7 @@ def test_good_images_have_no_guest_problems(good_disks, tmp_path: Path, name: st
     image = tmp_path / f"{name}.{fmt}"
     qemu_img("convert", "-f", "raw", "-O", fmt, good_disks[name], image)
     report = diskimg.validate(image)
-    guest = _guest_findings(report)
+    guest = guest_findings(report)
     assert set(guest) <= {"guest-os", "guest-nvme"}, {c: [f.message for f in f_] for c, f_ in guest.items()}
     assert not [n for n in report.not_checked if n["category"] == "guest"], report.not_checked
     assert report.importable
@@ -489,7 +454,7 @@ def bad_centos(tmp_path_factory) -> tuple[Path, dict]:
 def test_bad_image_reports_each_guest_problem(bad_centos) -> None:
     image, made = bad_centos
     report = diskimg.validate(image)
-    found = _guest_findings(report)
+    found = guest_findings(report)
     assert not report.importable
     virtio = found["guest-virtio-missing"][0]
     assert virtio.evidence["value"] == ["virtio_blk", "virtio_pci"]  # virtio_net is in the initramfs
@@ -522,7 +487,7 @@ def test_broken_boot_entry_and_device_names(tmp_path: Path) -> None:
     tree["/boot/grub/grub.cfg"] = str(tree["/boot/grub/grub.cfg"]).replace("root=LABEL=cloudimg-rootfs ro console",
                                                                            "root=/dev/sda9 ro console")
     report = diskimg.validate(_disk(tmp_path, "ub", [(tree, uuid, "cloudimg-rootfs", 0)]))
-    found = _guest_findings(report)
+    found = guest_findings(report)
     messages = [f.evidence["value"] for f in found["guest-boot-entry-broken"]]
     assert messages == [f"/boot/vmlinuz-{UBUNTU_KERNEL}", "/dev/sda9"]
     assert found["guest-device-name"][0].evidence["value"] == "/dev/sda9"
@@ -536,7 +501,7 @@ def test_unreadable_initramfs_missing_cloud_init_and_boot_config(tmp_path: Path)
     image = tree[f"/boot/initrd-{SUSE_KERNEL}"]
     tree[f"/boot/initrd-{SUSE_KERNEL}"] = image[: len(image) // 2]  # type: ignore[index]
     report = diskimg.validate(_disk(tmp_path, "s1", [(tree, uuid, None, 0)]))
-    found = _guest_findings(report)
+    found = guest_findings(report)
     assert "gzip" in found["guest-initramfs-unreadable"][0].evidence["value"]
     assert any(n["check"] == "linux_drivers" and "virtio_blk" in n["reason"] for n in report.not_checked)
     assert "guest-virtio-missing" not in found  # not known: not guessed
@@ -544,7 +509,7 @@ def test_unreadable_initramfs_missing_cloud_init_and_boot_config(tmp_path: Path)
     tree = {p: c for p, c in suse_tree(tmp_path, uuid).items()
             if not p.startswith(("/boot/grub2", "/usr/bin/cloud-init", "/usr/lib/python3.6"))}
     report = diskimg.validate(_disk(tmp_path, "s2", [(tree, uuid, None, 0)]))
-    found = _guest_findings(report)
+    found = guest_findings(report)
     assert "guest-cloud-init-missing" in found and "guest-boot-config-missing" in found
     assert report.facts.guest["details"]["default_kernel"] == SUSE_KERNEL  # the newest installed kernel
 
@@ -555,14 +520,14 @@ def test_arm64_needs_uefi_and_no_guest(tmp_path: Path) -> None:
     tree = ubuntu_tree(tmp_path, uuid)
     tree["/usr/lib/systemd/systemd"] = elf_header(ELF_AARCH64)
     report = diskimg.validate(_disk(tmp_path, "arm", [(tree, uuid, "cloudimg-rootfs", 0)]))
-    found = _guest_findings(report)
+    found = guest_findings(report)
     assert found["guest-arm64-not-uefi"][0].evidence["architecture"] == "arm64"
     assert report.import_image["Architecture"] == "arm64"
     report = diskimg.validate(_disk(tmp_path, "arm-uefi", [(tree, uuid, "cloudimg-rootfs", 0)], "gpt", esp=True))
-    assert "guest-arm64-not-uefi" not in _guest_findings(report)
+    assert "guest-arm64-not-uefi" not in guest_findings(report)
 
     report = diskimg.validate(_disk(tmp_path, "empty", [({"/srv/data": "x"}, new_uuid(), None, 0)]))
-    assert "guest-not-found" in _guest_findings(report)
+    assert "guest-not-found" in guest_findings(report)
     assert report.import_image["Platform"] is None
 
 
@@ -576,7 +541,7 @@ def test_root_on_lvm_is_not_checked_rather_than_not_found(tmp_path: Path) -> Non
     write_at(disk, start, bytes(4096))  # the ext4 superblock gone: a PV label instead
     write_at(disk, start + 512, lvm_pv_label(device_size=20 * GiB - start - MiB))
     report = diskimg.validate(disk)
-    assert "guest-not-found" not in _guest_findings(report)
+    assert "guest-not-found" not in guest_findings(report)
     reasons = [n["reason"] for n in report.not_checked if n["check"] == "guest_found"]
     assert reasons and "LVM" in reasons[0] and "partition 2" in reasons[0]
 
@@ -585,16 +550,10 @@ def test_root_on_lvm_is_not_checked_rather_than_not_found(tmp_path: Path) -> Non
 @pytest.mark.skipif(shutil.which("mkfs.xfs") is None, reason="needs mkfs.xfs")
 def test_suse_on_xfs(tmp_path: Path) -> None:
     pytest.importorskip("diskimg.inspection.fs.xfs")
-    from .test_fs_xfs import protofile_lines
-
     uuid = new_uuid()
     tree = write_tree(tmp_path / "tree", suse_tree(tmp_path, uuid, compression="lz4"))
-    proto = tmp_path / "root.proto"
-    proto.write_text("\n".join(["unused", "0 0", "d--755 0 0", *protofile_lines(tree), "$", ""]))
     disk = mbr_disk(tmp_path / "disk.raw", 20 * GiB, [(MiB, 20 * GiB - 2 * MiB, "83")])
-    part = blank(tmp_path / "xfs.img", 320 * MiB)  # XFS needs partitions of 300 MiB and more
-    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", f"uuid={uuid}", "-p", str(proto), str(part)], check=True,
-                   capture_output=True)
+    part = make_xfs(tmp_path / "xfs.img", tree, "-m", f"uuid={uuid}")  # XFS needs partitions of 300 MiB and more
     copy_in(disk, part, MiB)
     write_boot_code(disk)
     image = tmp_path / "suse.vhd"
@@ -605,7 +564,7 @@ def test_suse_on_xfs(tmp_path: Path) -> None:
     linux_parts = guest["details"]["initramfs"]["parts"]
     assert [p["compression"] for p in linux_parts] == ["lz4"]
     assert guest["details"]["boot_drivers"]["virtio_blk"] == "initramfs"
-    assert set(_guest_findings(report)) <= {"guest-os", "guest-nvme"}
+    assert set(guest_findings(report)) <= {"guest-os", "guest-nvme"}
 
 
 # The child's peak memory is its own address space's high-water mark (VmHWM): getrusage's ru_maxrss
@@ -691,7 +650,7 @@ def test_selinux_config_without_a_policy_is_moot(tmp_path: Path) -> None:
     tree = ubuntu_tree(tmp_path, uuid)
     tree["/etc/selinux/config"] = "SELINUX=enforcing\nSELINUXTYPE=default\n"
     report = diskimg.validate(_disk(tmp_path, "deb", [(tree, uuid, "cloudimg-rootfs", 0)]))
-    assert not {"guest-selinux-enforcing", "guest-boot-recovery-mode"} & set(_guest_findings(report))
+    assert not {"guest-selinux-enforcing", "guest-boot-recovery-mode"} & set(guest_findings(report))
     details = report.facts.guest["details"]
     assert (details["selinux"], details["selinux_loaded_by"]) == ("enforcing", None)
 
@@ -708,7 +667,7 @@ def test_default_entry_in_recovery_mode_and_selinux_from_the_command_line(tmp_pa
     grub = str(tree["/boot/grub/grub.cfg"])
     tree["/boot/grub/grub.cfg"] = grub.replace("ro console=tty1", f"ro security=selinux {argument} console=tty1")
     report = diskimg.validate(_disk(tmp_path, "rescue", [(tree, uuid, "cloudimg-rootfs", 0)]))
-    found = _guest_findings(report)
+    found = guest_findings(report)
     recovery = found["guest-boot-recovery-mode"][0]
     assert recovery.severity.value == "warning" and recovery.evidence["value"] == [argument]
     assert recovery.evidence["entry"] == "Ubuntu"
@@ -724,11 +683,11 @@ def test_fstab_resolves_across_the_disks_of_the_machine(tmp_path: Path) -> None:
     tree["/etc/fstab"] = str(tree["/etc/fstab"]) + f"UUID={data_uuid} /srv ext4 defaults 0 2\n"
     system = _disk(tmp_path, "system", [(tree, uuid, "cloudimg-rootfs", 0)])
     data = _disk(tmp_path, "data", [({"/readme": "data\n"}, data_uuid, None, 0)], size=GiB)
-    alone = _guest_findings(diskimg.validate(system))["guest-fstab-unresolved"]
+    alone = guest_findings(diskimg.validate(system))["guest-fstab-unresolved"]
     assert [f.evidence["spec"] for f in alone] == [f"UUID={data_uuid}"]
-    assert "guest-fstab-unresolved" not in _guest_findings(diskimg.validate(system=system, data=[data]))
+    assert "guest-fstab-unresolved" not in guest_findings(diskimg.validate(system=system, data=[data]))
     other = _disk(tmp_path, "other", [({"/readme": "other\n"}, new_uuid(), None, 0)], size=GiB)
-    unresolved = _guest_findings(diskimg.validate(system=system, data=[other]))["guest-fstab-unresolved"]
+    unresolved = guest_findings(diskimg.validate(system=system, data=[other]))["guest-fstab-unresolved"]
     assert "any disk of the machine" in unresolved[0].message
 
 
@@ -756,7 +715,7 @@ def test_static_address_in_a_file_cloud_init_generates(tmp_path: Path, layout: s
     disabled = "/etc/cloud/cloud.cfg.d/99-disable-network-config.cfg"
     if layout == "netplan-network-disabled":
         tree[disabled] = "network: {config: disabled}\n"
-    found = _guest_findings(diskimg.validate(_disk(tmp_path, layout, [(tree, uuid, "cloudimg-rootfs", 0)])))
+    found = guest_findings(diskimg.validate(_disk(tmp_path, layout, [(tree, uuid, "cloudimg-rootfs", 0)])))
     source = "/etc/network/interfaces.d/50-cloud-init" if layout == "eni" else "/etc/netplan/50-cloud-init.yaml"
     if layout == "netplan-network-disabled":
         assert "guest-static-ip-cloud-init" not in found
@@ -874,7 +833,7 @@ def test_cloud_init_installed_but_not_running(tmp_path: Path, case: str) -> None
     tree = ubuntu_tree(tmp_path, uuid)
     change(tree)
     report = diskimg.validate(_disk(tmp_path, "ci", [(tree, uuid, "cloudimg-rootfs", 0)]))
-    found = _guest_findings(report).get("guest-cloud-init-disabled", [])
+    found = guest_findings(report).get("guest-cloud-init-disabled", [])
     assert not report.find("guest-cloud-init-missing")
     if reason is None:
         assert not found

@@ -26,26 +26,19 @@ from diskimg.inspection.guest import GuestDisk, GuestVolume, Layer
 from diskimg.inspection.signatures import FileSystem
 from diskimg.validation import Report
 
-from .conftest import (
-    GiB,
-    MiB,
-    blank,
-    copy_in,
-    corpus_dir,
-    qemu_img,
-    run,
-    write_at,
-    write_boot_code,
-)
-from .guest_builders import (
+from .support.corpus import corpus_dir
+from .support.disks import copy_in, write_boot_code
+from .support.files import blank, write_at
+from .support.filesystems import Mounted, can_mount
+from .support.guests import (
     ELF_X86_64,
     MACHINE_ID,
     RHEL_KERNEL,
     SUSE_KERNEL,
     Link,
-    _grubenv,
     elf_header,
     ext4_image,
+    grubenv,
     initramfs,
     mbr_disk,
     module_files,
@@ -55,9 +48,10 @@ from .guest_builders import (
     suse_tree,
     write_tree,
 )
-from .test_fs_btrfs import Mounted, can_mount
-from .test_lvm import EXTENT, HIDDEN, SHOWN, LoopLvm, _linear, _lv, needs_lvm, unique_vg
-from .test_volumes_crypt_md import (
+from .support.lvm import EXTENT, HIDDEN, SHOWN, LoopLvm, linear_segment, lv_section, needs_lvm, unique_vg
+from .support.tools import qemu_img, run
+from .support.units import GiB, MiB
+from .support.volumes import (
     FAST_KDF,
     VOLUME_GUID,
     bitlocker_volume,
@@ -104,7 +98,7 @@ def centos(work: Path, root_uuid: str, boot_uuid: str, *, root_spec: str | None 
     if root_spec is not None:
         tree["/etc/fstab"] = str(tree["/etc/fstab"]).replace(f"UUID={root_uuid} /", f"{root_spec} /")
     if kernel_root is not None:
-        tree["/boot/grub2/grubenv"] = _grubenv({"saved_entry": f"{MACHINE_ID}-{RHEL_KERNEL}",
+        tree["/boot/grub2/grubenv"] = grubenv({"saved_entry": f"{MACHINE_ID}-{RHEL_KERNEL}",
                                                 "kernelopts": f"root={kernel_root} ro crashkernel=auto"})
     return split_boot(tree)
 
@@ -339,12 +333,12 @@ def test_initramfs_that_cannot_assemble_the_root(centos_pair: CentosPair, tmp_pa
 def thin_volumes(pv: str) -> str:
     """A thin pool and a thin LV named root in it, as LVM2 writes them (lib/thin): what lvcreate --thin makes."""
     return "".join((
-        _lv("pool", SHOWN, [["start_extent = 0", "extent_count = 4", 'type = "thin-pool"', 'metadata = "pool_tmeta"',
+        lv_section("pool", SHOWN, [["start_extent = 0", "extent_count = 4", 'type = "thin-pool"', 'metadata = "pool_tmeta"',
                              'pool = "pool_tdata"', "transaction_id = 1", "chunk_size = 128", 'discards = "passdown"',
                              "zero_new_blocks = 1"]]),
-        _lv("pool_tmeta", HIDDEN, [_linear(pv, 2, 1)]),
-        _lv("pool_tdata", HIDDEN, [_linear(pv, 3, 4)]),
-        _lv("root", SHOWN, [["start_extent = 0", "extent_count = 24", 'type = "thin"', 'thin_pool = "pool"',
+        lv_section("pool_tmeta", HIDDEN, [linear_segment(pv, 2, 1)]),
+        lv_section("pool_tdata", HIDDEN, [linear_segment(pv, 3, 4)]),
+        lv_section("root", SHOWN, [["start_extent = 0", "extent_count = 24", 'type = "thin"', 'thin_pool = "pool"',
                              "transaction_id = 0", "device_id = 1"]]),
     ))
 

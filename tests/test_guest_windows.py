@@ -27,12 +27,15 @@ from diskimg.inspection.fs.ntfs import NtfsFileSystem
 from diskimg.inspection.guest import regf, windows
 from diskimg.inspection.guest.regf import REG_DWORD, REG_EXPAND_SZ, REG_MULTI_SZ, REG_SZ
 
-from .conftest import (MiB, WINDOWS_BOOT_CODE, FileDisk, blank, copy_in, diskimg_cli, make_esp, run, sfdisk, sgdisk,
-                       write_boot_code)
-from .hostfs import HostDirFileSystem
-from .test_fs_ntfs import mkntfs, need_tools, ntfs3g
-from .test_regf import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
-                        modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)
+from .support.disks import WINDOWS_BOOT_CODE, FileDisk, copy_in, make_esp, sfdisk, sgdisk, write_boot_code
+from .support.files import blank
+from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g
+from .support.guests import guest_findings
+from .support.hives import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
+                            modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)
+from .support.hostfs import HostDirFileSystem
+from .support.tools import diskimg_cli, run
+from .support.units import MiB
 
 pytestmark = pytest.mark.skipif(shutil.which("hivexsh") is None, reason="hivexsh (libhivex-bin) is not installed")
 
@@ -158,7 +161,7 @@ def ntfs_volume(work: Path, machine: dict[str, Any]) -> Path:
 def windows_disk(work: Path, machine: dict[str, Any]) -> Path:
     """A system disk: MBR with one active NTFS partition and Windows boot code (BIOS), or GPT with an
     EFI system partition before the NTFS partition (UEFI)."""
-    need_tools()
+    need_ntfs_tools()
     work.mkdir(parents=True, exist_ok=True)
     volume = ntfs_volume(work, machine)
     disk = work / "disk.raw"
@@ -265,7 +268,7 @@ def test_facts_of_a_good_machine(good_disk: Path) -> None:
 
 
 def test_not_windows(tmp_path: Path) -> None:
-    need_tools()
+    need_ntfs_tools()
     image = mkntfs(tmp_path / "data.ntfs", 16 * MiB, 4096)
     fs = NtfsFileSystem(FileDisk(image), 0, 16 * MiB)
     assert windows.inspect_windows(fs) is None
@@ -289,15 +292,6 @@ def test_broken_hive_is_a_problem_not_an_exception(tmp_path: Path) -> None:
 
 
 # -- validation: the good machine, then one machine per rule ------------------------------------------
-
-
-def guest_findings(report) -> dict[str, list]:
-    """The guest findings of a report, by code."""
-    found: dict[str, list] = {}
-    for finding in report.findings:
-        if finding.category == "guest":
-            found.setdefault(finding.code, []).append(finding)
-    return found
 
 
 def problems(report) -> set[str]:

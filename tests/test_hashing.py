@@ -8,7 +8,7 @@ import pytest
 
 from diskimg.conversion.hashing import ContentHasher
 
-from .conftest import content_hash_by_definition
+from .support.digests import content_hash_by_definition
 
 
 @pytest.mark.parametrize("seed", range(40))

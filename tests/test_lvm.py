@@ -10,17 +10,14 @@ import json
 import os
 import random
 import re
-import shutil
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from diskimg import open_image
 from diskimg.errors import CorruptImage, UnsupportedFormat
@@ -38,73 +35,13 @@ from diskimg.inspection.volumes.lvm import (
     parse_metadata,
 )
 
-from .conftest import FileDisk, MiB, blank, corpus_dir, read_at, run, sfdisk, write_at
-from .fs_compare import assert_tree_equal
-
-TOOLS = ("losetup", "pvcreate", "vgcreate", "lvcreate", "vgcfgbackup", "vgcfgrestore", "pvs", "vgs", "lvs", "pvck",
-         "mkfs.ext4", "sfdisk")
-
-
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "LVM2 volumes are built on loop devices, which needs root"
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        return f"not installed: {', '.join(missing)}"
-    if subprocess.run(["losetup", "-f"], capture_output=True, check=False).returncode != 0:
-        return "no free loop device"
-    return None
-
-
-needs_lvm = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
-EXTENT = 4 * MiB  # vgcreate's default extent size
-
-
-class LoopLvm:
-    """LVM2's tools over image files attached to loop devices: they see only these devices (a filter), write no
-    backups outside the test's folder and never touch device-mapper. ``close`` detaches the devices."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder / "lvm-system"
-        self.folder.mkdir()
-        self.devices: dict[str, tuple[Path, int]] = {}  # loop device -> (image, offset in it)
-
-    def attach(self, image: Path, offset: int = 0, size: int | None = None) -> str:
-        args = ["losetup", "-f", "--show", "-o", str(offset)] + (["--sizelimit", str(size)] if size else [])
-        device = run(*args, image).stdout.decode().strip()
-        self.devices[device] = (image, offset)
-        accept = ", ".join(f'"a|^{re.escape(name)}$|"' for name in self.devices)
-        (self.folder / "lvm.conf").write_text(
-            f'devices {{ filter = [ {accept}, "r|.*|" ] global_filter = [ {accept}, "r|.*|" ]\n'
-            "  use_devicesfile = 0 obtain_device_list_from_udev = 0 }\n"
-            "backup { backup = 0 archive = 0 }\n"
-            "activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }\n")
-        return device
-
-    def __call__(self, *args: str | Path) -> str:
-        env = {**os.environ, "LVM_SYSTEM_DIR": str(self.folder), "LVM_SUPPRESS_FD_WARNINGS": "1"}
-        proc = subprocess.run([str(arg) for arg in args], capture_output=True, text=True, env=env,
-                              stdin=subprocess.DEVNULL, check=False)
-        if proc.returncode != 0:
-            pytest.fail(f"{' '.join(map(str, args))}: {proc.stderr.strip()}")
-        return proc.stdout
-
-    def report(self, command: str, fields: str, *targets: str) -> list[dict[str, str]]:
-        out = self(command, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, *targets)
-        report = json.loads(out)["report"][0]
-        return next(iter(report.values()))
-
-    def headers(self, device: str) -> dict[str, str]:
-        """``pvck --dump headers``: each "name value" line, by name."""
-        lines = self("pvck", "--dump", "headers", device).splitlines()
-        return dict(line.strip().split(" ", 1) for line in lines if " " in line.strip())
-
-    def where(self, device: str) -> tuple[Path, int]:
-        return self.devices[device]
-
-    def close(self) -> None:
-        for device in self.devices:
-            subprocess.run(["losetup", "-d", device], check=False)
+from .support.corpus import corpus_dir
+from .support.disks import FileDisk, sfdisk
+from .support.files import blank, read_at, write_at
+from .support.fs_compare import assert_tree_equal
+from .support.lvm import EXTENT, HIDDEN, SHOWN, LoopLvm, linear_segment, lv_section, needs_lvm, unique_vg
+from .support.tools import run
+from .support.units import MiB
 
 
 @pytest.fixture
@@ -116,9 +53,6 @@ def lvm_tools(tmp_path: Path) -> Iterator[LoopLvm]:
         tools.close()
 
 
-def unique_vg(stem: str) -> str:
-    """A volume group name no other run on the machine uses at the same time (LVM locks by name)."""
-    return f"{stem}-{os.getpid()}-{random.randrange(1 << 30)}"
 
 
 def make_tree(root: Path, label: str) -> Path:
@@ -185,50 +119,37 @@ class TwoDisks:
         return found
 
 
-def _lv(name: str, status: list[str], segments: list[list[str]]) -> str:
-    uuid = "".join(random.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(32))
-    uuid = "-".join((uuid[:6], uuid[6:10], uuid[10:14], uuid[14:18], uuid[18:22], uuid[22:26], uuid[26:]))
-    text = (f'\t\t{name} {{\n\t\t\tid = "{uuid}"\n\t\t\tstatus = [{", ".join(json.dumps(s) for s in status)}]\n'
-            f"\t\t\tflags = []\n\t\t\tsegment_count = {len(segments)}\n")
-    for number, lines in enumerate(segments, 1):
-        text += f"\t\t\tsegment{number} {{\n" + "".join(f"\t\t\t\t{line}\n" for line in lines) + "\t\t\t}\n"
-    return text + "\t\t}\n"
 
 
-def _linear(pv: str, extent: int, count: int) -> list[str]:
-    return ["start_extent = 0", f"extent_count = {count}", 'type = "striped"', "stripe_count = 1",
-            f'stripes = ["{pv}", {extent}]']
 
 
-HIDDEN = ["READ", "WRITE"]
-SHOWN = ["READ", "WRITE", "VISIBLE"]
 
 
 def more_volumes(system: str, data: str) -> str:
     """LVs lvcreate cannot make without device-mapper, as LVM2 writes them (lib/raid, lib/mirror, lib/thin,
     lib/snapshot): a raid1 and a mirror with a leg on each disk, a thin pool with a thin LV, a snapshot of root."""
     return "".join((
-        _lv("mirrored", SHOWN, [["start_extent = 0", "extent_count = 2", 'type = "raid1"', "device_count = 2",
+        lv_section("mirrored", SHOWN, [["start_extent = 0", "extent_count = 2", 'type = "raid1"', "device_count = 2",
                                  "region_size = 1024",
                                  ('raids = ["mirrored_rmeta_0", "mirrored_rimage_0", "mirrored_rmeta_1", '
                                  '"mirrored_rimage_1"]')]]),
-        _lv("mirrored_rmeta_0", HIDDEN, [_linear(system, 5, 1)]),
-        _lv("mirrored_rimage_0", HIDDEN, [_linear(system, 6, 2)]),
-        _lv("mirrored_rmeta_1", HIDDEN, [_linear(data, 2, 1)]),
-        _lv("mirrored_rimage_1", HIDDEN, [_linear(data, 3, 2)]),
-        _lv("legacy", SHOWN, [["start_extent = 0", "extent_count = 2", 'type = "mirror"', "mirror_count = 2",
+        lv_section("mirrored_rmeta_0", HIDDEN, [linear_segment(system, 5, 1)]),
+        lv_section("mirrored_rimage_0", HIDDEN, [linear_segment(system, 6, 2)]),
+        lv_section("mirrored_rmeta_1", HIDDEN, [linear_segment(data, 2, 1)]),
+        lv_section("mirrored_rimage_1", HIDDEN, [linear_segment(data, 3, 2)]),
+        lv_section("legacy", SHOWN, [["start_extent = 0", "extent_count = 2", 'type = "mirror"', "mirror_count = 2",
                                "region_size = 1024", 'mirrors = ["legacy_mimage_0", 0, "legacy_mimage_1", 0]']]),
-        _lv("legacy_mimage_0", HIDDEN, [_linear(system, 8, 2)]),
-        _lv("legacy_mimage_1", HIDDEN, [_linear(data, 5, 2)]),
-        _lv("pool", SHOWN, [["start_extent = 0", "extent_count = 2", 'type = "thin-pool"', 'metadata = "pool_tmeta"',
+        lv_section("legacy_mimage_0", HIDDEN, [linear_segment(system, 8, 2)]),
+        lv_section("legacy_mimage_1", HIDDEN, [linear_segment(data, 5, 2)]),
+        lv_section("pool", SHOWN, [["start_extent = 0", "extent_count = 2", 'type = "thin-pool"', 'metadata = "pool_tmeta"',
                              'pool = "pool_tdata"', "transaction_id = 1", "chunk_size = 128",
                              'discards = "passdown"', "zero_new_blocks = 1"]]),
-        _lv("pool_tmeta", HIDDEN, [_linear(data, 7, 1)]),
-        _lv("pool_tdata", HIDDEN, [_linear(data, 8, 2)]),
-        _lv("thin", SHOWN, [["start_extent = 0", "extent_count = 4", 'type = "thin"', 'thin_pool = "pool"',
+        lv_section("pool_tmeta", HIDDEN, [linear_segment(data, 7, 1)]),
+        lv_section("pool_tdata", HIDDEN, [linear_segment(data, 8, 2)]),
+        lv_section("thin", SHOWN, [["start_extent = 0", "extent_count = 4", 'type = "thin"', 'thin_pool = "pool"',
                              "transaction_id = 0", "device_id = 1"]]),
-        _lv("snap", SHOWN, [_linear(data, 10, 1)]),
-        _lv("snapshot0", HIDDEN, [["start_extent = 0", "extent_count = 3", 'type = "snapshot"', "chunk_size = 8",
+        lv_section("snap", SHOWN, [linear_segment(data, 10, 1)]),
+        lv_section("snapshot0", HIDDEN, [["start_extent = 0", "extent_count = 3", 'type = "snapshot"', "chunk_size = 8",
                                    'origin = "root"', 'cow_store = "snap"']]),
     ))
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from .conftest import diskimg_cli, l1_entries_all_pointing_at_the_first_l2_table, qemu_img, qemu_io, requires_qemu
+from .support.images import l1_entries_all_pointing_at_the_first_l2_table
+from .support.tools import diskimg_cli, qemu_img, qemu_io, requires_qemu
 
 
 def diskimg_json(*args) -> dict:

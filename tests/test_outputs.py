@@ -23,7 +23,11 @@ import pytest
 
 import diskimg
 
-from .conftest import ROOT, MiB, diskimg_cli, file_sha256, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
+from .support.digests import file_sha256
+from .support.disks import loop_device
+from .support.files import leftovers
+from .support.tools import ROOT, diskimg_cli, qemu_compare, qemu_img, qemu_io, qemu_raw, requires_qemu, run
+from .support.units import MiB
 
 pytestmark = requires_qemu
 
@@ -57,10 +61,6 @@ def one_error_line(proc: subprocess.CompletedProcess, code: int, *words: str) ->
     return lines[0]
 
 
-def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
-
-
 @contextlib.contextmanager
 def fifo_reader(path: Path):
     """A thread reading the FIFO ``path`` to its end, as ``cat`` would; yields the list it fills."""
@@ -92,19 +92,6 @@ def null_device(path: Path) -> Path:
 def is_null_device(path: Path) -> bool:
     status = os.lstat(path)
     return stat.S_ISCHR(status.st_mode) and (os.major(status.st_rdev), os.minor(status.st_rdev)) == (1, 3)
-
-
-@contextlib.contextmanager
-def loop_device(backing: Path):
-    """A loop block device over ``backing`` (losetup); skips where loop devices are not available."""
-    proc = subprocess.run(["losetup", "-f", "--show", backing], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"no loop device (losetup -f --show failed: {proc.stderr.strip()})")
-    device = proc.stdout.strip()
-    try:
-        yield Path(device)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 # -- item 6: devices and FIFOs are written in place ------------------------------------------------

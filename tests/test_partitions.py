@@ -3,7 +3,7 @@
 Disks are made the way users make them: sfdisk / sgdisk / fdisk on files, mkfs.* on partition-sized
 sparse files copied in with ``dd conv=notrunc,sparse``, ESPs populated with mtools. LVM PV labels
 and LUKS headers are written from their published on-disk descriptions. The builders are in
-conftest.py, shared with test_validate.py.
+tests/support/disks.py, shared with test_validate.py.
 """
 
 from __future__ import annotations
@@ -33,23 +33,11 @@ from diskimg.inspection.partitions import (
     read_partition_table,
 )
 
-from .conftest import (
-    MiB,
-    BytesDisk,
-    FileDisk,
-    blank,
-    gpt_4k,
-    luks1_header,
-    luks2_header,
-    lvm_pv_label,
-    make_esp,
-    read_at,
-    run,
-    sfdisk,
-    sgdisk,
-    sparse_copy,
-    write_at,
-)
+from .support.disks import (BytesDisk, FileDisk, gpt_4k, luks1_header, luks2_header, lvm_pv_label, make_esp, sfdisk,
+                            sgdisk)
+from .support.files import blank, read_at, sparse_copy, write_at
+from .support.tools import run
+from .support.units import MiB
 
 needs = {tool: shutil.which(tool) is not None for tool in
          ("sfdisk", "sgdisk", "fdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.fat", "mcopy", "mkswap", "mkfs.btrfs",

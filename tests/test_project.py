@@ -18,9 +18,9 @@ from diskimg.formats import READERS, WRITERS
 from diskimg.formats.probing import FORMAT_ALIASES
 from diskimg.validation.rules import TARGETS
 
-from .conftest import ROOT, qemu_compare, qemu_io, requires_qemu, run
+from .support.tools import ROOT, qemu_compare, qemu_io, requires_qemu, run
 
-LOCAL_MODULES = {"diskimg", "tests", "conftest", "guest_builders", "fs_compare", "hostfs"}
+LOCAL_MODULES = {"diskimg", "tests", "support"}
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:
@@ -30,7 +30,7 @@ def _requirement_names(requirements: list[str]) -> set[str]:
 def _modules_the_tests_import() -> set[str]:
     """Top-level modules named by the tests' imports and ``pytest.importorskip`` calls."""
     modules = set()
-    for path in (ROOT / "tests").glob("*.py"):
+    for path in (ROOT / "tests").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules |= {alias.name.split(".")[0] for alias in node.names}

@@ -39,20 +39,12 @@ from diskimg.formats.qcow2.structures import (
 from diskimg.formats.raw import RawReader
 from diskimg.host.files import HostFile
 
-from .conftest import (
-    MiB,
-    assert_extents_sound,
-    corpus_dir,
-    corpus_entries,
-    corpus_params,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    reader_sha256,
-    requires_qemu,
-    write_at,
-)
+from .support.corpus import corpus_dir, corpus_entries, corpus_params
+from .support.digests import file_sha256, reader_sha256
+from .support.files import write_at
+from .support.images import qcow2_header
+from .support.tools import assert_extents_sound, qemu_img, qemu_info, qemu_io, qemu_raw, requires_qemu
+from .support.units import MiB
 
 pytestmark = requires_qemu
 
@@ -97,12 +89,8 @@ def open_qcow2(path: Path, snapshot: str | None = None, backing: bool = True) ->
     )
 
 
-def qemu_info(path: Path) -> dict:
-    return json.loads(qemu_img("info", "--output=json", "-U", "-f", "qcow2", path))
-
-
 def check_info(reader: Qcow2Reader, path: Path) -> None:
-    expected = qemu_info(path)
+    expected = qemu_info(path, "qcow2", force_share=True)
     info = reader.info()
     assert info.format == "qcow2"
     assert info.virtual_size == reader.virtual_size == expected["virtual-size"]
@@ -177,11 +165,6 @@ def patch(path: Path, offset: int, fmt: str, *values: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(struct.pack(fmt, *values))
-
-
-def header_of(path: Path) -> Qcow2Header:
-    with open(path, "rb") as f:
-        return Qcow2Header.parse(f.read(65536))
 
 
 WRITES = [
@@ -274,7 +257,7 @@ def test_dirty_image_left_by_a_crash(tmp_path):
         capture_output=True, check=False,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert header_of(image).incompatible_features & 1
+    assert qcow2_header(image).incompatible_features & 1
     check_against_qemu(image, tmp_path)
     with open_qcow2(image) as reader:
         assert "dirty" in reader.info().features
@@ -566,7 +549,7 @@ def small_image(tmp_path_factory) -> Path:
 
 def l2_entry_location(image: Path, guest: int, entry_size: int = 8) -> tuple[int, int]:
     """(file offset of the L2 entry for a guest offset, its first 64 bits)."""
-    header = header_of(image)
+    header = qcow2_header(image)
     data = image.read_bytes()
     (l1_entry,) = struct.unpack_from(">Q", data, header.l1_table_offset + 8 * (guest // header.l1_span))
     index = (guest // header.cluster_size) % header.l2_entries
@@ -576,7 +559,7 @@ def l2_entry_location(image: Path, guest: int, entry_size: int = 8) -> tuple[int
 
 def compressed_entry_location(image: Path) -> tuple[int, int]:
     """(file offset, value) of the first compressed entry of the first L2 table."""
-    header = header_of(image)
+    header = qcow2_header(image)
     table, _ = l2_entry_location(image, 0)
     data = image.read_bytes()
     for index in range(header.l2_entries):
@@ -587,7 +570,7 @@ def compressed_entry_location(image: Path) -> tuple[int, int]:
 
 
 def _hostile(image: Path, case: str) -> None:
-    header = header_of(image)
+    header = qcow2_header(image)
     size = image.stat().st_size
     if case == "l1-size-2^31-1":
         patch(image, 36, ">I", 2**31 - 1)
@@ -800,7 +783,7 @@ def fuzz_images(tmp_path_factory) -> dict[str, tuple[bytes, int]]:
         qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, raw, image)
         qemu_io(image, "qcow2", "write -P 0x11 0 10k", "write -z 300k 64k", "write -P 0x12 600k 3k")
         qemu_img("snapshot", "-c", "s", image)
-        header = header_of(image)
+        header = qcow2_header(image)
         with open(image, "rb") as f:
             f.seek(header.l1_table_offset)
             (l1,) = struct.unpack(">Q", f.read(8))

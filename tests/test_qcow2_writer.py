@@ -36,21 +36,10 @@ from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.units import parse_size
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import (
-    GiB,
-    KiB,
-    MiB,
-    diskimg_cli,
-    diskimg_to_pipe,
-    file_sha256,
-    qemu_compare,
-    qemu_img,
-    qemu_io,
-    random_plan,
-    reader_sha256,
-    requires_qemu,
-    scan_plan,
-)
+from .support.digests import file_sha256, reader_sha256
+from .support.images import feed_writer, pieces_content, random_plan, scan_plan
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_info, qemu_io, requires_qemu
+from .support.units import GiB, KiB, MiB
 DATA = ExtentKind.DATA
 ZERO = ExtentKind.ZERO
 
@@ -118,10 +107,6 @@ def qemu_check(path) -> dict:
     return result
 
 
-def qemu_info(path) -> dict:
-    return json.loads(qemu_img("info", "--output=json", "-f", "qcow2", path))
-
-
 def check_output(out, source, *, source_format: str = "raw", options: dict | None = None, compressed: bool = False,
                  exact_allocation: bool = True) -> dict:
     """What every output must satisfy; returns the ``qemu-img check`` result."""
@@ -130,7 +115,7 @@ def check_output(out, source, *, source_format: str = "raw", options: dict | Non
     v2 = options.get("compat") == "0.10"
     result = qemu_check(out)
     qemu_compare(source, source_format, out, "qcow2")
-    info = qemu_info(out)
+    info = qemu_info(out, "qcow2")
     data = info["format-specific"]["data"]
     assert info["cluster-size"] == cluster_size
     assert data["compat"] == ("0.10" if v2 else "1.1")
@@ -340,7 +325,7 @@ def test_2000g_nearly_empty_disk_is_quick(tmp_path, route):
     result = qemu_check(out)
     assert result["allocated-clusters"] == 2 + 1 + 16
     qemu_compare(source, "qcow2", out, "qcow2")
-    info = qemu_info(out)
+    info = qemu_info(out, "qcow2")
     assert info["virtual-size"] == 2000 * GiB
     with diskimg.open_image(out) as disk:
         assert disk.read_at(1999 * GiB - 1, 3) == b"\x00\x55\x55"
@@ -361,7 +346,7 @@ def test_2000g_empty_disk(tmp_path):
             assert diskimg_to_pipe(out, "convert", source, "-", "-O", "qcow2").returncode == 0
         result = qemu_check(out)
         assert result.get("allocated-clusters", 0) == 0 and result["image-end-offset"] == os.path.getsize(out)
-        assert qemu_info(out)["virtual-size"] == 2000 * GiB
+        assert qemu_info(out, "qcow2")["virtual-size"] == 2000 * GiB
         # header, refcount table and block, and a 4000-entry L1 table
         assert os.path.getsize(out) == 4 * 64 * KiB
 
@@ -375,7 +360,7 @@ def test_empty_and_tiny_disks(tmp_path):
         out = tmp_path / f"{size}.qcow2"
         diskimg.convert(source, out, "qcow2")
         qemu_check(out)
-        assert qemu_info(out)["virtual-size"] == size
+        assert qemu_info(out, "qcow2")["virtual-size"] == size
         if size:
             qemu_compare(source, "raw", out, "qcow2")
 
@@ -559,20 +544,10 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
         assert writer.requires_exact_plan == streaming
         assert writer.concurrent_writes == (not streaming and not compress)
         with contextlib.closing(writer):
-            writer.plan(iter(plan))
-            for offset, data in pieces:
-                writer.write(offset, memoryview(data))
-            writer.finish()
+            feed_writer(writer, plan, pieces)
     finally:
         os.close(fd)
     return writer
-
-
-def _expected(size: int, pieces) -> bytes:
-    image = bytearray(size)
-    for offset, data in pieces:
-        image[offset : offset + len(data)] = data
-    return bytes(image)
 
 
 @requires_qemu
@@ -583,7 +558,7 @@ def test_random_plans_streamed_and_positional(tmp_path, seed):
     options = rng.choice([{}, {"cluster_size": "512"}, {"cluster_size": "4k", "refcount_bits": "4"},
                           {"cluster_size": "2M"}, {"compat": "0.10"}])
     plan, pieces = random_plan(rng, size, TEXT)
-    expected = _expected(size, pieces)
+    expected = pieces_content(size, pieces)
     cluster_size = parse_size(options.get("cluster_size", "64k"))
     for mode in ("streaming", "positional", "compressed"):
         out = tmp_path / f"{mode}.qcow2"
@@ -637,10 +612,10 @@ def test_unwritten_parts_of_clusters_are_zeroed_on_a_block_device(tmp_path, comp
     _drive(out, 16 * MiB, plan, pieces, {}, streaming=False, compress=compress, regular=False)
     qemu_check(out)
     with diskimg.open_image(out, "qcow2") as disk:
-        assert disk.read_at(0, 16 * MiB) == _expected(16 * MiB, pieces)
+        assert disk.read_at(0, 16 * MiB) == pieces_content(16 * MiB, pieces)
     raw = tmp_path / "back.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", out, raw)
-    assert raw.read_bytes() == _expected(16 * MiB, pieces)
+    assert raw.read_bytes() == pieces_content(16 * MiB, pieces)
 
 
 @requires_qemu
@@ -699,7 +674,7 @@ def test_concurrent_writes_in_any_order(tmp_path, cut, regular):
     result = qemu_check(out)
     assert result["allocated-clusters"] == len({i // (16 * KiB) for o, d in pieces for i in range(o, o + len(d))})
     with diskimg.open_image(out, "qcow2") as disk:
-        assert disk.read_at(0, size) == _expected(size, pieces)
+        assert disk.read_at(0, size) == pieces_content(size, pieces)
 
 
 # -- pure parts ------------------------------------------------------------------------------------

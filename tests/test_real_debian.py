@@ -1,5 +1,5 @@
 """The validator against real Debian 12 systems (issue 13): a healthy BIOS/MBR and UEFI/GPT install
-built by mmdebstrap, grub-install, update-initramfs and update-grub (tests/real_debian.py), and copies
+built by mmdebstrap, grub-install, update-initramfs and update-grub (tests/support/real_debian.py), and copies
 of them broken by one change each. The verdict each copy must get comes from what the system does when
 booted (issue 13's boots; test_boot_under_qemu repeats two of them here).
 
@@ -20,17 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MiB, diskimg_cli, mkfs_into, read_at, run, sfdisk, write_at
-from .real_debian import (
-    FIRMWARES,
-    cache_dir,
-    chroot_ready,
-    ext4_list,
-    ext4_read,
-    mounted,
-    open_session_disks,
-    why_not_usable,
-)
+from .support.disks import mkfs_into, sfdisk
+from .support.files import read_at, write_at
+from .support.real_debian import (FIRMWARES, cache_dir, chroot_ready, ext4_list, ext4_read, mounted, open_session_disks,
+                                  why_not_usable)
+from .support.tools import diskimg_cli, run
+from .support.units import MiB
 
 #: the code (prefix) of the finding each broken copy must get; tighten to the exact rule codes
 CODE_ROOT_UNRESOLVED = "guest-boot-entry-broken"  # 1: root= names a device the instance will not have
@@ -50,7 +45,7 @@ HEALTHY_WARNINGS = {"size-system-small"}
 
 @pytest.fixture(scope="session")
 def real_debian(tmp_path_factory):
-    """The healthy disks, built on first use and cached (see tests/real_debian.py)."""
+    """The healthy disks, built on first use and cached (see tests/support/real_debian.py)."""
     reason = why_not_usable(building=not all((cache_dir() / f"{firmware}.qcow2").exists() for firmware in FIRMWARES))
     if reason:
         pytest.skip(reason)

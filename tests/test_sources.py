@@ -20,20 +20,11 @@ import diskimg.streams.sources  # the module the tests below name as diskimg.str
 from diskimg.errors import ArchiveError, UnsupportedFormat
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import (
-    MiB,
-    diskimg_cli,
-    diskimg_to_pipe,
-    file_sha256,
-    qemu_compare,
-    qemu_img,
-    qemu_raw,
-    reader_sha256,
-    requires_qemu,
-    run,
-    sfdisk,
-    sparse_file,
-)
+from .support.digests import file_sha256, reader_sha256
+from .support.disks import sfdisk
+from .support.files import sparse_file
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_raw, requires_qemu, run
+from .support.units import MiB
 
 SIZE = 14 * MiB + 3 * 512  # not a whole MiB: the last chunk is short
 #: (offset, length) of data in the test disk: unaligned, across chunk boundaries, at the very end
@@ -542,7 +533,7 @@ CORPUS_DMG = "qemu-iotests/simple-dmg.dmg.bz2"
 
 
 def _corpus_path(name: str) -> Path:
-    from .conftest import NO_CORPUS, corpus_dir
+    from .support.corpus import NO_CORPUS, corpus_dir
 
     directory = corpus_dir()
     if directory is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import shutil
 import subprocess
 import tarfile
@@ -19,7 +18,9 @@ from hypothesis import strategies as st
 from diskimg.streams import tar
 from diskimg.errors import ArchiveError
 
-from .conftest import MiB, run
+from .support.files import random_sparse_file
+from .support.tools import run
+from .support.units import MiB
 
 requires_gnu_tar = pytest.mark.skipif(
     shutil.which("tar") is None or b"GNU tar" not in subprocess.run(["tar", "--version"], capture_output=True).stdout,
@@ -27,18 +28,9 @@ requires_gnu_tar = pytest.mark.skipif(
 requires_bsdtar = pytest.mark.skipif(shutil.which("bsdtar") is None, reason="bsdtar not installed")
 
 
-def sparse_file(path: Path, size: int, segments: list[tuple[int, int]], seed: int = 1) -> bytes:
+def sparse_source(path: Path, size: int, segments: list[tuple[int, int]]) -> bytes:
     """A sparse file with random data in ``segments``, holes elsewhere; returns its content."""
-    rng = random.Random(seed)
-    content = bytearray(size)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, length in segments:
-            data = rng.randbytes(length)
-            content[offset : offset + length] = data
-            f.seek(offset)
-            f.write(data)
-    return bytes(content)
+    return random_sparse_file(path, size, segments, seed=1).read_bytes()
 
 
 def restore(stream, member: tar.TarMember) -> bytes:
@@ -77,7 +69,7 @@ SEGMENTS = [(4096, 8192)] + [(MiB + i * 65536, 4096) for i in range(30)] + [(3 *
 def test_reads_gnu_tar_archives(tmp_path: Path, options: list[str]) -> None:
     name = "disk.raw" if "--format=v7" in options else "d" * 80 + "/" + "f" * 60 + ".raw"
     (tmp_path / "src" / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
-    content = sparse_file(tmp_path / "src" / name, 4 * MiB + 123, SEGMENTS)
+    content = sparse_source(tmp_path / "src" / name, 4 * MiB + 123, SEGMENTS)
     run("tar", "-cf", tmp_path / "a.tar", *options, "-C", tmp_path / "src", name)
     with open(tmp_path / "a.tar", "rb") as f:
         members = []
@@ -123,7 +115,7 @@ def test_reads_links_directories_and_long_link_names(tmp_path: Path) -> None:
 @pytest.mark.parametrize("segments", [SEGMENTS[:3], SEGMENTS, [], [(0, 4 * MiB + 123)]],
                          ids=["in-header", "extension-blocks", "all-hole", "no-hole"])
 def test_pack_member_sparse_extracted_by_gnu_tar(tmp_path: Path, segments: list[tuple[int, int]]) -> None:
-    content = sparse_file(tmp_path / "original", 4 * MiB + 123, segments)
+    content = sparse_source(tmp_path / "original", 4 * MiB + 123, segments)
     name = "n" * 130 + ".raw"  # a GNU long name too
     (tmp_path / "a.tar").write_bytes(archive_of(name, content, segments, mtime=1_700_000_000))
     listing = run("tar", "-tvf", tmp_path / "a.tar").stdout.decode()
@@ -138,7 +130,7 @@ def test_pack_member_sparse_extracted_by_gnu_tar(tmp_path: Path, segments: list[
 
 
 def test_pack_member_read_by_tarfile_and_read_member(tmp_path: Path) -> None:
-    content = sparse_file(tmp_path / "original", 4 * MiB + 123, SEGMENTS)
+    content = sparse_source(tmp_path / "original", 4 * MiB + 123, SEGMENTS)
     archive = archive_of("disk.raw", content, SEGMENTS)
     with tarfile.open(fileobj=io.BytesIO(archive)) as t:
         (info,) = t.getmembers()
@@ -154,7 +146,7 @@ def test_pack_member_read_by_tarfile_and_read_member(tmp_path: Path) -> None:
 
 @requires_bsdtar
 def test_pack_member_listed_by_bsdtar(tmp_path: Path) -> None:
-    content = sparse_file(tmp_path / "original", 4 * MiB + 123, SEGMENTS)
+    content = sparse_source(tmp_path / "original", 4 * MiB + 123, SEGMENTS)
     (tmp_path / "a.tar").write_bytes(archive_of("disk.raw", content, SEGMENTS))
     listing = run("bsdtar", "-tvf", tmp_path / "a.tar").stdout.decode()
     assert "disk.raw" in listing and str(len(content)) in listing

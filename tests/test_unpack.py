@@ -16,8 +16,10 @@ import pytest
 import diskimg
 from diskimg.errors import ArchiveError, OutputError
 
-from .conftest import MiB, content_hash_by_definition, diskimg_cli, qemu_compare, qemu_img, requires_qemu, run, \
-    sparse_file
+from .support.digests import content_hash_by_definition
+from .support.files import sparse_file
+from .support.tools import diskimg_cli, qemu_compare, qemu_img, requires_qemu, run
+from .support.units import MiB
 
 SIZE = 12 * MiB
 ECS_NAME = "test_m-uf66lzx8rzvh3ht5tbz1_system.raw"

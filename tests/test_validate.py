@@ -24,36 +24,13 @@ from diskimg.host.files import HostFile
 from diskimg.validation import RULES, Report, Severity, list_rules, validate
 from diskimg.validation.rules import RULES_BY_CODE
 
-from .conftest import (
-    NO_CORPUS,
-    ROOT,
-    WINDOWS_BOOT_CODE,
-    GiB,
-    MiB,
-    blank,
-    copy_in,
-    corpus_entries,
-    corpus_file,
-    diskimg_cli,
-    first_l2_table,
-    first_refcount_block,
-    gpt_4k,
-    luks2_header,
-    lvm_pv_label,
-    make_esp,
-    mkfs_into,
-    qcow2_header,
-    qemu_img,
-    qemu_io,
-    read_at,
-    read_u64,
-    run,
-    sfdisk,
-    sgdisk,
-    sparse_copy,
-    write_at,
-    write_boot_code,
-)
+from .support.corpus import NO_CORPUS, corpus_entries, corpus_file
+from .support.disks import (WINDOWS_BOOT_CODE, copy_in, gpt_4k, loop_device, luks2_header, lvm_pv_label, make_esp,
+                            mkfs_into, sfdisk, sgdisk, write_boot_code)
+from .support.files import blank, read_at, read_u64, sparse_copy, write_at
+from .support.images import first_l2_table, first_refcount_block, qcow2_header
+from .support.tools import ROOT, diskimg_cli, qemu_img, qemu_io, run
+from .support.units import GiB, MiB
 
 TOOLS = ("sfdisk", "sgdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.fat", "mcopy", "mkswap", "qemu-img")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
@@ -298,22 +275,13 @@ def grub_bios_disk(base) -> Path:
     mkfs_into(disk, MiB, 31 * MiB, "mkfs.ext4", "-q", "-F")
     mount = base / "grub-mnt"
     mount.mkdir()
-    attached = []
-    try:
-        for args in ((), ("-o", str(MiB))):
-            proc = subprocess.run(["losetup", "-f", "--show", *args, str(disk)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                pytest.skip(f"loop devices are unavailable: {proc.stderr.strip()}")
-            attached.append(proc.stdout.strip())
-        if subprocess.run(["mount", attached[1], str(mount)], capture_output=True).returncode != 0:
+    with loop_device(disk) as whole, loop_device(disk, offset=MiB) as partition:
+        if subprocess.run(["mount", partition, mount], capture_output=True).returncode != 0:
             pytest.skip("the ext4 partition could not be mounted through a loop device")
         try:
-            run("grub-install", "--target=i386-pc", f"--boot-directory={mount / 'boot'}", attached[0])
+            run("grub-install", "--target=i386-pc", f"--boot-directory={mount / 'boot'}", whole)
         finally:
             run("umount", mount)
-    finally:
-        for device in reversed(attached):
-            subprocess.run(["losetup", "-d", device], capture_output=True)
     return disk
 
 

@@ -30,24 +30,11 @@ from diskimg.formats.vdi.structures import (
 from diskimg.host.files import HostFile
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import (
-    NO_CORPUS,
-    MiB,
-    assert_extents_sound,
-    corpus_dir,
-    corpus_entries,
-    corpus_file,
-    corpus_params,
-    diskimg_cli,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_map,
-    qemu_raw,
-    qemu_raw_sha256,
-    reader_sha256,
-    requires_qemu,
-)
+from .support.corpus import corpus_entries, corpus_params
+from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256
+from .support.fuzz import exercise_reader, maybe_cut, poke_bytes
+from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
+from .support.units import MiB
 
 pytestmark = requires_qemu
 
@@ -158,14 +145,6 @@ def test_detect_and_info(sample):
 
 
 # -- the corpus (VirtualBox 2009 and 4.0.8, qemu) --------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def corpus_files(tmp_path_factory):
-    if corpus_dir() is None:
-        pytest.skip(NO_CORPUS)
-    cache = tmp_path_factory.mktemp("vdi-corpus")
-    return lambda entry: corpus_file(entry, cache)
 
 
 @pytest.mark.parametrize("entry", corpus_params(corpus_entries(("vdi",))))
@@ -292,21 +271,10 @@ def test_fuzz_only_diskimage_errors(fuzz_seed, data):
         value = data.draw(st.one_of(st.sampled_from(_EDGES), st.integers(0, limit)))
         header = dataclasses.replace(header, **{name: value})
     image[:512] = header.pack()
-    for _ in range(data.draw(st.integers(0, 6))):  # the map and around it
-        position = data.draw(st.integers(0, 1535))
-        image[position] = data.draw(st.integers(0, 255))
-    if data.draw(st.booleans()):
-        del image[data.draw(st.integers(0, len(image) - 1)) :]
+    poke_bytes(data, image, [(0, 1536)], count=(0, 6))  # the map and around it
+    maybe_cut(data, image)
     probe(bytes(image[:512]))
-    try:
-        with open_vdi(io.BytesIO(bytes(image))) as reader:
-            reader.info()
-            reader.read_at(0, min(reader.virtual_size, 4 * MiB))
-            reader.read_at(max(0, reader.virtual_size - 4096), 4096)
-            for _, _extent in zip(range(10000), reader.extents()):
-                pass
-    except DiskImageError:
-        pass
+    exercise_reader(lambda: open_vdi(io.BytesIO(bytes(image))))
 
 
 # -- check ---------------------------------------------------------------------------------------------

@@ -22,29 +22,15 @@ from diskimg.formats.vdi.writer import VdiWriter
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import (
-    GiB,
-    MiB,
-    assert_extents_sound,
-    diskimg_cli,
-    diskimg_to_pipe,
-    qemu_compare,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    random_plan,
-    requires_qemu,
-    sparse_file,
-)
+from .support.files import random_sparse_file
+from .support.images import feed_writer, pieces_content, random_plan
+from .support.tools import (assert_extents_sound, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io,
+                            qemu_raw, requires_qemu)
+from .support.units import GiB, MiB
 
 DATA, ZERO = ExtentKind.DATA, ExtentKind.ZERO
 ODD_SIZE = 20 * MiB + 3 * 512
 ODD_RUNS = [(12345, 70000), (5 * MiB - 100, 3 * MiB + 7), (15 * MiB + 1, 1), (ODD_SIZE - 2000, 2000)]
-
-
-def sparse_raw(path, size: int, runs: list[tuple[int, int]], seed: int = 0) -> None:
-    rng = random.Random(seed)
-    sparse_file(path, size, [(offset, rng.randbytes(length)) for offset, length in runs])
 
 
 def layout(path) -> tuple[VdiHeader, list[int]]:
@@ -85,7 +71,7 @@ def convert_by(route: str, source, out, *options: str) -> None:
 @pytest.mark.parametrize("route", ["api", "cli", "pipe"])
 def test_raw_source_round_trip(tmp_path, static, route):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vdi"
     convert_by(route, source, out, *(["static=on"] if static else []))
     qemu_check(out)
@@ -196,12 +182,7 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
     try:
         writer = VdiWriter(OutputTarget(fd, str(path), hash_output=streaming), size, options, False)
         assert writer.requires_exact_plan == (streaming and options.get("static", "off") == "off")
-        writer.plan(iter(plan))
-        for offset, data in pieces:
-            if not streaming:
-                writer.reserve(offset, len(data))
-            writer.write(offset, memoryview(data))
-        writer.finish()
+        feed_writer(writer, plan, pieces, reserve=not streaming)
     finally:
         os.close(fd)
     return writer
@@ -214,9 +195,7 @@ def test_random_plans_round_trip_and_measure(tmp_path, seed):
     size = rng.choice([rng.randint(1, 30) * MiB + rng.randint(0, 2 * MiB), 3 * MiB]) // 512 * 512
     options = rng.choice([{}, {"static": "on"}])
     plan, pieces = random_plan(rng, size)
-    expected = bytearray(size)
-    for offset, data in pieces:
-        expected[offset : offset + len(data)] = data
+    expected = pieces_content(size, pieces)
     for streaming in (True, False):
         out = tmp_path / f"out-{streaming}.vdi"
         _drive(out, size, plan, pieces, options, streaming=streaming)
@@ -224,7 +203,7 @@ def test_random_plans_round_trip_and_measure(tmp_path, seed):
         qemu_check(out)
         _, table = layout(out)
         with diskimg.open_image(out) as disk:
-            assert disk.virtual_size == size and disk.read_at(0, size) == bytes(expected)
+            assert disk.virtual_size == size and disk.read_at(0, size) == expected
         if not options:
             holding = {i // MiB for offset, data in pieces for i in range(offset, offset + len(data), 512)}
             assert {i for i, entry in enumerate(table) if entry != UNALLOCATED} == holding

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg.formats.probing import OpenOptions
-from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UsageError
+from diskimg.errors import BackingFileError, CorruptImage, UsageError
 from diskimg.formats.vhd import VhdReader, probe
 from diskimg.formats.vhd.structures import (
     DISK_DIFFERENCING,
@@ -38,21 +38,12 @@ from diskimg.formats.vhd.structures import (
 from diskimg.host.files import HostFile
 from diskimg.formats.reader import ExtentKind
 
-from .conftest import (
-    NO_CORPUS,
-    MiB,
-    assert_extents_sound,
-    corpus_dir,
-    corpus_entries,
-    corpus_params,
-    corpus_file,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    qemu_raw_sha256,
-    reader_sha256,
-    requires_qemu,
-)
+from .support.corpus import NO_CORPUS, corpus_dir, corpus_entries, corpus_params
+from .support.digests import qemu_raw_sha256, reader_sha256
+from .support.fuzz import exercise_reader, maybe_cut, poke_bytes
+from .support.images import rewrite_footers
+from .support.tools import assert_extents_sound, qemu_img, qemu_io, qemu_raw, requires_qemu
+from .support.units import MiB
 
 BLOCK = 2 * MiB
 
@@ -79,18 +70,6 @@ def qemu_virtual_size(path: Path, image_opts: str | None = None) -> int:
 
 def size_opts(path: Path, rule: str) -> str:
     return f"driver=vpc,force_size_calc={rule},file.filename={path}"
-
-
-def rewrite_footers(path: Path, **changes) -> VhdFooter:
-    """Change footer fields (and the copy at offset 0, if any), checksum recomputed by pack()."""
-    data = bytearray(path.read_bytes())
-    footer = dataclasses.replace(parse_footer(bytes(data[-512:])), **changes)
-    packed = footer.pack()
-    data[-512:] = packed
-    if data[:8] == b"conectix":
-        data[:512] = packed
-    path.write_bytes(bytes(data))
-    return footer
 
 
 def rewrite_header(path: Path, *, checksum: int | None = None, **changes) -> DynamicHeader:
@@ -818,29 +797,15 @@ def _regions(size: int) -> list[tuple[int, int]]:
 @given(data=st.data())
 def test_fuzz_only_diskimage_errors(fuzz_seed, data):
     image = bytearray(fuzz_seed)
-    regions = _regions(len(image))
-    for _ in range(data.draw(st.integers(1, 8))):
-        start, end = data.draw(st.sampled_from(regions))
-        position = data.draw(st.integers(start, end - 1))
-        image[position] = data.draw(st.integers(0, 255))
+    poke_bytes(data, image, _regions(len(image)))
     if data.draw(st.booleans()):  # fix the checksums so the mutation reaches deeper checks
         footer = parse_footer(bytes(image[-512:]))
         image[-512:] = footer.pack()
         image[:512] = parse_footer(bytes(image[:512])).pack()
         header = parse_dynamic_header(bytes(image[512:1536]))
         image[512:1536] = header.pack()
-    if data.draw(st.booleans()):
-        del image[data.draw(st.integers(0, len(image) - 1)) :]
-    try:
-        with open_vhd(io.BytesIO(bytes(image))) as reader:
-            reader.info()
-            limit = min(reader.virtual_size, 4 * MiB)
-            reader.read_at(0, limit)
-            reader.read_at(max(0, reader.virtual_size - 4096), 4096)
-            for _, extent in zip(range(10000), reader.extents()):
-                pass
-    except DiskImageError:
-        pass
+    maybe_cut(data, image)
+    exercise_reader(lambda: open_vhd(io.BytesIO(bytes(image))))
 
 
 @settings(deadline=None, max_examples=60)
@@ -852,15 +817,6 @@ def test_probe_never_raises(head, tail, size):
 # -- the corpus ---------------------------------------------------------------------------------
 
 _CORPUS_VHD = corpus_entries(("vhd",))
-
-
-@pytest.fixture(scope="session")
-def corpus_files(tmp_path_factory):
-    """entry -> the corpus file, decompressed once per session where stored compressed."""
-    if corpus_dir() is None:
-        pytest.skip(NO_CORPUS)
-    cache = tmp_path_factory.mktemp("vhd-corpus")
-    return lambda entry: corpus_file(entry, cache)
 
 
 @pytest.mark.parametrize("entry", corpus_params(_CORPUS_VHD))

@@ -29,22 +29,11 @@ from diskimg.formats.vhd.structures import (
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
-from .conftest import (
-    GiB,
-    KiB,
-    MiB,
-    diskimg_cli,
-    diskimg_to_pipe,
-    file_sha256,
-    qemu_compare,
-    qemu_img,
-    qemu_io,
-    random_plan,
-    reader_sha256,
-    requires_qemu,
-    scan_plan,
-    sparse_file,
-)
+from .support.digests import file_sha256, reader_sha256
+from .support.files import random_sparse_file
+from .support.images import feed_writer, pieces_content, random_plan, scan_plan
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_info, qemu_io, requires_qemu
+from .support.units import GiB, KiB, MiB
 #: 100 MiB + 3 sectors: neither a multiple of 2 MiB nor a CHS-representable size
 ODD_SIZE = 100 * MiB + 3 * 512
 #: 1000 cylinders x 4 heads x 17 sectors: a size the specification's CHS describes exactly
@@ -55,12 +44,6 @@ ZERO = ExtentKind.ZERO
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def sparse_raw(path, size: int, runs: list[tuple[int, int]], seed: int = 0) -> None:
-    """A sparse raw file of ``size`` bytes with random bytes at each (offset, length)."""
-    rng = random.Random(seed)
-    sparse_file(path, size, [(offset, rng.randbytes(length)) for offset, length in runs])
 
 
 #: random data at unaligned offsets: inside one block, across block boundaries, one byte, the last sector
@@ -78,11 +61,6 @@ def nonzero_blocks(path, block_size: int) -> set[int]:
                 blocks.add(index)
             index += 1
     return blocks
-
-
-def qemu_info(path, fmt: str | None = "vpc") -> dict:
-    args = ["info", "--output=json"] + (["-f", fmt] if fmt else []) + [path]
-    return json.loads(qemu_img(*args))
 
 
 def dynamic_layout(path) -> tuple[list[int], int]:
@@ -167,7 +145,7 @@ def convert_by(route: str, source, out, subformat: str, *extra: str) -> None:
 @pytest.mark.parametrize("route", ["api", "cli", "pipe"])
 def test_raw_source_round_trip(tmp_path, subformat, route):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vhd"
     convert_by(route, source, out, subformat)
     check_output(out, source, "raw", ODD_SIZE, subformat)
@@ -185,7 +163,7 @@ def test_raw_source_round_trip(tmp_path, subformat, route):
 def test_chs_exact_size_keeps_its_geometry(tmp_path, subformat):
     assert chs_geometry(CHS_EXACT_SIZE // 512) == (1000, 4, 17)
     source = tmp_path / "src.raw"
-    sparse_raw(source, CHS_EXACT_SIZE, [(CHS_EXACT_SIZE // 3 + 5, 5000), (CHS_EXACT_SIZE - 512, 512)])
+    random_sparse_file(source, CHS_EXACT_SIZE, [(CHS_EXACT_SIZE // 3 + 5, 5000), (CHS_EXACT_SIZE - 512, 512)])
     out = tmp_path / "out.vhd"
     diskimg.convert(source, out, "vhd", options={"subformat": subformat})
     check_output(out, source, "raw", CHS_EXACT_SIZE, subformat)
@@ -200,7 +178,7 @@ def test_chs_exact_size_keeps_its_geometry(tmp_path, subformat):
 @pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
 def test_non_chs_size_is_read_exactly_whatever_the_size_rule(tmp_path, subformat):
     source = tmp_path / "src.raw"
-    sparse_raw(source, 64 * MiB, [(MiB + 3, 1000)])
+    random_sparse_file(source, 64 * MiB, [(MiB + 3, 1000)])
     out = tmp_path / "out.vhd"
     diskimg.convert(source, out, "vhd", options={"subformat": subformat})
     check_output(out, source, "raw", 64 * MiB, subformat)
@@ -235,7 +213,7 @@ def test_qcow2_source(tmp_path, target):
 def test_sparse_4g_source(tmp_path):
     size = 4 * GiB
     source = tmp_path / "src.raw"
-    sparse_raw(source, size, [(0, 4096), (GiB + 511, 3 * MiB), (size - 65536, 65536)], seed=4)
+    random_sparse_file(source, size, [(0, 4096), (GiB + 511, 3 * MiB), (size - 65536, 65536)], seed=4)
     for subformat in ("dynamic", "fixed"):
         out = tmp_path / f"{subformat}.vhd"
         diskimg.convert(source, out, "vhd", options={"subformat": subformat})
@@ -249,11 +227,11 @@ def test_sparse_4g_source(tmp_path):
 @pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
 def test_align_gives_a_mib_multiple_with_zero_tail(tmp_path, subformat):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vhd"
     diskimg.convert(source, out, "vhd", options={"subformat": subformat}, align=1 << 20)
     size = 101 * MiB
-    info = qemu_info(out)
+    info = qemu_info(out, "vpc")
     assert info["format"] == "vpc" and info["virtual-size"] == size
     qemu_compare(source, "raw", out, "vpc")  # the extra tail reads as zeros
     if subformat == "fixed":
@@ -265,7 +243,7 @@ def test_align_gives_a_mib_multiple_with_zero_tail(tmp_path, subformat):
 @requires_qemu
 def test_unaligned_source_size_is_rounded_to_a_sector(tmp_path):
     source = tmp_path / "src.raw"
-    sparse_raw(source, 5 * MiB + 1000, [(5 * MiB + 100, 900)])  # a raw file of whole sectors plus 1000 bytes
+    random_sparse_file(source, 5 * MiB + 1000, [(5 * MiB + 100, 900)])  # a raw file of whole sectors plus 1000 bytes
     for subformat in ("dynamic", "fixed"):
         out = tmp_path / f"{subformat}.vhd"
         diskimg.convert(source, out, "vhd", options={"subformat": subformat})
@@ -276,7 +254,7 @@ def test_unaligned_source_size_is_rounded_to_a_sector(tmp_path):
 @pytest.mark.parametrize("block_size", ["512K", "16M"])
 def test_other_block_sizes(tmp_path, block_size):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     for target in ("file", "pipe"):
         out = tmp_path / f"{target}.vhd"
         if target == "file":
@@ -293,7 +271,7 @@ def test_other_block_sizes(tmp_path, block_size):
 def test_sparse_size_zero_writes_the_source_allocation(tmp_path):
     """-S 0: every allocated byte is written, zeros included, so allocated zero blocks stay allocated."""
     source = tmp_path / "src.raw"
-    sparse_raw(source, 32 * MiB, [(MiB, 1000)])
+    random_sparse_file(source, 32 * MiB, [(MiB, 1000)])
     with open(source, "r+b") as f:  # allocated zeros in block 5
         f.seek(10 * MiB + 4096)
         f.write(bytes(8192))
@@ -315,7 +293,7 @@ def test_sparse_size_zero_writes_the_source_allocation(tmp_path):
 @requires_qemu
 def test_checksum_on_a_file_streams_and_hashes_the_output(tmp_path):
     source = tmp_path / "src.raw"
-    sparse_raw(source, ODD_SIZE, ODD_RUNS)
+    random_sparse_file(source, ODD_SIZE, ODD_RUNS)
     out = tmp_path / "out.vhd"
     proc = diskimg_cli("convert", source, out, "-O", "vhd", "--checksum", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -341,7 +319,7 @@ def test_empty_2000g_disk_is_quick(tmp_path, target):
         diskimg_to_pipe(out, "convert", source, "-", "-O", "vhd", check=True)
     elapsed = time.monotonic() - started
     assert elapsed < 30, f"{elapsed:.1f} s"  # generous: a few seconds at most on the slowest machine seen
-    info = qemu_info(out)
+    info = qemu_info(out, "vpc")
     assert info["format"] == "vpc" and info["virtual-size"] == 2000 * GiB
     assert allocated_blocks(out) == set()
     assert os.path.getsize(out) == 1536 + 2000 * 512 * 4 + 512  # 1,024,000 BAT entries
@@ -353,7 +331,7 @@ def test_2040g_is_the_dynamic_limit(tmp_path):
     qemu_img("create", "-f", "qcow2", source, "2040G")
     out = tmp_path / "max.vhd"
     diskimg.convert(source, out, "vhd")
-    assert qemu_info(out)["virtual-size"] == 2040 * GiB
+    assert qemu_info(out, "vpc")["virtual-size"] == 2040 * GiB
 
     source = tmp_path / "over.qcow2"
     qemu_img("create", "-f", "qcow2", source, "2041G")
@@ -422,7 +400,7 @@ def test_compression_is_refused(tmp_path):
 @requires_qemu
 def test_cli_options_as_qemu_img_takes_them(tmp_path):
     source = tmp_path / "src.raw"
-    sparse_raw(source, 64 * MiB, [(MiB + 3, 1000)])
+    random_sparse_file(source, 64 * MiB, [(MiB + 3, 1000)])
     out = tmp_path / "out.vhd"
     proc = diskimg_cli("convert", source, out, "-O", "vpc", "-o", "subformat=fixed,force_size")
     assert proc.returncode == 0, proc.stderr
@@ -441,10 +419,7 @@ def _drive(path, size: int, plan: list[Extent], pieces: list[tuple[int, bytes]],
         target = OutputTarget(fd, str(path), hash_output=streaming)
         writer = VhdWriter(target, size, options, False)
         assert writer.requires_exact_plan == (streaming and options.get("subformat", "dynamic") == "dynamic")
-        writer.plan(iter(plan))
-        for offset, data in pieces:
-            writer.write(offset, memoryview(data))
-        writer.finish()
+        feed_writer(writer, plan, pieces)
     finally:
         os.close(fd)
     return writer
@@ -456,15 +431,13 @@ def test_random_plans_round_trip_and_measure(tmp_path, seed):
     size = rng.choice([rng.randint(1, 40) * MiB + rng.randint(0, 2 * MiB), 3 * MiB, 8 * MiB]) // 512 * 512
     options = rng.choice([{}, {"block_size": "512K"}, {"block_size": "1M"}, {"subformat": "fixed"}])
     plan, pieces = random_plan(rng, size)
-    expected = bytearray(size)
-    for offset, data in pieces:
-        expected[offset : offset + len(data)] = data
+    expected = pieces_content(size, pieces)
     for streaming in (True, False):
         out = tmp_path / f"out-{streaming}.vhd"
         _drive(out, size, plan, pieces, options, streaming=streaming)
         assert VhdWriter.measure(size, plan, options) == os.path.getsize(out)
         with diskimg.open_image(out) as disk:
-            assert disk.virtual_size == size and disk.read_at(0, size) == bytes(expected)
+            assert disk.virtual_size == size and disk.read_at(0, size) == expected
         if options.get("subformat") != "fixed":
             block = {"512K": 512 * KiB, "1M": MiB}.get(options.get("block_size", ""), 2 * MiB)
             holding = {i // block for offset, data in pieces for i in range(offset, offset + len(data), 512)}

@@ -18,26 +18,16 @@ from hypothesis import strategies as st
 
 from diskimg import open_image
 from diskimg.formats.probing import OpenOptions
-from diskimg.errors import BackingFileError, CorruptImage, DiskImageError
+from diskimg.errors import BackingFileError, CorruptImage
 from diskimg.formats.vhdx import VhdxReader, probe
 from diskimg.host.files import HostFile
 from diskimg.detection.probe import detect
 
-from .conftest import (
-    MiB,
-    assert_extents_sound,
-    corpus_entries,
-    corpus_file,
-    corpus_params,
-    diskimg_cli,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_raw,
-    qemu_raw_sha256,
-    reader_sha256,
-    requires_qemu,
-)
+from .support.corpus import corpus_entries, corpus_file, corpus_params
+from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256
+from .support.fuzz import draw_position, exercise_reader, maybe_cut
+from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_raw, requires_qemu
+from .support.units import MiB
 
 VHDX_CORPUS = corpus_entries(("vhdx",))
 CORPUS_WITH_CONTENT = [entry for entry in VHDX_CORPUS if entry.get("raw_sha256")]
@@ -318,8 +308,7 @@ def test_fuzz_only_diskimage_errors(fuzz_seeds, data):
     image = bytearray(data.draw(st.sampled_from(fuzz_seeds)))
     regions = _fuzz_regions(bytes(image))
     for _ in range(data.draw(st.integers(1, 8))):
-        start, end = data.draw(st.sampled_from(regions))
-        position = data.draw(st.integers(start, min(end, len(image)) - 1))
+        position = draw_position(data, regions, len(image))
         if data.draw(st.booleans()):
             image[position] = data.draw(st.integers(0, 255))
         else:  # a large number where a field may be
@@ -329,18 +318,13 @@ def test_fuzz_only_diskimage_errors(fuzz_seeds, data):
         for at, length in ((64 * 1024, 4096), (128 * 1024, 4096), (192 * 1024, 65536), (256 * 1024, 65536)):
             image[at + 4 : at + 8] = bytes(4)
             struct.pack_into("<I", image, at + 4, crc32.iscsi(bytes(image[at : at + length])))
-    if data.draw(st.booleans()):
-        del image[data.draw(st.integers(0, len(image) - 1)) :]
-    try:
+    maybe_cut(data, image)
+
+    def detect_then_open() -> VhdxReader:
         detect(io.BytesIO(bytes(image)))
-        with open_vhdx(io.BytesIO(bytes(image))) as reader:
-            reader.info()
-            reader.read_at(0, min(reader.virtual_size, 4 * MiB))
-            reader.read_at(max(0, reader.virtual_size - 4096), 4096)
-            for _, _extent in zip(range(10000), reader.extents()):
-                pass
-    except DiskImageError:
-        pass
+        return open_vhdx(io.BytesIO(bytes(image)))
+
+    exercise_reader(detect_then_open)
 
 
 # -- check --------------------------------------------------------------------------------------

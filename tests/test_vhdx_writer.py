@@ -11,16 +11,10 @@ import pytest
 
 import diskimg
 
-from .conftest import (
-    ROOT,
-    MiB,
-    diskimg_cli,
-    file_sha256,
-    qemu_img,
-    qemu_raw,
-    requires_qemu,
-    sparse_file,
-)
+from .support.digests import file_sha256
+from .support.files import sparse_file
+from .support.tools import ROOT, diskimg_cli, qemu_img, qemu_raw, requires_qemu
+from .support.units import MiB
 
 SIZE = 70 * MiB + 3584  # not a multiple of any block size
 

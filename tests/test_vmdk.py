@@ -4,7 +4,6 @@ the third-party corpus; hostile headers, tables and descriptors."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -17,26 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg import check, detect, open_image
-from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat
+from diskimg.errors import BackingFileError, CorruptImage, UnsupportedFormat
 from diskimg.formats.vmdk.structures import parse_descriptor, parse_header
 
-from .conftest import (
-    MiB,
-    assert_extents_sound,
-    corpus_entries,
-    corpus_file,
-    corpus_params,
-    diskimg_cli,
-    file_sha256,
-    qemu_img,
-    qemu_io,
-    qemu_map,
-    qemu_raw,
-    qemu_raw_sha256,
-    reader_sha256,
-    requires_qemu,
-    sparse_file,
-)
+from .support.corpus import corpus_entries, corpus_file, corpus_params
+from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256, reader_sha256_by_extents
+from .support.files import sparse_file
+from .support.fuzz import exercise_reader, maybe_cut, poke_bytes
+from .support.tools import assert_extents_sound, diskimg_cli, qemu_img, qemu_io, qemu_map, qemu_raw, requires_qemu
+from .support.units import MiB
 
 pytestmark = requires_qemu
 
@@ -222,23 +210,12 @@ def test_corpus(entry, tmp_path):
     path = corpus_file(entry, tmp_path)
     if entry.get("raw_sha256"):
         with open_image(path, source_format="vmdk") as reader:
-            assert _sha256_by_extents(reader) == entry["raw_sha256"]
+            assert reader_sha256_by_extents(reader) == entry["raw_sha256"]
             assert reader.virtual_size == entry["virtual_size"]
     else:
         proc = diskimg_cli("convert", path, tmp_path / "out.raw", "-O", "raw", text=True)
         assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "out.raw").exists()
-
-
-def _sha256_by_extents(reader) -> str:
-    """sha256 of the disk, ZERO extents hashed from a zero buffer (the corpus has a 16 GiB one)."""
-    digest = hashlib.sha256()
-    zeros = bytes(4 * MiB)
-    for extent in reader.extents():
-        for offset in range(extent.start, extent.end, 4 * MiB):
-            length = min(4 * MiB, extent.end - offset)
-            digest.update(zeros[:length] if extent.kind.value == "zero" else reader.read_at(offset, length))
-    return digest.hexdigest()
 
 
 # -- hostile images -------------------------------------------------------------------------------
@@ -313,21 +290,10 @@ def test_descriptor_parser_rejects_garbage():
 def test_fuzz_only_diskimage_errors(seeds, data):
     """Mutated headers, directories, tables, markers and cuts: a DiskImageError or a read, bounded."""
     image = bytearray(seeds[data.draw(st.sampled_from(sorted(seeds)))])
-    for _ in range(data.draw(st.integers(1, 8))):
-        region = data.draw(st.sampled_from([(0, 512), (512, 2048), (2048, min(len(image), 1 << 16)),
-                                            (max(0, len(image) - 1536), len(image))]))
-        position = data.draw(st.integers(region[0], region[1] - 1))
-        image[position] = data.draw(st.integers(0, 255))
-    if data.draw(st.booleans()):
-        del image[data.draw(st.integers(0, len(image) - 1)) :]
-    try:
-        with open_image(io.BytesIO(bytes(image)), source_format="vmdk") as reader:
-            reader.info()
-            reader.read_at(0, min(reader.virtual_size, 4 * MiB))
-            for _, extent in zip(range(10000), reader.extents()):
-                pass
-    except DiskImageError:
-        pass
+    poke_bytes(data, image, [(0, 512), (512, 2048), (2048, min(len(image), 1 << 16)),
+                             (max(0, len(image) - 1536), len(image))])
+    maybe_cut(data, image)
+    exercise_reader(lambda: open_image(io.BytesIO(bytes(image)), source_format="vmdk"), read_tail=False)
 
 
 # -- diskimg check ----------------------------------------------------------------------------------

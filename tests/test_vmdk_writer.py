@@ -13,16 +13,9 @@ import pytest
 from diskimg import open_image
 from diskimg.formats.vmdk.structures import GD_AT_END, parse_header
 
-from .conftest import (
-    MiB,
-    diskimg_cli,
-    diskimg_to_pipe,
-    qemu_compare,
-    qemu_img,
-    qemu_map,
-    requires_qemu,
-    sparse_file,
-)
+from .support.files import sparse_file
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_map, requires_qemu
+from .support.units import MiB
 
 pytestmark = requires_qemu
 

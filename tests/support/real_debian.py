@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conftest import ROOT, run
+from .tools import ROOT, run
 
 SCRIPT = ROOT / "scripts" / "build_real_debian.sh"
 RECIPE = hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:12]
