@@ -12,7 +12,9 @@ and by reading every file before and after.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import importlib
 import itertools
 import json
 import os
@@ -20,7 +22,6 @@ import random
 import re
 import shutil
 import struct
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,10 +35,16 @@ from diskimg.errors import ArchiveError, UsageError
 from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.inspection import freespace
 from diskimg.inspection.freespace import SparsifyPlan, UnusedRanges, plan_sparsify
-from diskimg.inspection.fs.base import NotSparsifiable
+from diskimg.inspection.fs import open_filesystem
+from diskimg.inspection.fs.base import GuestFileSystem, NotSparsifiable
 
-from .conftest import (MiB, blank, copy_in, diskimg_cli, diskimg_to_pipe, qemu_img, read_at, requires_qemu, run, sfdisk,
-                       write_at)
+from .support.disks import copy_in, sfdisk, write_boot_code
+from .support.files import blank, read_at, write_at
+from .support.fs_compare import assert_tree_equal
+from .support.lvm import EXTENT, LoopLvm, needs_lvm, unique_vg
+from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_img, requires_qemu, run
+from .support.units import MiB
+from .test_lvm import TwoDisks, lvm_tools, place_striped, two_disks  # noqa: F401 - fixtures and a builder shared
 
 SECTOR = 512
 
@@ -387,7 +394,7 @@ def test_an_md_member_with_its_superblock_at_the_end_is_kept(tmp_path: Path, fak
 
 @pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="cryptsetup not installed")
 def test_an_encrypted_volume_is_kept(tmp_path: Path) -> None:
-    from .test_volumes_crypt_md import luks_format
+    from .support.volumes import luks_format
 
     disk = blank(tmp_path / "disk.raw", 24 * MiB)
     sfdisk(disk, "label: gpt\nstart=2048, size=16M, type=linux\n")
@@ -576,23 +583,12 @@ def union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def lvm_fixtures() -> tuple:
-    from . import test_lvm
-
-    return test_lvm.needs_lvm, test_lvm.lvm_tools, test_lvm.two_disks
-
-
-needs_lvm, lvm_tools, two_disks = lvm_fixtures()
-
-
 @needs_lvm
-def test_free_extents_and_the_logical_volumes_file_systems_go(lvm_tools, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                              fake_fs: FakeDrivers) -> None:
+def test_free_extents_and_the_logical_volumes_file_systems_go(  # noqa: F811 - test_lvm's fixture
+        lvm_tools: LoopLvm, tmp_path: Path, fake_fs: FakeDrivers) -> None:
     """Two PVs on one disk: a linear LV, a striped LV over both, free extents between and after. With every
     ext4 saying it uses nothing, what goes is exactly the free extents and the LVs' extents as LVM2's own
     reports place them; the PVs' labels and metadata areas stay."""
-    from .test_lvm import EXTENT, place_striped, unique_vg
-
     disk = blank(tmp_path / "disk.raw", 64 * MiB)
     sfdisk(disk, "label: gpt\nstart=2048, size=28M, type=lvm\nsize=28M, type=lvm\n")
     parts = sfdisk_partitions(disk)
@@ -634,7 +630,7 @@ def test_free_extents_and_the_logical_volumes_file_systems_go(lvm_tools, tmp_pat
 
 
 @needs_lvm
-def test_a_volume_group_with_a_physical_volume_elsewhere_is_kept(two_disks) -> None:  # type: ignore[no-untyped-def]
+def test_a_volume_group_with_a_physical_volume_elsewhere_is_kept(two_disks: TwoDisks) -> None:  # noqa: F811
     """The system disk of a machine whose volume group spans its data disk too: converted alone, nothing of
     the group is touched (the data disk may hold newer metadata)."""
     plan = plan_of(two_disks.system)
@@ -649,10 +645,6 @@ def test_a_volume_group_with_a_physical_volume_elsewhere_is_kept(two_disks) -> N
 
 def reads_free_space(driver: str) -> bool:
     """Whether the driver ``module:Class`` of ``fs/`` reads its file system's free-space maps yet."""
-    import importlib
-
-    from diskimg.inspection.fs.base import GuestFileSystem
-
     module, name = driver.split(":")
     cls = getattr(importlib.import_module(f"diskimg.inspection.fs.{module}"), name)
     return bool(cls.unused_ranges is not GuestFileSystem.unused_ranges)
@@ -708,8 +700,6 @@ def churn(image: Path, mirror: Path, seed: int, *mount_options: str) -> int:
 def guest_tree(disk: object, offset: int, length: int) -> dict[str, tuple[str, int, str]]:
     """Every file, folder and link of the file system as diskimg's reader sees it: type, size, SHA-256 of the
     data or the link's target."""
-    from diskimg.inspection.fs import open_filesystem
-
     fs = open_filesystem(disk, offset, length)  # type: ignore[arg-type]
     assert fs is not None
     tree = {}
@@ -739,8 +729,6 @@ def dumpe2fs_free(image: Path) -> list[tuple[int, int]]:
 def inside(ranges: list[tuple[int, int]], allowed: list[tuple[int, int]]) -> bool:
     """Whether every range lies within the union ``allowed`` (sorted, merged)."""
     starts = [start for start, _ in allowed]
-    import bisect
-
     for start, end in ranges:
         index = bisect.bisect_right(starts, start) - 1
         if index < 0 or allowed[index][1] < end:
@@ -759,8 +747,6 @@ def test_a_used_disk_sparsified_reads_the_same_files(tmp_path: Path, layout: str
     deleted on the ESP and the root. Converted with --sparsify to qcow2 and raw: byte for byte the source
     outside the ranges diskimg reports and zeros inside them; the ext4's ranges among the blocks dumpe2fs calls
     free; e2fsck and fsck.fat find nothing wrong; every file, folder and link reads the same."""
-    from .conftest import write_boot_code
-
     rng = random.Random(layout)
     disk = blank(tmp_path / "disk.raw", 96 * MiB)
     unknown = "3E1E8B1B-7A54-4C6F-9B2E-6B1F0C9D2A10"
@@ -777,7 +763,7 @@ def test_a_used_disk_sparsified_reads_the_same_files(tmp_path: Path, layout: str
     numbered = [p for p in sfdisk_partitions(disk) if p["type"] not in ("5",)]
     parts = {number: numbered[index] for index, number in enumerate(sorted(roles))}
     write_boot_code(disk, core_lba=parts[1]["start"] // SECTOR if layout == "gpt" else None)
-    mirrors, deleted = {}, {}
+    deleted = {}
     for number, role in roles.items():
         start, length = parts[number]["start"], parts[number]["end"] - parts[number]["start"]
         image = tmp_path / f"p{number}.img"
@@ -838,10 +824,6 @@ def test_a_used_disk_sparsified_reads_the_same_files(tmp_path: Path, layout: str
             run("e2fsck", "-fn", extracted) if role == "ext4" else run("fsck.fat", "-n", extracted)
             with diskimg.open_image(disk) as before, diskimg.open_image(out) as after:
                 assert guest_tree(after, start, length) == guest_tree(before, start, length)
-            from diskimg.inspection.fs import open_filesystem
-
-            from .fs_compare import assert_tree_equal
-
             with diskimg.open_image(out) as after:
                 fs = open_filesystem(after, start, length)
                 assert fs is not None
