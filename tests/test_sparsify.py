@@ -584,8 +584,8 @@ def union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 @needs_lvm
-def test_free_extents_and_the_logical_volumes_file_systems_go(  # noqa: F811 - test_lvm's fixture
-        lvm_tools: LoopLvm, tmp_path: Path, fake_fs: FakeDrivers) -> None:
+def test_free_extents_and_the_logical_volumes_file_systems_go(
+        lvm_tools: LoopLvm, tmp_path: Path, fake_fs: FakeDrivers) -> None:  # noqa: F811 - test_lvm's fixture
     """Two PVs on one disk: a linear LV, a striped LV over both, free extents between and after. With every
     ext4 saying it uses nothing, what goes is exactly the free extents and the LVs' extents as LVM2's own
     reports place them; the PVs' labels and metadata areas stay."""
