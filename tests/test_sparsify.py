@@ -40,6 +40,7 @@ from diskimg.inspection.fs.base import GuestFileSystem, NotSparsifiable
 
 from .support.disks import copy_in, sfdisk, write_boot_code
 from .support.files import blank, read_at, write_at
+from .support.filesystems import can_mount
 from .support.fs_compare import assert_tree_equal
 from .support.lvm import EXTENT, LoopLvm, needs_lvm, unique_vg
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_img, requires_qemu, run
@@ -650,50 +651,74 @@ def reads_free_space(driver: str) -> bool:
     return bool(cls.unused_ranges is not GuestFileSystem.unused_ranges)
 
 
-needs_mount = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
-                                 reason="files are written and deleted on a loop-mounted file system: root only")
+needs_mount = pytest.mark.skipif(not can_mount() or shutil.which("mmd") is None,
+                                 reason="files are written and deleted on a loop-mounted ext4 (root only) and with "
+                                 "mtools")
 needs_ext_driver = pytest.mark.skipif(not reads_free_space("ext:ExtFileSystem"),
                                       reason="the ext driver does not read its block bitmaps yet")
 needs_fat_driver = pytest.mark.skipif(not reads_free_space("fat:FatFileSystem"),
                                       reason="the FAT driver does not read its allocation table yet")
 
 
-def churn(image: Path, mirror: Path, seed: int, *mount_options: str) -> int:
-    """Loop-mount ``image`` and use it as a guest does: files and folders written, large files deleted, a file
-    truncated and rewritten, more files written into the freed space; the final tree copied to ``mirror``.
-    Returns the bytes of the files deleted (their data stays in the freed blocks)."""
+def guest_use(seed: int) -> Iterator[tuple[str, str, bytes]]:
+    """What a guest does to its file system, as ("write" | "delete", path, data) steps: files and folders
+    written, large files deleted, more files written into the freed space."""
     rng = random.Random(seed)
+    yield "write", "etc/hostname", f"guest-{seed}\n".encode()
+    big = [f"var/cache-{number}.bin" for number in range(6)]
+    for path in big:
+        yield "write", path, rng.randbytes(rng.randrange(1, 4) * MiB + rng.randrange(4096))
+    for number in range(40):
+        yield "write", f"var/log/log-{number}.txt", rng.randbytes(rng.randrange(20000))
+    for path in big[::2]:
+        yield "delete", path, b""
+    yield "write", "home/after-delete.bin", rng.randbytes(MiB + 123)
+
+
+def churn_mounted(image: Path, mirror: Path, seed: int) -> int:
+    """Loop-mount ``image`` and use it (``guest_use``), with a symbolic link too; the final tree copied to
+    ``mirror``. Returns the bytes of the files deleted (their data stays in the freed blocks)."""
     mount = image.parent / f"mnt-{image.stem}"
     mount.mkdir()
-    run("mount", "-o", ",".join(("loop", *mount_options)), image, mount)
+    run("mount", "-o", "loop", image, mount)
     deleted = 0
     try:
-        (mount / "etc").mkdir(exist_ok=True)
-        (mount / "etc" / "hostname").write_text(f"guest-{seed}\n")
-        (mount / "var" / "log").mkdir(parents=True, exist_ok=True)
-        big = []
-        for number in range(6):
-            path = mount / "var" / f"cache-{number}.bin"
-            path.write_bytes(rng.randbytes(rng.randrange(1, 4) * MiB + rng.randrange(4096)))
-            big.append(path)
-        for number in range(40):
-            (mount / "var" / "log" / f"log-{number}.txt").write_bytes(rng.randbytes(rng.randrange(20000)))
-        os.sync()
-        for path in big[::2]:
-            deleted += path.stat().st_size
-            path.unlink()
-        with open(mount / "var" / "log" / "log-1.txt", "r+b") as f:
-            f.truncate(100)
-            f.seek(5000)
-            f.write(b"sparse tail")
-        (mount / "home").mkdir(exist_ok=True)
-        (mount / "home" / "after-delete.bin").write_bytes(rng.randbytes(MiB + 123))
-        if "vfat" not in mount_options:
-            os.symlink("../etc/hostname", mount / "home" / "hostname-link")
+        for step, path, data in guest_use(seed):
+            target = mount / path
+            if step == "write":
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                os.sync()
+            else:
+                deleted += target.stat().st_size
+                target.unlink()
+        os.symlink("../etc/hostname", mount / "home" / "hostname-link")
         os.sync()
         shutil.copytree(mount, mirror, symlinks=True, ignore=shutil.ignore_patterns("lost+found"))
     finally:
         run("umount", mount)
+    return deleted
+
+
+def churn_fat(image: Path, mirror: Path, seed: int) -> int:
+    """The same use of a FAT image through mtools (no vfat driver needed); ``mirror`` holds the final tree."""
+    deleted = 0
+    folders: set[str] = set()
+    for step, path, data in guest_use(seed):
+        target = mirror / path
+        if step == "write":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            for depth in range(1, path.count("/") + 1):
+                folder = "/".join(path.split("/")[:depth])
+                if folder not in folders:
+                    run("mmd", "-i", image, f"::/{folder}")
+                    folders.add(folder)
+            run("mcopy", "-o", "-i", image, target, f"::/{path}")
+        else:
+            deleted += target.stat().st_size
+            target.unlink()
+            run("mdel", "-i", image, f"::/{path}")
     return deleted
 
 
@@ -772,11 +797,11 @@ def test_a_used_disk_sparsified_reads_the_same_files(tmp_path: Path, layout: str
             (tree / "etc").mkdir(parents=True)
             (tree / "etc" / "fstab").write_text("/dev/sda1 / ext4 defaults 0 1\n")
             ext4_file(image, length, "-d", str(tree))
-            deleted[number] = churn(image, tmp_path / f"mirror-{number}", 1)
+            deleted[number] = churn_mounted(image, tmp_path / f"mirror-{number}", 1)
         elif role == "fat":
             blank(image, length)
             run("mkfs.fat", "-F", "16", image)
-            deleted[number] = churn(image, tmp_path / f"mirror-{number}", 2, "vfat")
+            deleted[number] = churn_fat(image, tmp_path / f"mirror-{number}", 2)
         elif role == "swap":
             blank(image, length)
             run("mkswap", image)
