@@ -21,6 +21,7 @@ timed too when it is installed (libguestfs boots an appliance: it needs KVM or i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -74,9 +75,8 @@ def build_disk(work: str, size: int) -> tuple[str, int, int]:
     with open(disk, "wb") as f:
         f.truncate(size)
     run("sfdisk", "-q", "--no-reread", "--no-tell-kernel", disk, input=b"label: gpt\nstart=2048, type=linux\n")
-    offset = 2048 * 512
-    length = size - offset - 34 * 512
-    length -= length % 4096
+    (partition_entry,) = json.loads(run("sfdisk", "--json", disk).stdout)["partitiontable"]["partitions"]
+    offset, length = partition_entry["start"] * 512, partition_entry["size"] * 512
     partition = os.path.join(work, "root.ext4")
     with open(partition, "wb") as f:
         f.truncate(length)
