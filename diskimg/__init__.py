@@ -44,19 +44,33 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # what __getattr__ imports on first use, named for type checkers
-    from .archives.export import ExportResult as ExportResult, VerifyResult as VerifyResult
-    from .archives.export import export as export, verify as verify
+    from .archives.export import (
+        ExportResult as ExportResult,
+        VerifyResult as VerifyResult,
+        export as export,
+        verify as verify,
+    )
     from .archives.unpack import UnpackResult as UnpackResult, unpack as unpack
     from .conversion.compare import CompareResult as CompareResult, compare as compare
-    from .conversion.pipeline import ConvertResult as ConvertResult, MeasureResult as MeasureResult
-    from .conversion.pipeline import ProgressCallback as ProgressCallback, convert as convert, measure as measure
+    from .conversion.pipeline import (
+        ConvertResult as ConvertResult,
+        MeasureResult as MeasureResult,
+        ProgressCallback as ProgressCallback,
+        convert as convert,
+        measure as measure,
+    )
     from .detection.check import CheckResult as CheckResult, check as check
     from .detection.image import image_info as image_info, open_image as open_image
     from .detection.probe import detect as detect
     from .fleet import BatchResult as BatchResult, batch as batch
     from .formats.probing import Detection as Detection, OpenOptions as OpenOptions
-    from .formats.reader import DiskReader as DiskReader, Extent as Extent, ExtentKind as ExtentKind
-    from .formats.reader import ImageInfo as ImageInfo, Snapshot as Snapshot
+    from .formats.reader import (
+        DiskReader as DiskReader,
+        Extent as Extent,
+        ExtentKind as ExtentKind,
+        ImageInfo as ImageInfo,
+        Snapshot as Snapshot,
+    )
     from .formats.writer import DiskWriter as DiskWriter
     from .validation import Finding as Finding, Report as Report, validate as validate
 
@@ -67,7 +81,8 @@ _LAZY = {
     **dict.fromkeys(("BatchResult", "batch"), "fleet"),
     **dict.fromkeys(("CompareResult", "compare"), "conversion.compare"),
     **dict.fromkeys(("CheckResult", "check"), "detection.check"),
-    **dict.fromkeys(("ConvertResult", "MeasureResult", "ProgressCallback", "convert", "measure"), "conversion.pipeline"),
+    **dict.fromkeys(("ConvertResult", "MeasureResult", "ProgressCallback", "convert", "measure"),
+                    "conversion.pipeline"),
     "detect": "detection.probe",
     **dict.fromkeys(("Detection", "OpenOptions"), "formats.probing"),
     **dict.fromkeys(("ExportResult", "VerifyResult", "export", "verify"), "archives.export"),

@@ -27,7 +27,7 @@ from diskimg.formats.writer import parse_options
 
 from .support.digests import content_hash_by_definition, file_sha256
 from .support.files import leftovers, sparse_file
-from .support.tools import ROOT, default_sigint, diskimg_cli, diskimg_to_pipe, qemu_img, qemu_io, requires_qemu, run
+from .support.tools import ROOT, default_sigint, diskimg_cli, diskimg_to_pipe, qemu_img, qemu_io, qemu_raw, requires_qemu, run
 from .support.units import GiB, KiB, MiB
 
 pytestmark = requires_qemu

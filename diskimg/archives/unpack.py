@@ -29,19 +29,25 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..host import interrupts
-from ..conversion.pipeline import ProgressCallback, content_hash_of, convert
-from ..detection.probe import detect, identify_inner
-from ..formats.probing import READABLE_FORMATS
 from ..choices import FormatName
+from ..conversion.outputs import new_temporary, output_directory, replace_file, reported_as, resolve_file
+from ..conversion.pipeline import ProgressCallback, content_hash_of, convert
+from ..detection.image import open_image
+from ..detection.probe import detect, identify_inner
 from ..errors import ArchiveError, UnsupportedFormat
 from ..formats import canonical_format
-from ..detection.image import open_image
-from .manifest import ExportedDisk, names_manifest, read_manifest
-from ..conversion.outputs import new_temporary, output_directory, replace_file, reported_as, resolve_file
-from ..streams.sources import (EndShowsAnotherFormat, StreamDiskReader, finish_archive, open_file_bytes, open_wrapped,
-                      opens_through_wrapper)
+from ..formats.probing import READABLE_FORMATS
+from ..host import interrupts
 from ..streams.compressed import COMPRESSORS, unwrapped_name
+from ..streams.sources import (
+    EndShowsAnotherFormat,
+    StreamDiskReader,
+    finish_archive,
+    open_file_bytes,
+    open_wrapped,
+    opens_through_wrapper,
+)
+from .manifest import ExportedDisk, names_manifest, read_manifest
 
 _DISK_SUFFIXES = (".raw", ".img", ".qcow2", ".vhd", ".vpc", ".vmdk", ".vhdx", ".vdi")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.xz", ".tar.bz2", ".tgz", ".tar", ".gz", ".zst", ".xz", ".bz2")
@@ -130,7 +136,7 @@ def _unpack_one(archive: str, expected: ExportedDisk | None, out_dir: str, targe
     digest = hashlib.sha256 if expected is not None else None
     reader: StreamDiskReader
     if opens_through_wrapper(detection):
-        reader = open_wrapped(archive, detection, identify_inner, digest, as_bytes=True)  # type: ignore[assignment]
+        reader = open_wrapped(archive, detection, identify_inner, digest, as_bytes=True)
     else:
         if not detection.readable:
             raise UnsupportedFormat(f"{detection.description}: not an archive or disk diskimg unpacks",

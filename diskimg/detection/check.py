@@ -20,10 +20,9 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
-from .probe import check_forced, detect
+from ..choices import FormatName
 from ..errors import DiskImageError, UnsupportedFormat
 from ..formats import canonical_format
-from ..choices import FormatName
 from ..formats.check_result import CheckProblem, CheckResult
 from ..formats.qcow2.check import check_qcow2
 from ..formats.vdi.check import check_vdi
@@ -31,6 +30,7 @@ from ..formats.vhd.check import check_vhd
 from ..formats.vmdk.check import check_vmdk
 from ..host.files import HostFile
 from .image import source_name
+from .probe import check_forced, detect
 
 #: ``check`` and the result it returns (defined with the formats' checks that fill it)
 __all__ = ["CheckProblem", "CheckResult", "check"]

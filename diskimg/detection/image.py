@@ -12,13 +12,13 @@ import os
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from .probe import check_forced, detect, identify_inner
-from ..formats.probing import OpenOptions
 from ..choices import FormatName, VhdSizeRule
 from ..errors import BackingFileError, CorruptImage, UnsupportedFormat
 from ..formats import READERS, canonical_format
-from ..host.files import HostFile, confined_path
+from ..formats.probing import OpenOptions
 from ..formats.reader import DiskReader, ImageInfo
+from ..host.files import HostFile, confined_path
+from .probe import check_forced, detect, identify_inner
 
 Source = str | os.PathLike[str] | BinaryIO
 MAX_CHAIN_DEPTH = 16
@@ -80,7 +80,8 @@ def _open(
     elif detection.readable:
         name = detection.format
     else:
-        from ..streams.sources import open_wrapped, opens_through_wrapper  # loaded when a wrapper is met (start-up time)
+        # loaded when a wrapper is met (start-up time)
+        from ..streams.sources import open_wrapped, opens_through_wrapper
 
         if opens_through_wrapper(detection):
             # a RAW disk or a fixed VHD in a compressed file, a disk in a tar
@@ -92,11 +93,10 @@ def _open(
             hint=detection.hint,
         )
     opener = None
-    if allow_backing:
-        if isinstance(source, (str, os.PathLike)):
-            top = os.path.realpath(os.fspath(source))
-            roots = [os.path.realpath(os.fspath(d)) for d in backing_dirs] if backing_dirs else [os.path.dirname(top)]
-            opener = _ParentOpener(top, roots, options, depth=1, seen=frozenset({top}))
+    if allow_backing and isinstance(source, (str, os.PathLike)):
+        top = os.path.realpath(os.fspath(source))
+        roots = [os.path.realpath(os.fspath(d)) for d in backing_dirs] if backing_dirs else [os.path.dirname(top)]
+        opener = _ParentOpener(top, roots, options, depth=1, seen=frozenset({top}))
     return _open_reader(source, name, opener, options)
 
 

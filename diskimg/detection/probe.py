@@ -56,8 +56,7 @@ from ..formats.qcow2 import probe as qcow2_probe
 from ..formats.vdi import structures as vdi_structures
 from ..formats.vhd import probe as vhd_probe
 from ..formats.vhd.structures import footer_sizes_fixed_disk
-from ..formats.vhdx import probe as vhdx_probe
-from ..formats.vhdx import structures as vhdx_structures
+from ..formats.vhdx import probe as vhdx_probe, structures as vhdx_structures
 from ..host.files import HostFile
 from ..streams import compressed as wrappers
 
@@ -92,7 +91,7 @@ def detect(source: str | os.PathLike[str] | BinaryIO) -> Detection:
 def _name_of(source: object) -> str | None:
     """The name to put in suggested commands, or None (placeholders are used then)."""
     if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)  # type: ignore[return-value]
+        return os.fspath(source)
     name = getattr(source, "name", None)
     return name if isinstance(name, str) and not name.startswith("<") else None
 

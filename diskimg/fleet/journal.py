@@ -30,7 +30,7 @@ def read_journal(path: str) -> dict[str, dict[str, Any]]:
     last entry."""
     entries: dict[str, dict[str, Any]] = {}
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - opened apart so only its errors are translated; `with f` below
     except FileNotFoundError:
         return entries
     except OSError as exc:

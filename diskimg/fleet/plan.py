@@ -143,7 +143,7 @@ def read_plan(path: str | os.PathLike[str], *, absolute_paths: bool = False) -> 
     seen: dict[str, int] = {}
     outputs: dict[str, int] = {}
     try:
-        f = open(plan, "rb")
+        f = open(plan, "rb")  # noqa: SIM115 - opened apart so only its errors are translated; `with f` below
     except OSError as exc:
         raise UsageError(f"cannot read the plan: {exc.strerror}", path=plan) from None
     with f:

@@ -215,7 +215,8 @@ def _receive(worker: _Worker) -> dict[str, Any] | None:
     """The entry the worker sent, or None if it died before sending one."""
     try:
         if worker.conn.poll():
-            return worker.conn.recv()
+            entry: dict[str, Any] = worker.conn.recv()
+            return entry
     except (EOFError, OSError):
         pass
     return None
@@ -285,8 +286,8 @@ def run_dask(jobs: Iterable[Job], scheduler: str, record: EntrySink, started: St
                 if future.status == "finished":
                     record(future.result())
                 else:
-                    exc = future.exception()
-                    record(died_entry(job, f"on every attempt the cluster allows ({type(exc).__name__}: {exc})"))
+                    error = future.exception()
+                    record(died_entry(job, f"on every attempt the cluster allows ({type(error).__name__}: {error})"))
         except KeyboardInterrupt:
             client.cancel(list(futures))
             raise

@@ -4,16 +4,16 @@ writer. This registry maps format names to them."""
 from __future__ import annotations
 
 from ..choices import DiskFormat
-from .probing import FORMAT_ALIASES
 from ..errors import UsageError
-from .reader import DiskReader
-from .writer import DiskWriter
-from .raw import RawReader, RawWriter
+from .probing import FORMAT_ALIASES
 from .qcow2 import Qcow2Reader, Qcow2Writer
-from .vhd import VhdReader, VhdWriter
-from .vmdk import VmdkReader, VmdkWriter
-from .vhdx import VhdxReader, VhdxWriter
+from .raw import RawReader, RawWriter
+from .reader import DiskReader
 from .vdi import VdiReader, VdiWriter
+from .vhd import VhdReader, VhdWriter
+from .vhdx import VhdxReader, VhdxWriter
+from .vmdk import VmdkReader, VmdkWriter
+from .writer import DiskWriter
 
 READERS: dict[str, type[DiskReader]] = {"raw": RawReader, "vhd": VhdReader, "qcow2": Qcow2Reader, "vmdk": VmdkReader,
                                         "vhdx": VhdxReader, "vdi": VdiReader}

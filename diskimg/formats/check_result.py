@@ -101,7 +101,8 @@ class CheckResult:
         for problem in self.problems:
             where = ""
             if problem.structure or problem.offset is not None:
-                parts = [p for p in (problem.structure, None if problem.offset is None else f"offset {problem.offset}") if p]
+                at = None if problem.offset is None else f"offset {problem.offset}"
+                parts = [p for p in (problem.structure, at) if p]
                 where = f" ({', '.join(parts)})"
             lines.append(f"{problem.kind.upper()}: {problem.message}{where}")
         if self.problems_omitted:

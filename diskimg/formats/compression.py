@@ -8,8 +8,11 @@ import os
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 try:  # zstd is a declared dependency; without it there is no screening, only deflate
     import zstandard
@@ -38,16 +41,16 @@ class ClusterCompressor:
         self.zstd_level = zstd_level  # set: compress with zstd instead of deflate
         self._local = threading.local()
 
-    def _zstd_compressor(self, name: str, level: int):  # type: ignore[no-untyped-def]
-        compressor = getattr(self._local, name, None)
+    def _zstd_compressor(self, name: str, level: int) -> zstandard.ZstdCompressor:
+        compressor: zstandard.ZstdCompressor | None = getattr(self._local, name, None)
         if compressor is None:
             compressor = zstandard.ZstdCompressor(level=level)
             setattr(self._local, name, compressor)
         return compressor
 
-    def batch(self, clusters: list) -> list:
+    def batch(self, clusters: Sequence[bytes | memoryview]) -> list[bytes | None]:
         limit = self.limit
-        results: list = []
+        results: list[bytes | None] = []
         if self.zstd_level is not None:
             compressor = self._zstd_compressor("zstd", self.zstd_level)
             for data in clusters:
@@ -69,9 +72,15 @@ class ClusterCompressor:
         return results
 
 
-class CompressionPool:
+_Batch = TypeVar("_Batch")
+_Tag = TypeVar("_Tag")
+_Result = TypeVar("_Result")
+
+
+class CompressionPool(Generic[_Batch, _Tag, _Result]):
     """Batches run in worker threads; their results are taken back in submission order, at most
-    ``max_inflight`` batches ahead of the writer (bounded memory)."""
+    ``max_inflight`` batches ahead of the writer (bounded memory). ``_Tag`` is what the writer
+    keeps beside each batch (its clusters, its buffer) until the result comes back."""
 
     def __init__(self, name: str) -> None:
         # only compression uses pools: loaded then (start-up time)
@@ -80,12 +89,12 @@ class CompressionPool:
         workers = max(1, min(4, os.cpu_count() or 1))
         self.max_inflight = 2 * workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-        self._inflight: deque = deque()  # (tag, future)
+        self._inflight: deque[tuple[_Tag, Future[_Result]]] = deque()
 
-    def submit(self, work: Callable[[Any], Any], batch: Any, tag: Any) -> None:
+    def submit(self, work: Callable[[_Batch], _Result], batch: _Batch, tag: _Tag) -> None:
         self._inflight.append((tag, self._executor.submit(work, batch)))
 
-    def completed(self, keep: int) -> Iterator[tuple[Any, Any]]:
+    def completed(self, keep: int) -> Iterator[tuple[_Tag, _Result]]:
         """(tag, result) of the oldest batches, waited for in order, until ``keep`` remain in flight."""
         while len(self._inflight) > keep:
             tag, future = self._inflight.popleft()

@@ -116,7 +116,7 @@ def _vmdk_sparse(p: Probe) -> Match | None:
     descriptor_sector, descriptor_sectors = struct.unpack_from("<QQ", head, 28)
     create_type = None
     descriptor_seen = False  # the embedded descriptor area lies within the head
-    if 0 < descriptor_sector and 0 < descriptor_sectors <= 2048:
+    if descriptor_sector > 0 and 0 < descriptor_sectors <= 2048:
         start = descriptor_sector * 512
         if start < len(head):
             descriptor_seen = True
@@ -140,7 +140,8 @@ def _vmdk_sparse(p: Probe) -> Match | None:
 def _vmdk_cowd(p: Probe) -> Match | None:
     if p.head[:4] != b"COWD":
         return None
-    return Match(subformat="COWD", version=str(_u32le(p.head, 4)), description="VMDK ESX COWD sparse extent (vmfsSparse)")
+    return Match(subformat="COWD", version=str(_u32le(p.head, 4)),
+                 description="VMDK ESX COWD sparse extent (vmfsSparse)")
 
 
 _SESPARSE_MAGIC = struct.pack("<Q", 0xCAFEBABE)
@@ -153,7 +154,7 @@ def _vmdk_sesparse(p: Probe) -> Match | None:
 
 
 def _looks_like_text(b: bytes) -> bool:
-    return bool(b) and all(c in (9, 10, 13) or 32 <= c for c in b) and b"\x7f" not in b
+    return bool(b) and all(c in (9, 10, 13) or c >= 32 for c in b) and b"\x7f" not in b
 
 
 def _vmdk_descriptor(p: Probe) -> Match | None:

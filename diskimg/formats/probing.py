@@ -6,8 +6,9 @@ prober (which imports every driver).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, get_args
+from typing import Any, get_args
 
 from ..choices import DiskFormat, VhdSizeRule
 

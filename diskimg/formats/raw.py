@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
-from .probing import OpenOptions, ParentOpener
 from ..host.files import HostFile
 from ..units import SECTOR_SIZE
+from .probing import OpenOptions, ParentOpener
 from .reader import DiskReader, Extent, ImageInfo, Run, RunKind
 from .writer import DiskWriter
 

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
-from .probing import OpenOptions, ParentOpener
 from ..errors import BackingFileError, CorruptImage
 from ..host.files import HostFile
+from .probing import OpenOptions, ParentOpener
 
 
 class ExtentKind(str, enum.Enum):

@@ -13,7 +13,7 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from ..errors import ImageNotFound, UsageError
@@ -27,7 +27,7 @@ HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
 
-def _libc_madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _libc_madvise() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:

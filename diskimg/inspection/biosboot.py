@@ -21,9 +21,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .signatures import Disk
 from ..units import SECTOR_SIZE
 from .partitions import Partition, PartitionTable
+from .signatures import Disk
 
 #: GRUB 2 boot.img: where the LBA of the core image's first sector is kept
 GRUB_KERNEL_SECTOR = 0x5C

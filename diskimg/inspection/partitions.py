@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import CorruptImage
 from ..units import SECTOR_SIZE
-from .signatures import Disk, probe_boot_sector
+from .signatures import Disk, SizedDisk, probe_boot_sector
 
 GPT_SIGNATURE = b"EFI PART"
 MBR_SIGNATURE = b"\x55\xaa"
@@ -422,13 +422,13 @@ def gpt_type_info(guid: str) -> tuple[str, str]:
 # -- reading a disk ---------------------------------------------------------------------------------
 
 
-def read_partition_table(disk: Disk, disk_size: int | None = None) -> PartitionTable:
+def read_partition_table(disk: SizedDisk, disk_size: int | None = None) -> PartitionTable:
     """The partition table of ``disk`` as the guest will see it, with every issue found.
 
     ``disk_size`` defaults to ``disk.virtual_size``. Only DiskImageError can escape (a read of a
     damaged image that fails); a damaged table itself is reported in ``issues``.
     """
-    size = int(disk_size if disk_size is not None else getattr(disk, "virtual_size"))
+    size = int(disk_size if disk_size is not None else disk.virtual_size)
     table = PartitionTable(scheme=None, disk_size=size)
     if size < SECTOR_SIZE:
         return table
@@ -461,9 +461,9 @@ def read_partition_table(disk: Disk, disk_size: int | None = None) -> PartitionT
                 {"offset": gpt_sector_size},
             )
         )
-    if mbr is not None and mbr.signature_ok and mbr.entries_sane and not _boot_sector_file_system(head):
-        if _mbr_describes_partitions(mbr) or mbr.has_boot_code:
-            _read_mbr(disk, table, mbr)
+    if (mbr is not None and mbr.signature_ok and mbr.entries_sane and not _boot_sector_file_system(head)
+            and (_mbr_describes_partitions(mbr) or mbr.has_boot_code)):
+        _read_mbr(disk, table, mbr)
     return table
 
 
@@ -506,7 +506,8 @@ def _read_mbr(disk: Disk, table: PartitionTable, mbr: Mbr) -> None:
                     "partition-invalid",
                     f"MBR partition {number} (type 0x{entry.type:02x}) "
                     + ("has no sectors" if entry.sectors == 0 else "starts at LBA 0, over the partition table"),
-                    {"partition": number, "start_lba": entry.start_lba, "sectors": entry.sectors, "offset": 446 + 16 * entry.index},
+                    {"partition": number, "start_lba": entry.start_lba, "sectors": entry.sectors,
+                     "offset": 446 + 16 * entry.index},
                 )
             )
             continue
@@ -648,7 +649,8 @@ def _read_gpt(disk: Disk, table: PartitionTable, sector_size: int, protective: M
     backup_lba_hint = primary.backup_lba if isinstance(primary, GptHeader) and primary.crc_ok else last_lba
     backup = _read_gpt_header(disk, sector_size, last_lba, size)
     _add_gpt_structures(table, backup, last_lba, sector_size)
-    if (not isinstance(backup, GptHeader) or not backup.crc_ok) and backup_lba_hint != last_lba and 0 < backup_lba_hint < total:
+    backup_damaged = not isinstance(backup, GptHeader) or not backup.crc_ok
+    if backup_damaged and backup_lba_hint != last_lba and 0 < backup_lba_hint < total:
         elsewhere = _read_gpt_header(disk, sector_size, backup_lba_hint, size)
         _add_gpt_structures(table, elsewhere, backup_lba_hint, sector_size)
         if isinstance(elsewhere, GptHeader) and elsewhere.crc_ok:
@@ -663,12 +665,17 @@ def _read_gpt(disk: Disk, table: PartitionTable, sector_size: int, protective: M
                 "gpt-header-invalid",
                 "the primary GPT header at LBA 1 "
                 + ("has a bad CRC32" if isinstance(primary, GptHeader) else str(primary))
-                + ("; the backup header is intact and was used" if backup_ok else "; the backup header is not usable either"),
+                + ("; the backup header is intact and was used" if backup_ok
+                   else "; the backup header is not usable either"),
                 {"offset": sector_size, "value": None if found is None else f"0x{found:08x}",
                  "backup_usable": backup_ok},
             )
         )
-    header: GptHeader | None = primary if primary_ok else (backup if backup_ok else None)  # type: ignore[assignment]
+    header: GptHeader | None = None
+    if primary_ok and isinstance(primary, GptHeader):
+        header = primary
+    elif backup_ok and isinstance(backup, GptHeader):
+        header = backup
     if header is None:
         return
     table.gpt = header
@@ -691,7 +698,8 @@ def _read_gpt(disk: Disk, table: PartitionTable, sector_size: int, protective: M
                 TableIssue(
                     "gpt-backup-missing",
                     "the backup GPT header is missing or damaged "
-                    f"(looked at LBA {last_lba}" + (f" and LBA {primary.backup_lba}" if primary.backup_lba != last_lba else "")
+                    f"(looked at LBA {last_lba}"
+                    + (f" and LBA {primary.backup_lba}" if primary.backup_lba != last_lba else "")
                     + ")",
                     {"offset": last_lba * sector_size, "lba": last_lba},
                 )
@@ -829,7 +837,8 @@ def _check_overlaps(table: PartitionTable, limit: int = 32) -> None:
                         f"partitions {widest.number} (LBA {widest.first_lba}-{widest.last_lba}) and {part.number} "
                         f"(LBA {part.first_lba}-{part.last_lba}) overlap",
                         {"partition": [widest.number, part.number], "offset": part.start,
-                         "overlap_bytes": (min(widest.last_lba, part.last_lba) - part.first_lba + 1) * table.sector_size},
+                         "overlap_bytes": (min(widest.last_lba, part.last_lba) - part.first_lba + 1)
+                                          * table.sector_size},
                     )
                 )
             reported += 1

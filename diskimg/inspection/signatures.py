@@ -83,6 +83,13 @@ class Disk(Protocol):
     def read_at(self, offset: int, length: int, /) -> bytes: ...
 
 
+class SizedDisk(Disk, Protocol):
+    """A disk that knows its size (a DiskReader does): what reading a partition table needs."""
+
+    @property
+    def virtual_size(self) -> int: ...
+
+
 @dataclass
 class FileSystem:
     """What a superblock says. ``size`` is the bytes the file system claims to span."""

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import tar
-from ..formats.probing import Detection
 from ..errors import ArchiveError
+from ..formats.probing import Detection
+from . import tar
 
 #: what a peek decompresses at most (the inner head needs 128 KiB; a tar header and an OVF more)
 PEEK_OUTPUT = 384 * 1024
@@ -171,7 +171,9 @@ def _zstd_prefix(source: _InputBudget) -> Prefix:
     decompressor = zstandard.ZstdDecompressor(max_window_size=1 << 27)  # refuse windows over 128 MiB
     out = bytearray()
     try:
-        with decompressor.stream_reader(source, read_size=_CHUNK, read_across_frames=True, closefd=False) as reader:
+        # zstandard takes any object with read(size); its stub names only IO[bytes]
+        with decompressor.stream_reader(source, read_size=_CHUNK, read_across_frames=True,  # type: ignore[arg-type]
+                                        closefd=False) as reader:
             while len(out) < PEEK_OUTPUT:
                 data = reader.read(PEEK_OUTPUT - len(out))
                 if not data:
@@ -196,7 +198,8 @@ def decompress_prefix(kind: str, read_at: ReadAt, start: int = 0, limit: int | N
         if kind == "deflate":  # raw deflate, as in zip entries
             return _stream_prefix(lambda: zlib.decompressobj(-15), b"\0never", source)
         if kind == "xz":
-            return _stream_prefix(lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=1 << 28), b"\xfd7zXZ\0", source)
+            return _stream_prefix(lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=1 << 28), b"\xfd7zXZ\0",
+                                  source)
         if kind == "bzip2":
             return _stream_prefix(bz2.BZ2Decompressor, b"BZh", source)
         if kind == "zstd":
@@ -371,7 +374,9 @@ def wrapper_hint(kind: str, name: str | None, inner: Detection | None, inner_nam
         return text
     target = produced or inner_name
     if inner.readable:
-        return text + (f", then use {target} ({inner.format})" if target else f", then use the {inner.format} image inside")
+        if target:
+            return f"{text}, then use {target} ({inner.format})"
+        return f"{text}, then use the {inner.format} image inside"
     if inner.hint:
         follow = inner.hint
         if follow.startswith("this ") or not target:
@@ -427,7 +432,8 @@ def _identify_prefix(prefix: Prefix, identify: Identify, depth: int, name: str |
     return identify(data[:INNER_HEAD], b"", None, depth, name)
 
 
-def peek_tar(read_at: ReadAt, size: int | None, identify: Identify, depth: int, name: str | None, flavor: str) -> Detection:
+def peek_tar(read_at: ReadAt, size: int | None, identify: Identify, depth: int, name: str | None,
+             flavor: str) -> Detection:
     """The Detection of a tar archive: its first (disk-like) member and what that holds.
 
     ``read_at`` may be a prefix of a decompressed stream, in which case reads past what was
@@ -457,7 +463,8 @@ def peek_tar(read_at: ReadAt, size: int | None, identify: Identify, depth: int, 
     else:
         tail = member.read(read_at, max(0, member.size - INNER_TAIL), INNER_TAIL)
         known_whole = len(tail) == min(INNER_TAIL, member.size) and _fully_readable(read_at, member)
-        inner = identify(head, tail if known_whole else b"", member.size if known_whole else None, depth + 1, member.name)
+        inner = identify(head, tail if known_whole else b"", member.size if known_whole else None, depth + 1,
+                         member.name)
     description = f"{kind_text} whose {which} {member.name} is {_holds(inner)}"
     return Detection(
         format="tar",

@@ -57,17 +57,30 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
-from ..formats.probing import Detection, OpenOptions
 from ..errors import ArchiveError, UnsupportedFormat
 from ..formats import READERS
+from ..formats.probing import Detection, OpenOptions
+from ..formats.reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from ..host.files import HostFile
 from ..units import READ_CHUNK, SECTOR_SIZE
-from ..formats.reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
+from .compressed import (
+    COMPRESSORS,
+    CORRUPT_DATA,
+    INNER_HEAD,
+    INNER_TAIL,
+    Identify,
+    PeekedMember,
+    article,
+    unwrap_command,
+    unwrapped_name,
+    wrapper_hint,
+)
 from .tar import Readable, TarMember, padding, read_member, skip_data
-from .compressed import (COMPRESSORS, CORRUPT_DATA, INNER_HEAD, INNER_TAIL, Identify, PeekedMember, article,
-                         unwrap_command, unwrapped_name, wrapper_hint)
+
+if TYPE_CHECKING:
+    import zstandard
 
 #: decompression works in pieces of READ_CHUNK bytes (compressed input is read so too); the cache holds
 #: the last few
@@ -81,6 +94,19 @@ _ZSTD_MAX_WINDOW = 1 << 31  # zstd --long=31 is the largest window the CLI makes
 
 
 # --- forward-only decompression ---------------------------------------------------------------------
+
+
+class _Decoder(Protocol):
+    """What the standard library's decompressors (zlib, lzma, bz2) have in common; zlib's also has
+    ``unconsumed_tail``, lzma's and bz2's ``needs_input``."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes, max_length: int, /) -> bytes: ...
 
 
 class ForwardStream:
@@ -107,12 +133,13 @@ class ForwardStream:
         self._input_position = 0  # compressed bytes taken from the file
         self._pending = bytearray()  # decompressed, not yet consumed
         self._ended = False
-        self._decoder: Any = None
-        self._zstd: Any = None
+        self._decoder: _Decoder | None = None
+        self._zstd: zstandard.ZstdDecompressionReader | None = None
         if self.kind == "zstd":
             import zstandard
 
             decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+            # zstandard takes any object with read(size); its stub names only IO[bytes]
             self._zstd = decompressor.stream_reader(_HostReader(self), read_size=READ_CHUNK,  # type: ignore[arg-type]
                                                     read_across_frames=True, closefd=False)
 
@@ -170,7 +197,8 @@ class ForwardStream:
         return skipped, tail
 
     def _produce(self, wanted: int) -> None:
-        if self.kind is None:
+        kind = self.kind
+        if kind is None:
             data = self._take_input(wanted)
         elif self._zstd is not None:
             import zstandard
@@ -180,7 +208,7 @@ class ForwardStream:
             except zstandard.ZstdError as exc:  # how zstandard reports corrupt data
                 raise self._corrupt(exc) from None
         else:
-            data = self._decode(wanted)
+            data = self._decode(kind, wanted)
         if data:
             self._pending += data
         else:
@@ -190,17 +218,17 @@ class ForwardStream:
         return ArchiveError(f"corrupt {self.kind} stream (near compressed offset {self._input_position}): "
                             f"{str(exc)[:200] or type(exc).__name__}", path=self.host.name)
 
-    def _decode(self, wanted: int) -> bytes:
+    def _decode(self, kind: str, wanted: int) -> bytes:
         """Up to ``wanted`` bytes from a zlib/lzma/bz2 decoder, across concatenated members."""
         while True:
             if self._decoder is None:
-                self._decoder, leftover = _start_member(self.kind, self._take_input, b"")  # type: ignore[arg-type]
+                self._decoder, leftover = _start_member(kind, self._take_input, b"")
                 if self._decoder is None:
                     return b""
                 data = leftover
             elif self._decoder.eof:
                 leftover = self._decoder.unused_data
-                self._decoder, data = _start_member(self.kind, self._take_input, leftover)  # type: ignore[arg-type]
+                self._decoder, data = _start_member(kind, self._take_input, leftover)
                 if self._decoder is None:
                     return b""  # the last member ended: trailing zeros or junk are not data
             else:
@@ -221,7 +249,7 @@ class ForwardStream:
 _MAGIC = {"gzip": b"\x1f\x8b", "xz": b"\xfd7zXZ\x00", "bzip2": b"BZh"}
 
 
-def _start_member(kind: str, take: Callable[[], bytes], leftover: bytes) -> tuple[Any, bytes]:
+def _start_member(kind: str, take: Callable[[], bytes], leftover: bytes) -> tuple[_Decoder | None, bytes]:
     """A decoder for the next member/stream (and the input to feed it), or (None, b"") at the end.
 
     xz allows null padding between streams; gzip and bzip2 files are concatenations of members.
@@ -462,6 +490,7 @@ def _decode_units(host: HostFile, kind: str, units: LastUnits) -> Iterator[bytes
 
         decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
         pieces = _Pieces(_file_range(host, units.offset, units.length))
+        # zstandard takes any object with read(size); its stub names only IO[bytes]
         frames = decompressor.stream_reader(pieces, read_size=READ_CHUNK,  # type: ignore[arg-type]
                                            read_across_frames=True, closefd=False)
         while data := frames.read(READ_CHUNK):
@@ -680,6 +709,16 @@ def opens_through_wrapper(detection: Detection) -> bool:
     """Whether ``open_wrapped`` takes a file detected so: a compressed file or a tar archive (what
     it holds is checked when it is opened)."""
     return detection.format in COMPRESSORS or detection.format == "tar"
+
+
+@overload
+def open_wrapped(source: Any, detection: Detection, identify: Identify, digest: Callable[[], Any] | None = None,
+                 *, as_bytes: Literal[True], see_tail: bool = False) -> StreamDiskReader: ...
+
+
+@overload
+def open_wrapped(source: Any, detection: Detection, identify: Identify, digest: Callable[[], Any] | None = None,
+                 as_bytes: bool = False, see_tail: bool = False) -> DiskReader: ...
 
 
 def open_wrapped(source: Any, detection: Detection, identify: Identify, digest: Callable[[], Any] | None = None,
@@ -967,7 +1006,8 @@ def _refuse_another_disk(rest: Readable, first: str) -> None:
     """After the disk member: only directories may follow it, up to the end of the archive."""
     extra = next_disk_member(rest)
     if extra is not None:
-        raise ArchiveError(f"holds more than one disk ({first}, then {extra.name}): an archive must hold exactly one disk")
+        raise ArchiveError(f"holds more than one disk ({first}, then {extra.name}): "
+                           "an archive must hold exactly one disk")
 
 
 class _StreamFrom:
@@ -991,7 +1031,7 @@ class _UnopenedFile(HostFile):
     """A HostFile over bytes that are not a file of their own (nothing is opened, so no
     ``super().__init__``): a member of an archive, or what a stream showed of a file."""
 
-    def __init__(self, name: str, size: int, lock: threading.Lock) -> None:  # noqa: D107
+    def __init__(self, name: str, size: int, lock: threading.Lock) -> None:
         self._lock = lock
         self.name = name
         self.size = size
@@ -1008,7 +1048,7 @@ class MemberFile(_UnopenedFile):
     """A byte range of an archive file, as the HostFile a format driver reads (offsets relative to
     the member, reads clipped to it). Closing it closes the archive."""
 
-    def __init__(self, archive: HostFile, start: int, size: int, name: str) -> None:  # noqa: D107
+    def __init__(self, archive: HostFile, start: int, size: int, name: str) -> None:
         super().__init__(name, size, archive._lock)  # the archive's file is shared
         self._archive = archive
         self._start = start
@@ -1054,7 +1094,7 @@ class _EdgesFile(_UnopenedFile):
     VHD driver reads a fixed disk's footer from: the driver's own checks apply, and it reads
     nothing else of a fixed disk."""
 
-    def __init__(self, head: bytes, tail: bytes, size: int, name: str) -> None:  # noqa: D107
+    def __init__(self, head: bytes, tail: bytes, size: int, name: str) -> None:
         super().__init__(name, size, threading.Lock())
         self._head, self._tail = head, tail
 

@@ -314,7 +314,7 @@ def _pairs(numbers: list[int], name: str) -> list[tuple[int, int]]:
         raise ArchiveError(f"{name}: the sparse map has an odd count of numbers")
     if len(numbers) > 2 * MAX_SPARSE_ENTRIES:
         raise ArchiveError(f"{name}: a sparse map of more than {MAX_SPARSE_ENTRIES} entries")
-    return list(zip(numbers[::2], numbers[1::2]))
+    return list(zip(numbers[::2], numbers[1::2], strict=True))
 
 
 def _old_gnu_map(stream: Readable, block: bytes) -> list[tuple[int, int]]:
@@ -364,7 +364,7 @@ def _pax_1_map(stream: Readable) -> tuple[list[tuple[int, int]], int]:
                 numbers.append(int(line))
     if len(numbers) != 2 * count or text.strip(b"\0"):
         raise ArchiveError("malformed pax sparse map: extra numbers after its last entry")
-    return list(zip(numbers[::2], numbers[1::2])), blocks * BLOCK
+    return list(zip(numbers[::2], numbers[1::2], strict=True)), blocks * BLOCK
 
 
 def _check_map(segments: list[tuple[int, int]], size: int, stored_size: int, name: str) -> None:

@@ -24,18 +24,17 @@ from typing import Any
 
 from ..choices import BootMode, CloudTarget, DiskRole
 from ..errors import DiskImageError, UsageError
-from . import linux_checks
-from . import windows_checks
+from . import linux_checks, windows_checks  # noqa: F401 - imported for their @disk_check registrations
 from .checks import DISK_CHECKS, SET_CHECKS
 from .context import DiskContext, NotAvailable
 from .report import DiskFacts, Finding, Report, render_text
 from .rules import DATA, RULES, SYSTEM, Profile, Rule, Severity, list_rules, profile, render_rules_text
 
 __all__ = [
+    "RULES",
     "DiskFacts",
     "Finding",
     "Profile",
-    "RULES",
     "Report",
     "Rule",
     "Severity",

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import BackingFileError, UnsupportedFormat
-from ..formats.qcow2 import structures as q
 from ..formats.foreign import output_name
-from ..units import format_size
-from ..streams.compressed import unwrap_command
+from ..formats.qcow2 import structures as q
 from ..inspection.guest import CONTAINERS, GuestVolume
 from ..inspection.signatures import FileSystem
+from ..streams.compressed import unwrap_command
+from ..units import format_size
 from .context import WRAPPERS, DiskContext, NotAvailable
 from .rules import DATA, SYSTEM, GiB
 
@@ -104,7 +104,8 @@ def container_format(ctx: DiskContext) -> None:
     if fmt in WRAPPERS:
         command, produced = unwrap_command(fmt, ctx.path)
         inner = detection.inner_description or detection.inner_format
-        message = f"{detection.description}" + (f" holding {inner}" if inner and inner not in detection.description else "")
+        holding = f" holding {inner}" if inner and inner not in detection.description else ""
+        message = f"{detection.description}{holding}"
         follow = f", then `diskimg validate {_q(produced)}`" if produced else ", then validate the image it holds"
         evidence["inner_format"] = detection.inner_format
         ctx.emit("format-wrapped", message + "; the importer reads the image file as is", evidence,
@@ -179,7 +180,8 @@ def qcow2_flags(ctx: DiskContext) -> None:
         ctx.emit("qcow2-dirty", "the qcow2 dirty bit is set: the image was not closed cleanly (refcounts may be "
                  "stale; the VM may have been running when it was copied)",
                  {"offset": 72, "value": f"0x{incompat:x}"},
-                 f"shut the VM down cleanly and copy again, or repair the refcounts: qemu-img check -r all {_q(ctx.path)}")
+                 "shut the VM down cleanly and copy again, or repair the refcounts: "
+                 f"qemu-img check -r all {_q(ctx.path)}")
     if incompat & q.INCOMPAT_CORRUPT:
         ctx.emit("qcow2-corrupt", "the qcow2 corrupt bit is set: QEMU found its metadata inconsistent",
                  {"offset": 72, "value": f"0x{incompat:x}"},
@@ -243,7 +245,8 @@ def integrity(ctx: DiskContext) -> None:
                  "guest data, or export the disk again from its source")
     if result.leaks:
         ctx.emit("integrity-leaks", f"{result.leaks} leaked cluster(s): allocated in the file, used by nothing",
-                 {"leaks": result.leaks, "first_cluster": result.leaked_clusters[0] if result.leaked_clusters else None},
+                 {"leaks": result.leaks,
+                  "first_cluster": result.leaked_clusters[0] if result.leaked_clusters else None},
                  f"harmless; reclaim the space with qemu-img check -r leaks {_q(ctx.path)}")
 
 
@@ -378,7 +381,7 @@ _SPECIAL = {"bios_boot", "msr", "extended", "ldm", "protective"}
 def file_systems(ctx: DiskContext) -> None:
     assembled = ctx.assembled  # first: assembling says what each container volume holds
     guest_volumes = ctx.base_volumes
-    for volume, guest_volume in zip(ctx.volumes, guest_volumes):
+    for volume, guest_volume in zip(ctx.volumes, guest_volumes, strict=True):
         fs = volume.fs
         part = volume.partition
         evidence: dict[str, Any] = {"partition": volume.number, "offset": volume.offset}
@@ -608,8 +611,8 @@ def boot_mode(ctx: DiskContext) -> None:
             ctx.emit("boot-mode", "the disk boots with both BIOS and UEFI: declare BootMode=UEFI; after import the "
                      "image can be marked UEFI-Preferred (boots either way)", {**evidence, "value": "UEFI"})
         else:
-            other = "UEFI" if chosen == "BIOS" else "BIOS"
-            why_not = f" ({other} would not: {failures[other].message})" if other in failures else ""
+            other_mode = "UEFI" if chosen == "BIOS" else "BIOS"
+            why_not = f" ({other_mode} would not: {failures[other_mode].message})" if other_mode in failures else ""
             ctx.emit("boot-mode", f"the disk boots with {chosen} only: declare BootMode={chosen}{why_not}",
                      {**evidence, "value": chosen})
     if chosen == "BIOS" and table.scheme == "gpt":

@@ -11,21 +11,23 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from ..inspection import signatures as fsmod
+from ..choices import DiskFormat
+from ..conversion.spool import spooled
 from ..detection.check import CheckResult, check
+from ..detection.image import image_info, open_image
 from ..detection.probe import detect
-from ..formats.probing import READABLE_FORMATS, Detection
 from ..errors import BackingFileError, DiskImageError, ImageNotFound, UnsupportedFormat
+from ..formats import canonical_format
+from ..formats.probing import READABLE_FORMATS, Detection
+from ..formats.reader import DiskReader, ExtentKind, ImageInfo
+from ..host.files import HostFile
+from ..inspection import signatures as fsmod
 from ..inspection.biosboot import BiosChain, follow_bios_chain
-from ..inspection.signatures import FileSystem, fallback_loaders
 from ..inspection.fs.fat import find_efi_loaders
 from ..inspection.guest import GuestDisk, GuestFacts, GuestVolume, inspect_guest
 from ..inspection.guest.stack import MachineDisk, MachineStack, assemble
-from ..host.files import HostFile
-from ..detection.image import image_info, open_image
 from ..inspection.partitions import Partition, PartitionTable, read_partition_table
-from ..formats.reader import DiskReader, ExtentKind, ImageInfo
-from ..conversion.spool import spooled
+from ..inspection.signatures import FileSystem, fallback_loaders
 from ..streams.sources import opens_through_wrapper
 from .report import Finding
 from .rules import RULES_BY_CODE, SYSTEM, GiB, Profile
@@ -144,6 +146,11 @@ class DiskContext:
         return self.detection.format
 
     @property
+    def disk_format(self) -> DiskFormat:
+        """The format as the openers take it, for a container diskimg reads (a UsageError otherwise)."""
+        return canonical_format(self.format)
+
+    @property
     def supported_container(self) -> bool:
         """A format diskimg opens: what ECS imports, or a VMDK of a create type diskimg reads (the
         guest inside is inspected; container_format reports the format itself)."""
@@ -167,7 +174,7 @@ class DiskContext:
             if self.through_wrapper:
                 with open_image(self.path) as wrapped:
                     return spooled(wrapped), None
-            return open_image(self.path, self.format, allow_backing=self.allow_backing), None
+            return open_image(self.path, self.disk_format, allow_backing=self.allow_backing), None
         except DiskImageError as exc:
             return None, exc
 
@@ -196,7 +203,7 @@ class DiskContext:
         if reader is not None:
             return reader.info()
         try:
-            return image_info(self.path, self.format)
+            return image_info(self.path, self.disk_format)
         except DiskImageError:
             return None
 
@@ -262,7 +269,7 @@ class DiskContext:
         self.require_container()
         if self.format not in ("vhd", "qcow2", "vmdk", "vhdx", "vdi"):
             raise NotAvailable("only VHD, qcow2, VMDK, VHDX and VDI images have metadata to check")
-        return check(self.path, self.format)
+        return check(self.path, self.disk_format)
 
     @cached_property
     def compressed(self) -> tuple[int, int | None]:
@@ -320,7 +327,8 @@ class DiskContext:
     def boot(self) -> BootAnalysis:
         table = self.table
         if table.scheme is None or (not table.partitions and table.extended is None):
-            raise NotAvailable("the disk has no partition table" if table.scheme is None else "the disk has no partitions")
+            raise NotAvailable("the disk has no partition table" if table.scheme is None
+                               else "the disk has no partitions")
         analysis = BootAnalysis()
         mbr = table.mbr
         code = bool(mbr and mbr.signature_ok and mbr.has_boot_code)

@@ -28,7 +28,8 @@ _DRACUT_HINT = ("rebuild the initramfs with the drivers, inside the guest: dracu
 
 
 def _linux(ctx: DiskContext) -> LinuxInspection | None:
-    return ctx.guest_inspection("linux")
+    inspection: LinuxInspection | None = ctx.guest_inspection("linux")
+    return inspection
 
 
 @disk_check("guest")
@@ -291,9 +292,9 @@ def linux_agents(ctx: DiskContext) -> None:
         if disabled_by:
             ctx.emit("guest-cloud-init-disabled", "cloud-init is installed but will not configure the instance: "
                      + "; ".join(disabled_by), {"value": disabled_by, "datasources": cloud_init.get("datasources")},
-                     "inside the guest: rm /etc/cloud/cloud-init.disabled, systemctl unmask and enable cloud-init-local "
-                     "cloud-init cloud-config cloud-final, drop cloud-init=disabled from the kernel command line, and "
-                     "let datasource_list name AliYun (or remove it)")
+                     "inside the guest: rm /etc/cloud/cloud-init.disabled, systemctl unmask and enable "
+                     "cloud-init-local cloud-init cloud-config cloud-final, drop cloud-init=disabled from the kernel "
+                     "command line, and let datasource_list name AliYun (or remove it)")
     running = cloud_init.get("installed") and not cloud_init.get("disabled_by")
     if linux.sshd and not linux.ssh_host_keys and not linux.ssh_keygen and not running:
         ctx.emit("guest-ssh-host-keys-missing", f"{linux.sshd} is installed but /etc/ssh has no host keys "

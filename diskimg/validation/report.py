@@ -211,7 +211,8 @@ def render_text(report: Report) -> str:
                 lines.append(f"                 {_partition_line(part)}")
         if disk.file_system:
             fs = disk.file_system
-            lines.append(f"  file system:   {fs['type']} on the whole disk" + (f' "{fs["label"]}"' if fs.get("label") else ""))
+            label = f' "{fs["label"]}"' if fs.get("label") else ""
+            lines.append(f"  file system:   {fs['type']} on the whole disk{label}")
         volumes = disk.volumes or []
         below = {name for volume in volumes for name in volume["on"]}
         stacked = [volume["stack"] for volume in volumes

@@ -391,7 +391,8 @@ RULES: tuple[Rule, ...] = (
        "cloud-init that is disabled (/etc/cloud/cloud-init.disabled, cloud-init=disabled on the kernel command "
        "line), masked or not enabled in systemd, or limited to a datasource_list without AliYun does not set the "
        "hostname, password, keys or network on first boot: as if it were missing.",
-       "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit); cloud-init docs (boot stages, datasource_list)", (SYSTEM,)),
+       "§1.4 L7 (A-INSTR, A-CINIT, A-CHECK GUESTOS.CloudInit); cloud-init docs (boot stages, datasource_list)",
+       (SYSTEM,)),
     _r("guest-ssh-host-keys-missing", WARNING, "guest", "SSH host keys missing",
        "Without host keys sshd does not start (Debian's ssh.service generates none; RHEL's sshd-keygen and "
        "SUSE's sshd-gen-keys-start do); cloud-init would create them, but it is not running: no SSH login.",
@@ -509,7 +510,7 @@ def list_rules(target: str = "ecs") -> list[Rule]:
 
 
 def render_rules_text(rules: list[Rule]) -> str:
-    lines = []
+    lines: list[str] = []
     category = None
     for rule in rules:
         if rule.category != category:

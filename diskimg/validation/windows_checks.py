@@ -8,8 +8,13 @@ checked" through ``NotAvailable``.
 
 from __future__ import annotations
 
-from ..inspection.guest.windows import (BOOT_STORAGE_DRIVERS, COMMUNITY_VIRTIO_DRIVERS, DISK_CLASS, REQUIRED_HOTFIXES_2008R2,
-                             WindowsFacts)
+from ..inspection.guest.windows import (
+    BOOT_STORAGE_DRIVERS,
+    COMMUNITY_VIRTIO_DRIVERS,
+    DISK_CLASS,
+    REQUIRED_HOTFIXES_2008R2,
+    WindowsFacts,
+)
 from .checks import disk_check
 from .context import DiskContext, NotAvailable
 

@@ -107,18 +107,6 @@ def ntfs3g(image: Path, where: Path) -> Iterator[Path]:
             time.sleep(0.1)
         proc.wait(timeout=60)  # the volume is closed (and flushed) when ntfs-3g exits
 
-import os
-import shutil
-import subprocess
-import time
-from pathlib import Path
-
-import pytest
-
-from .files import blank
-from .filesystems import BTRFS_SIZE
-from .tools import run
-from .units import MiB
 
 
 class Mounted:

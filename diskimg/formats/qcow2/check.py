@@ -41,7 +41,7 @@ class _Qcow2Check:
         self.result = result
         self.file_size = host.size
         #: the active L1 table as check_l1 walked it (None when it could not be walked)
-        self.active_l1: array | None = None
+        self.active_l1: array[int] | None = None
 
     def read_at(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; past the end of the file reads zeros (as qemu's check does)."""
@@ -137,7 +137,7 @@ class _Qcow2Check:
                 count = 0xFFFF
             refs[cluster] = count
 
-    def table(self, offset: int, length: int, what: str) -> array | None:
+    def table(self, offset: int, length: int, what: str) -> array[int] | None:
         """The entries of a table of ``length`` bytes, up to the end of the file (past it they read as
         zeros, so nothing is walked there); None, and an error once, when the check's budget of
         entries is spent: tables that overlap are corrupt, and walking them could take hours."""
@@ -228,9 +228,9 @@ class _Qcow2Check:
                     continue
                 self.inc(host, extra, "compressed cluster", uses)
                 if active_uses:
-                    result.allocated_clusters += active_uses  # type: ignore[operator]
-                    result.compressed_clusters += active_uses  # type: ignore[operator]
-                    result.fragmented_clusters += active_uses  # type: ignore[operator]
+                    result.allocated_clusters = (result.allocated_clusters or 0) + active_uses
+                    result.compressed_clusters = (result.compressed_clusters or 0) + active_uses
+                    result.fragmented_clusters = (result.fragmented_clusters or 0) + active_uses
                     if result.first_compressed_offset is None:
                         result.first_compressed_offset = (l1_index * self.header.l2_entries + index) * cs
                 continue
@@ -239,9 +239,9 @@ class _Qcow2Check:
             if not host:
                 continue  # unallocated, or zero without a cluster
             if active_uses:
-                result.allocated_clusters += count * active_uses  # type: ignore[operator]
+                result.allocated_clusters = (result.allocated_clusters or 0) + count * active_uses
                 if self.next_contiguous and host != self.next_contiguous:
-                    result.fragmented_clusters += active_uses  # type: ignore[operator]
+                    result.fragmented_clusters = (result.fragmented_clusters or 0) + active_uses
                 self.next_contiguous = host + count * cs
             if host % cs:  # as qemu: reported, then each entry still counted where it points
                 for number in range(count):
@@ -319,7 +319,7 @@ class _Qcow2Check:
 
     # stored refcounts -------------------------------------------------------------------------------
 
-    def refcounts(self) -> array:
+    def refcounts(self) -> array[int]:
         """The stored refcount of every counted cluster (qemu's check_refblocks + get_refcount)."""
         header = self.header
         cs = self.cs
@@ -361,7 +361,7 @@ class _Qcow2Check:
         self.per_block = per_block
         return ondisk
 
-    def compare(self, ondisk: array) -> None:
+    def compare(self, ondisk: array[int]) -> None:
         result = self.result
         refs = self.refs
         per_block = self.per_block
@@ -399,7 +399,7 @@ class _Qcow2Check:
                         result.leaked_clusters.append(i)
         result.image_end_offset = (highest + 1) * cs
 
-    def check_copied_flags(self, ondisk: array) -> None:
+    def check_copied_flags(self, ondisk: array[int]) -> None:
         """OFLAG_COPIED must be set exactly where a cluster's refcount is 1 (active L1/L2 only)."""
         header = self.header
         cs = self.cs

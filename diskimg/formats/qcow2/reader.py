@@ -12,9 +12,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from ..probing import Detection, OpenOptions, ParentOpener
 from ...errors import CorruptImage, DiskImageError, UnsupportedFormat, UsageError
 from ...host.files import HostFile
+from ..probing import Detection, OpenOptions, ParentOpener
 from ..reader import DiskReader, ImageInfo, Run, RunKind, Snapshot
 from .structures import (
     COMPAT_LAZY_REFCOUNTS,
@@ -30,6 +30,12 @@ from .structures import (
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
+    L2_COMPRESSED,
+    L2_INVALID,
+    L2_NORMAL,
+    L2_SUBCLUSTERS,
+    L2_ZERO,
+    L2_ZERO_ALLOC,
     MAGIC,
     MAX_CLUSTER_BITS,
     MAX_L1_ENTRIES,
@@ -37,12 +43,6 @@ from .structures import (
     MAX_VIRTUAL_SIZE,
     MIN_CLUSTER_BITS,
     NAME,
-    L2_COMPRESSED,
-    L2_INVALID,
-    L2_NORMAL,
-    L2_SUBCLUSTERS,
-    L2_ZERO,
-    L2_ZERO_ALLOC,
     SUBCLUSTERS,
     HeaderExtensions,
     InvalidL2Entry,
@@ -132,7 +132,7 @@ class FirstCluster(NamedTuple):
     data: bytes
     #: why the extensions could not be read: cluster_bits outside 9..21, a header longer than its
     #: cluster, or an extension overflowing the cluster. The reader raises it; ``check`` reports it.
-    error: DiskImageError | None = None
+    error: CorruptImage | UnsupportedFormat | None = None
 
 
 def read_first_cluster(host: HostFile) -> FirstCluster:
@@ -149,11 +149,11 @@ def read_first_cluster(host: HostFile) -> FirstCluster:
         error = _corrupt(f"cluster_bits {cluster_bits} is below the minimum of 9 (512-byte clusters)", "header", 20)
         return FirstCluster(header, HeaderExtensions(), head, error)
     if cluster_bits > MAX_CLUSTER_BITS:
-        error = UnsupportedFormat(
+        too_large = UnsupportedFormat(
             f"cluster size 2^{cluster_bits} is larger than the 2 MiB limit (cluster_bits {cluster_bits})",
             format=NAME,
         )
-        return FirstCluster(header, HeaderExtensions(), head, error)
+        return FirstCluster(header, HeaderExtensions(), head, too_large)
     cluster_size = header.cluster_size
     data = head[:cluster_size] if len(head) >= cluster_size else host.read_at(0, min(file_size, cluster_size))
     if header.header_length > cluster_size:
@@ -178,7 +178,7 @@ class Qcow2Reader(DiskReader):
         header: Qcow2Header,
         extensions: HeaderExtensions,
         snapshots: list[Qcow2Snapshot],
-        l1: array,
+        l1: array[int],
         l1_offset: int,
         virtual_size: int,
         backing_file: str | None,
@@ -199,7 +199,7 @@ class Qcow2Reader(DiskReader):
         self._span_shift = header.cluster_bits + (header.l2_entries.bit_length() - 1)
         self._file_size = host.size
         self._zstd = header.compression_type == COMPRESSION_ZSTD
-        self._cache: OrderedDict[int, array] = OrderedDict()
+        self._cache: OrderedDict[int, array[int]] = OrderedDict()
         self._cache_limit = max(1, min(self.L2_CACHE_TABLES, self.L2_CACHE_BYTES // self._cluster_size))
         self._cache_lock = threading.Lock()
         self._decoded: tuple[int, bytes] | None = None
@@ -387,7 +387,7 @@ class Qcow2Reader(DiskReader):
         l1_length = len(l1)
         stop = (end + mask) & ~mask
         position = start & ~mask
-        pk = -1  # pending run: kind, start, length, host offset, extra
+        pk: RunKind | None = None  # pending run: kind, start, length, host offset, extra
         ps = pl = ph = px = 0
         while position < stop:
             index = position >> span_shift
@@ -411,20 +411,20 @@ class Qcow2Reader(DiskReader):
                         )
                     table = self._l2_table(l2_offset, index)
                     pieces = self._scan_l2(table, l2_offset, position, chunk_end, unallocated)
-            for s, l, k, h, x in pieces:
-                if s + l <= start or s >= end:  # a subcluster piece outside the request
+            for p_start, p_length, kind, host, extra in pieces:
+                if p_start + p_length <= start or p_start >= end:  # a subcluster piece outside the request
                     continue
-                if k == pk and ps + pl == s and k != _ENCODED and (k != _HOST or ph + pl == h):
-                    pl += l
+                if kind == pk and ps + pl == p_start and kind != _ENCODED and (kind != _HOST or ph + pl == host):
+                    pl += p_length
                     continue
-                if pk >= 0:
+                if pk is not None:
                     yield _clip(ps, pl, pk, ph, px, start, end)
-                pk, ps, pl, ph, px = k, s, l, h, x
+                pk, ps, pl, ph, px = kind, p_start, p_length, host, extra
             position = chunk_end
-        if pk >= 0:
+        if pk is not None:
             yield _clip(ps, pl, pk, ph, px, start, end)
 
-    def _l2_table(self, offset: int, l1_index: int) -> array:
+    def _l2_table(self, offset: int, l1_index: int) -> array[int]:
         with self._cache_lock:
             table = self._cache.get(offset)
             if table is not None:
@@ -455,7 +455,7 @@ class Qcow2Reader(DiskReader):
         return table
 
     def _scan_l2(
-        self, table: array, l2_offset: int, position: int, chunk_end: int, unallocated: RunKind
+        self, table: array[int], l2_offset: int, position: int, chunk_end: int, unallocated: RunKind
     ) -> list[tuple[int, int, RunKind, int, int]]:
         """Pieces for the whole clusters [position, chunk_end) described by one L2 table, from the
         runs of :func:`decode_l2_table`; host offsets are checked as qemu checks them before a read."""
@@ -496,7 +496,7 @@ class Qcow2Reader(DiskReader):
                     raise self._past_eof(guest + (past << cluster_bits), host + (past << cluster_bits), cluster_size,
                                          l2_offset + entry_size * (index + past))
                 pieces.append((guest, size, _HOST, host, 0))
-            elif state == L2_ZERO or state == L2_ZERO_ALLOC:
+            elif state in (L2_ZERO, L2_ZERO_ALLOC):
                 pieces.append((guest, length << cluster_bits, _ZERO, 0, 0))
             elif state == L2_SUBCLUSTERS:
                 self._subcluster_pieces(pieces, guest, host, extra, unallocated, l2_offset + entry_size * index)
@@ -583,16 +583,16 @@ class Qcow2Reader(DiskReader):
         return data
 
 
-def _clip(s: int, l: int, k: RunKind, h: int, x: int, start: int, end: int) -> Run:  # noqa: E741
-    if s < start:
-        cut = start - s
-        s = start
-        l -= cut
-        if k is _HOST:
-            h += cut
-    if s + l > end:
-        l = end - s  # noqa: E741
-    return Run(s, l, k, h, x)
+def _clip(run_start: int, length: int, kind: RunKind, host: int, extra: int, start: int, end: int) -> Run:
+    if run_start < start:
+        cut = start - run_start
+        run_start = start
+        length -= cut
+        if kind is _HOST:
+            host += cut
+    if run_start + length > end:
+        length = end - run_start
+    return Run(run_start, length, kind, host, extra)
 
 
 def _find_snapshot(snapshots: list[Qcow2Snapshot], wanted: str) -> Qcow2Snapshot | None:

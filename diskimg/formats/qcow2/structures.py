@@ -24,9 +24,9 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from collections.abc import Iterator
 from itertools import repeat
 from typing import NamedTuple
 
@@ -446,8 +446,8 @@ def parse_snapshot_table(data: bytes, count: int, base_offset: int = 0) -> list[
                 id=ident.decode("utf-8", "surrogateescape"), name=name.decode("utf-8", "surrogateescape"),
                 date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock, vm_state_size_32=vm_state_32,
                 extra=extra,
-            )  # fmt: skip
-        )
+            )
+        )  # fmt: skip
         position = end + (-end % 8)
     return snapshots
 
@@ -520,7 +520,7 @@ def decode_l2_table(table: array[int], first: int, count: int, cluster_bits: int
     start = length = first_host = next_host = 0
     if extended:
         pairs = iter(words)
-        entries: Iterator[tuple[int, int]] = zip(pairs, pairs)
+        entries: Iterator[tuple[int, int]] = zip(pairs, pairs, strict=True)
     else:
         entries = zip(words, repeat(-1))
     for index, (entry, bitmap) in enumerate(entries, first):
@@ -551,7 +551,7 @@ def decode_l2_table(table: array[int], first: int, count: int, cluster_bits: int
                 kind = L2_UNALLOCATED_ALLOC if host else L2_UNALLOCATED
             else:
                 kind = L2_SUBCLUSTERS
-            if kind == L2_SUBCLUSTERS or kind == L2_INVALID:
+            if kind in (L2_SUBCLUSTERS, L2_INVALID):
                 if state >= 0:
                     runs.append((state, start, length, first_host, 0))
                     state = -1
@@ -666,12 +666,12 @@ def pack_u64_table(table: array[int]) -> bytes:
     return table.tobytes()
 
 
-def parse_refcount_table(data: bytes) -> array:
+def parse_refcount_table(data: bytes) -> array[int]:
     """The refcount table: refcount block offsets in bits 9-63 (``REFT_OFFSET_MASK``; 0 = no block)."""
     return parse_u64_table(data)
 
 
-def decode_refcount_block(data: bytes, refcount_order: int) -> array:
+def decode_refcount_block(data: bytes, refcount_order: int) -> array[int]:
     """The refcounts in one refcount block (``refcount_bits = 1 << refcount_order``), as an array
     ('H' up to 16 bits, 'Q' above). Sub-byte widths are packed least significant bits first."""
     bits = 1 << refcount_order
@@ -703,7 +703,7 @@ def decode_refcount_block(data: bytes, refcount_order: int) -> array:
     return out
 
 
-def pack_refcounts(counts: array, refcount_bits: int) -> bytes:
+def pack_refcounts(counts: array[int], refcount_bits: int) -> bytes:
     """A refcount block's bytes from its counts (an array whose items are ``refcount_bits`` wide, or
     bytes for widths below 8): big-endian entries; sub-byte entries from the least significant bit."""
     if refcount_bits >= 8:

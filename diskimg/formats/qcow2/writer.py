@@ -8,13 +8,13 @@ from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 from ...errors import OutputError, UsageError
 from ...units import parse_size
 from ..compression import ClusterCompressor, CompressionPool
 from ..reader import Extent, ExtentKind
-from ..writer import DiskWriter, option_flag
+from ..writer import DiskWriter, OutputTarget, option_flag
 from .structures import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
@@ -42,7 +42,7 @@ from .structures import (
 )
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 try:  # zstd is a declared dependency, but keep zlib images readable without it
     import zstandard
@@ -87,6 +87,15 @@ ZSTD_LEVEL = 3
 #: deflate window qemu inflates with (windowBits -12): a larger window would corrupt reads in qemu
 ZLIB_WBITS = -12
 
+#: (guest cluster, count, host cluster, newly allocated) of a run of clusters a write goes to
+_Piece: TypeAlias = "tuple[int, int, int, bool]"
+#: (data, file offset) of a write of placed clusters
+_Write: TypeAlias = "tuple[bytes | bytearray | memoryview, int]"
+#: (first cluster, count, refcount): one refcount for all, or one per cluster
+_Segment: TypeAlias = "tuple[int, int, int | array[int]]"
+#: what stays beside a batch being compressed: its guest clusters, its buffer
+_BatchTag: TypeAlias = "tuple[list[int], bytearray]"
+
 
 @dataclass(frozen=True)
 class Qcow2WriterSettings:
@@ -103,11 +112,11 @@ class Qcow2WriterSettings:
         return 1 << self.cluster_bits
 
 
-def _flag(options: dict, key: str) -> bool:
+def _flag(options: Mapping[str, str], key: str) -> bool:
     return option_flag(options, key, NAME)
 
 
-def writer_settings(options: dict) -> Qcow2WriterSettings:
+def writer_settings(options: Mapping[str, str]) -> Qcow2WriterSettings:
     """Check the qcow2 writer's ``-o`` options (qemu-img's names, values and rules)."""
 
     compat = str(options.get("compat", "1.1")).strip().lower()
@@ -221,7 +230,8 @@ def plan_layout(
     return Qcow2Layout(cluster_bits, l1_size, l1_clusters, l2_tables, table_clusters, blocks, data_clusters)
 
 
-def plan_clusters(extents, cluster_bits: int, virtual_size: int) -> tuple[array, array, bytearray, int]:
+def plan_clusters(extents: Iterable[Extent], cluster_bits: int, virtual_size: int,
+                  ) -> tuple[array[int], array[int], bytearray, int]:
     """The guest clusters the DATA extents touch: (run starts, run ends) in cluster numbers, merged;
     one byte per L1 entry, 1 where the range holds a planned cluster; and the cluster count."""
 
@@ -272,7 +282,7 @@ class Qcow2Writer(DiskWriter):
     """
 
     format = NAME
-    OPTIONS = {
+    OPTIONS: Mapping[str, str] = {
         "compat": "1.1 (v3, default) or 0.10 (v2, for old consumers)",
         "cluster_size": "a power of two from 512 to 2M (default 64k)",
         "compression_type": "zlib (default) or zstd (needs compat=1.1) for -c",
@@ -286,7 +296,7 @@ class Qcow2Writer(DiskWriter):
     #: guest bytes given to a compression thread at once
     BATCH_BYTES = 2 << 20
 
-    def __init__(self, target: Any, virtual_size: int, options: Any, compress: bool) -> None:
+    def __init__(self, target: OutputTarget, virtual_size: int, options: Mapping[str, str], compress: bool) -> None:
         super().__init__(target, virtual_size, options, compress)
         self.settings = writer_settings(self.options)
         if compress and target.streaming:
@@ -306,16 +316,16 @@ class Qcow2Writer(DiskWriter):
         self._rg, self._rn, self._rh = array("Q"), array("Q"), array("Q")
         self._cursor = 0  # the run the last write went to
         # seekable: the L2 tables being built (L1 index -> entries), allocation and its limits
-        self._tables: dict[int, array] = {}
+        self._tables: dict[int, array[int]] = {}
         self._empty_table = bytes(self._cs)
         self._next_free = 0  # next free host cluster
         self._capacity = 0  # host clusters the reserved refcount blocks cover
         self._lock = threading.Lock()
         #: a block device keeps old bytes where nothing is written: new clusters are zeroed there
         self._zero_fill = not getattr(target, "is_regular_file", True)
-        self._pool: CompressionPool | None = None  # compression (-c only)
+        self._pool: CompressionPool[list[memoryview], _BatchTag, list[bytes | None]] | None = None  # -c only
         self._io: ThreadPoolExecutor | None = None  # writes of compressed batches
-        self._pending_io: deque = deque()  # (future, buffer) of writes not yet waited for
+        self._pending_io: deque[tuple[Future[None], bytearray | None]] = deque()  # writes not yet waited for
 
     # -- sizes -----------------------------------------------------------------------------------
 
@@ -352,7 +362,7 @@ class Qcow2Writer(DiskWriter):
 
     # -- plan ------------------------------------------------------------------------------------
 
-    def plan(self, extents: Any) -> None:
+    def plan(self, extents: Iterable[Extent]) -> None:
         if self._layout is not None:
             raise UsageError("qcow2 writer: plan() given twice")
         starts, ends, planned_l1, clusters = plan_clusters(extents, self._cb, self.disk_size)
@@ -364,7 +374,7 @@ class Qcow2Writer(DiskWriter):
         self._next_free = data_cluster
         if target.streaming:
             host = data_cluster
-            for start, end in zip(starts, ends):
+            for start, end in zip(starts, ends, strict=True):
                 self._rg.append(start)
                 self._rn.append(end - start)
                 self._rh.append(host)
@@ -457,12 +467,12 @@ class Qcow2Writer(DiskWriter):
             start, stop = max(offset, guest << cb), min(end, (guest + count) << cb)
             target.pwrite(view[start - offset : stop - offset], (host << cb) + start - (guest << cb))
 
-    def _allocate(self, first: int, last: int) -> list[tuple[int, int, int, bool]]:
+    def _allocate(self, first: int, last: int) -> list[_Piece]:
         """(guest cluster, count, host cluster, newly allocated) runs covering clusters [first, last].
 
         Ranges with no allocated cluster are allocated at once; a cluster allocated already (by
         earlier data ending inside it, or by another thread's data) is reused, one at a time."""
-        pieces: list[tuple[int, int, int, bool]] = []
+        pieces: list[_Piece] = []
         cb, l2_bits = self._cb, self._l2_bits
         mask = (1 << l2_bits) - 1
         guest = first
@@ -491,7 +501,7 @@ class Qcow2Writer(DiskWriter):
         self._map_range(guest, count, host)
         return host
 
-    def _add_piece(self, pieces: list, guest: int, count: int, host: int, new: bool) -> None:
+    def _add_piece(self, pieces: list[_Piece], guest: int, count: int, host: int, new: bool) -> None:
         if pieces:
             last_guest, last_count, last_host, last_new = pieces[-1]
             if last_guest + last_count == guest and last_host + last_count == host and (
@@ -510,7 +520,7 @@ class Qcow2Writer(DiskWriter):
         if self._next_free + count > self._capacity:
             raise self._unplanned(first << self._cb)
 
-    def _table(self, l1_index: int) -> array:
+    def _table(self, l1_index: int) -> array[int]:
         table = self._tables.get(l1_index)
         if table is None:
             table = self._tables[l1_index] = array("Q", self._empty_table)
@@ -545,7 +555,7 @@ class Qcow2Writer(DiskWriter):
         # writes go through one more thread, so that the copies into the page cache overlap the
         # rest; a batch buffer is reused once its writes are done
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcow2-write")
-        self._writes: list = []  # (data, file offset) of the batch being placed
+        self._writes: list[_Write] = []  # of the batch being placed
         zstd = self.settings.compression_type == COMPRESSION_ZSTD
         # qemu: compressed data must fit in cluster_size - 1 bytes
         self._compressor = ClusterCompressor(self._cs, self._cs - 1, zlib_level=ZLIB_LEVEL, zlib_wbits=ZLIB_WBITS,
@@ -579,7 +589,8 @@ class Qcow2Writer(DiskWriter):
                 slot = self._used << cb
                 if position == cluster_start and piece_end == cluster_start + cs:
                     count = min((end - position) >> cb, self._slots - self._used)
-                    self._buffer[slot : slot + (count << cb)] = view[position - offset : position - offset + (count << cb)]
+                    source = position - offset
+                    self._buffer[slot : slot + (count << cb)] = view[source : source + (count << cb)]
                     self._batch_g.extend(range(cluster, cluster + count))
                     self._used += count
                     position += count << cb
@@ -618,10 +629,10 @@ class Qcow2Writer(DiskWriter):
         assert self._pool is not None
         for (clusters, buffer), results in self._pool.completed(keep):
             view = memoryview(buffer)
-            writes: list = []
+            writes: list[_Write] = []
             self._writes = writes
             run_slot = run_host = run_count = 0  # uncompressed clusters contiguous in buffer and file
-            for slot, (cluster, packed) in enumerate(zip(clusters, results)):
+            for slot, (cluster, packed) in enumerate(zip(clusters, results, strict=True)):
                 if packed is not None:
                     self._place_compressed(cluster, packed)
                     continue
@@ -638,10 +649,11 @@ class Qcow2Writer(DiskWriter):
                 run_slot, run_host, run_count = slot, host, 1
             if run_count:
                 writes.append((view[run_slot << cb : (run_slot + run_count) << cb], run_host << cb))
+            assert self._io is not None
             self._pending_io.append((self._io.submit(self._write_all, writes), buffer))
             self._reclaim(4)
 
-    def _write_all(self, writes: list) -> None:
+    def _write_all(self, writes: list[_Write]) -> None:
         for data, offset in writes:
             self.target.pwrite(data, offset)
 
@@ -707,6 +719,7 @@ class Qcow2Writer(DiskWriter):
         self._drain(0)
         self._writes = []
         self._close_region()
+        assert self._io is not None
         self._pending_io.append((self._io.submit(self._write_all, self._writes), None))
         self._reclaim(0)
 
@@ -758,7 +771,7 @@ class Qcow2Writer(DiskWriter):
         table[:blocks] = array("Q", range(first, first + (blocks << self._cb), self._cs))
         return pack_u64_table(table)
 
-    def _refcount_blocks(self, blocks: int, segments: list) -> Iterator[bytes]:
+    def _refcount_blocks(self, blocks: int, segments: list[_Segment]) -> Iterator[bytes]:
         """The first ``blocks`` refcount blocks, from (first cluster, count, value) segments where
         value is a number for all of them, or a sequence with one count per cluster."""
         bits = 1 << self.settings.refcount_order
@@ -778,7 +791,7 @@ class Qcow2Writer(DiskWriter):
                     counts[first - low : stop - low] = array(typecode, value[first - start : stop - start])
             yield pack_refcounts(counts, bits)
 
-    def _l1_table(self, entries: array) -> bytes:
+    def _l1_table(self, entries: array[int]) -> bytes:
         layout = self._layout
         assert layout is not None
         raw = pack_u64_table(entries)
@@ -794,7 +807,7 @@ class Qcow2Writer(DiskWriter):
             slot += 1
             index = planned.find(1, index + 1)
 
-    def _streaming_l2_tables(self) -> Iterator[array]:
+    def _streaming_l2_tables(self) -> Iterator[array[int]]:
         """The L2 table of each planned L1 range, in order, from the planned runs."""
         cb, cs, l2_bits = self._cb, self._cs, self._l2_bits
         rg, rn, rh = self._rg, self._rn, self._rh
@@ -849,7 +862,7 @@ class Qcow2Writer(DiskWriter):
         blocks = -(-end // per_block)
         assert blocks <= layout.refcount_blocks
         data_cluster = layout.data_offset >> cb
-        segments: list = [
+        segments: list[_Segment] = [
             (0, 1 + layout.refcount_table_clusters + blocks, 1),
             (layout.l1_offset >> cb, layout.l1_clusters, 1),
             (layout.l2_offset >> cb, layout.l2_tables, used),

@@ -6,9 +6,9 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
-from ..probing import OpenOptions, ParentOpener
 from ...errors import CorruptImage, UnsupportedFormat
 from ...host.files import HostFile
+from ..probing import OpenOptions, ParentOpener
 from ..reader import DiskReader, Extent, ExtentKind, ImageInfo, Run, RunKind
 from .structures import (
     CLONE_HINT,

@@ -37,8 +37,7 @@ import struct
 import sys
 import uuid
 from array import array
-from dataclasses import dataclass, replace
-from dataclasses import fields as fields_of
+from dataclasses import dataclass, fields as fields_of, replace
 
 from ..probing import Detection
 
@@ -170,7 +169,7 @@ def parse_header(data: bytes) -> VdiHeader:
     header_size = values[3]
     lchs = _LCHS.unpack_from(data, OFFSET_LCHS) if header_size >= HEADER_V1_PLUS_SIZE else None
     names = [item.name for item in fields_of(VdiHeader)][: len(values)]
-    return VdiHeader(**dict(zip(names, values)), lchs=lchs)
+    return VdiHeader(**dict(zip(names, values, strict=True)), lchs=lchs)
 
 
 @dataclass(frozen=True)

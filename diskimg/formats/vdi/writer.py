@@ -22,8 +22,8 @@ from array import array
 from collections.abc import Iterable, Mapping
 
 from ...errors import OutputError, UsageError
-from ..reader import Extent
 from ...units import format_size
+from ..reader import Extent
 from ..writer import DiskWriter, OutputTarget, option_flag, planned_blocks
 from .structures import (
     DEFAULT_BLOCK_SIZE,
@@ -60,8 +60,9 @@ class _Layout:
             raise UsageError(f"invalid virtual size {virtual_size}", path=path)
         self.disk_size = -(-virtual_size // SECTOR) * SECTOR
         if self.disk_size > MAX_DISK_SIZE:
-            raise UsageError(f"a VDI written by diskimg holds at most {format_size(MAX_DISK_SIZE)} ({MAX_BLOCKS} blocks "
-                             f"of 1 MiB); this disk is {format_size(self.disk_size)}: use qcow2", path=path)
+            raise UsageError(f"a VDI written by diskimg holds at most {format_size(MAX_DISK_SIZE)} "
+                             f"({MAX_BLOCKS} blocks of 1 MiB); this disk is {format_size(self.disk_size)}: use qcow2",
+                             path=path)
         self.blocks = -(-self.disk_size // BLOCK_SIZE)
         self.offset_data = OFFSET_BMAP + -(-4 * self.blocks // SECTOR) * SECTOR
 

@@ -346,7 +346,8 @@ def parse_dynamic_header(data: bytes) -> DynamicHeader:
         raise ValueError(f"a VHD dynamic header is 1024 bytes, not {len(data)}")
     (cookie, data_offset, table_offset, version, entries, block_size, checksum, parent_id, parent_time,
      reserved1, parent_name) = _HEADER.unpack_from(data)  # fmt: skip
-    locators = [ParentLocator(*_LOCATOR.unpack_from(data, parent_locator_offset(i))) for i in range(PARENT_LOCATOR_COUNT)]
+    locators = [ParentLocator(*_LOCATOR.unpack_from(data, parent_locator_offset(i)))
+                for i in range(PARENT_LOCATOR_COUNT)]
     return DynamicHeader(
         cookie, data_offset, table_offset, version, entries, block_size, checksum,
         uuid.UUID(bytes=parent_id), parent_time, reserved1, parent_name, locators, bytes(data[_LOCATORS_END:]),
@@ -574,7 +575,10 @@ def choose_footer(head: bytes, tail: bytes, file_size: int | None) -> FooterChoi
     old = last[-OLD_FOOTER_SIZE:] if len(last) >= OLD_FOOTER_SIZE else b""
     copy = head[:FOOTER_SIZE] if len(head) >= FOOTER_SIZE and (not known_end or size >= 2 * FOOTER_SIZE) else b""
     copy_problem = footer_problem(copy) if copy[:8] == FOOTER_COOKIE else "absent"
-    tail_problem = (footer_problem(full) if full else "file too small") if known_end else "the end of the file is unseen"
+    if known_end:
+        tail_problem = footer_problem(full) if full else "file too small"
+    else:
+        tail_problem = "the end of the file is unseen"
     tail_cookie = full[:8] == FOOTER_COOKIE
 
     def chosen(raw: bytes, source: str, offset: int, problem: str | None, data_end: int) -> FooterChoice:

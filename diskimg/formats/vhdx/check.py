@@ -24,7 +24,7 @@ def check_vhdx(host: Any, result: CheckResult) -> None:
         except s.VhdxError as exc:
             result.add("corruption", f"header {index + 1} is invalid: {exc}", offset, "header")
     tables = [host.read_at(offset, s.REGION_TABLE_SIZE) for offset in s.REGION_TABLE_OFFSETS]
-    for index, (offset, table) in enumerate(zip(s.REGION_TABLE_OFFSETS, tables)):
+    for index, (offset, table) in enumerate(zip(s.REGION_TABLE_OFFSETS, tables, strict=True)):
         try:
             s.parse_region_table(table)
         except s.VhdxError as exc:

@@ -31,9 +31,9 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..probing import Detection, OpenOptions, ParentOpener
 from ...errors import BackingFileError, CorruptImage
 from ...host.files import HostFile
+from ..probing import Detection, OpenOptions, ParentOpener
 from ..reader import DiskReader, ImageInfo, Run, RunKind
 from ..vhd import BitmapRunsCache, bitmap_runs, host_path, sector_bitmap_runs
 from . import structures as s
@@ -205,7 +205,7 @@ class VhdxLayout:
     params: s.DiskParameters
     locator: s.ParentLocator
     parent_candidates: list[str]
-    bat: array
+    bat: array[int]
     #: each BAT entry's state, one byte per entry
     states: bytes
     state_counts: dict[str, int]
@@ -229,7 +229,7 @@ class VhdxLayout:
         return layout
 
     def _read_exact_at(self, offset: int, length: int, structure: str) -> bytes:
-        data = self.host.read_at(offset, length)
+        data: bytes = self.host.read_at(offset, length)
         if len(data) != length:
             raise self.corrupt(f"the {structure} lies past the end of the file", offset, structure)
         return data

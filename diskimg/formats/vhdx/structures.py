@@ -108,7 +108,7 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
 
 def checksum_ok(data: bytes, checksum_offset: int = 4) -> bool:
     """True when the u32 at ``checksum_offset`` is the CRC-32C of ``data`` with that field zeroed."""
-    stored = struct.unpack_from("<I", data, checksum_offset)[0]
+    stored: int = struct.unpack_from("<I", data, checksum_offset)[0]
     return stored == crc32c(data[:checksum_offset] + bytes(4) + data[checksum_offset + 4 :])
 
 
@@ -184,7 +184,7 @@ def parse_header(data: bytes) -> Header:
         raise VhdxError(f"version {version} (VHDX version 1 is the only one)")
     if log_version != 0:
         raise VhdxError(f"log version {log_version} (0 is the only one)")
-    if log_offset % MIB or log_length % MIB or log_offset < HEADER_AREA and log_length:
+    if log_offset % MIB or log_length % MIB or (log_offset < HEADER_AREA and log_length):
         raise VhdxError(f"log at {log_offset} of {log_length} bytes is not aligned to 1 MiB past the header area")
     return Header(sequence, guid(file_write), guid(data_write), guid(log_guid), log_version, version,
                   log_length, log_offset)

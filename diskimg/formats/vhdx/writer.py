@@ -25,9 +25,9 @@ from array import array
 from collections.abc import Iterable, Mapping
 
 from ...errors import OutputError, UsageError
-from ..reader import Extent, ExtentKind
 from ...units import parse_size
 from ...version import __version__
+from ..reader import Extent, ExtentKind
 from ..writer import DiskWriter, OutputTarget, option_flag
 from . import structures as s
 
@@ -103,7 +103,7 @@ class VhdxLayoutPlan:
             area[offset : offset + s.REGION_TABLE_SIZE] = table
         return bytes(area)
 
-    def bat(self, block_offsets: array) -> bytes:
+    def bat(self, block_offsets: array[int]) -> bytes:
         """The BAT for ``block_offsets`` (file offset per block, 0 = not allocated), padded to its room."""
         absent = s.PAYLOAD_ZERO if self.block_state_zero else s.PAYLOAD_NOT_PRESENT
         entries = array("Q", bytes(8 * self.params.bat_entries))
@@ -133,7 +133,7 @@ class VhdxWriter(DiskWriter):
     """Writes dynamic or fixed VHDX (see the module docstring for the layout)."""
 
     format = NAME
-    OPTIONS = {
+    OPTIONS: Mapping[str, str] = {
         "subformat": "dynamic (default) or fixed",
         "block_size": "payload block size: a power of two from 1M to 256M (default 32M, as Hyper-V)",
         "log_size": "log size, a multiple of 1M (default 1M)",

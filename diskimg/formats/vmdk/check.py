@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..probing import OpenOptions
 from ...host.files import HostFile
-from .reader import VmdkReader
+from ..probing import OpenOptions
+from .reader import VmdkReader, _Extent
 from .structures import (
     FLAG_REDUNDANT_GT,
     GRAIN_MARKER_SIZE,
@@ -44,14 +44,16 @@ def check_vmdk(host: HostFile, report: Report) -> VmdkCheckCounts:
     return counts
 
 
-def _check_extent(extent, report: Report, counts: VmdkCheckCounts) -> None:  # type: ignore[no-untyped-def]
+def _check_extent(extent: _Extent, report: Report, counts: VmdkCheckCounts) -> None:
     header, host = extent.header, extent.host
+    assert header is not None and host is not None  # a sparse extent has both
     grain_bytes = header.grain_bytes
     metadata_end = header.overhead * SECTOR
     used: dict[int, int] = {}
     counts.total_grains += header.grains
     for table_index in extent.tables_present:
         table = extent.grain_table(table_index)
+        assert table is not None  # tables_present lists the directory entries that name a table
         table_offset = extent.directory[table_index] * SECTOR
         if table_offset < SECTOR * (1 + header.descriptor_size):
             report("corruption", f"{host.name}: grain table {table_index} overlaps the header or descriptor",
@@ -82,8 +84,9 @@ def _check_extent(extent, report: Report, counts: VmdkCheckCounts) -> None:  # t
         _check_redundant(extent, report)
 
 
-def _check_compressed(extent, grain: int, start: int, where: int, report: Report) -> None:  # type: ignore[no-untyped-def]
+def _check_compressed(extent: _Extent, grain: int, start: int, where: int, report: Report) -> None:
     header, host = extent.header, extent.host
+    assert header is not None and host is not None
     if header.markers:
         marker = host.read_at(start, GRAIN_MARKER_SIZE)
         size = int.from_bytes(marker[8:12], "little") if len(marker) == GRAIN_MARKER_SIZE else 0
@@ -98,8 +101,9 @@ def _check_compressed(extent, grain: int, start: int, where: int, report: Report
                "VMDK grain table")
 
 
-def _check_redundant(extent, report: Report) -> None:  # type: ignore[no-untyped-def]
+def _check_redundant(extent: _Extent, report: Report) -> None:
     header, host = extent.header, extent.host
+    assert header is not None and host is not None
     length = header.gd_entries * 4
     offset = header.rgd_offset * SECTOR
     data = host.read_at(offset, length)

@@ -16,11 +16,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-
-from ..probing import OpenOptions, ParentOpener
 from ...errors import BackingFileError, CorruptImage, UnsupportedFormat
-from ..foreign import convert_commands
 from ...host.files import HostFile, confined_path
+from ..foreign import convert_commands
+from ..probing import OpenOptions, ParentOpener
 from ..reader import DiskReader, ImageInfo, Run, RunKind
 from .structures import (
     FLAT_TYPES,
@@ -68,8 +67,8 @@ class _Extent:
     own_file: bool = False  # host is the reader's own file: HOST runs, copied without decoding
     data_offset: int = 0  # flat: bytes into the file
     header: SparseHeader | None = None
-    directory: array = field(default_factory=lambda: array("I"))
-    tables: dict[int, array] = field(default_factory=dict)
+    directory: array[int] = field(default_factory=lambda: array("I"))
+    tables: dict[int, array[int]] = field(default_factory=dict)
     tables_present: list[int] = field(default_factory=list)  # directory entries that name a table
 
     @property
@@ -80,7 +79,7 @@ class _Extent:
     def markers(self) -> bool:
         return self.header is not None and self.header.markers
 
-    def grain_table(self, table_index: int) -> array | None:
+    def grain_table(self, table_index: int) -> array[int] | None:
         """Grain table ``table_index`` of a sparse extent (None where the directory has none),
         read once and kept in a bounded cache."""
         header = self.header
@@ -195,7 +194,7 @@ class VmdkReader(DiskReader):
                 features.append("compressed")
             if header.zero_grains:
                 features.append("zeroed-grain")
-        hosts = [self.host] + self._opened
+        hosts = [self.host, *self._opened]
         allocated = [h.allocated_bytes for h in hosts]
         return ImageInfo(
             format=NAME,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import struct
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ...errors import CorruptImage, UnsupportedFormat
@@ -194,7 +195,7 @@ def pack_grain_marker(lba: int, compressed: bytes) -> bytes:
 GRAIN_MARKER_SIZE = 12  # lba u64 + size u32, then the compressed bytes
 
 
-def parse_grain_table(data: bytes) -> array:
+def parse_grain_table(data: bytes) -> array[int]:
     table = array("I")
     table.frombytes(data)
     if struct.pack("=I", 1) != struct.pack("<I", 1):
@@ -286,7 +287,7 @@ def parse_descriptor(data: bytes, path: str | None = None, offset: int = 0) -> D
     return descriptor
 
 
-def _hex(value: str, key: str, corrupt) -> int | None:  # type: ignore[no-untyped-def]
+def _hex(value: str, key: str, corrupt: Callable[[str], CorruptImage]) -> int:
     try:
         return int(value, 16) & 0xFFFFFFFF
     except ValueError:

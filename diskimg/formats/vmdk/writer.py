@@ -17,11 +17,12 @@ import zlib
 from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from ...errors import OutputError, UsageError
+from ..compression import ClusterCompressor, CompressionPool
 from ..reader import Extent, ExtentKind
 from ..writer import DiskWriter, OutputTarget, option_flag
-from ..compression import ClusterCompressor, CompressionPool
 from .structures import (
     COMPRESS_DEFLATE,
     FLAG_COMPRESSED,
@@ -102,7 +103,11 @@ def _sectors(length: int) -> int:
     return -(-length // SECTOR)
 
 
-def _pack_table(entries: array) -> bytes:
+#: a batch of grains to compress: the grains, in slot order, and the buffer holding them
+_Batch: TypeAlias = "tuple[list[int], bytearray]"
+
+
+def _pack_table(entries: array[int]) -> bytes:
     table = array("I", entries)
     if array("I", [1]).tobytes() != (1).to_bytes(4, "little"):
         table.byteswap()
@@ -124,7 +129,7 @@ def _planned_grains(extents: Iterable[Extent], grains: int) -> list[int]:
 
 class VmdkWriter(DiskWriter):
     format = NAME
-    OPTIONS = {
+    OPTIONS: Mapping[str, str] = {
         "subformat": "monolithicSparse (default) or streamOptimized",
         "adapter_type": "ide (default), buslogic, lsilogic or legacyESX",
         "hwversion": "virtual hardware version in the descriptor (default 4)",
@@ -152,7 +157,7 @@ class VmdkWriter(DiskWriter):
         self._directory = array("I", bytes(4 * self.gd_entries))
         self._table = array("I", bytes(4 * GTES_PER_GT))
         self._table_index = -1
-        self._pool: CompressionPool | None = None
+        self._pool: CompressionPool[_Batch, _Batch, tuple[bytes, list[int]]] | None = None
         self._compressor = ClusterCompressor(_GRAIN_BYTES, _GRAIN_BYTES, zlib_level=ZLIB_LEVEL, zlib_wbits=15)
         self._buffer = bytearray(self.BATCH_GRAINS * _GRAIN_BYTES)
         self._free_buffers: list[bytearray] = []
@@ -256,14 +261,14 @@ class VmdkWriter(DiskWriter):
             self._batch = []
         self._drain(self._pool.max_inflight)
 
-    def _pack_batch(self, batch: tuple[list[int], bytearray]) -> tuple[bytes, list[int]]:
+    def _pack_batch(self, batch: _Batch) -> tuple[bytes, list[int]]:
         """Grain markers with their compressed grains, sector-padded, as one blob (worker thread).
         A grain deflate cannot shrink is stored in deflate's stored form, still a zlib stream."""
         grains, buffer = batch
         view = memoryview(buffer)
         slices = [view[slot * _GRAIN_BYTES : (slot + 1) * _GRAIN_BYTES] for slot in range(len(grains))]
         records = []
-        for grain, data, packed in zip(grains, slices, self._compressor.batch(slices)):
+        for grain, data, packed in zip(grains, slices, self._compressor.batch(slices), strict=True):
             if packed is None:
                 packed = zlib.compress(data, 0)
             record = (grain * GRAIN_SECTORS).to_bytes(8, "little") + len(packed).to_bytes(4, "little") + packed
@@ -278,7 +283,7 @@ class VmdkWriter(DiskWriter):
                 self._flush_table()
                 self._table_index = table_index
             sector = self.target.position // SECTOR
-            for grain, count in zip(grains, sectors):
+            for grain, count in zip(grains, sectors, strict=True):
                 self._table[grain % GTES_PER_GT] = sector
                 sector += count
             self.target.write(blob)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import DiskImageError
-from ..signatures import Disk, FileSystem
 from ..fs import GuestFileSystem, open_filesystem
 from ..fs.base import GuestPathError
+from ..signatures import Disk, FileSystem, SizedDisk
 
 #: inspector modules, tried in order
 INSPECTORS = ("linux", "windows")
@@ -122,7 +122,7 @@ class GuestVolume:
             below = self.below[0].layers()
         else:
             below = [" + ".join("(" + " -> ".join(volume.layers()) + ")" for volume in self.below)]
-        return below + [self.layer.name]
+        return [*below, self.layer.name]
 
     @property
     def stack(self) -> str:
@@ -204,15 +204,15 @@ class GuestDisk:
     """The disk's volumes (partitions, and the volumes assembled on them) and their file systems, opened
     lazily and once."""
 
-    def __init__(self, disk: Disk, volumes: list[GuestVolume]) -> None:
+    def __init__(self, disk: SizedDisk, volumes: list[GuestVolume]) -> None:
         self.disk = disk
         self.volumes = volumes
-        self._opened: dict[int, GuestFileSystem | None] = {}
+        self._opened: dict[int, GuestFileSystem[Any] | None] = {}
         self._views: dict[tuple[int, str | None, int | None], GuestVolume | None] = {}
         #: volume name -> why its file system could not be read (no driver, damaged)
         self.unreadable: dict[str, str] = {}
 
-    def open(self, volume: GuestVolume) -> GuestFileSystem | None:
+    def open(self, volume: GuestVolume) -> GuestFileSystem[Any] | None:
         key = id(volume)
         if key not in self._opened:
             fs = None

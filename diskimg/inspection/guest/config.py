@@ -183,7 +183,7 @@ def parse_grub_cfg(text: str, source: str = "grub.cfg") -> GrubConfig:
                 menus.append(title)
                 blocks.append("submenu")
             else:
-                current = BootEntry(title=">".join(menus + [title]), id=ident, source=source,
+                current = BootEntry(title=">".join([*menus, title]), id=ident, source=source,
                                     search_root=search_root)
                 blocks.append("entry")
             continue

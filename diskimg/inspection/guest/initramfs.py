@@ -29,7 +29,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from ...errors import CorruptImage
 from ...units import READ_CHUNK
@@ -99,10 +99,18 @@ def module_name(path: str) -> str:
 # -- the image ---------------------------------------------------------------------------------------------
 
 
+class SeekableFile(Protocol):
+    """What the lister needs of a file: an open binary file, a guest file."""
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+    def read(self, size: int = ..., /) -> bytes | None: ...
+
+
 class _Image:
     """Positional reads of the initramfs file (any seekable binary file)."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: SeekableFile) -> None:
         self.file = file
         self.size = file.seek(0, io.SEEK_END)
 
@@ -306,7 +314,8 @@ def zstd_frame_length(data: _Image, start: int) -> int:
         raise InitramfsError("truncated zstd frame", structure="initramfs")
     magic = struct.unpack_from("<I", head)[0]
     if magic & 0xFFFFFFF0 == 0x184D2A50:
-        return 8 + struct.unpack_from("<I", head, 4)[0]
+        skippable: int = struct.unpack_from("<I", head, 4)[0]
+        return 8 + skippable
     descriptor = head[4]
     single = descriptor >> 5 & 1
     fcs = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
@@ -337,7 +346,8 @@ def _zstd_stream(data: _Image, start: int, budget: _Budget, end: list[int]) -> I
         frame = _Window(data, position, length)
         position += length
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
+            # zstandard takes any object with read(size); its stub names only IO[bytes]
+            reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)  # type: ignore[arg-type]
             while True:
                 out = reader.read(READ_CHUNK)
                 if not out:
@@ -392,7 +402,7 @@ def _decompressed(kind: str, data: _Image, start: int, budget: _Budget, end: lis
         raise InitramfsError(f"{kind} compression is not decoded by diskimg", structure="initramfs")
 
 
-def list_initramfs(image: bytes | BinaryIO, max_decompressed: int = MAX_DECOMPRESSED) -> InitramfsListing:
+def list_initramfs(image: bytes | SeekableFile, max_decompressed: int = MAX_DECOMPRESSED) -> InitramfsListing:
     """Every name in an initramfs image (its bytes, or a seekable binary file read in chunks). Never
     raises: a part that cannot be read ends the walk and is named in ``problem``, keeping what was
     listed before it."""

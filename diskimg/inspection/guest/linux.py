@@ -17,9 +17,9 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 import re
-from fnmatch import fnmatchcase
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 from ...errors import DiskImageError
@@ -112,13 +112,13 @@ OTHER_LINUX = "Others Linux"
 class GuestTree:
     """Paths of the guest across its mounts (root, /boot, /usr...), symbolic links resolved inside it."""
 
-    def __init__(self, root: GuestFileSystem) -> None:
-        self.mounts: dict[str, GuestFileSystem] = {"/": root}
+    def __init__(self, root: GuestFileSystem[Any]) -> None:
+        self.mounts: dict[str, GuestFileSystem[Any]] = {"/": root}
 
-    def mount(self, mountpoint: str, fs: GuestFileSystem) -> None:
+    def mount(self, mountpoint: str, fs: GuestFileSystem[Any]) -> None:
         self.mounts[posixpath.normpath("/" + mountpoint.lstrip("/"))] = fs
 
-    def _locate(self, path: str) -> tuple[GuestFileSystem, str]:
+    def _locate(self, path: str) -> tuple[GuestFileSystem[Any], str]:
         best = "/"
         for point in self.mounts:
             if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
@@ -155,7 +155,7 @@ class GuestTree:
             current = candidate
         return current or "/"
 
-    def _at(self, path: str, follow: bool = True) -> tuple[GuestFileSystem, str]:
+    def _at(self, path: str, follow: bool = True) -> tuple[GuestFileSystem[Any], str]:
         if len(self.mounts) == 1:  # the file system resolves its own links
             return self.mounts["/"], path
         return self._locate(self.resolve(path, follow))
@@ -374,7 +374,7 @@ def inspect(disk: GuestDisk) -> GuestFacts | None:
     return facts
 
 
-def _inspect_root(disk: GuestDisk, volume: GuestVolume, fs: GuestFileSystem) -> GuestFacts:
+def _inspect_root(disk: GuestDisk, volume: GuestVolume, fs: GuestFileSystem[Any]) -> GuestFacts:
     tree = GuestTree(fs)
     notes: list[str] = []
     read = _Reader(tree, notes)
@@ -419,7 +419,7 @@ MAX_ROOT_SUBVOLUMES = 64
 MAX_LISTED_SUBVOLUMES = 64
 
 
-def _find_root(disk: GuestDisk) -> tuple[GuestVolume, GuestFileSystem] | None:
+def _find_root(disk: GuestDisk) -> tuple[GuestVolume, GuestFileSystem[Any]] | None:
     """The first volume with a release file (else with /etc/fstab); a symlinked os-release counts,
     as its target may be on a separate /usr. A btrfs is looked at from its default subvolume, then
     from its plain subvolumes (snapshots and read-only subvolumes are not roots)."""

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Mapping
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 from ...errors import CorruptImage, DiskImageError
 
@@ -73,7 +73,7 @@ class LogsNotUsable(DiskImageError):
     """No transaction log brings a dirty hive up to date: the hive can only be read as it is."""
 
 
-def base_block_checksum(block: bytes) -> int:
+def base_block_checksum(block: bytes | bytearray) -> int:
     """XOR of the first 127 little-endian 32-bit words of the base block (stored at offset 508)."""
     checksum = 0
     for (word,) in struct.iter_unpack("<I", block[:508]):
@@ -129,11 +129,11 @@ class Value:
     """One ``vk``: its name ("" for the key's default value) and type; the data is read when asked
     for, so that looking a value up by name never copies the data of the others."""
 
-    __slots__ = ("hive", "offset", "name", "type", "_size", "_data_offset")
+    __slots__ = ("_data_offset", "_size", "hive", "name", "offset", "type")
 
     def __init__(self, hive: Hive, offset: int) -> None:
         cell = hive.cell(offset, "value")
-        if len(cell) < _VK.size or cell[:2] != b"vk":
+        if len(cell) < _VK.size or bytes(cell[:2]) != b"vk":
             raise CorruptImage("not a value (vk)", offset=BASE_BLOCK_SIZE + offset, structure="registry hive")
         _sig, name_length, self._size, self._data_offset, self.type, flags, _spare = _VK.unpack_from(cell)
         raw_name = bytes(cell[_VK.size:_VK.size + name_length])
@@ -159,11 +159,11 @@ class Value:
 class Key:
     """One ``nk`` cell of a hive; subkeys and values are read when asked for."""
 
-    __slots__ = ("hive", "offset", "name", "flags", "_subkey_count", "_subkey_list", "_value_count", "_value_list")
+    __slots__ = ("_subkey_count", "_subkey_list", "_value_count", "_value_list", "flags", "hive", "name", "offset")
 
     def __init__(self, hive: Hive, offset: int) -> None:
         cell = hive.cell(offset, "key node")
-        if len(cell) < _NK.size or cell[:2] != b"nk":
+        if len(cell) < _NK.size or bytes(cell[:2]) != b"nk":
             raise CorruptImage("not a key node (nk)", offset=BASE_BLOCK_SIZE + offset, structure="registry hive")
         fields = _NK.unpack_from(cell)
         self.hive = hive
@@ -224,7 +224,7 @@ class Key:
 class Hive:
     """A registry hive held in memory (see the module docstring for the layout)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         if len(data) < BASE_BLOCK_SIZE + 32:
             raise CorruptImage(f"{len(data)} bytes is too small for a registry hive", structure="registry hive")
         (signature, self.primary_sequence, self.secondary_sequence, self.timestamp, self.major_version,
@@ -549,6 +549,8 @@ def _valid_hbin(offset: int, page: memoryview, bins_size: int) -> bool:
     """A page that starts a hive bin must name its own offset and a size that fits the hive."""
     if offset % HBIN_ALIGN or bytes(page[:4]) != HBIN_SIGNATURE:
         return True
+    own_offset: int
+    size: int
     _signature, own_offset, size = _HBIN.unpack_from(page)
     return own_offset == offset and size >= HBIN_ALIGN and size % HBIN_ALIGN == 0 and offset + size <= bins_size
 

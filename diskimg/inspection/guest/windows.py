@@ -269,7 +269,7 @@ def driver_path(image_path: str | None, name: str, windows_dir: str) -> str | No
     return f"/{windows_dir}/" + path.replace("\\", "/")
 
 
-def find_windows_dir(fs: GuestFileSystem) -> str | None:
+def find_windows_dir(fs: GuestFileSystem[Any]) -> str | None:
     """The Windows directory of a system volume (the one with System32/config, where the hives live:
     a missing hive is then a broken Windows, not no Windows), or None."""
     for name in WINDOWS_DIRS:
@@ -292,7 +292,7 @@ class LoadedHive:
     logs: str | None = None
 
 
-def load_hive(fs: GuestFileSystem, path: str, max_size: int) -> LoadedHive:
+def load_hive(fs: GuestFileSystem[Any], path: str, max_size: int) -> LoadedHive:
     """The hive at ``path``; when it is dirty, with the transaction logs beside it replayed in memory.
     Logs that are missing, unreadable or unusable leave the hive as it is, "dirty", saying why."""
     data = fs.read_file(path, max_size)
@@ -317,7 +317,7 @@ def load_hive(fs: GuestFileSystem, path: str, max_size: int) -> LoadedHive:
                                             f"({replay.pages} pages)")
 
 
-def _read_hive(fs: GuestFileSystem, path: str, facts: WindowsFacts, name: str) -> Hive | None:
+def _read_hive(fs: GuestFileSystem[Any], path: str, facts: WindowsFacts, name: str) -> Hive | None:
     try:
         loaded = load_hive(fs, path, MAX_HIVE_BYTES)
     except DiskImageError as exc:
@@ -343,7 +343,7 @@ def _number(key: Key | None, name: str) -> int | None:
     return None
 
 
-def _file_state(fs: GuestFileSystem, path: str | None, facts: WindowsFacts) -> tuple[bool, bool]:
+def _file_state(fs: GuestFileSystem[Any], path: str | None, facts: WindowsFacts) -> tuple[bool, bool]:
     """(present, read-only) of a guest file; a damaged directory on the way is noted in ``problems``."""
     try:
         if path is None or not fs.exists(path):
@@ -355,7 +355,7 @@ def _file_state(fs: GuestFileSystem, path: str | None, facts: WindowsFacts) -> t
     return info.is_file, "readonly" in info.flags
 
 
-def _driver(fs: GuestFileSystem, services: Key | None, name: str, facts: WindowsFacts) -> Driver:
+def _driver(fs: GuestFileSystem[Any], services: Key | None, name: str, facts: WindowsFacts) -> Driver:
     service = services.subkey(name) if services is not None else None
     if service is None:
         file = driver_path(None, name, facts.windows_dir)
@@ -370,7 +370,7 @@ def _driver(fs: GuestFileSystem, services: Key | None, name: str, facts: Windows
     return Driver(service.name, True, _number(service, "Start"), overridden, image_path, file, present, readonly)
 
 
-def _read_system(fs: GuestFileSystem, hive: Hive, facts: WindowsFacts) -> None:
+def _read_system(fs: GuestFileSystem[Any], hive: Hive, facts: WindowsFacts) -> None:
     control_set = hive.current_control_set()
     if control_set is None:
         facts.problems["SYSTEM"] = "no control set: Select\\Current names none that exists"
@@ -417,7 +417,7 @@ def _read_system(fs: GuestFileSystem, hive: Hive, facts: WindowsFacts) -> None:
             facts.qemu_ga.append(f"SYSTEM\\{control_set.name}\\Services\\{service.name}")
 
 
-def _read_software(_fs: GuestFileSystem, hive: Hive, facts: WindowsFacts) -> None:
+def _read_software(_fs: GuestFileSystem[Any], hive: Hive, facts: WindowsFacts) -> None:
     current = hive.find("Microsoft\\Windows NT\\CurrentVersion")
     facts.product_name = _text(current, "ProductName")
     facts.edition = _text(current, "EditionID")
@@ -458,7 +458,7 @@ def _server(facts: WindowsFacts) -> bool | None:
     return None
 
 
-def inspect_windows(fs: GuestFileSystem, boot_volumes: Sequence[tuple[str, str, GuestFileSystem]] = ()
+def inspect_windows(fs: GuestFileSystem[Any], boot_volumes: Sequence[tuple[str, str, GuestFileSystem[Any]]] = ()
                     ) -> WindowsFacts | None:
     """The facts of the Windows installation on ``fs``, or None when the volume holds none.
 
@@ -496,7 +496,7 @@ def inspect_windows(fs: GuestFileSystem, boot_volumes: Sequence[tuple[str, str, 
     return facts
 
 
-def find_boot_files(volumes: Sequence[tuple[str, str, GuestFileSystem]], legacy: bool = False) -> list[BootFiles]:
+def find_boot_files(volumes: Sequence[tuple[str, str, GuestFileSystem[Any]]], legacy: bool = False) -> list[BootFiles]:
     """The boot manager files on each volume: for "active" volumes bootmgr and Boot/BCD (ntldr,
     ntdetect.com and boot.ini when ``legacy``: Windows Server 2003), for "esp" volumes the Windows
     boot manager for UEFI and its BCD; a BCD store must be a hive holding the boot manager's object."""
@@ -556,7 +556,7 @@ def inspect(disk: GuestDisk) -> GuestFacts | None:
     return None
 
 
-def _boot_volumes(disk: GuestDisk) -> list[tuple[str, str, GuestFileSystem]]:
+def _boot_volumes(disk: GuestDisk) -> list[tuple[str, str, GuestFileSystem[Any]]]:
     """The volumes firmware starts Windows from: EFI system partitions, and the MBR's active partition."""
     table = read_partition_table(disk.disk)
     kinds = {part.number: "esp" if part.kind == "esp" else "active"
