@@ -149,7 +149,7 @@ def sparsified(reader: DiskReader) -> tuple[SparsifiedReader, SparsifyPlan]:
         raise UsageError("--sparsify reads the file systems' allocation maps all over the disk, which a disk "
                          "inside a compressed file or archive cannot give without decompressing it again and again: "
                          "unpack or convert it first, then sparsify that", path=reader.path)
-    plan = plan_sparsify(reader, reader.virtual_size)
+    plan = plan_sparsify(reader)
     return SparsifiedReader(reader, plan.ranges), plan
 
 

@@ -41,7 +41,7 @@ from ..units import SECTOR_SIZE
 from .fs import open_filesystem
 from .fs.base import NotSparsifiable
 from .partitions import MBR_EXTENDED_TYPES, MBR_PROTECTIVE_TYPE, Partition, PartitionTable, read_partition_table
-from .signatures import Disk, FileSystem, md_file_system, probe
+from .signatures import Disk, FileSystem, SizedDisk, md_file_system, probe
 from .volumes import md
 from .volumes.lvm import LvmVolume, VolumeGroup, find_volume_groups
 
@@ -460,8 +460,9 @@ def _swap_ranges(found: FileSystem, limit: int) -> Iterator[tuple[int, int]]:
         yield page, limit
 
 
-def plan_sparsify(disk: Disk, disk_size: int) -> SparsifyPlan:
-    """The sparsify plan of ``disk`` (``disk_size`` bytes): see the module docstring."""
+def plan_sparsify(disk: SizedDisk) -> SparsifyPlan:
+    """The sparsify plan of ``disk``: see the module docstring."""
+    disk_size = disk.virtual_size
     table = read_partition_table(disk, disk_size)
     planner = _Planner(disk, table)
     if table.scheme is None:
