@@ -423,6 +423,8 @@ def _restart_area_problem(page: bytes, area: int, system_page: int) -> str | Non
     """Why the restart area at ``page[area:]`` is inconsistent (ntfs-3g's checks), or None."""
     if area + RESTART_AREA_FILE_SIZE > LOGFILE_BLOCK - 2:
         return "its fields run into the first block's fixup"
+    if area + RESTART_AREA.size > system_page:
+        return "it runs past its page"
     (_lsn, clients, free_list, in_use, _flags, sequence_bits, area_length, client_array, file_size, _last,
      header_length, data_offset) = RESTART_AREA.unpack_from(page, area)
     if client_array & 7 or area + client_array > LOGFILE_BLOCK - 2:
