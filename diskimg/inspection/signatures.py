@@ -19,6 +19,9 @@ sector ending in 55 AA like an MBR, or a header at offset 0) are probed first
 
 The superblocks of the file systems diskimg also reads (ext, XFS, NTFS, FAT) are parsed by
 ``superblocks.py``, whose parsers the drivers in ``fs/`` share; the other signatures are parsed here only.
+
+A swap area has no reader in ``fs/``: what ``--sparsify`` may leave out of it is here
+(:func:`swap_unused_ranges`: everything after its header page, unless it holds a hibernation image).
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ On-disk layout (Microsoft's FAT specification, "FAT: General Overview of On-Disk
 Files and directories are named by a :class:`FatNode` built from their directory entry. Every
 cluster number is checked against the clusters that exist (and fit in the volume); chains are
 walked with Brent's cycle detection; a directory may not exceed the format's 65536 entries.
+
+Free space (``unused_ranges``, for ``--sparsify``) is the clusters whose entry is 0 in every FAT copy
+(in the active one alone when FAT32 mirroring is off); it is not trusted while the volume is marked
+dirty, in its boot sector or in FAT[1].
 """
 
 from __future__ import annotations

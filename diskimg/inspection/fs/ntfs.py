@@ -25,6 +25,11 @@ points (Windows symlinks and junctions, translated to guest paths when they poin
 which is taken to be drive C: unless told otherwise) or Interix links as ntfs-3g writes them.
 Compressed data (LZNT1, in units of 16 clusters) is decoded; encrypted (EFS) files and files whose
 data a reparse point holds elsewhere (WOF, deduplication) are recognised and their reading refused.
+
+Free space (``unused_ranges``, for ``--sparsify``) is the clusters whose bit is clear in $Bitmap (file 6).
+It is not trusted, as ntfs-3g does not mount such a volume read-write, when $Volume's flags say dirty,
+when Windows is hibernated on the volume (hiberfil.sys's header), or when $LogFile's newest restart page
+records an unclean shutdown or Windows' cached metadata (version 2.0, fast startup).
 """
 
 from __future__ import annotations

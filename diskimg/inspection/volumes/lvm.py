@@ -24,6 +24,10 @@ kinds are named (``kind``, ``unreadable_reason``), not read. Every value from th
 capped: what LVM itself would refuse raises :class:`~diskimg.errors.CorruptImage` (and
 :func:`find_volume_groups` records it as a problem of that PV or volume group); an LV that cannot be read
 from the disks given says why in ``unreadable_reason``.
+
+For ``--sparsify``: :meth:`VolumeGroup.free_extent_ranges` gives the PV extents no LV uses, and
+:meth:`LvmVolume.locate` where an LV's bytes lie on the disks (on every leg of a mirror, if asked), so the
+unused ranges of an LV's file system become ranges of the disks.
 """
 
 from __future__ import annotations
