@@ -507,7 +507,7 @@ class ChunkMap:
             if known != chunk:
                 raise _corrupt("two different chunks at one address", None, f"btrfs chunk {chunk.logical}")
         self.chunks = sorted(by_start.values(), key=lambda c: c.logical)
-        for before, after in zip(self.chunks, self.chunks[1:], strict=False):
+        for before, after in pairwise(self.chunks):
             if before.logical + before.length > after.logical:
                 raise _corrupt(f"chunks at {before.logical} and {after.logical} overlap", None, "btrfs chunk tree")
         self.starts = [chunk.logical for chunk in self.chunks]
