@@ -1,13 +1,15 @@
 """Every file system driver in diskimg/fs against its own images with broken metadata.
 
 Each volume is built by the real tools (mkfs.fat + mtools, mkfs.ext4 -d, mkfs.xfs -p, mkntfs +
-ntfs-3g, mkfs.btrfs --rootdir) from a small tree of random files. A first, pristine walk records which sectors the driver
-reads; those that hold neither file data (recognised by content: the files are random bytes) nor
+ntfs-3g, mkfs.btrfs --rootdir) from a small tree of random files. A first, pristine walk records which
+sectors the driver reads; those that hold neither file data (recognised by content: the files are random bytes) nor
 only zeros are its metadata. Each variant then overlays a few seeded mutations on them (bit flips,
 bytes or fields set to 0x00, 0xFF or random values), opens the volume through ``open_filesystem``
 and walks the whole tree reading every file. A variant must end, within a few seconds, either
 normally or with a DiskImageError; anything else is reported with the mutation that caused it
-(rerun one with ``DISKIMG_FUZZ_ONLY=type:variant``; ``DISKIMG_FUZZ_VARIANTS`` sets the count).
+(rerun one with ``DISKIMG_FUZZ_ONLY=type:variant``; ``DISKIMG_FUZZ_VARIANTS`` sets the count). The
+free-space maps are read too (``unused_ranges``, what ``--sparsify`` leaves out): whatever the damage,
+they give ranges in increasing order, disjoint and inside the volume, or a DiskImageError.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pytest
 import diskimg
 from diskimg.errors import DiskImageError
 from diskimg.inspection.fs import DRIVERS, GuestFileSystem, open_filesystem
+from diskimg.inspection.fs.base import NotSparsifiable
 
 from .support.files import blank
 from .support.filesystems import make_btrfs, make_fat, make_xfs, mkntfs, ntfs3g
@@ -143,6 +146,16 @@ def walk_everything(fs: GuestFileSystem) -> int:
     return listed
 
 
+def check_unused_ranges(fs: GuestFileSystem, size: int) -> int:
+    """How many ranges ``unused_ranges`` gives, each checked: after the one before, not empty, inside the volume."""
+    position = count = 0
+    for start, length in fs.unused_ranges():
+        assert start >= position and length > 0 and start + length <= size, f"{length} at {start} after {position}"
+        position = start + length
+        count += 1
+    return count
+
+
 @contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
     def expired(signum, frame):
@@ -226,6 +239,10 @@ def test_broken_metadata_raises_only_disk_image_errors(tmp_path, fs_type):
         fs = open_filesystem(pristine, 0, reader.virtual_size, fs_type)
         assert fs is not None
         assert walk_everything(fs) > 120  # the pristine volume reads whole
+        try:
+            check_unused_ranges(fs, reader.virtual_size)  # its free-space maps' sectors are fuzzed too
+        except NotSparsifiable:
+            pass  # a driver that does not read them yet
         sectors = metadata_sectors(image, pristine.reads, tree)
         assert len(sectors) > 4
         failures = []
@@ -240,10 +257,14 @@ def test_broken_metadata_raises_only_disk_image_errors(tmp_path, fs_type):
                 with time_limit(VARIANT_SECONDS):
                     fs = open_filesystem(OverlayDisk(reader, patches), 0, reader.virtual_size, fs_type)
                     if fs is not None:
-                        walk_everything(fs)
+                        try:
+                            walk_everything(fs)
+                        except DiskImageError:
+                            pass  # the free-space maps are read all the same
+                        check_unused_ranges(fs, reader.virtual_size)
             except DiskImageError:
                 pass
-            except BaseException as exc:  # noqa: BLE001 - anything else is what this test looks for
+            except BaseException as exc:  # anything else is what this test looks for
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 where = "".join(traceback.format_exception(exc)[-3:]).strip()

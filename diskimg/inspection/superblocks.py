@@ -341,6 +341,9 @@ FAT16_MAX_CLUSTERS = 65525
 #: BS_BootSig values: 0x29 has volume id and label, 0x28 (older) the volume id only
 FAT_EXTENDED_BOOT_SIGNATURES = (0x28, 0x29)
 FAT_BOOT_SIGNATURE_WITH_LABEL = 0x29
+#: the boot sector's state byte (offset 37, or 65 on FAT32): set while the volume is mounted, as Linux
+#: and Windows NT write it and fsck.fat reports it ("Dirty bit is set")
+FAT_STATE_DIRTY = 0x01
 #: BPB_ExtFlags (FAT32): mirroring off (one FAT active), and the active FAT's number
 FAT32_MIRRORING_OFF = 0x80
 FAT32_ACTIVE_FAT = 0x0F
@@ -362,10 +365,12 @@ class FatBpb:
     fat_sectors_32: int = _at(36, "I")  # FAT32 only, like the next three
     ext_flags_32: int = _at(40, "H")
     root_cluster_32: int = _at(44, "I")
+    state_16: int = _at(37, "B")  # BS_Reserved1: Windows NT and Linux keep the volume's state flags there
     boot_signature_16: int = _at(38, "B")
     volume_id_16: int = _at(39, "I")
     volume_label_16: bytes = _at(43, "11s")
     fs_type_16: bytes = _at(54, "8s")
+    state_32: int = _at(65, "B")
     boot_signature_32: int = _at(66, "B")
     volume_id_32: int = _at(67, "I")
     volume_label_32: bytes = _at(71, "11s")
@@ -411,6 +416,11 @@ class FatBpb:
     @property
     def ext_flags(self) -> int:
         return self.ext_flags_32 if self.fat_type == "fat32" else 0
+
+    @property
+    def state(self) -> int:
+        """The state flags of the boot sector's reserved byte (FAT_STATE_DIRTY: mounted, not cleanly unmounted)."""
+        return self.state_32 if self.fat_type == "fat32" else self.state_16
 
     @property
     def boot_signature(self) -> int:
