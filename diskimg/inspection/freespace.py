@@ -30,7 +30,6 @@ are given up (kept as data: never unsafe).
 from __future__ import annotations
 
 import bisect
-import itertools
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ from ..units import SECTOR_SIZE
 from .fs import open_filesystem
 from .fs.base import NotSparsifiable
 from .partitions import MBR_EXTENDED_TYPES, MBR_PROTECTIVE_TYPE, Partition, PartitionTable, read_partition_table
-from .signatures import Disk, FileSystem, SizedDisk, md_file_system, probe
+from .signatures import HEAD_SIZE, Disk, FileSystem, SizedDisk, md_file_system, probe, swap_unused_ranges
 from .volumes import md
 from .volumes.lvm import LvmVolume, VolumeGroup, find_volume_groups
 
@@ -62,6 +61,8 @@ _STATE_REASONS = {
 }
 
 _ENCRYPTED = ("it is encrypted ({what}): which of its blocks hold data cannot be seen without the key")
+#: LVs that hold other LVs, never a file system
+_POOL_KINDS = ("thin-pool", "cache-pool", "vdo-pool")
 #: LV kinds read through their segments, whose free space can be cleared (RAID1 and mirrored LVs are
 #: kept: every leg would have to be cleared alike)
 _MAPPED_LV_KINDS = ("linear", "striped")
@@ -295,26 +296,22 @@ class _Planner:
 
     def volume_group(self, group: VolumeGroup) -> None:
         pvs = sorted(group.physical_volumes.values(), key=lambda pv: pv.source)
-        pv_indexes = [self.physical_volumes[pv.source][0] for pv in pvs]
-        reason = None
-        if group.missing:
-            reason = (f"its volume group {group.name} spans a physical volume that is not on this disk, where newer "
-                      "metadata may say other extents are in use")
-        else:
-            reason = _overlapping_extents(group)
-        lvs = [lv for lv in group.logical_volumes if lv.visible and lv.kind not in ("thin-pool", "cache-pool",
-                                                                                  "vdo-pool")]
-        if reason is not None:
-            for index in pv_indexes:
-                self.volumes[index].reason = reason
+        pv_indexes = {pv.source: self.physical_volumes[pv.source][0] for pv in pvs}
+        lvs = [lv for lv in group.logical_volumes if lv.visible and lv.kind not in _POOL_KINDS]
+        try:
+            free = group.free_extent_ranges()
+        except DiskImageError as exc:  # a PV elsewhere, segments of unknown use, an extent used twice
+            why = f"its volume group {group.name} cannot say which extents are free: {exc.message}"
+            for index in pv_indexes.values():
+                self.volumes[index].reason = why
             for lv in lvs:
-                self.keep(f"LV {lv.path}", None, lv.size, None, reason)
+                self.keep(f"LV {lv.path}", None, lv.size, None, why)
             return
-        for pv, index in zip(pvs, pv_indexes, strict=True):
+        for index in pv_indexes.values():
             self.volumes[index].sparsified = True
-            self.collector.begin()
-            for start, end in free_extent_ranges(group, pv.uuid):
-                self.collector.add(pv.offset + start, pv.offset + end, index)
+        self.collector.begin()
+        for pv, start, length in free:
+            self.collector.add(pv.offset + start, pv.offset + start + length, pv_indexes[pv.source])
         read_by_others = _read_by_others(group)
         for lv in lvs:
             name = f"LV {lv.path}"
@@ -333,53 +330,15 @@ class _Planner:
             if reason is not None:
                 self.keep(name, None, lv.size, found.type if found else None, reason)
                 continue
-            self.file_system_volume(name, None, lv.size, found, volume, 0, None, _lv_mapper(group, volume))
+            self.file_system_volume(name, None, lv.size, found, volume, 0, None, _lv_mapper(volume))
 
 
-def _lv_mapper(group: VolumeGroup, volume: LvmVolume) -> Mapper:
+def _lv_mapper(volume: LvmVolume) -> Mapper:
+    """A linear or striped LV's ranges as the pieces of the disk holding them."""
     def to_disk(start: int, end: int) -> Iterator[tuple[int, int]]:
-        for _, offset, length in group.locate(volume.lv, start, end - start):
+        for _, offset, length in volume.locate(start, end - start):
             yield offset, offset + length
     return to_disk
-
-
-def free_extent_ranges(group: VolumeGroup, pv_uuid: str) -> Iterator[tuple[int, int]]:
-    """The byte ranges (from the PV's start) of the extents of PV ``pv_uuid`` that no LV uses."""
-    metadata = group.metadata
-    entry = next(pv for pv in metadata.physical_volumes.values() if pv.uuid == pv_uuid)
-    pv = group.physical_volumes[pv_uuid]
-    used = sorted(_claims(group).get(entry.key, []))
-    extent_bytes = metadata.extent_bytes
-    base = entry.pe_start * SECTOR_SIZE
-    position = 0
-    for first, last in [*used, (entry.pe_count, entry.pe_count)]:
-        if first > position:
-            start, end = base + position * extent_bytes, min(base + first * extent_bytes, pv.length)
-            if end > start:
-                yield start, end
-        position = max(position, last)
-
-
-def _claims(group: VolumeGroup) -> dict[str, list[tuple[int, int]]]:
-    """The extents each PV (by its key) lends to LVs, as (first, end) runs: every LV's, hidden ones too."""
-    claims: dict[str, list[tuple[int, int]]] = {}
-    for lv in group.metadata.logical_volumes.values():
-        for segment in lv.segments:
-            for area in segment.areas:
-                if area.on_pv:
-                    claims.setdefault(area.name, []).append((area.extent, area.extent + segment.area_extents))
-    return claims
-
-
-def _overlapping_extents(group: VolumeGroup) -> str | None:
-    """Why the group's metadata cannot be trusted to say which extents are free: two LVs on one extent."""
-    for key, runs in _claims(group).items():
-        runs.sort()
-        for (_, end), (start, _) in itertools.pairwise(runs):
-            if start < end:
-                uuid = group.metadata.physical_volumes[key].uuid
-                return f"two logical volumes of {group.name} use extent {start} of physical volume {uuid}"
-    return None
 
 
 def _read_by_others(group: VolumeGroup) -> dict[str, str]:
@@ -438,7 +397,8 @@ def _volume_ranges(source: Disk, offset: int, length: int, found: FileSystem, li
     """The unused ranges of the volume as (start, end) from its start, checked: in order, disjoint, inside
     the file system (``limit`` bytes)."""
     if found.type == "swap":
-        yield from _swap_ranges(found, limit)
+        for start, size in swap_unused_ranges(source.read_at(offset, min(length, HEAD_SIZE)), limit):
+            yield start, start + size
         return
     driver = open_filesystem(source, offset, length, found.type)
     if driver is None:
@@ -451,13 +411,6 @@ def _volume_ranges(source: Disk, offset: int, length: int, found: FileSystem, li
         position = start + size
         if size:
             yield start, start + size
-
-
-def _swap_ranges(found: FileSystem, limit: int) -> Iterator[tuple[int, int]]:
-    """Everything after the swap header's page: the kernel keeps nothing there across a boot."""
-    page = found.block_size or 0
-    if page and limit > page:
-        yield page, limit
 
 
 def plan_sparsify(disk: SizedDisk) -> SparsifyPlan:
