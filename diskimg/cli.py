@@ -15,12 +15,22 @@ from typing import TYPE_CHECKING, Any, cast, get_args
 
 import click
 
-from .version import __version__
 from .choices import ArchiveKind, Backend, BootMode, CloudTarget, DiskRole, ExportLayout, FormatName, VhdSizeRule
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_NO,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    DiskImageError,
+    UnsupportedFormat,
+    UsageError,
+    error_line,
+    internal_error_line,
+)
 from .formats.probing import FORMAT_ALIASES
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError,
-                     UnsupportedFormat, UsageError, error_line, internal_error_line)
 from .units import format_size, parse_size
+from .version import __version__
 from .words import key_words, words
 
 if TYPE_CHECKING:
@@ -117,7 +127,8 @@ def _info_lines(image: str, facts: ImageInfo, description: str) -> list[str]:
         lines.append(f"{label}: {format_size(facts.allocated_bytes)}")
     lines.append(f"file size: {_size(facts.file_size)}")
     if facts.cluster_size is not None:
-        lines.append(f"{'block' if facts.format in ('vhd', 'vhdx', 'vdi') else 'cluster'} size: {_size(facts.cluster_size)}")
+        unit = "block" if facts.format in ("vhd", "vhdx", "vdi") else "cluster"
+        lines.append(f"{unit} size: {_size(facts.cluster_size)}")
     if facts.creator:
         lines.append(f"creator: {facts.creator}")
     if facts.backing_file is not None:
@@ -224,7 +235,8 @@ def map_command(image: str, fmt: FormatName | None, allow_backing: bool, snapsho
 @click.option("-f", "--format", "fmt", help="Skip probing: the source's format (raw, vhd/vpc, qcow2; with the "
               "qemu-img backend any format qemu-img reads).")
 @click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE,
-              help="Format of TARGET [default: from its extension (.qcow2; .vhd or .vpc; .vdi; .raw or .img), else raw].")
+              help="Format of TARGET [default: from its extension (.qcow2; .vhd or .vpc; .vdi; .raw or .img), else "
+              "raw].")
 @click.option("-o", "--options", "options", help="Target format options, k=v,k2=v2 (as qemu-img -o).")
 @click.option("-c", "--compress", is_flag=True, help="Compress data clusters (qcow2).")
 @click.option("--align", help="Round the virtual size up to a multiple of this size, itself a multiple of 512 "
@@ -309,7 +321,8 @@ def measure_command(source: str, fmt: FormatName | None, output_format: FormatNa
         return
     click.echo(f"required size: {result.required}")
     click.echo(f"fully allocated size: {result.fully_allocated}")
-    click.echo(f"data: {result.data_bytes} bytes ({'content scanned' if result.scanned else 'from the allocation map'})")
+    source = "content scanned" if result.scanned else "from the allocation map"
+    click.echo(f"data: {result.data_bytes} bytes ({source})")
     if result.sparsified is not None and result.required_unsparsified is not None:
         saved = result.required_unsparsified - result.required
         click.echo(f"required size without --sparsify: {result.required_unsparsified} "
@@ -548,7 +561,8 @@ def batch_command(ctx: click.Context, plan: str, journal: str | None, parallel: 
         _print_json(result.to_dict())
     else:
         counts = ", ".join(f"{count} {outcome}" for outcome, count in result.outcomes.items())
-        click.echo(f"{result.jobs} jobs: {counts}" + (f" ({result.skipped} journaled before)" if result.skipped else ""))
+        skipped = f" ({result.skipped} journaled before)" if result.skipped else ""
+        click.echo(f"{result.jobs} jobs: {counts}{skipped}")
         if result.failed:
             click.echo(f"failed or said no: {', '.join(result.failed)}")
         click.echo(f"read {format_size(result.read_bytes)}, written {format_size(result.written_bytes)}; "

@@ -43,27 +43,38 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, get_args
+from typing import TYPE_CHECKING, Any, BinaryIO, cast, get_args
 
 import zstandard
 from fastcrc import crc64
 from zlib_ng import gzip_ng_threaded
 
-from ..version import __version__
-from ..host import interrupts
-from ..conversion.pipeline import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order,
-                         map_is_plan, read_ahead, scan_for_zeroes, with_zero_tail)
 from ..choices import ArchiveKind, DiskFormat, ExportLayout, FormatName
+from ..conversion.hashing import ContentHasher
+from ..conversion.outputs import output_directory, reported_as, temporary_beside
+from ..conversion.pipeline import (
+    CHUNK,
+    ProgressCallback,
+    Tally,
+    aligned_size,
+    content_hash_of,
+    convert,
+    feed_in_order,
+    map_is_plan,
+    read_ahead,
+    scan_for_zeroes,
+    with_zero_tail,
+)
+from ..detection.image import Source, open_image
 from ..errors import ArchiveError, DiskImageError, OutputError, UsageError
 from ..formats import WRITERS, canonical_format
-from ..conversion.hashing import ContentHasher
-from ..host.files import file_kind, open_input
-from ..detection.image import Source, open_image
-from .manifest import SUFFIX as MANIFEST_SUFFIX, SUMS_SUFFIX, ExportedDisk, Manifest, read_manifest
-from ..conversion.outputs import output_directory, reported_as, temporary_beside
 from ..formats.reader import DiskReader, Extent, ExtentKind
-from ..streams.tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
 from ..formats.writer import OutputTarget
+from ..host import interrupts
+from ..host.files import file_kind, open_input
+from ..streams.tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
+from ..version import __version__
+from .manifest import SUFFIX as MANIFEST_SUFFIX, SUMS_SUFFIX, ExportedDisk, Manifest, read_manifest
 
 if TYPE_CHECKING:
     from ..conversion.sparsify import SparsifiedVolume
@@ -171,7 +182,7 @@ def export(
     _check_devices(devices, len(data))
     disks = [_Disk("system", SYSTEM_DEVICE, system, *_names(name, "system", target_format, archive, layout))]
     disks += [_Disk("data", device, source, *_names(name, f"data_{device}", target_format, archive, layout))
-              for source, device in zip(data, devices)]
+              for source, device in zip(data, devices, strict=True)]
     threads = threads or os.cpu_count() or 1
     with contextlib.ExitStack() as stack:
         for disk in disks:
@@ -194,9 +205,9 @@ def export(
         temporary_manifest = stack.enter_context(temporary_beside(manifest_path, force, sources[0]))
         temporary_sums = stack.enter_context(temporary_beside(sums_path, force, sources[0]))
         temporaries = [stack.enter_context(temporary_beside(os.path.join(out_dir, d.file), force, source))
-                       for d, source in zip(disks, sources)]
+                       for d, source in zip(disks, sources, strict=True)]
         exported = []
-        for index, (disk, temporary) in enumerate(zip(disks, temporaries)):
+        for index, (disk, temporary) in enumerate(zip(disks, temporaries, strict=True)):
             report = set_progress.reporter("export", index)
             if archive == "none":
                 exported.append(_export_bare(disk, temporary, target_format, compress, zero_granularity,
@@ -342,7 +353,8 @@ class _HashedFile:
 def _compressor(archive: str, file: _HashedFile, threads: int) -> Any:
     """A binary stream writing ``archive``'s compression of what it is given into ``file``."""
     if archive == "tar.gz":
-        return gzip_ng_threaded.open(file, "wb", compresslevel=GZIP_LEVEL, threads=threads)
+        # zlib-ng ships no annotations for its threaded opener
+        return gzip_ng_threaded.open(file, "wb", compresslevel=GZIP_LEVEL, threads=threads)  # type: ignore[no-untyped-call]
     if archive == "tar.zst":
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, threads=threads)
         return compressor.stream_writer(file, closefd=False)  # type: ignore[arg-type]  # write() is all it uses
@@ -501,8 +513,8 @@ def _find_manifests(path: str) -> list[str]:
 class _HashedReader:
     """Reads a file, hashing every byte read (SHA-256 and CRC-64/XZ)."""
 
-    def __init__(self, f: io.BufferedReader) -> None:
-        self.f = f
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = cast(io.RawIOBase, f)  # open_input opens files unbuffered: a FileIO
         self.sha256 = hashlib.sha256()
         self.crc = 0
         self.size = 0
@@ -569,7 +581,7 @@ def _deep_read(hashed: _HashedReader, archive: str, entry: ExportedDisk) -> str 
     (a qcow2 or VHD member is only checked for its tar structure: None)."""
     decoder: Any
     if archive == "tar.gz":
-        decoder = gzip_ng_threaded.open(hashed, "rb", threads=1)
+        decoder = gzip_ng_threaded.open(hashed, "rb", threads=1)  # type: ignore[no-untyped-call]
     elif archive == "tar.zst":
         decoder = zstandard.ZstdDecompressor().stream_reader(
             hashed, read_across_frames=True, closefd=False)  # type: ignore[arg-type]  # read() is all it uses

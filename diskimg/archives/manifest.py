@@ -20,9 +20,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..conversion.hashing import PREFIX as CONTENT_HASH_PREFIX
 from ..errors import ArchiveError, ImageNotFound
 from ..formats import WRITERS
-from ..conversion.hashing import PREFIX as CONTENT_HASH_PREFIX
 from ..host.files import confined_path, open_input
 from ..jsonlimits import nesting
 

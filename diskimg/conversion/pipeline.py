@@ -24,17 +24,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, get_args
 
-from ..host import interrupts
-from ..detection.probe import detect
-from ..formats.probing import FORMAT_ALIASES
 from ..choices import Backend, DiskFormat, FormatName, UsedBackend, VhdSizeRule
+from ..detection.image import Source, open_image
+from ..detection.probe import detect
 from ..errors import DiskImageError, UnsupportedFormat, UsageError
 from ..formats import WRITERS, canonical_format
-from ..detection.image import Source, open_image
+from ..formats.probing import FORMAT_ALIASES
 from ..formats.reader import DiskReader, Extent, ExtentKind
-from .outputs import output_target, temporary_beside
 from ..formats.writer import DiskWriter, parse_options
+from ..host import interrupts
 from ..host.files import io_buffer
+from .outputs import output_target, temporary_beside
 from .zeroes import nonzero_runs
 
 if TYPE_CHECKING:
@@ -300,7 +300,8 @@ def map_is_plan(reader: DiskReader) -> bool:
 
 
 #: target file extensions that name a format, for a conversion not told one
-_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw", ".vhdx": "vhdx", ".vdi": "vdi"}
+_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw", ".vhdx": "vhdx",
+                      ".vdi": "vdi"}
 
 
 def format_for_target(target: str | os.PathLike[str]) -> str:
@@ -453,7 +454,7 @@ def _feed_concurrently(
                 reader.readinto_at(offset, view)
                 ranges += [(offset + begin, view[begin:end])
                            for begin, end in nonzero_runs(buffer, granularity, first, first + length)]
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after keeping the order
+        except BaseException as exc:
             failure = exc
         turn.wait(index)  # allocation in offset order, whatever the threads' timing
         try:
@@ -489,7 +490,7 @@ def _feed_concurrently(
                         exhausted = True
                         return
                 convert_window(buffer, start, *item)
-        except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
+        except BaseException as exc:
             with state:
                 failures.append(exc)
         finally:
