@@ -24,13 +24,16 @@ from __future__ import annotations
 import enum
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ...errors import CorruptImage, DiskImageError
 from ...units import READ_CHUNK
 from ..signatures import Disk
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: symbolic links followed in one lookup before giving up (Linux's limit)
 MAX_SYMLINKS = 40
@@ -52,6 +55,23 @@ def read_volume(disk: Disk, volume_offset: int, volume_length: int, position: in
     if len(data) != length:
         raise CorruptImage("the disk ends inside the file system", offset=where, structure=structure)
     return data
+
+
+def merged_ranges(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """(offset, length) ranges given in increasing, disjoint order, with those that touch joined
+    and empty ones left out (the shape ``unused_ranges`` promises)."""
+    start = end = 0
+    for offset, length in ranges:
+        if not length:
+            continue
+        if end and offset == end:
+            end += length
+            continue
+        if end:
+            yield start, end - start
+        start, end = offset, offset + length
+    if end:
+        yield start, end - start
 
 
 class NotSparsifiable(DiskImageError):
@@ -301,13 +321,14 @@ class GuestFile(io.RawIOBase):
     def tell(self) -> int:
         return self.position
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        length = min(len(buffer), self.size - self.position)
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        length = min(len(view), self.size - self.position)
         if length <= 0:
             return 0
         data = self.fs._read(self.node, self.position, length)
         if not data:
             raise GuestPathError(f"{self.path}: data ends at {self.position} of {self.size} bytes")
-        buffer[: len(data)] = data
+        view[: len(data)] = data
         self.position += len(data)
         return len(data)
