@@ -783,7 +783,7 @@ class XfsFileSystem(GuestFileSystem[int]):
                 for index in range(count):
                     start, blocks = struct.unpack_from(">II", block, header + 8 * index)
                     if not blocks or start + blocks > length:
-                        raise _corrupt(f"free extent {start}+{blocks} outside the AG", offset, where)
+                        raise _corrupt(f"free extent {start}+{blocks} empty or outside the AG", offset, where)
                     if last_key is not None and order(start, blocks) <= last_key:
                         raise _corrupt(f"free extent {start}+{blocks} out of order", offset, where)
                     last_key = order(start, blocks)
