@@ -302,6 +302,14 @@ def test_ext_copied_while_mounted_is_refused(tmp_path: Path, tree: Path) -> None
     assert unused(image, ExtFileSystem) == dumpe2fs_free(image)  # unmounted cleanly since
 
 
+@needs_e2fsprogs
+def test_ext_bigalloc_is_declined(tmp_path: Path, tree: Path) -> None:
+    """bigalloc's bitmaps count clusters: not read, and said so."""
+    image = make_ext(tmp_path / "fs.img", tree, "ext4", ("-b", "1024", "-O", "bigalloc", "-C", "4096"), 64 * MiB)
+    assert "bigalloc" in dumpe2fs(image, "-h")
+    assert "bigalloc" in refusal(image, ExtFileSystem)
+
+
 def group_fields(image: Path, group: int) -> dict[str, int]:
     """dumpe2fs's numbers for ``group``: its first block, block bitmap and descriptor table block."""
     out = dumpe2fs(image)
@@ -504,6 +512,15 @@ def test_xfs_dirty_log_is_refused(tmp_path: Path, tree: Path) -> None:
         pass
     assert log_state(image) == "CLEAN"
     assert unused(image, XfsFileSystem) == xfs_freesp(image)
+
+
+@needs_xfsprogs
+def test_xfs_external_log_is_declined(tmp_path: Path, tree: Path) -> None:
+    """A log on another device cannot be read from the data device: whether it is clean is unknown."""
+    log = blank(tmp_path / "log.img", 64 * MiB)
+    image = make_xfs(tmp_path / "fs.img", tree, "-l", f"logdev={log}")
+    assert int(re.search(r"logstart = (\d+)", xfs_db(image, "sb 0", "p logstart")).group(1)) == 0
+    assert "external device" in refusal(image, XfsFileSystem)
 
 
 def agf_field(image: Path, name: str) -> int:

@@ -450,6 +450,14 @@ class ExtFileSystem(GuestFileSystem[int]):
         self._inodes: OrderedDict[int, Inode] = OrderedDict()
         self._names: OrderedDict[int, dict[str, int]] = OrderedDict()
         self._names_count = 0
+        self._metadata_csum = bool(sb.feature_ro_compat & EXT_RO_COMPAT_METADATA_CSUM)
+        #: whether descriptors carry checksums, and so may flag a group BLOCK_UNINIT
+        self._group_csum = self._metadata_csum or bool(sb.feature_ro_compat & EXT_RO_COMPAT_GDT_CSUM)
+        #: what metadata_csum's checksums start from
+        self._csum_seed = sb.checksum_seed if sb.feature_incompat & EXT_INCOMPAT_CSUM_SEED else \
+            ext4_crc32c(0xFFFFFFFF, sb.uuid)
+        #: group -> (descriptor, block bitmap), while free space is read
+        self._bitmaps: OrderedDict[int, tuple[GroupDescriptor, bytes]] = OrderedDict()
         if not self._stat(ROOT_INODE).is_dir:
             raise _corrupt("the root inode is not a directory", self._inode(ROOT_INODE).position, "ext inode")
 
@@ -489,7 +497,6 @@ class ExtFileSystem(GuestFileSystem[int]):
         this returns; the ranges are then read group by group."""
         self._check_clean()
         self._check_geometry()
-        self._bitmaps: OrderedDict[int, tuple[GroupDescriptor, bytes]] = OrderedDict()
         for group in range(self.sb.group_count):
             self._check_group(group)
         return merged_ranges(self._free_blocks())
@@ -528,12 +535,10 @@ class ExtFileSystem(GuestFileSystem[int]):
 
     def _check_geometry(self) -> None:
         """Refuse values the bitmaps' layout depends on that the kernel would refuse, and a
-        superblock whose checksum (metadata_csum) is wrong; sets the checksum seed."""
+        superblock whose checksum (metadata_csum) is wrong."""
         sb, bs = self.sb, self._block_size
         where = self._offset + EXT_SUPERBLOCK_OFFSET
         raw = self._disk.read_at(where, EXT_SUPERBLOCK_SIZE)
-        self._metadata_csum = bool(sb.feature_ro_compat & EXT_RO_COMPAT_METADATA_CSUM)
-        self._group_csum = self._metadata_csum or bool(sb.feature_ro_compat & EXT_RO_COMPAT_GDT_CSUM)
         if self._metadata_csum:
             if sb.checksum_type != EXT_CHECKSUM_CRC32C:
                 raise _corrupt(f"checksum type {sb.checksum_type}", where, "ext superblock")
@@ -541,10 +546,6 @@ class ExtFileSystem(GuestFileSystem[int]):
             computed = ext4_crc32c(0xFFFFFFFF, raw[:EXT_SUPERBLOCK_CHECKSUM_OFFSET])
             if len(raw) != EXT_SUPERBLOCK_SIZE or stored != computed:
                 raise _corrupt("superblock checksum does not match", where, "ext superblock")
-        if sb.feature_incompat & EXT_INCOMPAT_CSUM_SEED:
-            self._csum_seed = sb.checksum_seed
-        else:
-            self._csum_seed = ext4_crc32c(0xFFFFFFFF, sb.uuid)
         if sb.blocks_per_group > bs * 8:
             raise _corrupt(f"{sb.blocks_per_group} blocks per group do not fit a bitmap block", where, "ext superblock")
         if sb.first_data_block != (bs == 1024):
