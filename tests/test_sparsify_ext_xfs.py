@@ -34,7 +34,7 @@ from diskimg.inspection.fs.base import NotSparsifiable, merged_ranges
 from diskimg.inspection.fs.ext import ExtFileSystem
 from diskimg.inspection.fs.xfs import XfsFileSystem
 
-from .conftest import MiB, blank, run, sparse_copy, write_at
+from .conftest import MiB, blank, corpus_file, corpus_manifest, corpus_params, run, sparse_copy, write_at
 from .fs_compare import tree_digest
 from .test_fs_fuzz import protofile_lines
 
@@ -262,6 +262,22 @@ def test_ext_written_and_deleted_by_the_kernel(tmp_path: Path, tree: Path) -> No
     assert zeroed_copy(image, ranges, copy) > 9 * MiB
     e2fsck_clean(copy)
     assert digest(copy, ExtFileSystem) == digest(image, ExtFileSystem)
+
+
+EXT2_CORPUS = ("dfvfs/ext2.raw.gz", "dfvfs/ext2.qcow2", "dfvfs/ext2.vmdk", "dfvfs/ext2.vhd")
+
+
+@needs_e2fsprogs
+@pytest.mark.parametrize("entry", corpus_params([e for e in corpus_manifest() if e["file"] in EXT2_CORPUS]))
+def test_ext2_made_elsewhere_through_each_container(entry: dict[str, object], tmp_path: Path) -> None:
+    """dfvfs's ext2 (an older mke2fs), read through diskimg's raw, qcow2, VMDK and VHD readers:
+    what dumpe2fs lists on the raw file system."""
+    raw_entry = next(e for e in corpus_manifest() if e["file"] == "dfvfs/ext2.raw.gz")
+    raw = corpus_file(raw_entry, tmp_path)
+    with open_image(corpus_file(entry, tmp_path), str(entry["format"])) as reader:
+        ranges = list(ExtFileSystem(reader, 0, reader.virtual_size).unused_ranges())
+    assert ranges == dumpe2fs_free(raw)
+    assert_ranges_shape(ranges, 4 * MiB)
 
 
 #: debugfs requests that leave the file system unclean, what dumpe2fs then shows, and the reason
