@@ -600,7 +600,7 @@ class ExtFileSystem(GuestFileSystem[int]):
                     set_bits(computed, low - first, high - low)
             bitmap = bytes(computed)
         else:
-            if not sb.first_data_block <= descriptor.block_bitmap < sb.blocks_count:
+            if not max(1, sb.first_data_block) <= descriptor.block_bitmap < sb.blocks_count:
                 raise _corrupt(f"group {group}'s block bitmap at block {descriptor.block_bitmap}", where,
                                "ext group descriptor")
             bitmap = self._read_blocks(descriptor.block_bitmap, 1, "ext block bitmap")

@@ -691,13 +691,17 @@ class XfsFileSystem(GuestFileSystem[int]):
         g = self.geometry
         return min(g.ag_blocks, g.dblocks - ag * g.ag_blocks)
 
+    def _ag_header_blocks(self) -> int:
+        """The blocks at each AG's start that hold its four header sectors."""
+        return -(-AG_HEADER_SECTORS * self.geometry.sector_size // self.geometry.block_size)
+
     def _agf(self, ag: int) -> tuple[Agf, list[int]]:
         """The AG's AGF, checked, and the blocks on its free list (sorted)."""
         g = self.geometry
         where = f"XFS AG {ag} AGF"
         start = ag * g.ag_blocks * g.block_size
         length = self._ag_length(ag)
-        headers = -(-AG_HEADER_SECTORS * g.sector_size // g.block_size)
+        headers = self._ag_header_blocks()
         raw = self._read_raw(start + AGF_SECTOR * g.sector_size, g.sector_size, where)
         agf = parse_agf(raw)
         at = self._offset + start + AGF_SECTOR * g.sector_size
@@ -802,10 +806,11 @@ class XfsFileSystem(GuestFileSystem[int]):
 
     def _check_ag(self, ag: int) -> None:
         """NotSparsifiable unless the AG's two free-space btrees hold the same extents, the AGF counts
-        them, and none lies on a btree root, the free list or the log."""
+        them, and none lies on the AG's headers, a btree root, the free list or the log."""
         g = self.geometry
         agf, free_list = self._agf(ag)
-        taken = [(block, block + 1, "the free list") for block in free_list]
+        taken = [(0, self._ag_header_blocks(), "the AG's headers")]
+        taken += [(block, block + 1, "the free list") for block in free_list]
         taken += [(root, root + 1, "a btree root") for root, level in (
             (agf.bno_root, 1), (agf.cnt_root, 1), (agf.rmap_root, agf.rmap_level),
             (agf.refcount_root, agf.refcount_level)) if level]
