@@ -152,6 +152,7 @@ def assert_ranges_shape(ranges: list[tuple[int, int]], size: int) -> None:
 
 #: name -> (mke2fs -t, options, image size, whether groups are left BLOCK_UNINIT)
 EXT_VARIANTS: dict[str, tuple[str, tuple[str, ...], int, bool]] = {
+    "ext4-defaults": ("ext4", (), 640 * MiB, True),  # mke2fs.conf's defaults at this size: 4 KiB blocks, 64bit
     "ext4-1k": ("ext4", ("-b", "1024"), 96 * MiB, True),
     "ext4-4k-small-groups-nodiscard": ("ext4", ("-b", "4096", "-g", "4096", "-E", "nodiscard"), 160 * MiB, True),
     "ext4-no-flex_bg": ("ext4", ("-b", "1024", "-O", "^flex_bg"), 96 * MiB, True),
