@@ -9,8 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diskimg.detection.check import check
 from diskimg.errors import DiskImageError, ImageNotFound, UnsupportedFormat
@@ -18,8 +17,12 @@ from diskimg.formats.qcow2.structures import decode_refcount_block
 
 from .support.corpus import corpus_entries, corpus_file, corpus_params
 from .support.files import read_u64, write_at
-from .support.images import (first_l2_table, first_refcount_block, l1_entries_all_pointing_at_the_first_l2_table,
-                             qcow2_header)
+from .support.images import (
+    first_l2_table,
+    first_refcount_block,
+    l1_entries_all_pointing_at_the_first_l2_table,
+    qcow2_header,
+)
 from .support.tools import diskimg_cli, qemu_img, qemu_io, requires_qemu, run
 from .support.units import MiB
 

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import diskimg
 from diskimg.conversion.pipeline import scan_for_zeroes
@@ -27,7 +26,17 @@ from diskimg.formats.writer import parse_options
 
 from .support.digests import content_hash_by_definition, file_sha256
 from .support.files import leftovers, sparse_file
-from .support.tools import ROOT, default_sigint, diskimg_cli, diskimg_to_pipe, qemu_img, qemu_io, qemu_raw, requires_qemu, run
+from .support.tools import (
+    ROOT,
+    default_sigint,
+    diskimg_cli,
+    diskimg_to_pipe,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    requires_qemu,
+    run,
+)
 from .support.units import GiB, KiB, MiB
 
 pytestmark = requires_qemu

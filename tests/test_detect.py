@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 try:  # tests as a package, or as a plain directory on sys.path
     from .support.corpus import corpus_dir, corpus_manifest, corpus_params
@@ -29,11 +28,11 @@ try:  # tests as a package, or as a plain directory on sys.path
 except ImportError:
     from support.corpus import corpus_dir, corpus_manifest, corpus_params  # type: ignore[no-redef]
     from support.tools import qemu_img, requires_qemu, run  # type: ignore[no-redef]
+from diskimg.detection.probe import check_forced, detect
+from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError
+from diskimg.formats.probing import READABLE_FORMATS, Detection
 from diskimg.formats.vmdk.structures import READ_CREATE_TYPES
 from diskimg.inspection.disk_start import identify_start
-from diskimg.detection.probe import check_forced, detect
-from diskimg.formats.probing import READABLE_FORMATS, Detection
-from diskimg.errors import DiskImageError, FormatMismatch, ImageNotFound, UsageError
 from diskimg.streams.compressed import PEEK_INPUT
 
 MiB = 1 << 20

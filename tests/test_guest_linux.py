@@ -17,11 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import diskimg
-from diskimg.inspection.signatures import FileSystem
 from diskimg.inspection.guest import GuestDisk, GuestVolume, inspect_guest
 from diskimg.inspection.guest.config import (
     choose_default,
@@ -44,14 +42,36 @@ from diskimg.inspection.guest.config import (
 )
 from diskimg.inspection.guest.initramfs import list_initramfs
 from diskimg.inspection.guest.linux import GuestTree, elf_machine, parse_legacy_release
+from diskimg.inspection.signatures import FileSystem
 
 from .support.disks import copy_in, lvm_pv_label, make_esp, write_boot_code
 from .support.files import write_at
 from .support.filesystems import make_xfs
-from .support.guests import (ELF_AARCH64, ELF_I386, ELF_X86_64, RHEL_KERNEL, SUSE_KERNEL, UBUNTU_KERNEL, Link,
-                             cloud_init, cpio_newc, elf_header, ext4_image, gpt_disk, guest_findings, initramfs,
-                             mbr_disk, module_files, new_uuid, rhel_tree, set_ext_flags, split_boot, suse_tree,
-                             ubuntu_tree, write_tree)
+from .support.guests import (
+    ELF_AARCH64,
+    ELF_I386,
+    ELF_X86_64,
+    RHEL_KERNEL,
+    SUSE_KERNEL,
+    UBUNTU_KERNEL,
+    Link,
+    cloud_init,
+    cpio_newc,
+    elf_header,
+    ext4_image,
+    gpt_disk,
+    guest_findings,
+    initramfs,
+    mbr_disk,
+    module_files,
+    new_uuid,
+    rhel_tree,
+    set_ext_flags,
+    split_boot,
+    suse_tree,
+    ubuntu_tree,
+    write_tree,
+)
 from .support.hostfs import HostDirFileSystem
 from .support.tools import diskimg_cli, qemu_img
 from .support.units import GiB, MiB

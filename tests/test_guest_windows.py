@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diskimg import validate
 from diskimg.inspection.fs.ntfs import NtfsFileSystem
@@ -31,8 +30,22 @@ from .support.disks import WINDOWS_BOOT_CODE, FileDisk, copy_in, make_esp, sfdis
 from .support.files import blank
 from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g
 from .support.guests import guest_findings
-from .support.hives import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, log_entry, mid_write,
-                            modify_hive, multi_sz, new_format_log, sequences_of, sz, with_base_block)
+from .support.hives import (
+    CellBuilder,
+    Spec,
+    bins_size_of,
+    build_hive,
+    changed_blocks,
+    dword,
+    log_entry,
+    mid_write,
+    modify_hive,
+    multi_sz,
+    new_format_log,
+    sequences_of,
+    sz,
+    with_base_block,
+)
 from .support.hostfs import HostDirFileSystem
 from .support.tools import diskimg_cli, run
 from .support.units import MiB

@@ -16,11 +16,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diskimg.errors import DiskImageError
-from diskimg.inspection.signatures import probe, probe_boot_sector, probe_bytes
 from diskimg.inspection.fs import open_filesystem
 from diskimg.inspection.fs.fat import find_efi_loaders
 from diskimg.inspection.partitions import (
@@ -32,9 +30,19 @@ from diskimg.inspection.partitions import (
     parse_mbr,
     read_partition_table,
 )
+from diskimg.inspection.signatures import probe, probe_boot_sector, probe_bytes
 
-from .support.disks import (BytesDisk, FileDisk, gpt_4k, luks1_header, luks2_header, lvm_pv_label, make_esp, sfdisk,
-                            sgdisk)
+from .support.disks import (
+    BytesDisk,
+    FileDisk,
+    gpt_4k,
+    luks1_header,
+    luks2_header,
+    lvm_pv_label,
+    make_esp,
+    sfdisk,
+    sgdisk,
+)
 from .support.files import blank, read_at, sparse_copy, write_at
 from .support.tools import run
 from .support.units import MiB

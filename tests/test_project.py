@@ -9,8 +9,9 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from typing import get_args
+
+import tomllib
 
 from diskimg.archives.export import ARCHIVES
 from diskimg.choices import ArchiveKind, CloudTarget, DiskFormat, FormatName

@@ -17,11 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from diskimg.formats.probing import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, DiskImageError, UnsupportedFormat, UsageError
+from diskimg.formats.probing import OpenOptions
 from diskimg.formats.qcow2.reader import Qcow2Reader, probe
 from diskimg.formats.qcow2.structures import (
     MAGIC,

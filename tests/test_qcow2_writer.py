@@ -17,8 +17,7 @@ import zlib
 from array import array
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import diskimg
 from diskimg.errors import OutputError, UsageError
@@ -33,13 +32,14 @@ from diskimg.formats.qcow2.structures import (
 )
 from diskimg.formats.qcow2.writer import FEATURE_NAME_TABLE, Qcow2Writer, plan_layout
 from diskimg.formats.reader import Extent, ExtentKind
-from diskimg.units import parse_size
 from diskimg.formats.writer import OutputTarget
+from diskimg.units import parse_size
 
 from .support.digests import file_sha256, reader_sha256
 from .support.images import feed_writer, pieces_content, random_plan, scan_plan
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_info, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
+
 DATA = ExtentKind.DATA
 ZERO = ExtentKind.ZERO
 

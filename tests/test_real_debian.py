@@ -22,8 +22,16 @@ import pytest
 
 from .support.disks import mkfs_into, sfdisk
 from .support.files import read_at, write_at
-from .support.real_debian import (FIRMWARES, cache_dir, chroot_ready, ext4_list, ext4_read, mounted, open_session_disks,
-                                  why_not_usable)
+from .support.real_debian import (
+    FIRMWARES,
+    cache_dir,
+    chroot_ready,
+    ext4_list,
+    ext4_read,
+    mounted,
+    open_session_disks,
+    why_not_usable,
+)
 from .support.tools import diskimg_cli, run
 from .support.units import MiB
 

@@ -23,17 +23,44 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diskimg.errors import CorruptImage
 from diskimg.inspection.guest import regf
-from diskimg.inspection.guest.regf import (REG_BINARY, REG_DWORD, REG_DWORD_BIG_ENDIAN, REG_EXPAND_SZ, REG_MULTI_SZ, REG_NONE,
-                                REG_QWORD, REG_SZ, Hive, Key, KeyNotFound, LogsNotUsable)
+from diskimg.inspection.guest.regf import (
+    REG_BINARY,
+    REG_DWORD,
+    REG_DWORD_BIG_ENDIAN,
+    REG_EXPAND_SZ,
+    REG_MULTI_SZ,
+    REG_NONE,
+    REG_QWORD,
+    REG_SZ,
+    Hive,
+    Key,
+    KeyNotFound,
+    LogsNotUsable,
+)
 
-from .support.hives import (CellBuilder, Spec, bins_size_of, build_hive, changed_blocks, dword, leaf, log_entry,
-                            mid_write, modify_hive, multi_sz, new_format_log, old_format_log, sequences_of, sz,
-                            with_base_block, xor_checksum)
+from .support.hives import (
+    CellBuilder,
+    Spec,
+    bins_size_of,
+    build_hive,
+    changed_blocks,
+    dword,
+    leaf,
+    log_entry,
+    mid_write,
+    modify_hive,
+    multi_sz,
+    new_format_log,
+    old_format_log,
+    sequences_of,
+    sz,
+    with_base_block,
+    xor_checksum,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("hivexsh") is None, reason="hivexsh (libhivex-bin) is not installed")
 

@@ -12,8 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import diskimg
 import diskimg.streams.sources  # the module the tests below name as diskimg.streams.sources

@@ -39,15 +39,14 @@ from diskimg.inspection.fs.ntfs import parse_restart_page
 from diskimg.inspection.signatures import HEAD_SIZE, swap_unused_ranges
 from diskimg.inspection.volumes.lvm import LvmVolume, VolumeGroup, find_volume_groups
 
-from . import test_lvm
-from .conftest import MiB, blank, read_at, run, write_at
-from .fs_compare import assert_tree_equal
-from .test_fs_ntfs import mkntfs, need_tools, ntfs3g, ntfsinfo, ntfsinfo_runs
-from .test_lvm import EXTENT, LoopLvm, assemble as lvm_assemble, needs_lvm, unique_vg
+from .support.files import blank, read_at, write_at
+from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g, ntfsinfo, ntfsinfo_runs
+from .support.fs_compare import assert_tree_equal
+from .support.lvm import EXTENT, LoopLvm, assemble as lvm_assemble, needs_lvm, unique_vg
+from .support.tools import run
+from .support.units import MiB
 
 #: the LVM2 fixtures of test_lvm: loop devices under LVM2's tools, and its two disks' volume group
-lvm_tools = test_lvm.lvm_tools
-two_disks = test_lvm.two_disks
 
 #: what unused ranges are filled with in the copies checked
 PATTERN = bytes([0xA5]) * MiB
@@ -162,7 +161,7 @@ NTFS_CLUSTER = 4096
 
 def ntfs_with_deletions(tmp_path: Path) -> tuple[Path, Path]:
     """An NTFS that ntfs-3g filled, emptied in part and filled again (the same files in a host tree)."""
-    need_tools()
+    need_ntfs_tools()
     image = mkntfs(tmp_path / "ntfs.img", NTFS_SIZE, NTFS_CLUSTER)
     tree = tmp_path / "tree"
     tree.mkdir()

@@ -12,11 +12,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from diskimg.streams import tar
 from diskimg.errors import ArchiveError
+from diskimg.streams import tar
 
 from .support.files import random_sparse_file
 from .support.tools import run

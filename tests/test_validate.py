@@ -25,8 +25,19 @@ from diskimg.validation import RULES, Report, Severity, list_rules, validate
 from diskimg.validation.rules import RULES_BY_CODE
 
 from .support.corpus import NO_CORPUS, corpus_entries, corpus_file
-from .support.disks import (WINDOWS_BOOT_CODE, copy_in, gpt_4k, loop_device, luks2_header, lvm_pv_label, make_esp,
-                            mkfs_into, sfdisk, sgdisk, write_boot_code)
+from .support.disks import (
+    WINDOWS_BOOT_CODE,
+    copy_in,
+    gpt_4k,
+    loop_device,
+    luks2_header,
+    lvm_pv_label,
+    make_esp,
+    mkfs_into,
+    sfdisk,
+    sgdisk,
+    write_boot_code,
+)
 from .support.files import blank, read_at, read_u64, sparse_copy, write_at
 from .support.images import first_l2_table, first_refcount_block, qcow2_header
 from .support.tools import ROOT, diskimg_cli, qemu_img, qemu_io, run

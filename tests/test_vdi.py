@@ -12,12 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import diskimg
-from diskimg.formats.probing import OpenOptions
 from diskimg.errors import CorruptImage, DiskImageError, UnsupportedFormat
+from diskimg.formats.probing import OpenOptions
+from diskimg.formats.reader import ExtentKind
 from diskimg.formats.vdi.reader import VdiReader
 from diskimg.formats.vdi.structures import (
     DISCARDED,
@@ -28,7 +28,6 @@ from diskimg.formats.vdi.structures import (
     probe,
 )
 from diskimg.host.files import HostFile
-from diskimg.formats.reader import ExtentKind
 
 from .support.corpus import corpus_entries, corpus_params
 from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256

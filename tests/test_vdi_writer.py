@@ -12,6 +12,7 @@ import pytest
 
 import diskimg
 from diskimg.errors import OutputError, UsageError
+from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.vdi.structures import (
     UNALLOCATED,
     VdiHeader,
@@ -19,13 +20,20 @@ from diskimg.formats.vdi.structures import (
     parse_header,
 )
 from diskimg.formats.vdi.writer import VdiWriter
-from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
 from .support.files import random_sparse_file
 from .support.images import feed_writer, pieces_content, random_plan
-from .support.tools import (assert_extents_sound, diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_io,
-                            qemu_raw, requires_qemu)
+from .support.tools import (
+    assert_extents_sound,
+    diskimg_cli,
+    diskimg_to_pipe,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    requires_qemu,
+)
 from .support.units import GiB, MiB
 
 DATA, ZERO = ExtentKind.DATA, ExtentKind.ZERO

@@ -14,11 +14,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from diskimg.formats.probing import OpenOptions
 from diskimg.errors import BackingFileError, CorruptImage, UsageError
+from diskimg.formats.probing import OpenOptions
+from diskimg.formats.reader import ExtentKind
 from diskimg.formats.vhd import VhdReader, probe
 from diskimg.formats.vhd.structures import (
     DISK_DIFFERENCING,
@@ -36,7 +36,6 @@ from diskimg.formats.vhd.structures import (
     vhd_checksum,
 )
 from diskimg.host.files import HostFile
-from diskimg.formats.reader import ExtentKind
 
 from .support.corpus import NO_CORPUS, corpus_dir, corpus_entries, corpus_params
 from .support.digests import qemu_raw_sha256, reader_sha256

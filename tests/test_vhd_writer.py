@@ -16,6 +16,7 @@ import pytest
 import diskimg
 from diskimg.errors import OutputError, UsageError
 from diskimg.formats import WRITERS
+from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.vhd import VhdWriter
 from diskimg.formats.vhd.structures import (
     MAX_GEOMETRY,
@@ -26,7 +27,6 @@ from diskimg.formats.vhd.structures import (
     parse_footer,
     vhd_checksum,
 )
-from diskimg.formats.reader import Extent, ExtentKind
 from diskimg.formats.writer import OutputTarget
 
 from .support.digests import file_sha256, reader_sha256
@@ -34,6 +34,7 @@ from .support.files import random_sparse_file
 from .support.images import feed_writer, pieces_content, random_plan, scan_plan
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_compare, qemu_img, qemu_info, qemu_io, requires_qemu
 from .support.units import GiB, KiB, MiB
+
 #: 100 MiB + 3 sectors: neither a multiple of 2 MiB nor a CHS-representable size
 ODD_SIZE = 100 * MiB + 3 * 512
 #: 1000 cylinders x 4 heads x 17 sectors: a size the specification's CHS describes exactly

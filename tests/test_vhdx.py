@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 from fastcrc import crc32
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diskimg import open_image
-from diskimg.formats.probing import OpenOptions
+from diskimg.detection.probe import detect
 from diskimg.errors import BackingFileError, CorruptImage
+from diskimg.formats.probing import OpenOptions
 from diskimg.formats.vhdx import VhdxReader, probe
 from diskimg.host.files import HostFile
-from diskimg.detection.probe import detect
 
 from .support.corpus import corpus_entries, corpus_file, corpus_params
 from .support.digests import file_sha256, qemu_raw_sha256, reader_sha256

@@ -12,8 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diskimg import check, detect, open_image
 from diskimg.errors import BackingFileError, CorruptImage, UnsupportedFormat
