@@ -43,10 +43,9 @@ from .support.disks import copy_in, sfdisk, write_boot_code
 from .support.files import blank, read_at, write_at
 from .support.filesystems import can_mount
 from .support.fs_compare import assert_tree_equal
-from .support.lvm import EXTENT, LoopLvm, needs_lvm, unique_vg
+from .support.lvm import EXTENT, LoopLvm, TwoDisks, needs_lvm, place_striped, unique_vg
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_img, requires_qemu, run
 from .support.units import MiB
-from .test_lvm import TwoDisks, lvm_tools, place_striped, two_disks  # noqa: F401 - fixtures and a builder shared
 
 SECTOR = 512
 
@@ -591,7 +590,7 @@ def union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 @needs_lvm
 def test_free_extents_and_the_logical_volumes_file_systems_go(
-        lvm_tools: LoopLvm, tmp_path: Path, fake_fs: FakeDrivers) -> None:  # noqa: F811 - test_lvm's fixture
+        lvm_tools: LoopLvm, tmp_path: Path, fake_fs: FakeDrivers) -> None:
     """Two PVs on one disk: a linear LV, a striped LV over both, free extents between and after. With every
     ext4 saying it uses nothing, what goes is exactly the free extents and the LVs' extents as LVM2's own
     reports place them; the PVs' labels and metadata areas stay."""
@@ -636,7 +635,7 @@ def test_free_extents_and_the_logical_volumes_file_systems_go(
 
 
 @needs_lvm
-def test_a_volume_group_with_a_physical_volume_elsewhere_is_kept(two_disks: TwoDisks) -> None:  # noqa: F811
+def test_a_volume_group_with_a_physical_volume_elsewhere_is_kept(two_disks: TwoDisks) -> None:
     """The system disk of a machine whose volume group spans its data disk too: converted alone, nothing of
     the group is touched (the data disk may hold newer metadata)."""
     plan = plan_of(two_disks.system)
