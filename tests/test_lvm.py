@@ -69,13 +69,13 @@ def assert_reads_tree(volume: LvmVolume, tree: Path) -> None:
 
 
 @needs_lvm
-def test_volume_group_as_lvm_reports_it(build_two_disks: TwoDisks) -> None:
-    tools, vg = build_two_disks.tools, build_two_disks.vg
-    group = assemble(build_two_disks.areas(), vg)
+def test_volume_group_as_lvm_reports_it(two_disks: TwoDisks) -> None:
+    tools, vg = two_disks.tools, two_disks.vg
+    group = assemble(two_disks.areas(), vg)
     (vg_report,) = tools.report("vgs", "vg_name,vg_uuid,vg_extent_size,vg_seqno,pv_count", vg)
     assert (group.uuid, group.metadata.extent_bytes, group.metadata.seqno) == (
         vg_report["vg_uuid"], int(vg_report["vg_extent_size"]), int(vg_report["vg_seqno"]))
-    pvs = tools.report("pvs", "pv_name,pv_uuid,pe_start,pv_pe_count", build_two_disks.system_pv, build_two_disks.data_pv)
+    pvs = tools.report("pvs", "pv_name,pv_uuid,pe_start,pv_pe_count", two_disks.system_pv, two_disks.data_pv)
     assert len(group.physical_volumes) == int(vg_report["pv_count"]) == 2
     for pv in pvs:
         (entry,) = [entry for entry in group.metadata.physical_volumes.values() if entry.uuid == pv["pv_uuid"]]
@@ -97,12 +97,12 @@ def test_volume_group_as_lvm_reports_it(build_two_disks: TwoDisks) -> None:
 
 
 @needs_lvm
-def test_segments_as_lvm_reports_them(build_two_disks: TwoDisks) -> None:
-    tools, vg = build_two_disks.tools, build_two_disks.vg
-    group = assemble(build_two_disks.areas(), vg)
+def test_segments_as_lvm_reports_them(two_disks: TwoDisks) -> None:
+    tools, vg = two_disks.tools, two_disks.vg
+    group = assemble(two_disks.areas(), vg)
     keys = {entry.key: entry.uuid for entry in group.metadata.physical_volumes.values()}
-    names = {pv["pv_uuid"]: pv["pv_name"] for pv in tools.report("pvs", "pv_name,pv_uuid", build_two_disks.system_pv,
-                                                                   build_two_disks.data_pv)}
+    names = {pv["pv_uuid"]: pv["pv_name"] for pv in tools.report("pvs", "pv_name,pv_uuid", two_disks.system_pv,
+                                                                   two_disks.data_pv)}
     reports = tools.report("lvs", "lv_name,seg_start_pe,seg_size_pe,segtype,stripes,stripe_size,devices", "-a", vg)
     for report in reports:
         lv = group.metadata.logical_volumes[report["lv_name"].strip("[]")]
@@ -119,9 +119,9 @@ def test_segments_as_lvm_reports_them(build_two_disks: TwoDisks) -> None:
 
 
 @needs_lvm
-def test_pv_label_and_metadata_area_as_pvck_dumps_them(build_two_disks: TwoDisks) -> None:
-    tools = build_two_disks.tools
-    for device in (build_two_disks.system_pv, build_two_disks.data_pv):
+def test_pv_label_and_metadata_area_as_pvck_dumps_them(two_disks: TwoDisks) -> None:
+    tools = two_disks.tools
+    for device in (two_disks.system_pv, two_disks.data_pv):
         dump = tools.headers(device)
         image, offset = tools.where(device)
         label = parse_label(read_at(image, offset, 2048))
@@ -142,42 +142,42 @@ def test_pv_label_and_metadata_area_as_pvck_dumps_them(build_two_disks: TwoDisks
 
 
 @needs_lvm
-def test_linear_lv_on_a_partition_reads_its_ext4(build_two_disks: TwoDisks) -> None:
-    group = assemble(build_two_disks.areas(), build_two_disks.vg)
-    assert_reads_tree(group.open("root"), build_two_disks.trees["root"])
+def test_linear_lv_on_a_partition_reads_its_ext4(two_disks: TwoDisks) -> None:
+    group = assemble(two_disks.areas(), two_disks.vg)
+    assert_reads_tree(group.open("root"), two_disks.trees["root"])
 
 
 @needs_lvm
-def test_striped_lv_over_system_and_data_disks_reads_its_ext4(build_two_disks: TwoDisks) -> None:
-    group = assemble(build_two_disks.areas(), build_two_disks.vg)
+def test_striped_lv_over_system_and_data_disks_reads_its_ext4(two_disks: TwoDisks) -> None:
+    group = assemble(two_disks.areas(), two_disks.vg)
     volume = group.open("stripes")
     assert volume.size == 4 * EXTENT
-    assert_reads_tree(volume, build_two_disks.trees["stripes"])
+    assert_reads_tree(volume, two_disks.trees["stripes"])
 
 
 @needs_lvm
 @pytest.mark.parametrize("name, second_leg", [("mirrored", "mirrored_rimage_1"), ("legacy", "legacy_mimage_1")])
-def test_raid1_and_mirror_read_their_first_leg(build_two_disks: TwoDisks, name: str, second_leg: str) -> None:
-    write_at(*build_two_disks.starts[second_leg], b"\xff" * MiB)  # the second leg's superblock and more wiped
-    group = assemble(build_two_disks.areas(), build_two_disks.vg)
-    assert assemble(build_two_disks.areas(), build_two_disks.vg).open(second_leg).read_at(0, 4096) == b"\xff" * 4096
-    assert_reads_tree(group.open(name), build_two_disks.trees[name])
+def test_raid1_and_mirror_read_their_first_leg(two_disks: TwoDisks, name: str, second_leg: str) -> None:
+    write_at(*two_disks.starts[second_leg], b"\xff" * MiB)  # the second leg's superblock and more wiped
+    group = assemble(two_disks.areas(), two_disks.vg)
+    assert assemble(two_disks.areas(), two_disks.vg).open(second_leg).read_at(0, 4096) == b"\xff" * 4096
+    assert_reads_tree(group.open(name), two_disks.trees[name])
 
 
 @needs_lvm
 @pytest.mark.parametrize("name, first_leg", [("mirrored", "mirrored_rimage_0"), ("legacy", "legacy_mimage_0")])
-def test_raid1_and_mirror_read_the_leg_whose_disk_is_given(build_two_disks: TwoDisks, name: str, first_leg: str) -> None:
-    write_at(*build_two_disks.starts[first_leg], b"\xff" * MiB)  # not read: its disk is not given
-    scan = find_volume_groups(build_two_disks.areas(system=False))  # type: ignore[arg-type]
+def test_raid1_and_mirror_read_the_leg_whose_disk_is_given(two_disks: TwoDisks, name: str, first_leg: str) -> None:
+    write_at(*two_disks.starts[first_leg], b"\xff" * MiB)  # not read: its disk is not given
+    scan = find_volume_groups(two_disks.areas(system=False))  # type: ignore[arg-type]
     (group,) = scan.volume_groups
     assert group.logical_volume(first_leg).unreadable_reason is not None
     assert group.logical_volume(name).unreadable_reason is None
-    assert_reads_tree(group.open(name), build_two_disks.trees[name])
+    assert_reads_tree(group.open(name), two_disks.trees[name])
 
 
 @needs_lvm
-def test_thin_and_snapshot_volumes_are_named_not_read(build_two_disks: TwoDisks) -> None:
-    group = assemble(build_two_disks.areas(), build_two_disks.vg)
+def test_thin_and_snapshot_volumes_are_named_not_read(two_disks: TwoDisks) -> None:
+    group = assemble(two_disks.areas(), two_disks.vg)
     for name, kind in (("thin", "thin"), ("pool", "thin-pool"), ("snap", "snapshot")):
         lv = group.logical_volume(name)
         assert lv is not None and lv.kind == kind
@@ -188,22 +188,22 @@ def test_thin_and_snapshot_volumes_are_named_not_read(build_two_disks: TwoDisks)
 
 
 @needs_lvm
-def test_missing_pv_is_named_by_its_uuid(build_two_disks: TwoDisks) -> None:
-    scan = find_volume_groups(build_two_disks.areas(data=False))  # type: ignore[arg-type]
+def test_missing_pv_is_named_by_its_uuid(two_disks: TwoDisks) -> None:
+    scan = find_volume_groups(two_disks.areas(data=False))  # type: ignore[arg-type]
     assert scan.problems == []
     (group,) = scan.volume_groups
-    (data_pv,) = build_two_disks.tools.report("pvs", "pv_uuid", build_two_disks.data_pv)
+    (data_pv,) = two_disks.tools.report("pvs", "pv_uuid", two_disks.data_pv)
     (missing,) = group.missing
     assert missing.uuid == data_pv["pv_uuid"]
-    assert missing.device == build_two_disks.data_pv
+    assert missing.device == two_disks.data_pv
     assert data_pv["pv_uuid"] in missing.message
     assert "stripes" in missing.logical_volumes
     stripes = group.logical_volume("stripes")
     assert stripes is not None and data_pv["pv_uuid"] in (stripes.unreadable_reason or "")
     with pytest.raises(UnsupportedFormat, match=data_pv["pv_uuid"]):
         group.open("stripes")
-    assert_reads_tree(group.open("root"), build_two_disks.trees["root"])  # wholly on the system disk
-    assert_reads_tree(group.open("mirrored"), build_two_disks.trees["mirrored"])  # its first leg is there
+    assert_reads_tree(group.open("root"), two_disks.trees["root"])  # wholly on the system disk
+    assert_reads_tree(group.open("mirrored"), two_disks.trees["mirrored"])  # its first leg is there
 
 
 @needs_lvm
