@@ -15,17 +15,28 @@ from typing import TYPE_CHECKING, Any, cast, get_args
 
 import click
 
-from .version import __version__
 from .choices import ArchiveKind, Backend, BootMode, CloudTarget, DiskRole, ExportLayout, FormatName, VhdSizeRule
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_NO,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    DiskImageError,
+    UnsupportedFormat,
+    UsageError,
+    error_line,
+    internal_error_line,
+)
 from .formats.probing import FORMAT_ALIASES
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NO, EXIT_OUTPUT, EXIT_USAGE, DiskImageError,
-                     UnsupportedFormat, UsageError, error_line, internal_error_line)
 from .units import format_size, parse_size
+from .version import __version__
 from .words import key_words, words
 
 if TYPE_CHECKING:
     from . import ImageInfo, ProgressCallback
     from .archives.export import VerifiedFile
+    from .conversion.sparsify import SparsifiedVolume
 
 # Each command imports the part of the API it calls when it runs: a conversion does not pay for
 # loading the validator or the archive compressors (start-up time counts on every invocation).
@@ -38,6 +49,14 @@ vhd_size_option = click.option(
     "--vhd-size", type=click.Choice(get_args(VhdSizeRule)), default="auto", show_default=True,
     help="Which size of a VHD to use: chosen by the creator application (auto), the CHS geometry's, or the "
     "footer's current_size.")
+
+
+#: one definition for convert, export and measure
+sparsify_option = click.option(
+    "--sparsify", is_flag=True,
+    help="Leave out what the guest's file systems do not use (free blocks, swap contents, free LVM extents): "
+    "it reads as zeros in the output. Volumes that cannot be read safely are kept byte for byte, and the result "
+    "says why.")
 
 
 def _print_json(value: Any) -> None:
@@ -108,7 +127,8 @@ def _info_lines(image: str, facts: ImageInfo, description: str) -> list[str]:
         lines.append(f"{label}: {format_size(facts.allocated_bytes)}")
     lines.append(f"file size: {_size(facts.file_size)}")
     if facts.cluster_size is not None:
-        lines.append(f"{'block' if facts.format in ('vhd', 'vhdx', 'vdi') else 'cluster'} size: {_size(facts.cluster_size)}")
+        unit = "block" if facts.format in ("vhd", "vhdx", "vdi") else "cluster"
+        lines.append(f"{unit} size: {_size(facts.cluster_size)}")
     if facts.creator:
         lines.append(f"creator: {facts.creator}")
     if facts.backing_file is not None:
@@ -215,7 +235,8 @@ def map_command(image: str, fmt: FormatName | None, allow_backing: bool, snapsho
 @click.option("-f", "--format", "fmt", help="Skip probing: the source's format (raw, vhd/vpc, qcow2; with the "
               "qemu-img backend any format qemu-img reads).")
 @click.option("-O", "--output-format", "output_format", type=FORMAT_CHOICE,
-              help="Format of TARGET [default: from its extension (.qcow2; .vhd or .vpc; .vdi; .raw or .img), else raw].")
+              help="Format of TARGET [default: from its extension (.qcow2; .vhd or .vpc; .vdi; .raw or .img), else "
+              "raw].")
 @click.option("-o", "--options", "options", help="Target format options, k=v,k2=v2 (as qemu-img -o).")
 @click.option("-c", "--compress", is_flag=True, help="Compress data clusters (qcow2).")
 @click.option("--align", help="Round the virtual size up to a multiple of this size, itself a multiple of 512 "
@@ -229,6 +250,7 @@ def map_command(image: str, fmt: FormatName | None, allow_backing: bool, snapsho
 @click.option("-S", "--sparse-size", default="4k", show_default=True,
               help="Zero ranges of at least this size are left unwritten (holes); 0 writes every byte.")
 @click.option("--checksum", is_flag=True, help="Compute the output's SHA-256 and the guest content hash.")
+@sparsify_option
 @click.option("--force", is_flag=True, help="Replace TARGET if it exists.")
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]), default="auto",
               show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
@@ -236,8 +258,8 @@ def map_command(image: str, fmt: FormatName | None, allow_backing: bool, snapsho
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
 def convert_command(source: str, target: str, fmt: str | None, output_format: FormatName | None,
                     options: str | None, compress: bool, align: str | None, backend: Backend, allow_backing: bool,
-                    snapshot: str | None, vhd_size: VhdSizeRule, sparse_size: str, checksum: bool, force: bool,
-                    progress_mode: str, no_progress: bool, as_json: bool) -> None:
+                    snapshot: str | None, vhd_size: VhdSizeRule, sparse_size: str, checksum: bool, sparsify: bool,
+                    force: bool, progress_mode: str, no_progress: bool, as_json: bool) -> None:
     """Convert SOURCE to TARGET ("-" for standard output)."""
     from . import convert
 
@@ -252,7 +274,7 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: Fo
                          align=parse_size(align) if align else None, zero_granularity=granularity,
                          checksum=checksum, backend=backend, source_format=fmt, allow_backing=allow_backing,
                          snapshot=snapshot, vhd_size=vhd_size, force=force,
-                         progress=progress)
+                         progress=progress, sparsify=sparsify)
     finally:
         close_progress()
     if as_json:
@@ -263,6 +285,8 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: Fo
     if result.decompression_passes:
         summary += f" ({_passes(result.decompression_passes)} of the compressed source)"
     click.echo(summary, err=True)
+    if result.sparsified is not None:
+        click.echo("\n".join(_sparsified_lines(result.sparsified, "left out of the output")), err=True)
     if result.sha256:
         click.echo(f"sha256: {result.sha256}\ncontent hash: {result.content_hash}", err=target == "-")
 
@@ -279,24 +303,47 @@ def convert_command(source: str, target: str, fmt: str | None, output_format: Fo
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside the source's directory).")
 @click.option("-l", "--snapshot", help="Measure an internal qcow2 snapshot (id or name).")
 @vhd_size_option
+@sparsify_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def measure_command(source: str, fmt: FormatName | None, output_format: FormatName, options: str | None,
                     compress: bool,
                     align: str | None, sparse_size: str, allow_backing: bool, snapshot: str | None,
-                    vhd_size: VhdSizeRule, as_json: bool) -> None:
+                    vhd_size: VhdSizeRule, sparsify: bool, as_json: bool) -> None:
     """The size of the file that convert would write, computed without writing it."""
     from . import measure
 
     result = measure(source, output_format, options=options, compress=compress,
                      align=parse_size(align) if align else None, zero_granularity=parse_size(sparse_size),
                      source_format=fmt, allow_backing=allow_backing, snapshot=snapshot,
-                     vhd_size=vhd_size)
+                     vhd_size=vhd_size, sparsify=sparsify)
     if as_json:
         _print_json(result.to_dict())
         return
     click.echo(f"required size: {result.required}")
     click.echo(f"fully allocated size: {result.fully_allocated}")
-    click.echo(f"data: {result.data_bytes} bytes ({'content scanned' if result.scanned else 'from the allocation map'})")
+    source = "content scanned" if result.scanned else "from the allocation map"
+    click.echo(f"data: {result.data_bytes} bytes ({source})")
+    if result.sparsified is not None and result.required_unsparsified is not None:
+        saved = result.required_unsparsified - result.required
+        click.echo(f"required size without --sparsify: {result.required_unsparsified} "
+                   f"({format_size(saved)} more than with it)")
+        click.echo("\n".join(_sparsified_lines(result.sparsified, "freed")))
+
+
+def _sparsified_lines(volumes: list[SparsifiedVolume], freed: str) -> list[str]:
+    """Each volume of a sparsified disk in words: what its file system does not use and how much of the
+    source's data that frees, or why it was kept byte for byte."""
+    if not volumes:
+        return ["sparsify: no volume found (the disk is kept byte for byte)"]
+    lines = []
+    for volume in volumes:
+        held = f" ({volume.file_system})" if volume.file_system else ""
+        if volume.sparsified:
+            lines.append(f"sparsify: {volume.name}{held}: {format_size(volume.unused_bytes)} unused, "
+                         f"{format_size(volume.sparsified_bytes)} of data {freed}")
+        else:
+            lines.append(f"sparsify: {volume.name}{held}: kept byte for byte: {volume.reason}")
+    return lines
 
 
 @cli.command("compare")
@@ -377,14 +424,15 @@ def validate_command(ctx: click.Context, image: str | None, target: str, role: D
               help="Zero ranges of at least this size are left out (0: the source's allocation map only).")
 @click.option("--threads", type=int, help="Compression threads (default: every core).")
 @click.option("--allow-backing", is_flag=True, help="Open backing files / parents (inside each image's directory).")
+@sparsify_option
 @click.option("--force", is_flag=True, help="Replace existing files of the same names.")
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]), default="auto",
               show_default=True, help="Progress on stderr: a bar (auto: when stderr is a terminal) or JSON lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result object on stdout.")
 def export_command(name: str, system_image: str, data_images: tuple[str, ...], devices: str | None, out_dir: str,
                    output_format: FormatName, archive: ArchiveKind, layout: ExportLayout, compress: bool,
-                   sparse_size: str,
-                   threads: int | None, allow_backing: bool, force: bool, progress_mode: str, as_json: bool) -> None:
+                   sparse_size: str, threads: int | None, allow_backing: bool, sparsify: bool, force: bool,
+                   progress_mode: str, as_json: bool) -> None:
     """Pack a machine's disks into one archive each, with NAME.manifest.json and NAME.SHA256SUMS."""
     from . import export
 
@@ -393,7 +441,7 @@ def export_command(name: str, system_image: str, data_images: tuple[str, ...], d
         result = export(name, system_image, data_images, out=out_dir, output_format=output_format, archive=archive,
                         layout=layout, devices=devices.split(",") if devices else None, threads=threads,
                         zero_granularity=parse_size(sparse_size), compress=compress, allow_backing=allow_backing,
-                        force=force, progress=progress)
+                        force=force, progress=progress, sparsify=sparsify)
     finally:
         close_progress()
     for warning in result.warnings:
@@ -404,6 +452,9 @@ def export_command(name: str, system_image: str, data_images: tuple[str, ...], d
     for disk in result.disks:
         click.echo(f"{disk.file}: {disk.role} {disk.device}, {disk.format} {format_size(disk.virtual_size)} "
                    f"from {disk.source} ({disk.source_format}), {format_size(disk.size)}")
+    for sparsified in result.sparsified or ():
+        click.echo("\n".join(f"{sparsified.file}: {line}"
+                             for line in _sparsified_lines(sparsified.volumes, "left out of the archive")))
     click.echo(f"manifest: {result.manifest} ({result.seconds:.2f} s)")
 
 
@@ -510,7 +561,8 @@ def batch_command(ctx: click.Context, plan: str, journal: str | None, parallel: 
         _print_json(result.to_dict())
     else:
         counts = ", ".join(f"{count} {outcome}" for outcome, count in result.outcomes.items())
-        click.echo(f"{result.jobs} jobs: {counts}" + (f" ({result.skipped} journaled before)" if result.skipped else ""))
+        skipped = f" ({result.skipped} journaled before)" if result.skipped else ""
+        click.echo(f"{result.jobs} jobs: {counts}{skipped}")
         if result.failed:
             click.echo(f"failed or said no: {', '.join(result.failed)}")
         click.echo(f"read {format_size(result.read_bytes)}, written {format_size(result.written_bytes)}; "

@@ -53,4 +53,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q -e '.[test]'
+# the code as the house keeps it: lint and strict types (configured in pyproject.toml)
+python3 -m ruff check .
+python3 -m mypy
 python3 -m pytest -q "$@"

@@ -6,11 +6,13 @@ from __future__ import annotations
 import lzma
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .support.corpus import NO_CORPUS, corpus_dir, corpus_file
+from .support.lvm import LoopLvm, TwoDisks, build_two_disks
 
 
 @pytest.fixture
@@ -55,3 +57,20 @@ def regipy_hives(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("SYSTEM", "SYSTEM_B", "SYSTEM_B.LOG1", "SYSTEM_B.LOG2", "BCD"):
         (target / name).write_bytes(lzma.decompress((corpus / "regipy" / f"{name}.xz").read_bytes()))
     return target
+
+
+@pytest.fixture
+def lvm_tools(tmp_path: Path) -> Iterator[LoopLvm]:
+    """LVM2's tools over loop devices this test attaches (detached after it)."""
+    tools = LoopLvm(tmp_path)
+    try:
+        yield tools
+    finally:
+        tools.close()
+
+
+@pytest.fixture
+def two_disks(lvm_tools: LoopLvm, tmp_path: Path) -> TwoDisks:
+    """A system and a data disk whose volume group spans both, with linear, striped, raid1, mirror, thin and
+    snapshot LVs (see ``support.lvm.build_two_disks``)."""
+    return build_two_disks(lvm_tools, tmp_path)

@@ -1,13 +1,15 @@
 """Every file system driver in diskimg/fs against its own images with broken metadata.
 
 Each volume is built by the real tools (mkfs.fat + mtools, mkfs.ext4 -d, mkfs.xfs -p, mkntfs +
-ntfs-3g, mkfs.btrfs --rootdir) from a small tree of random files. A first, pristine walk records which sectors the
-driver reads; those that hold neither file data (recognised by content: the files are random bytes) nor
-only zeros are its metadata. Each variant then overlays a few seeded mutations on them (bit flips,
-bytes or fields set to 0x00, 0xFF or random values), opens the volume through ``open_filesystem``
-and walks the whole tree reading every file. A variant must end, within a few seconds, either
-normally or with a DiskImageError; anything else is reported with the mutation that caused it
-(rerun one with ``DISKIMG_FUZZ_ONLY=type:variant``; ``DISKIMG_FUZZ_VARIANTS`` sets the count).
+ntfs-3g, mkfs.btrfs --rootdir) from a small tree of random files. A first, pristine walk records
+which sectors the driver reads (the tree's and the free-space maps' that ``unused_ranges`` reads);
+those that hold neither file data (recognised by content: the files are random bytes) nor only
+zeros are its metadata. Each variant then overlays a few seeded mutations on them (bit flips,
+bytes or fields set to 0x00, 0xFF or random values), opens the volume through ``open_filesystem``,
+reads its free space (each range checked to lie in the volume, after the one before) and walks the
+whole tree reading every file. A variant must end, within a few seconds, either normally or with a
+DiskImageError; anything else is reported with the mutation that caused it (rerun one with
+``DISKIMG_FUZZ_ONLY=type:variant``; ``DISKIMG_FUZZ_VARIANTS`` sets the count).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pytest
 import diskimg
 from diskimg.errors import DiskImageError
 from diskimg.inspection.fs import DRIVERS, GuestFileSystem, open_filesystem
+from diskimg.inspection.fs.base import NotSparsifiable
 
 from .support.files import blank
 from .support.filesystems import make_btrfs, make_fat, make_xfs, mkntfs, ntfs3g
@@ -36,7 +39,7 @@ from .support.tools import run
 from .support.units import MiB
 
 SECTOR = 512
-#: variants per volume; the seed of variant i of a volume is "<type>:<i>"
+#: variants per volume; the seed of variant i of a volume is "<volume>:<i>"
 VARIANTS = int(os.environ.get("DISKIMG_FUZZ_VARIANTS", "80"))
 #: seconds one variant may take (open, walk, reads)
 VARIANT_SECONDS = 5.0
@@ -45,6 +48,10 @@ WALK_ENTRIES = 5000
 READ_PER_FILE = 1 * MiB
 #: how much the process's peak memory may grow over all variants of one volume
 MEMORY_GROWTH = 256 * MiB
+#: free ranges one variant may yield (a damaged map yields at most one per block)
+MAX_RANGES = 1 << 20
+#: the volumes that must report free space when pristine
+SPARSIFIABLE = {"ext2", "ext4", "xfs", "xfs-v4"}
 
 
 class VariantTimeout(Exception):
@@ -70,9 +77,9 @@ def build_tree(root: Path, rng: random.Random, symlinks: bool) -> Path:
     return root
 
 
-def make_ext4(image: Path, tree: Path) -> None:
+def make_ext(image: Path, tree: Path, kind: str = "ext4") -> None:
     blank(image, 8 * MiB)
-    run("mkfs.ext4", "-q", "-F", "-b", "1024", "-d", tree, image)
+    run(f"mkfs.{kind}", "-q", "-F", "-b", "1024", "-d", tree, image)
 
 
 def make_ntfs(image: Path, tree: Path) -> None:
@@ -84,13 +91,16 @@ def make_ntfs(image: Path, tree: Path) -> None:
         shutil.copytree(tree, where, symlinks=True, dirs_exist_ok=True)
 
 
-#: type -> (tools needed, builder, symlinks in the tree)
+#: volume -> (tools needed, builder, symlinks in the tree); the volume's name up to a dash is its
+#: file system type (ext2 and XFS v4 keep no checksums: their mutations reach the parsers behind)
 VOLUMES = {
     "fat12": (("mkfs.fat", "mcopy"), lambda image, tree: make_fat(image, tree, 12, 4096), False),
     "fat16": (("mkfs.fat", "mcopy"), lambda image, tree: make_fat(image, tree, 16, 16384), False),
     "fat32": (("mkfs.fat", "mcopy"), lambda image, tree: make_fat(image, tree, 32, 36000), False),
-    "ext4": (("mkfs.ext4",), make_ext4, True),
+    "ext2": (("mkfs.ext2",), lambda image, tree: make_ext(image, tree, "ext2"), True),
+    "ext4": (("mkfs.ext4",), make_ext, True),
     "xfs": (("mkfs.xfs",), make_xfs, True),
+    "xfs-v4": (("mkfs.xfs",), lambda image, tree: make_xfs(image, tree, "-m", "crc=0"), True),
     "ntfs": (("mkntfs", "ntfs-3g"), make_ntfs, True),
     # mkfs.btrfs's defaults (DUP metadata: a broken node is read from its mirror), past the superblock copy at 64 MiB
     "btrfs": (("mkfs.btrfs",), lambda image, tree: make_btrfs(image, tree, size=160 * MiB), True),
@@ -141,6 +151,21 @@ def walk_everything(fs: GuestFileSystem) -> int:
         except DiskImageError:
             continue  # this file is broken; the others are still read
     return listed
+
+
+def read_unused(fs: GuestFileSystem, size: int) -> int | None:
+    """How many ranges ``unused_ranges`` yields, each checked to be inside the volume of ``size``
+    bytes and after the one before; None where the driver declines (NotSparsifiable)."""
+    count = end = 0
+    try:
+        for offset, length in fs.unused_ranges():
+            count += 1
+            assert count <= MAX_RANGES, f"more than {MAX_RANGES} free ranges"
+            assert length > 0 and end <= offset and offset + length <= size, f"free range {offset}+{length}"
+            end = offset + length
+    except NotSparsifiable:
+        return None
+    return count
 
 
 @contextmanager
@@ -208,17 +233,18 @@ def describe(patches: dict[int, int], image: Path) -> str:
 # -- the test ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fs_type", sorted(VOLUMES))
-def test_broken_metadata_raises_only_disk_image_errors(tmp_path, fs_type):
+@pytest.mark.parametrize("volume", sorted(VOLUMES))
+def test_broken_metadata_raises_only_disk_image_errors(tmp_path, volume):
+    fs_type = volume.split("-")[0]
     module = DRIVERS[fs_type].split(":")[0]
     if importlib.util.find_spec(f"diskimg.inspection.fs.{module}") is None:
         pytest.skip(f"no {module} driver yet")
-    tools, build, symlinks = VOLUMES[fs_type]
+    tools, build, symlinks = VOLUMES[volume]
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"missing {', '.join(missing)}")
-    tree = build_tree(tmp_path / "tree", random.Random(fs_type), symlinks)
-    image = tmp_path / f"{fs_type}.img"
+    tree = build_tree(tmp_path / "tree", random.Random(volume), symlinks)
+    image = tmp_path / f"{volume}.img"
     build(image, tree)
     only = os.environ.get("DISKIMG_FUZZ_ONLY", "")
     with diskimg.open_image(image, "raw") as reader:
@@ -226,12 +252,14 @@ def test_broken_metadata_raises_only_disk_image_errors(tmp_path, fs_type):
         fs = open_filesystem(pristine, 0, reader.virtual_size, fs_type)
         assert fs is not None
         assert walk_everything(fs) > 120  # the pristine volume reads whole
+        free = read_unused(fs, reader.virtual_size)
+        assert free if volume in SPARSIFIABLE else free is None or free >= 0
         sectors = metadata_sectors(image, pristine.reads, tree)
         assert len(sectors) > 4
         failures = []
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
         for variant in range(VARIANTS):
-            seed = f"{fs_type}:{variant}"
+            seed = f"{volume}:{variant}"
             if only and only != seed:
                 continue
             patches = mutate(random.Random(seed), image, sectors)
@@ -240,6 +268,10 @@ def test_broken_metadata_raises_only_disk_image_errors(tmp_path, fs_type):
                 with time_limit(VARIANT_SECONDS):
                     fs = open_filesystem(OverlayDisk(reader, patches), 0, reader.virtual_size, fs_type)
                     if fs is not None:
+                        try:
+                            read_unused(fs, reader.virtual_size)
+                        except DiskImageError:
+                            pass
                         walk_everything(fs)
             except DiskImageError:
                 pass

@@ -29,14 +29,10 @@ from diskimg.inspection.fs.ntfs import NtfsFileSystem, parse_boot_sector
 from .support.digests import sha256_stream
 from .support.disks import BytesDisk, copy_in, sfdisk
 from .support.files import blank, read_at, write_at
-from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g
+from .support.filesystems import mkntfs, need_ntfs_tools, ntfs3g, ntfsinfo, ntfsinfo_attributes, ntfsinfo_runs
 from .support.fs_compare import assert_tree_equal
 from .support.tools import qemu_img, run
 from .support.units import MiB
-
-
-def ntfsinfo(image: Path, *args: str) -> str:
-    return run("ntfsinfo", *args, image).stdout.decode(errors="replace")
 
 
 def ntfsinfo_field(text: str, name: str) -> int:
@@ -45,23 +41,8 @@ def ntfsinfo_field(text: str, name: str) -> int:
     return int(match.group(1))
 
 
-def ntfsinfo_attributes(image: Path, path: str) -> dict[str, list[str]]:
-    """The attribute dumps of ``ntfsinfo -v -F path``, by attribute type name (several pieces each)."""
-    text = ntfsinfo(image, "-v", "-F", path)
-    dumps: dict[str, list[str]] = {}
-    for block in text.split("Dumping attribute ")[1:]:
-        dumps.setdefault(block.split()[0], []).append(block)
-    return dumps
 
 
-def ntfsinfo_runs(image: Path, path: str) -> list[tuple[int, int | None, int]]:
-    """(VCN, LCN or None for a hole, length) of the unnamed $DATA of ``path``, every piece's runs."""
-    runs = []
-    for block in ntfsinfo_attributes(image, path).get("$DATA", []):
-        for vcn, lcn, length in re.findall(r"^\t\t\t0x([0-9a-f]+)\t\t(0x[0-9a-f]+|<HOLE>)\t\t0x([0-9a-f]+)$", block,
-                                           re.M):
-            runs.append((int(vcn, 16), None if lcn == "<HOLE>" else int(lcn, 16), int(length, 16)))
-    return runs
 
 
 # -- the tree written both to the host and into the volume ---------------------------------------------

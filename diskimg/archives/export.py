@@ -43,27 +43,41 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, get_args
+from typing import TYPE_CHECKING, Any, BinaryIO, cast, get_args
 
 import zstandard
 from fastcrc import crc64
 from zlib_ng import gzip_ng_threaded
 
-from ..version import __version__
-from ..host import interrupts
-from ..conversion.pipeline import (CHUNK, ProgressCallback, Tally, aligned_size, content_hash_of, convert, feed_in_order,
-                         map_is_plan, read_ahead, scan_for_zeroes, with_zero_tail)
 from ..choices import ArchiveKind, DiskFormat, ExportLayout, FormatName
+from ..conversion.hashing import ContentHasher
+from ..conversion.outputs import output_directory, reported_as, temporary_beside
+from ..conversion.pipeline import (
+    CHUNK,
+    ProgressCallback,
+    Tally,
+    aligned_size,
+    content_hash_of,
+    convert,
+    feed_in_order,
+    map_is_plan,
+    read_ahead,
+    scan_for_zeroes,
+    with_zero_tail,
+)
+from ..detection.image import Source, open_image
 from ..errors import ArchiveError, DiskImageError, OutputError, UsageError
 from ..formats import WRITERS, canonical_format
-from ..conversion.hashing import ContentHasher
-from ..host.files import file_kind, open_input
-from ..detection.image import Source, open_image
-from .manifest import SUFFIX as MANIFEST_SUFFIX, SUMS_SUFFIX, ExportedDisk, Manifest, read_manifest
-from ..conversion.outputs import output_directory, reported_as, temporary_beside
 from ..formats.reader import DiskReader, Extent, ExtentKind
-from ..streams.tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
 from ..formats.writer import OutputTarget
+from ..host import interrupts
+from ..host.files import file_kind, open_input
+from ..streams.tar import END_OF_ARCHIVE, TarMember, iter_data, pack_member, padding, read_member
+from ..version import __version__
+from .manifest import SUFFIX as MANIFEST_SUFFIX, SUMS_SUFFIX, ExportedDisk, Manifest, read_manifest
+
+if TYPE_CHECKING:
+    from ..conversion.sparsify import SparsifiedVolume
 
 #: the file name suffix of each kind of archive
 ARCHIVES: dict[ArchiveKind, str] = {"tar.gz": ".tar.gz", "tar.zst": ".tar.zst", "tar": ".tar", "none": ""}
@@ -84,6 +98,16 @@ _DEVICE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 
 
 @dataclass
+class SparsifiedDisk:
+    """What ``sparsify`` did to one disk of the set (its ``file`` in the export)."""
+
+    file: str
+    #: the volumes' ``sparsified_bytes`` added up
+    sparsified_bytes: int
+    volumes: list[SparsifiedVolume]
+
+
+@dataclass
 class ExportResult:
     name: str
     layout: ExportLayout
@@ -93,6 +117,8 @@ class ExportResult:
     disks: list[ExportedDisk]
     warnings: list[str]
     seconds: float
+    #: with sparsify=True: each disk's volumes, whether their unused space was left out and why not
+    sparsified: list[SparsifiedDisk] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +136,13 @@ class _Disk:
     reader: DiskReader | None = None
     virtual_size: int = 0
     plan: list[Extent] = field(default_factory=list)
+    #: with sparsify: what it does to the disk's volumes (the reader then reads their unused ranges as zeros)
+    sparsified: list[SparsifiedVolume] | None = None
+
+    @property
+    def left_out(self) -> bool:
+        """Whether sparsify leaves anything out of the disk (what its manifest entry records)."""
+        return any(volume.unused_bytes for volume in self.sparsified or ())
 
 
 def export(
@@ -128,6 +161,7 @@ def export(
     allow_backing: bool = False,
     force: bool = False,
     progress: ProgressCallback | None = None,
+    sparsify: bool = False,
 ) -> ExportResult:
     """Export the disk set ``system`` + ``data`` into the folder ``out`` (made if missing): one archive
     per disk, then ``NAME.manifest.json`` and ``NAME.SHA256SUMS``.
@@ -138,7 +172,8 @@ def export(
     zero ranges of at least this size are left out of RAW members and qcow2/VHD allocations (0:
     the source's allocation map only, no pre-scan); ``compress``: compressed qcow2 clusters
     (``archive="none"`` only). ``progress`` is called with ("scan" | "export", done, total) in guest
-    bytes over the whole set.
+    bytes over the whole set. ``sparsify``: what the guests' file systems do not use reads as zeros
+    in the exported disks (``conversion/sparsify.py``); the manifest records it for each disk.
     """
     started = time.monotonic()
     target_format = canonical_format(output_format)
@@ -147,11 +182,13 @@ def export(
     _check_devices(devices, len(data))
     disks = [_Disk("system", SYSTEM_DEVICE, system, *_names(name, "system", target_format, archive, layout))]
     disks += [_Disk("data", device, source, *_names(name, f"data_{device}", target_format, archive, layout))
-              for source, device in zip(data, devices)]
+              for source, device in zip(data, devices, strict=True)]
     threads = threads or os.cpu_count() or 1
     with contextlib.ExitStack() as stack:
         for disk in disks:
             disk.reader = stack.enter_context(open_image(disk.source, allow_backing=allow_backing))
+            if sparsify:
+                _sparsify(disk)
             size = disk.reader.virtual_size
             disk.virtual_size = aligned_size(size, GIB) if layout == "gce" else size
         warnings = _ecs_warnings(disks) if layout == "ecs" else []
@@ -168,9 +205,9 @@ def export(
         temporary_manifest = stack.enter_context(temporary_beside(manifest_path, force, sources[0]))
         temporary_sums = stack.enter_context(temporary_beside(sums_path, force, sources[0]))
         temporaries = [stack.enter_context(temporary_beside(os.path.join(out_dir, d.file), force, source))
-                       for d, source in zip(disks, sources)]
+                       for d, source in zip(disks, sources, strict=True)]
         exported = []
-        for index, (disk, temporary) in enumerate(zip(disks, temporaries)):
+        for index, (disk, temporary) in enumerate(zip(disks, temporaries, strict=True)):
             report = set_progress.reporter("export", index)
             if archive == "none":
                 exported.append(_export_bare(disk, temporary, target_format, compress, zero_granularity,
@@ -185,7 +222,19 @@ def export(
         _write_text(temporary_sums, sums_path, manifest.sums())
     return ExportResult(name=name, layout=layout, archive=archive, manifest=manifest_path,
                         sums=sums_path, disks=exported, warnings=warnings,
-                        seconds=round(time.monotonic() - started, 3))
+                        seconds=round(time.monotonic() - started, 3),
+                        sparsified=[SparsifiedDisk(d.file, sum(v.sparsified_bytes for v in d.sparsified), d.sparsified)
+                                    for d in disks if d.sparsified is not None] if sparsify else None)
+
+
+def _sparsify(disk: _Disk) -> None:
+    """The disk read with its unused ranges as zeros, and what that does to its volumes."""
+    from ..conversion.sparsify import report, sparsified  # the file-system readers load only when asked for
+
+    assert disk.reader is not None
+    source = disk.reader
+    disk.reader, plan = sparsified(source)
+    disk.sparsified = report(plan, source.extents())
 
 
 def _check_arguments(name: str, target_format: str, archive: ArchiveKind, layout: ExportLayout, compress: bool,
@@ -304,7 +353,8 @@ class _HashedFile:
 def _compressor(archive: str, file: _HashedFile, threads: int) -> Any:
     """A binary stream writing ``archive``'s compression of what it is given into ``file``."""
     if archive == "tar.gz":
-        return gzip_ng_threaded.open(file, "wb", compresslevel=GZIP_LEVEL, threads=threads)
+        # zlib-ng ships no annotations for its threaded opener
+        return gzip_ng_threaded.open(file, "wb", compresslevel=GZIP_LEVEL, threads=threads)  # type: ignore[no-untyped-call]
     if archive == "tar.zst":
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, threads=threads)
         return compressor.stream_writer(file, closefd=False)  # type: ignore[arg-type]  # write() is all it uses
@@ -336,6 +386,7 @@ def _export_archive(disk: _Disk, temporary: str, target_format: str, archive: st
         role=disk.role, device=disk.device, file=disk.file, size=file.size, sha256=file.sha256.hexdigest(),
         crc64ecma=str(file.crc), member=member, format=target_format, virtual_size=disk.virtual_size,
         content_hash=hasher.hexdigest(), source=reader.path, source_format=reader.format,
+        sparsified=disk.left_out,
     )
 
 
@@ -385,14 +436,16 @@ def _export_bare(disk: _Disk, temporary: str, target_format: DiskFormat, compres
         if phase == "convert":  # the converter's own pre-scan is not counted again
             progress("export", done, total)
 
+    # a sparsified disk is converted through its sparsifying reader (left open), as planned
     with reported_as(os.path.join(os.path.dirname(temporary), disk.file), temporary):
-        result = convert(disk.source, temporary, target_format, compress=compress, zero_granularity=granularity,
-                         checksum=True, allow_backing=allow_backing, force=True, progress=report)
+        result = convert(reader if disk.sparsified is not None else disk.source, temporary, target_format,
+                         compress=compress, zero_granularity=granularity, checksum=True, allow_backing=allow_backing,
+                         force=True, progress=report)
     return ExportedDisk(
         role=disk.role, device=disk.device, file=disk.file, size=os.stat(temporary).st_size,
         sha256=result.sha256 or "", crc64ecma=None, member=None, format=target_format,
         virtual_size=result.virtual_size, content_hash=result.content_hash or "", source=reader.path,
-        source_format=reader.format,
+        source_format=reader.format, sparsified=disk.left_out,
     )
 
 
@@ -460,8 +513,8 @@ def _find_manifests(path: str) -> list[str]:
 class _HashedReader:
     """Reads a file, hashing every byte read (SHA-256 and CRC-64/XZ)."""
 
-    def __init__(self, f: io.BufferedReader) -> None:
-        self.f = f
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = cast(io.RawIOBase, f)  # open_input opens files unbuffered: a FileIO
         self.sha256 = hashlib.sha256()
         self.crc = 0
         self.size = 0
@@ -528,7 +581,7 @@ def _deep_read(hashed: _HashedReader, archive: str, entry: ExportedDisk) -> str 
     (a qcow2 or VHD member is only checked for its tar structure: None)."""
     decoder: Any
     if archive == "tar.gz":
-        decoder = gzip_ng_threaded.open(hashed, "rb", threads=1)
+        decoder = gzip_ng_threaded.open(hashed, "rb", threads=1)  # type: ignore[no-untyped-call]
     elif archive == "tar.zst":
         decoder = zstandard.ZstdDecompressor().stream_reader(
             hashed, read_across_frames=True, closefd=False)  # type: ignore[arg-type]  # read() is all it uses

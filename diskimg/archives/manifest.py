@@ -20,9 +20,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..conversion.hashing import PREFIX as CONTENT_HASH_PREFIX
 from ..errors import ArchiveError, ImageNotFound
 from ..formats import WRITERS
-from ..conversion.hashing import PREFIX as CONTENT_HASH_PREFIX
 from ..host.files import confined_path, open_input
 from ..jsonlimits import nesting
 
@@ -58,6 +58,9 @@ class ExportedDisk:
     content_hash: str | None  # the guest content hash (hashing.py); None when a manifest omits it
     source: str
     source_format: str
+    #: whether ``--sparsify`` left out what the guest's file systems do not use (the disk then reads
+    #: zeros there: its content hash is of what was written); False in manifests written before the key
+    sparsified: bool = False
 
 
 @dataclass
@@ -171,6 +174,7 @@ def _disk(entry: Any, number: int, path: str) -> ExportedDisk:
         virtual_size=_size(entry, "virtual_size", number, path), content_hash=content_hash,
         source=_optional(entry, "source", str, "", number, path),
         source_format=_optional(entry, "source_format", str, "", number, path),
+        sparsified=_optional(entry, "sparsified", bool, False, number, path),
     )
 
 

@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import DiskImageError, OutputError
-from ..host.files import file_kind
 from ..formats.writer import OutputTarget
+from ..host.files import file_kind
 
 
 @dataclass(frozen=True)

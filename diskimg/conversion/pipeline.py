@@ -24,23 +24,24 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, get_args
 
-from ..host import interrupts
-from ..detection.probe import detect
-from ..formats.probing import FORMAT_ALIASES
 from ..choices import Backend, DiskFormat, FormatName, UsedBackend, VhdSizeRule
+from ..detection.image import Source, open_image
+from ..detection.probe import detect
 from ..errors import DiskImageError, UnsupportedFormat, UsageError
 from ..formats import WRITERS, canonical_format
-from ..detection.image import Source, open_image
+from ..formats.probing import FORMAT_ALIASES
 from ..formats.reader import DiskReader, Extent, ExtentKind
-from .outputs import output_target, temporary_beside
 from ..formats.writer import DiskWriter, parse_options
+from ..host import interrupts
 from ..host.files import io_buffer
+from .outputs import output_target, temporary_beside
 from .zeroes import nonzero_runs
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from .hashing import ContentHasher
+    from .sparsify import SparsifiedVolume
 
 CHUNK = 2 * 1024 * 1024  # smaller writes are throttled less by the kernel under dirty-page pressure
 PREFETCH = 3  # chunks read ahead: bounds memory to a few chunks whatever the disk size
@@ -78,6 +79,11 @@ class ConvertResult:
     #: a source read through a compressed stream (sources.py): the decompression passes made (a
     #: pre-scan for zeros, or a gzip stream's size counted at open, costs one pass each)
     decompression_passes: int | None = None
+    #: with sparsify=True: each volume of the disk, whether its unused space was left out and why not,
+    #: and ``sparsified_bytes``, the source's data it no longer carries (sparsify.SparsifiedVolume)
+    sparsified: list[SparsifiedVolume] | None = None
+    #: with sparsify=True: the volumes' ``sparsified_bytes`` added up
+    sparsified_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +106,7 @@ def convert(
     vhd_size: VhdSizeRule = "auto",
     force: bool = False,
     progress: ProgressCallback | None = None,
+    sparsify: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` (a path, a file object, or an open DiskReader, which is left open) to
     ``target`` (a path, or ``"-"`` for standard output) in ``output_format`` (by default the one
@@ -111,15 +118,22 @@ def convert(
     ranges left unwritten, like ``qemu-img convert -S`` (0 writes every allocated byte);
     ``checksum`` computes the output's SHA-256 and the guest content hash in the same pass.
     ``backend``: ``native``, ``qemu-img`` (for formats diskimg detects but does not read), or
-    ``auto`` (native when it can).
+    ``auto`` (native when it can). ``sparsify`` leaves out what the guest's file systems do not use
+    (``conversion/sparsify.py``): those ranges read as zeros in the output; the native backend only.
     """
     target_format = canonical_format(output_format or format_for_target(target))
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
     check_align(align)
     if backend not in get_args(Backend):
         raise UsageError(f"unknown backend {backend!r}: auto, native or qemu-img")
+    if sparsify and backend == "qemu-img":
+        raise UsageError("the qemu-img backend cannot sparsify (qemu-img does not read the guest's file systems): "
+                         "use --backend native or auto")
     if backend != "native" and not isinstance(source, DiskReader) and (
             backend == "qemu-img" or _needs_qemu_img(source, source_format)):
+        if sparsify:
+            raise UsageError("diskimg does not read the source's format itself, and qemu-img, which converts it, "
+                             "cannot sparsify: convert it to qcow2 or raw first, then sparsify that")
         return _convert_with_qemu_img(
             source, target, target_format, writer_options, compress, zero_granularity, checksum,
             source_format, snapshot, allow_backing, force, progress,
@@ -129,15 +143,20 @@ def convert(
         raise UnsupportedFormat(f"writing {target_format} is not implemented yet", format=target_format)
     started = time.monotonic()
     # a DiskReader given as the source is used as is and left open (unpack reads on after it)
-    reader = source if isinstance(source, DiskReader) else open_image(
+    opened = source if isinstance(source, DiskReader) else open_image(
         source, canonical_format(source_format) if source_format else None, allow_backing=allow_backing,
         snapshot=snapshot, vhd_size=vhd_size)
     # A compressed qcow2 cannot be streamed (hashing the output as it is written needs a stream):
     # to a file, its SHA-256 is taken from the finished file instead, with a second read.
     hash_afterwards = checksum and compress and os.fspath(target) != "-"
     with contextlib.ExitStack() as stack:
-        if reader is not source:
-            stack.enter_context(reader)
+        if opened is not source:
+            stack.enter_context(opened)
+        reader, sparsify_plan = opened, None
+        if sparsify:
+            from .sparsify import sparsified  # the file-system readers load only when asked for
+
+            reader, sparsify_plan = sparsified(opened)
         virtual_size = aligned_size(reader.virtual_size, align)
         output = stack.enter_context(output_target(
             target, force, reader.path, checksum and not hash_afterwards,
@@ -161,8 +180,9 @@ def convert(
             else:
                 feed_in_order(reader, extents, zero_granularity, writer, tally, hasher)
             writer.finish()
-        # the feed walked the scanned plan: the source's own map is walked again (metadata only)
-        allocated = data_bytes(reader.extents()) if scanned else tally.allocated
+        # the feed walked the scanned plan, or the sparsified map: the source's own map is walked again
+        # (metadata only)
+        allocated = data_bytes(opened.extents()) if scanned or sparsify_plan is not None else tally.allocated
         result = ConvertResult(
             source=reader.path,
             target=os.fspath(target),
@@ -176,8 +196,13 @@ def convert(
             backend="native",
             sha256=output.sha256,
             content_hash=hasher.hexdigest() if hasher is not None else None,
-            decompression_passes=getattr(reader, "decompression_passes", None),
+            decompression_passes=getattr(opened, "decompression_passes", None),
         )
+        if sparsify_plan is not None:
+            from .sparsify import report
+
+            result.sparsified = report(sparsify_plan, opened.extents())
+            result.sparsified_bytes = sum(volume.sparsified_bytes for volume in result.sparsified)
     if hash_afterwards:
         result.sha256 = _file_sha256(os.fspath(target))
         result.seconds = round(time.monotonic() - started, 3)
@@ -197,6 +222,12 @@ class MeasureResult:
     #: bytes the plan counts as data
     data_bytes: int
     scanned: bool
+    #: with sparsify=True: each volume of the disk with the bytes its file system frees
+    #: (``sparsified_bytes``: data of the plan without --sparsify that reads as zeros with it), or why
+    #: it is kept whole
+    sparsified: list[SparsifiedVolume] | None = None
+    #: with sparsify=True: the file size without --sparsify (``required`` is the size with it)
+    required_unsparsified: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,10 +245,12 @@ def measure(
     allow_backing: bool = False,
     snapshot: str | None = None,
     vhd_size: VhdSizeRule = "auto",
+    sparsify: bool = False,
 ) -> MeasureResult:
     """The size ``convert`` would write in ``output_format``, from the source's extents; with
     ``zero_granularity`` the DATA extents are also read to find the zero ranges (as a pipe
-    conversion plans). For compressed qcow2 the figure is an upper bound."""
+    conversion plans). For compressed qcow2 the figure is an upper bound. ``sparsify``: the size
+    with the guest's unused space left out, beside the size without it, and what each volume frees."""
     target_format = canonical_format(output_format)
     writer_class = WRITERS[target_format]
     writer_options = parse_options(options) if isinstance(options, str) or options is None else dict(options)
@@ -226,12 +259,25 @@ def measure(
     with open_image(source, source_format, allow_backing=allow_backing, snapshot=snapshot,
                     vhd_size=vhd_size) as reader:
         virtual_size = aligned_size(reader.virtual_size, align)
+        sparsify_plan = None
+        if sparsify:
+            from .sparsify import sparsified
+
+            sparsify_plan = sparsified(reader)[1]
         plan = list(scan_for_zeroes(reader, zero_granularity, None) if zero_granularity else reader.extents())
         plan = list(with_zero_tail(plan, reader.virtual_size, virtual_size))
+        unsparsified, volumes = None, None
+        if sparsify_plan is not None:
+            from .sparsify import carve, report
+
+            volumes = report(sparsify_plan, plan)
+            unsparsified, plan = plan, list(carve(plan, sparsify_plan.ranges))
         planned_data = data_bytes(plan)
         try:
             required = writer_class.measure(virtual_size, plan, writer_options, compress)
             fully_allocated = writer_class.fully_allocated(virtual_size, writer_options, compress)
+            required_unsparsified = None if unsparsified is None else writer_class.measure(
+                virtual_size, unsparsified, writer_options, compress)
         except DiskImageError as exc:  # the options are checked: what is left is this disk (too large...)
             exc.path = exc.path or reader.path
             raise
@@ -242,6 +288,8 @@ def measure(
             fully_allocated=fully_allocated,
             data_bytes=planned_data,
             scanned=bool(zero_granularity),
+            sparsified=volumes,
+            required_unsparsified=required_unsparsified,
         )
 
 
@@ -252,7 +300,8 @@ def map_is_plan(reader: DiskReader) -> bool:
 
 
 #: target file extensions that name a format, for a conversion not told one
-_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw", ".vhdx": "vhdx", ".vdi": "vdi"}
+_EXTENSION_FORMATS = {".qcow2": "qcow2", ".vhd": "vhd", ".vpc": "vhd", ".raw": "raw", ".img": "raw", ".vhdx": "vhdx",
+                      ".vdi": "vdi"}
 
 
 def format_for_target(target: str | os.PathLike[str]) -> str:
@@ -297,7 +346,7 @@ def read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[
 
     ring = [bytearray(CHUNK) for _ in range(PREFETCH + 2)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque = deque()
+        pending: deque[tuple[int, bytearray, int, Future[int]]] = deque()
         for index, (offset, length) in enumerate(_data_chunks(extents)):
             buffer = ring[index % len(ring)]
             read = pool.submit(reader.readinto_at, offset, memoryview(buffer)[:length])
@@ -308,7 +357,7 @@ def read_ahead(reader: DiskReader, extents: Iterable[Extent]) -> Iterator[tuple[
             yield _taken(*pending.popleft())
 
 
-def _taken(offset: int, buffer: bytearray, length: int, read: Future) -> tuple[int, bytearray, int]:
+def _taken(offset: int, buffer: bytearray, length: int, read: Future[int]) -> tuple[int, bytearray, int]:
     interrupts.check()
     read.result()
     return offset, buffer, length
@@ -405,7 +454,7 @@ def _feed_concurrently(
                 reader.readinto_at(offset, view)
                 ranges += [(offset + begin, view[begin:end])
                            for begin, end in nonzero_runs(buffer, granularity, first, first + length)]
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after keeping the order
+        except BaseException as exc:
             failure = exc
         turn.wait(index)  # allocation in offset order, whatever the threads' timing
         try:
@@ -441,7 +490,7 @@ def _feed_concurrently(
                         exhausted = True
                         return
                 convert_window(buffer, start, *item)
-        except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
+        except BaseException as exc:
             with state:
                 failures.append(exc)
         finally:

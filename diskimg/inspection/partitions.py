@@ -267,6 +267,9 @@ class PartitionTable:
     hybrid_mbr: bool = False
     #: the extended partition container (MBR), kept out of ``partitions``
     extended: Partition | None = None
+    #: where the tables themselves lie, as (offset, length, what) in bytes: sector 0, the GPT headers and
+    #: entry arrays (primary and backup), each extended boot record read; what rewrites a disk keeps these
+    structures: list[tuple[int, int, str]] = field(default_factory=list)
 
     @property
     def disk_guid(self) -> str | None:
@@ -432,6 +435,7 @@ def read_partition_table(disk: SizedDisk, disk_size: int | None = None) -> Parti
     head = disk.read_at(0, min(size, 2 * 4096))
     mbr = parse_mbr(head[:SECTOR_SIZE]) if len(head) >= SECTOR_SIZE else None
     table.mbr = mbr
+    table.structures.append((0, SECTOR_SIZE, "MBR"))
 
     gpt_sector_size = None
     if head[SECTOR_SIZE : SECTOR_SIZE + 8] == GPT_SIGNATURE:
@@ -560,6 +564,8 @@ def _read_logical(disk: Disk, table: PartitionTable, extended: Partition) -> Non
             return
         seen.add(ebr_lba)
         offset = ebr_lba * SECTOR_SIZE
+        if offset + SECTOR_SIZE <= size:
+            table.structures.append((offset, SECTOR_SIZE, "extended boot record"))
         if offset + SECTOR_SIZE > size or ebr_lba > extended.last_lba:
             table.issues.append(
                 TableIssue(
@@ -639,11 +645,14 @@ def _read_gpt(disk: Disk, table: PartitionTable, sector_size: int, protective: M
         table.hybrid_mbr = any(e.used and e.type != MBR_PROTECTIVE_TYPE for e in mbr.entries)
 
     primary = _read_gpt_header(disk, sector_size, 1, size)
+    _add_gpt_structures(table, primary, 1, sector_size)
     backup_lba_hint = primary.backup_lba if isinstance(primary, GptHeader) and primary.crc_ok else last_lba
     backup = _read_gpt_header(disk, sector_size, last_lba, size)
+    _add_gpt_structures(table, backup, last_lba, sector_size)
     backup_damaged = not isinstance(backup, GptHeader) or not backup.crc_ok
     if backup_damaged and backup_lba_hint != last_lba and 0 < backup_lba_hint < total:
         elsewhere = _read_gpt_header(disk, sector_size, backup_lba_hint, size)
+        _add_gpt_structures(table, elsewhere, backup_lba_hint, sector_size)
         if isinstance(elsewhere, GptHeader) and elsewhere.crc_ok:
             backup = elsewhere
 
@@ -750,6 +759,18 @@ def _read_gpt(disk: Disk, table: PartitionTable, sector_size: int, protective: M
             )
         table.partitions.append(part)
     _check_overlaps(table)
+
+
+def _add_gpt_structures(table: PartitionTable, header: GptHeader | str, lba: int, sector_size: int) -> None:
+    """Record where a GPT header read at ``lba`` and its entry array lie (the part of the array inside the
+    disk, when its size is within the caps; a damaged header's too: nothing of it is to be overwritten)."""
+    if not isinstance(header, GptHeader):
+        return
+    table.structures.append((lba * sector_size, sector_size, "GPT header"))
+    start = header.entries_lba * sector_size
+    if gpt_array_problem(header) is None and 0 < start < table.disk_size:
+        length = min(header.num_entries * header.entry_size, table.disk_size - start)
+        table.structures.append((start, length, "GPT entry array"))
 
 
 def _read_gpt_header(disk: Disk, sector_size: int, lba: int, size: int) -> GptHeader | str:

@@ -19,6 +19,9 @@ sector ending in 55 AA like an MBR, or a header at offset 0) are probed first
 
 The superblocks of the file systems diskimg also reads (ext, XFS, NTFS, FAT) are parsed by
 ``superblocks.py``, whose parsers the drivers in ``fs/`` share; the other signatures are parsed here only.
+
+A swap area has no reader in ``fs/``: what ``--sparsify`` may leave out of it is here
+(:func:`swap_unused_ranges`: everything after its header page, unless it holds a hibernation image).
 """
 
 from __future__ import annotations
@@ -514,6 +517,29 @@ def probe_swap(head: bytes) -> FileSystem | None:
                 state="hibernated" if hibernated else None,
             )
     return None
+
+
+def swap_unused_ranges(head: bytes, length: int) -> list[tuple[int, int]]:
+    """What ``--sparsify`` leaves out of a swap area of ``length`` bytes whose first bytes are ``head``
+    (``HEAD_SIZE`` of them): every page after the header page, up to its last page (linux/swap.h's
+    ``last_page``). The page size is where the signature ends (4096 unless the area was made for
+    larger pages). The kernel keeps nothing in a swap area across a boot; a hibernation image, which
+    it does keep, makes the area NotSparsifiable, as do the old version 0 format and a header that is
+    not swap's."""
+    from .fs.base import NotSparsifiable  # fs/ imports this module
+
+    found = probe_swap(head)
+    if found is None:
+        raise NotSparsifiable("no swap signature")
+    if found.state == "hibernated":
+        raise NotSparsifiable("the swap area holds a hibernation image, which the next boot resumes")
+    if found.version != "1":
+        raise NotSparsifiable(f"swap header version {found.version}, not 1")
+    page = found.block_size or 0
+    if found.size is None:
+        raise NotSparsifiable("the swap header records no last page")
+    end = min(found.size, length)
+    return [(page, end - page)] if end > page else []
 
 
 _MD_MAGIC = 0xA92B4EFC

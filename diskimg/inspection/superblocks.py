@@ -90,6 +90,15 @@ EXT_INCOMPAT_64BIT = 0x80
 EXT_INCOMPAT_DIRDATA = 0x1000
 EXT_INCOMPAT_LARGEDIR = 0x4000
 EXT_RO_COMPAT_SPARSE_SUPER = 0x1
+EXT_RO_COMPAT_GDT_CSUM = 0x10  # uninit_bg: descriptors carry a CRC16, groups may be left uninitialised
+EXT_RO_COMPAT_BIGALLOC = 0x200  # the bitmaps count clusters, not blocks
+EXT_RO_COMPAT_METADATA_CSUM = 0x400  # CRC32C on the superblock, descriptors and bitmaps
+EXT_RO_COMPAT_ORPHAN_PRESENT = 0x10000  # the orphan file holds inodes to release
+EXT_INCOMPAT_CSUM_SEED = 0x2000  # the checksum seed is s_checksum_seed, not the UUID's CRC
+#: s_checksum_type of metadata_csum: CRC32C
+EXT_CHECKSUM_CRC32C = 1
+#: where s_checksum lies: the superblock's CRC32C covers the bytes before it
+EXT_SUPERBLOCK_CHECKSUM_OFFSET = 0x3FC
 #: the features ext3 knows: any other incompatible or read-only one makes an ext4
 EXT3_INCOMPAT = EXT_INCOMPAT_FILETYPE | EXT_INCOMPAT_RECOVER | EXT_INCOMPAT_META_BG
 EXT3_RO_COMPAT = 0x1 | 0x2 | 0x4  # sparse_super, large_file, btree_dir
@@ -135,11 +144,16 @@ class ExtSuperblock:
     uuid: bytes = _at(0x68, "16s")
     volume_name: bytes = _at(0x78, "16s")
     last_mounted: bytes = _at(0x88, "64s")
+    reserved_gdt_blocks: int = _at(0xCE, "H")  # descriptor blocks kept for online growth
+    journal_inum: int = _at(0xE0, "I")
+    last_orphan: int = _at(0xE8, "I")  # the head of the list of inodes to release at mount
     desc_size_field: int = _at(0xFE, "H")  # s_desc_size: meaningful with the 64bit feature
     first_meta_bg: int = _at(0x104, "I")
     blocks_count_hi: int = _at(0x150, "I")
     free_blocks_count_hi: int = _at(0x158, "I")
+    checksum_type: int = _at(0x175, "B")
     backup_bgs: tuple[int, int] = _at(0x24C, "2I")  # the groups holding a backup, with sparse_super2
+    checksum_seed: int = _at(0x270, "I")  # with metadata_csum_seed
 
     @property
     def is_64bit(self) -> bool:
@@ -206,11 +220,13 @@ XFS_MAGIC = b"XFSB"
 XFS_SUPERBLOCK_SIZE = 264
 #: sb_versionnum: the version in its low bits, feature bits above
 XFS_VERSION_NUMBITS = 0xF
+XFS_VERSION_LOGV2 = 0x400  # version 2 log records (always so in version 5)
 XFS_VERSION_DIRV2 = 0x2000
 XFS_VERSION_BORG = 0x4000  # ASCII case-insensitive names ("-n version=ci")
 XFS_VERSION_MOREBITS = 0x8000  # sb_features2 is valid
 XFS_FEATURES2_FTYPE = 0x200
 XFS_INCOMPAT_FTYPE = 0x1
+XFS_INCOMPAT_META_UUID = 0x4
 XFS_INCOMPAT_NEEDSREPAIR = 0x10
 XFS_INCOMPAT_NREXT64 = 0x20
 #: sb_features_incompat bits' names (version 5)
@@ -226,10 +242,13 @@ class XfsSuperblock:
     block_size: int = _at(4, "I")
     dblocks: int = _at(8, "Q")  # blocks of the data device
     uuid: bytes = _at(32, "16s")
+    log_start: int = _at(48, "Q")  # the internal log's first block (0: the log is on another device)
     root_inode: int = _at(56, "Q")
     ag_blocks: int = _at(84, "I")
     ag_count: int = _at(88, "I")
+    log_blocks: int = _at(96, "I")
     versionnum: int = _at(100, "H")
+    sector_size: int = _at(102, "H")
     inode_size: int = _at(104, "H")
     inodes_per_block: int = _at(106, "H")
     fname: bytes = _at(108, "12s")  # the label
@@ -244,6 +263,7 @@ class XfsSuperblock:
     dir_block_log: int = _at(192, "B")
     features2: int = _at(200, "I")
     features_incompat: int = _at(216, "I")
+    meta_uuid: bytes = _at(248, "16s")  # what metadata records as the file system's UUID, with meta_uuid
 
     @property
     def version(self) -> int:
@@ -265,6 +285,16 @@ class XfsSuperblock:
     def nrext64(self) -> bool:
         """Whether inodes may count their extents in 64 bits."""
         return bool(self.incompat & XFS_INCOMPAT_NREXT64)
+
+    @property
+    def metadata_uuid(self) -> bytes:
+        """The UUID that version 5 metadata blocks carry (sb_meta_uuid once the UUID was changed)."""
+        return self.meta_uuid if self.incompat & XFS_INCOMPAT_META_UUID else self.uuid
+
+    @property
+    def log_v2(self) -> bool:
+        """Whether the log writes version 2 records (larger records, extended headers)."""
+        return self.version >= 5 or bool(self.versionnum & XFS_VERSION_LOGV2)
 
     @property
     def ascii_ci(self) -> bool:
@@ -341,6 +371,9 @@ FAT16_MAX_CLUSTERS = 65525
 #: BS_BootSig values: 0x29 has volume id and label, 0x28 (older) the volume id only
 FAT_EXTENDED_BOOT_SIGNATURES = (0x28, 0x29)
 FAT_BOOT_SIGNATURE_WITH_LABEL = 0x29
+#: the boot sector's state byte (offset 37, or 65 on FAT32): set while the volume is mounted, as Linux
+#: and Windows NT write it and fsck.fat reports it ("Dirty bit is set")
+FAT_STATE_DIRTY = 0x01
 #: BPB_ExtFlags (FAT32): mirroring off (one FAT active), and the active FAT's number
 FAT32_MIRRORING_OFF = 0x80
 FAT32_ACTIVE_FAT = 0x0F
@@ -362,10 +395,12 @@ class FatBpb:
     fat_sectors_32: int = _at(36, "I")  # FAT32 only, like the next three
     ext_flags_32: int = _at(40, "H")
     root_cluster_32: int = _at(44, "I")
+    state_16: int = _at(37, "B")  # BS_Reserved1: Windows NT and Linux keep the volume's state flags there
     boot_signature_16: int = _at(38, "B")
     volume_id_16: int = _at(39, "I")
     volume_label_16: bytes = _at(43, "11s")
     fs_type_16: bytes = _at(54, "8s")
+    state_32: int = _at(65, "B")
     boot_signature_32: int = _at(66, "B")
     volume_id_32: int = _at(67, "I")
     volume_label_32: bytes = _at(71, "11s")
@@ -411,6 +446,11 @@ class FatBpb:
     @property
     def ext_flags(self) -> int:
         return self.ext_flags_32 if self.fat_type == "fat32" else 0
+
+    @property
+    def state(self) -> int:
+        """The state flags of the boot sector's reserved byte (FAT_STATE_DIRTY: mounted, not cleanly unmounted)."""
+        return self.state_32 if self.fat_type == "fat32" else self.state_16
 
     @property
     def boot_signature(self) -> int:

@@ -4,6 +4,7 @@ protofile, mkntfs + ntfs-3g (FUSE)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -126,4 +127,29 @@ class Mounted:
 
 def can_mount() -> bool:
     return os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+
+
+def ntfsinfo(image: Path, *args: str) -> str:
+    return run("ntfsinfo", *args, image).stdout.decode(errors="replace")
+
+
+def ntfsinfo_attributes(image: Path, path: str) -> dict[str, list[str]]:
+    """The attribute dumps of ``ntfsinfo -v -F path``, by attribute type name (several pieces each)."""
+    text = ntfsinfo(image, "-v", "-F", path)
+    dumps: dict[str, list[str]] = {}
+    for block in text.split("Dumping attribute ")[1:]:
+        dumps.setdefault(block.split()[0], []).append(block)
+    return dumps
+
+
+def ntfsinfo_runs(image: Path, path: str) -> list[tuple[int, int | None, int]]:
+    """(VCN, LCN or None for a hole, length) of the unnamed $DATA of ``path``, every piece's runs."""
+    runs = []
+    for block in ntfsinfo_attributes(image, path).get("$DATA", []):
+        for vcn, lcn, length in re.findall(r"^\t\t\t0x([0-9a-f]+)\t\t(0x[0-9a-f]+|<HOLE>)\t\t0x([0-9a-f]+)$", block,
+                                           re.M):
+            runs.append((int(vcn, 16), None if lcn == "<HOLE>" else int(lcn, 16), int(length, 16)))
+    return runs
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -40,3 +41,21 @@ def assert_tree_equal(fs: GuestFileSystem, host_root: Path, guest_root: str = "/
             if check_mode and guest_stat.mode is not None:
                 assert guest_stat.mode == stat.S_IMODE(host_stat.st_mode), guest_path
     return compared
+
+
+def tree_digest(fs: GuestFileSystem) -> dict[str, tuple[object, ...]]:
+    """Every entry of ``fs`` as the guest sees it: type, size, mode, owner, link count, and the
+    SHA-256 of a file's data or a link's target (to compare one file system before and after a
+    change that must not alter what it holds)."""
+    entries: dict[str, tuple[object, ...]] = {}
+    for path, info in fs.walk("/"):
+        content: str | None = None
+        if info.is_file:
+            digest = hashlib.sha256()
+            for piece in fs.iter_file(path):
+                digest.update(piece)
+            content = digest.hexdigest()
+        elif info.is_symlink:
+            content = fs.readlink(path)
+        entries[path] = (info.type, info.size, info.mode, info.uid, info.gid, info.nlink, content)
+    return entries

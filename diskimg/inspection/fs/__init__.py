@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from ..signatures import Disk, probe
 from .base import DirEntry, FileType, GuestFileSystem, GuestPathError, Stat
@@ -23,7 +24,7 @@ DRIVERS = {
 }
 
 
-def open_filesystem(disk: Disk, offset: int, length: int, fs_type: str | None = None) -> GuestFileSystem | None:
+def open_filesystem(disk: Disk, offset: int, length: int, fs_type: str | None = None) -> GuestFileSystem[Any] | None:
     """A reader for the file system at ``offset`` of ``disk``, or None when diskimg has no driver for it.
 
     Raises CorruptImage when the file system is recognised but its structures are broken.
@@ -38,5 +39,5 @@ def open_filesystem(disk: Disk, offset: int, length: int, fs_type: str | None = 
         return None
     module_name, class_name = target.split(":")
     module = importlib.import_module(f".{module_name}", __name__)
-    driver: type[GuestFileSystem] = getattr(module, class_name)
+    driver: type[GuestFileSystem[Any]] = getattr(module, class_name)
     return driver(disk, offset, length)  # type: ignore[call-arg]

@@ -24,13 +24,17 @@ from __future__ import annotations
 import enum
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ...errors import CorruptImage, DiskImageError
+from ...formats.vhd.structures import bitmap_runs
 from ...units import READ_CHUNK
 from ..signatures import Disk
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: symbolic links followed in one lookup before giving up (Linux's limit)
 MAX_SYMLINKS = 40
@@ -52,6 +56,41 @@ def read_volume(disk: Disk, volume_offset: int, volume_length: int, position: in
     if len(data) != length:
         raise CorruptImage("the disk ends inside the file system", offset=where, structure=structure)
     return data
+
+
+#: each byte with its bits in reverse order: ext's and NTFS's allocation bitmaps number their bits from
+#: the least significant, ``bitmap_runs`` from the most
+_REVERSED_BITS = bytes(int(f"{value:08b}"[::-1], 2) for value in range(256))
+
+
+def clear_bit_runs(bitmap: bytes, count: int, first: int = 0) -> Iterator[tuple[int, int]]:
+    """(first bit, bits) of each run of clear bits among the first ``count`` bits of an allocation
+    bitmap whose bit ``i`` is bit ``i % 8`` of byte ``i // 8`` (ext's block bitmaps, NTFS's $Bitmap),
+    ``first`` added to each start. Whole 0x00 and 0xFF bytes are skipped in C."""
+    count = min(count, len(bitmap) * 8)
+    if count <= 0:
+        return
+    starts, bits = bitmap_runs(bitmap.translate(_REVERSED_BITS), count)
+    for index, start in enumerate(starts):
+        if not bits[index]:
+            end = starts[index + 1] if index + 1 < len(starts) else count
+            yield first + start, end - start
+
+
+def join_adjacent(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """(offset, length) ranges given in increasing order, those that touch joined into one; empty ones dropped."""
+    pending: tuple[int, int] | None = None
+    for start, length in ranges:
+        if length <= 0:
+            continue
+        if pending is not None and pending[0] + pending[1] == start:
+            pending = (pending[0], pending[1] + length)
+            continue
+        if pending is not None:
+            yield pending
+        pending = (start, length)
+    if pending is not None:
+        yield pending
 
 
 class NotSparsifiable(DiskImageError):
@@ -301,13 +340,14 @@ class GuestFile(io.RawIOBase):
     def tell(self) -> int:
         return self.position
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        length = min(len(buffer), self.size - self.position)
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        length = min(len(view), self.size - self.position)
         if length <= 0:
             return 0
         data = self.fs._read(self.node, self.position, length)
         if not data:
             raise GuestPathError(f"{self.path}: data ends at {self.position} of {self.size} bytes")
-        buffer[: len(data)] = data
+        view[: len(data)] = data
         self.position += len(data)
         return len(data)

@@ -32,6 +32,12 @@ On-disk layout (all integers little-endian):
   root tree links it there (a snapshot keeps entries of subvolumes nested in its source without
   that link: they show as empty directories, as the kernel shows them).
 
+Free space (``unused_ranges``, for ``--sparsify``): the device ranges no chunk stripe covers (the
+*device tree*'s DEV_EXTENT items must list exactly the chunks' stripes), and inside each data chunk
+the logical ranges no EXTENT_ITEM of the *extent tree* covers, at each of the chunk's copies;
+metadata and system chunks are kept whole, and so are the device's first MiB and the superblock
+copies. A pending log tree refuses it.
+
 Not read: the log tree (fsynced changes of a file system that was not cleanly unmounted: read as
 the last commit left it), extended attributes, data checksums. Every node's checksum, header and
 place in its tree are checked, every address is mapped through the chunks and checked against the
@@ -46,8 +52,9 @@ import struct
 import zlib
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 
 import zstandard
 from fastcrc import crc32
@@ -62,7 +69,17 @@ from ..signatures import (
     parse_btrfs_superblock,
 )
 from . import lzo
-from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
+from .base import (
+    MAX_DIRECTORY_ENTRIES,
+    DirEntry,
+    FileType,
+    GuestFileSystem,
+    GuestPathError,
+    NotSparsifiable,
+    Stat,
+    join_adjacent,
+    read_volume,
+)
 
 #: (objectid, type, offset): items sort by it
 Key = tuple[int, int, int]
@@ -73,7 +90,9 @@ U64_MAX = (1 << 64) - 1
 
 # tree and object ids
 ROOT_TREE = 1
+EXTENT_TREE = 2
 CHUNK_TREE = 3
+DEV_TREE = 4
 FS_TREE = 5  # the top-level subvolume
 ROOT_TREE_DIR = 6  # the root tree's directory, holding "default"
 FIRST_FREE_OBJECTID = 256  # the first subvolume id, and a file tree's root directory inode
@@ -92,6 +111,9 @@ EXTENT_DATA = 108
 ROOT_ITEM = 132
 ROOT_BACKREF = 144
 ROOT_REF = 156
+EXTENT_ITEM = 168  # key (logical start, 168, length): an allocated extent of data or tree blocks
+METADATA_ITEM = 169  # key (logical start, 169, level): a tree block (skinny metadata), one node long
+DEV_EXTENT = 204  # key (device id, 204, device offset): a chunk stripe's place on the device
 CHUNK_ITEM = 228
 
 #: a B-tree is at most this many levels deep (levels 0 to 7)
@@ -107,6 +129,14 @@ BLOCK_GROUP_DUP = 0x20
 #: the profiles that spread a chunk over devices (or parity): not read here
 RAID_PROFILES = {0x8: "RAID0", 0x10: "RAID1", 0x40: "RAID10", 0x80: "RAID5", 0x100: "RAID6", 0x200: "RAID1C3",
                  0x400: "RAID1C4"}
+#: a device's first MiB is never allocated to chunks (boot loaders, the superblock at 64 KiB)
+DEVICE_RESERVED = 1 << 20
+#: superblock flags: WRITTEN is always set, SEEDING marks a read-only seed device; the others say the
+#: file system is in error or half way through a change, or is a metadata dump without data
+SUPER_FLAG_WRITTEN = 1 << 0
+SUPER_FLAG_SEEDING = 1 << 32
+SUPER_FLAGS = {1 << 2: "error", 1 << 33: "metadump", 1 << 34: "metadump_v2", 1 << 35: "changing_fsid",
+               1 << 36: "changing_fsid_v2"}
 #: chunks kept in the map (a chunk holds at least 1 MiB in practice; this covers 256 TiB of 1 GiB chunks)
 MAX_CHUNKS = 1 << 18
 
@@ -127,6 +157,8 @@ KEY_POINTER = struct.Struct("<QBQQQ")
 CHUNK = struct.Struct("<QQQQIIIHH")
 #: a chunk's stripe: device id, offset on the device, device uuid
 STRIPE = struct.Struct("<QQ16s")
+#: device extent: chunk tree, chunk objectid, chunk offset (its logical start), length, chunk tree uuid
+DEV_EXTENT_ITEM = struct.Struct("<QQQQ16s")
 #: the key heading each chunk of the system chunk array
 DISK_KEY = struct.Struct("<QBQ")
 #: inode item: generation, transid, size, nbytes, block group, nlink, uid, gid, mode, rdev, flags,
@@ -399,7 +431,7 @@ class Tree:
         """Whether a node of this tree may name ``owner``: file trees share nodes with their
         snapshots (and relocation trees), other trees own theirs."""
         if self.id == FS_TREE or FIRST_FREE_OBJECTID <= self.id <= LAST_FREE_OBJECTID:
-            return owner == FS_TREE or FIRST_FREE_OBJECTID <= owner <= LAST_FREE_OBJECTID or owner == TREE_RELOC
+            return owner in (FS_TREE, TREE_RELOC) or FIRST_FREE_OBJECTID <= owner <= LAST_FREE_OBJECTID
         return owner == self.id
 
 
@@ -475,7 +507,7 @@ class ChunkMap:
             if known != chunk:
                 raise _corrupt("two different chunks at one address", None, f"btrfs chunk {chunk.logical}")
         self.chunks = sorted(by_start.values(), key=lambda c: c.logical)
-        for before, after in zip(self.chunks, self.chunks[1:]):
+        for before, after in pairwise(self.chunks):
             if before.logical + before.length > after.logical:
                 raise _corrupt(f"chunks at {before.logical} and {after.logical} overlap", None, "btrfs chunk tree")
         self.starts = [chunk.logical for chunk in self.chunks]
@@ -722,6 +754,22 @@ def decompress_extent(data: bytes, compression: int, size: int, sector_size: int
 # -- the volume ----------------------------------------------------------------------------------------
 
 
+def without_ranges(ranges: Iterable[tuple[int, int]], holes: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """(offset, length) ``ranges`` in increasing order, with the parts inside any of ``holes`` cut out."""
+    holes = sorted(holes)
+    for start, length in ranges:
+        end = start + length
+        for hole_start, hole_length in holes:
+            hole_end = hole_start + hole_length
+            if hole_end <= start or hole_start >= end:
+                continue
+            if hole_start > start:
+                yield start, hole_start - start
+            start = max(start, hole_end)
+        if end > start:
+            yield start, end - start
+
+
 @dataclass(frozen=True)
 class Subvolume:
     """A subvolume or snapshot. ``path`` is where it lies below the top-level subvolume (what
@@ -900,7 +948,7 @@ class BtrfsVolume:
 
     def item(self, tree: Tree, key: Key) -> tuple[bytes, int] | None:
         """The data of the item of exactly ``key`` (and its leaf's address), or None."""
-        for found, data, leaf in self.items(tree, key, key):
+        for _found, data, leaf in self.items(tree, key, key):
             return data, leaf
         return None
 
@@ -937,6 +985,109 @@ class BtrfsVolume:
         (dirid, _sequence), name = parse_name_ref(found[0], ROOT_REF_HEADER, f"btrfs root ref {parent}/{child}")
         return dirid, name
 
+    # -- free space --------------------------------------------------------------------------------
+
+    def unused_ranges(self) -> Iterator[tuple[int, int]]:
+        """The device's unused byte ranges (see the module docstring). NotSparsifiable while a log tree
+        waits to be replayed, when a copy of the superblock had to be read, or when the superblock's
+        flags say the file system is in error or half way through a change."""
+        problem = self._unclean()
+        if problem is not None:
+            raise NotSparsifiable(problem)
+        stripes = self._stripes()
+        extent_root = self.root_item(EXTENT_TREE)
+        if extent_root is None:
+            raise _corrupt("no extent tree", None, "btrfs root tree")
+        sb = self.superblock
+        reserved = [(0, DEVICE_RESERVED)] + [(copy, BTRFS_SUPERBLOCK_SIZE) for copy in BTRFS_SUPERBLOCK_OFFSETS
+                                              if copy + BTRFS_SUPERBLOCK_SIZE <= sb.device_total_bytes]
+        return join_adjacent(without_ranges(self._free(stripes, extent_root.tree), reserved))
+
+    def _unclean(self) -> str | None:
+        sb = self.superblock
+        if sb.log_root:
+            return "a btrfs log tree of fsynced changes waits to be replayed (it was not cleanly unmounted)"
+        if self.superblock_offset != BTRFS_SUPERBLOCK_OFFSETS[0]:
+            return "the primary btrfs superblock is damaged (a copy was read)"
+        flags = sb.flags & ~(SUPER_FLAG_WRITTEN | SUPER_FLAG_SEEDING)
+        if flags:
+            names = [name for bit, name in SUPER_FLAGS.items() if flags & bit]
+            unknown = flags & ~sum(SUPER_FLAGS)
+            return f"the btrfs superblock flags say {', '.join(names + ([hex(unknown)] if unknown else []))}"
+        return None
+
+    def _stripes(self) -> list[tuple[int, Chunk]]:
+        """(device offset, chunk) of every chunk's copies, in device order: disjoint, and exactly what the
+        device tree's extents record."""
+        stripes = sorted(((copy, chunk) for chunk in self._chunks.chunks for copy in chunk.copies),
+                         key=lambda stripe: stripe[0])
+        for (start, before), (after_start, after) in pairwise(stripes):
+            if start + before.length > after_start:
+                raise _corrupt(f"chunks {before.logical} and {after.logical} overlap on the device", None,
+                               "btrfs chunk tree")
+        dev_root = self.root_item(DEV_TREE)
+        if dev_root is None:
+            raise _corrupt("no device tree", None, "btrfs root tree")
+        devid = self.superblock.devid
+        recorded = set()
+        for key, data, leaf in self.items(dev_root.tree, (devid, DEV_EXTENT, 0), (devid, DEV_EXTENT, U64_MAX)):
+            if len(data) < DEV_EXTENT_ITEM.size:
+                raise _corrupt(f"device extent of {len(data)} bytes", None, f"btrfs tree node {leaf}")
+            _tree, _objectid, logical, length, _uuid = DEV_EXTENT_ITEM.unpack_from(data)
+            recorded.add((key[2], length, logical))
+            if len(recorded) > 2 * MAX_CHUNKS:
+                raise _corrupt(f"more than {2 * MAX_CHUNKS} device extents", None, "btrfs device tree")
+        if recorded != {(start, chunk.length, chunk.logical) for start, chunk in stripes}:
+            raise _corrupt("the device tree's extents are not the chunk tree's stripes", None, "btrfs device tree")
+        return stripes
+
+    def _free(self, stripes: list[tuple[int, Chunk]], extent_tree: Tree) -> Iterator[tuple[int, int]]:
+        """(device offset, length) of the ranges outside every stripe, and of the free ranges inside the
+        stripes of data chunks, in device order."""
+        position = 0
+        for start, chunk in stripes:
+            if start > position:
+                yield position, start - position
+            if chunk.type & BLOCK_GROUP_DATA and not chunk.type & (BLOCK_GROUP_METADATA | BLOCK_GROUP_SYSTEM):
+                for logical, length in self._free_in_chunk(chunk, extent_tree):
+                    yield start + logical - chunk.logical, length
+            position = start + chunk.length
+        if self.superblock.device_total_bytes > position:
+            yield position, self.superblock.device_total_bytes - position
+
+    def _free_in_chunk(self, chunk: Chunk, extent_tree: Tree) -> Iterator[tuple[int, int]]:
+        """(logical address, length) of the ranges of ``chunk`` that no extent item covers."""
+        end = chunk.logical + chunk.length
+        covered = chunk.logical  # everything before is accounted for
+        for key, _data, leaf in self.items(extent_tree, (chunk.logical, 0, 0), (end - 1, 255, U64_MAX),
+                                           from_previous=True):
+            objectid, kind, offset = key
+            if objectid < chunk.logical:  # the item before the chunk: its extent must end before it
+                self._check_extent_before(extent_tree, objectid, chunk)
+                continue
+            if kind == EXTENT_ITEM:
+                length = offset
+            elif kind == METADATA_ITEM:
+                length = self.superblock.node_size
+            else:
+                continue
+            if length == 0 or objectid + length > end:
+                raise _corrupt(f"extent {objectid}+{length} does not fit its chunk ending at {end}", None,
+                               f"btrfs tree node {leaf}")
+            if objectid > covered:
+                yield covered, objectid - covered
+            covered = max(covered, objectid + length)
+        if end > covered:
+            yield covered, end - covered
+
+    def _check_extent_before(self, extent_tree: Tree, objectid: int, chunk: Chunk) -> None:
+        """CorruptImage when the extent starting at ``objectid`` (before ``chunk``) reaches into it."""
+        for key, _data, leaf in self.items(extent_tree, (objectid, EXTENT_ITEM, 0), (objectid, METADATA_ITEM, U64_MAX)):
+            length = key[2] if key[1] == EXTENT_ITEM else self.superblock.node_size
+            if objectid + length > chunk.logical:
+                raise _corrupt(f"extent {objectid}+{length} reaches into chunk {chunk.logical}", None,
+                               f"btrfs tree node {leaf}")
+
     def _default_subvolume(self) -> int:
         """The subvolume the "default" entry of the root tree's directory names, else 5; it must
         exist (the kernel does not mount a file system whose default subvolume is gone)."""
@@ -959,7 +1110,7 @@ class BtrfsVolume:
         ``btrfs subvolume list`` leaves it), by id."""
         roots: dict[int, RootItem] = {}
         backrefs: dict[int, tuple[int, int, bytes]] = {}
-        for key, data, leaf in self.items(self.root_tree, (FIRST_FREE_OBJECTID, 0, 0),
+        for key, data, _leaf in self.items(self.root_tree, (FIRST_FREE_OBJECTID, 0, 0),
                                           (LAST_FREE_OBJECTID, 255, U64_MAX)):
             tree_id, kind, offset = key
             if kind == ROOT_ITEM:
@@ -1067,6 +1218,10 @@ class BtrfsFileSystem(GuestFileSystem[BtrfsNode]):
     @property
     def default_subvolume_id(self) -> int:
         return self.volume.default_subvolume_id
+
+    def unused_ranges(self) -> Iterator[tuple[int, int]]:
+        """The unused ranges of the whole device, whichever subvolume this view shows."""
+        return self.volume.unused_ranges()
 
     def list_subvolumes(self) -> list[Subvolume]:
         """Every subvolume and snapshot of the volume (see :meth:`BtrfsVolume.subvolumes`)."""

@@ -20,35 +20,57 @@ The layout (all integers little-endian; "block" is the file system block of 1 Ki
   so reading every block linearly finds each name once. metadata_csum adds a 12-byte record of inode
   0 at each block's end.
 
-Checksums are not verified; the journal is not replayed (a file system that needs recovery reads as
-it would be mounted with ``noload``).
+Reading files verifies no checksum and replays no journal (a file system that needs recovery reads
+as it would be mounted with ``noload``).
+
+Free space (``unused_ranges``) comes from the block bitmaps, one block per group, bit ``i`` for the
+group's block ``i``. With uninit_bg or metadata_csum a group may be flagged BLOCK_UNINIT: its bitmap
+was never written and reads as the kernel builds it (the superblock copy and descriptor blocks at
+the group's start, and those of its bitmaps and inode table that lie in it, in use). Only a cleanly
+unmounted file system is read (no journal to replay, no orphans, no errors), and only once its maps
+agree: checksums where the features keep them, each group's free count, and every group's metadata
+marked used in the bitmap of the group holding it (with flex_bg, usually another group).
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from fastcrc import crc16, crc32
+
 from ...errors import CorruptImage, UnsupportedFormat
 from ...units import READ_CHUNK
 from ..signatures import Disk
 from ..superblocks import (
+    EXT_CHECKSUM_CRC32C,
+    EXT_COMPAT_HAS_JOURNAL,
     EXT_COMPAT_SPARSE_SUPER2,
     EXT_INCOMPAT_COMPRESSION,
+    EXT_INCOMPAT_CSUM_SEED,
     EXT_INCOMPAT_DIRDATA,
     EXT_INCOMPAT_FILETYPE,
     EXT_INCOMPAT_JOURNAL_DEV,
     EXT_INCOMPAT_LARGEDIR,
     EXT_INCOMPAT_META_BG,
+    EXT_INCOMPAT_RECOVER,
+    EXT_RO_COMPAT_BIGALLOC,
+    EXT_RO_COMPAT_GDT_CSUM,
+    EXT_RO_COMPAT_METADATA_CSUM,
+    EXT_RO_COMPAT_ORPHAN_PRESENT,
     EXT_RO_COMPAT_SPARSE_SUPER,
+    EXT_STATE_ERROR,
+    EXT_STATE_VALID,
+    EXT_SUPERBLOCK_CHECKSUM_OFFSET,
     EXT_SUPERBLOCK_OFFSET,
     EXT_SUPERBLOCK_SIZE,
     ExtSuperblock,
     parse_ext_superblock,
 )
-from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, Stat
+from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, NotSparsifiable, Stat, join_adjacent
 
 ROOT_INODE = 2
 
@@ -77,6 +99,20 @@ UNINIT_EXTENT = 32768
 #: i_block: 12 direct block numbers, then the single, double and triple indirect blocks
 DIRECT_BLOCKS = 12
 I_BLOCK_SIZE = 60
+
+#: bg_flags: the group's block bitmap was never written (free but for the group's own metadata)
+BG_BLOCK_UNINIT = 0x2
+#: where bg_checksum lies in a group descriptor (its checksums leave it out)
+DESCRIPTOR_CHECKSUM_OFFSET = 0x1E
+#: descriptors this long have their fields' high halves (from byte 0x20)
+DESC_64BIT_SIZE = 64
+#: descriptors this long hold the high half of the block bitmap's checksum (bytes 0x38-0x39)
+BLOCK_BITMAP_CSUM_HI_END = 0x3A
+#: the journal superblock (jbd2, big-endian): its magic, and where s_start (0: nothing to replay) lies
+JOURNAL_MAGIC = 0xC03B3998
+JOURNAL_START_OFFSET = 28
+#: group bitmaps kept while free space is checked (with flex_bg, the groups holding the tables)
+CACHED_BITMAPS = 64
 
 XATTR_MAGIC = 0xEA020000
 XATTR_INDEX_SYSTEM = 7
@@ -207,7 +243,7 @@ def parse_extent_node(node: bytes, where: int) -> tuple[int, list[tuple[int, int
                 length = -(length - UNINIT_EXTENT)
             entry = (logical, length, start_hi << 32 | start_lo)
             end = logical + abs(length) - 1
-        if logical <= previous or not depth and not length:
+        if logical <= previous or (not depth and not length):
             raise _corrupt("extents out of order or empty", where + position, "ext extent tree")
         previous = end
         entries.append(entry)
@@ -256,6 +292,134 @@ def _has_superblock_backup(sb: ExtSuperblock, group: int) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class GroupDescriptor:
+    """The fields of a block group descriptor that free space needs (block numbers with their high
+    halves where the descriptor has them)."""
+
+    block_bitmap: int
+    inode_bitmap: int
+    inode_table: int
+    free_blocks: int
+    flags: int
+    #: the block bitmap's checksum (its low 16 bits only in descriptors shorter than BLOCK_BITMAP_CSUM_HI_END)
+    block_bitmap_csum: int
+    checksum: int
+
+
+def parse_group_descriptor(raw: bytes) -> GroupDescriptor:
+    """A group descriptor of ``s_desc_size`` bytes: 32 (the fields' low halves) or 64 and more with
+    the 64bit feature (their high halves from byte 0x20)."""
+    (block_bitmap, inode_bitmap, inode_table, free_blocks, _free_inodes, _dirs, flags, _exclude, csum_lo, _,
+     _unused, checksum) = struct.unpack_from("<3I4HI4H", raw, 0)
+    csum = csum_lo
+    if len(raw) >= DESC_64BIT_SIZE:
+        bitmap_hi, inode_bitmap_hi, table_hi, free_hi = struct.unpack_from("<3IH", raw, 0x20)
+        block_bitmap |= bitmap_hi << 32
+        inode_bitmap |= inode_bitmap_hi << 32
+        inode_table |= table_hi << 32
+        free_blocks |= free_hi << 16
+    if len(raw) >= BLOCK_BITMAP_CSUM_HI_END:
+        csum |= int.from_bytes(raw[0x38:0x3A], "little") << 16
+    return GroupDescriptor(block_bitmap=block_bitmap, inode_bitmap=inode_bitmap, inode_table=inode_table,
+                           free_blocks=free_blocks, flags=flags, block_bitmap_csum=csum, checksum=checksum)
+
+
+def ext4_crc32c(seed: int, data: bytes) -> int:
+    """The kernel's ext4_chksum: CRC32C from ``seed`` with neither the initial nor the final
+    inversion (fastcrc's ``initial`` is a previous, inverted result)."""
+    return ~crc32.iscsi(data, ~seed & 0xFFFFFFFF) & 0xFFFFFFFF
+
+
+def descriptor_checksum(sb: ExtSuperblock, csum_seed: int, group: int, raw: bytes) -> int:
+    """What ``bg_checksum`` of ``group`` must hold: with metadata_csum the low half of the CRC32C
+    of the group number and the descriptor (its checksum zeroed), else (uninit_bg) the CRC16 of
+    the UUID, the group number and the descriptor without its checksum field."""
+    number = group.to_bytes(4, "little")
+    end = DESCRIPTOR_CHECKSUM_OFFSET
+    if sb.feature_ro_compat & EXT_RO_COMPAT_METADATA_CSUM:
+        return ext4_crc32c(csum_seed, number + raw[:end] + b"\0\0" + raw[end + 2 :]) & 0xFFFF
+    crc = crc16.modbus(number, crc16.modbus(sb.uuid))
+    crc = crc16.modbus(raw[:end], crc)
+    if sb.is_64bit and len(raw) > end + 2:
+        crc = crc16.modbus(raw[end + 2 :], crc)
+    return crc
+
+
+#: for each byte of a bitmap, the runs of clear bits in it as (first bit, end bit)
+_CLEAR_RUNS = tuple(
+    tuple((start, end) for start, end in
+          ((m.start(), m.end()) for m in re.finditer("0+", format(value, "08b")[::-1])))
+    for value in range(256)
+)
+#: a bitmap as tokens: runs of all-clear bytes, and single bytes with some bits clear (all-set bytes skipped)
+_BITMAP_TOKENS = re.compile(rb"\x00+|[\x01-\xfe]")
+
+
+def clear_runs(bitmap: bytes, count: int) -> Iterator[tuple[int, int]]:
+    """The runs of clear bits among the first ``count`` bits of ``bitmap`` (bit i is bit i % 8 of
+    byte i // 8, as ext2/3/4 bitmaps store them) as (first bit, number of bits), in order."""
+    start = end = -1
+    for match in _BITMAP_TOKENS.finditer(bitmap, 0, -(-count // 8)):
+        base = match.start() * 8
+        value = match.group()[0]
+        runs = ((0, (match.end() - match.start()) * 8),) if value == 0 else _CLEAR_RUNS[value]
+        for first, last in runs:
+            if base + first == end:
+                end = base + last
+                continue
+            if min(end, count) > start >= 0:
+                yield start, min(end, count) - start
+            start, end = base + first, base + last
+    if min(end, count) > start >= 0:
+        yield start, min(end, count) - start
+
+
+def set_bits(bitmap: bytearray, first: int, count: int) -> None:
+    """Set bits [first, first + count) of ``bitmap``."""
+    end = first + count
+    while first < end and first % 8:
+        bitmap[first // 8] |= 1 << first % 8
+        first += 1
+    whole = (end - first) // 8
+    bitmap[first // 8 : first // 8 + whole] = b"\xff" * whole
+    first += whole * 8
+    while first < end:
+        bitmap[first // 8] |= 1 << first % 8
+        first += 1
+
+
+def bits_set(bitmap: bytes, first: int, count: int) -> bool:
+    """Whether bits [first, first + count) of ``bitmap`` are all set."""
+    low, high = first // 8, -(-(first + count) // 8)
+    value = int.from_bytes(bitmap[low:high], "little") >> (first - low * 8)
+    mask = (1 << count) - 1
+    return value & mask == mask
+
+
+def clear_bit_count(bitmap: bytes, count: int) -> int:
+    """How many of the first ``count`` bits of ``bitmap`` are clear."""
+    value = int.from_bytes(bitmap[: -(-count // 8)], "little") & ((1 << count) - 1)
+    return count - value.bit_count()
+
+
+def group_base_metadata(sb: ExtSuperblock, block_size: int, group: int) -> int:
+    """How many blocks at the start of ``group`` hold the superblock copy and the group descriptors,
+    as the kernel's ext4_num_base_meta_blocks counts them (an uninitialised block bitmap has these
+    set): a superblock backup, then the descriptor table and its reserved blocks for growth; with
+    meta_bg, past ``s_first_meta_bg``, a descriptor block in the first, second and last group of
+    each run of descriptors-per-block groups."""
+    per_block = block_size // sb.desc_size
+    has_super = _has_superblock_backup(sb, group)
+    meta_bg = bool(sb.feature_incompat & EXT_INCOMPAT_META_BG)
+    if not meta_bg or group < sb.first_meta_bg * per_block:
+        if not has_super:
+            return 0
+        table = sb.first_meta_bg if meta_bg else -(-sb.group_count // per_block)
+        return 1 + table + sb.reserved_gdt_blocks
+    return has_super + (group % per_block in (0, 1, per_block - 1))
+
+
 class ExtFileSystem(GuestFileSystem[int]):
     """An ext2/3/4 file system occupying ``length`` bytes at ``offset`` of ``disk``; nodes are inode numbers."""
 
@@ -286,6 +450,14 @@ class ExtFileSystem(GuestFileSystem[int]):
         self._inodes: OrderedDict[int, Inode] = OrderedDict()
         self._names: OrderedDict[int, dict[str, int]] = OrderedDict()
         self._names_count = 0
+        self._metadata_csum = bool(sb.feature_ro_compat & EXT_RO_COMPAT_METADATA_CSUM)
+        #: whether descriptors carry checksums, and so may flag a group BLOCK_UNINIT
+        self._group_csum = self._metadata_csum or bool(sb.feature_ro_compat & EXT_RO_COMPAT_GDT_CSUM)
+        #: what metadata_csum's checksums start from
+        self._csum_seed = sb.checksum_seed if sb.feature_incompat & EXT_INCOMPAT_CSUM_SEED else \
+            ext4_crc32c(0xFFFFFFFF, sb.uuid)
+        #: group -> (descriptor, block bitmap), while free space is read
+        self._bitmaps: OrderedDict[int, tuple[GroupDescriptor, bytes]] = OrderedDict()
         if not self._stat(ROOT_INODE).is_dir:
             raise _corrupt("the root inode is not a directory", self._inode(ROOT_INODE).position, "ext inode")
 
@@ -314,10 +486,182 @@ class ExtFileSystem(GuestFileSystem[int]):
             self._blocks.move_to_end(block)
         return data
 
+    # -- free space ----------------------------------------------------------------------------------
+
+    def unused_ranges(self) -> Iterator[tuple[int, int]]:
+        """The blocks the block bitmaps mark free (an uninitialised bitmap computed as the kernel
+        does), once the file system is known clean and its maps agree: the superblock's,
+        descriptors' and bitmaps' checksums (metadata_csum, uninit_bg), each group's free count
+        against its descriptor, and each group's superblock copy, descriptors, bitmaps and inode
+        table marked used in the bitmap of the group where they lie. Every group is checked before
+        this returns; the ranges are then read group by group."""
+        self._check_clean()
+        self._check_geometry()
+        for group in range(self.sb.group_count):
+            self._check_group(group)
+        return join_adjacent(self._free_blocks())
+
+    def _check_clean(self) -> None:
+        """NotSparsifiable unless the file system was cleanly unmounted and has nothing to replay or release."""
+        sb = self.sb
+        if sb.feature_incompat & EXT_INCOMPAT_RECOVER:
+            raise NotSparsifiable("the journal needs recovery (needs_recovery is set): the bitmaps lack its changes")
+        if sb.state & EXT_STATE_ERROR:
+            raise NotSparsifiable("the file system is marked as having errors (run e2fsck)")
+        if not sb.state & EXT_STATE_VALID:
+            raise NotSparsifiable("the file system was not cleanly unmounted (its state is not clean)")
+        if sb.last_orphan:
+            raise NotSparsifiable(f"inode {sb.last_orphan} heads the orphan list: inodes await release")
+        if sb.feature_ro_compat & EXT_RO_COMPAT_ORPHAN_PRESENT:
+            raise NotSparsifiable("the orphan file lists inodes that await release")
+        if sb.feature_ro_compat & EXT_RO_COMPAT_BIGALLOC:
+            raise NotSparsifiable("bigalloc file systems (bitmaps of clusters) are not read")
+        if sb.feature_compat & EXT_COMPAT_HAS_JOURNAL and sb.journal_inum and self._journal_start():
+            raise NotSparsifiable("the journal holds transactions not yet written in place")
+
+    def _journal_start(self) -> int:
+        """s_start of the journal's superblock (the first block of the journal inode): 0 when the
+        journal holds nothing to replay."""
+        inode = self._inode(self.sb.journal_inum)
+        first = next(self._runs(inode, 0, 1), None)
+        if inode.type is not FileType.FILE or inode.flags & FLAG_INLINE_DATA or first is None or first[2] is None:
+            raise _corrupt(f"journal inode {self.sb.journal_inum} has no first block", inode.position, "ext journal")
+        block = self._read_blocks(first[2], 1, "ext journal")
+        magic, start = struct.unpack_from(">I", block)[0], struct.unpack_from(">I", block, JOURNAL_START_OFFSET)[0]
+        if magic != JOURNAL_MAGIC:
+            raise _corrupt(f"journal superblock magic 0x{magic:08x}", self._offset + first[2] * self._block_size,
+                           "ext journal")
+        return int(start)
+
+    def _check_geometry(self) -> None:
+        """Refuse values the bitmaps' layout depends on that the kernel would refuse, and a
+        superblock whose checksum (metadata_csum) is wrong."""
+        sb, bs = self.sb, self._block_size
+        where = self._offset + EXT_SUPERBLOCK_OFFSET
+        raw = self._disk.read_at(where, EXT_SUPERBLOCK_SIZE)
+        if self._metadata_csum:
+            if sb.checksum_type != EXT_CHECKSUM_CRC32C:
+                raise _corrupt(f"checksum type {sb.checksum_type}", where, "ext superblock")
+            stored = int.from_bytes(raw[EXT_SUPERBLOCK_CHECKSUM_OFFSET:][:4], "little")
+            computed = ext4_crc32c(0xFFFFFFFF, raw[:EXT_SUPERBLOCK_CHECKSUM_OFFSET])
+            if len(raw) != EXT_SUPERBLOCK_SIZE or stored != computed:
+                raise _corrupt("superblock checksum does not match", where, "ext superblock")
+        if sb.blocks_per_group > bs * 8:
+            raise _corrupt(f"{sb.blocks_per_group} blocks per group do not fit a bitmap block", where, "ext superblock")
+        if sb.first_data_block != (bs == 1024):
+            raise _corrupt(f"first data block {sb.first_data_block} with {bs}-byte blocks", where, "ext superblock")
+        if sb.reserved_gdt_blocks > bs // 4:
+            raise _corrupt(f"{sb.reserved_gdt_blocks} reserved descriptor blocks", where, "ext superblock")
+        if sb.feature_incompat & EXT_INCOMPAT_META_BG and \
+                sb.first_meta_bg > -(-sb.group_count // (bs // sb.desc_size)):
+            raise _corrupt(f"first meta block group {sb.first_meta_bg} past the descriptors", where, "ext superblock")
+
+    def _group_span(self, group: int) -> tuple[int, int]:
+        """The first block of ``group`` and how many blocks it has (the last group may have fewer)."""
+        sb = self.sb
+        first = sb.first_data_block + group * sb.blocks_per_group
+        return first, min(sb.blocks_per_group, sb.blocks_count - first)
+
+    def _uninitialised(self, descriptor: GroupDescriptor) -> bool:
+        return self._group_csum and bool(descriptor.flags & BG_BLOCK_UNINIT)
+
+    def _group_metadata(self, descriptor: GroupDescriptor) -> tuple[tuple[int, int, str], ...]:
+        """A group's block bitmap, inode bitmap and inode table as (first block, blocks, name)."""
+        table_blocks = -(-self.sb.inodes_per_group * self.sb.inode_size // self._block_size)
+        return ((descriptor.block_bitmap, 1, "block bitmap"), (descriptor.inode_bitmap, 1, "inode bitmap"),
+                (descriptor.inode_table, table_blocks, "inode table"))
+
+    def _group_bitmap(self, group: int) -> tuple[GroupDescriptor, bytes]:
+        """``group``'s descriptor (its checksum checked) and block bitmap: read and its checksum
+        checked, or for an uninitialised one computed as the kernel does (the superblock copy and
+        descriptors, and those of the group's bitmaps and inode table that lie in it, in use)."""
+        cached = self._bitmaps.get(group)
+        if cached is not None:
+            self._bitmaps.move_to_end(group)
+            return cached
+        sb, bs = self.sb, self._block_size
+        raw = self._descriptor(group)
+        descriptor = parse_group_descriptor(raw)
+        block, within = self._descriptor_position(group)
+        where = self._offset + block * bs + within
+        if self._group_csum and descriptor.checksum != descriptor_checksum(sb, self._csum_seed, group, raw):
+            raise _corrupt(f"group {group}'s descriptor checksum does not match", where, "ext group descriptor")
+        first, count = self._group_span(group)
+        if self._uninitialised(descriptor):
+            base = group_base_metadata(sb, bs, group)
+            if base > count:
+                raise _corrupt(f"group {group} of {count} blocks cannot hold its {base} descriptor blocks", where,
+                               "ext group descriptor")
+            computed = bytearray(bs)
+            set_bits(computed, 0, base)
+            for start, length, _ in self._group_metadata(descriptor):
+                low, high = max(start, first), min(start + length, first + count)
+                if low < high:
+                    set_bits(computed, low - first, high - low)
+            bitmap = bytes(computed)
+        else:
+            if not max(1, sb.first_data_block) <= descriptor.block_bitmap < sb.blocks_count:
+                raise _corrupt(f"group {group}'s block bitmap at block {descriptor.block_bitmap}", where,
+                               "ext group descriptor")
+            bitmap = self._read_blocks(descriptor.block_bitmap, 1, "ext block bitmap")
+            if self._metadata_csum:
+                expected = ext4_crc32c(self._csum_seed, bitmap[: sb.blocks_per_group // 8])
+                if sb.desc_size < BLOCK_BITMAP_CSUM_HI_END:
+                    expected &= 0xFFFF
+                if descriptor.block_bitmap_csum != expected:
+                    raise _corrupt(f"group {group}'s block bitmap checksum does not match",
+                                   self._offset + descriptor.block_bitmap * bs, "ext block bitmap")
+        self._bitmaps[group] = descriptor, bitmap
+        if len(self._bitmaps) > CACHED_BITMAPS:
+            self._bitmaps.popitem(last=False)
+        return descriptor, bitmap
+
+    def _check_group(self, group: int) -> None:
+        """NotSparsifiable unless ``group``'s bitmap counts the free blocks its descriptor does and
+        marks its superblock copy and descriptors used, and its bitmaps and inode table are marked
+        used in the bitmap of each group they lie in (with flex_bg, often another group, which must
+        then have a bitmap of its own)."""
+        sb = self.sb
+        descriptor, bitmap = self._group_bitmap(group)
+        count = self._group_span(group)[1]
+        free = clear_bit_count(bitmap, count)
+        if free != descriptor.free_blocks:
+            raise NotSparsifiable(f"group {group}'s bitmap has {free} free blocks, its descriptor counts "
+                                  f"{descriptor.free_blocks}")
+        base = group_base_metadata(sb, self._block_size, group)
+        if base > count or not bits_set(bitmap, 0, base):
+            raise NotSparsifiable(f"group {group}'s bitmap does not mark its superblock copy and descriptors used")
+        for start, length, name in self._group_metadata(descriptor):
+            if start < max(1, sb.first_data_block) or start + length > sb.blocks_count:
+                raise _corrupt(f"group {group}'s {name} at blocks {start}+{length} outside the file system", None,
+                               "ext group descriptor")
+            position = start
+            while position < start + length:
+                host = (position - sb.first_data_block) // sb.blocks_per_group
+                host_first, host_count = self._group_span(host)
+                take = min(start + length, host_first + host_count) - position
+                host_descriptor, host_bitmap = self._group_bitmap(host)
+                if host != group and self._uninitialised(host_descriptor):
+                    raise NotSparsifiable(f"group {group}'s {name} lies in group {host}, whose bitmap is uninitialised")
+                if not bits_set(host_bitmap, position - host_first, take):
+                    raise NotSparsifiable(f"group {group}'s {name} (blocks {start}+{length}) is not marked used in "
+                                          f"group {host}'s bitmap")
+                position += take
+
+    def _free_blocks(self) -> Iterator[tuple[int, int]]:
+        """The free blocks of each group in turn, as byte ranges of the volume."""
+        bs = self._block_size
+        for group in range(self.sb.group_count):
+            first, count = self._group_span(group)
+            for bit, length in clear_runs(self._group_bitmap(group)[1], count):
+                yield (first + bit) * bs, length * bs
+
     # -- inodes ----------------------------------------------------------------------------------
 
-    def _inode_table(self, group: int) -> int:
-        """The first block of ``group``'s inode table, from its group descriptor."""
+    def _descriptor_position(self, group: int) -> tuple[int, int]:
+        """The block holding ``group``'s descriptor and the descriptor's byte offset in it: in the
+        table after the superblock, or with meta_bg (from group ``s_first_meta_bg *
+        descriptors-per-block`` on) in the first group of its run of groups."""
         sb = self.sb
         per_block = self._block_size // sb.desc_size
         table_block, slot = divmod(group, per_block)
@@ -329,11 +673,16 @@ class ExtFileSystem(GuestFileSystem[int]):
                 block += 1
         else:
             block = EXT_SUPERBLOCK_OFFSET // self._block_size + 1 + table_block
-        descriptor = self._metadata_block(block, "ext group descriptor")[slot * sb.desc_size :][: sb.desc_size]
-        table = int.from_bytes(descriptor[8:12], "little")
-        if sb.desc_size >= 64:
-            table |= int.from_bytes(descriptor[0x28:0x2C], "little") << 32
-        return table
+        return block, slot * sb.desc_size
+
+    def _descriptor(self, group: int) -> bytes:
+        """The raw group descriptor of ``group``."""
+        block, within = self._descriptor_position(group)
+        return self._metadata_block(block, "ext group descriptor")[within : within + self.sb.desc_size]
+
+    def _inode_table(self, group: int) -> int:
+        """The first block of ``group``'s inode table, from its group descriptor."""
+        return parse_group_descriptor(self._descriptor(group)).inode_table
 
     def _inode(self, ino: int) -> Inode:
         inode = self._inodes.get(ino)
@@ -494,7 +843,7 @@ class ExtFileSystem(GuestFileSystem[int]):
 
     # -- directories -----------------------------------------------------------------------------
 
-    def _entries(self, node: int) -> Iterator[DirEntry]:
+    def _entries(self, node: int) -> Iterator[DirEntry[int]]:
         for name, ino, file_type in self._children(node):
             yield DirEntry(name, ino, DIRENT_TYPES.get(file_type))
 

@@ -16,10 +16,15 @@ On-disk layout (Microsoft's FAT specification, "FAT: General Overview of On-Disk
 Files and directories are named by a :class:`FatNode` built from their directory entry. Every
 cluster number is checked against the clusters that exist (and fit in the volume); chains are
 walked with Brent's cycle detection; a directory may not exceed the format's 65536 entries.
+
+Free space (``unused_ranges``, for ``--sparsify``) is the clusters whose entry is 0 in every FAT copy
+(in the active one alone when FAT32 mirroring is off); it is not trusted while the volume is marked
+dirty, in its boot sector or in FAT[1].
 """
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -29,8 +34,24 @@ from functools import lru_cache
 
 from ...errors import CorruptImage, DiskImageError
 from ..signatures import Disk
-from ..superblocks import FAT32_ACTIVE_FAT, FAT32_MIRRORING_OFF, FatBpb, field_offset, parse_fat_bpb
-from .base import DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
+from ..superblocks import (
+    FAT32_ACTIVE_FAT,
+    FAT32_MIRRORING_OFF,
+    FAT_STATE_DIRTY,
+    FatBpb,
+    field_offset,
+    parse_fat_bpb,
+)
+from .base import (
+    DirEntry,
+    FileType,
+    GuestFileSystem,
+    GuestPathError,
+    NotSparsifiable,
+    Stat,
+    join_adjacent,
+    read_volume,
+)
 
 #: the FAT specification's limit: 65536 entries of 32 bytes
 MAX_DIRECTORY_BYTES = 65536 * 32
@@ -60,6 +81,17 @@ NT_LOWER_EXT = 0x10
 
 #: pieces one long name may have (13 characters each, 255 at most)
 LFN_MAX_PIECES = 20
+
+#: the flags of FAT[1] (Microsoft's FAT specification): ClnShutBitMask, clear while the volume is
+#: mounted (fsck.fat: "Dirty bit is set"), and HrdErrBitMask, clear after a disk error; FAT12 has none
+FAT16_CLEAN_SHUTDOWN, FAT16_NO_DISK_ERROR = 0x8000, 0x4000
+FAT32_CLEAN_SHUTDOWN, FAT32_NO_DISK_ERROR = 0x08000000, 0x04000000
+#: a FAT32 entry's cluster number: its high 4 bits are reserved, and a free entry is 0 in the others
+FAT32_ENTRY_MASK = 0x0FFFFFFF
+#: FAT entries read at a time by ``unused_ranges`` (from each FAT copy)
+FREE_SPACE_ENTRIES = 1 << 18
+#: runs of zero bytes at least one FAT16 or FAT32 entry long (free entries lie in them)
+_ZERO_ENTRY_RUNS = {2: re.compile(rb"\x00{2,}"), 4: re.compile(rb"\x00{4,}")}
 
 
 @dataclass(frozen=True)
@@ -229,6 +261,10 @@ class FatFileSystem(GuestFileSystem["FatNode"]):
                 raise CorruptImage(f"active FAT {active} of {bpb.num_fats}",
                                    offset=offset + field_offset(FatBpb, "ext_flags_32"), structure="FAT boot sector")
         self._fat_start = bpb.fat_offset + active * fat_bytes
+        #: where each FAT that must call a cluster free for it to be free lies: every copy while they are
+        #: mirrored (copies that disagree are kept used), the active one alone when they are not
+        self._fat_copies = ([self._fat_start] if bpb.ext_flags & FAT32_MIRRORING_OFF
+                            else [bpb.fat_offset + index * fat_bytes for index in range(bpb.num_fats)])
         self._fat_end = self._fat_start + fat_bytes
         entry_bits = {"fat12": 12, "fat16": 16, "fat32": 32}[bpb.fat_type]
         in_fat = fat_bytes * 8 // entry_bits
@@ -405,7 +441,7 @@ class FatFileSystem(GuestFileSystem["FatNode"]):
         kind = FileType.DIRECTORY if node.is_dir else FileType.FILE
         return Stat(type=kind, size=node.size, node=node, mtime=node.mtime, flags=attribute_flags(node.attributes))
 
-    def _entries(self, node: FatNode) -> Iterator[DirEntry]:
+    def _entries(self, node: FatNode) -> Iterator[DirEntry[FatNode]]:
         for entry in self._listing(node).entries:
             yield DirEntry(entry.name, entry.node, FileType.DIRECTORY if entry.node.is_dir else FileType.FILE)
 
@@ -432,6 +468,66 @@ class FatFileSystem(GuestFileSystem["FatNode"]):
 
     def _readlink(self, node: FatNode) -> str:
         raise GuestPathError("FAT has no symbolic links")
+
+    # -- free space ----------------------------------------------------------------------------------
+
+    def unused_ranges(self) -> Iterator[tuple[int, int]]:
+        """The clusters whose entry is 0 (free) in every FAT copy, as byte ranges of the data area.
+        NotSparsifiable when the volume is marked dirty (not cleanly unmounted) or met a disk error."""
+        problem = self._unclean()
+        if problem is not None:
+            raise NotSparsifiable(problem)
+        return join_adjacent(self._free_clusters())
+
+    def _unclean(self) -> str | None:
+        """Why the volume's state forbids trusting its FAT (the flags fsck.fat reports), or None."""
+        if self.bpb.state & FAT_STATE_DIRTY:
+            return "the FAT volume's dirty bit is set in its boot sector (it was not cleanly unmounted)"
+        if self.type == "fat12":
+            return None
+        width, clean, no_error = ((2, FAT16_CLEAN_SHUTDOWN, FAT16_NO_DISK_ERROR) if self.type == "fat16"
+                                  else (4, FAT32_CLEAN_SHUTDOWN, FAT32_NO_DISK_ERROR))
+        flags = int.from_bytes(self._fat_entry_bytes(width, width), "little")  # FAT[1]
+        if not flags & clean:
+            return "the FAT volume's dirty bit is set in FAT[1] (it was not cleanly unmounted)"
+        if not flags & no_error:
+            return "the FAT volume recorded a disk error in FAT[1]"
+        return None
+
+    def _free_clusters(self) -> Iterator[tuple[int, int]]:
+        """(volume offset, length) of the runs of free clusters, FREE_SPACE_ENTRIES entries at a time."""
+        for first in range(0, self.cluster_limit, FREE_SPACE_ENTRIES):
+            last = min(first + FREE_SPACE_ENTRIES, self.cluster_limit)
+            for entry, count in self._zero_entries(first, last):
+                start, end = max(entry, 2), entry + count
+                if end > start:
+                    yield self._cluster_position(start), (end - start) * self.cluster_size
+
+    def _zero_entries(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """(entry, count) of the runs of entries in ``[first, last)`` that are 0 in every FAT copy
+        (``first`` even, so a FAT12 chunk starts on a whole byte)."""
+        if self.type == "fat12":
+            start, end = first * 3 // 2, -(-last * 3 // 2)
+        else:
+            width = 2 if self.type == "fat16" else 4
+            start, end = first * width, last * width
+        combined = 0
+        for copy in self._fat_copies:  # an entry is free when it is 0 in the copies OR'ed together
+            combined |= int.from_bytes(self._volume_bytes(copy + start, end - start, "FAT"), "little")
+        if self.type == "fat32":
+            combined &= int.from_bytes(FAT32_ENTRY_MASK.to_bytes(4, "little") * (last - first), "little")
+        data = combined.to_bytes(end - start, "little")
+        if self.type != "fat12":
+            for run in _ZERO_ENTRY_RUNS[width].finditer(data):
+                low, high = -(-run.start() // width), run.end() // width
+                if high > low:
+                    yield first + low, high - low
+            return
+        for entry in range(first, last):  # FAT12: 12-bit entries, two in three bytes
+            position = entry * 3 // 2 - start
+            pair = data[position] | data[position + 1] << 8
+            if not (pair >> 4 if entry & 1 else pair & 0xFFF):
+                yield entry, 1
 
 
 def find_efi_loaders(disk: Disk, offset: int, length: int) -> list[str]:

@@ -25,12 +25,18 @@ points (Windows symlinks and junctions, translated to guest paths when they poin
 which is taken to be drive C: unless told otherwise) or Interix links as ntfs-3g writes them.
 Compressed data (LZNT1, in units of 16 clusters) is decoded; encrypted (EFS) files and files whose
 data a reparse point holds elsewhere (WOF, deduplication) are recognised and their reading refused.
+
+Free space (``unused_ranges``, for ``--sparsify``) is the clusters whose bit is clear in $Bitmap (file 6).
+It is not trusted, as ntfs-3g does not mount such a volume read-write, when $Volume's flags say dirty,
+when Windows is hibernated on the volume (hiberfil.sys's header), or when $LogFile's newest restart page
+records an unclean shutdown or Windows' cached metadata (version 2.0, fast startup).
 """
 
 from __future__ import annotations
 
 import bisect
 import re
+import struct
 import sys
 from array import array
 from collections import OrderedDict
@@ -40,19 +46,34 @@ from dataclasses import dataclass, field
 from ...errors import CorruptImage, UnsupportedFormat
 from ..signatures import Disk
 from ..superblocks import NtfsBootSector, field_offset, parse_ntfs_boot_sector
-from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
+from .base import (
+    MAX_DIRECTORY_ENTRIES,
+    DirEntry,
+    FileType,
+    GuestFileSystem,
+    GuestPathError,
+    NotSparsifiable,
+    Stat,
+    clear_bit_runs,
+    join_adjacent,
+    read_volume,
+)
 
 #: the stride of update sequence fixups, whatever the sector size
 FIXUP_BLOCK = 512
 
 # MFT record numbers
 MFT_RECORD = 0
+LOGFILE_RECORD = 2
+VOLUME_RECORD = 3
 ROOT_RECORD = 5
+BITMAP_RECORD = 6  # $Bitmap: one bit per cluster, set when the cluster is in use
 UPCASE_RECORD = 10
 FIRST_USER_RECORD = 16  # records below hold the metafiles
 
 # attribute types
 ATTR_STANDARD_INFORMATION = 0x10
+ATTR_VOLUME_INFORMATION = 0x70  # in $Volume: reserved (8 bytes), major and minor version, flags (u16)
 ATTR_ATTRIBUTE_LIST = 0x20
 ATTR_FILE_NAME = 0x30
 ATTR_DATA = 0x80
@@ -65,6 +86,48 @@ ATTR_END = 0xFFFFFFFF
 ATTR_COMPRESSION_MASK = 0x00FF
 ATTR_ENCRYPTED = 0x4000
 ATTR_SPARSE = 0x8000
+
+# $VOLUME_INFORMATION flags
+VOLUME_IS_DIRTY = 0x0001  # Windows runs chkdsk at the next boot
+
+# hibernation: Windows writes its memory image to hiberfil.sys in the root, whose first 4 KiB header
+# starts with one of these while the image waits to be resumed (ntfs-3g refuses such a volume, and a
+# hiberfil.sys shorter than the header as well)
+HIBERFILE = "hiberfil.sys"
+HIBERFILE_HEADER_SIZE = 4096
+HIBERNATION_MAGICS = (b"hibr", b"HIBR", b"wake")
+
+# $LogFile (the journal): two restart pages, at 0 and at the system page size, then log record pages.
+# ntfs-3g's rules: the file is looked at in 4 KiB log pages, at most 4 GiB of it, and must hold the two
+# restart pages and 48 record pages; restart pages are looked for at 0, 512, 1024, ... until a record
+# page, or an empty (0xFF-filled) block after a used one
+LOGFILE_BLOCK = 512
+LOG_PAGE_SIZE = 4096
+MIN_LOG_RECORD_PAGES = 48
+MAX_LOGFILE_SIZE = 1 << 32
+#: bytes of $Bitmap read at a time by ``unused_ranges`` (8 Mi clusters)
+FREE_SPACE_CHUNK = 1 << 20
+#: a restart page's system page size, read whole (the specification's are 4 KiB; larger is refused)
+MAX_RESTART_PAGE = 64 << 10
+EMPTY_LOG_BLOCK = b"\xff\xff\xff\xff"
+RESTART_MAGICS = (b"RSTR", b"CHKD")  # CHKD: rewritten by chkdsk
+LOG_RECORD_MAGIC = b"RCRD"
+#: restart page header: magic, usa offset and count, chkdsk LSN, system and log page sizes, restart
+#: area offset, minor and major version (30 bytes)
+RESTART_PAGE_HEADER = struct.Struct("<4sHHqIIHhh")
+#: restart area: current LSN, log clients, free and in-use client lists, flags, sequence number bits,
+#: restart area length, client array offset, file size, last LSN data length, log record header
+#: length, log page data offset
+RESTART_AREA = struct.Struct("<qHHHHIHHqIHH")
+RESTART_AREA_FILE_SIZE = 24  # the offset of file_size: what lies before it must be in the first block
+#: a log client record: oldest LSN, client restart LSN, previous and next client (then 140 more bytes)
+LOG_CLIENT_RECORD = struct.Struct("<qqHH")
+LOG_CLIENT_RECORD_SIZE = 0xA0
+LOGFILE_NO_CLIENT = 0xFFFF
+RESTART_VOLUME_IS_CLEAN = 0x0002
+#: restart page versions ntfs-3g knows; 2.0 means Windows kept metadata in its cache (fast startup)
+LOGFILE_VERSIONS = ((1, 1), (2, 0))
+LOGFILE_CACHED_VERSION = (2, 0)
 
 # MFT record flags
 RECORD_IN_USE = 0x1
@@ -143,7 +206,7 @@ def _utf16(raw: bytes) -> str:
     return raw.decode("utf-16-le", errors="replace")
 
 
-def _utf16_units(raw: bytes) -> array:
+def _utf16_units(raw: bytes) -> array[int]:
     """Little-endian 16-bit values (UTF-16 code units, the $UpCase table) as an array."""
     units = array("H", raw[: len(raw) & ~1])
     if sys.byteorder == "big":
@@ -312,7 +375,7 @@ def parse_attributes(record: bytes, number: int, where: int) -> list[Attribute]:
                                    offset=where + pos, structure="MFT attribute")
             runs = parse_runlist(raw, runs_offset, lowest, where + pos)
             mapped = sum(run[1] for run in runs)
-            if highest >= lowest and mapped != highest - lowest + 1 or highest < lowest and mapped:
+            if (highest >= lowest and mapped != highest - lowest + 1) or (highest < lowest and mapped):
                 raise CorruptImage(f"MFT record {number}: runlist of attribute 0x{kind:x} maps {mapped} clusters, "
                                    f"its header VCNs {lowest}..{highest}", offset=where + pos, structure="NTFS runlist")
             attribute = Attribute(kind, name, flags, number, resident=False, lowest_vcn=lowest, highest_vcn=highest,
@@ -341,6 +404,101 @@ def parse_attribute_list(value: bytes, where: int) -> list[int]:
         records.append(_u64(value, pos + 16) & RECORD_NUMBER_MASK)
         pos += length
     return records
+
+
+# -- $LogFile restart pages --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestartPage:
+    """What a consistent $LogFile restart page says of the journal's state."""
+
+    version: tuple[int, int]
+    lsn: int  # the current LSN (the chkdsk LSN of a page rewritten by chkdsk)
+    client_in_use_list: int
+    flags: int
+
+    @property
+    def clean(self) -> bool:
+        """No client has the journal open, or the volume was marked clean (ntfs_is_logfile_clean)."""
+        return self.client_in_use_list == LOGFILE_NO_CLIENT or bool(self.flags & RESTART_VOLUME_IS_CLEAN)
+
+
+def _restart_area_problem(page: bytes, area: int, system_page: int) -> str | None:
+    """Why the restart area at ``page[area:]`` is inconsistent (ntfs-3g's checks), or None."""
+    if area + RESTART_AREA_FILE_SIZE > LOGFILE_BLOCK - 2:
+        return "its fields run into the first block's fixup"
+    if area + RESTART_AREA.size > system_page:
+        return "it runs past its page"
+    (_lsn, clients, free_list, in_use, _flags, sequence_bits, area_length, client_array, file_size, _last,
+     header_length, data_offset) = RESTART_AREA.unpack_from(page, area)
+    if client_array & 7 or area + client_array > LOGFILE_BLOCK - 2:
+        return f"client array offset {client_array}"
+    needed = client_array + clients * LOG_CLIENT_RECORD_SIZE
+    if area + needed > system_page or area + area_length > system_page or needed > area_length:
+        return f"restart area of {area_length} bytes for {clients} clients"
+    if any(head != LOGFILE_NO_CLIENT and head >= clients for head in (free_list, in_use)):
+        return "client lists past the client array"
+    if sequence_bits != 67 - max(file_size, 0).bit_length():
+        return f"{sequence_bits} sequence number bits for a file of {file_size} bytes"
+    if header_length & 7 or data_offset & 7:
+        return "record header length or page data offset not a multiple of 8"
+    return None
+
+
+def _client_lists_problem(page: bytes, area: int) -> str | None:
+    """Why the free and in-use client lists of a fixed-up restart page are broken, or None: each
+    entry inside the array, the first without a previous one, no list longer than the array."""
+    fields = RESTART_AREA.unpack_from(page, area)
+    clients, free_list, in_use, array_start = fields[1], fields[2], fields[3], area + fields[7]
+    budget = clients
+    for head in (free_list, in_use):
+        index, first = head, True
+        while index != LOGFILE_NO_CLIENT:
+            if not budget or index >= clients:
+                return "client lists loop or leave the array"
+            _oldest, _restart, previous, following = LOG_CLIENT_RECORD.unpack_from(
+                page, array_start + index * LOG_CLIENT_RECORD_SIZE)
+            if first and previous != LOGFILE_NO_CLIENT:
+                return "the first client of a list has a previous one"
+            first, budget, index = False, budget - 1, following
+    return None
+
+
+def parse_restart_page(page: bytes, position: int) -> RestartPage | None:
+    """The state a $LogFile restart page (``page``: its whole system page, read at ``position`` of
+    $LogFile) records, or None when it is not consistent by ntfs-3g's checks (such a page is passed
+    over: another may be valid)."""
+    if len(page) < LOGFILE_BLOCK or page[:4] not in RESTART_MAGICS:
+        return None
+    (magic, usa_offset, usa_count, chkdsk_lsn, system_page, log_page, area, minor,
+     major) = RESTART_PAGE_HEADER.unpack_from(page)
+    for size in (system_page, log_page):
+        if size < LOGFILE_BLOCK or size & (size - 1):
+            return None
+    if system_page != len(page) or position not in (0, system_page) or (major, minor) not in LOGFILE_VERSIONS:
+        return None
+    protected = magic != b"CHKD" or usa_count != 0  # chkdsk may leave its page without fixups
+    usa_end = usa_offset + 2 * usa_count
+    if protected and (usa_count != 1 + system_page // LOGFILE_BLOCK or usa_offset < RESTART_PAGE_HEADER.size
+                      or usa_end > LOGFILE_BLOCK - 2):
+        return None
+    if area & 7 or area < (usa_end if protected else RESTART_PAGE_HEADER.size) or area > system_page:
+        return None
+    if magic == b"RSTR" and chkdsk_lsn:
+        return None
+    if _restart_area_problem(page, area, system_page) is not None:
+        return None
+    (lsn, _clients, _free_list, in_use, flags, _bits, area_length, *_rest) = RESTART_AREA.unpack_from(page, area)
+    if protected:
+        try:
+            page = apply_fixups(page, magic, position, "$LogFile restart page")
+        except CorruptImage:  # a torn page: fatal only when the restart area reaches past the first block
+            if area + area_length > LOGFILE_BLOCK - 2:
+                return None
+    if magic == b"RSTR" and in_use != LOGFILE_NO_CLIENT and _client_lists_problem(page, area) is not None:
+        return None
+    return RestartPage((major, minor), lsn if magic == b"RSTR" else chkdsk_lsn, in_use, flags)
 
 
 # -- directory indexes ----------------------------------------------------------------------------------
@@ -506,7 +664,7 @@ class NtfsFileSystem(GuestFileSystem[int]):
         self._files: OrderedDict[int, NtfsFile] = OrderedDict()
         self._cached_runs = 0
         self._index_nodes: OrderedDict[tuple[int, int], IndexNode] = OrderedDict()
-        self._upcase: array | None = None
+        self._upcase: array[int] | None = None
         self._decoded: tuple[Stream, int, bytes] | None = None  # the last decompressed unit
         # $MFT: its first record lies where the boot sector says; its $DATA maps the rest
         if not 0 < boot.mft_lcn < self._clusters:
@@ -555,7 +713,7 @@ class NtfsFileSystem(GuestFileSystem[int]):
             self._records.move_to_end(number)
             return cached
         position = number * self._record_size
-        if not 0 <= number or position + self._record_size > self._mft.size:
+        if number < 0 or position + self._record_size > self._mft.size:
             raise CorruptImage(f"MFT record {number} lies past the end of $MFT ({self._mft.size} bytes)",
                                structure="$MFT")
         raw = self._read_stream(self._mft, position, self._record_size, "$MFT")
@@ -821,7 +979,85 @@ class NtfsFileSystem(GuestFileSystem[int]):
             raise GuestPathError(f"NTFS file {found.name!r} (MFT record {found.number}) is not a symbolic link")
         return found.link
 
-    def _entries(self, node: int) -> Iterator[DirEntry]:
+    def unused_ranges(self) -> Iterator[tuple[int, int]]:
+        """The clusters $Bitmap marks free, up to the volume's last cluster (its bits past it, and the
+        sectors after the last whole cluster, are never free). NotSparsifiable when the volume is
+        marked dirty, Windows is hibernated on it, or its $LogFile holds changes to replay."""
+        problem = self._unclean()
+        if problem is not None:
+            raise NotSparsifiable(problem)
+        bitmap = self._file(BITMAP_RECORD).data
+        if bitmap is None or bitmap.size * 8 < self._clusters:
+            size = 0 if bitmap is None else bitmap.size
+            raise CorruptImage(f"$Bitmap of {size} bytes for {self._clusters} clusters", structure="$Bitmap")
+        return join_adjacent(self._free_clusters(bitmap))
+
+    def _free_clusters(self, bitmap: Stream) -> Iterator[tuple[int, int]]:
+        chunk = FREE_SPACE_CHUNK
+        for position in range(0, -(-self._clusters // 8), chunk):
+            data = self._read_stream(bitmap, position, chunk, "$Bitmap")
+            for first, count in clear_bit_runs(data, self._clusters - position * 8, position * 8):
+                yield first * self._cluster, count * self._cluster
+
+    def _unclean(self) -> str | None:
+        """Why the volume's state forbids trusting $Bitmap (as ntfs-3g refuses to mount it), or None."""
+        info = [a for a in self._attributes(VOLUME_RECORD) if a.type == ATTR_VOLUME_INFORMATION and a.resident]
+        if not info or len(info[0].value) < 12:
+            raise CorruptImage("$Volume has no $VOLUME_INFORMATION", structure="$Volume")
+        if _u16(info[0].value, 10) & VOLUME_IS_DIRTY:
+            return "the NTFS volume is marked dirty (Windows checks it with chkdsk at its next boot)"
+        hiberfile = self._lookup(ROOT_RECORD, HIBERFILE)
+        if hiberfile is not None and self._stat(hiberfile).is_file:
+            header = self._read(hiberfile, 0, HIBERFILE_HEADER_SIZE)
+            if len(header) < HIBERFILE_HEADER_SIZE:
+                return f"{HIBERFILE} is shorter than its header: ntfs-3g takes the volume as hibernated"
+            if header[:4] in HIBERNATION_MAGICS:
+                return f"Windows is hibernated on the NTFS volume ({HIBERFILE} starts with {header[:4].decode()!r})"
+        return self._logfile_problem()
+
+    def _logfile_problem(self) -> str | None:
+        """Why $LogFile says the volume was not shut down cleanly (ntfs-3g's ntfs_check_logfile and
+        ntfs_is_logfile_clean, and its refusal of version 2.0), or None: empty, or clean."""
+        logfile = self._file(LOGFILE_RECORD).data
+        if logfile is None or logfile.resident is not None:
+            raise CorruptImage("$LogFile has no non-resident data", structure="$LogFile")
+        size = min(logfile.size, MAX_LOGFILE_SIZE) & ~(LOG_PAGE_SIZE - 1)
+        if size < (2 + MIN_LOG_RECORD_PAGES) * LOG_PAGE_SIZE:
+            return f"$LogFile of {logfile.size} bytes is too small to be checked"
+        empty = True
+        pages: list[RestartPage] = []
+        position = 0
+        while position < size:
+            block = self._read_stream(logfile, position, LOGFILE_BLOCK, "$LogFile")
+            if block[:4] != EMPTY_LOG_BLOCK:
+                empty = False
+            elif not empty:
+                break
+            if block[:4] == LOG_RECORD_MAGIC:
+                break
+            if block[:4] in RESTART_MAGICS:
+                page_size = _u32(block, 16)
+                page = None
+                if LOGFILE_BLOCK <= page_size <= MAX_RESTART_PAGE and position + page_size <= logfile.size:
+                    page = parse_restart_page(self._read_stream(logfile, position, page_size, "$LogFile"), position)
+                if page is not None:
+                    pages.append(page)
+                    if position:
+                        break
+            position = position * 2 if position else LOGFILE_BLOCK
+        if empty:
+            return None
+        if not pages:
+            return "$LogFile is not empty but holds no valid restart page"
+        current = pages[-1] if len(pages) == 2 and pages[1].lsn > pages[0].lsn else pages[0]
+        if current.version == LOGFILE_CACHED_VERSION:
+            return ("Windows kept the NTFS volume's metadata in its cache ($LogFile version 2.0: fast startup, "
+                    "or an unclean shutdown)")
+        if not current.clean:
+            return "the NTFS $LogFile records an unclean shutdown: changes wait to be replayed"
+        return None
+
+    def _entries(self, node: int) -> Iterator[DirEntry[int]]:
         seen = 0
         for entry in self._index(self._directory(node)):
             if entry.namespace == NAMESPACE_DOS or entry.record < FIRST_USER_RECORD:

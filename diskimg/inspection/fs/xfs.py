@@ -28,23 +28,50 @@ On-disk layout (all integers big-endian):
 * Symbolic links: the target in the inode (local), or in blocks, which in v5 start with an
   ``XSLM`` header.
 
-Not read: the realtime device (files flagged realtime are refused), the log (a file system that
-was not cleanly unmounted is read as the last checkpoint left it), extended attributes. Checksums
-are not verified; every magic number, owner, offset, length and count is checked before use, and
-a broken structure raises :class:`~diskimg.errors.CorruptImage`.
+* Free space: each AG's AGF (sector 1) roots two btrees of free extents (AG block, length), one
+  sorted by block (``ABTB``/``AB3B``) and one by length (``ABTC``/``AB3C``), and the AGFL (sector
+  3) lists a few more free blocks kept for the btrees' growth. The internal log is a ring of
+  512-byte blocks, each stamped with the cycle (pass over the ring) it was written in; a cleanly
+  unmounted log ends, at its head, with an unmount record. ``unused_ranges`` reads free space only
+  from a clean log, checks the CRCs of what it reads (v5) and that the two btrees and the AGF agree.
+
+Not read: the realtime device (files flagged realtime are refused), the log's records (a file
+system that was not cleanly unmounted is read as the last checkpoint left it), extended
+attributes. Reading files verifies no checksum; every magic number, owner, offset, length and
+count is checked before use, and a broken structure raises :class:`~diskimg.errors.CorruptImage`.
 """
 
 from __future__ import annotations
 
+import heapq
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from fastcrc import crc32
 
 from ...errors import CorruptImage, UnsupportedFormat
 from ..signatures import Disk
-from ..superblocks import XFS_SUPERBLOCK_SIZE, XFS_VERSION_DIRV2, XfsSuperblock, field_offset, parse_xfs_superblock
-from .base import MAX_DIRECTORY_ENTRIES, DirEntry, FileType, GuestFileSystem, GuestPathError, Stat, read_volume
+from ..superblocks import (
+    XFS_INCOMPAT_NEEDSREPAIR,
+    XFS_SUPERBLOCK_SIZE,
+    XFS_VERSION_DIRV2,
+    XfsSuperblock,
+    field_offset,
+    parse_xfs_superblock,
+)
+from .base import (
+    MAX_DIRECTORY_ENTRIES,
+    DirEntry,
+    FileType,
+    GuestFileSystem,
+    GuestPathError,
+    NotSparsifiable,
+    Stat,
+    join_adjacent,
+    read_volume,
+)
 
 #: v5 incompatible features this reader understands: ftype, sparse inodes, meta uuid, bigtime,
 #: needsrepair, 64-bit extent counters, exchange-range, parent pointers (the last two change
@@ -100,6 +127,41 @@ DIFLAG_REALTIME = 0x1
 DIFLAG2_BIGTIME = 0x8
 DIFLAG2_NREXT64 = 0x10
 BIGTIME_EPOCH_OFFSET = 1 << 31  # bigtime counts nanoseconds from 1901-12-13T20:45:52Z
+
+# -- free space (unused_ranges) -------------------------------------------------------------------------
+
+#: the allocation group's headers: superblock, AGF, AGI and AGFL, one sector each
+AG_HEADER_SECTORS = 4
+AGF_SECTOR, AGFL_SECTOR = 1, 3
+AGF_MAGIC = b"XAGF"
+AGF_VERSION = 1
+AGFL_MAGIC = b"XAFL"
+#: where the CRC32C of each version 5 structure lies (each covers its sector or block, that field zeroed)
+SB_CRC_OFFSET = 224
+AGF_CRC_OFFSET = 216
+AGFL_CRC_OFFSET = 32
+SHORT_BTREE_CRC_OFFSET = 52
+#: the version 5 AGFL's header (magic, AG number, UUID, LSN, CRC) before its block numbers
+AGFL_HEADER = 36
+#: free-space btree blocks: by block number and by size, per version
+FREE_SPACE_MAGIC = {("bno", 4): b"ABTB", ("bno", 5): b"AB3B", ("cnt", 4): b"ABTC", ("cnt", 5): b"AB3C"}
+#: short-form (AG-relative) btree block headers: magic, level, records, siblings; v5 adds block
+#: address, LSN, UUID, owner AG and CRC
+SHORT_BTREE_HEADER = {4: 16, 5: 56}
+NULL_AGBLOCK = 0xFFFFFFFF
+#: the kernel's XFS_BTREE_MAXLEVELS before 5.19: no free-space btree of a 2^31-block AG is deeper
+FREE_SPACE_MAX_LEVELS = 9
+
+#: the log: 512-byte basic blocks, each stamped with its cycle; records start with a header block
+LOG_BLOCK = 512
+LOG_RECORD_MAGIC = 0xFEEDBABE
+#: bytes whose cycle stamps one record header (or extended header) block saves
+LOG_HEADER_CYCLE_SIZE = 32768
+#: log buffers written at once, and the largest record of version 1 and 2 logs
+LOG_MAX_ICLOGS = 8
+LOG_MAX_RECORD = {False: 32768, True: 262144}
+#: xlog_op_header.oh_flags: this operation is the unmount record
+LOG_UNMOUNT_TRANS = 0x20
 
 
 def _corrupt(message: str, offset: int | None, structure: str) -> CorruptImage:
@@ -303,6 +365,232 @@ def parse_data_block(block: bytes, version: int, has_ftype: bool, single: bool,
     return entries
 
 
+def _extent_hash(start: int, blocks: int) -> int:
+    """A 64-bit mix of one free extent: summed over a btree's records, it tells two trees' sets apart."""
+    value = (start << 32 | blocks) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+    value ^= value >> 29
+    return value * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+
+
+def crc_ok(raw: bytes, offset: int) -> bool:
+    """Whether the little-endian CRC32C at ``offset`` of a version 5 structure matches its bytes
+    (that field counted as zeros)."""
+    stored = int.from_bytes(raw[offset : offset + 4], "little")
+    return stored == crc32.iscsi(raw[:offset] + bytes(4) + raw[offset + 4 :])
+
+
+@dataclass(frozen=True)
+class Agf:
+    """An allocation group's free space header (``xfs_agf``, sector 1 of the AG)."""
+
+    magic: bytes
+    version: int
+    seqno: int
+    length: int
+    bno_root: int
+    cnt_root: int
+    rmap_root: int
+    bno_level: int
+    cnt_level: int
+    rmap_level: int
+    fl_first: int
+    fl_last: int
+    fl_count: int
+    free_blocks: int
+    longest: int
+    uuid: bytes
+    refcount_root: int
+    refcount_level: int
+
+
+def parse_agf(raw: bytes) -> Agf:
+    """The AGF's fields (the UUID and the refcount btree's root are version 5's; zeros before)."""
+    (magic, version, seqno, length, bno_root, cnt_root, rmap_root, bno_level, cnt_level, rmap_level, fl_first,
+     fl_last, fl_count, free_blocks, longest, _btree_blocks, uuid, _rmap_blocks, _refcount_blocks, refcount_root,
+     refcount_level) = struct.unpack_from(">4s15I16s4I", raw)
+    return Agf(magic=magic, version=version, seqno=seqno, length=length, bno_root=bno_root, cnt_root=cnt_root,
+               rmap_root=rmap_root, bno_level=bno_level, cnt_level=cnt_level, rmap_level=rmap_level,
+               fl_first=fl_first, fl_last=fl_last, fl_count=fl_count, free_blocks=free_blocks, longest=longest,
+               uuid=uuid, refcount_root=refcount_root, refcount_level=refcount_level)
+
+
+def agfl_active(fl_first: int, fl_last: int, fl_count: int, size: int) -> int | None:
+    """How many AGFL slots lie from ``fl_first`` to ``fl_last`` (wrapping at ``size``), or None when
+    the AGF's list does not add up (the kernel resets such a list: xfs_agfl_needs_reset)."""
+    if fl_first >= size or fl_last >= size or fl_count > size:
+        return None
+    if not fl_count:
+        return 0
+    active = fl_last - fl_first + 1 if fl_last >= fl_first else size - fl_first + fl_last + 1
+    return active if active == fl_count else None
+
+
+@dataclass(frozen=True)
+class LogRecordHeader:
+    """The fields of a log record header (``xlog_rec_header``) that tell where a record ends."""
+
+    cycle: int
+    version: int
+    length: int  # bytes of the record's data
+    operations: int
+    uuid: bytes
+    size: int  # of the log buffer, version 2
+
+    def header_blocks(self, v2: bool) -> int:
+        """Blocks of the header: one, or with large version 2 buffers extended headers after it."""
+        if v2 and self.version & 2 and self.size > LOG_HEADER_CYCLE_SIZE:
+            return -(-self.size // LOG_HEADER_CYCLE_SIZE)
+        return 1
+
+
+def parse_log_record_header(block: bytes) -> LogRecordHeader | None:
+    """The record header in a log block (magic, cycle, version, length, LSN, tail LSN, CRC, previous
+    block, operations, the saved cycle words, format, UUID, buffer size), None without its magic."""
+    magic, cycle, version, length = struct.unpack_from(">4I", block)
+    if magic != LOG_RECORD_MAGIC:
+        return None
+    operations = struct.unpack_from(">I", block, 40)[0]
+    uuid, size = struct.unpack_from(">16sI", block, 304)
+    return LogRecordHeader(cycle=cycle, version=version, length=length, operations=operations, uuid=uuid, size=size)
+
+
+def log_block_cycle(block: bytes) -> int:
+    """The cycle a log block was written in: the header's h_cycle, else the stamp that replaced
+    the block's first word."""
+    first, second = struct.unpack_from(">II", block)
+    return int(second if first == LOG_RECORD_MAGIC else first)
+
+
+class XfsLog:
+    """The internal log, read as its 512-byte blocks: where its head is and whether the last record
+    before the head is the unmount record, found the way the kernel's log recovery (and
+    xfs_repair, xfs_logprint) find them. Raises NotSparsifiable where the log does not add up."""
+
+    def __init__(self, read: Callable[[int, int], bytes], blocks: int, v2: bool, uuid: bytes) -> None:
+        self._read, self.blocks, self.v2, self.uuid = read, blocks, v2, uuid
+        record = LOG_MAX_RECORD[v2] // LOG_BLOCK
+        #: blocks the in-flight buffers may have left half-written before the head, and one record's
+        self._window = min(blocks, LOG_MAX_ICLOGS * record)
+        self._record_blocks = min(blocks, record)
+
+    def _cycle(self, block: int) -> int:
+        return log_block_cycle(self._read(block, 1))
+
+    def _cycle_start(self, first: int, last: int, cycle: int) -> int:
+        """The first block from which the blocks up to ``last`` have ``cycle`` (a binary search)."""
+        middle = (first + last) // 2
+        while middle not in (first, last):
+            if self._cycle(middle) == cycle:
+                last = middle
+            else:
+                first = middle
+            middle = (first + last) // 2
+        return last
+
+    def _find_cycle(self, start: int, count: int, cycle: int) -> int | None:
+        """The first of ``count`` blocks from ``start`` written in ``cycle``, or None."""
+        step = LOG_HEADER_CYCLE_SIZE // LOG_BLOCK
+        for chunk in range(start, start + count, step):
+            take = min(step, start + count - chunk)
+            data = self._read(chunk, take)
+            for index in range(take):
+                if log_block_cycle(data[index * LOG_BLOCK : index * LOG_BLOCK + 8]) == cycle:
+                    return chunk + index
+        return None
+
+    def _last_header(self, end: int, start: int) -> tuple[int, LogRecordHeader] | None:
+        """The last record header in blocks [start, end), or None."""
+        for block in range(end - 1, start - 1, -1):
+            header = parse_log_record_header(self._read(block, 1))
+            if header is not None:
+                return block, header
+        return None
+
+    def _back_over_torn_record(self, start: int, head: int, extra: int) -> int | None:
+        """``head``, or the start of the record before it when that record does not end exactly
+        there (a torn write); None when no header lies in [0, head) and ``start`` is 0."""
+        found = self._last_header(head, start)
+        if found is None:
+            if start:
+                raise NotSparsifiable(f"the log has no record header in blocks {start}-{head - 1}")
+            return None
+        block, header = found
+        if head - block + extra != -(-header.length // LOG_BLOCK) + header.header_blocks(self.v2):
+            return block
+        return head
+
+    def head(self) -> int:
+        """The block where the next record would be written (0 for a log never written to)."""
+        n = self.blocks
+        first_cycle = self._cycle(0)
+        if first_cycle == 0:
+            return 0
+        last_cycle = self._cycle(n - 1)
+        if last_cycle == 0:  # the log was not written round once yet
+            if first_cycle != 1:
+                raise NotSparsifiable(f"the log is inconsistent: its first block is of cycle {first_cycle}")
+            head = self._cycle_start(0, n - 1, 0)
+            scan = min(self._window, head)
+            hole = self._find_cycle(head - scan, scan, 0)
+            head = hole if hole is not None else head
+            verified = self._back_over_torn_record(head - scan, head, 0)
+            if verified is None:
+                raise NotSparsifiable("the log has no record header before its head")
+            return verified
+        if first_cycle == last_cycle:  # every block of one cycle: the head is at the end, unless holes remain
+            head, stop = n, last_cycle - 1
+        else:
+            stop = last_cycle
+            head = self._cycle_start(0, n - 1, last_cycle)
+        scan = self._window
+        if head >= scan:
+            hole = self._find_cycle(head - scan, scan, stop)
+            head = hole if hole is not None else head
+        else:
+            hole = self._find_cycle(n - (scan - head), scan - head, stop - 1)
+            if hole is None:
+                hole = self._find_cycle(0, head, stop)
+            head = hole if hole is not None else head
+        scan = self._record_blocks
+        if head >= scan:
+            verified = self._back_over_torn_record(head - scan, head, 0)
+            if verified is None:
+                raise NotSparsifiable("the log has no record header before its head")
+            head = verified
+        else:
+            verified = self._back_over_torn_record(0, head, 0)
+            if verified is None:
+                wrapped = self._back_over_torn_record(n - (scan - head), n, head)
+                if wrapped is None:
+                    raise NotSparsifiable("the log has no record header before its head")
+                if wrapped != n:
+                    head = wrapped
+            else:
+                head = verified
+        return 0 if head == n else head
+
+    def clean(self) -> bool:
+        """Whether the log was cleanly unmounted: the last record before the head, ending at the
+        head, holds one operation flagged as the unmount record (a log never written counts as clean)."""
+        n = self.blocks
+        head = self.head()
+        if head == 0 and self._cycle(0) == 0:
+            return True
+        reach = self._record_blocks + LOG_MAX_RECORD[self.v2] // LOG_HEADER_CYCLE_SIZE
+        found = self._last_header(head, max(0, head - reach))
+        if found is None and head < reach:
+            found = self._last_header(n, max(head, n - (reach - head)))
+        if found is None:
+            return False
+        block, header = found
+        if any(header.uuid) and header.uuid != self.uuid:
+            raise NotSparsifiable("the log's records belong to another file system (their UUID differs)")
+        data = (block + header.header_blocks(self.v2)) % n
+        if (data + -(-header.length // LOG_BLOCK)) % n != head or header.operations != 1:
+            return False
+        return bool(self._read(data, 1)[9] & LOG_UNMOUNT_TRANS)
+
+
 class XfsFileSystem(GuestFileSystem[int]):
     """An XFS file system at ``[offset, offset + length)`` of ``disk``; nodes are inode numbers."""
 
@@ -359,6 +647,211 @@ class XfsFileSystem(GuestFileSystem[int]):
         else:
             self._cache.move_to_end(position)
         return data, self._offset + position
+
+    # -- free space --------------------------------------------------------------------------------
+
+    def unused_ranges(self) -> Iterator[tuple[int, int]]:
+        """The free extents of every AG's by-block btree and the blocks on its free list (AGFL), once
+        the log is known clean and each AG's maps agree: AGF, AGFL and btree blocks checked (CRCs,
+        owners, siblings, key order), the two free-space btrees holding the same extents, the AGF's
+        free and longest counts matching them, and no free extent on the log, the btrees' roots or
+        the AG's headers. Every AG is checked before this returns; the ranges are then read again
+        AG by AG."""
+        self._check_clean()
+        for ag in range(self.geometry.ag_count):
+            self._check_ag(ag)
+        return join_adjacent(self._free_extents())
+
+    def _check_clean(self) -> None:
+        g = self.geometry
+        where = "XFS superblock"
+        if not 512 <= g.sector_size <= min(g.block_size, 32768) or g.sector_size & (g.sector_size - 1):
+            raise _corrupt(f"sector size {g.sector_size}", field_offset(XfsSuperblock, "sector_size"), where)
+        if g.version == 5 and not crc_ok(self._read_raw(0, g.sector_size, where), SB_CRC_OFFSET):
+            raise _corrupt("superblock CRC does not match", 0, where)
+        if g.in_progress:
+            raise NotSparsifiable("mkfs.xfs did not finish (sb_inprogress is set)")
+        if g.incompat & XFS_INCOMPAT_NEEDSREPAIR:
+            raise NotSparsifiable("the file system needs xfs_repair (needsrepair is set)")
+        if not g.log_start:
+            raise NotSparsifiable("the log lies on an external device: whether it is clean cannot be read")
+        if not g.log_blocks:
+            raise _corrupt("internal log of 0 blocks", field_offset(XfsSuperblock, "log_blocks"), where)
+        position = self._block_position(g.log_start, g.log_blocks, "XFS log", field_offset(XfsSuperblock, "log_start"))
+
+        def read(block: int, count: int) -> bytes:
+            return self._read_raw(position + block * LOG_BLOCK, count * LOG_BLOCK, "XFS log")
+
+        log = XfsLog(read, g.log_blocks * g.block_size // LOG_BLOCK, g.log_v2, g.uuid)
+        if not log.clean():
+            raise NotSparsifiable("the log is dirty (not cleanly unmounted): the free-space btrees may call blocks "
+                                  "free that the log's changes use")
+
+    def _ag_length(self, ag: int) -> int:
+        g = self.geometry
+        return min(g.ag_blocks, g.dblocks - ag * g.ag_blocks)
+
+    def _ag_header_blocks(self) -> int:
+        """The blocks at each AG's start that hold its four header sectors."""
+        return -(-AG_HEADER_SECTORS * self.geometry.sector_size // self.geometry.block_size)
+
+    def _agf(self, ag: int) -> tuple[Agf, list[int]]:
+        """The AG's AGF, checked, and the blocks on its free list (sorted)."""
+        g = self.geometry
+        where = f"XFS AG {ag} AGF"
+        start = ag * g.ag_blocks * g.block_size
+        length = self._ag_length(ag)
+        headers = self._ag_header_blocks()
+        raw = self._read_raw(start + AGF_SECTOR * g.sector_size, g.sector_size, where)
+        agf = parse_agf(raw)
+        at = self._offset + start + AGF_SECTOR * g.sector_size
+        if agf.magic != AGF_MAGIC or agf.version != AGF_VERSION or agf.seqno != ag or agf.length != length:
+            raise _corrupt(f"AGF magic {agf.magic!r}, version {agf.version}, AG {agf.seqno}, length {agf.length}",
+                           at, where)
+        if g.version == 5 and (not crc_ok(raw, AGF_CRC_OFFSET) or agf.uuid != g.metadata_uuid):
+            raise _corrupt("AGF CRC or UUID does not match", at, where)
+        for name, root, level in (("by-block", agf.bno_root, agf.bno_level), ("by-size", agf.cnt_root, agf.cnt_level)):
+            if not headers <= root < length or not 1 <= level <= FREE_SPACE_MAX_LEVELS:
+                raise _corrupt(f"{name} free-space btree root {root} of level {level}", at, where)
+        if agf.free_blocks > length or agf.longest > agf.free_blocks:
+            raise _corrupt(f"{agf.free_blocks} free blocks, the longest extent {agf.longest}", at, where)
+        size = (g.sector_size - AGFL_HEADER) // 4 if g.version == 5 else g.sector_size // 4
+        if agfl_active(agf.fl_first, agf.fl_last, agf.fl_count, size) is None:
+            raise NotSparsifiable(f"AG {ag}'s free list does not add up (first {agf.fl_first}, last {agf.fl_last}, "
+                                  f"count {agf.fl_count})")
+        where = f"XFS AG {ag} AGFL"
+        raw = self._read_raw(start + AGFL_SECTOR * g.sector_size, g.sector_size, where)
+        at = self._offset + start + AGFL_SECTOR * g.sector_size
+        header = 0
+        if g.version == 5:
+            magic, seqno, uuid = struct.unpack_from(">4sI16s", raw)
+            if magic != AGFL_MAGIC or seqno != ag or uuid != g.metadata_uuid or not crc_ok(raw, AGFL_CRC_OFFSET):
+                raise _corrupt(f"AGFL magic {magic!r}, AG {seqno}, or its UUID or CRC does not match", at, where)
+            header = AGFL_HEADER
+        slots = struct.unpack_from(f">{size}I", raw, header)
+        free_list = sorted(slots[(agf.fl_first + i) % size] for i in range(agf.fl_count))
+        for previous, block in zip([-1, *free_list], free_list, strict=False):
+            if block == previous or not headers <= block < length:
+                raise NotSparsifiable(f"AG {ag}'s free list holds block {block} twice or outside the AG")
+        return agf, free_list
+
+    def _free_space_records(self, ag: int, agf: Agf, tree: str) -> Iterator[tuple[int, int]]:
+        """The (first block, blocks) records of the AG's free-space btree ``tree`` ("bno": by block,
+        "cnt": by size), in the tree's order, each block checked: magic, level, record count, CRC,
+        address, UUID and owner (version 5), siblings at each level, and keys: each child starts at
+        its parent's key and keys strictly increase (so no block is read twice)."""
+        g = self.geometry
+        where = f"XFS AG {ag} {tree} btree"
+        length = self._ag_length(ag)
+        header = SHORT_BTREE_HEADER[g.version]
+        magic = FREE_SPACE_MAGIC[(tree, g.version)]
+        root, levels = (agf.bno_root, agf.bno_level) if tree == "bno" else (agf.cnt_root, agf.cnt_level)
+        #: per level, the block last read there and its right sibling
+        previous: dict[int, tuple[int, int]] = {}
+        last_key: tuple[int, int] | None = None
+
+        def order(start: int, count: int) -> tuple[int, int]:
+            return (start, 0) if tree == "bno" else (count, start)
+
+        def block_of(agbno: int, level: int, key: tuple[int, int] | None,
+                     referrer: int | None) -> tuple[bytes, int, int]:
+            """The btree block ``agbno`` at ``level``, checked; its disk offset and record count."""
+            if agbno >= length:
+                raise _corrupt(f"btree block {agbno} outside the AG", referrer, where)
+            block, offset = self._metadata_block(ag << g.ag_block_log | agbno, where, referrer)
+            block_magic, block_level, count, left, right = struct.unpack_from(">4sHHII", block)
+            capacity = (g.block_size - header) // (8 if level == 0 else 12)
+            if block_magic != magic or block_level != level or count > capacity or (not count and key is not None):
+                raise _corrupt(f"btree block: magic {block_magic!r}, level {block_level} (not {level}), {count} "
+                               "records", offset, where)
+            if g.version == 5:
+                address, uuid, owner = struct.unpack_from(">Q8x16sI", block, 16)
+                expected = (ag * g.ag_blocks + agbno) << (g.block_log - 9)
+                if address != expected or uuid != g.metadata_uuid or owner != ag or \
+                        not crc_ok(block, SHORT_BTREE_CRC_OFFSET):
+                    raise _corrupt("btree block's address, UUID, owner or CRC does not match", offset, where)
+            before, before_right = previous.get(level, (NULL_AGBLOCK, agbno))
+            if left != before or before_right != agbno:
+                raise _corrupt(f"btree block's left sibling {left} is not {before}", offset, where)
+            previous[level] = agbno, right
+            first = struct.unpack_from(">II", block, header) if count else None
+            if key is not None and first is not None and order(*first) != key:
+                raise _corrupt(f"btree block does not start at its key {key}", offset, where)
+            return block, offset, count
+
+        def walk(agbno: int, level: int, key: tuple[int, int] | None,
+                 referrer: int | None) -> Iterator[tuple[int, int]]:
+            nonlocal last_key
+            block, offset, count = block_of(agbno, level, key, referrer)
+            if level == 0:
+                for index in range(count):
+                    start, blocks = struct.unpack_from(">II", block, header + 8 * index)
+                    if not blocks or start + blocks > length:
+                        raise _corrupt(f"free extent {start}+{blocks} empty or outside the AG", offset, where)
+                    if last_key is not None and order(start, blocks) <= last_key:
+                        raise _corrupt(f"free extent {start}+{blocks} out of order", offset, where)
+                    last_key = order(start, blocks)
+                    yield start, blocks
+                return
+            capacity = (g.block_size - header) // 12
+            for index in range(count):
+                child_key = order(*struct.unpack_from(">II", block, header + 8 * index))
+                child = struct.unpack_from(">I", block, header + 8 * capacity + 4 * index)[0]
+                yield from walk(child, level - 1, child_key, offset)
+
+        yield from walk(root, levels - 1, None, None)
+        for level, (_, right) in previous.items():
+            if right != NULL_AGBLOCK:
+                raise _corrupt(f"the last btree block of level {level} has a right sibling {right}", None, where)
+
+    def _check_ag(self, ag: int) -> None:
+        """NotSparsifiable unless the AG's two free-space btrees hold the same extents, the AGF counts
+        them, and none lies on the AG's headers, a btree root, the free list or the log."""
+        g = self.geometry
+        agf, free_list = self._agf(ag)
+        taken = [(0, self._ag_header_blocks(), "the AG's headers")]
+        taken += [(block, block + 1, "the free list") for block in free_list]
+        taken += [(root, root + 1, "a btree root") for root, level in (
+            (agf.bno_root, 1), (agf.cnt_root, 1), (agf.rmap_root, agf.rmap_level),
+            (agf.refcount_root, agf.refcount_level)) if level]
+        log_ag, log_block = g.log_start >> g.ag_block_log, g.log_start & ((1 << g.ag_block_log) - 1)
+        if log_ag == ag:
+            taken.append((log_block, log_block + g.log_blocks, "the log"))
+        taken.sort()
+        sums = []
+        for tree in ("bno", "cnt"):
+            total = records = longest = fingerprint = 0
+            end = index = 0
+            for start, blocks in self._free_space_records(ag, agf, tree):
+                records += 1
+                total += blocks
+                longest = max(longest, blocks)
+                fingerprint = (fingerprint + _extent_hash(start, blocks)) & 0xFFFFFFFFFFFFFFFF
+                if tree != "bno":
+                    continue
+                if start < end:
+                    raise _corrupt(f"free extents of AG {ag} overlap at block {start}", None, f"XFS AG {ag} bno btree")
+                end = start + blocks
+                while index < len(taken) and taken[index][1] <= start:
+                    index += 1
+                if index < len(taken) and taken[index][0] < end:
+                    raise NotSparsifiable(f"AG {ag}'s free extent {start}+{blocks} overlaps {taken[index][2]}")
+            sums.append((records, total, fingerprint))
+            if total != agf.free_blocks or longest != agf.longest:
+                raise NotSparsifiable(f"AG {ag}'s {tree} btree holds {total} free blocks (longest {longest}), its AGF "
+                                      f"counts {agf.free_blocks} (longest {agf.longest})")
+        if sums[0] != sums[1]:
+            raise NotSparsifiable(f"AG {ag}'s two free-space btrees do not hold the same extents")
+
+    def _free_extents(self) -> Iterator[tuple[int, int]]:
+        """Each AG's free extents and free-list blocks in block order, as byte ranges of the volume."""
+        g = self.geometry
+        for ag in range(g.ag_count):
+            agf, free_list = self._agf(ag)
+            base = ag * g.ag_blocks
+            extents = heapq.merge(self._free_space_records(ag, agf, "bno"), ((block, 1) for block in free_list))
+            for start, blocks in extents:
+                yield (base + start) * g.block_size, blocks * g.block_size
 
     def _inode(self, node: int) -> Inode:
         return self._cached_inode(_inode_number(node))[0]
@@ -533,14 +1026,12 @@ class XfsFileSystem(GuestFileSystem[int]):
         if pending:
             raise _corrupt("directory ends inside a directory block", inode.position, where)
 
-    def _entries(self, node: int) -> Iterator[DirEntry]:
+    def _entries(self, node: int) -> Iterator[DirEntry[int]]:
         inode = self._inode(node)
         if inode.file_type is not FileType.DIRECTORY:
             raise GuestPathError(f"inode {node} is not a directory")
         where = f"XFS inode {node} directory"
-        count = 0
-        for name, number, ftype in self._directory_entries(inode):
-            count += 1
+        for count, (name, number, ftype) in enumerate(self._directory_entries(inode), 1):
             if count > MAX_DIRECTORY_ENTRIES:
                 raise _corrupt(f"more than {MAX_DIRECTORY_ENTRIES} entries", inode.position, where)
             if b"/" in name or b"\0" in name or name in (b".", b".."):

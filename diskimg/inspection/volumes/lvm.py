@@ -24,6 +24,10 @@ kinds are named (``kind``, ``unreadable_reason``), not read. Every value from th
 capped: what LVM itself would refuse raises :class:`~diskimg.errors.CorruptImage` (and
 :func:`find_volume_groups` records it as a problem of that PV or volume group); an LV that cannot be read
 from the disks given says why in ``unreadable_reason``.
+
+For ``--sparsify``: :meth:`VolumeGroup.free_extent_ranges` gives the PV extents no LV uses, and
+:meth:`LvmVolume.locate` where an LV's bytes lie on the disks (on every leg of a mirror, if asked), so the
+unused ranges of an LV's file system become ranges of the disks.
 """
 
 from __future__ import annotations
@@ -432,6 +436,10 @@ class Segment:
 
 #: segment types read through their areas
 _STRIPED, _MIRROR, _RAID1 = "striped", "mirror", "raid1"
+#: segment types whose use of PV extents diskimg knows: in their own areas (striped, mirror), or only through
+#: the LVs they name, whose segments hold the extents (and every "raid*" type: its images are LVs)
+_KNOWN_SEGMENT_TYPES = frozenset({"striped", "mirror", "thin", "thin-pool", "snapshot", "cache", "cache-pool",
+                                  "writecache", "vdo", "vdo-pool", "integrity", "error", "zero"})
 #: keys of a segment naming another LV, by segment types LVM2 writes (thin, snapshot, cache, VDO, ...)
 _REFERENCE_KEYS = ("thin_pool", "origin", "external_origin", "merge", "cow_store", "merging_store", "metadata",
                    "pool", "cache_pool", "data", "vdo_pool", "writecache", "meta_dev", "mirror_log")
@@ -618,7 +626,7 @@ def _area_pairs(section: ConfigSection, key: str, count: int, where: str,
         raise CorruptImage(f"LVM metadata: {where}: {key} does not hold {count} (volume, extent) pairs",
                            structure="LVM metadata")
     areas = []
-    for name, extent in zip(value[0::2], value[1::2]):
+    for name, extent in zip(value[0::2], value[1::2], strict=True):
         if not isinstance(name, str) or not isinstance(extent, int) or not 0 <= extent <= _U32:
             raise CorruptImage(f"LVM metadata: {where}: {key} holds {str(name)[:40]!r}, {str(extent)[:20]}",
                                structure="LVM metadata")
@@ -938,11 +946,55 @@ class VolumeGroup:
             return f"its extents end at byte {end} of physical volume {entry.uuid}, which has {pv.length}"
         return None
 
+    # -- free extents --
+
+    def free_extent_ranges(self) -> list[tuple[PhysicalVolume, int, int]]:
+        """(PV, byte offset from the PV's start, length) of the extents no segment of any LV uses (hidden LVs
+        included: RAID images, thin pool data, snapshot stores, pvmove), PV by PV in extent order: what
+        ``--sparsify`` leaves out of the PVs besides what the LVs' own file systems free.
+
+        NotSparsifiable when a PV of the group is missing (the newest metadata, which may use more extents,
+        may be on it) or an LV has a segment type whose use of extents diskimg cannot tell; CorruptImage when
+        two segments use one extent."""
+        from ..fs.base import NotSparsifiable  # fs/ is loaded only when this is asked
+
+        if self.missing:
+            raise NotSparsifiable(self.missing[0].message)
+        unknown = sorted({segment.type for lv in self.metadata.logical_volumes.values() for segment in lv.segments
+                          if segment.type not in _KNOWN_SEGMENT_TYPES and not segment.type.startswith("raid")})
+        if unknown:
+            raise NotSparsifiable(f"volume group {self.name} has segments of type {', '.join(unknown)}, whose use "
+                                  "of the physical extents diskimg does not know")
+        used: dict[str, list[tuple[int, int]]] = {}
+        for lv in self.metadata.logical_volumes.values():
+            for segment in lv.segments:
+                for area in segment.areas:
+                    if area.on_pv:
+                        used.setdefault(area.name, []).append((area.extent, area.extent + segment.area_extents))
+        extent_bytes = self.metadata.extent_bytes
+        free = []
+        for key, entry in self.metadata.physical_volumes.items():
+            pv = self.physical_volumes[entry.uuid]
+            base = entry.pe_start * SECTOR
+            position = 0
+            for first, end in [*sorted(used.get(key, [])), (entry.pe_count, entry.pe_count)]:
+                if first < position:
+                    raise CorruptImage(f"LVM metadata: extent {first} of PV {entry.uuid} is used twice",
+                                       structure="LVM metadata")
+                start, stop = base + position * extent_bytes, min(base + first * extent_bytes, pv.length)
+                if stop > start:
+                    free.append((pv, start, stop - start))
+                position = end
+        return free
+
     # -- mapping an LV's bytes onto the disks --
 
-    def locate(self, lv: LvEntry, offset: int, length: int) -> Iterator[tuple[Disk, int, int]]:
+    def locate(self, lv: LvEntry, offset: int, length: int, every_copy: bool = False
+               ) -> Iterator[tuple[Disk, int, int]]:
         """The (disk, offset, length) pieces holding ``length`` bytes at ``offset`` of ``lv``, an LV whose
-        ``unreadable_reason`` is None (the bounds were checked by ``parse_metadata`` and ``_area_reason``)."""
+        ``unreadable_reason`` is None (the bounds were checked by ``parse_metadata`` and ``_area_reason``).
+        A raid1 or mirror segment's bytes are where its chosen leg holds them, or with ``every_copy`` on
+        each of its legs that can be read, one after the other."""
         extent_bytes = self.metadata.extent_bytes
         starts = self._segment_starts.get(lv.name)
         if starts is None:
@@ -954,16 +1006,18 @@ class VolumeGroup:
             local = offset - starts[index]
             size = min(end, starts[index] + segment.extent_count * extent_bytes) - offset
             if segment.type == _STRIPED:
-                yield from self._striped(segment, local, size)
-            else:  # mirror or raid1: the leg chosen by _reason
-                leg = self._legs[(lv.name, index)]
-                yield from self._area(leg, segment.data_offset * SECTOR + local, size)
+                yield from self._striped(segment, local, size, every_copy)
+            else:  # mirror or raid1: the leg chosen by _reason, or every leg that can be read
+                legs = ([area for area in segment.areas if self._area_reason(segment, area) is None] if every_copy
+                        else [self._legs[(lv.name, index)]])
+                for leg in legs:
+                    yield from self._area(leg, segment.data_offset * SECTOR + local, size, every_copy)
             offset += size
             index += 1
 
-    def _striped(self, segment: Segment, local: int, size: int) -> Iterator[tuple[Disk, int, int]]:
+    def _striped(self, segment: Segment, local: int, size: int, every_copy: bool) -> Iterator[tuple[Disk, int, int]]:
         if segment.stripe_count == 1:
-            yield from self._area(segment.areas[0], local, size)
+            yield from self._area(segment.areas[0], local, size, every_copy)
             return
         chunk = segment.stripe_size * SECTOR  # dm-stripe: chunks go round the stripes in turn
         end = local + size
@@ -971,13 +1025,13 @@ class VolumeGroup:
             number, within = divmod(local, chunk)
             row, stripe = divmod(number, segment.stripe_count)
             piece = min(chunk - within, end - local)
-            yield from self._area(segment.areas[stripe], row * chunk + within, piece)
+            yield from self._area(segment.areas[stripe], row * chunk + within, piece, every_copy)
             local += piece
 
-    def _area(self, area: Area, offset: int, size: int) -> Iterator[tuple[Disk, int, int]]:
+    def _area(self, area: Area, offset: int, size: int, every_copy: bool) -> Iterator[tuple[Disk, int, int]]:
         start = area.extent * self.metadata.extent_bytes + offset
         if not area.on_pv:
-            yield from self.locate(self.metadata.logical_volumes[area.name], start, size)
+            yield from self.locate(self.metadata.logical_volumes[area.name], start, size, every_copy)
             return
         entry = self.metadata.physical_volumes[area.name]
         pv = self.physical_volumes[entry.uuid]
@@ -1001,6 +1055,14 @@ class LvmVolume:
         self.lv = lv
         self.name = f"{vg.name}/{lv.name}"
         self.size = lv.extent_count * vg.metadata.extent_bytes
+
+    def locate(self, offset: int, length: int, every_copy: bool = False) -> Iterator[tuple[Disk, int, int]]:
+        """The (disk, offset on it, length) pieces holding ``length`` bytes at ``offset`` of the LV, adjacent
+        pieces of one disk joined: how the LV's file system's unused ranges map onto the disks. With
+        ``every_copy``, a mirrored piece is given on every leg that can be read (what clearing it must clear)."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"{length} bytes at {offset} lie outside the {self.size} bytes of {self.name}")
+        return _merged(self.vg.locate(self.lv, offset, length, every_copy))
 
     def read_at(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (fewer past the end). CorruptImage when a disk ends before its PV."""
