@@ -99,7 +99,7 @@ def test_readme_python_api_block_runs_as_written(tmp_path):
 #: ("" is the package itself: the public API, over everything but the command line)
 LAYERS = (
     {"errors", "version"},
-    {"units", "words", "jsonlimits", "choices"},
+    {"units", "words", "jsonlimits", "choices", "bitmaps"},
     {"host", "inspection"},
     {"formats"},
     {"streams"},
@@ -114,7 +114,7 @@ LAYERS = (
 )
 #: packages held to fewer dependencies than their layer allows: inspection reads through a Disk
 #: protocol, so that partition tables and file systems can be read from any source
-ONLY = {"inspection": {"errors", "units", "jsonlimits"}}
+ONLY = {"inspection": {"errors", "units", "jsonlimits", "bitmaps"}}
 
 
 def _package_of(module: str) -> str:

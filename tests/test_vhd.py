@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from diskimg.bitmaps import bitmap_runs
 from diskimg.errors import BackingFileError, CorruptImage, UsageError
 from diskimg.formats.probing import OpenOptions
 from diskimg.formats.reader import ExtentKind
@@ -26,7 +27,6 @@ from diskimg.formats.vhd.structures import (
     DynamicHeader,
     ParentLocator,
     VhdFooter,
-    bitmap_runs,
     bitmap_size,
     chs_geometry,
     encode_parent_name,

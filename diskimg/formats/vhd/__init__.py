@@ -2,8 +2,8 @@
 writer, and the structural check, split by concern (check.py is loaded by ``diskimg check``)."""
 
 from .reader import BitmapRunsCache, VhdReader, probe, sector_bitmap_runs
-from .structures import NAME, bitmap_runs, host_path
+from .structures import NAME, host_path
 from .writer import VhdWriter
 
-__all__ = ["NAME", "BitmapRunsCache", "VhdReader", "VhdWriter", "bitmap_runs", "host_path", "probe",
+__all__ = ["NAME", "BitmapRunsCache", "VhdReader", "VhdWriter", "host_path", "probe",
            "sector_bitmap_runs"]

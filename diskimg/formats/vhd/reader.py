@@ -30,6 +30,7 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
+from ...bitmaps import bitmap_runs
 from ...errors import BackingFileError, CorruptImage, UsageError
 from ...host.files import HostFile
 from ..probing import Detection, OpenOptions, ParentOpener
@@ -51,7 +52,6 @@ from .structures import (
     Finding,
     VhdFooter,
     allocated_indices,
-    bitmap_runs,
     bitmap_size,
     block_findings,
     choose_footer,

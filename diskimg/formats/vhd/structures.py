@@ -450,37 +450,7 @@ def host_path(recorded: str, platform_code: bytes | None) -> str:
 
 # -- sector bitmaps and the BAT ------------------------------------------------------------------
 
-_BITMAP_RUNS = re.compile(rb"\x00+|\xff+|[\x01-\xfe]")
 _FF_RUN = re.compile(rb"\xff{4,}")
-
-
-def bitmap_runs(bitmap: bytes, sectors: int) -> tuple[list[int], list[int]]:
-    """Runs of equal bits in a sector bitmap (MSB of byte 0 = sector 0) over ``sectors`` sectors:
-    ``(starts, bits)``, ``starts[0] == 0``. Whole 0x00 / 0xFF byte runs are handled in C."""
-    if bitmap == b"\xff" * len(bitmap):
-        return [0], [1]
-    if not any(bitmap):
-        return [0], [0]
-    starts: list[int] = []
-    bits: list[int] = []
-
-    def add(sector: int, bit: int) -> None:
-        if sector < sectors and (not bits or bits[-1] != bit):
-            starts.append(sector)
-            bits.append(bit)
-
-    for match in _BITMAP_RUNS.finditer(bitmap):
-        first = match.start()
-        value = bitmap[first]
-        if value == 0:
-            add(first * 8, 0)
-        elif value == 0xFF:
-            add(first * 8, 1)
-        else:
-            for k in range(8):
-                add(first * 8 + k, (value >> (7 - k)) & 1)
-    return starts, bits
-
 
 
 def allocated_indices(raw_table: bytes) -> array[int]:

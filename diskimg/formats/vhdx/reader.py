@@ -31,11 +31,12 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ...bitmaps import REVERSED_BITS, bitmap_runs
 from ...errors import BackingFileError, CorruptImage
 from ...host.files import HostFile
 from ..probing import Detection, OpenOptions, ParentOpener
 from ..reader import DiskReader, ImageInfo, Run, RunKind
-from ..vhd import BitmapRunsCache, bitmap_runs, host_path, sector_bitmap_runs
+from ..vhd import BitmapRunsCache, host_path, sector_bitmap_runs
 from . import structures as s
 from .log import ReplayedFile, replay
 
@@ -49,7 +50,6 @@ _NOT_FROM_PARENT = re.compile(rb"[^\x00]")
 _NOT_ZERO_DIFFERENCING = re.compile(rb"[^\x01-\x03]")
 _NOT_ZERO = re.compile(rb"[^\x00-\x03]")
 #: bit-reversed bytes: VHDX bitmaps number bits from the least significant, VHD's from the most
-_REVERSED_BITS = bytes(int(f"{value:08b}"[::-1], 2) for value in range(256))
 
 
 class VhdxReader(DiskReader):
@@ -190,7 +190,7 @@ class VhdxReader(DiskReader):
         if len(bitmap) != sectors // 8:
             raise CorruptImage(f"the sector bitmap of block {block} lies past the end of the file",
                                path=self.path, offset=offset, structure="sector bitmap")
-        return self._bitmap_cache.put(block, bitmap_runs(bitmap.translate(_REVERSED_BITS), sectors))
+        return self._bitmap_cache.put(block, bitmap_runs(bitmap.translate(REVERSED_BITS), sectors))
 
 
 class VhdxLayout:

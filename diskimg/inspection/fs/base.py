@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ...errors import CorruptImage, DiskImageError
-from ...formats.vhd.structures import bitmap_runs
 from ...units import READ_CHUNK
 from ..signatures import Disk
 
@@ -56,25 +55,6 @@ def read_volume(disk: Disk, volume_offset: int, volume_length: int, position: in
     if len(data) != length:
         raise CorruptImage("the disk ends inside the file system", offset=where, structure=structure)
     return data
-
-
-#: each byte with its bits in reverse order: ext's and NTFS's allocation bitmaps number their bits from
-#: the least significant, ``bitmap_runs`` from the most
-_REVERSED_BITS = bytes(int(f"{value:08b}"[::-1], 2) for value in range(256))
-
-
-def clear_bit_runs(bitmap: bytes, count: int, first: int = 0) -> Iterator[tuple[int, int]]:
-    """(first bit, bits) of each run of clear bits among the first ``count`` bits of an allocation
-    bitmap whose bit ``i`` is bit ``i % 8`` of byte ``i // 8`` (ext's block bitmaps, NTFS's $Bitmap),
-    ``first`` added to each start. Whole 0x00 and 0xFF bytes are skipped in C."""
-    count = min(count, len(bitmap) * 8)
-    if count <= 0:
-        return
-    starts, bits = bitmap_runs(bitmap.translate(_REVERSED_BITS), count)
-    for index, start in enumerate(starts):
-        if not bits[index]:
-            end = starts[index + 1] if index + 1 < len(starts) else count
-            yield first + start, end - start
 
 
 def join_adjacent(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:

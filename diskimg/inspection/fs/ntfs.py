@@ -43,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ...bitmaps import clear_bit_runs
 from ...errors import CorruptImage, UnsupportedFormat
 from ..signatures import Disk
 from ..superblocks import NtfsBootSector, field_offset, parse_ntfs_boot_sector
@@ -54,7 +55,6 @@ from .base import (
     GuestPathError,
     NotSparsifiable,
     Stat,
-    clear_bit_runs,
     join_adjacent,
     read_volume,
 )
