@@ -8,9 +8,9 @@ leaf/remote attribute blocks, btrfs's xattr items; ``security.*`` and ``trusted.
 them; access and default ACLs), other files written and deleted so there is free space, more attributes set
 after the deletes. The disk converted with --sparsify to raw must leave out some of the old data, and the
 output's partition, loop-mounted read-only at the same place, must give the same ``getfattr`` and ``getfacl``
-dumps and file contents as the source did; the file system's checker must find it clean. For ext4 and XFS the
-blocks that hold the large attributes out of the inode (``debugfs``'s File ACL, ``xfs_db``'s attribute fork
-map) must be byte for byte the source's, so a loss names the block.
+dumps and file contents as the source did; the file system's checker must find it clean. The blocks that hold
+the large attributes out of the inode (``debugfs``'s File ACL, ``xfs_db``'s attribute fork map, the copies of
+btrfs's fs-tree leaves holding the XATTR_ITEMs) must be byte for byte the source's, so a loss names the block.
 """
 
 from __future__ import annotations
@@ -61,13 +61,15 @@ needs_mount = pytest.mark.skipif(not can_mount(), reason="loop mounts need root 
 
 
 @contextmanager
-def mounted(source: Path, where: Path, fs_type: str, options: str) -> Iterator[Path]:
-    """``source`` loop-mounted on ``where`` with ``options``; the test is skipped where the kernel cannot."""
+def mounted(source: Path, where: Path, fs_type: str, options: str, skip: bool = False) -> Iterator[Path]:
+    """``source`` loop-mounted on ``where`` with ``options``. ``skip``: the test is skipped if the kernel cannot
+    (the source, freshly made); otherwise it fails (the output: a mount refused is damage)."""
     where.mkdir(exist_ok=True)
     proc = subprocess.run(["mount", "-t", fs_type, "-o", f"loop,{options}", str(source), str(where)],
                           capture_output=True, text=True)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and skip:
         pytest.skip(f"cannot loop-mount {fs_type} here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, f"the kernel cannot mount the {fs_type} of {source}: {proc.stderr.strip()}"
     try:
         yield where
     finally:
@@ -154,19 +156,36 @@ def attribute_dumps(mountpoint: Path) -> tuple[str, str, dict[str, str]]:
 
 def out_of_line_blocks(kind: str, image: Path, inode: int) -> list[tuple[int, int]]:
     """Where the inode's attributes outside it lie in the file system (byte offset, length), as the file
-    system's own tool says: debugfs's File ACL block (ext4), xfs_db's attribute fork map (XFS)."""
+    system's own tools say: debugfs's File ACL block (ext4), xfs_db's attribute fork map (XFS), the copies of
+    the fs tree's leaves holding the inode's XATTR_ITEMs (btrfs: dump-tree, btrfs-map-logical)."""
     if kind == "ext4":
         text = run("debugfs", "-R", f"stat <{inode}>", image).stdout.decode()
         block = int(re.search(r"File ACL: (\d+)", text).group(1))  # type: ignore[union-attr]
         size = int(re.search(r"^Block size:\s+(\d+)", run("dumpe2fs", "-h", image).stdout.decode(),
                              re.MULTILINE).group(1))  # type: ignore[union-attr]
         return [(block * size, size)] if block else []
-    geometry = run("xfs_db", "-r", "-c", "sb 0", "-c", "print blocksize agblocks", image).stdout.decode()
-    fields = dict(re.findall(r"^(\w+) = (\d+)$", geometry, re.MULTILINE))
-    block_size, ag_blocks = int(fields["blocksize"]), int(fields["agblocks"])
-    text = run("xfs_db", "-r", "-c", f"inode {inode}", "-c", "bmap -a", image).stdout.decode()
-    return [((int(ag) * ag_blocks + int(block)) * block_size, int(count) * block_size)
-            for ag, block, count in re.findall(r"startblock \d+ \((\d+)/(\d+)\) count (\d+)", text)]
+    if kind == "xfs":
+        geometry = run("xfs_db", "-r", "-c", "sb 0", "-c", "print blocksize agblocks", image).stdout.decode()
+        fields = dict(re.findall(r"^(\w+) = (\d+)$", geometry, re.MULTILINE))
+        block_size, ag_blocks = int(fields["blocksize"]), int(fields["agblocks"])
+        text = run("xfs_db", "-r", "-c", f"inode {inode}", "-c", "bmap -a", image).stdout.decode()
+        return [((int(ag) * ag_blocks + int(block)) * block_size, int(count) * block_size)
+                for ag, block, count in re.findall(r"startblock \d+ \((\d+)/(\d+)\) count (\d+)", text)]
+    super_block = run("btrfs", "inspect-internal", "dump-super", image).stdout.decode()
+    node_size = int(re.search(r"^nodesize\s+(\d+)", super_block, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    tree = run("btrfs", "inspect-internal", "dump-tree", "-t", "fs", image).stdout.decode(errors="replace")
+    leaves: list[int] = []
+    leaf = 0
+    for line in tree.splitlines():
+        if found := re.match(r"leaf (\d+) items", line):
+            leaf = int(found.group(1))
+        elif re.match(rf"\s+item \d+ key \({inode} XATTR_ITEM ", line) and leaf not in leaves:
+            leaves.append(leaf)
+    copies = []
+    for logical in leaves:
+        text = run("btrfs-map-logical", "-l", str(logical), "-b", str(node_size), image).stdout.decode()
+        copies += [(int(physical), node_size) for physical in re.findall(r"physical (\d+)", text)]
+    return copies
 
 
 @needs_attr_tools
@@ -174,14 +193,16 @@ def out_of_line_blocks(kind: str, image: Path, inode: int) -> list[tuple[int, in
 @pytest.mark.parametrize("kind", list(FILE_SYSTEMS))
 def test_sparsify_keeps_every_extended_attribute_and_acl(tmp_path: Path, kind: str) -> None:
     size, label, mkfs = FILE_SYSTEMS[kind]
-    if shutil.which(mkfs[0]) is None or shutil.which(CHECKERS[kind][0]) is None:
-        pytest.skip(f"{mkfs[0]} and {CHECKERS[kind][0]} are needed")
+    tools = {"ext4": ("debugfs", "dumpe2fs"), "xfs": ("xfs_db",), "btrfs": ("btrfs-map-logical",)}[kind]
+    missing = [tool for tool in (mkfs[0], CHECKERS[kind][0], *tools) if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
     rng = random.Random(kind)
     part = prefilled(tmp_path / "part.img", PREFILLED, 17)
     os.truncate(part, size)
     run(*mkfs, part)
     mountpoint = tmp_path / "mnt"  # the same path for source and output: the dumps' absolute names agree
-    with mounted(part, mountpoint, kind, "nodiscard") as root:
+    with mounted(part, mountpoint, kind, "nodiscard", skip=True) as root:
         out_of_line = decorate(root / "before", kind, rng)
         deleted = churn(root, rng)
         decorate(root / "after", kind, rng)  # into blocks the deletes freed
@@ -193,10 +214,8 @@ def test_sparsify_keeps_every_extended_attribute_and_acl(tmp_path: Path, kind: s
     assert xattrs.count("user.large-") == 2 * count and xattrs.count("system.posix_acl_default") == 2, xattrs
     assert xattrs.count("user.value=") == 48 and "user.colour=0x626c7565" in xattrs
     assert acls.count("user:2029:r--") == 2 and acls.count("default:user:1001:rw-") == 2
-    blocks: dict[str, list[tuple[int, int]]] = {}
-    if kind != "btrfs":
-        blocks = {role: out_of_line_blocks(kind, part, inode) for role, inode in inodes.items()}
-        assert blocks["large"], f"{kind}: the large attributes are in the inode, the test does not test them"
+    blocks = {role: out_of_line_blocks(kind, part, inode) for role, inode in inodes.items()}
+    assert blocks["large"], f"{kind}: the large attributes are in the inode, the test does not test them"
 
     disk = tmp_path / "disk.raw"
     disk.write_bytes(b"")
