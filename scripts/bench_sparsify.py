@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from bench import copy_files  # scripts/ is on the path when a script runs
+
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,30 +45,6 @@ def parse_size(text: str) -> int:
 
 def run(*args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(list(args), check=True, capture_output=True, **kwargs)  # type: ignore[call-overload,no-any-return]
-
-
-def copy_usr(target: str, budget: int) -> int:
-    """Files from /usr copied into ``target`` up to ``budget`` bytes; the bytes copied."""
-    copied = 0
-    for root, dirs, files in os.walk("/usr"):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue
-            size = os.path.getsize(path)
-            if copied + size > budget:
-                continue
-            destination = os.path.join(target, os.path.relpath(path, "/usr"))
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
-            try:
-                shutil.copyfile(path, destination)
-            except OSError:
-                continue
-            copied += size
-            if copied >= budget * 0.99:
-                return copied
-    return copied
 
 
 def build_disk(work: str, size: int) -> tuple[str, int, int]:
@@ -85,7 +63,7 @@ def build_disk(work: str, size: int) -> tuple[str, int, int]:
     os.mkdir(mount)
     run("mount", "-o", "loop", partition, mount)
     try:
-        copied = copy_usr(os.path.join(mount, "usr"), length // 8)
+        copied = copy_files(os.path.join(mount, "usr"), length // 8)
         rng = random.Random(17)
         budget = int(length * 0.8) - copied
         written = []
