@@ -527,7 +527,8 @@ def test_checksum_of_a_raw_disk_that_is_not_whole_sectors(tmp_path):
 # -- --progress json and --json --------------------------------------------------------------------
 
 RESULT_KEYS = {"source", "target", "source_format", "target_format", "virtual_size", "bytes_read", "bytes_written",
-               "allocated_bytes", "seconds", "backend", "sha256", "content_hash", "decompression_passes"}
+               "allocated_bytes", "seconds", "backend", "sha256", "content_hash", "decompression_passes", "sparsified",
+               "sparsified_bytes"}
 
 
 @pytest.mark.parametrize("target", ["raw", "qcow2", "vhd-dynamic"])
