@@ -35,6 +35,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CorruptImage
 from .superblocks import (
+    BTRFS_INCOMPAT,
+    BTRFS_SUPERBLOCK_OFFSETS,
+    BTRFS_SUPERBLOCK_SIZE,
     EXT_INCOMPAT_RECOVER,
     EXT_STATE_ERROR,
     EXT_STATE_VALID,
@@ -42,7 +45,10 @@ from .superblocks import (
     EXT_SUPERBLOCK_SIZE,
     XFS_INCOMPAT,
     XFS_INCOMPAT_NEEDSREPAIR,
+    BtrfsSuperblock,
     flag_names,
+    label_text,
+    parse_btrfs_superblock,
     parse_ext_superblock,
     parse_fat_bpb,
     parse_ntfs_boot_sector,
@@ -152,11 +158,6 @@ def _be(data: bytes, offset: int, size: int) -> int:
     return int.from_bytes(chunk, "big") if len(chunk) == size else 0
 
 
-def _text(raw: bytes, encoding: str = "utf-8") -> str | None:
-    text = bytes(raw).split(b"\0", 1)[0].decode(encoding, errors="replace").strip()
-    return text or None
-
-
 def _uuid(raw: bytes) -> str | None:
     raw = bytes(raw)
     if len(raw) != 16 or not any(raw):
@@ -183,7 +184,7 @@ def probe_ext(head: bytes) -> FileSystem | None:
     return FileSystem(
         type=sb.kind,
         uuid=_uuid(sb.uuid),
-        label=_text(sb.volume_name),
+        label=label_text(sb.volume_name),
         version=f"rev {sb.rev_level}.{sb.minor_rev_level}",
         block_size=block_size,
         size=sb.blocks_count * block_size if block_size else None,
@@ -194,7 +195,7 @@ def probe_ext(head: bytes) -> FileSystem | None:
             "inodes": sb.inodes_count,
             "free_inodes": sb.free_inodes_count,
             "state_flags": sb.state,
-            "last_mounted": _text(sb.last_mounted),
+            "last_mounted": label_text(sb.last_mounted),
             "feature_compat": sb.feature_compat,
             "feature_incompat": sb.feature_incompat,
             "feature_ro_compat": sb.feature_ro_compat,
@@ -217,7 +218,7 @@ def probe_xfs(head: bytes) -> FileSystem | None:
     return FileSystem(
         type="xfs",
         uuid=_uuid(sb.uuid),
-        label=_text(sb.fname),
+        label=label_text(sb.fname),
         version=f"V{sb.version}",
         block_size=block_size if valid_block else None,
         size=sb.size if valid_block else None,
@@ -229,94 +230,6 @@ def probe_xfs(head: bytes) -> FileSystem | None:
 
 
 # -- btrfs ---------------------------------------------------------------------------------------------
-
-#: the primary superblock and its copies lie at these offsets of the device (where it is large enough)
-BTRFS_SUPERBLOCK_OFFSETS = (0x10000, 0x4000000, 0x4000000000)
-BTRFS_SUPERBLOCK_SIZE = 0x1000
-BTRFS_MAGIC = b"_BHRfS_M"
-#: the superblock up to its label's end and the fields after it: checksum, fsid, bytenr, flags, magic,
-#: generation, root, chunk_root, log_root, (unused) log_root_transid, total_bytes, bytes_used,
-#: root_dir_objectid, num_devices, sectorsize, nodesize, (unused) leafsize, stripesize,
-#: sys_chunk_array_size, chunk_root_generation, compat, compat_ro and incompat flags, csum_type,
-#: root_level, chunk_root_level, log_root_level; then the device item: devid, total_bytes,
-#: bytes_used, io_align, io_width, sector_size, type, generation, start_offset, dev_group,
-#: seek_speed, bandwidth, uuid, fsid; then label, cache_generation, uuid_tree_generation, metadata_uuid
-BTRFS_SUPERBLOCK = struct.Struct("<32s16sQQ8sQQQQQQQQQIIIIIQQQQHBBBQQQIIIQQQIBB16s16s256sQQ16s")
-#: where the system chunk array (the chunks that hold the chunk tree) lies, and its capacity
-BTRFS_SYS_CHUNK_ARRAY = 0x32B
-BTRFS_SYS_CHUNK_ARRAY_MAX = 2048
-BTRFS_INCOMPAT_METADATA_UUID = 0x400
-BTRFS_INCOMPAT = {
-    0x1: "mixed_backref", 0x2: "default_subvol", 0x4: "mixed_groups", 0x8: "compress_lzo", 0x10: "compress_zstd",
-    0x20: "big_metadata", 0x40: "extended_iref", 0x80: "raid56", 0x100: "skinny_metadata", 0x200: "no_holes",
-    0x400: "metadata_uuid", 0x800: "raid1c34", 0x1000: "zoned", 0x2000: "extent_tree_v2",
-    0x4000: "raid_stripe_tree", 0x10000: "simple_quota",
-}
-
-
-@dataclass(frozen=True)
-class BtrfsSuperblock:
-    """The fields of a btrfs superblock (one of its copies), as stored: nothing is checked here."""
-
-    checksum: bytes
-    fsid: bytes
-    bytenr: int  # where this copy says it lies
-    flags: int
-    generation: int
-    root: int  # the root tree's logical address
-    chunk_root: int
-    log_root: int
-    total_bytes: int
-    bytes_used: int
-    root_dir_objectid: int
-    num_devices: int
-    sector_size: int
-    node_size: int
-    stripe_size: int
-    sys_chunk_array_size: int
-    chunk_root_generation: int
-    compat: int
-    compat_ro: int
-    incompat: int
-    csum_type: int
-    root_level: int
-    chunk_root_level: int
-    log_root_level: int
-    devid: int  # this device's id, and its size
-    device_total_bytes: int
-    device_uuid: bytes
-    device_fsid: bytes
-    label: str | None
-    metadata_uuid: bytes
-    sys_chunk_array: bytes
-
-    @property
-    def metadata_fsid(self) -> bytes:
-        """What tree blocks carry as their fsid (the metadata_uuid when that feature is on)."""
-        return self.metadata_uuid if self.incompat & BTRFS_INCOMPAT_METADATA_UUID else self.fsid
-
-
-def parse_btrfs_superblock(raw: bytes) -> BtrfsSuperblock | None:
-    """The superblock in ``raw`` (its 4 KiB, from the copy's start), or None without the magic."""
-    if len(raw) < BTRFS_SUPERBLOCK_SIZE or raw[0x40:0x48] != BTRFS_MAGIC:
-        return None
-    (checksum, fsid, bytenr, flags, _magic, generation, root, chunk_root, log_root, _log_transid, total_bytes,
-     bytes_used, root_dir, num_devices, sector_size, node_size, _leaf_size, stripe_size, sys_array_size,
-     chunk_root_generation, compat, compat_ro, incompat, csum_type, root_level, chunk_root_level, log_root_level,
-     devid, device_total, _device_used, _io_align, _io_width, _device_sector, _device_type, _device_generation,
-     _start_offset, _dev_group, _seek_speed, _bandwidth, device_uuid, device_fsid, label, _cache_generation,
-     _uuid_tree_generation, metadata_uuid) = BTRFS_SUPERBLOCK.unpack_from(raw)
-    return BtrfsSuperblock(
-        checksum=checksum, fsid=fsid, bytenr=bytenr, flags=flags, generation=generation, root=root,
-        chunk_root=chunk_root, log_root=log_root, total_bytes=total_bytes, bytes_used=bytes_used,
-        root_dir_objectid=root_dir, num_devices=num_devices, sector_size=sector_size, node_size=node_size,
-        stripe_size=stripe_size, sys_chunk_array_size=sys_array_size, chunk_root_generation=chunk_root_generation,
-        compat=compat, compat_ro=compat_ro, incompat=incompat, csum_type=csum_type, root_level=root_level,
-        chunk_root_level=chunk_root_level, log_root_level=log_root_level, devid=devid, device_total_bytes=device_total,
-        device_uuid=device_uuid, device_fsid=device_fsid, label=_text(label), metadata_uuid=metadata_uuid,
-        sys_chunk_array=raw[BTRFS_SYS_CHUNK_ARRAY : BTRFS_SYS_CHUNK_ARRAY + BTRFS_SYS_CHUNK_ARRAY_MAX],
-    )
-
 
 def _btrfs_file_system(sb: BtrfsSuperblock) -> FileSystem:
     return FileSystem(
@@ -403,7 +316,7 @@ def probe_fat(head: bytes) -> FileSystem | None:
     return FileSystem(
         type=bpb.fat_type,
         uuid=f"{serial >> 16:04X}-{serial & 0xFFFF:04X}" if serial is not None else None,
-        label=_text(label, "latin-1") if label is not None else None,
+        label=label_text(label, "latin-1") if label is not None else None,
         block_size=bpb.cluster_size,
         size=bpb.total_sectors * bpb.bytes_per_sector,
         details={"clusters": bpb.clusters},
@@ -510,7 +423,7 @@ def probe_swap(head: bytes) -> FileSystem | None:
             return FileSystem(
                 type="swap",
                 uuid=_uuid(head[1036:1052]),
-                label=_text(head[1052:1068]),
+                label=label_text(head[1052:1068]),
                 version=str(version) if magic != b"SWAP-SPACE" else "0",
                 block_size=page,
                 size=(last_page + 1) * page if last_page else None,

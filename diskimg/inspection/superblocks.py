@@ -507,3 +507,99 @@ def parse_fat_bpb(head: bytes) -> FatBpb | None:
     if not bpb.total_sectors or not bpb.fat_sectors or bpb.data_sectors <= 0:
         return None
     return bpb
+
+
+def label_text(raw: bytes, encoding: str = "utf-8") -> str | None:
+    """A label or name field as text: up to its first NUL, undecodable bytes replaced, blanks trimmed."""
+    text = bytes(raw).split(b"\0", 1)[0].decode(encoding, errors="replace").strip()
+    return text or None
+
+
+# -- btrfs ---------------------------------------------------------------------------------------------
+
+#: the primary superblock and its copies lie at these offsets of the device (where it is large enough)
+BTRFS_SUPERBLOCK_OFFSETS = (0x10000, 0x4000000, 0x4000000000)
+BTRFS_SUPERBLOCK_SIZE = 0x1000
+BTRFS_MAGIC = b"_BHRfS_M"
+#: the superblock up to its label's end and the fields after it: checksum, fsid, bytenr, flags, magic,
+#: generation, root, chunk_root, log_root, (unused) log_root_transid, total_bytes, bytes_used,
+#: root_dir_objectid, num_devices, sectorsize, nodesize, (unused) leafsize, stripesize,
+#: sys_chunk_array_size, chunk_root_generation, compat, compat_ro and incompat flags, csum_type,
+#: root_level, chunk_root_level, log_root_level; then the device item: devid, total_bytes,
+#: bytes_used, io_align, io_width, sector_size, type, generation, start_offset, dev_group,
+#: seek_speed, bandwidth, uuid, fsid; then label, cache_generation, uuid_tree_generation, metadata_uuid
+BTRFS_SUPERBLOCK = struct.Struct("<32s16sQQ8sQQQQQQQQQIIIIIQQQQHBBBQQQIIIQQQIBB16s16s256sQQ16s")
+#: where the system chunk array (the chunks that hold the chunk tree) lies, and its capacity
+BTRFS_SYS_CHUNK_ARRAY = 0x32B
+BTRFS_SYS_CHUNK_ARRAY_MAX = 2048
+BTRFS_INCOMPAT_METADATA_UUID = 0x400
+BTRFS_INCOMPAT = {
+    0x1: "mixed_backref", 0x2: "default_subvol", 0x4: "mixed_groups", 0x8: "compress_lzo", 0x10: "compress_zstd",
+    0x20: "big_metadata", 0x40: "extended_iref", 0x80: "raid56", 0x100: "skinny_metadata", 0x200: "no_holes",
+    0x400: "metadata_uuid", 0x800: "raid1c34", 0x1000: "zoned", 0x2000: "extent_tree_v2",
+    0x4000: "raid_stripe_tree", 0x10000: "simple_quota",
+}
+
+
+@dataclass(frozen=True)
+class BtrfsSuperblock:
+    """The fields of a btrfs superblock (one of its copies), as stored: nothing is checked here."""
+
+    checksum: bytes
+    fsid: bytes
+    bytenr: int  # where this copy says it lies
+    flags: int
+    generation: int
+    root: int  # the root tree's logical address
+    chunk_root: int
+    log_root: int
+    total_bytes: int
+    bytes_used: int
+    root_dir_objectid: int
+    num_devices: int
+    sector_size: int
+    node_size: int
+    stripe_size: int
+    sys_chunk_array_size: int
+    chunk_root_generation: int
+    compat: int
+    compat_ro: int
+    incompat: int
+    csum_type: int
+    root_level: int
+    chunk_root_level: int
+    log_root_level: int
+    devid: int  # this device's id, and its size
+    device_total_bytes: int
+    device_uuid: bytes
+    device_fsid: bytes
+    label: str | None
+    metadata_uuid: bytes
+    sys_chunk_array: bytes
+
+    @property
+    def metadata_fsid(self) -> bytes:
+        """What tree blocks carry as their fsid (the metadata_uuid when that feature is on)."""
+        return self.metadata_uuid if self.incompat & BTRFS_INCOMPAT_METADATA_UUID else self.fsid
+
+
+def parse_btrfs_superblock(raw: bytes) -> BtrfsSuperblock | None:
+    """The superblock in ``raw`` (its 4 KiB, from the copy's start), or None without the magic."""
+    if len(raw) < BTRFS_SUPERBLOCK_SIZE or raw[0x40:0x48] != BTRFS_MAGIC:
+        return None
+    (checksum, fsid, bytenr, flags, _magic, generation, root, chunk_root, log_root, _log_transid, total_bytes,
+     bytes_used, root_dir, num_devices, sector_size, node_size, _leaf_size, stripe_size, sys_array_size,
+     chunk_root_generation, compat, compat_ro, incompat, csum_type, root_level, chunk_root_level, log_root_level,
+     devid, device_total, _device_used, _io_align, _io_width, _device_sector, _device_type, _device_generation,
+     _start_offset, _dev_group, _seek_speed, _bandwidth, device_uuid, device_fsid, label, _cache_generation,
+     _uuid_tree_generation, metadata_uuid) = BTRFS_SUPERBLOCK.unpack_from(raw)
+    return BtrfsSuperblock(
+        checksum=checksum, fsid=fsid, bytenr=bytenr, flags=flags, generation=generation, root=root,
+        chunk_root=chunk_root, log_root=log_root, total_bytes=total_bytes, bytes_used=bytes_used,
+        root_dir_objectid=root_dir, num_devices=num_devices, sector_size=sector_size, node_size=node_size,
+        stripe_size=stripe_size, sys_chunk_array_size=sys_array_size, chunk_root_generation=chunk_root_generation,
+        compat=compat, compat_ro=compat_ro, incompat=incompat, csum_type=csum_type, root_level=root_level,
+        chunk_root_level=chunk_root_level, log_root_level=log_root_level, devid=devid, device_total_bytes=device_total,
+        device_uuid=device_uuid, device_fsid=device_fsid, label=label_text(label), metadata_uuid=metadata_uuid,
+        sys_chunk_array=raw[BTRFS_SYS_CHUNK_ARRAY : BTRFS_SYS_CHUNK_ARRAY + BTRFS_SYS_CHUNK_ARRAY_MAX],
+    )

@@ -60,12 +60,12 @@ import zstandard
 from fastcrc import crc32
 
 from ...errors import CorruptImage, UnsupportedFormat
-from ..signatures import (
+from ..signatures import Disk
+from ..superblocks import (
     BTRFS_INCOMPAT,
     BTRFS_SUPERBLOCK_OFFSETS,
     BTRFS_SUPERBLOCK_SIZE,
     BtrfsSuperblock,
-    Disk,
     parse_btrfs_superblock,
 )
 from . import lzo
