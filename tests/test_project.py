@@ -249,3 +249,19 @@ def test_the_literal_types_are_the_sets_the_code_takes():
     assert set(FORMAT_ALIASES.values()) == set(READERS) == set(WRITERS) == set(get_args(DiskFormat))
     assert tuple(ARCHIVES) == get_args(ArchiveKind)
     assert get_args(CloudTarget) == TARGETS
+
+
+def test_tests_share_builders_through_the_support_package_only():
+    """A test module imports shared helpers from tests/support, never from conftest (fixtures only) or from
+    another test module, so that moving or deleting one test never breaks another."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module is not None:
+                first = node.module.split(".")[0]
+                if first == "conftest" or first.startswith("test_"):
+                    offenders.append(f"{path.name}:{node.lineno} from .{node.module}")
+            elif isinstance(node, ast.ImportFrom) and node.level and node.module is None:
+                offenders += [f"{path.name}:{node.lineno} from . import {alias.name}" for alias in node.names
+                              if alias.name == "conftest" or alias.name.startswith("test_")]
+    assert offenders == []

@@ -24,7 +24,6 @@ import shutil
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -39,16 +38,13 @@ from diskimg.inspection.freespace import SparsifyPlan, UnusedRanges, plan_sparsi
 from diskimg.inspection.fs import open_filesystem
 from diskimg.inspection.fs.base import GuestFileSystem, NotSparsifiable
 
-from .support.disks import copy_in, sfdisk, write_boot_code
+from .support.disks import SECTOR, copy_in, prefilled, sfdisk, sfdisk_partitions, write_boot_code
 from .support.files import blank, read_at, write_at
 from .support.filesystems import can_mount, need_ntfs_tools, ntfs3g, protofile_lines
 from .support.fs_compare import assert_tree_equal
 from .support.lvm import EXTENT, LoopLvm, TwoDisks, needs_lvm, place_striped, unique_vg
 from .support.tools import diskimg_cli, diskimg_to_pipe, qemu_img, requires_qemu, run
 from .support.units import MiB
-
-SECTOR = 512
-
 
 # -- helpers ----------------------------------------------------------------------------------------------------
 
@@ -72,11 +68,6 @@ def volume_named(plan: SparsifyPlan, name: str) -> freespace.VolumePlan:
     return found
 
 
-def sfdisk_partitions(path: Path) -> list[dict[str, Any]]:
-    """The partitions as sfdisk reads them (the oracle for where they lie), in bytes."""
-    table = json.loads(run("sfdisk", "--json", path).stdout)["partitiontable"]
-    return [{"start": p["start"] * SECTOR, "end": (p["start"] + p["size"]) * SECTOR, "type": p["type"]}
-            for p in table["partitions"]]
 
 
 def ext4_file(path: Path, size: int, *extra: str) -> Path:
@@ -380,7 +371,7 @@ def test_partitions_whose_bounds_cannot_be_trusted_are_kept(tmp_path: Path, fake
 def test_an_md_member_with_its_superblock_at_the_end_is_kept(tmp_path: Path, fake_fs: FakeDrivers) -> None:
     """An md 1.0 RAID1 member: its data starts at the member's start, so the array's ext4 is probed there; the
     superblock at the end says what it is."""
-    from .test_volumes_crypt_md import MEMBER_SIZE, md_member
+    from .support.volumes import MEMBER_SIZE, md_member
 
     member, data_offset = md_member(tmp_path / "member.img", "1.0")
     assert data_offset == 0
@@ -863,14 +854,6 @@ def test_a_used_disk_sparsified_reads_the_same_files(tmp_path: Path, layout: str
     assert (tmp_path / "out.qcow2").stat().st_size < plain.stat().st_size - sum(deleted.values()) // 2
 
 
-def prefilled(image: Path, size: int, seed: int) -> Path:
-    """A partition image full of random bytes, as a disk's free space is after years of use (mkfs leaves
-    what it does not write, and is told not to discard it)."""
-    rng = random.Random(seed)
-    with open(image, "wb") as f:
-        for position in range(0, size, 16 * MiB):
-            f.write(rng.randbytes(min(16 * MiB, size - position)))
-    return image
 
 
 def small_tree(root: Path) -> Path:

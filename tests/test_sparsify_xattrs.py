@@ -29,12 +29,11 @@ import pytest
 
 import diskimg
 
-from .support.disks import copy_in, sfdisk
+from .support.disks import copy_in, prefilled, sfdisk, sfdisk_partitions
 from .support.files import read_at
 from .support.filesystems import can_mount
 from .support.tools import run
 from .support.units import MiB
-from .test_sparsify import prefilled, sfdisk_partitions
 
 SECTOR = 512
 ATTR_TOOLS = ("setfattr", "getfattr", "setfacl", "getfacl")

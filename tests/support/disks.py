@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import random
 import shutil
 import struct
 import subprocess
@@ -13,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -196,3 +199,25 @@ def gpt_4k(path: Path, size: int) -> None:
     """A GPT for 4096-byte logical sectors, made by fdisk -b 4096."""
     blank(path, size)
     subprocess.run(["fdisk", "-b", "4096", str(path)], input=b"g\nn\n\n\n\nw\n", capture_output=True, check=True)
+
+
+
+SECTOR = 512
+
+
+def sfdisk_partitions(path: Path) -> list[dict[str, Any]]:
+    """The partitions as sfdisk reads them (the oracle for where they lie), in bytes."""
+    table = json.loads(run("sfdisk", "--json", path).stdout)["partitiontable"]
+    return [{"start": p["start"] * SECTOR, "end": (p["start"] + p["size"]) * SECTOR, "type": p["type"]}
+            for p in table["partitions"]]
+
+
+def prefilled(image: Path, size: int, seed: int) -> Path:
+    """A partition image full of random bytes, as a disk's free space is after years of use (mkfs leaves
+    what it does not write, and is told not to discard it)."""
+    rng = random.Random(seed)
+    with open(image, "wb") as f:
+        for position in range(0, size, 16 * MiB):
+            f.write(rng.randbytes(min(16 * MiB, size - position)))
+    return image
+

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .files import blank, write_at
 from .tools import run
+from .units import MiB
 
 FAST_KDF = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
 
@@ -141,4 +142,70 @@ def bitlocker_volume(path: Path, method: int) -> Path:
     for place in BLOCKS:
         write_at(path, place, fve_block(method))
     return path
+
+
+
+def md_superblock_0_90(*, level: int, raid_disks: int, size_kib: int, this_disk: int, layout: int = 0,
+                       chunk: int = 0) -> bytes:
+    """mdp_super_t (md_p.h): 1024 32-bit words, little-endian as x86 writes them."""
+    words = [0] * 1024
+    uuid_words = struct.unpack(">4I", ARRAY_UUID)
+    # constant generic words: magic, major, minor, patch, gvalid_words, set_uuid0, ctime, level, size,
+    # nr_disks, raid_disks, md_minor, not_persistent, set_uuid1..3
+    words[0:16] = [MD_MAGIC, 0, 90, 0, 0, uuid_words[0], 1_700_000_000, level & 0xFFFFFFFF, size_kib, raid_disks,
+                   raid_disks, 0, 0, *uuid_words[1:]]
+    # generic state words from 32: utime, state (clean), active, working, failed, spare, sb_csum, events_lo, hi
+    words[32:41] = [1_700_000_100, 1, raid_disks, raid_disks, 0, 0, 0, 7, 0]
+    words[64:66] = [layout, chunk]  # personality: layout, chunk_size (bytes)
+    active_sync = (1 << 1) | (1 << 2)  # MD_DISK_ACTIVE, MD_DISK_SYNC
+    for number in range(raid_disks):  # disks[27] from word 128, 32 words each: number, major, minor, raid_disk, state
+        words[128 + 32 * number : 128 + 32 * number + 5] = [number, 7, number, number, active_sync]
+    words[992:997] = [this_disk, 7, this_disk, this_disk, active_sync]  # this_disk
+    words[38] = md_sb0_checksum(words)
+    return struct.pack("<1024I", *words)
+
+
+def md_sb0_checksum(words: list[int] | tuple[int, ...]) -> int:
+    """sb_csum of a 0.90 superblock: the 64-bit sum of its 1024 words (sb_csum, word 38, counted as
+    zero) folded into 32 bits, as mdadm computes it."""
+    total = sum(words) - words[38]
+    return ((total & 0xFFFFFFFF) + (total >> 32)) & 0xFFFFFFFF
+
+
+MEMBER_SIZE = 20 * MiB
+
+
+SECTORS = MEMBER_SIZE // 512
+
+
+END_1_0 = (SECTORS - 16) & ~7  # 1.0: 8 KiB from the end, rounded down to 4 KiB
+
+
+END_0_90 = (SECTORS & ~127) - 128  # MD_NEW_SIZE_SECTORS
+
+
+def md_member(path: Path, version: str, *, level: int = 1, raid_disks: int = 2, dev_number: int = 0,
+              role: int | None = None) -> tuple[Path, int]:
+    """A member image with a superblock of ``version``; returns it and its data offset in bytes."""
+    blank(path, MEMBER_SIZE)
+    roles = list(range(raid_disks))
+    if role is not None:
+        roles[dev_number] = role
+    chunk, layout = (1024, 2) if level == 5 else (0, 0)  # RAID5: 512 KiB chunks, left-symmetric
+    if version in ("1.1", "1.2"):
+        place, data_offset = (0, 2048) if version == "1.1" else (8, 2048)
+        usable = SECTORS - data_offset
+        sb = md_superblock_1(level=level, raid_disks=raid_disks, size=usable - usable % 8, data_offset=data_offset,
+                             data_size=usable, super_offset=place, dev_number=dev_number, roles=roles, chunk=chunk,
+                             layout=layout)
+        write_at(path, place * 512, sb)
+        return path, data_offset * 512
+    if version == "1.0":
+        sb = md_superblock_1(level=level, raid_disks=raid_disks, size=END_1_0 - 8, data_offset=0, data_size=END_1_0,
+                             super_offset=END_1_0, dev_number=dev_number, roles=roles, chunk=chunk, layout=layout)
+        write_at(path, END_1_0 * 512, sb)
+        return path, 0
+    write_at(path, END_0_90 * 512, md_superblock_0_90(level=level, raid_disks=raid_disks, size_kib=END_0_90 // 2,
+                                                     this_disk=dev_number, chunk=chunk * 512, layout=layout))
+    return path, 0
 
