@@ -21,11 +21,16 @@ FIXTURES = ROOT / "fixtures"
 requires_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 
 
+#: runs of a qemu-img command that made LUKS keys, before its PBKDF timing failure counts
+PBKDF_ATTEMPTS = 20
+
+
 def run(*args: str | os.PathLike, input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run a tool; fail the test with its stderr if it fails."""
-    for _ in range(3):
+    for _ in range(PBKDF_ATTEMPTS):
         proc = subprocess.run([str(a) for a in args], input=input, capture_output=True)
-        # qemu's LUKS key setup times its PBKDF on the CPU clock, which a loaded machine can defeat
+        # qemu's LUKS key setup times its first PBKDF round on the thread's CPU clock and gives up when
+        # that clock has not moved (a coarse clock on a busy machine): nothing wrong with the command
         if b"Unable to get accurate CPU usage" not in proc.stderr:
             break
     if proc.returncode != 0:
